@@ -8,9 +8,9 @@
 #include "absl/status/statusor.h"
 
 // Returns from the enclosing function if `expr` (an absl::Status) is not OK.
-#define CUSTOS_RETURN_IF_ERROR(expr)             \
-  do {                                           \
-    ::absl::Status custos_status_ = (expr);      \
+#define CUSTOS_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::absl::Status custos_status_ = (expr);          \
     if (!custos_status_.ok()) return custos_status_; \
   } while (0)
 

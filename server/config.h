@@ -1,0 +1,44 @@
+// Config: custosd's settings, read from a TOML file (see deploy/custosd.example.toml).
+//
+// Relative paths in the file resolve against the file's own folder, so a state folder can be
+// moved as a whole. The HSM PIN comes from a file (pin_file) or an environment variable
+// (pin_env), never from the config text itself.
+#pragma once
+
+#include <string>
+
+#include "common/secure_bytes.h"
+#include "common/status.h"
+
+namespace custos::server {
+
+struct Config {
+  std::string listen = "127.0.0.1:7443";
+  int worker_threads = 16;           // also the HSM session pool size
+  size_t max_message_bytes = 65536;  // larger requests get RESOURCE_EXHAUSTED
+
+  std::string tls_cert;
+  std::string tls_key;
+  std::string client_ca;
+  std::string crl_dir;  // optional: a folder of CRLs (PEM, hashed names) of the client CA
+
+  std::string hsm_module;
+  std::string hsm_token_label;
+  std::string hsm_pin_file;
+  std::string hsm_pin_env;
+  std::string root_key_label = "custos-root";
+  size_t key_cache_capacity = 4096;
+
+  std::string storage_path;
+  std::string policy_file;
+  std::string log_level = "info";
+};
+
+// INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.
+absl::StatusOr<Config> LoadConfig(const std::string& path);
+
+// Reads the PIN from pin_file (trailing newline dropped) or pin_env; NOT_FOUND if neither
+// yields one. A pin_file readable by group or others is refused (PERMISSION_DENIED).
+absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config);
+
+}  // namespace custos::server

@@ -1,0 +1,220 @@
+// custosctl: a command-line client for Custos, authenticated by a client certificate.
+//
+// Replies print as JSON (bytes fields in base64). Connection settings come from flags, from
+// CUSTOS_ADDR / CUSTOS_CA / CUSTOS_CERT / CUSTOS_KEY, or from --state DIR --as NAME, which
+// picks DIR/pki/ca.crt and DIR/pki/clients/NAME.{crt,key} as made by tools/make-state.sh.
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+#include <openssl/evp.h>
+#include <CLI/CLI.hpp>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "custos/v1/admin_service.grpc.pb.h"
+#include "custos/v1/key_service.grpc.pb.h"
+
+namespace {
+
+namespace pb = custos::v1;
+
+struct Connection {
+  std::string addr = "127.0.0.1:7443";
+  std::string ca, cert, key, state, as;
+
+  void FromEnvironment() {
+    for (auto [name, field] : {std::pair{"CUSTOS_ADDR", &addr}, std::pair{"CUSTOS_CA", &ca},
+                               std::pair{"CUSTOS_CERT", &cert}, std::pair{"CUSTOS_KEY", &key}}) {
+      if (const char* v = std::getenv(name); v != nullptr && *v != '\0') *field = v;
+    }
+  }
+};
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CLI::ValidationError("cannot read " + path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::shared_ptr<grpc::Channel> Connect(Connection c) {
+  if (!c.state.empty()) {
+    if (c.as.empty()) throw CLI::ValidationError("--state needs --as NAME");
+    c.ca = c.state + "/pki/ca.crt";
+    c.cert = c.state + "/pki/clients/" + c.as + ".crt";
+    c.key = c.state + "/pki/clients/" + c.as + ".key";
+  }
+  if (c.ca.empty() || c.cert.empty() || c.key.empty()) {
+    throw CLI::ValidationError("give --ca, --cert and --key (or --state DIR --as NAME)");
+  }
+  grpc::SslCredentialsOptions tls;
+  tls.pem_root_certs = ReadFile(c.ca);
+  tls.pem_cert_chain = ReadFile(c.cert);
+  tls.pem_private_key = ReadFile(c.key);
+  return grpc::CreateChannel(c.addr, grpc::SslCredentials(tls));
+}
+
+std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pairs) {
+  std::map<std::string, std::string> out;
+  for (const std::string& p : pairs) {
+    const size_t eq = p.find('=');
+    if (eq == std::string::npos) throw CLI::ValidationError("expected NAME=VALUE, got " + p);
+    out[p.substr(0, eq)] = p.substr(eq + 1);
+  }
+  return out;
+}
+
+std::string Base64Decode(const std::string& text) {
+  std::string out(text.size() / 4 * 3, '\0');
+  const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                reinterpret_cast<const unsigned char*>(text.data()),
+                                static_cast<int>(text.size()));
+  if (n < 0 || text.size() % 4 != 0) throw CLI::ValidationError("--blob is not valid base64");
+  // EVP_DecodeBlock counts '=' padding as zero bytes; drop them.
+  const size_t padding = text.empty() ? 0 : (text.end()[-1] == '=') + (text.end()[-2] == '=');
+  out.resize(static_cast<size_t>(n) - padding);
+  return out;
+}
+
+int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
+  if (!status.ok()) {
+    std::cerr << "error: " << status.error_code() << " " << status.error_message() << "\n";
+    return 2;
+  }
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(reply, &json, options);
+  std::cout << json;
+  return 0;
+}
+
+std::unique_ptr<grpc::ClientContext> NewContext() {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  return context;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"custosctl: command-line client for the Custos key management server"};
+  app.require_subcommand(1);
+  Connection conn;
+  conn.FromEnvironment();
+  app.add_option("--addr", conn.addr, "server address (CUSTOS_ADDR)");
+  app.add_option("--ca", conn.ca, "CA certificate that signed the server (CUSTOS_CA)");
+  app.add_option("--cert", conn.cert, "client certificate (CUSTOS_CERT)");
+  app.add_option("--key", conn.key, "client private key (CUSTOS_KEY)");
+  app.add_option("--state", conn.state, "state folder made by tools/make-state.sh");
+  app.add_option("--as", conn.as, "with --state: the client name (app, officer1, ...)");
+
+  std::string key, alias, description, blob, plaintext, destination;
+  std::vector<std::string> tags, context_pairs, dest_context_pairs, encrypters, decrypters;
+  uint32_t page_size = 0;
+  std::string page_token;
+  bool aes128 = false;
+
+  CLI::App* create = app.add_subcommand("create-key", "create a key (officer)");
+  create->add_option("--alias", alias, "unique alias");
+  create->add_option("--description", description);
+  create->add_option("--tag", tags, "NAME=VALUE, repeatable");
+  create->add_option("--encrypt", encrypters, "app principal allowed to encrypt, repeatable");
+  create->add_option("--decrypt", decrypters, "app principal allowed to decrypt, repeatable");
+  CLI::App* describe = app.add_subcommand("describe-key", "show a key (officer)");
+  describe->add_option("key", key, "key id or alias")->required();
+  CLI::App* list = app.add_subcommand("list-keys", "list keys (officer)");
+  list->add_option("--page-size", page_size);
+  list->add_option("--page-token", page_token);
+  for (CLI::App* sub : {app.add_subcommand("generate-data-key", "new data key (app)"),
+                        app.add_subcommand("generate-data-key-without-plaintext",
+                                           "new data key, blob only (app)")}) {
+    sub->add_option("--key", key, "key id or alias")->required();
+    sub->add_option("--context", context_pairs, "encryption context NAME=VALUE, repeatable");
+    sub->add_flag("--aes128", aes128, "a 16-byte data key instead of 32");
+  }
+  CLI::App* encrypt = app.add_subcommand("encrypt", "encrypt up to 4 KiB (app)");
+  encrypt->add_option("--key", key, "key id or alias")->required();
+  encrypt->add_option("--plaintext", plaintext, "text to encrypt")->required();
+  encrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
+  CLI::App* decrypt = app.add_subcommand("decrypt", "decrypt a blob (app)");
+  decrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
+  decrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
+  CLI::App* reencrypt = app.add_subcommand("re-encrypt", "re-encrypt a blob (app)");
+  reencrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
+  reencrypt->add_option("--context", context_pairs, "source encryption context NAME=VALUE");
+  reencrypt->add_option("--to-key", destination, "destination key (default: the same key)");
+  reencrypt->add_option("--to-context", dest_context_pairs, "destination context NAME=VALUE");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    auto channel = Connect(conn);
+    auto keys = pb::KeyService::NewStub(channel);
+    auto admin = pb::AdminService::NewStub(channel);
+    const auto context = ParsePairs(context_pairs);
+    const auto ctx = NewContext();
+    if (create->parsed()) {
+      pb::CreateKeyRequest req;
+      req.set_alias(alias);
+      req.set_description(description);
+      for (const auto& [k, v] : ParsePairs(tags)) (*req.mutable_tags())[k] = v;
+      for (const auto& p : encrypters) req.add_encrypt_principals(p);
+      for (const auto& p : decrypters) req.add_decrypt_principals(p);
+      pb::KeyMetadata reply;
+      return Print(admin->CreateKey(ctx.get(), req, &reply), reply);
+    }
+    if (describe->parsed()) {
+      pb::DescribeKeyRequest req;
+      req.set_key(key);
+      pb::KeyMetadata reply;
+      return Print(admin->DescribeKey(ctx.get(), req, &reply), reply);
+    }
+    if (list->parsed()) {
+      pb::ListKeysRequest req;
+      req.set_page_size(page_size);
+      req.set_page_token(page_token);
+      pb::ListKeysResponse reply;
+      return Print(admin->ListKeys(ctx.get(), req, &reply), reply);
+    }
+    if (encrypt->parsed()) {
+      pb::EncryptRequest req;
+      req.set_key(key);
+      req.set_plaintext(plaintext);
+      req.mutable_encryption_context()->insert(context.begin(), context.end());
+      pb::EncryptResponse reply;
+      return Print(keys->Encrypt(ctx.get(), req, &reply), reply);
+    }
+    if (decrypt->parsed()) {
+      pb::DecryptRequest req;
+      req.set_ciphertext_blob(Base64Decode(blob));
+      req.mutable_encryption_context()->insert(context.begin(), context.end());
+      pb::DecryptResponse reply;
+      return Print(keys->Decrypt(ctx.get(), req, &reply), reply);
+    }
+    if (reencrypt->parsed()) {
+      pb::ReEncryptRequest req;
+      req.set_ciphertext_blob(Base64Decode(blob));
+      req.mutable_source_encryption_context()->insert(context.begin(), context.end());
+      req.set_destination_key(destination);
+      const auto dest = ParsePairs(dest_context_pairs);
+      req.mutable_destination_encryption_context()->insert(dest.begin(), dest.end());
+      pb::ReEncryptResponse reply;
+      return Print(keys->ReEncrypt(ctx.get(), req, &reply), reply);
+    }
+    pb::GenerateDataKeyRequest req;
+    req.set_key(key);
+    req.set_key_spec(aes128 ? pb::AES_128 : pb::AES_256);
+    req.mutable_encryption_context()->insert(context.begin(), context.end());
+    if (app.got_subcommand("generate-data-key")) {
+      pb::GenerateDataKeyResponse reply;
+      return Print(keys->GenerateDataKey(ctx.get(), req, &reply), reply);
+    }
+    pb::GenerateDataKeyWithoutPlaintextResponse reply;
+    return Print(keys->GenerateDataKeyWithoutPlaintext(ctx.get(), req, &reply), reply);
+  } catch (const CLI::Error& e) {
+    return app.exit(e);
+  }
+}

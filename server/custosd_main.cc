@@ -1,0 +1,161 @@
+// custosd: the Custos key management server.
+//
+//   custosd --config custosd.toml init     create the root key in the HSM (key ceremony)
+//   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads policy
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
+#include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <fstream>
+
+#include "audit/log_sink.h"
+#include "common/strings.h"
+#include "core/kms.h"
+#include "hsm/pkcs11_hsm.h"
+#include "policy/policy.h"
+#include "server/config.h"
+#include "server/services.h"
+#include "server/tls.h"
+#include "storage/key_store.h"
+
+namespace custos::server {
+namespace {
+
+// Secrets pass through this process: it must never write them to a core dump, and nothing
+// else running as the same user may ptrace it.
+void HardenProcess() {
+  rlimit none{0, 0};
+  setrlimit(RLIMIT_CORE, &none);
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+
+int Fail(const absl::Status& status) {
+  spdlog::critical("{}", status.ToString());
+  return 1;
+}
+
+absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
+  CUSTOS_ASSIGN_OR_RETURN(SecureBytes pin, ReadHsmPin(config));
+  hsm::Pkcs11Options options;
+  options.module_path = config.hsm_module;
+  options.token_label = config.hsm_token_label;
+  options.pin = std::move(pin);
+  options.root_key_label = config.root_key_label;
+  options.session_pool_size = static_cast<size_t>(config.worker_threads);
+  options.key_cache_capacity = config.key_cache_capacity;
+  return hsm::OpenPkcs11Hsm(std::move(options));
+}
+
+int Init(const Config& config) {
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
+  if (!hsm.ok()) return Fail(hsm.status());
+  absl::Status created = (*hsm)->CreateRootKey();
+  if (absl::IsAlreadyExists(created)) {
+    spdlog::info("root key '{}' already exists on token '{}'; nothing to do", config.root_key_label,
+                 config.hsm_token_label);
+    return 0;
+  }
+  if (!created.ok()) return Fail(created);
+  spdlog::info("created root key '{}' on token '{}'", config.root_key_label,
+               config.hsm_token_label);
+  return 0;
+}
+
+int Serve(const Config& config, const std::string& port_file) {
+  // Signals are taken synchronously by this thread; block them before gRPC starts threads.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&signals, s);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  absl::StatusOr<std::shared_ptr<const policy::Policy>> policy =
+      policy::Policy::LoadFile(config.policy_file);
+  if (!policy.ok()) return Fail(policy.status());
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
+  if (!hsm.ok()) return Fail(hsm.status());
+  if (absl::Status root = (*hsm)->CheckRootKey(); !root.ok()) {
+    return Fail(absl::FailedPreconditionError(
+        StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
+  }
+  absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
+      storage::KeyStore::Open(config.storage_path);
+  if (!store.ok()) return Fail(store.status());
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MutualTlsCredentials(config);
+  if (!credentials.ok()) return Fail(credentials.status());
+
+  audit::LogSink audit_sink;
+  SystemClock clock;
+  core::Kms kms({.hsm = hsm->get(),
+                 .store = store->get(),
+                 .audit = &audit_sink,
+                 .clock = &clock,
+                 .policy = *policy});
+  spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
+               (*policy)->sha256_hex());
+  KeyServiceImpl key_service(&kms);
+  AdminServiceImpl admin_service(&kms);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(config.listen, *credentials, &port);
+  builder.RegisterService(&key_service);
+  builder.RegisterService(&admin_service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  // Worker threads beyond the HSM session pool would only queue on it; past this bound gRPC
+  // answers RESOURCE_EXHAUSTED instead of piling up calls.
+  grpc::ResourceQuota quota("custosd");
+  quota.SetMaxThreads(config.worker_threads + 2);
+  builder.SetResourceQuota(quota);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    return Fail(absl::UnavailableError(StrCat("cannot listen on ", config.listen)));
+  }
+  if (!port_file.empty()) std::ofstream(port_file) << port << "\n";
+  spdlog::info("custosd listening on {} (port {})", config.listen, port);
+
+  for (;;) {
+    int signal = 0;
+    sigwait(&signals, &signal);
+    if (signal != SIGHUP) break;
+    absl::StatusOr<std::shared_ptr<const policy::Policy>> reloaded =
+        policy::Policy::LoadFile(config.policy_file);
+    if (!reloaded.ok()) {
+      spdlog::error("policy reload refused, keeping the current policy: {}",
+                    reloaded.status().ToString());
+      continue;
+    }
+    kms.SetPolicy(*reloaded);
+    spdlog::info("policy reloaded: {} principals, sha256 {}", (*reloaded)->principal_count(),
+                 (*reloaded)->sha256_hex());
+  }
+  spdlog::info("shutting down");
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}
+
+}  // namespace
+}  // namespace custos::server
+
+int main(int argc, char** argv) {
+  using namespace custos::server;
+  HardenProcess();
+  CLI::App app{"custosd: the Custos key management server"};
+  std::string config_path;
+  std::string port_file;
+  app.add_option("-c,--config", config_path, "server configuration (TOML)")->required();
+  app.add_option("--port-file", port_file, "write the bound port here once listening");
+  CLI::App* init = app.add_subcommand("init", "create the root key in the HSM if missing");
+  CLI11_PARSE(app, argc, argv);
+
+  absl::StatusOr<Config> config = LoadConfig(config_path);
+  if (!config.ok()) return Fail(config.status());
+  spdlog::set_level(spdlog::level::from_str(config->log_level));
+  return init->parsed() ? Init(*config) : Serve(*config, port_file);
+}

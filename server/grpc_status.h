@@ -1,0 +1,13 @@
+// The one place where Custos errors become gRPC statuses.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include "common/status.h"
+
+namespace custos::server {
+
+// absl and gRPC share code numbers; the message is kept (truncated to 1 KiB).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+}  // namespace custos::server

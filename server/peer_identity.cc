@@ -1,0 +1,77 @@
+#include "server/peer_identity.h"
+
+#include <openssl/bio.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
+
+#include <memory>
+
+namespace custos::server {
+namespace {
+
+struct BioFree {
+  void operator()(BIO* b) const { BIO_free(b); }
+};
+struct X509Free {
+  void operator()(X509* x) const { X509_free(x); }
+};
+struct NamesFree {
+  void operator()(GENERAL_NAMES* n) const { GENERAL_NAMES_free(n); }
+};
+
+std::string FirstUriSan(X509* cert) {
+  std::unique_ptr<GENERAL_NAMES, NamesFree> names(
+      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr)));
+  if (!names) return "";
+  for (int i = 0; i < sk_GENERAL_NAME_num(names.get()); ++i) {
+    const GENERAL_NAME* name = sk_GENERAL_NAME_value(names.get(), i);
+    if (name->type != GEN_URI) continue;
+    const ASN1_IA5STRING* uri = name->d.uniformResourceIdentifier;
+    return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(uri)),
+                       static_cast<size_t>(ASN1_STRING_length(uri)));
+  }
+  return "";
+}
+
+std::string CommonName(X509* cert) {
+  X509_NAME* subject = X509_get_subject_name(cert);
+  const int index = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+  if (index < 0) return "";
+  const ASN1_STRING* cn = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, index));
+  return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(cn)),
+                     static_cast<size_t>(ASN1_STRING_length(cn)));
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> PrincipalFromPem(std::string_view pem) {
+  std::unique_ptr<BIO, BioFree> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  std::unique_ptr<X509, X509Free> cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)
+                                           : nullptr);
+  if (!cert) return absl::InvalidArgumentError("client certificate does not parse");
+  std::string principal = FirstUriSan(cert.get());
+  if (principal.empty()) principal = CommonName(cert.get());
+  if (principal.empty()) {
+    return absl::InvalidArgumentError("client certificate names no URI SAN and no common name");
+  }
+  return principal;
+}
+
+absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context) {
+  core::Caller caller;
+  caller.peer = context.peer();
+  const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  const std::vector<grpc::string_ref> pems =
+      auth ? auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME)
+           : std::vector<grpc::string_ref>{};
+  if (pems.empty()) {
+    return absl::UnauthenticatedError("a client certificate signed by the Custos CA is required");
+  }
+  absl::StatusOr<std::string> principal =
+      PrincipalFromPem(std::string_view(pems.front().data(), pems.front().size()));
+  if (!principal.ok()) return absl::UnauthenticatedError(principal.status().message());
+  caller.principal = *std::move(principal);
+  return caller;
+}
+
+}  // namespace custos::server

@@ -1,0 +1,218 @@
+// Kms use cases over a real SoftHSM2 token and a real SQLite file, with a recording audit sink
+// and a FaultyHsm decorator to inject HSM failures.
+#include "core/kms.h"
+
+#include <catch2/catch.hpp>
+#include <mutex>
+
+#include "hsm/faulty_hsm.h"
+#include "hsm/pkcs11_hsm.h"
+#include "tests/support/softhsm_token.h"
+
+namespace custos::core {
+namespace {
+
+constexpr char kApp[] = "spiffe://t/app/a";
+constexpr char kOfficer[] = "spiffe://t/officer/o";
+constexpr char kAuditor[] = "spiffe://t/auditor/x";
+
+// An audit sink that keeps every event and can be told to refuse them.
+class RecordingSink final : public audit::Sink {
+ public:
+  absl::Status Append(const audit::Event& event) override {
+    std::lock_guard lock(mu_);
+    if (!refusal_.ok()) return refusal_;
+    events_.push_back(event);
+    return absl::OkStatus();
+  }
+  void Refuse(absl::Status status) {
+    std::lock_guard lock(mu_);
+    refusal_ = std::move(status);
+  }
+  std::vector<audit::Event> events() {
+    std::lock_guard lock(mu_);
+    return events_;
+  }
+
+ private:
+  std::mutex mu_;
+  absl::Status refusal_;
+  std::vector<audit::Event> events_;
+};
+
+struct Fixture {
+  testing::SoftHsmToken token;
+  testing::TempDir dir;
+  std::unique_ptr<hsm::Hsm> real_hsm;
+  std::unique_ptr<hsm::FaultyHsm> hsm;
+  std::unique_ptr<storage::KeyStore> store;
+  RecordingSink sink;
+  ManualClock clock{1'800'000'000};
+  std::unique_ptr<Kms> kms;
+  Caller app{kApp, "ipv4:127.0.0.1:5000"};
+  Caller officer{kOfficer, "ipv4:127.0.0.1:5001"};
+  Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
+
+  Fixture() {
+    hsm::Pkcs11Options options;
+    options.module_path = testing::kSoftHsmModule;
+    options.token_label = token.label();
+    options.pin = SecureBytes::FromString(token.pin());
+    options.session_pool_size = 4;
+    real_hsm = *hsm::OpenPkcs11Hsm(std::move(options));
+    REQUIRE(real_hsm->CreateRootKey().ok());
+    hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
+    store = *storage::KeyStore::Open(dir.File("custos.db"));
+    auto policy = policy::Policy::Parse(
+        "[roles]\napp = [\"spiffe://t/app/a\"]\nofficer = [\"spiffe://t/officer/o\"]\n"
+        "auditor = [\"spiffe://t/auditor/x\"]\n");
+    REQUIRE(policy.ok());
+    kms = std::make_unique<Kms>(Kms::Options{hsm.get(), store.get(), &sink, &clock, *policy});
+  }
+
+  KeyRef NewKey(const std::string& alias) {
+    CreateKeyParams params;
+    params.alias = alias;
+    params.encrypt_principals = {kApp};
+    params.decrypt_principals = {kApp};
+    absl::StatusOr<KeyRef> key = kms->CreateKey(officer, params);
+    REQUIRE(key.ok());
+    return *key;
+  }
+};
+
+TEST_CASE("Each use case records one audit event with the facts and outcome", "[kms][audit]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("orders");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "orders", {{"row", "7"}}, 32, true);
+  REQUIRE(dk.ok());
+  absl::StatusOr<Plaintext> opened = f.kms->Decrypt(f.app, dk->ciphertext_blob, {{"row", "8"}});
+  CHECK(absl::IsInvalidArgument(opened.status()));
+  CHECK(absl::IsPermissionDenied(f.kms->Decrypt(f.officer, dk->ciphertext_blob, {}).status()));
+
+  const std::vector<audit::Event> events = f.sink.events();
+  REQUIRE(events.size() == 4);
+  CHECK(events[0].action == "CreateKey");
+  CHECK(events[0].principal == kOfficer);
+  CHECK(events[0].role == "officer");
+  CHECK(events[0].key_id == key->id);
+  CHECK(events[0].key_version == 1);
+  CHECK(events[0].outcome == absl::StatusCode::kOk);
+  CHECK(events[1].action == "GenerateDataKey");
+  CHECK(events[1].principal == kApp);
+  CHECK(events[1].role == "app");
+  CHECK(events[1].key_id == key->id);
+  CHECK(events[1].key_version == 1);
+  CHECK(events[1].peer == "ipv4:127.0.0.1:5000");
+  CHECK(events[1].time == 1'800'000'000);
+  CHECK(events[2].action == "Decrypt");
+  CHECK(events[2].key_id == key->id);
+  CHECK(events[2].outcome == absl::StatusCode::kInvalidArgument);
+  CHECK(events[3].action == "Decrypt");
+  CHECK(events[3].role == "officer");
+  CHECK(events[3].key_id.empty());  // refused before the blob was even read
+  CHECK(events[3].outcome == absl::StatusCode::kPermissionDenied);
+  // No event carries a context value or key material.
+  for (const audit::Event& e : events)
+    CHECK(audit::FormatEvent(e).find("row") == std::string::npos);
+}
+
+TEST_CASE("ReEncrypt records source and destination keys", "[kms][audit]") {
+  Fixture f;
+  const KeyRef a = f.NewKey("a");
+  const KeyRef b = f.NewKey("b");
+  absl::StatusOr<Ciphertext> sealed =
+      f.kms->Encrypt(f.app, "a", SecureBytes::FromString("hello").span(), {});
+  REQUIRE(sealed.ok());
+  absl::StatusOr<ReEncrypted> moved = f.kms->ReEncrypt(f.app, sealed->ciphertext_blob, {}, "b", {});
+  REQUIRE(moved.ok());
+  const audit::Event e = f.sink.events().back();
+  CHECK(e.action == "ReEncrypt");
+  CHECK(e.source_key_id == a->id);
+  CHECK(e.source_key_version == 1);
+  CHECK(e.key_id == b->id);
+  CHECK(e.key_version == 1);
+  absl::StatusOr<Plaintext> opened = f.kms->Decrypt(f.app, moved->destination.ciphertext_blob, {});
+  REQUIRE(opened.ok());
+  CHECK(opened->plaintext.view() == "hello");
+}
+
+TEST_CASE("A principal missing from the policy is refused and audited", "[kms][authz]") {
+  Fixture f;
+  f.NewKey("k");
+  Caller stranger{"spiffe://t/app/stranger", "peer"};
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(stranger, "k", {}, 32, true);
+  CHECK(absl::IsPermissionDenied(dk.status()));
+  CHECK(dk.status().message() ==
+        "principal 'spiffe://t/app/stranger' holds no role in the policy; an administrator must "
+        "add it to the policy file");
+  CHECK(f.sink.events().back().role.empty());
+  CHECK(f.sink.events().back().outcome == absl::StatusCode::kPermissionDenied);
+}
+
+TEST_CASE("Auditors may not use or manage keys", "[kms][authz]") {
+  Fixture f;
+  f.NewKey("k");
+  CHECK(absl::IsPermissionDenied(f.kms->GenerateDataKey(f.auditor, "k", {}, 32, true).status()));
+  CHECK(absl::IsPermissionDenied(f.kms->CreateKey(f.auditor, {}).status()));
+  CHECK(absl::IsPermissionDenied(f.kms->ListKeys(f.auditor, 10, "").status()));
+}
+
+TEST_CASE("A policy swap applies to the next call", "[kms][authz]") {
+  Fixture f;
+  f.NewKey("k");
+  f.kms->SetPolicy(*policy::Policy::Parse("[roles]\nofficer = [\"spiffe://t/officer/o\"]\n"));
+  CHECK(absl::IsPermissionDenied(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+}
+
+TEST_CASE("If the audit sink refuses, the caller gets UNAVAILABLE and no key", "[kms][audit]") {
+  Fixture f;
+  f.NewKey("k");
+  f.sink.Refuse(absl::UnavailableError("disk full"));
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  CHECK(absl::IsUnavailable(dk.status()));
+  CHECK(dk.status().message() == "audit log unavailable, operation refused: disk full");
+  f.sink.Refuse(absl::OkStatus());
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+}
+
+TEST_CASE("An HSM outage fails closed and recovers by itself", "[kms][hsm]") {
+  Fixture f;
+  f.NewKey("k");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  REQUIRE(dk.ok());
+  f.hsm->SetDown(true);
+  CHECK(absl::IsUnavailable(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+  CHECK(absl::IsUnavailable(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).status()));
+  CreateKeyParams params;
+  params.alias = "during-outage";
+  CHECK(absl::IsUnavailable(f.kms->CreateKey(f.officer, params).status()));
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("during-outage").status()));
+  CHECK(f.sink.events().back().outcome == absl::StatusCode::kUnavailable);
+  f.hsm->SetDown(false);
+  absl::StatusOr<Plaintext> opened = f.kms->Decrypt(f.app, dk->ciphertext_blob, {});
+  REQUIRE(opened.ok());
+  CHECK(opened->plaintext.view() == dk->plaintext.view());
+}
+
+TEST_CASE("GenerateDataKeyWithoutPlaintext returns no plaintext", "[kms]") {
+  Fixture f;
+  f.NewKey("k");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, false);
+  REQUIRE(dk.ok());
+  CHECK(dk->plaintext.empty());
+  CHECK(f.sink.events().back().action == "GenerateDataKeyWithoutPlaintext");
+  absl::StatusOr<Plaintext> opened = f.kms->Decrypt(f.app, dk->ciphertext_blob, {});
+  REQUIRE(opened.ok());
+  CHECK(opened->plaintext.size() == 32);
+}
+
+TEST_CASE("Data key sizes other than 16 and 32 are refused", "[kms]") {
+  Fixture f;
+  f.NewKey("k");
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 24, true).status().message() ==
+        "data keys are 16 (AES-128) or 32 (AES-256) bytes");
+}
+
+}  // namespace
+}  // namespace custos::core
