@@ -76,6 +76,10 @@ class KeyStore {
   // The schema version this store is at.
   int SchemaVersion() const;
 
+  // How many keys are held in memory right now. Bounded whatever the catalogue's size; for
+  // metrics and tests.
+  size_t CachedKeyCount() const;
+
  private:
   class Impl;
   explicit KeyStore(std::unique_ptr<Impl> impl);

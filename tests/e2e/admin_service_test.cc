@@ -116,7 +116,7 @@ TEST_CASE("DescribeKey of an unknown key is NOT_FOUND", "[e2e][admin]") {
 TEST_CASE("Apps and auditors are refused on AdminService", "[e2e][admin][authz]") {
   CustosServer& server = CustosServer::Shared();
   const std::string before = CatalogSnapshot(server);
-  for (const std::string& who : {"app", "auditor"}) {
+  for (const char* who : {"app", "auditor"}) {
     auto admin = server.Admin(who);
     pb::CreateKeyRequest create;
     create.set_alias(UniqueAlias("refused"));

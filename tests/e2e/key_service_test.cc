@@ -298,7 +298,7 @@ TEST_CASE("Officers and auditors are refused on KeyService", "[e2e][keys][authz]
   const std::string blob = GenerateDataKey(*server.Keys("app"), alias, {}).ciphertext_blob();
   const std::string before = CatalogSnapshot(server);
 
-  for (const std::string& who : {"officer1", "officer2", "auditor"}) {
+  for (const char* who : {"officer1", "officer2", "auditor"}) {
     auto keys = server.Keys(who);
     pb::GenerateDataKeyRequest req;
     req.set_key(alias);

@@ -1,0 +1,38 @@
+// Reading and writing KeyRecords as rows of the keys, key_tags, key_versions and key_grants
+// tables. Every statement is constant SQL with bound parameters.
+//
+// Not thread-safe: callers hold the Database's lock. Internal to storage/.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "storage/key_store.h"
+#include "storage/sqlite.h"
+
+namespace custos::storage {
+
+// Inserts `key` with its tags, versions and grants. Run it inside a write transaction: the
+// duplicate checks are only race-free under the write lock. ALREADY_EXISTS naming the id or
+// the alias if either is taken; nothing is written then.
+absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key);
+
+// The key with `id`, complete, or nullptr if there is none.
+absl::StatusOr<std::shared_ptr<KeyRecord>> LoadKey(sqlite::Database& db, std::string_view id);
+
+// The id of the key with `alias`, or nullopt if there is none.
+absl::StatusOr<std::optional<std::string>> FindKeyIdByAlias(sqlite::Database& db,
+                                                            std::string_view alias);
+
+// Up to `limit` complete keys with ids after `after_id`, ascending by id. Four queries
+// whatever the page size: one for the keys, one per child table over the page's id range.
+absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Database& db,
+                                                                      std::string_view after_id,
+                                                                      size_t limit);
+
+}  // namespace custos::storage

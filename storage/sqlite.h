@@ -1,0 +1,113 @@
+// A thin RAII layer over the SQLite C API for storage/: one connection, cached prepared
+// statements, transactions that roll back unless committed, and the one place where SQLite
+// result codes become absl::Status.
+//
+// Not thread-safe: the owner (KeyStore) serialises every use of a Database with its own mutex.
+// Internal to storage/; not part of the library's public interface.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include "common/secure_bytes.h"
+#include "common/status.h"
+
+namespace custos::storage::sqlite {
+
+// Makes `path` readable and writable by its owner only (0600), creating it empty if
+// `create` and it does not exist; a missing file is fine when not `create`. Symlinks are
+// refused. UNAVAILABLE on failure.
+absl::Status RestrictToOwner(const std::string& path, bool create);
+
+// `rc` (a failed SQLite result) as a Status: UNAVAILABLE for BUSY/LOCKED/IOERR/FULL/CANTOPEN
+// (the disk or another process is in the way; retry later), ALREADY_EXISTS for UNIQUE and
+// PRIMARY KEY violations, INTERNAL for the rest. The message is "<what>: <sqlite message>".
+absl::Status Error(int rc, sqlite3* db, std::string_view what);
+
+// A prepared statement borrowed from a Database. Resets itself and clears its bindings when
+// destroyed, so the next user of the same SQL starts clean. Move-only.
+class Statement {
+ public:
+  Statement(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+  ~Statement();
+  Statement(Statement&& other) noexcept;
+  Statement& operator=(Statement&&) = delete;
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+
+  // Parameters are 1-based, as in SQLite. Bound values must outlive the statement's use
+  // (bound without copying). A binding error is reported by the next Step().
+  Statement& BindText(int index, std::string_view text);
+  Statement& BindBlob(int index, const Bytes& blob);
+  Statement& BindInt64(int index, int64_t value);
+  Statement& BindNull(int index);
+
+  // Advances to the next row: true if a row is ready, false when done.
+  absl::StatusOr<bool> Step();
+  // Steps a statement that returns no rows (INSERT and the like) to completion.
+  absl::Status Run();
+
+  // Column accessors (0-based) for the current row. NULL reads as empty / 0.
+  std::string ColumnText(int column) const;
+  Bytes ColumnBlob(int column) const;
+  int64_t ColumnInt64(int column) const;
+
+ private:
+  void NoteBind(int rc);
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+  int bind_rc_ = SQLITE_OK;
+};
+
+class Database {
+ public:
+  // Opens (creating it 0600 if needed) the file at `path` read-write, with extended result
+  // codes, refusing symlinks.
+  static absl::StatusOr<std::unique_ptr<Database>> Open(const std::string& path);
+  ~Database();
+  Database(const Database&) = delete;
+  Database& operator=(const Database&) = delete;
+
+  // Runs SQL text with no parameters (schema and pragmas only; never values from callers).
+  absl::Status Exec(const char* sql);
+  // The prepared statement for `sql`, prepared once and reused. Only one Statement for a
+  // given SQL text may be in use at a time.
+  absl::StatusOr<Statement> Prepare(const char* sql);
+  // Runs a one-row, one-column query ("PRAGMA journal_mode") and returns its value as text.
+  absl::StatusOr<std::string> QueryText(const char* sql);
+
+  sqlite3* handle() const { return db_; }
+
+ private:
+  explicit Database(sqlite3* db) : db_(db) {}
+
+  sqlite3* db_;
+  std::unordered_map<std::string, sqlite3_stmt*> statements_;
+};
+
+// BEGIN IMMEDIATE on construction (through Begin), ROLLBACK on destruction unless Commit()
+// succeeded. IMMEDIATE takes the write lock up front, so checks made inside the transaction
+// stay true until it commits.
+class Transaction {
+ public:
+  static absl::StatusOr<std::unique_ptr<Transaction>> Begin(Database& db);
+  ~Transaction();
+  Transaction(const Transaction&) = delete;
+  Transaction& operator=(const Transaction&) = delete;
+
+  absl::Status Commit();
+
+ private:
+  explicit Transaction(Database& db) : db_(db) {}
+
+  Database& db_;
+  bool open_ = true;
+};
+
+}  // namespace custos::storage::sqlite
