@@ -11,12 +11,12 @@
 namespace custos::hsm {
 
 struct Pkcs11Options {
-  std::string module_path;              // e.g. /usr/lib/softhsm/libsofthsm2.so
-  std::string token_label;              // the token is found by its label
-  SecureBytes pin;                      // user PIN; wiped once logged in
+  std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
+  std::string token_label;  // the token is found by its label
+  SecureBytes pin;          // user PIN; kept only to log in again after a token loss
   std::string root_key_label = "custos-root";
-  size_t session_pool_size = 8;         // sessions shared by worker threads
-  size_t key_cache_capacity = 1024;     // unwrapped key versions kept as session objects
+  size_t session_pool_size = 8;      // sessions shared by worker threads
+  size_t key_cache_capacity = 1024;  // unwrapped key versions kept as session objects
 };
 
 // Loads the module (dlopen), finds the token, logs in once for the process lifetime and

@@ -1,0 +1,67 @@
+#include "hsm/faulty_hsm.h"
+
+namespace custos::hsm {
+
+void FaultyHsm::FailNext(int n, absl::Status status) {
+  if (status.ok()) status = absl::InternalError("FaultyHsm: injected failure");
+  std::lock_guard lock(mu_);
+  fail_next_ = n;
+  fail_status_ = std::move(status);
+}
+
+void FaultyHsm::SetDown(bool down) {
+  std::lock_guard lock(mu_);
+  down_ = down;
+}
+
+int64_t FaultyHsm::calls() const {
+  std::lock_guard lock(mu_);
+  return calls_;
+}
+
+absl::Status FaultyHsm::NextFault() {
+  std::lock_guard lock(mu_);
+  ++calls_;
+  if (down_) return absl::UnavailableError("HSM is down (FaultyHsm)");
+  if (fail_next_ > 0) {
+    --fail_next_;
+    return fail_status_;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FaultyHsm::CreateRootKey() {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->CreateRootKey();
+}
+
+absl::Status FaultyHsm::CheckRootKey() {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->CheckRootKey();
+}
+
+absl::StatusOr<Bytes> FaultyHsm::GenerateWrappedKey() {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->GenerateWrappedKey();
+}
+
+absl::StatusOr<GcmCiphertext> FaultyHsm::Encrypt(const WrappedKey& key,
+                                                 std::span<const uint8_t> plaintext,
+                                                 std::span<const uint8_t> aad) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->Encrypt(key, plaintext, aad);
+}
+
+absl::StatusOr<SecureBytes> FaultyHsm::Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
+                                               std::span<const uint8_t> ciphertext_and_tag,
+                                               std::span<const uint8_t> aad) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->Decrypt(key, iv, ciphertext_and_tag, aad);
+}
+
+absl::StatusOr<SecureBytes> FaultyHsm::GenerateRandom(size_t count) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->GenerateRandom(count);
+}
+
+}  // namespace custos::hsm

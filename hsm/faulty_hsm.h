@@ -1,0 +1,59 @@
+// FaultyHsm: an Hsm that forwards to a real one and fails on command, for tests.
+//
+// Like Tink's FailingAead, it is a real implementation rather than a mock: wrap the HSM a test
+// uses, then FailNext(n, status) to make the next n calls fail with `status`, or SetDown(true)
+// to make every call fail with UNAVAILABLE (as if the HSM were unplugged) until SetDown(false).
+// Forget() always forwards: it has no way to report a failure.
+//
+// Thread-safe, if the wrapped Hsm is.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "hsm/hsm.h"
+
+namespace custos::hsm {
+
+class FaultyHsm final : public Hsm {
+ public:
+  // Wraps `inner`, which must outlive this object.
+  explicit FaultyHsm(Hsm* inner) : inner_(inner) {}
+  // Wraps and owns `inner`.
+  explicit FaultyHsm(std::unique_ptr<Hsm> inner) : owned_(std::move(inner)), inner_(owned_.get()) {}
+
+  // The next `n` calls (any method but Forget) fail with `status`, which must not be OK.
+  void FailNext(int n, absl::Status status);
+  // While down, every call (but Forget) fails with UNAVAILABLE.
+  void SetDown(bool down);
+  // Calls made so far (but Forget), failed or not.
+  int64_t calls() const;
+
+  absl::Status CreateRootKey() override;
+  absl::Status CheckRootKey() override;
+  absl::StatusOr<Bytes> GenerateWrappedKey() override;
+  absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
+                                        std::span<const uint8_t> aad) override;
+  absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
+                                      std::span<const uint8_t> ciphertext_and_tag,
+                                      std::span<const uint8_t> aad) override;
+  absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
+  void Forget(const std::string& cache_id) override { inner_->Forget(cache_id); }
+
+ private:
+  // The failure to inject into the call being made, or OK to forward it.
+  absl::Status NextFault();
+
+  std::unique_ptr<Hsm> owned_;
+  Hsm* const inner_;
+
+  mutable std::mutex mu_;  // Guards the fields below.
+  bool down_ = false;
+  int fail_next_ = 0;
+  absl::Status fail_status_;
+  int64_t calls_ = 0;
+};
+
+}  // namespace custos::hsm

@@ -1,0 +1,84 @@
+#include "hsm/p11_object.h"
+
+#include "hsm/ck_error.h"
+#include "spdlog/spdlog.h"
+
+namespace custos::hsm {
+
+AttributeTemplate& AttributeTemplate::Bool(CK_ATTRIBUTE_TYPE type, bool value) {
+  bools_.push_back(value ? CK_TRUE : CK_FALSE);
+  Add(type, &bools_.back(), sizeof(CK_BBOOL));
+  return *this;
+}
+
+AttributeTemplate& AttributeTemplate::Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value) {
+  ulongs_.push_back(value);
+  Add(type, &ulongs_.back(), sizeof(CK_ULONG));
+  return *this;
+}
+
+AttributeTemplate& AttributeTemplate::String(CK_ATTRIBUTE_TYPE type, std::string_view value) {
+  strings_.emplace_back(value);
+  Add(type, strings_.back().data(), strings_.back().size());
+  return *this;
+}
+
+void AttributeTemplate::Add(CK_ATTRIBUTE_TYPE type, void* value, CK_ULONG length) {
+  attributes_.push_back(CK_ATTRIBUTE{type, value, length});
+}
+
+absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindObjects(const Pkcs11Module& module,
+                                                          CK_SESSION_HANDLE session,
+                                                          AttributeTemplate& match,
+                                                          size_t max_count) {
+  CK_FUNCTION_LIST* api = module.api();
+  CK_RV rv = api->C_FindObjectsInit(session, match.data(), match.size());
+  if (rv != CKR_OK) return CkError("C_FindObjectsInit", rv);
+  std::vector<CK_OBJECT_HANDLE> found(max_count);
+  CK_ULONG count = 0;
+  rv = api->C_FindObjects(session, found.data(), found.size(), &count);
+  // Always end the search, or the session refuses the next one (CKR_OPERATION_ACTIVE).
+  CK_RV final_rv = api->C_FindObjectsFinal(session);
+  if (rv != CKR_OK) return CkError("C_FindObjects", rv);
+  if (final_rv != CKR_OK) return CkError("C_FindObjectsFinal", final_rv);
+  found.resize(count);
+  return found;
+}
+
+namespace {
+
+template <typename T>
+absl::StatusOr<T> GetScalar(const Pkcs11Module& module, CK_SESSION_HANDLE session,
+                            CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
+  T value{};
+  CK_ATTRIBUTE attribute{type, &value, sizeof value};
+  CK_RV rv = module.api()->C_GetAttributeValue(session, object, &attribute, 1);
+  if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+  if (attribute.ulValueLen != sizeof value) {
+    return absl::InternalError("PKCS#11 attribute has an unexpected size");
+  }
+  return value;
+}
+
+}  // namespace
+
+absl::StatusOr<bool> GetBool(const Pkcs11Module& module, CK_SESSION_HANDLE session,
+                             CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
+  CUSTOS_ASSIGN_OR_RETURN(CK_BBOOL value, GetScalar<CK_BBOOL>(module, session, object, type));
+  return value != CK_FALSE;
+}
+
+absl::StatusOr<CK_ULONG> GetUlong(const Pkcs11Module& module, CK_SESSION_HANDLE session,
+                                  CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
+  return GetScalar<CK_ULONG>(module, session, object, type);
+}
+
+ObjectGuard::~ObjectGuard() {
+  CK_RV rv = module_.api()->C_DestroyObject(session_, object_);
+  // If the session died the object died with it; anything else is worth knowing about.
+  if (rv != CKR_OK && !IsSessionDead(rv) && !IsHandleStale(rv)) {
+    spdlog::error("PKCS#11 C_DestroyObject of a temporary key failed: {}", CkrName(rv));
+  }
+}
+
+}  // namespace custos::hsm

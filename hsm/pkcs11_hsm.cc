@@ -1,0 +1,270 @@
+// Pkcs11Hsm: the Hsm interface over a PKCS#11 module (see hsm.h for the key hierarchy).
+//
+// Every operation borrows a pooled session and runs once; if the HSM says the session, the
+// login or a handle was lost (token pulled, sessions closed), it drops what is stale and runs
+// once more on a fresh session, so callers see a token that came back as never gone.
+#include <optional>
+#include <utility>
+
+#include "absl/functional/function_ref.h"
+#include "absl/strings/str_cat.h"
+#include "hsm/ck_error.h"
+#include "hsm/key_cache.h"
+#include "hsm/p11_object.h"
+#include "hsm/pkcs11_hsm.h"
+#include "hsm/pkcs11_module.h"
+#include "hsm/root_key.h"
+#include "hsm/session_pool.h"
+#include "spdlog/spdlog.h"
+
+namespace custos::hsm {
+namespace {
+
+// RFC 5649 output for a 32-byte key: 8-byte integrity block + the key, padded to 8 bytes.
+constexpr size_t kWrappedAes256Bytes = 40;
+
+// PKCS#11 takes input buffers as non-const pointers but does not write them. An empty span
+// may have a null data(), which some modules reject, so it points at a dummy byte instead.
+CK_BYTE_PTR In(std::span<const uint8_t> bytes) {
+  static const CK_BYTE kEmpty = 0;
+  return const_cast<CK_BYTE_PTR>(bytes.empty() ? &kEmpty : bytes.data());
+}
+
+CK_GCM_PARAMS GcmParams(std::span<const uint8_t> iv, std::span<const uint8_t> aad) {
+  CK_GCM_PARAMS params{};
+  params.iv_ptr = In(iv);
+  params.iv_len = iv.size();
+  params.iv_bits = iv.size() * 8;
+  params.aad_ptr = aad.empty() ? nullptr : In(aad);
+  params.aad_len = aad.size();
+  params.tag_bits = kGcmTagBytes * 8;
+  return params;
+}
+
+class Pkcs11Hsm final : public Hsm {
+ public:
+  Pkcs11Hsm(std::unique_ptr<SessionPool> pool, std::unique_ptr<KeyCache> cache,
+            std::string root_label)
+      : pool_(std::move(pool)),
+        cache_(std::move(cache)),
+        api_(pool_->module()->api()),
+        root_(pool_.get(), std::move(root_label)) {}
+
+  absl::Status CreateRootKey() override;
+  absl::Status CheckRootKey() override;
+  absl::StatusOr<Bytes> GenerateWrappedKey() override;
+  absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
+                                        std::span<const uint8_t> aad) override;
+  absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
+                                      std::span<const uint8_t> ciphertext_and_tag,
+                                      std::span<const uint8_t> aad) override;
+  absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
+  void Forget(const std::string& cache_id) override { cache_->Forget(cache_id); }
+
+ private:
+  // Runs `op` on a pooled session, once more after recovering from a lost session, login or
+  // handle.
+  template <typename T>
+  absl::StatusOr<T> Run(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op);
+  bool Recover(const absl::Status& error, SessionPool::Lease& lease);
+
+  absl::StatusOr<KeyCache::Ref> Unwrapped(CK_SESSION_HANDLE session, const WrappedKey& key);
+
+  // True if `error` is one a module may give for bad input (a GCM tag or an RFC 5649 check
+  // that fails) and the HSM still answers on `session`, so the data is to blame, not the HSM.
+  // PKCS#11 names no code for a bad tag: SoftHSM2 says CKR_GENERAL_ERROR, others
+  // CKR_ENCRYPTED_DATA_INVALID or CKR_FUNCTION_FAILED.
+  bool BlameData(CK_SESSION_HANDLE session, const absl::Status& error);
+
+  // Declared in this order so that the cache's session closes before the pool's, and the
+  // module (owned by both) goes last.
+  const std::unique_ptr<SessionPool> pool_;
+  const std::unique_ptr<KeyCache> cache_;
+  CK_FUNCTION_LIST* const api_;
+  RootKey root_;
+};
+
+template <typename T>
+absl::StatusOr<T> Pkcs11Hsm::Run(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
+  for (int attempt = 0;; ++attempt) {
+    CUSTOS_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool_->Acquire());
+    absl::StatusOr<T> result = op(lease.handle());
+    if (result.ok()) return result;
+    if (!Recover(result.status(), lease)) return result;
+    if (attempt > 0) {  // Still disrupted (the token is not back yet): worth a later retry.
+      return absl::UnavailableError(result.status().message());
+    }
+  }
+}
+
+bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
+  std::optional<CK_RV> rv = CkrOf(error);
+  if (!rv) return false;
+  if (IsSessionDead(*rv)) {
+    lease.MarkBroken();
+    pool_->DiscardAll();  // Its siblings are most likely dead too.
+  } else if (IsLoginLost(*rv) || IsHandleStale(*rv)) {
+    // Some modules report objects hidden by a lost login as invalid handles.
+    if (!pool_->EnsureLoggedIn(lease.handle()).ok()) lease.MarkBroken();
+  } else {
+    return false;
+  }
+  spdlog::warn("HSM {}; recovering with fresh sessions and handles", std::string(error.message()));
+  root_.Reset();
+  cache_->Clear();
+  return true;
+}
+
+absl::Status Pkcs11Hsm::CreateRootKey() {
+  return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
+           CUSTOS_RETURN_IF_ERROR(root_.Create(session));
+           return true;
+         })
+      .status();
+}
+
+absl::Status Pkcs11Hsm::CheckRootKey() {
+  return Run<CK_OBJECT_HANDLE>([&](CK_SESSION_HANDLE session) { return root_.Refresh(session); })
+      .status();
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::GenerateWrappedKey() {
+  return Run<Bytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<Bytes> {
+    CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, root_.Get(session));
+    AttributeTemplate version;
+    version.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .Ulong(CKA_VALUE_LEN, kAes256KeyBytes)
+        .Bool(CKA_TOKEN, false)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_EXTRACTABLE, true);  // Only so it can be wrapped, in the next call.
+    CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    CK_RV rv = api_->C_GenerateKey(session, &generate, version.data(), version.size(), &handle);
+    if (rv != CKR_OK) return CkError("C_GenerateKey", rv);
+    ObjectGuard destroy(*pool_->module(), session, handle);  // The token must not gain objects.
+
+    CK_MECHANISM wrap{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    Bytes wrapped(kWrappedAes256Bytes);
+    CK_ULONG length = wrapped.size();
+    rv = api_->C_WrapKey(session, &wrap, root, handle, wrapped.data(), &length);
+    if (rv != CKR_OK) return CkError("C_WrapKey", rv);
+    if (length != kWrappedAes256Bytes) return absl::InternalError("C_WrapKey: unexpected length");
+    return wrapped;
+  });
+}
+
+absl::StatusOr<KeyCache::Ref> Pkcs11Hsm::Unwrapped(CK_SESSION_HANDLE session,
+                                                   const WrappedKey& key) {
+  if (key.wrapped.size() != kWrappedAes256Bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("a wrapped key version is ", kWrappedAes256Bytes,
+                                                   " bytes, not ", key.wrapped.size()));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, root_.Get(session));
+  absl::StatusOr<KeyCache::Ref> unwrapped = cache_->Get(key.cache_id, key.wrapped, root);
+  if (!unwrapped.ok() && BlameData(session, unwrapped.status())) {
+    return absl::InvalidArgumentError("wrapped key version failed its integrity check");
+  }
+  return unwrapped;
+}
+
+absl::StatusOr<GcmCiphertext> Pkcs11Hsm::Encrypt(const WrappedKey& key,
+                                                 std::span<const uint8_t> plaintext,
+                                                 std::span<const uint8_t> aad) {
+  return Run<GcmCiphertext>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<GcmCiphertext> {
+    CUSTOS_ASSIGN_OR_RETURN(KeyCache::Ref version, Unwrapped(session, key));
+    GcmCiphertext out;
+    out.iv.resize(kGcmIvBytes);
+    CK_RV rv = api_->C_GenerateRandom(session, out.iv.data(), out.iv.size());
+    if (rv != CKR_OK) return CkError("C_GenerateRandom", rv);
+    CK_GCM_PARAMS params = GcmParams(out.iv, aad);
+    CK_MECHANISM gcm{CKM_AES_GCM, &params, sizeof params};
+    rv = api_->C_EncryptInit(session, &gcm, version->handle());
+    if (rv != CKR_OK) return CkError("C_EncryptInit", rv);
+    out.ciphertext_and_tag.resize(plaintext.size() + kGcmTagBytes);
+    CK_ULONG length = out.ciphertext_and_tag.size();
+    rv = api_->C_Encrypt(session, In(plaintext), plaintext.size(), out.ciphertext_and_tag.data(),
+                         &length);
+    if (rv != CKR_OK) return CkError("C_Encrypt", rv);
+    if (length != out.ciphertext_and_tag.size()) {
+      return absl::InternalError("C_Encrypt: unexpected AES-GCM output length");
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<SecureBytes> Pkcs11Hsm::Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
+                                               std::span<const uint8_t> ciphertext_and_tag,
+                                               std::span<const uint8_t> aad) {
+  if (iv.size() != kGcmIvBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AES-GCM IV must be ", kGcmIvBytes, " bytes, not ", iv.size()));
+  }
+  if (ciphertext_and_tag.size() < kGcmTagBytes) {
+    return absl::InvalidArgumentError("AES-GCM ciphertext is shorter than its 16-byte tag");
+  }
+  return Run<SecureBytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<SecureBytes> {
+    CUSTOS_ASSIGN_OR_RETURN(KeyCache::Ref version, Unwrapped(session, key));
+    CK_GCM_PARAMS params = GcmParams(iv, aad);
+    CK_MECHANISM gcm{CKM_AES_GCM, &params, sizeof params};
+    CK_RV rv = api_->C_DecryptInit(session, &gcm, version->handle());
+    if (rv != CKR_OK) return CkError("C_DecryptInit", rv);
+    // Some modules want room for the tag too; on failure the buffer is wiped, never returned.
+    SecureBytes plaintext(ciphertext_and_tag.size());
+    CK_ULONG length = plaintext.size();
+    rv = api_->C_Decrypt(session, In(ciphertext_and_tag), ciphertext_and_tag.size(),
+                         plaintext.data(), &length);
+    if (rv != CKR_OK) {
+      absl::Status error = CkError("C_Decrypt", rv);
+      if (BlameData(session, error)) {
+        return absl::InvalidArgumentError("ciphertext failed authentication");
+      }
+      return error;
+    }
+    if (length != ciphertext_and_tag.size() - kGcmTagBytes) {
+      return absl::InternalError("C_Decrypt: unexpected AES-GCM output length");
+    }
+    plaintext.Truncate(length);
+    return plaintext;
+  });
+}
+
+bool Pkcs11Hsm::BlameData(CK_SESSION_HANDLE session, const absl::Status& error) {
+  std::optional<CK_RV> rv = CkrOf(error);
+  if (!rv ||
+      !(*rv == CKR_ENCRYPTED_DATA_INVALID || *rv == CKR_ENCRYPTED_DATA_LEN_RANGE ||
+        *rv == CKR_WRAPPED_KEY_INVALID || *rv == CKR_GENERAL_ERROR || *rv == CKR_FUNCTION_FAILED)) {
+    return false;
+  }
+  CK_SESSION_INFO info{};
+  return api_->C_GetSessionInfo(session, &info) == CKR_OK;
+}
+
+absl::StatusOr<SecureBytes> Pkcs11Hsm::GenerateRandom(size_t count) {
+  if (count == 0) return SecureBytes();
+  return Run<SecureBytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<SecureBytes> {
+    SecureBytes random(count);
+    CK_RV rv = api_->C_GenerateRandom(session, random.data(), random.size());
+    if (rv != CKR_OK) return CkError("C_GenerateRandom", rv);
+    return random;
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
+  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const Pkcs11Module> module,
+                          Pkcs11Module::Load(options.module_path));
+  SessionPool::Options pool_options;
+  pool_options.size = options.session_pool_size;
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<SessionPool> pool,
+                          SessionPool::Create(std::move(module), options.token_label,
+                                              std::move(options.pin), pool_options));
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<KeyCache> cache,
+                          KeyCache::Create(pool.get(), options.key_cache_capacity));
+  return std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache),
+                                     std::move(options.root_key_label));
+}
+
+}  // namespace custos::hsm

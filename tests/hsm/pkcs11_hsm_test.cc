@@ -1,0 +1,266 @@
+#include "hsm/pkcs11_hsm.h"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "tests/hsm/hsm_test_util.h"
+#include "tests/hsm/raw_token.h"
+
+namespace custos::testing {
+namespace {
+
+using hsm::WrappedKey;
+
+TEST_CASE("OpenPkcs11Hsm reports what is wrong") {
+  SoftHsmToken token;
+  SECTION("right PIN") { CHECK(hsm::OpenPkcs11Hsm(OptionsFor(token)).ok()); }
+  SECTION("wrong PIN") {
+    hsm::Pkcs11Options options = OptionsFor(token);
+    options.pin = SecureBytes::FromString("not-the-pin");
+    auto opened = hsm::OpenPkcs11Hsm(std::move(options));
+    CHECK(absl::IsPermissionDenied(opened.status()));
+    CHECK(opened.status().message() == "PKCS#11 C_Login failed: CKR_PIN_INCORRECT");
+  }
+  SECTION("unknown token label") {
+    hsm::Pkcs11Options options = OptionsFor(token);
+    options.token_label = "no-such-token";
+    CHECK(absl::IsNotFound(hsm::OpenPkcs11Hsm(std::move(options)).status()));
+  }
+  SECTION("bad module path") {
+    hsm::Pkcs11Options options = OptionsFor(token);
+    options.module_path = "/nonexistent/libpkcs11.so";
+    CHECK(absl::IsNotFound(hsm::OpenPkcs11Hsm(std::move(options)).status()));
+  }
+  SECTION("a library that is not a PKCS#11 module") {
+    hsm::Pkcs11Options options = OptionsFor(token);
+    options.module_path = "libm.so.6";
+    CHECK(absl::IsNotFound(hsm::OpenPkcs11Hsm(std::move(options)).status()));
+  }
+  SECTION("empty pool") {
+    CHECK(absl::IsInvalidArgument(hsm::OpenPkcs11Hsm(OptionsFor(token, 0)).status()));
+  }
+}
+
+TEST_CASE("the root key is created once, inside the HSM, and cannot leave it") {
+  SoftHsmToken token;
+  auto opened = hsm::OpenPkcs11Hsm(OptionsFor(token));
+  REQUIRE(opened.ok());
+  hsm::Hsm& hsm = **opened;
+
+  CHECK(absl::IsFailedPrecondition(hsm.CheckRootKey()));
+  CHECK(absl::IsFailedPrecondition(hsm.GenerateWrappedKey().status()));
+  REQUIRE(hsm.CreateRootKey().ok());
+  CHECK(hsm.CheckRootKey().ok());
+  CHECK(absl::IsAlreadyExists(hsm.CreateRootKey()));
+
+  RawToken raw(token);
+  CHECK(raw.CountSecretKeys(/*token_objects=*/true) == 1);
+  CK_OBJECT_HANDLE root = raw.FindKey("custos-root");
+  REQUIRE(root != CK_INVALID_HANDLE);
+  const std::pair<CK_ATTRIBUTE_TYPE, bool> expected[] = {{CKA_TOKEN, true},
+                                                         {CKA_PRIVATE, true},
+                                                         {CKA_SENSITIVE, true},
+                                                         {CKA_EXTRACTABLE, false},
+                                                         {CKA_WRAP, true},
+                                                         {CKA_UNWRAP, true},
+                                                         {CKA_ENCRYPT, false},
+                                                         {CKA_DECRYPT, false},
+                                                         {CKA_MODIFIABLE, false},
+                                                         {CKA_ALWAYS_SENSITIVE, true},
+                                                         {CKA_NEVER_EXTRACTABLE, true},
+                                                         {CKA_LOCAL, true}};
+  for (const auto& [type, value] : expected) {
+    bool actual = !value;
+    INFO("attribute 0x" << std::hex << type);
+    CHECK(raw.ReadBool(root, type, &actual) == CKR_OK);
+    CHECK(actual == value);
+  }
+  CHECK(raw.TryReadValue(root) == CKR_ATTRIBUTE_SENSITIVE);
+}
+
+TEST_CASE("a new instance on the same token finds the root key") {
+  SoftHsmToken token;
+  { REQUIRE(OpenHsm(token)->CheckRootKey().ok()); }
+  auto again = hsm::OpenPkcs11Hsm(OptionsFor(token));
+  REQUIRE(again.ok());
+  CHECK((*again)->CheckRootKey().ok());
+  CHECK(absl::IsAlreadyExists((*again)->CreateRootKey()));
+}
+
+TEST_CASE("wrapped key versions are RFC 5649 blobs of fresh keys, and leave nothing behind") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  RawToken raw(token);
+  const size_t token_objects = raw.CountSecretKeys(true);
+
+  auto first = hsm->GenerateWrappedKey();
+  auto second = hsm->GenerateWrappedKey();
+  REQUIRE(first.ok());
+  REQUIRE(second.ok());
+  CHECK(first->size() == 40);
+  CHECK(*first != *second);
+
+  for (int i = 0; i < 100; ++i) {
+    auto wrapped = hsm->GenerateWrappedKey();
+    REQUIRE(wrapped.ok());
+    const WrappedKey key{"k/" + std::to_string(i), *wrapped};
+    auto sealed = hsm->Encrypt(key, AsBytes("payload"), AsBytes("ctx"));
+    REQUIRE(sealed.ok());
+    auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes("ctx"));
+    REQUIRE(opened.ok());
+  }
+  CHECK(raw.CountSecretKeys(true) == token_objects);
+  CHECK(raw.CountSecretKeys(false) <= 64);  // Only the cached key versions.
+}
+
+TEST_CASE("AES-GCM round trips and binds the AAD") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto wrapped = hsm->GenerateWrappedKey();
+  REQUIRE(wrapped.ok());
+  const WrappedKey key{"key/1", *wrapped};
+
+  for (const std::string& plaintext :
+       {std::string(), std::string("hello"), std::string(100000, 'x')}) {
+    for (const std::string& aad : {std::string(), std::string("tenant=a")}) {
+      auto sealed = hsm->Encrypt(key, AsBytes(plaintext), AsBytes(aad));
+      REQUIRE(sealed.ok());
+      CHECK(sealed->iv.size() == hsm::kGcmIvBytes);
+      CHECK(sealed->ciphertext_and_tag.size() == plaintext.size() + hsm::kGcmTagBytes);
+      auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes(aad));
+      REQUIRE(opened.ok());
+      CHECK(AsString(*opened) == plaintext);
+    }
+  }
+  auto a = hsm->Encrypt(key, AsBytes("same"), {});
+  auto b = hsm->Encrypt(key, AsBytes("same"), {});
+  REQUIRE((a.ok() && b.ok()));
+  CHECK(a->iv != b->iv);
+  CHECK(a->ciphertext_and_tag != b->ciphertext_and_tag);
+}
+
+TEST_CASE("tampered, misdirected or malformed ciphertexts are refused") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto wrapped = hsm->GenerateWrappedKey();
+  auto other_wrapped = hsm->GenerateWrappedKey();
+  REQUIRE((wrapped.ok() && other_wrapped.ok()));
+  const WrappedKey key{"key/1", *wrapped};
+  const WrappedKey other{"key/2", *other_wrapped};
+  auto sealed = hsm->Encrypt(key, AsBytes("attack at dawn"), AsBytes("context"));
+  REQUIRE(sealed.ok());
+  Bytes iv = sealed->iv;
+  Bytes data = sealed->ciphertext_and_tag;
+
+  auto decrypt = [&](const WrappedKey& k, const Bytes& i, const Bytes& d, std::string_view aad) {
+    return hsm->Decrypt(k, i, d, AsBytes(aad));
+  };
+  auto refused = [](const absl::StatusOr<SecureBytes>& result) {
+    INFO(result.status().ToString());
+    return absl::IsInvalidArgument(result.status());
+  };
+  CHECK(decrypt(key, iv, data, "context").ok());
+
+  CHECK(refused(decrypt(key, iv, data, "other context")));
+  CHECK(refused(decrypt(key, iv, data, "")));
+  CHECK(refused(decrypt(other, iv, data, "context")));
+  CHECK(decrypt(key, iv, data, "wrong").status().message() == "ciphertext failed authentication");
+  for (size_t at : {size_t{0}, data.size() - hsm::kGcmTagBytes - 1, data.size() - 1}) {
+    Bytes flipped = data;
+    flipped[at] ^= 0x01;
+    CHECK(refused(decrypt(key, iv, flipped, "context")));
+  }
+  Bytes flipped_iv = iv;
+  flipped_iv[5] ^= 0x80;
+  CHECK(refused(decrypt(key, flipped_iv, data, "context")));
+  CHECK(refused(decrypt(key, Bytes(8, 0), data, "context")));
+  CHECK(refused(decrypt(key, Bytes(16, 0), data, "context")));
+  CHECK(refused(decrypt(key, iv, Bytes(15, 0), "context")));
+  CHECK(refused(decrypt(key, iv, Bytes(data.begin(), data.end() - 1), "context")));
+
+  Bytes bad_wrap = *wrapped;
+  bad_wrap[3] ^= 0x01;
+  CHECK(refused(decrypt(WrappedKey{"key/bad", bad_wrap}, iv, data, "context")));
+  CHECK(refused(decrypt(WrappedKey{"key/short", Bytes(24, 0)}, iv, data, "context")));
+  CHECK(absl::IsInvalidArgument(
+      hsm->Encrypt(WrappedKey{"key/bad", bad_wrap}, AsBytes("x"), {}).status()));
+  // The refusals did not hurt the HSM or the good key.
+  CHECK(decrypt(key, iv, data, "context").ok());
+}
+
+TEST_CASE("GenerateRandom returns the requested number of fresh bytes") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  for (size_t size : {0, 1, 12, 32, 4096, 100000}) {
+    auto random = hsm->GenerateRandom(size);
+    REQUIRE(random.ok());
+    CHECK(random->size() == size);
+  }
+  auto a = hsm->GenerateRandom(32);
+  auto b = hsm->GenerateRandom(32);
+  REQUIRE((a.ok() && b.ok()));
+  CHECK(a->view() != b->view());
+}
+
+TEST_CASE("8 threads x 200 encrypt/decrypt share a pool of 4 sessions") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token, /*pool_size=*/4);
+  std::vector<Bytes> versions;
+  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const WrappedKey key{"v/" + std::to_string(i % 3), versions[i % 3]};
+        const std::string message = "thread " + std::to_string(t) + " message " + std::to_string(i);
+        auto sealed = hsm->Encrypt(key, AsBytes(message), AsBytes("aad"));
+        if (!sealed.ok()) {
+          ++failures;
+          continue;
+        }
+        auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes("aad"));
+        if (!opened.ok() || AsString(*opened) != message) ++failures;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(failures == 0);
+}
+
+TEST_CASE("a reopened Hsm (as after a restart) decrypts what the first one encrypted") {
+  SoftHsmToken token;
+  Bytes wrapped;
+  hsm::GcmCiphertext sealed;
+  {
+    auto first = OpenHsm(token);
+    wrapped = first->GenerateWrappedKey().value();
+    sealed = first->Encrypt(WrappedKey{"k/1", wrapped}, AsBytes("kept"), AsBytes("a")).value();
+  }  // The module is finalised and unloaded here: nothing else holds it.
+  auto second = OpenHsm(token);
+  auto opened = second->Decrypt(WrappedKey{"k/1", wrapped}, sealed.iv, sealed.ciphertext_and_tag,
+                                AsBytes("a"));
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "kept");
+}
+
+TEST_CASE("two instances share the module; closing one leaves the other working") {
+  SoftHsmToken token;
+  auto first = OpenHsm(token);
+  auto second = OpenHsm(token);
+  const Bytes wrapped = first->GenerateWrappedKey().value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped};
+  auto sealed = first->Encrypt(key, AsBytes("shared"), {});
+  INFO(sealed.status().ToString());
+  REQUIRE(sealed.ok());
+  first.reset();  // Closes its sessions, but must neither log out nor finalise the module.
+  auto opened = second->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "shared");
+}
+
+}  // namespace
+}  // namespace custos::testing

@@ -1,0 +1,79 @@
+#include "tests/hsm/raw_token.h"
+
+#include <catch2/catch.hpp>
+
+#include <vector>
+
+namespace custos::testing {
+
+RawToken::RawToken(const SoftHsmToken& token) : pin_(token.pin()) {
+  auto module = hsm::Pkcs11Module::Load(kSoftHsmModule);
+  REQUIRE(module.ok());
+  module_ = *module;
+  auto slot = module_->FindSlot(token.label());
+  REQUIRE(slot.ok());
+  slot_ = *slot;
+  Open();
+}
+
+RawToken::~RawToken() {
+  if (session_ != CK_INVALID_HANDLE) api()->C_CloseSession(session_);
+}
+
+void RawToken::Open() {
+  REQUIRE(api()->C_OpenSession(slot_, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
+                               &session_) == CKR_OK);
+  CK_RV rv =
+      api()->C_Login(session_, CKU_USER, reinterpret_cast<CK_UTF8CHAR*>(pin_.data()), pin_.size());
+  REQUIRE((rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN));
+}
+
+size_t RawToken::CountSecretKeys(bool token_objects) {
+  CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+  CK_BBOOL token = token_objects ? CK_TRUE : CK_FALSE;
+  CK_ATTRIBUTE match[] = {{CKA_CLASS, &secret, sizeof secret}, {CKA_TOKEN, &token, sizeof token}};
+  REQUIRE(api()->C_FindObjectsInit(session_, match, 2) == CKR_OK);
+  std::vector<CK_OBJECT_HANDLE> found(10000);
+  CK_ULONG count = 0;
+  REQUIRE(api()->C_FindObjects(session_, found.data(), found.size(), &count) == CKR_OK);
+  REQUIRE(api()->C_FindObjectsFinal(session_) == CKR_OK);
+  return count;
+}
+
+CK_OBJECT_HANDLE RawToken::FindKey(const std::string& label) {
+  CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+  CK_ATTRIBUTE match[] = {{CKA_CLASS, &secret, sizeof secret},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  REQUIRE(api()->C_FindObjectsInit(session_, match, 2) == CKR_OK);
+  CK_OBJECT_HANDLE found[2];
+  CK_ULONG count = 0;
+  REQUIRE(api()->C_FindObjects(session_, found, 2, &count) == CKR_OK);
+  REQUIRE(api()->C_FindObjectsFinal(session_) == CKR_OK);
+  REQUIRE(count <= 1);
+  return count == 1 ? found[0] : CK_INVALID_HANDLE;
+}
+
+CK_RV RawToken::ReadBool(CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type, bool* value) {
+  CK_BBOOL raw = CK_FALSE;
+  CK_ATTRIBUTE attribute{type, &raw, sizeof raw};
+  CK_RV rv = api()->C_GetAttributeValue(session_, object, &attribute, 1);
+  *value = raw != CK_FALSE;
+  return rv;
+}
+
+CK_RV RawToken::TryReadValue(CK_OBJECT_HANDLE object) {
+  std::vector<CK_BYTE> value(64);
+  CK_ATTRIBUTE attribute{CKA_VALUE, value.data(), value.size()};
+  return api()->C_GetAttributeValue(session_, object, &attribute, 1);
+}
+
+void RawToken::CloseAllSessions() {
+  REQUIRE(api()->C_CloseAllSessions(slot_) == CKR_OK);
+  session_ = CK_INVALID_HANDLE;
+  REQUIRE(api()->C_OpenSession(slot_, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr,
+                               &session_) == CKR_OK);
+}
+
+void RawToken::Logout() { REQUIRE(api()->C_Logout(session_) == CKR_OK); }
+
+}  // namespace custos::testing

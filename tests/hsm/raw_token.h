@@ -1,0 +1,55 @@
+// RawToken: direct PKCS#11 access to a test token, to check from outside what the Hsm did
+// (objects left behind, attributes of the root key) and to break things under it (close all
+// sessions, log out). Shares the process's module instance with any open Hsm, logs in as
+// the user (a no-op if the Hsm already did: login state is per application) and never logs
+// out unless asked. Failures abort the test (Catch2 REQUIRE). Not thread-safe.
+#pragma once
+
+#include <p11-kit/pkcs11.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "hsm/pkcs11_module.h"
+#include "tests/support/softhsm_token.h"
+
+namespace custos::testing {
+
+class RawToken {
+ public:
+  explicit RawToken(const SoftHsmToken& token);
+  ~RawToken();
+  RawToken(const RawToken&) = delete;
+  RawToken& operator=(const RawToken&) = delete;
+
+  CK_FUNCTION_LIST* api() const { return module_->api(); }
+  CK_SESSION_HANDLE session() const { return session_; }
+  CK_SLOT_ID slot() const { return slot_; }
+
+  // Secret keys this application can see: token objects, or session objects of any of its
+  // sessions (the Hsm's cached key versions).
+  size_t CountSecretKeys(bool token_objects);
+  // The one secret key labelled `label`, or CK_INVALID_HANDLE.
+  CK_OBJECT_HANDLE FindKey(const std::string& label);
+  // A CK_BBOOL attribute, or the CK_RV if it cannot be read.
+  CK_RV ReadBool(CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type, bool* value);
+  // The CK_RV of reading CKA_VALUE (the key's secret bytes) into a scratch buffer.
+  CK_RV TryReadValue(CK_OBJECT_HANDLE object);
+
+  // Closes every session of this application with the token, as a token removal would; the
+  // raw session is reopened (logged out).
+  void CloseAllSessions();
+  // Logs this application out of the token (every session, the Hsm's included).
+  void Logout();
+
+ private:
+  void Open();
+
+  std::shared_ptr<const hsm::Pkcs11Module> module_;
+  std::string pin_;
+  CK_SLOT_ID slot_ = 0;
+  CK_SESSION_HANDLE session_ = CK_INVALID_HANDLE;
+};
+
+}  // namespace custos::testing

@@ -1,0 +1,103 @@
+// Fault recovery: the Hsm must carry on by itself when the token drops its sessions or its
+// login (as on removal and reinsertion), without a restart.
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/hsm/hsm_test_util.h"
+#include "tests/hsm/raw_token.h"
+
+namespace custos::testing {
+namespace {
+
+using hsm::WrappedKey;
+
+TEST_CASE("the Hsm recovers by itself when its sessions vanish (token pulled and back)") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  const Bytes wrapped = hsm->GenerateWrappedKey().value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped};
+  auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+  RawToken raw(token);
+
+  for (int round = 0; round < 3; ++round) {
+    raw.CloseAllSessions();  // Every session and the login are gone, as on token removal.
+    auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+    REQUIRE(opened.ok());
+    CHECK(AsString(*opened) == "before");
+    CHECK(hsm->Encrypt(key, AsBytes("after"), {}).ok());
+    CHECK(hsm->GenerateWrappedKey().ok());
+    CHECK(hsm->CheckRootKey().ok());
+  }
+}
+
+TEST_CASE("the Hsm logs in again when the login was lost") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  const Bytes wrapped = hsm->GenerateWrappedKey().value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped};
+  auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+  RawToken raw(token);
+
+  raw.Logout();
+  CHECK(hsm->CheckRootKey().ok());
+  raw.Logout();
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  raw.Logout();
+  CHECK(hsm->GenerateWrappedKey().ok());
+}
+
+TEST_CASE("a PIN changed under a running Hsm is refused once and not presented again") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  RawToken raw(token);
+  std::string old_pin = token.pin();
+  std::string new_pin = "another-pin-5678";
+  REQUIRE(raw.api()->C_SetPIN(raw.session(), reinterpret_cast<CK_UTF8CHAR*>(old_pin.data()),
+                              old_pin.size(), reinterpret_cast<CK_UTF8CHAR*>(new_pin.data()),
+                              new_pin.size()) == CKR_OK);
+  raw.CloseAllSessions();
+  absl::Status first = hsm->CheckRootKey();
+  CHECK(absl::IsPermissionDenied(first));
+  absl::Status second = hsm->CheckRootKey();
+  CHECK(absl::IsPermissionDenied(second));
+  CHECK_THAT(std::string(second.message()), Catch::Contains("not presenting it again"));
+}
+
+// Sessions are closed between bursts, not during them: SoftHSM2 2.6.1 itself crashes when a
+// session is closed while another thread uses objects (softhsm/SoftHSMv2#688).
+TEST_CASE("busy threads recover together after the sessions vanish") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token, /*pool_size=*/3, /*cache_capacity=*/2);
+  std::vector<Bytes> versions;
+  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
+  RawToken raw(token);
+  std::atomic<int> failures{0};
+  for (int round = 0; round < 5; ++round) {
+    raw.CloseAllSessions();
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < 20; ++i) {
+          const size_t v = (t + i) % versions.size();
+          const WrappedKey key{"k/" + std::to_string(v), versions[v]};
+          auto sealed = hsm->Encrypt(key, AsBytes("burst"), {});
+          auto opened = sealed.ok() ? hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {})
+                                    : absl::StatusOr<SecureBytes>(sealed.status());
+          if (!opened.ok() || AsString(*opened) != "burst") ++failures;
+        }
+      });
+    }
+    for (auto& thread : threads) thread.join();
+  }
+  CHECK(failures == 0);
+}
+
+}  // namespace
+}  // namespace custos::testing
