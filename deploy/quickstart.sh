@@ -4,23 +4,26 @@
 # root key once, and runs custosd on loopback in the foreground. Run it again to restart on
 # the same state: keys made before still decrypt.
 #
-#   deploy/quickstart.sh            state in ./var/custos (override with CUSTOS_STATE=DIR)
+#   deploy/quickstart.sh     state in ./var/custos, build in ./build
+#   Environment: CUSTOS_STATE=DIR, CUSTOS_BUILD_DIR=DIR, CUSTOS_PORT=N (for a new state only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 state="${CUSTOS_STATE:-var/custos}"
+build="${CUSTOS_BUILD_DIR:-build}"
 tools/install-deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j"$(nproc)"
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$build" -j"$(nproc)"
 tools/make-state.sh "$state"
 state="$(cd "$state" && pwd)"
 export SOFTHSM2_CONF="$state/hsm/softhsm2.conf"
-build/server/custosd --config "$state/custosd.toml" init
+"$build/server/custosd" --config "$state/custosd.toml" init
 
-ctl="build/server/custosctl --state $state"
+listen="$(sed -n 's/^listen = "\(.*\)"/\1/p' "$state/custosd.toml")"
+ctl="$build/server/custosctl --addr $listen --state $state"
 cat <<MSG
 
-custosd is starting on 127.0.0.1:7443 with state in $state (Ctrl-C stops it).
+custosd is starting on $listen with state in $state (Ctrl-C stops it).
 In another terminal, from $(pwd):
 
   # an officer creates a key the demo app may use
@@ -36,4 +39,4 @@ In another terminal, from $(pwd):
   $ctl --as officer2 describe-key billing
 
 MSG
-exec build/server/custosd --config "$state/custosd.toml"
+exec "$build/server/custosd" --config "$state/custosd.toml"

@@ -78,9 +78,32 @@ std::string Base64Decode(const std::string& text) {
   return out;
 }
 
+const char* StatusName(grpc::StatusCode code) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const auto index = static_cast<size_t>(code);
+  return index < std::size(kNames) ? kNames[index] : "UNKNOWN";
+}
+
 int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
   if (!status.ok()) {
-    std::cerr << "error: " << status.error_code() << " " << status.error_message() << "\n";
+    std::cerr << "error: " << StatusName(status.error_code()) << ": " << status.error_message()
+              << "\n";
     return 2;
   }
   std::string json;

@@ -38,7 +38,7 @@ std::string Handshake(CustosServer& server, const std::string& flags) {
   const std::string command =
       "echo | timeout 10 openssl s_client -connect 127.0.0.1:" + std::to_string(server.port()) +
       " -alpn h2 -CAfile " + pki + "/ca.crt -cert " + pki + "/clients/app.crt -key " + pki +
-      "/clients/app.key " + flags + " 2>/dev/null | grep '^New, '";
+      "/clients/app.key " + flags + " 2>/dev/null | grep -a '^New, '";
   std::string line;
   if (FILE* out = popen(command.c_str(), "r")) {
     char buf[256];
