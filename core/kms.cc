@@ -315,7 +315,7 @@ absl::StatusOr<KeyRef> Kms::Execute(const Caller& caller, const CreateKeyParams&
   // The version is generated in the HSM and only its wrapped form comes out: creating a key
   // adds a row, never a token object.
   CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped, options_.hsm->GenerateWrappedKey());
-  key.versions.push_back({1, std::move(wrapped), "custos-root", key.created_at});
+  key.versions.push_back({1, std::move(wrapped), options_.hsm->RootKeyLabel(), key.created_at});
   CUSTOS_RETURN_IF_ERROR(options_.store->CreateKey(key));
   return options_.store->GetKey(key.id);
 }

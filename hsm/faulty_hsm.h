@@ -33,6 +33,7 @@ class FaultyHsm final : public Hsm {
 
   absl::Status CreateRootKey() override;
   absl::Status CheckRootKey() override;
+  std::string RootKeyLabel() const override { return inner_->RootKeyLabel(); }
   absl::StatusOr<Bytes> GenerateWrappedKey() override;
   absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
                                         std::span<const uint8_t> aad) override;

@@ -50,6 +50,10 @@ class Hsm {
   // OK if the root key is present and usable; FAILED_PRECONDITION if it is missing.
   virtual absl::Status CheckRootKey() = 0;
 
+  // The label of the root key that GenerateWrappedKey wraps under; stored beside each
+  // wrapped version so that a later root rotation knows what to re-wrap.
+  virtual std::string RootKeyLabel() const = 0;
+
   // Generates a fresh AES-256 key version inside the HSM and returns it wrapped under the
   // root key. The unwrapped object is destroyed before this returns.
   virtual absl::StatusOr<Bytes> GenerateWrappedKey() = 0;

@@ -52,6 +52,7 @@ class Pkcs11Hsm final : public Hsm {
 
   absl::Status CreateRootKey() override;
   absl::Status CheckRootKey() override;
+  std::string RootKeyLabel() const override { return root_.label(); }
   absl::StatusOr<Bytes> GenerateWrappedKey() override;
   absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
                                         std::span<const uint8_t> aad) override;

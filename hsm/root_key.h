@@ -22,6 +22,8 @@ class RootKey {
   // `pool` must outlive this object.
   RootKey(SessionPool* pool, std::string label) : pool_(pool), label_(std::move(label)) {}
 
+  const std::string& label() const { return label_; }
+
   // The root key's handle. FAILED_PRECONDITION if the token has none, several, or one whose
   // attributes would let its value out.
   absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session);

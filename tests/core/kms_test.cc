@@ -98,6 +98,9 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
   CHECK(events[0].key_id == key->id);
   CHECK(events[0].key_version == 1);
   CHECK(events[0].outcome == absl::StatusCode::kOk);
+  REQUIRE(key->versions.size() == 1);
+  CHECK(key->versions[0].root_key_label == "custos-root");
+  CHECK(key->versions[0].wrapped.size() == 40);  // RFC 5649 wrap of a 32-byte key
   CHECK(events[1].action == "GenerateDataKey");
   CHECK(events[1].principal == kApp);
   CHECK(events[1].role == "app");
