@@ -23,7 +23,8 @@ struct Event {
   uint32_t source_key_version = 0;  // ReEncrypt only
   std::string request_id;           // dual-control request, if any
   absl::StatusCode outcome = absl::StatusCode::kOk;
-  std::string peer;  // transport address of the caller
+  std::string peer;    // transport address of the caller
+  std::string detail;  // non-secret context, e.g. "policy sha256=..."
 };
 
 // One line of text for operators' logs: key=value pairs, no secrets (see above).

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "common/strings.h"
+#include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
 
@@ -14,12 +15,6 @@ using policy::KeyUse;
 using storage::KeyRecord;
 using storage::KeyState;
 
-constexpr size_t kMaxAliasBytes = 128;
-constexpr size_t kMaxDescriptionBytes = 1024;
-constexpr size_t kMaxTags = 50;
-constexpr size_t kMaxTagKeyBytes = 128;
-constexpr size_t kMaxTagValueBytes = 256;
-
 std::string CacheId(const KeyRecord& key, uint32_t version) { return StrCat(key.id, "/", version); }
 
 absl::Status CheckEnabled(const KeyRecord& key) {
@@ -28,111 +23,17 @@ absl::Status CheckEnabled(const KeyRecord& key) {
       "key ", key.id, " is ", storage::KeyStateName(key.state), "; only ENABLED keys can be used"));
 }
 
-absl::Status ValidateAlias(std::string_view alias) {
-  if (alias.empty()) return absl::OkStatus();
-  if (alias.size() > kMaxAliasBytes) {
-    return absl::InvalidArgumentError(
-        StrCat("alias is ", alias.size(), " bytes; at most ", kMaxAliasBytes, " allowed"));
-  }
-  for (char c : alias) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '/' || c == '.';
-    if (!ok) {
-      return absl::InvalidArgumentError(
-          "alias may contain only letters, digits, '-', '_', '/' and '.'");
-    }
-  }
-  if (ParseKeyId(alias)) {
-    return absl::InvalidArgumentError("alias must not look like a key id (UUID)");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ValidateTags(const std::map<std::string, std::string>& tags) {
-  if (tags.size() > kMaxTags) {
-    return absl::InvalidArgumentError(StrCat("at most ", kMaxTags, " tags allowed"));
-  }
-  for (const auto& [name, value] : tags) {
-    if (name.empty() || name.size() > kMaxTagKeyBytes || value.size() > kMaxTagValueBytes) {
-      return absl::InvalidArgumentError(StrCat("tag names must be 1..", kMaxTagKeyBytes,
-                                               " bytes and values at most ", kMaxTagValueBytes,
-                                               " bytes"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Grants may name only apps: an officer or auditor with a grant would break separation of
-// duties, and a principal missing from the policy is most likely a typo.
-absl::Status ValidateGrantees(const policy::Policy& policy, const std::set<std::string>& grantees,
-                              std::string_view field) {
-  for (const std::string& principal : grantees) {
-    if (policy.RoleOf(principal) != policy::Role::kApp) {
-      return absl::InvalidArgumentError(StrCat("principal '", principal, "' in ", field,
-                                               " is not an app in the policy; only apps "
-                                               "may be granted use of a key"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
-// One use-case invocation: authorizes the caller and records the audit event on Finish.
-class Kms::Call {
- public:
-  Call(const Kms& kms, const Caller& caller, Action action) : kms_(kms), caller_(caller) {
-    event_.time = kms.options_.clock->NowSeconds();
-    event_.principal = caller.principal;
-    event_.peer = caller.peer;
-    event_.action = std::string(policy::ActionName(action));
-    action_ = action;
-  }
+Kms::Kms(Options options)
+    : options_(std::move(options)),
+      policy_(options_.policy),
+      root_key_label_(options_.root_key_label),
+      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {}
 
-  // Resolves the caller's role from the current policy and checks it may perform the action.
-  absl::Status Authorize() {
-    const std::shared_ptr<const policy::Policy> policy = kms_.CurrentPolicy();
-    const std::optional<policy::Role> role = policy->RoleOf(caller_.principal);
-    if (!role) {
-      return absl::PermissionDeniedError(
-          StrCat("principal '", caller_.principal,
-                 "' holds no role in the policy; an administrator must add it to the policy file"));
-    }
-    event_.role = std::string(policy::RoleName(*role));
-    return policy::AuthorizeRole(*role, action_);
-  }
-
-  void SetKey(const KeyRecord& key, uint32_t version) {
-    event_.key_id = key.id;
-    event_.key_version = version;
-  }
-  audit::Event& event() { return event_; }
-  const Caller& caller() const { return caller_; }
-
-  // Records the outcome; a result nobody could record is not returned (fail closed).
-  template <typename T>
-  absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
-    event_.outcome = result.status().code();
-    absl::Status recorded = kms_.options_.audit->Append(event_);
-    if (!recorded.ok()) {
-      return absl::UnavailableError(
-          StrCat("audit log unavailable, operation refused: ", recorded.message()));
-    }
-    return result;
-  }
-
- private:
-  const Kms& kms_;
-  const Caller& caller_;
-  Action action_;
-  audit::Event event_;
-};
-
-Kms::Kms(Options options) : options_(std::move(options)), policy_(options_.policy) {}
-
-void Kms::SetPolicy(std::shared_ptr<const policy::Policy> policy) {
+std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);
-  policy_ = std::move(policy);
+  return root_key_label_;
 }
 
 std::shared_ptr<const policy::Policy> Kms::CurrentPolicy() const {
@@ -157,9 +58,11 @@ absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
   header.key_id = *ParseKeyId(key.id);
   header.key_version = version->version;
   const Bytes aad = BlobAad(header, context);
-  CUSTOS_ASSIGN_OR_RETURN(
-      hsm::GcmCiphertext sealed,
-      options_.hsm->Encrypt({CacheId(key, version->version), version->wrapped}, plaintext, aad));
+  CUSTOS_RETURN_IF_ERROR(usage_.CountEncryption(key.id, version->version));
+  CUSTOS_ASSIGN_OR_RETURN(hsm::GcmCiphertext sealed,
+                          options_.hsm->Encrypt({CacheId(key, version->version), version->wrapped,
+                                                 version->root_key_label},
+                                                plaintext, aad));
   return Ciphertext{key.id, version->version,
                     BuildBlob(header, sealed.iv, sealed.ciphertext_and_tag)};
 }
@@ -186,16 +89,24 @@ absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> 
                                              parsed.header.key_version, " of key ", key_id,
                                              ", which does not exist; the blob is corrupted"));
   }
+  if (version->version < (*key)->min_decrypt_version) {
+    return absl::FailedPreconditionError(
+        StrCat("version ", version->version, " of key ", key_id,
+               " is retired (the minimum decryption version is ", (*key)->min_decrypt_version,
+               "); re-encrypt data with ReEncrypt before retiring, or have officers lower the "
+               "minimum with a SetMinDecryptVersion request"));
+  }
   const Bytes aad = BlobAad(parsed.header, context);
-  absl::StatusOr<SecureBytes> plaintext =
-      options_.hsm->Decrypt({CacheId(**key, version->version), version->wrapped}, parsed.iv,
-                            parsed.ciphertext_and_tag, aad);
+  absl::StatusOr<SecureBytes> plaintext = options_.hsm->Decrypt(
+      {CacheId(**key, version->version), version->wrapped, version->root_key_label}, parsed.iv,
+      parsed.ciphertext_and_tag, aad);
   if (plaintext.status().code() == absl::StatusCode::kInvalidArgument) {
     return absl::InvalidArgumentError(
         "ciphertext failed authentication: the encryption context differs from the one it was "
         "encrypted with, or the blob was modified");
   }
   if (!plaintext.ok()) return plaintext.status();
+  usage_.CountDecryption(key_id, version->version);
   return Plaintext{key_id, version->version, *std::move(plaintext)};
 }
 
@@ -283,50 +194,30 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
   Call call(*this, caller, Action::kCreateKey);
   return call.Finish([&]() -> absl::StatusOr<KeyRef> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    CUSTOS_RETURN_IF_ERROR(ValidateAlias(params.alias));
-    if (params.description.size() > kMaxDescriptionBytes) {
-      return absl::InvalidArgumentError(
-          StrCat("description is longer than ", kMaxDescriptionBytes, " bytes"));
+    if (const int approvals = ApprovalsFor(policy::Operation::kCreateKey); approvals > 0) {
+      return absl::FailedPreconditionError(
+          StrCat("creating a key needs ", approvals,
+                 " other officer(s) to approve under this server's dual-control config; "
+                 "propose it with Propose(CreateKey)"));
     }
-    CUSTOS_RETURN_IF_ERROR(ValidateTags(params.tags));
-    const std::shared_ptr<const policy::Policy> policy = CurrentPolicy();
-    CUSTOS_RETURN_IF_ERROR(
-        ValidateGrantees(*policy, params.encrypt_principals, "encrypt_principals"));
-    CUSTOS_RETURN_IF_ERROR(
-        ValidateGrantees(*policy, params.decrypt_principals, "decrypt_principals"));
-    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, Execute(caller, params));
-    call.SetKey(*key, key->primary_version);
-    return key;
+    CUSTOS_RETURN_IF_ERROR(ValidateCreate(params));
+    std::lock_guard lock(requests_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
+    call.SetKey(key, key.primary_version);
+    CUSTOS_RETURN_IF_ERROR(options_.store->CreateKey(key));
+    return options_.store->GetKey(key.id);
   }());
 }
 
-absl::StatusOr<KeyRef> Kms::Execute(const Caller& caller, const CreateKeyParams& params) {
-  KeyRecord key;
-  key.id = NewKeyId();
-  key.alias = params.alias;
-  key.description = params.description;
-  key.tags = params.tags;
-  key.state = KeyState::kEnabled;
-  key.created_at = options_.clock->NowSeconds();
-  key.created_by = caller.principal;
-  key.primary_version = 1;
-  key.encrypt_grants = params.encrypt_principals;
-  key.decrypt_grants = params.decrypt_principals;
-  // The version is generated in the HSM and only its wrapped form comes out: creating a key
-  // adds a row, never a token object.
-  CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped, options_.hsm->GenerateWrappedKey());
-  key.versions.push_back({1, std::move(wrapped), options_.hsm->RootKeyLabel(), key.created_at});
-  CUSTOS_RETURN_IF_ERROR(options_.store->CreateKey(key));
-  return options_.store->GetKey(key.id);
-}
-
-absl::StatusOr<KeyRef> Kms::DescribeKey(const Caller& caller, std::string_view key_name) {
+absl::StatusOr<Kms::KeyDescription> Kms::DescribeKey(const Caller& caller,
+                                                     std::string_view key_name) {
   Call call(*this, caller, Action::kDescribeKey);
-  return call.Finish([&]() -> absl::StatusOr<KeyRef> {
+  return call.Finish([&]() -> absl::StatusOr<KeyDescription> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(key_name));
     call.SetKey(*key, 0);
-    return key;
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<storage::VersionUsage> usage, usage_.Usage(key->id));
+    return KeyDescription{std::move(key), std::move(usage)};
   }());
 }
 

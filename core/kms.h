@@ -14,6 +14,7 @@
 // Thread-safe; the HSM, store, sink and clock it is given must outlive it.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -26,8 +27,10 @@
 #include "common/secure_bytes.h"
 #include "common/status.h"
 #include "core/encryption_context.h"
+#include "core/usage_tracker.h"
 #include "hsm/hsm.h"
 #include "policy/authorizer.h"
+#include "policy/dual_control.h"
 #include "policy/policy.h"
 #include "storage/key_store.h"
 
@@ -72,9 +75,34 @@ struct CreateKeyParams {
   std::map<std::string, std::string> tags;
   std::set<std::string> encrypt_principals;
   std::set<std::string> decrypt_principals;
+  int64_t rotation_period_days = 0;  // automatic rotation; 0 = never, else 1..3650
 };
 
 using KeyRef = std::shared_ptr<const storage::KeyRecord>;
+
+// What a dual-control operation changes; only the fields of its operation are read.
+struct OperationParams {
+  CreateKeyParams create;                    // CreateKey
+  std::set<std::string> encrypt_principals;  // UpdateKeyGrants: the new grants, whole
+  std::set<std::string> decrypt_principals;  // UpdateKeyGrants
+  uint32_t min_decrypt_version = 0;          // SetMinDecryptVersion
+  int64_t deletion_waiting_days = 0;         // ScheduleKeyDeletion; 0 = the config's
+};
+
+struct Proposal {
+  policy::Operation operation = policy::Operation::kRotateKey;
+  std::string key;  // id or alias; empty for CreateKey
+  OperationParams params;
+  std::string justification;
+};
+
+using Request = storage::RequestRecord;
+
+// The store setting that names the root key new versions are wrapped under.
+inline constexpr char kRootKeySetting[] = "root_key_label";
+
+// The principal under which the server's own actions (expiry, destruction) are audited.
+inline constexpr char kServerPrincipal[] = "custosd";
 
 class Kms {
  public:
@@ -84,11 +112,18 @@ class Kms {
     audit::Sink* audit = nullptr;
     const Clock* clock = nullptr;
     std::shared_ptr<const policy::Policy> policy;
+    policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
+    std::string root_key_label = "custos-root";  // the root new versions are wrapped under
+    UsageLimits usage_limits;
+    std::function<void()> on_rotation_wanted;  // e.g. wake the maintenance thread
   };
   explicit Kms(Options options);
 
-  // Replaces the policy for every later call (e.g. on SIGHUP).
-  void SetPolicy(std::shared_ptr<const policy::Policy> policy);
+  // Replaces the policy for every later call (e.g. on SIGHUP), unless the new policy would
+  // break separation of duties or dual control: FAILED_PRECONDITION if a principal named in
+  // some key's grants would hold a role other than app, or too few officers remain for a
+  // quorum. The current policy stays in force then.
+  absl::Status ReplacePolicy(std::shared_ptr<const policy::Policy> policy);
 
   // --- Applications -------------------------------------------------------------------------
   // A fresh data key of `key_bytes` (16 or 32) from the HSM's RNG, encrypted under `key`'s
@@ -112,26 +147,96 @@ class Kms {
 
   // --- Officers -----------------------------------------------------------------------------
   absl::StatusOr<KeyRef> CreateKey(const Caller& caller, const CreateKeyParams& params);
-  absl::StatusOr<KeyRef> DescribeKey(const Caller& caller, std::string_view key);
+  struct KeyDescription {
+    KeyRef key;
+    std::vector<storage::VersionUsage> usage;  // per version, as of now
+  };
+  absl::StatusOr<KeyDescription> DescribeKey(const Caller& caller, std::string_view key);
   absl::StatusOr<storage::KeyPage> ListKeys(const Caller& caller, size_t page_size,
                                             std::string_view page_token);
+
+  // --- Dual control (officers) ---------------------------------------------------------------
+  // Every key-management change is a request that executes once enough other officers approve
+  // it. Propose validates the operation against the key as it is now; FAILED_PRECONDITION if
+  // the key's state does not allow it or the key already has a pending request (one change at
+  // a time per key, so two requests can never both act on stale state). An operation needing
+  // no approval (CreateKey, by default) executes at once.
+  absl::StatusOr<Request> Propose(const Caller& caller, const Proposal& proposal);
+  // Records the caller's approval; at quorum the request executes exactly once, in the same
+  // transaction that records the approval. `expected_digest` must equal RequestDigest() of
+  // the request as stored (INVALID_ARGUMENT if empty): the approver approves what they
+  // reviewed. Only approvers who are officers under the current policy count.
+  // Errors: NOT_FOUND unknown request; PERMISSION_DENIED the proposer approving;
+  // FAILED_PRECONDITION request not pending (executed, rejected, expired, failed), digest
+  // mismatch, or the operation no longer applies. Approving twice is OK and counts once.
+  absl::StatusOr<Request> Approve(const Caller& caller, std::string_view request_id,
+                                  std::string_view expected_digest);
+  // Any officer (the proposer included, to withdraw it) may reject a pending request; it then
+  // accepts nothing more.
+  absl::StatusOr<Request> Reject(const Caller& caller, std::string_view request_id,
+                                 std::string_view reason);
+  absl::StatusOr<Request> GetRequest(const Caller& caller, std::string_view request_id);
+  absl::StatusOr<storage::RequestPage> ListRequests(const Caller& caller,
+                                                    const storage::RequestFilter& filter,
+                                                    size_t page_size, std::string_view page_token);
+
+  // --- Housekeeping (the server's own timer) ------------------------------------------------
+  // Expires pending requests past their TTL, destroys keys whose deletion waiting period has
+  // ended (crypto-shredding), rotates keys whose rotation period has passed or whose primary
+  // version neared its encryption limit (pre-approved by policy), and flushes usage counts.
+  // Audited under kServerPrincipal. Safe to call at any time.
+  absl::Status RunMaintenance();
+
+  // Records an event of the server's own (start, stop, policy load) under kServerPrincipal.
+  // The server start records the policy too. UNAVAILABLE if the audit sink refuses.
+  absl::Status RecordServerStart();
+  absl::Status RecordServerStop();
+
+  // Approvals needed for `operation` under this server's config.
+  int ApprovalsFor(policy::Operation operation) const {
+    return options_.dual_control.ApprovalsFor(operation);
+  }
 
  private:
   class Call;
 
   std::shared_ptr<const policy::Policy> CurrentPolicy() const;
+  std::string CurrentRoot() const;
   absl::StatusOr<KeyRef> FindKey(std::string_view key) const;
   absl::StatusOr<Ciphertext> EncryptUnder(const storage::KeyRecord& key,
                                           std::span<const uint8_t> plaintext,
                                           const EncryptionContext& context);
   absl::StatusOr<Plaintext> DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                         const EncryptionContext& context);
-  // The one place that changes key state. Dual control will gate what reaches it.
-  absl::StatusOr<KeyRef> Execute(const Caller& caller, const CreateKeyParams& params);
+  absl::Status ValidateCreate(const CreateKeyParams& params) const;
+  // A new key record from `params`, its first version generated in the HSM.
+  absl::StatusOr<storage::KeyRecord> NewKey(const Caller& caller, const CreateKeyParams& params);
+  // The key `operation` would leave behind (without writing it); FAILED_PRECONDITION or
+  // INVALID_ARGUMENT if it does not apply to `key` as it is now.
+  absl::StatusOr<storage::KeyRecord> Applied(const storage::KeyRecord& key,
+                                             policy::Operation operation,
+                                             const OperationParams& params);
+  // The one place that changes key state: executes an approved request, writing the key and
+  // the request in one transaction. Called with requests_mu_ held.
+  absl::StatusOr<Request> Execute(Call& call, Request request, const OperationParams& params);
+  // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation").
+  absl::StatusOr<Request> RotateRoot(Call& call, Request request);
+  absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
+  absl::Status Expire(Request request);
+  absl::Status DestroyKey(const std::string& key_id);
+  absl::Status AutoRotate(const std::string& key_id);
+  absl::Status RecordServerEvent(std::string_view action, const std::string& key_id,
+                                 const std::string& request_id, const absl::Status& outcome,
+                                 std::string detail = "");
 
   Options options_;
   mutable std::mutex policy_mu_;
   std::shared_ptr<const policy::Policy> policy_;
+  std::string root_key_label_;  // guarded by policy_mu_
+  // Serialises request state changes (and key changes), so every request moves through its
+  // states exactly once. Key-management traffic is tiny; the data path never takes it.
+  std::mutex requests_mu_;
+  UsageTracker usage_;
 };
 
 }  // namespace custos::core

@@ -30,19 +30,30 @@ absl::Status FaultyHsm::NextFault() {
   return absl::OkStatus();
 }
 
-absl::Status FaultyHsm::CreateRootKey() {
+absl::Status FaultyHsm::CreateRootKey(const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(NextFault());
-  return inner_->CreateRootKey();
+  return inner_->CreateRootKey(label);
 }
 
-absl::Status FaultyHsm::CheckRootKey() {
+absl::Status FaultyHsm::CheckRootKey(const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(NextFault());
-  return inner_->CheckRootKey();
+  return inner_->CheckRootKey(label);
 }
 
-absl::StatusOr<Bytes> FaultyHsm::GenerateWrappedKey() {
+absl::Status FaultyHsm::DestroyRootKey(const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(NextFault());
-  return inner_->GenerateWrappedKey();
+  return inner_->DestroyRootKey(label);
+}
+
+absl::StatusOr<Bytes> FaultyHsm::GenerateWrappedKey(const std::string& root_key_label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->GenerateWrappedKey(root_key_label);
+}
+
+absl::StatusOr<Bytes> FaultyHsm::RewrapKey(const WrappedKey& key,
+                                           const std::string& new_root_key_label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->RewrapKey(key, new_root_key_label);
 }
 
 absl::StatusOr<GcmCiphertext> FaultyHsm::Encrypt(const WrappedKey& key,

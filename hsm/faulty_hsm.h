@@ -31,10 +31,12 @@ class FaultyHsm final : public Hsm {
   // Calls made so far (but Forget), failed or not.
   int64_t calls() const;
 
-  absl::Status CreateRootKey() override;
-  absl::Status CheckRootKey() override;
-  std::string RootKeyLabel() const override { return inner_->RootKeyLabel(); }
-  absl::StatusOr<Bytes> GenerateWrappedKey() override;
+  absl::Status CreateRootKey(const std::string& label) override;
+  absl::Status CheckRootKey(const std::string& label) override;
+  absl::Status DestroyRootKey(const std::string& label) override;
+  absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override;
+  absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
+                                  const std::string& new_root_key_label) override;
   absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
                                         std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,

@@ -21,11 +21,13 @@
 
 namespace custos::hsm {
 
-// A key version as the HSM sees it: its wrapped form plus a stable name under which an
-// unwrapped handle may be cached (for example "<key id>/<version>").
+// A key version as the HSM sees it: its wrapped form, the label of the root key that wrapped
+// it, and a stable name under which an unwrapped handle may be cached (for example
+// "<key id>/<version>"). `wrapped` is a view: the bytes must outlive the call.
 struct WrappedKey {
   std::string cache_id;
   std::span<const uint8_t> wrapped;
+  std::string root_key_label;
 };
 
 // AES-256-GCM output: a 96-bit IV chosen by the HSM's RNG and the ciphertext with its
@@ -43,20 +45,28 @@ class Hsm {
  public:
   virtual ~Hsm() = default;
 
-  // Creates the root key (AES-256 token object; private, sensitive, non-extractable, usable
-  // only to wrap and unwrap). ALREADY_EXISTS if the token holds one already.
-  virtual absl::Status CreateRootKey() = 0;
+  // Root keys are AES-256 token objects (private, sensitive, non-extractable, usable only to
+  // wrap and unwrap), named by label. Several may exist during a root rotation; which one new
+  // versions are wrapped under is the caller's choice, recorded beside each version.
 
-  // OK if the root key is present and usable; FAILED_PRECONDITION if it is missing.
-  virtual absl::Status CheckRootKey() = 0;
+  // Creates root key `label`. ALREADY_EXISTS if the token holds one with that label.
+  virtual absl::Status CreateRootKey(const std::string& label) = 0;
 
-  // The label of the root key that GenerateWrappedKey wraps under; stored beside each
-  // wrapped version so that a later root rotation knows what to re-wrap.
-  virtual std::string RootKeyLabel() const = 0;
+  // OK if root key `label` is present and usable; FAILED_PRECONDITION if it is missing.
+  virtual absl::Status CheckRootKey(const std::string& label) = 0;
 
-  // Generates a fresh AES-256 key version inside the HSM and returns it wrapped under the
-  // root key. The unwrapped object is destroyed before this returns.
-  virtual absl::StatusOr<Bytes> GenerateWrappedKey() = 0;
+  // Destroys root key `label` on the token. NOT_FOUND if there is none. Every version still
+  // wrapped under it becomes unusable, for good: callers re-wrap first.
+  virtual absl::Status DestroyRootKey(const std::string& label) = 0;
+
+  // Generates a fresh AES-256 key version inside the HSM and returns it wrapped under root
+  // key `root_key_label`. The unwrapped object is destroyed before this returns.
+  virtual absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) = 0;
+
+  // Unwraps `key` under its root and wraps it again under root `new_root_key_label`, inside
+  // the HSM; the transient unwrapped copy is destroyed before this returns.
+  virtual absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
+                                          const std::string& new_root_key_label) = 0;
 
   // AES-256-GCM encryption under a key version, binding `aad`.
   virtual absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key,

@@ -57,14 +57,14 @@ KeyCache::~KeyCache() = default;
 absl::StatusOr<KeyCache::Ref> KeyCache::Get(const std::string& cache_id,
                                             std::span<const uint8_t> wrapped,
                                             CK_OBJECT_HANDLE root) {
-  if (Ref hit = Lookup(cache_id, wrapped)) return hit;
+  if (Ref hit = Lookup(cache_id, wrapped, root)) return hit;
   std::vector<Ref> dropped;  // Declared first so that it is released after the lock.
   std::lock_guard session_lock(core_->mu);
   // Misses for one id queue up here; all but the first find the key already unwrapped.
-  if (Ref hit = Lookup(cache_id, wrapped)) return hit;
+  if (Ref hit = Lookup(cache_id, wrapped, root)) return hit;
   CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE handle, UnwrapLocked(wrapped, root));
   auto key = std::make_shared<const Key>(core_, handle, core_->generation.load());
-  Insert(cache_id, wrapped, key, &dropped);
+  Insert(cache_id, wrapped, root, key, &dropped);
   return key;
 }
 
@@ -105,21 +105,22 @@ absl::StatusOr<CK_OBJECT_HANDLE> KeyCache::UnwrapLocked(std::span<const uint8_t>
   return CkError("C_UnwrapKey", rv);
 }
 
-KeyCache::Ref KeyCache::Lookup(const std::string& cache_id, std::span<const uint8_t> wrapped) {
+KeyCache::Ref KeyCache::Lookup(const std::string& cache_id, std::span<const uint8_t> wrapped,
+                               CK_OBJECT_HANDLE root) {
   std::lock_guard lock(mu_);
   auto it = entries_.find(cache_id);
   if (it == entries_.end()) return nullptr;
   const Entry& entry = it->second;
-  if (entry.key->generation_ != core_->generation.load() ||
+  if (entry.key->generation_ != core_->generation.load() || entry.root != root ||
       !std::equal(entry.wrapped.begin(), entry.wrapped.end(), wrapped.begin(), wrapped.end())) {
-    return nullptr;  // Dead with an old session, or another key under the same id.
+    return nullptr;  // Dead with an old session, or another key (or root) under the same id.
   }
   recency_.splice(recency_.begin(), recency_, entry.recency);
   return entry.key;
 }
 
-void KeyCache::Insert(const std::string& cache_id, std::span<const uint8_t> wrapped, Ref key,
-                      std::vector<Ref>* dropped) {
+void KeyCache::Insert(const std::string& cache_id, std::span<const uint8_t> wrapped,
+                      CK_OBJECT_HANDLE root, Ref key, std::vector<Ref>* dropped) {
   std::lock_guard lock(mu_);
   if (auto it = entries_.find(cache_id); it != entries_.end()) {
     dropped->push_back(std::move(it->second.key));
@@ -133,8 +134,8 @@ void KeyCache::Insert(const std::string& cache_id, std::span<const uint8_t> wrap
     recency_.pop_back();
   }
   recency_.push_front(cache_id);
-  entries_.emplace(cache_id,
-                   Entry{std::move(key), Bytes(wrapped.begin(), wrapped.end()), recency_.begin()});
+  entries_.emplace(cache_id, Entry{std::move(key), Bytes(wrapped.begin(), wrapped.end()), root,
+                                   recency_.begin()});
 }
 
 void KeyCache::Forget(const std::string& cache_id) {
@@ -145,6 +146,20 @@ void KeyCache::Forget(const std::string& cache_id) {
   dropped = std::move(it->second.key);
   recency_.erase(it->second.recency);
   entries_.erase(it);
+}
+
+void KeyCache::ForgetRoot(CK_OBJECT_HANDLE root) {
+  std::vector<Ref> dropped;  // Released after the lock.
+  std::lock_guard lock(mu_);
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (it->second.root != root) {
+      ++it;
+      continue;
+    }
+    dropped.push_back(std::move(it->second.key));
+    recency_.erase(it->second.recency);
+    it = entries_.erase(it);
+  }
 }
 
 void KeyCache::Clear() {

@@ -1,6 +1,6 @@
 // KeyCache: a bounded LRU of key versions unwrapped into the HSM, by cache id.
 //
-// A miss unwraps the version under the root key (CKM_AES_KEY_WRAP_PAD) into a sensitive,
+// A miss unwraps the version under its root key (CKM_AES_KEY_WRAP_PAD) into a sensitive,
 // non-extractable AES session object. Session objects die with the session that created
 // them, so the cache owns one dedicated session for unwrapping and destroying; the objects are
 // usable from every other session of the process.
@@ -61,12 +61,16 @@ class KeyCache {
   KeyCache& operator=(const KeyCache&) = delete;
 
   // The key cached under `cache_id`, or `wrapped` unwrapped under `root` (and cached). An entry
-  // made from other wrapped bytes than `wrapped` is replaced, never returned.
+  // made from other wrapped bytes than `wrapped`, or under another root, is replaced, never
+  // returned.
   absl::StatusOr<Ref> Get(const std::string& cache_id, std::span<const uint8_t> wrapped,
                           CK_OBJECT_HANDLE root);
 
   // Drops `cache_id` (its object goes once no operation uses it).
   void Forget(const std::string& cache_id);
+
+  // Drops every entry unwrapped under `root` (after that root key was destroyed).
+  void ForgetRoot(CK_OBJECT_HANDLE root);
 
   // Drops every entry (after a token loss the handles may name nothing, or something else).
   void Clear();
@@ -76,16 +80,17 @@ class KeyCache {
  private:
   struct Entry {
     Ref key;
-    Bytes wrapped;  // What `key` was unwrapped from; public data (it is wrapped).
+    Bytes wrapped;          // What `key` was unwrapped from; public data (it is wrapped).
+    CK_OBJECT_HANDLE root;  // What it was unwrapped under.
     std::list<std::string>::iterator recency;
   };
 
   KeyCache(SessionPool* pool, size_t capacity);
-  Ref Lookup(const std::string& cache_id, std::span<const uint8_t> wrapped);
+  Ref Lookup(const std::string& cache_id, std::span<const uint8_t> wrapped, CK_OBJECT_HANDLE root);
   // Both below append the references they drop to `dropped`, which the caller releases only
   // after letting go of every lock: releasing may call into the HSM.
-  void Insert(const std::string& cache_id, std::span<const uint8_t> wrapped, Ref key,
-              std::vector<Ref>* dropped);
+  void Insert(const std::string& cache_id, std::span<const uint8_t> wrapped, CK_OBJECT_HANDLE root,
+              Ref key, std::vector<Ref>* dropped);
   void DropAllLocked(std::vector<Ref>* dropped);
   absl::StatusOr<CK_OBJECT_HANDLE> UnwrapLocked(std::span<const uint8_t> wrapped,
                                                 CK_OBJECT_HANDLE root);

@@ -30,6 +30,12 @@ CK_BYTE_PTR In(std::span<const uint8_t> bytes) {
   return const_cast<CK_BYTE_PTR>(bytes.empty() ? &kEmpty : bytes.data());
 }
 
+absl::Status CheckWrappedSize(const WrappedKey& key) {
+  if (key.wrapped.size() == kWrappedAes256Bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("a wrapped key version is ", kWrappedAes256Bytes,
+                                                 " bytes, not ", key.wrapped.size()));
+}
+
 CK_GCM_PARAMS GcmParams(std::span<const uint8_t> iv, std::span<const uint8_t> aad) {
   CK_GCM_PARAMS params{};
   params.iv_ptr = In(iv);
@@ -43,17 +49,18 @@ CK_GCM_PARAMS GcmParams(std::span<const uint8_t> iv, std::span<const uint8_t> aa
 
 class Pkcs11Hsm final : public Hsm {
  public:
-  Pkcs11Hsm(std::unique_ptr<SessionPool> pool, std::unique_ptr<KeyCache> cache,
-            std::string root_label)
+  Pkcs11Hsm(std::unique_ptr<SessionPool> pool, std::unique_ptr<KeyCache> cache)
       : pool_(std::move(pool)),
         cache_(std::move(cache)),
         api_(pool_->module()->api()),
-        root_(pool_.get(), std::move(root_label)) {}
+        roots_(pool_.get()) {}
 
-  absl::Status CreateRootKey() override;
-  absl::Status CheckRootKey() override;
-  std::string RootKeyLabel() const override { return root_.label(); }
-  absl::StatusOr<Bytes> GenerateWrappedKey() override;
+  absl::Status CreateRootKey(const std::string& label) override;
+  absl::Status CheckRootKey(const std::string& label) override;
+  absl::Status DestroyRootKey(const std::string& label) override;
+  absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override;
+  absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
+                                  const std::string& new_root_key_label) override;
   absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
                                         std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
@@ -70,6 +77,9 @@ class Pkcs11Hsm final : public Hsm {
   bool Recover(const absl::Status& error, SessionPool::Lease& lease);
 
   absl::StatusOr<KeyCache::Ref> Unwrapped(CK_SESSION_HANDLE session, const WrappedKey& key);
+  // Wraps `key` (an extractable session object) under `root` with CKM_AES_KEY_WRAP_PAD.
+  absl::StatusOr<Bytes> Wrap(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE root,
+                             CK_OBJECT_HANDLE key);
 
   // True if `error` is one a module may give for bad input (a GCM tag or an RFC 5649 check
   // that fails) and the HSM still answers on `session`, so the data is to blame, not the HSM.
@@ -82,7 +92,7 @@ class Pkcs11Hsm final : public Hsm {
   const std::unique_ptr<SessionPool> pool_;
   const std::unique_ptr<KeyCache> cache_;
   CK_FUNCTION_LIST* const api_;
-  RootKey root_;
+  RootKeys roots_;
 };
 
 template <typename T>
@@ -111,27 +121,40 @@ bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
     return false;
   }
   spdlog::warn("HSM {}; recovering with fresh sessions and handles", std::string(error.message()));
-  root_.Reset();
+  roots_.Reset();
   cache_->Clear();
   return true;
 }
 
-absl::Status Pkcs11Hsm::CreateRootKey() {
+absl::Status Pkcs11Hsm::CreateRootKey(const std::string& label) {
   return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
-           CUSTOS_RETURN_IF_ERROR(root_.Create(session));
+           CUSTOS_RETURN_IF_ERROR(roots_.Create(session, label));
            return true;
          })
       .status();
 }
 
-absl::Status Pkcs11Hsm::CheckRootKey() {
-  return Run<CK_OBJECT_HANDLE>([&](CK_SESSION_HANDLE session) { return root_.Refresh(session); })
+absl::Status Pkcs11Hsm::CheckRootKey(const std::string& label) {
+  return Run<CK_OBJECT_HANDLE>(
+             [&](CK_SESSION_HANDLE session) { return roots_.Refresh(session, label); })
       .status();
 }
 
-absl::StatusOr<Bytes> Pkcs11Hsm::GenerateWrappedKey() {
+absl::Status Pkcs11Hsm::DestroyRootKey(const std::string& label) {
+  // Pool sessions are read/write, as destroying a token object requires.
+  absl::StatusOr<CK_OBJECT_HANDLE> destroyed = Run<CK_OBJECT_HANDLE>(
+      [&](CK_SESSION_HANDLE session) { return roots_.Destroy(session, label); });
+  if (!destroyed.ok()) return destroyed.status();
+  // Copies unwrapped under it would otherwise live on in the HSM until evicted; they are no
+  // longer served in any case, since every use looks the root up first.
+  cache_->ForgetRoot(*destroyed);
+  spdlog::info("destroyed root key '{}'", label);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::GenerateWrappedKey(const std::string& root_key_label) {
   return Run<Bytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<Bytes> {
-    CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, root_.Get(session));
+    CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, roots_.Get(session, root_key_label));
     AttributeTemplate version;
     version.Ulong(CKA_CLASS, CKO_SECRET_KEY)
         .Ulong(CKA_KEY_TYPE, CKK_AES)
@@ -145,24 +168,62 @@ absl::StatusOr<Bytes> Pkcs11Hsm::GenerateWrappedKey() {
     CK_RV rv = api_->C_GenerateKey(session, &generate, version.data(), version.size(), &handle);
     if (rv != CKR_OK) return CkError("C_GenerateKey", rv);
     ObjectGuard destroy(*pool_->module(), session, handle);  // The token must not gain objects.
-
-    CK_MECHANISM wrap{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
-    Bytes wrapped(kWrappedAes256Bytes);
-    CK_ULONG length = wrapped.size();
-    rv = api_->C_WrapKey(session, &wrap, root, handle, wrapped.data(), &length);
-    if (rv != CKR_OK) return CkError("C_WrapKey", rv);
-    if (length != kWrappedAes256Bytes) return absl::InternalError("C_WrapKey: unexpected length");
-    return wrapped;
+    return Wrap(session, root, handle);
   });
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::RewrapKey(const WrappedKey& key,
+                                           const std::string& new_root_key_label) {
+  CUSTOS_RETURN_IF_ERROR(CheckWrappedSize(key));
+  return Run<Bytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<Bytes> {
+    CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE old_root, roots_.Get(session, key.root_key_label));
+    CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE new_root, roots_.Get(session, new_root_key_label));
+    // Not the cache's copy: that one is non-extractable, as it must be. This one is
+    // extractable only so it can be wrapped again, and lives only until this returns.
+    AttributeTemplate transient;
+    transient.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .Bool(CKA_TOKEN, false)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_EXTRACTABLE, true)
+        .Bool(CKA_ENCRYPT, false)
+        .Bool(CKA_DECRYPT, false)
+        .Bool(CKA_WRAP, false)
+        .Bool(CKA_UNWRAP, false);
+    CK_MECHANISM unwrap{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    CK_RV rv = api_->C_UnwrapKey(session, &unwrap, old_root, In(key.wrapped), key.wrapped.size(),
+                                 transient.data(), transient.size(), &handle);
+    if (rv != CKR_OK) {
+      absl::Status error = CkError("C_UnwrapKey", rv);
+      if (BlameData(session, error)) {
+        return absl::InvalidArgumentError("wrapped key version failed its integrity check");
+      }
+      return error;
+    }
+    ObjectGuard destroy(*pool_->module(), session, handle);  // The token must not gain objects.
+    return Wrap(session, new_root, handle);
+  });
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::Wrap(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE root,
+                                      CK_OBJECT_HANDLE key) {
+  CK_MECHANISM wrap{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+  Bytes wrapped(kWrappedAes256Bytes);
+  CK_ULONG length = wrapped.size();
+  CK_RV rv = api_->C_WrapKey(session, &wrap, root, key, wrapped.data(), &length);
+  if (rv != CKR_OK) return CkError("C_WrapKey", rv);
+  if (length != kWrappedAes256Bytes) return absl::InternalError("C_WrapKey: unexpected length");
+  return wrapped;
 }
 
 absl::StatusOr<KeyCache::Ref> Pkcs11Hsm::Unwrapped(CK_SESSION_HANDLE session,
                                                    const WrappedKey& key) {
-  if (key.wrapped.size() != kWrappedAes256Bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("a wrapped key version is ", kWrappedAes256Bytes,
-                                                   " bytes, not ", key.wrapped.size()));
-  }
-  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, root_.Get(session));
+  CUSTOS_RETURN_IF_ERROR(CheckWrappedSize(key));
+  // Looked up first, even on a cache hit: no version is served once its root is destroyed,
+  // nor under a label other than the one it was unwrapped under.
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, roots_.Get(session, key.root_key_label));
   absl::StatusOr<KeyCache::Ref> unwrapped = cache_->Get(key.cache_id, key.wrapped, root);
   if (!unwrapped.ok() && BlameData(session, unwrapped.status())) {
     return absl::InvalidArgumentError("wrapped key version failed its integrity check");
@@ -264,8 +325,7 @@ absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
                                               std::move(options.pin), pool_options));
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<KeyCache> cache,
                           KeyCache::Create(pool.get(), options.key_cache_capacity));
-  return std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache),
-                                     std::move(options.root_key_label));
+  return std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache));
 }
 
 }  // namespace custos::hsm

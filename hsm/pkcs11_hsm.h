@@ -11,10 +11,9 @@
 namespace custos::hsm {
 
 struct Pkcs11Options {
-  std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
-  std::string token_label;  // the token is found by its label
-  SecureBytes pin;          // user PIN; kept only to log in again after a token loss
-  std::string root_key_label = "custos-root";
+  std::string module_path;           // e.g. /usr/lib/softhsm/libsofthsm2.so
+  std::string token_label;           // the token is found by its label
+  SecureBytes pin;                   // user PIN; kept only to log in again after a token loss
   size_t session_pool_size = 8;      // sessions shared by worker threads
   size_t key_cache_capacity = 1024;  // unwrapped key versions kept as session objects
 };

@@ -5,43 +5,52 @@
 #include "hsm/p11_object.h"
 
 namespace custos::hsm {
+namespace {
 
-absl::StatusOr<CK_OBJECT_HANDLE> RootKey::Get(CK_SESSION_HANDLE session) {
+absl::Status CheckLabel(const std::string& label) {
+  if (label.empty()) return absl::InvalidArgumentError("a root key label must not be empty");
+  return absl::OkStatus();
+}
+
+std::string Missing(const std::string& label) {
+  return "the HSM token has no root key labelled '" + label + "'";
+}
+
+}  // namespace
+
+absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Get(CK_SESSION_HANDLE session,
+                                               const std::string& label) {
   {
     std::lock_guard lock(mu_);
-    if (handle_ != CK_INVALID_HANDLE) return handle_;
+    if (auto it = handles_.find(label); it != handles_.end()) return it->second;
   }
-  return Refresh(session);
+  return Refresh(session, label);
 }
 
-absl::StatusOr<CK_OBJECT_HANDLE> RootKey::Refresh(CK_SESSION_HANDLE session) {
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session));
-  if (found.empty()) {
-    return absl::FailedPreconditionError("the HSM token has no root key labelled '" + label_ +
-                                         "'; create it first (key ceremony)");
-  }
-  if (found.size() > 1) {
-    return absl::FailedPreconditionError("the HSM token has several keys labelled '" + label_ +
-                                         "'; expected exactly one root key");
-  }
-  CUSTOS_RETURN_IF_ERROR(CheckAttributes(session, found.front()));
-  std::lock_guard lock(mu_);
-  handle_ = found.front();
-  return handle_;
+absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Refresh(CK_SESSION_HANDLE session,
+                                                   const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
+  const uint64_t before = generation();
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, Verify(session, label, found));
+  Remember(label, root, before);
+  return root;
 }
 
-absl::Status RootKey::Create(CK_SESSION_HANDLE session) {
-  std::lock_guard lock(mu_);  // Two creators must not both find nothing and both generate.
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session));
+absl::Status RootKeys::Create(CK_SESSION_HANDLE session, const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
+  std::lock_guard admin(admin_mu_);  // Two creators must not both find nothing and generate.
+  const uint64_t before = generation();
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
   if (!found.empty()) {
-    return absl::AlreadyExistsError("the HSM token already has a root key labelled '" + label_ +
+    return absl::AlreadyExistsError("the HSM token already has a root key labelled '" + label +
                                     "'");
   }
   AttributeTemplate root;
   root.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, CKK_AES)
       .Ulong(CKA_VALUE_LEN, kAes256KeyBytes)
-      .String(CKA_LABEL, label_)
+      .String(CKA_LABEL, label)
       .Bool(CKA_TOKEN, true)
       .Bool(CKA_PRIVATE, true)  // Usable only after login.
       .Bool(CKA_SENSITIVE, true)
@@ -60,24 +69,55 @@ absl::Status RootKey::Create(CK_SESSION_HANDLE session) {
   CK_RV rv =
       pool_->module()->api()->C_GenerateKey(session, &generate, root.data(), root.size(), &handle);
   if (rv != CKR_OK) return CkError("C_GenerateKey", rv);
-  handle_ = handle;
+  Remember(label, handle, before);
   return absl::OkStatus();
 }
 
-void RootKey::Reset() {
+absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
+                                                   const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
+  std::lock_guard admin(admin_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
+  if (found.empty()) return absl::NotFoundError(Missing(label));
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, Verify(session, label, found));
+  CK_RV rv = pool_->module()->api()->C_DestroyObject(session, root);
+  if (rv != CKR_OK) return CkError("C_DestroyObject", rv);
+  // Only now: a lookup that found the key before it was destroyed must not cache its handle.
   std::lock_guard lock(mu_);
-  handle_ = CK_INVALID_HANDLE;
+  handles_.erase(label);
+  ++generation_;
+  return root;
 }
 
-absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> RootKey::Find(CK_SESSION_HANDLE session) {
+void RootKeys::Reset() {
+  std::lock_guard lock(mu_);
+  handles_.clear();
+  ++generation_;
+}
+
+absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> RootKeys::Find(CK_SESSION_HANDLE session,
+                                                             const std::string& label) {
   // Private objects are invisible without a login: a lost login must not look like "no root".
   CUSTOS_RETURN_IF_ERROR(pool_->EnsureLoggedIn(session));
   AttributeTemplate match;
-  match.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bool(CKA_TOKEN, true).String(CKA_LABEL, label_);
+  match.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bool(CKA_TOKEN, true).String(CKA_LABEL, label);
   return FindObjects(*pool_->module(), session, match, /*max_count=*/2);
 }
 
-absl::Status RootKey::CheckAttributes(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE root) {
+absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Verify(CK_SESSION_HANDLE session,
+                                                  const std::string& label,
+                                                  const std::vector<CK_OBJECT_HANDLE>& found) {
+  if (found.empty()) return absl::FailedPreconditionError(Missing(label));
+  if (found.size() > 1) {
+    return absl::FailedPreconditionError("the HSM token has several keys labelled '" + label +
+                                         "'; expected exactly one root key");
+  }
+  CUSTOS_RETURN_IF_ERROR(CheckAttributes(session, label, found.front()));
+  return found.front();
+}
+
+absl::Status RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
+                                       CK_OBJECT_HANDLE root) {
   const Pkcs11Module& module = *pool_->module();
   CUSTOS_ASSIGN_OR_RETURN(CK_ULONG type, GetUlong(module, session, root, CKA_KEY_TYPE));
   CUSTOS_ASSIGN_OR_RETURN(CK_ULONG length, GetUlong(module, session, root, CKA_VALUE_LEN));
@@ -88,10 +128,20 @@ absl::Status RootKey::CheckAttributes(CK_SESSION_HANDLE session, CK_OBJECT_HANDL
   if (type != CKK_AES || length != kAes256KeyBytes || !sensitive || extractable || !wrap ||
       !unwrap) {
     return absl::FailedPreconditionError(
-        "root key '" + label_ +
+        "root key '" + label +
         "' is not a sensitive, non-extractable AES-256 wrapping key; refusing to use it");
   }
   return absl::OkStatus();
+}
+
+void RootKeys::Remember(const std::string& label, CK_OBJECT_HANDLE handle, uint64_t generation) {
+  std::lock_guard lock(mu_);
+  if (generation == generation_) handles_[label] = handle;
+}
+
+uint64_t RootKeys::generation() {
+  std::lock_guard lock(mu_);
+  return generation_;
 }
 
 }  // namespace custos::hsm

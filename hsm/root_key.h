@@ -1,13 +1,22 @@
-// RootKey: finds, checks, creates and remembers the root key, the token object that wraps
-// every key version (see "Key hierarchy" in the design). It is an AES-256 secret key labelled
-// `label`: private, sensitive, non-extractable, unmodifiable, usable only to wrap and unwrap.
+// RootKeys: finds, checks, creates, destroys and remembers the root keys, the token objects
+// that wrap key versions (see "Key hierarchy" in the design). A root key is an AES-256 secret
+// key named by its label: private, sensitive, non-extractable, unmodifiable, usable only to
+// wrap and unwrap. Several coexist during a root rotation (the old one until every version is
+// re-wrapped under the new one, then it is destroyed).
 //
-// Its handle is looked up once and cached; Reset() forgets it after a token loss, since a
-// reinserted token may number its objects differently. Thread-safe.
+// Handles are looked up once per label and cached; Reset() forgets them all after a token
+// loss, since a reinserted token may number its objects differently. Destroy() forgets the
+// destroyed root's handle, and a lookup that raced with it never caches the dead handle.
+// A root destroyed by another process is noticed only when the HSM reports the cached handle
+// stale (versions already in the KeyCache are not unwrapped again, so they keep working until
+// evicted or restart): destroy roots through the Hsm that uses them.
+// Thread-safe.
 #pragma once
 
 #include <p11-kit/pkcs11.h>
 
+#include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -17,34 +26,51 @@
 
 namespace custos::hsm {
 
-class RootKey {
+class RootKeys {
  public:
   // `pool` must outlive this object.
-  RootKey(SessionPool* pool, std::string label) : pool_(pool), label_(std::move(label)) {}
+  explicit RootKeys(SessionPool* pool) : pool_(pool) {}
 
-  const std::string& label() const { return label_; }
-
-  // The root key's handle. FAILED_PRECONDITION if the token has none, several, or one whose
-  // attributes would let its value out.
-  absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session);
+  // The handle of root key `label`. INVALID_ARGUMENT if `label` is empty; FAILED_PRECONDITION
+  // if the token has no key so labelled, several, or one whose attributes would let its value
+  // out.
+  absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session, const std::string& label);
 
   // Like Get(), but always asks the token (a health check must not trust the cached handle).
-  absl::StatusOr<CK_OBJECT_HANDLE> Refresh(CK_SESSION_HANDLE session);
+  absl::StatusOr<CK_OBJECT_HANDLE> Refresh(CK_SESSION_HANDLE session, const std::string& label);
 
-  // Generates the root key inside the HSM. ALREADY_EXISTS if the token has one.
-  absl::Status Create(CK_SESSION_HANDLE session);
+  // Generates root key `label` inside the HSM. ALREADY_EXISTS if the token has a key so
+  // labelled.
+  absl::Status Create(CK_SESSION_HANDLE session, const std::string& label);
 
+  // Destroys root key `label` on the token (`session` must be read/write) and returns the
+  // handle it had, so that copies unwrapped under it can be dropped. NOT_FOUND if the token
+  // has no key so labelled; FAILED_PRECONDITION if the key so labelled is not one Get() would
+  // use (several, or wrong attributes): only a verified root key is ever destroyed.
+  absl::StatusOr<CK_OBJECT_HANDLE> Destroy(CK_SESSION_HANDLE session, const std::string& label);
+
+  // Forgets every cached handle.
   void Reset();
 
  private:
-  absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Find(CK_SESSION_HANDLE session);
-  absl::Status CheckAttributes(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE root);
+  absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Find(CK_SESSION_HANDLE session,
+                                                     const std::string& label);
+  // The one usable root key among `found`, or why there is none.
+  absl::StatusOr<CK_OBJECT_HANDLE> Verify(CK_SESSION_HANDLE session, const std::string& label,
+                                          const std::vector<CK_OBJECT_HANDLE>& found);
+  absl::Status CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
+                               CK_OBJECT_HANDLE root);
+  // Caches `handle` for `label` unless a Reset() or Destroy() came after `generation`.
+  void Remember(const std::string& label, CK_OBJECT_HANDLE handle, uint64_t generation);
+  uint64_t generation();
 
   SessionPool* const pool_;
-  const std::string label_;
 
-  std::mutex mu_;  // Guards handle_; serialises Create().
-  CK_OBJECT_HANDLE handle_ = CK_INVALID_HANDLE;
+  std::mutex admin_mu_;  // Serialises Create() and Destroy(); taken before mu_.
+
+  std::mutex mu_;  // Guards the two below; never held while calling the HSM.
+  std::map<std::string, CK_OBJECT_HANDLE> handles_;
+  uint64_t generation_ = 0;  // Bumped by Reset() and Destroy().
 };
 
 }  // namespace custos::hsm

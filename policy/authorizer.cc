@@ -17,6 +17,11 @@ bool IsKeyUse(Action action) {
     case Action::kCreateKey:
     case Action::kDescribeKey:
     case Action::kListKeys:
+    case Action::kPropose:
+    case Action::kApprove:
+    case Action::kReject:
+    case Action::kGetRequest:
+    case Action::kListRequests:
       return false;
   }
   return false;
@@ -28,6 +33,11 @@ bool IsKeyManagement(Action action) {
     case Action::kCreateKey:
     case Action::kDescribeKey:
     case Action::kListKeys:
+    case Action::kPropose:
+    case Action::kApprove:
+    case Action::kReject:
+    case Action::kGetRequest:
+    case Action::kListRequests:
       return true;
     case Action::kGenerateDataKey:
     case Action::kGenerateDataKeyWithoutPlaintext:
@@ -65,6 +75,16 @@ std::string_view ActionName(Action action) {
       return "DescribeKey";
     case Action::kListKeys:
       return "ListKeys";
+    case Action::kPropose:
+      return "Propose";
+    case Action::kApprove:
+      return "Approve";
+    case Action::kReject:
+      return "Reject";
+    case Action::kGetRequest:
+      return "GetRequest";
+    case Action::kListRequests:
+      return "ListRequests";
   }
   return "Unknown";
 }

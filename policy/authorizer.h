@@ -24,6 +24,11 @@ enum class Action {
   kCreateKey,
   kDescribeKey,
   kListKeys,
+  kPropose,
+  kApprove,
+  kReject,
+  kGetRequest,
+  kListRequests,
 };
 std::string_view ActionName(Action action);
 
@@ -38,7 +43,7 @@ std::string_view KeyUseName(KeyUse use);
 
 // OK if `principal` is in `grants`; PERMISSION_DENIED naming the principal, the use and the
 // key otherwise.
-absl::Status CheckGrant(const std::set<std::string>& grants, std::string_view principal,
-                        KeyUse use, std::string_view key_id);
+absl::Status CheckGrant(const std::set<std::string>& grants, std::string_view principal, KeyUse use,
+                        std::string_view key_id);
 
 }  // namespace custos::policy

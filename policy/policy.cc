@@ -188,4 +188,10 @@ std::optional<Role> Policy::RoleOf(std::string_view principal) const {
   return it->second;
 }
 
+size_t Policy::CountOf(Role role) const {
+  size_t count = 0;
+  for (const auto& [principal, held] : roles_) count += held == role;
+  return count;
+}
+
 }  // namespace custos::policy

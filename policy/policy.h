@@ -33,6 +33,8 @@ class Policy {
   // Lower-case hex SHA-256 of the policy text, recorded in the audit log at load.
   const std::string& sha256_hex() const { return sha256_hex_; }
   size_t principal_count() const { return roles_.size(); }
+  // How many principals hold `role`.
+  size_t CountOf(Role role) const;
 
  private:
   Policy() = default;

@@ -1,6 +1,11 @@
 #include "server/config.h"
 
+#include <fcntl.h>
+#include <openssl/crypto.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
 
 #include <toml++/toml.h>
 #include <cstdlib>
@@ -40,6 +45,62 @@ absl::Status Require(const std::string& value, std::string_view name) {
   return absl::InvalidArgumentError(StrCat("config: ", name, " is required"));
 }
 
+// [dual_control] over the defaults; Validate() then rejects anything that fails open.
+absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig* out) {
+  const toml::table* section = root["dual_control"].as_table();
+  if (section == nullptr) return out->Validate();
+  // default_approvals first, so that per-operation entries override it wherever they stand.
+  if (const toml::node* fallback = section->get("default_approvals")) {
+    const std::optional<int64_t> value = fallback->value<int64_t>();
+    if (!value || *value < -1'000'000 || *value > 1'000'000) {
+      return absl::InvalidArgumentError(
+          "config: dual_control.default_approvals must be a whole number");
+    }
+    for (policy::Operation operation : policy::kAllOperations) {
+      if (operation != policy::Operation::kCreateKey) {
+        out->approvals[operation] = static_cast<int>(*value);
+      }
+    }
+  }
+  for (const auto& [name, node] : *section) {
+    const std::string_view key = name.str();
+    if (key == "default_approvals") continue;
+    if (key == "approvals") {
+      const toml::table* approvals = node.as_table();
+      if (approvals == nullptr) {
+        return absl::InvalidArgumentError("config: dual_control.approvals must be a table");
+      }
+      for (const auto& [op_name, count] : *approvals) {
+        const std::optional<policy::Operation> operation = policy::ParseOperation(op_name.str());
+        const std::optional<int64_t> value = count.value<int64_t>();
+        if (!operation) {
+          return absl::InvalidArgumentError(
+              StrCat("config: dual_control.approvals.", op_name.str(), " is not an operation"));
+        }
+        if (!value || *value < -1'000'000 || *value > 1'000'000) {
+          return absl::InvalidArgumentError(
+              StrCat("config: dual_control.approvals.", op_name.str(), " must be a whole number"));
+        }
+        out->approvals[*operation] = static_cast<int>(*value);
+      }
+    } else if (key == "request_ttl_hours" || key == "deletion_waiting_days") {
+      const std::optional<int64_t> value = node.value<int64_t>();
+      if (!value) {
+        return absl::InvalidArgumentError(
+            StrCat("config: dual_control.", key, " must be a whole number"));
+      }
+      if (key == "request_ttl_hours") {
+        out->request_ttl_seconds = *value * 3600;
+      } else {
+        out->deletion_waiting_seconds = *value * policy::kDay;
+      }
+    } else {
+      return absl::InvalidArgumentError(StrCat("config: unknown setting dual_control.", key));
+    }
+  }
+  return out->Validate();
+}
+
 }  // namespace
 
 absl::StatusOr<Config> LoadConfig(const std::string& path) {
@@ -54,8 +115,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
     return absl::InvalidArgumentError(
         StrCat("config ", path, ":", e.source().begin.line, ": ", e.description()));
   }
-  static const std::set<std::string_view> kSections = {"server",  "tls",    "hsm",
-                                                       "storage", "policy", "log"};
+  static const std::set<std::string_view> kSections = {"server", "tls", "hsm",          "storage",
+                                                       "policy", "log", "dual_control", "keys"};
   for (const auto& [name, node] : root) {
     if (!kSections.count(name.str()) || !node.is_table()) {
       return absl::InvalidArgumentError(StrCat("config: unknown section '", name.str(), "'"));
@@ -78,6 +139,29 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(Read(root, "storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(Read(root, "policy", "file", &c.policy_file));
   CUSTOS_RETURN_IF_ERROR(Read(root, "log", "level", &c.log_level));
+  CUSTOS_RETURN_IF_ERROR(ReadDualControl(root, &c.dual_control));
+  int64_t maintenance = c.maintenance_interval_seconds;
+  CUSTOS_RETURN_IF_ERROR(Read(root, "server", "maintenance_interval_seconds", &maintenance));
+  if (maintenance < 1 || maintenance > 3600) {
+    return absl::InvalidArgumentError(
+        "config: server.maintenance_interval_seconds must be 1..3600");
+  }
+  c.maintenance_interval_seconds = static_cast<int>(maintenance);
+  int64_t limit = static_cast<int64_t>(c.usage_limits.max_encryptions), rotate_percent = 75,
+          block = static_cast<int64_t>(c.usage_limits.reservation_block);
+  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "encryption_limit", &limit));
+  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "rotate_at_percent", &rotate_percent));
+  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "reservation_block", &block));
+  if (limit < 1 || limit > (int64_t{1} << 32)) {
+    return absl::InvalidArgumentError("config: keys.encryption_limit must be 1..2^32");
+  }
+  if (rotate_percent < 1 || rotate_percent > 100 || block < 1) {
+    return absl::InvalidArgumentError(
+        "config: keys.rotate_at_percent must be 1..100 and keys.reservation_block at least 1");
+  }
+  c.usage_limits.max_encryptions = static_cast<uint64_t>(limit);
+  c.usage_limits.rotate_at = static_cast<uint64_t>(limit * rotate_percent / 100);
+  c.usage_limits.reservation_block = static_cast<uint64_t>(block);
   if (threads < 1 || threads > 1024) {
     return absl::InvalidArgumentError("config: server.worker_threads must be 1..1024");
   }
@@ -105,28 +189,43 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
 
 absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config) {
   if (!config.hsm_pin_env.empty()) {
-    const char* pin = std::getenv(config.hsm_pin_env.c_str());
+    char* pin = std::getenv(config.hsm_pin_env.c_str());
     if (pin == nullptr || *pin == '\0') {
       return absl::NotFoundError(
           StrCat("environment variable ", config.hsm_pin_env, " (hsm.pin_env) is unset"));
     }
-    return SecureBytes::FromString(pin);
+    SecureBytes copy = SecureBytes::FromString(pin);
+    // Leave no copy in the environment, where /proc/<pid>/environ would show it.
+    OPENSSL_cleanse(pin, std::strlen(pin));
+    unsetenv(config.hsm_pin_env.c_str());
+    return copy;
+  }
+  // O_NOFOLLOW and fstat on the open descriptor: the file checked is the file read.
+  const int fd = open(config.hsm_pin_file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(
+        StrCat("cannot open PIN file ", config.hsm_pin_file, " (a symbolic link is refused)"));
   }
   struct stat st {};
-  if (stat(config.hsm_pin_file.c_str(), &st) != 0) {
-    return absl::NotFoundError(StrCat("cannot read PIN file ", config.hsm_pin_file));
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > 4096) {
+    close(fd);
+    return absl::InvalidArgumentError(
+        StrCat("PIN file ", config.hsm_pin_file, " is not a small regular file"));
   }
-  if ((st.st_mode & 077) != 0) {
+  if ((st.st_mode & 077) != 0 || st.st_uid != geteuid()) {
+    close(fd);
     return absl::PermissionDeniedError(
-        StrCat("PIN file ", config.hsm_pin_file, " is readable by others; chmod 600 it"));
+        StrCat("PIN file ", config.hsm_pin_file, " must belong to this user and be mode 0600"));
   }
-  std::ifstream in(config.hsm_pin_file, std::ios::binary);
   SecureBytes pin(static_cast<size_t>(st.st_size));
-  in.read(reinterpret_cast<char*>(pin.data()), static_cast<std::streamsize>(pin.size()));
-  if (!in) return absl::NotFoundError(StrCat("cannot read PIN file ", config.hsm_pin_file));
-  size_t n = pin.size();
-  while (n > 0 && (pin.data()[n - 1] == '\n' || pin.data()[n - 1] == '\r')) --n;
-  pin.Truncate(n);
+  const ssize_t n = read(fd, pin.data(), pin.size());  // read() into the wiping buffer
+  close(fd);
+  if (n != static_cast<ssize_t>(pin.size())) {
+    return absl::UnavailableError(StrCat("cannot read PIN file ", config.hsm_pin_file));
+  }
+  size_t size = pin.size();
+  while (size > 0 && (pin.data()[size - 1] == '\n' || pin.data()[size - 1] == '\r')) --size;
+  pin.Truncate(size);
   if (pin.empty()) return absl::NotFoundError("PIN file is empty");
   return pin;
 }

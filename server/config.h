@@ -9,6 +9,8 @@
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
+#include "core/usage_tracker.h"
+#include "policy/dual_control.h"
 
 namespace custos::server {
 
@@ -32,6 +34,14 @@ struct Config {
   std::string storage_path;
   std::string policy_file;
   std::string log_level = "info";
+
+  // [dual_control]: request_ttl_hours, deletion_waiting_days, and [dual_control.approvals]
+  // with one entry per operation name (e.g. RotateKey = 2) overriding the defaults.
+  policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
+  int maintenance_interval_seconds = 60;  // request expiry and due destructions
+
+  // [keys]: the AES-GCM encryption limit per key version and when to rotate before it.
+  core::UsageLimits usage_limits;
 };
 
 // INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.

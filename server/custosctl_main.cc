@@ -140,6 +140,7 @@ int main(int argc, char** argv) {
   uint32_t page_size = 0;
   std::string page_token;
   bool aes128 = false;
+  uint32_t rotation_days = 0;
 
   CLI::App* create = app.add_subcommand("create-key", "create a key (officer)");
   create->add_option("--alias", alias, "unique alias");
@@ -147,6 +148,7 @@ int main(int argc, char** argv) {
   create->add_option("--tag", tags, "NAME=VALUE, repeatable");
   create->add_option("--encrypt", encrypters, "app principal allowed to encrypt, repeatable");
   create->add_option("--decrypt", decrypters, "app principal allowed to decrypt, repeatable");
+  create->add_option("--rotation-period-days", rotation_days, "rotate automatically (days)");
   CLI::App* describe = app.add_subcommand("describe-key", "show a key (officer)");
   describe->add_option("key", key, "key id or alias")->required();
   CLI::App* list = app.add_subcommand("list-keys", "list keys (officer)");
@@ -171,6 +173,44 @@ int main(int argc, char** argv) {
   reencrypt->add_option("--context", context_pairs, "source encryption context NAME=VALUE");
   reencrypt->add_option("--to-key", destination, "destination key (default: the same key)");
   reencrypt->add_option("--to-context", dest_context_pairs, "destination context NAME=VALUE");
+
+  std::string operation, justification, request_id, digest, reason, state;
+  uint32_t min_decrypt_version = 0, waiting_days = 0;
+  CLI::App* propose = app.add_subcommand("propose", "propose a key change (officer)");
+  propose
+      ->add_option("operation", operation,
+                   "create-key, rotate-key, disable-key, enable-key, schedule-key-deletion, "
+                   "cancel-key-deletion, update-key-grants, set-min-decrypt-version")
+      ->required();
+  propose->add_option("--key", key, "key id or alias (all but create-key)");
+  propose->add_option("--justification", justification, "why, for the approvers")->required();
+  propose->add_option("--alias", alias, "create-key: alias");
+  propose->add_option("--description", description, "create-key: description");
+  propose->add_option("--tag", tags, "create-key: NAME=VALUE, repeatable");
+  propose->add_option("--encrypt", encrypters,
+                      "create-key, update-key-grants: app allowed to encrypt, repeatable");
+  propose->add_option("--decrypt", decrypters,
+                      "create-key, update-key-grants: app allowed to decrypt, repeatable");
+  propose->add_option("--min-decrypt-version", min_decrypt_version,
+                      "set-min-decrypt-version: the new minimum");
+  propose->add_option("--waiting-days", waiting_days,
+                      "schedule-key-deletion: 7..30 (default: the server's)");
+  CLI::App* approve = app.add_subcommand("approve", "approve a request (another officer)");
+  approve->add_option("request", request_id, "request id")->required();
+  approve
+      ->add_option("--digest", digest,
+                   "the digest of the request you reviewed (get-request shows it)")
+      ->required();
+  CLI::App* reject = app.add_subcommand("reject", "reject a request (officer)");
+  reject->add_option("request", request_id, "request id")->required();
+  reject->add_option("--reason", reason, "why")->required();
+  CLI::App* get_request = app.add_subcommand("get-request", "show a request (officer)");
+  get_request->add_option("request", request_id, "request id")->required();
+  CLI::App* list_requests = app.add_subcommand("list-requests", "list requests (officer)");
+  list_requests->add_option("--state", state, "pending, executed, rejected, expired, failed");
+  list_requests->add_option("--key", key, "only this key (id or alias)");
+  list_requests->add_option("--page-size", page_size);
+  list_requests->add_option("--page-token", page_token);
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -179,15 +219,72 @@ int main(int argc, char** argv) {
     auto admin = pb::AdminService::NewStub(channel);
     const auto context = ParsePairs(context_pairs);
     const auto ctx = NewContext();
+    pb::CreateKeyRequest create_req;
+    create_req.set_alias(alias);
+    create_req.set_description(description);
+    for (const auto& [k, v] : ParsePairs(tags)) (*create_req.mutable_tags())[k] = v;
+    for (const auto& p : encrypters) create_req.add_encrypt_principals(p);
+    for (const auto& p : decrypters) create_req.add_decrypt_principals(p);
+    create_req.set_rotation_period_days(rotation_days);
     if (create->parsed()) {
-      pb::CreateKeyRequest req;
-      req.set_alias(alias);
-      req.set_description(description);
-      for (const auto& [k, v] : ParsePairs(tags)) (*req.mutable_tags())[k] = v;
+      pb::KeyMetadata reply;
+      return Print(admin->CreateKey(ctx.get(), create_req, &reply), reply);
+    }
+    if (propose->parsed()) {
+      pb::ProposeRequest req;
+      pb::Operation op = pb::OPERATION_UNSPECIFIED;
+      std::string enum_name = operation;
+      for (char& c : enum_name) c = c == '-' ? '_' : static_cast<char>(std::toupper(c));
+      if (!pb::Operation_Parse(enum_name, &op) || op == pb::OPERATION_UNSPECIFIED) {
+        throw CLI::ValidationError("unknown operation '" + operation + "'");
+      }
+      req.set_operation(op);
+      req.set_key(key);
+      req.set_justification(justification);
+      if (op == pb::CREATE_KEY) *req.mutable_create_key() = create_req;
       for (const auto& p : encrypters) req.add_encrypt_principals(p);
       for (const auto& p : decrypters) req.add_decrypt_principals(p);
-      pb::KeyMetadata reply;
-      return Print(admin->CreateKey(ctx.get(), req, &reply), reply);
+      req.set_min_decrypt_version(min_decrypt_version);
+      req.set_deletion_waiting_days(waiting_days);
+      pb::ChangeRequest reply;
+      return Print(admin->Propose(ctx.get(), req, &reply), reply);
+    }
+    if (approve->parsed()) {
+      pb::ApproveRequest req;
+      req.set_request_id(request_id);
+      req.set_digest(digest);
+      pb::ChangeRequest reply;
+      return Print(admin->Approve(ctx.get(), req, &reply), reply);
+    }
+    if (reject->parsed()) {
+      pb::RejectRequest req;
+      req.set_request_id(request_id);
+      req.set_reason(reason);
+      pb::ChangeRequest reply;
+      return Print(admin->Reject(ctx.get(), req, &reply), reply);
+    }
+    if (get_request->parsed()) {
+      pb::GetRequestRequest req;
+      req.set_request_id(request_id);
+      pb::ChangeRequest reply;
+      return Print(admin->GetRequest(ctx.get(), req, &reply), reply);
+    }
+    if (list_requests->parsed()) {
+      pb::ListRequestsRequest req;
+      if (!state.empty()) {
+        pb::RequestState parsed = pb::REQUEST_STATE_UNSPECIFIED;
+        std::string enum_name = state;
+        for (char& c : enum_name) c = static_cast<char>(std::toupper(c));
+        if (!pb::RequestState_Parse(enum_name, &parsed)) {
+          throw CLI::ValidationError("unknown state '" + state + "'");
+        }
+        req.set_state(parsed);
+      }
+      req.set_key(key);
+      req.set_page_size(page_size);
+      req.set_page_token(page_token);
+      pb::ListRequestsResponse reply;
+      return Print(admin->ListRequests(ctx.get(), req, &reply), reply);
     }
     if (describe->parsed()) {
       pb::DescribeKeyRequest req;

@@ -11,12 +11,16 @@
 #include <grpcpp/resource_quota.h>
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
+#include <condition_variable>
 #include <fstream>
+#include <mutex>
+#include <thread>
 
 #include "audit/log_sink.h"
 #include "common/strings.h"
 #include "core/kms.h"
 #include "hsm/pkcs11_hsm.h"
+#include "policy/dual_control.h"
 #include "policy/policy.h"
 #include "server/config.h"
 #include "server/services.h"
@@ -34,6 +38,50 @@ void HardenProcess() {
   prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 }
 
+// Runs Kms::RunMaintenance (request expiry, due destructions, automatic rotation) every
+// `interval` seconds and whenever woken, until destroyed.
+class Maintenance {
+ public:
+  explicit Maintenance(int interval) : interval_(interval) {}
+  ~Maintenance() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  void Start(core::Kms* kms) {
+    thread_ = std::thread([this, kms] {
+      std::unique_lock lock(mu_);
+      while (!stop_) {
+        woken_ = false;
+        lock.unlock();
+        if (absl::Status done = kms->RunMaintenance(); !done.ok()) {
+          spdlog::error("maintenance: {}", done.ToString());
+        }
+        lock.lock();
+        cv_.wait_for(lock, std::chrono::seconds(interval_), [this] { return stop_ || woken_; });
+      }
+    });
+  }
+  void Wake() {
+    {
+      std::lock_guard lock(mu_);
+      woken_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  const int interval_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  bool woken_ = false;
+  std::thread thread_;
+};
+
 int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());
   return 1;
@@ -45,7 +93,6 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
   options.module_path = config.hsm_module;
   options.token_label = config.hsm_token_label;
   options.pin = std::move(pin);
-  options.root_key_label = config.root_key_label;
   options.session_pool_size = static_cast<size_t>(config.worker_threads);
   options.key_cache_capacity = config.key_cache_capacity;
   return hsm::OpenPkcs11Hsm(std::move(options));
@@ -54,7 +101,7 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
 int Init(const Config& config) {
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
-  absl::Status created = (*hsm)->CreateRootKey();
+  absl::Status created = (*hsm)->CreateRootKey(config.root_key_label);
   if (absl::IsAlreadyExists(created)) {
     spdlog::info("root key '{}' already exists on token '{}'; nothing to do", config.root_key_label,
                  config.hsm_token_label);
@@ -78,7 +125,7 @@ int Serve(const Config& config, const std::string& port_file) {
   if (!policy.ok()) return Fail(policy.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
-  if (absl::Status root = (*hsm)->CheckRootKey(); !root.ok()) {
+  if (absl::Status root = (*hsm)->CheckRootKey(config.root_key_label); !root.ok()) {
     return Fail(absl::FailedPreconditionError(
         StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
   }
@@ -89,13 +136,29 @@ int Serve(const Config& config, const std::string& port_file) {
       MutualTlsCredentials(config);
   if (!credentials.ok()) return Fail(credentials.status());
 
+  if (absl::Status reachable = policy::CheckQuorumsReachable(config.dual_control, **policy);
+      !reachable.ok()) {
+    return Fail(reachable);
+  }
+  // The root new versions are wrapped under: the store's record of the last root rotation,
+  // else the configured label.
+  absl::StatusOr<std::optional<std::string>> rotated_root =
+      (*store)->GetSetting(core::kRootKeySetting);
+  if (!rotated_root.ok()) return Fail(rotated_root.status());
+  const std::string root_key_label = rotated_root->value_or(config.root_key_label);
+  if (absl::Status root = (*hsm)->CheckRootKey(root_key_label); !root.ok()) return Fail(root);
   audit::LogSink audit_sink;
   SystemClock clock;
+  Maintenance maintenance(config.maintenance_interval_seconds);
   core::Kms kms({.hsm = hsm->get(),
                  .store = store->get(),
                  .audit = &audit_sink,
                  .clock = &clock,
-                 .policy = *policy});
+                 .policy = *policy,
+                 .dual_control = config.dual_control,
+                 .root_key_label = root_key_label,
+                 .usage_limits = config.usage_limits,
+                 .on_rotation_wanted = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
   KeyServiceImpl key_service(&kms);
@@ -119,6 +182,8 @@ int Serve(const Config& config, const std::string& port_file) {
   }
   if (!port_file.empty()) std::ofstream(port_file) << port << "\n";
   spdlog::info("custosd listening on {} (port {})", config.listen, port);
+  if (absl::Status started = kms.RecordServerStart(); !started.ok()) return Fail(started);
+  maintenance.Start(&kms);
 
   for (;;) {
     int signal = 0;
@@ -131,12 +196,18 @@ int Serve(const Config& config, const std::string& port_file) {
                     reloaded.status().ToString());
       continue;
     }
-    kms.SetPolicy(*reloaded);
+    if (absl::Status replaced = kms.ReplacePolicy(*reloaded); !replaced.ok()) {
+      spdlog::error("policy reload refused, keeping the current policy: {}", replaced.ToString());
+      continue;
+    }
     spdlog::info("policy reloaded: {} principals, sha256 {}", (*reloaded)->principal_count(),
                  (*reloaded)->sha256_hex());
   }
   spdlog::info("shutting down");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {
+    spdlog::error("{}", stopped.ToString());
+  }
   return 0;
 }
 

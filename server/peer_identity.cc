@@ -5,6 +5,7 @@
 #include <openssl/x509v3.h>
 
 #include <memory>
+#include <vector>
 
 namespace custos::server {
 namespace {
@@ -19,18 +20,27 @@ struct NamesFree {
   void operator()(GENERAL_NAMES* n) const { GENERAL_NAMES_free(n); }
 };
 
-std::string FirstUriSan(X509* cert) {
+std::vector<std::string> UriSans(X509* cert) {
+  std::vector<std::string> uris;
   std::unique_ptr<GENERAL_NAMES, NamesFree> names(
       static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr)));
-  if (!names) return "";
+  if (!names) return uris;
   for (int i = 0; i < sk_GENERAL_NAME_num(names.get()); ++i) {
     const GENERAL_NAME* name = sk_GENERAL_NAME_value(names.get(), i);
     if (name->type != GEN_URI) continue;
     const ASN1_IA5STRING* uri = name->d.uniformResourceIdentifier;
-    return std::string(reinterpret_cast<const char*>(ASN1_STRING_get0_data(uri)),
-                       static_cast<size_t>(ASN1_STRING_length(uri)));
+    uris.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(uri)),
+                      static_cast<size_t>(ASN1_STRING_length(uri)));
   }
-  return "";
+  return uris;
+}
+
+// Principals appear in logs and the audit record: no control characters, no NUL.
+bool Printable(std::string_view s) {
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == 0x7f) return false;
+  }
+  return true;
 }
 
 std::string CommonName(X509* cert) {
@@ -49,10 +59,27 @@ absl::StatusOr<std::string> PrincipalFromPem(std::string_view pem) {
   std::unique_ptr<X509, X509Free> cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)
                                            : nullptr);
   if (!cert) return absl::InvalidArgumentError("client certificate does not parse");
-  std::string principal = FirstUriSan(cert.get());
-  if (principal.empty()) principal = CommonName(cert.get());
+  const std::vector<std::string> uris = UriSans(cert.get());
+  if (uris.size() > 1) {
+    return absl::InvalidArgumentError(
+        "client certificate names several URI SANs; Custos needs exactly one");
+  }
+  std::string principal;
+  if (uris.size() == 1) {
+    principal = uris.front();
+  } else {
+    principal = CommonName(cert.get());
+    // A CN must not pass for a URI principal such as spiffe://.../officer/x.
+    if (principal.find("://") != std::string::npos) {
+      return absl::InvalidArgumentError(
+          "client certificate has a URI-like common name but no URI SAN");
+    }
+  }
   if (principal.empty()) {
     return absl::InvalidArgumentError("client certificate names no URI SAN and no common name");
+  }
+  if (!Printable(principal)) {
+    return absl::InvalidArgumentError("client certificate identity has control characters");
   }
   return principal;
 }

@@ -1,5 +1,6 @@
 #include "server/services.h"
 
+#include "core/operation_params.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
 
@@ -26,9 +27,21 @@ void SetPlaintext(const SecureBytes& plaintext, std::string* field) {
   field->assign(plaintext.view());
 }
 
-size_t DataKeyBytes(pb::DataKeySpec spec) { return spec == pb::AES_128 ? 16 : 32; }
+// 0 for a spec this server does not know: Kms refuses that size with INVALID_ARGUMENT.
+size_t DataKeyBytes(pb::DataKeySpec spec) {
+  switch (spec) {
+    case pb::DATA_KEY_SPEC_UNSPECIFIED:
+    case pb::AES_256:
+      return 32;
+    case pb::AES_128:
+      return 16;
+    default:
+      return 0;
+  }
+}
 
-void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out) {
+void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out,
+                  const std::vector<storage::VersionUsage>& usage = {}) {
   out->set_key_id(key.id);
   out->set_alias(key.alias);
   out->set_description(key.description);
@@ -41,9 +54,82 @@ void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out) {
     pb::KeyVersionMetadata* version = out->add_versions();
     version->set_version(v.version);
     version->set_create_time(v.created_at);
+    version->set_retired(v.version < key.min_decrypt_version);
+    for (const storage::VersionUsage& u : usage) {
+      if (u.version != v.version) continue;
+      version->set_encryptions(u.encryptions);
+      version->set_decryptions(u.decryptions);
+      version->set_last_used_time(u.last_used_at);
+    }
   }
   for (const std::string& p : key.encrypt_grants) out->add_encrypt_principals(p);
   for (const std::string& p : key.decrypt_grants) out->add_decrypt_principals(p);
+  out->set_min_decrypt_version(key.min_decrypt_version);
+  out->set_deletion_time(key.deletion_due_at);
+  out->set_destroy_time(key.destroyed_at);
+  out->set_rotation_period_days(static_cast<uint32_t>(key.rotation_period_seconds / policy::kDay));
+}
+
+// custos.v1.Operation <-> policy::Operation, by position in one table.
+constexpr std::pair<pb::Operation, policy::Operation> kOperations[] = {
+    {pb::CREATE_KEY, policy::Operation::kCreateKey},
+    {pb::ROTATE_KEY, policy::Operation::kRotateKey},
+    {pb::DISABLE_KEY, policy::Operation::kDisableKey},
+    {pb::ENABLE_KEY, policy::Operation::kEnableKey},
+    {pb::SCHEDULE_KEY_DELETION, policy::Operation::kScheduleKeyDeletion},
+    {pb::CANCEL_KEY_DELETION, policy::Operation::kCancelKeyDeletion},
+    {pb::UPDATE_KEY_GRANTS, policy::Operation::kUpdateKeyGrants},
+    {pb::SET_MIN_DECRYPT_VERSION, policy::Operation::kSetMinDecryptVersion},
+    {pb::ROTATE_ROOT_KEY, policy::Operation::kRotateRootKey},
+};
+
+std::optional<policy::Operation> FromProto(pb::Operation operation) {
+  for (const auto& [proto, domain] : kOperations) {
+    if (proto == operation) return domain;
+  }
+  return std::nullopt;
+}
+
+pb::Operation ToProto(std::string_view operation_name) {
+  for (const auto& [proto, domain] : kOperations) {
+    if (policy::OperationName(domain) == operation_name) return proto;
+  }
+  return pb::OPERATION_UNSPECIFIED;
+}
+
+core::CreateKeyParams ToCreateParams(const pb::CreateKeyRequest& request) {
+  core::CreateKeyParams params;
+  params.alias = request.alias();
+  params.description = request.description();
+  params.tags.insert(request.tags().begin(), request.tags().end());
+  params.encrypt_principals.insert(request.encrypt_principals().begin(),
+                                   request.encrypt_principals().end());
+  params.decrypt_principals.insert(request.decrypt_principals().begin(),
+                                   request.decrypt_principals().end());
+  params.rotation_period_days = request.rotation_period_days();
+  return params;
+}
+
+void FillRequest(const core::Request& request, int approvals_required, pb::ChangeRequest* out) {
+  out->set_request_id(request.id);
+  out->set_operation(ToProto(request.operation));
+  out->set_key_id(request.key_id);
+  out->set_parameters(request.parameters);
+  out->set_justification(request.justification);
+  out->set_proposer(request.proposer);
+  out->set_create_time(request.created_at);
+  out->set_expire_time(request.expires_at);
+  out->set_state(static_cast<pb::RequestState>(request.state));
+  for (const storage::Approval& a : request.approvals) {
+    pb::Approval* approval = out->add_approvals();
+    approval->set_principal(a.principal);
+    approval->set_time(a.at);
+  }
+  out->set_approvals_required(static_cast<uint32_t>(approvals_required));
+  out->set_rejected_by(request.rejected_by);
+  out->set_reason(request.reason);
+  out->set_close_time(request.closed_at);
+  out->set_digest(core::RequestDigest(request));
 }
 
 #define CUSTOS_CALLER_OR_RETURN(caller, context)              \
@@ -128,15 +214,7 @@ grpc::Status AdminServiceImpl::CreateKey(grpc::ServerContext* context,
                                          const pb::CreateKeyRequest* request,
                                          pb::KeyMetadata* response) {
   CUSTOS_CALLER_OR_RETURN(caller, context);
-  core::CreateKeyParams params;
-  params.alias = request->alias();
-  params.description = request->description();
-  params.tags.insert(request->tags().begin(), request->tags().end());
-  params.encrypt_principals.insert(request->encrypt_principals().begin(),
-                                   request->encrypt_principals().end());
-  params.decrypt_principals.insert(request->decrypt_principals().begin(),
-                                   request->decrypt_principals().end());
-  absl::StatusOr<core::KeyRef> key = kms_->CreateKey(*caller, params);
+  absl::StatusOr<core::KeyRef> key = kms_->CreateKey(*caller, ToCreateParams(*request));
   if (!key.ok()) return ToGrpcStatus(key.status());
   FillMetadata(**key, response);
   return grpc::Status::OK;
@@ -146,9 +224,9 @@ grpc::Status AdminServiceImpl::DescribeKey(grpc::ServerContext* context,
                                            const pb::DescribeKeyRequest* request,
                                            pb::KeyMetadata* response) {
   CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::KeyRef> key = kms_->DescribeKey(*caller, request->key());
-  if (!key.ok()) return ToGrpcStatus(key.status());
-  FillMetadata(**key, response);
+  absl::StatusOr<core::Kms::KeyDescription> described = kms_->DescribeKey(*caller, request->key());
+  if (!described.ok()) return ToGrpcStatus(described.status());
+  FillMetadata(*described->key, response, described->usage);
   return grpc::Status::OK;
 }
 
@@ -162,6 +240,88 @@ grpc::Status AdminServiceImpl::ListKeys(grpc::ServerContext* context,
   for (const auto& key : page->keys) FillMetadata(*key, response->add_keys());
   response->set_next_page_token(page->next_page_token);
   return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::Propose(grpc::ServerContext* context,
+                                       const pb::ProposeRequest* request,
+                                       pb::ChangeRequest* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  const std::optional<policy::Operation> operation = FromProto(request->operation());
+  if (!operation) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "operation is missing or unknown");
+  }
+  core::Proposal proposal;
+  proposal.operation = *operation;
+  proposal.key = request->key();
+  proposal.justification = request->justification();
+  proposal.params.create = ToCreateParams(request->create_key());
+  proposal.params.encrypt_principals.insert(request->encrypt_principals().begin(),
+                                            request->encrypt_principals().end());
+  proposal.params.decrypt_principals.insert(request->decrypt_principals().begin(),
+                                            request->decrypt_principals().end());
+  proposal.params.min_decrypt_version = request->min_decrypt_version();
+  proposal.params.deletion_waiting_days = request->deletion_waiting_days();
+  absl::StatusOr<core::Request> proposed = kms_->Propose(*caller, proposal);
+  if (!proposed.ok()) return ToGrpcStatus(proposed.status());
+  FillRequest(*proposed, kms_->ApprovalsFor(*operation), response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::Approve(grpc::ServerContext* context,
+                                       const pb::ApproveRequest* request,
+                                       pb::ChangeRequest* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  absl::StatusOr<core::Request> approved =
+      kms_->Approve(*caller, request->request_id(), request->digest());
+  if (!approved.ok()) return ToGrpcStatus(approved.status());
+  FillRequest(*approved, ApprovalsFor(*approved), response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::Reject(grpc::ServerContext* context,
+                                      const pb::RejectRequest* request,
+                                      pb::ChangeRequest* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  absl::StatusOr<core::Request> rejected =
+      kms_->Reject(*caller, request->request_id(), request->reason());
+  if (!rejected.ok()) return ToGrpcStatus(rejected.status());
+  FillRequest(*rejected, ApprovalsFor(*rejected), response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::GetRequest(grpc::ServerContext* context,
+                                          const pb::GetRequestRequest* request,
+                                          pb::ChangeRequest* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  absl::StatusOr<core::Request> found = kms_->GetRequest(*caller, request->request_id());
+  if (!found.ok()) return ToGrpcStatus(found.status());
+  FillRequest(*found, ApprovalsFor(*found), response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::ListRequests(grpc::ServerContext* context,
+                                            const pb::ListRequestsRequest* request,
+                                            pb::ListRequestsResponse* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  storage::RequestFilter filter;
+  if (request->state() != pb::REQUEST_STATE_UNSPECIFIED) {
+    filter.state = static_cast<storage::RequestState>(request->state());
+  }
+  filter.key_id = request->key();
+  const size_t page_size = request->page_size() == 0 ? 100 : request->page_size();
+  absl::StatusOr<storage::RequestPage> page =
+      kms_->ListRequests(*caller, filter, page_size, request->page_token());
+  if (!page.ok()) return ToGrpcStatus(page.status());
+  for (const core::Request& r : page->requests) {
+    FillRequest(r, ApprovalsFor(r), response->add_requests());
+  }
+  response->set_next_page_token(page->next_page_token);
+  return grpc::Status::OK;
+}
+
+int AdminServiceImpl::ApprovalsFor(const core::Request& request) const {
+  const std::optional<policy::Operation> operation = policy::ParseOperation(request.operation);
+  return operation ? kms_->ApprovalsFor(*operation) : 0;
 }
 
 }  // namespace custos::server

@@ -41,8 +41,22 @@ class AdminServiceImpl final : public custos::v1::AdminService::Service {
                            custos::v1::KeyMetadata* response) override;
   grpc::Status ListKeys(grpc::ServerContext* context, const custos::v1::ListKeysRequest* request,
                         custos::v1::ListKeysResponse* response) override;
+  grpc::Status Propose(grpc::ServerContext* context, const custos::v1::ProposeRequest* request,
+                       custos::v1::ChangeRequest* response) override;
+  grpc::Status Approve(grpc::ServerContext* context, const custos::v1::ApproveRequest* request,
+                       custos::v1::ChangeRequest* response) override;
+  grpc::Status Reject(grpc::ServerContext* context, const custos::v1::RejectRequest* request,
+                      custos::v1::ChangeRequest* response) override;
+  grpc::Status GetRequest(grpc::ServerContext* context,
+                          const custos::v1::GetRequestRequest* request,
+                          custos::v1::ChangeRequest* response) override;
+  grpc::Status ListRequests(grpc::ServerContext* context,
+                            const custos::v1::ListRequestsRequest* request,
+                            custos::v1::ListRequestsResponse* response) override;
 
  private:
+  int ApprovalsFor(const core::Request& request) const;
+
   core::Kms* kms_;
 };
 

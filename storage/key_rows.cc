@@ -1,7 +1,10 @@
 #include "storage/key_rows.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <unordered_map>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -10,22 +13,41 @@ namespace {
 
 constexpr char kKeyIdTaken[] = "SELECT 1 FROM keys WHERE id = ?1";
 constexpr char kSelectIdByAlias[] = "SELECT id FROM keys WHERE alias = ?1";
-constexpr char kInsertKey[] =
-    "INSERT INTO keys (id, alias, description, state, created_at, created_by, primary_version)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+// Updates the row in place rather than deleting it, so nothing that hangs off the key's id
+// (its usage counters) is touched.
+constexpr char kUpsertKey[] =
+    "INSERT INTO keys (id, alias, description, state, created_at, created_by, primary_version,"
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias, description = excluded.description,"
+    " state = excluded.state, created_at = excluded.created_at,"
+    " created_by = excluded.created_by, primary_version = excluded.primary_version,"
+    " min_decrypt_version = excluded.min_decrypt_version,"
+    " rotation_period_seconds = excluded.rotation_period_seconds,"
+    " deletion_due_at = excluded.deletion_due_at, destroyed_at = excluded.destroyed_at";
+constexpr char kDeleteTags[] = "DELETE FROM key_tags WHERE key_id = ?1";
 constexpr char kInsertTag[] = "INSERT INTO key_tags (key_id, name, value) VALUES (?1, ?2, ?3)";
+constexpr char kSelectStoredVersions[] =
+    "SELECT version, wrapped, root_key_label, created_at FROM key_versions WHERE key_id = ?1";
 constexpr char kInsertVersion[] =
     "INSERT INTO key_versions (key_id, version, wrapped, root_key_label, created_at)"
     " VALUES (?1, ?2, ?3, ?4, ?5)";
+constexpr char kUpdateVersion[] =
+    "UPDATE key_versions SET wrapped = ?3, root_key_label = ?4, created_at = ?5"
+    " WHERE key_id = ?1 AND version = ?2";
+constexpr char kDeleteVersion[] = "DELETE FROM key_versions WHERE key_id = ?1 AND version = ?2";
+constexpr char kDeleteGrants[] = "DELETE FROM key_grants WHERE key_id = ?1";
 constexpr char kInsertGrant[] =
     "INSERT INTO key_grants (key_id, principal, use) VALUES (?1, ?2, ?3)";
 
 // Both key queries return the same columns, read by ReadKeyRow.
 constexpr char kSelectKeyById[] =
-    "SELECT id, alias, description, state, created_at, created_by, primary_version"
+    "SELECT id, alias, description, state, created_at, created_by, primary_version,"
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at"
     " FROM keys WHERE id = ?1";
 constexpr char kSelectKeysAfter[] =
-    "SELECT id, alias, description, state, created_at, created_by, primary_version"
+    "SELECT id, alias, description, state, created_at, created_by, primary_version,"
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at"
     " FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
 // Child rows of every key whose id lies in [?1, ?2].
 constexpr char kSelectTags[] =
@@ -35,6 +57,29 @@ constexpr char kSelectVersions[] =
     " WHERE key_id BETWEEN ?1 AND ?2 ORDER BY key_id, version";
 constexpr char kSelectGrants[] =
     "SELECT key_id, principal, use FROM key_grants WHERE key_id BETWEEN ?1 AND ?2";
+
+// The sweeps. `state = 3` and `rotation_period_seconds > 0` are spelled exactly as in the
+// partial indexes of schema version 2, so SQLite reads those indexes, not every key. No
+// ORDER BY: SQLite would rather scan the whole table in id order than sort a few rows, so
+// the (few) ids are sorted afterwards.
+constexpr char kSelectDueForDeletion[] =
+    "SELECT id FROM keys WHERE state = 3 AND deletion_due_at <= ?1";
+constexpr char kSelectDueForRotation[] =
+    "SELECT k.id FROM keys AS k JOIN key_versions AS v"
+    " ON v.key_id = k.id AND v.version = k.primary_version"
+    " WHERE k.rotation_period_seconds > 0 AND k.state = 1"
+    " AND v.created_at + k.rotation_period_seconds <= ?1";
+
+constexpr char kSelectUsage[] =
+    "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at"
+    " FROM version_usage WHERE key_id = ?1 ORDER BY version";
+constexpr char kUpsertUsage[] =
+    "INSERT INTO version_usage"
+    " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key_id, version) DO UPDATE SET"
+    " encryptions_reserved = excluded.encryptions_reserved,"
+    " encryptions = excluded.encryptions, decryptions = excluded.decryptions,"
+    " last_used_at = excluded.last_used_at";
 
 constexpr char kEncrypt[] = "encrypt";
 constexpr char kDecrypt[] = "decrypt";
@@ -63,6 +108,10 @@ absl::StatusOr<std::shared_ptr<KeyRecord>> ReadKeyRow(const sqlite::Statement& r
   key->created_at = row.ColumnInt64(4);
   key->created_by = row.ColumnText(5);
   key->primary_version = static_cast<uint32_t>(row.ColumnInt64(6));
+  key->min_decrypt_version = static_cast<uint32_t>(row.ColumnInt64(7));
+  key->rotation_period_seconds = row.ColumnInt64(8);
+  key->deletion_due_at = row.ColumnInt64(9);
+  key->destroyed_at = row.ColumnInt64(10);
   return key;
 }
 
@@ -116,27 +165,17 @@ absl::Status LoadChildren(sqlite::Database& db, std::vector<std::shared_ptr<KeyR
   });
 }
 
-}  // namespace
-
-absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key) {
-  // Checked first so the caller hears which name is taken, in words, rather than a
-  // constraint message.
-  {
-    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kKeyIdTaken));
-    stmt.BindText(1, key.id);
-    CUSTOS_ASSIGN_OR_RETURN(const bool taken, stmt.Step());
-    if (taken)
-      return absl::AlreadyExistsError(absl::StrCat("key id '", key.id, "' already exists"));
-  }
+// Writes every row of `key`; `is_new` if the caller knows no row of it exists yet.
+absl::Status WriteKeyRows(sqlite::Database& db, const KeyRecord& key, bool is_new) {
   if (!key.alias.empty()) {
     CUSTOS_ASSIGN_OR_RETURN(auto owner, FindKeyIdByAlias(db, key.alias));
-    if (owner.has_value()) {
+    if (owner.has_value() && *owner != key.id) {
       return absl::AlreadyExistsError(absl::StrCat("alias '", key.alias, "' is already in use"));
     }
   }
 
   {
-    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kInsertKey));
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kUpsertKey));
     stmt.BindText(1, key.id);
     if (key.alias.empty()) {
       stmt.BindNull(2);  // UNIQUE allows many NULLs, so any number of keys can lack an alias.
@@ -147,7 +186,18 @@ absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key) {
         .BindInt64(4, static_cast<int64_t>(key.state))
         .BindInt64(5, key.created_at)
         .BindText(6, key.created_by)
-        .BindInt64(7, key.primary_version);
+        .BindInt64(7, key.primary_version)
+        .BindInt64(8, key.min_decrypt_version)
+        .BindInt64(9, key.rotation_period_seconds)
+        .BindInt64(10, key.deletion_due_at)
+        .BindInt64(11, key.destroyed_at);
+    CUSTOS_RETURN_IF_ERROR(stmt.Run());
+  }
+
+  // A new key has no child rows yet: nothing to delete or compare (the bulk path).
+  if (!is_new) {
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kDeleteTags));
+    stmt.BindText(1, key.id);
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
   for (const auto& [name, value] : key.tags) {
@@ -155,8 +205,42 @@ absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key) {
     stmt.BindText(1, key.id).BindText(2, name).BindText(3, value);
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
+
+  // Versions are diffed against the stored rows rather than deleted and reinserted: a
+  // rotation adds one row and touches no other. A version whose material is erased is
+  // UPDATEd to the empty blob; with secure_delete on, SQLite zeroes the space the old cell
+  // occupied (and any page it frees), so the only copies left are in WAL frames written
+  // before the erase, which PurgeErased checkpoints away. (Checked by the shredding test,
+  // also with the row moved around by page splits; an extra zeroblob() pass first is not
+  // needed.)
+  std::map<uint32_t, KeyVersion> stored;
+  if (!is_new) {
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectStoredVersions));
+    stmt.BindText(1, key.id);
+    while (true) {
+      CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+      if (!row) break;
+      KeyVersion version;
+      version.version = static_cast<uint32_t>(stmt.ColumnInt64(0));
+      version.wrapped = stmt.ColumnBlob(1);
+      version.root_key_label = stmt.ColumnText(2);
+      version.created_at = stmt.ColumnInt64(3);
+      stored.emplace(version.version, std::move(version));
+    }
+  }
   for (const KeyVersion& version : key.versions) {
-    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kInsertVersion));
+    auto old = stored.find(version.version);
+    const char* sql = kInsertVersion;
+    if (old != stored.end()) {
+      const KeyVersion& was = old->second;
+      const bool unchanged = was.wrapped == version.wrapped &&
+                             was.root_key_label == version.root_key_label &&
+                             was.created_at == version.created_at;
+      stored.erase(old);  // Seen: not to be deleted below. A repeat then fails as a duplicate.
+      if (unchanged) continue;
+      sql = kUpdateVersion;
+    }
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql));
     stmt.BindText(1, key.id)
         .BindInt64(2, version.version)
         .BindBlob(3, version.wrapped)
@@ -164,8 +248,35 @@ absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key) {
         .BindInt64(5, version.created_at);
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
+  for (const auto& [number, version] : stored) {  // Stored but no longer in the record.
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kDeleteVersion));
+    stmt.BindText(1, key.id).BindInt64(2, number);
+    CUSTOS_RETURN_IF_ERROR(stmt.Run());
+  }
+
+  if (!is_new) {
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kDeleteGrants));
+    stmt.BindText(1, key.id);
+    CUSTOS_RETURN_IF_ERROR(stmt.Run());
+  }
   CUSTOS_RETURN_IF_ERROR(InsertGrants(db, key.id, key.encrypt_grants, kEncrypt));
   return InsertGrants(db, key.id, key.decrypt_grants, kDecrypt);
+}
+
+}  // namespace
+
+absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key) {
+  // Checked first so the caller hears which name is taken, in words, rather than a
+  // constraint message.
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kKeyIdTaken));
+  stmt.BindText(1, key.id);
+  CUSTOS_ASSIGN_OR_RETURN(const bool taken, stmt.Step());
+  if (taken) return absl::AlreadyExistsError(absl::StrCat("key id '", key.id, "' already exists"));
+  return WriteKeyRows(db, key, /*is_new=*/true);
+}
+
+absl::Status WriteKey(sqlite::Database& db, const KeyRecord& key) {
+  return WriteKeyRows(db, key, /*is_new=*/false);
 }
 
 absl::StatusOr<std::shared_ptr<KeyRecord>> LoadKey(sqlite::Database& db, std::string_view id) {
@@ -207,6 +318,65 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
   }
   CUSTOS_RETURN_IF_ERROR(LoadChildren(db, keys));
   return keys;
+}
+
+namespace {
+
+absl::StatusOr<std::vector<std::string>> SelectIds(sqlite::Database& db, const char* sql,
+                                                   int64_t now) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql));
+  stmt.BindInt64(1, now);
+  std::vector<std::string> ids;
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) break;
+    ids.push_back(stmt.ColumnText(0));
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db,
+                                                                  int64_t now) {
+  return SelectIds(db, kSelectDueForDeletion, now);
+}
+
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Database& db,
+                                                                  int64_t now) {
+  return SelectIds(db, kSelectDueForRotation, now);
+}
+
+absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
+                                                      std::string_view key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectUsage));
+  stmt.BindText(1, key_id);
+  std::vector<VersionUsage> usage;
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return usage;
+    VersionUsage& u = usage.emplace_back();
+    u.key_id = stmt.ColumnText(0);
+    u.version = static_cast<uint32_t>(stmt.ColumnInt64(1));
+    // Counters are stored as SQLite's signed 64-bit integers; the casts round-trip every
+    // uint64_t bit for bit.
+    u.encryptions_reserved = static_cast<uint64_t>(stmt.ColumnInt64(2));
+    u.encryptions = static_cast<uint64_t>(stmt.ColumnInt64(3));
+    u.decryptions = static_cast<uint64_t>(stmt.ColumnInt64(4));
+    u.last_used_at = stmt.ColumnInt64(5);
+  }
+}
+
+absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kUpsertUsage));
+  stmt.BindText(1, usage.key_id)
+      .BindInt64(2, usage.version)
+      .BindInt64(3, static_cast<int64_t>(usage.encryptions_reserved))
+      .BindInt64(4, static_cast<int64_t>(usage.encryptions))
+      .BindInt64(5, static_cast<int64_t>(usage.decryptions))
+      .BindInt64(6, usage.last_used_at);
+  return stmt.Run();
 }
 
 }  // namespace custos::storage

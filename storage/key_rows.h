@@ -1,10 +1,12 @@
 // Reading and writing KeyRecords as rows of the keys, key_tags, key_versions and key_grants
-// tables. Every statement is constant SQL with bound parameters.
+// tables, the queries of the lifecycle sweeps, and per-version usage counters. Every
+// statement is constant SQL with bound parameters.
 //
 // Not thread-safe: callers hold the Database's lock. Internal to storage/.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +24,12 @@ namespace custos::storage {
 // the alias if either is taken; nothing is written then.
 absl::Status InsertKey(sqlite::Database& db, const KeyRecord& key);
 
+// Inserts `key`, or replaces the stored key with its id entirely: the keys row is updated in
+// place (so nothing hanging off the id is cascaded away), tags and grants are replaced, and
+// versions are updated, inserted or deleted one by one, leaving unchanged ones alone. Run it
+// inside a write transaction. ALREADY_EXISTS naming the alias if another key holds it.
+absl::Status WriteKey(sqlite::Database& db, const KeyRecord& key);
+
 // The key with `id`, complete, or nullptr if there is none.
 absl::StatusOr<std::shared_ptr<KeyRecord>> LoadKey(sqlite::Database& db, std::string_view id);
 
@@ -34,5 +42,19 @@ absl::StatusOr<std::optional<std::string>> FindKeyIdByAlias(sqlite::Database& db
 absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Database& db,
                                                                       std::string_view after_id,
                                                                       size_t limit);
+
+// Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now.
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db,
+                                                                  int64_t now);
+// Ids, ascending, of ENABLED keys with a rotation period whose primary version was created
+// at least a period before `now`.
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Database& db,
+                                                                  int64_t now);
+
+// Usage rows of `key_id`, ascending by version.
+absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
+                                                      std::string_view key_id);
+// Inserts or replaces one usage row.
+absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage);
 
 }  // namespace custos::storage

@@ -4,11 +4,16 @@
 
 #include <algorithm>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/strings.h"
 #include "storage/key_cache.h"
 #include "storage/key_rows.h"
+#include "storage/request_rows.h"
 #include "storage/schema.h"
 #include "storage/sqlite.h"
 
@@ -26,6 +31,8 @@ absl::Status Configure(sqlite::Database& db) {
   // the file. foreign_keys: child rows cannot outlive their key.
   CUSTOS_RETURN_IF_ERROR(db.Exec("PRAGMA secure_delete = ON"));
   CUSTOS_RETURN_IF_ERROR(db.Exec("PRAGMA foreign_keys = ON"));
+  // Statement journals and sorts stay in memory: no temporary file ever holds key material.
+  CUSTOS_RETURN_IF_ERROR(db.Exec("PRAGMA temp_store = MEMORY"));
   CUSTOS_RETURN_IF_ERROR(db.Exec("PRAGMA synchronous = FULL"));
   CUSTOS_ASSIGN_OR_RETURN(const std::string mode, db.QueryText("PRAGMA journal_mode = WAL"));
   if (mode != "wal") {
@@ -52,24 +59,86 @@ int HexDigit(char c) {
   return -1;
 }
 
-absl::StatusOr<std::string> DecodePageToken(std::string_view token) {
-  std::string id;
-  id.reserve(token.size() / 2);
+// The text a token encodes, or INVALID_ARGUMENT naming the method whose reply it should have
+// come from.
+absl::StatusOr<std::string> DecodePageToken(std::string_view token, std::string_view method) {
+  std::string text;
+  text.reserve(token.size() / 2);
   for (size_t i = 0; i + 1 < token.size(); i += 2) {
     const int hi = HexDigit(token[i]);
     const int lo = HexDigit(token[i + 1]);
     if (hi < 0 || lo < 0) break;
-    id.push_back(static_cast<char>(hi << 4 | lo));
+    text.push_back(static_cast<char>(hi << 4 | lo));
   }
-  if (token.size() % 2 != 0 || id.size() * 2 != token.size()) {
-    return absl::InvalidArgumentError(
-        "invalid page token: pass back the next_page_token of a previous ListKeys reply");
+  if (token.size() % 2 != 0 || text.size() * 2 != token.size()) {
+    return absl::InvalidArgumentError(StrCat(
+        "invalid page token: pass back the next_page_token of a previous ", method, " reply"));
   }
-  return id;
+  return text;
+}
+
+absl::Status CheckPageSize(size_t page_size) {
+  if (page_size >= 1 && page_size <= kMaxPageSize) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("page_size must be between 1 and ", kMaxPageSize, ", got ", page_size));
+}
+
+// A request listing's token encodes its cursor as "<created_at>:<id>".
+std::string EncodeRequestToken(const RequestRecord& last) {
+  return EncodePageToken(absl::StrCat(last.created_at, ":", last.id));
+}
+
+absl::StatusOr<std::optional<RequestCursor>> DecodeRequestToken(std::string_view token) {
+  if (token.empty()) return std::nullopt;
+  constexpr std::string_view kMethod = "ListRequests";
+  CUSTOS_ASSIGN_OR_RETURN(const std::string text, DecodePageToken(token, kMethod));
+  const size_t colon = text.find(':');
+  RequestCursor cursor;
+  if (colon == std::string::npos || colon + 1 == text.size() ||
+      !absl::SimpleAtoi(text.substr(0, colon), &cursor.created_at)) {
+    return absl::InvalidArgumentError(StrCat(
+        "invalid page token: pass back the next_page_token of a previous ", kMethod, " reply"));
+  }
+  cursor.id = text.substr(colon + 1);
+  return cursor;
+}
+
+// What the database would refuse with a constraint message, refused up front in words.
+absl::Status ValidateKey(const KeyRecord& key) {
+  if (key.id.empty()) return absl::InvalidArgumentError("a key needs a non-empty id");
+  std::set<uint32_t> versions;
+  for (const KeyVersion& version : key.versions) {
+    if (version.version == 0 || !versions.insert(version.version).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("key '", key.id, "' has version number ", version.version,
+                       version.version == 0 ? " (versions start at 1)" : " more than once"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateRequest(const RequestRecord& request) {
+  if (request.id.empty()) return absl::InvalidArgumentError("a request needs a non-empty id");
+  std::set<std::string_view> approvers;
+  for (const Approval& approval : request.approvals) {
+    if (!approvers.insert(approval.principal).second) {
+      return absl::InvalidArgumentError(absl::StrCat("request '", request.id, "' lists approver '",
+                                                     approval.principal, "' more than once"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The record as it will be cached: versions ascending, as they are read back from SQLite.
+std::shared_ptr<KeyRecord> Normalized(const KeyRecord& key) {
+  auto record = std::make_shared<KeyRecord>(key);
+  std::stable_sort(record->versions.begin(), record->versions.end(),
+                   [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
+  return record;
 }
 
 absl::Status NoKeyWithId(std::string_view id) {
-  return absl::NotFoundError(absl::StrCat("no key with id '", std::string(id), "'"));
+  return absl::NotFoundError(StrCat("no key with id '", id, "'"));
 }
 
 }  // namespace
@@ -102,12 +171,8 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
 }
 
 absl::Status KeyStore::CreateKey(const KeyRecord& key) {
-  if (key.id.empty()) return absl::InvalidArgumentError("a key needs a non-empty id");
-  auto record = std::make_shared<KeyRecord>(key);
-  // Stored versions come back in version order; keep the cached copy identical.
-  std::stable_sort(record->versions.begin(), record->versions.end(),
-                   [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
-
+  CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
+  auto record = Normalized(key);
   std::lock_guard lock(impl_->db_mu_);
   {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
@@ -116,6 +181,139 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
   }
   impl_->cache_.Put(std::move(record));  // Only once durable.
   return absl::OkStatus();
+}
+
+absl::Status KeyStore::Apply(const WriteBatch& batch) {
+  std::vector<std::shared_ptr<KeyRecord>> records;
+  records.reserve(batch.keys.size());
+  for (const KeyRecord& key : batch.keys) {
+    CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
+    records.push_back(Normalized(key));
+  }
+  for (const RequestRecord& request : batch.requests) {
+    CUSTOS_RETURN_IF_ERROR(ValidateRequest(request));
+  }
+  for (const auto& [name, value] : batch.settings) {
+    if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
+  }
+  if (records.empty() && batch.requests.empty() && batch.settings.empty()) {
+    return absl::OkStatus();
+  }
+
+  std::lock_guard lock(impl_->db_mu_);
+  {
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    // Written in order, each alias checked against what is stored at that point: two keys of
+    // the batch claiming one alias conflict like any other pair. (Swapping two keys' aliases
+    // therefore takes two batches, which no operation needs.)
+    for (const auto& record : records) CUSTOS_RETURN_IF_ERROR(WriteKey(*impl_->db_, *record));
+    for (const RequestRecord& request : batch.requests) {
+      CUSTOS_RETURN_IF_ERROR(WriteRequest(*impl_->db_, request));
+    }
+    for (const auto& [name, value] : batch.settings) {
+      CUSTOS_ASSIGN_OR_RETURN(
+          sqlite::Statement upsert,
+          impl_->db_->Prepare("INSERT INTO settings (name, value) VALUES (?1, ?2) "
+                              "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
+      CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
+    }
+    CUSTOS_RETURN_IF_ERROR(tx->Commit());
+  }
+  // Write-through once durable, still under db_mu_, so no load of an older copy can slip in
+  // between the commit and these puts. A key written twice in the batch ends as its last.
+  for (auto& record : records) impl_->cache_.Put(std::move(record));
+  return absl::OkStatus();
+}
+
+absl::Status KeyStore::PurgeErased() {
+  std::lock_guard lock(impl_->db_mu_);
+  // Copies every page into the database file (where secure_delete has zeroed what was
+  // erased) and truncates the WAL to nothing, so no frame with the old material survives.
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          impl_->db_->Prepare("PRAGMA wal_checkpoint(TRUNCATE)"));
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return absl::InternalError("PRAGMA wal_checkpoint returned no row");
+  // (busy, frames in the WAL, frames checkpointed). busy: a reader or writer on another
+  // connection kept the checkpoint from finishing within the busy timeout.
+  if (stmt.ColumnInt64(0) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat("could not checkpoint the key database's WAL: another connection is using "
+                     "it (",
+                     stmt.ColumnInt64(1), " frames, ", stmt.ColumnInt64(2),
+                     " checkpointed); erased material may remain in the WAL until a retry "
+                     "succeeds"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RequestRecord> KeyStore::GetRequest(std::string_view id) const {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(auto request, LoadRequest(*impl_->db_, id));
+  if (!request.has_value()) return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+  return *std::move(request);
+}
+
+absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, size_t page_size,
+                                                   std::string_view page_token) const {
+  CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
+  CUSTOS_ASSIGN_OR_RETURN(const auto after, DecodeRequestToken(page_token));
+  std::vector<RequestRecord> requests;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    // One extra row tells whether another page follows.
+    CUSTOS_ASSIGN_OR_RETURN(requests, LoadRequests(*impl_->db_, filter, after, page_size + 1));
+  }
+  RequestPage page;
+  if (requests.size() > page_size) {
+    requests.resize(page_size);
+    page.next_page_token = EncodeRequestToken(requests.back());
+  }
+  page.requests = std::move(requests);
+  return page;
+}
+
+absl::StatusOr<std::vector<RequestRecord>> KeyStore::PendingRequests() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return LoadPendingRequests(*impl_->db_);
+}
+
+absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForDeletion(int64_t now) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return SelectKeysDueForDeletion(*impl_->db_, now);
+}
+
+absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForRotation(int64_t now) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return SelectKeysDueForRotation(*impl_->db_, now);
+}
+
+absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement select,
+                          impl_->db_->Prepare("SELECT value FROM settings WHERE name = ?1"));
+  select.BindText(1, name);
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, select.Step());
+  if (!row) return std::optional<std::string>();
+  return std::optional<std::string>(select.ColumnText(0));
+}
+
+absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return SelectUsage(*impl_->db_, key_id);
+}
+
+absl::Status KeyStore::PutUsage(const std::vector<VersionUsage>& usage) {
+  for (const VersionUsage& u : usage) {
+    if (u.key_id.empty() || u.version == 0) {
+      return absl::InvalidArgumentError(StrCat("usage of key '", u.key_id, "' version ", u.version,
+                                               ": needs a key id and a version >= 1"));
+    }
+  }
+  if (usage.empty()) return absl::OkStatus();
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+  for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*impl_->db_, u));
+  return tx->Commit();
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::GetKey(std::string_view id) const {
@@ -146,11 +344,8 @@ absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::FindKeyByAlias(
 }
 
 absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view page_token) const {
-  if (page_size < 1 || page_size > kMaxPageSize) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("page_size must be between 1 and ", kMaxPageSize, ", got ", page_size));
-  }
-  CUSTOS_ASSIGN_OR_RETURN(const std::string after_id, DecodePageToken(page_token));
+  CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
+  CUSTOS_ASSIGN_OR_RETURN(const std::string after_id, DecodePageToken(page_token, "ListKeys"));
   std::vector<std::shared_ptr<KeyRecord>> keys;
   {
     std::lock_guard lock(impl_->db_mu_);
@@ -170,6 +365,22 @@ absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view pa
 int KeyStore::SchemaVersion() const { return impl_->schema_version_; }
 
 size_t KeyStore::CachedKeyCount() const { return impl_->cache_.size(); }
+
+std::string_view RequestStateName(RequestState state) {
+  switch (state) {
+    case RequestState::kPending:
+      return "PENDING";
+    case RequestState::kExecuted:
+      return "EXECUTED";
+    case RequestState::kRejected:
+      return "REJECTED";
+    case RequestState::kExpired:
+      return "EXPIRED";
+    case RequestState::kFailed:
+      return "FAILED";
+  }
+  return "UNKNOWN";
+}
 
 std::string_view KeyStateName(KeyState state) {
   switch (state) {

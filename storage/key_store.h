@@ -27,31 +27,91 @@ enum class KeyState { kEnabled = 1, kDisabled = 2, kPendingDeletion = 3, kDestro
 std::string_view KeyStateName(KeyState state);
 
 struct KeyVersion {
-  uint32_t version = 0;     // 1, 2, ... in creation order
-  Bytes wrapped;            // AES-KWP under the root key named by root_key_label
+  uint32_t version = 0;  // 1, 2, ... in creation order
+  Bytes wrapped;         // AES-KWP under the root key named by root_key_label; empty once
+                         // the key is DESTROYED (crypto-shredded)
   std::string root_key_label;
-  int64_t created_at = 0;   // Unix seconds
+  int64_t created_at = 0;  // Unix seconds
+};
+
+// How much one key version has been used. Kept apart from KeyRecord (it changes on the hot
+// path; the record does not). `encryptions_reserved` is a high-water mark reserved in blocks
+// ahead of use, so a crash can never make the durable count go backwards.
+struct VersionUsage {
+  std::string key_id;
+  uint32_t version = 0;
+  uint64_t encryptions_reserved = 0;
+  uint64_t encryptions = 0;  // as last flushed (<= encryptions_reserved)
+  uint64_t decryptions = 0;  // as last flushed
+  int64_t last_used_at = 0;  // Unix seconds; 0 if never
 };
 
 struct KeyRecord {
-  std::string id;           // canonical lower-case UUID
-  std::string alias;        // unique; empty if none
+  std::string id;     // canonical lower-case UUID
+  std::string alias;  // unique; empty if none
   std::string description;
   std::map<std::string, std::string> tags;
   KeyState state = KeyState::kEnabled;
   int64_t created_at = 0;
-  std::string created_by;   // principal
+  std::string created_by;  // principal
   uint32_t primary_version = 0;
-  std::vector<KeyVersion> versions;       // ascending by version
-  std::set<std::string> encrypt_grants;   // app principals that may encrypt / generate
-  std::set<std::string> decrypt_grants;   // app principals that may decrypt
+  std::vector<KeyVersion> versions;      // ascending by version
+  std::set<std::string> encrypt_grants;  // app principals that may encrypt / generate
+  std::set<std::string> decrypt_grants;  // app principals that may decrypt
+  uint32_t min_decrypt_version = 1;      // versions below it are retired: decrypt refused
+  int64_t rotation_period_seconds = 0;   // automatic rotation; 0 = never
+  int64_t deletion_due_at = 0;           // PENDING_DELETION: when destruction is due
+  int64_t destroyed_at = 0;              // DESTROYED: when it was shredded
 
   const KeyVersion* FindVersion(uint32_t version) const;
 };
 
+// A dual-control request: an officer's proposal, its approvals and how it ended.
+enum class RequestState { kPending = 1, kExecuted = 2, kRejected = 3, kExpired = 4, kFailed = 5 };
+std::string_view RequestStateName(RequestState state);
+
+struct Approval {
+  std::string principal;
+  int64_t at = 0;
+};
+
+struct RequestRecord {
+  std::string id;          // canonical lower-case UUID
+  std::string operation;   // e.g. "RotateKey"
+  std::string key_id;      // empty for operations on no single key (root rotation)
+  std::string parameters;  // canonical text of the operation's parameters
+  std::string justification;
+  std::string proposer;
+  int64_t created_at = 0;
+  int64_t expires_at = 0;
+  RequestState state = RequestState::kPending;
+  std::vector<Approval> approvals;  // in the order given; distinct principals
+  std::string rejected_by;          // REJECTED: who
+  std::string reason;               // REJECTED: why; FAILED/EXECUTED: what happened
+  int64_t closed_at = 0;            // when it left PENDING
+};
+
+struct RequestFilter {
+  std::optional<RequestState> state;
+  std::string key_id;  // empty = any
+};
+
+struct RequestPage {
+  std::vector<RequestRecord> requests;  // newest first (created_at, then id, descending)
+  std::string next_page_token;
+};
+
+// Everything that one state change writes, committed in a single transaction: either all of
+// it is durable or none of it is. (The audit record of the change will join this batch.)
+struct WriteBatch {
+  std::vector<KeyRecord> keys;          // inserted, or replacing the stored key with that id
+  std::vector<RequestRecord> requests;  // inserted, or replacing the stored request
+  std::map<std::string, std::string> settings;  // server-wide settings, upserted
+};
+
 struct KeyPage {
   std::vector<std::shared_ptr<const KeyRecord>> keys;  // ascending by id
-  std::string next_page_token;  // empty on the last page
+  std::string next_page_token;                         // empty on the last page
 };
 
 class KeyStore {
@@ -65,6 +125,37 @@ class KeyStore {
   // Inserts a new key with its versions and grants in one transaction.
   // ALREADY_EXISTS if the id or alias is taken; nothing is written then.
   absl::Status CreateKey(const KeyRecord& key);
+
+  // Writes a batch in one transaction (see WriteBatch). A key in the batch replaces the
+  // stored key with its id entirely (row, tags, versions, grants); a version whose `wrapped`
+  // became empty has its material overwritten on disk (secure_delete). ALREADY_EXISTS if an
+  // alias would be taken twice; nothing is written on any error.
+  absl::Status Apply(const WriteBatch& batch);
+
+  // Makes material erased by Apply unrecoverable from the files: checkpoints the WAL into
+  // the database (whose freed pages secure_delete has zeroed) and truncates it.
+  absl::Status PurgeErased();
+
+  // NOT_FOUND if there is no such request.
+  absl::StatusOr<RequestRecord> GetRequest(std::string_view id) const;
+  // Requests matching `filter`, newest first, `page_size` (1..1000) at a time.
+  absl::StatusOr<RequestPage> ListRequests(const RequestFilter& filter, size_t page_size,
+                                           std::string_view page_token) const;
+  // Requests still PENDING (whatever their expiry), oldest first.
+  absl::StatusOr<std::vector<RequestRecord>> PendingRequests() const;
+
+  // Ids of keys whose deletion is due (PENDING_DELETION, deletion_due_at <= now), and of
+  // ENABLED keys whose primary version is older than their rotation period at `now`.
+  absl::StatusOr<std::vector<std::string>> KeysDueForDeletion(int64_t now) const;
+  absl::StatusOr<std::vector<std::string>> KeysDueForRotation(int64_t now) const;
+
+  // A server-wide setting written by Apply; nullopt if never set.
+  absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;
+
+  // Usage counters of a key's versions (absent versions have never been used).
+  absl::StatusOr<std::vector<VersionUsage>> GetUsage(std::string_view key_id) const;
+  // Upserts usage counters in one transaction.
+  absl::Status PutUsage(const std::vector<VersionUsage>& usage);
 
   // NOT_FOUND if there is no such key.
   absl::StatusOr<std::shared_ptr<const KeyRecord>> GetKey(std::string_view id) const;

@@ -1,5 +1,6 @@
 #include "storage/schema.h"
 
+#include <algorithm>
 #include <iterator>
 #include <string>
 
@@ -48,6 +49,64 @@ constexpr const char* kMigrations[] = {
       ) WITHOUT ROWID;
       PRAGMA user_version = 1;
     )sql",
+    // 2: key lifecycle and dual control. Keys gain their retirement floor, rotation period
+    // and deletion times (existing keys get the defaults: nothing retired, no automatic
+    // rotation, no deletion scheduled); requests with their approvals; per-version usage.
+    R"sql(
+      ALTER TABLE keys ADD COLUMN min_decrypt_version INTEGER NOT NULL DEFAULT 1;
+      ALTER TABLE keys ADD COLUMN rotation_period_seconds INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE keys ADD COLUMN deletion_due_at INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE keys ADD COLUMN destroyed_at INTEGER NOT NULL DEFAULT 0;
+      -- The periodic sweeps read only the few keys these cover, not the whole catalogue.
+      CREATE INDEX keys_pending_deletion ON keys (deletion_due_at) WHERE state = 3;
+      CREATE INDEX keys_with_rotation ON keys (state) WHERE rotation_period_seconds > 0;
+      CREATE TABLE requests (
+        id TEXT PRIMARY KEY NOT NULL CHECK (id <> ''),
+        operation TEXT NOT NULL,
+        -- NULL for an operation on no single key (root rotation), hence no foreign key.
+        key_id TEXT CHECK (key_id <> ''),
+        parameters TEXT NOT NULL,
+        justification TEXT NOT NULL,
+        proposer TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        state INTEGER NOT NULL CHECK (state BETWEEN 1 AND 5),
+        rejected_by TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        closed_at INTEGER NOT NULL
+      );
+      -- Listings are newest first, optionally by state or key: each reads one index in order.
+      CREATE INDEX requests_by_state ON requests (state, created_at, id);
+      CREATE INDEX requests_by_key ON requests (key_id, created_at, id);
+      CREATE INDEX requests_by_time ON requests (created_at, id);
+      CREATE TABLE request_approvals (
+        request_id TEXT NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+        principal TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        ordinal INTEGER NOT NULL,  -- position in the request's list of approvals
+        PRIMARY KEY (request_id, principal)
+      ) WITHOUT ROWID;
+      -- No foreign key: counters are flushed on their own schedule, and keys are never
+      -- deleted (a destroyed key stays as a tombstone), so no row can be orphaned.
+      CREATE TABLE version_usage (
+        key_id TEXT NOT NULL,
+        version INTEGER NOT NULL CHECK (version > 0),
+        encryptions_reserved INTEGER NOT NULL,
+        encryptions INTEGER NOT NULL,
+        decryptions INTEGER NOT NULL,
+        last_used_at INTEGER NOT NULL,
+        PRIMARY KEY (key_id, version)
+      ) WITHOUT ROWID;
+      PRAGMA user_version = 2;
+    )sql",
+    // 3: server-wide settings (e.g. which root key wraps new versions).
+    R"sql(
+      CREATE TABLE settings (
+        name TEXT PRIMARY KEY NOT NULL CHECK (name <> ''),
+        value TEXT NOT NULL
+      ) WITHOUT ROWID;
+      PRAGMA user_version = 3;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {
@@ -75,20 +134,27 @@ absl::Status CheckNotNewer(int version) {
 int CurrentSchemaVersion() { return static_cast<int>(std::size(kMigrations)); }
 
 absl::StatusOr<int> MigrateSchema(sqlite::Database& db) {
+  return MigrateSchemaTo(db, CurrentSchemaVersion());
+}
+
+absl::StatusOr<int> MigrateSchemaTo(sqlite::Database& db, int target) {
+  if (target < 0 || target > CurrentSchemaVersion()) {
+    return absl::InvalidArgumentError(absl::StrCat("no schema version ", target));
+  }
   // Check before taking the write lock, so a newer database is never touched.
   CUSTOS_ASSIGN_OR_RETURN(int version, ReadVersion(db));
   CUSTOS_RETURN_IF_ERROR(CheckNotNewer(version));
-  if (version == CurrentSchemaVersion()) return version;
+  if (version >= target) return version;
 
   CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(db));
   // Read again under the write lock: another process may have migrated in between.
   CUSTOS_ASSIGN_OR_RETURN(version, ReadVersion(db));
   CUSTOS_RETURN_IF_ERROR(CheckNotNewer(version));
-  for (int step = version; step < CurrentSchemaVersion(); ++step) {
+  for (int step = version; step < target; ++step) {
     CUSTOS_RETURN_IF_ERROR(db.Exec(kMigrations[step]));
   }
   CUSTOS_RETURN_IF_ERROR(tx->Commit());
-  return CurrentSchemaVersion();
+  return std::max(version, target);
 }
 
 }  // namespace custos::storage

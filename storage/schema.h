@@ -18,4 +18,9 @@ int CurrentSchemaVersion();
 // changed then.
 absl::StatusOr<int> MigrateSchema(sqlite::Database& db);
 
+// As MigrateSchema, but stops at `target` (0..CurrentSchemaVersion()) and returns the version
+// the database is then at (higher than `target` if it already was). For tests that need a
+// database as an older Custos left it.
+absl::StatusOr<int> MigrateSchemaTo(sqlite::Database& db, int target);
+
 }  // namespace custos::storage

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  libssl-dev libsqlite3-dev libspdlog-dev libtomlplusplus-dev libcli11-dev catch2
+  libssl-dev libsqlite3-dev libspdlog-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev catch2
   softhsm2 libp11-kit-dev opensc
   sqlite3 openssl ca-certificates python3
 )

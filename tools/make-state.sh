@@ -138,6 +138,10 @@ path = "custos.db"
 
 [policy]
 file = "policy.toml"
+
+[dual_control]
+# The demo has two officers, so every change needs the approval of the other.
+default_approvals = 1
 EOF
 
 if [[ -n ${CUSTOS_PORT:-} ]] && ! grep -qxF "listen = \"127.0.0.1:$port\"" custosd.toml; then
@@ -193,10 +197,9 @@ new_pin() {
 # only as --so-pin/--pin arguments (visible in `ps` while it runs) or from a terminal, so the
 # token is initialised through PKCS#11 directly from python3 (C_InitToken on the free slot,
 # then C_InitPIN as SO), which reads the PIN files itself: the PINs are in no command line.
-# Without python3, softhsm2-util is used as a fallback and the PINs are briefly visible.
 init_token() {
-  if command -v python3 >/dev/null; then
-    python3 -I -S - "$module" "$token_label" hsm/so-pin hsm/pin <<'PY'
+  command -v python3 >/dev/null || die "python3 is needed to initialise the token"
+  python3 -I -S - "$module" "$token_label" hsm/so-pin hsm/pin <<'PY'
 import ctypes as c
 import sys
 
@@ -257,10 +260,6 @@ call("C_Logout", session)
 call("C_CloseSession", session)
 call("C_Finalize", None)
 PY
-  else
-    softhsm2-util --init-token --free --label "$token_label" \
-      --pin "$(cat hsm/pin)" --so-pin "$(cat hsm/so-pin)" >/dev/null
-  fi
 }
 
 tmp=$(mktemp -d)

@@ -3,83 +3,16 @@
 #include "core/kms.h"
 
 #include <catch2/catch.hpp>
-#include <mutex>
 
-#include "hsm/faulty_hsm.h"
-#include "hsm/pkcs11_hsm.h"
-#include "tests/support/softhsm_token.h"
+#include "tests/core/kms_fixture.h"
 
 namespace custos::core {
 namespace {
 
-constexpr char kApp[] = "spiffe://t/app/a";
-constexpr char kOfficer[] = "spiffe://t/officer/o";
-constexpr char kAuditor[] = "spiffe://t/auditor/x";
-
-// An audit sink that keeps every event and can be told to refuse them.
-class RecordingSink final : public audit::Sink {
- public:
-  absl::Status Append(const audit::Event& event) override {
-    std::lock_guard lock(mu_);
-    if (!refusal_.ok()) return refusal_;
-    events_.push_back(event);
-    return absl::OkStatus();
-  }
-  void Refuse(absl::Status status) {
-    std::lock_guard lock(mu_);
-    refusal_ = std::move(status);
-  }
-  std::vector<audit::Event> events() {
-    std::lock_guard lock(mu_);
-    return events_;
-  }
-
- private:
-  std::mutex mu_;
-  absl::Status refusal_;
-  std::vector<audit::Event> events_;
-};
-
-struct Fixture {
-  testing::SoftHsmToken token;
-  testing::TempDir dir;
-  std::unique_ptr<hsm::Hsm> real_hsm;
-  std::unique_ptr<hsm::FaultyHsm> hsm;
-  std::unique_ptr<storage::KeyStore> store;
-  RecordingSink sink;
-  ManualClock clock{1'800'000'000};
-  std::unique_ptr<Kms> kms;
-  Caller app{kApp, "ipv4:127.0.0.1:5000"};
-  Caller officer{kOfficer, "ipv4:127.0.0.1:5001"};
-  Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
-
-  Fixture() {
-    hsm::Pkcs11Options options;
-    options.module_path = testing::kSoftHsmModule;
-    options.token_label = token.label();
-    options.pin = SecureBytes::FromString(token.pin());
-    options.session_pool_size = 4;
-    real_hsm = *hsm::OpenPkcs11Hsm(std::move(options));
-    REQUIRE(real_hsm->CreateRootKey().ok());
-    hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
-    store = *storage::KeyStore::Open(dir.File("custos.db"));
-    auto policy = policy::Policy::Parse(
-        "[roles]\napp = [\"spiffe://t/app/a\"]\nofficer = [\"spiffe://t/officer/o\"]\n"
-        "auditor = [\"spiffe://t/auditor/x\"]\n");
-    REQUIRE(policy.ok());
-    kms = std::make_unique<Kms>(Kms::Options{hsm.get(), store.get(), &sink, &clock, *policy});
-  }
-
-  KeyRef NewKey(const std::string& alias) {
-    CreateKeyParams params;
-    params.alias = alias;
-    params.encrypt_principals = {kApp};
-    params.decrypt_principals = {kApp};
-    absl::StatusOr<KeyRef> key = kms->CreateKey(officer, params);
-    REQUIRE(key.ok());
-    return *key;
-  }
-};
+using testing::Fixture;
+using testing::kApp;
+using testing::kAuditor;
+using testing::kOfficer;
 
 TEST_CASE("Each use case records one audit event with the facts and outcome", "[kms][audit]") {
   Fixture f;
@@ -164,7 +97,11 @@ TEST_CASE("Auditors may not use or manage keys", "[kms][authz]") {
 TEST_CASE("A policy swap applies to the next call", "[kms][authz]") {
   Fixture f;
   f.NewKey("k");
-  f.kms->SetPolicy(*policy::Policy::Parse("[roles]\nofficer = [\"spiffe://t/officer/o\"]\n"));
+  REQUIRE(f.kms
+              ->ReplacePolicy(*policy::Policy::Parse(
+                  "[roles]\nofficer = [\"spiffe://t/officer/o\", \"spiffe://t/officer/o2\", "
+                  "\"spiffe://t/officer/o3\"]\n"))
+              .ok());
   CHECK(absl::IsPermissionDenied(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
 }
 

@@ -27,9 +27,10 @@ void Run(const std::string& command) {
 
 }  // namespace
 
-CustosServer::CustosServer() {
+CustosServer::CustosServer(const std::string& extra_config) {
   const std::string dir = dir_.path();
   Run("MAKE_STATE_QUIET=1 MAKE_STATE_OTHER_CA=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " " + dir);
+  if (!extra_config.empty()) std::ofstream(dir + "/custosd.toml", std::ios::app) << extra_config;
   setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
   Run(std::string(CUSTOSD_PATH) + " --config " + dir + "/custosd.toml init >" + dir +
       "/init.log 2>&1");
@@ -73,6 +74,14 @@ void CustosServer::Stop() {
 
 void CustosServer::Restart() {
   Stop();
+  Start();
+}
+
+void CustosServer::CrashAndRestart() {
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  std::remove(dir_.File("port").c_str());
   Start();
 }
 

@@ -23,7 +23,8 @@ inline constexpr char kAppPrincipal[] = "spiffe://custos.local/app/demo";
 
 class CustosServer {
  public:
-  CustosServer();
+  // `extra_config` (TOML) is appended to the generated custosd.toml before the first start.
+  explicit CustosServer(const std::string& extra_config = "");
   ~CustosServer();
 
   // The shared server of this test process, started on first use.
@@ -37,6 +38,8 @@ class CustosServer {
 
   // Stops custosd (SIGTERM) and starts it again on the same state folder (on a new port).
   void Restart();
+  // Kills custosd with SIGKILL (no shutdown of any kind) and starts it again.
+  void CrashAndRestart();
   // True while the custosd process is running.
   bool Alive() const;
   int port() const { return port_; }

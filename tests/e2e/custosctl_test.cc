@@ -75,5 +75,34 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   CHECK_THAT(listed.text, Catch::StartsWith("error: PERMISSION_DENIED: role 'app'"));
 }
 
+TEST_CASE("custosctl runs the README's two-officer rotation", "[e2e][ctl][dual]") {
+  CustosServer& server = CustosServer::Shared();
+  const std::string alias = UniqueAlias("ctl-rotate");
+  REQUIRE(Ctl(server, "officer1", "create-key --alias " + alias).exit_code == 0);
+
+  Output proposed = Ctl(server, "officer1",
+                        "propose rotate-key --key " + alias + " --justification 'annual rotation'");
+  INFO(proposed.text);
+  REQUIRE(proposed.exit_code == 0);
+  CHECK(Field(proposed.text, "state") == "PENDING");
+  const std::string id = Field(proposed.text, "request_id");
+  const std::string digest = Field(proposed.text, "digest");
+
+  Output self = Ctl(server, "officer1", "approve " + id + " --digest " + digest);
+  CHECK(self.exit_code == 2);
+  CHECK_THAT(self.text, Catch::StartsWith("error: PERMISSION_DENIED: the proposer"));
+
+  Output listed = Ctl(server, "officer2", "list-requests --state pending --key " + alias);
+  REQUIRE(listed.exit_code == 0);
+  CHECK(Field(listed.text, "request_id") == id);
+
+  Output approved = Ctl(server, "officer2", "approve " + id + " --digest " + digest);
+  INFO(approved.text);
+  REQUIRE(approved.exit_code == 0);
+  CHECK(Field(approved.text, "state") == "EXECUTED");
+  CHECK_THAT(Ctl(server, "officer2", "describe-key " + alias).text,
+             Catch::Contains("\"primary_version\": 2"));
+}
+
 }  // namespace
 }  // namespace custos::testing

@@ -16,21 +16,21 @@ TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command"
   std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
   hsm::FaultyHsm faulty(real.get());
 
-  auto wrapped = faulty.GenerateWrappedKey();
+  auto wrapped = faulty.GenerateWrappedKey(kRoot);
   REQUIRE(wrapped.ok());
-  const hsm::WrappedKey key{"k/1", *wrapped};
+  const hsm::WrappedKey key{"k/1", *wrapped, kRoot};
   auto sealed = faulty.Encrypt(key, AsBytes("secret"), AsBytes("aad"));
   REQUIRE(sealed.ok());
 
   faulty.FailNext(2, absl::DeadlineExceededError("slow"));
   CHECK(absl::IsDeadlineExceeded(faulty.GenerateRandom(8).status()));
-  CHECK(absl::IsDeadlineExceeded(faulty.CheckRootKey()));
-  CHECK(faulty.CheckRootKey().ok());
+  CHECK(absl::IsDeadlineExceeded(faulty.CheckRootKey(kRoot)));
+  CHECK(faulty.CheckRootKey(kRoot).ok());
 
   faulty.SetDown(true);
-  CHECK(absl::IsUnavailable(faulty.CheckRootKey()));
-  CHECK(absl::IsUnavailable(faulty.CreateRootKey()));
-  CHECK(absl::IsUnavailable(faulty.GenerateWrappedKey().status()));
+  CHECK(absl::IsUnavailable(faulty.CheckRootKey(kRoot)));
+  CHECK(absl::IsUnavailable(faulty.CreateRootKey(kRoot)));
+  CHECK(absl::IsUnavailable(faulty.GenerateWrappedKey(kRoot).status()));
   CHECK(absl::IsUnavailable(faulty.Encrypt(key, AsBytes("x"), {}).status()));
   CHECK(absl::IsUnavailable(
       faulty.Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes("aad")).status()));
@@ -42,6 +42,38 @@ TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command"
   REQUIRE(opened.ok());
   CHECK(AsString(*opened) == "secret");
   CHECK(faulty.calls() == 12);
+}
+
+TEST_CASE("FaultyHsm forwards and fails the root rotation calls") {
+  SoftHsmToken token;
+  std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
+  hsm::FaultyHsm faulty(real.get());
+  REQUIRE(faulty.CreateRootKey("root-b").ok());
+  const Bytes wrapped = faulty.GenerateWrappedKey(kRoot).value();
+  const hsm::WrappedKey key{"k/1", wrapped, kRoot};
+  auto sealed = faulty.Encrypt(key, AsBytes("secret"), {});
+  REQUIRE(sealed.ok());
+
+  faulty.FailNext(2, absl::AbortedError("injected"));
+  CHECK(absl::IsAborted(faulty.RewrapKey(key, "root-b").status()));
+  CHECK(absl::IsAborted(faulty.DestroyRootKey(kRoot)));
+  faulty.SetDown(true);
+  CHECK(absl::IsUnavailable(faulty.RewrapKey(key, "root-b").status()));
+  CHECK(absl::IsUnavailable(faulty.DestroyRootKey(kRoot)));
+  CHECK(absl::IsUnavailable(faulty.CheckRootKey("root-b")));
+  faulty.SetDown(false);
+  CHECK(real->CheckRootKey(kRoot).ok());  // The failed calls never reached the HSM.
+
+  auto rewrapped = faulty.RewrapKey(key, "root-b");
+  REQUIRE(rewrapped.ok());
+  REQUIRE(faulty.DestroyRootKey(kRoot).ok());
+  CHECK(absl::IsNotFound(faulty.DestroyRootKey(kRoot)));  // The HSM's own errors pass through.
+  CHECK(absl::IsFailedPrecondition(faulty.CheckRootKey(kRoot)));
+  auto opened = faulty.Decrypt(hsm::WrappedKey{"k/1", *rewrapped, "root-b"}, sealed->iv,
+                               sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "secret");
+  CHECK(faulty.calls() == 13);
 }
 
 TEST_CASE("FaultyHsm can own the Hsm it wraps and is thread-safe") {

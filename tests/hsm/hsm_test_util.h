@@ -27,13 +27,16 @@ inline hsm::Pkcs11Options OptionsFor(const SoftHsmToken& token, size_t pool_size
   return options;
 }
 
-// Opens an Hsm on `token`, creating the root key unless the token has one.
+// The root key label OpenHsm() makes sure of.
+inline constexpr char kRoot[] = "custos-root";
+
+// Opens an Hsm on `token`, creating root key kRoot unless the token has one.
 inline std::unique_ptr<hsm::Hsm> OpenHsm(const SoftHsmToken& token, size_t pool_size = 4,
                                          size_t cache_capacity = 64) {
   auto opened = hsm::OpenPkcs11Hsm(OptionsFor(token, pool_size, cache_capacity));
   REQUIRE(opened.ok());
   std::unique_ptr<hsm::Hsm> hsm = std::move(opened).value();
-  absl::Status root = hsm->CreateRootKey();
+  absl::Status root = hsm->CreateRootKey(kRoot);
   REQUIRE((root.ok() || absl::IsAlreadyExists(root)));
   return hsm;
 }

@@ -31,8 +31,8 @@ TEST_CASE("the cache keeps at most its capacity of unwrapped keys, and Forget de
   RawToken raw(token);
   std::vector<WrappedKey> keys;
   std::vector<Bytes> versions;
-  for (int i = 0; i < 5; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
-  for (int i = 0; i < 5; ++i) keys.push_back({"k/" + std::to_string(i), versions[i]});
+  for (int i = 0; i < 5; ++i) versions.push_back(hsm->GenerateWrappedKey(kRoot).value());
+  for (int i = 0; i < 5; ++i) keys.push_back({"k/" + std::to_string(i), versions[i], kRoot});
   for (int round = 0; round < 3; ++round) {
     for (const WrappedKey& key : keys) CHECK(RoundTrip(*hsm, key));
   }
@@ -50,14 +50,14 @@ TEST_CASE("eviction while other threads use the key is safe") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token, /*pool_size=*/4, /*cache_capacity=*/1);
   std::vector<Bytes> versions;
-  for (int i = 0; i < 4; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
+  for (int i = 0; i < 4; ++i) versions.push_back(hsm->GenerateWrappedKey(kRoot).value());
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 6; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 100; ++i) {
         const size_t v = (t + i) % versions.size();
-        if (!RoundTrip(*hsm, WrappedKey{"k/" + std::to_string(v), versions[v]})) ++failures;
+        if (!RoundTrip(*hsm, WrappedKey{"k/" + std::to_string(v), versions[v], kRoot})) ++failures;
         if (i % 10 == 0) hsm->Forget("k/" + std::to_string(v));
       }
     });
@@ -71,27 +71,27 @@ TEST_CASE("eviction while other threads use the key is safe") {
 TEST_CASE("an id is never served from other wrapped bytes") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  const Bytes a = hsm->GenerateWrappedKey().value();
-  const Bytes b = hsm->GenerateWrappedKey().value();
-  auto sealed_a = hsm->Encrypt(WrappedKey{"same-id", a}, AsBytes("under a"), {});
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  const Bytes b = hsm->GenerateWrappedKey(kRoot).value();
+  auto sealed_a = hsm->Encrypt(WrappedKey{"same-id", a, kRoot}, AsBytes("under a"), {});
   REQUIRE(sealed_a.ok());
-  auto sealed_b = hsm->Encrypt(WrappedKey{"same-id", b}, AsBytes("under b"), {});
+  auto sealed_b = hsm->Encrypt(WrappedKey{"same-id", b, kRoot}, AsBytes("under b"), {});
   REQUIRE(sealed_b.ok());
   auto opened_b =
-      hsm->Decrypt(WrappedKey{"same-id", b}, sealed_b->iv, sealed_b->ciphertext_and_tag, {});
+      hsm->Decrypt(WrappedKey{"same-id", b, kRoot}, sealed_b->iv, sealed_b->ciphertext_and_tag, {});
   REQUIRE(opened_b.ok());
   CHECK(AsString(*opened_b) == "under b");
   CHECK(absl::IsInvalidArgument(
-      hsm->Decrypt(WrappedKey{"same-id", b}, sealed_a->iv, sealed_a->ciphertext_and_tag, {})
+      hsm->Decrypt(WrappedKey{"same-id", b, kRoot}, sealed_a->iv, sealed_a->ciphertext_and_tag, {})
           .status()));
 }
 
 // Drives a KeyCache directly, beside an Hsm that made the root key and a wrapped version.
 struct CacheFixture {
   explicit CacheFixture(size_t capacity) : hsm(OpenHsm(token)), raw(token) {
-    wrapped = hsm->GenerateWrappedKey().value();
-    other = hsm->GenerateWrappedKey().value();
-    root = raw.FindKey("custos-root");
+    wrapped = hsm->GenerateWrappedKey(kRoot).value();
+    other = hsm->GenerateWrappedKey(kRoot).value();
+    root = raw.FindKey(kRoot);
     auto module = hsm::Pkcs11Module::Load(kSoftHsmModule);
     REQUIRE(module.ok());
     auto created =

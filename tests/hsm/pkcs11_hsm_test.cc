@@ -50,15 +50,15 @@ TEST_CASE("the root key is created once, inside the HSM, and cannot leave it") {
   REQUIRE(opened.ok());
   hsm::Hsm& hsm = **opened;
 
-  CHECK(absl::IsFailedPrecondition(hsm.CheckRootKey()));
-  CHECK(absl::IsFailedPrecondition(hsm.GenerateWrappedKey().status()));
-  REQUIRE(hsm.CreateRootKey().ok());
-  CHECK(hsm.CheckRootKey().ok());
-  CHECK(absl::IsAlreadyExists(hsm.CreateRootKey()));
+  CHECK(absl::IsFailedPrecondition(hsm.CheckRootKey(kRoot)));
+  CHECK(absl::IsFailedPrecondition(hsm.GenerateWrappedKey(kRoot).status()));
+  REQUIRE(hsm.CreateRootKey(kRoot).ok());
+  CHECK(hsm.CheckRootKey(kRoot).ok());
+  CHECK(absl::IsAlreadyExists(hsm.CreateRootKey(kRoot)));
 
   RawToken raw(token);
   CHECK(raw.CountSecretKeys(/*token_objects=*/true) == 1);
-  CK_OBJECT_HANDLE root = raw.FindKey("custos-root");
+  CK_OBJECT_HANDLE root = raw.FindKey(kRoot);
   REQUIRE(root != CK_INVALID_HANDLE);
   const std::pair<CK_ATTRIBUTE_TYPE, bool> expected[] = {{CKA_TOKEN, true},
                                                          {CKA_PRIVATE, true},
@@ -83,11 +83,11 @@ TEST_CASE("the root key is created once, inside the HSM, and cannot leave it") {
 
 TEST_CASE("a new instance on the same token finds the root key") {
   SoftHsmToken token;
-  { REQUIRE(OpenHsm(token)->CheckRootKey().ok()); }
+  { REQUIRE(OpenHsm(token)->CheckRootKey(kRoot).ok()); }
   auto again = hsm::OpenPkcs11Hsm(OptionsFor(token));
   REQUIRE(again.ok());
-  CHECK((*again)->CheckRootKey().ok());
-  CHECK(absl::IsAlreadyExists((*again)->CreateRootKey()));
+  CHECK((*again)->CheckRootKey(kRoot).ok());
+  CHECK(absl::IsAlreadyExists((*again)->CreateRootKey(kRoot)));
 }
 
 TEST_CASE("wrapped key versions are RFC 5649 blobs of fresh keys, and leave nothing behind") {
@@ -96,17 +96,17 @@ TEST_CASE("wrapped key versions are RFC 5649 blobs of fresh keys, and leave noth
   RawToken raw(token);
   const size_t token_objects = raw.CountSecretKeys(true);
 
-  auto first = hsm->GenerateWrappedKey();
-  auto second = hsm->GenerateWrappedKey();
+  auto first = hsm->GenerateWrappedKey(kRoot);
+  auto second = hsm->GenerateWrappedKey(kRoot);
   REQUIRE(first.ok());
   REQUIRE(second.ok());
   CHECK(first->size() == 40);
   CHECK(*first != *second);
 
   for (int i = 0; i < 100; ++i) {
-    auto wrapped = hsm->GenerateWrappedKey();
+    auto wrapped = hsm->GenerateWrappedKey(kRoot);
     REQUIRE(wrapped.ok());
-    const WrappedKey key{"k/" + std::to_string(i), *wrapped};
+    const WrappedKey key{"k/" + std::to_string(i), *wrapped, kRoot};
     auto sealed = hsm->Encrypt(key, AsBytes("payload"), AsBytes("ctx"));
     REQUIRE(sealed.ok());
     auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes("ctx"));
@@ -119,9 +119,9 @@ TEST_CASE("wrapped key versions are RFC 5649 blobs of fresh keys, and leave noth
 TEST_CASE("AES-GCM round trips and binds the AAD") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  auto wrapped = hsm->GenerateWrappedKey();
+  auto wrapped = hsm->GenerateWrappedKey(kRoot);
   REQUIRE(wrapped.ok());
-  const WrappedKey key{"key/1", *wrapped};
+  const WrappedKey key{"key/1", *wrapped, kRoot};
 
   for (const std::string& plaintext :
        {std::string(), std::string("hello"), std::string(100000, 'x')}) {
@@ -145,11 +145,11 @@ TEST_CASE("AES-GCM round trips and binds the AAD") {
 TEST_CASE("tampered, misdirected or malformed ciphertexts are refused") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  auto wrapped = hsm->GenerateWrappedKey();
-  auto other_wrapped = hsm->GenerateWrappedKey();
+  auto wrapped = hsm->GenerateWrappedKey(kRoot);
+  auto other_wrapped = hsm->GenerateWrappedKey(kRoot);
   REQUIRE((wrapped.ok() && other_wrapped.ok()));
-  const WrappedKey key{"key/1", *wrapped};
-  const WrappedKey other{"key/2", *other_wrapped};
+  const WrappedKey key{"key/1", *wrapped, kRoot};
+  const WrappedKey other{"key/2", *other_wrapped, kRoot};
   auto sealed = hsm->Encrypt(key, AsBytes("attack at dawn"), AsBytes("context"));
   REQUIRE(sealed.ok());
   Bytes iv = sealed->iv;
@@ -183,10 +183,10 @@ TEST_CASE("tampered, misdirected or malformed ciphertexts are refused") {
 
   Bytes bad_wrap = *wrapped;
   bad_wrap[3] ^= 0x01;
-  CHECK(refused(decrypt(WrappedKey{"key/bad", bad_wrap}, iv, data, "context")));
-  CHECK(refused(decrypt(WrappedKey{"key/short", Bytes(24, 0)}, iv, data, "context")));
+  CHECK(refused(decrypt(WrappedKey{"key/bad", bad_wrap, kRoot}, iv, data, "context")));
+  CHECK(refused(decrypt(WrappedKey{"key/short", Bytes(24, 0), kRoot}, iv, data, "context")));
   CHECK(absl::IsInvalidArgument(
-      hsm->Encrypt(WrappedKey{"key/bad", bad_wrap}, AsBytes("x"), {}).status()));
+      hsm->Encrypt(WrappedKey{"key/bad", bad_wrap, kRoot}, AsBytes("x"), {}).status()));
   // The refusals did not hurt the HSM or the good key.
   CHECK(decrypt(key, iv, data, "context").ok());
 }
@@ -209,13 +209,13 @@ TEST_CASE("8 threads x 200 encrypt/decrypt share a pool of 4 sessions") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token, /*pool_size=*/4);
   std::vector<Bytes> versions;
-  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
+  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey(kRoot).value());
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 200; ++i) {
-        const WrappedKey key{"v/" + std::to_string(i % 3), versions[i % 3]};
+        const WrappedKey key{"v/" + std::to_string(i % 3), versions[i % 3], kRoot};
         const std::string message = "thread " + std::to_string(t) + " message " + std::to_string(i);
         auto sealed = hsm->Encrypt(key, AsBytes(message), AsBytes("aad"));
         if (!sealed.ok()) {
@@ -237,12 +237,13 @@ TEST_CASE("a reopened Hsm (as after a restart) decrypts what the first one encry
   hsm::GcmCiphertext sealed;
   {
     auto first = OpenHsm(token);
-    wrapped = first->GenerateWrappedKey().value();
-    sealed = first->Encrypt(WrappedKey{"k/1", wrapped}, AsBytes("kept"), AsBytes("a")).value();
+    wrapped = first->GenerateWrappedKey(kRoot).value();
+    sealed =
+        first->Encrypt(WrappedKey{"k/1", wrapped, kRoot}, AsBytes("kept"), AsBytes("a")).value();
   }  // The module is finalised and unloaded here: nothing else holds it.
   auto second = OpenHsm(token);
-  auto opened = second->Decrypt(WrappedKey{"k/1", wrapped}, sealed.iv, sealed.ciphertext_and_tag,
-                                AsBytes("a"));
+  auto opened = second->Decrypt(WrappedKey{"k/1", wrapped, kRoot}, sealed.iv,
+                                sealed.ciphertext_and_tag, AsBytes("a"));
   REQUIRE(opened.ok());
   CHECK(AsString(*opened) == "kept");
 }
@@ -251,8 +252,8 @@ TEST_CASE("two instances share the module; closing one leaves the other working"
   SoftHsmToken token;
   auto first = OpenHsm(token);
   auto second = OpenHsm(token);
-  const Bytes wrapped = first->GenerateWrappedKey().value();  // WrappedKey only points at it.
-  const WrappedKey key{"k/1", wrapped};
+  const Bytes wrapped = first->GenerateWrappedKey(kRoot).value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped, kRoot};
   auto sealed = first->Encrypt(key, AsBytes("shared"), {});
   INFO(sealed.status().ToString());
   REQUIRE(sealed.ok());

@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <iterator>
 #include <vector>
 
 namespace custos::testing {
@@ -65,6 +66,28 @@ CK_RV RawToken::TryReadValue(CK_OBJECT_HANDLE object) {
   std::vector<CK_BYTE> value(64);
   CK_ATTRIBUTE attribute{CKA_VALUE, value.data(), value.size()};
   return api()->C_GetAttributeValue(session_, object, &attribute, 1);
+}
+
+CK_OBJECT_HANDLE RawToken::CreateAesKey(const std::string& label, bool extractable) {
+  CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+  CK_KEY_TYPE aes = CKK_AES;
+  CK_ULONG length = 32;
+  CK_BBOOL yes = CK_TRUE;
+  CK_BBOOL extract = extractable ? CK_TRUE : CK_FALSE;
+  CK_ATTRIBUTE key[] = {{CKA_CLASS, &secret, sizeof secret},
+                        {CKA_KEY_TYPE, &aes, sizeof aes},
+                        {CKA_VALUE_LEN, &length, sizeof length},
+                        {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+                        {CKA_TOKEN, &yes, sizeof yes},
+                        {CKA_PRIVATE, &yes, sizeof yes},
+                        {CKA_SENSITIVE, &yes, sizeof yes},
+                        {CKA_EXTRACTABLE, &extract, sizeof extract},
+                        {CKA_WRAP, &yes, sizeof yes},
+                        {CKA_UNWRAP, &yes, sizeof yes}};
+  CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  REQUIRE(api()->C_GenerateKey(session_, &generate, key, std::size(key), &handle) == CKR_OK);
+  return handle;
 }
 
 void RawToken::CloseAllSessions() {

@@ -36,6 +36,9 @@ class RawToken {
   CK_RV ReadBool(CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type, bool* value);
   // The CK_RV of reading CKA_VALUE (the key's secret bytes) into a scratch buffer.
   CK_RV TryReadValue(CK_OBJECT_HANDLE object);
+  // Generates a private AES-256 token key labelled `label`, usable to wrap and unwrap, made
+  // outside the Hsm (as a careless operator might); `extractable` as asked.
+  CK_OBJECT_HANDLE CreateAesKey(const std::string& label, bool extractable);
 
   // Closes every session of this application with the token, as a token removal would; the
   // raw session is reopened (logged out).

@@ -18,8 +18,8 @@ using hsm::WrappedKey;
 TEST_CASE("the Hsm recovers by itself when its sessions vanish (token pulled and back)") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  const Bytes wrapped = hsm->GenerateWrappedKey().value();  // WrappedKey only points at it.
-  const WrappedKey key{"k/1", wrapped};
+  const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped, kRoot};
   auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
   REQUIRE(sealed.ok());
   RawToken raw(token);
@@ -30,27 +30,54 @@ TEST_CASE("the Hsm recovers by itself when its sessions vanish (token pulled and
     REQUIRE(opened.ok());
     CHECK(AsString(*opened) == "before");
     CHECK(hsm->Encrypt(key, AsBytes("after"), {}).ok());
-    CHECK(hsm->GenerateWrappedKey().ok());
-    CHECK(hsm->CheckRootKey().ok());
+    CHECK(hsm->GenerateWrappedKey(kRoot).ok());
+    CHECK(hsm->CheckRootKey(kRoot).ok());
   }
 }
 
 TEST_CASE("the Hsm logs in again when the login was lost") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  const Bytes wrapped = hsm->GenerateWrappedKey().value();  // WrappedKey only points at it.
-  const WrappedKey key{"k/1", wrapped};
+  const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();  // WrappedKey only points at it.
+  const WrappedKey key{"k/1", wrapped, kRoot};
   auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
   REQUIRE(sealed.ok());
   RawToken raw(token);
 
   raw.Logout();
-  CHECK(hsm->CheckRootKey().ok());
+  CHECK(hsm->CheckRootKey(kRoot).ok());
   raw.Logout();
   auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
   REQUIRE(opened.ok());
   raw.Logout();
-  CHECK(hsm->GenerateWrappedKey().ok());
+  CHECK(hsm->GenerateWrappedKey(kRoot).ok());
+}
+
+TEST_CASE("root rotation calls recover from lost sessions and a lost login") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  REQUIRE(hsm->CreateRootKey("root-b").ok());
+  const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();
+  auto sealed = hsm->Encrypt(WrappedKey{"k/1", wrapped, kRoot}, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+  RawToken raw(token);
+  const size_t token_objects = raw.CountSecretKeys(/*token_objects=*/true);
+
+  raw.CloseAllSessions();
+  auto under_b = hsm->RewrapKey(WrappedKey{"k/1", wrapped, kRoot}, "root-b");
+  INFO(under_b.status().ToString());
+  REQUIRE(under_b.ok());
+  raw.Logout();
+  CHECK(hsm->RewrapKey(WrappedKey{"k/1", *under_b, "root-b"}, kRoot).ok());
+  raw.CloseAllSessions();
+  REQUIRE(hsm->DestroyRootKey(kRoot).ok());
+  raw.Logout();
+  CHECK(absl::IsFailedPrecondition(hsm->CheckRootKey(kRoot)));
+  auto opened = hsm->Decrypt(WrappedKey{"k/1", *under_b, "root-b"}, sealed->iv,
+                             sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "before");
+  CHECK(raw.CountSecretKeys(true) == token_objects - 1);
 }
 
 TEST_CASE("a PIN changed under a running Hsm is refused once and not presented again") {
@@ -63,9 +90,9 @@ TEST_CASE("a PIN changed under a running Hsm is refused once and not presented a
                               old_pin.size(), reinterpret_cast<CK_UTF8CHAR*>(new_pin.data()),
                               new_pin.size()) == CKR_OK);
   raw.CloseAllSessions();
-  absl::Status first = hsm->CheckRootKey();
+  absl::Status first = hsm->CheckRootKey(kRoot);
   CHECK(absl::IsPermissionDenied(first));
-  absl::Status second = hsm->CheckRootKey();
+  absl::Status second = hsm->CheckRootKey(kRoot);
   CHECK(absl::IsPermissionDenied(second));
   CHECK_THAT(std::string(second.message()), Catch::Contains("not presenting it again"));
 }
@@ -76,7 +103,7 @@ TEST_CASE("busy threads recover together after the sessions vanish") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token, /*pool_size=*/3, /*cache_capacity=*/2);
   std::vector<Bytes> versions;
-  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey().value());
+  for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey(kRoot).value());
   RawToken raw(token);
   std::atomic<int> failures{0};
   for (int round = 0; round < 5; ++round) {
@@ -86,7 +113,7 @@ TEST_CASE("busy threads recover together after the sessions vanish") {
       threads.emplace_back([&, t] {
         for (int i = 0; i < 20; ++i) {
           const size_t v = (t + i) % versions.size();
-          const WrappedKey key{"k/" + std::to_string(v), versions[v]};
+          const WrappedKey key{"k/" + std::to_string(v), versions[v], kRoot};
           auto sealed = hsm->Encrypt(key, AsBytes("burst"), {});
           auto opened = sealed.ok() ? hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {})
                                     : absl::StatusOr<SecureBytes>(sealed.status());

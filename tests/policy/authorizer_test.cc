@@ -15,14 +15,18 @@ constexpr Action kAllActions[] = {
     Action::kEncrypt,         Action::kDecrypt,
     Action::kReEncrypt,       Action::kCreateKey,
     Action::kDescribeKey,     Action::kListKeys,
+    Action::kPropose,         Action::kApprove,
+    Action::kReject,          Action::kGetRequest,
+    Action::kListRequests,
 };
 
 TEST_CASE("Every role x action pair is decided as separation of duties says", "[authorizer]") {
   const std::set<Action> app_may = {Action::kGenerateDataKey,
                                     Action::kGenerateDataKeyWithoutPlaintext, Action::kEncrypt,
                                     Action::kDecrypt, Action::kReEncrypt};
-  const std::set<Action> officer_may = {Action::kCreateKey, Action::kDescribeKey,
-                                        Action::kListKeys};
+  const std::set<Action> officer_may = {
+      Action::kCreateKey, Action::kDescribeKey, Action::kListKeys,   Action::kPropose,
+      Action::kApprove,   Action::kReject,      Action::kGetRequest, Action::kListRequests};
   const std::map<Role, std::pair<std::set<Action>, std::string>> rules = {
       {Role::kApp, {app_may, "applications do not manage keys"}},
       {Role::kOfficer, {officer_may, "officers never receive key material"}},
@@ -62,6 +66,11 @@ TEST_CASE("Action and key-use names are stable", "[authorizer]") {
       {Action::kCreateKey, "CreateKey"},
       {Action::kDescribeKey, "DescribeKey"},
       {Action::kListKeys, "ListKeys"},
+      {Action::kPropose, "Propose"},
+      {Action::kApprove, "Approve"},
+      {Action::kReject, "Reject"},
+      {Action::kGetRequest, "GetRequest"},
+      {Action::kListRequests, "ListRequests"},
   };
   REQUIRE(names.size() == std::size(kAllActions));
   for (const auto& [action, name] : names) CHECK(ActionName(action) == name);

@@ -187,7 +187,11 @@ pin_file = "hsm/pin"
 path = "custos.db"
 
 [policy]
-file = "policy.toml"'
+file = "policy.toml"
+
+[dual_control]
+# The demo has two officers, so every change needs the approval of the other.
+default_approvals = 1'
 expected_policy='# Custos policy: which principal (client certificate SAN URI or CN) holds which role.
 # Each principal holds exactly one role.
 [roles]

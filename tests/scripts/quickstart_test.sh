@@ -31,12 +31,12 @@ start() {
   CUSTOS_STATE="$work/state" CUSTOS_BUILD_DIR="$build" CUSTOS_PORT="$port" \
     "$repo/deploy/quickstart.sh" >>"$work/quickstart.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 600); do
     "${ctl[@]}" --as officer1 list-keys >/dev/null 2>&1 && return 0
     kill -0 "$pid" 2>/dev/null || fail "quickstart exited early"
     sleep 0.2
   done
-  fail "custosd did not answer within 60 s"
+  fail "custosd did not answer within 120 s"
 }
 stop() {
   kill "$pid"

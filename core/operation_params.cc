@@ -1,0 +1,113 @@
+#include "core/operation_params.h"
+
+#include <openssl/evp.h>
+
+#include <nlohmann/json.hpp>
+
+#include "common/strings.h"
+
+namespace custos::core {
+namespace {
+
+using policy::Operation;
+using Json = nlohmann::json;
+
+Json Principals(const std::set<std::string>& principals) {
+  return Json(std::vector<std::string>(principals.begin(), principals.end()));
+}
+
+std::set<std::string> PrincipalsFrom(const Json& json) {
+  const auto list = json.get<std::vector<std::string>>();
+  return {list.begin(), list.end()};
+}
+
+}  // namespace
+
+std::string EncodeParams(Operation operation, const OperationParams& params) {
+  Json json = Json::object();
+  switch (operation) {
+    case Operation::kCreateKey:
+      json["alias"] = params.create.alias;
+      json["description"] = params.create.description;
+      json["tags"] = params.create.tags;
+      json["encrypt_principals"] = Principals(params.create.encrypt_principals);
+      json["decrypt_principals"] = Principals(params.create.decrypt_principals);
+      json["rotation_period_days"] = params.create.rotation_period_days;
+      break;
+    case Operation::kUpdateKeyGrants:
+      json["encrypt_principals"] = Principals(params.encrypt_principals);
+      json["decrypt_principals"] = Principals(params.decrypt_principals);
+      break;
+    case Operation::kSetMinDecryptVersion:
+      json["min_decrypt_version"] = params.min_decrypt_version;
+      break;
+    case Operation::kScheduleKeyDeletion:
+      json["deletion_waiting_days"] = params.deletion_waiting_days;
+      break;
+    case Operation::kRotateKey:
+    case Operation::kDisableKey:
+    case Operation::kEnableKey:
+    case Operation::kCancelKeyDeletion:
+    case Operation::kRotateRootKey:
+      break;
+  }
+  return json.dump();  // nlohmann::json keeps object keys sorted: the text is canonical.
+}
+
+absl::StatusOr<OperationParams> DecodeParams(Operation operation, std::string_view text) {
+  OperationParams params;
+  try {
+    const Json json = Json::parse(text);
+    switch (operation) {
+      case Operation::kCreateKey:
+        params.create.alias = json.at("alias").get<std::string>();
+        params.create.description = json.at("description").get<std::string>();
+        params.create.tags = json.at("tags").get<std::map<std::string, std::string>>();
+        params.create.encrypt_principals = PrincipalsFrom(json.at("encrypt_principals"));
+        params.create.decrypt_principals = PrincipalsFrom(json.at("decrypt_principals"));
+        params.create.rotation_period_days = json.at("rotation_period_days").get<int64_t>();
+        break;
+      case Operation::kUpdateKeyGrants:
+        params.encrypt_principals = PrincipalsFrom(json.at("encrypt_principals"));
+        params.decrypt_principals = PrincipalsFrom(json.at("decrypt_principals"));
+        break;
+      case Operation::kSetMinDecryptVersion:
+        params.min_decrypt_version = json.at("min_decrypt_version").get<uint32_t>();
+        break;
+      case Operation::kScheduleKeyDeletion:
+        params.deletion_waiting_days = json.at("deletion_waiting_days").get<int64_t>();
+        break;
+      case Operation::kRotateKey:
+      case Operation::kDisableKey:
+      case Operation::kEnableKey:
+      case Operation::kCancelKeyDeletion:
+      case Operation::kRotateRootKey:
+        break;
+    }
+  } catch (const Json::exception& e) {
+    return absl::InternalError(StrCat("stored request parameters do not parse: ", e.what()));
+  }
+  return params;
+}
+
+std::string RequestDigest(const Request& request) {
+  // Length-prefixed fields, so no two different requests share an encoding.
+  std::string canonical;
+  for (const std::string& field :
+       {request.id, request.operation, request.key_id, request.parameters, request.justification,
+        request.proposer, std::to_string(request.created_at), std::to_string(request.expires_at)}) {
+    canonical += StrCat(field.size(), ":", field, ";");
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_Digest(canonical.data(), canonical.size(), digest, &length, EVP_sha256(), nullptr);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) {
+    hex.push_back(kHex[digest[i] >> 4]);
+    hex.push_back(kHex[digest[i] & 0x0f]);
+  }
+  return hex;
+}
+
+}  // namespace custos::core

@@ -1,0 +1,439 @@
+// Dual control: proposals, approvals, rejections and expiry of key-management requests, and
+// the housekeeping that destroys keys when their deletion waiting period ends.
+#include <algorithm>
+
+#include "common/strings.h"
+#include "core/call.h"
+#include "core/key_id.h"
+#include "core/kms.h"
+#include "core/operation_params.h"
+
+namespace custos::core {
+namespace {
+
+using policy::Action;
+using policy::Operation;
+using storage::KeyRecord;
+using storage::KeyState;
+using storage::RequestState;
+
+constexpr size_t kMaxJustificationBytes = 2048;
+constexpr size_t kMaxReasonBytes = 2048;
+
+std::string NotPending(const Request& request) {
+  return StrCat("request ", request.id, " is ", storage::RequestStateName(request.state),
+                "; only PENDING requests accept approvals or rejections");
+}
+
+bool HasApproved(const Request& request, std::string_view principal) {
+  return std::any_of(request.approvals.begin(), request.approvals.end(),
+                     [&](const storage::Approval& a) { return a.principal == principal; });
+}
+
+}  // namespace
+
+absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& proposal) {
+  Call call(*this, caller, Action::kPropose);
+  return call.Finish([&]() -> absl::StatusOr<Request> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    if (proposal.justification.empty()) {
+      return absl::InvalidArgumentError("a proposal needs a justification for the approvers");
+    }
+    if (proposal.justification.size() > kMaxJustificationBytes) {
+      return absl::InvalidArgumentError(
+          StrCat("justification is longer than ", kMaxJustificationBytes, " bytes"));
+    }
+    std::lock_guard lock(requests_mu_);
+    const int64_t now = options_.clock->NowSeconds();
+    Request request;
+    request.id = NewKeyId();
+    request.operation = std::string(policy::OperationName(proposal.operation));
+    request.justification = proposal.justification;
+    request.proposer = caller.principal;
+    request.created_at = now;
+    request.expires_at = now + options_.dual_control.request_ttl_seconds;
+    request.parameters = EncodeParams(proposal.operation, proposal.params);
+    call.event().request_id = request.id;
+
+    if (proposal.operation == Operation::kRotateRootKey) {
+      CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+      for (const Request& other : pending) {
+        if (other.operation == request.operation && other.expires_at > now) {
+          return absl::FailedPreconditionError(
+              StrCat("root key rotation ", other.id, " is already pending"));
+        }
+      }
+    } else if (proposal.operation == Operation::kCreateKey) {
+      CUSTOS_RETURN_IF_ERROR(ValidateCreate(proposal.params.create));
+      if (!proposal.params.create.alias.empty() &&
+          options_.store->FindKeyByAlias(proposal.params.create.alias).ok()) {
+        return absl::AlreadyExistsError(
+            StrCat("alias '", proposal.params.create.alias, "' is already in use"));
+      }
+    } else {
+      CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(proposal.key));
+      call.SetKey(*key, key->primary_version);
+      request.key_id = key->id;
+      // Refuse now what could not execute now; Execute checks again at quorum.
+      if (proposal.operation != Operation::kRotateKey) {
+        CUSTOS_RETURN_IF_ERROR(Applied(*key, proposal.operation, proposal.params).status());
+      } else if (key->state != KeyState::kEnabled && key->state != KeyState::kDisabled) {
+        return absl::FailedPreconditionError(StrCat("RotateKey needs key ", key->id,
+                                                    " to be ENABLED or DISABLED; it is ",
+                                                    storage::KeyStateName(key->state)));
+      }
+      // One change at a time per key: two requests never both act on the state they saw.
+      CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+      for (Request& other : pending) {
+        if (other.key_id != key->id) continue;
+        if (other.expires_at <= now) {
+          CUSTOS_RETURN_IF_ERROR(Expire(std::move(other)));
+          continue;
+        }
+        return absl::FailedPreconditionError(
+            StrCat("key ", key->id, " already has pending request ", other.id, " (",
+                   other.operation, "); approve, reject or let it expire first"));
+      }
+    }
+    if (ApprovalsFor(proposal.operation) == 0) return Execute(call, request, proposal.params);
+    storage::WriteBatch batch;
+    batch.requests.push_back(request);
+    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    return request;
+  }());
+}
+
+absl::StatusOr<Request> Kms::LoadPending(Call& call, std::string_view request_id) {
+  CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(request_id));
+  call.event().request_id = request.id;
+  call.event().key_id = request.key_id;
+  if (request.state != RequestState::kPending) {
+    return absl::FailedPreconditionError(NotPending(request));
+  }
+  if (request.expires_at <= options_.clock->NowSeconds()) {
+    const std::string id = request.id;
+    CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
+    return absl::FailedPreconditionError(
+        StrCat("request ", id,
+               " is EXPIRED; only PENDING requests accept approvals or "
+               "rejections"));
+  }
+  return request;
+}
+
+absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view request_id,
+                                     std::string_view expected_digest) {
+  Call call(*this, caller, Action::kApprove);
+  return call.Finish([&]() -> absl::StatusOr<Request> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    std::lock_guard lock(requests_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
+    if (expected_digest.empty()) {
+      return absl::InvalidArgumentError(
+          "an approval must name the digest of the request as reviewed (GetRequest shows it)");
+    }
+    if (expected_digest != RequestDigest(request)) {
+      return absl::FailedPreconditionError(
+          StrCat("request ", request.id,
+                 " is not the request you reviewed (digest mismatch); "
+                 "fetch it again and review it before approving"));
+    }
+    if (request.proposer == caller.principal) {
+      return absl::PermissionDeniedError(StrCat("the proposer of request ", request.id,
+                                                " cannot approve it; another officer "
+                                                "must"));
+    }
+    if (HasApproved(request, caller.principal)) return request;  // a retry counts once
+    request.approvals.push_back({caller.principal, options_.clock->NowSeconds()});
+    const std::optional<Operation> operation = policy::ParseOperation(request.operation);
+    if (!operation) return absl::InternalError("stored request has an unknown operation");
+    // Approvals count only from principals who are officers now (a policy reload may have
+    // taken the role away since they approved).
+    const std::shared_ptr<const policy::Policy> policy = CurrentPolicy();
+    const int valid = static_cast<int>(std::count_if(
+        request.approvals.begin(), request.approvals.end(), [&](const storage::Approval& a) {
+          return policy->RoleOf(a.principal) == policy::Role::kOfficer;
+        }));
+    if (valid < ApprovalsFor(*operation)) {
+      storage::WriteBatch batch;
+      batch.requests.push_back(request);
+      CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+      return request;
+    }
+    CUSTOS_ASSIGN_OR_RETURN(OperationParams params, DecodeParams(*operation, request.parameters));
+    return Execute(call, std::move(request), params);
+  }());
+}
+
+absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const OperationParams& params) {
+  const Operation operation = *policy::ParseOperation(request.operation);
+  storage::WriteBatch batch;
+  absl::StatusOr<KeyRecord> changed = absl::InternalError("unset");
+  if (operation == Operation::kRotateRootKey) return RotateRoot(call, std::move(request));
+  if (operation == Operation::kCreateKey) {
+    changed = NewKey({request.proposer, call.caller().peer}, params.create);
+  } else {
+    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(request.key_id));
+    changed = Applied(*key, operation, params);
+  }
+  // An unreachable HSM leaves the request as it was: the approval can simply be given again.
+  if (absl::IsUnavailable(changed.status())) return changed.status();
+  request.closed_at = options_.clock->NowSeconds();
+  if (!changed.ok()) {
+    request.state = RequestState::kFailed;
+    request.reason = std::string(changed.status().message());
+    batch.requests.push_back(request);
+    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    return absl::FailedPreconditionError(StrCat(
+        "request ", request.id, " reached its quorum but could not execute: ", request.reason));
+  }
+  request.state = RequestState::kExecuted;
+  request.key_id = changed->id;
+  request.reason =
+      StrCat(request.operation, " executed; key ", changed->id, " is ",
+             storage::KeyStateName(changed->state), ", primary version ", changed->primary_version);
+  call.SetKey(*changed, changed->primary_version);
+  batch.keys.push_back(*changed);
+  batch.requests.push_back(request);
+  CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+  CUSTOS_RETURN_IF_ERROR(
+      RecordServerEvent(request.operation, changed->id, request.id, absl::OkStatus()));
+  return request;
+}
+
+namespace {
+
+// The next root label: "custos-root" -> "custos-root.2" -> "custos-root.3" ...
+std::string NextRootLabel(const std::string& label) {
+  const size_t dot = label.rfind('.');
+  if (dot != std::string::npos && dot + 1 < label.size() && dot + 10 > label.size() &&
+      label.find_first_not_of("0123456789", dot + 1) == std::string::npos) {
+    return StrCat(label.substr(0, dot), ".", std::stoi(label.substr(dot + 1)) + 1);
+  }
+  return StrCat(label, ".2");
+}
+
+}  // namespace
+
+absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
+  const std::string old_root = CurrentRoot();
+  const std::string new_root = NextRootLabel(old_root);
+  // ALREADY_EXISTS: an earlier attempt was cut short; carry on where it stopped.
+  absl::Status created = options_.hsm->CreateRootKey(new_root);
+  if (!created.ok() && !absl::IsAlreadyExists(created)) return created;
+  size_t rewrapped = 0;
+  std::string page_token;
+  do {  // Page by page: each page commits on its own, so a crash loses no finished work.
+    CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
+    storage::WriteBatch batch;
+    for (const KeyRef& current : page.keys) {
+      KeyRecord key = *current;
+      bool changed = false;
+      for (storage::KeyVersion& version : key.versions) {
+        if (version.wrapped.empty() || version.root_key_label == new_root) continue;
+        CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped,
+                                options_.hsm->RewrapKey({StrCat(key.id, "/", version.version),
+                                                         version.wrapped, version.root_key_label},
+                                                        new_root));
+        version.wrapped = std::move(wrapped);
+        version.root_key_label = new_root;
+        changed = true;
+        ++rewrapped;
+      }
+      if (changed) batch.keys.push_back(std::move(key));
+    }
+    if (!batch.keys.empty()) CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    page_token = page.next_page_token;
+  } while (!page_token.empty());
+
+  request.state = RequestState::kExecuted;
+  request.closed_at = options_.clock->NowSeconds();
+  request.reason = StrCat("root key rotated from '", old_root, "' to '", new_root, "'; ", rewrapped,
+                          " key versions re-wrapped");
+  storage::WriteBatch batch;
+  batch.requests.push_back(request);
+  batch.settings[kRootKeySetting] = new_root;
+  CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+  {
+    std::lock_guard lock(policy_mu_);
+    root_key_label_ = new_root;
+  }
+  // Nothing refers to the old root any more. Destroying it bounds how long a destroyed key
+  // survives in old database backups: their wrapped bytes are useless without it.
+  absl::Status destroyed = options_.hsm->DestroyRootKey(old_root);
+  if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();
+  call.event().request_id = request.id;
+  CUSTOS_RETURN_IF_ERROR(
+      RecordServerEvent("RotateRootKey", "", request.id, destroyed, StrCat("new root ", new_root)));
+  return request;
+}
+
+absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view request_id,
+                                    std::string_view reason) {
+  Call call(*this, caller, Action::kReject);
+  return call.Finish([&]() -> absl::StatusOr<Request> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    if (reason.empty()) return absl::InvalidArgumentError("a rejection needs a reason");
+    if (reason.size() > kMaxReasonBytes) {
+      return absl::InvalidArgumentError(
+          StrCat("reason is longer than ", kMaxReasonBytes, " bytes"));
+    }
+    std::lock_guard lock(requests_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
+    request.state = RequestState::kRejected;
+    request.rejected_by = caller.principal;
+    request.reason = std::string(reason);
+    request.closed_at = options_.clock->NowSeconds();
+    storage::WriteBatch batch;
+    batch.requests.push_back(request);
+    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    return request;
+  }());
+}
+
+absl::StatusOr<Request> Kms::GetRequest(const Caller& caller, std::string_view request_id) {
+  Call call(*this, caller, Action::kGetRequest);
+  return call.Finish([&]() -> absl::StatusOr<Request> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    call.event().request_id = std::string(request_id);
+    return options_.store->GetRequest(request_id);
+  }());
+}
+
+absl::StatusOr<storage::RequestPage> Kms::ListRequests(const Caller& caller,
+                                                       const storage::RequestFilter& filter,
+                                                       size_t page_size,
+                                                       std::string_view page_token) {
+  Call call(*this, caller, Action::kListRequests);
+  return call.Finish([&]() -> absl::StatusOr<storage::RequestPage> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    storage::RequestFilter resolved = filter;
+    if (!filter.key_id.empty()) {  // an alias names the key it stands for
+      CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(filter.key_id));
+      resolved.key_id = key->id;
+    }
+    return options_.store->ListRequests(resolved, page_size, page_token);
+  }());
+}
+
+absl::Status Kms::Expire(Request request) {
+  request.state = RequestState::kExpired;
+  request.closed_at = options_.clock->NowSeconds();
+  storage::WriteBatch batch;
+  batch.requests.push_back(request);
+  absl::Status written = options_.store->Apply(batch);
+  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("ExpireRequest", request.key_id, request.id, written));
+  return written;
+}
+
+absl::Status Kms::DestroyKey(const std::string& key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(KeyRef current, options_.store->GetKey(key_id));
+  KeyRecord key = *current;
+  for (storage::KeyVersion& version : key.versions) version.wrapped.clear();
+  key.state = KeyState::kDestroyed;
+  key.destroyed_at = options_.clock->NowSeconds();
+  storage::WriteBatch batch;
+  batch.keys.push_back(key);
+  absl::Status written = options_.store->Apply(batch);
+  if (written.ok()) {
+    for (const storage::KeyVersion& version : key.versions) {
+      options_.hsm->Forget(StrCat(key.id, "/", version.version));
+    }
+    written = options_.store->PurgeErased();
+  }
+  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("DestroyKey", key.id, "", written));
+  return written;
+}
+
+absl::Status Kms::RunMaintenance() {
+  std::lock_guard lock(requests_mu_);
+  const int64_t now = options_.clock->NowSeconds();
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+  for (Request& request : pending) {
+    if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due, options_.store->KeysDueForDeletion(now));
+  for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
+  std::set<std::string> rotate(stale.begin(), stale.end());
+  rotate.merge(usage_.TakeRotationWanted());
+  for (const std::string& key_id : rotate) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id));
+  return usage_.Flush();
+}
+
+absl::Status Kms::AutoRotate(const std::string& key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
+  if (key->state != KeyState::kEnabled) return absl::OkStatus();  // nothing encrypts under it
+  absl::StatusOr<KeyRecord> rotated = Applied(*key, Operation::kRotateKey, {});
+  absl::Status written = rotated.status();
+  if (rotated.ok()) {
+    storage::WriteBatch batch;
+    batch.keys.push_back(*rotated);
+    written = options_.store->Apply(batch);
+  }
+  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("AutoRotateKey", key_id, "", written));
+  return written;
+}
+
+absl::Status Kms::RecordServerEvent(std::string_view action, const std::string& key_id,
+                                    const std::string& request_id, const absl::Status& outcome,
+                                    std::string detail) {
+  audit::Event event;
+  event.time = options_.clock->NowSeconds();
+  event.principal = kServerPrincipal;
+  event.role = "server";
+  event.action = std::string(action);
+  event.key_id = key_id;
+  event.request_id = request_id;
+  event.outcome = outcome.code();
+  event.detail = std::move(detail);
+  // The durable audit log will commit this event together with the change it records; until
+  // then a refusal here is reported to the caller but cannot undo the change.
+  absl::Status recorded = options_.audit->Append(event);
+  if (!recorded.ok()) {
+    return absl::UnavailableError(
+        StrCat("audit log unavailable: ", action, " was not recorded: ", recorded.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Kms::RecordServerStart() {
+  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("ServerStart", "", "", absl::OkStatus()));
+  return RecordServerEvent("LoadPolicy", "", "", absl::OkStatus(),
+                           StrCat("policy sha256=", CurrentPolicy()->sha256_hex()));
+}
+
+absl::Status Kms::RecordServerStop() {
+  return RecordServerEvent("ServerStop", "", "", absl::OkStatus());
+}
+
+absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
+  CUSTOS_RETURN_IF_ERROR(policy::CheckQuorumsReachable(options_.dual_control, *policy));
+  // Held throughout, so no key change validated against the old policy slips in meanwhile.
+  std::lock_guard requests_lock(requests_mu_);
+  std::string page_token;
+  do {
+    CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
+    for (const KeyRef& key : page.keys) {
+      for (const auto* grants : {&key->encrypt_grants, &key->decrypt_grants}) {
+        for (const std::string& principal : *grants) {
+          const std::optional<policy::Role> role = policy->RoleOf(principal);
+          if (role && *role != policy::Role::kApp) {
+            return absl::FailedPreconditionError(StrCat(
+                "principal '", principal, "' would hold role '", policy::RoleName(*role),
+                "' but key ", key->id, " grants it use of key material; revoke the grant first"));
+          }
+        }
+      }
+    }
+    page_token = page.next_page_token;
+  } while (!page_token.empty());
+  const std::string detail = StrCat("policy sha256=", policy->sha256_hex());
+  {
+    std::lock_guard lock(policy_mu_);
+    policy_ = std::move(policy);
+  }
+  return RecordServerEvent("LoadPolicy", "", "", absl::OkStatus(), detail);
+}
+
+}  // namespace custos::core

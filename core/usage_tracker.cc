@@ -1,0 +1,121 @@
+#include "core/usage_tracker.h"
+
+#include <algorithm>
+
+#include "common/strings.h"
+
+namespace custos::core {
+
+struct UsageTracker::Counter {
+  storage::VersionUsage usage;  // encryptions and decryptions as counted in memory
+  bool dirty = false;           // decryptions or last_used_at not yet written
+};
+
+UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, UsageLimits limits,
+                           std::function<void()> on_rotation_wanted)
+    : store_(store),
+      clock_(clock),
+      limits_(limits),
+      on_rotation_wanted_(std::move(on_rotation_wanted)) {}
+
+UsageTracker::~UsageTracker() = default;
+
+absl::StatusOr<UsageTracker::Counter*> UsageTracker::Find(const std::string& key_id,
+                                                          uint32_t version) {
+  if (loaded_keys_.insert(key_id).second) {
+    absl::StatusOr<std::vector<storage::VersionUsage>> stored = store_->GetUsage(key_id);
+    if (!stored.ok()) {
+      loaded_keys_.erase(key_id);
+      return stored.status();
+    }
+    for (storage::VersionUsage& usage : *stored) {
+      auto counter = std::make_unique<Counter>();
+      // Resume from the reservation: whatever was used of it before a crash is unknown.
+      usage.encryptions = usage.encryptions_reserved;
+      counter->usage = std::move(usage);
+      counters_[{key_id, counter->usage.version}] = std::move(counter);
+    }
+  }
+  std::unique_ptr<Counter>& counter = counters_[{key_id, version}];
+  if (!counter) {
+    counter = std::make_unique<Counter>();
+    counter->usage.key_id = key_id;
+    counter->usage.version = version;
+  }
+  return counter.get();
+}
+
+absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t version) {
+  bool flagged = false;
+  {
+    std::lock_guard lock(mu_);
+    CUSTOS_ASSIGN_OR_RETURN(Counter * counter, Find(key_id, version));
+    storage::VersionUsage& usage = counter->usage;
+    if (usage.encryptions >= limits_.rotate_at) {
+      flagged = rotation_wanted_.insert(key_id).second;
+    }
+    if (usage.encryptions >= limits_.max_encryptions) {
+      if (flagged && on_rotation_wanted_) on_rotation_wanted_();
+      return absl::ResourceExhaustedError(
+          StrCat("version ", version, " of key ", key_id, " has reached its limit of ",
+                 limits_.max_encryptions,
+                 " encryptions (AES-GCM random IVs); it is being rotated, "
+                 "retry shortly"));
+    }
+    if (usage.encryptions >= usage.encryptions_reserved) {
+      storage::VersionUsage reserved = usage;
+      reserved.encryptions_reserved =
+          std::min(limits_.max_encryptions, usage.encryptions_reserved + limits_.reservation_block);
+      reserved.last_used_at = clock_->NowSeconds();
+      CUSTOS_RETURN_IF_ERROR(store_->PutUsage({reserved}));
+      usage.encryptions_reserved = reserved.encryptions_reserved;
+      counter->dirty = false;
+    }
+    ++usage.encryptions;
+    usage.last_used_at = clock_->NowSeconds();
+    if (usage.encryptions >= limits_.rotate_at) {
+      flagged = rotation_wanted_.insert(key_id).second || flagged;
+    }
+  }
+  if (flagged && on_rotation_wanted_) on_rotation_wanted_();
+  return absl::OkStatus();
+}
+
+void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) {
+  std::lock_guard lock(mu_);
+  absl::StatusOr<Counter*> counter = Find(key_id, version);
+  if (!counter.ok()) return;  // counts inform officers; a store hiccup must not fail decrypts
+  ++(*counter)->usage.decryptions;
+  (*counter)->usage.last_used_at = clock_->NowSeconds();
+  (*counter)->dirty = true;
+}
+
+absl::StatusOr<std::vector<storage::VersionUsage>> UsageTracker::Usage(const std::string& key_id) {
+  std::lock_guard lock(mu_);
+  if (!loaded_keys_.count(key_id)) CUSTOS_RETURN_IF_ERROR(Find(key_id, 1).status());
+  std::vector<storage::VersionUsage> usage;
+  for (auto it = counters_.lower_bound({key_id, 0});
+       it != counters_.end() && it->first.first == key_id; ++it) {
+    usage.push_back(it->second->usage);
+  }
+  return usage;
+}
+
+std::set<std::string> UsageTracker::TakeRotationWanted() {
+  std::lock_guard lock(mu_);
+  return std::exchange(rotation_wanted_, {});
+}
+
+absl::Status UsageTracker::Flush() {
+  std::lock_guard lock(mu_);
+  std::vector<storage::VersionUsage> dirty;
+  for (const auto& [id, counter] : counters_) {
+    if (counter->dirty) dirty.push_back(counter->usage);
+  }
+  if (dirty.empty()) return absl::OkStatus();
+  CUSTOS_RETURN_IF_ERROR(store_->PutUsage(dirty));
+  for (auto& [id, counter] : counters_) counter->dirty = false;
+  return absl::OkStatus();
+}
+
+}  // namespace custos::core

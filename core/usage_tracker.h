@@ -1,0 +1,73 @@
+// UsageTracker: how much each key version is used, and the AES-GCM limit on encryptions.
+//
+// Random 96-bit IVs allow at most 2^32 encryptions under one key (NIST SP 800-38D). Every
+// encryption is counted in memory; the durable count is reserved in blocks ahead of use
+// (one store write per block, not per request), and after a restart counting resumes from the
+// reservation, so a crash can skip ahead but never rewind. When a version's count reaches
+// `rotate_at`, its key is flagged for automatic rotation; at `max_encryptions` further
+// encryptions under it are refused. Decryption counts and last-use times are flushed with
+// reservations and by Flush(); a crash may lose the unflushed tail of those (they inform
+// officers, they guard nothing). Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/clock.h"
+#include "common/status.h"
+#include "storage/key_store.h"
+
+namespace custos::core {
+
+struct UsageLimits {
+  uint64_t max_encryptions = uint64_t{1} << 32;  // per version; refuse at this count
+  uint64_t rotate_at = uint64_t{3} << 30;        // flag for rotation at this count (75 %)
+  uint64_t reservation_block = 10000;            // encryptions reserved per store write
+};
+
+class UsageTracker {
+ public:
+  // `store` and `clock` must outlive the tracker. `on_rotation_wanted` (may be empty) is
+  // called, without locks held, when a key is first flagged.
+  UsageTracker(storage::KeyStore* store, const Clock* clock, UsageLimits limits,
+               std::function<void()> on_rotation_wanted);
+  ~UsageTracker();
+
+  // Counts one encryption under (key_id, version) before it happens. RESOURCE_EXHAUSTED when
+  // the version has reached its limit; UNAVAILABLE if a reservation cannot be written (the
+  // encryption must not happen then either).
+  absl::Status CountEncryption(const std::string& key_id, uint32_t version);
+  void CountDecryption(const std::string& key_id, uint32_t version);
+
+  // The key's usage as of now (durable counts merged with what is only in memory yet).
+  absl::StatusOr<std::vector<storage::VersionUsage>> Usage(const std::string& key_id);
+
+  // Keys flagged for rotation since the last call.
+  std::set<std::string> TakeRotationWanted();
+
+  // Writes decryption counts and last-use times that are only in memory.
+  absl::Status Flush();
+
+ private:
+  struct Counter;
+  // The counter of (key_id, version), loaded from the store on first use. Called with mu_.
+  absl::StatusOr<Counter*> Find(const std::string& key_id, uint32_t version);
+
+  storage::KeyStore* const store_;
+  const Clock* const clock_;
+  const UsageLimits limits_;
+  const std::function<void()> on_rotation_wanted_;
+
+  std::mutex mu_;  // Guards everything below; held across a reservation's store write.
+  std::map<std::pair<std::string, uint32_t>, std::unique_ptr<Counter>> counters_;
+  std::set<std::string> loaded_keys_;
+  std::set<std::string> rotation_wanted_;
+};
+
+}  // namespace custos::core

@@ -1,0 +1,110 @@
+// A Kms over a real SoftHSM2 token and a real SQLite file, with a recording audit sink, a
+// FaultyHsm to inject HSM failures and a manual clock. Shared by the core tests.
+#pragma once
+
+#include <catch2/catch.hpp>
+#include <memory>
+#include <mutex>
+
+#include "core/kms.h"
+#include "hsm/faulty_hsm.h"
+#include "hsm/pkcs11_hsm.h"
+#include "tests/support/softhsm_token.h"
+
+namespace custos::core::testing {
+
+using custos::testing::SoftHsmToken;
+using custos::testing::TempDir;
+
+inline constexpr char kApp[] = "spiffe://t/app/a";
+inline constexpr char kOfficer[] = "spiffe://t/officer/o";
+inline constexpr char kOfficer2[] = "spiffe://t/officer/o2";
+inline constexpr char kOfficer3[] = "spiffe://t/officer/o3";
+inline constexpr char kAuditor[] = "spiffe://t/auditor/x";
+inline constexpr char kPolicy[] =
+    "[roles]\napp = [\"spiffe://t/app/a\"]\n"
+    "officer = [\"spiffe://t/officer/o\", \"spiffe://t/officer/o2\", \"spiffe://t/officer/o3\"]\n"
+    "auditor = [\"spiffe://t/auditor/x\"]\n";
+
+// An audit sink that keeps every event and can be told to refuse them.
+class RecordingSink final : public audit::Sink {
+ public:
+  absl::Status Append(const audit::Event& event) override {
+    std::lock_guard lock(mu_);
+    if (!refusal_.ok()) return refusal_;
+    events_.push_back(event);
+    return absl::OkStatus();
+  }
+  void Refuse(absl::Status status) {
+    std::lock_guard lock(mu_);
+    refusal_ = std::move(status);
+  }
+  std::vector<audit::Event> events() {
+    std::lock_guard lock(mu_);
+    return events_;
+  }
+
+ private:
+  std::mutex mu_;
+  absl::Status refusal_;
+  std::vector<audit::Event> events_;
+};
+
+struct Fixture {
+  SoftHsmToken token;
+  TempDir dir;
+  std::unique_ptr<hsm::Hsm> real_hsm;
+  std::unique_ptr<hsm::FaultyHsm> hsm;
+  std::unique_ptr<storage::KeyStore> store;
+  RecordingSink sink;
+  ManualClock clock{1'800'000'000};
+  std::unique_ptr<Kms> kms;
+  Caller app{kApp, "ipv4:127.0.0.1:5000"};
+  Caller officer{kOfficer, "ipv4:127.0.0.1:5001"};
+  Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
+  Caller officer2{kOfficer2, "ipv4:127.0.0.1:5003"};
+  Caller officer3{kOfficer3, "ipv4:127.0.0.1:5004"};
+
+  explicit Fixture(policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults(),
+                   UsageLimits limits = {}) {
+    hsm::Pkcs11Options options;
+    options.module_path = custos::testing::kSoftHsmModule;
+    options.token_label = token.label();
+    options.pin = SecureBytes::FromString(token.pin());
+    options.session_pool_size = 4;
+    real_hsm = *hsm::OpenPkcs11Hsm(std::move(options));
+    REQUIRE(real_hsm->CreateRootKey("custos-root").ok());
+    hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
+    store = *storage::KeyStore::Open(dir.File("custos.db"));
+    auto policy = policy::Policy::Parse(kPolicy);
+    REQUIRE(policy.ok());
+    Start(*policy, dual_control, limits);
+  }
+
+  // (Re)creates the Kms over the same HSM and store, as a restarted server would.
+  void Start(std::shared_ptr<const policy::Policy> policy,
+             const policy::DualControlConfig& dual_control, UsageLimits limits) {
+    kms.reset();
+    kms = std::make_unique<Kms>(Kms::Options{.hsm = hsm.get(),
+                                             .store = store.get(),
+                                             .audit = &sink,
+                                             .clock = &clock,
+                                             .policy = std::move(policy),
+                                             .dual_control = dual_control,
+                                             .root_key_label = "custos-root",
+                                             .usage_limits = limits,
+                                             .on_rotation_wanted = {}});
+  }
+
+  KeyRef NewKey(const std::string& alias) {
+    CreateKeyParams params;
+    params.alias = alias;
+    params.encrypt_principals = {kApp};
+    params.decrypt_principals = {kApp};
+    absl::StatusOr<KeyRef> key = kms->CreateKey(officer, params);
+    REQUIRE(key.ok());
+    return *key;
+  }
+};
+
+}  // namespace custos::core::testing

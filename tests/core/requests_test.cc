@@ -1,0 +1,407 @@
+// Dual control and key lifecycle over the real HSM and store, with a manual clock so expiry
+// and waiting periods are tested without sleeping.
+#include <catch2/catch.hpp>
+
+#include "core/operation_params.h"
+#include "tests/core/kms_fixture.h"
+
+namespace custos::core {
+namespace {
+
+using policy::Operation;
+using storage::KeyState;
+using storage::RequestState;
+using testing::Fixture;
+
+Proposal Propose(Operation operation, const std::string& key) {
+  Proposal proposal;
+  proposal.operation = operation;
+  proposal.key = key;
+  proposal.justification = "quarterly rotation, ticket SEC-42";
+  return proposal;
+}
+
+// The digest an approver reviews, read back from the store.
+std::string DigestOf(Fixture& f, const std::string& id) {
+  return RequestDigest(*f.store->GetRequest(id));
+}
+
+// Proposes as officer and approves as officer2 and officer3; REQUIREs execution.
+Request Execute(Fixture& f, const Proposal& proposal) {
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  INFO(request.status().ToString());
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, DigestOf(f, request->id)).ok());
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, DigestOf(f, request->id));
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  REQUIRE(done->state == RequestState::kExecuted);
+  return *done;
+}
+
+Bytes Blob(Fixture& f, const std::string& key) {
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, key, {}, 32, true);
+  REQUIRE(dk.ok());
+  return dk->ciphertext_blob;
+}
+
+TEST_CASE("A rotation executes exactly when two other officers approved it", "[requests]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("orders");
+  const Bytes old_blob = Blob(f, "orders");
+
+  absl::StatusOr<Request> proposed =
+      f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "orders"));
+  REQUIRE(proposed.ok());
+  CHECK(proposed->state == RequestState::kPending);
+  CHECK(proposed->key_id == key->id);
+  CHECK(proposed->proposer == testing::kOfficer);
+  CHECK(proposed->expires_at == f.clock.NowSeconds() + 24 * 3600);
+
+  absl::StatusOr<Request> one = f.kms->Approve(f.officer2, proposed->id, RequestDigest(*proposed));
+  REQUIRE(one.ok());
+  CHECK(one->state == RequestState::kPending);
+  CHECK((*f.store->GetKey(key->id))->primary_version == 1);
+
+  absl::StatusOr<Request> two = f.kms->Approve(f.officer3, proposed->id, DigestOf(f, proposed->id));
+  REQUIRE(two.ok());
+  CHECK(two->state == RequestState::kExecuted);
+  REQUIRE(two->approvals.size() == 2);
+  CHECK(two->approvals[0].principal == testing::kOfficer2);
+  CHECK(two->approvals[1].principal == testing::kOfficer3);
+  CHECK(two->reason == "RotateKey executed; key " + key->id + " is ENABLED, primary version 2");
+  const KeyRef rotated = *f.store->GetKey(key->id);
+  CHECK(rotated->primary_version == 2);
+  CHECK(rotated->versions.size() == 2);
+
+  // New data keys use version 2; version 1 still decrypts.
+  absl::StatusOr<DataKey> fresh = f.kms->GenerateDataKey(f.app, "orders", {}, 32, true);
+  REQUIRE(fresh.ok());
+  CHECK(fresh->key_version == 2);
+  CHECK(f.kms->Decrypt(f.app, old_blob, {}).ok());
+
+  // Executed: it accepts nothing more, and a further approval executes nothing again.
+  absl::StatusOr<Request> again =
+      f.kms->Approve(f.officer3, proposed->id, DigestOf(f, proposed->id));
+  CHECK(absl::IsFailedPrecondition(again.status()));
+  CHECK(again.status().message() == "request " + proposed->id +
+                                        " is EXECUTED; only PENDING requests accept approvals "
+                                        "or rejections");
+  CHECK((*f.store->GetKey(key->id))->primary_version == 2);
+}
+
+TEST_CASE("The proposer cannot approve, and an approval counts once", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+
+  absl::StatusOr<Request> self = f.kms->Approve(f.officer, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsPermissionDenied(self.status()));
+  CHECK(self.status().message() ==
+        "the proposer of request " + request.id + " cannot approve it; another officer must");
+  CHECK(f.store->GetRequest(request.id)->approvals.empty());
+
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  absl::StatusOr<Request> retried = f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id));
+  REQUIRE(retried.ok());
+  CHECK(retried->state == RequestState::kPending);
+  CHECK(retried->approvals.size() == 1);
+  CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
+}
+
+TEST_CASE("A request expires and then accepts nothing", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  f.clock.Advance(24 * 3600);
+
+  absl::StatusOr<Request> late = f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsFailedPrecondition(late.status()));
+  CHECK(late.status().message() == "request " + request.id +
+                                       " is EXPIRED; only PENDING requests accept approvals or "
+                                       "rejections");
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kExpired);
+  CHECK(absl::IsFailedPrecondition(f.kms->Reject(f.officer3, request.id, "too late").status()));
+  CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
+    return e.action == "ExpireRequest" && e.request_id == request.id;
+  }));
+}
+
+TEST_CASE("Maintenance expires requests nobody touches", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  f.clock.Advance(24 * 3600 - 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kPending);
+  f.clock.Advance(1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kExpired);
+}
+
+TEST_CASE("A rejected request accepts nothing, and approvals do not carry over", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request first = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  REQUIRE(f.kms->Approve(f.officer2, first.id, DigestOf(f, first.id)).ok());
+  absl::StatusOr<Request> rejected = f.kms->Reject(f.officer3, first.id, "not during month end");
+  REQUIRE(rejected.ok());
+  CHECK(rejected->state == RequestState::kRejected);
+  CHECK(rejected->rejected_by == testing::kOfficer3);
+  CHECK(rejected->reason == "not during month end");
+  CHECK(absl::IsFailedPrecondition(
+      f.kms->Approve(f.officer3, first.id, DigestOf(f, first.id)).status()));
+
+  // A fresh request for the same change starts from zero approvals.
+  const Request second = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  REQUIRE(f.kms->Approve(f.officer3, second.id, DigestOf(f, second.id)).ok());
+  CHECK(f.store->GetRequest(second.id)->approvals.size() == 1);
+  CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
+}
+
+TEST_CASE("An approval is bound to the request as reviewed", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  Request other = request;
+  other.operation = "RotateKey";
+  absl::StatusOr<Request> approved = f.kms->Approve(f.officer2, request.id, RequestDigest(other));
+  CHECK(absl::IsFailedPrecondition(approved.status()));
+  CHECK(approved.status().message() ==
+        "request " + request.id +
+            " is not the request you reviewed (digest mismatch); fetch it again and review it "
+            "before approving");
+  CHECK(f.store->GetRequest(request.id)->approvals.empty());
+  absl::StatusOr<Request> blind = f.kms->Approve(f.officer2, request.id, "");
+  CHECK(absl::IsInvalidArgument(blind.status()));
+  CHECK(blind.status().message() ==
+        "an approval must name the digest of the request as reviewed (GetRequest shows it)");
+  CHECK(f.store->GetRequest(request.id)->approvals.empty());
+}
+
+TEST_CASE("Conflicting requests for one key are refused at proposal", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request rotate = *f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k"));
+  for (Operation operation : {Operation::kRotateKey, Operation::kScheduleKeyDeletion}) {
+    absl::StatusOr<Request> second = f.kms->Propose(f.officer2, Propose(operation, "k"));
+    CHECK(absl::IsFailedPrecondition(second.status()));
+    CHECK(second.status().message() == "key " + rotate.key_id + " already has pending request " +
+                                           rotate.id +
+                                           " (RotateKey); approve, reject or let it expire first");
+  }
+  // Once the first has expired, the key takes a new request.
+  f.clock.Advance(24 * 3600);
+  CHECK(f.kms->Propose(f.officer2, Propose(Operation::kScheduleKeyDeletion, "k")).ok());
+  CHECK(f.store->GetRequest(rotate.id)->state == RequestState::kExpired);
+}
+
+TEST_CASE("Apps and auditors cannot propose, approve or reject", "[requests][authz]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  for (const Caller* who : {&f.app, &f.auditor}) {
+    CHECK(absl::IsPermissionDenied(
+        f.kms->Propose(*who, Propose(Operation::kRotateKey, "k")).status()));
+    CHECK(absl::IsPermissionDenied(f.kms->Approve(*who, request.id, "").status()));
+    CHECK(absl::IsPermissionDenied(f.kms->Reject(*who, request.id, "no").status()));
+    CHECK(absl::IsPermissionDenied(f.kms->GetRequest(*who, request.id).status()));
+  }
+  const Request stored = *f.store->GetRequest(request.id);
+  CHECK(stored.state == RequestState::kPending);
+  CHECK(stored.approvals.empty());
+}
+
+TEST_CASE("Unknown requests are NOT_FOUND; bad proposals are refused", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  CHECK(absl::IsNotFound(
+      f.kms->Approve(f.officer2, "0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00", "00").status()));
+  CHECK(
+      absl::IsNotFound(f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "nope")).status()));
+  Proposal unjustified = Propose(Operation::kRotateKey, "k");
+  unjustified.justification.clear();
+  CHECK(f.kms->Propose(f.officer, unjustified).status().message() ==
+        "a proposal needs a justification for the approvers");
+  CHECK(f.kms->Propose(f.officer, Propose(Operation::kEnableKey, "k")).status().message() ==
+        "EnableKey needs key " + (*f.store->FindKeyByAlias("k"))->id +
+            " to be DISABLED; it is ENABLED");
+  Proposal short_wait = Propose(Operation::kScheduleKeyDeletion, "k");
+  short_wait.params.deletion_waiting_days = 6;
+  CHECK(absl::IsInvalidArgument(f.kms->Propose(f.officer, short_wait).status()));
+}
+
+TEST_CASE("Disable and enable gate every use of the key", "[lifecycle]") {
+  Fixture f;
+  f.NewKey("k");
+  const Bytes blob = Blob(f, "k");
+  Execute(f, Propose(Operation::kDisableKey, "k"));
+  absl::StatusOr<Plaintext> refused = f.kms->Decrypt(f.app, blob, {});
+  CHECK(absl::IsFailedPrecondition(refused.status()));
+  CHECK_THAT(std::string(refused.status().message()),
+             Catch::EndsWith("is DISABLED; only ENABLED keys can be used"));
+  CHECK(absl::IsFailedPrecondition(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+  Execute(f, Propose(Operation::kEnableKey, "k"));
+  CHECK(f.kms->Decrypt(f.app, blob, {}).ok());
+}
+
+TEST_CASE("Deletion waits, can be cancelled, then crypto-shreds the key", "[lifecycle]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  const Bytes blob = Blob(f, "k");
+  Proposal schedule = Propose(Operation::kScheduleKeyDeletion, "k");
+  schedule.params.deletion_waiting_days = 7;
+  Execute(f, schedule);
+  KeyRef pending = *f.store->GetKey(key->id);
+  CHECK(pending->state == KeyState::kPendingDeletion);
+  CHECK(pending->deletion_due_at == f.clock.NowSeconds() + 7 * 24 * 3600);
+  CHECK(absl::IsFailedPrecondition(f.kms->Decrypt(f.app, blob, {}).status()));
+
+  Execute(f, Propose(Operation::kCancelKeyDeletion, "k"));
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kDisabled);
+  Execute(f, Propose(Operation::kEnableKey, "k"));
+  CHECK(f.kms->Decrypt(f.app, blob, {}).ok());
+
+  Execute(f, Propose(Operation::kScheduleKeyDeletion, "k"));  // the default: 30 days
+  f.clock.Advance(30 * 24 * 3600 - 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+  f.clock.Advance(1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const KeyRef destroyed = *f.store->GetKey(key->id);
+  CHECK(destroyed->state == KeyState::kDestroyed);
+  CHECK(destroyed->destroyed_at == f.clock.NowSeconds());
+  CHECK(destroyed->alias == "k");  // the metadata stays as a tombstone
+  for (const storage::KeyVersion& v : destroyed->versions) CHECK(v.wrapped.empty());
+  absl::StatusOr<Plaintext> gone = f.kms->Decrypt(f.app, blob, {});
+  CHECK(absl::IsFailedPrecondition(gone.status()));
+  CHECK_THAT(std::string(gone.status().message()), Catch::Contains("is DESTROYED"));
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
+    return e.action == "DestroyKey" && e.key_id == key->id && e.principal == kServerPrincipal;
+  }));
+  // Nothing more can be proposed for a destroyed key.
+  CHECK(absl::IsFailedPrecondition(
+      f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k")).status()));
+}
+
+TEST_CASE("Grant changes take effect on the next call", "[lifecycle]") {
+  Fixture f;
+  f.NewKey("k");
+  const Bytes blob = Blob(f, "k");
+  Proposal grants = Propose(Operation::kUpdateKeyGrants, "k");
+  grants.params.encrypt_principals = {testing::kApp};
+  Execute(f, grants);
+  CHECK(absl::IsPermissionDenied(f.kms->Decrypt(f.app, blob, {}).status()));
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+
+  Proposal to_officer = Propose(Operation::kUpdateKeyGrants, "k");
+  to_officer.params.decrypt_principals = {testing::kOfficer2};
+  absl::StatusOr<Request> refused = f.kms->Propose(f.officer, to_officer);
+  CHECK(absl::IsInvalidArgument(refused.status()));
+  CHECK_THAT(std::string(refused.status().message()), Catch::Contains("only apps may be granted"));
+}
+
+TEST_CASE("Retired versions no longer decrypt until un-retired", "[lifecycle]") {
+  Fixture f;
+  f.NewKey("k");
+  const Bytes v1_blob = Blob(f, "k");
+  Execute(f, Propose(Operation::kRotateKey, "k"));
+  const Bytes v2_blob = Blob(f, "k");
+  Proposal retire = Propose(Operation::kSetMinDecryptVersion, "k");
+  retire.params.min_decrypt_version = 2;
+  Execute(f, retire);
+  absl::StatusOr<Plaintext> refused = f.kms->Decrypt(f.app, v1_blob, {});
+  CHECK(absl::IsFailedPrecondition(refused.status()));
+  CHECK_THAT(std::string(refused.status().message()),
+             Catch::Contains("is retired (the minimum decryption version is 2)"));
+  CHECK(f.kms->Decrypt(f.app, v2_blob, {}).ok());
+
+  Proposal beyond = Propose(Operation::kSetMinDecryptVersion, "k");
+  beyond.params.min_decrypt_version = 3;
+  CHECK(absl::IsInvalidArgument(f.kms->Propose(f.officer, beyond).status()));
+
+  Proposal unretire = Propose(Operation::kSetMinDecryptVersion, "k");
+  unretire.params.min_decrypt_version = 1;
+  Execute(f, unretire);
+  CHECK(f.kms->Decrypt(f.app, v1_blob, {}).ok());
+}
+
+TEST_CASE("An HSM outage at quorum leaves the request pending", "[requests][hsm]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k"));
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  f.hsm->SetDown(true);
+  CHECK(absl::IsUnavailable(
+      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id)).status()));
+  const Request stored = *f.store->GetRequest(request.id);
+  CHECK(stored.state == RequestState::kPending);
+  CHECK(stored.approvals.size() == 1);
+  f.hsm->SetDown(false);
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+}
+
+TEST_CASE("Key creation follows the configured quorum", "[requests]") {
+  policy::DualControlConfig config = policy::DualControlConfig::Defaults();
+  config.approvals[Operation::kCreateKey] = 1;
+  Fixture f(config);
+  CreateKeyParams params;
+  params.alias = "guarded";
+  absl::StatusOr<KeyRef> direct = f.kms->CreateKey(f.officer, params);
+  CHECK(absl::IsFailedPrecondition(direct.status()));
+  CHECK_THAT(std::string(direct.status().message()),
+             Catch::Contains("propose it with Propose(CreateKey)"));
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create = params;
+  const Request request = *f.kms->Propose(f.officer, create);
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("guarded").status()));
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id));
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+  const KeyRef key = *f.store->FindKeyByAlias("guarded");
+  CHECK(key->created_by == testing::kOfficer);
+  CHECK(done->key_id == key->id);
+}
+
+TEST_CASE("Dual control never fails open", "[requests][config]") {
+  policy::DualControlConfig config = policy::DualControlConfig::Defaults();
+  CHECK(config.Validate().ok());
+  config.approvals[Operation::kRotateKey] = 0;
+  CHECK(config.Validate().message() ==
+        "dual_control: RotateKey needs at least 1 approval besides the proposer; got 0 (dual "
+        "control never fails open)");
+  config = policy::DualControlConfig::Defaults();
+  config.approvals.erase(Operation::kDisableKey);
+  CHECK(config.Validate().message() == "dual_control: no approval count for DisableKey");
+  config = policy::DualControlConfig::Defaults();
+  config.deletion_waiting_seconds = 6 * policy::kDay;
+  CHECK(absl::IsInvalidArgument(config.Validate()));
+}
+
+TEST_CASE("A policy reload that breaks separation of duties is refused", "[policy]") {
+  Fixture f;
+  f.NewKey("k");  // grants kApp
+  auto promoted = *policy::Policy::Parse(
+      "[roles]\nofficer = [\"spiffe://t/app/a\", \"spiffe://t/officer/o\", "
+      "\"spiffe://t/officer/o2\"]\n");
+  absl::Status refused = f.kms->ReplacePolicy(promoted);
+  CHECK(absl::IsFailedPrecondition(refused));
+  CHECK_THAT(std::string(refused.message()),
+             Catch::StartsWith("principal 'spiffe://t/app/a' would hold role 'officer'"));
+  auto too_few = *policy::Policy::Parse(
+      "[roles]\napp = [\"spiffe://t/app/a\"]\nofficer = [\"spiffe://t/officer/o\", "
+      "\"spiffe://t/officer/o2\"]\n");
+  CHECK(f.kms->ReplacePolicy(too_few).message() ==
+        "RotateKey needs 3 distinct officers (proposer and approvers) but the policy names 2");
+  // The old policy is still in force.
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+}
+
+}  // namespace
+}  // namespace custos::core

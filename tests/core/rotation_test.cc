@@ -1,0 +1,151 @@
+// Automatic rotation (by period and by the AES-GCM encryption limit), usage counts that
+// survive a restart, and root key rotation.
+#include <catch2/catch.hpp>
+
+#include "core/operation_params.h"
+#include "tests/core/kms_fixture.h"
+
+namespace custos::core {
+namespace {
+
+using policy::Operation;
+using storage::RequestState;
+using testing::Fixture;
+
+UsageLimits Tiny() {
+  UsageLimits limits;
+  limits.max_encryptions = 10;
+  limits.rotate_at = 8;
+  limits.reservation_block = 4;
+  return limits;
+}
+
+absl::StatusOr<Ciphertext> Encrypt(Fixture& f, const std::string& key) {
+  return f.kms->Encrypt(f.app, key, SecureBytes::FromString("x").span(), {});
+}
+
+TEST_CASE("Nearing the encryption limit triggers rotation; at it, encryption stops",
+          "[rotation][usage]") {
+  Fixture f(policy::DualControlConfig::Defaults(), Tiny());
+  const KeyRef key = f.NewKey("k");
+  for (int i = 0; i < 10; ++i) {
+    absl::StatusOr<Ciphertext> sealed = Encrypt(f, "k");
+    REQUIRE(sealed.ok());
+    CHECK(sealed->key_version == 1);
+  }
+  absl::StatusOr<Ciphertext> refused = Encrypt(f, "k");
+  CHECK(absl::IsResourceExhausted(refused.status()));
+  CHECK(refused.status().message() ==
+        "version 1 of key " + key->id +
+            " has reached its limit of 10 encryptions (AES-GCM random IVs); it is being "
+            "rotated, retry shortly");
+  // The durable reservation never lags the count.
+  CHECK(f.store->GetUsage(key->id)->front().encryptions_reserved == 10);
+
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const KeyRef rotated = *f.store->GetKey(key->id);
+  CHECK(rotated->primary_version == 2);
+  absl::StatusOr<Ciphertext> fresh = Encrypt(f, "k");
+  REQUIRE(fresh.ok());
+  CHECK(fresh->key_version == 2);
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
+    return e.action == "AutoRotateKey" && e.key_id == key->id && e.outcome == absl::StatusCode::kOk;
+  }));
+}
+
+TEST_CASE("A restart never rewinds the encryption count", "[rotation][usage]") {
+  Fixture f(policy::DualControlConfig::Defaults(), Tiny());
+  const KeyRef key = f.NewKey("k");
+  for (int i = 0; i < 5; ++i) REQUIRE(Encrypt(f, "k").ok());  // reserved: 8
+  // A new Kms over the same store is what a crashed and restarted server is: counting
+  // resumes at the reservation (8), not at the 5 actually used.
+  f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), Tiny());
+  CHECK(Encrypt(f, "k").ok());  // 9
+  CHECK(Encrypt(f, "k").ok());  // 10
+  CHECK(absl::IsResourceExhausted(Encrypt(f, "k").status()));
+  CHECK(f.store->GetUsage(key->id)->front().encryptions_reserved == 10);
+}
+
+TEST_CASE("DescribeKey shows per-version usage", "[usage]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "k");
+  REQUIRE(sealed.ok());
+  f.clock.Advance(60);
+  REQUIRE(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+  REQUIRE(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+  absl::StatusOr<Kms::KeyDescription> described = f.kms->DescribeKey(f.officer, "k");
+  REQUIRE(described.ok());
+  REQUIRE(described->usage.size() == 1);
+  CHECK(described->usage[0].version == 1);
+  CHECK(described->usage[0].encryptions == 1);
+  CHECK(described->usage[0].decryptions == 2);
+  CHECK(described->usage[0].last_used_at == f.clock.NowSeconds());
+  // Flushed by maintenance, the counts survive a restart.
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const std::vector<storage::VersionUsage> stored = *f.store->GetUsage(key->id);
+  REQUIRE(stored.size() == 1);
+  CHECK(stored[0].decryptions == 2);
+}
+
+TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[rotation]") {
+  Fixture f;
+  CreateKeyParams params;
+  params.alias = "periodic";
+  params.encrypt_principals = {testing::kApp};
+  params.rotation_period_days = 90;
+  absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
+  REQUIRE(key.ok());
+  f.clock.Advance(90 * policy::kDay - 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey((*key)->id))->primary_version == 1);
+  f.clock.Advance(1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+  // The period restarts from the new version.
+  f.clock.Advance(90 * policy::kDay - 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+}
+
+TEST_CASE("Root key rotation re-wraps every live version and destroys the old root",
+          "[rotation][root]") {
+  Fixture f;
+  const KeyRef a = f.NewKey("a");
+  const KeyRef b = f.NewKey("b");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
+  REQUIRE(sealed.ok());
+
+  Proposal proposal;
+  proposal.operation = Operation::kRotateRootKey;
+  proposal.justification = "annual root rotation";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  CHECK(request->key_id.empty());
+  CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer2, proposal).status()));
+  const std::string digest = RequestDigest(*request);
+  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+  CHECK(done->reason ==
+        "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions re-wrapped");
+  for (const KeyRef& key : {a, b}) {
+    const KeyRef now = *f.store->GetKey(key->id);
+    CHECK(now->versions[0].root_key_label == "custos-root.2");
+    CHECK(now->versions[0].wrapped != key->versions[0].wrapped);
+  }
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.2");
+  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("custos-root")));
+  CHECK(f.hsm->CheckRootKey("custos-root.2").ok());
+
+  // Old ciphertexts still decrypt; new versions are wrapped under the new root.
+  CHECK(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+  const KeyRef c = f.NewKey("c");
+  CHECK(c->versions[0].root_key_label == "custos-root.2");
+}
+
+}  // namespace
+}  // namespace custos::core
