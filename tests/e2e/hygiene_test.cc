@@ -1,0 +1,97 @@
+// What custosd writes about itself: every operation appears in its audit lines with the facts
+// and outcome, and no secret (context value, plaintext, data key, PIN) ever appears in its log.
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <sstream>
+
+#include "tests/e2e/e2e_util.h"
+
+namespace custos::testing {
+namespace {
+
+std::string Base64(const std::string& bytes) {
+  static constexpr char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  size_t i = 0;
+  for (; i + 2 < bytes.size(); i += 3) {
+    const uint32_t n = static_cast<uint8_t>(bytes[i]) << 16 |
+                       static_cast<uint8_t>(bytes[i + 1]) << 8 | static_cast<uint8_t>(bytes[i + 2]);
+    for (int shift : {18, 12, 6, 0}) out.push_back(kAlphabet[(n >> shift) & 63]);
+  }
+  return out;  // a prefix is enough to search for
+}
+
+std::string Hex(const std::string& bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    out.push_back(kHex[c >> 4]);
+    out.push_back(kHex[c & 15]);
+  }
+  return out;
+}
+
+TEST_CASE("Audit lines record each operation; no secret reaches the log", "[e2e][audit]") {
+  CustosServer server;  // its own log, read whole below
+  const std::string alias = "hygiene/key";
+  const pb::KeyMetadata key = CreateKey(server, alias, true, true);
+  const std::string patient = "patient-7d1f9c-MRN-448812";
+  const std::string secret = "db-password-Qx7!vT3#hygiene";
+
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key(alias);
+  (*gdk.mutable_encryption_context())["mrn"] = patient;
+  pb::GenerateDataKeyResponse dk;
+  REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk).ok());
+  pb::EncryptRequest enc;
+  enc.set_key(alias);
+  enc.set_plaintext(secret);
+  (*enc.mutable_encryption_context())["mrn"] = patient;
+  pb::EncryptResponse sealed;
+  REQUIRE(server.Keys("app")->Encrypt(Context().get(), enc, &sealed).ok());
+  pb::DecryptRequest dec;
+  dec.set_ciphertext_blob(sealed.ciphertext_blob());
+  (*dec.mutable_encryption_context())["mrn"] = patient;
+  pb::DecryptResponse opened;
+  REQUIRE(server.Keys("app")->Decrypt(Context().get(), dec, &opened).ok());
+  REQUIRE(opened.plaintext() == secret);
+  (*dec.mutable_encryption_context())["mrn"] = patient + "-other";
+  CHECK(server.Keys("app")->Decrypt(Context().get(), dec, &opened).error_code() ==
+        grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(server.Keys("officer1")->Decrypt(Context().get(), dec, &opened).error_code() ==
+        grpc::StatusCode::PERMISSION_DENIED);
+
+  server.Restart();  // flushes the log and records ServerStop / ServerStart
+  const std::string log = server.Log();
+  std::ifstream pin_file(server.state_dir() + "/hsm/pin");
+  std::string pin;
+  std::getline(pin_file, pin);
+  REQUIRE(pin.size() == 32);
+  for (const std::string& secret_text : {patient, secret, Base64(secret), pin, dk.plaintext(),
+                                         Base64(dk.plaintext()), Hex(dk.plaintext())}) {
+    INFO("looking for a secret of " << secret_text.size() << " bytes");
+    CHECK(log.find(secret_text) == std::string::npos);
+  }
+
+  const std::string app = "principal=spiffe://custos.local/app/demo role=app";
+  const std::string on_key = " key=" + key.key_id() + " version=1 ";
+  for (const std::string& line :
+       {app + " action=GenerateDataKey" + on_key, app + " action=Encrypt" + on_key,
+        app + " action=Decrypt" + on_key}) {
+    INFO(line);
+    CHECK(log.find(line) != std::string::npos);
+  }
+  CHECK(log.find("action=Decrypt" + on_key) != std::string::npos);
+  CHECK(log.find("outcome=INVALID_ARGUMENT") != std::string::npos);
+  CHECK(log.find("principal=spiffe://custos.local/officer/officer1 role=officer action=Decrypt") !=
+        std::string::npos);
+  CHECK(log.find("outcome=PERMISSION_DENIED") != std::string::npos);
+  for (const char* server_event :
+       {"action=ServerStart", "action=LoadPolicy", "action=ServerStop"}) {
+    CHECK(log.find(server_event) != std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace custos::testing
