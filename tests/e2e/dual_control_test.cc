@@ -65,6 +65,17 @@ TEST_CASE("A rotation needs a second officer and executes once", "[e2e][dual]") 
   }
   CHECK(Describe(server, alias).primary_version() == 1);
 
+  // An approval names the request as reviewed: none, or another request's digest, is refused.
+  pb::ChangeRequest tampered = proposed;
+  tampered.set_digest("");
+  status = Approve(server, "officer2", tampered, &reply);
+  CHECK(status.error_code() == StatusCode::INVALID_ARGUMENT);
+  tampered.set_digest(std::string(64, '0'));
+  status = Approve(server, "officer2", tampered, &reply);
+  CHECK(status.error_code() == StatusCode::FAILED_PRECONDITION);
+  CHECK_THAT(status.error_message(), Catch::Contains("is not the request you reviewed"));
+  CHECK(Describe(server, alias).primary_version() == 1);
+
   status = Approve(server, "officer2", proposed, &reply);
   INFO(status.error_message());
   REQUIRE(status.ok());
@@ -136,6 +147,19 @@ TEST_CASE("Rejected and unknown requests change nothing", "[e2e][dual]") {
 
   Propose(server, "app", pb::ROTATE_KEY, alias, &status);
   CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+  const pb::ChangeRequest open = Propose(server, "officer1", pb::DISABLE_KEY, alias, &status);
+  REQUIRE(status.ok());
+  for (const char* who : {"app", "auditor"}) {
+    pb::RejectRequest veto;
+    veto.set_request_id(open.request_id());
+    veto.set_reason("not mine to decide");
+    status = server.Admin(who)->Reject(Context().get(), veto, &reply);
+    CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+  }
+  pb::GetRequestRequest get;
+  get.set_request_id(open.request_id());
+  REQUIRE(server.Admin("officer2")->GetRequest(Context().get(), get, &reply).ok());
+  CHECK(reply.state() == pb::PENDING);
   Propose(server, "auditor", pb::ROTATE_KEY, alias, &status);
   CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
 }
