@@ -47,6 +47,15 @@ absl::StatusOr<KeyRef> Kms::FindKey(std::string_view key) const {
   return options_.store->FindKeyByAlias(key);
 }
 
+absl::StatusOr<KeyRef> Kms::KeyForEncryption(Call& call, std::string_view key_name) const {
+  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(key_name));
+  call.SetKey(*key, key->primary_version);
+  CUSTOS_RETURN_IF_ERROR(
+      policy::CheckGrant(key->encrypt_grants, call.caller().principal, KeyUse::kEncrypt, key->id));
+  CUSTOS_RETURN_IF_ERROR(CheckEnabled(*key));
+  return key;
+}
+
 absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
                                              std::span<const uint8_t> plaintext,
                                              const EncryptionContext& context) {
@@ -121,11 +130,7 @@ absl::StatusOr<DataKey> Kms::GenerateDataKey(const Caller& caller, std::string_v
       return absl::InvalidArgumentError("data keys are 16 (AES-128) or 32 (AES-256) bytes");
     }
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
-    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(key_name));
-    call.SetKey(*key, key->primary_version);
-    CUSTOS_RETURN_IF_ERROR(
-        policy::CheckGrant(key->encrypt_grants, caller.principal, KeyUse::kEncrypt, key->id));
-    CUSTOS_RETURN_IF_ERROR(CheckEnabled(*key));
+    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
     CUSTOS_ASSIGN_OR_RETURN(SecureBytes plaintext, options_.hsm->GenerateRandom(key_bytes));
     CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed, EncryptUnder(*key, plaintext.span(), context));
     if (!with_plaintext) plaintext.Wipe();
@@ -147,11 +152,7 @@ absl::StatusOr<Ciphertext> Kms::Encrypt(const Caller& caller, std::string_view k
                  kMaxEncryptPlaintextBytes, " (use GenerateDataKey for larger data)"));
     }
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
-    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(key_name));
-    call.SetKey(*key, key->primary_version);
-    CUSTOS_RETURN_IF_ERROR(
-        policy::CheckGrant(key->encrypt_grants, caller.principal, KeyUse::kEncrypt, key->id));
-    CUSTOS_RETURN_IF_ERROR(CheckEnabled(*key));
+    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
     return EncryptUnder(*key, plaintext, context);
   }());
 }
@@ -178,12 +179,8 @@ absl::StatusOr<ReEncrypted> Kms::ReEncrypt(const Caller& caller, std::span<const
     call.event().source_key_id = std::exchange(call.event().key_id, "");
     call.event().source_key_version = std::exchange(call.event().key_version, 0);
     CUSTOS_ASSIGN_OR_RETURN(
-        KeyRef key,
-        FindKey(destination_key.empty() ? std::string_view(source.key_id) : destination_key));
-    call.SetKey(*key, key->primary_version);
-    CUSTOS_RETURN_IF_ERROR(
-        policy::CheckGrant(key->encrypt_grants, caller.principal, KeyUse::kEncrypt, key->id));
-    CUSTOS_RETURN_IF_ERROR(CheckEnabled(*key));
+        KeyRef key, KeyForEncryption(call, destination_key.empty() ? std::string_view(source.key_id)
+                                                                   : destination_key));
     CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed,
                             EncryptUnder(*key, source.plaintext.span(), destination_context));
     return ReEncrypted{source.key_id, source.key_version, std::move(sealed)};

@@ -203,6 +203,8 @@ class Kms {
   std::shared_ptr<const policy::Policy> CurrentPolicy() const;
   std::string CurrentRoot() const;
   absl::StatusOr<KeyRef> FindKey(std::string_view key) const;
+  // The key named `key_name`, if the caller may encrypt under it now (grant, state).
+  absl::StatusOr<KeyRef> KeyForEncryption(Call& call, std::string_view key_name) const;
   absl::StatusOr<Ciphertext> EncryptUnder(const storage::KeyRecord& key,
                                           std::span<const uint8_t> plaintext,
                                           const EncryptionContext& context);
