@@ -11,7 +11,7 @@ struct UsageTracker::Counter {
   bool dirty = false;           // decryptions or last_used_at not yet written
 };
 
-UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, UsageLimits limits,
+UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
                            std::function<void()> on_rotation_wanted)
     : store_(store),
       clock_(clock),

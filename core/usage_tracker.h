@@ -35,7 +35,7 @@ class UsageTracker {
  public:
   // `store` and `clock` must outlive the tracker. `on_rotation_wanted` (may be empty) is
   // called, without locks held, when a key is first flagged.
-  UsageTracker(storage::KeyStore* store, const Clock* clock, UsageLimits limits,
+  UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
                std::function<void()> on_rotation_wanted);
   ~UsageTracker();
 

@@ -67,13 +67,15 @@ std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pa
 }
 
 std::string Base64Decode(const std::string& text) {
+  if (text.size() % 4 != 0) throw CLI::ValidationError("--blob is not valid base64");
   std::string out(text.size() / 4 * 3, '\0');
   const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
                                 reinterpret_cast<const unsigned char*>(text.data()),
                                 static_cast<int>(text.size()));
-  if (n < 0 || text.size() % 4 != 0) throw CLI::ValidationError("--blob is not valid base64");
+  if (n < 0) throw CLI::ValidationError("--blob is not valid base64");
   // EVP_DecodeBlock counts '=' padding as zero bytes; drop them.
-  const size_t padding = text.empty() ? 0 : (text.end()[-1] == '=') + (text.end()[-2] == '=');
+  size_t padding = 0;
+  for (size_t i = text.size(); i > 0 && padding < 2 && text[i - 1] == '='; --i) ++padding;
   out.resize(static_cast<size_t>(n) - padding);
   return out;
 }
