@@ -3,6 +3,8 @@
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -155,7 +157,47 @@ class KeyStore::Impl {
   const std::unique_ptr<sqlite::Database> db_;  // Guarded by db_mu_.
   const int schema_version_;
   KeyCache cache_;
+
+  // Group commit (as LevelDB's DBImpl::Write): Apply callers queue here; the one at the front
+  // commits every queued batch in one transaction (one fsync) and wakes the others.
+  struct Writer {
+    const WriteBatch* batch = nullptr;
+    std::vector<std::shared_ptr<KeyRecord>> records;  // the batch's keys, as cached
+    absl::Status status;
+    bool done = false;
+    std::condition_variable cv;
+  };
+  std::mutex queue_mu_;
+  std::deque<Writer*> writers_;  // Guarded by queue_mu_.
+
+  // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
+  // (a taken alias, say) is undone alone and the rest of its group still commits.
+  absl::Status WriteInGroup(const Writer& writer);
 };
+
+absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
+  CUSTOS_RETURN_IF_ERROR(db_->Exec("SAVEPOINT batch"));
+  absl::Status status = [&]() -> absl::Status {
+    // Written in order, each alias checked against what is stored at that point: two keys of
+    // the batch claiming one alias conflict like any other pair. (Swapping two keys' aliases
+    // therefore takes two batches, which no operation needs.)
+    for (const auto& record : writer.records) CUSTOS_RETURN_IF_ERROR(WriteKey(*db_, *record));
+    for (const RequestRecord& request : writer.batch->requests) {
+      CUSTOS_RETURN_IF_ERROR(WriteRequest(*db_, request));
+    }
+    for (const auto& [name, value] : writer.batch->settings) {
+      CUSTOS_ASSIGN_OR_RETURN(
+          sqlite::Statement upsert,
+          db_->Prepare("INSERT INTO settings (name, value) VALUES (?1, ?2) "
+                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
+      CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
+    }
+    return absl::OkStatus();
+  }();
+  if (!status.ok()) CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
+  CUSTOS_RETURN_IF_ERROR(db_->Exec("RELEASE batch"));
+  return status;
+}
 
 KeyStore::KeyStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 KeyStore::~KeyStore() = default;
@@ -184,11 +226,12 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
 }
 
 absl::Status KeyStore::Apply(const WriteBatch& batch) {
-  std::vector<std::shared_ptr<KeyRecord>> records;
-  records.reserve(batch.keys.size());
+  Impl::Writer writer;
+  writer.batch = &batch;
+  writer.records.reserve(batch.keys.size());
   for (const KeyRecord& key : batch.keys) {
     CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
-    records.push_back(Normalized(key));
+    writer.records.push_back(Normalized(key));
   }
   for (const RequestRecord& request : batch.requests) {
     CUSTOS_RETURN_IF_ERROR(ValidateRequest(request));
@@ -196,33 +239,47 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   for (const auto& [name, value] : batch.settings) {
     if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
   }
-  if (records.empty() && batch.requests.empty() && batch.settings.empty()) {
+  if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty()) {
     return absl::OkStatus();
   }
 
-  std::lock_guard lock(impl_->db_mu_);
+  std::unique_lock queue_lock(impl_->queue_mu_);
+  impl_->writers_.push_back(&writer);
+  writer.cv.wait(queue_lock, [&] { return writer.done || impl_->writers_.front() == &writer; });
+  if (writer.done) return writer.status;  // a leader committed it
+
+  // This writer leads: it commits everything queued so far as one group.
+  constexpr size_t kMaxGroup = 512;
+  std::vector<Impl::Writer*> group(
+      impl_->writers_.begin(), impl_->writers_.begin() + static_cast<std::ptrdiff_t>(std::min(
+                                                             impl_->writers_.size(), kMaxGroup)));
+  queue_lock.unlock();
   {
-    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-    // Written in order, each alias checked against what is stored at that point: two keys of
-    // the batch claiming one alias conflict like any other pair. (Swapping two keys' aliases
-    // therefore takes two batches, which no operation needs.)
-    for (const auto& record : records) CUSTOS_RETURN_IF_ERROR(WriteKey(*impl_->db_, *record));
-    for (const RequestRecord& request : batch.requests) {
-      CUSTOS_RETURN_IF_ERROR(WriteRequest(*impl_->db_, request));
+    std::lock_guard db_lock(impl_->db_mu_);
+    absl::Status committed = [&]() -> absl::Status {
+      CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+      for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
+      return tx->Commit();
+    }();
+    for (Impl::Writer* w : group) {
+      if (!committed.ok()) w->status = committed;
+      // Write-through once durable, still under db_mu_, so no load of an older copy can slip
+      // in between the commit and these puts. A key written twice ends as its last.
+      if (w->status.ok()) {
+        for (auto& record : w->records) impl_->cache_.Put(std::move(record));
+      }
     }
-    for (const auto& [name, value] : batch.settings) {
-      CUSTOS_ASSIGN_OR_RETURN(
-          sqlite::Statement upsert,
-          impl_->db_->Prepare("INSERT INTO settings (name, value) VALUES (?1, ?2) "
-                              "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
-      CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
-    }
-    CUSTOS_RETURN_IF_ERROR(tx->Commit());
   }
-  // Write-through once durable, still under db_mu_, so no load of an older copy can slip in
-  // between the commit and these puts. A key written twice in the batch ends as its last.
-  for (auto& record : records) impl_->cache_.Put(std::move(record));
-  return absl::OkStatus();
+  queue_lock.lock();
+  for (Impl::Writer* w : group) {
+    impl_->writers_.pop_front();
+    if (w != &writer) {
+      w->done = true;
+      w->cv.notify_one();
+    }
+  }
+  if (!impl_->writers_.empty()) impl_->writers_.front()->cv.notify_one();
+  return writer.status;
 }
 
 absl::Status KeyStore::PurgeErased() {

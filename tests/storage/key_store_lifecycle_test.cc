@@ -569,5 +569,32 @@ TEST_CASE("Settings are written with a batch and read back after reopening", "[k
   CHECK(store->Apply(unnamed).code() == absl::StatusCode::kInvalidArgument);
 }
 
+TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[key_store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.File("keys.db"));
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}}).ok());
+  constexpr int kThreads = 32;
+  std::vector<absl::Status> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Thread 0 claims an alias that is already taken; every other thread's key is new.
+      const std::string alias = t == 0 ? "taken" : "alias-" + std::to_string(t);
+      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}});
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(results[0].code() == absl::StatusCode::kAlreadyExists);
+  for (int t = 1; t < kThreads; ++t) {
+    INFO("thread " << t);
+    CHECK(results[t].ok());
+    CHECK(store->FindKeyByAlias("alias-" + std::to_string(t)).ok());
+  }
+  CHECK(store->GetKey(IdFor(1000)).status().code() == absl::StatusCode::kNotFound);
+  // Reopened from disk, the same picture: every success was durable.
+  store = OpenStore(dir.File("keys.db"));
+  CHECK(store->ListKeys(1000, "").value().keys.size() == kThreads);
+}
+
 }  // namespace
 }  // namespace custos::storage
