@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/strings.h"
+#include "storage/audit_rows.h"
 #include "storage/key_cache.h"
 #include "storage/key_rows.h"
 #include "storage/request_rows.h"
@@ -170,12 +171,23 @@ class KeyStore::Impl {
   std::mutex queue_mu_;
   std::deque<Writer*> writers_;  // Guarded by queue_mu_.
 
+  // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
+  // their savepoint or transaction is rolled back.
+  AuditSealer sealer_;
+  uint64_t audit_seq_ = 0;
+  Bytes audit_hash_ = Bytes(32, 0);
+
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
   absl::Status WriteInGroup(const Writer& writer);
 };
 
 absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
+  if (!writer.batch->audit.empty() && !sealer_) {
+    return absl::FailedPreconditionError("the store has no audit sealer set");
+  }
+  const uint64_t seq_before = audit_seq_;
+  Bytes hash_before = audit_hash_;
   CUSTOS_RETURN_IF_ERROR(db_->Exec("SAVEPOINT batch"));
   absl::Status status = [&]() -> absl::Status {
     // Written in order, each alias checked against what is stored at that point: two keys of
@@ -192,9 +204,20 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
       CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
     }
+    for (AuditRow row : writer.batch->audit) {
+      row.seq = audit_seq_ + 1;
+      row.hash = sealer_(audit_hash_, row);
+      CUSTOS_RETURN_IF_ERROR(InsertAuditRow(*db_, row));
+      audit_seq_ = row.seq;
+      audit_hash_ = std::move(row.hash);
+    }
     return absl::OkStatus();
   }();
-  if (!status.ok()) CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
+  if (!status.ok()) {
+    audit_seq_ = seq_before;
+    audit_hash_ = std::move(hash_before);
+    CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
+  }
   CUSTOS_RETURN_IF_ERROR(db_->Exec("RELEASE batch"));
   return status;
 }
@@ -209,7 +232,13 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   // SQLite makes these with the database's mode; files left by an older run may be looser.
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-wal", /*create=*/false));
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
-  return std::unique_ptr<KeyStore>(new KeyStore(std::make_unique<Impl>(std::move(db), version)));
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<AuditRow> last, LoadLastAuditRow(*db));
+  auto impl = std::make_unique<Impl>(std::move(db), version);
+  if (last) {
+    impl->audit_seq_ = last->seq;
+    impl->audit_hash_ = std::move(last->hash);
+  }
+  return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
 
 absl::Status KeyStore::CreateKey(const KeyRecord& key) {
@@ -239,7 +268,8 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   for (const auto& [name, value] : batch.settings) {
     if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
   }
-  if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty()) {
+  if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty() &&
+      batch.audit.empty()) {
     return absl::OkStatus();
   }
 
@@ -256,11 +286,17 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   queue_lock.unlock();
   {
     std::lock_guard db_lock(impl_->db_mu_);
+    const uint64_t seq_before = impl_->audit_seq_;
+    const Bytes hash_before = impl_->audit_hash_;
     absl::Status committed = [&]() -> absl::Status {
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
       for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
       return tx->Commit();
     }();
+    if (!committed.ok()) {  // nothing of the group is in the log
+      impl_->audit_seq_ = seq_before;
+      impl_->audit_hash_ = hash_before;
+    }
     for (Impl::Writer* w : group) {
       if (!committed.ok()) w->status = committed;
       // Write-through once durable, still under db_mu_, so no load of an older copy can slip
@@ -459,6 +495,40 @@ const KeyVersion* KeyRecord::FindVersion(uint32_t version) const {
     if (v.version == version) return &v;
   }
   return nullptr;
+}
+
+void KeyStore::SetAuditSealer(AuditSealer sealer) {
+  std::lock_guard lock(impl_->db_mu_);
+  impl_->sealer_ = std::move(sealer);
+}
+
+absl::StatusOr<std::vector<AuditRow>> KeyStore::ReadAudit(uint64_t from_seq, size_t limit) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return LoadAuditRows(*impl_->db_, from_seq, limit);
+}
+
+absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return std::make_pair(impl_->audit_seq_, impl_->audit_hash_);
+}
+
+absl::Status KeyStore::PutCheckpoint(const AuditCheckpoint& checkpoint) {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+  CUSTOS_RETURN_IF_ERROR(InsertCheckpoint(*impl_->db_, checkpoint));
+  return tx->Commit();
+}
+
+absl::StatusOr<std::optional<AuditCheckpoint>> KeyStore::LatestCheckpoint() const {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<AuditCheckpoint> latest, LoadCheckpoints(*impl_->db_, 1));
+  if (latest.empty()) return std::optional<AuditCheckpoint>();
+  return std::optional<AuditCheckpoint>(std::move(latest.front()));
+}
+
+absl::StatusOr<std::vector<AuditCheckpoint>> KeyStore::Checkpoints() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return LoadCheckpoints(*impl_->db_, 0);
 }
 
 }  // namespace custos::storage

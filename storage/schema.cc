@@ -107,6 +107,39 @@ constexpr const char* kMigrations[] = {
       ) WITHOUT ROWID;
       PRAGMA user_version = 3;
     )sql",
+    // 4: the audit log, append-only (triggers refuse UPDATE and DELETE), and its signed
+    // checkpoints. Records commit in the same transaction as the change they record.
+    R"sql(
+      CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY,
+        time INTEGER NOT NULL,
+        principal TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        key_version INTEGER NOT NULL,
+        source_key_id TEXT NOT NULL,
+        source_key_version INTEGER NOT NULL,
+        request_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        context_hmac TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        hash BLOB NOT NULL CHECK (length(hash) = 32)
+      );
+      CREATE TRIGGER audit_log_append_only_update BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+      CREATE TRIGGER audit_log_append_only_delete BEFORE DELETE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+      CREATE TABLE audit_checkpoints (
+        seq INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL,
+        time INTEGER NOT NULL,
+        key_label TEXT NOT NULL,
+        signature BLOB NOT NULL
+      );
+      PRAGMA user_version = 4;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {

@@ -100,8 +100,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   CHECK(QueryFile(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'requests'") == "0");
 
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 3);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "3");
+  CHECK(store->SchemaVersion() == 4);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "4");
   KeyRecord want;
   want.id = "k1";
   want.alias = "old-alias";
@@ -129,8 +129,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   store.reset();
   auto db = sqlite::Database::Open(path);
   REQUIRE(db.ok());
-  CHECK(MigrateSchemaTo(**db, 1).value() == 3);
-  CHECK(MigrateSchemaTo(**db, 4).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(MigrateSchemaTo(**db, 1).value() == 4);
+  CHECK(MigrateSchemaTo(**db, 5).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]") {
@@ -195,14 +195,14 @@ TEST_CASE("Apply replaces a stored key entirely, in the cache and on disk", "[ke
 
   SECTION("the freed alias can be taken by another key") {
     KeyRecord neighbour = MakeKey(2, "old-alias");
-    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("old-alias").value()->id == IdFor(2));
     CHECK(store->FindKeyByAlias("neighbour").status().code() == absl::StatusCode::kNotFound);
     CHECK(OpenStore(path)->FindKeyByAlias("old-alias").value()->id == IdFor(2));
   }
   SECTION("clearing the alias frees it") {
     changed.alias.clear();
-    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("new-alias").status().code() == absl::StatusCode::kNotFound);
     CHECK(OpenStore(path)->GetKey(IdFor(1)).value()->alias.empty());
   }
@@ -327,7 +327,7 @@ TEST_CASE("Writers and readers of one key never see a stale cached record", "[ke
   for (int i = 0; i < kWrites; ++i) {
     KeyRecord key = MakeKey(1, "hot");
     key.description = "write " + std::to_string(i);
-    if (!store->Apply(WriteBatch{{key}, {}, {}}).ok()) ++failures;
+    if (!store->Apply(WriteBatch{{key}, {}, {}, {}}).ok()) ++failures;
   }
   done = true;
   for (auto& reader : readers) reader.join();
@@ -398,7 +398,7 @@ TEST_CASE("Erased key material cannot be found in the database files after Purge
     REQUIRE(PatternHits(path) > 0);
     for (KeyVersion& version : destroyed.versions) version.wrapped.clear();
   }
-  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}, {}}).ok());
   REQUIRE(store->PurgeErased().ok());
 
   CHECK(PatternHits(path) == 0);
@@ -467,7 +467,7 @@ TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due at or before now", "[ke
   KeyRecord cancelled = MakeSmallKey(2);
   cancelled.state = KeyState::kDisabled;
   cancelled.deletion_due_at = 0;
-  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForDeletion(1001).value() == Ids{IdFor(1)});
 }
 
@@ -499,7 +499,7 @@ TEST_CASE("KeysDueForRotation: ENABLED keys whose primary version is a period ol
   // Rotating (a new primary created at 1100) resets the clock.
   a.versions.push_back({3, Bytes{3}, "root", 1100});
   a.primary_version = 3;
-  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForRotation(1199).value() == Ids{IdFor(4)});
   CHECK(store->KeysDueForRotation(1200).value() == Ids{IdFor(1), IdFor(4)});
 }
@@ -540,7 +540,7 @@ TEST_CASE("PutUsage upserts counters and GetUsage reads them by version", "[key_
   // Rewriting the key (rotation, destruction) leaves its counters alone.
   KeyRecord key = MakeKey(1);
   key.state = KeyState::kDisabled;
-  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}}).ok());
   CheckSameUsage(store->GetUsage(IdFor(1)).value(), {usage[1], updated});
 
   // A malformed entry anywhere in the list: nothing written.
@@ -572,7 +572,7 @@ TEST_CASE("Settings are written with a batch and read back after reopening", "[k
 TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[key_store]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}, {}}).ok());
   constexpr int kThreads = 32;
   std::vector<absl::Status> results(kThreads);
   std::vector<std::thread> threads;
@@ -580,7 +580,7 @@ TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[ke
     threads.emplace_back([&, t] {
       // Thread 0 claims an alias that is already taken; every other thread's key is new.
       const std::string alias = t == 0 ? "taken" : "alias-" + std::to_string(t);
-      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}});
+      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}, {}});
     });
   }
   for (auto& thread : threads) thread.join();

@@ -249,11 +249,11 @@ TEST_CASE("The database is in WAL mode at the current schema version", "[key_sto
   TempDir dir;
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 3);
+  CHECK(store->SchemaVersion() == 4);
   CHECK(QueryFile(path, "PRAGMA journal_mode") == "wal");
-  CHECK(QueryFile(path, "PRAGMA user_version") == "3");
+  CHECK(QueryFile(path, "PRAGMA user_version") == "4");
   store.reset();
-  CHECK(OpenStore(path)->SchemaVersion() == 3);  // Reopening migrates nothing.
+  CHECK(OpenStore(path)->SchemaVersion() == 4);  // Reopening migrates nothing.
 }
 
 TEST_CASE("A database from a newer Custos is FAILED_PRECONDITION and left alone", "[key_store]") {

@@ -1,0 +1,107 @@
+#include "storage/audit_rows.h"
+
+namespace custos::storage {
+namespace {
+
+constexpr char kColumns[] =
+    "seq, time, principal, role, action, key_id, key_version, source_key_id, "
+    "source_key_version, request_id, outcome, peer, context_hmac, detail, hash";
+
+AuditRow ReadRow(const sqlite::Statement& stmt) {
+  AuditRow row;
+  row.seq = static_cast<uint64_t>(stmt.ColumnInt64(0));
+  row.time = stmt.ColumnInt64(1);
+  row.principal = stmt.ColumnText(2);
+  row.role = stmt.ColumnText(3);
+  row.action = stmt.ColumnText(4);
+  row.key_id = stmt.ColumnText(5);
+  row.key_version = static_cast<uint32_t>(stmt.ColumnInt64(6));
+  row.source_key_id = stmt.ColumnText(7);
+  row.source_key_version = static_cast<uint32_t>(stmt.ColumnInt64(8));
+  row.request_id = stmt.ColumnText(9);
+  row.outcome = stmt.ColumnText(10);
+  row.peer = stmt.ColumnText(11);
+  row.context_hmac = stmt.ColumnText(12);
+  row.detail = stmt.ColumnText(13);
+  row.hash = stmt.ColumnBlob(14);
+  return row;
+}
+
+}  // namespace
+
+absl::Status InsertAuditRow(sqlite::Database& db, const AuditRow& row) {
+  static const std::string sql = std::string("INSERT INTO audit_log (") + kColumns +
+                                 ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, "
+                                 "?13, ?14, ?15)";
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
+  stmt.BindInt64(1, static_cast<int64_t>(row.seq))
+      .BindInt64(2, row.time)
+      .BindText(3, row.principal)
+      .BindText(4, row.role)
+      .BindText(5, row.action)
+      .BindText(6, row.key_id)
+      .BindInt64(7, row.key_version)
+      .BindText(8, row.source_key_id)
+      .BindInt64(9, row.source_key_version)
+      .BindText(10, row.request_id)
+      .BindText(11, row.outcome)
+      .BindText(12, row.peer)
+      .BindText(13, row.context_hmac)
+      .BindText(14, row.detail)
+      .BindBlob(15, row.hash);
+  return stmt.Run();
+}
+
+absl::StatusOr<std::vector<AuditRow>> LoadAuditRows(sqlite::Database& db, uint64_t from_seq,
+                                                    size_t limit) {
+  static const std::string sql =
+      std::string("SELECT ") + kColumns + " FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2";
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
+  stmt.BindInt64(1, static_cast<int64_t>(from_seq)).BindInt64(2, static_cast<int64_t>(limit));
+  std::vector<AuditRow> rows;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) break;
+    rows.push_back(ReadRow(stmt));
+  }
+  return rows;
+}
+
+absl::StatusOr<std::optional<AuditRow>> LoadLastAuditRow(sqlite::Database& db) {
+  static const std::string sql =
+      std::string("SELECT ") + kColumns + " FROM audit_log ORDER BY seq DESC LIMIT 1";
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return std::optional<AuditRow>();
+  return std::optional<AuditRow>(ReadRow(stmt));
+}
+
+absl::Status InsertCheckpoint(sqlite::Database& db, const AuditCheckpoint& checkpoint) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare("INSERT OR REPLACE INTO audit_checkpoints (seq, hash, time, key_label, "
+                 "signature) VALUES (?1, ?2, ?3, ?4, ?5)"));
+  stmt.BindInt64(1, static_cast<int64_t>(checkpoint.seq))
+      .BindBlob(2, checkpoint.hash)
+      .BindInt64(3, checkpoint.time)
+      .BindText(4, checkpoint.key_label)
+      .BindBlob(5, checkpoint.signature);
+  return stmt.Run();
+}
+
+absl::StatusOr<std::vector<AuditCheckpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
+                                     "audit_checkpoints ORDER BY seq DESC LIMIT ?1"));
+  stmt.BindInt64(1, limit == 0 ? -1 : static_cast<int64_t>(limit));
+  std::vector<AuditCheckpoint> checkpoints;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) break;
+    checkpoints.push_back({static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnBlob(1),
+                           stmt.ColumnInt64(2), stmt.ColumnText(3), stmt.ColumnBlob(4)});
+  }
+  return checkpoints;
+}
+
+}  // namespace custos::storage

@@ -1,0 +1,26 @@
+// Reading and writing audit records and checkpoints as rows of audit_log and
+// audit_checkpoints. Constant SQL with bound parameters. Not thread-safe: callers hold the
+// Database's lock. Internal to storage/.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "common/status.h"
+#include "storage/key_store.h"
+#include "storage/sqlite.h"
+
+namespace custos::storage {
+
+// Appends a sealed record (seq and hash set). Run it inside a write transaction.
+absl::Status InsertAuditRow(sqlite::Database& db, const AuditRow& row);
+absl::StatusOr<std::vector<AuditRow>> LoadAuditRows(sqlite::Database& db, uint64_t from_seq,
+                                                    size_t limit);
+// The last record, or nullopt for an empty log.
+absl::StatusOr<std::optional<AuditRow>> LoadLastAuditRow(sqlite::Database& db);
+
+absl::Status InsertCheckpoint(sqlite::Database& db, const AuditCheckpoint& checkpoint);
+// Newest first; `limit` 0 = all.
+absl::StatusOr<std::vector<AuditCheckpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit);
+
+}  // namespace custos::storage
