@@ -85,7 +85,8 @@ absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig*
       }
     } else if (key == "request_ttl_hours" || key == "deletion_waiting_days") {
       const std::optional<int64_t> value = node.value<int64_t>();
-      if (!value) {
+      // Bounded before scaling to seconds, so a huge value cannot wrap into the valid range.
+      if (!value || *value < -1'000'000 || *value > 1'000'000) {
         return absl::InvalidArgumentError(
             StrCat("config: dual_control.", key, " must be a whole number"));
       }
