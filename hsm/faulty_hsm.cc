@@ -75,4 +75,31 @@ absl::StatusOr<SecureBytes> FaultyHsm::GenerateRandom(size_t count) {
   return inner_->GenerateRandom(count);
 }
 
+absl::Status FaultyHsm::CreateHmacKey(const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->CreateHmacKey(label);
+}
+
+absl::StatusOr<Bytes> FaultyHsm::HmacSha256(const std::string& label,
+                                            std::span<const uint8_t> data) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->HmacSha256(label, data);
+}
+
+absl::Status FaultyHsm::CreateSigningKey(const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->CreateSigningKey(label);
+}
+
+absl::StatusOr<Bytes> FaultyHsm::SignSha256(const std::string& label,
+                                            std::span<const uint8_t> message) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->SignSha256(label, message);
+}
+
+absl::StatusOr<std::string> FaultyHsm::PublicKeyPem(const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->PublicKeyPem(label);
+}
+
 }  // namespace custos::hsm

@@ -44,6 +44,13 @@ class FaultyHsm final : public Hsm {
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
   void Forget(const std::string& cache_id) override { inner_->Forget(cache_id); }
+  absl::Status CreateHmacKey(const std::string& label) override;
+  absl::StatusOr<Bytes> HmacSha256(const std::string& label,
+                                   std::span<const uint8_t> data) override;
+  absl::Status CreateSigningKey(const std::string& label) override;
+  absl::StatusOr<Bytes> SignSha256(const std::string& label,
+                                   std::span<const uint8_t> message) override;
+  absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
 
  private:
   // The failure to inject into the call being made, or OK to forward it.

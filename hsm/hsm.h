@@ -40,6 +40,7 @@ struct GcmCiphertext {
 inline constexpr size_t kGcmIvBytes = 12;
 inline constexpr size_t kGcmTagBytes = 16;
 inline constexpr size_t kAes256KeyBytes = 32;
+inline constexpr size_t kHmacSha256Bytes = 32;  // HmacSha256() output
 
 class Hsm {
  public:
@@ -84,6 +85,31 @@ class Hsm {
 
   // Destroys any cached unwrapped copy of `cache_id` (used when a version is destroyed).
   virtual void Forget(const std::string& cache_id) = 0;
+
+  // Audit log keys (see hsm/audit_keys.h), token objects named by label like the root keys.
+  // An HMAC key is a 32-byte generic secret (private, sensitive, non-extractable, usable only
+  // to sign and verify); a signing key is an ECDSA P-256 key pair whose private half is
+  // private, sensitive, non-extractable and usable only to sign. FAILED_PRECONDITION if the
+  // key is missing or its attributes would let its value out.
+
+  // Creates HMAC key `label`. ALREADY_EXISTS if the token holds a secret key so labelled.
+  virtual absl::Status CreateHmacKey(const std::string& label) = 0;
+
+  // HMAC-SHA256 of `data` under HMAC key `label`: 32 bytes.
+  virtual absl::StatusOr<Bytes> HmacSha256(const std::string& label,
+                                           std::span<const uint8_t> data) = 0;
+
+  // Creates signing key pair `label`. ALREADY_EXISTS if the token holds a key so labelled.
+  virtual absl::Status CreateSigningKey(const std::string& label) = 0;
+
+  // ECDSA P-256 signature of SHA-256(`message`) by signing key `label`, DER-encoded
+  // (ECDSA-Sig-Value), as `openssl dgst -sha256 -verify pub.pem -signature sig msg` takes it.
+  virtual absl::StatusOr<Bytes> SignSha256(const std::string& label,
+                                           std::span<const uint8_t> message) = 0;
+
+  // The public key of signing key `label` as PEM ("-----BEGIN PUBLIC KEY-----", X.509
+  // SubjectPublicKeyInfo), checked to verify what the private key signs.
+  virtual absl::StatusOr<std::string> PublicKeyPem(const std::string& label) = 0;
 };
 
 }  // namespace custos::hsm

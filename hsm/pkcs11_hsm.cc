@@ -8,6 +8,7 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
+#include "hsm/audit_keys.h"
 #include "hsm/ck_error.h"
 #include "hsm/key_cache.h"
 #include "hsm/p11_object.h"
@@ -53,7 +54,8 @@ class Pkcs11Hsm final : public Hsm {
       : pool_(std::move(pool)),
         cache_(std::move(cache)),
         api_(pool_->module()->api()),
-        roots_(pool_.get()) {}
+        roots_(pool_.get()),
+        audit_keys_(pool_.get()) {}
 
   absl::Status CreateRootKey(const std::string& label) override;
   absl::Status CheckRootKey(const std::string& label) override;
@@ -68,6 +70,13 @@ class Pkcs11Hsm final : public Hsm {
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
   void Forget(const std::string& cache_id) override { cache_->Forget(cache_id); }
+  absl::Status CreateHmacKey(const std::string& label) override;
+  absl::StatusOr<Bytes> HmacSha256(const std::string& label,
+                                   std::span<const uint8_t> data) override;
+  absl::Status CreateSigningKey(const std::string& label) override;
+  absl::StatusOr<Bytes> SignSha256(const std::string& label,
+                                   std::span<const uint8_t> message) override;
+  absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
 
  private:
   // Runs `op` on a pooled session, once more after recovering from a lost session, login or
@@ -93,6 +102,7 @@ class Pkcs11Hsm final : public Hsm {
   const std::unique_ptr<KeyCache> cache_;
   CK_FUNCTION_LIST* const api_;
   RootKeys roots_;
+  AuditKeys audit_keys_;
 };
 
 template <typename T>
@@ -122,6 +132,7 @@ bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
   }
   spdlog::warn("HSM {}; recovering with fresh sessions and handles", std::string(error.message()));
   roots_.Reset();
+  audit_keys_.Reset();
   cache_->Clear();
   return true;
 }
@@ -311,6 +322,39 @@ absl::StatusOr<SecureBytes> Pkcs11Hsm::GenerateRandom(size_t count) {
     if (rv != CKR_OK) return CkError("C_GenerateRandom", rv);
     return random;
   });
+}
+
+absl::Status Pkcs11Hsm::CreateHmacKey(const std::string& label) {
+  return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
+           CUSTOS_RETURN_IF_ERROR(audit_keys_.CreateHmacKey(session, label));
+           return true;
+         })
+      .status();
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::HmacSha256(const std::string& label,
+                                            std::span<const uint8_t> data) {
+  return Run<Bytes>(
+      [&](CK_SESSION_HANDLE session) { return audit_keys_.HmacSha256(session, label, data); });
+}
+
+absl::Status Pkcs11Hsm::CreateSigningKey(const std::string& label) {
+  return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
+           CUSTOS_RETURN_IF_ERROR(audit_keys_.CreateSigningKey(session, label));
+           return true;
+         })
+      .status();
+}
+
+absl::StatusOr<Bytes> Pkcs11Hsm::SignSha256(const std::string& label,
+                                            std::span<const uint8_t> message) {
+  return Run<Bytes>(
+      [&](CK_SESSION_HANDLE session) { return audit_keys_.SignSha256(session, label, message); });
+}
+
+absl::StatusOr<std::string> Pkcs11Hsm::PublicKeyPem(const std::string& label) {
+  return Run<std::string>(
+      [&](CK_SESSION_HANDLE session) { return audit_keys_.PublicKeyPem(session, label); });
 }
 
 }  // namespace
