@@ -29,7 +29,8 @@ std::string FormatEvent(const Event& event) {
                 " action=", event.action, " key=", event.key_id, " version=", event.key_version,
                 " source_key=", event.source_key_id, " source_version=", event.source_key_version,
                 " request=", event.request_id, " outcome=", absl::StatusCodeToString(event.outcome),
-                " peer=", Escaped(event.peer), " detail=", Escaped(event.detail));
+                " peer=", Escaped(event.peer), " context_hmac=", event.context_hmac,
+                " detail=", Escaped(event.detail));
 }
 
 }  // namespace custos::audit

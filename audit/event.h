@@ -23,8 +23,9 @@ struct Event {
   uint32_t source_key_version = 0;  // ReEncrypt only
   std::string request_id;           // dual-control request, if any
   absl::StatusCode outcome = absl::StatusCode::kOk;
-  std::string peer;    // transport address of the caller
-  std::string detail;  // non-secret context, e.g. "policy sha256=..."
+  std::string peer;          // transport address of the caller
+  std::string detail;        // non-secret context, e.g. "policy sha256=..."
+  std::string context_hmac;  // hex HMAC-SHA256 (HSM key) of the canonical context; "" if none
 };
 
 // One line of text for operators' logs: key=value pairs, no secrets (see above).

@@ -41,11 +41,32 @@ class Kms::Call {
   audit::Event& event() { return event_; }
   const Caller& caller() const { return caller_; }
 
-  // Records the outcome; a result nobody could record is not returned (fail closed).
+  // Binds the encryption context to the audit record as an HMAC under an HSM key, never
+  // its values. UNAVAILABLE if the HSM cannot compute it (the operation then fails).
+  absl::Status BindContext(const EncryptionContext& context) {
+    CUSTOS_ASSIGN_OR_RETURN(event_.context_hmac, kms_.ContextHmac(context));
+    return absl::OkStatus();
+  }
+
+  // Commits `batch` and this call's record (with `outcome`, plus any `extra` records) in one
+  // transaction. Once it succeeded, Finish records nothing more.
+  absl::Status CommitWith(storage::WriteBatch batch,
+                          absl::StatusCode outcome = absl::StatusCode::kOk,
+                          std::vector<audit::Event> extra = {}) {
+    event_.outcome = outcome;
+    extra.insert(extra.begin(), event_);
+    CUSTOS_RETURN_IF_ERROR(kms_.Commit(std::move(batch), std::move(extra)));
+    recorded_ = true;
+    return absl::OkStatus();
+  }
+
+  // Records the outcome unless CommitWith already did; a result nobody could record is not
+  // returned (fail closed).
   template <typename T>
   absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
+    if (recorded_) return result;
     event_.outcome = result.status().code();
-    absl::Status recorded = kms_.options_.audit->Append(event_);
+    absl::Status recorded = kms_.Commit({}, {event_});
     if (!recorded.ok()) {
       return absl::UnavailableError(
           StrCat("audit log unavailable, operation refused: ", recorded.message()));
@@ -58,6 +79,7 @@ class Kms::Call {
   const Caller& caller_;
   policy::Action action_;
   audit::Event event_;
+  bool recorded_ = false;
 };
 
 }  // namespace custos::core

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "common/strings.h"
+#include "core/audit_seal.h"
 #include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
@@ -29,7 +30,9 @@ Kms::Kms(Options options)
     : options_(std::move(options)),
       policy_(options_.policy),
       root_key_label_(options_.root_key_label),
-      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {}
+      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {
+  options_.store->SetAuditSealer(SealAuditRecord);
+}
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);
@@ -79,6 +82,7 @@ absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
 absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                            const EncryptionContext& context) {
   CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
+  CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
   CUSTOS_ASSIGN_OR_RETURN(ParsedBlob parsed, ParseBlob(blob));
   const std::string key_id = FormatKeyId(parsed.header.key_id);
   absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
@@ -130,6 +134,7 @@ absl::StatusOr<DataKey> Kms::GenerateDataKey(const Caller& caller, std::string_v
       return absl::InvalidArgumentError("data keys are 16 (AES-128) or 32 (AES-256) bytes");
     }
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
+    CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
     CUSTOS_ASSIGN_OR_RETURN(SecureBytes plaintext, options_.hsm->GenerateRandom(key_bytes));
     CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed, EncryptUnder(*key, plaintext.span(), context));
@@ -152,6 +157,7 @@ absl::StatusOr<Ciphertext> Kms::Encrypt(const Caller& caller, std::string_view k
                  kMaxEncryptPlaintextBytes, " (use GenerateDataKey for larger data)"));
     }
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
+    CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
     return EncryptUnder(*key, plaintext, context);
   }());
@@ -175,6 +181,9 @@ absl::StatusOr<ReEncrypted> Kms::ReEncrypt(const Caller& caller, std::span<const
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     CUSTOS_RETURN_IF_ERROR(ValidateContext(destination_context));
     CUSTOS_ASSIGN_OR_RETURN(Plaintext source, DecryptBlob(call, blob, source_context));
+    // The record binds both contexts: "<source hmac>,<destination hmac>".
+    CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac, ContextHmac(destination_context));
+    call.event().context_hmac += "," + destination_hmac;
     // DecryptBlob recorded the source key; the destination takes the main key fields.
     call.event().source_key_id = std::exchange(call.event().key_id, "");
     call.event().source_key_version = std::exchange(call.event().key_version, 0);
@@ -201,8 +210,11 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
     std::lock_guard lock(requests_mu_);
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
-    CUSTOS_RETURN_IF_ERROR(options_.store->CreateKey(key));
-    return options_.store->GetKey(key.id);
+    auto created = std::make_shared<const storage::KeyRecord>(key);
+    storage::WriteBatch batch;
+    batch.keys.push_back(std::move(key));
+    CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
+    return created;
   }());
 }
 

@@ -109,13 +109,14 @@ class Kms {
   struct Options {
     hsm::Hsm* hsm = nullptr;
     storage::KeyStore* store = nullptr;
-    audit::Sink* audit = nullptr;
+    audit::Sink* audit = nullptr;  // optional mirror of committed records (operator logs)
     const Clock* clock = nullptr;
     std::shared_ptr<const policy::Policy> policy;
     policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
     std::string root_key_label = "custos-root";  // the root new versions are wrapped under
     UsageLimits usage_limits;
-    std::function<void()> on_rotation_wanted;  // e.g. wake the maintenance thread
+    std::string audit_hmac_key_label = "custos-audit-hmac";  // HSM key for context HMACs
+    std::function<void()> on_rotation_wanted;                // e.g. wake the maintenance thread
   };
   explicit Kms(Options options);
 
@@ -227,9 +228,15 @@ class Kms {
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);
   absl::Status AutoRotate(const std::string& key_id);
-  absl::Status RecordServerEvent(std::string_view action, const std::string& key_id,
-                                 const std::string& request_id, const absl::Status& outcome,
-                                 std::string detail = "");
+  // An audit event of the server's own (principal kServerPrincipal).
+  audit::Event ServerEvent(std::string_view action, const std::string& key_id,
+                           const std::string& request_id, absl::StatusCode outcome,
+                           std::string detail = "") const;
+  // Commits `batch` with the audit records of `events` in one transaction (group-committed
+  // with concurrent callers), then mirrors the events to the operator's sink. UNAVAILABLE if
+  // the log cannot be written: nothing of the batch is then written either.
+  absl::Status Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const;
+  absl::StatusOr<std::string> ContextHmac(const EncryptionContext& context) const;
 
   Options options_;
   mutable std::mutex policy_mu_;

@@ -98,7 +98,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     if (ApprovalsFor(proposal.operation) == 0) return Execute(call, request, proposal.params);
     storage::WriteBatch batch;
     batch.requests.push_back(request);
-    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
     return request;
   }());
 }
@@ -157,7 +157,7 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
     if (valid < ApprovalsFor(*operation)) {
       storage::WriteBatch batch;
       batch.requests.push_back(request);
-      CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+      CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
       return request;
     }
     CUSTOS_ASSIGN_OR_RETURN(OperationParams params, DecodeParams(*operation, request.parameters));
@@ -183,7 +183,8 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
     request.state = RequestState::kFailed;
     request.reason = std::string(changed.status().message());
     batch.requests.push_back(request);
-    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    CUSTOS_RETURN_IF_ERROR(
+        call.CommitWith(std::move(batch), absl::StatusCode::kFailedPrecondition));
     return absl::FailedPreconditionError(StrCat(
         "request ", request.id, " reached its quorum but could not execute: ", request.reason));
   }
@@ -195,9 +196,10 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
   call.SetKey(*changed, changed->primary_version);
   batch.keys.push_back(*changed);
   batch.requests.push_back(request);
-  CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
-  CUSTOS_RETURN_IF_ERROR(
-      RecordServerEvent(request.operation, changed->id, request.id, absl::OkStatus()));
+  audit::Event executed =
+      ServerEvent(request.operation, changed->id, request.id, absl::StatusCode::kOk);
+  executed.key_version = changed->primary_version;
+  CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk, {executed}));
   return request;
 }
 
@@ -253,7 +255,10 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   batch.settings[kRootKeySetting] = new_root;
-  CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+  CUSTOS_RETURN_IF_ERROR(call.CommitWith(
+      std::move(batch), absl::StatusCode::kOk,
+      {ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
+                   StrCat("new root ", new_root, "; ", rewrapped, " versions re-wrapped"))}));
   {
     std::lock_guard lock(policy_mu_);
     root_key_label_ = new_root;
@@ -262,9 +267,8 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   // survives in old database backups: their wrapped bytes are useless without it.
   absl::Status destroyed = options_.hsm->DestroyRootKey(old_root);
   if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();
-  call.event().request_id = request.id;
-  CUSTOS_RETURN_IF_ERROR(
-      RecordServerEvent("RotateRootKey", "", request.id, destroyed, StrCat("new root ", new_root)));
+  CUSTOS_RETURN_IF_ERROR(Commit(
+      {}, {ServerEvent("DestroyRootKey", "", request.id, destroyed.code(), "root " + old_root)}));
   return request;
 }
 
@@ -286,7 +290,7 @@ absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view reque
     request.closed_at = options_.clock->NowSeconds();
     storage::WriteBatch batch;
     batch.requests.push_back(request);
-    CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
     return request;
   }());
 }
@@ -321,9 +325,8 @@ absl::Status Kms::Expire(Request request) {
   request.closed_at = options_.clock->NowSeconds();
   storage::WriteBatch batch;
   batch.requests.push_back(request);
-  absl::Status written = options_.store->Apply(batch);
-  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("ExpireRequest", request.key_id, request.id, written));
-  return written;
+  return Commit(std::move(batch),
+                {ServerEvent("ExpireRequest", request.key_id, request.id, absl::StatusCode::kOk)});
 }
 
 absl::Status Kms::DestroyKey(const std::string& key_id) {
@@ -334,14 +337,14 @@ absl::Status Kms::DestroyKey(const std::string& key_id) {
   key.destroyed_at = options_.clock->NowSeconds();
   storage::WriteBatch batch;
   batch.keys.push_back(key);
-  absl::Status written = options_.store->Apply(batch);
+  absl::Status written =
+      Commit(std::move(batch), {ServerEvent("DestroyKey", key.id, "", absl::StatusCode::kOk)});
   if (written.ok()) {
     for (const storage::KeyVersion& version : key.versions) {
       options_.hsm->Forget(StrCat(key.id, "/", version.version));
     }
     written = options_.store->PurgeErased();
   }
-  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("DestroyKey", key.id, "", written));
   return written;
 }
 
@@ -365,19 +368,20 @@ absl::Status Kms::AutoRotate(const std::string& key_id) {
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
   if (key->state != KeyState::kEnabled) return absl::OkStatus();  // nothing encrypts under it
   absl::StatusOr<KeyRecord> rotated = Applied(*key, Operation::kRotateKey, {});
-  absl::Status written = rotated.status();
-  if (rotated.ok()) {
-    storage::WriteBatch batch;
-    batch.keys.push_back(*rotated);
-    written = options_.store->Apply(batch);
+  if (!rotated.ok()) {
+    (void)Commit({}, {ServerEvent("AutoRotateKey", key_id, "", rotated.status().code())});
+    return rotated.status();
   }
-  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("AutoRotateKey", key_id, "", written));
-  return written;
+  storage::WriteBatch batch;
+  batch.keys.push_back(*rotated);
+  audit::Event event = ServerEvent("AutoRotateKey", key_id, "", absl::StatusCode::kOk);
+  event.key_version = rotated->primary_version;
+  return Commit(std::move(batch), {event});
 }
 
-absl::Status Kms::RecordServerEvent(std::string_view action, const std::string& key_id,
-                                    const std::string& request_id, const absl::Status& outcome,
-                                    std::string detail) {
+audit::Event Kms::ServerEvent(std::string_view action, const std::string& key_id,
+                              const std::string& request_id, absl::StatusCode outcome,
+                              std::string detail) const {
   audit::Event event;
   event.time = options_.clock->NowSeconds();
   event.principal = kServerPrincipal;
@@ -385,26 +389,63 @@ absl::Status Kms::RecordServerEvent(std::string_view action, const std::string& 
   event.action = std::string(action);
   event.key_id = key_id;
   event.request_id = request_id;
-  event.outcome = outcome.code();
+  event.outcome = outcome;
   event.detail = std::move(detail);
-  // The durable audit log will commit this event together with the change it records; until
-  // then a refusal here is reported to the caller but cannot undo the change.
-  absl::Status recorded = options_.audit->Append(event);
-  if (!recorded.ok()) {
-    return absl::UnavailableError(
-        StrCat("audit log unavailable: ", action, " was not recorded: ", recorded.message()));
+  return event;
+}
+
+absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const {
+  for (const audit::Event& e : events) {
+    storage::AuditRow row;
+    row.time = e.time;
+    row.principal = e.principal;
+    row.role = e.role;
+    row.action = e.action;
+    row.key_id = e.key_id;
+    row.key_version = e.key_version;
+    row.source_key_id = e.source_key_id;
+    row.source_key_version = e.source_key_version;
+    row.request_id = e.request_id;
+    row.outcome = absl::StatusCodeToString(e.outcome);
+    row.peer = e.peer;
+    row.context_hmac = e.context_hmac;
+    row.detail = e.detail;
+    batch.audit.push_back(std::move(row));
+  }
+  absl::Status written = options_.store->Apply(batch);
+  if (absl::IsUnavailable(written) || absl::IsInternal(written)) {
+    return absl::UnavailableError(StrCat("audit log unavailable: ", written.message()));
+  }
+  CUSTOS_RETURN_IF_ERROR(written);
+  if (options_.audit != nullptr) {
+    for (const audit::Event& e : events) (void)options_.audit->Append(e);  // a mirror only
   }
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) const {
+  if (context.empty()) return std::string();
+  Bytes canonical;
+  AppendCanonicalContext(context, canonical);
+  CUSTOS_ASSIGN_OR_RETURN(Bytes mac,
+                          options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical));
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (uint8_t b : mac) {
+    hex.push_back(kHex[b >> 4]);
+    hex.push_back(kHex[b & 0x0f]);
+  }
+  return hex;
+}
+
 absl::Status Kms::RecordServerStart() {
-  CUSTOS_RETURN_IF_ERROR(RecordServerEvent("ServerStart", "", "", absl::OkStatus()));
-  return RecordServerEvent("LoadPolicy", "", "", absl::OkStatus(),
-                           StrCat("policy sha256=", CurrentPolicy()->sha256_hex()));
+  return Commit({}, {ServerEvent("ServerStart", "", "", absl::StatusCode::kOk),
+                     ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk,
+                                 StrCat("policy sha256=", CurrentPolicy()->sha256_hex()))});
 }
 
 absl::Status Kms::RecordServerStop() {
-  return RecordServerEvent("ServerStop", "", "", absl::OkStatus());
+  return Commit({}, {ServerEvent("ServerStop", "", "", absl::StatusCode::kOk)});
 }
 
 absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
@@ -433,7 +474,7 @@ absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
     std::lock_guard lock(policy_mu_);
     policy_ = std::move(policy);
   }
-  return RecordServerEvent("LoadPolicy", "", "", absl::OkStatus(), detail);
+  return Commit({}, {ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk, detail)});
 }
 
 }  // namespace custos::core

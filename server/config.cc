@@ -136,6 +136,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "pin_file", &c.hsm_pin_file));
   CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "pin_env", &c.hsm_pin_env));
   CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "root_key_label", &c.root_key_label));
+  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "audit_hmac_key_label", &c.audit_hmac_key_label));
+  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "audit_signing_key_label", &c.audit_signing_key_label));
   CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "key_cache", &cache));
   CUSTOS_RETURN_IF_ERROR(Read(root, "storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(Read(root, "policy", "file", &c.policy_file));

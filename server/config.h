@@ -29,6 +29,8 @@ struct Config {
   std::string hsm_pin_file;
   std::string hsm_pin_env;
   std::string root_key_label = "custos-root";
+  std::string audit_hmac_key_label = "custos-audit-hmac";        // HMACs of contexts
+  std::string audit_signing_key_label = "custos-audit-signing";  // checkpoint signatures
   size_t key_cache_capacity = 4096;
 
   std::string storage_path;

@@ -98,18 +98,31 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
   return hsm::OpenPkcs11Hsm(std::move(options));
 }
 
+// Creates one HSM key if missing; logs what it did. ALREADY_EXISTS is success here.
+absl::Status Ensure(absl::Status created, std::string_view what, const Config& config) {
+  if (absl::IsAlreadyExists(created)) {
+    spdlog::info("{} already exists on token '{}'; nothing to do", what, config.hsm_token_label);
+    return absl::OkStatus();
+  }
+  CUSTOS_RETURN_IF_ERROR(created);
+  spdlog::info("created {} on token '{}'", what, config.hsm_token_label);
+  return absl::OkStatus();
+}
+
+// The key ceremony: the root key, the audit log's HMAC key and its checkpoint signing key,
+// each created inside the HSM once. Running it again changes nothing.
 int Init(const Config& config) {
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
-  absl::Status created = (*hsm)->CreateRootKey(config.root_key_label);
-  if (absl::IsAlreadyExists(created)) {
-    spdlog::info("root key '{}' already exists on token '{}'; nothing to do", config.root_key_label,
-                 config.hsm_token_label);
-    return 0;
+  for (absl::Status done :
+       {Ensure((*hsm)->CreateRootKey(config.root_key_label),
+               StrCat("root key '", config.root_key_label, "'"), config),
+        Ensure((*hsm)->CreateHmacKey(config.audit_hmac_key_label),
+               StrCat("audit HMAC key '", config.audit_hmac_key_label, "'"), config),
+        Ensure((*hsm)->CreateSigningKey(config.audit_signing_key_label),
+               StrCat("audit signing key '", config.audit_signing_key_label, "'"), config)}) {
+    if (!done.ok()) return Fail(done);
   }
-  if (!created.ok()) return Fail(created);
-  spdlog::info("created root key '{}' on token '{}'", config.root_key_label,
-               config.hsm_token_label);
   return 0;
 }
 
@@ -147,6 +160,12 @@ int Serve(const Config& config, const std::string& port_file) {
   if (!rotated_root.ok()) return Fail(rotated_root.status());
   const std::string root_key_label = rotated_root->value_or(config.root_key_label);
   if (absl::Status root = (*hsm)->CheckRootKey(root_key_label); !root.ok()) return Fail(root);
+  // The audit log needs its HMAC key before the first record (older state: run init again).
+  if (absl::Status hmac = (*hsm)->HmacSha256(config.audit_hmac_key_label, {}).status();
+      !hmac.ok()) {
+    return Fail(absl::FailedPreconditionError(
+        StrCat(hmac.message(), "; run `custosd --config <file> init` to create the audit keys")));
+  }
   audit::LogSink audit_sink;
   SystemClock clock;
   Maintenance maintenance(config.maintenance_interval_seconds);
@@ -158,6 +177,7 @@ int Serve(const Config& config, const std::string& port_file) {
                  .dual_control = config.dual_control,
                  .root_key_label = root_key_label,
                  .usage_limits = config.usage_limits,
+                 .audit_hmac_key_label = config.audit_hmac_key_label,
                  .on_rotation_wanted = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());

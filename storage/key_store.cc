@@ -174,6 +174,7 @@ class KeyStore::Impl {
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   AuditSealer sealer_;
+  absl::Status write_fault_;  // guarded by db_mu_
   uint64_t audit_seq_ = 0;
   Bytes audit_hash_ = Bytes(32, 0);
 
@@ -289,6 +290,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     const uint64_t seq_before = impl_->audit_seq_;
     const Bytes hash_before = impl_->audit_hash_;
     absl::Status committed = [&]() -> absl::Status {
+      CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
       for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
       return tx->Commit();
@@ -495,6 +497,11 @@ const KeyVersion* KeyRecord::FindVersion(uint32_t version) const {
     if (v.version == version) return &v;
   }
   return nullptr;
+}
+
+void KeyStore::InjectWriteFault(absl::Status fault) {
+  std::lock_guard lock(impl_->db_mu_);
+  impl_->write_fault_ = std::move(fault);
 }
 
 void KeyStore::SetAuditSealer(AuditSealer sealer) {

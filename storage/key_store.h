@@ -175,6 +175,10 @@ class KeyStore {
   // alias would be taken twice; nothing is written on any error.
   absl::Status Apply(const WriteBatch& batch);
 
+  // Fault injection for tests of what fails closed: while `fault` is not OK, every Apply
+  // fails with it before writing anything (as a full disk or a failed fsync would).
+  void InjectWriteFault(absl::Status fault);
+
   // Makes material erased by Apply unrecoverable from the files: checkpoints the WAL into
   // the database (whose freed pages secure_delete has zeroed) and truncates it.
   absl::Status PurgeErased();

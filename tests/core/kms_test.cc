@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "core/audit_seal.h"
 #include "tests/core/kms_fixture.h"
 
 namespace custos::core {
@@ -105,15 +106,44 @@ TEST_CASE("A policy swap applies to the next call", "[kms][authz]") {
   CHECK(absl::IsPermissionDenied(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
 }
 
-TEST_CASE("If the audit sink refuses, the caller gets UNAVAILABLE and no key", "[kms][audit]") {
+TEST_CASE("If the audit log cannot be written, operations fail closed and change nothing",
+          "[kms][audit]") {
   Fixture f;
   f.NewKey("k");
-  f.sink.Refuse(absl::UnavailableError("disk full"));
+  const size_t records = f.store->AuditHead()->first;
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
   absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
   CHECK(absl::IsUnavailable(dk.status()));
-  CHECK(dk.status().message() == "audit log unavailable, operation refused: disk full");
-  f.sink.Refuse(absl::OkStatus());
+  CHECK(dk.status().message() ==
+        "audit log unavailable, operation refused: audit log unavailable: disk full");
+  CreateKeyParams params;
+  params.alias = "while-down";
+  CHECK(absl::IsUnavailable(f.kms->CreateKey(f.officer, params).status()));
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("while-down").status()));
+  CHECK(f.store->AuditHead()->first == records);
+  // It recovers by itself once the log can be written again.
+  f.store->InjectWriteFault(absl::OkStatus());
   CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.store->AuditHead()->first == records + 1);
+}
+
+TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("chain");
+  REQUIRE(f.kms->GenerateDataKey(f.app, "chain", {{"mrn", "448812"}}, 32, true).ok());
+  const std::vector<storage::AuditRow> rows = *f.store->ReadAudit(1, 100);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].action == "CreateKey");
+  CHECK(rows[1].action == "GenerateDataKey");
+  CHECK(rows[1].key_id == key->id);
+  CHECK(rows[1].outcome == "OK");
+  CHECK(rows[1].context_hmac.size() == 64);  // an HMAC, never the value
+  CHECK(rows[0].context_hmac.empty());
+  Bytes prev(32, 0);
+  for (const storage::AuditRow& row : rows) {
+    CHECK(row.hash == SealAuditRecord(prev, row));
+    prev = row.hash;
+  }
 }
 
 TEST_CASE("An HSM outage fails closed and recovers by itself", "[kms][hsm]") {
