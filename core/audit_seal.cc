@@ -48,4 +48,19 @@ Bytes SealAuditRecord(std::span<const uint8_t> prev_hash, const storage::AuditRo
   return hash;
 }
 
+std::string Hex(std::span<const uint8_t> bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (uint8_t b : bytes) {
+    hex.push_back(kHex[b >> 4]);
+    hex.push_back(kHex[b & 0x0f]);
+  }
+  return hex;
+}
+
+std::string CheckpointMessage(uint64_t seq, std::span<const uint8_t> hash, int64_t time) {
+  return "custos-audit-checkpoint-v1\nseq=" + std::to_string(seq) + "\nhash=" + Hex(hash) +
+         "\ntime=" + std::to_string(time) + "\n";
+}
+
 }  // namespace custos::core

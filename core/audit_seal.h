@@ -13,4 +13,9 @@ namespace custos::core {
 Bytes CanonicalAuditRecord(const storage::AuditRow& row);
 Bytes SealAuditRecord(std::span<const uint8_t> prev_hash, const storage::AuditRow& row);
 
+// The exact text a checkpoint signs (ECDSA P-256 over its SHA-256), so that an auditor can run
+// `openssl dgst -sha256 -verify audit.pem -signature checkpoint.sig checkpoint.msg`.
+std::string CheckpointMessage(uint64_t seq, std::span<const uint8_t> hash, int64_t time);
+std::string Hex(std::span<const uint8_t> bytes);
+
 }  // namespace custos::core

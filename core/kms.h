@@ -14,6 +14,7 @@
 // Thread-safe; the HSM, store, sink and clock it is given must outlive it.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -115,8 +116,10 @@ class Kms {
     policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
     std::string root_key_label = "custos-root";  // the root new versions are wrapped under
     UsageLimits usage_limits;
-    std::string audit_hmac_key_label = "custos-audit-hmac";  // HSM key for context HMACs
-    std::function<void()> on_rotation_wanted;                // e.g. wake the maintenance thread
+    std::string audit_hmac_key_label = "custos-audit-hmac";        // HSM key for context HMACs
+    std::string audit_signing_key_label = "custos-audit-signing";  // signs checkpoints
+    uint64_t checkpoint_every = 1000;  // records between signed checkpoints (and each timer tick)
+    std::function<void()> on_rotation_wanted;  // e.g. wake the maintenance thread
   };
   explicit Kms(Options options);
 
@@ -193,6 +196,21 @@ class Kms {
   absl::Status RecordServerStart();
   absl::Status RecordServerStop();
 
+  // Signs a checkpoint of the audit log's head with the HSM's signing key and stores it, if
+  // records were added since the last one. Run by maintenance (timer, or every
+  // checkpoint_every records).
+  absl::Status Checkpoint();
+  // The latest signed checkpoint and the PEM public key that verifies it (auditors only).
+  struct SignedCheckpoint {
+    storage::AuditCheckpoint checkpoint;
+    std::string message;  // exactly what was signed
+    std::string public_key_pem;
+  };
+  absl::StatusOr<SignedCheckpoint> LatestCheckpoint(const Caller& caller);
+  // Audit records from `from_seq`, at most `limit` (auditors only).
+  absl::StatusOr<std::vector<storage::AuditRow>> ReadAudit(const Caller& caller, uint64_t from_seq,
+                                                           size_t limit);
+
   // Approvals needed for `operation` under this server's config.
   int ApprovalsFor(policy::Operation operation) const {
     return options_.dual_control.ApprovalsFor(operation);
@@ -246,6 +264,7 @@ class Kms {
   // states exactly once. Key-management traffic is tiny; the data path never takes it.
   std::mutex requests_mu_;
   UsageTracker usage_;
+  mutable std::atomic<uint64_t> records_since_checkpoint_{0};
 };
 
 }  // namespace custos::core

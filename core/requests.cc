@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/strings.h"
+#include "core/audit_seal.h"
 #include "core/call.h"
 #include "core/key_id.h"
 #include "core/kms.h"
@@ -361,7 +362,8 @@ absl::Status Kms::RunMaintenance() {
   std::set<std::string> rotate(stale.begin(), stale.end());
   rotate.merge(usage_.TakeRotationWanted());
   for (const std::string& key_id : rotate) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id));
-  return usage_.Flush();
+  CUSTOS_RETURN_IF_ERROR(usage_.Flush());
+  return Checkpoint();
 }
 
 absl::Status Kms::AutoRotate(const std::string& key_id) {
@@ -420,7 +422,60 @@ absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> ev
   if (options_.audit != nullptr) {
     for (const audit::Event& e : events) (void)options_.audit->Append(e);  // a mirror only
   }
+  if (records_since_checkpoint_.fetch_add(events.size()) + events.size() >=
+          options_.checkpoint_every &&
+      options_.on_rotation_wanted) {
+    options_.on_rotation_wanted();  // wakes maintenance, which signs a checkpoint
+  }
   return absl::OkStatus();
+}
+
+absl::Status Kms::Checkpoint() {
+  CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
+  if (head.first == 0) return absl::OkStatus();
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<storage::AuditCheckpoint> latest,
+                          options_.store->LatestCheckpoint());
+  if (latest && latest->seq == head.first) return absl::OkStatus();
+  storage::AuditCheckpoint checkpoint;
+  checkpoint.seq = head.first;
+  checkpoint.hash = head.second;
+  checkpoint.time = options_.clock->NowSeconds();
+  checkpoint.key_label = options_.audit_signing_key_label;
+  const std::string message = CheckpointMessage(checkpoint.seq, checkpoint.hash, checkpoint.time);
+  CUSTOS_ASSIGN_OR_RETURN(
+      checkpoint.signature,
+      options_.hsm->SignSha256(
+          checkpoint.key_label,
+          std::span(reinterpret_cast<const uint8_t*>(message.data()), message.size())));
+  CUSTOS_RETURN_IF_ERROR(options_.store->PutCheckpoint(checkpoint));
+  records_since_checkpoint_ = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller) {
+  Call call(*this, caller, Action::kReadAudit);
+  return call.Finish([&]() -> absl::StatusOr<SignedCheckpoint> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    CUSTOS_RETURN_IF_ERROR(Checkpoint());  // so the auditor sees the log as of now
+    CUSTOS_ASSIGN_OR_RETURN(std::optional<storage::AuditCheckpoint> latest,
+                            options_.store->LatestCheckpoint());
+    if (!latest) return absl::NotFoundError("the audit log has no checkpoint yet");
+    SignedCheckpoint signed_checkpoint;
+    signed_checkpoint.message = CheckpointMessage(latest->seq, latest->hash, latest->time);
+    CUSTOS_ASSIGN_OR_RETURN(signed_checkpoint.public_key_pem,
+                            options_.hsm->PublicKeyPem(latest->key_label));
+    signed_checkpoint.checkpoint = *std::move(latest);
+    return signed_checkpoint;
+  }());
+}
+
+absl::StatusOr<std::vector<storage::AuditRow>> Kms::ReadAudit(const Caller& caller,
+                                                              uint64_t from_seq, size_t limit) {
+  Call call(*this, caller, Action::kReadAudit);
+  return call.Finish([&]() -> absl::StatusOr<std::vector<storage::AuditRow>> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    return options_.store->ReadAudit(from_seq, limit);
+  }());
 }
 
 absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) const {

@@ -22,6 +22,7 @@ bool IsKeyUse(Action action) {
     case Action::kReject:
     case Action::kGetRequest:
     case Action::kListRequests:
+    case Action::kReadAudit:
       return false;
   }
   return false;
@@ -39,6 +40,8 @@ bool IsKeyManagement(Action action) {
     case Action::kGetRequest:
     case Action::kListRequests:
       return true;
+    case Action::kReadAudit:
+      return false;
     case Action::kGenerateDataKey:
     case Action::kGenerateDataKeyWithoutPlaintext:
     case Action::kEncrypt:
@@ -85,6 +88,8 @@ std::string_view ActionName(Action action) {
       return "GetRequest";
     case Action::kListRequests:
       return "ListRequests";
+    case Action::kReadAudit:
+      return "ReadAudit";
   }
   return "Unknown";
 }
@@ -99,6 +104,7 @@ absl::Status AuthorizeRole(Role role, Action action) {
       if (IsKeyManagement(action)) return absl::OkStatus();
       return Deny(role, action, "officers never receive key material");
     case Role::kAuditor:
+      if (action == Action::kReadAudit) return absl::OkStatus();
       return Deny(role, action, "auditors only read the audit log");
   }
   return Deny(role, action, "unknown role");

@@ -29,6 +29,7 @@ enum class Action {
   kReject,
   kGetRequest,
   kListRequests,
+  kReadAudit,
 };
 std::string_view ActionName(Action action);
 

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "custos/v1/admin_service.grpc.pb.h"
+#include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
 
 namespace {
@@ -213,6 +214,17 @@ int main(int argc, char** argv) {
   list_requests->add_option("--key", key, "only this key (id or alias)");
   list_requests->add_option("--page-size", page_size);
   list_requests->add_option("--page-token", page_token);
+  CLI::App* audit = app.add_subcommand("audit", "the audit log (auditor)");
+  audit->require_subcommand(1);
+  std::string out_dir;
+  uint64_t from_seq = 1;
+  CLI::App* checkpoint = audit->add_subcommand(
+      "checkpoint", "the latest signed checkpoint, as JSON (keep it off the server)");
+  checkpoint->add_option("--out-dir", out_dir,
+                         "also write checkpoint.msg, checkpoint.sig and audit-public.pem here, "
+                         "for `openssl dgst -sha256 -verify`");
+  CLI::App* export_log = audit->add_subcommand("export", "records as JSON Lines, for a SIEM");
+  export_log->add_option("--from", from_seq, "first seq (default 1)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -228,6 +240,34 @@ int main(int argc, char** argv) {
     for (const auto& p : encrypters) create_req.add_encrypt_principals(p);
     for (const auto& p : decrypters) create_req.add_decrypt_principals(p);
     create_req.set_rotation_period_days(rotation_days);
+    if (checkpoint->parsed()) {
+      pb::Checkpoint reply;
+      const grpc::Status status =
+          pb::AuditService::NewStub(channel)->GetCheckpoint(ctx.get(), {}, &reply);
+      if (status.ok() && !out_dir.empty()) {
+        std::ofstream(out_dir + "/checkpoint.msg", std::ios::binary) << reply.message();
+        std::ofstream(out_dir + "/checkpoint.sig", std::ios::binary) << reply.signature();
+        std::ofstream(out_dir + "/audit-public.pem") << reply.public_key_pem();
+      }
+      return Print(status, reply);
+    }
+    if (export_log->parsed()) {
+      pb::ReadRecordsRequest req;
+      req.set_from_seq(from_seq);
+      auto reader = pb::AuditService::NewStub(channel)->ReadRecords(ctx.get(), req);
+      pb::AuditRecord record;
+      google::protobuf::util::JsonPrintOptions options;
+      options.preserve_proto_field_names = true;
+      options.always_print_primitive_fields = true;
+      while (reader->Read(&record)) {
+        std::string line;
+        (void)google::protobuf::util::MessageToJsonString(record, &line, options);
+        std::cout << line << "\n";
+      }
+      const grpc::Status status = reader->Finish();
+      if (!status.ok()) return Print(status, record);
+      return 0;
+    }
     if (create->parsed()) {
       pb::KeyMetadata reply;
       return Print(admin->CreateKey(ctx.get(), create_req, &reply), reply);

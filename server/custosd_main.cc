@@ -178,11 +178,13 @@ int Serve(const Config& config, const std::string& port_file) {
                  .root_key_label = root_key_label,
                  .usage_limits = config.usage_limits,
                  .audit_hmac_key_label = config.audit_hmac_key_label,
+                 .audit_signing_key_label = config.audit_signing_key_label,
                  .on_rotation_wanted = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
   KeyServiceImpl key_service(&kms);
   AdminServiceImpl admin_service(&kms);
+  AuditServiceImpl audit_service(&kms);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
@@ -190,6 +192,7 @@ int Serve(const Config& config, const std::string& port_file) {
   builder.AddListeningPort(config.listen, *credentials, &port);
   builder.RegisterService(&key_service);
   builder.RegisterService(&admin_service);
+  builder.RegisterService(&audit_service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   // Worker threads beyond the HSM session pool would only queue on it; past this bound gRPC
   // answers RESOURCE_EXHAUSTED instead of piling up calls.

@@ -1,5 +1,6 @@
 #include "server/services.h"
 
+#include "core/audit_seal.h"
 #include "core/operation_params.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
@@ -322,6 +323,59 @@ grpc::Status AdminServiceImpl::ListRequests(grpc::ServerContext* context,
 int AdminServiceImpl::ApprovalsFor(const core::Request& request) const {
   const std::optional<policy::Operation> operation = policy::ParseOperation(request.operation);
   return operation ? kms_->ApprovalsFor(*operation) : 0;
+}
+
+grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
+                                           const pb::ReadRecordsRequest* request,
+                                           grpc::ServerWriter<pb::AuditRecord>* writer) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  constexpr size_t kPage = 1000;
+  uint64_t next = std::max<uint64_t>(request->from_seq(), 1);
+  uint64_t left = request->limit() == 0 ? UINT64_MAX : request->limit();
+  while (left > 0 && !context->IsCancelled()) {
+    absl::StatusOr<std::vector<storage::AuditRow>> rows =
+        kms_->ReadAudit(*caller, next, static_cast<size_t>(std::min<uint64_t>(left, kPage)));
+    if (!rows.ok()) return ToGrpcStatus(rows.status());
+    for (const storage::AuditRow& row : *rows) {
+      pb::AuditRecord record;
+      record.set_seq(row.seq);
+      record.set_time(row.time);
+      record.set_principal(row.principal);
+      record.set_role(row.role);
+      record.set_action(row.action);
+      record.set_key_id(row.key_id);
+      record.set_key_version(row.key_version);
+      record.set_source_key_id(row.source_key_id);
+      record.set_source_key_version(row.source_key_version);
+      record.set_request_id(row.request_id);
+      record.set_outcome(row.outcome);
+      record.set_peer(row.peer);
+      record.set_context_hmac(row.context_hmac);
+      record.set_detail(row.detail);
+      record.set_hash(core::Hex(row.hash));
+      if (!writer->Write(record)) return grpc::Status::CANCELLED;
+    }
+    if (rows->size() < kPage) break;
+    next = rows->back().seq + 1;
+    left -= rows->size();
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AuditServiceImpl::GetCheckpoint(grpc::ServerContext* context,
+                                             const pb::GetCheckpointRequest* /*request*/,
+                                             pb::Checkpoint* response) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  absl::StatusOr<core::Kms::SignedCheckpoint> latest = kms_->LatestCheckpoint(*caller);
+  if (!latest.ok()) return ToGrpcStatus(latest.status());
+  response->set_seq(latest->checkpoint.seq);
+  response->set_hash(core::Hex(latest->checkpoint.hash));
+  response->set_time(latest->checkpoint.time);
+  response->set_key_label(latest->checkpoint.key_label);
+  response->set_message(latest->message);
+  response->set_signature(ToString(latest->checkpoint.signature));
+  response->set_public_key_pem(latest->public_key_pem);
+  return grpc::Status::OK;
 }
 
 }  // namespace custos::server

@@ -5,6 +5,7 @@
 
 #include "core/kms.h"
 #include "custos/v1/admin_service.grpc.pb.h"
+#include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
 
 namespace custos::server {
@@ -57,6 +58,21 @@ class AdminServiceImpl final : public custos::v1::AdminService::Service {
  private:
   int ApprovalsFor(const core::Request& request) const;
 
+  core::Kms* kms_;
+};
+
+class AuditServiceImpl final : public custos::v1::AuditService::Service {
+ public:
+  explicit AuditServiceImpl(core::Kms* kms) : kms_(kms) {}
+
+  grpc::Status ReadRecords(grpc::ServerContext* context,
+                           const custos::v1::ReadRecordsRequest* request,
+                           grpc::ServerWriter<custos::v1::AuditRecord>* writer) override;
+  grpc::Status GetCheckpoint(grpc::ServerContext* context,
+                             const custos::v1::GetCheckpointRequest* request,
+                             custos::v1::Checkpoint* response) override;
+
+ private:
   core::Kms* kms_;
 };
 

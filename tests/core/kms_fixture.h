@@ -75,6 +75,7 @@ struct Fixture {
     real_hsm = *hsm::OpenPkcs11Hsm(std::move(options));
     REQUIRE(real_hsm->CreateRootKey("custos-root").ok());
     REQUIRE(real_hsm->CreateHmacKey("custos-audit-hmac").ok());
+    REQUIRE(real_hsm->CreateSigningKey("custos-audit-signing").ok());
     hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
     store = *storage::KeyStore::Open(dir.File("custos.db"));
     auto policy = policy::Policy::Parse(kPolicy);

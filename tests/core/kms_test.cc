@@ -184,5 +184,28 @@ TEST_CASE("Data key sizes other than 16 and 32 are refused", "[kms]") {
         "data keys are 16 (AES-128) or 32 (AES-256) bytes");
 }
 
+TEST_CASE("Maintenance signs a checkpoint of the log's head", "[kms][audit]") {
+  Fixture f;
+  f.NewKey("k");
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const auto checkpoint = f.store->LatestCheckpoint().value();
+  REQUIRE(checkpoint.has_value());
+  const auto head = f.store->AuditHead().value();
+  CHECK(checkpoint->seq == head.first);
+  CHECK(checkpoint->hash == head.second);
+  CHECK(checkpoint->key_label == "custos-audit-signing");
+  CHECK(checkpoint->signature.size() >= 8);
+  // Nothing new, nothing signed; auditors reading the checkpoint are recorded.
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->Checkpoints()->size() == 1);
+  absl::StatusOr<Kms::SignedCheckpoint> read = f.kms->LatestCheckpoint(f.auditor);
+  REQUIRE(read.ok());
+  CHECK(read->message == CheckpointMessage(checkpoint->seq, checkpoint->hash, checkpoint->time));
+  CHECK_THAT(read->public_key_pem, Catch::StartsWith("-----BEGIN PUBLIC KEY-----"));
+  CHECK(absl::IsPermissionDenied(f.kms->LatestCheckpoint(f.officer).status()));
+  CHECK(absl::IsPermissionDenied(f.kms->ReadAudit(f.app, 1, 10).status()));
+  CHECK(f.kms->ReadAudit(f.auditor, 1, 10)->front().action == "CreateKey");
+}
+
 }  // namespace
 }  // namespace custos::core

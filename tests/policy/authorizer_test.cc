@@ -17,7 +17,7 @@ constexpr Action kAllActions[] = {
     Action::kDescribeKey,     Action::kListKeys,
     Action::kPropose,         Action::kApprove,
     Action::kReject,          Action::kGetRequest,
-    Action::kListRequests,
+    Action::kListRequests,    Action::kReadAudit,
 };
 
 TEST_CASE("Every role x action pair is decided as separation of duties says", "[authorizer]") {
@@ -30,7 +30,7 @@ TEST_CASE("Every role x action pair is decided as separation of duties says", "[
   const std::map<Role, std::pair<std::set<Action>, std::string>> rules = {
       {Role::kApp, {app_may, "applications do not manage keys"}},
       {Role::kOfficer, {officer_may, "officers never receive key material"}},
-      {Role::kAuditor, {{}, "auditors only read the audit log"}},
+      {Role::kAuditor, {{Action::kReadAudit}, "auditors only read the audit log"}},
   };
   for (const auto& [role, rule] : rules) {
     for (Action action : kAllActions) {
@@ -71,6 +71,7 @@ TEST_CASE("Action and key-use names are stable", "[authorizer]") {
       {Action::kReject, "Reject"},
       {Action::kGetRequest, "GetRequest"},
       {Action::kListRequests, "ListRequests"},
+      {Action::kReadAudit, "ReadAudit"},
   };
   REQUIRE(names.size() == std::size(kAllActions));
   for (const auto& [action, name] : names) CHECK(ActionName(action) == name);
