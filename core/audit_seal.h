@@ -1,21 +1,17 @@
-// The audit chain's seal: hash = SHA-256(prev_hash || canonical(record)), with the frozen
-// canonical encoding "custos-audit-v1" followed by every field, in order, as a u32 big-endian
-// length and its bytes (integers as decimal text). See docs/AUDIT.md.
+// How stored audit rows are sealed into the chain: the canonical encoding and hash defined
+// once in audit/record.h (see docs/AUDIT.md), applied to storage's rows.
 #pragma once
 
 #include <span>
 
+#include "audit/record.h"
 #include "common/secure_bytes.h"
 #include "storage/key_store.h"
 
 namespace custos::core {
 
-Bytes CanonicalAuditRecord(const storage::AuditRow& row);
+// SHA-256(prev_hash || canonical(record)): the store's AuditSealer.
 Bytes SealAuditRecord(std::span<const uint8_t> prev_hash, const storage::AuditRow& row);
-
-// The exact text a checkpoint signs (ECDSA P-256 over its SHA-256), so that an auditor can run
-// `openssl dgst -sha256 -verify audit.pem -signature checkpoint.sig checkpoint.msg`.
-std::string CheckpointMessage(uint64_t seq, std::span<const uint8_t> hash, int64_t time);
-std::string Hex(std::span<const uint8_t> bytes);
+audit::Record ToAuditRecord(const storage::AuditRow& row);
 
 }  // namespace custos::core

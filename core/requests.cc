@@ -441,7 +441,8 @@ absl::Status Kms::Checkpoint() {
   checkpoint.hash = head.second;
   checkpoint.time = options_.clock->NowSeconds();
   checkpoint.key_label = options_.audit_signing_key_label;
-  const std::string message = CheckpointMessage(checkpoint.seq, checkpoint.hash, checkpoint.time);
+  const std::string message =
+      audit::CheckpointMessage(checkpoint.seq, checkpoint.hash, checkpoint.time);
   CUSTOS_ASSIGN_OR_RETURN(
       checkpoint.signature,
       options_.hsm->SignSha256(
@@ -461,7 +462,7 @@ absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller
                             options_.store->LatestCheckpoint());
     if (!latest) return absl::NotFoundError("the audit log has no checkpoint yet");
     SignedCheckpoint signed_checkpoint;
-    signed_checkpoint.message = CheckpointMessage(latest->seq, latest->hash, latest->time);
+    signed_checkpoint.message = audit::CheckpointMessage(latest->seq, latest->hash, latest->time);
     CUSTOS_ASSIGN_OR_RETURN(signed_checkpoint.public_key_pem,
                             options_.hsm->PublicKeyPem(latest->key_label));
     signed_checkpoint.checkpoint = *std::move(latest);
@@ -484,13 +485,7 @@ absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) c
   AppendCanonicalContext(context, canonical);
   CUSTOS_ASSIGN_OR_RETURN(Bytes mac,
                           options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical));
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (uint8_t b : mac) {
-    hex.push_back(kHex[b >> 4]);
-    hex.push_back(kHex[b & 0x0f]);
-  }
-  return hex;
+  return audit::ToHex(mac);
 }
 
 absl::Status Kms::RecordServerStart() {

@@ -22,8 +22,8 @@ std::string CkrName(CK_RV rv);
 
 // A failed call as a Status: "PKCS#11 C_Encrypt failed: CKR_DEVICE_ERROR". The code says what
 // a caller can do about it: UNAVAILABLE (device, token, session or login lost; retry later),
-// PERMISSION_DENIED (PIN problems), INVALID_ARGUMENT (malformed input data), INTERNAL (the
-// rest). `rv` must not be CKR_OK.
+// PERMISSION_DENIED (PIN problems; SessionPool reports them as UNAVAILABLE once running),
+// INVALID_ARGUMENT (malformed input data), INTERNAL (the rest). `rv` must not be CKR_OK.
 absl::Status CkError(std::string_view function, CK_RV rv);
 
 // The CK_RV carried by a Status made by CkError, if any.

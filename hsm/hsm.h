@@ -6,10 +6,19 @@
 // non-extractable session objects when they are used. Callers hold only wrapped bytes.
 //
 // Implementations are thread-safe: any number of threads may call any method at once.
-// Errors: UNAVAILABLE when the HSM cannot be reached or a session is lost (retrying later may
-// succeed); INVALID_ARGUMENT when a ciphertext fails authentication or input is malformed;
-// FAILED_PRECONDITION when the token lacks the root key; INTERNAL for anything else. Every
-// message names the PKCS#11 function and the CKR_ code, never key material or the PIN.
+// Errors:
+//  - UNAVAILABLE when the HSM cannot be reached or a session is lost (retrying later may
+//    succeed), and when the HSM refuses the configured PIN on a re-login while running (an
+//    operator must fix the PIN and restart; PERMISSION_DENIED comes only from OpenPkcs11Hsm);
+//  - INVALID_ARGUMENT when a ciphertext fails authentication or an IV, a ciphertext or a
+//    label is malformed: the caller's input, never stored key material;
+//  - DATA_LOSS when a stored key version (WrappedKey::wrapped) is malformed or does not
+//    unwrap under its root key: a damaged database or a root that is not the one it was
+//    wrapped under, never the client's mistake;
+//  - FAILED_PRECONDITION when the token lacks the root key, or has one that is unsafe to use;
+//  - INTERNAL for anything else.
+// Messages from a failed PKCS#11 call name the function and the CKR_ code; none carries key
+// material or the PIN.
 #pragma once
 
 #include <cstdint>
@@ -53,7 +62,8 @@ class Hsm {
   // Creates root key `label`. ALREADY_EXISTS if the token holds one with that label.
   virtual absl::Status CreateRootKey(const std::string& label) = 0;
 
-  // OK if root key `label` is present and usable; FAILED_PRECONDITION if it is missing.
+  // OK if root key `label` is present and usable; FAILED_PRECONDITION if it is missing, or if
+  // the key so labelled is public or may do more than wrap and unwrap (made by another tool).
   virtual absl::Status CheckRootKey(const std::string& label) = 0;
 
   // Destroys root key `label` on the token. NOT_FOUND if there is none. Every version still
@@ -65,17 +75,20 @@ class Hsm {
   virtual absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) = 0;
 
   // Unwraps `key` under its root and wraps it again under root `new_root_key_label`, inside
-  // the HSM; the transient unwrapped copy is destroyed before this returns.
+  // the HSM; the transient unwrapped copy is destroyed before this returns. DATA_LOSS if `key`
+  // does not unwrap.
   virtual absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
                                           const std::string& new_root_key_label) = 0;
 
-  // AES-256-GCM encryption under a key version, binding `aad`.
+  // AES-256-GCM encryption under a key version, binding `aad`. DATA_LOSS if the version does
+  // not unwrap.
   virtual absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key,
                                                 std::span<const uint8_t> plaintext,
                                                 std::span<const uint8_t> aad) = 0;
 
   // AES-256-GCM decryption; INVALID_ARGUMENT if the tag does not verify (wrong key, wrong
-  // AAD or a modified ciphertext). Never returns unauthenticated plaintext.
+  // AAD or a modified ciphertext) or the IV or ciphertext has the wrong length; DATA_LOSS if
+  // the version itself does not unwrap. Never returns unauthenticated plaintext.
   virtual absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
                                               std::span<const uint8_t> ciphertext_and_tag,
                                               std::span<const uint8_t> aad) = 0;

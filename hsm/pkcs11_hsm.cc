@@ -31,10 +31,21 @@ CK_BYTE_PTR In(std::span<const uint8_t> bytes) {
   return const_cast<CK_BYTE_PTR>(bytes.empty() ? &kEmpty : bytes.data());
 }
 
+// Wrapped key versions come from the caller's store, not from its clients: one that is
+// malformed or does not unwrap means a damaged database or a root key that is not the one the
+// version was wrapped under. DATA_LOSS says so, never INVALID_ARGUMENT, which callers may
+// report to clients as their own mistake.
 absl::Status CheckWrappedSize(const WrappedKey& key) {
   if (key.wrapped.size() == kWrappedAes256Bytes) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("a wrapped key version is ", kWrappedAes256Bytes,
-                                                 " bytes, not ", key.wrapped.size()));
+  return absl::DataLossError(absl::StrCat(
+      "stored key version '", key.cache_id, "' is ", key.wrapped.size(), " bytes, not the ",
+      kWrappedAes256Bytes, " of a wrapped key (damaged database)"));
+}
+
+absl::Status DoesNotUnwrap(const WrappedKey& key) {
+  return absl::DataLossError(absl::StrCat("stored key version '", key.cache_id,
+                                          "' does not unwrap under root key '", key.root_key_label,
+                                          "' (damaged database or wrong root)"));
 }
 
 CK_GCM_PARAMS GcmParams(std::span<const uint8_t> iv, std::span<const uint8_t> aad) {
@@ -95,6 +106,10 @@ class Pkcs11Hsm final : public Hsm {
   // PKCS#11 names no code for a bad tag: SoftHSM2 says CKR_GENERAL_ERROR, others
   // CKR_ENCRYPTED_DATA_INVALID or CKR_FUNCTION_FAILED.
   bool BlameData(CK_SESSION_HANDLE session, const absl::Status& error);
+  // `error`, from unwrapping `key`, as DATA_LOSS if the wrapped bytes are to blame (they are
+  // stored material); as it is if the HSM is.
+  absl::Status UnwrapError(CK_SESSION_HANDLE session, const WrappedKey& key,
+                           const absl::Status& error);
 
   // Declared in this order so that the cache's session closes before the pool's, and the
   // module (owned by both) goes last.
@@ -206,13 +221,7 @@ absl::StatusOr<Bytes> Pkcs11Hsm::RewrapKey(const WrappedKey& key,
     CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
     CK_RV rv = api_->C_UnwrapKey(session, &unwrap, old_root, In(key.wrapped), key.wrapped.size(),
                                  transient.data(), transient.size(), &handle);
-    if (rv != CKR_OK) {
-      absl::Status error = CkError("C_UnwrapKey", rv);
-      if (BlameData(session, error)) {
-        return absl::InvalidArgumentError("wrapped key version failed its integrity check");
-      }
-      return error;
-    }
+    if (rv != CKR_OK) return UnwrapError(session, key, CkError("C_UnwrapKey", rv));
     ObjectGuard destroy(*pool_->module(), session, handle);  // The token must not gain objects.
     return Wrap(session, new_root, handle);
   });
@@ -236,10 +245,18 @@ absl::StatusOr<KeyCache::Ref> Pkcs11Hsm::Unwrapped(CK_SESSION_HANDLE session,
   // nor under a label other than the one it was unwrapped under.
   CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, roots_.Get(session, key.root_key_label));
   absl::StatusOr<KeyCache::Ref> unwrapped = cache_->Get(key.cache_id, key.wrapped, root);
-  if (!unwrapped.ok() && BlameData(session, unwrapped.status())) {
-    return absl::InvalidArgumentError("wrapped key version failed its integrity check");
-  }
+  if (!unwrapped.ok()) return UnwrapError(session, key, unwrapped.status());
   return unwrapped;
+}
+
+absl::Status Pkcs11Hsm::UnwrapError(CK_SESSION_HANDLE session, const WrappedKey& key,
+                                    const absl::Status& error) {
+  // INVALID_ARGUMENT from CkError means CKR_WRAPPED_KEY_INVALID and the like: about the data
+  // even if the session then died.
+  if ((CkrOf(error) && absl::IsInvalidArgument(error)) || BlameData(session, error)) {
+    return DoesNotUnwrap(key);
+  }
+  return error;
 }
 
 absl::StatusOr<GcmCiphertext> Pkcs11Hsm::Encrypt(const WrappedKey& key,

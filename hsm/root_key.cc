@@ -1,5 +1,7 @@
 #include "hsm/root_key.h"
 
+#include <string_view>
+
 #include "hsm/ck_error.h"
 #include "hsm/hsm.h"
 #include "hsm/p11_object.h"
@@ -14,6 +16,17 @@ absl::Status CheckLabel(const std::string& label) {
 
 std::string Missing(const std::string& label) {
   return "the HSM token has no root key labelled '" + label + "'";
+}
+
+// Why root key `label` is refused: `attribute` ("CKA_DECRYPT=true") and what it would allow.
+absl::Status Unsafe(const std::string& label, std::string_view attribute, std::string_view why) {
+  return absl::FailedPreconditionError("root key '" + label + "' has " + std::string(attribute) +
+                                       " (" + std::string(why) + "); refusing to use it");
+}
+
+absl::Status Public(const std::string& label) {
+  return Unsafe(label, "CKA_PRIVATE=false",
+                "anyone with access to the token can use it without the PIN");
 }
 
 }  // namespace
@@ -78,7 +91,10 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
   CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
   std::lock_guard admin(admin_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
-  if (found.empty()) return absl::NotFoundError(Missing(label));
+  if (found.empty()) {
+    CUSTOS_RETURN_IF_ERROR(RefusePublic(session, label));  // Not ours to destroy.
+    return absl::NotFoundError(Missing(label));
+  }
   CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, Verify(session, label, found));
   CK_RV rv = pool_->module()->api()->C_DestroyObject(session, root);
   if (rv != CKR_OK) return CkError("C_DestroyObject", rv);
@@ -99,15 +115,34 @@ absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> RootKeys::Find(CK_SESSION_HANDLE s
                                                              const std::string& label) {
   // Private objects are invisible without a login: a lost login must not look like "no root".
   CUSTOS_RETURN_IF_ERROR(pool_->EnsureLoggedIn(session));
+  // Only private objects: a public one can be used, or planted, by anyone with access to the
+  // token, without the PIN. RefusePublic() says so when such a key is all there is.
   AttributeTemplate match;
-  match.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bool(CKA_TOKEN, true).String(CKA_LABEL, label);
+  match.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .String(CKA_LABEL, label);
   return FindObjects(*pool_->module(), session, match, /*max_count=*/2);
+}
+
+absl::Status RootKeys::RefusePublic(CK_SESSION_HANDLE session, const std::string& label) {
+  AttributeTemplate match;
+  match.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, false)
+      .String(CKA_LABEL, label);
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
+                          FindObjects(*pool_->module(), session, match, /*max_count=*/1));
+  return found.empty() ? absl::OkStatus() : Public(label);
 }
 
 absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Verify(CK_SESSION_HANDLE session,
                                                   const std::string& label,
                                                   const std::vector<CK_OBJECT_HANDLE>& found) {
-  if (found.empty()) return absl::FailedPreconditionError(Missing(label));
+  if (found.empty()) {
+    CUSTOS_RETURN_IF_ERROR(RefusePublic(session, label));
+    return absl::FailedPreconditionError(Missing(label));
+  }
   if (found.size() > 1) {
     return absl::FailedPreconditionError("the HSM token has several keys labelled '" + label +
                                          "'; expected exactly one root key");
@@ -130,6 +165,20 @@ absl::Status RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const std::str
     return absl::FailedPreconditionError(
         "root key '" + label +
         "' is not a sensitive, non-extractable AES-256 wrapping key; refusing to use it");
+  }
+  // Find() asked for a private key; checked again in case a module ignores that in a search.
+  CUSTOS_ASSIGN_OR_RETURN(bool is_private, GetBool(module, session, root, CKA_PRIVATE));
+  if (!is_private) return Public(label);
+  CUSTOS_ASSIGN_OR_RETURN(bool decrypt, GetBool(module, session, root, CKA_DECRYPT));
+  if (decrypt) {
+    return Unsafe(label, "CKA_DECRYPT=true",
+                  "decrypting a wrapped key version with it would reveal the version's key");
+  }
+  CUSTOS_ASSIGN_OR_RETURN(bool encrypt, GetBool(module, session, root, CKA_ENCRYPT));
+  if (encrypt) return Unsafe(label, "CKA_ENCRYPT=true", "a root key must only wrap and unwrap");
+  CUSTOS_ASSIGN_OR_RETURN(bool modifiable, GetBool(module, session, root, CKA_MODIFIABLE));
+  if (modifiable) {
+    return Unsafe(label, "CKA_MODIFIABLE=true", "its use could later be widened to decryption");
   }
   return absl::OkStatus();
 }

@@ -4,6 +4,11 @@
 // wrap and unwrap. Several coexist during a root rotation (the old one until every version is
 // re-wrapped under the new one, then it is destroyed).
 //
+// A key made by another tool is used only if it has every one of those attributes: a public
+// key can be used without the PIN, and one that may decrypt (or could be modified to) would
+// reveal every key version through CKM_AES_KEY_WRAP_PAD decryption. Public keys are never
+// even looked at as roots; such a key under a root's label is reported, never used.
+//
 // Handles are looked up once per label and cached; Reset() forgets them all after a token
 // loss, since a reinserted token may number its objects differently. Destroy() forgets the
 // destroyed root's handle, and a lookup that raced with it never caches the dead handle.
@@ -32,29 +37,34 @@ class RootKeys {
   explicit RootKeys(SessionPool* pool) : pool_(pool) {}
 
   // The handle of root key `label`. INVALID_ARGUMENT if `label` is empty; FAILED_PRECONDITION
-  // if the token has no key so labelled, several, or one whose attributes would let its value
-  // out.
+  // if the token has no private key so labelled, several, only a public one, or one whose
+  // attributes would let its value out or allow more than wrapping and unwrapping (the message
+  // names the label and the offending attribute).
   absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session, const std::string& label);
 
   // Like Get(), but always asks the token (a health check must not trust the cached handle).
   absl::StatusOr<CK_OBJECT_HANDLE> Refresh(CK_SESSION_HANDLE session, const std::string& label);
 
-  // Generates root key `label` inside the HSM. ALREADY_EXISTS if the token has a key so
-  // labelled.
+  // Generates root key `label` inside the HSM. ALREADY_EXISTS if the token has a private key
+  // so labelled (a public one is not a root key and does not count).
   absl::Status Create(CK_SESSION_HANDLE session, const std::string& label);
 
   // Destroys root key `label` on the token (`session` must be read/write) and returns the
   // handle it had, so that copies unwrapped under it can be dropped. NOT_FOUND if the token
   // has no key so labelled; FAILED_PRECONDITION if the key so labelled is not one Get() would
-  // use (several, or wrong attributes): only a verified root key is ever destroyed.
+  // use (several, public, or wrong attributes): only a verified root key is ever destroyed.
   absl::StatusOr<CK_OBJECT_HANDLE> Destroy(CK_SESSION_HANDLE session, const std::string& label);
 
   // Forgets every cached handle.
   void Reset();
 
  private:
+  // Private secret token keys labelled `label` (at most two); public ones are never roots.
   absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Find(CK_SESSION_HANDLE session,
                                                      const std::string& label);
+  // FAILED_PRECONDITION if the token has a public secret key labelled `label`, which Find()
+  // passes over: said instead of "no root key" when no private one is found.
+  absl::Status RefusePublic(CK_SESSION_HANDLE session, const std::string& label);
   // The one usable root key among `found`, or why there is none.
   absl::StatusOr<CK_OBJECT_HANDLE> Verify(CK_SESSION_HANDLE session, const std::string& label,
                                           const std::vector<CK_OBJECT_HANDLE>& found);

@@ -28,6 +28,10 @@ absl::StatusOr<std::unique_ptr<SessionPool>> SessionPool::Create(
   // Log in now, so that a wrong PIN or an unreachable token is reported at start-up.
   CUSTOS_ASSIGN_OR_RETURN(CK_SESSION_HANDLE first, pool->OpenSession());
   pool->idle_.push_back(first);
+  {
+    std::lock_guard lock(pool->login_mu_);
+    pool->started_ = true;
+  }
   return pool;
 }
 
@@ -114,15 +118,22 @@ absl::Status SessionPool::EnsureLoggedIn(CK_SESSION_HANDLE session) {
     return absl::OkStatus();
   }
   std::lock_guard lock(login_mu_);
+  // Once running, a refused PIN is UNAVAILABLE, not PERMISSION_DENIED: callers must not take
+  // it for a missing grant, and only an operator can fix it.
   if (pin_rejected_) {
-    return absl::PermissionDeniedError(
-        "the HSM rejected the PIN earlier; not presenting it again (it could lock the token)");
+    return absl::UnavailableError(
+        "the HSM refused the configured PIN on an earlier re-login; not presenting it again (it "
+        "could lock the token); fix the PIN and restart custosd");
   }
   rv = module_->api()->C_Login(session, CKU_USER, pin_.data(), pin_.size());
   if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) return absl::OkStatus();
   absl::Status error = CkError("C_Login", rv);
-  if (error.code() == absl::StatusCode::kPermissionDenied) pin_rejected_ = true;
-  return error;
+  if (error.code() != absl::StatusCode::kPermissionDenied) return error;
+  pin_rejected_ = true;
+  if (!started_) return error;  // At start-up: reported as it is, to whoever is starting it.
+  return absl::UnavailableError(absl::StrCat("the HSM refused the configured PIN on re-login (",
+                                             error.message(),
+                                             "); fix the PIN and restart custosd"));
 }
 
 void SessionPool::DiscardAll() {

@@ -6,7 +6,9 @@
 // gone. Closing an application's last session also ends its login, and a token may be pulled
 // and reinserted, so every session the pool opens is checked and logged in again if needed;
 // the PIN is kept (in SecureBytes) for that. After a PIN rejection the pool stops presenting it,
-// so that retries cannot lock the token.
+// so that retries cannot lock the token. A rejection is PERMISSION_DENIED only at start-up
+// (Create); later (the PIN was changed under a running server) it is UNAVAILABLE with a message
+// for the operator, so that no caller mistakes it for a permission of its own.
 //
 // A caller borrows a session through a Lease, which gives it back when destroyed. When all
 // sessions are leased, Acquire() waits up to the configured timeout.
@@ -82,7 +84,8 @@ class SessionPool {
   absl::StatusOr<CK_SESSION_HANDLE> OpenSession();
   void CloseSession(CK_SESSION_HANDLE session);
 
-  // Logs in again if the application's login was lost; cheap when it was not.
+  // Logs in again if the application's login was lost; cheap when it was not. UNAVAILABLE if
+  // the HSM refuses the PIN, then and on every later call (the PIN is not presented again).
   absl::Status EnsureLoggedIn(CK_SESSION_HANDLE session);
 
   // Closes every idle session and makes leased ones close on return. Called when the token
@@ -101,9 +104,10 @@ class SessionPool {
   const std::string token_label_;
   const Options options_;
 
-  std::mutex login_mu_;  // Serialises C_Login; guards the two fields below.
+  std::mutex login_mu_;  // Serialises C_Login; guards the three fields below.
   SecureBytes pin_;
   bool pin_rejected_ = false;
+  bool started_ = false;  // Create() is done: a PIN rejection is no longer at start-up.
 
   std::mutex mu_;  // Guards everything below.
   std::condition_variable freed_;

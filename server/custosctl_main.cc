@@ -12,6 +12,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "audit/record.h"
+#include "audit/verifier.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
@@ -19,6 +21,8 @@
 namespace {
 
 namespace pb = custos::v1;
+namespace audit = custos::audit;
+using custos::Bytes;
 
 struct Connection {
   std::string addr = "127.0.0.1:7443";
@@ -116,6 +120,53 @@ int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
   (void)google::protobuf::util::MessageToJsonString(reply, &json, options);
   std::cout << json;
   return 0;
+}
+
+audit::Record FromProto(const pb::AuditRecord& r) {
+  audit::Record record;
+  record.seq = r.seq();
+  record.time = r.time();
+  record.principal = r.principal();
+  record.role = r.role();
+  record.action = r.action();
+  record.key_id = r.key_id();
+  record.key_version = r.key_version();
+  record.source_key_id = r.source_key_id();
+  record.source_key_version = r.source_key_version();
+  record.request_id = r.request_id();
+  record.outcome = r.outcome();
+  record.peer = r.peer();
+  record.context_hmac = r.context_hmac();
+  record.detail = r.detail();
+  record.hash = audit::FromHex(r.hash()).value_or(Bytes{});
+  return record;
+}
+
+// Verifies an export offline; exit 0 if it verifies, 3 if not (the report names the first
+// bad record), 2 on bad input.
+int VerifyExport(const std::string& export_file, const std::string& anchor_file,
+                 const std::string& public_key_file) {
+  std::ifstream in(export_file);
+  if (!in) throw CLI::ValidationError("cannot read " + export_file);
+  absl::StatusOr<audit::PublicKeyVerifier> key =
+      audit::PublicKeyVerifier::FromPem(ReadFile(public_key_file));
+  if (!key.ok()) {
+    std::cerr << "error: " << key.status().ToString() << "\n";
+    return 2;
+  }
+  std::optional<audit::Checkpoint> anchor;
+  if (!anchor_file.empty()) {
+    absl::StatusOr<audit::Checkpoint> parsed = audit::CheckpointFromJson(ReadFile(anchor_file));
+    if (!parsed.ok()) {
+      std::cerr << "error: " << parsed.status().ToString() << "\n";
+      return 2;
+    }
+    anchor = *std::move(parsed);
+  }
+  audit::JsonLinesRecordSource source(&in);
+  const audit::VerifyReport report = audit::Verify(source, {}, anchor ? &*anchor : nullptr, *key);
+  std::cout << report.Summary() << "\n";
+  return report.ok ? 0 : 3;
 }
 
 std::unique_ptr<grpc::ClientContext> NewContext() {
@@ -225,9 +276,17 @@ int main(int argc, char** argv) {
                          "for `openssl dgst -sha256 -verify`");
   CLI::App* export_log = audit->add_subcommand("export", "records as JSON Lines, for a SIEM");
   export_log->add_option("--from", from_seq, "first seq (default 1)");
+  std::string export_file, anchor_file, public_key_file;
+  CLI::App* verify = audit->add_subcommand(
+      "verify", "verify an export offline: the chain, and the anchor checkpoint if given");
+  verify->add_option("export", export_file, "JSON Lines from `audit export`")->required();
+  verify->add_option("--anchor", anchor_file, "checkpoint.json kept from `audit checkpoint`");
+  verify->add_option("--public-key", public_key_file, "audit-public.pem from `audit checkpoint`")
+      ->required();
   CLI11_PARSE(app, argc, argv);
 
   try {
+    if (verify->parsed()) return VerifyExport(export_file, anchor_file, public_key_file);
     auto channel = Connect(conn);
     auto keys = pb::KeyService::NewStub(channel);
     auto admin = pb::AdminService::NewStub(channel);
@@ -248,6 +307,13 @@ int main(int argc, char** argv) {
         std::ofstream(out_dir + "/checkpoint.msg", std::ios::binary) << reply.message();
         std::ofstream(out_dir + "/checkpoint.sig", std::ios::binary) << reply.signature();
         std::ofstream(out_dir + "/audit-public.pem") << reply.public_key_pem();
+        audit::Checkpoint anchor;
+        anchor.seq = reply.seq();
+        anchor.hash = audit::FromHex(reply.hash()).value_or(Bytes{});
+        anchor.time = reply.time();
+        anchor.key_label = reply.key_label();
+        anchor.signature.assign(reply.signature().begin(), reply.signature().end());
+        std::ofstream(out_dir + "/checkpoint.json") << audit::CheckpointToJson(anchor) << "\n";
       }
       return Print(status, reply);
     }
@@ -256,14 +322,7 @@ int main(int argc, char** argv) {
       req.set_from_seq(from_seq);
       auto reader = pb::AuditService::NewStub(channel)->ReadRecords(ctx.get(), req);
       pb::AuditRecord record;
-      google::protobuf::util::JsonPrintOptions options;
-      options.preserve_proto_field_names = true;
-      options.always_print_primitive_fields = true;
-      while (reader->Read(&record)) {
-        std::string line;
-        (void)google::protobuf::util::MessageToJsonString(record, &line, options);
-        std::cout << line << "\n";
-      }
+      while (reader->Read(&record)) std::cout << audit::ToJsonLine(FromProto(record)) << "\n";
       const grpc::Status status = reader->Finish();
       if (!status.ok()) return Print(status, record);
       return 0;

@@ -352,7 +352,7 @@ grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
       record.set_peer(row.peer);
       record.set_context_hmac(row.context_hmac);
       record.set_detail(row.detail);
-      record.set_hash(core::Hex(row.hash));
+      record.set_hash(audit::ToHex(row.hash));
       if (!writer->Write(record)) return grpc::Status::CANCELLED;
     }
     if (rows->size() < kPage) break;
@@ -369,7 +369,7 @@ grpc::Status AuditServiceImpl::GetCheckpoint(grpc::ServerContext* context,
   absl::StatusOr<core::Kms::SignedCheckpoint> latest = kms_->LatestCheckpoint(*caller);
   if (!latest.ok()) return ToGrpcStatus(latest.status());
   response->set_seq(latest->checkpoint.seq);
-  response->set_hash(core::Hex(latest->checkpoint.hash));
+  response->set_hash(audit::ToHex(latest->checkpoint.hash));
   response->set_time(latest->checkpoint.time);
   response->set_key_label(latest->checkpoint.key_label);
   response->set_message(latest->message);

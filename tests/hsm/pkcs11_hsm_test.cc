@@ -181,12 +181,29 @@ TEST_CASE("tampered, misdirected or malformed ciphertexts are refused") {
   CHECK(refused(decrypt(key, iv, Bytes(15, 0), "context")));
   CHECK(refused(decrypt(key, iv, Bytes(data.begin(), data.end() - 1), "context")));
 
+  CHECK(decrypt(key, Bytes(8, 0), data, "context").status().message() ==
+        "AES-GCM IV must be 12 bytes, not 8");
+  CHECK(decrypt(key, iv, Bytes(15, 0), "context").status().message() ==
+        "AES-GCM ciphertext is shorter than its 16-byte tag");
+
+  // A damaged stored version is not the client's doing: DATA_LOSS, whatever the ciphertext.
   Bytes bad_wrap = *wrapped;
   bad_wrap[3] ^= 0x01;
-  CHECK(refused(decrypt(WrappedKey{"key/bad", bad_wrap, kRoot}, iv, data, "context")));
-  CHECK(refused(decrypt(WrappedKey{"key/short", Bytes(24, 0), kRoot}, iv, data, "context")));
-  CHECK(absl::IsInvalidArgument(
-      hsm->Encrypt(WrappedKey{"key/bad", bad_wrap, kRoot}, AsBytes("x"), {}).status()));
+  const std::string bad_message =
+      "stored key version 'key/bad' does not unwrap under root key 'custos-root' (damaged "
+      "database or wrong root)";
+  auto data_loss = [](const absl::Status& status, const std::string& message) {
+    INFO(status.ToString());
+    return absl::IsDataLoss(status) && status.message() == message;
+  };
+  const WrappedKey bad{"key/bad", bad_wrap, kRoot};
+  CHECK(data_loss(decrypt(bad, iv, data, "context").status(), bad_message));
+  CHECK(data_loss(decrypt(bad, iv, data, "other context").status(), bad_message));
+  CHECK(data_loss(hsm->Encrypt(bad, AsBytes("x"), {}).status(), bad_message));
+  CHECK(
+      data_loss(decrypt(WrappedKey{"key/short", Bytes(24, 0), kRoot}, iv, data, "context").status(),
+                "stored key version 'key/short' is 24 bytes, not the 40 of a wrapped key (damaged "
+                "database)"));
   // The refusals did not hurt the HSM or the good key.
   CHECK(decrypt(key, iv, data, "context").ok());
 }

@@ -90,6 +90,39 @@ CK_OBJECT_HANDLE RawToken::CreateAesKey(const std::string& label, bool extractab
   return handle;
 }
 
+CK_OBJECT_HANDLE RawToken::CreateAesKey(const std::string& label,
+                                        const AesKeyAttributes& attributes) {
+  CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+  CK_KEY_TYPE aes = CKK_AES;
+  CK_ULONG length = 32;
+  CK_BBOOL yes = CK_TRUE;
+  auto flag = [](bool value) -> CK_BBOOL { return value ? CK_TRUE : CK_FALSE; };
+  CK_BBOOL is_private = flag(attributes.is_private);
+  CK_BBOOL extractable = flag(attributes.extractable);
+  CK_BBOOL encrypt = flag(attributes.encrypt);
+  CK_BBOOL decrypt = flag(attributes.decrypt);
+  CK_BBOOL modifiable = flag(attributes.modifiable);
+  CK_ATTRIBUTE key[] = {{CKA_CLASS, &secret, sizeof secret},
+                        {CKA_KEY_TYPE, &aes, sizeof aes},
+                        {CKA_VALUE_LEN, &length, sizeof length},
+                        {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+                        {CKA_TOKEN, &yes, sizeof yes},
+                        {CKA_PRIVATE, &is_private, sizeof is_private},
+                        {CKA_SENSITIVE, &yes, sizeof yes},
+                        {CKA_EXTRACTABLE, &extractable, sizeof extractable},
+                        {CKA_WRAP, &yes, sizeof yes},
+                        {CKA_UNWRAP, &yes, sizeof yes},
+                        {CKA_ENCRYPT, &encrypt, sizeof encrypt},
+                        {CKA_DECRYPT, &decrypt, sizeof decrypt},
+                        {CKA_MODIFIABLE, &modifiable, sizeof modifiable}};
+  CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  CK_RV rv = api()->C_GenerateKey(session_, &generate, key, std::size(key), &handle);
+  INFO("C_GenerateKey of '" << label << "': 0x" << std::hex << rv);
+  REQUIRE(rv == CKR_OK);
+  return handle;
+}
+
 void RawToken::CloseAllSessions() {
   REQUIRE(api()->C_CloseAllSessions(slot_) == CKR_OK);
   session_ = CK_INVALID_HANDLE;

@@ -37,8 +37,20 @@ class RawToken {
   // The CK_RV of reading CKA_VALUE (the key's secret bytes) into a scratch buffer.
   CK_RV TryReadValue(CK_OBJECT_HANDLE object);
   // Generates a private AES-256 token key labelled `label`, usable to wrap and unwrap, made
-  // outside the Hsm (as a careless operator might); `extractable` as asked.
+  // outside the Hsm (as a careless operator might); `extractable` as asked, and the module's
+  // defaults for the rest (SoftHSM2: may encrypt and decrypt, modifiable).
   CK_OBJECT_HANDLE CreateAesKey(const std::string& label, bool extractable);
+
+  // Attributes of a sensitive AES-256 wrap/unwrap token key made by another tool. The defaults
+  // are those of a safe root key, as the Hsm makes it.
+  struct AesKeyAttributes {
+    bool is_private = true;
+    bool extractable = false;
+    bool encrypt = false;
+    bool decrypt = false;
+    bool modifiable = false;
+  };
+  CK_OBJECT_HANDLE CreateAesKey(const std::string& label, const AesKeyAttributes& attributes);
 
   // Closes every session of this application with the token, as a token removal would; the
   // raw session is reopened (logged out).

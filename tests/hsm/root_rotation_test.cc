@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "tests/hsm/hsm_test_util.h"
 #include "tests/hsm/raw_token.h"
 
@@ -16,11 +17,18 @@ namespace {
 
 using hsm::WrappedKey;
 
-constexpr char kIntegrity[] = "wrapped key version failed its integrity check";
-
 std::string Missing(const std::string& label) {
-  return "the HSM token has no root key labelled '" + label + "'";
+  return absl::StrCat("the HSM token has no root key labelled '", label, "'");
 }
+
+// A stored version that fails its RFC 5649 check under root `label`: the store (or the root) is
+// at fault, never the client, so DATA_LOSS and not INVALID_ARGUMENT.
+std::string NoUnwrap(const std::string& cache_id, const std::string& label) {
+  return absl::StrCat("stored key version '", cache_id, "' does not unwrap under root key '", label,
+                      "' (damaged database or wrong root)");
+}
+
+constexpr auto kDataLoss = absl::StatusCode::kDataLoss;
 
 // True if `status` has exactly this code and message; if not, the failed check shows it.
 bool Is(const absl::Status& status, absl::StatusCode code, const std::string& message) {
@@ -61,16 +69,15 @@ TEST_CASE("two roots on one token: each version works only under its own root's 
   auto sealed_b = hsm.Encrypt(key_b, AsBytes("under b"), AsBytes("ctx"));
   REQUIRE((sealed_a.ok() && sealed_b.ok()));  // Both are now cached, too.
 
-  // Under the other (existing) root the wrapped bytes fail their RFC 5649 check: the input is
-  // wrong, not the HSM. A cached copy is not served under a label it did not come from.
+  // Under the other (existing) root the wrapped bytes fail their RFC 5649 check: the stored
+  // version (or its recorded root) is wrong, not the HSM nor the client. A cached copy is not
+  // served under a label it did not come from.
   const WrappedKey a_as_b{"a/1", a, "root-b"};
   const WrappedKey b_as_a{"b/1", b, "root-a"};
   CHECK(Is(hsm.Decrypt(a_as_b, sealed_a->iv, sealed_a->ciphertext_and_tag, AsBytes("ctx")).status(),
-           absl::StatusCode::kInvalidArgument, kIntegrity));
-  CHECK(Is(hsm.Encrypt(b_as_a, AsBytes("x"), {}).status(), absl::StatusCode::kInvalidArgument,
-           kIntegrity));
-  CHECK(
-      Is(hsm.RewrapKey(a_as_b, "root-a").status(), absl::StatusCode::kInvalidArgument, kIntegrity));
+           kDataLoss, NoUnwrap("a/1", "root-b")));
+  CHECK(Is(hsm.Encrypt(b_as_a, AsBytes("x"), {}).status(), kDataLoss, NoUnwrap("b/1", "root-a")));
+  CHECK(Is(hsm.RewrapKey(a_as_b, "root-a").status(), kDataLoss, NoUnwrap("a/1", "root-b")));
   // Under a label the token lacks, the HSM is what is missing something.
   CHECK(Is(hsm.Encrypt(WrappedKey{"a/1", a, "root-c"}, AsBytes("x"), {}).status(),
            absl::StatusCode::kFailedPrecondition, Missing("root-c")));
@@ -128,8 +135,8 @@ TEST_CASE("RewrapKey moves a version to another root; what it sealed still opens
   REQUIRE(opened_a.ok());
   CHECK(AsString(*opened_a) == "after");
   // The new bytes under the old label are refused.
-  CHECK(Is(hsm->Encrypt(WrappedKey{"k/1", under_b, kRoot}, AsBytes("x"), {}).status(),
-           absl::StatusCode::kInvalidArgument, kIntegrity));
+  CHECK(Is(hsm->Encrypt(WrappedKey{"k/1", under_b, kRoot}, AsBytes("x"), {}).status(), kDataLoss,
+           NoUnwrap("k/1", kRoot)));
 
   // Many rewraps, back and forth: the token gains no objects, and no transient copy lingers.
   const size_t token_objects = raw.CountSecretKeys(/*token_objects=*/true);
@@ -157,7 +164,7 @@ TEST_CASE("RewrapKey moves a version to another root; what it sealed still opens
   CHECK(AsString(*opened) == "message 0");
 }
 
-TEST_CASE("RewrapKey refuses tampered, malformed or misdirected input and leaves nothing") {
+TEST_CASE("RewrapKey refuses tampered, malformed or misdirected versions and leaves nothing") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
   REQUIRE(hsm->CreateRootKey("root-b").ok());
@@ -170,15 +177,15 @@ TEST_CASE("RewrapKey refuses tampered, malformed or misdirected input and leaves
     Bytes flipped = a;
     flipped[at] ^= 0x01;
     INFO("byte " << at);
-    CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", flipped, kRoot}, "root-b").status(),
-             absl::StatusCode::kInvalidArgument, kIntegrity));
+    CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", flipped, kRoot}, "root-b").status(), kDataLoss,
+             NoUnwrap("k/1", kRoot)));
   }
-  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", Bytes(24, 0), kRoot}, "root-b").status(),
-           absl::StatusCode::kInvalidArgument, "a wrapped key version is 40 bytes, not 24"));
-  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", Bytes(48, 0), kRoot}, "root-b").status(),
-           absl::StatusCode::kInvalidArgument, "a wrapped key version is 40 bytes, not 48"));
-  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", a, "root-b"}, kRoot).status(),
-           absl::StatusCode::kInvalidArgument, kIntegrity));
+  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", Bytes(24, 0), kRoot}, "root-b").status(), kDataLoss,
+           "stored key version 'k/1' is 24 bytes, not the 40 of a wrapped key (damaged database)"));
+  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", Bytes(48, 0), kRoot}, "root-b").status(), kDataLoss,
+           "stored key version 'k/1' is 48 bytes, not the 40 of a wrapped key (damaged database)"));
+  CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", a, "root-b"}, kRoot).status(), kDataLoss,
+           NoUnwrap("k/1", "root-b")));
   CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", a, "root-c"}, "root-b").status(),
            absl::StatusCode::kFailedPrecondition, Missing("root-c")));
   CHECK(Is(hsm->RewrapKey(WrappedKey{"k/1", a, kRoot}, "root-c").status(),
@@ -238,10 +245,12 @@ TEST_CASE("DestroyRootKey ends every version under that root, and only those") {
   CHECK(Is(hsm->DestroyRootKey(kRoot), absl::StatusCode::kNotFound, missing));
   CHECK(Is(hsm->DestroyRootKey("never-made"), absl::StatusCode::kNotFound, Missing("never-made")));
 
-  // A new root under the old label is another key: the old versions stay dead for good.
+  // A new root under the old label is another key: the old versions stay dead for good, and
+  // say so (a re-created root must not look like a client's wrong context).
   REQUIRE(hsm->CreateRootKey(kRoot).ok());
-  CHECK(Is(hsm->Decrypt(key_a, sealed_a->iv, sealed_a->ciphertext_and_tag, {}).status(),
-           absl::StatusCode::kInvalidArgument, kIntegrity));
+  CHECK(Is(hsm->Decrypt(key_a, sealed_a->iv, sealed_a->ciphertext_and_tag, {}).status(), kDataLoss,
+           NoUnwrap("a/1", kRoot)));
+  CHECK(Is(hsm->Encrypt(key_a, AsBytes("x"), {}).status(), kDataLoss, NoUnwrap("a/1", kRoot)));
   CHECK(raw.CountSecretKeys(true) == 2);
 }
 
@@ -277,6 +286,88 @@ TEST_CASE("roots are checked per label; a key made outside the Hsm is neither us
   CHECK(hsm.CheckRootKey("good").ok());
 }
 
+TEST_CASE("a root made by another tool is used only if private and able only to wrap and unwrap") {
+  SoftHsmToken token;
+  auto opened = hsm::OpenPkcs11Hsm(OptionsFor(token));
+  REQUIRE(opened.ok());
+  hsm::Hsm& hsm = **opened;
+  RawToken raw(token);
+  REQUIRE(hsm.CreateRootKey("good").ok());
+  const Bytes version = hsm.GenerateWrappedKey("good").value();
+  const auto kFailed = absl::StatusCode::kFailedPrecondition;
+
+  // One with every attribute the Hsm gives its own roots is a root like any other.
+  raw.CreateAesKey("external", RawToken::AesKeyAttributes{});
+  CHECK(hsm.CheckRootKey("external").ok());
+  auto moved = hsm.RewrapKey(WrappedKey{"v/1", version, "good"}, "external");
+  REQUIRE(moved.ok());
+  auto sealed = hsm.Encrypt(WrappedKey{"v/1", *moved, "external"}, AsBytes("x"), {});
+  REQUIRE(sealed.ok());
+  CHECK(hsm.Decrypt(WrappedKey{"v/1", version, "good"}, sealed->iv, sealed->ciphertext_and_tag, {})
+            .ok());
+
+  struct Bad {
+    std::string label;
+    RawToken::AesKeyAttributes attributes;
+    std::string message;
+  };
+  std::vector<Bad> bad;
+  bad.push_back({"public",
+                 {.is_private = false},
+                 "root key 'public' has CKA_PRIVATE=false (anyone with access to the token can "
+                 "use it without the PIN); refusing to use it"});
+  bad.push_back({"decrypts",
+                 {.decrypt = true},
+                 "root key 'decrypts' has CKA_DECRYPT=true (decrypting a wrapped key version "
+                 "with it would reveal the version's key); refusing to use it"});
+  bad.push_back({"encrypts",
+                 {.encrypt = true},
+                 "root key 'encrypts' has CKA_ENCRYPT=true (a root key must only wrap and "
+                 "unwrap); refusing to use it"});
+  bad.push_back({"modifiable",
+                 {.modifiable = true},
+                 "root key 'modifiable' has CKA_MODIFIABLE=true (its use could later be widened "
+                 "to decryption); refusing to use it"});
+  for (const Bad& root : bad) {
+    INFO("root " << root.label);
+    raw.CreateAesKey(root.label, root.attributes);
+    CHECK(Is(hsm.CheckRootKey(root.label), kFailed, root.message));
+    CHECK(Is(hsm.GenerateWrappedKey(root.label).status(), kFailed, root.message));
+    CHECK(Is(hsm.RewrapKey(WrappedKey{"v/1", version, "good"}, root.label).status(), kFailed,
+             root.message));
+    CHECK(Is(hsm.Encrypt(WrappedKey{"v/1", version, root.label}, AsBytes("x"), {}).status(),
+             kFailed, root.message));
+    CHECK(Is(hsm.Decrypt(WrappedKey{"v/1", version, root.label}, sealed->iv,
+                         sealed->ciphertext_and_tag, {})
+                 .status(),
+             kFailed, root.message));
+    CHECK(Is(hsm.DestroyRootKey(root.label), kFailed, root.message));
+    CHECK(raw.FindKey(root.label) != CK_INVALID_HANDLE);  // Neither used nor destroyed.
+  }
+  // Each is refused afresh by another instance (as after a restart), not only from a cache.
+  {
+    auto again = hsm::OpenPkcs11Hsm(OptionsFor(token));
+    REQUIRE(again.ok());
+    for (const Bad& root : bad)
+      CHECK(Is((*again)->CheckRootKey(root.label), kFailed, root.message));
+  }
+
+  // A private key blocks the label; a public one is not a root key at all, so the Hsm makes
+  // its own, private root beside it, and uses only that.
+  for (const std::string label : {"decrypts", "encrypts", "modifiable"}) {
+    CHECK(absl::IsAlreadyExists(hsm.CreateRootKey(label)));
+  }
+  const size_t token_objects = raw.CountSecretKeys(/*token_objects=*/true);
+  REQUIRE(hsm.CreateRootKey("public").ok());
+  CHECK(raw.CountSecretKeys(true) == token_objects + 1);
+  CHECK(hsm.CheckRootKey("public").ok());
+  CHECK(hsm.GenerateWrappedKey("public").ok());
+  REQUIRE(hsm.DestroyRootKey("public").ok());
+  CHECK(raw.CountSecretKeys(true) == token_objects);  // The public key is still there...
+  CHECK(Is(hsm.CheckRootKey("public"), kFailed, bad[0].message));  // ...and still refused.
+  CHECK(hsm.CheckRootKey("good").ok());
+}
+
 TEST_CASE("a root rotation while threads encrypt and decrypt: nothing fails") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token, /*pool_size=*/4, /*cache_capacity=*/4);
@@ -292,10 +383,13 @@ TEST_CASE("a root rotation while threads encrypt and decrypt: nothing fails") {
   std::mutex mu;
   std::vector<Stored> store;
   for (int i = 0; i < 6; ++i) store.push_back({hsm->GenerateWrappedKey(kRoot).value(), kRoot});
+  // Names built with StrCat: GCC 12 at -O3 gave a false -Wrestrict for `"v" + std::to_string(v)`.
+  auto cache_id = [](size_t v) { return absl::StrCat("v/", v); };
+  auto payload = [](size_t v) { return absl::StrCat("v", v); };
   std::vector<hsm::GcmCiphertext> sealed;
-  for (int i = 0; i < 6; ++i) {
-    const WrappedKey key{"v/" + std::to_string(i), store[i].wrapped, kRoot};
-    sealed.push_back(hsm->Encrypt(key, AsBytes("v" + std::to_string(i)), {}).value());
+  for (size_t i = 0; i < 6; ++i) {
+    const WrappedKey key{cache_id(i), store[i].wrapped, kRoot};
+    sealed.push_back(hsm->Encrypt(key, AsBytes(payload(i)), {}).value());
   }
 
   std::atomic<int> failures{0};
@@ -307,9 +401,9 @@ TEST_CASE("a root rotation while threads encrypt and decrypt: nothing fails") {
         std::lock_guard lock(mu);
         stored = store[v];
       }
-      const WrappedKey key{"v/" + std::to_string(v), stored.wrapped, stored.label};
+      const WrappedKey key{cache_id(v), stored.wrapped, stored.label};
       auto opened = hsm->Decrypt(key, sealed[v].iv, sealed[v].ciphertext_and_tag, {});
-      if (!opened.ok() || AsString(*opened) != "v" + std::to_string(v)) ++failures;
+      if (!opened.ok() || AsString(*opened) != payload(v)) ++failures;
       if (!hsm->Encrypt(key, AsBytes("more"), {}).ok()) ++failures;
     }
   };
@@ -322,8 +416,7 @@ TEST_CASE("a root rotation while threads encrypt and decrypt: nothing fails") {
         std::lock_guard lock(mu);
         stored = store[v];
       }
-      auto moved = hsm->RewrapKey(
-          WrappedKey{"v/" + std::to_string(v), stored.wrapped, stored.label}, "root-b");
+      auto moved = hsm->RewrapKey(WrappedKey{cache_id(v), stored.wrapped, stored.label}, "root-b");
       if (!moved.ok()) {
         ++failures;
         continue;

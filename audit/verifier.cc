@@ -1,0 +1,294 @@
+#include "audit/verifier.h"
+
+#include <openssl/bio.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "common/strings.h"
+
+namespace custos::audit {
+
+void PublicKeyVerifier::KeyDeleter::operator()(evp_pkey_st* key) const { EVP_PKEY_free(key); }
+
+PublicKeyVerifier::PublicKeyVerifier(PublicKeyVerifier&&) noexcept = default;
+PublicKeyVerifier& PublicKeyVerifier::operator=(PublicKeyVerifier&&) noexcept = default;
+PublicKeyVerifier::~PublicKeyVerifier() = default;
+
+absl::StatusOr<PublicKeyVerifier> PublicKeyVerifier::FromPem(std::string_view pem) {
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), BIO_free);
+  if (bio == nullptr) return absl::ResourceExhaustedError("out of memory reading the public key");
+  EVP_PKEY* raw = PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr);
+  if (raw == nullptr) return absl::InvalidArgumentError("not a PEM public key");
+  PublicKeyVerifier verifier(raw);
+  char group[64] = {};
+  if (!EVP_PKEY_is_a(raw, "EC") ||
+      EVP_PKEY_get_utf8_string_param(raw, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
+                                     nullptr) != 1 ||
+      std::string_view(group) != "prime256v1") {
+    return absl::InvalidArgumentError("the public key is not an ECDSA P-256 key");
+  }
+  return verifier;
+}
+
+bool PublicKeyVerifier::Verify(std::string_view message, std::span<const uint8_t> signature) const {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  return ctx != nullptr &&
+         EVP_DigestVerifyInit(ctx.get(), nullptr, EVP_sha256(), nullptr, key_.get()) == 1 &&
+         EVP_DigestVerify(ctx.get(), signature.data(), signature.size(),
+                          reinterpret_cast<const unsigned char*>(message.data()),
+                          message.size()) == 1;
+}
+
+bool PublicKeyVerifier::Verify(const Checkpoint& checkpoint) const {
+  return Verify(CheckpointMessage(checkpoint), checkpoint.signature);
+}
+
+absl::StatusOr<std::optional<Record>> VectorRecordSource::Next() {
+  if (next_ == records_.size()) return std::nullopt;
+  return records_[next_++];
+}
+
+absl::StatusOr<std::optional<Record>> JsonLinesRecordSource::Next() {
+  std::string line;
+  while (std::getline(*in_, line)) {
+    ++line_number_;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    absl::StatusOr<Record> record = FromJsonLine(line);
+    if (!record.ok()) {
+      return absl::InvalidArgumentError(
+          StrCat("line ", line_number_, ": ", record.status().message()));
+    }
+    return std::optional<Record>(*std::move(record));
+  }
+  if (in_->bad()) return absl::DataLossError(StrCat("read error after line ", line_number_));
+  return std::nullopt;
+}
+
+namespace {
+
+std::string Records(uint64_t from, uint64_t to) {
+  return from == to ? StrCat("record ", from) : StrCat("records ", from, " to ", to);
+}
+
+constexpr std::string_view kBadSignature =
+    "signature does not verify under the given public key (forged, altered, or signed by "
+    "another key?)";
+
+// One run of Verify: walks the records once, in order, stopping at the first failure.
+class Verification {
+ public:
+  Verification(RecordSource& records, const std::vector<Checkpoint>& checkpoints,
+               const Checkpoint* anchor, const PublicKeyVerifier& key)
+      : records_(records), anchor_(anchor), key_(key) {
+    for (const Checkpoint& checkpoint : checkpoints) checkpoints_.push_back(&checkpoint);
+    std::stable_sort(checkpoints_.begin(), checkpoints_.end(),
+                     [](const Checkpoint* a, const Checkpoint* b) { return a->seq < b->seq; });
+    report_.last_verified_hash.assign(kHashBytes, 0);
+    if (anchor_ == nullptr) {
+      report_.caveat = "no anchor checkpoint given: truncation of the tail cannot be ruled out";
+    }
+  }
+
+  VerifyReport Run() {
+    if (CheckInputs() && CheckRecords() && CheckEnd()) report_.ok = true;
+    return std::move(report_);
+  }
+
+ private:
+  bool Fail(uint64_t seq, std::string reason) {
+    report_.ok = false;
+    report_.first_bad_seq = seq;
+    report_.reason = std::move(reason);
+    return false;
+  }
+
+  uint64_t last() const { return report_.last_verified_seq; }
+
+  bool CheckInputs() {
+    if (anchor_ != nullptr) {
+      if (anchor_->seq == 0 || anchor_->hash.size() != kHashBytes) {
+        return Fail(0, "the anchor checkpoint is malformed (no seq or not a 32-byte hash)");
+      }
+      if (!key_.Verify(*anchor_)) {
+        return Fail(0, StrCat("the anchor checkpoint's ", kBadSignature,
+                              ": it proves nothing about this log"));
+      }
+    }
+    for (const Checkpoint* checkpoint : checkpoints_) {
+      if (checkpoint->seq == 0 || checkpoint->hash.size() != kHashBytes) {
+        return Fail(checkpoint->seq, StrCat("checkpoint at ", checkpoint->seq,
+                                            " is malformed (no seq or not a 32-byte hash)"));
+      }
+    }
+    return true;
+  }
+
+  absl::StatusOr<std::optional<Record>> Take() {
+    if (pending_.has_value()) return *std::exchange(pending_, std::nullopt);
+    return records_.Next();
+  }
+
+  bool CheckRecords() {
+    while (true) {
+      absl::StatusOr<std::optional<Record>> next = Take();
+      if (!next.ok()) {
+        return Fail(last() + 1,
+                    StrCat(last() == 0 ? std::string("cannot read the first record: ")
+                                       : StrCat("cannot read the record after ", last(), ": "),
+                           next.status().message()));
+      }
+      if (!next->has_value()) return true;
+      const Record& record = **next;
+      if (!CheckOrder(record) || !CheckHash(record) || !CheckCheckpointsAt(record)) return false;
+      report_.last_verified_seq = record.seq;
+      report_.last_verified_hash = record.hash;
+      ++report_.records_checked;
+    }
+  }
+
+  // The record must be last() + 1; otherwise one record of look-ahead tells a swap, an edited
+  // seq and a deletion apart.
+  bool CheckOrder(const Record& record) {
+    const uint64_t expected = last() + 1;
+    const uint64_t seq = record.seq;
+    if (seq == expected) return true;
+    absl::StatusOr<std::optional<Record>> peek = records_.Next();
+    if (peek.ok()) pending_ = *std::move(peek);
+    const uint64_t after = pending_.has_value() ? pending_->seq : 0;
+    if (after == expected + 1) {
+      return Fail(expected, StrCat("record ", expected, ": found record ", seq,
+                                   " in its place (seq edited, or records moved?)"));
+    }
+    if (after == expected) {
+      if (seq > expected) {
+        return Fail(expected, StrCat("records out of order at ", expected, ": record ", seq,
+                                     " comes before record ", expected, " (swapped?)"));
+      }
+      return Fail(expected, StrCat("records out of order at ", expected, ": record ", seq,
+                                   " appears again after record ", last(), " (duplicated?)"));
+    }
+    if (seq > expected) {
+      if (last() == 0) {
+        return Fail(1, StrCat("the log starts at record ", seq, ", not 1 (", Records(1, seq - 1),
+                              " deleted?)"));
+      }
+      return Fail(expected, StrCat("record ", last(), " is followed by ", seq, " (",
+                                   Records(expected, seq - 1), " deleted?)"));
+    }
+    return Fail(expected, StrCat("records out of order at ", expected, ": record ", seq,
+                                 " follows record ", last(), " (duplicated or moved?)"));
+  }
+
+  bool CheckHash(const Record& record) {
+    if (record.hash.size() != kHashBytes) {
+      return Fail(record.seq, StrCat("record ", record.seq, ": its stored hash is ",
+                                     record.hash.size(), " bytes, not 32 (edited?)"));
+    }
+    if (ChainHash(report_.last_verified_hash, record) == record.hash) return true;
+    std::string reason =
+        StrCat("record ", record.seq, ": hash does not match its contents (edited?)");
+    if (record.seq > 1) {
+      reason += StrCat(", or record ", last(), " was rewritten with a recomputed hash");
+    }
+    return Fail(record.seq, std::move(reason));
+  }
+
+  bool CheckCheckpointsAt(const Record& record) {
+    for (; next_checkpoint_ < checkpoints_.size() &&
+           checkpoints_[next_checkpoint_]->seq == record.seq;
+         ++next_checkpoint_) {
+      const Checkpoint& checkpoint = *checkpoints_[next_checkpoint_];
+      if (!key_.Verify(checkpoint)) {
+        return Fail(record.seq, StrCat("checkpoint at ", record.seq, ": ", kBadSignature));
+      }
+      if (checkpoint.hash != record.hash) {
+        return Fail(record.seq,
+                    StrCat("record ", record.seq, ": hash differs from the signed checkpoint at ",
+                           record.seq, ": history up to ", record.seq, " was rewritten"));
+      }
+      ++report_.checkpoints_verified;
+      report_.signed_through_seq = record.seq;
+    }
+    if (anchor_ != nullptr && anchor_->seq == record.seq) {
+      if (anchor_->hash != record.hash) {
+        return Fail(record.seq, StrCat("the hash at ", record.seq,
+                                       " differs from the anchor: history was rewritten"));
+      }
+      report_.signed_through_seq = record.seq;
+    }
+    return true;
+  }
+
+  bool CheckEnd() {
+    const std::string ends =
+        last() == 0 ? std::string("the log is empty") : StrCat("log ends at ", last());
+    if (anchor_ != nullptr && anchor_->seq > last()) {
+      return Fail(last() + 1, StrCat(ends, " but the anchor checkpoint is at ", anchor_->seq,
+                                     ": the tail was truncated (",
+                                     Records(last() + 1, anchor_->seq), " missing)"));
+    }
+    if (next_checkpoint_ < checkpoints_.size()) {
+      const Checkpoint& checkpoint = *checkpoints_[next_checkpoint_];
+      if (!key_.Verify(checkpoint)) {
+        return Fail(checkpoint.seq, StrCat("checkpoint at ", checkpoint.seq, ": ", kBadSignature));
+      }
+      return Fail(last() + 1, StrCat(ends, " but it holds a signed checkpoint at ", checkpoint.seq,
+                                     ": the tail was truncated (",
+                                     Records(last() + 1, checkpoint.seq), " missing)"));
+    }
+    if (anchor_ != nullptr && anchor_->seq < last()) {
+      report_.caveat = StrCat("records after ", anchor_->seq,
+                              " (the anchor) are not covered by it: truncation after record ",
+                              anchor_->seq, " cannot be ruled out");
+    }
+    return true;
+  }
+
+  RecordSource& records_;
+  const Checkpoint* anchor_;
+  const PublicKeyVerifier& key_;
+  std::vector<const Checkpoint*> checkpoints_;  // by seq
+  size_t next_checkpoint_ = 0;
+  std::optional<Record> pending_;  // read ahead by CheckOrder
+  VerifyReport report_;
+};
+
+}  // namespace
+
+std::string VerifyReport::Summary() const {
+  std::string out;
+  if (!ok) {
+    out = StrCat("FAILED: ", reason, "\n");
+    if (last_verified_seq > 0) {
+      out += StrCat("Verified before that: ", Records(1, last_verified_seq), "; last good hash ",
+                    ToHex(last_verified_hash), "\n");
+    }
+    return out;
+  }
+  if (last_verified_seq == 0) {
+    out = "OK: the log is empty\n";
+  } else {
+    out = StrCat("OK: ", Records(1, last_verified_seq), " verified, chain intact; last hash ",
+                 ToHex(last_verified_hash), "\n", checkpoints_verified,
+                 " signed checkpoint(s) in the log verified; ",
+                 signed_through_seq == 0
+                     ? std::string("no signature covers any record")
+                     : StrCat(Records(1, signed_through_seq), " covered by a signature"),
+                 "\n");
+  }
+  if (!caveat.empty()) out += StrCat("Note: ", caveat, "\n");
+  return out;
+}
+
+VerifyReport Verify(RecordSource& records, const std::vector<Checkpoint>& checkpoints,
+                    const Checkpoint* anchor, const PublicKeyVerifier& key) {
+  return Verification(records, checkpoints, anchor, key).Run();
+}
+
+}  // namespace custos::audit

@@ -1,0 +1,374 @@
+// The verifier against every way of tampering with a log: an edited byte anywhere, deleted,
+// swapped and duplicated records, a truncated tail, a consistently rewritten tail, forged
+// checkpoints and anchors. Each failure must name the record where the log goes wrong.
+#include "audit/verifier.h"
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include <catch2/catch.hpp>
+#include <sstream>
+
+#include "tests/audit/audit_test_util.h"
+
+namespace custos::audit {
+namespace {
+
+using test::Reseal;
+using test::SealedLog;
+
+const test::TestSigningKey& Key() {
+  static const test::TestSigningKey key;
+  return key;
+}
+
+const PublicKeyVerifier& KeyVerifier() {
+  static const PublicKeyVerifier verifier = *PublicKeyVerifier::FromPem(Key().PublicPem());
+  return verifier;
+}
+
+VerifyReport Check(const std::vector<Record>& log, const std::vector<Checkpoint>& checkpoints = {},
+                   const Checkpoint* anchor = nullptr) {
+  VectorRecordSource source(log);
+  return Verify(source, checkpoints, anchor, KeyVerifier());
+}
+
+std::string JsonLines(const std::vector<Record>& log) {
+  std::string out;
+  for (const Record& record : log) out += ToJsonLine(record) + "\n";
+  return out;
+}
+
+VerifyReport CheckJsonLines(const std::string& text) {
+  std::istringstream in(text);
+  JsonLinesRecordSource source(&in);
+  return Verify(source, {}, nullptr, KeyVerifier());
+}
+
+// The report names `seq` as the first bad record.
+void RequireNames(const VerifyReport& report, uint64_t seq, std::string_view words = "") {
+  INFO(report.reason);
+  REQUIRE_FALSE(report.ok);
+  REQUIRE(report.first_bad_seq == seq);
+  REQUIRE(report.reason.find(std::to_string(seq)) != std::string::npos);
+  REQUIRE(report.reason.find(words) != std::string::npos);
+  REQUIRE(report.last_verified_seq == (seq == 0 ? 0 : seq - 1));
+  REQUIRE(report.records_checked == report.last_verified_seq);
+}
+
+std::string PemOf(EVP_PKEY* key) {
+  BIO* bio = BIO_new(BIO_s_mem());
+  REQUIRE(PEM_write_bio_PUBKEY(bio, key) == 1);
+  char* data = nullptr;
+  const long size = BIO_get_mem_data(bio, &data);
+  std::string pem(data, static_cast<size_t>(size));
+  BIO_free(bio);
+  EVP_PKEY_free(key);
+  return pem;
+}
+
+TEST_CASE("The public key must be a P-256 key in PEM", "[verifier]") {
+  CHECK(PublicKeyVerifier::FromPem(Key().PublicPem()).ok());
+  CHECK(PublicKeyVerifier::FromPem("").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(PublicKeyVerifier::FromPem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+            .status()
+            .code() == absl::StatusCode::kInvalidArgument);
+  const std::string p384 = PemOf(EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-384"));
+  CHECK(PublicKeyVerifier::FromPem(p384).status().code() == absl::StatusCode::kInvalidArgument);
+  const std::string ed25519 = PemOf(EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519"));
+  CHECK(PublicKeyVerifier::FromPem(ed25519).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("An intact chain with checkpoints verifies", "[verifier]") {
+  const std::vector<Record> log = SealedLog(50);
+  const std::vector<Checkpoint> checkpoints = {Key().CheckpointAt(log, 40),
+                                               Key().CheckpointAt(log, 10)};
+  const VerifyReport report = Check(log, checkpoints);
+  INFO(report.reason);
+  CHECK(report.ok);
+  CHECK(report.records_checked == 50);
+  CHECK(report.first_bad_seq == 0);
+  CHECK(report.reason.empty());
+  CHECK(report.last_verified_seq == 50);
+  CHECK(report.last_verified_hash == log.back().hash);
+  CHECK(report.checkpoints_verified == 2);
+  CHECK(report.signed_through_seq == 40);
+  CHECK(report.caveat == "no anchor checkpoint given: truncation of the tail cannot be ruled out");
+  CHECK(report.Summary().rfind("OK: records 1 to 50 verified", 0) == 0);
+
+  const Checkpoint anchor = Key().CheckpointAt(log, 50);
+  const VerifyReport anchored = Check(log, checkpoints, &anchor);
+  CHECK(anchored.ok);
+  CHECK(anchored.signed_through_seq == 50);
+  CHECK(anchored.caveat.empty());
+}
+
+TEST_CASE("An empty log verifies, with the caveat", "[verifier]") {
+  const VerifyReport report = Check({});
+  CHECK(report.ok);
+  CHECK(report.records_checked == 0);
+  CHECK(report.last_verified_hash == Bytes(32, 0));
+  CHECK(!report.caveat.empty());
+}
+
+TEST_CASE("An edit of any byte of any field names that record", "[verifier]") {
+  const std::vector<Record> log = SealedLog(10);
+  using Text = std::string Record::*;
+  const std::vector<std::pair<const char*, Text>> texts = {
+      {"principal", &Record::principal},
+      {"role", &Record::role},
+      {"action", &Record::action},
+      {"key_id", &Record::key_id},
+      {"source_key_id", &Record::source_key_id},
+      {"request_id", &Record::request_id},
+      {"outcome", &Record::outcome},
+      {"peer", &Record::peer},
+      {"context_hmac", &Record::context_hmac},
+      {"detail", &Record::detail}};
+  for (const uint64_t seq : {1, 4, 10}) {  // first, middle, last
+    INFO("record " << seq);
+    auto expect_caught = [&](const std::function<void(Record&)>& edit) {
+      std::vector<Record> edited = log;
+      edit(edited[seq - 1]);
+      REQUIRE(edited[seq - 1] != log[seq - 1]);
+      RequireNames(Check(edited), seq);
+    };
+    for (const auto& [name, field] : texts) {
+      INFO(name);
+      const size_t size = (log[seq - 1].*field).size();
+      for (size_t i = 0; i < size; ++i) {
+        for (const uint8_t flip : {0x01, 0x80}) {
+          expect_caught(
+              [&](Record& r) { (r.*field)[i] = static_cast<char>((r.*field)[i] ^ flip); });
+        }
+      }
+      expect_caught([&](Record& r) { (r.*field).push_back('x'); });
+      expect_caught([&](Record& r) { (r.*field).insert(0, 1, '\0'); });
+      if (size > 0) expect_caught([&](Record& r) { (r.*field).pop_back(); });
+    }
+    for (int bit = 0; bit < 64; ++bit) {
+      expect_caught([&](Record& r) { r.seq ^= uint64_t{1} << bit; });
+      expect_caught([&](Record& r) { r.time ^= int64_t{1} << bit; });
+    }
+    for (int bit = 0; bit < 32; ++bit) {
+      expect_caught([&](Record& r) { r.key_version ^= uint32_t{1} << bit; });
+      expect_caught([&](Record& r) { r.source_key_version ^= uint32_t{1} << bit; });
+    }
+    for (size_t i = 0; i < kHashBytes; ++i) {
+      expect_caught([&](Record& r) { r.hash[i] ^= 0x01; });
+    }
+    expect_caught([&](Record& r) { r.hash.pop_back(); });
+  }
+}
+
+TEST_CASE("An edit of any byte of an exported line names that record", "[verifier]") {
+  const std::vector<Record> log = SealedLog(10);
+  REQUIRE(CheckJsonLines(JsonLines(log)).ok);
+  for (const uint64_t seq : {1, 6, 10}) {
+    std::vector<std::string> lines;
+    for (const Record& record : log) lines.push_back(ToJsonLine(record));
+    const std::string original = lines[seq - 1];
+    for (size_t i = 0; i < original.size(); ++i) {
+      INFO("record " << seq << ", byte " << i);
+      lines[seq - 1] = original;
+      lines[seq - 1][i] = static_cast<char>(original[i] ^ 0x01);
+      std::string text;
+      for (const std::string& line : lines) text += line + "\n";
+      RequireNames(CheckJsonLines(text), seq);
+    }
+  }
+}
+
+TEST_CASE("A deleted record is named", "[verifier]") {
+  std::vector<Record> log = SealedLog(50);
+  std::vector<Record> one = log;
+  one.erase(one.begin() + 41);
+  RequireNames(Check(one), 42, "record 41 is followed by 43 (record 42 deleted?)");
+
+  std::vector<Record> three = log;
+  three.erase(three.begin() + 41, three.begin() + 44);
+  RequireNames(Check(three), 42, "record 41 is followed by 45 (records 42 to 44 deleted?)");
+
+  std::vector<Record> first = log;
+  first.erase(first.begin());
+  RequireNames(Check(first), 1, "the log starts at record 2, not 1 (record 1 deleted?)");
+}
+
+TEST_CASE("Swapped records are named", "[verifier]") {
+  const std::vector<Record> log = SealedLog(50);
+  // Lines swapped in an export.
+  std::vector<Record> lines = log;
+  std::swap(lines[41], lines[42]);
+  RequireNames(Check(lines), 42, "records out of order at 42: record 43 comes before record 42");
+
+  // Contents swapped under their seqs and hashes (as rows of a table would be).
+  std::vector<Record> contents = log;
+  std::swap(contents[41], contents[42]);
+  std::swap(contents[41].seq, contents[42].seq);
+  std::swap(contents[41].hash, contents[42].hash);
+  RequireNames(Check(contents), 42, "record 42: hash does not match its contents (edited?)");
+
+  // Farther apart.
+  std::vector<Record> far = log;
+  std::swap(far[9], far[19]);
+  RequireNames(Check(far), 10, "record 10: found record 20 in its place");
+}
+
+TEST_CASE("A duplicated record is named", "[verifier]") {
+  std::vector<Record> log = SealedLog(50);
+  log.insert(log.begin() + 20, log[19]);
+  RequireNames(Check(log), 21, "record 20 appears again after record 20 (duplicated?)");
+}
+
+TEST_CASE("A truncated tail is caught only with an anchor or a checkpoint past the end",
+          "[verifier]") {
+  const std::vector<Record> log = SealedLog(120);
+  std::vector<Record> truncated(log.begin(), log.begin() + 97);
+
+  const VerifyReport blind = Check(truncated);
+  CHECK(blind.ok);
+  CHECK(blind.caveat == "no anchor checkpoint given: truncation of the tail cannot be ruled out");
+  CHECK(blind.Summary().find(blind.caveat) != std::string::npos);
+
+  const Checkpoint anchor = Key().CheckpointAt(log, 120);
+  RequireNames(Check(truncated, {}, &anchor), 98,
+               "log ends at 97 but the anchor checkpoint is at 120: the tail was truncated");
+  RequireNames(Check({}, {}, &anchor), 1,
+               "the log is empty but the anchor checkpoint is at 120: the tail was truncated");
+  // The attacker left a checkpoint behind.
+  RequireNames(Check(truncated, {Key().CheckpointAt(log, 110)}), 98,
+               "log ends at 97 but it holds a signed checkpoint at 110: the tail was truncated");
+  // An anchor earlier than the cut does not see it, and the report says so.
+  const Checkpoint early = Key().CheckpointAt(log, 90);
+  const VerifyReport after_anchor = Check(truncated, {}, &early);
+  CHECK(after_anchor.ok);
+  CHECK(after_anchor.signed_through_seq == 90);
+  CHECK(after_anchor.caveat ==
+        "records after 90 (the anchor) are not covered by it: truncation after record 90 "
+        "cannot be ruled out");
+}
+
+TEST_CASE("A consistently rewritten tail is caught by the anchor or a signed checkpoint",
+          "[verifier]") {
+  const std::vector<Record> log = SealedLog(150);
+  std::vector<Record> forged = log;
+  forged[99].detail = "nothing happened here";
+  forged[99].outcome = "PERMISSION_DENIED";
+  Reseal(forged, 99);  // from record 100 on
+  forged.resize(130);  // and drop some of the tail too
+
+  // The chain alone cannot tell: that is what checkpoints and anchors are for.
+  CHECK(Check(forged).ok);
+
+  const Checkpoint anchor = Key().CheckpointAt(log, 120);
+  RequireNames(Check(forged, {}, &anchor), 120,
+               "the hash at 120 differs from the anchor: history was rewritten");
+
+  const std::vector<Checkpoint> in_log = {Key().CheckpointAt(log, 50),
+                                          Key().CheckpointAt(log, 110)};
+  RequireNames(Check(forged, in_log), 110,
+               "record 110: hash differs from the signed checkpoint at 110: history up to 110 "
+               "was rewritten");
+
+  // The forger moves the checkpoint to the new hash: its signature no longer holds.
+  std::vector<Checkpoint> moved = in_log;
+  moved[1].hash = forged[109].hash;
+  RequireNames(Check(forged, moved), 110, "checkpoint at 110: signature does not verify");
+  // ... or signs it with a key of their own.
+  test::TestSigningKey own_key;
+  RequireNames(Check(forged, {in_log[0], own_key.CheckpointAt(forged, 110)}), 110,
+               "signature does not verify under the given public key");
+
+  // A rewrite after the anchor is outside what the anchor proves, and the report says so.
+  const Checkpoint early = Key().CheckpointAt(log, 80);
+  const VerifyReport report = Check(forged, {in_log[0]}, &early);
+  CHECK(report.ok);
+  CHECK(report.caveat.find("truncation after record 80 cannot be ruled out") != std::string::npos);
+}
+
+TEST_CASE("A checkpoint with a bad signature is named", "[verifier]") {
+  const std::vector<Record> log = SealedLog(30);
+  const Checkpoint good = Key().CheckpointAt(log, 20);
+  REQUIRE(Check(log, {good}).ok);
+
+  for (size_t i = 0; i < good.signature.size(); ++i) {
+    Checkpoint bad = good;
+    bad.signature[i] ^= 0x01;
+    RequireNames(Check(log, {Key().CheckpointAt(log, 10), bad}), 20,
+                 "checkpoint at 20: signature does not verify under the given public key");
+  }
+  Checkpoint retimed = good;
+  retimed.time += 1;  // the time is signed too
+  RequireNames(Check(log, {retimed}), 20, "checkpoint at 20: signature does not verify");
+  Checkpoint truncated_sig = good;
+  truncated_sig.signature.pop_back();
+  RequireNames(Check(log, {truncated_sig}), 20, "checkpoint at 20: signature does not verify");
+  Checkpoint short_hash = good;
+  short_hash.hash.pop_back();
+  CHECK_FALSE(Check(log, {short_hash}).ok);
+  // A bad signature on a checkpoint past the end is named as such, not as truncation.
+  Checkpoint beyond = Key().CheckpointAt(SealedLog(40), 35);
+  beyond.signature[10] ^= 0x01;
+  const VerifyReport report = Check(log, {beyond});
+  CHECK_FALSE(report.ok);
+  CHECK(report.first_bad_seq == 35);
+  CHECK(report.reason.rfind("checkpoint at 35: signature does not verify", 0) == 0);
+  CHECK(report.last_verified_seq == 30);
+}
+
+TEST_CASE("An anchor with a bad signature proves nothing and fails the check", "[verifier]") {
+  const std::vector<Record> log = SealedLog(30);
+  Checkpoint anchor = Key().CheckpointAt(log, 30);
+  anchor.signature.back() ^= 0x01;
+  const VerifyReport report = Check(log, {}, &anchor);
+  CHECK_FALSE(report.ok);
+  CHECK(report.first_bad_seq == 0);
+  CHECK(report.reason.find("the anchor checkpoint's signature does not verify") !=
+        std::string::npos);
+
+  test::TestSigningKey other;
+  const Checkpoint foreign = other.CheckpointAt(log, 30);
+  CHECK_FALSE(Check(log, {}, &foreign).ok);
+}
+
+TEST_CASE("An exported checkpoint and an exported log verify together", "[verifier]") {
+  const std::vector<Record> log = SealedLog(40);
+  absl::StatusOr<Checkpoint> anchor =
+      CheckpointFromJson(CheckpointToJson(Key().CheckpointAt(log, 40)));
+  REQUIRE(anchor.ok());
+  std::istringstream in(JsonLines(log) + "\n\n");  // blank lines are skipped
+  JsonLinesRecordSource source(&in);
+  const VerifyReport report = Verify(source, {}, &*anchor, KeyVerifier());
+  INFO(report.reason);
+  CHECK(report.ok);
+  CHECK(report.records_checked == 40);
+  CHECK(report.caveat.empty());
+}
+
+TEST_CASE("A line that does not parse is named by line and record", "[verifier]") {
+  const std::vector<Record> log = SealedLog(5);
+  std::string text = JsonLines(log);
+  const size_t third = text.find("{\"seq\":3");
+  text.insert(third, "garbage");
+  const VerifyReport report = CheckJsonLines(text);
+  RequireNames(report, 3, "cannot read the record after 2: line 3: not a JSON object");
+  CHECK(report.Summary().find("Verified before that: records 1 to 2") != std::string::npos);
+}
+
+class FailingSource final : public RecordSource {
+ public:
+  absl::StatusOr<std::optional<Record>> Next() override {
+    return absl::UnavailableError("database is locked");
+  }
+};
+
+TEST_CASE("A source that cannot be read fails the check", "[verifier]") {
+  FailingSource source;
+  const VerifyReport report = Verify(source, {}, nullptr, KeyVerifier());
+  CHECK_FALSE(report.ok);
+  CHECK(report.first_bad_seq == 1);
+  CHECK(report.reason == "cannot read the first record: database is locked");
+}
+
+}  // namespace
+}  // namespace custos::audit
