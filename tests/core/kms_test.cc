@@ -200,7 +200,8 @@ TEST_CASE("Maintenance signs a checkpoint of the log's head", "[kms][audit]") {
   CHECK(f.store->Checkpoints()->size() == 1);
   absl::StatusOr<Kms::SignedCheckpoint> read = f.kms->LatestCheckpoint(f.auditor);
   REQUIRE(read.ok());
-  CHECK(read->message == audit::CheckpointMessage(checkpoint->seq, checkpoint->hash, checkpoint->time));
+  CHECK(read->message ==
+        audit::CheckpointMessage(checkpoint->seq, checkpoint->hash, checkpoint->time));
   CHECK_THAT(read->public_key_pem, Catch::StartsWith("-----BEGIN PUBLIC KEY-----"));
   CHECK(absl::IsPermissionDenied(f.kms->LatestCheckpoint(f.officer).status()));
   CHECK(absl::IsPermissionDenied(f.kms->ReadAudit(f.app, 1, 10).status()));
