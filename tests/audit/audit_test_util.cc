@@ -8,6 +8,20 @@
 
 namespace custos::audit::test {
 
+Record VectorRecord() {
+  Record record;
+  record.seq = 1;
+  record.time = 1700000000;
+  record.principal = "alice";
+  record.role = "app";
+  record.action = "Encrypt";
+  record.key_id = "k1";
+  record.key_version = 1;
+  record.outcome = "OK";
+  record.peer = "10.0.0.5:4711";
+  return record;
+}
+
 Record SampleRecord(int n) {
   static const char* kActions[] = {"Encrypt", "Decrypt", "GenerateDataKey", "ReEncrypt",
                                    "CreateKey"};

@@ -13,6 +13,8 @@ struct evp_pkey_st;
 namespace custos::audit::test {
 
 // Record number `n` (unsealed: seq 0, no hash) with fields that vary with n, some empty.
+// The example record of docs/AUDIT.md (seq 1, no hash).
+Record VectorRecord();
 Record SampleRecord(int n);
 
 // A log of `count` records, sealed by a Chain.

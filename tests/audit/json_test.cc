@@ -8,21 +8,14 @@
 namespace custos::audit {
 namespace {
 
+using test::VectorRecord;
+
 using namespace std::string_literals;
 
 absl::StatusCode CodeOf(std::string_view line) { return FromJsonLine(line).status().code(); }
 
 TEST_CASE("A record exports as one JSON line with every field and its hash", "[json]") {
-  Record record;
-  record.seq = 1;
-  record.time = 1700000000;
-  record.principal = "alice";
-  record.role = "app";
-  record.action = "Encrypt";
-  record.key_id = "k1";
-  record.key_version = 1;
-  record.outcome = "OK";
-  record.peer = "10.0.0.5:4711";
+  Record record = VectorRecord();
   record.hash = Bytes(32, 0xab);
   CHECK(
       ToJsonLine(record) ==

@@ -10,20 +10,7 @@
 namespace custos::audit {
 namespace {
 
-// The example of docs/AUDIT.md.
-Record VectorRecord() {
-  Record record;
-  record.seq = 1;
-  record.time = 1700000000;
-  record.principal = "alice";
-  record.role = "app";
-  record.action = "Encrypt";
-  record.key_id = "k1";
-  record.key_version = 1;
-  record.outcome = "OK";
-  record.peer = "10.0.0.5:4711";
-  return record;
-}
+using test::VectorRecord;
 
 // Parses a canonical encoding back into its fields: if this always recovers the fields, no
 // two different records can encode equal.
