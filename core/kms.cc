@@ -3,7 +3,6 @@
 #include <utility>
 
 #include "common/strings.h"
-#include "core/audit_seal.h"
 #include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
@@ -30,9 +29,7 @@ Kms::Kms(Options options)
     : options_(std::move(options)),
       policy_(options_.policy),
       root_key_label_(options_.root_key_label),
-      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {
-  options_.store->SetAuditSealer(SealAuditRecord);
-}
+      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {}
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);

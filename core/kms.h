@@ -24,6 +24,7 @@
 #include <string_view>
 
 #include "audit/event.h"
+#include "audit/record.h"
 #include "common/clock.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
@@ -202,14 +203,14 @@ class Kms {
   absl::Status Checkpoint();
   // The latest signed checkpoint and the PEM public key that verifies it (auditors only).
   struct SignedCheckpoint {
-    storage::AuditCheckpoint checkpoint;
+    audit::Checkpoint checkpoint;
     std::string message;  // exactly what was signed
     std::string public_key_pem;
   };
   absl::StatusOr<SignedCheckpoint> LatestCheckpoint(const Caller& caller);
   // Audit records from `from_seq`, at most `limit` (auditors only).
-  absl::StatusOr<std::vector<storage::AuditRow>> ReadAudit(const Caller& caller, uint64_t from_seq,
-                                                           size_t limit);
+  absl::StatusOr<std::vector<audit::Record>> ReadAudit(const Caller& caller, uint64_t from_seq,
+                                                       size_t limit);
 
   // Approvals needed for `operation` under this server's config.
   int ApprovalsFor(policy::Operation operation) const {

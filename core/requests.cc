@@ -3,7 +3,6 @@
 #include <algorithm>
 
 #include "common/strings.h"
-#include "core/audit_seal.h"
 #include "core/call.h"
 #include "core/key_id.h"
 #include "core/kms.h"
@@ -397,23 +396,8 @@ audit::Event Kms::ServerEvent(std::string_view action, const std::string& key_id
 }
 
 absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const {
-  for (const audit::Event& e : events) {
-    storage::AuditRow row;
-    row.time = e.time;
-    row.principal = e.principal;
-    row.role = e.role;
-    row.action = e.action;
-    row.key_id = e.key_id;
-    row.key_version = e.key_version;
-    row.source_key_id = e.source_key_id;
-    row.source_key_version = e.source_key_version;
-    row.request_id = e.request_id;
-    row.outcome = absl::StatusCodeToString(e.outcome);
-    row.peer = e.peer;
-    row.context_hmac = e.context_hmac;
-    row.detail = e.detail;
-    batch.audit.push_back(std::move(row));
-  }
+  // seq and hash are the store's to set, in commit order.
+  for (const audit::Event& e : events) batch.audit.push_back(audit::RecordFromEvent(e, 0));
   absl::Status written = options_.store->Apply(batch);
   if (absl::IsUnavailable(written) || absl::IsInternal(written)) {
     return absl::UnavailableError(StrCat("audit log unavailable: ", written.message()));
@@ -433,10 +417,10 @@ absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> ev
 absl::Status Kms::Checkpoint() {
   CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
   if (head.first == 0) return absl::OkStatus();
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<storage::AuditCheckpoint> latest,
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
                           options_.store->LatestCheckpoint());
   if (latest && latest->seq == head.first) return absl::OkStatus();
-  storage::AuditCheckpoint checkpoint;
+  audit::Checkpoint checkpoint;
   checkpoint.seq = head.first;
   checkpoint.hash = head.second;
   checkpoint.time = options_.clock->NowSeconds();
@@ -458,7 +442,7 @@ absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller
   return call.Finish([&]() -> absl::StatusOr<SignedCheckpoint> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     CUSTOS_RETURN_IF_ERROR(Checkpoint());  // so the auditor sees the log as of now
-    CUSTOS_ASSIGN_OR_RETURN(std::optional<storage::AuditCheckpoint> latest,
+    CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
                             options_.store->LatestCheckpoint());
     if (!latest) return absl::NotFoundError("the audit log has no checkpoint yet");
     SignedCheckpoint signed_checkpoint;
@@ -470,10 +454,10 @@ absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller
   }());
 }
 
-absl::StatusOr<std::vector<storage::AuditRow>> Kms::ReadAudit(const Caller& caller,
-                                                              uint64_t from_seq, size_t limit) {
+absl::StatusOr<std::vector<audit::Record>> Kms::ReadAudit(const Caller& caller, uint64_t from_seq,
+                                                          size_t limit) {
   Call call(*this, caller, Action::kReadAudit);
-  return call.Finish([&]() -> absl::StatusOr<std::vector<storage::AuditRow>> {
+  return call.Finish([&]() -> absl::StatusOr<std::vector<audit::Record>> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     return options_.store->ReadAudit(from_seq, limit);
   }());

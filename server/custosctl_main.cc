@@ -17,11 +17,13 @@
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
+#include "storage/audit_log_reader.h"
 
 namespace {
 
 namespace pb = custos::v1;
 namespace audit = custos::audit;
+namespace storage = custos::storage;
 using custos::Bytes;
 
 struct Connection {
@@ -142,12 +144,11 @@ audit::Record FromProto(const pb::AuditRecord& r) {
   return record;
 }
 
-// Verifies an export offline; exit 0 if it verifies, 3 if not (the report names the first
-// bad record), 2 on bad input.
-int VerifyExport(const std::string& export_file, const std::string& anchor_file,
-                 const std::string& public_key_file) {
-  std::ifstream in(export_file);
-  if (!in) throw CLI::ValidationError("cannot read " + export_file);
+// Verifies a log offline, from an export or from the database file itself (whose stored
+// checkpoints are then checked too); exit 0 if it verifies, 3 if not (the report names the
+// first bad record), 2 on bad input.
+int VerifyLog(const std::string& export_file, const std::string& db_file,
+              const std::string& anchor_file, const std::string& public_key_file) {
   absl::StatusOr<audit::PublicKeyVerifier> key =
       audit::PublicKeyVerifier::FromPem(ReadFile(public_key_file));
   if (!key.ok()) {
@@ -163,8 +164,24 @@ int VerifyExport(const std::string& export_file, const std::string& anchor_file,
     }
     anchor = *std::move(parsed);
   }
-  audit::JsonLinesRecordSource source(&in);
-  const audit::VerifyReport report = audit::Verify(source, {}, anchor ? &*anchor : nullptr, *key);
+  const audit::Checkpoint* anchor_ptr = anchor ? &*anchor : nullptr;
+  audit::VerifyReport report;
+  if (!db_file.empty()) {
+    absl::StatusOr<std::unique_ptr<storage::AuditLogReader>> reader =
+        storage::AuditLogReader::Open(db_file);
+    absl::StatusOr<std::vector<audit::Checkpoint>> checkpoints =
+        reader.ok() ? (*reader)->Checkpoints() : reader.status();
+    if (!checkpoints.ok()) {
+      std::cerr << "error: " << checkpoints.status().ToString() << "\n";
+      return 2;
+    }
+    report = audit::Verify(**reader, *checkpoints, anchor_ptr, *key);
+  } else {
+    std::ifstream in(export_file);
+    if (!in) throw CLI::ValidationError("cannot read " + export_file);
+    audit::JsonLinesRecordSource source(&in);
+    report = audit::Verify(source, {}, anchor_ptr, *key);
+  }
   std::cout << report.Summary() << "\n";
   return report.ok ? 0 : 3;
 }
@@ -276,17 +293,27 @@ int main(int argc, char** argv) {
                          "for `openssl dgst -sha256 -verify`");
   CLI::App* export_log = audit->add_subcommand("export", "records as JSON Lines, for a SIEM");
   export_log->add_option("--from", from_seq, "first seq (default 1)");
-  std::string export_file, anchor_file, public_key_file;
+  std::string export_file, db_file, anchor_file, public_key_file;
   CLI::App* verify = audit->add_subcommand(
-      "verify", "verify an export offline: the chain, and the anchor checkpoint if given");
-  verify->add_option("export", export_file, "JSON Lines from `audit export`")->required();
+      "verify",
+      "verify the log offline (an export, or the database file and its stored checkpoints): "
+      "the chain, and the anchor checkpoint if given");
+  CLI::Option* export_option =
+      verify->add_option("export", export_file, "JSON Lines from `audit export`");
+  verify->add_option("--db", db_file, "the server's database file (read only), or a copy")
+      ->excludes(export_option);
   verify->add_option("--anchor", anchor_file, "checkpoint.json kept from `audit checkpoint`");
   verify->add_option("--public-key", public_key_file, "audit-public.pem from `audit checkpoint`")
       ->required();
   CLI11_PARSE(app, argc, argv);
 
   try {
-    if (verify->parsed()) return VerifyExport(export_file, anchor_file, public_key_file);
+    if (verify->parsed()) {
+      if (export_file.empty() && db_file.empty()) {
+        throw CLI::ValidationError("give an export file or --db");
+      }
+      return VerifyLog(export_file, db_file, anchor_file, public_key_file);
+    }
     auto channel = Connect(conn);
     auto keys = pb::KeyService::NewStub(channel);
     auto admin = pb::AdminService::NewStub(channel);

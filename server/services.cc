@@ -1,6 +1,5 @@
 #include "server/services.h"
 
-#include "core/audit_seal.h"
 #include "core/operation_params.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
@@ -333,10 +332,10 @@ grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
   uint64_t next = std::max<uint64_t>(request->from_seq(), 1);
   uint64_t left = request->limit() == 0 ? UINT64_MAX : request->limit();
   while (left > 0 && !context->IsCancelled()) {
-    absl::StatusOr<std::vector<storage::AuditRow>> rows =
+    absl::StatusOr<std::vector<audit::Record>> rows =
         kms_->ReadAudit(*caller, next, static_cast<size_t>(std::min<uint64_t>(left, kPage)));
     if (!rows.ok()) return ToGrpcStatus(rows.status());
-    for (const storage::AuditRow& row : *rows) {
+    for (const audit::Record& row : *rows) {
       pb::AuditRecord record;
       record.set_seq(row.seq);
       record.set_time(row.time);

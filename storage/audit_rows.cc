@@ -7,8 +7,8 @@ constexpr char kColumns[] =
     "seq, time, principal, role, action, key_id, key_version, source_key_id, "
     "source_key_version, request_id, outcome, peer, context_hmac, detail, hash";
 
-AuditRow ReadRow(const sqlite::Statement& stmt) {
-  AuditRow row;
+audit::Record ReadRow(const sqlite::Statement& stmt) {
+  audit::Record row;
   row.seq = static_cast<uint64_t>(stmt.ColumnInt64(0));
   row.time = stmt.ColumnInt64(1);
   row.principal = stmt.ColumnText(2);
@@ -29,7 +29,7 @@ AuditRow ReadRow(const sqlite::Statement& stmt) {
 
 }  // namespace
 
-absl::Status InsertAuditRow(sqlite::Database& db, const AuditRow& row) {
+absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row) {
   static const std::string sql = std::string("INSERT INTO audit_log (") + kColumns +
                                  ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, "
                                  "?13, ?14, ?15)";
@@ -52,13 +52,13 @@ absl::Status InsertAuditRow(sqlite::Database& db, const AuditRow& row) {
   return stmt.Run();
 }
 
-absl::StatusOr<std::vector<AuditRow>> LoadAuditRows(sqlite::Database& db, uint64_t from_seq,
-                                                    size_t limit) {
+absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db, uint64_t from_seq,
+                                                            size_t limit) {
   static const std::string sql =
       std::string("SELECT ") + kColumns + " FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2";
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
   stmt.BindInt64(1, static_cast<int64_t>(from_seq)).BindInt64(2, static_cast<int64_t>(limit));
-  std::vector<AuditRow> rows;
+  std::vector<audit::Record> rows;
   for (;;) {
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
     if (!row) break;
@@ -67,16 +67,16 @@ absl::StatusOr<std::vector<AuditRow>> LoadAuditRows(sqlite::Database& db, uint64
   return rows;
 }
 
-absl::StatusOr<std::optional<AuditRow>> LoadLastAuditRow(sqlite::Database& db) {
+absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db) {
   static const std::string sql =
       std::string("SELECT ") + kColumns + " FROM audit_log ORDER BY seq DESC LIMIT 1";
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
   CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
-  if (!row) return std::optional<AuditRow>();
-  return std::optional<AuditRow>(ReadRow(stmt));
+  if (!row) return std::optional<audit::Record>();
+  return std::optional<audit::Record>(ReadRow(stmt));
 }
 
-absl::Status InsertCheckpoint(sqlite::Database& db, const AuditCheckpoint& checkpoint) {
+absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint) {
   CUSTOS_ASSIGN_OR_RETURN(
       sqlite::Statement stmt,
       db.Prepare("INSERT OR REPLACE INTO audit_checkpoints (seq, hash, time, key_label, "
@@ -89,17 +89,21 @@ absl::Status InsertCheckpoint(sqlite::Database& db, const AuditCheckpoint& check
   return stmt.Run();
 }
 
-absl::StatusOr<std::vector<AuditCheckpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
                           db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
                                      "audit_checkpoints ORDER BY seq DESC LIMIT ?1"));
   stmt.BindInt64(1, limit == 0 ? -1 : static_cast<int64_t>(limit));
-  std::vector<AuditCheckpoint> checkpoints;
+  std::vector<audit::Checkpoint> checkpoints;
   for (;;) {
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
     if (!row) break;
-    checkpoints.push_back({static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnBlob(1),
-                           stmt.ColumnInt64(2), stmt.ColumnText(3), stmt.ColumnBlob(4)});
+    audit::Checkpoint& checkpoint = checkpoints.emplace_back();
+    checkpoint.seq = static_cast<uint64_t>(stmt.ColumnInt64(0));
+    checkpoint.hash = stmt.ColumnBlob(1);
+    checkpoint.time = stmt.ColumnInt64(2);
+    checkpoint.key_label = stmt.ColumnText(3);
+    checkpoint.signature = stmt.ColumnBlob(4);
   }
   return checkpoints;
 }

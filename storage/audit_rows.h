@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "audit/record.h"
 #include "common/status.h"
 #include "storage/key_store.h"
 #include "storage/sqlite.h"
@@ -13,14 +14,14 @@
 namespace custos::storage {
 
 // Appends a sealed record (seq and hash set). Run it inside a write transaction.
-absl::Status InsertAuditRow(sqlite::Database& db, const AuditRow& row);
-absl::StatusOr<std::vector<AuditRow>> LoadAuditRows(sqlite::Database& db, uint64_t from_seq,
-                                                    size_t limit);
+absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row);
+absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db, uint64_t from_seq,
+                                                            size_t limit);
 // The last record, or nullopt for an empty log.
-absl::StatusOr<std::optional<AuditRow>> LoadLastAuditRow(sqlite::Database& db);
+absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 
-absl::Status InsertCheckpoint(sqlite::Database& db, const AuditCheckpoint& checkpoint);
+absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint);
 // Newest first; `limit` 0 = all.
-absl::StatusOr<std::vector<AuditCheckpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit);
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit);
 
 }  // namespace custos::storage

@@ -171,12 +171,10 @@ class KeyStore::Impl {
   std::mutex queue_mu_;
   std::deque<Writer*> writers_;  // Guarded by queue_mu_.
 
+  absl::Status write_fault_;  // guarded by db_mu_
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
-  AuditSealer sealer_;
-  absl::Status write_fault_;  // guarded by db_mu_
-  uint64_t audit_seq_ = 0;
-  Bytes audit_hash_ = Bytes(32, 0);
+  audit::Chain chain_;
 
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
@@ -184,11 +182,7 @@ class KeyStore::Impl {
 };
 
 absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
-  if (!writer.batch->audit.empty() && !sealer_) {
-    return absl::FailedPreconditionError("the store has no audit sealer set");
-  }
-  const uint64_t seq_before = audit_seq_;
-  Bytes hash_before = audit_hash_;
+  audit::Chain chain_before = chain_;
   CUSTOS_RETURN_IF_ERROR(db_->Exec("SAVEPOINT batch"));
   absl::Status status = [&]() -> absl::Status {
     // Written in order, each alias checked against what is stored at that point: two keys of
@@ -205,18 +199,14 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
       CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
     }
-    for (AuditRow row : writer.batch->audit) {
-      row.seq = audit_seq_ + 1;
-      row.hash = sealer_(audit_hash_, row);
-      CUSTOS_RETURN_IF_ERROR(InsertAuditRow(*db_, row));
-      audit_seq_ = row.seq;
-      audit_hash_ = std::move(row.hash);
+    for (audit::Record record : writer.batch->audit) {
+      chain_.Seal(record);
+      CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
     }
     return absl::OkStatus();
   }();
   if (!status.ok()) {
-    audit_seq_ = seq_before;
-    audit_hash_ = std::move(hash_before);
+    chain_ = std::move(chain_before);
     CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
   }
   CUSTOS_RETURN_IF_ERROR(db_->Exec("RELEASE batch"));
@@ -233,11 +223,10 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   // SQLite makes these with the database's mode; files left by an older run may be looser.
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-wal", /*create=*/false));
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<AuditRow> last, LoadLastAuditRow(*db));
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(db), version);
   if (last) {
-    impl->audit_seq_ = last->seq;
-    impl->audit_hash_ = std::move(last->hash);
+    CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
   return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
@@ -287,8 +276,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   queue_lock.unlock();
   {
     std::lock_guard db_lock(impl_->db_mu_);
-    const uint64_t seq_before = impl_->audit_seq_;
-    const Bytes hash_before = impl_->audit_hash_;
+    const audit::Chain chain_before = impl_->chain_;
     absl::Status committed = [&]() -> absl::Status {
       CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
@@ -296,8 +284,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
       return tx->Commit();
     }();
     if (!committed.ok()) {  // nothing of the group is in the log
-      impl_->audit_seq_ = seq_before;
-      impl_->audit_hash_ = hash_before;
+      impl_->chain_ = chain_before;
     }
     for (Impl::Writer* w : group) {
       if (!committed.ok()) w->status = committed;
@@ -504,36 +491,32 @@ void KeyStore::InjectWriteFault(absl::Status fault) {
   impl_->write_fault_ = std::move(fault);
 }
 
-void KeyStore::SetAuditSealer(AuditSealer sealer) {
+absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq,
+                                                               size_t limit) const {
   std::lock_guard lock(impl_->db_mu_);
-  impl_->sealer_ = std::move(sealer);
-}
-
-absl::StatusOr<std::vector<AuditRow>> KeyStore::ReadAudit(uint64_t from_seq, size_t limit) const {
-  std::lock_guard lock(impl_->db_mu_);
-  return LoadAuditRows(*impl_->db_, from_seq, limit);
+  return LoadAuditRecords(*impl_->db_, from_seq, limit);
 }
 
 absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {
   std::lock_guard lock(impl_->db_mu_);
-  return std::make_pair(impl_->audit_seq_, impl_->audit_hash_);
+  return std::make_pair(impl_->chain_.last_seq(), impl_->chain_.last_hash());
 }
 
-absl::Status KeyStore::PutCheckpoint(const AuditCheckpoint& checkpoint) {
+absl::Status KeyStore::PutCheckpoint(const audit::Checkpoint& checkpoint) {
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
   CUSTOS_RETURN_IF_ERROR(InsertCheckpoint(*impl_->db_, checkpoint));
   return tx->Commit();
 }
 
-absl::StatusOr<std::optional<AuditCheckpoint>> KeyStore::LatestCheckpoint() const {
+absl::StatusOr<std::optional<audit::Checkpoint>> KeyStore::LatestCheckpoint() const {
   std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<AuditCheckpoint> latest, LoadCheckpoints(*impl_->db_, 1));
-  if (latest.empty()) return std::optional<AuditCheckpoint>();
-  return std::optional<AuditCheckpoint>(std::move(latest.front()));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Checkpoint> latest, LoadCheckpoints(*impl_->db_, 1));
+  if (latest.empty()) return std::optional<audit::Checkpoint>();
+  return std::optional<audit::Checkpoint>(std::move(latest.front()));
 }
 
-absl::StatusOr<std::vector<AuditCheckpoint>> KeyStore::Checkpoints() const {
+absl::StatusOr<std::vector<audit::Checkpoint>> KeyStore::Checkpoints() const {
   std::lock_guard lock(impl_->db_mu_);
   return LoadCheckpoints(*impl_->db_, 0);
 }

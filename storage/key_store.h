@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "audit/record.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
 
@@ -104,47 +105,16 @@ struct RequestPage {
   std::string next_page_token;
 };
 
-// One audit log record as stored. The store assigns `seq` (1, 2, ... without gaps) and
-// `hash` (through the sealer, see KeyStore::SetAuditSealer) when it commits the record.
-struct AuditRow {
-  uint64_t seq = 0;
-  int64_t time = 0;
-  std::string principal;
-  std::string role;
-  std::string action;
-  std::string key_id;
-  uint32_t key_version = 0;
-  std::string source_key_id;
-  uint32_t source_key_version = 0;
-  std::string request_id;
-  std::string outcome;  // status code name, e.g. "OK"
-  std::string peer;
-  std::string context_hmac;  // hex; empty when the operation had no context
-  std::string detail;
-  Bytes hash;  // 32 bytes: the chain hash through this record
-};
-
-// A signed statement of the log's state at `seq`.
-struct AuditCheckpoint {
-  uint64_t seq = 0;
-  Bytes hash;
-  int64_t time = 0;
-  std::string key_label;
-  Bytes signature;  // DER ECDSA P-256
-};
-
 // Everything that one state change writes, committed in a single transaction: either all of
 // it is durable or none of it is, the audit records of the change included.
 struct WriteBatch {
   std::vector<KeyRecord> keys;          // inserted, or replacing the stored key with that id
   std::vector<RequestRecord> requests;  // inserted, or replacing the stored request
   std::map<std::string, std::string> settings;  // server-wide settings, upserted
-  std::vector<AuditRow> audit;                  // appended to the audit log, sealed in commit order
+  // Appended to the audit log in commit order; the store sets each record's seq and chain
+  // hash (audit::ChainHash) as it commits it.
+  std::vector<audit::Record> audit;
 };
-
-// Computes a record's chain hash from the previous record's hash (32 zero bytes before the
-// first). The audit library owns the canonical encoding; the store only calls this.
-using AuditSealer = std::function<Bytes(std::span<const uint8_t> prev_hash, const AuditRow&)>;
 
 struct KeyPage {
   std::vector<std::shared_ptr<const KeyRecord>> keys;  // ascending by id
@@ -162,10 +132,6 @@ class KeyStore {
   // Inserts a new key with its versions and grants in one transaction.
   // ALREADY_EXISTS if the id or alias is taken; nothing is written then.
   absl::Status CreateKey(const KeyRecord& key);
-
-  // Sets how audit records are sealed; call once, before any Apply with audit records (which
-  // otherwise fails with FAILED_PRECONDITION).
-  void SetAuditSealer(AuditSealer sealer);
 
   // Writes a batch in one transaction (see WriteBatch). Concurrent calls are committed in
   // groups: one transaction and one fsync for every batch queued meanwhile, each batch under
@@ -197,13 +163,13 @@ class KeyStore {
   absl::StatusOr<std::vector<std::string>> KeysDueForRotation(int64_t now) const;
 
   // Audit records with seq >= `from_seq`, at most `limit`, in seq order.
-  absl::StatusOr<std::vector<AuditRow>> ReadAudit(uint64_t from_seq, size_t limit) const;
+  absl::StatusOr<std::vector<audit::Record>> ReadAudit(uint64_t from_seq, size_t limit) const;
   // The last record's seq and hash (0 and 32 zero bytes for an empty log).
   absl::StatusOr<std::pair<uint64_t, Bytes>> AuditHead() const;
   // Stores a checkpoint; the newest one, or nullopt if none yet.
-  absl::Status PutCheckpoint(const AuditCheckpoint& checkpoint);
-  absl::StatusOr<std::optional<AuditCheckpoint>> LatestCheckpoint() const;
-  absl::StatusOr<std::vector<AuditCheckpoint>> Checkpoints() const;
+  absl::Status PutCheckpoint(const audit::Checkpoint& checkpoint);
+  absl::StatusOr<std::optional<audit::Checkpoint>> LatestCheckpoint() const;
+  absl::StatusOr<std::vector<audit::Checkpoint>> Checkpoints() const;
 
   // A server-wide setting written by Apply; nullopt if never set.
   absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;

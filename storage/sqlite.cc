@@ -136,12 +136,20 @@ absl::StatusOr<std::unique_ptr<Database>> Database::Open(const std::string& path
   // Create the file ourselves so it never exists with the umask's looser mode; SQLite gives
   // the -wal and -shm files it creates later the database file's mode.
   CUSTOS_RETURN_IF_ERROR(RestrictToOwner(path, /*create=*/true));
-  sqlite3* db = nullptr;
   // FULLMUTEX on top of the owner's mutex costs little and keeps a missed lock from
   // corrupting the connection.
-  const int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX |
-                    SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE;
-  const int rc = sqlite3_open_v2(path.c_str(), &db, flags, nullptr);
+  return OpenWithFlags(path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX);
+}
+
+absl::StatusOr<std::unique_ptr<Database>> Database::OpenReadOnly(const std::string& path) {
+  return OpenWithFlags(path, SQLITE_OPEN_READONLY | SQLITE_OPEN_FULLMUTEX);
+}
+
+absl::StatusOr<std::unique_ptr<Database>> Database::OpenWithFlags(const std::string& path,
+                                                                  int flags) {
+  sqlite3* db = nullptr;
+  const int rc = sqlite3_open_v2(path.c_str(), &db,
+                                 flags | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE, nullptr);
   if (rc != SQLITE_OK) {
     absl::Status status = Error(rc, db, absl::StrCat("cannot open database '", path, "'"));
     sqlite3_close_v2(db);  // A handle comes back even on failure (unless out of memory).

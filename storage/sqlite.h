@@ -70,6 +70,8 @@ class Database {
   // Opens (creating it 0600 if needed) the file at `path` read-write, with extended result
   // codes, refusing symlinks.
   static absl::StatusOr<std::unique_ptr<Database>> Open(const std::string& path);
+  // Opens an existing file read-only (never creating or changing it), refusing symlinks.
+  static absl::StatusOr<std::unique_ptr<Database>> OpenReadOnly(const std::string& path);
   ~Database();
   Database(const Database&) = delete;
   Database& operator=(const Database&) = delete;
@@ -86,6 +88,8 @@ class Database {
 
  private:
   explicit Database(sqlite3* db) : db_(db) {}
+  static absl::StatusOr<std::unique_ptr<Database>> OpenWithFlags(const std::string& path,
+                                                                 int flags);
 
   sqlite3* db_;
   std::unordered_map<std::string, sqlite3_stmt*> statements_;

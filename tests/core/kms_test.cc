@@ -4,7 +4,6 @@
 
 #include <catch2/catch.hpp>
 
-#include "core/audit_seal.h"
 #include "tests/core/kms_fixture.h"
 
 namespace custos::core {
@@ -131,7 +130,7 @@ TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") 
   Fixture f;
   const KeyRef key = f.NewKey("chain");
   REQUIRE(f.kms->GenerateDataKey(f.app, "chain", {{"mrn", "448812"}}, 32, true).ok());
-  const std::vector<storage::AuditRow> rows = *f.store->ReadAudit(1, 100);
+  const std::vector<audit::Record> rows = *f.store->ReadAudit(1, 100);
   REQUIRE(rows.size() == 2);
   CHECK(rows[0].action == "CreateKey");
   CHECK(rows[1].action == "GenerateDataKey");
@@ -140,8 +139,8 @@ TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") 
   CHECK(rows[1].context_hmac.size() == 64);  // an HMAC, never the value
   CHECK(rows[0].context_hmac.empty());
   Bytes prev(32, 0);
-  for (const storage::AuditRow& row : rows) {
-    CHECK(row.hash == SealAuditRecord(prev, row));
+  for (const audit::Record& row : rows) {
+    CHECK(row.hash == audit::ChainHash(prev, row));
     prev = row.hash;
   }
 }

@@ -1,5 +1,7 @@
 // The audit log end to end: auditors export it and a signed checkpoint; the chain recomputes
-// from the export alone, and plain openssl verifies the checkpoint signature.
+// from the export alone, and plain openssl verifies the checkpoint signature. custosctl also
+// verifies the database file itself and names what was done to a tampered copy.
+#include <sqlite3.h>
 #include <sys/wait.h>
 
 #include <catch2/catch.hpp>
@@ -102,6 +104,109 @@ TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audi
     Run(ctl + " --as " + who + " audit checkpoint 2>&1", &code);
     CHECK(code == 2);
   }
+}
+
+// Copies the live database (its WAL included) to `copy` and runs `sql` on the copy with the
+// append-only triggers dropped, as someone holding the file could.
+void TamperedCopy(const std::string& db_path, const std::string& copy, const std::string& sql) {
+  std::remove(copy.c_str());
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db, ("VACUUM INTO '" + copy + "'").c_str(), nullptr, nullptr, nullptr) ==
+          SQLITE_OK);
+  sqlite3_close(db);
+  REQUIRE(sqlite3_open_v2(copy.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
+  char* error = nullptr;
+  const int rc = sqlite3_exec(db,
+                              ("DROP TRIGGER audit_log_append_only_update;"
+                               "DROP TRIGGER audit_log_append_only_delete;" +
+                               sql)
+                                  .c_str(),
+                              nullptr, nullptr, &error);
+  INFO((error != nullptr ? error : ""));
+  sqlite3_free(error);
+  sqlite3_close(db);
+  REQUIRE(rc == SQLITE_OK);
+}
+
+TEST_CASE("custosctl verifies the database file and names what was done to it", "[e2e][audit]") {
+  CustosServer server;
+  const std::string alias = "audited/db";
+  CreateKey(server, alias, true, false);
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key(alias);
+  pb::GenerateDataKeyResponse dk;
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk).ok());
+  }
+  const std::string dir = server.state_dir();
+  const std::string ctl = std::string(CUSTOSCTL_PATH) +
+                          " --addr localhost:" + std::to_string(server.port()) + " --state " + dir;
+  int code = 0;
+  Run(ctl + " --as auditor audit checkpoint --out-dir " + dir + " >/dev/null 2>&1", &code);
+  // The anchor, at record 6: server start, policy load, CreateKey and three data keys.
+  REQUIRE(code == 0);
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk).ok());
+  }
+  const std::string key = " --public-key " + dir + "/audit-public.pem";
+  const std::string anchor = " --anchor " + dir + "/checkpoint.json";
+  auto verify = [&](const std::string& db, const std::string& options) {
+    const std::string report = Run(
+        std::string(CUSTOSCTL_PATH) + " audit verify --db " + db + key + options + " 2>&1", &code);
+    UNSCOPED_INFO(report);
+    return report;
+  };
+
+  // The live file, read while custosd writes it: the chain and the stored checkpoint verify.
+  std::string report = verify(dir + "/custos.db", anchor);
+  CHECK(code == 0);
+  CHECK_THAT(report, Catch::StartsWith("OK: records 1 to 10 verified"));
+  // The anchor's checkpoint is stored in the file too (maintenance may have signed more).
+  CHECK_THAT(report, Catch::Matches("(.|\\n)*\\n[1-9][0-9]* signed checkpoint\\(s\\) in the log "
+                                    "verified(.|\\n)*"));
+
+  const std::string copy = dir + "/copy.db";
+  TamperedCopy(dir + "/custos.db", copy, "");
+  verify(copy, anchor);
+  CHECK(code == 0);
+
+  TamperedCopy(dir + "/custos.db", copy,
+               "UPDATE audit_log SET action = 'GenerateDataKez' WHERE seq = 3");
+  CHECK_THAT(verify(copy, anchor),
+             Catch::StartsWith("FAILED: record 3: hash does not match its contents"));
+  CHECK(code == 3);
+
+  TamperedCopy(dir + "/custos.db", copy, "DELETE FROM audit_log WHERE seq = 3");
+  CHECK_THAT(verify(copy, anchor), Catch::StartsWith("FAILED: record 2 is followed by 4"));
+  CHECK(code == 3);
+
+  TamperedCopy(dir + "/custos.db", copy,
+               "UPDATE audit_log SET seq = 100 WHERE seq = 3;"
+               "UPDATE audit_log SET seq = 3 WHERE seq = 4;"
+               "UPDATE audit_log SET seq = 4 WHERE seq = 100;");
+  CHECK_THAT(verify(copy, anchor), Catch::StartsWith("FAILED: record 3: hash does not match"));
+  CHECK(code == 3);
+
+  // A tail cut back before the checkpoint stored in the file is caught without an anchor...
+  TamperedCopy(dir + "/custos.db", copy, "DELETE FROM audit_log WHERE seq >= 4");
+  CHECK_THAT(verify(copy, ""),
+             Catch::Contains("log ends at 3 but it holds a signed checkpoint at "));
+  CHECK(code == 3);
+  // ...and with the checkpoints deleted as well, only the anchor kept off the server shows it.
+  TamperedCopy(dir + "/custos.db", copy,
+               "DELETE FROM audit_log WHERE seq >= 4; DELETE FROM audit_checkpoints;");
+  CHECK_THAT(verify(copy, anchor),
+             Catch::Contains("log ends at 3 but the anchor checkpoint is at 6"));
+  CHECK(code == 3);
+  CHECK_THAT(verify(copy, ""),
+             Catch::Contains("no anchor checkpoint given: truncation of the tail cannot be ruled "
+                             "out"));
+  CHECK(code == 0);
+
+  // Not a database: a clear error, exit 2.
+  CHECK_THAT(verify(dir + "/checkpoint.json", ""), Catch::Contains("error:"));
+  CHECK(code == 2);
 }
 
 }  // namespace

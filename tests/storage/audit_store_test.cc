@@ -1,8 +1,10 @@
 // The audit table: records sealed in commit order without gaps, atomically with the change
 // they record, append-only, and the head restored on reopen.
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <thread>
 
+#include "storage/audit_log_reader.h"
 #include "tests/storage/store_test_util.h"
 #include "tests/support/temp_dir.h"
 
@@ -17,7 +19,8 @@ using test::OpenStore;
 // Runs `sql` on a separate connection to the file; the error message, or "" on success.
 std::string ExecOnFile(const std::string& path, const std::string& sql) {
   sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr) ==
+          SQLITE_OK);
   char* error = nullptr;
   sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &error);
   std::string message = error != nullptr ? error : "";
@@ -26,17 +29,8 @@ std::string ExecOnFile(const std::string& path, const std::string& sql) {
   return message;
 }
 
-// A stand-in sealer: the hash is prev_hash with its first byte replaced by seq (enough to
-// see that each record is sealed after its predecessor, in order).
-Bytes TestSeal(std::span<const uint8_t> prev, const AuditRow& row) {
-  Bytes hash(prev.begin(), prev.end());
-  hash[0] = static_cast<uint8_t>(row.seq);
-  hash[1] = static_cast<uint8_t>(prev[0]);
-  return hash;
-}
-
-AuditRow Event(const std::string& action) {
-  AuditRow row;
+audit::Record Event(const std::string& action) {
+  audit::Record row;
   row.time = 1800000000;
   row.principal = "spiffe://t/app/a";
   row.role = "app";
@@ -49,10 +43,6 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   TempDir dir;
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
-  WriteBatch needs_sealer;
-  needs_sealer.audit.push_back(Event("Decrypt"));
-  CHECK(store->Apply(needs_sealer).code() == absl::StatusCode::kFailedPrecondition);
-  store->SetAuditSealer(TestSeal);
 
   REQUIRE(store->Apply(WriteBatch{{MakeKey(1, "taken")}, {}, {}, {Event("CreateKey")}}).ok());
   // A batch that fails takes its records with it: no seq is used up.
@@ -60,15 +50,16 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
         absl::StatusCode::kAlreadyExists);
   REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}}).ok());
 
-  const std::vector<AuditRow> rows = store->ReadAudit(1, 100).value();
+  const std::vector<audit::Record> rows = store->ReadAudit(1, 100).value();
   REQUIRE(rows.size() == 3);
   CHECK(rows[0].seq == 1);
   CHECK(rows[0].action == "CreateKey");
+  CHECK(rows[0].hash == audit::ChainHash(Bytes(32, 0), rows[0]));
   CHECK(rows[1].seq == 2);
   CHECK(rows[1].action == "Decrypt");
+  CHECK(rows[1].hash == audit::ChainHash(rows[0].hash, rows[1]));  // no gap for the failure
   CHECK(rows[2].seq == 3);
-  CHECK(rows[2].hash[0] == 3);
-  CHECK(rows[2].hash[1] == 2);  // sealed on top of record 2
+  CHECK(rows[2].hash == audit::ChainHash(rows[1].hash, rows[2]));
   CHECK(store->GetKey(IdFor(2)).status().code() == absl::StatusCode::kNotFound);
 
   // The log is append-only, whatever SQL reaches the file.
@@ -79,16 +70,16 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
 
   // Reopened, the chain continues from its head.
   store = OpenStore(path);
-  store->SetAuditSealer(TestSeal);
   CHECK(store->AuditHead()->first == 3);
+  CHECK(store->AuditHead()->second == rows[2].hash);
   REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}}).ok());
-  CHECK(store->ReadAudit(4, 10)->front().hash[1] == 3);
+  const audit::Record next = store->ReadAudit(4, 10)->front();
+  CHECK(next.hash == audit::ChainHash(rows[2].hash, next));
 }
 
 TEST_CASE("Concurrent audit records get distinct consecutive seqs", "[audit]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  store->SetAuditSealer(TestSeal);
   std::vector<std::thread> threads;
   for (int t = 0; t < 16; ++t) {
     threads.emplace_back([&] {
@@ -98,7 +89,7 @@ TEST_CASE("Concurrent audit records get distinct consecutive seqs", "[audit]") {
     });
   }
   for (auto& thread : threads) thread.join();
-  const std::vector<AuditRow> rows = store->ReadAudit(1, 1000).value();
+  const std::vector<audit::Record> rows = store->ReadAudit(1, 1000).value();
   REQUIRE(rows.size() == 320);
   for (size_t i = 0; i < rows.size(); ++i) CHECK(rows[i].seq == i + 1);
 }
@@ -107,13 +98,56 @@ TEST_CASE("Checkpoints are stored and the newest is returned", "[audit]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
   CHECK(store->LatestCheckpoint().value() == std::nullopt);
-  REQUIRE(store->PutCheckpoint({5, Bytes(32, 1), 100, "audit-signing", Bytes{1, 2}}).ok());
-  REQUIRE(store->PutCheckpoint({9, Bytes(32, 2), 200, "audit-signing", Bytes{3}}).ok());
+  REQUIRE(store->PutCheckpoint({5, Bytes(32, 1), 100, Bytes{1, 2}, "audit-signing"}).ok());
+  REQUIRE(store->PutCheckpoint({9, Bytes(32, 2), 200, Bytes{3}, "audit-signing"}).ok());
   const auto latest = store->LatestCheckpoint().value();
   REQUIRE(latest.has_value());
   CHECK(latest->seq == 9);
   CHECK(latest->signature == Bytes{3});
   CHECK(store->Checkpoints()->size() == 2);
+}
+
+TEST_CASE("AuditLogReader streams a database's log and checkpoints without writing", "[audit]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  WriteBatch batch;
+  for (int i = 0; i < 2500; ++i) batch.audit.push_back(Event(i % 2 ? "Decrypt" : "Encrypt"));
+  REQUIRE(store->Apply(batch).ok());
+  REQUIRE(store->PutCheckpoint({2000, Bytes(32, 7), 100, Bytes{1}, "audit-signing"}).ok());
+  const std::vector<audit::Record> stored = store->ReadAudit(1, 3000).value();
+
+  // Read while the server's connection is still open, as an auditor on the live file would.
+  auto reader = AuditLogReader::Open(path).value();
+  std::vector<audit::Record> read;
+  for (;;) {
+    absl::StatusOr<std::optional<audit::Record>> next = reader->Next();
+    REQUIRE(next.ok());
+    if (!next->has_value()) break;
+    read.push_back(**next);
+  }
+  CHECK(read == stored);  // across page boundaries, in seq order
+  CHECK(reader->Next().value() == std::nullopt);
+  const std::vector<audit::Checkpoint> checkpoints = reader->Checkpoints().value();
+  REQUIRE(checkpoints.size() == 1);
+  CHECK(checkpoints[0].seq == 2000);
+  CHECK(checkpoints[0].hash == Bytes(32, 7));
+}
+
+TEST_CASE("AuditLogReader refuses files that are not a Custos audit log", "[audit]") {
+  TempDir dir;
+  CHECK(AuditLogReader::Open(dir.File("missing.db")).status().code() ==
+        absl::StatusCode::kUnavailable);
+  CHECK(!std::filesystem::exists(dir.File("missing.db")));  // never creates anything
+  const std::string empty = dir.File("empty.db");
+  CHECK(ExecOnFile(empty, "CREATE TABLE t (x)").empty());
+  CHECK(AuditLogReader::Open(empty).status().code() == absl::StatusCode::kFailedPrecondition);
+  const std::string newer = dir.File("newer.db");
+  OpenStore(newer).reset();
+  CHECK(ExecOnFile(newer, "PRAGMA user_version = 99").empty());
+  absl::Status status = AuditLogReader::Open(newer).status();
+  CHECK(status.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(status.message()), Catch::Contains("newer"));
 }
 
 }  // namespace
