@@ -29,7 +29,7 @@ Kms::Kms(Options options)
     : options_(std::move(options)),
       policy_(options_.policy),
       root_key_label_(options_.root_key_label),
-      usage_(options_.store, options_.clock, options_.usage_limits, options_.on_rotation_wanted) {}
+      usage_(options_.store, options_.clock, options_.usage_limits, options_.wake_maintenance) {}
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);

@@ -119,8 +119,11 @@ class Kms {
     UsageLimits usage_limits;
     std::string audit_hmac_key_label = "custos-audit-hmac";        // HSM key for context HMACs
     std::string audit_signing_key_label = "custos-audit-signing";  // signs checkpoints
-    uint64_t checkpoint_every = 1000;  // records between signed checkpoints (and each timer tick)
-    std::function<void()> on_rotation_wanted;  // e.g. wake the maintenance thread
+    // Records after which a checkpoint is due at once (besides the server's timer).
+    uint64_t checkpoint_every = 1000;
+    // Called when housekeeping has work now (a key wants rotating, a checkpoint is due); the
+    // server wakes its maintenance thread, which runs RunMaintenance and Checkpoint.
+    std::function<void()> wake_maintenance;
   };
   explicit Kms(Options options);
 
@@ -198,8 +201,8 @@ class Kms {
   absl::Status RecordServerStop();
 
   // Signs a checkpoint of the audit log's head with the HSM's signing key and stores it, if
-  // records were added since the last one. Run by maintenance (timer, or every
-  // checkpoint_every records).
+  // records were added since the last one. Run by the server's timer, and when woken after
+  // checkpoint_every records.
   absl::Status Checkpoint();
   // The latest signed checkpoint and the PEM public key that verifies it (auditors only).
   struct SignedCheckpoint {

@@ -361,8 +361,7 @@ absl::Status Kms::RunMaintenance() {
   std::set<std::string> rotate(stale.begin(), stale.end());
   rotate.merge(usage_.TakeRotationWanted());
   for (const std::string& key_id : rotate) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id));
-  CUSTOS_RETURN_IF_ERROR(usage_.Flush());
-  return Checkpoint();
+  return usage_.Flush();
 }
 
 absl::Status Kms::AutoRotate(const std::string& key_id) {
@@ -408,8 +407,8 @@ absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> ev
   }
   if (records_since_checkpoint_.fetch_add(events.size()) + events.size() >=
           options_.checkpoint_every &&
-      options_.on_rotation_wanted) {
-    options_.on_rotation_wanted();  // wakes maintenance, which signs a checkpoint
+      options_.wake_maintenance) {
+    options_.wake_maintenance();  // which signs a checkpoint
   }
   return absl::OkStatus();
 }

@@ -27,18 +27,45 @@ std::string Resolve(const fs::path& base, const std::string& value) {
   return p.is_absolute() ? value : (base / p).lexically_normal().string();
 }
 
-// Copies table[key] into *out if present; INVALID_ARGUMENT if it has the wrong type.
-template <typename T>
-absl::Status Read(const toml::table& root, std::string_view section, std::string_view key, T* out) {
-  const toml::node_view<const toml::node> node = root[section][key];
-  if (!node) return absl::OkStatus();
-  std::optional<T> value = node.value<T>();
-  if (!value) {
-    return absl::InvalidArgumentError(StrCat("config: ", section, ".", key, " has the wrong type"));
+// Reads settings from the parsed file and remembers which were asked for, so that a
+// misspelt setting is refused instead of silently left at its default.
+class SettingsReader {
+ public:
+  explicit SettingsReader(const toml::table& root) : root_(root) {}
+
+  // Copies [section] key into *out if present; INVALID_ARGUMENT if it has the wrong type.
+  template <typename T>
+  absl::Status Read(std::string_view section, std::string_view key, T* out) {
+    known_.emplace(section, key);
+    const toml::node_view<const toml::node> node = root_[section][key];
+    if (!node) return absl::OkStatus();
+    std::optional<T> value = node.value<T>();
+    if (!value) {
+      return absl::InvalidArgumentError(
+          StrCat("config: ", section, ".", key, " has the wrong type"));
+    }
+    *out = *value;
+    return absl::OkStatus();
   }
-  *out = *value;
-  return absl::OkStatus();
-}
+
+  // INVALID_ARGUMENT naming a setting no Read asked for, in any section but `checked_elsewhere`.
+  absl::Status RefuseUnknown(std::string_view checked_elsewhere) const {
+    for (const auto& [section, table] : root_) {
+      if (section.str() == checked_elsewhere || !table.is_table()) continue;
+      for (const auto& [key, value] : *table.as_table()) {
+        if (!known_.count({std::string(section.str()), std::string(key.str())})) {
+          return absl::InvalidArgumentError(
+              StrCat("config: unknown setting ", section.str(), ".", key.str()));
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const toml::table& root_;
+  std::set<std::pair<std::string, std::string>> known_;
+};
 
 absl::Status Require(const std::string& value, std::string_view name) {
   if (!value.empty()) return absl::OkStatus();
@@ -116,45 +143,60 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
     return absl::InvalidArgumentError(
         StrCat("config ", path, ":", e.source().begin.line, ": ", e.description()));
   }
-  static const std::set<std::string_view> kSections = {"server", "tls", "hsm",          "storage",
-                                                       "policy", "log", "dual_control", "keys"};
+  static const std::set<std::string_view> kSections = {
+      "server", "tls", "hsm", "storage", "policy", "log", "dual_control", "keys", "audit"};
   for (const auto& [name, node] : root) {
     if (!kSections.count(name.str()) || !node.is_table()) {
       return absl::InvalidArgumentError(StrCat("config: unknown section '", name.str(), "'"));
     }
   }
   Config c;
+  SettingsReader settings(root);
   int64_t threads = c.worker_threads, cache = static_cast<int64_t>(c.key_cache_capacity);
-  CUSTOS_RETURN_IF_ERROR(Read(root, "server", "listen", &c.listen));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "server", "worker_threads", &threads));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "tls", "cert", &c.tls_cert));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "tls", "key", &c.tls_key));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "tls", "client_ca", &c.client_ca));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "tls", "crl_dir", &c.crl_dir));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "module", &c.hsm_module));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "token_label", &c.hsm_token_label));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "pin_file", &c.hsm_pin_file));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "pin_env", &c.hsm_pin_env));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "root_key_label", &c.root_key_label));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "audit_hmac_key_label", &c.audit_hmac_key_label));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "audit_signing_key_label", &c.audit_signing_key_label));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "hsm", "key_cache", &cache));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "storage", "path", &c.storage_path));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "policy", "file", &c.policy_file));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "log", "level", &c.log_level));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "listen", &c.listen));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "worker_threads", &threads));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "cert", &c.tls_cert));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "key", &c.tls_key));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "module", &c.hsm_module));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "token_label", &c.hsm_token_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "pin_file", &c.hsm_pin_file));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "pin_env", &c.hsm_pin_env));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "root_key_label", &c.root_key_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "audit_hmac_key_label", &c.audit_hmac_key_label));
+  CUSTOS_RETURN_IF_ERROR(
+      settings.Read("hsm", "audit_signing_key_label", &c.audit_signing_key_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "key_cache", &cache));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("log", "level", &c.log_level));
   CUSTOS_RETURN_IF_ERROR(ReadDualControl(root, &c.dual_control));
   int64_t maintenance = c.maintenance_interval_seconds;
-  CUSTOS_RETURN_IF_ERROR(Read(root, "server", "maintenance_interval_seconds", &maintenance));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "maintenance_interval_seconds", &maintenance));
   if (maintenance < 1 || maintenance > 3600) {
     return absl::InvalidArgumentError(
         "config: server.maintenance_interval_seconds must be 1..3600");
   }
   c.maintenance_interval_seconds = static_cast<int>(maintenance);
+  int64_t checkpoint_interval = c.checkpoint_interval_seconds;
+  int64_t checkpoint_every = static_cast<int64_t>(c.checkpoint_every);
+  CUSTOS_RETURN_IF_ERROR(
+      settings.Read("audit", "checkpoint_interval_seconds", &checkpoint_interval));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "checkpoint_every", &checkpoint_every));
+  if (checkpoint_interval < 1 || checkpoint_interval > 86400) {
+    return absl::InvalidArgumentError("config: audit.checkpoint_interval_seconds must be 1..86400");
+  }
+  if (checkpoint_every < 1 || checkpoint_every > 1'000'000) {
+    return absl::InvalidArgumentError("config: audit.checkpoint_every must be 1..1000000");
+  }
+  c.checkpoint_interval_seconds = static_cast<int>(checkpoint_interval);
+  c.checkpoint_every = static_cast<uint64_t>(checkpoint_every);
   int64_t limit = static_cast<int64_t>(c.usage_limits.max_encryptions), rotate_percent = 75,
           block = static_cast<int64_t>(c.usage_limits.reservation_block);
-  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "encryption_limit", &limit));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "rotate_at_percent", &rotate_percent));
-  CUSTOS_RETURN_IF_ERROR(Read(root, "keys", "reservation_block", &block));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "encryption_limit", &limit));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "rotate_at_percent", &rotate_percent));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "reservation_block", &block));
   if (limit < 1 || limit > (int64_t{1} << 32)) {
     return absl::InvalidArgumentError("config: keys.encryption_limit must be 1..2^32");
   }
@@ -171,6 +213,7 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   if (cache < 1) return absl::InvalidArgumentError("config: hsm.key_cache must be at least 1");
   c.worker_threads = static_cast<int>(threads);
   c.key_cache_capacity = static_cast<size_t>(cache);
+  CUSTOS_RETURN_IF_ERROR(settings.RefuseUnknown("dual_control"));
 
   const fs::path base = fs::absolute(path).parent_path();
   for (std::string* p : {&c.tls_cert, &c.tls_key, &c.client_ca, &c.crl_dir, &c.hsm_pin_file,

@@ -42,6 +42,11 @@ struct Config {
   policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
   int maintenance_interval_seconds = 60;  // request expiry and due destructions
 
+  // [audit]: a signed checkpoint every checkpoint_interval_seconds, and as soon as
+  // checkpoint_every records were added since the last one.
+  int checkpoint_interval_seconds = 60;
+  uint64_t checkpoint_every = 1000;
+
   // [keys]: the AES-GCM encryption limit per key version and when to rotate before it.
   core::UsageLimits usage_limits;
 };

@@ -11,10 +11,14 @@
 #include <grpcpp/resource_quota.h>
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <fstream>
 #include <mutex>
+#include <string_view>
 #include <thread>
+#include <utility>
 
 #include "audit/log_sink.h"
 #include "common/strings.h"
@@ -39,10 +43,13 @@ void HardenProcess() {
 }
 
 // Runs Kms::RunMaintenance (request expiry, due destructions, automatic rotation) every
-// `interval` seconds and whenever woken, until destroyed.
+// `maintenance` and Kms::Checkpoint every `checkpoint` interval, and both whenever woken (a
+// key wants rotating, or checkpoint_every records were added), until destroyed. A failure is
+// logged and retried at the next turn.
 class Maintenance {
  public:
-  explicit Maintenance(int interval) : interval_(interval) {}
+  Maintenance(std::chrono::seconds maintenance, std::chrono::seconds checkpoint)
+      : maintenance_(maintenance), checkpoint_(checkpoint) {}
   ~Maintenance() {
     {
       std::lock_guard lock(mu_);
@@ -53,15 +60,24 @@ class Maintenance {
   }
   void Start(core::Kms* kms) {
     thread_ = std::thread([this, kms] {
+      using Clock = std::chrono::steady_clock;
+      Clock::time_point next_maintenance, next_checkpoint;  // both due at once
       std::unique_lock lock(mu_);
       while (!stop_) {
-        woken_ = false;
+        const bool woken = std::exchange(woken_, false);
         lock.unlock();
-        if (absl::Status done = kms->RunMaintenance(); !done.ok()) {
-          spdlog::error("maintenance: {}", done.ToString());
+        const Clock::time_point now = Clock::now();
+        if (woken || now >= next_maintenance) {
+          LogFailure("maintenance", kms->RunMaintenance());
+          next_maintenance = now + maintenance_;
+        }
+        if (woken || now >= next_checkpoint) {
+          LogFailure("audit checkpoint", kms->Checkpoint());
+          next_checkpoint = now + checkpoint_;
         }
         lock.lock();
-        cv_.wait_for(lock, std::chrono::seconds(interval_), [this] { return stop_ || woken_; });
+        cv_.wait_until(lock, std::min(next_maintenance, next_checkpoint),
+                       [this] { return stop_ || woken_; });
       }
     });
   }
@@ -74,7 +90,12 @@ class Maintenance {
   }
 
  private:
-  const int interval_;
+  static void LogFailure(std::string_view what, const absl::Status& status) {
+    if (!status.ok()) spdlog::error("{}: {}", what, status.ToString());
+  }
+
+  const std::chrono::seconds maintenance_;
+  const std::chrono::seconds checkpoint_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -168,7 +189,8 @@ int Serve(const Config& config, const std::string& port_file) {
   }
   audit::LogSink audit_sink;
   SystemClock clock;
-  Maintenance maintenance(config.maintenance_interval_seconds);
+  Maintenance maintenance(std::chrono::seconds(config.maintenance_interval_seconds),
+                          std::chrono::seconds(config.checkpoint_interval_seconds));
   core::Kms kms({.hsm = hsm->get(),
                  .store = store->get(),
                  .audit = &audit_sink,
@@ -179,7 +201,8 @@ int Serve(const Config& config, const std::string& port_file) {
                  .usage_limits = config.usage_limits,
                  .audit_hmac_key_label = config.audit_hmac_key_label,
                  .audit_signing_key_label = config.audit_signing_key_label,
-                 .on_rotation_wanted = [&maintenance] { maintenance.Wake(); }});
+                 .checkpoint_every = config.checkpoint_every,
+                 .wake_maintenance = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
   KeyServiceImpl key_service(&kms);

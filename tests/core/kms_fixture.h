@@ -2,6 +2,7 @@
 // FaultyHsm to inject HSM failures and a manual clock. Shared by the core tests.
 #pragma once
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <memory>
 #include <mutex>
@@ -64,6 +65,8 @@ struct Fixture {
   Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
   Caller officer2{kOfficer2, "ipv4:127.0.0.1:5003"};
   Caller officer3{kOfficer3, "ipv4:127.0.0.1:5004"};
+  uint64_t checkpoint_every = 1000;  // takes effect at the next Start
+  std::atomic<int> maintenance_wakes{0};
 
   explicit Fixture(policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults(),
                    UsageLimits limits = {}) {
@@ -95,7 +98,8 @@ struct Fixture {
                                              .dual_control = dual_control,
                                              .root_key_label = "custos-root",
                                              .usage_limits = limits,
-                                             .on_rotation_wanted = {}});
+                                             .checkpoint_every = checkpoint_every,
+                                             .wake_maintenance = [this] { ++maintenance_wakes; }});
   }
 
   KeyRef NewKey(const std::string& alias) {

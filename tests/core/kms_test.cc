@@ -183,10 +183,27 @@ TEST_CASE("Data key sizes other than 16 and 32 are refused", "[kms]") {
         "data keys are 16 (AES-128) or 32 (AES-256) bytes");
 }
 
-TEST_CASE("Maintenance signs a checkpoint of the log's head", "[kms][audit]") {
+TEST_CASE("Every checkpoint_every records wake maintenance to sign a checkpoint", "[kms][audit]") {
+  Fixture f;
+  f.checkpoint_every = 3;
+  f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
+  f.NewKey("k");  // record 1
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.maintenance_wakes == 0);
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // record 3
+  CHECK(f.maintenance_wakes == 1);
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // still due
+  CHECK(f.maintenance_wakes == 2);
+  REQUIRE(f.kms->Checkpoint().ok());
+  CHECK(f.store->LatestCheckpoint().value()->seq == 4);
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.maintenance_wakes == 2);  // the count starts again from the checkpoint
+}
+
+TEST_CASE("Checkpoint signs the log's head", "[kms][audit]") {
   Fixture f;
   f.NewKey("k");
-  REQUIRE(f.kms->RunMaintenance().ok());
+  REQUIRE(f.kms->Checkpoint().ok());
   const auto checkpoint = f.store->LatestCheckpoint().value();
   REQUIRE(checkpoint.has_value());
   const auto head = f.store->AuditHead().value();
@@ -195,7 +212,7 @@ TEST_CASE("Maintenance signs a checkpoint of the log's head", "[kms][audit]") {
   CHECK(checkpoint->key_label == "custos-audit-signing");
   CHECK(checkpoint->signature.size() >= 8);
   // Nothing new, nothing signed; auditors reading the checkpoint are recorded.
-  REQUIRE(f.kms->RunMaintenance().ok());
+  REQUIRE(f.kms->Checkpoint().ok());
   CHECK(f.store->Checkpoints()->size() == 1);
   absl::StatusOr<Kms::SignedCheckpoint> read = f.kms->LatestCheckpoint(f.auditor);
   REQUIRE(read.ok());

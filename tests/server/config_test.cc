@@ -125,6 +125,8 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.key_cache_capacity == 4096);
   CHECK(c.log_level == "info");
   CHECK(c.maintenance_interval_seconds == 60);
+  CHECK(c.checkpoint_interval_seconds == 60);
+  CHECK(c.checkpoint_every == 1000);
 
   CheckApprovals(c, 0, 2);
   CHECK(c.dual_control.request_ttl_seconds == 24 * 3600);
@@ -149,7 +151,11 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"keys", "reservation_block", "7"});
   entries.push_back({"dual_control", "request_ttl_hours", "2"});
   entries.push_back({"dual_control", "deletion_waiting_days", "7"});
+  entries.push_back({"audit", "checkpoint_interval_seconds", "300"});
+  entries.push_back({"audit", "checkpoint_every", "50"});
   const Config c = RequireLoads(files, Render(entries));
+  CHECK(c.checkpoint_interval_seconds == 300);
+  CHECK(c.checkpoint_every == 50);
   CHECK(c.listen == "0.0.0.0:9443");
   CHECK(c.worker_threads == 4);
   CHECK(c.maintenance_interval_seconds == 5);
@@ -195,6 +201,11 @@ TEST_CASE("Unknown sections and settings are refused", "[config]") {
   RequireRefused(files, "listen = \"0.0.0.0:1\"\n" + Render(Minimal()), "unknown section 'listen'");
   RequireRefused(files, Render(Minimal(), "[dual_control]\nrequest_ttl = 2\n"),
                  "unknown setting dual_control.request_ttl");
+  // A misspelt setting would otherwise leave its default in force unnoticed.
+  RequireRefused(files, Render(Minimal(), "[server]\nworker_thread = 4\n"),
+                 "unknown setting server.worker_thread");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval = 5\n"),
+                 "unknown setting audit.checkpoint_interval");
   RequireRefused(files, Render(Minimal(), "[dual_control.approvals]\nFrobnicateKey = 2\n"),
                  "dual_control.approvals.FrobnicateKey is not an operation");
 }
@@ -306,6 +317,14 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[server]\nmaintenance_interval_seconds = 0\n"),
                  "server.maintenance_interval_seconds must be 1..3600");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval_seconds = 0\n"),
+                 "audit.checkpoint_interval_seconds must be 1..86400");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval_seconds = 86401\n"),
+                 "audit.checkpoint_interval_seconds must be 1..86400");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_every = 0\n"),
+                 "audit.checkpoint_every must be 1..1000000");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_every = -5\n"),
+                 "audit.checkpoint_every must be 1..1000000");
   std::vector<Entry> entries = Minimal();
   entries.push_back({"hsm", "key_cache", "0"});
   RequireRefused(files, Render(entries), "hsm.key_cache must be at least 1");
