@@ -199,6 +199,12 @@ class Kms {
   // The server start records the policy too. UNAVAILABLE if the audit sink refuses.
   absl::Status RecordServerStart();
   absl::Status RecordServerStop();
+  // Records that a call to `rpc` from `peer` was refused before any use case ran because its
+  // client certificate names no usable identity (`reason`, which must hold no secret).
+  // Principal and role are empty: nobody was authenticated. UNAVAILABLE if the log refuses,
+  // and the caller is then told so rather than left with a refusal nobody recorded.
+  absl::Status RecordAuthenticationRefusal(std::string_view rpc, std::string peer,
+                                           std::string_view reason);
 
   // Signs a checkpoint of the audit log's head with the HSM's signing key and stores it, if
   // records were added since the last one. Run by the server's timer, and when woken after

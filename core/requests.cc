@@ -481,6 +481,17 @@ absl::Status Kms::RecordServerStop() {
   return Commit({}, {ServerEvent("ServerStop", "", "", absl::StatusCode::kOk)});
 }
 
+absl::Status Kms::RecordAuthenticationRefusal(std::string_view rpc, std::string peer,
+                                              std::string_view reason) {
+  audit::Event event;
+  event.time = options_.clock->NowSeconds();
+  event.action = std::string(rpc);
+  event.outcome = absl::StatusCode::kUnauthenticated;
+  event.peer = std::move(peer);
+  event.detail = std::string(reason);
+  return Commit({}, {std::move(event)});
+}
+
 absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
   CUSTOS_RETURN_IF_ERROR(policy::CheckQuorumsReachable(options_.dual_control, *policy));
   // Held throughout, so no key change validated against the old policy slips in meanwhile.

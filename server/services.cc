@@ -132,9 +132,20 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
   out->set_digest(core::RequestDigest(request));
 }
 
+// A call without a usable identity is refused, and the refusal recorded (fail closed: the
+// caller hears UNAVAILABLE if the audit log cannot take the record).
+grpc::Status RefuseUnauthenticated(core::Kms& kms, std::string_view rpc,
+                                   const grpc::ServerContext& context,
+                                   const absl::Status& refusal) {
+  const absl::Status recorded =
+      kms.RecordAuthenticationRefusal(rpc, context.peer(), std::string(refusal.message()));
+  return ToGrpcStatus(recorded.ok() ? refusal : recorded);
+}
+
+// Declares `caller`, the authenticated caller of this RPC (named by __func__), or returns.
 #define CUSTOS_CALLER_OR_RETURN(caller, context)              \
   absl::StatusOr<core::Caller> caller = CallerOf(*(context)); \
-  if (!caller.ok()) return ToGrpcStatus(caller.status())
+  if (!caller.ok()) return RefuseUnauthenticated(*kms_, __func__, *(context), caller.status())
 
 }  // namespace
 

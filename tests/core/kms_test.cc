@@ -126,6 +126,25 @@ TEST_CASE("If the audit log cannot be written, operations fail closed and change
   CHECK(f.store->AuditHead()->first == records + 1);
 }
 
+TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]") {
+  Fixture f;
+  REQUIRE(f.kms
+              ->RecordAuthenticationRefusal("Decrypt", "ipv4:10.0.0.9:4711",
+                                            "client certificate names several URI SANs")
+              .ok());
+  const std::vector<audit::Record> rows = *f.store->ReadAudit(1, 10);
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].action == "Decrypt");
+  CHECK(rows[0].principal.empty());  // nobody was authenticated
+  CHECK(rows[0].role.empty());
+  CHECK(rows[0].outcome == "UNAUTHENTICATED");
+  CHECK(rows[0].peer == "ipv4:10.0.0.9:4711");
+  CHECK(rows[0].detail == "client certificate names several URI SANs");
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(absl::IsUnavailable(f.kms->RecordAuthenticationRefusal("Decrypt", "p", "r")));
+  CHECK(f.store->AuditHead()->first == 1);
+}
+
 TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") {
   Fixture f;
   const KeyRef key = f.NewKey("chain");

@@ -215,8 +215,8 @@ int64_t MaxSeq(const std::string& db_path, const std::string& table) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
   sqlite3_stmt* stmt = nullptr;
-  REQUIRE(sqlite3_prepare_v2(db, ("SELECT coalesce(max(seq), 0) FROM " + table).c_str(), -1,
-                             &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_prepare_v2(db, ("SELECT coalesce(max(seq), 0) FROM " + table).c_str(), -1, &stmt,
+                             nullptr) == SQLITE_OK);
   REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
   const int64_t seq = sqlite3_column_int64(stmt, 0);
   sqlite3_finalize(stmt);
@@ -255,6 +255,56 @@ TEST_CASE("Checkpoints are signed every checkpoint_interval_seconds", "[e2e][aud
   CreateKey(server, "audited/timer", true, false);
   const int64_t head = MaxSeq(db, "audit_log");
   CHECK(CheckpointReaches(db, head));
+}
+
+TEST_CASE("A certificate of the Custos CA without a usable identity is refused and recorded",
+          "[e2e][audit]") {
+  CustosServer server;
+  const std::string dir = server.state_dir();
+  // Signed by the trusted CA, but claiming the app's URI identity in its CN with no URI SAN.
+  const std::string base = dir + "/pki/clients/uri-cn";
+  int code = 0;
+  const std::string made =
+      Run("cd " + dir +
+              " && printf 'extendedKeyUsage = clientAuth\\n' > uri-cn.ext && "
+              "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out " +
+              base +
+              ".key && "
+              "openssl req -new -key " +
+              base +
+              ".key -subj '/CN=spiffe:\\/\\/custos.local\\/app\\/demo' -out uri-cn.csr && "
+              "openssl x509 -req -in uri-cn.csr -CA pki/ca.crt -CAkey pki/ca.key -days 1 -sha256 "
+              "-extfile uri-cn.ext -out " +
+              base + ".crt 2>&1",
+          &code);
+  INFO(made);
+  REQUIRE(code == 0);
+  pb::ListKeysRequest list;
+  pb::ListKeysResponse keys;
+  const grpc::Status refused = server.Admin("uri-cn")->ListKeys(Context().get(), list, &keys);
+  CHECK(refused.error_code() == grpc::StatusCode::UNAUTHENTICATED);
+  CHECK(refused.error_message() == "client certificate has a URI-like common name but no URI SAN");
+
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2((dir + "/custos.db").c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
+          SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db,
+                             "SELECT principal, role, action, outcome, peer, detail FROM audit_log "
+                             "ORDER BY seq DESC LIMIT 1",
+                             -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  auto column = [&](int i) {
+    return std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, i)));
+  };
+  CHECK(column(0).empty());
+  CHECK(column(1).empty());
+  CHECK(column(2) == "ListKeys");
+  CHECK(column(3) == "UNAUTHENTICATED");
+  CHECK_THAT(column(4), Catch::StartsWith("ipv"));
+  CHECK(column(5) == "client certificate has a URI-like common name but no URI SAN");
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
 }
 
 }  // namespace
