@@ -193,10 +193,19 @@ new_pin() {
   note created "$1"
 }
 
-# Initialises the token with the PINs in hsm/so-pin and hsm/pin. softhsm2-util takes PINs
-# only as --so-pin/--pin arguments (visible in `ps` while it runs) or from a terminal, so the
-# token is initialised through PKCS#11 directly from python3 (C_InitToken on the free slot,
-# then C_InitPIN as SO), which reads the PIN files itself: the PINs are in no command line.
+# True if the token exists but its user PIN was never set (a first run died between
+# C_InitToken and C_InitPIN): init_token then finishes it.
+token_pin_unset() {
+  local slots
+  slots=$(softhsm2-util --show-slots 2>&1) || die "softhsm2-util --show-slots failed: $slots"
+  [[ $slots =~ User\ PIN\ init\.:[[:space:]]*no[[:space:]]*$'\n'[[:space:]]*Label:[[:space:]]*"$token_label"[[:space:]]*($'\n'|$) ]]
+}
+
+# Initialises the token with the PINs in hsm/so-pin and hsm/pin, or finishes one whose user
+# PIN was never set. softhsm2-util takes PINs only as --so-pin/--pin arguments (visible in
+# `ps` while it runs) or from a terminal, so the token is initialised through PKCS#11
+# directly from python3 (C_InitToken on the free slot, then C_InitPIN as SO), which reads
+# the PIN files itself: the PINs are in no command line.
 init_token() {
   command -v python3 >/dev/null || die "python3 is needed to initialise the token"
   python3 -I -S - "$module" "$token_label" hsm/so-pin hsm/pin <<'PY'
@@ -235,23 +244,28 @@ def call(name, *args):
         sys.exit(f"make-state: {name} failed with PKCS#11 error 0x{rv:08x}")
 
 
-CKF_TOKEN_INITIALIZED, CKU_SO = 0x400, 0
+CKF_USER_PIN_INITIALIZED, CKF_TOKEN_INITIALIZED, CKU_SO = 0x8, 0x400, 0
 CKF_RW_SESSION, CKF_SERIAL_SESSION = 0x2, 0x4
 call("C_Initialize", None)
 count = ul(0)
 call("C_GetSlotList", 1, None, c.byref(count))
 slots = (ul * count.value)()
 call("C_GetSlotList", 1, slots, c.byref(count))
-free = None
+free = unfinished = None
 for slot in slots[: count.value]:
-    info = c.create_string_buffer(512)  # CK_TOKEN_INFO; flags follow 96 bytes of text
+    info = c.create_string_buffer(512)  # CK_TOKEN_INFO: label, 64 more bytes of text, flags
     call("C_GetTokenInfo", slot, info)
-    if not ul.from_buffer(info, 96).value & CKF_TOKEN_INITIALIZED:
-        free = slot
-        break
-if free is None:
+    flags = ul.from_buffer(info, 96).value
+    if not flags & CKF_TOKEN_INITIALIZED:
+        free = free if free is not None else slot
+    elif info.raw[:32] == label.encode().ljust(32) and not flags & CKF_USER_PIN_INITIALIZED:
+        unfinished = slot
+slot = unfinished if unfinished is not None else free
+if slot is None:
     sys.exit("make-state: SoftHSM2 offers no free slot")
-call("C_InitToken", free, so_pin, len(so_pin), label.encode().ljust(32))
+if unfinished is None:
+    call("C_InitToken", slot, so_pin, len(so_pin), label.encode().ljust(32))
+free = slot
 session = ul(0)
 call("C_OpenSession", free, CKF_RW_SESSION | CKF_SERIAL_SESSION, None, None, c.byref(session))
 call("C_Login", session, CKU_SO, so_pin, len(so_pin))
@@ -270,7 +284,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if token_exists; then
+if token_exists && token_pin_unset; then
+  if [[ ! -s hsm/so-pin ]]; then
+    die "token '$token_label' exists but its user PIN was never set and hsm/so-pin is" \
+      "missing (delete hsm/tokens to start over)"
+  fi
+  if [[ -s hsm/pin ]]; then note reused hsm/pin; else new_pin hsm/pin; fi
+  note reused hsm/so-pin
+  token_made="finished (its user PIN set)"
+  init_token 2>"$tmp/token.err" &
+  token_job=$!
+elif token_exists; then
   if [[ ! -s hsm/pin ]]; then
     die "token '$token_label' exists in $state/hsm/tokens but hsm/pin is missing; the token" \
       "is unusable without it (delete hsm/tokens to start over, losing its keys)"
@@ -287,6 +311,7 @@ else
     if [[ -s $f ]]; then note reused "$f"; else new_pin "$f"; fi
   done
   # Runs while the certificates are made; waited for below.
+  token_made=created
   init_token 2>"$tmp/token.err" &
   token_job=$!
 fi
@@ -411,7 +436,7 @@ if [[ -n $token_job ]]; then
   token_job=""
   wait "$job" || die "initialising token '$token_label' failed: $(<"$tmp/token.err")"
   token_exists || die "token '$token_label' is missing after initialisation"
-  note created "token '$token_label' (hsm/tokens)"
+  note "$token_made" "token '$token_label' (hsm/tokens)"
 fi
 
 if [[ $quiet != 1 ]]; then

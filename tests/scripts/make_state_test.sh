@@ -218,6 +218,25 @@ check "the remade certificate matches the kept key" \
 check "the remade certificate verifies against pki/ca.crt" \
   verifies "$pki/ca.crt" "$pki/clients/app.crt"
 
+# --- a token left without its user PIN (a first run killed mid-way) is finished -------------
+mkdir -p "$tmp/half/hsm/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\n' "$tmp/half/hsm/tokens" \
+  >"$tmp/half/softhsm2.conf"
+printf 'fedcba9876543210\n' >"$tmp/half/hsm/so-pin"
+chmod 600 "$tmp/half/hsm/so-pin"
+SOFTHSM2_CONF=$tmp/half/softhsm2.conf pkcs11-tool --module "$module" --init-token \
+  --label custos --so-pin fedcba9876543210 >/dev/null 2>&1 || fail "pkcs11-tool --init-token"
+(cd "$tmp/half" && mv softhsm2.conf hsm/softhsm2.conf)
+sed -i "s|^directories.tokendir = .*|directories.tokendir = $tmp/half/hsm/tokens|" \
+  "$tmp/half/hsm/softhsm2.conf"
+run_make_state MAKE_STATE_QUIET=1 "$tmp/half"
+check "the half-made token's user PIN is set and logs in" \
+  env SOFTHSM2_CONF="$tmp/half/hsm/softhsm2.conf" pkcs11-tool --module "$module" \
+  --token-label custos --login --pin "$(<"$tmp/half/hsm/pin")" --list-objects
+check_eq "the half-made token was finished, not replaced" 1 \
+  "$(SOFTHSM2_CONF=$tmp/half/hsm/softhsm2.conf softhsm2-util --show-slots |
+    grep -cE '^[[:space:]]*Label:[[:space:]]*custos[[:space:]]*$')"
+
 # --- quiet, CUSTOS_PORT, --tls-san-ip, no other CA ------------------------------------------
 run_make_state MAKE_STATE_QUIET=1 CUSTOS_PORT=0 "$tmp/second" --tls-san-ip 10.1.2.3
 check_eq "MAKE_STATE_QUIET=1 prints nothing" "" "$out"
