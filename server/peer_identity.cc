@@ -84,7 +84,27 @@ absl::StatusOr<std::string> PrincipalFromPem(std::string_view pem) {
   return principal;
 }
 
+absl::StatusOr<std::string> PrincipalCache::Get(std::string_view pem) {
+  {
+    std::shared_lock lock(mu_);
+    if (auto it = principals_.find(pem); it != principals_.end()) return it->second;
+  }
+  absl::StatusOr<std::string> principal = PrincipalFromPem(pem);
+  std::unique_lock lock(mu_);
+  if (principals_.size() >= capacity_) principals_.clear();
+  principals_.emplace(std::string(pem), principal);
+  return principal;
+}
+
+size_t PrincipalCache::size() const {
+  std::shared_lock lock(mu_);
+  return principals_.size();
+}
+
 absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context) {
+  // Far more than the clients of one server; a flood of distinct certificates (each one
+  // signed by the trusted CA) only makes the cache start over.
+  static PrincipalCache cache(4096);
   core::Caller caller;
   caller.peer = context.peer();
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
@@ -95,7 +115,7 @@ absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context) {
     return absl::UnauthenticatedError("a client certificate signed by the Custos CA is required");
   }
   absl::StatusOr<std::string> principal =
-      PrincipalFromPem(std::string_view(pems.front().data(), pems.front().size()));
+      cache.Get(std::string_view(pems.front().data(), pems.front().size()));
   if (!principal.ok()) return absl::UnauthenticatedError(principal.status().message());
   caller.principal = *std::move(principal);
   return caller;

@@ -193,6 +193,24 @@ TEST_CASE("A principal with control characters is refused", "[peer_identity]") {
   RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spiffe://custos.local/app/a\nb")})), message);
 }
 
+TEST_CASE("The principal cache answers as PrincipalFromPem does, within its capacity",
+          "[peer_identity]") {
+  PrincipalCache cache(3);
+  const std::string billing = MakeCert({}, {Uri(kBilling)});
+  const std::string refused = MakeCert("spiffe://x/officer/y", {});
+  for (int round = 0; round < 2; ++round) {  // parsed, then cached
+    CHECK(cache.Get(billing).value() == kBilling);
+    RequireInvalid(cache.Get(refused),
+                   "client certificate has a URI-like common name but no URI SAN");
+    RequireInvalid(cache.Get("not a certificate"), "client certificate does not parse");
+    CHECK(cache.size() == 3);
+  }
+  // Full: it starts over rather than growing.
+  CHECK(cache.Get(MakeCert("billing-app", {})).value() == "billing-app");
+  CHECK(cache.size() == 1);
+  CHECK(cache.Get(billing).value() == kBilling);
+}
+
 TEST_CASE("Printable non-ASCII common names pass", "[peer_identity]") {
   const absl::StatusOr<std::string> principal = PrincipalFromPem(MakeCert("caf\xc3\xa9 app", {}));
   INFO(principal.status().ToString());
