@@ -95,6 +95,31 @@ bool CustosdProcess::Alive() const { return pid_ > 0 && waitpid(pid_, nullptr, W
 
 std::string CustosdProcess::Log() const { return ReadFile(dir_ + "/custosd.log"); }
 
+CustosdProcess::CommitCounts CustosdProcess::CommitStats() const {
+  static const std::regex kLine(R"(group commit: (\d+) batches in (\d+) transactions)");
+  const auto count = [&] {
+    const std::string log = Log();
+    return std::distance(std::sregex_iterator(log.begin(), log.end(), kLine),
+                         std::sregex_iterator());
+  };
+  const auto before = count();
+  kill(pid_, SIGUSR1);
+  for (int i = 0; i < 1000; ++i) {
+    const std::string log = Log();
+    std::smatch last;
+    long seen = 0;
+    for (auto it = std::sregex_iterator(log.begin(), log.end(), kLine);
+         it != std::sregex_iterator(); ++it, ++seen) {
+      last = *it;
+    }
+    if (seen > before) {
+      return {std::stoull(last[1].str()), std::stoull(last[2].str())};
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  throw std::runtime_error("custosd logged no group commit counts after SIGUSR1");
+}
+
 std::shared_ptr<grpc::Channel> CustosdProcess::Channel(const std::string& client) const {
   const std::string pki = dir_ + "/pki";
   grpc::SslCredentialsOptions tls;

@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +31,15 @@ class CustosdProcess {
   // A new mTLS channel (its own TCP connection) authenticated as `client` (app, officer1,
   // officer2, auditor).
   std::shared_ptr<grpc::Channel> Channel(const std::string& client) const;
+
+  // custosd's group-commit counters since it started: Apply calls committed and the
+  // transactions (one fsync each) that carried them. Asks with SIGUSR1 and reads the line it
+  // logs; throws std::runtime_error if none comes within 10 seconds.
+  struct CommitCounts {
+    uint64_t batches = 0;
+    uint64_t transactions = 0;
+  };
+  CommitCounts CommitStats() const;
 
   const std::string& state_dir() const { return dir_; }
   pid_t pid() const { return pid_; }

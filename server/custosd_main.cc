@@ -1,7 +1,8 @@
 // custosd: the Custos key management server.
 //
 //   custosd --config custosd.toml init     create the root key in the HSM (key ceremony)
-//   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads policy
+//   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads policy;
+//                                          SIGUSR1 logs group-commit counts
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -151,7 +152,7 @@ int Serve(const Config& config, const std::string& port_file) {
   // Signals are taken synchronously by this thread; block them before gRPC starts threads.
   sigset_t signals;
   sigemptyset(&signals);
-  for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&signals, s);
+  for (int s : {SIGINT, SIGTERM, SIGHUP, SIGUSR1}) sigaddset(&signals, s);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   absl::StatusOr<std::shared_ptr<const policy::Policy>> policy =
@@ -234,6 +235,12 @@ int Serve(const Config& config, const std::string& port_file) {
   for (;;) {
     int signal = 0;
     sigwait(&signals, &signal);
+    if (signal == SIGUSR1) {
+      const storage::CommitStats stats = (*store)->GetCommitStats();
+      spdlog::info("group commit: {} batches in {} transactions since start", stats.batches,
+                   stats.transactions);
+      continue;
+    }
     if (signal != SIGHUP) break;
     absl::StatusOr<std::shared_ptr<const policy::Policy>> reloaded =
         policy::Policy::LoadFile(config.policy_file);

@@ -175,6 +175,7 @@ class KeyStore::Impl {
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   audit::Chain chain_;
+  CommitStats commit_stats_;  // guarded by db_mu_
 
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
@@ -283,7 +284,10 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
       for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
       return tx->Commit();
     }();
-    if (!committed.ok()) {  // nothing of the group is in the log
+    if (committed.ok()) {
+      impl_->commit_stats_.transactions += 1;
+      impl_->commit_stats_.batches += group.size();
+    } else {  // nothing of the group is in the log
       impl_->chain_ = chain_before;
     }
     for (Impl::Writer* w : group) {
@@ -495,6 +499,11 @@ absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq
                                                                size_t limit) const {
   std::lock_guard lock(impl_->db_mu_);
   return LoadAuditRecords(*impl_->db_, from_seq, limit);
+}
+
+CommitStats KeyStore::GetCommitStats() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return impl_->commit_stats_;
 }
 
 absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {

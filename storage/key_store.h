@@ -116,6 +116,13 @@ struct WriteBatch {
   std::vector<audit::Record> audit;
 };
 
+// How well group commit is batching, since the store was opened: Apply calls committed, and
+// the transactions (each one fsync) that carried them.
+struct CommitStats {
+  uint64_t batches = 0;
+  uint64_t transactions = 0;
+};
+
 struct KeyPage {
   std::vector<std::shared_ptr<const KeyRecord>> keys;  // ascending by id
   std::string next_page_token;                         // empty on the last page
@@ -140,6 +147,8 @@ class KeyStore {
   // became empty has its material overwritten on disk (secure_delete). ALREADY_EXISTS if an
   // alias would be taken twice; nothing is written on any error.
   absl::Status Apply(const WriteBatch& batch);
+
+  CommitStats GetCommitStats() const;
 
   // Fault injection for tests of what fails closed: while `fault` is not OK, every Apply
   // fails with it before writing anything (as a full disk or a failed fsync would).

@@ -69,6 +69,10 @@ TEST_CASE("Concurrent batches share one sync (group commit)", "[durability]") {
   const size_t syncs = vfs.WalSyncs() - syncs_before;
   INFO(kThreads * kEach << " batches, " << syncs << " WAL syncs");
   CHECK(syncs * 4 <= kThreads * kEach);  // one fsync per request would be 640
+  // The store's own count agrees: every batch committed, in one transaction per WAL sync.
+  const CommitStats stats = store->GetCommitStats();
+  CHECK(stats.batches == kThreads * kEach);
+  CHECK(stats.transactions <= syncs);
   const std::vector<audit::Record> rows = store->ReadAudit(1, 1000).value();
   REQUIRE(rows.size() == kThreads * kEach);
   for (size_t i = 0; i < rows.size(); ++i) CHECK(rows[i].seq == i + 1);
