@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -64,6 +65,7 @@ CustosdProcess::CustosdProcess(const std::string& state_dir, int worker_threads)
 
   const std::string port_file = dir_ + "/port";
   std::filesystem::remove(port_file);
+  std::fflush(nullptr);  // or the child would write the parent's buffered output again
   pid_ = fork();
   if (pid_ == 0) {
     const std::string log = dir_ + "/custosd.log";

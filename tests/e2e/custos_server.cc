@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -40,6 +41,7 @@ CustosServer::CustosServer(const std::string& extra_config) {
 void CustosServer::Start() {
   const std::string dir = dir_.path();
   const std::string port_file = dir + "/port";
+  std::fflush(nullptr);  // or the child would write the parent's buffered output again
   pid_ = fork();
   if (pid_ == 0) {
     const std::string log = dir + "/custosd.log";
