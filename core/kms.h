@@ -275,6 +275,7 @@ class Kms {
   std::mutex requests_mu_;
   UsageTracker usage_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};
+  std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
 };
 
 }  // namespace custos::core

@@ -405,20 +405,28 @@ absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> ev
   if (options_.audit != nullptr) {
     for (const audit::Event& e : events) (void)options_.audit->Append(e);  // a mirror only
   }
-  if (records_since_checkpoint_.fetch_add(events.size()) + events.size() >=
-          options_.checkpoint_every &&
+  // Wake maintenance (which signs a checkpoint) once, as the count crosses the threshold: if
+  // signing fails, the timer retries, rather than every commit waking it again.
+  const uint64_t before = records_since_checkpoint_.fetch_add(events.size());
+  if (before < options_.checkpoint_every && before + events.size() >= options_.checkpoint_every &&
       options_.wake_maintenance) {
-    options_.wake_maintenance();  // which signs a checkpoint
+    options_.wake_maintenance();
   }
   return absl::OkStatus();
 }
 
 absl::Status Kms::Checkpoint() {
+  std::lock_guard lock(checkpoint_mu_);
+  // Read before the head, so records committed while signing still count towards the next.
+  const uint64_t counted = records_since_checkpoint_.load();
   CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
   if (head.first == 0) return absl::OkStatus();
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
                           options_.store->LatestCheckpoint());
-  if (latest && latest->seq == head.first) return absl::OkStatus();
+  if (latest && latest->seq == head.first) {  // signed already: those records are covered
+    records_since_checkpoint_ -= counted;
+    return absl::OkStatus();
+  }
   audit::Checkpoint checkpoint;
   checkpoint.seq = head.first;
   checkpoint.hash = head.second;
@@ -432,7 +440,12 @@ absl::Status Kms::Checkpoint() {
           checkpoint.key_label,
           std::span(reinterpret_cast<const uint8_t*>(message.data()), message.size())));
   CUSTOS_RETURN_IF_ERROR(options_.store->PutCheckpoint(checkpoint));
-  records_since_checkpoint_ = 0;
+  // Records that came while signing may have made the next checkpoint due already; their
+  // commits saw the count above the threshold and woke nobody.
+  if ((records_since_checkpoint_ -= counted) >= options_.checkpoint_every &&
+      options_.wake_maintenance) {
+    options_.wake_maintenance();
+  }
   return absl::OkStatus();
 }
 

@@ -51,7 +51,9 @@ class Maintenance {
  public:
   Maintenance(std::chrono::seconds maintenance, std::chrono::seconds checkpoint)
       : maintenance_(maintenance), checkpoint_(checkpoint) {}
-  ~Maintenance() {
+  ~Maintenance() { Stop(); }
+  // Waits for the current turn, if any, and ends the thread. Call before the Kms goes.
+  void Stop() {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
@@ -188,6 +190,11 @@ int Serve(const Config& config, const std::string& port_file) {
     return Fail(absl::FailedPreconditionError(
         StrCat(hmac.message(), "; run `custosd --config <file> init` to create the audit keys")));
   }
+  if (absl::Status signing = (*hsm)->PublicKeyPem(config.audit_signing_key_label).status();
+      !signing.ok()) {
+    return Fail(absl::FailedPreconditionError(StrCat(
+        signing.message(), "; run `custosd --config <file> init` to create the audit keys")));
+  }
   audit::LogSink audit_sink;
   SystemClock clock;
   Maintenance maintenance(std::chrono::seconds(config.maintenance_interval_seconds),
@@ -258,8 +265,13 @@ int Serve(const Config& config, const std::string& port_file) {
   }
   spdlog::info("shutting down");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  maintenance.Stop();
   if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {
     spdlog::error("{}", stopped.ToString());
+  }
+  // A last signed checkpoint, covering the stop record.
+  if (absl::Status signed_head = kms.Checkpoint(); !signed_head.ok()) {
+    spdlog::error("audit checkpoint: {}", signed_head.ToString());
   }
   return 0;
 }

@@ -1,11 +1,14 @@
 #include "server/peer_identity.h"
 
 #include <openssl/bio.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
 #include <memory>
 #include <vector>
+
+#include "common/strings.h"
 
 namespace custos::server {
 namespace {
@@ -84,6 +87,22 @@ absl::StatusOr<std::string> PrincipalFromPem(std::string_view pem) {
   return principal;
 }
 
+std::string CertificateSha256(std::string_view pem) {
+  std::unique_ptr<BIO, BioFree> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  std::unique_ptr<X509, X509Free> cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)
+                                           : nullptr);
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (!cert || X509_digest(cert.get(), EVP_sha256(), digest, &size) != 1) return "";
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < size; ++i) {
+    hex.push_back(kHex[digest[i] >> 4]);
+    hex.push_back(kHex[digest[i] & 0x0f]);
+  }
+  return hex;
+}
+
 absl::StatusOr<std::string> PrincipalCache::Get(std::string_view pem) {
   {
     std::shared_lock lock(mu_);
@@ -114,9 +133,12 @@ absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context) {
   if (pems.empty()) {
     return absl::UnauthenticatedError("a client certificate signed by the Custos CA is required");
   }
-  absl::StatusOr<std::string> principal =
-      cache.Get(std::string_view(pems.front().data(), pems.front().size()));
-  if (!principal.ok()) return absl::UnauthenticatedError(principal.status().message());
+  const std::string_view pem(pems.front().data(), pems.front().size());
+  absl::StatusOr<std::string> principal = cache.Get(pem);
+  if (!principal.ok()) {
+    return absl::UnauthenticatedError(
+        StrCat(principal.status().message(), " (certificate sha256 ", CertificateSha256(pem), ")"));
+  }
   caller.principal = *std::move(principal);
   return caller;
 }

@@ -43,8 +43,14 @@ class PrincipalCache {
       principals_;  // guarded by mu_
 };
 
+// The SHA-256 fingerprint of a PEM certificate's DER, in lower-case hex (as
+// `openssl x509 -noout -fingerprint -sha256` shows it, without colons); "" if it does not parse.
+std::string CertificateSha256(std::string_view pem);
+
 // The caller of a gRPC call whose TLS layer has already verified the client certificate
-// against the configured CA. UNAUTHENTICATED if the call carries no certificate.
+// against the configured CA. UNAUTHENTICATED if the call carries no certificate, or one that
+// names no usable identity (the message then ends with the certificate's fingerprint, so the
+// refusal's audit record says which certificate it was).
 absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context);
 
 }  // namespace custos::server

@@ -19,6 +19,8 @@ AuditLogReader::~AuditLogReader() = default;
 
 absl::StatusOr<std::unique_ptr<AuditLogReader>> AuditLogReader::Open(const std::string& path) {
   CUSTOS_ASSIGN_OR_RETURN(auto db, sqlite::Database::OpenReadOnly(path));
+  // A live server's commit may hold the file for a moment; wait as the server itself would.
+  sqlite3_busy_timeout(db->handle(), 5000);
   // SQLite opens any file lazily; the first query is where a non-database shows itself.
   CUSTOS_ASSIGN_OR_RETURN(const std::string text, db->QueryText("PRAGMA user_version"));
   int version = 0;

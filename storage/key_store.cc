@@ -286,7 +286,8 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     }();
     if (committed.ok()) {
       impl_->commit_stats_.transactions += 1;
-      impl_->commit_stats_.batches += group.size();
+      impl_->commit_stats_.batches += static_cast<uint64_t>(std::count_if(
+          group.begin(), group.end(), [](const Impl::Writer* w) { return w->status.ok(); }));
     } else {  // nothing of the group is in the log
       impl_->chain_ = chain_before;
     }

@@ -117,7 +117,8 @@ struct WriteBatch {
 };
 
 // How well group commit is batching, since the store was opened: Apply calls committed, and
-// the transactions (each one fsync) that carried them.
+// the group transactions (each one fsync) that carried them. Other writes (CreateKey,
+// checkpoints, usage counters) and WAL checkpoints are not counted.
 struct CommitStats {
   uint64_t batches = 0;
   uint64_t transactions = 0;

@@ -7,6 +7,8 @@
 // must hold an OK record for every operation whose success reply a client received. Records
 // of calls whose reply was lost at the kill may be there too, but never more records than calls
 // made; and the log read after the previous crash is still its exact prefix.
+// (SIGKILL keeps the OS's page cache: that the file is synced before each reply is shown by
+// tests/storage/durability_test.cc.)
 #include <signal.h>
 
 #include <atomic>

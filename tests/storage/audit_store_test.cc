@@ -2,6 +2,8 @@
 // they record, append-only, and the head restored on reopen.
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "storage/audit_log_reader.h"
@@ -117,6 +119,15 @@ TEST_CASE("AuditLogReader streams a database's log and checkpoints without writi
   REQUIRE(store->PutCheckpoint({2000, Bytes(32, 7), 100, Bytes{1}, "audit-signing"}).ok());
   const std::vector<audit::Record> stored = store->ReadAudit(1, 3000).value();
 
+  const auto contents = [&] {
+    std::string bytes;
+    for (const std::string& file : {path, path + "-wal"}) {
+      std::ifstream in(file, std::ios::binary);
+      bytes += std::string(std::istreambuf_iterator<char>(in), {});
+    }
+    return bytes;
+  };
+  const std::string before = contents();
   // Read while the server's connection is still open, as an auditor on the live file would.
   auto reader = AuditLogReader::Open(path).value();
   std::vector<audit::Record> read;
@@ -132,6 +143,8 @@ TEST_CASE("AuditLogReader streams a database's log and checkpoints without writi
   REQUIRE(checkpoints.size() == 1);
   CHECK(checkpoints[0].seq == 2000);
   CHECK(checkpoints[0].hash == Bytes(32, 7));
+  reader.reset();
+  CHECK(contents() == before);  // the database and its WAL, byte for byte
 }
 
 TEST_CASE("AuditLogReader refuses files that are not a Custos audit log", "[audit]") {

@@ -27,11 +27,12 @@ int Truncate(sqlite3_file* f, sqlite3_int64 size) {
   return Real(f)->pMethods->xTruncate(Real(f), size);
 }
 int Sync(sqlite3_file* f, int flags) {
-  if (SyncVfs* owner = reinterpret_cast<File*>(f)->owner) {
-    if (const int rc = owner->BeforeSync(); rc != SQLITE_OK) return rc;
-    owner->Record(SyncVfs::Op::kSync);
-  }
-  return Real(f)->pMethods->xSync(Real(f), flags);
+  SyncVfs* owner = reinterpret_cast<File*>(f)->owner;
+  if (owner == nullptr) return Real(f)->pMethods->xSync(Real(f), flags);
+  if (const int rc = owner->BeforeSync(); rc != SQLITE_OK) return rc;
+  const int rc = Real(f)->pMethods->xSync(Real(f), flags);
+  if (rc == SQLITE_OK) owner->Record(SyncVfs::Op::kSync);  // only a sync that happened
+  return rc;
 }
 int FileSize(sqlite3_file* f, sqlite3_int64* size) {
   return Real(f)->pMethods->xFileSize(Real(f), size);
@@ -85,7 +86,7 @@ const sqlite3_io_methods kMethods = {.iVersion = 3,
 
 int Open(sqlite3_vfs* vfs, const char* name, sqlite3_file* f, int flags, int* out_flags) {
   auto* owner = static_cast<SyncVfs*>(vfs->pAppData);
-  sqlite3_vfs* real_vfs = sqlite3_vfs_find("unix");
+  sqlite3_vfs* real_vfs = owner->real();
   File* file = reinterpret_cast<File*>(f);
   file->real = reinterpret_cast<sqlite3_file*>(file + 1);
   file->owner = (flags & SQLITE_OPEN_WAL) != 0 ? owner : nullptr;

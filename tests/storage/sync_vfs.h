@@ -35,6 +35,7 @@ class SyncVfs {
   // For the file methods (see sync_vfs.cc); not for tests.
   void Record(Op op);
   int BeforeSync();
+  sqlite3_vfs* real() const { return real_; }
 
  private:
   sqlite3_vfs vfs_{};
