@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "audit/record.h"
 #include "common/strings.h"
 
 namespace custos::server {
@@ -94,13 +95,7 @@ std::string CertificateSha256(std::string_view pem) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int size = 0;
   if (!cert || X509_digest(cert.get(), EVP_sha256(), digest, &size) != 1) return "";
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned int i = 0; i < size; ++i) {
-    hex.push_back(kHex[digest[i] >> 4]);
-    hex.push_back(kHex[digest[i] & 0x0f]);
-  }
-  return hex;
+  return audit::ToHex(std::span<const uint8_t>(digest, size));
 }
 
 absl::StatusOr<std::string> PrincipalCache::Get(std::string_view pem) {
