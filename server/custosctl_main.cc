@@ -17,6 +17,7 @@
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
+#include "server/audit_proto.h"
 #include "storage/audit_log_reader.h"
 
 namespace {
@@ -122,26 +123,6 @@ int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
   (void)google::protobuf::util::MessageToJsonString(reply, &json, options);
   std::cout << json;
   return 0;
-}
-
-audit::Record FromProto(const pb::AuditRecord& r) {
-  audit::Record record;
-  record.seq = r.seq();
-  record.time = r.time();
-  record.principal = r.principal();
-  record.role = r.role();
-  record.action = r.action();
-  record.key_id = r.key_id();
-  record.key_version = r.key_version();
-  record.source_key_id = r.source_key_id();
-  record.source_key_version = r.source_key_version();
-  record.request_id = r.request_id();
-  record.outcome = r.outcome();
-  record.peer = r.peer();
-  record.context_hmac = r.context_hmac();
-  record.detail = r.detail();
-  record.hash = audit::FromHex(r.hash()).value_or(Bytes{});
-  return record;
 }
 
 // Verifies a log offline, from an export or from the database file itself (whose stored
@@ -334,13 +315,8 @@ int main(int argc, char** argv) {
         std::ofstream(out_dir + "/checkpoint.msg", std::ios::binary) << reply.message();
         std::ofstream(out_dir + "/checkpoint.sig", std::ios::binary) << reply.signature();
         std::ofstream(out_dir + "/audit-public.pem") << reply.public_key_pem();
-        audit::Checkpoint anchor;
-        anchor.seq = reply.seq();
-        anchor.hash = audit::FromHex(reply.hash()).value_or(Bytes{});
-        anchor.time = reply.time();
-        anchor.key_label = reply.key_label();
-        anchor.signature.assign(reply.signature().begin(), reply.signature().end());
-        std::ofstream(out_dir + "/checkpoint.json") << audit::CheckpointToJson(anchor) << "\n";
+        std::ofstream(out_dir + "/checkpoint.json")
+            << audit::CheckpointToJson(custos::server::FromProto(reply)) << "\n";
       }
       return Print(status, reply);
     }
@@ -349,7 +325,8 @@ int main(int argc, char** argv) {
       req.set_from_seq(from_seq);
       auto reader = pb::AuditService::NewStub(channel)->ReadRecords(ctx.get(), req);
       pb::AuditRecord record;
-      while (reader->Read(&record)) std::cout << audit::ToJsonLine(FromProto(record)) << "\n";
+      while (reader->Read(&record))
+        std::cout << audit::ToJsonLine(custos::server::FromProto(record)) << "\n";
       const grpc::Status status = reader->Finish();
       if (!status.ok()) return Print(status, record);
       return 0;

@@ -1,6 +1,7 @@
 #include "server/services.h"
 
 #include "core/operation_params.h"
+#include "server/audit_proto.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
 
@@ -348,21 +349,7 @@ grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
     if (!rows.ok()) return ToGrpcStatus(rows.status());
     for (const audit::Record& row : *rows) {
       pb::AuditRecord record;
-      record.set_seq(row.seq);
-      record.set_time(row.time);
-      record.set_principal(row.principal);
-      record.set_role(row.role);
-      record.set_action(row.action);
-      record.set_key_id(row.key_id);
-      record.set_key_version(row.key_version);
-      record.set_source_key_id(row.source_key_id);
-      record.set_source_key_version(row.source_key_version);
-      record.set_request_id(row.request_id);
-      record.set_outcome(row.outcome);
-      record.set_peer(row.peer);
-      record.set_context_hmac(row.context_hmac);
-      record.set_detail(row.detail);
-      record.set_hash(audit::ToHex(row.hash));
+      ToProto(row, &record);
       if (!writer->Write(record)) return grpc::Status::CANCELLED;
     }
     if (rows->size() < kPage) break;

@@ -24,6 +24,7 @@
 #include "audit/record.h"
 #include "audit/verifier.h"
 #include "custos/v1/audit_service.grpc.pb.h"
+#include "server/audit_proto.h"
 #include "tests/e2e/e2e_util.h"
 
 namespace custos::testing {
@@ -168,35 +169,7 @@ class Load {
   std::vector<std::thread> threads_;
 };
 
-audit::Checkpoint FromProto(const pb::Checkpoint& c) {
-  audit::Checkpoint checkpoint;
-  checkpoint.seq = c.seq();
-  checkpoint.hash = audit::FromHex(c.hash()).value_or(Bytes{});
-  checkpoint.time = c.time();
-  checkpoint.signature.assign(c.signature().begin(), c.signature().end());
-  checkpoint.key_label = c.key_label();
-  return checkpoint;
-}
-
-audit::Record FromProto(const pb::AuditRecord& r) {
-  audit::Record record;
-  record.seq = r.seq();
-  record.time = r.time();
-  record.principal = r.principal();
-  record.role = r.role();
-  record.action = r.action();
-  record.key_id = r.key_id();
-  record.key_version = r.key_version();
-  record.source_key_id = r.source_key_id();
-  record.source_key_version = r.source_key_version();
-  record.request_id = r.request_id();
-  record.outcome = r.outcome();
-  record.peer = r.peer();
-  record.context_hmac = r.context_hmac();
-  record.detail = r.detail();
-  record.hash = audit::FromHex(r.hash()).value_or(Bytes{});
-  return record;
-}
+using server::FromProto;
 
 // The latest checkpoint (signed on request), then every record from seq 1, as the auditor.
 void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
