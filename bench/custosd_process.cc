@@ -14,19 +14,13 @@
 #include <stdexcept>
 #include <thread>
 
+#include "tests/support/files.h"
+
 namespace custos::bench {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void Run(const std::string& command) {
-  if (std::system(command.c_str()) != 0) throw std::runtime_error("failed: " + command);
-}
+using testing::ReadFile;
+using testing::RunOrThrow;
 
 // The default (16) would make gRPC refuse calls beyond 18 at once with RESOURCE_EXHAUSTED; a
 // benchmark of N concurrent callers needs N workers (which also sizes the HSM session pool).
@@ -54,14 +48,14 @@ CustosdProcess::CustosdProcess(const std::string& state_dir, int worker_threads)
     std::filesystem::create_directories(state_dir);
     dir_ = std::filesystem::canonical(state_dir).string();
   }
-  Run("MAKE_STATE_QUIET=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " '" + dir_ + "'");
+  RunOrThrow("MAKE_STATE_QUIET=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " '" + dir_ + "'");
   const std::string config = dir_ + "/custosd.toml";
   SetWorkerThreads(config, worker_threads);
   // SOFTHSM2_CONF is given to each custosd explicitly: this process may point its own at
   // another token (the raw PKCS#11 baseline).
   const std::string softhsm_conf = dir_ + "/hsm/softhsm2.conf";
-  Run("SOFTHSM2_CONF='" + softhsm_conf + "' " CUSTOSD_PATH " --config '" + config + "' init >'" +
-      dir_ + "/init.log' 2>&1");
+  RunOrThrow("SOFTHSM2_CONF='" + softhsm_conf + "' " CUSTOSD_PATH " --config '" + config +
+             "' init >'" + dir_ + "/init.log' 2>&1");
 
   const std::string port_file = dir_ + "/port";
   std::filesystem::remove(port_file);

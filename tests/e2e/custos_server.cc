@@ -12,29 +12,17 @@
 #include <stdexcept>
 #include <thread>
 
+#include "tests/support/files.h"
+
 namespace custos::testing {
-namespace {
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void Run(const std::string& command) {
-  if (std::system(command.c_str()) != 0) throw std::runtime_error("failed: " + command);
-}
-
-}  // namespace
 
 CustosServer::CustosServer(const std::string& extra_config) {
   const std::string dir = dir_.path();
-  Run("MAKE_STATE_QUIET=1 MAKE_STATE_OTHER_CA=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " " + dir);
+  RunOrThrow("MAKE_STATE_QUIET=1 MAKE_STATE_OTHER_CA=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " " + dir);
   if (!extra_config.empty()) std::ofstream(dir + "/custosd.toml", std::ios::app) << extra_config;
   setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
-  Run(std::string(CUSTOSD_PATH) + " --config " + dir + "/custosd.toml init >" + dir +
-      "/init.log 2>&1");
+  RunOrThrow(std::string(CUSTOSD_PATH) + " --config " + dir + "/custosd.toml init >" + dir +
+             "/init.log 2>&1");
   Start();
 }
 

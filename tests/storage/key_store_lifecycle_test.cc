@@ -20,11 +20,13 @@
 #include "storage/schema.h"
 #include "storage/sqlite.h"
 #include "tests/storage/store_test_util.h"
+#include "tests/support/files.h"
 #include "tests/support/temp_dir.h"
 
 namespace custos::storage {
 namespace {
 
+using custos::testing::ReadFile;
 using custos::testing::TempDir;
 using namespace custos::storage::test;  // NOLINT: the shared helpers
 
@@ -347,11 +349,6 @@ const Bytes kShredPattern = [] {
   }
   return pattern;
 }();
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 // How many times a 16-byte window of the pattern occurs in the database and its WAL.
 size_t PatternHits(const std::string& path) {
