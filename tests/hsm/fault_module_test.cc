@@ -1,0 +1,278 @@
+// The fault-injection PKCS#11 module (tests/fault_module), driven through the real HSM layer:
+// an Hsm opened with OpenPkcs11Hsm on the shim, over a real SoftHSM2 token, as custosd would
+// open it. Checks that the shim forwards faithfully, and that its control file fails, delays
+// and releases calls as documented, so that end-to-end tests can rely on it.
+//
+// Only the shim is loaded here, never libsofthsm2.so directly (RawToken): the shim initialises
+// SoftHSM2 itself, so a direct instance alive at the same time would share that state and
+// could see it finalised under its feet.
+#include <p11-kit/pkcs11.h>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "hsm/pkcs11_module.h"
+#include "tests/hsm/hsm_test_util.h"
+#include "tests/support/files.h"
+#include "tests/support/temp_dir.h"
+
+namespace custos::testing {
+namespace {
+
+using hsm::WrappedKey;
+using namespace std::chrono_literals;
+
+// Points the shim at a control file and a log in a TempDir (it reads the variables at
+// C_Initialize, so this must exist before the Hsm is opened), and unsets them afterwards.
+class FaultControl {
+ public:
+  FaultControl() : control_(dir_.File("control")), log_(dir_.File("log")) {
+    setenv("CUSTOS_FAULT_CONTROL", control_.c_str(), 1);
+    setenv("CUSTOS_FAULT_LOG", log_.c_str(), 1);
+  }
+  ~FaultControl() {
+    unsetenv("CUSTOS_FAULT_CONTROL");
+    unsetenv("CUSTOS_FAULT_LOG");
+  }
+  FaultControl(const FaultControl&) = delete;
+  FaultControl& operator=(const FaultControl&) = delete;
+
+  // Replaces the rules atomically, as the shim expects: a new file renamed over the old one.
+  void Set(const std::string& rules) {
+    const std::string temp = dir_.File("control.tmp");
+    {
+      std::ofstream out(temp, std::ios::trunc);
+      out << rules;
+      REQUIRE(out.good());
+    }
+    REQUIRE(std::rename(temp.c_str(), control_.c_str()) == 0);
+  }
+  void Remove() { std::remove(control_.c_str()); }
+
+  std::string Log() const { return ReadFile(log_); }
+  // How many times `line` appears as a whole line in the log.
+  int Count(const std::string& line) const {
+    std::istringstream log(Log());
+    int count = 0;
+    for (std::string entry; std::getline(log, entry);) count += entry == line ? 1 : 0;
+    return count;
+  }
+  bool WaitFor(const std::string& line, std::chrono::milliseconds timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (Count(line) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(5ms);
+    }
+    return true;
+  }
+
+ private:
+  TempDir dir_;
+  std::string control_;
+  std::string log_;
+};
+
+// OpenHsm() (hsm_test_util.h), through the shim instead of SoftHSM2 itself.
+std::unique_ptr<hsm::Hsm> OpenThroughShim(const SoftHsmToken& token, size_t pool_size = 4) {
+  hsm::Pkcs11Options options = OptionsFor(token, pool_size);
+  options.module_path = CUSTOS_FAULT_MODULE_PATH;
+  auto opened = hsm::OpenPkcs11Hsm(std::move(options));
+  INFO(opened.status().ToString());
+  REQUIRE(opened.ok());
+  std::unique_ptr<hsm::Hsm> hsm = std::move(opened).value();
+  REQUIRE(hsm->CreateRootKey(kRoot).ok());
+  return hsm;
+}
+
+// Runs a function when the scope ends, even if a REQUIRE threw.
+class Finally {
+ public:
+  explicit Finally(std::function<void()> f) : f_(std::move(f)) {}
+  ~Finally() { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+
+TEST_CASE("fault module: the function list is complete and reaches SoftHSM2", "[fault_module]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto module = hsm::Pkcs11Module::Load(CUSTOS_FAULT_MODULE_PATH);
+  REQUIRE(module.ok());
+  CK_FUNCTION_LIST* api = (*module)->api();
+  CHECK(api->version.major == 2);
+  // 68 function pointers follow the version; every one must be set.
+  for (size_t offset = offsetof(CK_FUNCTION_LIST, C_Initialize); offset < sizeof *api;
+       offset += sizeof(CK_C_Initialize)) {
+    CK_C_Initialize entry = nullptr;
+    std::memcpy(&entry, reinterpret_cast<const char*>(api) + offset, sizeof entry);
+    INFO("offset " << offset);
+    CHECK(entry != nullptr);
+  }
+  CK_FUNCTION_LIST* again = nullptr;
+  CHECK(api->C_GetFunctionList(&again) == CKR_OK);
+  CHECK(again == api);
+  CK_INFO info{};
+  REQUIRE(api->C_GetInfo(&info) == CKR_OK);
+  CHECK(std::string(reinterpret_cast<const char*>(info.manufacturerID), 7) == "SoftHSM");
+  CHECK((*module)->FindSlot(token.label()).ok());
+}
+
+TEST_CASE("fault module: without a control file every call goes through", "[fault_module]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  auto wrapped = hsm->GenerateWrappedKey(kRoot);
+  REQUIRE(wrapped.ok());
+  const WrappedKey key{"k/1", *wrapped, kRoot};
+  auto sealed = hsm->Encrypt(key, AsBytes("payload"), AsBytes("ctx"));
+  REQUIRE(sealed.ok());
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, AsBytes("ctx"));
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "payload");
+  CHECK(hsm->CheckRootKey(kRoot).ok());
+  CHECK(control.Log().empty());  // No rule, no event.
+}
+
+TEST_CASE("fault module: an error rule fails the call until it is removed", "[fault_module]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();
+  const WrappedKey key{"k/1", wrapped, kRoot};
+  auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+
+  control.Set("# the device breaks\nC_Encrypt CKR_DEVICE_ERROR\n");
+  auto failed = hsm->Encrypt(key, AsBytes("during"), {});
+  // CKR_DEVICE_ERROR means a dead session: the Hsm retries once on a fresh one, which fails
+  // too, and reports UNAVAILABLE (retry later).
+  CHECK(absl::IsUnavailable(failed.status()));
+  CHECK(failed.status().message() == "PKCS#11 C_Encrypt failed: CKR_DEVICE_ERROR");
+  CHECK(control.Count("fired C_Encrypt CKR_DEVICE_ERROR") == 2);
+  // Other functions are untouched.
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "before");
+
+  control.Remove();
+  auto after = hsm->Encrypt(key, AsBytes("after"), {});
+  REQUIRE(after.ok());
+  opened = hsm->Decrypt(key, after->iv, after->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "after");
+  CHECK(control.Count("fired C_Encrypt CKR_DEVICE_ERROR") == 2);
+}
+
+TEST_CASE("fault module: a hang blocks one call until its rule goes", "[fault_module]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();
+  const WrappedKey key{"k/1", wrapped, kRoot};
+  auto sealed = hsm->Encrypt(key, AsBytes("payload"), {});  // Encrypt draws its IV: before.
+  REQUIRE(sealed.ok());
+
+  control.Set("C_GenerateRandom hang\n");
+  std::atomic<bool> done{false};
+  absl::StatusOr<SecureBytes> random = absl::UnknownError("not run");
+  std::thread caller([&] {
+    random = hsm->GenerateRandom(16);
+    done = true;
+  });
+  Finally join([&] {  // Even if a check below throws: release the call, then wait for it.
+    control.Remove();
+    caller.join();
+  });
+
+  REQUIRE(control.WaitFor("hanging C_GenerateRandom", 5s));
+  std::this_thread::sleep_for(300ms);
+  CHECK_FALSE(done);
+  // The shim still serves other calls, on other sessions, meanwhile.
+  CHECK(hsm->GenerateWrappedKey(kRoot).ok());
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "payload");
+  CHECK_FALSE(done);
+
+  control.Set("# no rules\n");
+  REQUIRE(control.WaitFor("released C_GenerateRandom", 5s));
+  for (auto deadline = std::chrono::steady_clock::now() + 5s;
+       !done && std::chrono::steady_clock::now() < deadline;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  REQUIRE(done);
+  REQUIRE(random.ok());
+  CHECK(random->size() == 16);
+  CHECK(control.Count("fired C_GenerateRandom hang") == 1);
+}
+
+TEST_CASE("fault module: after= and times= pick which calls fail", "[fault_module]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  // Records which of `calls` GenerateRandom calls succeed: "+" for OK, "-" for a failure.
+  auto outcomes = [&](int calls, absl::StatusCode failure) {
+    std::string seen;
+    for (int i = 0; i < calls; ++i) {
+      absl::StatusOr<SecureBytes> random = hsm->GenerateRandom(8);
+      if (!random.ok()) {
+        INFO(random.status().ToString());
+        CHECK(random.status().code() == failure);
+      }
+      seen += random.ok() ? "+" : "-";
+    }
+    return seen;
+  };
+
+  SECTION("CKR_FUNCTION_FAILED is not retried: each firing is one failed call") {
+    control.Set("C_GenerateRandom CKR_FUNCTION_FAILED after=2 times=2\n");
+    CHECK(outcomes(6, absl::StatusCode::kInternal) == "++--++");
+    CHECK(control.Count("fired C_GenerateRandom CKR_FUNCTION_FAILED") == 2);
+
+    // A new version of the file starts counting afresh; without times= there is no limit.
+    control.Set("C_GenerateRandom CKR_FUNCTION_FAILED after=1\n");
+    CHECK(outcomes(4, absl::StatusCode::kInternal) == "+---");
+    // The same rule as a number (0x6) and several rules: the first that may fire does.
+    control.Set(
+        "C_GenerateRandom 0x6 times=1\n"
+        "C_GenerateRandom CKR_ARGUMENTS_BAD after=1 times=1\n");
+    CHECK(outcomes(3, absl::StatusCode::kInternal) == "--+");
+    CHECK(control.Count("fired C_GenerateRandom 0x6") == 1);
+    CHECK(control.Count("fired C_GenerateRandom CKR_ARGUMENTS_BAD") == 1);
+  }
+  SECTION("CKR_DEVICE_ERROR is retried on a fresh session: one firing is absorbed") {
+    control.Set("C_GenerateRandom CKR_DEVICE_ERROR times=1\n");
+    CHECK(outcomes(2, absl::StatusCode::kUnavailable) == "++");
+    CHECK(control.Count("fired C_GenerateRandom CKR_DEVICE_ERROR") == 1);
+    control.Set("C_GenerateRandom CKR_DEVICE_ERROR after=1 times=2\n");
+    CHECK(outcomes(3, absl::StatusCode::kUnavailable) == "+-+");
+    CHECK(control.Count("fired C_GenerateRandom CKR_DEVICE_ERROR") == 3);
+  }
+  SECTION("'*' matches every function; malformed lines are ignored") {
+    control.Set(
+        "C_Nonsense CKR_DEVICE_ERROR\n"
+        "C_GenerateRandom CKR_NO_SUCH_CODE\n"
+        "* CKR_FUNCTION_FAILED after=0 times=1\n");
+    CHECK(outcomes(2, absl::StatusCode::kInternal) == "-+");
+    CHECK(control.Count("ignored C_Nonsense CKR_DEVICE_ERROR") == 1);
+    CHECK(control.Count("ignored C_GenerateRandom CKR_NO_SUCH_CODE") == 1);
+    CHECK(control.Count("fired C_GenerateRandom CKR_FUNCTION_FAILED") == 1);
+  }
+  control.Remove();
+  CHECK(outcomes(2, absl::StatusCode::kOk) == "++");
+}
+
+}  // namespace
+}  // namespace custos::testing
