@@ -8,6 +8,7 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
+#include "common/failure_log.h"
 #include "hsm/audit_keys.h"
 #include "hsm/ck_error.h"
 #include "hsm/key_cache.h"
@@ -91,9 +92,11 @@ class Pkcs11Hsm final : public Hsm {
 
  private:
   // Runs `op` on a pooled session, once more after recovering from a lost session, login or
-  // handle.
+  // handle; logs the HSM failing and recovering (failures_).
   template <typename T>
   absl::StatusOr<T> Run(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op);
+  template <typename T>
+  absl::StatusOr<T> RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op);
   bool Recover(const absl::Status& error, SessionPool::Lease& lease);
 
   absl::StatusOr<KeyCache::Ref> Unwrapped(CK_SESSION_HANDLE session, const WrappedKey& key);
@@ -118,10 +121,23 @@ class Pkcs11Hsm final : public Hsm {
   CK_FUNCTION_LIST* const api_;
   RootKeys roots_;
   AuditKeys audit_keys_;
+  FailureLog failures_{"HSM"};
 };
 
 template <typename T>
 absl::StatusOr<T> Pkcs11Hsm::Run(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
+  absl::StatusOr<T> result = RunOnce(op);
+  // Only the HSM's own failures; a tag that does not verify is the caller's data.
+  if (absl::IsUnavailable(result.status()) || absl::IsInternal(result.status())) {
+    failures_.Failed(result.status());
+  } else {
+    failures_.Succeeded();
+  }
+  return result;
+}
+
+template <typename T>
+absl::StatusOr<T> Pkcs11Hsm::RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
   for (int attempt = 0;; ++attempt) {
     CUSTOS_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool_->Acquire());
     absl::StatusOr<T> result = op(lease.handle());
