@@ -89,11 +89,9 @@ absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& che
   return stmt.Run();
 }
 
-absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
-                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
-                                     "audit_checkpoints ORDER BY seq DESC LIMIT ?1"));
-  stmt.BindInt64(1, limit == 0 ? -1 : static_cast<int64_t>(limit));
+namespace {
+
+absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpointRows(sqlite::Statement& stmt) {
   std::vector<audit::Checkpoint> checkpoints;
   for (;;) {
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
@@ -106,6 +104,27 @@ absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database&
     checkpoint.signature = stmt.ColumnBlob(4);
   }
   return checkpoints;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
+                                     "audit_checkpoints ORDER BY seq DESC LIMIT ?1"));
+  stmt.BindInt64(1, limit == 0 ? -1 : static_cast<int64_t>(limit));
+  return ReadCheckpointRows(stmt);
+}
+
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpointsFrom(sqlite::Database& db,
+                                                                   uint64_t from_seq,
+                                                                   size_t limit) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
+                                     "audit_checkpoints WHERE seq >= ?1 ORDER BY seq LIMIT ?2"));
+  stmt.BindInt64(1, static_cast<int64_t>(from_seq))
+      .BindInt64(2, limit == 0 ? -1 : static_cast<int64_t>(limit));
+  return ReadCheckpointRows(stmt);
 }
 
 }  // namespace custos::storage

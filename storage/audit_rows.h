@@ -23,5 +23,8 @@ absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Databas
 absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint);
 // Newest first; `limit` 0 = all.
 absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit);
+// Checkpoints with seq >= `from_seq`, ascending, at most `limit`.
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpointsFrom(sqlite::Database& db,
+                                                                   uint64_t from_seq, size_t limit);
 
 }  // namespace custos::storage

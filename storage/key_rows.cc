@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <unordered_map>
 #include <utility>
@@ -17,14 +18,16 @@ constexpr char kSelectIdByAlias[] = "SELECT id FROM keys WHERE alias = ?1";
 // (its usage counters) is touched.
 constexpr char kUpsertKey[] =
     "INSERT INTO keys (id, alias, description, state, created_at, created_by, primary_version,"
-    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
+    " deletion_due_observed)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
     " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias, description = excluded.description,"
     " state = excluded.state, created_at = excluded.created_at,"
     " created_by = excluded.created_by, primary_version = excluded.primary_version,"
     " min_decrypt_version = excluded.min_decrypt_version,"
     " rotation_period_seconds = excluded.rotation_period_seconds,"
-    " deletion_due_at = excluded.deletion_due_at, destroyed_at = excluded.destroyed_at";
+    " deletion_due_at = excluded.deletion_due_at, destroyed_at = excluded.destroyed_at,"
+    " deletion_due_observed = excluded.deletion_due_observed";
 constexpr char kDeleteTags[] = "DELETE FROM key_tags WHERE key_id = ?1";
 constexpr char kInsertTag[] = "INSERT INTO key_tags (key_id, name, value) VALUES (?1, ?2, ?3)";
 constexpr char kSelectStoredVersions[] =
@@ -43,12 +46,12 @@ constexpr char kInsertGrant[] =
 // Both key queries return the same columns, read by ReadKeyRow.
 constexpr char kSelectKeyById[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
-    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at"
-    " FROM keys WHERE id = ?1";
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
+    " deletion_due_observed FROM keys WHERE id = ?1";
 constexpr char kSelectKeysAfter[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
-    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at"
-    " FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
+    " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
+    " deletion_due_observed FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
 // Child rows of every key whose id lies in [?1, ?2].
 constexpr char kSelectTags[] =
     "SELECT key_id, name, value FROM key_tags WHERE key_id BETWEEN ?1 AND ?2";
@@ -63,7 +66,8 @@ constexpr char kSelectGrants[] =
 // ORDER BY: SQLite would rather scan the whole table in id order than sort a few rows, so
 // the (few) ids are sorted afterwards.
 constexpr char kSelectDueForDeletion[] =
-    "SELECT id FROM keys WHERE state = 3 AND deletion_due_at <= ?1";
+    "SELECT id FROM keys WHERE state = 3 AND deletion_due_at <= ?1"
+    " AND deletion_due_observed <= ?2";
 constexpr char kSelectDueForRotation[] =
     "SELECT k.id FROM keys AS k JOIN key_versions AS v"
     " ON v.key_id = k.id AND v.version = k.primary_version"
@@ -112,6 +116,7 @@ absl::StatusOr<std::shared_ptr<KeyRecord>> ReadKeyRow(const sqlite::Statement& r
   key->rotation_period_seconds = row.ColumnInt64(8);
   key->deletion_due_at = row.ColumnInt64(9);
   key->destroyed_at = row.ColumnInt64(10);
+  key->deletion_due_observed = row.ColumnInt64(11);
   return key;
 }
 
@@ -190,7 +195,8 @@ absl::Status WriteKeyRows(sqlite::Database& db, const KeyRecord& key, bool is_ne
         .BindInt64(8, key.min_decrypt_version)
         .BindInt64(9, key.rotation_period_seconds)
         .BindInt64(10, key.deletion_due_at)
-        .BindInt64(11, key.destroyed_at);
+        .BindInt64(11, key.destroyed_at)
+        .BindInt64(12, key.deletion_due_observed);
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
 
@@ -322,10 +328,12 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
 
 namespace {
 
+// Ids, ascending, that `sql` selects with `values` bound to ?1, ?2...
 absl::StatusOr<std::vector<std::string>> SelectIds(sqlite::Database& db, const char* sql,
-                                                   int64_t now) {
+                                                   std::initializer_list<int64_t> values) {
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql));
-  stmt.BindInt64(1, now);
+  int index = 0;
+  for (int64_t value : values) stmt.BindInt64(++index, value);
   std::vector<std::string> ids;
   while (true) {
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
@@ -338,14 +346,14 @@ absl::StatusOr<std::vector<std::string>> SelectIds(sqlite::Database& db, const c
 
 }  // namespace
 
-absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db,
-                                                                  int64_t now) {
-  return SelectIds(db, kSelectDueForDeletion, now);
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db, int64_t now,
+                                                                  int64_t observed) {
+  return SelectIds(db, kSelectDueForDeletion, {now, observed});
 }
 
 absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Database& db,
                                                                   int64_t now) {
-  return SelectIds(db, kSelectDueForRotation, now);
+  return SelectIds(db, kSelectDueForRotation, {now});
 }
 
 absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,

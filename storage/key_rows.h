@@ -43,9 +43,10 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
                                                                       std::string_view after_id,
                                                                       size_t limit);
 
-// Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now.
-absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db,
-                                                                  int64_t now);
+// Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now and
+// deletion_due_observed <= observed.
+absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db, int64_t now,
+                                                                  int64_t observed);
 // Ids, ascending, of ENABLED keys with a rotation period whose primary version was created
 // at least a period before `now`.
 absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Database& db,

@@ -12,6 +12,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/failure_log.h"
 #include "common/strings.h"
 #include "storage/audit_rows.h"
 #include "storage/key_cache.h"
@@ -19,6 +20,7 @@
 #include "storage/request_rows.h"
 #include "storage/schema.h"
 #include "storage/sqlite.h"
+#include "storage/state_lock.h"
 
 namespace custos::storage {
 namespace {
@@ -151,9 +153,11 @@ absl::Status NoKeyWithId(std::string_view id) {
 // older than one a write has just cached. Cache hits take only the cache's lock.
 class KeyStore::Impl {
  public:
-  Impl(std::unique_ptr<sqlite::Database> db, int schema_version)
-      : db_(std::move(db)), schema_version_(schema_version) {}
+  Impl(std::unique_ptr<StateLock> lock, std::unique_ptr<sqlite::Database> db, int schema_version)
+      : lock_(std::move(lock)), db_(std::move(db)), schema_version_(schema_version) {}
 
+  // Declared first, so released last: after the database is closed.
+  const std::unique_ptr<StateLock> lock_;
   std::mutex db_mu_;
   const std::unique_ptr<sqlite::Database> db_;  // Guarded by db_mu_.
   const int schema_version_;
@@ -172,6 +176,16 @@ class KeyStore::Impl {
   std::deque<Writer*> writers_;  // Guarded by queue_mu_.
 
   absl::Status write_fault_;  // guarded by db_mu_
+  // The database refusing writes (a full disk, I/O errors) shows in the operator's log.
+  FailureLog write_failures_{"key database writes"};
+  absl::Status NoteWrite(absl::Status status) {
+    if (status.ok() || absl::IsAlreadyExists(status) || absl::IsInvalidArgument(status)) {
+      write_failures_.Succeeded();
+    } else {
+      write_failures_.Failed(status);
+    }
+    return status;
+  }
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   audit::Chain chain_;
@@ -218,14 +232,19 @@ KeyStore::KeyStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 KeyStore::~KeyStore() = default;
 
 absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path) {
+  // Before anything is read: the chain head below is then one no other writer can move.
+  CUSTOS_ASSIGN_OR_RETURN(auto lock, StateLock::Acquire(path + ".lock"));
+  // SQLite makes these with the database's mode; files left by an older run may be looser.
+  // Fixed before the connection opens them: once it has, opening and closing them here would
+  // drop SQLite's POSIX locks on them (close() drops every lock the process holds on a file),
+  // and a reader would then take the live -shm for abandoned and reinitialise it.
+  CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-wal", /*create=*/false));
+  CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
   CUSTOS_ASSIGN_OR_RETURN(auto db, sqlite::Database::Open(path));
   CUSTOS_RETURN_IF_ERROR(Configure(*db));
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
-  // SQLite makes these with the database's mode; files left by an older run may be looser.
-  CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-wal", /*create=*/false));
-  CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
-  auto impl = std::make_unique<Impl>(std::move(db), version);
+  auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version);
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
@@ -236,11 +255,11 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
   CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
   auto record = Normalized(key);
   std::lock_guard lock(impl_->db_mu_);
-  {
+  CUSTOS_RETURN_IF_ERROR(impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     CUSTOS_RETURN_IF_ERROR(InsertKey(*impl_->db_, *record));
-    CUSTOS_RETURN_IF_ERROR(tx->Commit());
-  }
+    return tx->Commit();
+  }()));
   impl_->cache_.Put(std::move(record));  // Only once durable.
   return absl::OkStatus();
 }
@@ -284,6 +303,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
       for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
       return tx->Commit();
     }();
+    impl_->NoteWrite(committed).IgnoreError();
     if (committed.ok()) {
       impl_->commit_stats_.transactions += 1;
       impl_->commit_stats_.batches += static_cast<uint64_t>(std::count_if(
@@ -364,9 +384,10 @@ absl::StatusOr<std::vector<RequestRecord>> KeyStore::PendingRequests() const {
   return LoadPendingRequests(*impl_->db_);
 }
 
-absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForDeletion(int64_t now) const {
+absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForDeletion(int64_t now,
+                                                                      int64_t observed) const {
   std::lock_guard lock(impl_->db_mu_);
-  return SelectKeysDueForDeletion(*impl_->db_, now);
+  return SelectKeysDueForDeletion(*impl_->db_, now, observed);
 }
 
 absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForRotation(int64_t now) const {
@@ -398,9 +419,11 @@ absl::Status KeyStore::PutUsage(const std::vector<VersionUsage>& usage) {
   }
   if (usage.empty()) return absl::OkStatus();
   std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-  for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*impl_->db_, u));
-  return tx->Commit();
+  return impl_->NoteWrite([&]() -> absl::Status {
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*impl_->db_, u));
+    return tx->Commit();
+  }());
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::GetKey(std::string_view id) const {
@@ -514,9 +537,11 @@ absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {
 
 absl::Status KeyStore::PutCheckpoint(const audit::Checkpoint& checkpoint) {
   std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-  CUSTOS_RETURN_IF_ERROR(InsertCheckpoint(*impl_->db_, checkpoint));
-  return tx->Commit();
+  return impl_->NoteWrite([&]() -> absl::Status {
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    CUSTOS_RETURN_IF_ERROR(InsertCheckpoint(*impl_->db_, checkpoint));
+    return tx->Commit();
+  }());
 }
 
 absl::StatusOr<std::optional<audit::Checkpoint>> KeyStore::LatestCheckpoint() const {
@@ -524,6 +549,13 @@ absl::StatusOr<std::optional<audit::Checkpoint>> KeyStore::LatestCheckpoint() co
   CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Checkpoint> latest, LoadCheckpoints(*impl_->db_, 1));
   if (latest.empty()) return std::optional<audit::Checkpoint>();
   return std::optional<audit::Checkpoint>(std::move(latest.front()));
+}
+
+absl::StatusOr<std::vector<audit::Checkpoint>> KeyStore::ReadCheckpoints(uint64_t from_seq,
+                                                                         size_t limit) const {
+  CUSTOS_RETURN_IF_ERROR(CheckPageSize(limit));
+  std::lock_guard lock(impl_->db_mu_);
+  return LoadCheckpointsFrom(*impl_->db_, from_seq, limit);
 }
 
 absl::StatusOr<std::vector<audit::Checkpoint>> KeyStore::Checkpoints() const {

@@ -66,6 +66,10 @@ struct KeyRecord {
   int64_t rotation_period_seconds = 0;   // automatic rotation; 0 = never
   int64_t deletion_due_at = 0;           // PENDING_DELETION: when destruction is due
   int64_t destroyed_at = 0;              // DESTROYED: when it was shredded
+  // PENDING_DELETION: the server's observed time (seconds of its own running, summed over
+  // every run; see core/observed_time.h) at which destruction is due. Destruction waits for
+  // both this and deletion_due_at, so a clock stepped forward cannot shred a key early.
+  int64_t deletion_due_observed = 0;
 
   const KeyVersion* FindVersion(uint32_t version) const;
 };
@@ -167,9 +171,10 @@ class KeyStore {
   // Requests still PENDING (whatever their expiry), oldest first.
   absl::StatusOr<std::vector<RequestRecord>> PendingRequests() const;
 
-  // Ids of keys whose deletion is due (PENDING_DELETION, deletion_due_at <= now), and of
-  // ENABLED keys whose primary version is older than their rotation period at `now`.
-  absl::StatusOr<std::vector<std::string>> KeysDueForDeletion(int64_t now) const;
+  // Ids of keys whose deletion is due (PENDING_DELETION, deletion_due_at <= now and
+  // deletion_due_observed <= observed), and of ENABLED keys whose primary version is older
+  // than their rotation period at `now`.
+  absl::StatusOr<std::vector<std::string>> KeysDueForDeletion(int64_t now, int64_t observed) const;
   absl::StatusOr<std::vector<std::string>> KeysDueForRotation(int64_t now) const;
 
   // Audit records with seq >= `from_seq`, at most `limit`, in seq order.
@@ -180,6 +185,9 @@ class KeyStore {
   absl::Status PutCheckpoint(const audit::Checkpoint& checkpoint);
   absl::StatusOr<std::optional<audit::Checkpoint>> LatestCheckpoint() const;
   absl::StatusOr<std::vector<audit::Checkpoint>> Checkpoints() const;
+  // Checkpoints with seq >= `from_seq`, ascending, at most `limit` (1..1000).
+  absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpoints(uint64_t from_seq,
+                                                                 size_t limit) const;
 
   // A server-wide setting written by Apply; nullopt if never set.
   absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;

@@ -140,6 +140,15 @@ constexpr const char* kMigrations[] = {
       );
       PRAGMA user_version = 4;
     )sql",
+    // 5: destruction waits for observed time too (core/observed_time.h). Observed time starts
+    // at 0 with this version, so a pending deletion is due once as much time as its wall-clock
+    // due time had left has been observed.
+    R"sql(
+      ALTER TABLE keys ADD COLUMN deletion_due_observed INTEGER NOT NULL DEFAULT 0;
+      UPDATE keys SET deletion_due_observed =
+        MAX(0, deletion_due_at - CAST(strftime('%s', 'now') AS INTEGER)) WHERE state = 3;
+      PRAGMA user_version = 5;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {

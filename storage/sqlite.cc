@@ -48,7 +48,16 @@ absl::Status Error(int rc, sqlite3* db, std::string_view what) {
   const char* detail =
       db != nullptr && sqlite3_extended_errcode(db) == rc ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
   std::string message = absl::StrCat(std::string(what), ": ", detail);
-  switch (rc & 0xff) {
+  // SQLite reports a full disk met while writing its journal or WAL as a generic I/O error;
+  // the operator needs to hear which.
+  const int primary = rc & 0xff;
+  const bool no_space = (primary == SQLITE_IOERR || primary == SQLITE_CANTOPEN) && db != nullptr &&
+                        sqlite3_system_errno(db) == ENOSPC;
+  if (primary == SQLITE_FULL || no_space) {
+    message = absl::StrCat(std::string(what), ": the disk is full (", detail,
+                           "); free space on the volume holding the key database");
+  }
+  switch (primary) {
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
     case SQLITE_IOERR:

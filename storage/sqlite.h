@@ -21,12 +21,15 @@ namespace custos::storage::sqlite {
 
 // Makes `path` readable and writable by its owner only (0600), creating it empty if
 // `create` and it does not exist; a missing file is fine when not `create`. Symlinks are
-// refused. UNAVAILABLE on failure.
+// refused. UNAVAILABLE on failure. Call it only before any connection of this process has
+// opened `path`: closing the descriptor it uses drops every POSIX lock the process holds on
+// the file, SQLite's included.
 absl::Status RestrictToOwner(const std::string& path, bool create);
 
 // `rc` (a failed SQLite result) as a Status: UNAVAILABLE for BUSY/LOCKED/IOERR/FULL/CANTOPEN
 // (the disk or another process is in the way; retry later), ALREADY_EXISTS for UNIQUE and
-// PRIMARY KEY violations, INTERNAL for the rest. The message is "<what>: <sqlite message>".
+// PRIMARY KEY violations, INTERNAL for the rest. The message is "<what>: <sqlite message>", or
+// "<what>: the disk is full ..." when the operating system said so.
 absl::Status Error(int rc, sqlite3* db, std::string_view what);
 
 // A prepared statement borrowed from a Database. Resets itself and clears its bindings when

@@ -17,6 +17,7 @@ using custos::testing::TempDir;
 using test::IdFor;
 using test::MakeKey;
 using test::OpenStore;
+using test::Reopen;
 
 // Runs `sql` on a separate connection to the file; the error message, or "" on success.
 std::string ExecOnFile(const std::string& path, const std::string& sql) {
@@ -71,7 +72,7 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
              Catch::Contains("append-only"));
 
   // Reopened, the chain continues from its head.
-  store = OpenStore(path);
+  Reopen(store, path);
   CHECK(store->AuditHead()->first == 3);
   CHECK(store->AuditHead()->second == rows[2].hash);
   REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}}).ok());

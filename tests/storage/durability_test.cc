@@ -15,6 +15,7 @@ using custos::testing::TempDir;
 using test::IdFor;
 using test::MakeKey;
 using test::OpenStore;
+using test::Reopen;
 using test::SyncVfs;
 using Op = SyncVfs::Op;
 
@@ -102,7 +103,7 @@ TEST_CASE("A failed sync fails the batch: nothing stored, nothing logged", "[dur
     CHECK(rows[1].hash == audit::ChainHash(rows[0].hash, rows[1]));
     CHECK(store->GetKey(IdFor(2)).status().code() == absl::StatusCode::kNotFound);
     store.reset();
-    store = OpenStore(path);  // and the file says the same after a restart
+    Reopen(store, path);  // and the file says the same after a restart
   }
 }
 

@@ -62,7 +62,7 @@ TEST_CASE("The new KeyRecord fields round-trip through CreateKey, cache, disk an
   REQUIRE(store->CreateKey(key).ok());
   CheckSameKey(*store->GetKey(key.id).value(), key);  // From the cache.
 
-  auto reopened = OpenStore(path);
+  auto& reopened = Reopen(store, path);
   CheckSameKey(*reopened->GetKey(key.id).value(), key);  // From disk.
   CheckSameKey(*reopened->FindKeyByAlias("billing").value(), key);
   auto page = reopened->ListKeys(10, "");
@@ -73,7 +73,7 @@ TEST_CASE("The new KeyRecord fields round-trip through CreateKey, cache, disk an
   // And the defaults of a record that sets none of them.
   KeyRecord plain = MakeSmallKey(2);
   REQUIRE(reopened->CreateKey(plain).ok());
-  auto fresh = OpenStore(path)->GetKey(plain.id);
+  auto fresh = Reopen(store, path)->GetKey(plain.id);
   REQUIRE(fresh.ok());
   CHECK((*fresh)->min_decrypt_version == 1);
   CHECK((*fresh)->rotation_period_seconds == 0);
@@ -102,8 +102,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   CHECK(QueryFile(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'requests'") == "0");
 
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 4);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "4");
+  CHECK(store->SchemaVersion() == 5);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "5");
   KeyRecord want;
   want.id = "k1";
   want.alias = "old-alias";
@@ -131,8 +131,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   store.reset();
   auto db = sqlite::Database::Open(path);
   REQUIRE(db.ok());
-  CHECK(MigrateSchemaTo(**db, 1).value() == 4);
-  CHECK(MigrateSchemaTo(**db, 5).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(MigrateSchemaTo(**db, 1).value() == 5);
+  CHECK(MigrateSchemaTo(**db, 6).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]") {
@@ -149,7 +149,7 @@ TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]")
   CHECK(store->CachedKeyCount() == 2);  // Written through.
   CheckSameKey(*store->GetKey(IdFor(1)).value(), batch.keys[0]);
   CheckSameKey(*store->FindKeyByAlias("one").value(), batch.keys[0]);
-  auto reopened = OpenStore(path);
+  auto& reopened = Reopen(store, path);
   CheckSameKey(*reopened->GetKey(IdFor(1)).value(), batch.keys[0]);
   CheckSameKey(*reopened->GetKey(IdFor(2)).value(), batch.keys[1]);
   CHECK(reopened->GetRequest(batch.requests[0].id).value().key_id == IdFor(1));
@@ -190,7 +190,7 @@ TEST_CASE("Apply replaces a stored key entirely, in the cache and on disk", "[ke
   CHECK(held->alias == "old-alias");  // Whoever held the old record still has it intact.
   CHECK(RowCounts(path) == "keys=2 key_tags=4 key_versions=4 key_grants=4 ");
 
-  auto reopened = OpenStore(path);
+  auto& reopened = Reopen(store, path);
   CheckSameKey(*reopened->GetKey(IdFor(1)).value(), changed);
   CheckSameKey(*reopened->GetKey(IdFor(2)).value(), MakeKey(2, "neighbour"));
   CHECK(reopened->FindKeyByAlias("old-alias").status().code() == absl::StatusCode::kNotFound);
@@ -200,13 +200,13 @@ TEST_CASE("Apply replaces a stored key entirely, in the cache and on disk", "[ke
     REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("old-alias").value()->id == IdFor(2));
     CHECK(store->FindKeyByAlias("neighbour").status().code() == absl::StatusCode::kNotFound);
-    CHECK(OpenStore(path)->FindKeyByAlias("old-alias").value()->id == IdFor(2));
+    CHECK(Reopen(store, path)->FindKeyByAlias("old-alias").value()->id == IdFor(2));
   }
   SECTION("clearing the alias frees it") {
     changed.alias.clear();
     REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("new-alias").status().code() == absl::StatusCode::kNotFound);
-    CHECK(OpenStore(path)->GetKey(IdFor(1)).value()->alias.empty());
+    CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->alias.empty());
   }
 }
 
@@ -337,7 +337,7 @@ TEST_CASE("Writers and readers of one key never see a stale cached record", "[ke
   const std::string last = "write " + std::to_string(kWrites - 1);
   CHECK(store->GetKey(IdFor(1)).value()->description == last);
   CHECK(store->FindKeyByAlias("hot").value()->description == last);
-  CHECK(OpenStore(path)->GetKey(IdFor(1)).value()->description == last);
+  CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->description == last);
 }
 
 // Crypto-shredding. The wrapped material of the key to be destroyed is a pattern that
@@ -402,7 +402,7 @@ TEST_CASE("Erased key material cannot be found in the database files after Purge
   std::ifstream wal(path + "-wal", std::ios::binary | std::ios::ate);
   CHECK((!wal || wal.tellg() == 0));  // Truncated.
   // The tombstone and every neighbour are intact.
-  auto reopened = OpenStore(path);
+  auto& reopened = Reopen(store, path);
   CheckSameKey(*reopened->GetKey(IdFor(kTarget)).value(), destroyed);
   CheckSameKey(*reopened->FindKeyByAlias("doomed").value(), destroyed);
   for (int n = 0; n < 400; n += 37) {
@@ -439,33 +439,40 @@ TEST_CASE("PurgeErased is UNAVAILABLE while another process is checkpointing",
   CHECK(store->PurgeErased().ok());
 }
 
-TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due at or before now", "[key_store][sweeps]") {
+TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due by both the wall clock and observed time",
+          "[key_store][sweeps]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  auto add = [&](int n, KeyState state, int64_t due) {
+  auto add = [&](int n, KeyState state, int64_t due, int64_t due_observed) {
     KeyRecord key = MakeSmallKey(n);
     key.state = state;
     key.deletion_due_at = due;
+    key.deletion_due_observed = due_observed;
     REQUIRE(store->CreateKey(key).ok());
   };
-  add(1, KeyState::kPendingDeletion, 1001);
-  add(2, KeyState::kPendingDeletion, 1000);
-  add(3, KeyState::kEnabled, 500);    // Due time left from a cancelled deletion: not pending.
-  add(4, KeyState::kDestroyed, 500);  // Already done.
-  add(5, KeyState::kDisabled, 0);
+  add(1, KeyState::kPendingDeletion, 1001, 50);
+  add(2, KeyState::kPendingDeletion, 1000, 40);
+  add(3, KeyState::kEnabled, 500, 0);    // Due time left from a cancelled deletion: not pending.
+  add(4, KeyState::kDestroyed, 500, 0);  // Already done.
+  add(5, KeyState::kDisabled, 0, 0);
   using Ids = std::vector<std::string>;
-  CHECK(store->KeysDueForDeletion(999).value() == Ids{});
-  CHECK(store->KeysDueForDeletion(1000).value() == Ids{IdFor(2)});
-  CHECK(store->KeysDueForDeletion(1001).value() == Ids{IdFor(1), IdFor(2)});
-  CHECK(store->KeysDueForDeletion(std::numeric_limits<int64_t>::max()).value() ==
-        Ids{IdFor(1), IdFor(2)});
+  constexpr int64_t kEver = std::numeric_limits<int64_t>::max();
+  CHECK(store->KeysDueForDeletion(999, kEver).value() == Ids{});
+  CHECK(store->KeysDueForDeletion(1000, kEver).value() == Ids{IdFor(2)});
+  CHECK(store->KeysDueForDeletion(1001, kEver).value() == Ids{IdFor(1), IdFor(2)});
+  CHECK(store->KeysDueForDeletion(kEver, kEver).value() == Ids{IdFor(1), IdFor(2)});
+  // A wall clock far ahead is not enough: the server must also have observed the period.
+  CHECK(store->KeysDueForDeletion(kEver, 39).value() == Ids{});
+  CHECK(store->KeysDueForDeletion(kEver, 40).value() == Ids{IdFor(2)});
+  CHECK(store->KeysDueForDeletion(kEver, 50).value() == Ids{IdFor(1), IdFor(2)});
+  CHECK(store->GetKey(IdFor(1)).value()->deletion_due_observed == 50);
 
   // Cancelling (back to DISABLED) takes a key off the list.
   KeyRecord cancelled = MakeSmallKey(2);
   cancelled.state = KeyState::kDisabled;
   cancelled.deletion_due_at = 0;
   REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}}).ok());
-  CHECK(store->KeysDueForDeletion(1001).value() == Ids{IdFor(1)});
+  CHECK(store->KeysDueForDeletion(1001, kEver).value() == Ids{IdFor(1)});
 }
 
 TEST_CASE("KeysDueForRotation: ENABLED keys whose primary version is a period old",
@@ -532,7 +539,7 @@ TEST_CASE("PutUsage upserts counters and GetUsage reads them by version", "[key_
   // An update replaces one row and leaves the others alone.
   const VersionUsage updated = {IdFor(1), 2, 2 << 20, 1500, 9, 1700000600};
   REQUIRE(store->PutUsage({updated}).ok());
-  CheckSameUsage(OpenStore(path)->GetUsage(IdFor(1)).value(), {usage[1], updated});
+  CheckSameUsage(Reopen(store, path)->GetUsage(IdFor(1)).value(), {usage[1], updated});
 
   // Rewriting the key (rotation, destruction) leaves its counters alone.
   KeyRecord key = MakeKey(1);
@@ -559,7 +566,7 @@ TEST_CASE("Settings are written with a batch and read back after reopening", "[k
   REQUIRE(store->Apply(batch).ok());
   batch.settings["root_key_label"] = "custos-root.3";
   REQUIRE(store->Apply(batch).ok());
-  store = OpenStore(path);
+  Reopen(store, path);
   CHECK(store->GetSetting("root_key_label").value() == "custos-root.3");
   WriteBatch unnamed;
   unnamed.settings[""] = "x";
@@ -589,7 +596,7 @@ TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[ke
   }
   CHECK(store->GetKey(IdFor(1000)).status().code() == absl::StatusCode::kNotFound);
   // Reopened from disk, the same picture: every success was durable.
-  store = OpenStore(dir.File("keys.db"));
+  Reopen(store, dir.File("keys.db"));
   CHECK(store->ListKeys(1000, "").value().keys.size() == kThreads);
 }
 

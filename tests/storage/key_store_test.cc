@@ -69,7 +69,7 @@ TEST_CASE("Keys are durable: a new KeyStore on the same file reads them back", "
   CheckSameKey(**second, without_alias);
   CHECK((*second)->alias.empty());
 
-  auto reopened = OpenStore(path);
+  auto& reopened = Reopen(store, path);
   auto by_alias = reopened->FindKeyByAlias("billing-master");
   REQUIRE(by_alias.ok());
   CheckSameKey(**by_alias, with_alias);
@@ -240,7 +240,7 @@ TEST_CASE("The database and its WAL files are readable by the owner only", "[key
   SECTION("a looser existing file is tightened on open") {
     store.reset();
     REQUIRE(::chmod(path.c_str(), 0644) == 0);
-    store = OpenStore(path);
+    Reopen(store, path);
     CHECK(FileMode(path) == 0600);
   }
 }
@@ -249,11 +249,11 @@ TEST_CASE("The database is in WAL mode at the current schema version", "[key_sto
   TempDir dir;
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 4);
+  CHECK(store->SchemaVersion() == 5);
   CHECK(QueryFile(path, "PRAGMA journal_mode") == "wal");
-  CHECK(QueryFile(path, "PRAGMA user_version") == "4");
+  CHECK(QueryFile(path, "PRAGMA user_version") == "5");
   store.reset();
-  CHECK(OpenStore(path)->SchemaVersion() == 4);  // Reopening migrates nothing.
+  CHECK(Reopen(store, path)->SchemaVersion() == 5);  // Reopening migrates nothing.
 }
 
 TEST_CASE("A database from a newer Custos is FAILED_PRECONDITION and left alone", "[key_store]") {

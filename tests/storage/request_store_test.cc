@@ -79,7 +79,7 @@ TEST_CASE("A request round-trips every field, approvals in the order given", "[r
       {"officer/zed", 1700000100}, {"officer/amy", 1700000050}, {"officer/mike", 1700000200}};
   REQUIRE(Write(*store, {request}).ok());
   CheckSameRequest(store->GetRequest(request.id).value(), request);
-  CheckSameRequest(OpenStore(path)->GetRequest(request.id).value(), request);
+  CheckSameRequest(Reopen(store, path)->GetRequest(request.id).value(), request);
 
   SECTION("replacing it replaces its approvals") {
     request.state = RequestState::kRejected;
@@ -88,20 +88,20 @@ TEST_CASE("A request round-trips every field, approvals in the order given", "[r
     request.reason = "not this quarter";
     request.closed_at = 1700000300;
     REQUIRE(Write(*store, {request}).ok());
-    CheckSameRequest(OpenStore(path)->GetRequest(request.id).value(), request);
+    CheckSameRequest(Reopen(store, path)->GetRequest(request.id).value(), request);
     CHECK(QueryFile(path, "SELECT count(*) FROM request_approvals") == "1");
     CHECK(QueryFile(path, "SELECT count(*) FROM requests") == "1");
   }
   SECTION("an approval appended keeps the others' order") {
     request.approvals.push_back({"officer/bea", 1700000250});
     REQUIRE(Write(*store, {request}).ok());
-    CheckSameRequest(OpenStore(path)->GetRequest(request.id).value(), request);
+    CheckSameRequest(Reopen(store, path)->GetRequest(request.id).value(), request);
   }
   SECTION("a request on no single key has an empty key_id") {
     RequestRecord root = MakeRequest(2, "", 1700000001, RequestState::kExecuted);
     root.reason = "root key rotated: 12 versions re-wrapped";
     REQUIRE(Write(*store, {root}).ok());
-    CheckSameRequest(OpenStore(path)->GetRequest(root.id).value(), root);
+    CheckSameRequest(Reopen(store, path)->GetRequest(root.id).value(), root);
     CHECK(QueryFile(path, "SELECT count(*) FROM requests WHERE key_id IS NULL") == "1");
   }
 }

@@ -17,7 +17,8 @@ TEST_CASE("SQLite errors map to the status a caller can act on", "[sqlite]") {
   CHECK(Error(SQLITE_CONSTRAINT_CHECK, nullptr, "x").code() == StatusCode::kInternal);
   CHECK(Error(SQLITE_CORRUPT, nullptr, "x").code() == StatusCode::kInternal);
   CHECK(Error(SQLITE_FULL, nullptr, "writing key").message() ==
-        "writing key: database or disk is full");
+        "writing key: the disk is full (database or disk is full); free space on the volume "
+        "holding the key database");
 }
 
 }  // namespace

@@ -91,6 +91,15 @@ inline std::unique_ptr<KeyStore> OpenStore(const std::string& path) {
   return std::move(store).value();
 }
 
+// Closes `store` and opens its file again, as a restart would: one store per file at a time
+// (the second would be refused). Returns `store`, now the reopened one.
+inline std::unique_ptr<KeyStore>& Reopen(std::unique_ptr<KeyStore>& store,
+                                         const std::string& path) {
+  store.reset();
+  store = OpenStore(path);
+  return store;
+}
+
 // Runs a one-value query on a separate connection, straight on the file.
 inline std::string QueryFile(const std::string& path, const std::string& sql) {
   sqlite3* db = nullptr;
