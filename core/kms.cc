@@ -29,7 +29,8 @@ Kms::Kms(Options options)
     : options_(std::move(options)),
       policy_(options_.policy),
       root_key_label_(options_.root_key_label),
-      usage_(options_.store, options_.clock, options_.usage_limits, options_.wake_maintenance) {}
+      usage_(options_.store, options_.clock, options_.usage_limits, options_.wake_maintenance),
+      observed_(options_.store, options_.clock) {}
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);
@@ -127,6 +128,11 @@ absl::StatusOr<DataKey> Kms::GenerateDataKey(const Caller& caller, std::string_v
             with_plaintext ? Action::kGenerateDataKey : Action::kGenerateDataKeyWithoutPlaintext);
   return call.Finish([&]() -> absl::StatusOr<DataKey> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    if (key_bytes == 0) {
+      return absl::InvalidArgumentError(
+          "key_spec is not one this server knows: ask for AES_256 (32 bytes) or AES_128 (16 "
+          "bytes)");
+    }
     if (key_bytes != 16 && key_bytes != 32) {
       return absl::InvalidArgumentError("data keys are 16 (AES-128) or 32 (AES-256) bytes");
     }

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -29,6 +30,7 @@
 #include "common/secure_bytes.h"
 #include "common/status.h"
 #include "core/encryption_context.h"
+#include "core/observed_time.h"
 #include "core/usage_tracker.h"
 #include "hsm/hsm.h"
 #include "policy/authorizer.h"
@@ -106,6 +108,10 @@ inline constexpr char kRootKeySetting[] = "root_key_label";
 // The principal under which the server's own actions (expiry, destruction) are audited.
 inline constexpr char kServerPrincipal[] = "custosd";
 
+// How far the wall clock may move against observed time between two maintenance turns before
+// the server alerts (log and a ClockJump audit record). Time servers slew by far less.
+inline constexpr int64_t kClockJumpToleranceSeconds = 300;
+
 class Kms {
  public:
   struct Options {
@@ -134,8 +140,9 @@ class Kms {
   absl::Status ReplacePolicy(std::shared_ptr<const policy::Policy> policy);
 
   // --- Applications -------------------------------------------------------------------------
-  // A fresh data key of `key_bytes` (16 or 32) from the HSM's RNG, encrypted under `key`'s
-  // primary version. With `with_plaintext` false the plaintext is wiped before returning.
+  // A fresh data key of `key_bytes` (16 or 32; 0 for a key spec the front door did not
+  // know) from the HSM's RNG, encrypted under `key`'s primary version. With `with_plaintext` false
+  // the plaintext is wiped before returning.
   absl::StatusOr<DataKey> GenerateDataKey(const Caller& caller, std::string_view key,
                                           const EncryptionContext& context, size_t key_bytes,
                                           bool with_plaintext);
@@ -220,6 +227,9 @@ class Kms {
   // Audit records from `from_seq`, at most `limit` (auditors only).
   absl::StatusOr<std::vector<audit::Record>> ReadAudit(const Caller& caller, uint64_t from_seq,
                                                        size_t limit);
+  // Stored signed checkpoints from `from_seq`, ascending, at most `limit` (auditors only).
+  absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpoints(const Caller& caller,
+                                                                 uint64_t from_seq, size_t limit);
 
   // Approvals needed for `operation` under this server's config.
   int ApprovalsFor(policy::Operation operation) const {
@@ -255,7 +265,9 @@ class Kms {
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);
-  absl::Status AutoRotate(const std::string& key_id);
+  // Rotates `key_id` (pre-approved by policy). With `worn_version`, only while that version is
+  // still the key's primary.
+  absl::Status AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version);
   // An audit event of the server's own (principal kServerPrincipal).
   audit::Event ServerEvent(std::string_view action, const std::string& key_id,
                            const std::string& request_id, absl::StatusCode outcome,
@@ -274,6 +286,7 @@ class Kms {
   // states exactly once. Key-management traffic is tiny; the data path never takes it.
   std::mutex requests_mu_;
   UsageTracker usage_;
+  ObservedTime observed_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};
   std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
 };

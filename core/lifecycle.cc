@@ -146,8 +146,11 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
         }
         waiting = params.deletion_waiting_days * policy::kDay;
       }
+      // Due when both the wall clock and the server's observed time say the period is over.
+      CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
       key.state = KeyState::kPendingDeletion;
       key.deletion_due_at = now + waiting;
+      key.deletion_due_observed = observed + waiting;
       return key;
     }
     case Operation::kCancelKeyDeletion:
@@ -157,6 +160,7 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
       // Back to DISABLED, not ENABLED: re-enabling is a decision of its own.
       key.state = KeyState::kDisabled;
       key.deletion_due_at = 0;
+      key.deletion_due_observed = 0;
       return key;
     case Operation::kUpdateKeyGrants: {
       if (key.state == KeyState::kDestroyed) return Refuse(key, operation, "not DESTROYED");

@@ -1,6 +1,9 @@
 // Dual control: proposals, approvals, rejections and expiry of key-management requests, and
 // the housekeeping that destroys keys when their deletion waiting period ends.
 #include <algorithm>
+#include <optional>
+
+#include "spdlog/spdlog.h"
 
 #include "common/strings.h"
 #include "core/call.h"
@@ -351,22 +354,38 @@ absl::Status Kms::DestroyKey(const std::string& key_id) {
 absl::Status Kms::RunMaintenance() {
   std::lock_guard lock(requests_mu_);
   const int64_t now = options_.clock->NowSeconds();
+  CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
+  if (std::optional<int64_t> jump = observed_.TakeWallClockJump(kClockJumpToleranceSeconds)) {
+    const std::string detail =
+        StrCat("the wall clock moved ", *jump, " s against the time this server observed passing; ",
+               "key destruction waits for both clocks");
+    spdlog::error("clock: {}", detail);
+    CUSTOS_RETURN_IF_ERROR(
+        Commit({}, {ServerEvent("ClockJump", "", "", absl::StatusCode::kOk, detail)}));
+  }
   CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
   for (Request& request : pending) {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due, options_.store->KeysDueForDeletion(now));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
+                          options_.store->KeysDueForDeletion(now, observed));
   for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
+  // Rotations due by period (whatever the primary version), then those a version's usage asked
+  // for (only while that version is still primary: one crossing, one rotation).
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
-  std::set<std::string> rotate(stale.begin(), stale.end());
-  rotate.merge(usage_.TakeRotationWanted());
-  for (const std::string& key_id : rotate) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id));
+  for (const std::string& key_id : stale) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, std::nullopt));
+  for (const auto& [key_id, version] : usage_.RotationWanted()) {
+    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, version));
+    usage_.RotationDone(key_id, version);
+  }
+  CUSTOS_RETURN_IF_ERROR(observed_.Persist());
   return usage_.Flush();
 }
 
-absl::Status Kms::AutoRotate(const std::string& key_id) {
+absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version) {
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
   if (key->state != KeyState::kEnabled) return absl::OkStatus();  // nothing encrypts under it
+  if (worn_version && key->primary_version != *worn_version) return absl::OkStatus();  // done
   absl::StatusOr<KeyRecord> rotated = Applied(*key, Operation::kRotateKey, {});
   if (!rotated.ok()) {
     (void)Commit({}, {ServerEvent("AutoRotateKey", key_id, "", rotated.status().code())});
@@ -472,6 +491,16 @@ absl::StatusOr<std::vector<audit::Record>> Kms::ReadAudit(const Caller& caller, 
   return call.Finish([&]() -> absl::StatusOr<std::vector<audit::Record>> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     return options_.store->ReadAudit(from_seq, limit);
+  }());
+}
+
+absl::StatusOr<std::vector<audit::Checkpoint>> Kms::ReadCheckpoints(const Caller& caller,
+                                                                    uint64_t from_seq,
+                                                                    size_t limit) {
+  Call call(*this, caller, Action::kReadAudit);
+  return call.Finish([&]() -> absl::StatusOr<std::vector<audit::Checkpoint>> {
+    CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    return options_.store->ReadCheckpoints(from_seq, limit);
   }());
 }
 

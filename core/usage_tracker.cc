@@ -51,9 +51,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
     std::lock_guard lock(mu_);
     CUSTOS_ASSIGN_OR_RETURN(Counter * counter, Find(key_id, version));
     storage::VersionUsage& usage = counter->usage;
-    if (usage.encryptions >= limits_.rotate_at) {
-      flagged = rotation_wanted_.insert(key_id).second;
-    }
+    if (usage.encryptions >= limits_.rotate_at) flagged = Flag(key_id, version);
     if (usage.encryptions >= limits_.max_encryptions) {
       if (flagged && on_rotation_wanted_) on_rotation_wanted_();
       return absl::ResourceExhaustedError(
@@ -73,9 +71,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
     }
     ++usage.encryptions;
     usage.last_used_at = clock_->NowSeconds();
-    if (usage.encryptions >= limits_.rotate_at) {
-      flagged = rotation_wanted_.insert(key_id).second || flagged;
-    }
+    if (usage.encryptions >= limits_.rotate_at) flagged = Flag(key_id, version) || flagged;
   }
   if (flagged && on_rotation_wanted_) on_rotation_wanted_();
   return absl::OkStatus();
@@ -101,9 +97,23 @@ absl::StatusOr<std::vector<storage::VersionUsage>> UsageTracker::Usage(const std
   return usage;
 }
 
-std::set<std::string> UsageTracker::TakeRotationWanted() {
+bool UsageTracker::Flag(const std::string& key_id, uint32_t version) {
+  if (!flagged_.emplace(key_id, version).second) return false;
+  rotation_wanted_[key_id] = version;
+  return true;
+}
+
+std::map<std::string, uint32_t> UsageTracker::RotationWanted() {
   std::lock_guard lock(mu_);
-  return std::exchange(rotation_wanted_, {});
+  return rotation_wanted_;
+}
+
+void UsageTracker::RotationDone(const std::string& key_id, uint32_t version) {
+  std::lock_guard lock(mu_);
+  if (auto it = rotation_wanted_.find(key_id);
+      it != rotation_wanted_.end() && it->second == version) {
+    rotation_wanted_.erase(it);
+  }
 }
 
 absl::Status UsageTracker::Flush() {

@@ -4,7 +4,8 @@
 // encryption is counted in memory; the durable count is reserved in blocks ahead of use
 // (one store write per block, not per request), and after a restart counting resumes from the
 // reservation, so a crash can skip ahead but never rewind. When a version's count reaches
-// `rotate_at`, its key is flagged for automatic rotation; at `max_encryptions` further
+// `rotate_at`, its key is flagged for automatic rotation, once per version (encryptions that
+// arrive while the rotation runs must not ask for another); at `max_encryptions` further
 // encryptions under it are refused. Decryption counts and last-use times are flushed with
 // reservations and by Flush(); a crash may lose the unflushed tail of those (they inform
 // officers, they guard nothing). Thread-safe.
@@ -48,8 +49,12 @@ class UsageTracker {
   // The key's usage as of now (durable counts merged with what is only in memory yet).
   absl::StatusOr<std::vector<storage::VersionUsage>> Usage(const std::string& key_id);
 
-  // Keys flagged for rotation since the last call.
-  std::set<std::string> TakeRotationWanted();
+  // Keys flagged for rotation and not yet done, each with the version that crossed the
+  // threshold: rotating is due only while that version is still the key's primary.
+  std::map<std::string, uint32_t> RotationWanted();
+  // The flag of (key_id, version) is dealt with (rotated, or no longer primary); a flag whose
+  // rotation failed stays, for the next maintenance turn.
+  void RotationDone(const std::string& key_id, uint32_t version);
 
   // Writes decryption counts and last-use times that are only in memory.
   absl::Status Flush();
@@ -58,6 +63,9 @@ class UsageTracker {
   struct Counter;
   // The counter of (key_id, version), loaded from the store on first use. Called with mu_.
   absl::StatusOr<Counter*> Find(const std::string& key_id, uint32_t version);
+  // Flags (key_id, version) for rotation unless it was flagged before; true if it is new.
+  // Called with mu_.
+  bool Flag(const std::string& key_id, uint32_t version);
 
   storage::KeyStore* const store_;
   const Clock* const clock_;
@@ -67,7 +75,8 @@ class UsageTracker {
   std::mutex mu_;  // Guards everything below; held across a reservation's store write.
   std::map<std::pair<std::string, uint32_t>, std::unique_ptr<Counter>> counters_;
   std::set<std::string> loaded_keys_;
-  std::set<std::string> rotation_wanted_;
+  std::map<std::string, uint32_t> rotation_wanted_;
+  std::set<std::pair<std::string, uint32_t>> flagged_;  // versions ever flagged in this run
 };
 
 }  // namespace custos::core

@@ -1,5 +1,7 @@
 #include "hsm/faulty_hsm.h"
 
+#include <utility>
+
 namespace custos::hsm {
 
 void FaultyHsm::FailNext(int n, absl::Status status) {
@@ -19,7 +21,18 @@ int64_t FaultyHsm::calls() const {
   return calls_;
 }
 
+void FaultyHsm::BeforeNextCall(std::function<void()> hook) {
+  std::lock_guard lock(mu_);
+  before_next_ = std::move(hook);
+}
+
 absl::Status FaultyHsm::NextFault() {
+  std::function<void()> hook;
+  {
+    std::lock_guard lock(mu_);
+    hook = std::exchange(before_next_, nullptr);
+  }
+  if (hook) hook();  // without the lock: it may call this HSM itself
   std::lock_guard lock(mu_);
   ++calls_;
   if (down_) return absl::UnavailableError("HSM is down (FaultyHsm)");

@@ -2,13 +2,15 @@
 //
 // Like Tink's FailingAead, it is a real implementation rather than a mock: wrap the HSM a test
 // uses, then FailNext(n, status) to make the next n calls fail with `status`, or SetDown(true)
-// to make every call fail with UNAVAILABLE (as if the HSM were unplugged) until SetDown(false).
-// Forget() always forwards: it has no way to report a failure.
+// to make every call fail with UNAVAILABLE (as if the HSM were unplugged) until SetDown(false),
+// or BeforeNextCall(hook) to run something while the caller is inside the HSM (a race made
+// deterministic). Forget() always forwards: it has no way to report a failure.
 //
 // Thread-safe, if the wrapped Hsm is.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -28,6 +30,9 @@ class FaultyHsm final : public Hsm {
   void FailNext(int n, absl::Status status);
   // While down, every call (but Forget) fails with UNAVAILABLE.
   void SetDown(bool down);
+  // Runs `hook` once, at the start of the next call (any method but Forget), before that call
+  // is forwarded; calls the hook makes itself are forwarded as usual.
+  void BeforeNextCall(std::function<void()> hook);
   // Calls made so far (but Forget), failed or not.
   int64_t calls() const;
 
@@ -64,6 +69,7 @@ class FaultyHsm final : public Hsm {
   int fail_next_ = 0;
   absl::Status fail_status_;
   int64_t calls_ = 0;
+  std::function<void()> before_next_;
 };
 
 }  // namespace custos::hsm

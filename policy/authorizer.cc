@@ -75,16 +75,19 @@ std::string_view ActionName(Action action) {
 }
 
 absl::Status AuthorizeRole(Role role, Action action) {
-  if (RoleFor(action) == role) return absl::OkStatus();
-  switch (role) {
+  const std::optional<Role> allowed = RoleFor(action);
+  if (allowed == role) return absl::OkStatus();
+  // The rule that refuses is the one that reserves the action for another role.
+  switch (allowed.value_or(role)) {
     case Role::kApp:
-      return Deny(role, action, "applications do not manage keys");
+      return Deny(role, action,
+                  "only applications use key material; officers and auditors never receive it");
     case Role::kOfficer:
-      return Deny(role, action, "officers never receive key material");
+      return Deny(role, action, "only officers manage keys and their change requests");
     case Role::kAuditor:
-      return Deny(role, action, "auditors only read the audit log");
+      return Deny(role, action, "only auditors read the audit log");
   }
-  return Deny(role, action, "unknown role");
+  return Deny(role, action, "no role may");
 }
 
 std::string_view KeyUseName(KeyUse use) {

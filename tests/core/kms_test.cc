@@ -200,6 +200,11 @@ TEST_CASE("Data key sizes other than 16 and 32 are refused", "[kms]") {
   f.NewKey("k");
   CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 24, true).status().message() ==
         "data keys are 16 (AES-128) or 32 (AES-256) bytes");
+  // A key spec the front door did not know arrives as 0 and is named as such.
+  const absl::Status unknown = f.kms->GenerateDataKey(f.app, "k", {}, 0, true).status();
+  CHECK(absl::IsInvalidArgument(unknown));
+  CHECK(unknown.message() ==
+        "key_spec is not one this server knows: ask for AES_256 (32 bytes) or AES_128 (16 bytes)");
 }
 
 TEST_CASE("Every checkpoint_every records wake maintenance to sign a checkpoint", "[kms][audit]") {

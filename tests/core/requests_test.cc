@@ -2,6 +2,8 @@
 // and waiting periods are tested without sleeping.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "core/operation_params.h"
 #include "tests/core/kms_fixture.h"
 
@@ -286,6 +288,46 @@ TEST_CASE("Deletion waits, can be cancelled, then crypto-shreds the key", "[life
   // Nothing more can be proposed for a destroyed key.
   CHECK(absl::IsFailedPrecondition(
       f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k")).status()));
+}
+
+TEST_CASE("A wall clock stepped forward does not shred a key early", "[lifecycle][clock]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  Proposal schedule = Propose(Operation::kScheduleKeyDeletion, "k");
+  schedule.params.deletion_waiting_days = 7;
+  Execute(f, schedule);
+  CHECK((*f.store->GetKey(key->id))->deletion_due_observed == 7 * 24 * 3600);
+
+  // Someone sets the clock 8 days ahead: by the wall clock alone the key is overdue.
+  f.clock.StepWallClock(8 * 24 * 3600);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+  // ...and the jump is an alert: a log line and an audit record.
+  std::vector<audit::Event> events = f.sink.events();
+  const auto jump = std::find_if(events.begin(), events.end(),
+                                 [](const audit::Event& e) { return e.action == "ClockJump"; });
+  REQUIRE(jump != events.end());
+  CHECK(jump->principal == kServerPrincipal);
+  CHECK_THAT(jump->detail, Catch::StartsWith("the wall clock moved 691200 s against the time"));
+  // Reported once, not at every turn.
+  REQUIRE(f.kms->RunMaintenance().ok());
+  events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(),
+                      [](const audit::Event& e) { return e.action == "ClockJump"; }) == 1);
+
+  // Observed time persists across a restart; downtime does not count.
+  f.clock.Advance(3 * 24 * 3600);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  f.clock.StepWallClock(30 * 24 * 3600);  // a month switched off
+  f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+  f.clock.Advance(4 * 24 * 3600 - 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+  f.clock.Advance(1);  // 7 days observed in all
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kDestroyed);
 }
 
 TEST_CASE("Grant changes take effect on the next call", "[lifecycle]") {

@@ -2,6 +2,8 @@
 // survive a restart, and root key rotation.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "core/operation_params.h"
 #include "tests/core/kms_fixture.h"
 
@@ -52,6 +54,52 @@ TEST_CASE("Nearing the encryption limit triggers rotation; at it, encryption sto
   CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
     return e.action == "AutoRotateKey" && e.key_id == key->id && e.outcome == absl::StatusCode::kOk;
   }));
+}
+
+TEST_CASE("One crossing of the rotation threshold makes exactly one rotation",
+          "[rotation][usage]") {
+  UsageLimits limits;
+  limits.max_encryptions = 10;
+  limits.rotate_at = 5;
+  limits.reservation_block = 3;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  const KeyRef key = f.NewKey("k");
+  for (int i = 0; i < 5; ++i) REQUIRE(Encrypt(f, "k").ok());  // flagged at the 5th
+  // While the rotation is inside the HSM, encryptions still go to version 1 and pass the
+  // threshold again: they must not ask for a second rotation.
+  f.hsm->BeforeNextCall([&] {
+    for (int i = 0; i < 3; ++i) {
+      absl::StatusOr<Ciphertext> sealed = Encrypt(f, "k");
+      REQUIRE(sealed.ok());
+      CHECK(sealed->key_version == 1);
+    }
+  });
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->primary_version == 2);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const KeyRef after = *f.store->GetKey(key->id);
+  CHECK(after->primary_version == 2);
+  CHECK(after->versions.size() == 2);
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(),
+                      [](const audit::Event& e) { return e.action == "AutoRotateKey"; }) == 1);
+}
+
+TEST_CASE("A rotation wanted by usage that fails is retried at the next turn",
+          "[rotation][usage]") {
+  UsageLimits limits;
+  limits.max_encryptions = 10;
+  limits.rotate_at = 2;
+  limits.reservation_block = 3;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  const KeyRef key = f.NewKey("k");
+  for (int i = 0; i < 2; ++i) REQUIRE(Encrypt(f, "k").ok());
+  f.hsm->SetDown(true);
+  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
+  f.hsm->SetDown(false);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(key->id))->primary_version == 2);
 }
 
 TEST_CASE("A restart never rewinds the encryption count", "[rotation][usage]") {

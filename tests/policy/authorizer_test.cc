@@ -27,10 +27,12 @@ TEST_CASE("Every role x action pair is decided as separation of duties says", "[
   const std::set<Action> officer_may = {
       Action::kCreateKey, Action::kDescribeKey, Action::kListKeys,   Action::kPropose,
       Action::kApprove,   Action::kReject,      Action::kGetRequest, Action::kListRequests};
+  // Each role's actions, and the rule that reserves them for it (named in every refusal).
   const std::map<Role, std::pair<std::set<Action>, std::string>> rules = {
-      {Role::kApp, {app_may, "applications do not manage keys"}},
-      {Role::kOfficer, {officer_may, "officers never receive key material"}},
-      {Role::kAuditor, {{Action::kReadAudit}, "auditors only read the audit log"}},
+      {Role::kApp,
+       {app_may, "only applications use key material; officers and auditors never receive it"}},
+      {Role::kOfficer, {officer_may, "only officers manage keys and their change requests"}},
+      {Role::kAuditor, {{Action::kReadAudit}, "only auditors read the audit log"}},
   };
   for (const auto& [role, rule] : rules) {
     for (Action action : kAllActions) {
@@ -38,22 +40,34 @@ TEST_CASE("Every role x action pair is decided as separation of duties says", "[
       const absl::Status status = AuthorizeRole(role, action);
       if (rule.first.count(action) > 0) {
         CHECK(status.ok());
-      } else {
-        CHECK(status.code() == absl::StatusCode::kPermissionDenied);
-        CHECK(status.message() == "role '" + std::string(RoleName(role)) + "' may not perform " +
-                                      std::string(ActionName(action)) + ": " + rule.second);
+        continue;
       }
+      std::string reserved_by;
+      for (const auto& [owner, owner_rule] : rules) {
+        if (owner_rule.first.count(action) > 0) reserved_by = owner_rule.second;
+      }
+      CHECK(status.code() == absl::StatusCode::kPermissionDenied);
+      CHECK(status.message() == "role '" + std::string(RoleName(role)) + "' may not perform " +
+                                    std::string(ActionName(action)) + ": " + reserved_by);
     }
   }
 }
 
 TEST_CASE("Denials read as a person would act on them", "[authorizer]") {
   CHECK(AuthorizeRole(Role::kOfficer, Action::kDecrypt).message() ==
-        "role 'officer' may not perform Decrypt: officers never receive key material");
+        "role 'officer' may not perform Decrypt: only applications use key material; officers "
+        "and auditors never receive it");
   CHECK(AuthorizeRole(Role::kApp, Action::kCreateKey).message() ==
-        "role 'app' may not perform CreateKey: applications do not manage keys");
+        "role 'app' may not perform CreateKey: only officers manage keys and their change "
+        "requests");
   CHECK(AuthorizeRole(Role::kAuditor, Action::kListKeys).message() ==
-        "role 'auditor' may not perform ListKeys: auditors only read the audit log");
+        "role 'auditor' may not perform ListKeys: only officers manage keys and their change "
+        "requests");
+  // The rule that refused, not one about the caller's own role.
+  CHECK(AuthorizeRole(Role::kApp, Action::kReadAudit).message() ==
+        "role 'app' may not perform ReadAudit: only auditors read the audit log");
+  CHECK(AuthorizeRole(Role::kOfficer, Action::kReadAudit).message() ==
+        "role 'officer' may not perform ReadAudit: only auditors read the audit log");
 }
 
 TEST_CASE("Action and key-use names are stable", "[authorizer]") {

@@ -1,0 +1,53 @@
+#include "core/observed_time.h"
+
+#include <string>
+
+#include "absl/strings/numbers.h"
+#include "common/strings.h"
+
+namespace custos::core {
+
+absl::Status ObservedTime::LoadLocked() {
+  if (loaded_) return absl::OkStatus();
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
+                          store_->GetSetting(kObservedSecondsSetting));
+  int64_t seconds = 0;
+  if (stored && (!absl::SimpleAtoi(*stored, &seconds) || seconds < 0)) {
+    return absl::InternalError(
+        StrCat("the stored observed time '", *stored, "' is not a number of seconds"));
+  }
+  base_seconds_ = seconds;
+  base_monotonic_ms_ = clock_->MonotonicMillis();
+  wall_offset_ = clock_->NowSeconds() - base_seconds_;
+  loaded_ = true;
+  return absl::OkStatus();
+}
+
+int64_t ObservedTime::NowLocked() const {
+  return base_seconds_ + (clock_->MonotonicMillis() - base_monotonic_ms_) / 1000;
+}
+
+absl::StatusOr<int64_t> ObservedTime::Now() {
+  std::lock_guard lock(mu_);
+  CUSTOS_RETURN_IF_ERROR(LoadLocked());
+  return NowLocked();
+}
+
+absl::Status ObservedTime::Persist() {
+  CUSTOS_ASSIGN_OR_RETURN(const int64_t now, Now());
+  storage::WriteBatch batch;
+  batch.settings[kObservedSecondsSetting] = std::to_string(now);
+  return store_->Apply(batch);
+}
+
+std::optional<int64_t> ObservedTime::TakeWallClockJump(int64_t tolerance_seconds) {
+  std::lock_guard lock(mu_);
+  if (!loaded_) return std::nullopt;
+  const int64_t offset = clock_->NowSeconds() - NowLocked();
+  const int64_t jump = offset - wall_offset_;
+  if (jump <= tolerance_seconds && jump >= -tolerance_seconds) return std::nullopt;
+  wall_offset_ = offset;  // report each jump once
+  return jump;
+}
+
+}  // namespace custos::core

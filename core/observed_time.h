@@ -1,0 +1,57 @@
+// ObservedTime: how much time custosd has itself seen pass, summed over all its runs.
+//
+// Destroying a key cannot be undone, so it must not rest on one reading of the wall clock,
+// which an operator (or a misconfigured time server) can step forward. Observed time advances
+// only with the monotonic clock while the server runs, and is persisted in the store (setting
+// "observed_seconds") so that the next run resumes from it. Downtime does not count: it delays
+// destruction, never hastens it. A crash loses what was observed since the last Persist(),
+// again in the safe direction.
+//
+// It also notices the wall clock running ahead of (or behind) observed time within a run:
+// TakeWallClockJump() reports a jump once, so the server can alert. Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+
+#include "common/clock.h"
+#include "common/status.h"
+#include "storage/key_store.h"
+
+namespace custos::core {
+
+// The store setting holding observed seconds as decimal text.
+inline constexpr char kObservedSecondsSetting[] = "observed_seconds";
+
+class ObservedTime {
+ public:
+  // `store` and `clock` must outlive this object.
+  ObservedTime(storage::KeyStore* store, const Clock* clock) : store_(store), clock_(clock) {}
+
+  // Observed seconds now. Reads the persisted figure on first use (0 for a new store);
+  // UNAVAILABLE if it cannot be read, INTERNAL if it is not a number.
+  absl::StatusOr<int64_t> Now();
+
+  // Stores the current figure (one settings write).
+  absl::Status Persist();
+
+  // How far the wall clock has moved ahead of observed time (negative: behind) since this
+  // run began or since the last jump reported, if that exceeds `tolerance_seconds`; the
+  // jump is then reported once. Nothing before the first Now().
+  std::optional<int64_t> TakeWallClockJump(int64_t tolerance_seconds);
+
+ private:
+  absl::Status LoadLocked();
+  int64_t NowLocked() const;
+
+  storage::KeyStore* const store_;
+  const Clock* const clock_;
+  std::mutex mu_;
+  bool loaded_ = false;
+  int64_t base_seconds_ = 0;       // the persisted figure at load
+  int64_t base_monotonic_ms_ = 0;  // the monotonic clock at load
+  int64_t wall_offset_ = 0;        // wall minus observed, when last (re)based
+};
+
+}  // namespace custos::core
