@@ -221,6 +221,8 @@ std::string NextRootLabel(const std::string& label) {
 }  // namespace
 
 absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
+  // A root retired by an earlier rotation goes first: the setting holds one label at a time.
+  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoot(request.id));
   const std::string old_root = CurrentRoot();
   const std::string new_root = NextRootLabel(old_root);
   // ALREADY_EXISTS: an earlier attempt was cut short; carry on where it stopped.
@@ -258,6 +260,8 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   batch.settings[kRootKeySetting] = new_root;
+  // Remembered durably, so that its destruction is retried after a failure or a crash.
+  batch.settings[kRetiredRootSetting] = old_root;
   CUSTOS_RETURN_IF_ERROR(call.CommitWith(
       std::move(batch), absl::StatusCode::kOk,
       {ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
@@ -266,13 +270,25 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
     std::lock_guard lock(policy_mu_);
     root_key_label_ = new_root;
   }
-  // Nothing refers to the old root any more. Destroying it bounds how long a destroyed key
-  // survives in old database backups: their wrapped bytes are useless without it.
-  absl::Status destroyed = options_.hsm->DestroyRootKey(old_root);
-  if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();
-  CUSTOS_RETURN_IF_ERROR(Commit(
-      {}, {ServerEvent("DestroyRootKey", "", request.id, destroyed.code(), "root " + old_root)}));
+  // The rotation is done; if the old root cannot be destroyed now, maintenance retries.
+  (void)DestroyRetiredRoot(request.id);
   return request;
+}
+
+absl::Status Kms::DestroyRetiredRoot(const std::string& request_id) {
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> retired,
+                          options_.store->GetSetting(kRetiredRootSetting));
+  if (!retired || retired->empty()) return absl::OkStatus();
+  // Nothing refers to it any more. Destroying it bounds how long a destroyed key survives in
+  // old database backups: their wrapped bytes are useless without it.
+  absl::Status destroyed = options_.hsm->DestroyRootKey(*retired);
+  if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();  // done before a crash
+  storage::WriteBatch batch;
+  if (destroyed.ok()) batch.settings[kRetiredRootSetting] = "";
+  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {ServerEvent("DestroyRootKey", "", request_id,
+                                                               destroyed.code(),
+                                                               "root " + *retired)}));
+  return destroyed;
 }
 
 absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view request_id,
@@ -367,6 +383,7 @@ absl::Status Kms::RunMaintenance() {
   for (Request& request : pending) {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
+  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoot(""));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
   for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
