@@ -133,14 +133,49 @@ absl::Status Ensure(absl::Status created, std::string_view what, const Config& c
   return absl::OkStatus();
 }
 
+// A root rotation recorded `root`, and the token does not hold it: creating a new one would
+// not bring back a single version wrapped under it.
+absl::Status MissingRotatedRoot(const std::string& root, const absl::Status& checked) {
+  return absl::FailedPreconditionError(
+      StrCat(checked.message(), "; the last root rotation recorded root key '", root,
+             "' in the key database, so every key version is wrapped under it: restore the HSM "
+             "token (or the database) from a backup of the same root epoch"));
+}
+
+// The root key new versions are wrapped under: the store's record of the last root rotation,
+// else the configured label.
+absl::StatusOr<std::string> CurrentRootLabel(const Config& config, storage::KeyStore& store) {
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> rotated,
+                          store.GetSetting(core::kRootKeySetting));
+  return rotated.value_or(config.root_key_label);
+}
+
 // The key ceremony: the root key, the audit log's HMAC key and its checkpoint signing key,
-// each created inside the HSM once. Running it again changes nothing.
+// each created inside the HSM once. Running it again changes nothing. Once a root rotation
+// has named another root, init never creates a root under the configured label again: every
+// version is wrapped under the rotated one.
 int Init(const Config& config) {
+  absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
+      storage::KeyStore::Open(config.storage_path);
+  if (!store.ok()) return Fail(store.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
+  absl::StatusOr<std::string> root = CurrentRootLabel(config, **store);
+  if (!root.ok()) return Fail(root.status());
+  absl::Status root_done;
+  if (*root == config.root_key_label) {
+    root_done = Ensure((*hsm)->CreateRootKey(*root), StrCat("root key '", *root, "'"), config);
+  } else {
+    root_done = (*hsm)->CheckRootKey(*root);
+    if (root_done.ok()) {
+      spdlog::info("root key '{}' (named by the last root rotation) is present; nothing to do",
+                   *root);
+    } else {
+      root_done = MissingRotatedRoot(*root, root_done);
+    }
+  }
   for (absl::Status done :
-       {Ensure((*hsm)->CreateRootKey(config.root_key_label),
-               StrCat("root key '", config.root_key_label, "'"), config),
+       {root_done,
         Ensure((*hsm)->CreateHmacKey(config.audit_hmac_key_label),
                StrCat("audit HMAC key '", config.audit_hmac_key_label, "'"), config),
         Ensure((*hsm)->CreateSigningKey(config.audit_signing_key_label),
@@ -160,30 +195,28 @@ int Serve(const Config& config, const std::string& port_file) {
   absl::StatusOr<std::shared_ptr<const policy::Policy>> policy =
       policy::Policy::LoadFile(config.policy_file);
   if (!policy.ok()) return Fail(policy.status());
-  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
-  if (!hsm.ok()) return Fail(hsm.status());
-  if (absl::Status root = (*hsm)->CheckRootKey(config.root_key_label); !root.ok()) {
-    return Fail(absl::FailedPreconditionError(
-        StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
-  }
-  absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
-      storage::KeyStore::Open(config.storage_path);
-  if (!store.ok()) return Fail(store.status());
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
-      MutualTlsCredentials(config);
-  if (!credentials.ok()) return Fail(credentials.status());
-
   if (absl::Status reachable = policy::CheckQuorumsReachable(config.dual_control, **policy);
       !reachable.ok()) {
     return Fail(reachable);
   }
-  // The root new versions are wrapped under: the store's record of the last root rotation,
-  // else the configured label.
-  absl::StatusOr<std::optional<std::string>> rotated_root =
-      (*store)->GetSetting(core::kRootKeySetting);
-  if (!rotated_root.ok()) return Fail(rotated_root.status());
-  const std::string root_key_label = rotated_root->value_or(config.root_key_label);
-  if (absl::Status root = (*hsm)->CheckRootKey(root_key_label); !root.ok()) return Fail(root);
+  // First, so that a second custosd on this state stops here, before it touches anything.
+  absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
+      storage::KeyStore::Open(config.storage_path);
+  if (!store.ok()) return Fail(store.status());
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
+  if (!hsm.ok()) return Fail(hsm.status());
+  absl::StatusOr<std::string> root_key_label = CurrentRootLabel(config, **store);
+  if (!root_key_label.ok()) return Fail(root_key_label.status());
+  if (absl::Status root = (*hsm)->CheckRootKey(*root_key_label); !root.ok()) {
+    if (*root_key_label != config.root_key_label) {
+      return Fail(MissingRotatedRoot(*root_key_label, root));
+    }
+    return Fail(absl::FailedPreconditionError(
+        StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MutualTlsCredentials(config);
+  if (!credentials.ok()) return Fail(credentials.status());
   // The audit log needs its HMAC key before the first record (older state: run init again).
   if (absl::Status hmac = (*hsm)->HmacSha256(config.audit_hmac_key_label, {}).status();
       !hmac.ok()) {
@@ -205,7 +238,7 @@ int Serve(const Config& config, const std::string& port_file) {
                  .clock = &clock,
                  .policy = *policy,
                  .dual_control = config.dual_control,
-                 .root_key_label = root_key_label,
+                 .root_key_label = *root_key_label,
                  .usage_limits = config.usage_limits,
                  .audit_hmac_key_label = config.audit_hmac_key_label,
                  .audit_signing_key_label = config.audit_signing_key_label,
@@ -225,6 +258,8 @@ int Serve(const Config& config, const std::string& port_file) {
   builder.RegisterService(&admin_service);
   builder.RegisterService(&audit_service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  // Never share the port with another process: the kernel would split callers between them.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   // Worker threads beyond the HSM session pool would only queue on it; past this bound gRPC
   // answers RESOURCE_EXHAUSTED instead of piling up calls.
   grpc::ResourceQuota quota("custosd");
