@@ -288,7 +288,9 @@ absl::StatusOr<Record> FromJsonLine(std::string_view line) {
   return r;
 }
 
-std::string CheckpointToJson(const Checkpoint& checkpoint) {
+namespace {
+
+Json CheckpointObject(const Checkpoint& checkpoint) {
   Json json = Json::object();
   json["seq"] = checkpoint.seq;
   json["hash"] = ToHex(checkpoint.hash);
@@ -296,11 +298,11 @@ std::string CheckpointToJson(const Checkpoint& checkpoint) {
   PutString(json, "key_label", checkpoint.key_label);
   json["message"] = CheckpointMessage(checkpoint);
   json["signature"] = Base64(checkpoint.signature);
-  return json.dump(2) + "\n";
+  return json;
 }
 
-absl::StatusOr<Checkpoint> CheckpointFromJson(std::string_view text) {
-  CUSTOS_ASSIGN_OR_RETURN(const Json json, ParseObject(text));
+absl::StatusOr<Checkpoint> CheckpointFromObject(const Json& json) {
+  if (!json.is_object()) return absl::InvalidArgumentError("not a JSON object");
   Checkpoint c;
   CUSTOS_ASSIGN_OR_RETURN(c.seq, GetInteger<uint64_t>(json, "seq"));
   if (c.seq == 0) return absl::InvalidArgumentError("seq: a checkpoint covers record 1 or later");
@@ -315,6 +317,38 @@ absl::StatusOr<Checkpoint> CheckpointFromJson(std::string_view text) {
     return absl::InvalidArgumentError("message does not match seq, hash and time");
   }
   return c;
+}
+
+constexpr std::string_view kCheckpointLinePrefix = "{\"checkpoint\":";
+
+}  // namespace
+
+std::string CheckpointToJson(const Checkpoint& checkpoint) {
+  return CheckpointObject(checkpoint).dump(2) + "\n";
+}
+
+absl::StatusOr<Checkpoint> CheckpointFromJson(std::string_view text) {
+  CUSTOS_ASSIGN_OR_RETURN(const Json json, ParseObject(text));
+  return CheckpointFromObject(json);
+}
+
+std::string CheckpointToJsonLine(const Checkpoint& checkpoint) {
+  Json line = Json::object();
+  line["checkpoint"] = CheckpointObject(checkpoint);
+  return line.dump();  // starts with kCheckpointLinePrefix: one member, no spaces
+}
+
+bool IsCheckpointLine(std::string_view line) {
+  const size_t start = line.find_first_not_of(" \t");
+  return start != std::string_view::npos && line.substr(start).starts_with(kCheckpointLinePrefix);
+}
+
+absl::StatusOr<Checkpoint> CheckpointFromJsonLine(std::string_view line) {
+  CUSTOS_ASSIGN_OR_RETURN(const Json json, ParseObject(line));
+  if (json.size() != 1 || !json.contains("checkpoint")) {
+    return absl::InvalidArgumentError("not a checkpoint line");
+  }
+  return CheckpointFromObject(json["checkpoint"]);
 }
 
 }  // namespace custos::audit

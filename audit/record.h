@@ -130,4 +130,12 @@ std::string CheckpointToJson(const Checkpoint& checkpoint);
 // verifier.h).
 absl::StatusOr<Checkpoint> CheckpointFromJson(std::string_view json);
 
+// A checkpoint as one line of a JSON Lines export, beside the records it covers:
+// {"checkpoint":{...the members of CheckpointToJson...}}. IsCheckpointLine tells such a line
+// from a record's by its start; CheckpointFromJsonLine is the inverse (INVALID_ARGUMENT as
+// CheckpointFromJson, or if the line holds anything else).
+std::string CheckpointToJsonLine(const Checkpoint& checkpoint);
+bool IsCheckpointLine(std::string_view line);
+absl::StatusOr<Checkpoint> CheckpointFromJsonLine(std::string_view line);
+
 }  // namespace custos::audit

@@ -59,6 +59,7 @@ absl::StatusOr<std::optional<Record>> JsonLinesRecordSource::Next() {
   while (std::getline(*in_, line)) {
     ++line_number_;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (IsCheckpointLine(line)) continue;  // ReadCheckpointLines reads those
     absl::StatusOr<Record> record = FromJsonLine(line);
     if (!record.ok()) {
       return absl::InvalidArgumentError(
@@ -68,6 +69,24 @@ absl::StatusOr<std::optional<Record>> JsonLinesRecordSource::Next() {
   }
   if (in_->bad()) return absl::DataLossError(StrCat("read error after line ", line_number_));
   return std::nullopt;
+}
+
+absl::StatusOr<std::vector<Checkpoint>> ReadCheckpointLines(std::istream& in) {
+  std::vector<Checkpoint> checkpoints;
+  std::string line;
+  uint64_t line_number = 0;
+  while (std::getline(in, line)) {
+    ++line_number;
+    if (!IsCheckpointLine(line)) continue;
+    absl::StatusOr<Checkpoint> checkpoint = CheckpointFromJsonLine(line);
+    if (!checkpoint.ok()) {
+      return absl::InvalidArgumentError(
+          StrCat("line ", line_number, ": checkpoint: ", checkpoint.status().message()));
+    }
+    checkpoints.push_back(*std::move(checkpoint));
+  }
+  if (in.bad()) return absl::DataLossError(StrCat("read error after line ", line_number));
+  return checkpoints;
 }
 
 namespace {

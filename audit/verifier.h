@@ -78,7 +78,8 @@ class VectorRecordSource final : public RecordSource {
   size_t next_ = 0;
 };
 
-// Records from a JSON Lines export (one ToJsonLine object per line; blank lines are skipped).
+// Records from a JSON Lines export (one ToJsonLine object per line; blank lines and the
+// export's checkpoint lines are skipped).
 // A line that does not parse is an INVALID_ARGUMENT error naming its line number. `in` must
 // outlive the source.
 class JsonLinesRecordSource final : public RecordSource {
@@ -90,6 +91,10 @@ class JsonLinesRecordSource final : public RecordSource {
   std::istream* in_;
   uint64_t line_number_ = 0;
 };
+
+// The checkpoint lines (CheckpointToJsonLine) of a JSON Lines export, in file order.
+// INVALID_ARGUMENT naming the line if one does not parse.
+absl::StatusOr<std::vector<Checkpoint>> ReadCheckpointLines(std::istream& in);
 
 struct VerifyReport {
   bool ok = false;

@@ -56,4 +56,13 @@ inline audit::Checkpoint FromProto(const custos::v1::Checkpoint& c) {
   return checkpoint;
 }
 
+inline void ToProto(const audit::Checkpoint& checkpoint, custos::v1::Checkpoint* out) {
+  out->set_seq(checkpoint.seq);
+  out->set_hash(audit::ToHex(checkpoint.hash));
+  out->set_time(checkpoint.time);
+  out->set_key_label(checkpoint.key_label);
+  out->set_message(audit::CheckpointMessage(checkpoint));
+  out->set_signature(std::string(checkpoint.signature.begin(), checkpoint.signature.end()));
+}
+
 }  // namespace custos::server

@@ -6,8 +6,11 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <openssl/evp.h>
+#include <toml++/toml.h>
 #include <CLI/CLI.hpp>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -28,7 +31,7 @@ namespace storage = custos::storage;
 using custos::Bytes;
 
 struct Connection {
-  std::string addr = "127.0.0.1:7443";
+  std::string addr;  // empty: the state folder's listen address, else 127.0.0.1:7443
   std::string ca, cert, key, state, as;
 
   void FromEnvironment() {
@@ -47,7 +50,30 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
+// Where the server of state folder `state` listens: [server] listen in its custosd.toml, with
+// a wildcard host dialled on this machine.
+std::string AddressFromState(const std::string& state) {
+  const std::string path = state + "/custosd.toml";
+  toml::table config;
+  try {
+    config = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    throw CLI::ValidationError("cannot read " + path + ": " + std::string(e.description()));
+  }
+  const std::string listen = config["server"]["listen"].value_or(std::string("127.0.0.1:7443"));
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) throw CLI::ValidationError(path + ": listen has no port");
+  std::string host = listen.substr(0, colon);
+  const std::string port = listen.substr(colon + 1);
+  if (port == "0") {
+    throw CLI::ValidationError(path + " listens on a port chosen at start-up; give --addr");
+  }
+  if (host.empty() || host == "0.0.0.0" || host == "[::]") host = "localhost";
+  return host + ":" + port;
+}
+
 std::shared_ptr<grpc::Channel> Connect(Connection c) {
+  if (c.addr.empty()) c.addr = c.state.empty() ? "127.0.0.1:7443" : AddressFromState(c.state);
   if (!c.state.empty()) {
     if (c.as.empty()) throw CLI::ValidationError("--state needs --as NAME");
     c.ca = c.state + "/pki/ca.crt";
@@ -62,6 +88,28 @@ std::shared_ptr<grpc::Channel> Connect(Connection c) {
   tls.pem_cert_chain = ReadFile(c.cert);
   tls.pem_private_key = ReadFile(c.key);
   return grpc::CreateChannel(c.addr, grpc::SslCredentials(tls));
+}
+
+// Writes `contents` to `path`, or throws naming the file: an auditor must never believe an
+// anchor was saved when it was not.
+void WriteFileOrThrow(const std::string& path, const std::string& contents) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << contents;
+  out.close();
+  if (!out) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
+}
+
+// Writes the checkpoint's files for `openssl dgst -sha256 -verify` and for --anchor into
+// `dir`, created (0700) if missing.
+void WriteCheckpointFiles(const std::string& dir, const pb::Checkpoint& reply) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) throw std::runtime_error("cannot create " + dir + ": " + error.message());
+  WriteFileOrThrow(dir + "/checkpoint.msg", reply.message());
+  WriteFileOrThrow(dir + "/checkpoint.sig", reply.signature());
+  WriteFileOrThrow(dir + "/audit-public.pem", reply.public_key_pem());
+  WriteFileOrThrow(dir + "/checkpoint.json",
+                   audit::CheckpointToJson(custos::server::FromProto(reply)));
 }
 
 std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pairs) {
@@ -158,10 +206,19 @@ int VerifyLog(const std::string& export_file, const std::string& db_file,
     }
     report = audit::Verify(**reader, *checkpoints, anchor_ptr, *key);
   } else {
+    // Two passes: the export's checkpoints first, then the records they are checked against.
+    std::ifstream checkpoint_lines(export_file);
+    if (!checkpoint_lines) throw CLI::ValidationError("cannot read " + export_file);
+    absl::StatusOr<std::vector<audit::Checkpoint>> checkpoints =
+        audit::ReadCheckpointLines(checkpoint_lines);
+    if (!checkpoints.ok()) {
+      std::cerr << "error: " << checkpoints.status().ToString() << "\n";
+      return 2;
+    }
     std::ifstream in(export_file);
     if (!in) throw CLI::ValidationError("cannot read " + export_file);
     audit::JsonLinesRecordSource source(&in);
-    report = audit::Verify(source, {}, anchor_ptr, *key);
+    report = audit::Verify(source, *checkpoints, anchor_ptr, *key);
   }
   std::cout << report.Summary() << "\n";
   return report.ok ? 0 : 3;
@@ -232,9 +289,10 @@ int main(int argc, char** argv) {
   propose
       ->add_option("operation", operation,
                    "create-key, rotate-key, disable-key, enable-key, schedule-key-deletion, "
-                   "cancel-key-deletion, update-key-grants, set-min-decrypt-version")
+                   "cancel-key-deletion, update-key-grants, set-min-decrypt-version, "
+                   "rotate-root-key (no --key: re-wraps every key version under a new root)")
       ->required();
-  propose->add_option("--key", key, "key id or alias (all but create-key)");
+  propose->add_option("--key", key, "key id or alias (all but create-key and rotate-root-key)");
   propose->add_option("--justification", justification, "why, for the approvers")->required();
   propose->add_option("--alias", alias, "create-key: alias");
   propose->add_option("--description", description, "create-key: description");
@@ -311,24 +369,40 @@ int main(int argc, char** argv) {
       pb::Checkpoint reply;
       const grpc::Status status =
           pb::AuditService::NewStub(channel)->GetCheckpoint(ctx.get(), {}, &reply);
-      if (status.ok() && !out_dir.empty()) {
-        std::ofstream(out_dir + "/checkpoint.msg", std::ios::binary) << reply.message();
-        std::ofstream(out_dir + "/checkpoint.sig", std::ios::binary) << reply.signature();
-        std::ofstream(out_dir + "/audit-public.pem") << reply.public_key_pem();
-        std::ofstream(out_dir + "/checkpoint.json")
-            << audit::CheckpointToJson(custos::server::FromProto(reply)) << "\n";
-      }
+      if (status.ok() && !out_dir.empty()) WriteCheckpointFiles(out_dir, reply);
       return Print(status, reply);
     }
     if (export_log->parsed()) {
       pb::ReadRecordsRequest req;
       req.set_from_seq(from_seq);
-      auto reader = pb::AuditService::NewStub(channel)->ReadRecords(ctx.get(), req);
+      auto audit_stub = pb::AuditService::NewStub(channel);
+      auto reader = audit_stub->ReadRecords(ctx.get(), req);
       pb::AuditRecord record;
-      while (reader->Read(&record))
+      uint64_t last_seq = 0;
+      while (reader->Read(&record)) {
         std::cout << audit::ToJsonLine(custos::server::FromProto(record)) << "\n";
-      const grpc::Status status = reader->Finish();
-      if (!status.ok()) return Print(status, record);
+        last_seq = record.seq();
+      }
+      if (const grpc::Status status = reader->Finish(); !status.ok()) return Print(status, record);
+      // Then the signed checkpoints over what was exported (none beyond it: the verifier would
+      // take a checkpoint past the end for a truncated tail), so the export checks on its own.
+      pb::ReadCheckpointsRequest checkpoints_req;
+      checkpoints_req.set_from_seq(from_seq);
+      const auto checkpoints_ctx = NewContext();
+      auto checkpoints = audit_stub->ReadCheckpoints(checkpoints_ctx.get(), checkpoints_req);
+      pb::Checkpoint checkpoint;
+      while (checkpoints->Read(&checkpoint)) {
+        if (checkpoint.seq() > last_seq) continue;
+        std::cout << audit::CheckpointToJsonLine(custos::server::FromProto(checkpoint)) << "\n";
+      }
+      if (const grpc::Status status = checkpoints->Finish(); !status.ok()) {
+        return Print(status, checkpoint);
+      }
+      std::cout.flush();
+      if (!std::cout) {
+        std::cerr << "error: cannot write the export to standard output\n";
+        return 2;
+      }
       return 0;
     }
     if (create->parsed()) {
@@ -441,5 +515,8 @@ int main(int argc, char** argv) {
     return Print(keys->GenerateDataKeyWithoutPlaintext(ctx.get(), req, &reply), reply);
   } catch (const CLI::Error& e) {
     return app.exit(e);
+  } catch (const std::runtime_error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
   }
 }

@@ -1,5 +1,6 @@
 #include "server/services.h"
 
+#include "absl/functional/function_ref.h"
 #include "core/operation_params.h"
 #include "server/audit_proto.h"
 #include "server/grpc_status.h"
@@ -141,6 +142,31 @@ grpc::Status RefuseUnauthenticated(core::Kms& kms, std::string_view rpc,
   const absl::Status recorded =
       kms.RecordAuthenticationRefusal(rpc, context.peer(), std::string(refusal.message()));
   return ToGrpcStatus(recorded.ok() ? refusal : recorded);
+}
+
+// Streams the items `read(from, count)` returns, a page at a time, from seq `from` until
+// `limit` items (0 = all) or the end, stopping if the client goes away.
+template <typename Item, typename Proto>
+grpc::Status StreamPages(
+    const grpc::ServerContext& context, uint64_t from, uint64_t limit,
+    absl::FunctionRef<absl::StatusOr<std::vector<Item>>(uint64_t, size_t)> read,
+    grpc::ServerWriter<Proto>* writer) {
+  constexpr size_t kPage = 1000;
+  uint64_t left = limit == 0 ? UINT64_MAX : limit;
+  while (left > 0 && !context.IsCancelled()) {
+    absl::StatusOr<std::vector<Item>> page =
+        read(from, static_cast<size_t>(std::min<uint64_t>(left, kPage)));
+    if (!page.ok()) return ToGrpcStatus(page.status());
+    for (const Item& item : *page) {
+      Proto message;
+      server::ToProto(item, &message);
+      if (!writer->Write(message)) return grpc::Status::CANCELLED;
+    }
+    if (page->size() < kPage) break;
+    from = page->back().seq + 1;
+    left -= page->size();
+  }
+  return grpc::Status::OK;
 }
 
 // Declares `caller`, the authenticated caller of this RPC (named by __func__), or returns.
@@ -340,23 +366,9 @@ grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
                                            const pb::ReadRecordsRequest* request,
                                            grpc::ServerWriter<pb::AuditRecord>* writer) {
   CUSTOS_CALLER_OR_RETURN(caller, context);
-  constexpr size_t kPage = 1000;
-  uint64_t next = std::max<uint64_t>(request->from_seq(), 1);
-  uint64_t left = request->limit() == 0 ? UINT64_MAX : request->limit();
-  while (left > 0 && !context->IsCancelled()) {
-    absl::StatusOr<std::vector<audit::Record>> rows =
-        kms_->ReadAudit(*caller, next, static_cast<size_t>(std::min<uint64_t>(left, kPage)));
-    if (!rows.ok()) return ToGrpcStatus(rows.status());
-    for (const audit::Record& row : *rows) {
-      pb::AuditRecord record;
-      ToProto(row, &record);
-      if (!writer->Write(record)) return grpc::Status::CANCELLED;
-    }
-    if (rows->size() < kPage) break;
-    next = rows->back().seq + 1;
-    left -= rows->size();
-  }
-  return grpc::Status::OK;
+  return StreamPages<audit::Record>(
+      *context, std::max<uint64_t>(request->from_seq(), 1), request->limit(),
+      [&](uint64_t from, size_t count) { return kms_->ReadAudit(*caller, from, count); }, writer);
 }
 
 grpc::Status AuditServiceImpl::GetCheckpoint(grpc::ServerContext* context,
@@ -365,14 +377,19 @@ grpc::Status AuditServiceImpl::GetCheckpoint(grpc::ServerContext* context,
   CUSTOS_CALLER_OR_RETURN(caller, context);
   absl::StatusOr<core::Kms::SignedCheckpoint> latest = kms_->LatestCheckpoint(*caller);
   if (!latest.ok()) return ToGrpcStatus(latest.status());
-  response->set_seq(latest->checkpoint.seq);
-  response->set_hash(audit::ToHex(latest->checkpoint.hash));
-  response->set_time(latest->checkpoint.time);
-  response->set_key_label(latest->checkpoint.key_label);
-  response->set_message(latest->message);
-  response->set_signature(ToString(latest->checkpoint.signature));
+  ToProto(latest->checkpoint, response);
   response->set_public_key_pem(latest->public_key_pem);
   return grpc::Status::OK;
+}
+
+grpc::Status AuditServiceImpl::ReadCheckpoints(grpc::ServerContext* context,
+                                               const pb::ReadCheckpointsRequest* request,
+                                               grpc::ServerWriter<pb::Checkpoint>* writer) {
+  CUSTOS_CALLER_OR_RETURN(caller, context);
+  return StreamPages<audit::Checkpoint>(
+      *context, request->from_seq(), request->limit(),
+      [&](uint64_t from, size_t count) { return kms_->ReadCheckpoints(*caller, from, count); },
+      writer);
 }
 
 }  // namespace custos::server

@@ -71,6 +71,9 @@ class AuditServiceImpl final : public custos::v1::AuditService::Service {
   grpc::Status GetCheckpoint(grpc::ServerContext* context,
                              const custos::v1::GetCheckpointRequest* request,
                              custos::v1::Checkpoint* response) override;
+  grpc::Status ReadCheckpoints(grpc::ServerContext* context,
+                               const custos::v1::ReadCheckpointsRequest* request,
+                               grpc::ServerWriter<custos::v1::Checkpoint>* writer) override;
 
  private:
   core::Kms* kms_;
