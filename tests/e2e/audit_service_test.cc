@@ -14,19 +14,13 @@
 #include <fstream>
 #include "audit/record.h"
 #include "tests/e2e/e2e_util.h"
+#include "tests/support/files.h"
 
 namespace custos::testing {
 namespace {
 
 std::string Run(const std::string& command, int* exit_code) {
-  std::string out;
-  FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buf[4096];
-  while (fgets(buf, sizeof buf, pipe) != nullptr) out += buf;
-  const int status = pclose(pipe);
-  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return out;
+  return RunCommand(command, exit_code);
 }
 
 TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audit]") {
@@ -62,8 +56,17 @@ TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audi
   std::istringstream lines(exported);
   std::string line;
   std::vector<std::string> all;
+  std::vector<std::string> checkpoint_lines;
   bool saw_gdk = false;
   while (std::getline(lines, line)) {
+    if (audit::IsCheckpointLine(line)) {  // the stored signed checkpoints follow the records
+      absl::StatusOr<audit::Checkpoint> signed_head = audit::CheckpointFromJsonLine(line);
+      REQUIRE(signed_head.ok());
+      CHECK(signed_head->seq <= all.size());
+      checkpoint_lines.push_back(line);
+      continue;
+    }
+    REQUIRE(checkpoint_lines.empty());
     absl::StatusOr<audit::Record> record = audit::FromJsonLine(line);
     REQUIRE(record.ok());
     CHECK(record->seq == all.size() + 1);
@@ -75,6 +78,30 @@ TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audi
     all.push_back(line);
   }
   CHECK(saw_gdk);
+  REQUIRE_FALSE(checkpoint_lines.empty());  // `audit checkpoint` above signed one
+
+  // The export alone verifies, its own checkpoints' signatures included.
+  std::ofstream(dir + "/alone.jsonl") << exported;
+  const std::string alone = Run(std::string(CUSTOSCTL_PATH) + " audit verify " + dir +
+                                    "/alone.jsonl --public-key " + dir + "/audit-public.pem 2>&1",
+                                &code);
+  INFO(alone);
+  CHECK(code == 0);
+  CHECK_THAT(alone, Catch::Contains(std::to_string(checkpoint_lines.size()) +
+                                    " signed checkpoint(s) in the log verified"));
+  // A checkpoint line whose signature was tampered with fails the export.
+  std::string forged = exported;
+  const size_t signature = forged.find("\"signature\":\"", forged.find("{\"checkpoint\":"));
+  REQUIRE(signature != std::string::npos);
+  forged[signature + 16] = forged[signature + 16] == 'A' ? 'B' : 'A';
+  std::ofstream(dir + "/alone.jsonl") << forged;
+  const std::string forged_report =
+      Run(std::string(CUSTOSCTL_PATH) + " audit verify " + dir + "/alone.jsonl --public-key " +
+              dir + "/audit-public.pem 2>&1",
+          &code);
+  INFO(forged_report);
+  CHECK(code == 3);
+  CHECK_THAT(forged_report, Catch::Contains("signature does not verify"));
 
   // custosctl verifies the export offline against the anchor kept from `audit checkpoint`.
   const std::string verify = std::string(CUSTOSCTL_PATH) + " audit verify " + dir +
@@ -103,9 +130,33 @@ TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audi
 
   // Only auditors read the log.
   for (const char* who : {"app", "officer1"}) {
-    Run(ctl + " --as " + who + " audit checkpoint 2>&1", &code);
+    const std::string refused = Run(ctl + " --as " + who + " audit checkpoint 2>&1", &code);
     CHECK(code == 2);
+    CHECK_THAT(refused, Catch::Contains("only auditors read the audit log"));
   }
+}
+
+TEST_CASE("audit checkpoint --out-dir creates the folder, and fails loudly if it cannot write",
+          "[e2e][audit]") {
+  CustosServer& server = CustosServer::Shared();
+  const std::string ctl = std::string(CUSTOSCTL_PATH) +
+                          " --addr localhost:" + std::to_string(server.port()) + " --state " +
+                          server.state_dir() + " --as auditor audit checkpoint --out-dir ";
+  TempDir dir;
+  int code = 0;
+  const std::string made = Run(ctl + dir.File("anchors/today") + " 2>&1", &code);
+  INFO(made);
+  CHECK(code == 0);
+  for (const char* file :
+       {"checkpoint.msg", "checkpoint.sig", "audit-public.pem", "checkpoint.json"}) {
+    CHECK_FALSE(ReadFile(dir.File("anchors/today/") + file).empty());
+  }
+  // A path through a regular file cannot be a folder: an error, never a silent success.
+  std::ofstream(dir.File("plain-file")) << "x";
+  const std::string refused = Run(ctl + dir.File("plain-file/anchor") + " 2>&1", &code);
+  INFO(refused);
+  CHECK(code == 2);
+  CHECK_THAT(refused, Catch::Contains("error: cannot create " + dir.File("plain-file/anchor")));
 }
 
 // Copies the live database (its WAL included) to `copy` and runs `sql` on the copy with the

@@ -1,6 +1,8 @@
 #include "tests/e2e/custos_server.h"
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,12 +18,19 @@
 
 namespace custos::testing {
 
-CustosServer::CustosServer(const std::string& extra_config) {
+CustosServer::CustosServer(const ServerOptions& options) {
   const std::string dir = dir_.path();
   RunOrThrow("MAKE_STATE_QUIET=1 MAKE_STATE_OTHER_CA=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " " + dir);
-  if (!extra_config.empty()) std::ofstream(dir + "/custosd.toml", std::ios::app) << extra_config;
+  if (!options.extra_config.empty()) {
+    std::ofstream(dir + "/custosd.toml", std::ios::app) << options.extra_config;
+  }
+  if (options.fault_module) {
+    EditConfig("/usr/lib/softhsm/libsofthsm2.so", FAULT_MODULE_PATH);
+    fault_env_ =
+        "CUSTOS_FAULT_CONTROL=" + dir + "/fault.control CUSTOS_FAULT_LOG=" + dir + "/fault.log ";
+  }
   setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
-  RunOrThrow(std::string(CUSTOSD_PATH) + " --config " + dir + "/custosd.toml init >" + dir +
+  RunOrThrow(fault_env_ + CUSTOSD_PATH + " --config " + dir + "/custosd.toml init >" + dir +
              "/init.log 2>&1");
   Start();
 }
@@ -36,6 +45,11 @@ void CustosServer::Start() {
     freopen(log.c_str(), "a", stdout);
     dup2(fileno(stdout), STDERR_FILENO);
     const std::string config = dir + "/custosd.toml";
+    if (!fault_env_.empty()) {  // this server's fault module files, not another's
+      setenv("CUSTOS_FAULT_CONTROL", (dir + "/fault.control").c_str(), 1);
+      setenv("CUSTOS_FAULT_LOG", (dir + "/fault.log").c_str(), 1);
+    }
+    setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
     execl(CUSTOSD_PATH, CUSTOSD_PATH, "--config", config.c_str(), "--port-file", port_file.c_str(),
           nullptr);
     _exit(127);
@@ -52,6 +66,31 @@ void CustosServer::Start() {
 }
 
 CustosServer::~CustosServer() { Stop(); }
+
+void CustosServer::Kill() {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  std::remove(dir_.File("port").c_str());
+}
+
+void CustosServer::EditConfig(const std::string& from, const std::string& to) {
+  const std::string path = dir_.File("custosd.toml");
+  std::string text = ReadFile(path);
+  const size_t at = text.find(from);
+  if (at == std::string::npos) throw std::runtime_error("custosd.toml has no '" + from + "'");
+  text.replace(at, from.size(), to);
+  std::ofstream(path, std::ios::trunc) << text;
+}
+
+void CustosServer::SetFaults(const std::string& rules) const {
+  const std::string path = dir_.File("fault.control");
+  std::ofstream(path + ".new", std::ios::trunc) << rules;
+  std::rename((path + ".new").c_str(), path.c_str());  // a new inode: the module notices
+}
+
+std::string CustosServer::FaultLog() const { return ReadFile(dir_.File("fault.log")); }
 
 void CustosServer::Stop() {
   if (pid_ <= 0) return;
@@ -70,10 +109,7 @@ void CustosServer::Restart() {
 void CustosServer::Signal(int signal) const { kill(pid_, signal); }
 
 void CustosServer::CrashAndRestart() {
-  kill(pid_, SIGKILL);
-  waitpid(pid_, nullptr, 0);
-  pid_ = -1;
-  std::remove(dir_.File("port").c_str());
+  Kill();
   Start();
 }
 
@@ -110,6 +146,44 @@ std::unique_ptr<custos::v1::KeyService::Stub> CustosServer::Keys(const std::stri
 std::unique_ptr<custos::v1::AdminService::Stub> CustosServer::Admin(
     const std::string& client) const {
   return custos::v1::AdminService::NewStub(Channel(client));
+}
+
+int FreeLoopbackPort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    throw std::runtime_error("cannot find a free loopback port");
+  }
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+int RunCustosd(const std::string& args, std::string* output, int timeout_seconds) {
+  TempDir dir;
+  const std::string out = dir.File("out");
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c",
+          (std::string(CUSTOSD_PATH) + " " + args + " >" + out + " 2>&1").c_str(), nullptr);
+    _exit(127);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  *output = ReadFile(out);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 std::unique_ptr<grpc::ClientContext> Context() {

@@ -21,10 +21,20 @@ namespace custos::testing {
 
 inline constexpr char kAppPrincipal[] = "spiffe://custos.local/app/demo";
 
+struct ServerOptions {
+  // TOML appended to the generated custosd.toml before the first start.
+  std::string extra_config;
+  // Load the HSM through the fault-injection module (tests/fault_module), driven with
+  // CustosServer::SetFaults.
+  bool fault_module = false;
+};
+
 class CustosServer {
  public:
   // `extra_config` (TOML) is appended to the generated custosd.toml before the first start.
-  explicit CustosServer(const std::string& extra_config = "");
+  explicit CustosServer(const std::string& extra_config = "")
+      : CustosServer(ServerOptions{extra_config}) {}
+  explicit CustosServer(const ServerOptions& options);
   ~CustosServer();
 
   // The shared server of this test process, started on first use.
@@ -40,25 +50,44 @@ class CustosServer {
   void Restart();
   // Kills custosd with SIGKILL (no shutdown of any kind) and starts it again.
   void CrashAndRestart();
+  // Kills custosd with SIGKILL and waits for it, leaving it stopped; Start() runs it again.
+  void Kill();
+  // Starts custosd (after Kill or Stop). Throws if it does not come up.
+  void Start();
+  void Stop();
   // Sends `signal` to custosd (e.g. SIGHUP to reload the policy).
   void Signal(int signal) const;
   // True while the custosd process is running.
   bool Alive() const;
+  pid_t pid() const { return pid_; }
   int port() const { return port_; }
+  // Replaces `from` by `to` in custosd.toml (takes effect at the next start); throws if
+  // `from` is not there.
+  void EditConfig(const std::string& from, const std::string& to);
+  // With ServerOptions::fault_module: replaces the fault module's rules (see
+  // tests/fault_module/fault_module.cc), atomically; "" clears them. FaultLog() is what the
+  // module has logged so far.
+  void SetFaults(const std::string& rules) const;
+  std::string FaultLog() const;
   const std::string& state_dir() const { return dir_.path(); }
   // custosd's standard output and error so far.
   std::string Log() const;
 
  private:
-  void Start();
-  void Stop();
-
   TempDir dir_;
+  std::string fault_env_;  // "CUSTOS_FAULT_CONTROL=... CUSTOS_FAULT_LOG=... " with fault_module
   pid_t pid_ = -1;
   int port_ = 0;
 };
 
 // A client context with a 10-second deadline.
 std::unique_ptr<grpc::ClientContext> Context();
+
+// A loopback TCP port nobody listens on right now.
+int FreeLoopbackPort();
+
+// Runs custosd with `args` to the end (at most `timeout_seconds`, then SIGKILL), its output
+// in `*output`; returns its exit status (128 + signal if killed).
+int RunCustosd(const std::string& args, std::string* output, int timeout_seconds = 20);
 
 }  // namespace custos::testing

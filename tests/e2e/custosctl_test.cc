@@ -8,34 +8,6 @@
 namespace custos::testing {
 namespace {
 
-struct Output {
-  int exit_code = -1;
-  std::string text;  // stdout and stderr
-};
-
-Output Ctl(CustosServer& server, const std::string& as, const std::string& args) {
-  const std::string command = std::string(CUSTOSCTL_PATH) +
-                              " --addr localhost:" + std::to_string(server.port()) + " --state " +
-                              server.state_dir() + " --as " + as + " " + args + " 2>&1";
-  Output out;
-  FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  char buf[4096];
-  while (fgets(buf, sizeof buf, pipe) != nullptr) out.text += buf;
-  const int status = pclose(pipe);
-  out.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return out;
-}
-
-// The string value of `"field": "..."` in custosctl's JSON output.
-std::string Field(const std::string& json, const std::string& field) {
-  const std::string key = "\"" + field + "\": \"";
-  const size_t start = json.find(key);
-  if (start == std::string::npos) return "";
-  const size_t end = json.find('"', start + key.size());
-  return json.substr(start + key.size(), end - start - key.size());
-}
-
 TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e][ctl]") {
   CustosServer& server = CustosServer::Shared();
   const std::string alias = UniqueAlias("ctl");
@@ -102,6 +74,40 @@ TEST_CASE("custosctl runs the README's two-officer rotation", "[e2e][ctl][dual]"
   CHECK(Field(approved.text, "state") == "EXECUTED");
   CHECK_THAT(Ctl(server, "officer2", "describe-key " + alias).text,
              Catch::Contains("\"primary_version\": 2"));
+}
+
+TEST_CASE("custosctl --state dials the port in the state's custosd.toml", "[e2e][ctl]") {
+  CustosServer server;
+  server.Stop();
+  const int port = FreeLoopbackPort();  // fixed in the file, unlike the tests' port 0
+  server.EditConfig("127.0.0.1:0", "127.0.0.1:" + std::to_string(port));
+  server.Start();
+  REQUIRE(server.port() == port);
+  int code = 0;
+  const std::string listed = RunCommand(std::string(CUSTOSCTL_PATH) + " --state " +
+                                            server.state_dir() + " --as officer1 list-keys 2>&1",
+                                        &code);
+  INFO(listed);
+  CHECK(code == 0);
+  // An explicit address still wins.
+  RunCommand(std::string(CUSTOSCTL_PATH) + " --addr 127.0.0.1:1 --state " + server.state_dir() +
+                 " --as officer1 list-keys 2>&1",
+             &code);
+  CHECK(code == 2);
+}
+
+TEST_CASE("An unknown data key spec is refused naming the rule", "[e2e][ctl]") {
+  CustosServer& server = CustosServer::Shared();
+  const std::string alias = UniqueAlias("spec");
+  CreateKey(server, alias, true, true);
+  pb::GenerateDataKeyRequest req;
+  req.set_key(alias);
+  req.set_key_spec(static_cast<pb::DataKeySpec>(99));
+  pb::GenerateDataKeyResponse reply;
+  const grpc::Status status = server.Keys("app")->GenerateDataKey(Context().get(), req, &reply);
+  CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(status.error_message() ==
+        "key_spec is not one this server knows: ask for AES_256 (32 bytes) or AES_128 (16 bytes)");
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 // Small helpers shared by the end-to-end tests.
 #pragma once
 
+#include <sys/wait.h>
+
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <string>
 
 #include "tests/e2e/custos_server.h"
@@ -9,6 +12,48 @@
 namespace custos::testing {
 
 namespace pb = custos::v1;
+
+// Runs `command` with /bin/sh and returns its standard output (append 2>&1 for its errors
+// too); `*exit_code` is its exit status, or -1 if it did not exit.
+inline std::string RunCommand(const std::string& command, int* exit_code) {
+  std::string out;
+  FILE* pipe = popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  char buf[4096];
+  while (fgets(buf, sizeof buf, pipe) != nullptr) out += buf;
+  const int status = pclose(pipe);
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+
+// custosctl against `server` (its address given explicitly) with the state's certificates of
+// `as`, then `args`.
+inline std::string CtlCommand(const CustosServer& server, const std::string& as,
+                              const std::string& args) {
+  return std::string(CUSTOSCTL_PATH) + " --addr localhost:" + std::to_string(server.port()) +
+         " --state " + server.state_dir() + " --as " + as + " " + args;
+}
+
+// What a custosctl run printed (standard output and error) and how it exited.
+struct Output {
+  int exit_code = -1;
+  std::string text;
+};
+
+inline Output Ctl(const CustosServer& server, const std::string& as, const std::string& args) {
+  Output out;
+  out.text = RunCommand(CtlCommand(server, as, args) + " 2>&1", &out.exit_code);
+  return out;
+}
+
+// The string value of `"field": "..."` in custosctl's JSON output; "" if absent.
+inline std::string Field(const std::string& json, const std::string& field) {
+  const std::string key = "\"" + field + "\": \"";
+  const size_t start = json.find(key);
+  if (start == std::string::npos) return "";
+  const size_t end = json.find('"', start + key.size());
+  return json.substr(start + key.size(), end - start - key.size());
+}
 
 // Creates a key as officer1; REQUIREs success.
 inline pb::KeyMetadata CreateKey(CustosServer& server, const std::string& alias, bool encrypt_grant,

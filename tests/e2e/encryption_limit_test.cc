@@ -64,5 +64,27 @@ TEST_CASE("The encryption limit refuses, rotates, and survives kill -9", "[e2e][
   CHECK(server.Alive());
 }
 
+TEST_CASE("Encryptions back to back cross the rotation threshold once: one rotation",
+          "[e2e][limit]") {
+  CustosServer server(R"(
+[keys]
+encryption_limit = 10
+rotate_at_percent = 50
+reservation_block = 3
+)");
+  const std::string alias = "limit/once";
+  CreateKey(server, alias, true, true);
+  pb::EncryptResponse reply;
+  for (int i = 0; i < 8; ++i) REQUIRE(Encrypt(server, alias, &reply).ok());
+  AwaitPrimary(server, alias, 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // time for a second one
+  pb::DescribeKeyRequest req;
+  req.set_key(alias);
+  pb::KeyMetadata key;
+  REQUIRE(server.Admin("officer1")->DescribeKey(Context().get(), req, &key).ok());
+  CHECK(key.primary_version() == 2);
+  CHECK(key.versions_size() == 2);
+}
+
 }  // namespace
 }  // namespace custos::testing

@@ -1,0 +1,145 @@
+// One custosd per state, and readers of its live database that never disturb it: custosd
+// keeps SQLite's locks on the -shm file, so an auditor verifying the live file (or any
+// SQLite client) cannot reinitialise the shared memory under it; a second custosd on the same
+// state stops before it touches anything; two servers never split one port.
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "tests/e2e/e2e_util.h"
+#include "tests/support/files.h"
+
+namespace custos::testing {
+namespace {
+
+// The POSIX locks process `pid` holds on `path`, from /proc/locks: "<READ|WRITE> <start>
+// <end>" lines.
+std::string PosixLocksOf(pid_t pid, const std::string& path) {
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  std::string inode = ":";
+  inode += std::to_string(st.st_ino);
+  std::ifstream in("/proc/locks");
+  std::string line, found;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string ordinal, kind, advisory, mode, owner, device, start, end;
+    fields >> ordinal >> kind >> advisory >> mode >> owner >> device >> start >> end;
+    if (kind == "POSIX" && owner == std::to_string(pid) && device.ends_with(inode)) {
+      found += mode + " " + start + " " + end + "\n";
+    }
+  }
+  return found;
+}
+
+TEST_CASE("Verifying the live database under load never disturbs custosd", "[e2e][state]") {
+  CustosServer server;
+  const std::string db = server.state_dir() + "/custos.db";
+  // Like any SQLite connection, custosd holds its read lock on the -shm file (byte 128).
+  CHECK_THAT(PosixLocksOf(server.pid(), db + "-shm"), Catch::Contains("READ 128 128"));
+
+  CreateKey(server, "live/key", true, true);
+  int code = 0;
+  const std::string anchor = server.state_dir() + "/anchor";
+  REQUIRE(Ctl(server, "auditor", "audit checkpoint --out-dir " + anchor).exit_code == 0);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::vector<std::thread> apps;
+  for (int t = 0; t < 8; ++t) {
+    apps.emplace_back([&] {
+      auto keys = server.Keys("app");
+      pb::GenerateDataKeyRequest req;
+      req.set_key("live/key");
+      while (!stop) {
+        pb::GenerateDataKeyResponse reply;
+        (keys->GenerateDataKey(Context().get(), req, &reply).ok() ? ok : failed)++;
+      }
+    });
+  }
+  // An auditor verifies the live file every quarter second, and a plain SQLite client opens
+  // and closes it in between, as the sqlite3 shell or a backup tool would.
+  const std::string verify = std::string(CUSTOSCTL_PATH) + " audit verify --db " + db +
+                             " --public-key " + anchor + "/audit-public.pem 2>&1";
+  int verified = 0;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(8);
+  while (std::chrono::steady_clock::now() < until && server.Alive()) {
+    const std::string report = RunCommand(verify, &code);
+    INFO(report);
+    CHECK(code == 0);
+    verified += code == 0;
+    sqlite3* reader = nullptr;
+    REQUIRE(sqlite3_open_v2(db.c_str(), &reader, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+    CHECK(sqlite3_exec(reader, "SELECT count(*) FROM audit_log", nullptr, nullptr, nullptr) ==
+          SQLITE_OK);
+    sqlite3_close(reader);
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+  stop = true;
+  for (std::thread& t : apps) t.join();
+  INFO(server.Log());
+  REQUIRE(server.Alive());
+  CHECK(failed == 0);
+  CHECK(ok > 100);
+  CHECK(verified >= 10);
+  CHECK_THAT(PosixLocksOf(server.pid(), db + "-shm"), Catch::Contains("READ 128 128"));
+}
+
+TEST_CASE("A second custosd on the same state exits naming the first, which keeps serving",
+          "[e2e][state]") {
+  CustosServer server;
+  CreateKey(server, "owned/key", true, true);
+  std::string output;
+  const int status =
+      RunCustosd("--config " + server.state_dir() + "/custosd.toml", &output, /*timeout=*/20);
+  INFO(output);
+  CHECK(status == 1);
+  CHECK_THAT(output, Catch::Contains("in use by another process (pid " +
+                                     std::to_string(server.pid()) + ","));
+  // `init` on a served state is refused the same way rather than racing the server.
+  CHECK(RunCustosd("--config " + server.state_dir() + "/custosd.toml init", &output) == 1);
+
+  // The first server never noticed: its calls and its audit chain carry on.
+  pb::GenerateDataKeyRequest req;
+  req.set_key("owned/key");
+  pb::GenerateDataKeyResponse reply;
+  REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
+  const std::string anchor = server.state_dir() + "/anchor";
+  REQUIRE(Ctl(server, "auditor", "audit checkpoint --out-dir " + anchor).exit_code == 0);
+  int code = 0;
+  const std::string report =
+      RunCommand(std::string(CUSTOSCTL_PATH) + " audit verify --db " + server.state_dir() +
+                     "/custos.db --public-key " + anchor + "/audit-public.pem --anchor " + anchor +
+                     "/checkpoint.json 2>&1",
+                 &code);
+  INFO(report);
+  CHECK(code == 0);
+}
+
+TEST_CASE("Two servers never share a port", "[e2e][state]") {
+  CustosServer first;
+  CustosServer second;
+  const int port = FreeLoopbackPort();
+  first.Stop();
+  first.EditConfig("127.0.0.1:0", "127.0.0.1:" + std::to_string(port));
+  first.Start();
+  second.Stop();
+  second.EditConfig("127.0.0.1:0", "127.0.0.1:" + std::to_string(port));
+  std::string output;
+  const int status = RunCustosd("--config " + second.state_dir() + "/custosd.toml", &output);
+  INFO(output);
+  CHECK(status == 1);
+  CHECK_THAT(output, Catch::Contains("cannot listen on 127.0.0.1:" + std::to_string(port)));
+  CHECK(first.Alive());
+}
+
+}  // namespace
+}  // namespace custos::testing
