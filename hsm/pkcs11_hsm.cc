@@ -3,7 +3,11 @@
 // Every operation borrows a pooled session and runs once; if the HSM says the session, the
 // login or a handle was lost (token pulled, sessions closed), it drops what is stale and runs
 // once more on a fresh session, so callers see a token that came back as never gone.
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include "absl/functional/function_ref.h"
@@ -60,6 +64,58 @@ CK_GCM_PARAMS GcmParams(std::span<const uint8_t> iv, std::span<const uint8_t> aa
   return params;
 }
 
+// Watches for PKCS#11 calls that do not return (PKCS#11 has no timeout), from a thread of its
+// own since the stalled callers cannot report themselves: a call under way for longer than
+// `stall_after` is logged once, then every 30 s while the stall lasts, and its end once.
+class StallWatch {
+ public:
+  StallWatch(const SessionPool* pool, std::chrono::milliseconds stall_after)
+      : pool_(pool), stall_after_(stall_after), thread_([this] { Run(); }) {}
+  ~StallWatch() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  void Run() {
+    using std::chrono::duration_cast;
+    using std::chrono::seconds;
+    std::chrono::steady_clock::time_point stalled_since, reported;
+    bool stalled = false;
+    std::unique_lock lock(mu_);
+    while (!cv_.wait_for(lock, std::chrono::milliseconds(250), [this] { return stop_; })) {
+      const auto longest = pool_->LongestLease();
+      const auto now = std::chrono::steady_clock::now();
+      if (longest >= stall_after_ && !stalled) {
+        stalled = true;
+        stalled_since = reported = now;
+        spdlog::error("HSM stalled: a PKCS#11 call has not returned for {} s; calls that need "
+                      "the HSM wait behind it",
+                      duration_cast<seconds>(longest).count());
+      } else if (longest >= stall_after_ && now - reported >= seconds(30)) {
+        reported = now;
+        spdlog::error("HSM still stalled: the oldest PKCS#11 call has been under way for {} s",
+                      duration_cast<seconds>(longest).count());
+      } else if (longest < stall_after_ && stalled) {
+        stalled = false;
+        spdlog::info("HSM stall over after {} s",
+                     duration_cast<seconds>(now - stalled_since + stall_after_).count());
+      }
+    }
+  }
+
+  const SessionPool* const pool_;
+  const std::chrono::milliseconds stall_after_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts once the rest is ready
+};
+
 class Pkcs11Hsm final : public Hsm {
  public:
   Pkcs11Hsm(std::unique_ptr<SessionPool> pool, std::unique_ptr<KeyCache> cache)
@@ -67,7 +123,8 @@ class Pkcs11Hsm final : public Hsm {
         cache_(std::move(cache)),
         api_(pool_->module()->api()),
         roots_(pool_.get()),
-        audit_keys_(pool_.get()) {}
+        audit_keys_(pool_.get()),
+        stall_watch_(pool_.get(), std::chrono::seconds(2)) {}
 
   absl::Status CreateRootKey(const std::string& label) override;
   absl::Status CheckRootKey(const std::string& label) override;
@@ -122,6 +179,7 @@ class Pkcs11Hsm final : public Hsm {
   RootKeys roots_;
   AuditKeys audit_keys_;
   FailureLog failures_{"HSM"};
+  StallWatch stall_watch_;  // last: stopped first
 };
 
 template <typename T>

@@ -1,5 +1,6 @@
 #include "hsm/session_pool.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -61,6 +62,7 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
   if (!idle_.empty()) {
     CK_SESSION_HANDLE session = idle_.back();  // The most recently used one: still warm.
     idle_.pop_back();
+    leased_since_[session] = std::chrono::steady_clock::now();
     return Lease(this, session, epoch);
   }
   lock.unlock();  // Opening (and perhaps logging in) is slow; the slot is reserved already.
@@ -72,6 +74,8 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
     freed_.notify_one();
     return opened.status();
   }
+  lock.lock();
+  leased_since_[*opened] = std::chrono::steady_clock::now();
   return Lease(this, *opened, epoch);
 }
 
@@ -146,11 +150,20 @@ void SessionPool::DiscardAll() {
   for (CK_SESSION_HANDLE session : idle) CloseSession(session);
 }
 
+std::chrono::steady_clock::duration SessionPool::LongestLease() const {
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard lock(mu_);
+  std::chrono::steady_clock::duration longest{0};
+  for (const auto& [session, since] : leased_since_) longest = std::max(longest, now - since);
+  return longest;
+}
+
 void SessionPool::Release(CK_SESSION_HANDLE session, uint64_t epoch, bool broken) {
   bool keep;
   {
     std::lock_guard lock(mu_);
     --leased_;
+    leased_since_.erase(session);
     keep = !broken && epoch == epoch_;
     if (keep) idle_.push_back(session);
   }

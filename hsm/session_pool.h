@@ -21,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -92,6 +93,10 @@ class SessionPool {
   // was lost, so that no caller is handed a session from before the loss.
   void DiscardAll();
 
+  // How long the oldest lease still out has been out (zero if none): a call that never
+  // returns from the module (PKCS#11 has no timeout) shows here.
+  std::chrono::steady_clock::duration LongestLease() const;
+
   const std::shared_ptr<const Pkcs11Module>& module() const { return module_; }
 
  private:
@@ -109,11 +114,12 @@ class SessionPool {
   bool pin_rejected_ = false;
   bool started_ = false;  // Create() is done: a PIN rejection is no longer at start-up.
 
-  std::mutex mu_;  // Guards everything below.
+  mutable std::mutex mu_;  // Guards everything below.
   std::condition_variable freed_;
   CK_SLOT_ID slot_;  // Found again if the token moves to another slot.
   std::vector<CK_SESSION_HANDLE> idle_;
   size_t leased_ = 0;
+  std::map<CK_SESSION_HANDLE, std::chrono::steady_clock::time_point> leased_since_;
   uint64_t epoch_ = 0;  // Bumped by DiscardAll(); leases from older epochs are closed.
 };
 

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "tests/e2e/e2e_util.h"
 #include "tests/support/files.h"
@@ -48,6 +49,33 @@ TEST_CASE("An HSM failing is logged when it starts and when it clears, not per c
   CHECK(Occurrences(log, "[error] HSM failing: UNAVAILABLE: PKCS#11 ") == 1);
   CHECK(Occurrences(log, "[info] HSM working again after ") == 1);
   CHECK(Occurrences(log, "CKR_DEVICE_ERROR") < 5);  // not a line per failed call
+}
+
+TEST_CASE("A PKCS#11 call that does not return is logged as an HSM stall, and its end",
+          "[e2e][failure_log]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  CreateKey(server, "stuck/key", true, true);
+  server.SetFaults("C_GenerateRandom hang\n");
+  std::thread caller([&] {
+    pb::GenerateDataKeyRequest req;
+    req.set_key("stuck/key");
+    pb::GenerateDataKeyResponse reply;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    CHECK(server.Keys("app")->GenerateDataKey(&context, req, &reply).ok());  // once released
+  });
+  auto await = [&](const std::string& line) {
+    for (int i = 0; i < 200 && server.Log().find(line) == std::string::npos; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    INFO(server.Log());
+    REQUIRE(server.Log().find(line) != std::string::npos);
+  };
+  await("[error] HSM stalled: a PKCS#11 call has not returned for 2 s");
+  server.SetFaults("");
+  caller.join();
+  await("[info] HSM stall over after ");
+  CHECK(Occurrences(server.Log(), "HSM stalled") == 1);
 }
 
 TEST_CASE("A full disk is logged as one, and the server recovers when space is freed",

@@ -111,5 +111,20 @@ TEST_CASE("a broken lease's session is closed, a returned one is reused") {
   CHECK(info.state == CKS_RW_USER_FUNCTIONS);
 }
 
+TEST_CASE("LongestLease shows how long the oldest lease has been out") {
+  SoftHsmToken token;
+  auto pool = MakePool(token, 2, std::chrono::milliseconds(100));
+  CHECK(pool->LongestLease() == std::chrono::steady_clock::duration::zero());
+  {
+    auto lease = pool->Acquire();
+    REQUIRE(lease.ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(120));
+    auto second = pool->Acquire();
+    REQUIRE(second.ok());
+    CHECK(pool->LongestLease() >= std::chrono::milliseconds(120));
+  }
+  CHECK(pool->LongestLease() == std::chrono::steady_clock::duration::zero());
+}
+
 }  // namespace
 }  // namespace custos::testing
