@@ -104,9 +104,9 @@ using Request = storage::RequestRecord;
 
 // The store setting that names the root key new versions are wrapped under.
 inline constexpr char kRootKeySetting[] = "root_key_label";
-// The store setting naming a root that a rotation retired and that is still to be destroyed
-// in the HSM (empty once it is).
-inline constexpr char kRetiredRootSetting[] = "retired_root_key_label";
+// The store setting listing (a JSON array) the roots that rotations retired and that are still
+// to be destroyed in the HSM: each goes once no stored version is wrapped under it.
+inline constexpr char kRetiredRootsSetting[] = "retired_root_key_labels";
 
 // The principal under which the server's own actions (expiry, destruction) are audited.
 inline constexpr char kServerPrincipal[] = "custosd";
@@ -265,9 +265,11 @@ class Kms {
   absl::StatusOr<Request> Execute(Call& call, Request request, const OperationParams& params);
   // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation").
   absl::StatusOr<Request> RotateRoot(Call& call, Request request);
-  // Destroys the root a rotation retired, if any (kRetiredRootSetting), and records it under
-  // `request_id` (empty when maintenance retries). Called with requests_mu_ held.
-  absl::Status DestroyRetiredRoot(const std::string& request_id);
+  // Destroys every retired root (kRetiredRootsSetting) that wraps no stored version any more,
+  // recording each attempt under `request_id` (empty when maintenance runs it). Called with
+  // requests_mu_ held.
+  absl::Status DestroyRetiredRoots(const std::string& request_id);
+  absl::StatusOr<std::vector<std::string>> RetiredRoots() const;
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);

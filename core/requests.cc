@@ -1,8 +1,11 @@
 // Dual control: proposals, approvals, rejections and expiry of key-management requests, and
 // the housekeeping that destroys keys when their deletion waiting period ends.
 #include <algorithm>
+#include <map>
 #include <optional>
+#include <set>
 
+#include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 
 #include "common/strings.h"
@@ -221,23 +224,40 @@ std::string NextRootLabel(const std::string& label) {
 }  // namespace
 
 absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
-  // A root retired by an earlier rotation goes first: the setting holds one label at a time.
-  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoot(request.id));
+  // Roots retired earlier that nothing depends on any more go first.
+  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(request.id));
   const std::string old_root = CurrentRoot();
   const std::string new_root = NextRootLabel(old_root);
   // ALREADY_EXISTS: an earlier attempt was cut short; carry on where it stopped.
   absl::Status created = options_.hsm->CreateRootKey(new_root);
   if (!created.ok() && !absl::IsAlreadyExists(created)) return created;
-  size_t rewrapped = 0;
+  // Versions under a legacy root (one that does not confine what it unwraps) move to the new
+  // root, inside the HSM. Versions under a confining root cannot move, by design: they stay
+  // under it, and it is destroyed once the last of them is (see DestroyRetiredRoots).
+  std::map<std::string, bool> confines;  // by root label
+  std::set<std::string> retired = {old_root};
+  size_t rewrapped = 0, kept = 0;
   std::string page_token;
   do {  // Page by page: each page commits on its own, so a crash loses no finished work.
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
     storage::WriteBatch batch;
+    size_t moved = 0;
     for (const KeyRef& current : page.keys) {
       KeyRecord key = *current;
       bool changed = false;
       for (storage::KeyVersion& version : key.versions) {
         if (version.wrapped.empty() || version.root_key_label == new_root) continue;
+        retired.insert(version.root_key_label);
+        auto known = confines.find(version.root_key_label);
+        if (known == confines.end()) {
+          CUSTOS_ASSIGN_OR_RETURN(const bool confining,
+                                  options_.hsm->RootKeyConfinesVersions(version.root_key_label));
+          known = confines.emplace(version.root_key_label, confining).first;
+        }
+        if (known->second) {
+          ++kept;
+          continue;
+        }
         CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped,
                                 options_.hsm->RewrapKey({StrCat(key.id, "/", version.version),
                                                          version.wrapped, version.root_key_label},
@@ -245,50 +265,93 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
         version.wrapped = std::move(wrapped);
         version.root_key_label = new_root;
         changed = true;
-        ++rewrapped;
+        ++moved;
       }
       if (changed) batch.keys.push_back(std::move(key));
     }
-    if (!batch.keys.empty()) CUSTOS_RETURN_IF_ERROR(options_.store->Apply(batch));
+    if (!batch.keys.empty()) {  // each page recorded with what it moved
+      audit::Event page_event =
+          ServerEvent("RewrapKeyVersions", "", request.id, absl::StatusCode::kOk,
+                      StrCat(moved, " versions of ", batch.keys.size(),
+                             " keys re-wrapped from a legacy root under ", new_root));
+      CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {std::move(page_event)}));
+    }
+    rewrapped += moved;
     page_token = page.next_page_token;
   } while (!page_token.empty());
 
   request.state = RequestState::kExecuted;
   request.closed_at = options_.clock->NowSeconds();
   request.reason = StrCat("root key rotated from '", old_root, "' to '", new_root, "'; ", rewrapped,
-                          " key versions re-wrapped");
+                          " key versions re-wrapped from legacy roots; ", kept,
+                          " stay under the confining roots that wrapped them");
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> already_retired, RetiredRoots());
+  retired.insert(already_retired.begin(), already_retired.end());
+  retired.erase(new_root);
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   batch.settings[kRootKeySetting] = new_root;
-  // Remembered durably, so that its destruction is retried after a failure or a crash.
-  batch.settings[kRetiredRootSetting] = old_root;
-  CUSTOS_RETURN_IF_ERROR(call.CommitWith(
-      std::move(batch), absl::StatusCode::kOk,
-      {ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
-                   StrCat("new root ", new_root, "; ", rewrapped, " versions re-wrapped"))}));
+  // Remembered durably, so that their destruction is retried after a failure or a crash.
+  batch.settings[kRetiredRootsSetting] = nlohmann::json(retired).dump();
+  CUSTOS_RETURN_IF_ERROR(
+      call.CommitWith(std::move(batch), absl::StatusCode::kOk,
+                      {ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
+                                   StrCat("new root ", new_root, "; ", rewrapped,
+                                          " versions re-wrapped, ", kept, " kept"))}));
   {
     std::lock_guard lock(policy_mu_);
     root_key_label_ = new_root;
   }
-  // The rotation is done; if the old root cannot be destroyed now, maintenance retries.
-  (void)DestroyRetiredRoot(request.id);
+  // The rotation is done; roots that still wrap versions, or cannot be destroyed now, are left
+  // to maintenance.
+  (void)DestroyRetiredRoots(request.id);
   return request;
 }
 
-absl::Status Kms::DestroyRetiredRoot(const std::string& request_id) {
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> retired,
-                          options_.store->GetSetting(kRetiredRootSetting));
-  if (!retired || retired->empty()) return absl::OkStatus();
-  // Nothing refers to it any more. Destroying it bounds how long a destroyed key survives in
-  // old database backups: their wrapped bytes are useless without it.
-  absl::Status destroyed = options_.hsm->DestroyRootKey(*retired);
-  if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();  // done before a crash
+absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots() const {
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
+                          options_.store->GetSetting(kRetiredRootsSetting));
+  if (!stored || stored->empty()) return std::vector<std::string>();
+  const nlohmann::json labels = nlohmann::json::parse(*stored, nullptr, /*allow_exceptions=*/false);
+  if (!labels.is_array()) return absl::InternalError("the stored retired roots are not a list");
+  std::vector<std::string> out;
+  for (const nlohmann::json& label : labels) {
+    if (!label.is_string()) return absl::InternalError("a stored retired root is not a label");
+    out.push_back(label.get<std::string>());
+  }
+  return out;
+}
+
+absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> retired, RetiredRoots());
+  if (retired.empty()) return absl::OkStatus();
+  const std::string current = CurrentRoot();
+  std::vector<std::string> remaining;
+  std::vector<audit::Event> events;
+  absl::Status first_failure;
+  for (const std::string& label : retired) {
+    if (label == current) continue;  // never destroyed while new versions use it
+    CUSTOS_ASSIGN_OR_RETURN(const uint64_t wrapped, options_.store->CountVersionsUnderRoot(label));
+    if (wrapped > 0) {
+      remaining.push_back(label);
+      continue;
+    }
+    // Nothing refers to it any more. Destroying it bounds how long a destroyed key survives
+    // in old database backups: their wrapped bytes are useless without it.
+    absl::Status destroyed = options_.hsm->DestroyRootKey(label);
+    if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();  // done before a crash
+    events.push_back(
+        ServerEvent("DestroyRootKey", "", request_id, destroyed.code(), "root " + label));
+    if (!destroyed.ok()) {
+      remaining.push_back(label);
+      if (first_failure.ok()) first_failure = destroyed;
+    }
+  }
+  if (remaining.size() == retired.size() && events.empty()) return absl::OkStatus();
   storage::WriteBatch batch;
-  if (destroyed.ok()) batch.settings[kRetiredRootSetting] = "";
-  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {ServerEvent("DestroyRootKey", "", request_id,
-                                                               destroyed.code(),
-                                                               "root " + *retired)}));
-  return destroyed;
+  batch.settings[kRetiredRootsSetting] = nlohmann::json(remaining).dump();
+  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), std::move(events)));
+  return first_failure;
 }
 
 absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view request_id,
@@ -383,7 +446,7 @@ absl::Status Kms::RunMaintenance() {
   for (Request& request : pending) {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
-  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoot(""));
+  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
   for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
@@ -531,7 +594,10 @@ absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) c
 }
 
 absl::Status Kms::RecordServerStart() {
-  return Commit({}, {ServerEvent("ServerStart", "", "", absl::StatusCode::kOk),
+  const std::string root = CurrentRoot();
+  CUSTOS_ASSIGN_OR_RETURN(const bool confines, options_.hsm->RootKeyConfinesVersions(root));
+  return Commit({}, {ServerEvent("ServerStart", "", "", absl::StatusCode::kOk,
+                                 StrCat("root ", root, confines ? " (confining)" : " (legacy)")),
                      ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk,
                                  StrCat("policy sha256=", CurrentPolicy()->sha256_hex()))});
 }

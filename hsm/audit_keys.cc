@@ -227,7 +227,8 @@ absl::Status AuditKeys::CreateHmacKey(CK_SESSION_HANDLE session, const std::stri
       .Bool(CKA_UNWRAP, false)
       .Bool(CKA_DERIVE, false)
       .Bool(CKA_MODIFIABLE, false)  // Nobody can later widen its use.
-      .Bool(CKA_COPYABLE, false);
+      .Bool(CKA_COPYABLE, false)
+      .Mechanisms(CKA_ALLOWED_MECHANISMS, {CKM_SHA256_HMAC});
   CK_MECHANISM generate{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
   CK_RV rv =
@@ -303,7 +304,8 @@ absl::Status AuditKeys::CreateSigningKey(CK_SESSION_HANDLE session, const std::s
       .Bool(CKA_UNWRAP, false)
       .Bool(CKA_DERIVE, false)
       .Bool(CKA_MODIFIABLE, false)
-      .Bool(CKA_COPYABLE, false);
+      .Bool(CKA_COPYABLE, false)
+      .Mechanisms(CKA_ALLOWED_MECHANISMS, {CKM_ECDSA});
   CK_MECHANISM generate{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
   CK_OBJECT_HANDLE public_handle = CK_INVALID_HANDLE;
   CK_OBJECT_HANDLE private_handle = CK_INVALID_HANDLE;

@@ -53,6 +53,11 @@ absl::Status FaultyHsm::CheckRootKey(const std::string& label) {
   return inner_->CheckRootKey(label);
 }
 
+absl::StatusOr<bool> FaultyHsm::RootKeyConfinesVersions(const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->RootKeyConfinesVersions(label);
+}
+
 absl::Status FaultyHsm::DestroyRootKey(const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(NextFault());
   return inner_->DestroyRootKey(label);

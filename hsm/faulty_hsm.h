@@ -38,6 +38,7 @@ class FaultyHsm final : public Hsm {
 
   absl::Status CreateRootKey(const std::string& label) override;
   absl::Status CheckRootKey(const std::string& label) override;
+  absl::StatusOr<bool> RootKeyConfinesVersions(const std::string& label) override;
   absl::Status DestroyRootKey(const std::string& label) override;
   absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override;
   absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,

@@ -66,6 +66,11 @@ class Hsm {
   // the key so labelled is public or may do more than wrap and unwrap (made by another tool).
   virtual absl::Status CheckRootKey(const std::string& label) = 0;
 
+  // True if root key `label` confines what it unwraps (see hsm/root_key.h): no version
+  // unwrapped under it can ever leave the HSM. False for a legacy root, which custosd uses
+  // with a warning until a root rotation moves its versions off it. Errors as CheckRootKey.
+  virtual absl::StatusOr<bool> RootKeyConfinesVersions(const std::string& label) = 0;
+
   // Destroys root key `label` on the token. NOT_FOUND if there is none. Every version still
   // wrapped under it becomes unusable, for good: callers re-wrap first.
   virtual absl::Status DestroyRootKey(const std::string& label) = 0;
@@ -75,8 +80,9 @@ class Hsm {
   virtual absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) = 0;
 
   // Unwraps `key` under its root and wraps it again under root `new_root_key_label`, inside
-  // the HSM; the transient unwrapped copy is destroyed before this returns. DATA_LOSS if `key`
-  // does not unwrap.
+  // the HSM; the transient unwrapped copy is destroyed before this returns. Only from a legacy
+  // root: FAILED_PRECONDITION if `key`'s root confines what it unwraps (nothing can re-wrap
+  // its versions, by design). DATA_LOSS if `key` does not unwrap.
   virtual absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
                                           const std::string& new_root_key_label) = 0;
 

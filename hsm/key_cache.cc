@@ -6,6 +6,7 @@
 #include "absl/memory/memory.h"
 #include "hsm/ck_error.h"
 #include "hsm/p11_object.h"
+#include "hsm/root_key.h"
 #include "spdlog/spdlog.h"
 
 namespace custos::hsm {
@@ -70,17 +71,15 @@ absl::StatusOr<KeyCache::Ref> KeyCache::Get(const std::string& cache_id,
 
 absl::StatusOr<CK_OBJECT_HANDLE> KeyCache::UnwrapLocked(std::span<const uint8_t> wrapped,
                                                         CK_OBJECT_HANDLE root) {
+  // Exactly what a confining root's unwrap template demands (a session object, gone with the
+  // session, never on the token; sensitive; usable only for AES-GCM), plus its uses.
   AttributeTemplate unwrapped;
   unwrapped.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, CKK_AES)
-      .Bool(CKA_TOKEN, false)  // A session object: gone with the session, never on the token.
       .Bool(CKA_PRIVATE, true)
-      .Bool(CKA_SENSITIVE, true)
-      .Bool(CKA_EXTRACTABLE, false)
       .Bool(CKA_ENCRYPT, true)
-      .Bool(CKA_DECRYPT, true)
-      .Bool(CKA_WRAP, false)
-      .Bool(CKA_UNWRAP, false);
+      .Bool(CKA_DECRYPT, true);
+  AddConfinedVersionAttributes(unwrapped);
   CK_MECHANISM mechanism{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
   CK_RV rv = CKR_OK;
   for (int attempt = 0; attempt < 2; ++attempt) {

@@ -1,6 +1,8 @@
 #include "hsm/p11_object.h"
 
 #include "hsm/ck_error.h"
+
+#include <utility>
 #include "spdlog/spdlog.h"
 
 namespace custos::hsm {
@@ -20,6 +22,13 @@ AttributeTemplate& AttributeTemplate::Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG val
 AttributeTemplate& AttributeTemplate::String(CK_ATTRIBUTE_TYPE type, std::string_view value) {
   strings_.emplace_back(value);
   Add(type, strings_.back().data(), strings_.back().size());
+  return *this;
+}
+
+AttributeTemplate& AttributeTemplate::Mechanisms(CK_ATTRIBUTE_TYPE type,
+                                                 std::vector<CK_MECHANISM_TYPE> value) {
+  mechanisms_.push_back(std::move(value));
+  Add(type, mechanisms_.back().data(), mechanisms_.back().size() * sizeof(CK_MECHANISM_TYPE));
   return *this;
 }
 
@@ -71,6 +80,48 @@ absl::StatusOr<bool> GetBool(const Pkcs11Module& module, CK_SESSION_HANDLE sessi
 absl::StatusOr<CK_ULONG> GetUlong(const Pkcs11Module& module, CK_SESSION_HANDLE session,
                                   CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
   return GetScalar<CK_ULONG>(module, session, object, type);
+}
+
+absl::StatusOr<std::map<CK_ATTRIBUTE_TYPE, std::string>> GetTemplate(const Pkcs11Module& module,
+                                                                     CK_SESSION_HANDLE session,
+                                                                     CK_OBJECT_HANDLE object,
+                                                                     CK_ATTRIBUTE_TYPE type) {
+  CK_FUNCTION_LIST* api = module.api();
+  std::map<CK_ATTRIBUTE_TYPE, std::string> values;
+  // Three calls, as PKCS#11 asks for arrays of attributes: the number of entries, their
+  // types and lengths, then their values.
+  CK_ATTRIBUTE outer{type, nullptr, 0};
+  CK_RV rv = api->C_GetAttributeValue(session, object, &outer, 1);
+  if (rv == CKR_ATTRIBUTE_TYPE_INVALID || (rv == CKR_OK && outer.ulValueLen == 0)) return values;
+  if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+  if (outer.ulValueLen == CK_UNAVAILABLE_INFORMATION || outer.ulValueLen % sizeof(CK_ATTRIBUTE)) {
+    return absl::InternalError("PKCS#11 attribute template has an unexpected size");
+  }
+  std::vector<CK_ATTRIBUTE> entries(outer.ulValueLen / sizeof(CK_ATTRIBUTE));
+  outer.pValue = entries.data();
+  rv = api->C_GetAttributeValue(session, object, &outer, 1);
+  if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+  std::vector<std::string> buffers(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    buffers[i].resize(entries[i].ulValueLen);
+    entries[i].pValue = buffers[i].data();
+  }
+  rv = api->C_GetAttributeValue(session, object, &outer, 1);
+  if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    buffers[i].resize(entries[i].ulValueLen);
+    values[entries[i].type] = std::move(buffers[i]);
+  }
+  return values;
+}
+
+std::map<CK_ATTRIBUTE_TYPE, std::string> TemplateValues(AttributeTemplate& attributes) {
+  std::map<CK_ATTRIBUTE_TYPE, std::string> values;
+  for (CK_ULONG i = 0; i < attributes.size(); ++i) {
+    const CK_ATTRIBUTE& a = attributes.data()[i];
+    values[a.type] = std::string(static_cast<const char*>(a.pValue), a.ulValueLen);
+  }
+  return values;
 }
 
 ObjectGuard::~ObjectGuard() {

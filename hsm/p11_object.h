@@ -6,6 +6,8 @@
 #include <p11-kit/pkcs11.h>
 
 #include <deque>
+#include <list>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -26,6 +28,16 @@ class AttributeTemplate {
   AttributeTemplate& Bool(CK_ATTRIBUTE_TYPE type, bool value);
   AttributeTemplate& Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value);
   AttributeTemplate& String(CK_ATTRIBUTE_TYPE type, std::string_view value);
+  // A CK_MECHANISM_TYPE array (CKA_ALLOWED_MECHANISMS).
+  AttributeTemplate& Mechanisms(CK_ATTRIBUTE_TYPE type, std::vector<CK_MECHANISM_TYPE> value);
+  // An attribute array attribute (CKA_UNWRAP_TEMPLATE): a template of its own, filled by `fill`.
+  template <typename Fill>
+  AttributeTemplate& Nested(CK_ATTRIBUTE_TYPE type, Fill fill) {
+    AttributeTemplate& inner = nested_.emplace_back();
+    fill(inner);
+    Add(type, inner.data(), inner.size() * sizeof(CK_ATTRIBUTE));
+    return *this;
+  }
 
   CK_ATTRIBUTE* data() { return attributes_.data(); }
   CK_ULONG size() const { return attributes_.size(); }
@@ -37,6 +49,8 @@ class AttributeTemplate {
   std::deque<CK_BBOOL> bools_;
   std::deque<CK_ULONG> ulongs_;
   std::deque<std::string> strings_;
+  std::deque<std::vector<CK_MECHANISM_TYPE>> mechanisms_;
+  std::list<AttributeTemplate> nested_;  // list: may hold its own (incomplete) type
   std::vector<CK_ATTRIBUTE> attributes_;
 };
 
@@ -51,6 +65,15 @@ absl::StatusOr<bool> GetBool(const Pkcs11Module& module, CK_SESSION_HANDLE sessi
                              CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type);
 absl::StatusOr<CK_ULONG> GetUlong(const Pkcs11Module& module, CK_SESSION_HANDLE session,
                                   CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type);
+
+// An attribute array attribute of an object (CKA_UNWRAP_TEMPLATE) as type -> value bytes;
+// empty if the object has none (or the module does not know the attribute).
+absl::StatusOr<std::map<CK_ATTRIBUTE_TYPE, std::string>> GetTemplate(const Pkcs11Module& module,
+                                                                     CK_SESSION_HANDLE session,
+                                                                     CK_OBJECT_HANDLE object,
+                                                                     CK_ATTRIBUTE_TYPE type);
+// The same for a template built here, to compare with what GetTemplate read.
+std::map<CK_ATTRIBUTE_TYPE, std::string> TemplateValues(AttributeTemplate& attributes);
 
 // Destroys a (temporary, session) object when it goes out of scope, whatever happens between.
 class ObjectGuard {

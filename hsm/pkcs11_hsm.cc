@@ -93,9 +93,10 @@ class StallWatch {
       if (longest >= stall_after_ && !stalled) {
         stalled = true;
         stalled_since = reported = now;
-        spdlog::error("HSM stalled: a PKCS#11 call has not returned for {} s; calls that need "
-                      "the HSM wait behind it",
-                      duration_cast<seconds>(longest).count());
+        spdlog::error(
+            "HSM stalled: a PKCS#11 call has not returned for {} s; calls that need "
+            "the HSM wait behind it",
+            duration_cast<seconds>(longest).count());
       } else if (longest >= stall_after_ && now - reported >= seconds(30)) {
         reported = now;
         spdlog::error("HSM still stalled: the oldest PKCS#11 call has been under way for {} s",
@@ -128,6 +129,7 @@ class Pkcs11Hsm final : public Hsm {
 
   absl::Status CreateRootKey(const std::string& label) override;
   absl::Status CheckRootKey(const std::string& label) override;
+  absl::StatusOr<bool> RootKeyConfinesVersions(const std::string& label) override;
   absl::Status DestroyRootKey(const std::string& label) override;
   absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override;
   absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
@@ -240,6 +242,10 @@ absl::Status Pkcs11Hsm::CheckRootKey(const std::string& label) {
       .status();
 }
 
+absl::StatusOr<bool> Pkcs11Hsm::RootKeyConfinesVersions(const std::string& label) {
+  return Run<bool>([&](CK_SESSION_HANDLE session) { return roots_.Confines(session, label); });
+}
+
 absl::Status Pkcs11Hsm::DestroyRootKey(const std::string& label) {
   // Pool sessions are read/write, as destroying a token object requires.
   absl::StatusOr<CK_OBJECT_HANDLE> destroyed = Run<CK_OBJECT_HANDLE>(
@@ -276,10 +282,17 @@ absl::StatusOr<Bytes> Pkcs11Hsm::RewrapKey(const WrappedKey& key,
                                            const std::string& new_root_key_label) {
   CUSTOS_RETURN_IF_ERROR(CheckWrappedSize(key));
   return Run<Bytes>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<Bytes> {
+    CUSTOS_ASSIGN_OR_RETURN(const bool confined, roots_.Confines(session, key.root_key_label));
+    if (confined) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "stored key version '", key.cache_id, "' is wrapped under root key '", key.root_key_label,
+          "', which confines what it unwraps: it cannot be re-wrapped"));
+    }
     CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE old_root, roots_.Get(session, key.root_key_label));
     CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE new_root, roots_.Get(session, new_root_key_label));
     // Not the cache's copy: that one is non-extractable, as it must be. This one is
-    // extractable only so it can be wrapped again, and lives only until this returns.
+    // extractable only so it can be wrapped again, and lives only until this returns; a legacy
+    // root (no unwrap template) is the only kind that allows it.
     AttributeTemplate transient;
     transient.Ulong(CKA_CLASS, CKO_SECRET_KEY)
         .Ulong(CKA_KEY_TYPE, CKK_AES)

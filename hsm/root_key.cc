@@ -31,23 +31,52 @@ absl::Status Public(const std::string& label) {
 
 }  // namespace
 
-absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Get(CK_SESSION_HANDLE session,
-                                               const std::string& label) {
+void AddConfinedVersionAttributes(AttributeTemplate& attributes) {
+  attributes.Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_TOKEN, false)
+      .Bool(CKA_DERIVE, false)  // a derived key's value could be read
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false)
+      .Bool(CKA_EXTRACTABLE, false)
+      .Mechanisms(CKA_ALLOWED_MECHANISMS, {CKM_AES_GCM});
+}
+
+absl::StatusOr<RootKeys::Entry> RootKeys::Lookup(CK_SESSION_HANDLE session,
+                                                 const std::string& label) {
   {
     std::lock_guard lock(mu_);
     if (auto it = handles_.find(label); it != handles_.end()) return it->second;
   }
-  return Refresh(session, label);
+  return Load(session, label);
+}
+
+absl::StatusOr<RootKeys::Entry> RootKeys::Load(CK_SESSION_HANDLE session,
+                                               const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
+  const uint64_t before = generation();
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
+  Entry entry;
+  CUSTOS_ASSIGN_OR_RETURN(entry.handle, Verify(session, label, found));
+  CUSTOS_ASSIGN_OR_RETURN(entry.confines, CheckAttributes(session, label, entry.handle));
+  Remember(label, entry, before);
+  return entry;
+}
+
+absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Get(CK_SESSION_HANDLE session,
+                                               const std::string& label) {
+  CUSTOS_ASSIGN_OR_RETURN(Entry entry, Lookup(session, label));
+  return entry.handle;
 }
 
 absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Refresh(CK_SESSION_HANDLE session,
                                                    const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(CheckLabel(label));
-  const uint64_t before = generation();
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
-  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, Verify(session, label, found));
-  Remember(label, root, before);
-  return root;
+  CUSTOS_ASSIGN_OR_RETURN(Entry entry, Load(session, label));
+  return entry.handle;
+}
+
+absl::StatusOr<bool> RootKeys::Confines(CK_SESSION_HANDLE session, const std::string& label) {
+  CUSTOS_ASSIGN_OR_RETURN(Entry entry, Lookup(session, label));
+  return entry.confines;
 }
 
 absl::Status RootKeys::Create(CK_SESSION_HANDLE session, const std::string& label) {
@@ -76,13 +105,18 @@ absl::Status RootKeys::Create(CK_SESSION_HANDLE session, const std::string& labe
       .Bool(CKA_VERIFY, false)
       .Bool(CKA_DERIVE, false)
       .Bool(CKA_MODIFIABLE, false)  // Nobody can later allow encrypt/decrypt with it.
-      .Bool(CKA_COPYABLE, false);
+      .Bool(CKA_COPYABLE, false)
+      .Mechanisms(CKA_ALLOWED_MECHANISMS, {CKM_AES_KEY_WRAP_PAD})
+      .Nested(CKA_UNWRAP_TEMPLATE, AddConfinedVersionAttributes);
   CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
   CK_RV rv =
       pool_->module()->api()->C_GenerateKey(session, &generate, root.data(), root.size(), &handle);
   if (rv != CKR_OK) return CkError("C_GenerateKey", rv);
-  Remember(label, handle, before);
+  // Read back rather than assumed: a module that ignored the template must not pass for one
+  // that enforces it.
+  CUSTOS_ASSIGN_OR_RETURN(const bool confines, CheckAttributes(session, label, handle));
+  Remember(label, Entry{handle, confines}, before);
   return absl::OkStatus();
 }
 
@@ -96,6 +130,7 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
     return absl::NotFoundError(Missing(label));
   }
   CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, Verify(session, label, found));
+  CUSTOS_RETURN_IF_ERROR(CheckAttributes(session, label, root).status());
   CK_RV rv = pool_->module()->api()->C_DestroyObject(session, root);
   if (rv != CKR_OK) return CkError("C_DestroyObject", rv);
   // Only now: a lookup that found the key before it was destroyed must not cache its handle.
@@ -147,12 +182,11 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Verify(CK_SESSION_HANDLE session,
     return absl::FailedPreconditionError("the HSM token has several keys labelled '" + label +
                                          "'; expected exactly one root key");
   }
-  CUSTOS_RETURN_IF_ERROR(CheckAttributes(session, label, found.front()));
   return found.front();
 }
 
-absl::Status RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
-                                       CK_OBJECT_HANDLE root) {
+absl::StatusOr<bool> RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
+                                               CK_OBJECT_HANDLE root) {
   const Pkcs11Module& module = *pool_->module();
   CUSTOS_ASSIGN_OR_RETURN(CK_ULONG type, GetUlong(module, session, root, CKA_KEY_TYPE));
   CUSTOS_ASSIGN_OR_RETURN(CK_ULONG length, GetUlong(module, session, root, CKA_VALUE_LEN));
@@ -180,12 +214,18 @@ absl::Status RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const std::str
   if (modifiable) {
     return Unsafe(label, "CKA_MODIFIABLE=true", "its use could later be widened to decryption");
   }
-  return absl::OkStatus();
+  // Confining: its unwrap template is exactly ours (a weaker one confines nothing worth the
+  // name, and is treated as no template at all).
+  CUSTOS_ASSIGN_OR_RETURN(const auto unwrap_template,
+                          GetTemplate(module, session, root, CKA_UNWRAP_TEMPLATE));
+  AttributeTemplate confined;
+  AddConfinedVersionAttributes(confined);
+  return unwrap_template == TemplateValues(confined);
 }
 
-void RootKeys::Remember(const std::string& label, CK_OBJECT_HANDLE handle, uint64_t generation) {
+void RootKeys::Remember(const std::string& label, Entry entry, uint64_t generation) {
   std::lock_guard lock(mu_);
-  if (generation == generation_) handles_[label] = handle;
+  if (generation == generation_) handles_[label] = entry;
 }
 
 uint64_t RootKeys::generation() {

@@ -1,8 +1,19 @@
 // RootKeys: finds, checks, creates, destroys and remembers the root keys, the token objects
 // that wrap key versions (see "Key hierarchy" in the design). A root key is an AES-256 secret
-// key named by its label: private, sensitive, non-extractable, unmodifiable, usable only to
-// wrap and unwrap. Several coexist during a root rotation (the old one until every version is
-// re-wrapped under the new one, then it is destroyed).
+// key named by its label: private, sensitive, non-extractable, unmodifiable, not copyable,
+// usable only to wrap and unwrap (and only with CKM_AES_KEY_WRAP_PAD).
+//
+// A root made here *confines* what it unwraps: its CKA_UNWRAP_TEMPLATE (see
+// AddConfinedVersionAttributes) makes the module refuse any C_UnwrapKey whose template does
+// not ask for exactly those attributes, so a key version unwrapped under it is always
+// sensitive, non-extractable, not derivable, unable to wrap or unwrap, a session object, and
+// usable only for AES-GCM. Whoever holds the PIN can use versions through the HSM, but can
+// never get one out of it: not in the clear, not under a key of their own. The template cannot
+// be changed after generation. Roots made before this (or by another tool) without that
+// template are "legacy": still used, but a PIN holder could unwrap their versions as
+// extractable; a root rotation moves their versions to a confining root and destroys them.
+// Several roots coexist after a rotation: versions under a confining root cannot be re-wrapped
+// (that is the point), so they stay under it until their keys are destroyed.
 //
 // A key made by another tool is used only if it has every one of those attributes: a public
 // key can be used without the PIN, and one that may decrypt (or could be modified to) would
@@ -31,6 +42,13 @@
 
 namespace custos::hsm {
 
+class AttributeTemplate;
+
+// Adds to `attributes` what every key version unwrapped under a confining root must have (and
+// what its CKA_UNWRAP_TEMPLATE fixes): CKA_SENSITIVE, CKA_TOKEN=false, CKA_DERIVE=false,
+// CKA_WRAP=false, CKA_UNWRAP=false, CKA_EXTRACTABLE=false, CKA_ALLOWED_MECHANISMS={AES-GCM}.
+void AddConfinedVersionAttributes(AttributeTemplate& attributes);
+
 class RootKeys {
  public:
   // `pool` must outlive this object.
@@ -44,6 +62,9 @@ class RootKeys {
 
   // Like Get(), but always asks the token (a health check must not trust the cached handle).
   absl::StatusOr<CK_OBJECT_HANDLE> Refresh(CK_SESSION_HANDLE session, const std::string& label);
+
+  // True if root `label` confines what it unwraps; false for a legacy root. Errors as Get().
+  absl::StatusOr<bool> Confines(CK_SESSION_HANDLE session, const std::string& label);
 
   // Generates root key `label` inside the HSM. ALREADY_EXISTS if the token has a private key
   // so labelled (a public one is not a root key and does not count).
@@ -68,10 +89,17 @@ class RootKeys {
   // The one usable root key among `found`, or why there is none.
   absl::StatusOr<CK_OBJECT_HANDLE> Verify(CK_SESSION_HANDLE session, const std::string& label,
                                           const std::vector<CK_OBJECT_HANDLE>& found);
-  absl::Status CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
-                               CK_OBJECT_HANDLE root);
-  // Caches `handle` for `label` unless a Reset() or Destroy() came after `generation`.
-  void Remember(const std::string& label, CK_OBJECT_HANDLE handle, uint64_t generation);
+  // OK if `root` may be used; then whether it confines what it unwraps.
+  absl::StatusOr<bool> CheckAttributes(CK_SESSION_HANDLE session, const std::string& label,
+                                       CK_OBJECT_HANDLE root);
+  struct Entry {
+    CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    bool confines = false;
+  };
+  absl::StatusOr<Entry> Lookup(CK_SESSION_HANDLE session, const std::string& label);
+  absl::StatusOr<Entry> Load(CK_SESSION_HANDLE session, const std::string& label);
+  // Caches `entry` for `label` unless a Reset() or Destroy() came after `generation`.
+  void Remember(const std::string& label, Entry entry, uint64_t generation);
   uint64_t generation();
 
   SessionPool* const pool_;
@@ -79,7 +107,7 @@ class RootKeys {
   std::mutex admin_mu_;  // Serialises Create() and Destroy(); taken before mu_.
 
   std::mutex mu_;  // Guards the two below; never held while calling the HSM.
-  std::map<std::string, CK_OBJECT_HANDLE> handles_;
+  std::map<std::string, Entry> handles_;
   uint64_t generation_ = 0;  // Bumped by Reset() and Destroy().
 };
 

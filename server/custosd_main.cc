@@ -214,6 +214,16 @@ int Serve(const Config& config, const std::string& port_file) {
     return Fail(absl::FailedPreconditionError(
         StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
   }
+  absl::StatusOr<bool> confines = (*hsm)->RootKeyConfinesVersions(*root_key_label);
+  if (!confines.ok()) return Fail(confines.status());
+  if (!*confines) {
+    spdlog::warn(
+        "root key '{}' is a legacy root: it does not confine what it unwraps, so anyone holding "
+        "the HSM PIN can unwrap its key versions as extractable and read them outside custosd. "
+        "Migrate now: two officers run a root rotation (custosctl propose rotate-root-key), "
+        "which moves every key version under a new, confining root and destroys this one",
+        *root_key_label);
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       MutualTlsCredentials(config);
   if (!credentials.ok()) return Fail(credentials.status());

@@ -74,6 +74,10 @@ constexpr char kSelectDueForRotation[] =
     " WHERE k.rotation_period_seconds > 0 AND k.state = 1"
     " AND v.created_at + k.rotation_period_seconds <= ?1";
 
+// Spelled as the partial index of schema version 5, so SQLite counts from the index alone.
+constexpr char kCountVersionsUnderRoot[] =
+    "SELECT count(*) FROM key_versions WHERE root_key_label = ?1 AND length(wrapped) > 0";
+
 constexpr char kSelectUsage[] =
     "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at"
     " FROM version_usage WHERE key_id = ?1 ORDER BY version";
@@ -354,6 +358,14 @@ absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Databa
 absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Database& db,
                                                                   int64_t now) {
   return SelectIds(db, kSelectDueForRotation, {now});
+}
+
+absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::string_view label) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kCountVersionsUnderRoot));
+  stmt.BindText(1, label);
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return absl::InternalError("count(*) returned no row");
+  return static_cast<uint64_t>(stmt.ColumnInt64(0));
 }
 
 absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,

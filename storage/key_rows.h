@@ -43,6 +43,9 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
                                                                       std::string_view after_id,
                                                                       size_t limit);
 
+// How many stored versions (not erased) are wrapped under root `label`.
+absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::string_view label);
+
 // Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now and
 // deletion_due_observed <= observed.
 absl::StatusOr<std::vector<std::string>> SelectKeysDueForDeletion(sqlite::Database& db, int64_t now,

@@ -395,6 +395,11 @@ absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForRotation(int64_t no
   return SelectKeysDueForRotation(*impl_->db_, now);
 }
 
+absl::StatusOr<uint64_t> KeyStore::CountVersionsUnderRoot(std::string_view label) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return storage::CountVersionsUnderRoot(*impl_->db_, label);
+}
+
 absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement select,

@@ -189,6 +189,9 @@ class KeyStore {
   absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpoints(uint64_t from_seq,
                                                                  size_t limit) const;
 
+  // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
+  absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
+
   // A server-wide setting written by Apply; nullopt if never set.
   absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;
 

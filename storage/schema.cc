@@ -142,11 +142,14 @@ constexpr const char* kMigrations[] = {
     )sql",
     // 5: destruction waits for observed time too (core/observed_time.h). Observed time starts
     // at 0 with this version, so a pending deletion is due once as much time as its wall-clock
-    // due time had left has been observed.
+    // due time had left has been observed. Versions are found by the root that wraps them.
     R"sql(
       ALTER TABLE keys ADD COLUMN deletion_due_observed INTEGER NOT NULL DEFAULT 0;
       UPDATE keys SET deletion_due_observed =
         MAX(0, deletion_due_at - CAST(strftime('%s', 'now') AS INTEGER)) WHERE state = 3;
+      -- Which versions a root still wraps (a root is destroyed once it wraps none).
+      CREATE INDEX key_versions_by_root ON key_versions (root_key_label)
+        WHERE length(wrapped) > 0;
       PRAGMA user_version = 5;
     )sql",
 };

@@ -65,7 +65,8 @@ struct Fixture {
   Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
   Caller officer2{kOfficer2, "ipv4:127.0.0.1:5003"};
   Caller officer3{kOfficer3, "ipv4:127.0.0.1:5004"};
-  uint64_t checkpoint_every = 1000;  // takes effect at the next Start
+  uint64_t checkpoint_every = 1000;        // takes effect at the next Start
+  std::string root_label = "custos-root";  // new versions' root, as of the next Start
   std::atomic<int> maintenance_wakes{0};
 
   explicit Fixture(policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults(),
@@ -96,7 +97,7 @@ struct Fixture {
                                              .clock = &clock,
                                              .policy = std::move(policy),
                                              .dual_control = dual_control,
-                                             .root_key_label = "custos-root",
+                                             .root_key_label = root_label,
                                              .usage_limits = limits,
                                              .checkpoint_every = checkpoint_every,
                                              .wake_maintenance = [this] { ++maintenance_wakes; }});

@@ -6,6 +6,7 @@
 
 #include "core/operation_params.h"
 #include "tests/core/kms_fixture.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::core {
 namespace {
@@ -157,14 +158,7 @@ TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[r
   CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
 }
 
-TEST_CASE("Root key rotation re-wraps every live version and destroys the old root",
-          "[rotation][root]") {
-  Fixture f;
-  const KeyRef a = f.NewKey("a");
-  const KeyRef b = f.NewKey("b");
-  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
-  REQUIRE(sealed.ok());
-
+absl::StatusOr<Request> RotateRoot(Fixture& f) {
   Proposal proposal;
   proposal.operation = Operation::kRotateRootKey;
   proposal.justification = "annual root rotation";
@@ -174,25 +168,143 @@ TEST_CASE("Root key rotation re-wraps every live version and destroys the old ro
   CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer2, proposal).status()));
   const std::string digest = RequestDigest(*request);
   REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
-  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);
+  return f.kms->Approve(f.officer3, request->id, digest);
+}
+
+size_t Count(Fixture& f, const std::string& action, const std::string& detail) {
+  const std::vector<audit::Event> events = f.sink.events();
+  return static_cast<size_t>(std::count_if(events.begin(), events.end(), [&](const auto& e) {
+    return e.action == action && e.detail == detail && e.outcome == absl::StatusCode::kOk;
+  }));
+}
+
+TEST_CASE(
+    "A root rotation: new versions under the new root; the old confining root goes when "
+    "its last version does",
+    "[rotation][root]") {
+  Fixture f;
+  const KeyRef a = f.NewKey("a");
+  const KeyRef b = f.NewKey("b");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
+  REQUIRE(sealed.ok());
+
+  absl::StatusOr<Request> done = RotateRoot(f);
   INFO(done.status().ToString());
   REQUIRE(done.ok());
   CHECK(done->state == RequestState::kExecuted);
   CHECK(done->reason ==
-        "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions re-wrapped");
+        "root key rotated from 'custos-root' to 'custos-root.2'; 0 key versions re-wrapped from "
+        "legacy roots; 2 stay under the confining roots that wrapped them");
+  // A confining root's versions cannot be re-wrapped: they stay, and so does their root.
   for (const KeyRef& key : {a, b}) {
-    const KeyRef now = *f.store->GetKey(key->id);
-    CHECK(now->versions[0].root_key_label == "custos-root.2");
-    CHECK(now->versions[0].wrapped != key->versions[0].wrapped);
+    CHECK((*f.store->GetKey(key->id))->versions[0].root_key_label == "custos-root");
   }
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.2");
-  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("custos-root")));
-  CHECK(f.hsm->CheckRootKey("custos-root.2").ok());
-
-  // Old ciphertexts still decrypt; new versions are wrapped under the new root.
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root"])");
+  CHECK(f.hsm->CheckRootKey("custos-root").ok());
+  CHECK(*f.hsm->RootKeyConfinesVersions("custos-root.2"));
   CHECK(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
   const KeyRef c = f.NewKey("c");
   CHECK(c->versions[0].root_key_label == "custos-root.2");
+  // Rotating a key puts its new version under the new root; the old one still decrypts.
+  Proposal rotate;
+  rotate.operation = Operation::kRotateKey;
+  rotate.key = "a";
+  rotate.justification = "move to the new root";
+  absl::StatusOr<Request> proposed = f.kms->Propose(f.officer, rotate);
+  REQUIRE(proposed.ok());
+  REQUIRE(f.kms->Approve(f.officer2, proposed->id, RequestDigest(*proposed)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, proposed->id, RequestDigest(*proposed)).ok());
+  CHECK((*f.store->GetKey(a->id))->versions[1].root_key_label == "custos-root.2");
+  CHECK(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+
+  // Once the last version under the old root is crypto-shredded, maintenance destroys it.
+  for (const std::string key : {"a", "b"}) {
+    Proposal schedule;
+    schedule.operation = Operation::kScheduleKeyDeletion;
+    schedule.key = key;
+    schedule.justification = "retire the old root";
+    absl::StatusOr<Request> scheduled = f.kms->Propose(f.officer, schedule);
+    REQUIRE(scheduled.ok());
+    REQUIRE(f.kms->Approve(f.officer2, scheduled->id, RequestDigest(*scheduled)).ok());
+    REQUIRE(f.kms->Approve(f.officer3, scheduled->id, RequestDigest(*scheduled)).ok());
+  }
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.hsm->CheckRootKey("custos-root").ok());  // still wraps versions of a and b
+  f.clock.Advance(30 * policy::kDay);
+  REQUIRE(f.kms->RunMaintenance().ok());  // destroys a and b, then the root nothing needs
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("custos-root")));
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == "[]");
+  CHECK(Count(f, "DestroyRootKey", "root custos-root") == 1);
+  CHECK(f.kms->Encrypt(f.app, "c", SecureBytes::FromString("x").span(), {}).ok());
+}
+
+TEST_CASE("A root rotation moves every version off a legacy root and destroys it",
+          "[rotation][root]") {
+  Fixture f;
+  // A root made before roots confined what they unwrap: a PIN holder could unwrap its
+  // versions as extractable. A rotation is the migration.
+  custos::testing::RawToken(f.token).CreateLegacyRoot("legacy-root");
+  f.root_label = "legacy-root";
+  f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
+  REQUIRE_FALSE(*f.hsm->RootKeyConfinesVersions("legacy-root"));
+  const KeyRef a = f.NewKey("a");
+  const KeyRef b = f.NewKey("b");
+  REQUIRE(a->versions[0].root_key_label == "legacy-root");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
+  REQUIRE(sealed.ok());
+
+  absl::StatusOr<Request> done = RotateRoot(f);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->reason ==
+        "root key rotated from 'legacy-root' to 'legacy-root.2'; 2 key versions re-wrapped from "
+        "legacy roots; 0 stay under the confining roots that wrapped them");
+  for (const KeyRef& key : {a, b}) {
+    const KeyRef now = *f.store->GetKey(key->id);
+    CHECK(now->versions[0].root_key_label == "legacy-root.2");
+    CHECK(now->versions[0].wrapped != key->versions[0].wrapped);
+  }
+  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("legacy-root")));
+  CHECK(*f.hsm->RootKeyConfinesVersions("legacy-root.2"));
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == "[]");
+  CHECK(Count(f, "RewrapKeyVersions",
+              "2 versions of 2 keys re-wrapped from a legacy root under legacy-root.2") == 1);
+  CHECK(Count(f, "DestroyRootKey", "root legacy-root") == 1);
+  CHECK(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+}
+
+TEST_CASE("A retired root that cannot be destroyed now is retried by maintenance",
+          "[rotation][root]") {
+  Fixture f;
+  custos::testing::RawToken(f.token).CreateLegacyRoot("legacy-root");
+  f.root_label = "legacy-root";
+  f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
+  f.NewKey("a");
+  // The HSM goes away just as the rotation has committed and turns to the old root.
+  Proposal proposal;
+  proposal.operation = Operation::kRotateRootKey;
+  proposal.justification = "annual root rotation";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  const std::string digest = RequestDigest(*request);
+  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
+  // Calls: CreateRootKey, RootKeyConfinesVersions, RewrapKey, then the destruction.
+  f.hsm->BeforeNextCall([&] {
+    f.hsm->BeforeNextCall([&] {
+      f.hsm->BeforeNextCall([&] { f.hsm->BeforeNextCall([&] { f.hsm->SetDown(true); }); });
+    });
+  });
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);
+  f.hsm->SetDown(false);
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+  CHECK(f.hsm->CheckRootKey("legacy-root").ok());  // not destroyed yet...
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["legacy-root"])");
+  REQUIRE(f.kms->RunMaintenance().ok());  // ...but at the next turn
+  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("legacy-root")));
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == "[]");
 }
 
 }  // namespace

@@ -15,8 +15,30 @@
 #include <thread>
 
 #include "tests/support/files.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
+
+namespace {
+
+// In a child process, so that this one never initialises SoftHSM on the state's token.
+void CreateLegacyRoot(const std::string& dir) {
+  std::string pin = ReadFile(dir + "/hsm/pin");
+  while (!pin.empty() && (pin.back() == '\n' || pin.back() == '\r')) pin.pop_back();
+  std::fflush(nullptr);
+  const pid_t child = fork();
+  if (child == 0) {
+    RawToken("custos", pin).CreateLegacyRoot("custos-root");
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    throw std::runtime_error("could not make a legacy root key in " + dir);
+  }
+}
+
+}  // namespace
 
 CustosServer::CustosServer(const ServerOptions& options) {
   const std::string dir = dir_.path();
@@ -30,6 +52,7 @@ CustosServer::CustosServer(const ServerOptions& options) {
         "CUSTOS_FAULT_CONTROL=" + dir + "/fault.control CUSTOS_FAULT_LOG=" + dir + "/fault.log ";
   }
   setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
+  if (options.legacy_root) CreateLegacyRoot(dir);
   RunOrThrow(fault_env_ + CUSTOSD_PATH + " --config " + dir + "/custosd.toml init >" + dir +
              "/init.log 2>&1");
   Start();

@@ -27,6 +27,9 @@ struct ServerOptions {
   // Load the HSM through the fault-injection module (tests/fault_module), driven with
   // CustosServer::SetFaults.
   bool fault_module = false;
+  // Make the root key before `custosd init` as a legacy root (no unwrap template), as the
+  // states of Custos before roots confined what they unwrap have it.
+  bool legacy_root = false;
 };
 
 class CustosServer {

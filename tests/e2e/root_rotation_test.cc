@@ -1,7 +1,10 @@
 // Root key rotation end to end, through custosctl as officers run it, and the restarts that
-// follow it: after a completed rotation (the configured root is gone by then), and after
-// rotations cut short by kill -9 mid-way through re-wrapping and just before the old root's
-// destruction. Old blobs decrypt throughout, and the old root ends destroyed.
+// follow it. Over a confining root (what `custosd init` makes) a rotation puts new versions
+// under a new root and keeps the old one for the versions it wraps. Over a legacy root it is
+// the migration: every version moves to a confining root and the legacy root is destroyed, so
+// the configured root is gone; custosd restarts on the rotated one, also after the migration
+// was cut short by kill -9 mid-way through re-wrapping or just before the old root's
+// destruction. Old blobs decrypt throughout.
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <set>
@@ -17,8 +20,10 @@ namespace custos::testing {
 namespace {
 
 constexpr char kSoftHsm[] = "/usr/lib/softhsm/libsofthsm2.so";
-// The token's secret keys once the first root rotation is complete.
+// The token's secret keys once a legacy root's migration is complete.
 const std::set<std::string> kRotatedToken = {"custos-audit-hmac", "custos-root.2"};
+
+constexpr char kLegacyWarning[] = "root key 'custos-root' is a legacy root";
 
 // Labels of the secret keys on the state's token (read by pkcs11-tool, not Custos).
 std::set<std::string> TokenSecretKeys(const CustosServer& server) {
@@ -90,12 +95,12 @@ bool Audited(CustosServer& server, const std::string& action, const std::string&
   return false;
 }
 
-TEST_CASE("custosctl lists and runs rotate-root-key; custosd restarts on the rotated root",
-          "[e2e][root]") {
+TEST_CASE("custosctl lists and runs rotate-root-key over a confining root", "[e2e][root]") {
   int code = 0;
   CHECK_THAT(RunCommand(std::string(CUSTOSCTL_PATH) + " propose --help", &code),
              Catch::Contains("rotate-root-key"));
   CustosServer server;
+  CHECK_THAT(server.Log(), !Catch::Contains("legacy root"));
   std::vector<Bytes> blobs;
   for (const char* alias : {"root/a", "root/b"}) {
     CreateKey(server, alias, true, true);
@@ -107,11 +112,42 @@ TEST_CASE("custosctl lists and runs rotate-root-key; custosd restarts on the rot
   REQUIRE(approved.exit_code == 0);
   CHECK(Field(approved.text, "state") == "EXECUTED");
   CHECK(Field(approved.text, "reason") ==
-        "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions re-wrapped");
+        "root key rotated from 'custos-root' to 'custos-root.2'; 0 key versions re-wrapped from "
+        "legacy roots; 2 stay under the confining roots that wrapped them");
+  blobs.push_back(NewBlob(server, "root/a"));  // a new blob, under version 1 still
+  server.Restart();
+  CheckDecrypts(server, blobs);
+  server.Stop();
+  // The old root stays for the versions it wraps; no version can be moved off it.
+  CHECK(TokenSecretKeys(server) ==
+        std::set<std::string>{"custos-audit-hmac", "custos-root", "custos-root.2"});
+  server.Start();
+}
+
+TEST_CASE("A legacy root is migrated by a root rotation; custosd restarts on the new root",
+          "[e2e][root]") {
+  CustosServer server(
+      ServerOptions{.extra_config = "", .fault_module = false, .legacy_root = true});
+  CHECK_THAT(server.Log(), Catch::Contains(kLegacyWarning));
+  std::vector<Bytes> blobs;
+  for (const char* alias : {"root/a", "root/b"}) {
+    CreateKey(server, alias, true, true);
+    blobs.push_back(NewBlob(server, alias));
+  }
+  const auto [id, digest] = ProposeRootRotation(server);
+  const Output approved = Ctl(server, "officer2", "approve " + id + " --digest " + digest);
+  INFO(approved.text);
+  REQUIRE(approved.exit_code == 0);
+  CHECK(Field(approved.text, "state") == "EXECUTED");
+  CHECK(Field(approved.text, "reason") ==
+        "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions re-wrapped from "
+        "legacy roots; 0 stay under the confining roots that wrapped them");
   CheckDecrypts(server, blobs);
 
   // The configured root (custos-root) is destroyed; the store names the one in use.
+  const size_t log_before = server.Log().size();
   server.Restart();
+  CHECK_THAT(server.Log().substr(log_before), !Catch::Contains("legacy root"));
   CheckDecrypts(server, blobs);
   blobs.push_back(NewBlob(server, "root/a"));
   server.Stop();
@@ -153,8 +189,8 @@ std::pair<std::string, std::string> KillRotationAt(CustosServer& server, const s
   return request;
 }
 
-TEST_CASE("custosd restarts after a root rotation cut short by kill -9", "[e2e][root]") {
-  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+TEST_CASE("custosd restarts after a legacy root's migration cut short by kill -9", "[e2e][root]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true, .legacy_root = true});
   server.Stop();
   server.EditConfig("[server]\n", "[server]\nmaintenance_interval_seconds = 1\n");
   server.Start();
@@ -175,7 +211,8 @@ TEST_CASE("custosd restarts after a root rotation cut short by kill -9", "[e2e][
     REQUIRE(approved.exit_code == 0);
     CHECK(Field(approved.text, "state") == "EXECUTED");
     CHECK(Field(approved.text, "reason") ==
-          "root key rotated from 'custos-root' to 'custos-root.2'; 3 key versions re-wrapped");
+          "root key rotated from 'custos-root' to 'custos-root.2'; 3 key versions re-wrapped "
+          "from legacy roots; 0 stay under the confining roots that wrapped them");
   }
   SECTION("after the new root is recorded, before the old one is destroyed") {
     // Re-wrapping three versions destroys three transient objects; the fourth C_DestroyObject

@@ -19,7 +19,7 @@
 
 #include "hsm/faulty_hsm.h"
 #include "tests/hsm/hsm_test_util.h"
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 #include "tests/support/temp_dir.h"
 
 namespace custos::testing {

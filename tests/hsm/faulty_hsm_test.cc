@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "tests/hsm/hsm_test_util.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {
@@ -46,6 +47,7 @@ TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command"
 
 TEST_CASE("FaultyHsm forwards and fails the root rotation calls") {
   SoftHsmToken token;
+  RawToken(token).CreateLegacyRoot(kRoot);  // only a legacy root's versions re-wrap
   std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
   hsm::FaultyHsm faulty(real.get());
   REQUIRE(faulty.CreateRootKey("root-b").ok());

@@ -10,7 +10,7 @@
 #include "hsm/pkcs11_module.h"
 #include "hsm/session_pool.h"
 #include "tests/hsm/hsm_test_util.h"
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "tests/hsm/hsm_test_util.h"
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {

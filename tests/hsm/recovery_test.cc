@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "tests/hsm/hsm_test_util.h"
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {
@@ -55,8 +55,12 @@ TEST_CASE("the Hsm logs in again when the login was lost") {
 
 TEST_CASE("root rotation calls recover from lost sessions and a lost login") {
   SoftHsmToken token;
+  {  // Legacy roots, whose versions can be re-wrapped back and forth.
+    RawToken legacy(token);
+    legacy.CreateLegacyRoot(kRoot);
+    legacy.CreateLegacyRoot("root-b");
+  }
   auto hsm = OpenHsm(token);
-  REQUIRE(hsm->CreateRootKey("root-b").ok());
   const Bytes wrapped = hsm->GenerateWrappedKey(kRoot).value();
   auto sealed = hsm->Encrypt(WrappedKey{"k/1", wrapped, kRoot}, AsBytes("before"), {});
   REQUIRE(sealed.ok());

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "tests/hsm/hsm_test_util.h"
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {
@@ -29,6 +29,18 @@ std::string NoUnwrap(const std::string& cache_id, const std::string& label) {
 }
 
 constexpr auto kDataLoss = absl::StatusCode::kDataLoss;
+
+// What RewrapKey says of a version under a root that confines what it unwraps.
+std::string Confined(const std::string& cache_id, const std::string& label) {
+  return absl::StrCat("stored key version '", cache_id, "' is wrapped under root key '", label,
+                      "', which confines what it unwraps: it cannot be re-wrapped");
+}
+
+// Legacy roots `labels` on `token` (see RawToken::CreateLegacyRoot).
+void LegacyRoots(const SoftHsmToken& token, std::initializer_list<std::string> labels) {
+  RawToken raw(token);
+  for (const std::string& label : labels) raw.CreateLegacyRoot(label);
+}
 
 // True if `status` has exactly this code and message; if not, the failed check shows it.
 bool Is(const absl::Status& status, absl::StatusCode code, const std::string& message) {
@@ -77,7 +89,8 @@ TEST_CASE("two roots on one token: each version works only under its own root's 
   CHECK(Is(hsm.Decrypt(a_as_b, sealed_a->iv, sealed_a->ciphertext_and_tag, AsBytes("ctx")).status(),
            kDataLoss, NoUnwrap("a/1", "root-b")));
   CHECK(Is(hsm.Encrypt(b_as_a, AsBytes("x"), {}).status(), kDataLoss, NoUnwrap("b/1", "root-a")));
-  CHECK(Is(hsm.RewrapKey(a_as_b, "root-a").status(), kDataLoss, NoUnwrap("a/1", "root-b")));
+  CHECK(Is(hsm.RewrapKey(a_as_b, "root-a").status(), absl::StatusCode::kFailedPrecondition,
+           Confined("a/1", "root-b")));
   // Under a label the token lacks, the HSM is what is missing something.
   CHECK(Is(hsm.Encrypt(WrappedKey{"a/1", a, "root-c"}, AsBytes("x"), {}).status(),
            absl::StatusCode::kFailedPrecondition, Missing("root-c")));
@@ -103,8 +116,8 @@ TEST_CASE("two roots on one token: each version works only under its own root's 
 
 TEST_CASE("RewrapKey moves a version to another root; what it sealed still opens") {
   SoftHsmToken token;
+  LegacyRoots(token, {kRoot, "root-b"});  // back and forth: both must allow re-wrapping
   auto hsm = OpenHsm(token);
-  REQUIRE(hsm->CreateRootKey("root-b").ok());
   RawToken raw(token);
   const Bytes under_a = hsm->GenerateWrappedKey(kRoot).value();
   const WrappedKey key_a{"k/1", under_a, kRoot};
@@ -166,8 +179,8 @@ TEST_CASE("RewrapKey moves a version to another root; what it sealed still opens
 
 TEST_CASE("RewrapKey refuses tampered, malformed or misdirected versions and leaves nothing") {
   SoftHsmToken token;
+  LegacyRoots(token, {kRoot, "root-b"});
   auto hsm = OpenHsm(token);
-  REQUIRE(hsm->CreateRootKey("root-b").ok());
   RawToken raw(token);
   const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
   const size_t token_objects = raw.CountSecretKeys(/*token_objects=*/true);
@@ -200,8 +213,8 @@ TEST_CASE("RewrapKey refuses tampered, malformed or misdirected versions and lea
 
 TEST_CASE("DestroyRootKey ends every version under that root, and only those") {
   SoftHsmToken token;
+  LegacyRoots(token, {"root-b"});
   auto hsm = OpenHsm(token);
-  REQUIRE(hsm->CreateRootKey("root-b").ok());
   RawToken raw(token);
   const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
   const Bytes b = hsm->GenerateWrappedKey("root-b").value();
@@ -260,7 +273,7 @@ TEST_CASE("roots are checked per label; a key made outside the Hsm is neither us
   REQUIRE(opened.ok());
   hsm::Hsm& hsm = **opened;
   RawToken raw(token);
-  REQUIRE(hsm.CreateRootKey("good").ok());
+  raw.CreateLegacyRoot("good");  // whose versions can be re-wrapped
   const Bytes version = hsm.GenerateWrappedKey("good").value();
 
   raw.CreateAesKey("loose", /*extractable=*/true);
@@ -284,6 +297,7 @@ TEST_CASE("roots are checked per label; a key made outside the Hsm is neither us
   CHECK(Is(hsm.DestroyRootKey("twice"), kFailed, twice));
   CHECK(raw.CountSecretKeys(/*token_objects=*/true) == 4);
   CHECK(hsm.CheckRootKey("good").ok());
+  CHECK_FALSE(*hsm.RootKeyConfinesVersions("good"));
 }
 
 TEST_CASE("a root made by another tool is used only if private and able only to wrap and unwrap") {
@@ -292,7 +306,7 @@ TEST_CASE("a root made by another tool is used only if private and able only to 
   REQUIRE(opened.ok());
   hsm::Hsm& hsm = **opened;
   RawToken raw(token);
-  REQUIRE(hsm.CreateRootKey("good").ok());
+  raw.CreateLegacyRoot("good");
   const Bytes version = hsm.GenerateWrappedKey("good").value();
   const auto kFailed = absl::StatusCode::kFailedPrecondition;
 
@@ -370,6 +384,7 @@ TEST_CASE("a root made by another tool is used only if private and able only to 
 
 TEST_CASE("a root rotation while threads encrypt and decrypt: nothing fails") {
   SoftHsmToken token;
+  LegacyRoots(token, {kRoot});  // a migration: versions leave a legacy root
   auto hsm = OpenHsm(token, /*pool_size=*/4, /*cache_capacity=*/4);
   REQUIRE(hsm->CreateRootKey("root-b").ok());
   RawToken raw(token);

@@ -19,6 +19,8 @@ namespace custos::testing {
 class RawToken {
  public:
   explicit RawToken(const SoftHsmToken& token);
+  // Any SoftHSM2 token of the configuration SOFTHSM2_CONF names, by label and user PIN.
+  RawToken(const std::string& token_label, std::string pin);
   ~RawToken();
   RawToken(const RawToken&) = delete;
   RawToken& operator=(const RawToken&) = delete;
@@ -51,6 +53,11 @@ class RawToken {
     bool modifiable = false;
   };
   CK_OBJECT_HANDLE CreateAesKey(const std::string& label, const AesKeyAttributes& attributes);
+  // A legacy root: every attribute of a safe root but no unwrap template, as Custos made roots
+  // before they confined what they unwrap (its versions can still be re-wrapped).
+  CK_OBJECT_HANDLE CreateLegacyRoot(const std::string& label) {
+    return CreateAesKey(label, AesKeyAttributes{});
+  }
 
   // Closes every session of this application with the token, as a token removal would; the
   // raw session is reopened (logged out).

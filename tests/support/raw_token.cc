@@ -1,4 +1,4 @@
-#include "tests/hsm/raw_token.h"
+#include "tests/support/raw_token.h"
 
 #include <catch2/catch.hpp>
 
@@ -7,11 +7,13 @@
 
 namespace custos::testing {
 
-RawToken::RawToken(const SoftHsmToken& token) : pin_(token.pin()) {
+RawToken::RawToken(const SoftHsmToken& token) : RawToken(token.label(), token.pin()) {}
+
+RawToken::RawToken(const std::string& token_label, std::string pin) : pin_(std::move(pin)) {
   auto module = hsm::Pkcs11Module::Load(kSoftHsmModule);
   REQUIRE(module.ok());
   module_ = *module;
-  auto slot = module_->FindSlot(token.label());
+  auto slot = module_->FindSlot(token_label);
   REQUIRE(slot.ok());
   slot_ = *slot;
   Open();
