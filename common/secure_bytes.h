@@ -1,7 +1,13 @@
 // SecureBytes: a byte buffer for secrets (plaintext data keys, PINs, decrypted payloads).
 //
-// Its memory is wiped with OPENSSL_cleanse when it is destroyed, cleared or reassigned, and it
-// cannot be copied by accident: copies must be spelled out with Clone(). Not thread-safe.
+// Its memory comes from SecureMemory (common/secure_memory.h): locked into RAM so it is never
+// written to swap, excluded from core dumps, and wiped with OPENSSL_cleanse when it is destroyed,
+// cleared, reassigned or truncated. It cannot be copied by accident: copies must be spelled out
+// with Clone(), and moves hand over the pointer, so the bytes never leave locked memory.
+// Allocation is cheap (a lock-free pool, no syscall) for secrets up to 8 KiB.
+//
+// Not thread-safe: one SecureBytes must not be used from two threads at once. Different
+// SecureBytes may be created and destroyed on any threads concurrently.
 #pragma once
 
 #include <cstdint>
@@ -17,10 +23,13 @@ using Bytes = std::vector<uint8_t>;
 class SecureBytes {
  public:
   SecureBytes() = default;
-  explicit SecureBytes(size_t size) : data_(size) {}
-  explicit SecureBytes(std::span<const uint8_t> bytes) : data_(bytes.begin(), bytes.end()) {}
+  // `size` zero bytes.
+  explicit SecureBytes(size_t size);
+  explicit SecureBytes(std::span<const uint8_t> bytes);
   static SecureBytes FromString(std::string_view s);
-  ~SecureBytes() { Wipe(); }
+  ~SecureBytes() {
+    if (data_ != nullptr) Wipe();
+  }
 
   SecureBytes(SecureBytes&& other) noexcept;
   SecureBytes& operator=(SecureBytes&& other) noexcept;
@@ -29,22 +38,22 @@ class SecureBytes {
 
   SecureBytes Clone() const { return SecureBytes(span()); }
 
-  uint8_t* data() { return data_.data(); }
-  const uint8_t* data() const { return data_.data(); }
-  size_t size() const { return data_.size(); }
-  bool empty() const { return data_.empty(); }
-  std::span<const uint8_t> span() const { return {data_.data(), data_.size()}; }
-  std::string_view view() const {
-    return {reinterpret_cast<const char*>(data_.data()), data_.size()};
-  }
+  uint8_t* data() { return data_; }
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  std::span<const uint8_t> span() const { return {data_, size_}; }
+  std::string_view view() const { return {reinterpret_cast<const char*>(data_), size_}; }
 
   // Shrinks to `size` bytes, wiping the cut-off tail.
   void Truncate(size_t size);
-  // Wipes and empties the buffer.
+  // Wipes and empties the buffer, returning its memory to the pool.
   void Wipe();
 
  private:
-  std::vector<uint8_t> data_;
+  uint8_t* data_ = nullptr;  // null when nothing is allocated
+  size_t size_ = 0;
+  size_t capacity_ = 0;  // usable size of the block from SecureMemory, for Free
 };
 
 }  // namespace custos
