@@ -69,6 +69,31 @@ absl::StatusOr<const toml::table*> RolesTable(const toml::table& doc) {
   return roles->as_table();
 }
 
+// Why `principal` can never name a client certificate; "" if it can. Principals are as
+// server/peer_identity.h derives them: printable ASCII (0x21..0x7E); a URI principal (from a
+// URI SAN) starts with an RFC 3986 scheme and ':' and has more after it; anything else is a
+// CN principal, which never holds ':'. So every entry names exactly one kind.
+const char* PrincipalSyntaxError(std::string_view principal) {
+  for (unsigned char c : principal) {
+    if (c < 0x21 || c > 0x7e) {
+      return "has a character outside printable ASCII (a space, a control or a non-ASCII "
+             "character)";
+    }
+  }
+  const size_t colon = principal.find(':');
+  if (colon == std::string_view::npos) return "";  // a CN principal
+  bool scheme = colon > 0 && std::isalpha(static_cast<unsigned char>(principal[0]));
+  for (char c : principal.substr(0, colon)) {
+    scheme =
+        scheme && (std::isalnum(static_cast<unsigned char>(c)) || c == '+' || c == '-' || c == '.');
+  }
+  if (!scheme || colon + 1 == principal.size()) {
+    return "has ':' but is not a URI such as spiffe://... or urn:... (a common name never "
+           "holds ':')";
+  }
+  return "";
+}
+
 }  // namespace
 
 std::string_view RoleName(Role role) {
@@ -126,6 +151,11 @@ absl::StatusOr<std::shared_ptr<const Policy>> Policy::Parse(std::string_view tom
         return absl::InvalidArgumentError(absl::StrCat("principal '", principal, "' in role '",
                                                        name, "' has leading or trailing whitespace",
                                                        Line(item)));
+      }
+      // Not echoed: it may hold characters that do not belong in a log line.
+      if (const char* error = PrincipalSyntaxError(principal); *error != '\0') {
+        return absl::InvalidArgumentError(
+            absl::StrCat("role '", name, "' has a principal that ", error, Line(item)));
       }
       auto [it, inserted] = policy->roles_.emplace(principal, role);
       if (!inserted && it->second == role) {

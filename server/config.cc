@@ -159,6 +159,12 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "key", &c.tls_key));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
+  int64_t max_connection_age = c.max_connection_age_seconds;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "max_connection_age_seconds", &max_connection_age));
+  if (max_connection_age < 1 || max_connection_age > 86400) {
+    return absl::InvalidArgumentError("config: tls.max_connection_age_seconds must be 1..86400");
+  }
+  c.max_connection_age_seconds = static_cast<int>(max_connection_age);
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "module", &c.hsm_module));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "token_label", &c.hsm_token_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "pin_file", &c.hsm_pin_file));
@@ -167,6 +173,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "audit_hmac_key_label", &c.audit_hmac_key_label));
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("hsm", "audit_signing_key_label", &c.audit_signing_key_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "catalog_hmac_key_label", &c.catalog_hmac_key_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "audit_head_label", &c.audit_head_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "key_cache", &cache));
   CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
@@ -184,6 +192,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("audit", "checkpoint_interval_seconds", &checkpoint_interval));
   CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "checkpoint_every", &checkpoint_every));
+  CUSTOS_RETURN_IF_ERROR(
+      settings.Read("audit", "verify_full_chain_at_start", &c.verify_full_chain_at_start));
   if (checkpoint_interval < 1 || checkpoint_interval > 86400) {
     return absl::InvalidArgumentError("config: audit.checkpoint_interval_seconds must be 1..86400");
   }

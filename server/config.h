@@ -23,6 +23,10 @@ struct Config {
   std::string tls_key;
   std::string client_ca;
   std::string crl_dir;  // optional: a folder of CRLs (PEM, hashed names) of the client CA
+  // Every connection is closed after this long (gRPC adds +-10% jitter): a backstop, so that
+  // no handshake is relied on forever. Calls are still checked one by one for expiry and
+  // revocation (server/peer_identity.h). 1..86400.
+  int max_connection_age_seconds = 3600;
 
   std::string hsm_module;
   std::string hsm_token_label;
@@ -31,6 +35,8 @@ struct Config {
   std::string root_key_label = "custos-root";
   std::string audit_hmac_key_label = "custos-audit-hmac";        // HMACs of contexts
   std::string audit_signing_key_label = "custos-audit-signing";  // checkpoint signatures
+  std::string catalog_hmac_key_label = "custos-catalog-hmac";    // MACs of catalogue rows
+  std::string audit_head_label = "custos-audit-head";  // data object: last signed log head
   size_t key_cache_capacity = 4096;
 
   std::string storage_path;
@@ -46,6 +52,8 @@ struct Config {
   // checkpoint_every records were added since the last one.
   int checkpoint_interval_seconds = 60;
   uint64_t checkpoint_every = 1000;
+  // At start-up, recompute the whole chain rather than from the HSM's last signed head.
+  bool verify_full_chain_at_start = false;
 
   // [keys]: the AES-GCM encryption limit per key version and when to rotate before it.
   core::UsageLimits usage_limits;

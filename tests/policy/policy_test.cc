@@ -137,6 +137,25 @@ TEST_CASE("LoadFile reads, parses and hashes a file", "[policy]") {
   }
 }
 
+TEST_CASE("A principal that no certificate could carry is refused", "[policy]") {
+  // Both kinds parse: a URI principal (scheme ':' ...) and a CN principal (no ':').
+  REQUIRE(Policy::Parse("[roles]\nofficer = [\"urn:custos:alice\", \"bob\", "
+                        "\"spiffe://custos.local/officer/carol\"]\n")
+              .ok());
+  const std::string not_uri =
+      "has ':' but is not a URI such as spiffe://... or urn:... (a common name never holds ':')";
+  for (const char* principal : {"1:alice", ":alice", "alice:", "al_ice:x"}) {
+    INFO(principal);
+    CHECK_THAT(ParseError(std::string("[roles]\nofficer = [\"") + principal + "\"]\n"),
+               Catch::Contains("role 'officer' has a principal that " + not_uri + " (line 2)"));
+  }
+  for (const char* principal : {"al ice", "alice\\u0007", "caf\\u00e9", "\\u202ealice"}) {
+    INFO(principal);
+    CHECK_THAT(ParseError(std::string("[roles]\nofficer = [\"") + principal + "\"]\n"),
+               Catch::Contains("has a character outside printable ASCII"));
+  }
+}
+
 TEST_CASE("RoleName", "[policy]") {
   CHECK(RoleName(Role::kApp) == "app");
   CHECK(RoleName(Role::kOfficer) == "officer");

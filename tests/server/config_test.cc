@@ -379,3 +379,23 @@ TEST_CASE("A config file that cannot be read is NOT_FOUND", "[config]") {
 
 }  // namespace
 }  // namespace custos::server
+
+namespace custos::server {
+namespace {
+
+TEST_CASE("tls.max_connection_age_seconds defaults to an hour and takes 1..86400", "[config]") {
+  ConfigFiles files;
+  CHECK(RequireLoads(files, Render(Minimal())).max_connection_age_seconds == 3600);
+  std::vector<Entry> entries = Minimal();
+  entries.push_back({"tls", "max_connection_age_seconds", "600"});
+  CHECK(RequireLoads(files, Render(entries)).max_connection_age_seconds == 600);
+  for (const char* bad : {"0", "-5", "86401", R"("1h")"}) {
+    INFO(bad);
+    entries = Minimal();
+    entries.push_back({"tls", "max_connection_age_seconds", bad});
+    RequireRefused(files, Render(entries), "tls.max_connection_age_seconds");
+  }
+}
+
+}  // namespace
+}  // namespace custos::server

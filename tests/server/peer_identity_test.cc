@@ -1,5 +1,6 @@
-// PrincipalFromPem over self-signed certificates built here with OpenSSL's C API, so every
-// combination of subject CN and subjectAltName entries can be tried.
+// PrincipalFromPem and ParsePeerCertificate over self-signed certificates built here with
+// OpenSSL's C API, so every combination of subject CNs, subjectAltName entries and extended
+// key usage can be tried.
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -57,9 +58,12 @@ EVP_PKEY* TestKey() {
 // A subjectAltName entry: GEN_URI or GEN_DNS, with its raw bytes.
 using San = std::pair<int, std::string>;
 
-// A PEM self-signed certificate with subject CN `cn` (none if nullopt) and, if `sans` is not
-// empty, one subjectAltName extension holding them in order.
-std::string MakeCert(const std::optional<std::string>& cn, const std::vector<San>& sans) {
+// A PEM self-signed certificate with subject CN `cn` (none if nullopt; a second CN
+// `second_cn` if given) and, if `sans` is not empty, one subjectAltName extension holding them
+// in order; extendedKeyUsage `eku` (openssl.cnf syntax; none if empty).
+std::string MakeCert(const std::optional<std::string>& cn, const std::vector<San>& sans,
+                     const std::string& eku = "clientAuth",
+                     const std::optional<std::string>& second_cn = std::nullopt) {
   std::unique_ptr<X509, X509Free> cert(X509_new());
   Check(cert != nullptr, "X509_new");
   Check(X509_set_version(cert.get(), 2) == 1, "X509_set_version");
@@ -79,6 +83,12 @@ std::string MakeCert(const std::optional<std::string>& cn, const std::vector<San
                                      static_cast<int>(cn->size()), -1, 0) == 1,
           "add CN");
   }
+  if (second_cn) {
+    Check(X509_NAME_add_entry_by_NID(name, NID_commonName, V_ASN1_UTF8STRING,
+                                     reinterpret_cast<const unsigned char*>(second_cn->data()),
+                                     static_cast<int>(second_cn->size()), -1, 0) == 1,
+          "add second CN");
+  }
   Check(X509_set_issuer_name(cert.get(), name) == 1, "X509_set_issuer_name");
   Check(X509_set_pubkey(cert.get(), TestKey()) == 1, "X509_set_pubkey");
   if (!sans.empty()) {
@@ -97,6 +107,14 @@ std::string MakeCert(const std::optional<std::string>& cn, const std::vector<San
     Check(X509_add1_ext_i2d(cert.get(), NID_subject_alt_name, names.get(), 0, X509V3_ADD_DEFAULT) ==
               1,
           "X509_add1_ext_i2d");
+  }
+  if (!eku.empty()) {
+    X509V3_CTX ctx;
+    X509V3_set_ctx(&ctx, cert.get(), cert.get(), nullptr, nullptr, 0);
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, NID_ext_key_usage, eku.c_str());
+    Check(ext != nullptr, "X509V3_EXT_conf_nid");
+    Check(X509_add_ext(cert.get(), ext, -1) == 1, "X509_add_ext");
+    X509_EXTENSION_free(ext);
   }
   Check(X509_sign(cert.get(), TestKey(), EVP_sha256()) > 0, "X509_sign");
   std::unique_ptr<BIO, BioFree> bio(BIO_new(BIO_s_mem()));
@@ -182,8 +200,10 @@ TEST_CASE("A certificate naming neither a URI SAN nor a CN is refused", "[peer_i
   RequireInvalid(PrincipalFromPem(MakeCert("", {})), message);
 }
 
-TEST_CASE("A principal with control characters is refused", "[peer_identity]") {
-  const std::string message = "client certificate identity has control characters";
+TEST_CASE("A principal outside printable ASCII is refused", "[peer_identity]") {
+  const std::string message =
+      "client certificate identity has a character outside printable ASCII (a space, a control "
+      "or a non-ASCII character)";
   RequireInvalid(PrincipalFromPem(MakeCert("billing\napp", {})), message);
   RequireInvalid(PrincipalFromPem(MakeCert("billing\rapp", {})), message);
   RequireInvalid(PrincipalFromPem(MakeCert("billing\tapp", {})), message);
@@ -191,31 +211,127 @@ TEST_CASE("A principal with control characters is refused", "[peer_identity]") {
   RequireInvalid(PrincipalFromPem(MakeCert("billing\x7f", {})), message);
   RequireInvalid(PrincipalFromPem(MakeCert(std::string("billing\0app", 11), {})), message);
   RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spiffe://custos.local/app/a\nb")})), message);
+  // Spaces: "billing app" and "billing  app" would look alike in a log.
+  RequireInvalid(PrincipalFromPem(MakeCert("billing app", {})), message);
+  RequireInvalid(PrincipalFromPem(MakeCert(" billing", {})), message);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spiffe://custos.local/app/a b")})), message);
+  // Non-ASCII: an accented letter, a Cyrillic look-alike of "o" in "officer1", a right-to-left
+  // override (U+202E) and a zero-width space (U+200B).
+  RequireInvalid(PrincipalFromPem(MakeCert("caf\xc3\xa9", {})), message);
+  RequireInvalid(PrincipalFromPem(MakeCert("\xd0\xbe"
+                                           "fficer1",
+                                           {})),
+                 message);
+  RequireInvalid(PrincipalFromPem(MakeCert("app\xe2\x80\xae"
+                                           "1reciffo",
+                                           {})),
+                 message);
+  RequireInvalid(PrincipalFromPem(MakeCert("officer\xe2\x80\x8b"
+                                           "1",
+                                           {})),
+                 message);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spiffe://custos.local/officer/\xd0\xbe"
+                                                    "fficer1")})),
+                 message);
 }
 
-TEST_CASE("The principal cache answers as PrincipalFromPem does, within its capacity",
+// The cached refusal: ParsePeerCertificate's message and the certificate's fingerprint.
+std::string Refusal(const std::string& message, const std::string& pem) {
+  return message + " (certificate sha256 " + CertificateSha256(pem) + ")";
+}
+
+TEST_CASE("The principal cache answers as ParsePeerCertificate does, within its capacity",
           "[peer_identity]") {
   PrincipalCache cache(3);
   const std::string billing = MakeCert({}, {Uri(kBilling)});
   const std::string refused = MakeCert("spiffe://x/officer/y", {});
   for (int round = 0; round < 2; ++round) {  // parsed, then cached
-    CHECK(cache.Get(billing).value() == kBilling);
-    RequireInvalid(cache.Get(refused),
-                   "client certificate has a URI-like common name but no URI SAN");
-    RequireInvalid(cache.Get("not a certificate"), "client certificate does not parse");
+    const PrincipalCache::Entry entry = cache.Get(billing);
+    REQUIRE(entry.ok());
+    CHECK((*entry)->principal == kBilling);
+    CHECK((*entry)->sha256 == CertificateSha256(billing));
+    CHECK(cache.Get(refused).status().message() ==
+          Refusal("client certificate has a URI-like common name but no URI SAN", refused));
+    CHECK(cache.Get("not a certificate").status().message() ==
+          "client certificate does not parse (certificate sha256 )");
     CHECK(cache.size() == 3);
   }
+  // The same answer object while cached: nothing is parsed again.
+  CHECK(cache.Get(billing).value().get() == cache.Get(billing).value().get());
   // Full: it starts over rather than growing.
-  CHECK(cache.Get(MakeCert("billing-app", {})).value() == "billing-app");
+  CHECK(cache.Get(MakeCert("billing-app", {})).value()->principal == "billing-app");
   CHECK(cache.size() == 1);
-  CHECK(cache.Get(billing).value() == kBilling);
+  CHECK(cache.Get(billing).value()->principal == kBilling);
 }
 
-TEST_CASE("Printable non-ASCII common names pass", "[peer_identity]") {
-  const absl::StatusOr<std::string> principal = PrincipalFromPem(MakeCert("caf\xc3\xa9 app", {}));
-  INFO(principal.status().ToString());
-  REQUIRE(principal.ok());
-  CHECK(*principal == "caf\xc3\xa9 app");
+TEST_CASE("URI and CN principals live in separate namespaces", "[peer_identity]") {
+  // A URI SAN must be a URI: a bare name would pass for the CN principal of that name.
+  const std::string no_scheme =
+      "client certificate URI SAN has no scheme (such as spiffe:// or urn:)";
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("officer1")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert("officer1", {Uri("officer1")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("//custos.local/officer/1")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("1spiffe://custos.local/x")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spi_ffe://custos.local/x")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("spiffe:")})), no_scheme);
+  RequireInvalid(PrincipalFromPem(MakeCert({}, {Uri("")})), no_scheme);
+  // Any RFC 3986 scheme makes a URI principal, "://" or not.
+  for (const char* uri : {"urn:custos:officer1", "spiffe://custos.local/officer/officer1",
+                          "x-custom+v1.2:officer1"}) {
+    INFO(uri);
+    CHECK(PrincipalFromPem(MakeCert("officer1", {Uri(uri)})).value() == uri);
+  }
+  // A CN never holds ':', so it can never carry a URI principal's name.
+  RequireInvalid(PrincipalFromPem(MakeCert("urn:x", {})),
+                 "client certificate has a URI-like common name but no URI SAN");
+  RequireInvalid(PrincipalFromPem(MakeCert("spiffe:custos.local", {})),
+                 "client certificate has a URI-like common name but no URI SAN");
+  RequireInvalid(PrincipalFromPem(MakeCert("officer1:", {})),
+                 "client certificate has a URI-like common name but no URI SAN");
+  const std::string colon =
+      "client certificate common name has ':', which only URI principals (URI SANs) hold";
+  RequireInvalid(PrincipalFromPem(MakeCert("1:officer", {})), colon);
+  RequireInvalid(PrincipalFromPem(MakeCert("_officer:1", {})), colon);
+  RequireInvalid(PrincipalFromPem(MakeCert(":officer1", {})), colon);
+  // Printable ASCII without ':' is a CN principal.
+  CHECK(PrincipalFromPem(MakeCert("billing-app_2.example/x@y", {})).value() ==
+        "billing-app_2.example/x@y");
+}
+
+TEST_CASE("A certificate with two common names and no URI SAN is refused", "[peer_identity]") {
+  RequireInvalid(PrincipalFromPem(MakeCert("app", {}, "clientAuth", "officer1")),
+                 "client certificate names several common names; Custos needs exactly one");
+  // With a URI SAN, the CNs do not matter.
+  CHECK(PrincipalFromPem(MakeCert("app", {Uri(kBilling)}, "clientAuth", "officer1")).value() ==
+        kBilling);
+}
+
+TEST_CASE("A client certificate needs the clientAuth extended key usage", "[peer_identity]") {
+  RequireInvalid(PrincipalFromPem(MakeCert("billing-app", {Uri(kBilling)}, "")),
+                 "client certificate has no extended key usage; Custos needs clientAuth "
+                 "(extendedKeyUsage = clientAuth)");
+  for (const char* eku : {"serverAuth", "emailProtection,codeSigning", "anyExtendedKeyUsage"}) {
+    INFO(eku);
+    RequireInvalid(PrincipalFromPem(MakeCert("billing-app", {Uri(kBilling)}, eku)),
+                   "client certificate's extended key usage lacks clientAuth");
+  }
+  for (const char* eku : {"clientAuth", "serverAuth,clientAuth", "critical,clientAuth"}) {
+    INFO(eku);
+    CHECK(PrincipalFromPem(MakeCert("billing-app", {Uri(kBilling)}, eku)).value() == kBilling);
+  }
+}
+
+TEST_CASE("ParsePeerCertificate keeps what the per-call checks need", "[peer_identity]") {
+  const std::string pem = MakeCert("billing-app", {});
+  const absl::StatusOr<PeerCertificate> cert = ParsePeerCertificate(pem);
+  INFO(cert.status().ToString());
+  REQUIRE(cert.ok());
+  CHECK(cert->principal == "billing-app");
+  CHECK(cert->serial == "01");
+  CHECK_FALSE(cert->issuer_der.empty());
+  CHECK(cert->not_after - cert->not_before == 3600);
+  CHECK(cert->sha256 == CertificateSha256(pem));
+  CHECK(cert->sha256.size() == 64);
 }
 
 TEST_CASE("A PEM that is not a certificate does not parse", "[peer_identity]") {
