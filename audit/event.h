@@ -26,6 +26,8 @@ struct Event {
   std::string peer;          // transport address of the caller
   std::string detail;        // non-secret context, e.g. "policy sha256=..."
   std::string context_hmac;  // hex HMAC-SHA256 (HSM key) of the canonical context; "" if none
+  std::string call_id;       // the front door's id of the call, if it gave one
+  std::string row;           // the catalogue row this event changes ("key:<id>", ...), if any
 };
 
 // One line of text for operators' logs: key=value pairs, no secrets (see above).

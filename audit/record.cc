@@ -71,14 +71,21 @@ absl::StatusOr<std::string> FromBase64(std::string_view text, std::string_view w
   return out;
 }
 
+// What PutString writes as the readable member for `value`, which is not valid UTF-8: the
+// bytes with U+FFFD in place of each bad sequence.
+std::string Readable(const std::string& value) {
+  return Json::parse(Json(value).dump(-1, ' ', false, Json::error_handler_t::replace), nullptr,
+                     /*allow_exceptions=*/false)
+      .get<std::string>();
+}
+
 void PutString(Json& json, const char* name, const std::string& value) {
   if (IsUtf8(value)) {
     json[name] = value;
     return;
   }
   // Readable text for a SIEM, and the exact bytes for the verifier.
-  json[name] = Json::parse(Json(value).dump(-1, ' ', false, Json::error_handler_t::replace),
-                           nullptr, /*allow_exceptions=*/false);
+  json[name] = Readable(value);
   json[StrCat(name, "_base64")] =
       Base64({reinterpret_cast<const uint8_t*>(value.data()), value.size()});
 }
@@ -91,12 +98,26 @@ absl::StatusOr<std::string> GetText(const Json& json, const std::string& name) {
   return it->get<std::string>();
 }
 
-// A string member written by PutString: its exact bytes.
+// A string member written by PutString: its exact bytes. The record has one reading only:
+// "_base64" stands only for bytes that are not UTF-8, beside a plain member that is absent or
+// their readable rendering; otherwise a SIEM would show one text and the verifier check another.
 absl::StatusOr<std::string> GetString(const Json& json, const std::string& name) {
   const auto exact = json.find(name + "_base64");
   if (exact == json.end()) return GetText(json, name);
   if (!exact->is_string()) return absl::InvalidArgumentError(StrCat(name, "_base64: not a string"));
-  return FromBase64(exact->get_ref<const std::string&>(), name + "_base64");
+  CUSTOS_ASSIGN_OR_RETURN(std::string bytes,
+                          FromBase64(exact->get_ref<const std::string&>(), name + "_base64"));
+  if (IsUtf8(bytes)) {
+    return absl::InvalidArgumentError(
+        StrCat(name, "_base64 holds valid UTF-8: the text belongs in \"", name, "\" alone"));
+  }
+  const auto plain = json.find(name);
+  if (plain != json.end() &&
+      (!plain->is_string() || plain->get<std::string>() != Readable(bytes))) {
+    return absl::InvalidArgumentError(
+        StrCat(name, " and ", name, "_base64 disagree: the record has two readings"));
+  }
+  return bytes;
 }
 
 // An integer member that fits in T.
@@ -153,11 +174,14 @@ Record RecordFromEvent(const Event& event, uint64_t seq) {
   record.peer = event.peer;
   record.context_hmac = event.context_hmac;
   record.detail = event.detail;
+  record.call_id = event.call_id;
+  record.row = event.row;
   return record;
 }
 
 Bytes Canonical(const Record& record) {
-  Bytes out(kCanonicalMagic.begin(), kCanonicalMagic.end());
+  const std::string_view magic = record.format == 1 ? kCanonicalMagic : kCanonicalMagicV2;
+  Bytes out(magic.begin(), magic.end());
   AppendField(out, std::to_string(record.seq));
   AppendField(out, std::to_string(record.time));
   AppendField(out, record.principal);
@@ -172,6 +196,11 @@ Bytes Canonical(const Record& record) {
   AppendField(out, record.peer);
   AppendField(out, record.context_hmac);
   AppendField(out, record.detail);
+  if (record.format != 1) {
+    AppendField(out, record.call_id);
+    AppendField(out, record.row);
+    AppendField(out, record.row_digest);
+  }
   return out;
 }
 
@@ -213,8 +242,13 @@ void Chain::Seal(Record& record) {
   last_hash_ = record.hash;
 }
 
-std::string CheckpointMessage(uint64_t seq, std::span<const uint8_t> hash, int64_t time) {
-  return StrCat("custos-audit-checkpoint-v1\nseq=", seq, "\nhash=", ToHex(hash), "\ntime=", time,
+std::string CheckpointMessage(const Checkpoint& c) {
+  if (c.format == 1) {
+    return StrCat("custos-audit-checkpoint-v1\nseq=", c.seq, "\nhash=", ToHex(c.hash),
+                  "\ntime=", c.time, "\n");
+  }
+  return StrCat("custos-audit-checkpoint-v2\nseq=", c.seq, "\nhash=", ToHex(c.hash),
+                "\ntime=", c.time, "\nprev_seq=", c.prev_seq, "\nprev_hash=", ToHex(c.prev_hash),
                 "\n");
 }
 
@@ -263,6 +297,12 @@ std::string ToJsonLine(const Record& record) {
   PutString(json, "peer", record.peer);
   PutString(json, "context_hmac", record.context_hmac);
   PutString(json, "detail", record.detail);
+  if (record.format != 1) {
+    json["format"] = record.format;
+    PutString(json, "call_id", record.call_id);
+    PutString(json, "row", record.row);
+    PutString(json, "row_digest", record.row_digest);
+  }
   json["hash"] = ToHex(record.hash);
   return json.dump();
 }
@@ -284,6 +324,21 @@ absl::StatusOr<Record> FromJsonLine(std::string_view line) {
   CUSTOS_ASSIGN_OR_RETURN(r.peer, GetString(json, "peer"));
   CUSTOS_ASSIGN_OR_RETURN(r.context_hmac, GetString(json, "context_hmac"));
   CUSTOS_ASSIGN_OR_RETURN(r.detail, GetString(json, "detail"));
+  r.format = 1;
+  if (json.contains("format")) {
+    CUSTOS_ASSIGN_OR_RETURN(r.format, GetInteger<uint32_t>(json, "format"));
+    if (r.format != 2) return absl::InvalidArgumentError("format: not a record format (1 or 2)");
+    CUSTOS_ASSIGN_OR_RETURN(r.call_id, GetString(json, "call_id"));
+    CUSTOS_ASSIGN_OR_RETURN(r.row, GetString(json, "row"));
+    CUSTOS_ASSIGN_OR_RETURN(r.row_digest, GetString(json, "row_digest"));
+  } else {
+    for (const char* v2 : {"call_id", "row", "row_digest"}) {
+      if (json.contains(v2) || json.contains(StrCat(v2, "_base64"))) {
+        return absl::InvalidArgumentError(
+            StrCat(v2, ": a format 2 field in a record without \"format\":2"));
+      }
+    }
+  }
   CUSTOS_ASSIGN_OR_RETURN(r.hash, GetHash(json));
   return r;
 }
@@ -295,6 +350,10 @@ Json CheckpointObject(const Checkpoint& checkpoint) {
   json["seq"] = checkpoint.seq;
   json["hash"] = ToHex(checkpoint.hash);
   json["time"] = checkpoint.time;
+  if (checkpoint.format != 1) {
+    json["prev_seq"] = checkpoint.prev_seq;
+    json["prev_hash"] = ToHex(checkpoint.prev_hash);
+  }
   PutString(json, "key_label", checkpoint.key_label);
   json["message"] = CheckpointMessage(checkpoint);
   json["signature"] = Base64(checkpoint.signature);
@@ -308,13 +367,24 @@ absl::StatusOr<Checkpoint> CheckpointFromObject(const Json& json) {
   if (c.seq == 0) return absl::InvalidArgumentError("seq: a checkpoint covers record 1 or later");
   CUSTOS_ASSIGN_OR_RETURN(c.hash, GetHash(json));
   CUSTOS_ASSIGN_OR_RETURN(c.time, GetInteger<int64_t>(json, "time"));
+  c.format = 1;
+  if (json.contains("prev_seq")) {
+    c.format = 2;
+    CUSTOS_ASSIGN_OR_RETURN(c.prev_seq, GetInteger<uint64_t>(json, "prev_seq"));
+    CUSTOS_ASSIGN_OR_RETURN(const std::string prev_hex, GetText(json, "prev_hash"));
+    absl::StatusOr<Bytes> prev_hash = FromHex(prev_hex);
+    if (!prev_hash.ok() || prev_hash->size() != kHashBytes) {
+      return absl::InvalidArgumentError("prev_hash: not 64 lower-case hex digits");
+    }
+    c.prev_hash = *std::move(prev_hash);
+  }
   CUSTOS_ASSIGN_OR_RETURN(c.key_label, GetString(json, "key_label"));
   CUSTOS_ASSIGN_OR_RETURN(const std::string signature, GetText(json, "signature"));
   CUSTOS_ASSIGN_OR_RETURN(const std::string der, FromBase64(signature, "signature"));
   c.signature.assign(der.begin(), der.end());
   CUSTOS_ASSIGN_OR_RETURN(const std::string message, GetText(json, "message"));
   if (message != CheckpointMessage(c)) {
-    return absl::InvalidArgumentError("message does not match seq, hash and time");
+    return absl::InvalidArgumentError("message does not match the checkpoint's fields");
   }
   return c;
 }

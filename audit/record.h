@@ -1,8 +1,9 @@
 // The audit log's record and checkpoint formats: the frozen canonical encoding, the hash chain,
 // and the JSON forms auditors and SIEMs read. docs/AUDIT.md describes them byte by byte.
 //
-// A record's canonical encoding is the ASCII magic "custos-audit-v1" followed by every field
-// except `hash`, in declaration order, each as
+// A record's canonical encoding is the ASCII magic of its format ("custos-audit-v1" or
+// "custos-audit-v2") followed by the fields that format has, in declaration order (`format`
+// and `hash` excepted; format 1 stops after `detail`), each as
 //
 //   +---------------------------+------------------+
 //   | length (u32, big-endian)  | length bytes     |
@@ -15,7 +16,9 @@
 //   hash(seq n) = SHA-256(hash(seq n-1)  || Canonical(record n))
 //
 // and a checkpoint is an ECDSA P-256 signature (made in the HSM) over the text
-// CheckpointMessage(seq, hash, time), so that plain `openssl dgst -sha256 -verify` checks it.
+// CheckpointMessage(checkpoint), so that plain `openssl dgst -sha256 -verify` checks it. A
+// format 2 checkpoint also names the checkpoint before it, so checkpoints form a chain too.
+// Records and checkpoints written before format 2 keep format 1 for good; both are read.
 //
 // Everything here is pure (no I/O, no clock) and thread-compatible: free functions are
 // thread-safe; a Chain needs external locking if shared.
@@ -34,6 +37,9 @@ namespace custos::audit {
 
 inline constexpr size_t kHashBytes = 32;  // SHA-256
 inline constexpr std::string_view kCanonicalMagic = "custos-audit-v1";
+inline constexpr std::string_view kCanonicalMagicV2 = "custos-audit-v2";
+// The format new records and checkpoints are written in.
+inline constexpr uint32_t kCurrentFormat = 2;
 
 // One audit log record. Fields are in canonical order; none ever holds a secret.
 struct Record {
@@ -51,7 +57,12 @@ struct Record {
   std::string peer;
   std::string context_hmac;  // lower-case hex HMAC-SHA256 of the canonical context, or ""
   std::string detail;        // non-secret text
-  Bytes hash;                // kHashBytes: the chain hash through this record
+  // Format 2 only (empty in format 1):
+  std::string call_id;     // the front door's id of the call, as in the operator's log
+  std::string row;         // the catalogue row this record changed ("key:<id>", ...), or ""
+  std::string row_digest;  // lower-case hex SHA-256 of that row's canonical encoding, or ""
+  uint32_t format = kCurrentFormat;  // 1 or 2; not itself encoded (each has its own magic)
+  Bytes hash;                        // kHashBytes: the chain hash through this record
 
   bool operator==(const Record&) const = default;
 };
@@ -60,7 +71,8 @@ struct Record {
 // event's own `context_hmac`, which the use case computed in the HSM.
 Record RecordFromEvent(const Event& event, uint64_t seq);
 
-// The frozen canonical encoding of `record` (every field but `hash`; see above).
+// The frozen canonical encoding of `record` in its format (see above). A format 1 record
+// encodes no format 2 field: the verifier refuses one that has any (they would be unsigned).
 Bytes Canonical(const Record& record);
 
 // SHA-256(prev_hash || Canonical(record)). `prev_hash` is 32 zero bytes for seq 1.
@@ -88,23 +100,25 @@ class Chain {
   Bytes last_hash_;
 };
 
-// A signed statement that the log's record `seq` has chain hash `hash`.
+// A signed statement that the log's record `seq` has chain hash `hash` (and, in format 2, that
+// the checkpoint signed before it was at `prev_seq` with `prev_hash`).
 struct Checkpoint {
   uint64_t seq = 0;       // >= 1
   Bytes hash;             // kHashBytes
   int64_t time = 0;       // Unix seconds, when it was signed
   Bytes signature;        // DER ECDSA-Sig-Value, P-256 over SHA-256(CheckpointMessage(...))
   std::string key_label;  // HSM label of the signing key (informative, not signed)
+  uint64_t prev_seq = 0;  // format 2: the previous checkpoint's seq; 0 for the first
+  Bytes prev_hash;        // format 2: its hash; 32 zero bytes (or empty) for the first
+  uint32_t format = kCurrentFormat;
 
   bool operator==(const Checkpoint&) const = default;
 };
 
-// The exact text a checkpoint signs:
-// "custos-audit-checkpoint-v1\nseq=<seq>\nhash=<lower-case hex>\ntime=<time>\n".
-std::string CheckpointMessage(uint64_t seq, std::span<const uint8_t> hash, int64_t time);
-inline std::string CheckpointMessage(const Checkpoint& checkpoint) {
-  return CheckpointMessage(checkpoint.seq, checkpoint.hash, checkpoint.time);
-}
+// The exact text a checkpoint signs. Format 1:
+// "custos-audit-checkpoint-v1\nseq=<seq>\nhash=<lower-case hex>\ntime=<time>\n"; format 2 adds
+// "prev_seq=<seq>\nprev_hash=<lower-case hex>\n" and says "v2".
+std::string CheckpointMessage(const Checkpoint& checkpoint);
 
 // Lower-case hex, and its strict inverse (INVALID_ARGUMENT on odd length or any character
 // other than 0-9 a-f).
@@ -112,17 +126,21 @@ std::string ToHex(std::span<const uint8_t> bytes);
 absl::StatusOr<Bytes> FromHex(std::string_view hex);
 
 // One JSON object on one line, no trailing newline: every field by its name above, integers as
-// JSON numbers, `hash` as hex. A string field that is not valid UTF-8 is written with U+FFFD
-// in place of bad bytes and its exact bytes in an extra "<field>_base64" member, which
-// FromJsonLine prefers, so the round trip is exact for any record.
+// JSON numbers, `hash` as hex; a format 2 record has "format":2 and its three fields, a format
+// 1 record neither. A string field that is not valid UTF-8 is written with U+FFFD in place of
+// bad bytes and its exact bytes in an extra "<field>_base64" member, so the round trip is exact
+// for any record.
 std::string ToJsonLine(const Record& record);
 // The inverse of ToJsonLine. Unknown members are ignored. INVALID_ARGUMENT if `line` is not a
-// JSON object, a field is missing or mistyped, a number is out of range, or `hash` is not 64
-// hex digits.
+// JSON object, a field is missing or mistyped, a number is out of range, `hash` is not 64 hex
+// digits, or a field has two readings: "<field>_base64" is accepted only for bytes that are
+// not valid UTF-8, and then the plain member must be absent or exactly what ToJsonLine writes
+// for those bytes (so a SIEM showing the plain member shows what was verified).
 absl::StatusOr<Record> FromJsonLine(std::string_view line);
 
 // A checkpoint as one pretty-printed JSON object for auditors to keep: seq, hash (hex), time,
-// key_label, message (CheckpointMessage) and signature (base64 of the DER).
+// (format 2:) prev_seq and prev_hash, key_label, message (CheckpointMessage) and signature
+// (base64 of the DER).
 std::string CheckpointToJson(const Checkpoint& checkpoint);
 // The inverse of CheckpointToJson. INVALID_ARGUMENT if the text is not such an object, seq is
 // 0, hash is not 64 hex digits, the signature is not base64, or `message` is not exactly

@@ -164,7 +164,10 @@ class Verification {
       }
       if (!next->has_value()) return true;
       const Record& record = **next;
-      if (!CheckOrder(record) || !CheckHash(record) || !CheckCheckpointsAt(record)) return false;
+      if (!CheckOrder(record) || !CheckFormat(record) || !CheckHash(record) ||
+          !CheckCheckpointsAt(record)) {
+        return false;
+      }
       report_.last_verified_seq = record.seq;
       report_.last_verified_hash = record.hash;
       ++report_.records_checked;
@@ -204,6 +207,26 @@ class Verification {
                                  " follows record ", last(), " (duplicated or moved?)"));
   }
 
+  // Formats 1 and 2 only; a format 1 record carries no format 2 field (its encoding would not
+  // cover it); and once the log is in format 2 it never goes back.
+  bool CheckFormat(const Record& record) {
+    if (record.format != 1 && record.format != 2) {
+      return Fail(record.seq, StrCat("record ", record.seq, ": unknown format ", record.format));
+    }
+    if (record.format == 1 &&
+        (!record.call_id.empty() || !record.row.empty() || !record.row_digest.empty())) {
+      return Fail(record.seq, StrCat("record ", record.seq,
+                                     ": format 1 with format 2 fields, which its hash does not "
+                                     "cover (edited?)"));
+    }
+    if (record.format < format_) {
+      return Fail(record.seq, StrCat("record ", record.seq, ": format ", record.format,
+                                     " after format ", format_, " records (edited?)"));
+    }
+    format_ = record.format;
+    return true;
+  }
+
   bool CheckHash(const Record& record) {
     if (record.hash.size() != kHashBytes) {
       return Fail(record.seq, StrCat("record ", record.seq, ": its stored hash is ",
@@ -231,8 +254,10 @@ class Verification {
                     StrCat("record ", record.seq, ": hash differs from the signed checkpoint at ",
                            record.seq, ": history up to ", record.seq, " was rewritten"));
       }
+      if (!CheckCheckpointChain(checkpoint)) return false;
       ++report_.checkpoints_verified;
       report_.signed_through_seq = record.seq;
+      previous_checkpoint_ = &checkpoint;
     }
     if (anchor_ != nullptr && anchor_->seq == record.seq) {
       if (anchor_->hash != record.hash) {
@@ -242,6 +267,28 @@ class Verification {
       report_.signed_through_seq = record.seq;
     }
     return true;
+  }
+
+  // A format 2 checkpoint names the one signed before it: that one must be in the log, so
+  // deleting a checkpoint (the record of what was signed) shows.
+  bool CheckCheckpointChain(const Checkpoint& checkpoint) {
+    if (checkpoint.format == 1) return true;
+    const uint64_t before = previous_checkpoint_ == nullptr ? 0 : previous_checkpoint_->seq;
+    if (checkpoint.prev_seq == before &&
+        (before == 0 ? std::all_of(checkpoint.prev_hash.begin(), checkpoint.prev_hash.end(),
+                                   [](uint8_t b) { return b == 0; })
+                     : checkpoint.prev_hash == previous_checkpoint_->hash)) {
+      return true;
+    }
+    if (checkpoint.prev_seq > before) {
+      return Fail(checkpoint.seq,
+                  StrCat("checkpoint at ", checkpoint.seq, " follows a checkpoint at ",
+                         checkpoint.prev_seq, " that the log does not hold (deleted?)"));
+    }
+    return Fail(checkpoint.seq,
+                StrCat("checkpoint at ", checkpoint.seq, " names checkpoint ", checkpoint.prev_seq,
+                       " before it, but the log's previous checkpoint is at ", before,
+                       before == 0 ? "" : " (or its hash differs)"));
   }
 
   bool CheckEnd() {
@@ -274,7 +321,9 @@ class Verification {
   const PublicKeyVerifier& key_;
   std::vector<const Checkpoint*> checkpoints_;  // by seq
   size_t next_checkpoint_ = 0;
-  std::optional<Record> pending_;  // read ahead by CheckOrder
+  const Checkpoint* previous_checkpoint_ = nullptr;  // the last one verified
+  uint32_t format_ = 1;                              // of the last record read
+  std::optional<Record> pending_;                    // read ahead by CheckOrder
   VerifyReport report_;
 };
 

@@ -24,6 +24,10 @@ inline audit::Record FromProto(const custos::v1::AuditRecord& r) {
   record.peer = r.peer();
   record.context_hmac = r.context_hmac();
   record.detail = r.detail();
+  record.format = r.format() == 0 ? 1 : r.format();
+  record.call_id = r.call_id();
+  record.row = r.row();
+  record.row_digest = r.row_digest();
   record.hash = audit::FromHex(r.hash()).value_or(Bytes{});
   return record;
 }
@@ -43,6 +47,10 @@ inline void ToProto(const audit::Record& record, custos::v1::AuditRecord* out) {
   out->set_peer(record.peer);
   out->set_context_hmac(record.context_hmac);
   out->set_detail(record.detail);
+  out->set_format(record.format);
+  out->set_call_id(record.call_id);
+  out->set_row(record.row);
+  out->set_row_digest(record.row_digest);
   out->set_hash(audit::ToHex(record.hash));
 }
 
@@ -53,6 +61,9 @@ inline audit::Checkpoint FromProto(const custos::v1::Checkpoint& c) {
   checkpoint.time = c.time();
   checkpoint.signature.assign(c.signature().begin(), c.signature().end());
   checkpoint.key_label = c.key_label();
+  checkpoint.format = c.format() == 0 ? 1 : c.format();
+  checkpoint.prev_seq = c.prev_seq();
+  checkpoint.prev_hash = audit::FromHex(c.prev_hash()).value_or(Bytes{});
   return checkpoint;
 }
 
@@ -63,6 +74,9 @@ inline void ToProto(const audit::Checkpoint& checkpoint, custos::v1::Checkpoint*
   out->set_key_label(checkpoint.key_label);
   out->set_message(audit::CheckpointMessage(checkpoint));
   out->set_signature(std::string(checkpoint.signature.begin(), checkpoint.signature.end()));
+  out->set_format(checkpoint.format);
+  out->set_prev_seq(checkpoint.prev_seq);
+  out->set_prev_hash(audit::ToHex(checkpoint.prev_hash));
 }
 
 }  // namespace custos::server

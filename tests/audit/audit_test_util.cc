@@ -19,6 +19,7 @@ Record VectorRecord() {
   record.key_version = 1;
   record.outcome = "OK";
   record.peer = "10.0.0.5:4711";
+  record.format = 1;  // the frozen format 1 vector
   return record;
 }
 
@@ -41,6 +42,9 @@ Record SampleRecord(int n) {
   record.peer = "ipv4:10.0.0." + std::to_string(n % 250) + ":4711";
   record.context_hmac = n % 2 == 0 ? ToHex(Bytes(32, static_cast<uint8_t>(n))) : "";
   record.detail = n % 9 == 0 ? "policy sha256=abc" : "";
+  record.call_id = n % 3 == 0 ? "call-" + std::to_string(n) : "";
+  record.row = n % 4 == 1 ? "key:" + record.key_id : "";
+  record.row_digest = record.row.empty() ? "" : ToHex(Bytes(32, static_cast<uint8_t>(n)));
   return record;
 }
 
@@ -91,6 +95,24 @@ Bytes TestSigningKey::Sign(std::string_view message) const {
   return signature;
 }
 
+std::vector<Checkpoint> TestSigningKey::ChainedCheckpoints(const std::vector<Record>& records,
+                                                           const std::vector<uint64_t>& seqs,
+                                                           int64_t time) const {
+  std::vector<Checkpoint> chained;
+  for (uint64_t seq : seqs) {
+    Checkpoint checkpoint;
+    checkpoint.seq = seq;
+    checkpoint.hash = records.at(seq - 1).hash;
+    checkpoint.time = time;
+    checkpoint.key_label = "custos-audit-signing";
+    checkpoint.prev_seq = chained.empty() ? 0 : chained.back().seq;
+    checkpoint.prev_hash = chained.empty() ? Bytes(32, 0) : chained.back().hash;
+    checkpoint.signature = Sign(CheckpointMessage(checkpoint));
+    chained.push_back(std::move(checkpoint));
+  }
+  return chained;
+}
+
 Checkpoint TestSigningKey::CheckpointAt(const std::vector<Record>& records, uint64_t seq,
                                         int64_t time) const {
   Checkpoint checkpoint;
@@ -98,6 +120,7 @@ Checkpoint TestSigningKey::CheckpointAt(const std::vector<Record>& records, uint
   checkpoint.hash = records.at(seq - 1).hash;
   checkpoint.time = time;
   checkpoint.key_label = "custos-audit-signing";
+  checkpoint.format = 1;
   checkpoint.signature = Sign(CheckpointMessage(checkpoint));
   return checkpoint;
 }

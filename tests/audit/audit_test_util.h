@@ -34,9 +34,13 @@ class TestSigningKey {
   std::string PublicPem() const;
   // DER ECDSA signature over SHA-256(message), as the HSM makes it.
   Bytes Sign(std::string_view message) const;
-  // A checkpoint of `records[seq - 1]`, signed by this key.
+  // A format 1 checkpoint of `records[seq - 1]` (naming no predecessor), signed by this key.
   Checkpoint CheckpointAt(const std::vector<Record>& records, uint64_t seq,
                           int64_t time = 1800000000) const;
+  // Format 2 checkpoints at `seqs` (ascending), each naming the one before it.
+  std::vector<Checkpoint> ChainedCheckpoints(const std::vector<Record>& records,
+                                             const std::vector<uint64_t>& seqs,
+                                             int64_t time = 1800000000) const;
 
  private:
   evp_pkey_st* key_;

@@ -23,6 +23,47 @@ TEST_CASE("A record exports as one JSON line with every field and its hash", "[j
       R"("key_id":"k1","key_version":1,"source_key_id":"","source_key_version":0,)"
       R"("request_id":"","outcome":"OK","peer":"10.0.0.5:4711","context_hmac":"",)"
       R"("detail":"","hash":"abababababababababababababababababababababababababababababababab"})");
+  // Format 2 says so, and carries its three fields before the hash.
+  record.format = 2;
+  record.call_id = "c7";
+  record.row = "key:k1";
+  record.row_digest = "ab";
+  CHECK(ToJsonLine(record) ==
+        R"({"seq":1,"time":1700000000,"principal":"alice","role":"app","action":"Encrypt",)"
+        R"("key_id":"k1","key_version":1,"source_key_id":"","source_key_version":0,)"
+        R"("request_id":"","outcome":"OK","peer":"10.0.0.5:4711","context_hmac":"",)"
+        R"("detail":"","format":2,"call_id":"c7","row":"key:k1","row_digest":"ab",)"
+        R"("hash":"abababababababababababababababababababababababababababababababab"})");
+  CHECK(*FromJsonLine(ToJsonLine(record)) == record);
+}
+
+TEST_CASE("A JSON line has one reading: _base64 only for bytes that are not UTF-8", "[json]") {
+  Record record = test::SealedLog(1)[0];
+  record.principal = "CN=\xff evil"s;
+  const std::string line = ToJsonLine(record);
+  REQUIRE(FromJsonLine(line).ok());
+  // An edited plain member beside the exact bytes: a SIEM would show one, the verifier check
+  // the other.
+  std::string edited = line;
+  const size_t at = edited.find("evil");
+  edited.replace(at, 4, "good");
+  CHECK(FromJsonLine(edited).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK_THAT(std::string(FromJsonLine(edited).status().message()),
+             Catch::Contains("principal and principal_base64 disagree"));
+  // _base64 for text that is valid UTF-8 (so the plain member could carry it): refused.
+  Record plain = test::SealedLog(1)[0];
+  std::string doubled = ToJsonLine(plain);
+  doubled.insert(doubled.find("\"role\""), R"("principal_base64":"bWFsbG9yeQ==",)");
+  CHECK_THAT(std::string(FromJsonLine(doubled).status().message()),
+             Catch::Contains("principal_base64 holds valid UTF-8"));
+  // Without the plain member, the exact bytes alone are fine.
+  std::string bare = line;
+  const size_t from = bare.find(R"("principal":)");
+  const size_t to = bare.find(R"("principal_base64")");
+  bare.erase(from, to - from);
+  absl::StatusOr<Record> back = FromJsonLine(bare);
+  REQUIRE(back.ok());
+  CHECK(back->principal == record.principal);
 }
 
 TEST_CASE("JSON lines round-trip every record exactly", "[json]") {
@@ -88,6 +129,15 @@ TEST_CASE("Checkpoint JSON round-trips and carries the signed message", "[json]"
   absl::StatusOr<Checkpoint> back = CheckpointFromJson(json);
   REQUIRE(back.ok());
   CHECK(*back == checkpoint);
+  // Format 2 names its predecessor, in the JSON and in the message.
+  const Checkpoint chained = key.ChainedCheckpoints(log, {1, 3}).back();
+  const std::string json2 = CheckpointToJson(chained);
+  CHECK(json2.find("\"prev_seq\": 1") != std::string::npos);
+  CHECK(json2.find("\\nprev_seq=1\\nprev_hash=" + ToHex(log[0].hash) + "\\n") != std::string::npos);
+  absl::StatusOr<Checkpoint> back2 = CheckpointFromJson(json2);
+  REQUIRE(back2.ok());
+  CHECK(*back2 == chained);
+  CHECK(*CheckpointFromJsonLine(CheckpointToJsonLine(chained)) == chained);
 }
 
 TEST_CASE("Checkpoint JSON that does not parse is INVALID_ARGUMENT", "[json]") {

@@ -16,7 +16,8 @@ using test::VectorRecord;
 // two different records can encode equal.
 std::vector<std::string> DecodeCanonical(const Bytes& bytes) {
   const std::string text(bytes.begin(), bytes.end());
-  REQUIRE(text.substr(0, kCanonicalMagic.size()) == kCanonicalMagic);
+  REQUIRE((text.substr(0, kCanonicalMagic.size()) == kCanonicalMagic ||
+           text.substr(0, kCanonicalMagicV2.size()) == kCanonicalMagicV2));
   std::vector<std::string> fields;
   size_t at = kCanonicalMagic.size();
   while (at < text.size()) {
@@ -46,6 +47,12 @@ std::vector<std::string> FieldsOf(const Record& r) {
           r.peer,
           r.context_hmac,
           r.detail};
+}
+
+std::vector<std::string> FieldsOfV2(const Record& r) {
+  std::vector<std::string> fields = FieldsOf(r);
+  fields.insert(fields.end(), {r.call_id, r.row, r.row_digest});
+  return fields;
 }
 
 TEST_CASE("Canonical encoding matches the frozen test vector", "[record]") {
@@ -86,11 +93,58 @@ TEST_CASE("Canonical encoding matches the frozen test vector", "[record]") {
   CHECK(ChainHash(Bytes(32, 0), VectorRecord()) == sealed.hash);
 }
 
+TEST_CASE("Format 2 encodes three more fields under its own magic", "[record]") {
+  Record record = VectorRecord();
+  record.format = 2;
+  record.call_id = "c7";
+  record.row = "key:k1";
+  record.row_digest = "ab";
+  CHECK(ToHex(Canonical(record)) ==
+        "637573746f732d61756469742d7632"  // "custos-audit-v2"
+        "00000001"
+        "31"
+        "0000000a"
+        "31373030303030303030"
+        "00000005"
+        "616c696365"
+        "00000003"
+        "617070"
+        "00000007"
+        "456e6372797074"
+        "00000002"
+        "6b31"
+        "00000001"
+        "31"
+        "00000000"
+        "00000001"
+        "30"
+        "00000000"
+        "00000002"
+        "4f4b"
+        "0000000d"
+        "31302e302e302e353a34373131"
+        "00000000"
+        "00000000"
+        "00000002"
+        "6337"  // call_id "c7"
+        "00000006"
+        "6b65793a6b31"  // row "key:k1"
+        "00000002"
+        "6162");  // row_digest "ab"
+  // The same fields in format 1 (which has none of the three) encode differently, and a
+  // format 1 record ignores them: the verifier refuses such a record.
+  Record v1 = record;
+  v1.format = 1;
+  CHECK(Canonical(v1) == Canonical(VectorRecord()));
+  CHECK(Canonical(v1) != Canonical(record));
+  CHECK(DecodeCanonical(Canonical(record)) == FieldsOfV2(record));
+}
+
 TEST_CASE("Canonical encoding ignores the hash and decodes back to every field", "[record]") {
   Record record = test::SampleRecord(6);
   record.seq = 6;
   const Bytes canonical = Canonical(record);
-  CHECK(DecodeCanonical(canonical) == FieldsOf(record));
+  CHECK(DecodeCanonical(canonical) == FieldsOfV2(record));
   record.hash = Bytes(32, 0xab);
   CHECK(Canonical(record) == canonical);
   record.time = -5;
@@ -139,9 +193,10 @@ TEST_CASE("No two different records encode equal", "[record]") {
     r.source_key_version = rng() % 12;
     r.request_id = text(), r.outcome = text(), r.peer = text(), r.context_hmac = text();
     r.detail = text();
+    r.call_id = text(), r.row = text(), r.row_digest = text();
     const Bytes canonical = Canonical(r);
-    REQUIRE(DecodeCanonical(canonical) == FieldsOf(r));
-    CHECK(seen.insert(canonical).second == records.insert(FieldsOf(r)).second);
+    REQUIRE(DecodeCanonical(canonical) == FieldsOfV2(r));
+    CHECK(seen.insert(canonical).second == records.insert(FieldsOfV2(r)).second);
   }
 }
 
@@ -197,10 +252,23 @@ TEST_CASE("A resumed chain continues where the log ends", "[record]") {
   CHECK(Chain::Resume(3, Bytes(31, 0)).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("The checkpoint message is exact text", "[record]") {
-  Bytes hash(32);
-  for (size_t i = 0; i < hash.size(); ++i) hash[i] = static_cast<uint8_t>(i);
-  CHECK(CheckpointMessage(120, hash, 1800000000) ==
+TEST_CASE("The checkpoint message is exact text, in both formats", "[record]") {
+  Checkpoint checkpoint;
+  checkpoint.seq = 120;
+  checkpoint.hash.resize(32);
+  for (size_t i = 0; i < 32; ++i) checkpoint.hash[i] = static_cast<uint8_t>(i);
+  checkpoint.time = 1800000000;
+  checkpoint.prev_seq = 100;
+  checkpoint.prev_hash = Bytes(32, 0xab);
+  CHECK(CheckpointMessage(checkpoint) ==
+        "custos-audit-checkpoint-v2\n"
+        "seq=120\n"
+        "hash=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"
+        "time=1800000000\n"
+        "prev_seq=100\n"
+        "prev_hash=abababababababababababababababababababababababababababababababab\n");
+  checkpoint.format = 1;  // as signed before checkpoints named their predecessor
+  CHECK(CheckpointMessage(checkpoint) ==
         "custos-audit-checkpoint-v1\n"
         "seq=120\n"
         "hash=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n"

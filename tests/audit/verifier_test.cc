@@ -103,6 +103,55 @@ TEST_CASE("An intact chain with checkpoints verifies", "[verifier]") {
   CHECK(anchored.caveat.empty());
 }
 
+TEST_CASE("Format 2 checkpoints form a chain: a deleted one is named", "[verifier]") {
+  const std::vector<Record> log = SealedLog(50);
+  std::vector<Checkpoint> chained = Key().ChainedCheckpoints(log, {10, 20, 30, 40});
+  const VerifyReport intact = Check(log, chained);
+  INFO(intact.reason);
+  CHECK(intact.ok);
+  CHECK(intact.checkpoints_verified == 4);
+  // The stored checkpoint at 20 removed (by someone who could write the database).
+  std::vector<Checkpoint> without_20 = {chained[0], chained[2], chained[3]};
+  const VerifyReport gap = Check(log, without_20);
+  CHECK_FALSE(gap.ok);
+  CHECK(gap.first_bad_seq == 30);
+  CHECK(gap.reason ==
+        "checkpoint at 30 follows a checkpoint at 20 that the log does not hold "
+        "(deleted?)");
+  // Format 1 checkpoints before format 2 ones: the first format 2 one names the last of them.
+  std::vector<Checkpoint> mixed = {Key().CheckpointAt(log, 5)};
+  Checkpoint next = chained[0];
+  next.prev_seq = 5;
+  next.prev_hash = log[4].hash;
+  next.signature = Key().Sign(CheckpointMessage(next));
+  mixed.push_back(next);
+  CHECK(Check(log, mixed).ok);
+}
+
+TEST_CASE("A format 1 record cannot carry format 2 fields, nor follow format 2", "[verifier]") {
+  std::vector<Record> log = SealedLog(6);
+  std::vector<Record> v1_with_row = log;
+  v1_with_row[2].format = 1;
+  v1_with_row[2].row = "key:x";  // outside what its format 1 hash covers
+  Chain chain;
+  for (Record& r : v1_with_row) chain.Seal(r);
+  const VerifyReport smuggled = Check(v1_with_row);
+  CHECK_FALSE(smuggled.ok);
+  CHECK(smuggled.first_bad_seq == 3);
+  CHECK_THAT(smuggled.reason, Catch::Contains("format 1 with format 2 fields"));
+  std::vector<Record> downgraded = log;
+  downgraded[4].format = 1;
+  downgraded[4].call_id.clear();
+  downgraded[4].row.clear();
+  downgraded[4].row_digest.clear();
+  Chain again;
+  for (Record& r : downgraded) again.Seal(r);
+  const VerifyReport back = Check(downgraded);
+  CHECK_FALSE(back.ok);
+  CHECK(back.first_bad_seq == 5);
+  CHECK_THAT(back.reason, Catch::Contains("format 1 after format 2 records"));
+}
+
 TEST_CASE("An empty log verifies, with the caveat", "[verifier]") {
   const VerifyReport report = Check({});
   CHECK(report.ok);
