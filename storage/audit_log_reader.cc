@@ -10,11 +10,13 @@ namespace custos::storage {
 namespace {
 
 constexpr int kFirstVersionWithAuditLog = 4;
+constexpr int kFirstVersionWithFormat2 = 5;
 constexpr size_t kPageSize = 1000;
 
 }  // namespace
 
-AuditLogReader::AuditLogReader(std::unique_ptr<sqlite::Database> db) : db_(std::move(db)) {}
+AuditLogReader::AuditLogReader(std::unique_ptr<sqlite::Database> db, bool format1_columns)
+    : db_(std::move(db)), format1_columns_(format1_columns) {}
 AuditLogReader::~AuditLogReader() = default;
 
 absl::StatusOr<std::unique_ptr<AuditLogReader>> AuditLogReader::Open(const std::string& path) {
@@ -33,13 +35,16 @@ absl::StatusOr<std::unique_ptr<AuditLogReader>> AuditLogReader::Open(const std::
                                                       ", newer than this custosctl reads (",
                                                       CurrentSchemaVersion(), ")"));
   }
-  return std::unique_ptr<AuditLogReader>(new AuditLogReader(std::move(db)));
+  return std::unique_ptr<AuditLogReader>(
+      new AuditLogReader(std::move(db), version < kFirstVersionWithFormat2));
 }
 
 absl::StatusOr<std::optional<audit::Record>> AuditLogReader::Next() {
   if (next_in_page_ == page_.size()) {
     if (exhausted_) return std::optional<audit::Record>();
-    CUSTOS_ASSIGN_OR_RETURN(page_, LoadAuditRecords(*db_, next_seq_, kPageSize));
+    CUSTOS_ASSIGN_OR_RETURN(page_, LoadAuditRecords(*db_, next_seq_, kPageSize,
+                                                    format1_columns_ ? AuditColumns::kFormat1Columns
+                                                                     : AuditColumns::kCurrent));
     next_in_page_ = 0;
     exhausted_ = page_.size() < kPageSize;
     if (page_.empty()) return std::optional<audit::Record>();
@@ -49,7 +54,8 @@ absl::StatusOr<std::optional<audit::Record>> AuditLogReader::Next() {
 }
 
 absl::StatusOr<std::vector<audit::Checkpoint>> AuditLogReader::Checkpoints() {
-  return LoadCheckpoints(*db_, 0);
+  return LoadCheckpoints(*db_, 0,
+                         format1_columns_ ? AuditColumns::kFormat1Columns : AuditColumns::kCurrent);
 }
 
 }  // namespace custos::storage

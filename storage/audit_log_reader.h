@@ -36,9 +36,10 @@ class AuditLogReader final : public audit::RecordSource {
   absl::StatusOr<std::vector<audit::Checkpoint>> Checkpoints();
 
  private:
-  explicit AuditLogReader(std::unique_ptr<sqlite::Database> db);
+  AuditLogReader(std::unique_ptr<sqlite::Database> db, bool format1_columns);
 
   std::unique_ptr<sqlite::Database> db_;
+  bool format1_columns_;  // a file from before schema version 5
   std::vector<audit::Record> page_;
   size_t next_in_page_ = 0;
   uint64_t next_seq_ = 1;

@@ -3,9 +3,13 @@
 namespace custos::storage {
 namespace {
 
-constexpr char kColumns[] =
+constexpr char kColumnsV1[] =
     "seq, time, principal, role, action, key_id, key_version, source_key_id, "
     "source_key_version, request_id, outcome, peer, context_hmac, detail, hash";
+constexpr char kColumns[] =
+    "seq, time, principal, role, action, key_id, key_version, source_key_id, "
+    "source_key_version, request_id, outcome, peer, context_hmac, detail, hash, format, "
+    "call_id, row_name, row_digest";
 
 audit::Record ReadRow(const sqlite::Statement& stmt) {
   audit::Record row;
@@ -24,6 +28,14 @@ audit::Record ReadRow(const sqlite::Statement& stmt) {
   row.context_hmac = stmt.ColumnText(12);
   row.detail = stmt.ColumnText(13);
   row.hash = stmt.ColumnBlob(14);
+  if (stmt.ColumnCount() <= 15) {
+    row.format = 1;
+    return row;
+  }
+  row.format = static_cast<uint32_t>(stmt.ColumnInt64(15));
+  row.call_id = stmt.ColumnText(16);
+  row.row = stmt.ColumnText(17);
+  row.row_digest = stmt.ColumnText(18);
   return row;
 }
 
@@ -32,7 +44,7 @@ audit::Record ReadRow(const sqlite::Statement& stmt) {
 absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row) {
   static const std::string sql = std::string("INSERT INTO audit_log (") + kColumns +
                                  ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, "
-                                 "?13, ?14, ?15)";
+                                 "?13, ?14, ?15, ?16, ?17, ?18, ?19)";
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
   stmt.BindInt64(1, static_cast<int64_t>(row.seq))
       .BindInt64(2, row.time)
@@ -48,15 +60,23 @@ absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row) {
       .BindText(12, row.peer)
       .BindText(13, row.context_hmac)
       .BindText(14, row.detail)
-      .BindBlob(15, row.hash);
+      .BindBlob(15, row.hash)
+      .BindInt64(16, row.format)
+      .BindText(17, row.call_id)
+      .BindText(18, row.row)
+      .BindText(19, row.row_digest);
   return stmt.Run();
 }
 
 absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db, uint64_t from_seq,
-                                                            size_t limit) {
+                                                            size_t limit, AuditColumns columns) {
   static const std::string sql =
       std::string("SELECT ") + kColumns + " FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2";
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql.c_str()));
+  static const std::string sql_v1 =
+      std::string("SELECT ") + kColumnsV1 + " FROM audit_log WHERE seq >= ?1 ORDER BY seq LIMIT ?2";
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare(columns == AuditColumns::kCurrent ? sql.c_str() : sql_v1.c_str()));
   stmt.BindInt64(1, static_cast<int64_t>(from_seq)).BindInt64(2, static_cast<int64_t>(limit));
   std::vector<audit::Record> rows;
   for (;;) {
@@ -65,6 +85,18 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db
     rows.push_back(ReadRow(stmt));
   }
   return rows;
+}
+
+absl::StatusOr<std::optional<std::string>> LatestRowDigest(sqlite::Database& db,
+                                                           std::string_view row) {
+  // Spelled as the partial index of schema version 5: one index probe.
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT row_digest FROM audit_log WHERE row_name = ?1 AND "
+                                     "row_name <> '' ORDER BY seq DESC LIMIT 1"));
+  stmt.BindText(1, row);
+  CUSTOS_ASSIGN_OR_RETURN(const bool found, stmt.Step());
+  if (!found) return std::optional<std::string>();
+  return std::optional<std::string>(stmt.ColumnText(0));
 }
 
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db) {
@@ -79,13 +111,16 @@ absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Databas
 absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint) {
   CUSTOS_ASSIGN_OR_RETURN(
       sqlite::Statement stmt,
-      db.Prepare("INSERT OR REPLACE INTO audit_checkpoints (seq, hash, time, key_label, "
-                 "signature) VALUES (?1, ?2, ?3, ?4, ?5)"));
+      db.Prepare("INSERT INTO audit_checkpoints (seq, hash, time, key_label, signature, format, "
+                 "prev_seq, prev_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"));
   stmt.BindInt64(1, static_cast<int64_t>(checkpoint.seq))
       .BindBlob(2, checkpoint.hash)
       .BindInt64(3, checkpoint.time)
       .BindText(4, checkpoint.key_label)
-      .BindBlob(5, checkpoint.signature);
+      .BindBlob(5, checkpoint.signature)
+      .BindInt64(6, checkpoint.format)
+      .BindInt64(7, static_cast<int64_t>(checkpoint.prev_seq))
+      .BindBlob(8, checkpoint.prev_hash);
   return stmt.Run();
 }
 
@@ -102,16 +137,28 @@ absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpointRows(sqlite::Statem
     checkpoint.time = stmt.ColumnInt64(2);
     checkpoint.key_label = stmt.ColumnText(3);
     checkpoint.signature = stmt.ColumnBlob(4);
+    if (stmt.ColumnCount() <= 5) {
+      checkpoint.format = 1;
+      continue;
+    }
+    checkpoint.format = static_cast<uint32_t>(stmt.ColumnInt64(5));
+    checkpoint.prev_seq = static_cast<uint64_t>(stmt.ColumnInt64(6));
+    checkpoint.prev_hash = stmt.ColumnBlob(7);
   }
   return checkpoints;
 }
 
 }  // namespace
 
-absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit) {
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
-                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
-                                     "audit_checkpoints ORDER BY seq DESC LIMIT ?1"));
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit,
+                                                               AuditColumns columns) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare(columns == AuditColumns::kCurrent
+                     ? "SELECT seq, hash, time, key_label, signature, format, prev_seq, prev_hash "
+                       "FROM audit_checkpoints ORDER BY seq DESC LIMIT ?1"
+                     : "SELECT seq, hash, time, key_label, signature FROM audit_checkpoints "
+                       "ORDER BY seq DESC LIMIT ?1"));
   stmt.BindInt64(1, limit == 0 ? -1 : static_cast<int64_t>(limit));
   return ReadCheckpointRows(stmt);
 }
@@ -120,8 +167,9 @@ absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpointsFrom(sqlite::Datab
                                                                    uint64_t from_seq,
                                                                    size_t limit) {
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
-                          db.Prepare("SELECT seq, hash, time, key_label, signature FROM "
-                                     "audit_checkpoints WHERE seq >= ?1 ORDER BY seq LIMIT ?2"));
+                          db.Prepare("SELECT seq, hash, time, key_label, signature, format, "
+                                     "prev_seq, prev_hash FROM audit_checkpoints WHERE seq >= ?1 "
+                                     "ORDER BY seq LIMIT ?2"));
   stmt.BindInt64(1, static_cast<int64_t>(from_seq))
       .BindInt64(2, limit == 0 ? -1 : static_cast<int64_t>(limit));
   return ReadCheckpointRows(stmt);

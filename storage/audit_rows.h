@@ -13,16 +13,26 @@
 
 namespace custos::storage {
 
+// Database files older than schema version 5 have no format 2 columns; readers of such a file
+// (an old backup being verified) pass kFormat1Columns and get format 1 records and checkpoints.
+enum class AuditColumns { kCurrent, kFormat1Columns };
+
 // Appends a sealed record (seq and hash set). Run it inside a write transaction.
 absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row);
-absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db, uint64_t from_seq,
-                                                            size_t limit);
+absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(
+    sqlite::Database& db, uint64_t from_seq, size_t limit,
+    AuditColumns columns = AuditColumns::kCurrent);
+// The row digest carried by the newest record naming catalogue row `row`, or nullopt if no
+// record names it.
+absl::StatusOr<std::optional<std::string>> LatestRowDigest(sqlite::Database& db,
+                                                           std::string_view row);
 // The last record, or nullopt for an empty log.
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 
 absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint);
 // Newest first; `limit` 0 = all.
-absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(sqlite::Database& db, size_t limit);
+absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(
+    sqlite::Database& db, size_t limit, AuditColumns columns = AuditColumns::kCurrent);
 // Checkpoints with seq >= `from_seq`, ascending, at most `limit`.
 absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpointsFrom(sqlite::Database& db,
                                                                    uint64_t from_seq, size_t limit);

@@ -19,15 +19,15 @@ constexpr char kSelectIdByAlias[] = "SELECT id FROM keys WHERE alias = ?1";
 constexpr char kUpsertKey[] =
     "INSERT INTO keys (id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    " deletion_due_observed, mac)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
     " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias, description = excluded.description,"
     " state = excluded.state, created_at = excluded.created_at,"
     " created_by = excluded.created_by, primary_version = excluded.primary_version,"
     " min_decrypt_version = excluded.min_decrypt_version,"
     " rotation_period_seconds = excluded.rotation_period_seconds,"
     " deletion_due_at = excluded.deletion_due_at, destroyed_at = excluded.destroyed_at,"
-    " deletion_due_observed = excluded.deletion_due_observed";
+    " deletion_due_observed = excluded.deletion_due_observed, mac = excluded.mac";
 constexpr char kDeleteTags[] = "DELETE FROM key_tags WHERE key_id = ?1";
 constexpr char kInsertTag[] = "INSERT INTO key_tags (key_id, name, value) VALUES (?1, ?2, ?3)";
 constexpr char kSelectStoredVersions[] =
@@ -47,11 +47,11 @@ constexpr char kInsertGrant[] =
 constexpr char kSelectKeyById[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed FROM keys WHERE id = ?1";
+    " deletion_due_observed, mac FROM keys WHERE id = ?1";
 constexpr char kSelectKeysAfter[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
+    " deletion_due_observed, mac FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
 // Child rows of every key whose id lies in [?1, ?2].
 constexpr char kSelectTags[] =
     "SELECT key_id, name, value FROM key_tags WHERE key_id BETWEEN ?1 AND ?2";
@@ -79,13 +79,22 @@ constexpr char kCountVersionsUnderRoot[] =
     "SELECT count(*) FROM key_versions WHERE root_key_label = ?1 AND length(wrapped) > 0";
 
 constexpr char kSelectUsage[] =
-    "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at"
+    "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac"
     " FROM version_usage WHERE key_id = ?1 ORDER BY version";
+// A reservation: everything, the (sealed) reservation included.
 constexpr char kUpsertUsage[] =
     "INSERT INTO version_usage"
-    " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key_id, version) DO UPDATE SET"
+    " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (key_id, version) DO UPDATE SET"
     " encryptions_reserved = excluded.encryptions_reserved,"
+    " encryptions = excluded.encryptions, decryptions = excluded.decryptions,"
+    " last_used_at = excluded.last_used_at, mac = excluded.mac";
+// Counts only: a version never reserved is inserted with no reservation; an existing row keeps
+// its reservation and MAC.
+constexpr char kUpsertUsageCounts[] =
+    "INSERT INTO version_usage"
+    " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac)"
+    " VALUES (?1, ?2, 0, ?3, ?4, ?5, NULL) ON CONFLICT (key_id, version) DO UPDATE SET"
     " encryptions = excluded.encryptions, decryptions = excluded.decryptions,"
     " last_used_at = excluded.last_used_at";
 
@@ -121,6 +130,7 @@ absl::StatusOr<std::shared_ptr<KeyRecord>> ReadKeyRow(const sqlite::Statement& r
   key->deletion_due_at = row.ColumnInt64(9);
   key->destroyed_at = row.ColumnInt64(10);
   key->deletion_due_observed = row.ColumnInt64(11);
+  key->mac = row.ColumnBlob(12);  // NULL (never sealed) reads as empty
   return key;
 }
 
@@ -201,6 +211,11 @@ absl::Status WriteKeyRows(sqlite::Database& db, const KeyRecord& key, bool is_ne
         .BindInt64(10, key.deletion_due_at)
         .BindInt64(11, key.destroyed_at)
         .BindInt64(12, key.deletion_due_observed);
+    if (key.mac.empty()) {
+      stmt.BindNull(13);
+    } else {
+      stmt.BindBlob(13, key.mac);
+    }
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
 
@@ -385,6 +400,7 @@ absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
     u.encryptions = static_cast<uint64_t>(stmt.ColumnInt64(3));
     u.decryptions = static_cast<uint64_t>(stmt.ColumnInt64(4));
     u.last_used_at = stmt.ColumnInt64(5);
+    u.mac = stmt.ColumnBlob(6);
   }
 }
 
@@ -396,6 +412,21 @@ absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage) {
       .BindInt64(4, static_cast<int64_t>(usage.encryptions))
       .BindInt64(5, static_cast<int64_t>(usage.decryptions))
       .BindInt64(6, usage.last_used_at);
+  if (usage.mac.empty()) {
+    stmt.BindNull(7);
+  } else {
+    stmt.BindBlob(7, usage.mac);
+  }
+  return stmt.Run();
+}
+
+absl::Status UpsertUsageCounts(sqlite::Database& db, const VersionUsage& usage) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kUpsertUsageCounts));
+  stmt.BindText(1, usage.key_id)
+      .BindInt64(2, usage.version)
+      .BindInt64(3, static_cast<int64_t>(usage.encryptions))
+      .BindInt64(4, static_cast<int64_t>(usage.decryptions))
+      .BindInt64(5, usage.last_used_at);
   return stmt.Run();
 }
 

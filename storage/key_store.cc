@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -18,6 +19,8 @@
 #include "storage/key_cache.h"
 #include "storage/key_rows.h"
 #include "storage/request_rows.h"
+#include "storage/row_codec.h"
+#include "storage/row_integrity.h"
 #include "storage/schema.h"
 #include "storage/sqlite.h"
 #include "storage/state_lock.h"
@@ -142,6 +145,39 @@ std::shared_ptr<KeyRecord> Normalized(const KeyRecord& key) {
   return record;
 }
 
+absl::Status WriteSetting(sqlite::Database& db, const std::string& name, const std::string& value,
+                          const Bytes& mac) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement upsert,
+      db.Prepare("INSERT INTO settings (name, value, mac) VALUES (?1, ?2, ?3) "
+                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value, mac = excluded.mac"));
+  upsert.BindText(1, name).BindText(2, value);
+  if (mac.empty()) {
+    upsert.BindNull(3);
+  } else {
+    upsert.BindBlob(3, mac);
+  }
+  return upsert.Run();
+}
+
+struct StoredSetting {
+  std::string value;
+  Bytes mac;
+};
+
+absl::StatusOr<std::optional<StoredSetting>> ReadSetting(sqlite::Database& db,
+                                                         std::string_view name) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement select,
+                          db.Prepare("SELECT value, mac FROM settings WHERE name = ?1"));
+  select.BindText(1, name);
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, select.Step());
+  if (!row) return std::optional<StoredSetting>();
+  return std::optional<StoredSetting>(StoredSetting{select.ColumnText(0), select.ColumnBlob(1)});
+}
+
+// Set, with its record, once the catalogue is sealed (see SealCatalog).
+constexpr char kCatalogSealedSetting[] = "catalog_sealed";
+
 absl::Status NoKeyWithId(std::string_view id) {
   return absl::NotFoundError(StrCat("no key with id '", id, "'"));
 }
@@ -153,8 +189,12 @@ absl::Status NoKeyWithId(std::string_view id) {
 // older than one a write has just cached. Cache hits take only the cache's lock.
 class KeyStore::Impl {
  public:
-  Impl(std::unique_ptr<StateLock> lock, std::unique_ptr<sqlite::Database> db, int schema_version)
-      : lock_(std::move(lock)), db_(std::move(db)), schema_version_(schema_version) {}
+  Impl(std::unique_ptr<StateLock> lock, std::unique_ptr<sqlite::Database> db, int schema_version,
+       RowAuthenticator* authenticator)
+      : lock_(std::move(lock)),
+        db_(std::move(db)),
+        schema_version_(schema_version),
+        integrity_(authenticator) {}
 
   // Declared first, so released last: after the database is closed.
   const std::unique_ptr<StateLock> lock_;
@@ -162,12 +202,22 @@ class KeyStore::Impl {
   const std::unique_ptr<sqlite::Database> db_;  // Guarded by db_mu_.
   const int schema_version_;
   KeyCache cache_;
+  RowIntegrity integrity_;
+  // Bumped (under db_mu_) by every committed write of a key: a load checked outside the lock
+  // is cached only if no write came in between (else it may be older than what was written).
+  uint64_t key_writes_ = 0;
 
   // Group commit (as LevelDB's DBImpl::Write): Apply callers queue here; the one at the front
   // commits every queued batch in one transaction (one fsync) and wakes the others.
   struct Writer {
     const WriteBatch* batch = nullptr;
+    // The batch as written: sealed (MACs set), and its audit records with the digests of the
+    // rows they name.
     std::vector<std::shared_ptr<KeyRecord>> records;  // the batch's keys, as cached
+    std::vector<RequestRecord> requests;
+    std::vector<VersionUsage> usage;
+    std::map<std::string, Bytes> setting_macs;  // by setting name
+    std::vector<audit::Record> audit;
     absl::Status status;
     bool done = false;
     std::condition_variable cv;
@@ -191,10 +241,84 @@ class KeyStore::Impl {
   audit::Chain chain_;
   CommitStats commit_stats_;  // guarded by db_mu_
 
+  // Checks `batch`, and fills `writer` with it as it will be written: rows sealed, and each
+  // audit record that names a row given that row's digest. Outside any lock (it may call the
+  // HSM). INVALID_ARGUMENT for a malformed batch or a record naming a row not in it.
+  absl::Status Prepare(const WriteBatch& batch, Writer& writer) const;
+
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
   absl::Status WriteInGroup(const Writer& writer);
+
+  // The key with `id` from the cache, else loaded from the file and checked (outside db_mu_),
+  // then cached; nullptr if there is none.
+  absl::StatusOr<std::shared_ptr<const KeyRecord>> LoadChecked(std::string_view id);
+
+  // `request`, as loaded under db_mu_ with the digest recorded for it, checked.
+  // A setting, checked as `chain` says; nullopt if never set.
+  absl::StatusOr<std::optional<std::string>> ReadCheckedSetting(std::string_view name,
+                                                                RowIntegrity::Chain chain);
+
+  absl::StatusOr<std::vector<std::optional<std::string>>> RecordedRequests(
+      const std::vector<RequestRecord>& requests);
+  absl::Status CheckRequest(const RequestRecord& request,
+                            const std::optional<std::string>& recorded) {
+    return integrity_.Check(RequestRowName(request.id), CanonicalRequestRow(request), request.mac,
+                            recorded, RowIntegrity::Chain::kRecorded);
+  }
+
+  // The newest recorded digest of catalogue row `name` (under db_mu_).
+  absl::StatusOr<std::optional<std::string>> Recorded(const std::string& name) {
+    return LatestRowDigest(*db_, name);
+  }
 };
+
+absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer) const {
+  std::map<std::string, std::string> digests;  // of the rows written, by name
+  writer.records.reserve(batch.keys.size());
+  for (const KeyRecord& key : batch.keys) {
+    CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
+    auto record = Normalized(key);
+    const Bytes canonical = CanonicalKeyRow(*record);
+    CUSTOS_ASSIGN_OR_RETURN(record->mac, integrity_.Seal(canonical));
+    digests[KeyRowName(record->id)] = RowDigest(canonical);
+    writer.records.push_back(std::move(record));
+  }
+  for (const RequestRecord& request : batch.requests) {
+    CUSTOS_RETURN_IF_ERROR(ValidateRequest(request));
+    RequestRecord& sealed = writer.requests.emplace_back(request);
+    const Bytes canonical = CanonicalRequestRow(sealed);
+    CUSTOS_ASSIGN_OR_RETURN(sealed.mac, integrity_.Seal(canonical));
+    digests[RequestRowName(sealed.id)] = RowDigest(canonical);
+  }
+  for (const VersionUsage& usage : batch.usage) {
+    if (usage.key_id.empty() || usage.version == 0) {
+      return absl::InvalidArgumentError(StrCat("usage of key '", usage.key_id, "' version ",
+                                               usage.version, ": needs a key id and a version"));
+    }
+    VersionUsage& sealed = writer.usage.emplace_back(usage);
+    const Bytes canonical = CanonicalUsageRow(sealed);
+    CUSTOS_ASSIGN_OR_RETURN(sealed.mac, integrity_.Seal(canonical));
+    digests[UsageRowName(sealed.key_id, sealed.version)] = RowDigest(canonical);
+  }
+  for (const auto& [name, value] : batch.settings) {
+    if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
+    const Bytes canonical = CanonicalSettingRow(name, value);
+    CUSTOS_ASSIGN_OR_RETURN(writer.setting_macs[name], integrity_.Seal(canonical));
+    digests[SettingRowName(name)] = RowDigest(canonical);
+  }
+  writer.audit = batch.audit;
+  for (audit::Record& record : writer.audit) {
+    if (record.row.empty()) continue;
+    auto digest = digests.find(record.row);
+    if (digest == digests.end()) {
+      return absl::InvalidArgumentError(StrCat("audit record of ", record.action, " names row ",
+                                               record.row, ", which its batch does not write"));
+    }
+    record.row_digest = digest->second;
+  }
+  return absl::OkStatus();
+}
 
 absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
   audit::Chain chain_before = chain_;
@@ -204,17 +328,14 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
     // the batch claiming one alias conflict like any other pair. (Swapping two keys' aliases
     // therefore takes two batches, which no operation needs.)
     for (const auto& record : writer.records) CUSTOS_RETURN_IF_ERROR(WriteKey(*db_, *record));
-    for (const RequestRecord& request : writer.batch->requests) {
+    for (const RequestRecord& request : writer.requests) {
       CUSTOS_RETURN_IF_ERROR(WriteRequest(*db_, request));
     }
     for (const auto& [name, value] : writer.batch->settings) {
-      CUSTOS_ASSIGN_OR_RETURN(
-          sqlite::Statement upsert,
-          db_->Prepare("INSERT INTO settings (name, value) VALUES (?1, ?2) "
-                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value"));
-      CUSTOS_RETURN_IF_ERROR(upsert.BindText(1, name).BindText(2, value).Run());
+      CUSTOS_RETURN_IF_ERROR(WriteSetting(*db_, name, value, writer.setting_macs.at(name)));
     }
-    for (audit::Record record : writer.batch->audit) {
+    for (const VersionUsage& usage : writer.usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*db_, usage));
+    for (audit::Record record : writer.audit) {
       chain_.Seal(record);
       CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
     }
@@ -231,7 +352,8 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
 KeyStore::KeyStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 KeyStore::~KeyStore() = default;
 
-absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path,
+                                                         RowAuthenticator* authenticator) {
   // Before anything is read: the chain head below is then one no other writer can move.
   CUSTOS_ASSIGN_OR_RETURN(auto lock, StateLock::Acquire(path + ".lock"));
   // SQLite makes these with the database's mode; files left by an older run may be looser.
@@ -244,7 +366,10 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_RETURN_IF_ERROR(Configure(*db));
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
-  auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version);
+  auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> sealed,
+                          LatestRowDigest(*impl->db_, SettingRowName(kCatalogSealedSetting)));
+  impl->integrity_.set_unsealed_catalog(!sealed.has_value());
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
@@ -254,12 +379,14 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
 absl::Status KeyStore::CreateKey(const KeyRecord& key) {
   CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
   auto record = Normalized(key);
+  CUSTOS_ASSIGN_OR_RETURN(record->mac, impl_->integrity_.Seal(CanonicalKeyRow(*record)));
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_RETURN_IF_ERROR(impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     CUSTOS_RETURN_IF_ERROR(InsertKey(*impl_->db_, *record));
     return tx->Commit();
   }()));
+  ++impl_->key_writes_;
   impl_->cache_.Put(std::move(record));  // Only once durable.
   return absl::OkStatus();
 }
@@ -267,19 +394,9 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
 absl::Status KeyStore::Apply(const WriteBatch& batch) {
   Impl::Writer writer;
   writer.batch = &batch;
-  writer.records.reserve(batch.keys.size());
-  for (const KeyRecord& key : batch.keys) {
-    CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
-    writer.records.push_back(Normalized(key));
-  }
-  for (const RequestRecord& request : batch.requests) {
-    CUSTOS_RETURN_IF_ERROR(ValidateRequest(request));
-  }
-  for (const auto& [name, value] : batch.settings) {
-    if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
-  }
+  CUSTOS_RETURN_IF_ERROR(impl_->Prepare(batch, writer));
   if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty() &&
-      batch.audit.empty()) {
+      batch.usage.empty() && batch.audit.empty()) {
     return absl::OkStatus();
   }
 
@@ -305,6 +422,10 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     }();
     impl_->NoteWrite(committed).IgnoreError();
     if (committed.ok()) {
+      if (std::any_of(group.begin(), group.end(),
+                      [](const Impl::Writer* w) { return !w->records.empty(); })) {
+        ++impl_->key_writes_;
+      }
       impl_->commit_stats_.transactions += 1;
       impl_->commit_stats_.batches += static_cast<uint64_t>(std::count_if(
           group.begin(), group.end(), [](const Impl::Writer* w) { return w->status.ok(); }));
@@ -353,10 +474,28 @@ absl::Status KeyStore::PurgeErased() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<std::optional<std::string>>> KeyStore::Impl::RecordedRequests(
+    const std::vector<RequestRecord>& requests) {
+  std::vector<std::optional<std::string>> recorded;
+  if (!integrity_.enabled()) return recorded;
+  for (const RequestRecord& request : requests) {
+    CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), Recorded(RequestRowName(request.id)));
+  }
+  return recorded;
+}
+
 absl::StatusOr<RequestRecord> KeyStore::GetRequest(std::string_view id) const {
-  std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(auto request, LoadRequest(*impl_->db_, id));
-  if (!request.has_value()) return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+  std::optional<RequestRecord> request;
+  std::optional<std::string> recorded;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
+    if (!request.has_value()) return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+    if (impl_->integrity_.enabled()) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
+    }
+  }
+  CUSTOS_RETURN_IF_ERROR(impl_->CheckRequest(*request, recorded));
   return *std::move(request);
 }
 
@@ -365,23 +504,48 @@ absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, 
   CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
   CUSTOS_ASSIGN_OR_RETURN(const auto after, DecodeRequestToken(page_token));
   std::vector<RequestRecord> requests;
+  std::vector<std::optional<std::string>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     // One extra row tells whether another page follows.
     CUSTOS_ASSIGN_OR_RETURN(requests, LoadRequests(*impl_->db_, filter, after, page_size + 1));
+    CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->RecordedRequests(requests));
   }
   RequestPage page;
   if (requests.size() > page_size) {
     requests.resize(page_size);
     page.next_page_token = EncodeRequestToken(requests.back());
   }
+  // Listed even if it fails its check (officers must see it), with the reason.
+  for (size_t i = 0; i < requests.size() && i < recorded.size(); ++i) {
+    absl::Status checked = impl_->CheckRequest(requests[i], recorded[i]);
+    if (absl::IsUnavailable(checked)) return checked;
+    if (!checked.ok()) requests[i].integrity_problem = std::string(checked.message());
+  }
   page.requests = std::move(requests);
   return page;
 }
 
 absl::StatusOr<std::vector<RequestRecord>> KeyStore::PendingRequests() const {
-  std::lock_guard lock(impl_->db_mu_);
-  return LoadPendingRequests(*impl_->db_);
+  std::vector<RequestRecord> requests;
+  std::vector<std::optional<std::string>> recorded;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(requests, LoadPendingRequests(*impl_->db_));
+    CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->RecordedRequests(requests));
+  }
+  // Only what passes its check: the server acts on these (expiry), and acting on a forged or
+  // rolled-back request would seal it anew.
+  std::vector<RequestRecord> checked;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (i < recorded.size()) {
+      absl::Status status = impl_->CheckRequest(requests[i], recorded[i]);
+      if (absl::IsUnavailable(status)) return status;
+      if (!status.ok()) continue;
+    }
+    checked.push_back(std::move(requests[i]));
+  }
+  return checked;
 }
 
 absl::StatusOr<std::vector<std::string>> KeyStore::KeysDueForDeletion(int64_t now,
@@ -400,22 +564,68 @@ absl::StatusOr<uint64_t> KeyStore::CountVersionsUnderRoot(std::string_view label
   return storage::CountVersionsUnderRoot(*impl_->db_, label);
 }
 
+absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
+    std::string_view name, RowIntegrity::Chain chain) {
+  std::optional<StoredSetting> stored;
+  std::optional<std::string> recorded;
+  {
+    std::lock_guard lock(db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
+    if (!stored.has_value()) return std::optional<std::string>();
+    if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
+    }
+  }
+  CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
+                                          CanonicalSettingRow(name, stored->value), stored->mac,
+                                          recorded, chain));
+  return std::optional<std::string>(std::move(stored->value));
+}
+
 absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
+  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kRecorded);
+}
+
+absl::StatusOr<std::optional<std::string>> KeyStore::GetReplaySafeSetting(
+    std::string_view name) const {
+  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kMacOnly);
+}
+
+absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::string& value) {
+  if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
+  CUSTOS_ASSIGN_OR_RETURN(const Bytes mac,
+                          impl_->integrity_.Seal(CanonicalSettingRow(name, value)));
   std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement select,
-                          impl_->db_->Prepare("SELECT value FROM settings WHERE name = ?1"));
-  select.BindText(1, name);
-  CUSTOS_ASSIGN_OR_RETURN(const bool row, select.Step());
-  if (!row) return std::optional<std::string>();
-  return std::optional<std::string>(select.ColumnText(0));
+  return impl_->NoteWrite([&]() -> absl::Status {
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    CUSTOS_RETURN_IF_ERROR(WriteSetting(*impl_->db_, name, value, mac));
+    return tx->Commit();
+  }());
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
-  std::lock_guard lock(impl_->db_mu_);
-  return SelectUsage(*impl_->db_, key_id);
+  std::vector<VersionUsage> usage;
+  std::vector<std::optional<std::string>> recorded;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
+    for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(),
+                              impl_->Recorded(UsageRowName(usage[i].key_id, usage[i].version)));
+    }
+  }
+  for (size_t i = 0; i < recorded.size(); ++i) {
+    // A row no record names is one whose reservation was never made: it must say so.
+    const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
+                                                          : RowIntegrity::Chain::kRecorded;
+    CUSTOS_RETURN_IF_ERROR(impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
+                                                   CanonicalUsageRow(usage[i]), usage[i].mac,
+                                                   recorded[i], chain));
+  }
+  return usage;
 }
 
-absl::Status KeyStore::PutUsage(const std::vector<VersionUsage>& usage) {
+absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
   for (const VersionUsage& u : usage) {
     if (u.key_id.empty() || u.version == 0) {
       return absl::InvalidArgumentError(StrCat("usage of key '", u.key_id, "' version ", u.version,
@@ -426,18 +636,43 @@ absl::Status KeyStore::PutUsage(const std::vector<VersionUsage>& usage) {
   std::lock_guard lock(impl_->db_mu_);
   return impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-    for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*impl_->db_, u));
+    for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsageCounts(*impl_->db_, u));
     return tx->Commit();
   }());
 }
 
+absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::Impl::LoadChecked(std::string_view id) {
+  while (true) {
+    std::shared_ptr<KeyRecord> key;
+    std::optional<std::string> recorded;
+    uint64_t writes = 0;
+    {
+      std::lock_guard lock(db_mu_);
+      if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
+      CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
+      if (key == nullptr) return std::shared_ptr<const KeyRecord>();
+      if (!integrity_.enabled()) {
+        cache_.Put(key);
+        return key;
+      }
+      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(KeyRowName(key->id)));
+      writes = key_writes_;
+    }
+    // Outside the lock: it asks the HSM.
+    CUSTOS_RETURN_IF_ERROR(integrity_.Check(KeyRowName(key->id), CanonicalKeyRow(*key), key->mac,
+                                            recorded, RowIntegrity::Chain::kRecorded));
+    std::lock_guard lock(db_mu_);
+    if (auto hit = cache_.FindById(id)) return hit;
+    if (key_writes_ != writes) continue;  // a write came in between: ours may be older
+    cache_.Put(key);
+    return key;
+  }
+}
+
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::GetKey(std::string_view id) const {
   if (auto hit = impl_->cache_.FindById(id)) return hit;
-  std::lock_guard lock(impl_->db_mu_);
-  if (auto hit = impl_->cache_.FindById(id)) return hit;  // Loaded while we waited.
-  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const KeyRecord> key, LoadKey(*impl_->db_, id));
+  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const KeyRecord> key, impl_->LoadChecked(id));
   if (key == nullptr) return NoKeyWithId(id);
-  impl_->cache_.Put(key);
   return key;
 }
 
@@ -448,13 +683,16 @@ absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::FindKeyByAlias(
   };
   if (alias.empty()) return not_found();  // An empty alias means "none"; no key has it.
   if (auto hit = impl_->cache_.FindByAlias(alias)) return hit;
-  std::lock_guard lock(impl_->db_mu_);
-  if (auto hit = impl_->cache_.FindByAlias(alias)) return hit;
-  CUSTOS_ASSIGN_OR_RETURN(const auto id, FindKeyIdByAlias(*impl_->db_, alias));
+  std::optional<std::string> id;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    if (auto hit = impl_->cache_.FindByAlias(alias)) return hit;
+    CUSTOS_ASSIGN_OR_RETURN(id, FindKeyIdByAlias(*impl_->db_, alias));
+  }
   if (!id.has_value()) return not_found();
-  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const KeyRecord> key, LoadKey(*impl_->db_, *id));
-  if (key == nullptr) return not_found();
-  impl_->cache_.Put(key);
+  CUSTOS_ASSIGN_OR_RETURN(std::shared_ptr<const KeyRecord> key, impl_->LoadChecked(*id));
+  // The alias column is not what decides: the checked row must carry the alias too.
+  if (key == nullptr || key->alias != alias) return not_found();
   return key;
 }
 
@@ -462,16 +700,29 @@ absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view pa
   CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
   CUSTOS_ASSIGN_OR_RETURN(const std::string after_id, DecodePageToken(page_token, "ListKeys"));
   std::vector<std::shared_ptr<KeyRecord>> keys;
+  std::vector<std::optional<std::string>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     // One extra row tells whether another page follows. Listing bypasses the cache, so a
     // full scan does not evict the hot keys.
     CUSTOS_ASSIGN_OR_RETURN(keys, LoadKeysAfter(*impl_->db_, after_id, page_size + 1));
+    if (keys.size() > page_size) keys.resize(page_size + 1);
+    for (size_t i = 0; i < std::min(keys.size(), page_size) && impl_->integrity_.enabled(); ++i) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Recorded(KeyRowName(keys[i]->id)));
+    }
   }
   KeyPage page;
   if (keys.size() > page_size) {
     keys.resize(page_size);
     page.next_page_token = EncodePageToken(keys.back()->id);
+  }
+  // A row that fails its check is listed, so that officers see it, with the reason.
+  for (size_t i = 0; i < recorded.size(); ++i) {
+    absl::Status checked =
+        impl_->integrity_.Check(KeyRowName(keys[i]->id), CanonicalKeyRow(*keys[i]), keys[i]->mac,
+                                recorded[i], RowIntegrity::Chain::kRecorded);
+    if (absl::IsUnavailable(checked)) return checked;
+    if (!checked.ok()) keys[i]->integrity_problem = std::string(checked.message());
   }
   page.keys.assign(std::make_move_iterator(keys.begin()), std::make_move_iterator(keys.end()));
   return page;
@@ -528,6 +779,124 @@ absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq
                                                                size_t limit) const {
   std::lock_guard lock(impl_->db_mu_);
   return LoadAuditRecords(*impl_->db_, from_seq, limit);
+}
+
+absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_t> hash) const {
+  constexpr size_t kPage = 1000;
+  Bytes prev(hash.begin(), hash.end());
+  uint64_t next = seq + 1;
+  if (seq > 0) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> at, ReadAudit(seq, 1));
+    if (at.empty() || at[0].seq != seq) {
+      return absl::FailedPreconditionError(StrCat("the audit log has no record ", seq));
+    }
+    if (at[0].hash != prev) {
+      return absl::FailedPreconditionError(
+          StrCat("audit record ", seq, " does not have the hash it was signed with"));
+    }
+  }
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> page, ReadAudit(next, kPage));
+    for (const audit::Record& record : page) {
+      if (record.seq != next) {
+        return absl::FailedPreconditionError(
+            StrCat("audit record ", next, " is missing (the log goes on at ", record.seq, ")"));
+      }
+      if (audit::ChainHash(prev, record) != record.hash) {
+        return absl::FailedPreconditionError(
+            StrCat("audit record ", record.seq,
+                   " does not chain to the record before it (its content or hash was changed)"));
+      }
+      prev = record.hash;
+      ++next;
+    }
+    if (page.size() < kPage) break;
+  }
+  std::lock_guard lock(impl_->db_mu_);
+  if (impl_->chain_.last_seq() != next - 1 || impl_->chain_.last_hash() != prev) {
+    return absl::FailedPreconditionError("the audit log changed while it was being verified");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> KeyStore::SealCatalog(
+    const std::function<audit::Record(const std::string& row)>& record_for,
+    const std::set<std::string>& replay_safe) {
+  if (!impl_->integrity_.enabled()) return 0;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> sealed,
+                            impl_->Recorded(SettingRowName(kCatalogSealedSetting)));
+    if (sealed.has_value()) return 0;
+  }
+  uint64_t rows = 0;
+  // Keys a page at a time, each page one batch, written back as they are.
+  std::string after;
+  while (true) {
+    std::vector<std::shared_ptr<KeyRecord>> page;
+    {
+      std::lock_guard lock(impl_->db_mu_);
+      CUSTOS_ASSIGN_OR_RETURN(page, LoadKeysAfter(*impl_->db_, after, 500));
+    }
+    if (page.empty()) break;
+    WriteBatch batch;
+    for (const auto& key : page) {
+      batch.keys.push_back(*key);
+      batch.audit.push_back(record_for(KeyRowName(key->id)));
+    }
+    CUSTOS_RETURN_IF_ERROR(Apply(batch));
+    rows += page.size();
+    after = page.back()->id;
+  }
+  WriteBatch rest;
+  std::vector<RequestRecord> requests;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(
+        requests, LoadRequests(*impl_->db_, {}, std::nullopt, std::numeric_limits<size_t>::max()));
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement usage_keys,
+                            impl_->db_->Prepare("SELECT DISTINCT key_id FROM version_usage WHERE "
+                                                "encryptions_reserved > 0"));
+    while (true) {
+      CUSTOS_ASSIGN_OR_RETURN(const bool row, usage_keys.Step());
+      if (!row) break;
+      const std::string key_id = usage_keys.ColumnText(0);
+      CUSTOS_ASSIGN_OR_RETURN(std::vector<VersionUsage> usage, SelectUsage(*impl_->db_, key_id));
+      for (VersionUsage& u : usage) {
+        if (u.encryptions_reserved > 0) rest.usage.push_back(std::move(u));
+      }
+    }
+    CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement settings,
+                            impl_->db_->Prepare("SELECT name, value FROM settings"));
+    while (true) {
+      CUSTOS_ASSIGN_OR_RETURN(const bool row, settings.Step());
+      if (!row) break;
+      rest.settings[settings.ColumnText(0)] = settings.ColumnText(1);
+    }
+  }
+  for (RequestRecord& request : requests) {
+    rest.audit.push_back(record_for(RequestRowName(request.id)));
+    rest.requests.push_back(std::move(request));
+  }
+  for (const VersionUsage& u : rest.usage) {
+    rest.audit.push_back(record_for(UsageRowName(u.key_id, u.version)));
+  }
+  for (auto it = rest.settings.begin(); it != rest.settings.end();) {
+    if (replay_safe.count(it->first)) {
+      CUSTOS_RETURN_IF_ERROR(PutReplaySafeSetting(it->first, it->second));
+      it = rest.settings.erase(it);
+    } else {
+      rest.audit.push_back(record_for(SettingRowName(it->first)));
+      ++it;
+    }
+  }
+  rows += rest.requests.size() + rest.usage.size() + rest.settings.size();
+  // Last, in the same transaction as the rest: the catalogue is sealed, for good.
+  rest.settings[kCatalogSealedSetting] = "1";
+  rest.audit.push_back(record_for(SettingRowName(kCatalogSealedSetting)));
+  CUSTOS_RETURN_IF_ERROR(Apply(rest));
+  impl_->integrity_.set_unsealed_catalog(false);
+  return rows;
 }
 
 CommitStats KeyStore::GetCommitStats() const {

@@ -48,6 +48,7 @@ struct VersionUsage {
   uint64_t encryptions = 0;  // as last flushed (<= encryptions_reserved)
   uint64_t decryptions = 0;  // as last flushed
   int64_t last_used_at = 0;  // Unix seconds; 0 if never
+  Bytes mac;                 // as stored (see row_codec.h); set by the store, empty if none
 };
 
 struct KeyRecord {
@@ -70,6 +71,10 @@ struct KeyRecord {
   // every run; see core/observed_time.h) at which destruction is due. Destruction waits for
   // both this and deletion_due_at, so a clock stepped forward cannot shred a key early.
   int64_t deletion_due_observed = 0;
+  Bytes mac;  // as stored (see row_codec.h); set by the store, empty if none
+  // Set (and the key unusable) when listing found that the row failed its integrity check;
+  // empty otherwise. Never stored.
+  std::string integrity_problem;
 
   const KeyVersion* FindVersion(uint32_t version) const;
 };
@@ -97,6 +102,8 @@ struct RequestRecord {
   std::string rejected_by;          // REJECTED: who
   std::string reason;               // REJECTED: why; FAILED/EXECUTED: what happened
   int64_t closed_at = 0;            // when it left PENDING
+  Bytes mac;                        // as stored (see row_codec.h); set by the store
+  std::string integrity_problem;    // set by ListRequests for a row failing its check
 };
 
 struct RequestFilter {
@@ -118,6 +125,8 @@ struct WriteBatch {
   // Appended to the audit log in commit order; the store sets each record's seq and chain
   // hash (audit::ChainHash) as it commits it.
   std::vector<audit::Record> audit;
+  // Encryption reservations (VersionUsage::encryptions_reserved and the counts), upserted.
+  std::vector<VersionUsage> usage;
 };
 
 // How well group commit is batching, since the store was opened: Apply calls committed, and
@@ -133,12 +142,30 @@ struct KeyPage {
   std::string next_page_token;                         // empty on the last page
 };
 
+// Authenticates catalogue rows with a key the database cannot reach (custosd: an HMAC key in
+// the HSM). See row_codec.h and row_integrity.h.
+class RowAuthenticator {
+ public:
+  virtual ~RowAuthenticator() = default;
+  // The MAC of `canonical`, a row's canonical encoding. UNAVAILABLE if the key cannot be
+  // reached: nothing is then written, and nothing unchecked is served.
+  virtual absl::StatusOr<Bytes> Mac(std::span<const uint8_t> canonical) = 0;
+};
+
+// The payload (its value: the row's name) of a DATA_LOSS status for a catalogue row that
+// failed its integrity check.
+inline constexpr char kIntegrityPayload[] = "custos/row-integrity";
+
 class KeyStore {
  public:
   // Opens (creating if needed) the database at `path` and migrates it to the current schema.
-  // The file and its WAL are created 0600. Errors: UNAVAILABLE if the file cannot be opened,
-  // FAILED_PRECONDITION if it was written by a newer Custos.
-  static absl::StatusOr<std::unique_ptr<KeyStore>> Open(const std::string& path);
+  // The file and its WAL are created 0600. With an `authenticator` (which must outlive the
+  // store) every row that decides who may do what is sealed when written and checked when read
+  // back from the file (row_integrity.h): a row that fails is never served (DATA_LOSS with
+  // kIntegrityPayload). Errors: UNAVAILABLE if the file cannot be opened, FAILED_PRECONDITION
+  // if it was written by a newer Custos or another process holds it.
+  static absl::StatusOr<std::unique_ptr<KeyStore>> Open(const std::string& path,
+                                                        RowAuthenticator* authenticator = nullptr);
   ~KeyStore();
 
   // Inserts a new key with its versions and grants in one transaction.
@@ -177,6 +204,22 @@ class KeyStore {
   absl::StatusOr<std::vector<std::string>> KeysDueForDeletion(int64_t now, int64_t observed) const;
   absl::StatusOr<std::vector<std::string>> KeysDueForRotation(int64_t now) const;
 
+  // Recomputes the audit chain from the record after `seq` to the head: record `seq` (if not 0)
+  // must have the stored hash `hash`, and every later one must chain to the one before it.
+  // FAILED_PRECONDITION naming the first record that does not (its content, or its hash, was
+  // changed). Reads a page at a time.
+  absl::Status VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_t> hash) const;
+
+  // Seals a catalogue written before rows carried MACs, once: every key, request, reservation
+  // and setting is written back sealed, each with the audit record `record_for(row name)`
+  // names it in, and a last setting ("catalog_sealed", with its record) says the catalogue is
+  // sealed. From then on an unsealed row is an integrity failure and is never sealed again.
+  // Settings named in `replay_safe` are sealed without a record. Returns the number of rows sealed:
+  // 0 if the catalogue was sealed before or there is no authenticator.
+  absl::StatusOr<uint64_t> SealCatalog(
+      const std::function<audit::Record(const std::string& row)>& record_for,
+      const std::set<std::string>& replay_safe);
+
   // Audit records with seq >= `from_seq`, at most `limit`, in seq order.
   absl::StatusOr<std::vector<audit::Record>> ReadAudit(uint64_t from_seq, size_t limit) const;
   // The last record's seq and hash (0 and 32 zero bytes for an empty log).
@@ -192,19 +235,27 @@ class KeyStore {
   // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
 
-  // A server-wide setting written by Apply; nullopt if never set.
+  // A server-wide setting written by Apply (with an audit record naming it); nullopt if never
+  // set. DATA_LOSS (kIntegrityPayload) if it fails its check.
   absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;
+  // A replay-safe setting: one whose older values may be served again without harm (observed
+  // time: an older value only delays destruction). Sealed, but written without an audit record.
+  absl::StatusOr<std::optional<std::string>> GetReplaySafeSetting(std::string_view name) const;
+  absl::Status PutReplaySafeSetting(const std::string& name, const std::string& value);
 
-  // Usage counters of a key's versions (absent versions have never been used).
+  // Usage counters of a key's versions (absent versions have never been used). Reservations
+  // are checked: DATA_LOSS (kIntegrityPayload) if one fails.
   absl::StatusOr<std::vector<VersionUsage>> GetUsage(std::string_view key_id) const;
-  // Upserts usage counters in one transaction.
-  absl::Status PutUsage(const std::vector<VersionUsage>& usage);
+  // Upserts the counts and last use of versions in one transaction, never their reservations
+  // (those are written by Apply, with an audit record).
+  absl::Status PutUsageCounts(const std::vector<VersionUsage>& usage);
 
   // NOT_FOUND if there is no such key.
   absl::StatusOr<std::shared_ptr<const KeyRecord>> GetKey(std::string_view id) const;
   absl::StatusOr<std::shared_ptr<const KeyRecord>> FindKeyByAlias(std::string_view alias) const;
 
-  // Keys in id order, `page_size` (1..1000) at a time, starting after `page_token`.
+  // Keys in id order, `page_size` (1..1000) at a time, starting after `page_token`. A key that
+  // fails its integrity check is listed with `integrity_problem` set.
   absl::StatusOr<KeyPage> ListKeys(size_t page_size, std::string_view page_token) const;
 
   // The schema version this store is at.

@@ -10,14 +10,14 @@ namespace {
 
 constexpr char kUpsertRequest[] =
     "INSERT INTO requests (id, operation, key_id, parameters, justification, proposer,"
-    " created_at, expires_at, state, rejected_by, reason, closed_at)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    " created_at, expires_at, state, rejected_by, reason, closed_at, mac)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
     " ON CONFLICT (id) DO UPDATE SET operation = excluded.operation,"
     " key_id = excluded.key_id, parameters = excluded.parameters,"
     " justification = excluded.justification, proposer = excluded.proposer,"
     " created_at = excluded.created_at, expires_at = excluded.expires_at,"
     " state = excluded.state, rejected_by = excluded.rejected_by, reason = excluded.reason,"
-    " closed_at = excluded.closed_at";
+    " closed_at = excluded.closed_at, mac = excluded.mac";
 constexpr char kDeleteApprovals[] = "DELETE FROM request_approvals WHERE request_id = ?1";
 constexpr char kInsertApproval[] =
     "INSERT INTO request_approvals (request_id, principal, at, ordinal)"
@@ -28,7 +28,7 @@ constexpr char kSelectApprovals[] =
 // Every request query returns these columns, read by ReadRequestRow.
 #define CUSTOS_REQUEST_COLUMNS                                                                 \
   "SELECT id, operation, key_id, parameters, justification, proposer, created_at, expires_at," \
-  " state, rejected_by, reason, closed_at FROM requests"
+  " state, rejected_by, reason, closed_at, mac FROM requests"
 
 constexpr char kSelectRequestById[] = CUSTOS_REQUEST_COLUMNS " WHERE id = ?1";
 constexpr char kSelectPending[] = CUSTOS_REQUEST_COLUMNS " WHERE state = 1 ORDER BY created_at, id";
@@ -77,6 +77,7 @@ absl::StatusOr<RequestRecord> ReadRequestRow(const sqlite::Statement& row) {
   request.rejected_by = row.ColumnText(9);
   request.reason = row.ColumnText(10);
   request.closed_at = row.ColumnInt64(11);
+  request.mac = row.ColumnBlob(12);
   return request;
 }
 
@@ -125,6 +126,11 @@ absl::Status WriteRequest(sqlite::Database& db, const RequestRecord& request) {
         .BindText(10, request.rejected_by)
         .BindText(11, request.reason)
         .BindInt64(12, request.closed_at);
+    if (request.mac.empty()) {
+      stmt.BindNull(13);
+    } else {
+      stmt.BindBlob(13, request.mac);
+    }
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
   {

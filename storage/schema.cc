@@ -140,16 +140,35 @@ constexpr const char* kMigrations[] = {
       );
       PRAGMA user_version = 4;
     )sql",
-    // 5: destruction waits for observed time too (core/observed_time.h). Observed time starts
-    // at 0 with this version, so a pending deletion is due once as much time as its wall-clock
-    // due time had left has been observed. Versions are found by the root that wraps them.
+    // 5: what an insider with the database file cannot get around. Destruction waits for
+    // observed time too (core/observed_time.h; it starts at 0 with this version, so a pending
+    // deletion is due once as much time as its wall-clock due time had left has been
+    // observed). Versions are found by the root that wraps them. Audit records gain format 2
+    // (call id, and the catalogue row a record changed with its digest, found by an index);
+    // checkpoints name the one before them and are never changed or removed. Every row that
+    // decides who may do what carries a MAC under an HSM key (NULL: not sealed yet).
     R"sql(
       ALTER TABLE keys ADD COLUMN deletion_due_observed INTEGER NOT NULL DEFAULT 0;
       UPDATE keys SET deletion_due_observed =
         MAX(0, deletion_due_at - CAST(strftime('%s', 'now') AS INTEGER)) WHERE state = 3;
-      -- Which versions a root still wraps (a root is destroyed once it wraps none).
       CREATE INDEX key_versions_by_root ON key_versions (root_key_label)
         WHERE length(wrapped) > 0;
+      ALTER TABLE audit_log ADD COLUMN format INTEGER NOT NULL DEFAULT 1;
+      ALTER TABLE audit_log ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
+      ALTER TABLE audit_log ADD COLUMN row_name TEXT NOT NULL DEFAULT '';
+      ALTER TABLE audit_log ADD COLUMN row_digest TEXT NOT NULL DEFAULT '';
+      CREATE INDEX audit_log_by_row ON audit_log (row_name, seq) WHERE row_name <> '';
+      ALTER TABLE audit_checkpoints ADD COLUMN format INTEGER NOT NULL DEFAULT 1;
+      ALTER TABLE audit_checkpoints ADD COLUMN prev_seq INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE audit_checkpoints ADD COLUMN prev_hash BLOB NOT NULL DEFAULT x'';
+      CREATE TRIGGER audit_checkpoints_append_only_update BEFORE UPDATE ON audit_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'audit checkpoints are never changed'); END;
+      CREATE TRIGGER audit_checkpoints_append_only_delete BEFORE DELETE ON audit_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'audit checkpoints are never removed'); END;
+      ALTER TABLE keys ADD COLUMN mac BLOB;
+      ALTER TABLE requests ADD COLUMN mac BLOB;
+      ALTER TABLE version_usage ADD COLUMN mac BLOB;
+      ALTER TABLE settings ADD COLUMN mac BLOB;
       PRAGMA user_version = 5;
     )sql",
 };

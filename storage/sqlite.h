@@ -55,6 +55,10 @@ class Statement {
   // Steps a statement that returns no rows (INSERT and the like) to completion.
   absl::Status Run();
 
+  // Columns the statement returns.
+  int ColumnCount() const { return sqlite3_column_count(stmt_); }
+  // True if the column of the current row is NULL.
+  bool ColumnIsNull(int column) const { return sqlite3_column_type(stmt_, column) == SQLITE_NULL; }
   // Column accessors (0-based) for the current row. NULL reads as empty / 0.
   std::string ColumnText(int column) const;
   Bytes ColumnBlob(int column) const;

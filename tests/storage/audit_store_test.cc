@@ -47,11 +47,11 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
 
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(1, "taken")}, {}, {}, {Event("CreateKey")}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(1, "taken")}, {}, {}, {Event("CreateKey")}, {}}).ok());
   // A batch that fails takes its records with it: no seq is used up.
-  CHECK(store->Apply(WriteBatch{{MakeKey(2, "taken")}, {}, {}, {Event("CreateKey")}}).code() ==
+  CHECK(store->Apply(WriteBatch{{MakeKey(2, "taken")}, {}, {}, {Event("CreateKey")}, {}}).code() ==
         absl::StatusCode::kAlreadyExists);
-  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}}).ok());
 
   const std::vector<audit::Record> rows = store->ReadAudit(1, 100).value();
   REQUIRE(rows.size() == 3);
@@ -75,7 +75,7 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   Reopen(store, path);
   CHECK(store->AuditHead()->first == 3);
   CHECK(store->AuditHead()->second == rows[2].hash);
-  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}, {}}).ok());
   const audit::Record next = store->ReadAudit(4, 10)->front();
   CHECK(next.hash == audit::ChainHash(rows[2].hash, next));
 }
@@ -87,7 +87,7 @@ TEST_CASE("Concurrent audit records get distinct consecutive seqs", "[audit]") {
   for (int t = 0; t < 16; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 20; ++i) {
-        REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt")}}).ok());
+        REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt")}, {}}).ok());
       }
     });
   }
@@ -101,13 +101,23 @@ TEST_CASE("Checkpoints are stored and the newest is returned", "[audit]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
   CHECK(store->LatestCheckpoint().value() == std::nullopt);
-  REQUIRE(store->PutCheckpoint({5, Bytes(32, 1), 100, Bytes{1, 2}, "audit-signing"}).ok());
-  REQUIRE(store->PutCheckpoint({9, Bytes(32, 2), 200, Bytes{3}, "audit-signing"}).ok());
+  REQUIRE(store->PutCheckpoint({5, Bytes(32, 1), 100, Bytes{1, 2}, "audit-signing", 0,
+                                Bytes(32, 0)})
+              .ok());
+  REQUIRE(store->PutCheckpoint({9, Bytes(32, 2), 200, Bytes{3}, "audit-signing", 5, Bytes(32, 1)})
+              .ok());
   const auto latest = store->LatestCheckpoint().value();
   REQUIRE(latest.has_value());
   CHECK(latest->seq == 9);
   CHECK(latest->signature == Bytes{3});
+  CHECK(latest->prev_seq == 5);
+  CHECK(latest->prev_hash == Bytes(32, 1));
+  CHECK(latest->format == 2);
   CHECK(store->Checkpoints()->size() == 2);
+  // Never replaced: a second checkpoint at a seq already signed is refused.
+  CHECK(absl::IsAlreadyExists(store->PutCheckpoint(
+      {9, Bytes(32, 3), 300, Bytes{4}, "audit-signing", 5, Bytes(32, 1)})));
+  CHECK(store->LatestCheckpoint().value()->signature == Bytes{3});
 }
 
 TEST_CASE("AuditLogReader streams a database's log and checkpoints without writing", "[audit]") {
@@ -117,7 +127,9 @@ TEST_CASE("AuditLogReader streams a database's log and checkpoints without writi
   WriteBatch batch;
   for (int i = 0; i < 2500; ++i) batch.audit.push_back(Event(i % 2 ? "Decrypt" : "Encrypt"));
   REQUIRE(store->Apply(batch).ok());
-  REQUIRE(store->PutCheckpoint({2000, Bytes(32, 7), 100, Bytes{1}, "audit-signing"}).ok());
+  REQUIRE(store->PutCheckpoint({2000, Bytes(32, 7), 100, Bytes{1}, "audit-signing", 0,
+                                Bytes(32, 0)})
+              .ok());
   const std::vector<audit::Record> stored = store->ReadAudit(1, 3000).value();
 
   const auto contents = [&] {

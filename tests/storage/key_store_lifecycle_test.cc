@@ -197,14 +197,14 @@ TEST_CASE("Apply replaces a stored key entirely, in the cache and on disk", "[ke
 
   SECTION("the freed alias can be taken by another key") {
     KeyRecord neighbour = MakeKey(2, "old-alias");
-    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("old-alias").value()->id == IdFor(2));
     CHECK(store->FindKeyByAlias("neighbour").status().code() == absl::StatusCode::kNotFound);
     CHECK(Reopen(store, path)->FindKeyByAlias("old-alias").value()->id == IdFor(2));
   }
   SECTION("clearing the alias frees it") {
     changed.alias.clear();
-    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("new-alias").status().code() == absl::StatusCode::kNotFound);
     CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->alias.empty());
   }
@@ -329,7 +329,7 @@ TEST_CASE("Writers and readers of one key never see a stale cached record", "[ke
   for (int i = 0; i < kWrites; ++i) {
     KeyRecord key = MakeKey(1, "hot");
     key.description = "write " + std::to_string(i);
-    if (!store->Apply(WriteBatch{{key}, {}, {}, {}}).ok()) ++failures;
+    if (!store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok()) ++failures;
   }
   done = true;
   for (auto& reader : readers) reader.join();
@@ -395,7 +395,7 @@ TEST_CASE("Erased key material cannot be found in the database files after Purge
     REQUIRE(PatternHits(path) > 0);
     for (KeyVersion& version : destroyed.versions) version.wrapped.clear();
   }
-  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}, {}, {}}).ok());
   REQUIRE(store->PurgeErased().ok());
 
   CHECK(PatternHits(path) == 0);
@@ -471,7 +471,7 @@ TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due by both the wall clock 
   KeyRecord cancelled = MakeSmallKey(2);
   cancelled.state = KeyState::kDisabled;
   cancelled.deletion_due_at = 0;
-  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForDeletion(1001, kEver).value() == Ids{IdFor(1)});
 }
 
@@ -503,7 +503,7 @@ TEST_CASE("KeysDueForRotation: ENABLED keys whose primary version is a period ol
   // Rotating (a new primary created at 1100) resets the clock.
   a.versions.push_back({3, Bytes{3}, "root", 1100});
   a.primary_version = 3;
-  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForRotation(1199).value() == Ids{IdFor(4)});
   CHECK(store->KeysDueForRotation(1200).value() == Ids{IdFor(1), IdFor(4)});
 }
@@ -520,7 +520,21 @@ void CheckSameUsage(const std::vector<VersionUsage>& got, const std::vector<Vers
   }
 }
 
-TEST_CASE("PutUsage upserts counters and GetUsage reads them by version", "[key_store][usage]") {
+// A usage row without a MAC (no authenticator in these tests).
+VersionUsage Usage(const std::string& key_id, uint32_t version, uint64_t reserved,
+                   uint64_t encryptions, uint64_t decryptions, int64_t last_used_at) {
+  VersionUsage usage;
+  usage.key_id = key_id;
+  usage.version = version;
+  usage.encryptions_reserved = reserved;
+  usage.encryptions = encryptions;
+  usage.decryptions = decryptions;
+  usage.last_used_at = last_used_at;
+  return usage;
+}
+
+TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage reads both",
+          "[key_store][usage]") {
   TempDir dir;
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
@@ -529,31 +543,49 @@ TEST_CASE("PutUsage upserts counters and GetUsage reads them by version", "[key_
   CHECK(store->GetUsage("no-such-key").value().empty());
 
   const uint64_t kBig = std::numeric_limits<uint64_t>::max();
-  std::vector<VersionUsage> usage = {{IdFor(1), 2, 1 << 20, 1000, 7, 1700000500},
-                                     {IdFor(1), 1, 4096, 4000, 1u << 31, 1700000400},
-                                     {IdFor(2), 1, kBig, kBig - 1, 0, 0}};
-  REQUIRE(store->PutUsage(usage).ok());
+  std::vector<VersionUsage> usage = {Usage(IdFor(1), 2, 1 << 20, 1000, 7, 1700000500),
+                                     Usage(IdFor(1), 1, 4096, 4000, 1u << 31, 1700000400),
+                                     Usage(IdFor(2), 1, kBig, kBig - 1, 0, 0)};
+  WriteBatch reservations;
+  reservations.usage = usage;
+  REQUIRE(store->Apply(reservations).ok());
   CheckSameUsage(store->GetUsage(IdFor(1)).value(), {usage[1], usage[0]});
   CheckSameUsage(store->GetUsage(IdFor(2)).value(), {usage[2]});
 
-  // An update replaces one row and leaves the others alone.
-  const VersionUsage updated = {IdFor(1), 2, 2 << 20, 1500, 9, 1700000600};
-  REQUIRE(store->PutUsage({updated}).ok());
+  // A reservation replaces one row and leaves the others alone.
+  const VersionUsage updated = Usage(IdFor(1), 2, 2 << 20, 1500, 9, 1700000600);
+  WriteBatch reserve;
+  reserve.usage = {updated};
+  REQUIRE(store->Apply(reserve).ok());
   CheckSameUsage(Reopen(store, path)->GetUsage(IdFor(1)).value(), {usage[1], updated});
+
+  // Counts never move a reservation, and make a row for a version never reserved.
+  VersionUsage counted = updated;
+  counted.encryptions_reserved = 1;  // ignored
+  counted.decryptions = 99;
+  counted.last_used_at = 1700000700;
+  REQUIRE(store->PutUsageCounts({counted, Usage(IdFor(1), 3, 0, 0, 5, 1700000800)}).ok());
+  VersionUsage expected = counted;
+  expected.encryptions_reserved = updated.encryptions_reserved;
+  CheckSameUsage(store->GetUsage(IdFor(1)).value(),
+                 {usage[1], expected, Usage(IdFor(1), 3, 0, 0, 5, 1700000800)});
 
   // Rewriting the key (rotation, destruction) leaves its counters alone.
   KeyRecord key = MakeKey(1);
   key.state = KeyState::kDisabled;
-  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}}).ok());
-  CheckSameUsage(store->GetUsage(IdFor(1)).value(), {usage[1], updated});
+  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
+  CHECK(store->GetUsage(IdFor(1)).value().size() == 3);
 
   // A malformed entry anywhere in the list: nothing written.
   const std::string before = Snapshot(path);
-  CHECK(store->PutUsage({{IdFor(1), 3, 1, 1, 1, 1}, {IdFor(1), 0, 1, 1, 1, 1}}).code() ==
+  CHECK(store->PutUsageCounts({Usage(IdFor(1), 3, 1, 1, 1, 1), Usage(IdFor(1), 0, 1, 1, 1, 1)}).code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(store->PutUsage({{"", 1, 1, 1, 1, 1}}).code() == absl::StatusCode::kInvalidArgument);
+  CHECK(store->PutUsageCounts({Usage("", 1, 1, 1, 1, 1)}).code() == absl::StatusCode::kInvalidArgument);
+  WriteBatch bad;
+  bad.usage = {Usage(IdFor(1), 0, 1, 1, 1, 1)};
+  CHECK(store->Apply(bad).code() == absl::StatusCode::kInvalidArgument);
   CHECK(Snapshot(path) == before);
-  CHECK(store->PutUsage({}).ok());
+  CHECK(store->PutUsageCounts({}).ok());
 }
 
 TEST_CASE("Settings are written with a batch and read back after reopening", "[key_store]") {
@@ -576,7 +608,7 @@ TEST_CASE("Settings are written with a batch and read back after reopening", "[k
 TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[key_store]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}, {}, {}}).ok());
   constexpr int kThreads = 32;
   std::vector<absl::Status> results(kThreads);
   std::vector<std::thread> threads;
@@ -584,7 +616,7 @@ TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[ke
     threads.emplace_back([&, t] {
       // Thread 0 claims an alias that is already taken; every other thread's key is new.
       const std::string alias = t == 0 ? "taken" : "alias-" + std::to_string(t);
-      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}, {}});
+      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}, {}, {}});
     });
   }
   for (auto& thread : threads) thread.join();

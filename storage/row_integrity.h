@@ -1,0 +1,69 @@
+// RowIntegrity: seals catalogue rows as they are written and checks them as they are read
+// back (see row_codec.h for what a row is and why).
+//
+// A row read from the file is served only if (1) its MAC verifies under the authenticator's
+// key (so nobody without that key wrote it) and (2) the newest audit record naming the row
+// carries the digest of exactly this content (so it is the current version, not an older one
+// put back). A row that fails is remembered and refused from then on, without asking the HSM
+// again, with DATA_LOSS carrying the payload kIntegrityPayload (the row's name), so the use
+// case can raise the alarm once. Without an authenticator (tests, offline tools) nothing is
+// sealed or checked. Internal to storage/. Thread-safe.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "common/secure_bytes.h"
+#include "common/status.h"
+#include "storage/key_store.h"
+
+namespace custos::storage {
+
+class RowIntegrity {
+ public:
+  // What a row must satisfy besides its MAC.
+  enum class Chain {
+    kRecorded,        // the newest record naming it carries its digest
+    kRecordedIfUsed,  // the same, but a row no record names is fine (a usage row never reserved)
+    kMacOnly,         // replay-safe: an older sealed value may be served again
+  };
+
+  explicit RowIntegrity(RowAuthenticator* authenticator) : authenticator_(authenticator) {}
+
+  bool enabled() const { return authenticator_ != nullptr; }
+
+  // A catalogue from before rows carried MACs, not sealed yet (KeyStore::SealCatalog): a row
+  // without a MAC is served as it is, until the catalogue is sealed. Rows with a MAC are
+  // checked all the same.
+  void set_unsealed_catalog(bool unsealed) { unsealed_catalog_ = unsealed; }
+
+  // The MAC to store with `canonical`; empty without an authenticator. UNAVAILABLE if the
+  // authenticator cannot be reached.
+  absl::StatusOr<Bytes> Seal(std::span<const uint8_t> canonical) const;
+
+  // OK if the row named `name` with this content, stored `mac` and the digest the newest audit
+  // record naming it carries (`recorded`, nullopt if no record names it) may be served.
+  // Otherwise DATA_LOSS saying what is wrong, with kIntegrityPayload, also on every later call
+  // for the same row. UNAVAILABLE (nothing remembered) if the authenticator cannot be reached.
+  absl::Status Check(const std::string& name, std::span<const uint8_t> canonical,
+                     std::span<const uint8_t> mac, const std::optional<std::string>& recorded,
+                     Chain chain);
+
+  // The refusal remembered for `name`, or OK.
+  absl::Status Known(const std::string& name) const;
+
+ private:
+  absl::Status Refuse(const std::string& name, std::string_view why);
+
+  RowAuthenticator* const authenticator_;
+  std::atomic<bool> unsealed_catalog_{false};
+  mutable std::mutex mu_;
+  std::map<std::string, absl::Status> refused_;  // guarded by mu_
+};
+
+}  // namespace custos::storage
