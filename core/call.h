@@ -22,7 +22,25 @@ class Kms::Call {
   }
 
   // Resolves the caller's role from the current policy and checks it may perform the action.
+  // While the audit log awaits re-anchoring, only what approves that (and reading the log)
+  // is served.
   absl::Status Authorize() {
+    if (const std::string problem = kms_.AnchorProblem(); !problem.empty()) {
+      switch (action_) {
+        case policy::Action::kPropose:
+        case policy::Action::kApprove:
+        case policy::Action::kReject:
+        case policy::Action::kGetRequest:
+        case policy::Action::kListRequests:
+        case policy::Action::kReadAudit:
+          break;
+        default:
+          return absl::UnavailableError(
+              StrCat("custosd serves nothing until officers approve re-anchoring the audit log, "
+                     "which failed its start-up check: ",
+                     problem));
+      }
+    }
     const std::shared_ptr<const policy::Policy> policy = kms_.CurrentPolicy();
     const std::optional<policy::Role> role = policy->RoleOf(caller_.principal);
     if (!role) {
@@ -64,8 +82,10 @@ class Kms::Call {
   // returned (fail closed).
   template <typename T>
   absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
+    kms_.RaiseIntegrityAlarm(result.status());
     if (recorded_) return result;
     event_.outcome = result.status().code();
+    event_.row.clear();  // whatever row the call meant to change, it changed none
     absl::Status recorded = kms_.Commit({}, {event_});
     if (!recorded.ok()) {
       return absl::UnavailableError(

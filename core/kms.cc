@@ -6,6 +6,7 @@
 #include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
+#include "storage/row_codec.h"
 
 namespace custos::core {
 namespace {
@@ -29,7 +30,10 @@ Kms::Kms(Options options)
     : options_(std::move(options)),
       policy_(options_.policy),
       root_key_label_(options_.root_key_label),
-      usage_(options_.store, options_.clock, options_.usage_limits, options_.wake_maintenance),
+      usage_(
+          options_.store, options_.clock, options_.usage_limits,
+          [this](const storage::VersionUsage& reservation) { return Reserve(reservation); },
+          options_.wake_maintenance),
       observed_(options_.store, options_.clock) {}
 
 std::string Kms::CurrentRoot() const {
@@ -214,6 +218,7 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
     auto created = std::make_shared<const storage::KeyRecord>(key);
+    call.event().row = storage::KeyRowName(key.id);
     storage::WriteBatch batch;
     batch.keys.push_back(std::move(key));
     CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
@@ -240,6 +245,35 @@ absl::StatusOr<storage::KeyPage> Kms::ListKeys(const Caller& caller, size_t page
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     return options_.store->ListKeys(page_size, page_token);
   }());
+}
+
+absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
+  CUSTOS_RETURN_IF_ERROR(policy::CheckQuorumsReachable(options_.dual_control, *policy));
+  // Held throughout, so no key change validated against the old policy slips in meanwhile.
+  std::lock_guard requests_lock(requests_mu_);
+  std::string page_token;
+  do {
+    CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
+    for (const KeyRef& key : page.keys) {
+      for (const auto* grants : {&key->encrypt_grants, &key->decrypt_grants}) {
+        for (const std::string& principal : *grants) {
+          const std::optional<policy::Role> role = policy->RoleOf(principal);
+          if (role && *role != policy::Role::kApp) {
+            return absl::FailedPreconditionError(StrCat(
+                "principal '", principal, "' would hold role '", policy::RoleName(*role),
+                "' but key ", key->id, " grants it use of key material; revoke the grant first"));
+          }
+        }
+      }
+    }
+    page_token = page.next_page_token;
+  } while (!page_token.empty());
+  const std::string detail = StrCat("policy sha256=", policy->sha256_hex());
+  {
+    std::lock_guard lock(policy_mu_);
+    policy_ = std::move(policy);
+  }
+  return Commit({}, {ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk, detail)});
 }
 
 }  // namespace custos::core

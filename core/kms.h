@@ -107,6 +107,9 @@ inline constexpr char kRootKeySetting[] = "root_key_label";
 // The store setting listing (a JSON array) the roots that rotations retired and that are still
 // to be destroyed in the HSM: each goes once no stored version is wrapped under it.
 inline constexpr char kRetiredRootsSetting[] = "retired_root_key_labels";
+// The replay-safe store setting that says erased key material may still be in the WAL: "1"
+// until a purge succeeds (retried by maintenance).
+inline constexpr char kPurgePendingSetting[] = "purge_pending";
 
 // The principal under which the server's own actions (expiry, destruction) are audited.
 inline constexpr char kServerPrincipal[] = "custosd";
@@ -128,6 +131,8 @@ class Kms {
     UsageLimits usage_limits;
     std::string audit_hmac_key_label = "custos-audit-hmac";        // HSM key for context HMACs
     std::string audit_signing_key_label = "custos-audit-signing";  // signs checkpoints
+    // The HSM data object that keeps the last signed head of the audit log.
+    std::string audit_head_label = "custos-audit-head";
     // Records after which a checkpoint is due at once (besides the server's timer).
     uint64_t checkpoint_every = 1000;
     // Called when housekeeping has work now (a key wants rotating, a checkpoint is due); the
@@ -216,10 +221,32 @@ class Kms {
   absl::Status RecordAuthenticationRefusal(std::string_view rpc, std::string peer,
                                            std::string_view reason);
 
-  // Signs a checkpoint of the audit log's head with the HSM's signing key and stores it, if
-  // records were added since the last one. Run by the server's timer, and when woken after
-  // checkpoint_every records.
+  // Signs a checkpoint of the audit log's head with the HSM's signing key, naming the last
+  // stored checkpoint as its predecessor, stores it and keeps its head in the HSM (a private
+  // data object, audit_head_label), if records were added since the last one. Run by the
+  // server's timer, and when woken after checkpoint_every records. FAILED_PRECONDITION while
+  // the log awaits re-anchoring.
   absl::Status Checkpoint();
+
+  // --- Start-up -------------------------------------------------------------------------------
+  // Checks, before anything is served, that nobody rewrote the audit log while custosd was
+  // stopped: the latest stored checkpoint is signed by this HSM's key; the log extends the
+  // head this HSM last signed (it reaches that seq, nothing was removed or rewritten up to
+  // it: the chain is recomputed from there to the head) and the stored checkpoints reach it
+  // too (none were deleted). With `full`, or if the HSM keeps no head yet (a state from
+  // before it did, whose log is then trusted once), the whole chain is recomputed.
+  // FAILED_PRECONDITION naming what is wrong: history was rewritten or truncated, or an older
+  // copy of the database restored.
+  absl::Status VerifyAuditLog(bool full);
+  // After VerifyAuditLog refused a log that is legitimate (a restore from backup): serve
+  // nothing but what lets officers approve a ReAnchorAuditLog request (Propose of that
+  // operation, Approve, Reject, GetRequest, ListRequests; auditors may read); every other
+  // call, maintenance and checkpoints wait. Executing the request records `problem`, signs
+  // the log as it stands and keeps that head in the HSM.
+  void RequireReAnchoring(std::string problem);
+  // Seals a catalogue written before rows carried MACs, once (KeyStore::SealCatalog), each row
+  // recorded as SealCatalogRow. Returns the number of rows sealed.
+  absl::StatusOr<uint64_t> SealCatalog();
   // The latest signed checkpoint and the PEM public key that verifies it (auditors only).
   struct SignedCheckpoint {
     audit::Checkpoint checkpoint;
@@ -265,6 +292,15 @@ class Kms {
   absl::StatusOr<Request> Execute(Call& call, Request request, const OperationParams& params);
   // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation").
   absl::StatusOr<Request> RotateRoot(Call& call, Request request);
+  // Executes a ReAnchorAuditLog request.
+  absl::StatusOr<Request> ReAnchor(Call& call, Request request);
+  // Why the log awaits re-anchoring; empty if it does not.
+  std::string AnchorProblem() const;
+  // UNAVAILABLE (saying why) while the log awaits re-anchoring: `operation` must wait.
+  absl::Status ServingAllowed(policy::Operation operation) const;
+  // Raises the alarm, once per row, for a catalogue row that failed its integrity check
+  // (`status` carries storage::kIntegrityPayload): an error log line and an audit record.
+  void RaiseIntegrityAlarm(const absl::Status& status) const;
   // Destroys every retired root (kRetiredRootsSetting) that wraps no stored version any more,
   // recording each attempt under `request_id` (empty when maintenance runs it). Called with
   // requests_mu_ held.
@@ -273,9 +309,12 @@ class Kms {
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);
+  // Purges erased material from the database files if a purge is pending; records the attempt.
+  absl::Status PurgeErased();
   // Rotates `key_id` (pre-approved by policy). With `worn_version`, only while that version is
   // still the key's primary.
   absl::Status AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version);
+  absl::Status RunMaintenanceLocked();  // with requests_mu_ held
   // An audit event of the server's own (principal kServerPrincipal).
   audit::Event ServerEvent(std::string_view action, const std::string& key_id,
                            const std::string& request_id, absl::StatusCode outcome,
@@ -285,11 +324,14 @@ class Kms {
   // the log cannot be written: nothing of the batch is then written either.
   absl::Status Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const;
   absl::StatusOr<std::string> ContextHmac(const EncryptionContext& context) const;
+  // Writes an encryption reservation with its audit record (ReserveEncryptions).
+  absl::Status Reserve(const storage::VersionUsage& reservation) const;
 
   Options options_;
   mutable std::mutex policy_mu_;
   std::shared_ptr<const policy::Policy> policy_;
   std::string root_key_label_;  // guarded by policy_mu_
+  std::string anchor_problem_;  // guarded by policy_mu_; empty unless awaiting re-anchoring
   // Serialises request state changes (and key changes), so every request moves through its
   // states exactly once. Key-management traffic is tiny; the data path never takes it.
   std::mutex requests_mu_;
@@ -297,6 +339,8 @@ class Kms {
   ObservedTime observed_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};
   std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
+  mutable std::mutex alarm_mu_;
+  mutable std::set<std::string> alarmed_rows_;  // guarded by alarm_mu_
 };
 
 }  // namespace custos::core

@@ -118,6 +118,7 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
   switch (operation) {
     case Operation::kCreateKey:
     case Operation::kRotateRootKey:
+    case Operation::kReAnchorAuditLog:
       return absl::InternalError(
           StrCat(policy::OperationName(operation), " does not apply to a single key"));
     case Operation::kRotateKey: {

@@ -10,7 +10,7 @@ namespace custos::core {
 absl::Status ObservedTime::LoadLocked() {
   if (loaded_) return absl::OkStatus();
   CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
-                          store_->GetSetting(kObservedSecondsSetting));
+                          store_->GetReplaySafeSetting(kObservedSecondsSetting));
   int64_t seconds = 0;
   if (stored && (!absl::SimpleAtoi(*stored, &seconds) || seconds < 0)) {
     return absl::InternalError(
@@ -35,9 +35,9 @@ absl::StatusOr<int64_t> ObservedTime::Now() {
 
 absl::Status ObservedTime::Persist() {
   CUSTOS_ASSIGN_OR_RETURN(const int64_t now, Now());
-  storage::WriteBatch batch;
-  batch.settings[kObservedSecondsSetting] = std::to_string(now);
-  return store_->Apply(batch);
+  // Sealed, so nobody without the HSM can move it forward; an older value put back only
+  // delays destruction, so it needs no audit record per turn.
+  return store_->PutReplaySafeSetting(kObservedSecondsSetting, std::to_string(now));
 }
 
 std::optional<int64_t> ObservedTime::TakeWallClockJump(int64_t tolerance_seconds) {

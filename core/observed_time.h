@@ -2,8 +2,9 @@
 //
 // Destroying a key cannot be undone, so it must not rest on one reading of the wall clock,
 // which an operator (or a misconfigured time server) can step forward. Observed time advances
-// only with the monotonic clock while the server runs, and is persisted in the store (setting
-// "observed_seconds") so that the next run resumes from it. Downtime does not count: it delays
+// only with the monotonic clock while the server runs, and is persisted in the store (the
+// replay-safe setting "observed_seconds", sealed under an HSM key: nobody without it can move
+// the figure forward) so that the next run resumes from it. Downtime does not count: it delays
 // destruction, never hastens it. A crash loses what was observed since the last Persist(),
 // again in the safe direction.
 //

@@ -49,6 +49,7 @@ std::string EncodeParams(Operation operation, const OperationParams& params) {
     case Operation::kEnableKey:
     case Operation::kCancelKeyDeletion:
     case Operation::kRotateRootKey:
+    case Operation::kReAnchorAuditLog:
       break;
   }
   return json.dump();  // nlohmann::json keeps object keys sorted: the text is canonical.
@@ -82,6 +83,7 @@ absl::StatusOr<OperationParams> DecodeParams(Operation operation, std::string_vi
       case Operation::kEnableKey:
       case Operation::kCancelKeyDeletion:
       case Operation::kRotateRootKey:
+      case Operation::kReAnchorAuditLog:
         break;
     }
   } catch (const Json::exception& e) {

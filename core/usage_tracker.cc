@@ -12,10 +12,11 @@ struct UsageTracker::Counter {
 };
 
 UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
-                           std::function<void()> on_rotation_wanted)
+                           Reserve reserve, std::function<void()> on_rotation_wanted)
     : store_(store),
       clock_(clock),
       limits_(limits),
+      reserve_(std::move(reserve)),
       on_rotation_wanted_(std::move(on_rotation_wanted)) {}
 
 UsageTracker::~UsageTracker() = default;
@@ -65,7 +66,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
       reserved.encryptions_reserved =
           std::min(limits_.max_encryptions, usage.encryptions_reserved + limits_.reservation_block);
       reserved.last_used_at = clock_->NowSeconds();
-      CUSTOS_RETURN_IF_ERROR(store_->PutUsage({reserved}));
+      CUSTOS_RETURN_IF_ERROR(reserve_(reserved));
       usage.encryptions_reserved = reserved.encryptions_reserved;
       counter->dirty = false;
     }
@@ -123,7 +124,7 @@ absl::Status UsageTracker::Flush() {
     if (counter->dirty) dirty.push_back(counter->usage);
   }
   if (dirty.empty()) return absl::OkStatus();
-  CUSTOS_RETURN_IF_ERROR(store_->PutUsage(dirty));
+  CUSTOS_RETURN_IF_ERROR(store_->PutUsageCounts(dirty));
   for (auto& [id, counter] : counters_) counter->dirty = false;
   return absl::OkStatus();
 }

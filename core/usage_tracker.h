@@ -34,10 +34,14 @@ struct UsageLimits {
 
 class UsageTracker {
  public:
-  // `store` and `clock` must outlive the tracker. `on_rotation_wanted` (may be empty) is
-  // called, without locks held, when a key is first flagged.
+  // Writes a reservation durably, with the audit record that names its row (the Kms does).
+  using Reserve = std::function<absl::Status(const storage::VersionUsage& reservation)>;
+
+  // `store` and `clock` must outlive the tracker. `reserve` writes reservations;
+  // `on_rotation_wanted` (may be empty) is called, without locks held, when a key is first
+  // flagged.
   UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
-               std::function<void()> on_rotation_wanted);
+               Reserve reserve, std::function<void()> on_rotation_wanted);
   ~UsageTracker();
 
   // Counts one encryption under (key_id, version) before it happens. RESOURCE_EXHAUSTED when
@@ -70,6 +74,7 @@ class UsageTracker {
   storage::KeyStore* const store_;
   const Clock* const clock_;
   const UsageLimits limits_;
+  const Reserve reserve_;
   const std::function<void()> on_rotation_wanted_;
 
   std::mutex mu_;  // Guards everything below; held across a reservation's store write.

@@ -120,4 +120,14 @@ absl::StatusOr<std::string> FaultyHsm::PublicKeyPem(const std::string& label) {
   return inner_->PublicKeyPem(label);
 }
 
+absl::StatusOr<std::vector<std::string>> FaultyHsm::ReadTokenData(const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->ReadTokenData(label);
+}
+
+absl::Status FaultyHsm::WriteTokenData(const std::string& label, std::string_view value) {
+  CUSTOS_RETURN_IF_ERROR(NextFault());
+  return inner_->WriteTokenData(label, value);
+}
+
 }  // namespace custos::hsm

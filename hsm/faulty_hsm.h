@@ -57,6 +57,8 @@ class FaultyHsm final : public Hsm {
   absl::StatusOr<Bytes> SignSha256(const std::string& label,
                                    std::span<const uint8_t> message) override;
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
+  absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override;
+  absl::Status WriteTokenData(const std::string& label, std::string_view value) override;
 
  private:
   // The failure to inject into the call being made, or OK to forward it.

@@ -22,8 +22,10 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
@@ -129,6 +131,15 @@ class Hsm {
   // The public key of signing key `label` as PEM ("-----BEGIN PUBLIC KEY-----", X.509
   // SubjectPublicKeyInfo), checked to verify what the private key signs.
   virtual absl::StatusOr<std::string> PublicKeyPem(const std::string& label) = 0;
+
+  // Small private token objects (CKO_DATA) named by `label`, for state that must live where
+  // only the PIN holder can change it (the audit log's last signed head): the values of those
+  // the token holds (none, one, or more than one if a replacement was cut short).
+  virtual absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) = 0;
+  // Stores `value` under `label`: a new object first, then the older ones are destroyed (a
+  // data object's value cannot be changed in place on every module), so a crash in between
+  // leaves both, never neither.
+  virtual absl::Status WriteTokenData(const std::string& label, std::string_view value) = 0;
 };
 
 }  // namespace custos::hsm

@@ -7,8 +7,10 @@
 #include <condition_variable>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
@@ -148,8 +150,13 @@ class Pkcs11Hsm final : public Hsm {
   absl::StatusOr<Bytes> SignSha256(const std::string& label,
                                    std::span<const uint8_t> message) override;
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
+  absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override;
+  absl::Status WriteTokenData(const std::string& label, std::string_view value) override;
 
  private:
+  // The private data objects labelled `label`.
+  absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindData(CK_SESSION_HANDLE session,
+                                                         const std::string& label);
   // Runs `op` on a pooled session, once more after recovering from a lost session, login or
   // handle; logs the HSM failing and recovering (failures_).
   template <typename T>
@@ -459,6 +466,59 @@ absl::StatusOr<Bytes> Pkcs11Hsm::SignSha256(const std::string& label,
 absl::StatusOr<std::string> Pkcs11Hsm::PublicKeyPem(const std::string& label) {
   return Run<std::string>(
       [&](CK_SESSION_HANDLE session) { return audit_keys_.PublicKeyPem(session, label); });
+}
+
+absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Pkcs11Hsm::FindData(CK_SESSION_HANDLE session,
+                                                                  const std::string& label) {
+  CUSTOS_RETURN_IF_ERROR(pool_->EnsureLoggedIn(session));  // private objects need the login
+  AttributeTemplate match;
+  match.Ulong(CKA_CLASS, CKO_DATA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .String(CKA_LABEL, label);
+  return FindObjects(*pool_->module(), session, match, /*max_count=*/16);
+}
+
+absl::StatusOr<std::vector<std::string>> Pkcs11Hsm::ReadTokenData(const std::string& label) {
+  return Run<std::vector<std::string>>(
+      [&](CK_SESSION_HANDLE session) -> absl::StatusOr<std::vector<std::string>> {
+        CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, FindData(session, label));
+        std::vector<std::string> values;
+        for (CK_OBJECT_HANDLE object : found) {
+          CK_ATTRIBUTE value{CKA_VALUE, nullptr, 0};
+          CK_RV rv = api_->C_GetAttributeValue(session, object, &value, 1);
+          if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+          std::string bytes(value.ulValueLen, '\0');
+          value.pValue = bytes.data();
+          rv = api_->C_GetAttributeValue(session, object, &value, 1);
+          if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+          bytes.resize(value.ulValueLen);
+          values.push_back(std::move(bytes));
+        }
+        return values;
+      });
+}
+
+absl::Status Pkcs11Hsm::WriteTokenData(const std::string& label, std::string_view value) {
+  return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
+           CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> older, FindData(session, label));
+           AttributeTemplate data;
+           data.Ulong(CKA_CLASS, CKO_DATA)
+               .Bool(CKA_TOKEN, true)
+               .Bool(CKA_PRIVATE, true)  // only the PIN holder reads or changes it
+               .String(CKA_LABEL, label)
+               .String(CKA_APPLICATION, "custos")
+               .String(CKA_VALUE, value);
+           CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+           CK_RV rv = api_->C_CreateObject(session, data.data(), data.size(), &handle);
+           if (rv != CKR_OK) return CkError("C_CreateObject", rv);
+           for (CK_OBJECT_HANDLE object : older) {
+             rv = api_->C_DestroyObject(session, object);
+             if (rv != CKR_OK && !IsHandleStale(rv)) return CkError("C_DestroyObject", rv);
+           }
+           return true;
+         })
+      .status();
 }
 
 }  // namespace

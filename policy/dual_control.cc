@@ -24,6 +24,8 @@ std::string_view OperationName(Operation operation) {
       return "SetMinDecryptVersion";
     case Operation::kRotateRootKey:
       return "RotateRootKey";
+    case Operation::kReAnchorAuditLog:
+      return "ReAnchorAuditLog";
   }
   return "Unknown";
 }

@@ -27,14 +27,15 @@ enum class Operation {
   kCancelKeyDeletion,     // back to DISABLED
   kUpdateKeyGrants,       // who may encrypt / decrypt
   kSetMinDecryptVersion,  // retire (or un-retire) old versions
-  kRotateRootKey,         // every live version re-wrapped under a new root; old root destroyed
+  kRotateRootKey,         // new versions under a new root; legacy roots' versions moved to it
+  kReAnchorAuditLog,      // accept an audit log that does not extend the HSM's last signed head
 };
 inline constexpr Operation kAllOperations[] = {
     Operation::kCreateKey,           Operation::kRotateKey,
     Operation::kDisableKey,          Operation::kEnableKey,
     Operation::kScheduleKeyDeletion, Operation::kCancelKeyDeletion,
     Operation::kUpdateKeyGrants,     Operation::kSetMinDecryptVersion,
-    Operation::kRotateRootKey};
+    Operation::kRotateRootKey,       Operation::kReAnchorAuditLog};
 
 // Stable names, used in the config, the API and the audit log: "RotateKey", ...
 std::string_view OperationName(Operation operation);

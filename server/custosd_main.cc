@@ -1,8 +1,9 @@
 // custosd: the Custos key management server.
 //
 //   custosd --config custosd.toml init     create the root key in the HSM (key ceremony)
-//   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads policy;
-//                                          SIGUSR1 logs group-commit counts
+//   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads the
+//                                          client CRLs and the policy; SIGUSR1 logs
+//                                          group-commit counts
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -23,6 +24,7 @@
 
 #include "audit/log_sink.h"
 #include "common/strings.h"
+#include "core/hsm_row_authenticator.h"
 #include "core/kms.h"
 #include "hsm/pkcs11_hsm.h"
 #include "policy/dual_control.h"
@@ -155,11 +157,20 @@ absl::StatusOr<std::string> CurrentRootLabel(const Config& config, storage::KeyS
 // has named another root, init never creates a root under the configured label again: every
 // version is wrapped under the rotated one.
 int Init(const Config& config) {
+  core::HsmRowAuthenticator rows(config.catalog_hmac_key_label);
   absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
-      storage::KeyStore::Open(config.storage_path);
+      storage::KeyStore::Open(config.storage_path, &rows);
   if (!store.ok()) return Fail(store.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
+  // The catalogue key first: reading the store's settings checks them with it.
+  if (absl::Status catalog =
+          Ensure((*hsm)->CreateHmacKey(config.catalog_hmac_key_label),
+                 StrCat("catalogue HMAC key '", config.catalog_hmac_key_label, "'"), config);
+      !catalog.ok()) {
+    return Fail(catalog);
+  }
+  rows.Bind(hsm->get());
   absl::StatusOr<std::string> root = CurrentRootLabel(config, **store);
   if (!root.ok()) return Fail(root.status());
   absl::Status root_done;
@@ -185,7 +196,7 @@ int Init(const Config& config) {
   return 0;
 }
 
-int Serve(const Config& config, const std::string& port_file) {
+int Serve(const Config& config, const std::string& port_file, bool allow_re_anchor) {
   // Signals are taken synchronously by this thread; block them before gRPC starts threads.
   sigset_t signals;
   sigemptyset(&signals);
@@ -200,11 +211,19 @@ int Serve(const Config& config, const std::string& port_file) {
     return Fail(reachable);
   }
   // First, so that a second custosd on this state stops here, before it touches anything.
+  core::HsmRowAuthenticator rows(config.catalog_hmac_key_label);
   absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
-      storage::KeyStore::Open(config.storage_path);
+      storage::KeyStore::Open(config.storage_path, &rows);
   if (!store.ok()) return Fail(store.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
+  // Every row read from the store from here on is checked with this HSM key.
+  if (absl::Status catalog = (*hsm)->HmacSha256(config.catalog_hmac_key_label, {}).status();
+      !catalog.ok()) {
+    return Fail(absl::FailedPreconditionError(StrCat(
+        catalog.message(), "; run `custosd --config <file> init` to create the catalogue key")));
+  }
+  rows.Bind(hsm->get());
   absl::StatusOr<std::string> root_key_label = CurrentRootLabel(config, **store);
   if (!root_key_label.ok()) return Fail(root_key_label.status());
   if (absl::Status root = (*hsm)->CheckRootKey(*root_key_label); !root.ok()) {
@@ -227,6 +246,13 @@ int Serve(const Config& config, const std::string& port_file) {
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       MutualTlsCredentials(config);
   if (!credentials.ok()) return Fail(credentials.status());
+  if (const std::shared_ptr<const RevocationList> crls = ProcessAuthenticator().revocation_list()) {
+    spdlog::info("client CRLs loaded: {}", crls->Describe());
+  } else {
+    spdlog::info(
+        "no tls.crl_dir: client certificates are not checked for revocation (expiry is checked "
+        "at every call)");
+  }
   // The audit log needs its HMAC key before the first record (older state: run init again).
   if (absl::Status hmac = (*hsm)->HmacSha256(config.audit_hmac_key_label, {}).status();
       !hmac.ok()) {
@@ -252,10 +278,33 @@ int Serve(const Config& config, const std::string& port_file) {
                  .usage_limits = config.usage_limits,
                  .audit_hmac_key_label = config.audit_hmac_key_label,
                  .audit_signing_key_label = config.audit_signing_key_label,
+                 .audit_head_label = config.audit_head_label,
                  .checkpoint_every = config.checkpoint_every,
                  .wake_maintenance = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
+  // Nothing is served from a log somebody rewrote while custosd was stopped.
+  if (absl::Status anchored = kms.VerifyAuditLog(config.verify_full_chain_at_start);
+      !anchored.ok()) {
+    if (!allow_re_anchor) {
+      return Fail(absl::FailedPreconditionError(
+          StrCat(anchored.message(),
+                 ". If this database was restored from a backup on purpose, start custosd with "
+                 "--allow-re-anchor and have officers approve a re-anchor-audit-log request")));
+    }
+    spdlog::error(
+        "audit log check failed: {}; serving nothing but the approval of a "
+        "ReAnchorAuditLog request (started with --allow-re-anchor)",
+        std::string(anchored.message()));
+    kms.RequireReAnchoring(std::string(anchored.message()));
+  } else if (absl::StatusOr<uint64_t> sealed = kms.SealCatalog(); !sealed.ok()) {
+    return Fail(sealed.status());
+  } else if (*sealed > 0) {
+    spdlog::warn(
+        "sealed {} catalogue rows written before rows carried MACs (each recorded as "
+        "SealCatalogRow); from now on a row changed outside Custos is refused",
+        *sealed);
+  }
   KeyServiceImpl key_service(&kms);
   AdminServiceImpl admin_service(&kms);
   AuditServiceImpl audit_service(&kms);
@@ -270,6 +319,11 @@ int Serve(const Config& config, const std::string& port_file) {
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   // Never share the port with another process: the kernel would split callers between them.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // A backstop to the per-call checks: no connection outlives tls.max_connection_age_seconds.
+  if (absl::Status age = LimitConnectionAge(builder, config.max_connection_age_seconds);
+      !age.ok()) {
+    return Fail(age);
+  }
   // Worker threads beyond the HSM session pool would only queue on it; past this bound gRPC
   // answers RESOURCE_EXHAUSTED instead of piling up calls.
   grpc::ResourceQuota quota("custosd");
@@ -294,6 +348,13 @@ int Serve(const Config& config, const std::string& port_file) {
       continue;
     }
     if (signal != SIGHUP) break;
+    // The CRLs first, and whatever becomes of the policy: a revocation must not wait for it.
+    if (absl::StatusOr<std::string> crls = ReloadClientCrls(config); crls.ok()) {
+      spdlog::info("client CRLs reloaded: {}", *crls);
+    } else {
+      spdlog::error("client CRL reload refused, keeping the current CRLs: {}",
+                    crls.status().ToString());
+    }
     absl::StatusOr<std::shared_ptr<const policy::Policy>> reloaded =
         policy::Policy::LoadFile(config.policy_file);
     if (!reloaded.ok()) {
@@ -330,13 +391,17 @@ int main(int argc, char** argv) {
   CLI::App app{"custosd: the Custos key management server"};
   std::string config_path;
   std::string port_file;
+  bool allow_re_anchor = false;
   app.add_option("-c,--config", config_path, "server configuration (TOML)")->required();
   app.add_option("--port-file", port_file, "write the bound port here once listening");
+  app.add_flag("--allow-re-anchor", allow_re_anchor,
+               "if the audit log fails its start-up check (a restored backup), wait for officers "
+               "to approve re-anchoring it instead of exiting");
   CLI::App* init = app.add_subcommand("init", "create the root key in the HSM if missing");
   CLI11_PARSE(app, argc, argv);
 
   absl::StatusOr<Config> config = LoadConfig(config_path);
   if (!config.ok()) return Fail(config.status());
   spdlog::set_level(spdlog::level::from_str(config->log_level));
-  return init->parsed() ? Init(*config) : Serve(*config, port_file);
+  return init->parsed() ? Init(*config) : Serve(*config, port_file, allow_re_anchor);
 }

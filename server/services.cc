@@ -83,6 +83,7 @@ constexpr std::pair<pb::Operation, policy::Operation> kOperations[] = {
     {pb::UPDATE_KEY_GRANTS, policy::Operation::kUpdateKeyGrants},
     {pb::SET_MIN_DECRYPT_VERSION, policy::Operation::kSetMinDecryptVersion},
     {pb::ROTATE_ROOT_KEY, policy::Operation::kRotateRootKey},
+    {pb::REANCHOR_AUDIT_LOG, policy::Operation::kReAnchorAuditLog},
 };
 
 std::optional<policy::Operation> FromProto(pb::Operation operation) {

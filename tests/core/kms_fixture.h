@@ -1,5 +1,6 @@
-// A Kms over a real SoftHSM2 token and a real SQLite file, with a recording audit sink, a
-// FaultyHsm to inject HSM failures and a manual clock. Shared by the core tests.
+// A Kms over a real SoftHSM2 token and a real SQLite file whose rows are sealed and checked
+// with the HSM's catalogue key (as custosd does), with a recording audit sink, a FaultyHsm to
+// inject HSM failures and a manual clock. Shared by the core tests.
 #pragma once
 
 #include <atomic>
@@ -7,6 +8,7 @@
 #include <memory>
 #include <mutex>
 
+#include "core/hsm_row_authenticator.h"
 #include "core/kms.h"
 #include "hsm/faulty_hsm.h"
 #include "hsm/pkcs11_hsm.h"
@@ -56,6 +58,9 @@ struct Fixture {
   TempDir dir;
   std::unique_ptr<hsm::Hsm> real_hsm;
   std::unique_ptr<hsm::FaultyHsm> hsm;
+  // Sealing through the real HSM, not the FaultyHsm, so that tests counting or failing the
+  // use cases' HSM calls see only theirs.
+  HsmRowAuthenticator rows{"custos-catalog-hmac"};
   std::unique_ptr<storage::KeyStore> store;
   RecordingSink sink;
   ManualClock clock{1'800'000'000};
@@ -80,8 +85,10 @@ struct Fixture {
     REQUIRE(real_hsm->CreateRootKey("custos-root").ok());
     REQUIRE(real_hsm->CreateHmacKey("custos-audit-hmac").ok());
     REQUIRE(real_hsm->CreateSigningKey("custos-audit-signing").ok());
+    REQUIRE(real_hsm->CreateHmacKey("custos-catalog-hmac").ok());
+    rows.Bind(real_hsm.get());
     hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
-    store = *storage::KeyStore::Open(dir.File("custos.db"));
+    store = *storage::KeyStore::Open(dir.File("custos.db"), &rows);
     auto policy = policy::Policy::Parse(kPolicy);
     REQUIRE(policy.ok());
     Start(*policy, dual_control, limits);
@@ -101,6 +108,18 @@ struct Fixture {
                                              .usage_limits = limits,
                                              .checkpoint_every = checkpoint_every,
                                              .wake_maintenance = [this] { ++maintenance_wakes; }});
+  }
+
+  // Closes the Kms and the store and opens both again on the same files and HSM, as a restart
+  // of custosd would (nothing cached survives).
+  void Restart(UsageLimits limits = {}) {
+    kms.reset();
+    store.reset();
+    absl::StatusOr<std::unique_ptr<storage::KeyStore>> reopened =
+        storage::KeyStore::Open(dir.File("custos.db"), &rows);
+    REQUIRE(reopened.ok());
+    store = *std::move(reopened);
+    Start(*policy::Policy::Parse(kPolicy), policy::DualControlConfig::Defaults(), limits);
   }
 
   KeyRef NewKey(const std::string& alias) {

@@ -23,9 +23,18 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
   CHECK(absl::IsInvalidArgument(opened.status()));
   CHECK(absl::IsPermissionDenied(f.kms->Decrypt(f.officer, dk->ciphertext_blob, {}).status()));
 
-  const std::vector<audit::Event> events = f.sink.events();
-  REQUIRE(events.size() == 4);
+  std::vector<audit::Event> events = f.sink.events();
+  REQUIRE(events.size() == 5);
+  // The first encryption under a version reserves a block of its GCM budget, recorded too.
+  CHECK(events[1].action == "ReserveEncryptions");
+  CHECK(events[1].principal == kServerPrincipal);
+  CHECK(events[1].key_id == key->id);
+  CHECK(events[1].key_version == 1);
+  CHECK(events[1].detail == "encryptions reserved up to 10000");
+  CHECK(events[1].row == "usage:" + key->id + "/1");
+  events.erase(events.begin() + 1);
   CHECK(events[0].action == "CreateKey");
+  CHECK(events[0].row == "key:" + key->id);
   CHECK(events[0].principal == kOfficer);
   CHECK(events[0].role == "officer");
   CHECK(events[0].key_id == key->id);
@@ -123,7 +132,7 @@ TEST_CASE("If the audit log cannot be written, operations fail closed and change
   // It recovers by itself once the log can be written again.
   f.store->InjectWriteFault(absl::OkStatus());
   CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
-  CHECK(f.store->AuditHead()->first == records + 1);
+  CHECK(f.store->AuditHead()->first == records + 2);  // the reservation, then the call
 }
 
 TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]") {
@@ -149,19 +158,25 @@ TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") 
   Fixture f;
   const KeyRef key = f.NewKey("chain");
   REQUIRE(f.kms->GenerateDataKey(f.app, "chain", {{"mrn", "448812"}}, 32, true).ok());
-  const std::vector<audit::Record> rows = *f.store->ReadAudit(1, 100);
-  REQUIRE(rows.size() == 2);
+  std::vector<audit::Record> rows = *f.store->ReadAudit(1, 100);
+  REQUIRE(rows.size() == 3);
+  CHECK(rows[1].action == "ReserveEncryptions");
+  CHECK(rows[1].row == "usage:" + key->id + "/1");
+  CHECK(rows[1].row_digest.size() == 64);
+  CHECK(rows[0].row == "key:" + key->id);
+  CHECK(rows[0].row_digest.size() == 64);
+  Bytes prev(32, 0);
+  for (const audit::Record& row : rows) {
+    CHECK(audit::ChainHash(prev, row) == row.hash);
+    prev = row.hash;
+  }
+  rows.erase(rows.begin() + 1);
   CHECK(rows[0].action == "CreateKey");
   CHECK(rows[1].action == "GenerateDataKey");
   CHECK(rows[1].key_id == key->id);
   CHECK(rows[1].outcome == "OK");
   CHECK(rows[1].context_hmac.size() == 64);  // an HMAC, never the value
   CHECK(rows[0].context_hmac.empty());
-  Bytes prev(32, 0);
-  for (const audit::Record& row : rows) {
-    CHECK(row.hash == audit::ChainHash(prev, row));
-    prev = row.hash;
-  }
 }
 
 TEST_CASE("An HSM outage fails closed and recovers by itself", "[kms][hsm]") {
@@ -212,9 +227,8 @@ TEST_CASE("Every checkpoint_every records wake maintenance to sign a checkpoint"
   f.checkpoint_every = 3;
   f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
   f.NewKey("k");  // record 1
-  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
   CHECK(f.maintenance_wakes == 0);
-  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // record 3
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // a reservation: records 2, 3
   CHECK(f.maintenance_wakes == 1);
   REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // due already: no new wake
   CHECK(f.maintenance_wakes == 1);
@@ -243,8 +257,7 @@ TEST_CASE("Checkpoint signs the log's head", "[kms][audit]") {
   CHECK(f.store->Checkpoints()->size() == 1);
   absl::StatusOr<Kms::SignedCheckpoint> read = f.kms->LatestCheckpoint(f.auditor);
   REQUIRE(read.ok());
-  CHECK(read->message ==
-        audit::CheckpointMessage(checkpoint->seq, checkpoint->hash, checkpoint->time));
+  CHECK(read->message == audit::CheckpointMessage(*checkpoint));
   CHECK_THAT(read->public_key_pem, Catch::StartsWith("-----BEGIN PUBLIC KEY-----"));
   CHECK(absl::IsPermissionDenied(f.kms->LatestCheckpoint(f.officer).status()));
   CHECK(absl::IsPermissionDenied(f.kms->ReadAudit(f.app, 1, 10).status()));

@@ -11,6 +11,7 @@
 // tests/storage/durability_test.cc.)
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -171,9 +172,10 @@ class Load {
 
 using server::FromProto;
 
-// The latest checkpoint (signed on request), then every record from seq 1, as the auditor.
+// The latest checkpoint (signed on request), then every record from seq 1 and every stored
+// checkpoint, as the auditor.
 void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
-             std::vector<audit::Record>* records) {
+             std::vector<audit::Record>* records, std::vector<audit::Checkpoint>* stored) {
   auto stub = pb::AuditService::NewStub(server.Channel("auditor"));
   grpc::Status status = stub->GetCheckpoint(Context().get(), {}, latest);
   INFO(status.error_message());
@@ -189,6 +191,16 @@ void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
   pb::AuditRecord record;
   while (reader->Read(&record)) records->push_back(FromProto(record));
   status = reader->Finish();
+  INFO(status.error_message());
+  REQUIRE(status.ok());
+
+  grpc::ClientContext checkpoints_context;
+  checkpoints_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto checkpoints = stub->ReadCheckpoints(&checkpoints_context, {});
+  stored->clear();
+  pb::Checkpoint checkpoint;
+  while (checkpoints->Read(&checkpoint)) stored->push_back(FromProto(checkpoint));
+  status = checkpoints->Finish();
   INFO(status.error_message());
   REQUIRE(status.ok());
 }
@@ -261,7 +273,8 @@ TEST_CASE("kill -9 under load: the log verifies and holds every acknowledged ope
     // --- the log as an auditor reads it after the restart ---
     pb::Checkpoint latest;
     std::vector<audit::Record> records;
-    ReadLog(server, &latest, &records);
+    std::vector<audit::Checkpoint> stored;
+    ReadLog(server, &latest, &records, &stored);
     if (public_key_pem.empty()) public_key_pem = latest.public_key_pem();
     CHECK(latest.public_key_pem() == public_key_pem);
     absl::StatusOr<audit::PublicKeyVerifier> key =
@@ -277,19 +290,24 @@ TEST_CASE("kill -9 under load: the log verifies and holds every acknowledged ope
     }
     INFO(summary.str());
 
-    // The chain, seqs 1..N, every checkpoint kept so far (those taken during the load before
-    // the kill included) and the latest one as anchor.
+    // The chain, seqs 1..N, every checkpoint stored in the log (each naming the one before it)
+    // and the latest one as anchor; and every checkpoint an auditor kept so far (those taken
+    // during the load before the kill included) is among them, unchanged.
     std::vector<audit::Checkpoint> checkpoints;
     for (const pb::Checkpoint& c : kept) checkpoints.push_back(FromProto(c));
+    for (const audit::Checkpoint& c : checkpoints) {
+      INFO("checkpoint kept at " << c.seq);
+      CHECK(std::find(stored.begin(), stored.end(), c) != stored.end());
+    }
     const audit::Checkpoint anchor = FromProto(latest);
     audit::VectorRecordSource source(records);
-    const audit::VerifyReport report = audit::Verify(source, checkpoints, &anchor, *key);
+    const audit::VerifyReport report = audit::Verify(source, stored, &anchor, *key);
     INFO(Describe(report));
     REQUIRE(report.ok);
     CHECK(report.first_bad_seq == 0);
     CHECK(report.records_checked == records.size());
     CHECK(report.last_verified_seq == records.size());
-    CHECK(report.checkpoints_verified == checkpoints.size());
+    CHECK(report.checkpoints_verified == stored.size());
     CHECK(report.signed_through_seq >= latest.seq());
     REQUIRE(!records.empty());
     CHECK(records.back().seq == records.size());

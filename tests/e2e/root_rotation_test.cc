@@ -21,7 +21,8 @@ namespace {
 
 constexpr char kSoftHsm[] = "/usr/lib/softhsm/libsofthsm2.so";
 // The token's secret keys once a legacy root's migration is complete.
-const std::set<std::string> kRotatedToken = {"custos-audit-hmac", "custos-root.2"};
+const std::set<std::string> kRotatedToken = {"custos-audit-hmac", "custos-catalog-hmac",
+                                             "custos-root.2"};
 
 constexpr char kLegacyWarning[] = "root key 'custos-root' is a legacy root";
 
@@ -119,8 +120,8 @@ TEST_CASE("custosctl lists and runs rotate-root-key over a confining root", "[e2
   CheckDecrypts(server, blobs);
   server.Stop();
   // The old root stays for the versions it wraps; no version can be moved off it.
-  CHECK(TokenSecretKeys(server) ==
-        std::set<std::string>{"custos-audit-hmac", "custos-root", "custos-root.2"});
+  CHECK(TokenSecretKeys(server) == std::set<std::string>{"custos-audit-hmac", "custos-catalog-hmac",
+                                                         "custos-root", "custos-root.2"});
   server.Start();
 }
 

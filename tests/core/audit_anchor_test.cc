@@ -1,0 +1,203 @@
+// Laundering the audit log while custosd is stopped, as someone who can write custos.db would
+// try it, and that start-up refuses each variant: history edited and re-chained (with or
+// without the stored checkpoints), checkpoints deleted, the database rolled back to an older
+// copy. And the way back for a legitimate restore: re-anchoring, approved by two officers.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <string>
+
+#include "audit/record.h"
+#include "core/operation_params.h"
+#include "storage/audit_log_reader.h"
+#include "tests/core/kms_fixture.h"
+#include "tests/support/sqlite_file.h"
+
+namespace custos::core {
+namespace {
+
+using custos::testing::SqlExec;
+using custos::testing::SqlQuery;
+using testing::Fixture;
+
+std::string Db(Fixture& f) { return f.dir.File("custos.db"); }
+
+void Stop(Fixture& f) {
+  f.kms.reset();
+  f.store.reset();
+}
+
+// A log with checkpoints: a key, some use, a checkpoint at its end (kept in the HSM too), and
+// a few records after it.
+void MakeHistory(Fixture& f) {
+  f.NewKey("k");
+  for (int i = 0; i < 4; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  REQUIRE(f.kms->Checkpoint().ok());
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+}
+
+// Rewrites who did record `seq` and recomputes every later hash, as a DBA with a script can.
+void RewriteAndRechain(const std::string& db, uint64_t seq, const std::string& principal) {
+  auto reader = storage::AuditLogReader::Open(db);
+  REQUIRE(reader.ok());
+  std::vector<audit::Record> log;
+  while (true) {
+    absl::StatusOr<std::optional<audit::Record>> next = (*reader)->Next();
+    REQUIRE(next.ok());
+    if (!next->has_value()) break;
+    log.push_back(**next);
+  }
+  reader->reset();
+  log.at(seq - 1).principal = principal;
+  audit::Chain chain;
+  std::string sql =
+      "DROP TRIGGER audit_log_append_only_update; DROP TRIGGER audit_log_append_only_delete;";
+  for (audit::Record& record : log) {
+    chain.Seal(record);
+    sql += "UPDATE audit_log SET principal = '" + record.principal + "', hash = X'" +
+           audit::ToHex(record.hash) + "' WHERE seq = " + std::to_string(record.seq) + ";";
+  }
+  REQUIRE(SqlExec(db, sql).empty());
+}
+
+constexpr char kDropCheckpointTriggers[] =
+    "DROP TRIGGER audit_checkpoints_append_only_update;"
+    "DROP TRIGGER audit_checkpoints_append_only_delete;";
+
+TEST_CASE("A log that extends the HSM's last signed head starts; full verification too",
+          "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  Stop(f);
+  f.Restart();
+  CHECK(f.kms->VerifyAuditLog(false).ok());
+  CHECK(f.kms->VerifyAuditLog(true).ok());
+  // The HSM keeps the head of the last checkpoint; checkpoints name their predecessor.
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  REQUIRE(f.kms->Checkpoint().ok());
+  const std::vector<audit::Checkpoint> checkpoints = *f.store->Checkpoints();
+  REQUIRE(checkpoints.size() == 2);
+  CHECK(checkpoints[0].prev_seq == checkpoints[1].seq);
+  CHECK(checkpoints[0].prev_hash == checkpoints[1].hash);
+  CHECK(*f.hsm->ReadTokenData("custos-audit-head") ==
+        std::vector<std::string>{"custos-audit-head-v1\nseq=" + std::to_string(checkpoints[0].seq) +
+                                 "\nhash=" + audit::ToHex(checkpoints[0].hash) + "\n"});
+}
+
+TEST_CASE("Stored checkpoints are never changed or removed", "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  CHECK_THAT(SqlExec(Db(f), "UPDATE audit_checkpoints SET time = 0"),
+             Catch::Contains("audit checkpoints are never changed"));
+  CHECK_THAT(SqlExec(Db(f), "DELETE FROM audit_checkpoints"),
+             Catch::Contains("audit checkpoints are never removed"));
+}
+
+TEST_CASE("Laundered history is refused at start-up", "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  Stop(f);
+  std::string expected;
+  SECTION("record 3 rewritten, every later hash recomputed, the checkpoints deleted") {
+    RewriteAndRechain(Db(f), 3, "someone-else");
+    REQUIRE(SqlExec(Db(f), std::string(kDropCheckpointTriggers) + "DELETE FROM audit_checkpoints;")
+                .empty());
+    expected = "stored checkpoints were deleted";
+  }
+  SECTION("record 3 rewritten and re-chained, the checkpoints kept") {
+    RewriteAndRechain(Db(f), 3, "someone-else");
+    expected = "does not extend the checkpoint this HSM signed";
+  }
+  SECTION("the checkpoints deleted") {
+    REQUIRE(SqlExec(Db(f), std::string(kDropCheckpointTriggers) + "DELETE FROM audit_checkpoints;")
+                .empty());
+    expected = "stored checkpoints were deleted";
+  }
+  SECTION("the tail after the checkpoint cut off") {
+    REQUIRE(SqlExec(Db(f),
+                    "DROP TRIGGER audit_log_append_only_delete; DELETE FROM audit_log "
+                    "WHERE seq > (SELECT max(seq) FROM audit_checkpoints) - 2;")
+                .empty());
+    expected = "records were removed, or an older copy of the database was restored";
+  }
+  f.Restart();
+  const absl::Status refused = f.kms->VerifyAuditLog(false);
+  INFO(refused.ToString());
+  CHECK(absl::IsFailedPrecondition(refused));
+  CHECK_THAT(std::string(refused.message()), Catch::Contains(expected));
+}
+
+TEST_CASE("A record edited before the last checkpoint is caught by the full check",
+          "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  Stop(f);
+  // Edited without re-chaining: the tail check from the HSM's head does not read it; the full
+  // check (and any offline verifier) names it.
+  REQUIRE(SqlExec(Db(f),
+                  "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+                  "principal = 'x' WHERE seq = 2;")
+              .empty());
+  f.Restart();
+  CHECK(f.kms->VerifyAuditLog(false).ok());
+  const absl::Status full = f.kms->VerifyAuditLog(true);
+  CHECK(absl::IsFailedPrecondition(full));
+  CHECK_THAT(std::string(full.message()), Catch::Contains("audit record 2 does not chain"));
+}
+
+TEST_CASE("An older copy of the database is refused, and accepted only by re-anchoring",
+          "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  Stop(f);
+  const std::string backup = f.dir.File("backup.db");
+  REQUIRE(SqlExec(Db(f), "VACUUM INTO '" + backup + "'").empty());
+  f.Restart();
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  REQUIRE(f.kms->Checkpoint().ok());  // the HSM now holds a head the backup does not reach
+  Stop(f);
+  std::filesystem::remove(Db(f) + "-wal");
+  std::filesystem::remove(Db(f) + "-shm");
+  std::filesystem::copy_file(backup, Db(f), std::filesystem::copy_options::overwrite_existing);
+  f.Restart();
+  const absl::Status refused = f.kms->VerifyAuditLog(false);
+  CHECK(absl::IsFailedPrecondition(refused));
+  CHECK_THAT(std::string(refused.message()),
+             Catch::Contains("an older copy of the database was restored"));
+
+  // The restore was legitimate: custosd waits for two officers, serving nothing else.
+  f.kms->RequireReAnchoring(std::string(refused.message()));
+  CHECK(absl::IsUnavailable(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+  CHECK(absl::IsUnavailable(f.kms->DescribeKey(f.officer, "k").status()));
+  CHECK(absl::IsFailedPrecondition(f.kms->Checkpoint()));
+  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
+  Proposal rotate;
+  rotate.operation = policy::Operation::kRotateKey;
+  rotate.key = "k";
+  rotate.justification = "not now";
+  CHECK(absl::IsUnavailable(f.kms->Propose(f.officer, rotate).status()));
+  Proposal reanchor;
+  reanchor.operation = policy::Operation::kReAnchorAuditLog;
+  reanchor.justification = "restored from last night's backup after the disk failure";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, reanchor);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, RequestDigest(*request));
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == storage::RequestState::kExecuted);
+  CHECK_THAT(done->reason, Catch::StartsWith("audit log re-anchored at record "));
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
+    return e.action == "ReAnchorAuditLog" && e.request_id == request->id &&
+           e.detail == refused.message();
+  }));
+  // Serving again, and the next start accepts the restored log as it now stands.
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  Stop(f);
+  f.Restart();
+  CHECK(f.kms->VerifyAuditLog(false).ok());
+}
+
+}  // namespace
+}  // namespace custos::core

@@ -1,0 +1,247 @@
+// What someone who can write custos.db (a DBA, root on the host) can do to the catalogue while
+// custosd is stopped, and that each edit is caught when the row is next read: a grant nobody
+// approved, a key re-enabled or its deletion undone, a lowered minimum decrypt version, a
+// rewound encryption count, a forged approval, observed time moved forward, a row moved to
+// another key, a row put back from an older copy. And the first start over a catalogue from
+// before rows carried MACs, which seals it once.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/operation_params.h"
+#include "tests/core/kms_fixture.h"
+#include "tests/support/sqlite_file.h"
+
+namespace custos::core {
+namespace {
+
+using custos::testing::SqlExec;
+using custos::testing::SqlQuery;
+using policy::Operation;
+using storage::KeyState;
+using storage::RequestState;
+using testing::Fixture;
+
+std::string Db(Fixture& f) { return f.dir.File("custos.db"); }
+
+// Closes custosd's store, runs `sql` on the file, and restarts over it.
+void EditWhileStopped(Fixture& f, const std::string& sql, UsageLimits limits = {}) {
+  f.kms.reset();
+  f.store.reset();
+  INFO(sql);
+  REQUIRE(SqlExec(Db(f), sql).empty());
+  f.Restart(limits);
+}
+
+KeyRef KeyWithoutGrants(Fixture& f, const std::string& alias) {
+  CreateKeyParams params;
+  params.alias = alias;
+  absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
+  REQUIRE(key.ok());
+  return *key;
+}
+
+void ExecuteAs3(Fixture& f, Operation operation, const std::string& key,
+                OperationParams params = {}) {
+  Proposal proposal;
+  proposal.operation = operation;
+  proposal.key = key;
+  proposal.params = params;
+  proposal.justification = "insider test";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, RequestDigest(*request));
+  REQUIRE(done.ok());
+  REQUIRE(done->state == RequestState::kExecuted);
+}
+
+size_t Alarms(Fixture& f, const std::string& key_id) {
+  const std::vector<audit::Event> events = f.sink.events();
+  return static_cast<size_t>(std::count_if(events.begin(), events.end(), [&](const auto& e) {
+    return e.action == "IntegrityFailure" && e.key_id == key_id &&
+           e.outcome == absl::StatusCode::kDataLoss;
+  }));
+}
+
+void CheckRefused(const absl::Status& status, const std::string& row, const std::string& why) {
+  INFO(status.ToString());
+  CHECK(absl::IsDataLoss(status));
+  CHECK_THAT(std::string(status.message()),
+             Catch::StartsWith("catalogue row " + row + " failed its integrity check: " + why));
+}
+
+TEST_CASE("A grant inserted with SQL grants nothing, raises the alarm once, and lists as such",
+          "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = KeyWithoutGrants(f, "no-grants");
+  EditWhileStopped(f, "INSERT INTO key_grants VALUES ('" + key->id + "', '" + testing::kApp +
+                          "', 'encrypt'); INSERT INTO key_grants VALUES ('" + key->id + "', '" +
+                          testing::kApp + "', 'decrypt');");
+  for (int i = 0; i < 2; ++i) {
+    CheckRefused(f.kms->GenerateDataKey(f.app, "no-grants", {}, 32, true).status(),
+                 "key:" + key->id, "its MAC does not match its content");
+  }
+  CHECK(Alarms(f, key->id) == 1);  // once, not per call
+  absl::StatusOr<storage::KeyPage> listed = f.kms->ListKeys(f.officer, 10, "");
+  REQUIRE(listed.ok());
+  REQUIRE(listed->keys.size() == 1);
+  CHECK_THAT(listed->keys[0]->integrity_problem, Catch::Contains("its MAC does not match"));
+}
+
+TEST_CASE("A key's state and minimum decrypt version edited with SQL are refused",
+          "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  REQUIRE(dk.ok());
+  ExecuteAs3(f, Operation::kRotateKey, "k");
+  OperationParams retire;
+  retire.min_decrypt_version = 2;
+  ExecuteAs3(f, Operation::kSetMinDecryptVersion, "k", retire);
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+
+  SECTION("re-enabled") {
+    EditWhileStopped(f, "UPDATE keys SET state = 1 WHERE id = '" + key->id + "'");
+    CheckRefused(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status(), "key:" + key->id,
+                 "its MAC does not match");
+  }
+  SECTION("retired versions un-retired") {
+    EditWhileStopped(f, "UPDATE keys SET min_decrypt_version = 1 WHERE id = '" + key->id + "'");
+    CheckRefused(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).status(), "key:" + key->id,
+                 "its MAC does not match");
+  }
+}
+
+TEST_CASE("A key row put back from an older copy is refused: the log recorded a later one",
+          "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  f.kms.reset();
+  f.store.reset();
+  const std::string older = f.dir.File("older.db");
+  std::filesystem::copy_file(Db(f), older);  // the key ENABLED, with its genuine MAC
+  f.Restart();
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+  EditWhileStopped(f, "ATTACH '" + older +
+                          "' AS old; UPDATE keys SET (state, mac) = (SELECT "
+                          "state, mac FROM old.keys WHERE id = '" +
+                          key->id + "') WHERE id = '" + key->id + "';");
+  CheckRefused(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status(), "key:" + key->id,
+               "it is not the version the audit log last recorded");
+}
+
+TEST_CASE("A key row moved onto another key is refused", "[insider][catalog]") {
+  Fixture f;
+  const KeyRef granted = f.NewKey("granted");
+  const KeyRef other = KeyWithoutGrants(f, "other");
+  // The other key's row and grants made to look like the granted key's, MAC included.
+  EditWhileStopped(f, "UPDATE keys SET mac = (SELECT mac FROM keys WHERE id = '" + granted->id +
+                          "') WHERE id = '" + other->id + "'; INSERT INTO key_grants SELECT '" +
+                          other->id + "', principal, use FROM key_grants WHERE key_id = '" +
+                          granted->id + "';");
+  CheckRefused(f.kms->GenerateDataKey(f.app, "other", {}, 32, true).status(), "key:" + other->id,
+               "its MAC does not match");
+  CHECK(f.kms->GenerateDataKey(f.app, "granted", {}, 32, true).ok());
+}
+
+TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
+  UsageLimits limits;
+  limits.max_encryptions = 100;
+  limits.rotate_at = 100;
+  limits.reservation_block = 2;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  const KeyRef key = f.NewKey("k");
+  for (int i = 0; i < 3; ++i) {  // reserved 2, then 4
+    REQUIRE(f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).ok());
+  }
+  SECTION("edited") {
+    EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0", limits);
+  }
+  SECTION("an older reservation put back, MAC and all") {
+    f.kms.reset();
+    f.store.reset();
+    const std::string older = f.dir.File("older.db");
+    std::filesystem::copy_file(Db(f), older);
+    f.Restart(limits);
+    for (int i = 0; i < 2; ++i) {  // reserved 6
+      REQUIRE(f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).ok());
+    }
+    EditWhileStopped(f,
+                     "ATTACH '" + older +
+                         "' AS old; UPDATE version_usage SET "
+                         "(encryptions_reserved, mac) = (SELECT encryptions_reserved, mac FROM "
+                         "old.version_usage)",
+                     limits);
+  }
+  const absl::Status refused =
+      f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
+  CHECK(absl::IsDataLoss(refused));
+  CHECK_THAT(std::string(refused.message()), Catch::Contains("usage:" + key->id + "/1"));
+}
+
+TEST_CASE("An approval inserted with SQL does not execute anything", "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  Proposal proposal;
+  proposal.operation = Operation::kScheduleKeyDeletion;
+  proposal.key = "k";
+  proposal.justification = "cleanup";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  EditWhileStopped(f, "INSERT INTO request_approvals VALUES ('" + request->id + "', '" +
+                          testing::kOfficer2 + "', 1800000000, 0);");
+  const std::string digest = RequestDigest(*request);  // what officer3 reviewed
+  CheckRefused(f.kms->Approve(f.officer3, request->id, digest).status(), "request:" + request->id,
+               "its MAC does not match");
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kEnabled);
+  absl::StatusOr<storage::RequestPage> listed = f.kms->ListRequests(f.officer, {}, 10, "");
+  REQUIRE(listed.ok());
+  CHECK_FALSE(listed->requests.at(0).integrity_problem.empty());
+  // The server's own sweep acts only on requests that pass: it neither expires nor reseals it.
+  f.clock.Advance(2 * policy::kDay);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(SqlQuery(Db(f), "SELECT state FROM requests WHERE id = '" + request->id + "'") == "1");
+}
+
+TEST_CASE("Observed time moved forward with SQL hastens no destruction", "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  OperationParams schedule;
+  schedule.deletion_waiting_days = 7;
+  ExecuteAs3(f, Operation::kScheduleKeyDeletion, "k", schedule);
+  REQUIRE(f.kms->RunMaintenance().ok());  // persists observed time
+  f.clock.StepWallClock(8 * policy::kDay);
+  EditWhileStopped(f, "UPDATE settings SET value = '99999999' WHERE name = 'observed_seconds'");
+  CHECK(absl::IsDataLoss(f.kms->RunMaintenance()));
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+}
+
+TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row is refused",
+          "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("old-key");
+  // Make the file look as an older custosd left it: no MACs, no record of any row.
+  EditWhileStopped(f,
+                   "DROP TRIGGER audit_log_append_only_delete; DELETE FROM audit_log; "
+                   "UPDATE keys SET mac = NULL; UPDATE settings SET mac = NULL;");
+  f.Restart();  // (the chain head is read again from the emptied log)
+  absl::StatusOr<uint64_t> sealed = f.kms->SealCatalog();
+  REQUIRE(sealed.ok());
+  CHECK(*sealed >= 1);
+  const std::vector<audit::Record> log = *f.store->ReadAudit(1, 100);
+  CHECK(std::any_of(log.begin(), log.end(), [&](const audit::Record& r) {
+    return r.action == "SealCatalogRow" && r.row == "key:" + key->id && r.row_digest.size() == 64;
+  }));
+  CHECK(f.kms->GenerateDataKey(f.app, "old-key", {}, 32, true).ok());
+  CHECK(*f.kms->SealCatalog() == 0);  // once only
+
+  EditWhileStopped(f, "UPDATE keys SET mac = NULL");
+  CHECK(*f.kms->SealCatalog() == 0);  // never sealed again...
+  CheckRefused(f.kms->GenerateDataKey(f.app, "old-key", {}, 32, true).status(), "key:" + key->id,
+               "it carries no MAC");  // ...so the unsealed row is refused
+}
+
+}  // namespace
+}  // namespace custos::core
