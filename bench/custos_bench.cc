@@ -202,17 +202,28 @@ class AppClients {
   std::atomic<long> acknowledged_ = 0;
 };
 
-// A key that the demo app may encrypt with, created by officer1 (no approval needed).
+// A key that the demo app may encrypt with: a grant, so proposed by officer1 and approved by
+// officer2 (the demo state's quorum of one).
 std::string CreateBenchKey(const CustosdProcess& server) {
-  pb::CreateKeyRequest request;
-  request.set_alias("bench-" + std::to_string(std::time(nullptr)) + "-" + std::to_string(getpid()));
-  request.set_description("custos_bench");
-  request.add_encrypt_principals(kAppPrincipal);
-  pb::KeyMetadata key;
+  pb::ProposeRequest proposal;
+  proposal.set_operation(pb::CREATE_KEY);
+  proposal.set_justification("custos_bench");
+  pb::CreateKeyRequest* key = proposal.mutable_create_key();
+  key->set_alias("bench-" + std::to_string(std::time(nullptr)) + "-" + std::to_string(getpid()));
+  key->set_description("custos_bench");
+  key->add_encrypt_principals(kAppPrincipal);
+  pb::ChangeRequest proposed;
   Check(pb::AdminService::NewStub(server.Channel("officer1"))
-            ->CreateKey(Context().get(), request, &key),
-        "CreateKey");
-  return key.key_id();
+            ->Propose(Context().get(), proposal, &proposed),
+        "Propose(CreateKey)");
+  pb::ApproveRequest approval;
+  approval.set_request_id(proposed.request_id());
+  approval.set_digest(proposed.digest());
+  pb::ChangeRequest executed;
+  Check(pb::AdminService::NewStub(server.Channel("officer2"))
+            ->Approve(Context().get(), approval, &executed),
+        "Approve(CreateKey)");
+  return executed.key_id();
 }
 
 // The audit log's head: the seq of its latest record (GetCheckpoint signs one if needed).

@@ -53,10 +53,14 @@ absl::StatusOr<KeyRef> Kms::FindKey(std::string_view key) const {
 }
 
 absl::StatusOr<KeyRef> Kms::KeyForEncryption(Call& call, std::string_view key_name) const {
-  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(key_name));
+  absl::StatusOr<KeyRef> found = FindKey(key_name);
+  if (absl::IsNotFound(found.status())) {
+    return policy::NoGrant(call.caller().principal, KeyUse::kEncrypt, key_name);
+  }
+  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, std::move(found));
   call.SetKey(*key, key->primary_version);
   CUSTOS_RETURN_IF_ERROR(
-      policy::CheckGrant(key->encrypt_grants, call.caller().principal, KeyUse::kEncrypt, key->id));
+      policy::CheckGrant(key->encrypt_grants, call.caller().principal, KeyUse::kEncrypt, key_name));
   CUSTOS_RETURN_IF_ERROR(CheckEnabled(*key));
   return key;
 }
@@ -88,10 +92,8 @@ absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> 
   CUSTOS_ASSIGN_OR_RETURN(ParsedBlob parsed, ParseBlob(blob));
   const std::string key_id = FormatKeyId(parsed.header.key_id);
   absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
-  if (key.status().code() == absl::StatusCode::kNotFound) {
-    return absl::InvalidArgumentError(
-        "ciphertext blob names a key this server does not hold; it is corrupted or was made by "
-        "another Custos deployment");
+  if (absl::IsNotFound(key.status())) {
+    return policy::NoGrant(call.caller().principal, KeyUse::kDecrypt, key_id);
   }
   if (!key.ok()) return key.status();
   call.SetKey(**key, parsed.header.key_version);
@@ -207,13 +209,22 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
   Call call(*this, caller, Action::kCreateKey);
   return call.Finish([&]() -> absl::StatusOr<KeyRef> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    if (const int approvals = ApprovalsFor(policy::Operation::kCreateKey); approvals > 0) {
-      return absl::FailedPreconditionError(
-          StrCat("creating a key needs ", approvals,
-                 " other officer(s) to approve under this server's dual-control config; "
-                 "propose it with Propose(CreateKey)"));
-    }
     CUSTOS_RETURN_IF_ERROR(ValidateCreate(params));
+    OperationParams proposal;
+    proposal.create = params;
+    if (const int approvals = ApprovalsFor(policy::Operation::kCreateKey, proposal);
+        approvals > 0) {
+      const bool grants =
+          approvals > options_.dual_control.ApprovalsFor(policy::Operation::kCreateKey);
+      return absl::FailedPreconditionError(
+          grants ? StrCat("creating a key that grants use of it needs ", approvals,
+                          " other officer(s) to approve, as UpdateKeyGrants does; propose it "
+                          "with Propose(CreateKey), or create it without grants and propose "
+                          "UpdateKeyGrants")
+                 : StrCat("creating a key needs ", approvals,
+                          " other officer(s) to approve under this server's dual-control "
+                          "config; propose it with Propose(CreateKey)"));
+    }
     std::lock_guard lock(requests_mu_);
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
@@ -268,12 +279,13 @@ absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
     }
     page_token = page.next_page_token;
   } while (!page_token.empty());
+  // Recorded first: a policy nobody could record never takes effect (the old one stays).
   const std::string detail = StrCat("policy sha256=", policy->sha256_hex());
-  {
-    std::lock_guard lock(policy_mu_);
-    policy_ = std::move(policy);
-  }
-  return Commit({}, {ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk, detail)});
+  CUSTOS_RETURN_IF_ERROR(
+      Commit({}, {ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk, detail)}));
+  std::lock_guard lock(policy_mu_);
+  policy_ = std::move(policy);
+  return absl::OkStatus();
 }
 
 }  // namespace custos::core

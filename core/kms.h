@@ -183,7 +183,7 @@ class Kms {
   // it. Propose validates the operation against the key as it is now; FAILED_PRECONDITION if
   // the key's state does not allow it or the key already has a pending request (one change at
   // a time per key, so two requests can never both act on stale state). An operation needing
-  // no approval (CreateKey, by default) executes at once.
+  // no approval (CreateKey without grants, by default) executes at once.
   absl::StatusOr<Request> Propose(const Caller& caller, const Proposal& proposal);
   // Records the caller's approval; at quorum the request executes exactly once, in the same
   // transaction that records the approval. `expected_digest` must equal RequestDigest() of
@@ -261,10 +261,12 @@ class Kms {
   absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpoints(const Caller& caller,
                                                                  uint64_t from_seq, size_t limit);
 
-  // Approvals needed for `operation` under this server's config.
-  int ApprovalsFor(policy::Operation operation) const {
-    return options_.dual_control.ApprovalsFor(operation);
-  }
+  // Approvals needed for `operation` with `params` under this server's config. A CreateKey
+  // that grants anything needs UpdateKeyGrants's quorum as well as its own: granting is a
+  // change to who may use a key, whichever request makes it.
+  int ApprovalsFor(policy::Operation operation, const OperationParams& params) const;
+  // The same for a stored request (its parameters decoded; 0 if they cannot be).
+  int ApprovalsFor(const Request& request) const;
 
  private:
   class Call;

@@ -100,7 +100,9 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
                    other.operation, "); approve, reject or let it expire first"));
       }
     }
-    if (ApprovalsFor(proposal.operation) == 0) return Execute(call, request, proposal.params);
+    if (ApprovalsFor(proposal.operation, proposal.params) == 0) {
+      return Execute(call, request, proposal.params);
+    }
     storage::WriteBatch batch;
     batch.requests.push_back(request);
     call.event().row = storage::RequestRowName(request.id);
@@ -160,27 +162,56 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
         request.approvals.begin(), request.approvals.end(), [&](const storage::Approval& a) {
           return policy->RoleOf(a.principal) == policy::Role::kOfficer;
         }));
-    if (valid < ApprovalsFor(*operation)) {
+    CUSTOS_ASSIGN_OR_RETURN(OperationParams params, DecodeParams(*operation, request.parameters));
+    if (valid < ApprovalsFor(*operation, params)) {
       storage::WriteBatch batch;
       batch.requests.push_back(request);
       call.event().row = storage::RequestRowName(request.id);
       CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
       return request;
     }
-    CUSTOS_ASSIGN_OR_RETURN(OperationParams params, DecodeParams(*operation, request.parameters));
     return Execute(call, std::move(request), params);
   }());
+}
+
+int Kms::ApprovalsFor(Operation operation, const OperationParams& params) const {
+  const policy::DualControlConfig& config = options_.dual_control;
+  const bool grants =
+      !params.create.encrypt_principals.empty() || !params.create.decrypt_principals.empty();
+  if (operation == Operation::kCreateKey && grants) {
+    return std::max(config.ApprovalsFor(operation),
+                    config.ApprovalsFor(Operation::kUpdateKeyGrants));
+  }
+  return config.ApprovalsFor(operation);
+}
+
+int Kms::ApprovalsFor(const Request& request) const {
+  const std::optional<Operation> operation = policy::ParseOperation(request.operation);
+  if (!operation) return 0;
+  const absl::StatusOr<OperationParams> params = DecodeParams(*operation, request.parameters);
+  return params.ok() ? ApprovalsFor(*operation, *params)
+                     : options_.dual_control.ApprovalsFor(*operation);
 }
 
 absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const OperationParams& params) {
   const Operation operation = *policy::ParseOperation(request.operation);
   storage::WriteBatch batch;
   absl::StatusOr<KeyRecord> changed = absl::InternalError("unset");
-  if (operation == Operation::kReAnchorAuditLog) return ReAnchor(call, std::move(request));
-  CUSTOS_RETURN_IF_ERROR(ServingAllowed(operation));
-  if (operation == Operation::kRotateRootKey) return RotateRoot(call, std::move(request));
-  if (operation == Operation::kCreateKey) {
-    changed = NewKey({request.proposer, call.caller().peer}, params.create);
+  // Checked again now, against the policy as it is: the proposer may have lost the role, or a
+  // grantee stopped being an app, since the proposal.
+  if (CurrentPolicy()->RoleOf(request.proposer) != policy::Role::kOfficer) {
+    changed = absl::FailedPreconditionError(
+        StrCat("its proposer '", request.proposer, "' is no longer an officer"));
+  } else if (operation == Operation::kReAnchorAuditLog) {
+    return ReAnchor(call, std::move(request));
+  } else if (const absl::Status serving = ServingAllowed(operation); !serving.ok()) {
+    return serving;
+  } else if (operation == Operation::kRotateRootKey) {
+    return RotateRoot(call, std::move(request));
+  } else if (operation == Operation::kCreateKey) {
+    const absl::Status valid = ValidateCreate(params.create);
+    changed = valid.ok() ? NewKey({request.proposer, call.caller().peer}, params.create)
+                         : absl::StatusOr<KeyRecord>(valid);
   } else {
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(request.key_id));
     changed = Applied(*key, operation, params);

@@ -26,9 +26,10 @@ cat <<MSG
 custosd is starting on $listen with state in $state (Ctrl-C stops it).
 In another terminal, from $(pwd):
 
-  # an officer creates a key the demo app may use
-  $ctl --as officer1 create-key --alias billing \\
+  # an officer proposes a key the demo app may use; another officer approves it
+  $ctl --as officer1 propose create-key --alias billing --justification "billing DB TDE" \\
       --encrypt spiffe://custos.local/app/demo --decrypt spiffe://custos.local/app/demo
+  $ctl --as officer2 approve <request_id> --digest <digest>
 
   # the app gets a data key bound to an encryption context, then decrypts its blob
   $ctl --as app generate-data-key --key billing --context table=patients

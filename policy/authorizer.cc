@@ -101,11 +101,15 @@ std::string_view KeyUseName(KeyUse use) {
 }
 
 absl::Status CheckGrant(const std::set<std::string>& grants, std::string_view principal, KeyUse use,
-                        std::string_view key_id) {
+                        std::string_view key_name) {
   if (grants.count(std::string(principal)) > 0) return absl::OkStatus();
-  return absl::PermissionDeniedError(absl::StrCat("principal '", std::string(principal),
-                                                  "' has no ", std::string(KeyUseName(use)),
-                                                  " grant on key '", std::string(key_id), "'"));
+  return NoGrant(principal, use, key_name);
+}
+
+absl::Status NoGrant(std::string_view principal, KeyUse use, std::string_view key_name) {
+  return absl::PermissionDeniedError(
+      absl::StrCat("principal '", std::string(principal), "' has no ", std::string(KeyUseName(use)),
+                   " grant on key '", std::string(key_name), "', or no such key exists"));
 }
 
 }  // namespace custos::policy

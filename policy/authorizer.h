@@ -42,9 +42,12 @@ absl::Status AuthorizeRole(Role role, Action action);
 enum class KeyUse { kEncrypt, kDecrypt };
 std::string_view KeyUseName(KeyUse use);
 
-// OK if `principal` is in `grants`; PERMISSION_DENIED naming the principal, the use and the
-// key otherwise.
+// OK if `principal` is in `grants`; NoGrant otherwise.
 absl::Status CheckGrant(const std::set<std::string>& grants, std::string_view principal, KeyUse use,
-                        std::string_view key_id);
+                        std::string_view key_name);
+// PERMISSION_DENIED naming the principal, the use and the key as the caller named it. Also the
+// answer for a key that does not exist: an app cannot tell the two apart, so it cannot learn
+// which keys exist.
+absl::Status NoGrant(std::string_view principal, KeyUse use, std::string_view key_name);
 
 }  // namespace custos::policy

@@ -70,6 +70,7 @@ void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out,
   out->set_deletion_time(key.deletion_due_at);
   out->set_destroy_time(key.destroyed_at);
   out->set_rotation_period_days(static_cast<uint32_t>(key.rotation_period_seconds / policy::kDay));
+  out->set_integrity_problem(key.integrity_problem);
 }
 
 // custos.v1.Operation <-> policy::Operation, by position in one table.
@@ -83,7 +84,7 @@ constexpr std::pair<pb::Operation, policy::Operation> kOperations[] = {
     {pb::UPDATE_KEY_GRANTS, policy::Operation::kUpdateKeyGrants},
     {pb::SET_MIN_DECRYPT_VERSION, policy::Operation::kSetMinDecryptVersion},
     {pb::ROTATE_ROOT_KEY, policy::Operation::kRotateRootKey},
-    {pb::REANCHOR_AUDIT_LOG, policy::Operation::kReAnchorAuditLog},
+    {pb::RE_ANCHOR_AUDIT_LOG, policy::Operation::kReAnchorAuditLog},
 };
 
 std::optional<policy::Operation> FromProto(pb::Operation operation) {
@@ -133,6 +134,7 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
   out->set_reason(request.reason);
   out->set_close_time(request.closed_at);
   out->set_digest(core::RequestDigest(request));
+  out->set_integrity_problem(request.integrity_problem);
 }
 
 // A call without a usable identity is refused, and the refusal recorded (fail closed: the
@@ -302,7 +304,7 @@ grpc::Status AdminServiceImpl::Propose(grpc::ServerContext* context,
   proposal.params.deletion_waiting_days = request->deletion_waiting_days();
   absl::StatusOr<core::Request> proposed = kms_->Propose(*caller, proposal);
   if (!proposed.ok()) return ToGrpcStatus(proposed.status());
-  FillRequest(*proposed, kms_->ApprovalsFor(*operation), response);
+  FillRequest(*proposed, kms_->ApprovalsFor(*proposed), response);
   return grpc::Status::OK;
 }
 
@@ -313,7 +315,7 @@ grpc::Status AdminServiceImpl::Approve(grpc::ServerContext* context,
   absl::StatusOr<core::Request> approved =
       kms_->Approve(*caller, request->request_id(), request->digest());
   if (!approved.ok()) return ToGrpcStatus(approved.status());
-  FillRequest(*approved, ApprovalsFor(*approved), response);
+  FillRequest(*approved, kms_->ApprovalsFor(*approved), response);
   return grpc::Status::OK;
 }
 
@@ -324,7 +326,7 @@ grpc::Status AdminServiceImpl::Reject(grpc::ServerContext* context,
   absl::StatusOr<core::Request> rejected =
       kms_->Reject(*caller, request->request_id(), request->reason());
   if (!rejected.ok()) return ToGrpcStatus(rejected.status());
-  FillRequest(*rejected, ApprovalsFor(*rejected), response);
+  FillRequest(*rejected, kms_->ApprovalsFor(*rejected), response);
   return grpc::Status::OK;
 }
 
@@ -334,7 +336,7 @@ grpc::Status AdminServiceImpl::GetRequest(grpc::ServerContext* context,
   CUSTOS_CALLER_OR_RETURN(caller, context);
   absl::StatusOr<core::Request> found = kms_->GetRequest(*caller, request->request_id());
   if (!found.ok()) return ToGrpcStatus(found.status());
-  FillRequest(*found, ApprovalsFor(*found), response);
+  FillRequest(*found, kms_->ApprovalsFor(*found), response);
   return grpc::Status::OK;
 }
 
@@ -352,15 +354,10 @@ grpc::Status AdminServiceImpl::ListRequests(grpc::ServerContext* context,
       kms_->ListRequests(*caller, filter, page_size, request->page_token());
   if (!page.ok()) return ToGrpcStatus(page.status());
   for (const core::Request& r : page->requests) {
-    FillRequest(r, ApprovalsFor(r), response->add_requests());
+    FillRequest(r, kms_->ApprovalsFor(r), response->add_requests());
   }
   response->set_next_page_token(page->next_page_token);
   return grpc::Status::OK;
-}
-
-int AdminServiceImpl::ApprovalsFor(const core::Request& request) const {
-  const std::optional<policy::Operation> operation = policy::ParseOperation(request.operation);
-  return operation ? kms_->ApprovalsFor(*operation) : 0;
 }
 
 grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,

@@ -56,8 +56,6 @@ class AdminServiceImpl final : public custos::v1::AdminService::Service {
                             custos::v1::ListRequestsResponse* response) override;
 
  private:
-  int ApprovalsFor(const core::Request& request) const;
-
   core::Kms* kms_;
 };
 

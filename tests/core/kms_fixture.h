@@ -10,6 +10,7 @@
 
 #include "core/hsm_row_authenticator.h"
 #include "core/kms.h"
+#include "core/operation_params.h"
 #include "hsm/faulty_hsm.h"
 #include "hsm/pkcs11_hsm.h"
 #include "tests/support/softhsm_token.h"
@@ -122,12 +123,33 @@ struct Fixture {
     Start(*policy::Policy::Parse(kPolicy), policy::DualControlConfig::Defaults(), limits);
   }
 
-  KeyRef NewKey(const std::string& alias) {
+  // A key nobody may use yet: one officer creates it, no approval needed.
+  KeyRef NewKeyWithoutGrants(const std::string& alias) {
     CreateKeyParams params;
     params.alias = alias;
-    params.encrypt_principals = {kApp};
-    params.decrypt_principals = {kApp};
     absl::StatusOr<KeyRef> key = kms->CreateKey(officer, params);
+    REQUIRE(key.ok());
+    return *key;
+  }
+
+  // A key the app may use, created as a key with grants must be: proposed by one officer and
+  // approved by as many others as the quorum needs.
+  KeyRef NewKey(const std::string& alias) {
+    Proposal proposal;
+    proposal.operation = policy::Operation::kCreateKey;
+    proposal.params.create.alias = alias;
+    proposal.params.create.encrypt_principals = {kApp};
+    proposal.params.create.decrypt_principals = {kApp};
+    proposal.justification = "a key for the app";
+    absl::StatusOr<Request> request = kms->Propose(officer, proposal);
+    REQUIRE(request.ok());
+    for (const Caller* approver : {&officer2, &officer3}) {
+      if (request->state != storage::RequestState::kPending) break;
+      request = kms->Approve(*approver, request->id, RequestDigest(*request));
+      REQUIRE(request.ok());
+    }
+    REQUIRE(request->state == storage::RequestState::kExecuted);
+    absl::StatusOr<KeyRef> key = store->GetKey(request->key_id);
     REQUIRE(key.ok());
     return *key;
   }

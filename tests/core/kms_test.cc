@@ -24,7 +24,15 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
   CHECK(absl::IsPermissionDenied(f.kms->Decrypt(f.officer, dk->ciphertext_blob, {}).status()));
 
   std::vector<audit::Event> events = f.sink.events();
-  REQUIRE(events.size() == 5);
+  REQUIRE(events.size() == 8);
+  // A key with grants is a request: proposed, approved twice, then created by the server.
+  CHECK(events[0].action == "Propose");
+  CHECK(events[0].principal == kOfficer);
+  CHECK(events[1].action == "Approve");
+  CHECK(events[2].action == "Approve");
+  CHECK(events[2].request_id == events[0].request_id);
+  CHECK(events[3].request_id == events[0].request_id);
+  events.erase(events.begin(), events.begin() + 3);
   // The first encryption under a version reserves a block of its GCM budget, recorded too.
   CHECK(events[1].action == "ReserveEncryptions");
   CHECK(events[1].principal == kServerPrincipal);
@@ -35,8 +43,8 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
   events.erase(events.begin() + 1);
   CHECK(events[0].action == "CreateKey");
   CHECK(events[0].row == "key:" + key->id);
-  CHECK(events[0].principal == kOfficer);
-  CHECK(events[0].role == "officer");
+  CHECK(events[0].principal == kServerPrincipal);
+  CHECK(events[0].role == "server");
   CHECK(events[0].key_id == key->id);
   CHECK(events[0].key_version == 1);
   CHECK(events[0].outcome == absl::StatusCode::kOk);
@@ -159,17 +167,18 @@ TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") 
   const KeyRef key = f.NewKey("chain");
   REQUIRE(f.kms->GenerateDataKey(f.app, "chain", {{"mrn", "448812"}}, 32, true).ok());
   std::vector<audit::Record> rows = *f.store->ReadAudit(1, 100);
-  REQUIRE(rows.size() == 3);
-  CHECK(rows[1].action == "ReserveEncryptions");
-  CHECK(rows[1].row == "usage:" + key->id + "/1");
-  CHECK(rows[1].row_digest.size() == 64);
-  CHECK(rows[0].row == "key:" + key->id);
-  CHECK(rows[0].row_digest.size() == 64);
+  REQUIRE(rows.size() == 6);  // Propose, Approve, Approve, CreateKey, Reserve..., Generate...
   Bytes prev(32, 0);
   for (const audit::Record& row : rows) {
     CHECK(audit::ChainHash(prev, row) == row.hash);
     prev = row.hash;
   }
+  rows.erase(rows.begin(), rows.begin() + 3);
+  CHECK(rows[1].action == "ReserveEncryptions");
+  CHECK(rows[1].row == "usage:" + key->id + "/1");
+  CHECK(rows[1].row_digest.size() == 64);
+  CHECK(rows[0].row == "key:" + key->id);
+  CHECK(rows[0].row_digest.size() == 64);
   rows.erase(rows.begin() + 1);
   CHECK(rows[0].action == "CreateKey");
   CHECK(rows[1].action == "GenerateDataKey");
@@ -226,17 +235,27 @@ TEST_CASE("Every checkpoint_every records wake maintenance to sign a checkpoint"
   Fixture f;
   f.checkpoint_every = 3;
   f.Start(*policy::Policy::Parse(testing::kPolicy), policy::DualControlConfig::Defaults(), {});
-  f.NewKey("k");  // record 1
+  f.NewKeyWithoutGrants("k");  // record 1
+  // Granting the app use: the proposal is record 2, the first approval record 3.
+  Proposal grant;
+  grant.operation = policy::Operation::kUpdateKeyGrants;
+  grant.key = "k";
+  grant.params.encrypt_principals = {kApp};
+  grant.justification = "the app needs it";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, grant);
+  REQUIRE(request.ok());
   CHECK(f.maintenance_wakes == 0);
-  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // a reservation: records 2, 3
+  request = f.kms->Approve(f.officer2, request->id, RequestDigest(*request));
+  REQUIRE(request.ok());
   CHECK(f.maintenance_wakes == 1);
-  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());  // due already: no new wake
+  // The second approval and the execution, records 4 and 5: due already, no new wake.
+  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
   CHECK(f.maintenance_wakes == 1);
   REQUIRE(f.kms->Checkpoint().ok());
-  CHECK(f.store->LatestCheckpoint().value()->seq == 4);
+  CHECK(f.store->LatestCheckpoint().value()->seq == 5);
+  // A reservation and an encryption, records 6 and 7: the count starts again from there.
   REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
-  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
-  CHECK(f.maintenance_wakes == 1);  // the count starts again from the checkpoint
+  CHECK(f.maintenance_wakes == 1);
   REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
   CHECK(f.maintenance_wakes == 2);
 }
@@ -261,7 +280,7 @@ TEST_CASE("Checkpoint signs the log's head", "[kms][audit]") {
   CHECK_THAT(read->public_key_pem, Catch::StartsWith("-----BEGIN PUBLIC KEY-----"));
   CHECK(absl::IsPermissionDenied(f.kms->LatestCheckpoint(f.officer).status()));
   CHECK(absl::IsPermissionDenied(f.kms->ReadAudit(f.app, 1, 10).status()));
-  CHECK(f.kms->ReadAudit(f.auditor, 1, 10)->front().action == "CreateKey");
+  CHECK(f.kms->ReadAudit(f.auditor, 1, 10)->front().action == "Propose");
 }
 
 }  // namespace

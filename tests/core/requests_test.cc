@@ -411,6 +411,148 @@ TEST_CASE("Key creation follows the configured quorum", "[requests]") {
   CHECK(done->key_id == key->id);
 }
 
+TEST_CASE("A key that grants use needs the grants' quorum to be created", "[requests][insider]") {
+  Fixture f;  // defaults: CreateKey needs no approval, UpdateKeyGrants needs 2
+  CreateKeyParams params;
+  params.alias = "granted";
+  params.decrypt_principals = {testing::kApp};
+  // One officer cannot create a key a colluding app may read.
+  absl::StatusOr<KeyRef> direct = f.kms->CreateKey(f.officer, params);
+  CHECK(absl::IsFailedPrecondition(direct.status()));
+  CHECK(direct.status().message() ==
+        "creating a key that grants use of it needs 2 other officer(s) to approve, as "
+        "UpdateKeyGrants does; propose it with Propose(CreateKey), or create it without grants "
+        "and propose UpdateKeyGrants");
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("granted").status()));
+  CHECK(f.sink.events().back().outcome == absl::StatusCode::kFailedPrecondition);
+  // Without grants it needs none.
+  f.NewKeyWithoutGrants("bare");
+
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create = params;
+  const Request request = *f.kms->Propose(f.officer, create);
+  CHECK(request.state == RequestState::kPending);
+  CHECK(f.kms->ApprovalsFor(request) == 2);
+  const Request one = *f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id));
+  CHECK(one.state == RequestState::kPending);
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("granted").status()));
+  const Request done = *f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(done.state == RequestState::kExecuted);
+  const KeyRef key = *f.store->FindKeyByAlias("granted");
+  CHECK(key->decrypt_grants == std::set<std::string>{testing::kApp});
+  CHECK(key->created_by == testing::kOfficer);
+}
+
+TEST_CASE("A key with grants needs the larger of the two quorums", "[requests]") {
+  policy::DualControlConfig config = policy::DualControlConfig::Defaults();
+  config.approvals[Operation::kUpdateKeyGrants] = 1;
+  Fixture f(config);
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = "granted-once";
+  create.params.create.encrypt_principals = {testing::kApp};
+  const Request once = *f.kms->Propose(f.officer, create);
+  CHECK(f.kms->ApprovalsFor(once) == 1);
+  CHECK(f.kms->Approve(f.officer2, once.id, RequestDigest(once))->state == RequestState::kExecuted);
+  config.approvals[Operation::kCreateKey] = 2;
+  f.Start(*policy::Policy::Parse(testing::kPolicy), config, {});
+  create.params.create.alias = "granted-twice";
+  CHECK(f.kms->ApprovalsFor(*f.kms->Propose(f.officer, create)) == 2);
+}
+
+TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  // The proposer leaves; four officers remain so every quorum stays reachable.
+  REQUIRE(f.kms
+              ->ReplacePolicy(*policy::Policy::Parse(
+                  "[roles]\napp = [\"spiffe://t/app/a\"]\nauditor = [\"spiffe://t/officer/o\"]\n"
+                  "officer = [\"spiffe://t/officer/o2\", \"spiffe://t/officer/o3\", "
+                  "\"spiffe://t/officer/o4\"]\n"))
+              .ok());
+  absl::StatusOr<Request> executed =
+      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsFailedPrecondition(executed.status()));
+  CHECK(executed.status().message() ==
+        "request " + request.id +
+            " reached its quorum but could not execute: its proposer 'spiffe://t/officer/o' is "
+            "no longer an officer");
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kFailed);
+  CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
+}
+
+TEST_CASE("A key request is checked again at quorum against the policy then", "[requests]") {
+  Fixture f;
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = "later";
+  create.params.create.encrypt_principals = {testing::kApp};
+  const Request request = *f.kms->Propose(f.officer, create);
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  // The grantee is no longer an app when the last approval arrives.
+  REQUIRE(f.kms
+              ->ReplacePolicy(*policy::Policy::Parse(
+                  "[roles]\nofficer = [\"spiffe://t/officer/o\", \"spiffe://t/officer/o2\", "
+                  "\"spiffe://t/officer/o3\"]\n"))
+              .ok());
+  absl::StatusOr<Request> executed =
+      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsFailedPrecondition(executed.status()));
+  CHECK_THAT(std::string(executed.status().message()),
+             Catch::EndsWith("principal 'spiffe://t/app/a' in encrypt_principals is not an app "
+                             "in the policy; only apps may be granted use of a key"));
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("later").status()));
+}
+
+TEST_CASE("A policy that cannot be recorded never takes effect", "[policy][audit]") {
+  Fixture f;
+  f.NewKey("k");
+  const auto without_app = *policy::Policy::Parse(
+      "[roles]\nofficer = [\"spiffe://t/officer/o\", \"spiffe://t/officer/o2\", "
+      "\"spiffe://t/officer/o3\"]\n");
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(absl::IsUnavailable(f.kms->ReplacePolicy(without_app)));
+  f.store->InjectWriteFault(absl::OkStatus());
+  // The app is still an app: the old policy is in force.
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.store->ReadAudit(1, 100)->back().action == "GenerateDataKey");
+}
+
+TEST_CASE("An app cannot tell a key that does not exist from one it may not use",
+          "[requests][authz]") {
+  Fixture f;
+  f.NewKey("mine");
+  f.NewKeyWithoutGrants("theirs");
+  const std::string theirs_id = (*f.store->FindKeyByAlias("theirs"))->id;
+  for (const std::string name : {"theirs", "nothing-here"}) {
+    const absl::Status refused = f.kms->GenerateDataKey(f.app, name, {}, 32, true).status();
+    CHECK(absl::IsPermissionDenied(refused));
+    CHECK(refused.message() == "principal 'spiffe://t/app/a' has no encrypt grant on key '" + name +
+                                   "', or no such key exists");
+  }
+  const std::string unknown_id = "0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00";
+  CHECK(f.kms->GenerateDataKey(f.app, unknown_id, {}, 32, true).status() ==
+        policy::NoGrant(testing::kApp, policy::KeyUse::kEncrypt, unknown_id));
+  CHECK(f.kms->GenerateDataKey(f.app, theirs_id, {}, 32, true).status() ==
+        policy::NoGrant(testing::kApp, policy::KeyUse::kEncrypt, theirs_id));
+
+  // A blob naming a key the app may not decrypt with, and the same blob naming a key that
+  // does not exist: one answer, naming the key id the blob carries.
+  Bytes blob = Blob(f, "mine");
+  const std::string mine_id = (*f.store->FindKeyByAlias("mine"))->id;
+  Proposal revoke = Propose(Operation::kUpdateKeyGrants, "mine");
+  revoke.params.encrypt_principals = {testing::kApp};
+  Execute(f, revoke);
+  CHECK(f.kms->Decrypt(f.app, blob, {}).status() ==
+        policy::NoGrant(testing::kApp, policy::KeyUse::kDecrypt, mine_id));
+  blob[5] ^= 0x01;  // inside the key id
+  const absl::Status unknown = f.kms->Decrypt(f.app, blob, {}).status();
+  CHECK(absl::IsPermissionDenied(unknown));
+  CHECK_THAT(std::string(unknown.message()),
+             Catch::StartsWith("principal 'spiffe://t/app/a' has no decrypt grant on key '"));
+  CHECK_THAT(std::string(unknown.message()), Catch::EndsWith("', or no such key exists"));
+}
+
 TEST_CASE("Dual control never fails open", "[requests][config]") {
   policy::DualControlConfig config = policy::DualControlConfig::Defaults();
   CHECK(config.Validate().ok());

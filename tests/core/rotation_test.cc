@@ -142,7 +142,6 @@ TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[r
   Fixture f;
   CreateKeyParams params;
   params.alias = "periodic";
-  params.encrypt_principals = {testing::kApp};
   params.rotation_period_days = 90;
   absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
   REQUIRE(key.ok());

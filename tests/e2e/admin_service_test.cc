@@ -15,8 +15,6 @@ TEST_CASE("CreateKey returns the key's metadata and DescribeKey finds it", "[e2e
   req.set_alias(UniqueAlias("billing"));
   req.set_description("billing database TDE");
   (*req.mutable_tags())["owner"] = "finance";
-  req.add_encrypt_principals(kAppPrincipal);
-  req.add_decrypt_principals(kAppPrincipal);
   pb::KeyMetadata created;
   REQUIRE(admin->CreateKey(Context().get(), req, &created).ok());
   CHECK(created.key_id().size() == 36);
@@ -28,8 +26,9 @@ TEST_CASE("CreateKey returns the key's metadata and DescribeKey finds it", "[e2e
   CHECK(created.primary_version() == 1);
   REQUIRE(created.versions_size() == 1);
   CHECK(created.versions(0).version() == 1);
-  CHECK(created.encrypt_principals(0) == kAppPrincipal);
-  CHECK(created.decrypt_principals(0) == kAppPrincipal);
+  CHECK(created.encrypt_principals().empty());
+  CHECK(created.decrypt_principals().empty());
+  CHECK(created.integrity_problem().empty());
 
   // Another officer sees the same key, by id and by alias.
   auto other = server.Admin("officer2");
@@ -68,6 +67,14 @@ TEST_CASE("CreateKey refuses bad input and changes nothing", "[e2e][admin]") {
   cases.push_back(
       {"grant to a stranger", {}, StatusCode::INVALID_ARGUMENT, "is not an app in the policy"});
   cases.back().req.add_encrypt_principals("spiffe://custos.local/app/unknown");
+  // One officer alone cannot create a key an app may use: that is a grant, under dual control.
+  cases.push_back({"grant without approval",
+                   {},
+                   StatusCode::FAILED_PRECONDITION,
+                   "creating a key that grants use of it needs 1 other officer(s) to approve, "
+                   "as UpdateKeyGrants does; propose it with Propose(CreateKey)"});
+  cases.back().req.set_alias(UniqueAlias("granted"));
+  cases.back().req.add_decrypt_principals(kAppPrincipal);
   for (const Case& c : cases) {
     INFO(c.name);
     pb::KeyMetadata reply;

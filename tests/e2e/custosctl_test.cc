@@ -11,11 +11,24 @@ namespace {
 TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e][ctl]") {
   CustosServer& server = CustosServer::Shared();
   const std::string alias = UniqueAlias("ctl");
-  Output created = Ctl(server, "officer1",
-                       "create-key --alias " + alias + " --tag owner=ops --encrypt " +
-                           kAppPrincipal + " --decrypt " + kAppPrincipal);
+  const std::string key_args = "--alias " + alias + " --tag owner=ops --encrypt " +
+                               std::string(kAppPrincipal) + " --decrypt " + kAppPrincipal;
+  // A key the app may use is a grant: one officer cannot make it alone.
+  Output alone = Ctl(server, "officer1", "create-key " + key_args);
+  CHECK(alone.exit_code == 2);
+  CHECK_THAT(alone.text, Catch::StartsWith("error: FAILED_PRECONDITION: creating a key that "
+                                           "grants use of it needs 1 other officer(s)"));
+  Output proposed =
+      Ctl(server, "officer1", "propose create-key " + key_args + " --justification 'TDE key'");
+  INFO(proposed.text);
+  REQUIRE(proposed.exit_code == 0);
+  CHECK(Field(proposed.text, "state") == "PENDING");
+  Output created = Ctl(server, "officer2",
+                       "approve " + Field(proposed.text, "request_id") + " --digest " +
+                           Field(proposed.text, "digest"));
   INFO(created.text);
   REQUIRE(created.exit_code == 0);
+  CHECK(Field(created.text, "state") == "EXECUTED");
   const std::string key_id = Field(created.text, "key_id");
   CHECK(key_id.size() == 36);
 

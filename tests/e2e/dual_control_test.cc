@@ -138,9 +138,12 @@ TEST_CASE("Rejected and unknown requests change nothing", "[e2e][dual]") {
   list.set_key(alias);
   pb::ListRequestsResponse listed;
   REQUIRE(server.Admin("officer1")->ListRequests(Context().get(), list, &listed).ok());
-  REQUIRE(listed.requests_size() == 1);
+  REQUIRE(listed.requests_size() == 2);  // newest first; the key's creation was a request too
   CHECK(listed.requests(0).request_id() == proposed.request_id());
   CHECK(listed.requests(0).state() == pb::REJECTED);
+  CHECK(listed.requests(1).operation() == pb::CREATE_KEY);
+  CHECK(listed.requests(1).state() == pb::EXECUTED);
+  CHECK(listed.requests(1).approvals_required() == 1);
   list.set_state(pb::PENDING);
   REQUIRE(server.Admin("officer1")->ListRequests(Context().get(), list, &listed).ok());
   CHECK(listed.requests_size() == 0);

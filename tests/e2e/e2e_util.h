@@ -55,16 +55,42 @@ inline std::string Field(const std::string& json, const std::string& field) {
   return json.substr(start + key.size(), end - start - key.size());
 }
 
-// Creates a key as officer1; REQUIREs success.
+// Creates a key as officer1; REQUIREs success. A key that grants anything is a request
+// (proposed by officer1, approved by officer2, as the state's quorum of one needs); a key
+// without grants is created at once.
 inline pb::KeyMetadata CreateKey(CustosServer& server, const std::string& alias, bool encrypt_grant,
                                  bool decrypt_grant) {
   pb::CreateKeyRequest req;
   req.set_alias(alias);
   req.set_description("e2e key " + alias);
+  pb::KeyMetadata key;
+  if (!encrypt_grant && !decrypt_grant) {
+    grpc::Status status = server.Admin("officer1")->CreateKey(Context().get(), req, &key);
+    INFO(status.error_message());
+    REQUIRE(status.ok());
+    return key;
+  }
   if (encrypt_grant) req.add_encrypt_principals(kAppPrincipal);
   if (decrypt_grant) req.add_decrypt_principals(kAppPrincipal);
-  pb::KeyMetadata key;
-  grpc::Status status = server.Admin("officer1")->CreateKey(Context().get(), req, &key);
+  pb::ProposeRequest proposal;
+  proposal.set_operation(pb::CREATE_KEY);
+  proposal.set_justification("e2e key for the app");
+  *proposal.mutable_create_key() = req;
+  pb::ChangeRequest proposed;
+  grpc::Status status = server.Admin("officer1")->Propose(Context().get(), proposal, &proposed);
+  INFO(status.error_message());
+  REQUIRE(status.ok());
+  pb::ApproveRequest approval;
+  approval.set_request_id(proposed.request_id());
+  approval.set_digest(proposed.digest());
+  pb::ChangeRequest executed;
+  status = server.Admin("officer2")->Approve(Context().get(), approval, &executed);
+  INFO(status.error_message());
+  REQUIRE(status.ok());
+  REQUIRE(executed.state() == pb::EXECUTED);
+  pb::DescribeKeyRequest describe;
+  describe.set_key(executed.key_id());
+  status = server.Admin("officer1")->DescribeKey(Context().get(), describe, &key);
   INFO(status.error_message());
   REQUIRE(status.ok());
   return key;

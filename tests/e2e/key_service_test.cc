@@ -173,11 +173,12 @@ TEST_CASE("ReEncrypt moves a blob to another key and context without showing pla
     CHECK(status.error_code() == StatusCode::INVALID_ARGUMENT);
     CHECK_THAT(status.error_message(), Catch::Contains("failed authentication"));
   }
-  SECTION("an unknown destination key is NOT_FOUND") {
+  SECTION("an unknown destination key is refused as one not granted") {
     req.set_destination_key("e2e/no-such-key");
     status = keys->ReEncrypt(Context().get(), req, &moved);
-    CHECK(status.error_code() == StatusCode::NOT_FOUND);
-    CHECK_THAT(status.error_message(), Catch::Contains("e2e/no-such-key"));
+    CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+    CHECK_THAT(status.error_message(),
+               Catch::EndsWith("encrypt grant on key 'e2e/no-such-key', or no such key exists"));
   }
 }
 
@@ -226,10 +227,15 @@ TEST_CASE("Decrypt refuses every single-byte change, truncation and empty blob",
     // Which check catches the flip depends on the field it lands in; each says what is wrong.
     std::string message = "ciphertext failed authentication";
     if (i == 0) message = "unknown format";
-    if (i >= 1 && i < 17) message = "names a key this server does not hold";
+    // A key id that names no key is answered as one the app may not use (no enumeration).
+    StatusCode code = StatusCode::INVALID_ARGUMENT;
+    if (i >= 1 && i < 17) {
+      code = StatusCode::PERMISSION_DENIED;
+      message = "has no decrypt grant on key '";
+    }
     if (i >= 17 && i < 21) message = "which does not exist";
     INFO("byte " << i);
-    ExpectDecryptError(*keys, flipped, PatientContext(), StatusCode::INVALID_ARGUMENT, message);
+    ExpectDecryptError(*keys, flipped, PatientContext(), code, message);
   }
   for (size_t size = 1; size < blob.size(); ++size) {
     INFO("truncated to " << size);
@@ -245,18 +251,25 @@ TEST_CASE("Decrypt refuses every single-byte change, truncation and empty blob",
   CHECK(server.Alive());
 }
 
-TEST_CASE("Unknown keys are NOT_FOUND", "[e2e][keys]") {
+TEST_CASE("An app cannot tell a key that does not exist from one it may not use",
+          "[e2e][keys][authz]") {
   CustosServer& server = CustosServer::Shared();
+  const std::string theirs = UniqueAlias("theirs");
+  const pb::KeyMetadata theirs_key = CreateKey(server, theirs, false, false);
   auto keys = server.Keys("app");
   const std::string before = CatalogSnapshot(server);
   for (const std::string& name :
-       {std::string("e2e/never-created"), std::string("0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00")}) {
+       {std::string("e2e/never-created"), std::string("0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00"),
+        theirs, theirs_key.key_id()}) {
+    INFO(name);
     pb::GenerateDataKeyRequest req;
     req.set_key(name);
     pb::GenerateDataKeyResponse reply;
     grpc::Status status = keys->GenerateDataKey(Context().get(), req, &reply);
-    CHECK(status.error_code() == StatusCode::NOT_FOUND);
-    CHECK_THAT(status.error_message(), Catch::Contains(name));
+    CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
+    CHECK(status.error_message() == "principal '" + std::string(kAppPrincipal) +
+                                        "' has no encrypt grant on key '" + name +
+                                        "', or no such key exists");
     CHECK(reply.plaintext().empty());
   }
   pb::EncryptRequest req;
@@ -272,7 +285,7 @@ TEST_CASE("An app uses only the keys and operations it is granted", "[e2e][keys]
   CustosServer& server = CustosServer::Shared();
   const std::string none = UniqueAlias("nogrant");
   const std::string encrypt_only = UniqueAlias("encrypt-only");
-  const pb::KeyMetadata none_key = CreateKey(server, none, false, false);
+  CreateKey(server, none, false, false);
   CreateKey(server, encrypt_only, true, false);
   auto keys = server.Keys("app");
   pb::GenerateDataKeyRequest req;
@@ -281,7 +294,8 @@ TEST_CASE("An app uses only the keys and operations it is granted", "[e2e][keys]
   grpc::Status status = keys->GenerateDataKey(Context().get(), req, &reply);
   CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
   CHECK(status.error_message() == "principal '" + std::string(kAppPrincipal) +
-                                      "' has no encrypt grant on key '" + none_key.key_id() + "'");
+                                      "' has no encrypt grant on key '" + none +
+                                      "', or no such key exists");
   CHECK(reply.plaintext().empty());
 
   const std::string blob = GenerateDataKey(*keys, encrypt_only, {}).ciphertext_blob();
@@ -310,7 +324,8 @@ TEST_CASE("An app uses only the keys and operations it is granted", "[e2e][keys]
   status = keys->ReEncrypt(Context().get(), move, &moved);
   CHECK(status.error_code() == StatusCode::PERMISSION_DENIED);
   CHECK(status.error_message() == "principal '" + std::string(kAppPrincipal) +
-                                      "' has no encrypt grant on key '" + none_key.key_id() + "'");
+                                      "' has no encrypt grant on key '" + none +
+                                      "', or no such key exists");
   CHECK(moved.ciphertext_blob().empty());
 }
 

@@ -101,9 +101,11 @@ TEST_CASE("CheckGrant allows granted principals and names the missing grant", "[
       CheckGrant(grants, "spiffe://custos.local/app/reports", KeyUse::kEncrypt, "k1");
   CHECK(denied.code() == absl::StatusCode::kPermissionDenied);
   CHECK(denied.message() ==
-        "principal 'spiffe://custos.local/app/reports' has no encrypt grant on key 'k1'");
+        "principal 'spiffe://custos.local/app/reports' has no encrypt grant on key 'k1', or no "
+        "such key exists");
   CHECK(CheckGrant({}, "p", KeyUse::kDecrypt, "k2").message() ==
-        "principal 'p' has no decrypt grant on key 'k2'");
+        "principal 'p' has no decrypt grant on key 'k2', or no such key exists");
+  CHECK(CheckGrant({}, "p", KeyUse::kDecrypt, "k2") == NoGrant("p", KeyUse::kDecrypt, "k2"));
   CHECK_FALSE(CheckGrant(grants, "", KeyUse::kDecrypt, "k1").ok());
 }
 

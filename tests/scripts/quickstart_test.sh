@@ -46,7 +46,7 @@ stop() {
 field() { sed -n "s/.*\"$1\": \"\\([^\"]*\\)\".*/\\1/p"; }
 
 start
-grep -q "custosctl --addr 127.0.0.1:$port --state $work/state --as officer1 create-key" \
+grep -q "custosctl --addr 127.0.0.1:$port --state $work/state --as officer1 propose create-key" \
   "$work/quickstart.log" || fail "quickstart did not print the next commands"
 ok
 [[ "$(stat -c %a "$work/state")" == 700 ]] || fail "state folder is not 0700"
@@ -55,9 +55,12 @@ pin="$(cat "$work/state/hsm/pin")"
 grep -qF "$pin" "$work/quickstart.log" && fail "the PIN was printed"
 ok
 
-"${ctl[@]}" --as officer1 create-key --alias billing \
-  --encrypt spiffe://custos.local/app/demo --decrypt spiffe://custos.local/app/demo >/dev/null ||
-  fail "create-key"
+out="$("${ctl[@]}" --as officer1 propose create-key --alias billing --justification "TDE" \
+  --encrypt spiffe://custos.local/app/demo --decrypt spiffe://custos.local/app/demo)" ||
+  fail "propose create-key: $out"
+out="$("${ctl[@]}" --as officer2 approve "$(field request_id <<<"$out")" \
+  --digest "$(field digest <<<"$out")")" || fail "approve create-key: $out"
+[[ "$(field state <<<"$out")" == EXECUTED ]] || fail "create-key not executed: $out"
 out="$("${ctl[@]}" --as app generate-data-key --key billing --context table=patients)" ||
   fail "generate-data-key"
 blob="$(field ciphertext_blob <<<"$out")"
