@@ -290,9 +290,13 @@ int main(int argc, char** argv) {
       ->add_option("operation", operation,
                    "create-key, rotate-key, disable-key, enable-key, schedule-key-deletion, "
                    "cancel-key-deletion, update-key-grants, set-min-decrypt-version, "
-                   "rotate-root-key (no --key: re-wraps every key version under a new root)")
+                   "rotate-root-key (no --key: new key versions go under a new root, versions "
+                   "under a legacy root move to it), re-anchor-audit-log (no --key: accept a "
+                   "database restored from a backup; custosd started with --allow-re-anchor)")
       ->required();
-  propose->add_option("--key", key, "key id or alias (all but create-key and rotate-root-key)");
+  propose->add_option("--key", key,
+                      "key id or alias (all but create-key, rotate-root-key and "
+                      "re-anchor-audit-log)");
   propose->add_option("--justification", justification, "why, for the approvers")->required();
   propose->add_option("--alias", alias, "create-key: alias");
   propose->add_option("--description", description, "create-key: description");

@@ -58,7 +58,7 @@ CustosServer::CustosServer(const ServerOptions& options) {
   Start();
 }
 
-void CustosServer::Start() {
+void CustosServer::Start(const std::vector<std::string>& flags) {
   const std::string dir = dir_.path();
   const std::string port_file = dir + "/port";
   std::fflush(nullptr);  // or the child would write the parent's buffered output again
@@ -73,8 +73,11 @@ void CustosServer::Start() {
       setenv("CUSTOS_FAULT_LOG", (dir + "/fault.log").c_str(), 1);
     }
     setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
-    execl(CUSTOSD_PATH, CUSTOSD_PATH, "--config", config.c_str(), "--port-file", port_file.c_str(),
-          nullptr);
+    std::vector<const char*> argv = {CUSTOSD_PATH, "--config", config.c_str(), "--port-file",
+                                     port_file.c_str()};
+    for (const std::string& flag : flags) argv.push_back(flag.c_str());
+    argv.push_back(nullptr);
+    execv(CUSTOSD_PATH, const_cast<char* const*>(argv.data()));
     _exit(127);
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);

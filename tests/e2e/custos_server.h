@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -55,8 +56,9 @@ class CustosServer {
   void CrashAndRestart();
   // Kills custosd with SIGKILL and waits for it, leaving it stopped; Start() runs it again.
   void Kill();
-  // Starts custosd (after Kill or Stop). Throws if it does not come up.
-  void Start();
+  // Starts custosd (after Kill or Stop), with `flags` added to its command line (e.g.
+  // "--allow-re-anchor"). Throws if it does not come up.
+  void Start(const std::vector<std::string>& flags = {});
   void Stop();
   // Sends `signal` to custosd (e.g. SIGHUP to reload the policy).
   void Signal(int signal) const;
