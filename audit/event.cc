@@ -25,7 +25,8 @@ std::string Escaped(std::string_view value) {
 }  // namespace
 
 std::string FormatEvent(const Event& event) {
-  return StrCat("time=", event.time, " principal=", Escaped(event.principal), " role=", event.role,
+  return StrCat("call=", event.call_id, " time=", event.time,
+                " principal=", Escaped(event.principal), " role=", event.role,
                 " action=", event.action, " key=", event.key_id, " version=", event.key_version,
                 " source_key=", event.source_key_id, " source_version=", event.source_key_version,
                 " request=", event.request_id, " outcome=", absl::StatusCodeToString(event.outcome),

@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 
 #include "absl/strings/escaping.h"
@@ -148,10 +149,28 @@ absl::StatusOr<Bytes> GetHash(const Json& json) {
   return hash;
 }
 
+// A JSON object with one reading: a member named twice (which a parser keeps the last of, and
+// a SIEM may show the first of) makes the line invalid.
 absl::StatusOr<Json> ParseObject(std::string_view text) {
-  Json json = Json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  std::vector<std::set<std::string>> names;  // per open object
+  std::string duplicate;
+  const Json::parser_callback_t track = [&](int /*depth*/, Json::parse_event_t event,
+                                            Json& parsed) {
+    if (event == Json::parse_event_t::object_start) names.emplace_back();
+    if (event == Json::parse_event_t::object_end && !names.empty()) names.pop_back();
+    if (event == Json::parse_event_t::key && !names.empty() && duplicate.empty() &&
+        !names.back().insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>();
+    }
+    return true;
+  };
+  Json json = Json::parse(text.begin(), text.end(), track, /*allow_exceptions=*/false);
   if (json.is_discarded() || !json.is_object()) {
     return absl::InvalidArgumentError("not a JSON object");
+  }
+  if (!duplicate.empty()) {
+    return absl::InvalidArgumentError(
+        StrCat("member \"", duplicate, "\" appears twice (a line must have one reading)"));
   }
   return json;
 }

@@ -56,14 +56,23 @@ namespace {
 struct SignedHead {
   uint64_t seq = 0;
   Bytes hash;
+  bool stopped = false;  // custosd stopped cleanly here: nothing may follow it
 };
 
-std::string EncodeHead(uint64_t seq, std::span<const uint8_t> hash) {
-  return StrCat("custos-audit-head-v1\nseq=", seq, "\nhash=", audit::ToHex(hash), "\n");
+constexpr std::string_view kStoppedLine = "stopped\n";
+
+std::string EncodeHead(uint64_t seq, std::span<const uint8_t> hash, bool stopped = false) {
+  return StrCat("custos-audit-head-v1\nseq=", seq, "\nhash=", audit::ToHex(hash), "\n",
+                stopped ? kStoppedLine : "");
 }
 
-absl::StatusOr<SignedHead> DecodeHead(const std::string& text) {
+absl::StatusOr<SignedHead> DecodeHead(std::string text) {
   SignedHead head;
+  if (text.size() > kStoppedLine.size() &&
+      text.compare(text.size() - kStoppedLine.size(), kStoppedLine.size(), kStoppedLine) == 0) {
+    head.stopped = true;
+    text.resize(text.size() - kStoppedLine.size());
+  }
   const std::string prefix = "custos-audit-head-v1\nseq=";
   const size_t hash_at = text.find("\nhash=");
   if (text.rfind(prefix, 0) != 0 || hash_at == std::string::npos || text.back() != '\n' ||
@@ -125,6 +134,19 @@ absl::Status Kms::Checkpoint() {
   return absl::OkStatus();
 }
 
+absl::Status Kms::CloseAuditLog() {
+  CUSTOS_RETURN_IF_ERROR(Checkpoint());
+  std::lock_guard lock(checkpoint_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
+                          options_.store->LatestCheckpoint());
+  if (!latest || latest->seq != head.first) {
+    return absl::FailedPreconditionError("the audit log's end is not signed; not marking it");
+  }
+  return options_.hsm->WriteTokenData(options_.audit_head_label,
+                                      EncodeHead(head.first, head.second, /*stopped=*/true));
+}
+
 absl::Status Kms::VerifyAuditLog(bool full) {
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> kept_values,
                           options_.hsm->ReadTokenData(options_.audit_head_label));
@@ -132,7 +154,10 @@ absl::Status Kms::VerifyAuditLog(bool full) {
   std::optional<SignedHead> kept;
   for (const std::string& value : kept_values) {
     CUSTOS_ASSIGN_OR_RETURN(SignedHead head, DecodeHead(value));
-    if (!kept || head.seq > kept->seq) kept = std::move(head);
+    // (of two at the same seq, the one saying custosd stopped: the stricter)
+    if (!kept || head.seq > kept->seq || (head.seq == kept->seq && head.stopped)) {
+      kept = std::move(head);
+    }
   }
   CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
@@ -148,11 +173,14 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                  ") is not signed by this HSM's audit key: checkpoints were forged or replaced"));
     }
   }
-  if (!kept) {
-    // A state from before the HSM kept the head: its log is checked in full once, and the HSM
-    // keeps the head from the next checkpoint on.
-    return options_.store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0));
-  }
+  const auto verify_all = [&]() -> absl::Status {
+    CUSTOS_RETURN_IF_ERROR(options_.store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0)));
+    options_.store->AnchorAuditLog(0, Bytes(audit::kHashBytes, 0));
+    return absl::OkStatus();
+  };
+  // A state from before the HSM kept the head: its log is checked in full once, and the HSM
+  // keeps the head from the next checkpoint on.
+  if (!kept) return verify_all();
   const SignedHead& signed_head = *kept;
   if (signed_head.seq > head.first) {
     return absl::FailedPreconditionError(
@@ -160,6 +188,13 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                signed_head.seq,
                ": records were removed, or an older copy of the database was "
                "restored"));
+  }
+  if (signed_head.stopped && head.first > signed_head.seq) {
+    return absl::FailedPreconditionError(StrCat("custosd stopped at audit record ", signed_head.seq,
+                                                " (the head this HSM signed) "
+                                                "but the log goes on to record ",
+                                                head.first,
+                                                ": records were added while it was stopped"));
   }
   if (!latest || latest->seq < signed_head.seq) {
     return absl::FailedPreconditionError(
@@ -175,7 +210,14 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                signed_head.seq, ": ", extends.message(),
                " (history was rewritten, or an older copy of the database was restored)"));
   }
-  if (full) return options_.store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0));
+  if (signed_head.stopped) {  // from now on records follow it again, and a crash may cut them
+    CUSTOS_RETURN_IF_ERROR(options_.hsm->WriteTokenData(
+        options_.audit_head_label, EncodeHead(signed_head.seq, signed_head.hash)));
+  }
+  if (full) return verify_all();
+  // The records before the head are recomputed when a row first relies on one of them, and by
+  // maintenance (KeyStore::AnchorAuditLog).
+  options_.store->AnchorAuditLog(signed_head.seq, signed_head.hash);
   return absl::OkStatus();
 }
 
@@ -223,7 +265,7 @@ absl::StatusOr<uint64_t> Kms::SealCatalog() {
         event.row = row;
         return audit::RecordFromEvent(event, 0);
       },
-      {kObservedSecondsSetting, kPurgePendingSetting});
+      {kObservedSecondsSetting});
 }
 
 absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
@@ -244,6 +286,9 @@ absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
       std::move(batch), absl::StatusCode::kOk,
       {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)}));
   RequireReAnchoring("");
+  // The restored log is believed as far as it chains to its own head; the records after it
+  // are this process's.
+  options_.store->AnchorAuditLog(head.first, head.second);
   // Sign the log as it now stands, and keep that head in the HSM: from here on it is the
   // anchor. (If this fails, the timer signs again.)
   if (absl::Status signed_head = Checkpoint(); !signed_head.ok()) {
@@ -256,7 +301,9 @@ absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller
   Call call(*this, caller, Action::kReadAudit);
   return call.Finish([&]() -> absl::StatusOr<SignedCheckpoint> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    CUSTOS_RETURN_IF_ERROR(Checkpoint());  // so the auditor sees the log as of now
+    // So the auditor sees the log as of now; while the log awaits re-anchoring nothing is
+    // signed, and the auditor gets the last checkpoint stored.
+    if (AnchorProblem().empty()) CUSTOS_RETURN_IF_ERROR(Checkpoint());
     CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Checkpoint> latest,
                             options_.store->LatestCheckpoint());
     if (!latest) return absl::NotFoundError("the audit log has no checkpoint yet");
@@ -312,7 +359,8 @@ absl::Status Kms::RecordServerStart() {
   const std::string root = CurrentRoot();
   CUSTOS_ASSIGN_OR_RETURN(const bool confines, options_.hsm->RootKeyConfinesVersions(root));
   return Commit({}, {ServerEvent("ServerStart", "", "", absl::StatusCode::kOk,
-                                 StrCat("root ", root, confines ? " (confining)" : " (legacy)")),
+                                 StrCat("root ", root, confines ? " (confining)" : " (legacy)",
+                                        "; dual control ", options_.dual_control.Summary())),
                      ServerEvent("LoadPolicy", "", "", absl::StatusCode::kOk,
                                  StrCat("policy sha256=", CurrentPolicy()->sha256_hex()))});
 }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/strings.h"
+#include "core/key_id.h"
 #include "core/kms.h"
 
 namespace custos::core {
@@ -14,6 +15,8 @@ namespace custos::core {
 class Kms::Call {
  public:
   Call(const Kms& kms, const Caller& caller, policy::Action action) : kms_(kms), caller_(caller) {
+    // One id per call, in its records and the operator's log line, to find one from the other.
+    event_.call_id = NewKeyId();
     event_.time = kms.options_.clock->NowSeconds();
     event_.principal = caller.principal;
     event_.peer = caller.peer;
@@ -72,6 +75,9 @@ class Kms::Call {
                           absl::StatusCode outcome = absl::StatusCode::kOk,
                           std::vector<audit::Event> extra = {}) {
     event_.outcome = outcome;
+    for (audit::Event& e : extra) {
+      if (e.call_id.empty()) e.call_id = event_.call_id;  // the server's records of this call
+    }
     extra.insert(extra.begin(), event_);
     CUSTOS_RETURN_IF_ERROR(kms_.Commit(std::move(batch), std::move(extra)));
     recorded_ = true;

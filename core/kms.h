@@ -107,8 +107,8 @@ inline constexpr char kRootKeySetting[] = "root_key_label";
 // The store setting listing (a JSON array) the roots that rotations retired and that are still
 // to be destroyed in the HSM: each goes once no stored version is wrapped under it.
 inline constexpr char kRetiredRootsSetting[] = "retired_root_key_labels";
-// The replay-safe store setting that says erased key material may still be in the WAL: "1"
-// until a purge succeeds (retried by maintenance).
+// The store setting that says erased key material may still be in the WAL: "1" from a
+// destruction until a purge succeeds (retried by maintenance), each change recorded.
 inline constexpr char kPurgePendingSetting[] = "purge_pending";
 
 // The principal under which the server's own actions (expiry, destruction) are audited.
@@ -117,6 +117,8 @@ inline constexpr char kServerPrincipal[] = "custosd";
 // How far the wall clock may move against observed time between two maintenance turns before
 // the server alerts (log and a ClockJump audit record). Time servers slew by far less.
 inline constexpr int64_t kClockJumpToleranceSeconds = 300;
+// Older audit records each maintenance turn recomputes (about 1 s; KeyStore::AnchorAuditLog).
+inline constexpr uint64_t kOlderRecordsPerTurn = 500'000;
 
 class Kms {
  public:
@@ -227,6 +229,10 @@ class Kms {
   // server's timer, and when woken after checkpoint_every records. FAILED_PRECONDITION while
   // the log awaits re-anchoring.
   absl::Status Checkpoint();
+  // At a clean stop, after the last record: signs a last checkpoint and marks the head the HSM
+  // keeps as where custosd stopped, so that records added to the file while it is stopped are
+  // refused at the next start (VerifyAuditLog, which clears the mark).
+  absl::Status CloseAuditLog();
 
   // --- Start-up -------------------------------------------------------------------------------
   // Checks, before anything is served, that nobody rewrote the audit log while custosd was

@@ -5,6 +5,7 @@
 #include <optional>
 #include <set>
 
+#include "absl/strings/cord.h"
 #include "common/strings.h"
 #include "core/call.h"
 #include "core/kms.h"
@@ -32,29 +33,46 @@ absl::Status Kms::DestroyKey(const std::string& key_id) {
   batch.keys.push_back(key);
   audit::Event destroyed = ServerEvent("DestroyKey", key.id, "", absl::StatusCode::kOk);
   destroyed.row = storage::KeyRowName(key.id);
-  // The WAL still holds the erased bytes until it is purged: remembered first, so that a purge
-  // that fails (a reader holding the file) or a crash is retried until it succeeds.
-  CUSTOS_RETURN_IF_ERROR(options_.store->PutReplaySafeSetting(kPurgePendingSetting, "1"));
-  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {std::move(destroyed)}));
+  // The WAL still holds the erased bytes until it is purged: remembered in the same
+  // transaction (and recorded, so that nobody can put back a "done"), so that a purge that
+  // fails (a reader holding the file) or a crash is retried until it succeeds.
+  batch.settings.emplace(kPurgePendingSetting, "1");
+  audit::Event pending = ServerEvent("PurgePending", key.id, "", absl::StatusCode::kOk,
+                                     "erased material stays in the WAL until it is purged");
+  pending.row = storage::SettingRowName(kPurgePendingSetting);
+  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {std::move(destroyed), std::move(pending)}));
   for (const storage::KeyVersion& version : key.versions) {
     options_.hsm->Forget(StrCat(key.id, "/", version.version));
   }
-  return PurgeErased();
+  return absl::OkStatus();  // the purge follows, once for every key destroyed this turn
 }
 
 absl::Status Kms::PurgeErased() {
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> pending,
-                          options_.store->GetReplaySafeSetting(kPurgePendingSetting));
-  if (!pending || *pending != "1") return absl::OkStatus();
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> pending,
+                          options_.store->GetSetting(kPurgePendingSetting));
+  if (pending.value_or(std::string()) != std::string_view("1")) return absl::OkStatus();
   const absl::Status purged = options_.store->PurgeErased();
-  CUSTOS_RETURN_IF_ERROR(
-      Commit({}, {ServerEvent("PurgeErasedMaterial", "", "", purged.code(),
-                              purged.ok() ? "" : std::string(purged.message()))}));
-  CUSTOS_RETURN_IF_ERROR(purged);
-  return options_.store->PutReplaySafeSetting(kPurgePendingSetting, "0");
+  audit::Event event = ServerEvent("PurgeErasedMaterial", "", "", purged.code(),
+                                   purged.ok() ? "" : std::string(purged.message()));
+  storage::WriteBatch done;
+  if (purged.ok()) {
+    done.settings.emplace(kPurgePendingSetting, "0");
+    event.row = storage::SettingRowName(kPurgePendingSetting);
+  }
+  CUSTOS_RETURN_IF_ERROR(Commit(std::move(done), {std::move(event)}));
+  return purged;
 }
 
 absl::Status Kms::RunMaintenance() {
+  // A slice of the log's older records recomputed (outside the request lock), so that no first
+  // use of a row last changed long ago waits for it; a change found there is alarmed once.
+  if (const absl::Status older = options_.store->VerifyOlderAuditRecords(kOlderRecordsPerTurn);
+      absl::IsFailedPrecondition(older)) {
+    absl::Status alarm = absl::DataLossError(
+        StrCat("the audit log was changed after it was written: ", older.message()));
+    alarm.SetPayload(storage::kIntegrityPayload, absl::Cord("audit_log"));
+    RaiseIntegrityAlarm(alarm);
+  }
   std::lock_guard lock(requests_mu_);
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
@@ -79,10 +97,12 @@ absl::Status Kms::RunMaintenanceLocked() {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
   CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
-  CUSTOS_RETURN_IF_ERROR(PurgeErased());
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
   for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
+  // A purge that cannot run now (a reader holding the file) is retried next turn; the rest of
+  // the turn does not wait for it.
+  const absl::Status purged = PurgeErased();
   // Rotations due by period (whatever the primary version), then those a version's usage asked
   // for (only while that version is still primary: one crossing, one rotation).
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
@@ -92,7 +112,8 @@ absl::Status Kms::RunMaintenanceLocked() {
     usage_.RotationDone(key_id, version);
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());
-  return usage_.Flush();
+  CUSTOS_RETURN_IF_ERROR(usage_.Flush());
+  return purged;
 }
 
 absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version) {

@@ -37,6 +37,15 @@ std::optional<Operation> ParseOperation(std::string_view name) {
   return std::nullopt;
 }
 
+std::string DualControlConfig::Summary() const {
+  std::string summary = "approvals";
+  for (const auto& [operation, count] : approvals) {
+    summary += StrCat(" ", OperationName(operation), "=", count);
+  }
+  return StrCat(summary, "; request_ttl=", request_ttl_seconds,
+                "s; deletion_waiting=", deletion_waiting_seconds, "s");
+}
+
 DualControlConfig DualControlConfig::Defaults() {
   DualControlConfig config;
   for (Operation operation : kAllOperations) config.approvals[operation] = 2;

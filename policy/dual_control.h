@@ -54,6 +54,10 @@ struct DualControlConfig {
 
   int ApprovalsFor(Operation operation) const { return approvals.at(operation); }
 
+  // One line naming every setting, for the audit log: "approvals CreateKey=0 RotateKey=2 ...;
+  // request_ttl=86400s; deletion_waiting=2592000s". A quorum lowered in the config shows there.
+  std::string Summary() const;
+
   // INVALID_ARGUMENT naming the setting at fault: an operation without an entry, fewer than
   // one approval for any operation but CreateKey (fewer than zero for it), a TTL under a
   // minute or over 30 days, a waiting period outside 7..30 days.

@@ -286,6 +286,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // Nothing is served from a log somebody rewrote while custosd was stopped.
   if (absl::Status anchored = kms.VerifyAuditLog(config.verify_full_chain_at_start);
       !anchored.ok()) {
+    // Only a log that failed the check can be re-anchored; an HSM or disk that could not be
+    // read is a failure to retry, never a reason to accept the log as it is.
+    if (!absl::IsFailedPrecondition(anchored)) return Fail(anchored);
     if (!allow_re_anchor) {
       return Fail(absl::FailedPreconditionError(
           StrCat(anchored.message(),
@@ -375,9 +378,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {
     spdlog::error("{}", stopped.ToString());
   }
-  // A last signed checkpoint, covering the stop record.
-  if (absl::Status signed_head = kms.Checkpoint(); !signed_head.ok()) {
-    spdlog::error("audit checkpoint: {}", signed_head.ToString());
+  // A last signed checkpoint, covering the stop record, and the HSM told that nothing follows.
+  if (absl::Status closed = kms.CloseAuditLog(); !closed.ok()) {
+    spdlog::error("audit checkpoint at stop: {}", closed.ToString());
   }
   return 0;
 }

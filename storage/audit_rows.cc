@@ -87,16 +87,17 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db
   return rows;
 }
 
-absl::StatusOr<std::optional<std::string>> LatestRowDigest(sqlite::Database& db,
-                                                           std::string_view row) {
+absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
+                                                         std::string_view row) {
   // Spelled as the partial index of schema version 5: one index probe.
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
-                          db.Prepare("SELECT row_digest FROM audit_log WHERE row_name = ?1 AND "
-                                     "row_name <> '' ORDER BY seq DESC LIMIT 1"));
+                          db.Prepare("SELECT seq, row_digest FROM audit_log WHERE row_name = ?1 "
+                                     "AND row_name <> '' ORDER BY seq DESC LIMIT 1"));
   stmt.BindText(1, row);
   CUSTOS_ASSIGN_OR_RETURN(const bool found, stmt.Step());
-  if (!found) return std::optional<std::string>();
-  return std::optional<std::string>(stmt.ColumnText(0));
+  if (!found) return std::optional<RowRecord>();
+  return std::optional<RowRecord>(
+      RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnText(1)});
 }
 
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db) {

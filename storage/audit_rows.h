@@ -9,6 +9,7 @@
 #include "audit/record.h"
 #include "common/status.h"
 #include "storage/key_store.h"
+#include "storage/row_integrity.h"
 #include "storage/sqlite.h"
 
 namespace custos::storage {
@@ -22,10 +23,10 @@ absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row);
 absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(
     sqlite::Database& db, uint64_t from_seq, size_t limit,
     AuditColumns columns = AuditColumns::kCurrent);
-// The row digest carried by the newest record naming catalogue row `row`, or nullopt if no
-// record names it.
-absl::StatusOr<std::optional<std::string>> LatestRowDigest(sqlite::Database& db,
-                                                           std::string_view row);
+// The newest record naming catalogue row `row` (its seq and the digest it carries), or
+// nullopt if no record names it.
+absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
+                                                         std::string_view row);
 // The last record, or nullopt for an empty log.
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 

@@ -194,7 +194,11 @@ class KeyStore::Impl {
       : lock_(std::move(lock)),
         db_(std::move(db)),
         schema_version_(schema_version),
-        integrity_(authenticator) {}
+        trust_([this](uint64_t from_seq, size_t limit) {
+          std::lock_guard lock(db_mu_);
+          return LoadAuditRecords(*db_, from_seq, limit);
+        }),
+        integrity_(authenticator, &trust_) {}
 
   // Declared first, so released last: after the database is closed.
   const std::unique_ptr<StateLock> lock_;
@@ -202,6 +206,7 @@ class KeyStore::Impl {
   const std::unique_ptr<sqlite::Database> db_;  // Guarded by db_mu_.
   const int schema_version_;
   KeyCache cache_;
+  AuditTrust trust_;
   RowIntegrity integrity_;
   // Bumped (under db_mu_) by every committed write of a key: a load checked outside the lock
   // is cached only if no write came in between (else it may be older than what was written).
@@ -259,17 +264,27 @@ class KeyStore::Impl {
   absl::StatusOr<std::optional<std::string>> ReadCheckedSetting(std::string_view name,
                                                                 RowIntegrity::Chain chain);
 
-  absl::StatusOr<std::vector<std::optional<std::string>>> RecordedRequests(
+  absl::StatusOr<std::vector<std::optional<RowRecord>>> RecordedRequests(
       const std::vector<RequestRecord>& requests);
   absl::Status CheckRequest(const RequestRecord& request,
-                            const std::optional<std::string>& recorded) {
+                            const std::optional<RowRecord>& recorded) {
     return integrity_.Check(RequestRowName(request.id), CanonicalRequestRow(request), request.mac,
                             recorded, RowIntegrity::Chain::kRecorded);
   }
 
   // The newest recorded digest of catalogue row `name` (under db_mu_).
-  absl::StatusOr<std::optional<std::string>> Recorded(const std::string& name) {
-    return LatestRowDigest(*db_, name);
+  absl::StatusOr<std::optional<RowRecord>> Recorded(const std::string& name) {
+    return LatestRowRecord(*db_, name);
+  }
+
+  // For a row not in the database: DATA_LOSS (remembered) if the audit log records it, since
+  // Custos never deletes key or request rows; OK otherwise. Called with db_mu_ held.
+  absl::Status Missing(const std::string& name) {
+    if (!integrity_.enabled()) return absl::OkStatus();
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded, Recorded(name));
+    if (!recorded.has_value()) return absl::OkStatus();
+    return integrity_.Refuse(name, StrCat("it is missing from the database although audit record ",
+                                          recorded->seq, " wrote it (deleted outside Custos?)"));
   }
 };
 
@@ -367,8 +382,8 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> sealed,
-                          LatestRowDigest(*impl->db_, SettingRowName(kCatalogSealedSetting)));
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> sealed,
+                          LatestRowRecord(*impl->db_, SettingRowName(kCatalogSealedSetting)));
   impl->integrity_.set_unsealed_catalog(!sealed.has_value());
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
@@ -474,9 +489,9 @@ absl::Status KeyStore::PurgeErased() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::optional<std::string>>> KeyStore::Impl::RecordedRequests(
+absl::StatusOr<std::vector<std::optional<RowRecord>>> KeyStore::Impl::RecordedRequests(
     const std::vector<RequestRecord>& requests) {
-  std::vector<std::optional<std::string>> recorded;
+  std::vector<std::optional<RowRecord>> recorded;
   if (!integrity_.enabled()) return recorded;
   for (const RequestRecord& request : requests) {
     CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), Recorded(RequestRowName(request.id)));
@@ -486,11 +501,14 @@ absl::StatusOr<std::vector<std::optional<std::string>>> KeyStore::Impl::Recorded
 
 absl::StatusOr<RequestRecord> KeyStore::GetRequest(std::string_view id) const {
   std::optional<RequestRecord> request;
-  std::optional<std::string> recorded;
+  std::optional<RowRecord> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
-    if (!request.has_value()) return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+    if (!request.has_value()) {
+      CUSTOS_RETURN_IF_ERROR(impl_->Missing(RequestRowName(id)));
+      return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+    }
     if (impl_->integrity_.enabled()) {
       CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
     }
@@ -504,7 +522,7 @@ absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, 
   CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
   CUSTOS_ASSIGN_OR_RETURN(const auto after, DecodeRequestToken(page_token));
   std::vector<RequestRecord> requests;
-  std::vector<std::optional<std::string>> recorded;
+  std::vector<std::optional<RowRecord>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     // One extra row tells whether another page follows.
@@ -528,7 +546,7 @@ absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, 
 
 absl::StatusOr<std::vector<RequestRecord>> KeyStore::PendingRequests() const {
   std::vector<RequestRecord> requests;
-  std::vector<std::optional<std::string>> recorded;
+  std::vector<std::optional<RowRecord>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(requests, LoadPendingRequests(*impl_->db_));
@@ -567,7 +585,7 @@ absl::StatusOr<uint64_t> KeyStore::CountVersionsUnderRoot(std::string_view label
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     std::string_view name, RowIntegrity::Chain chain) {
   std::optional<StoredSetting> stored;
-  std::optional<std::string> recorded;
+  std::optional<RowRecord> recorded;
   {
     std::lock_guard lock(db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
@@ -605,7 +623,7 @@ absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
   std::vector<VersionUsage> usage;
-  std::vector<std::optional<std::string>> recorded;
+  std::vector<std::optional<RowRecord>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
@@ -644,13 +662,16 @@ absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::Impl::LoadChecked(std::string_view id) {
   while (true) {
     std::shared_ptr<KeyRecord> key;
-    std::optional<std::string> recorded;
+    std::optional<RowRecord> recorded;
     uint64_t writes = 0;
     {
       std::lock_guard lock(db_mu_);
       if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
       CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
-      if (key == nullptr) return std::shared_ptr<const KeyRecord>();
+      if (key == nullptr) {
+        CUSTOS_RETURN_IF_ERROR(Missing(KeyRowName(id)));
+        return std::shared_ptr<const KeyRecord>();
+      }
       if (!integrity_.enabled()) {
         cache_.Put(key);
         return key;
@@ -700,7 +721,7 @@ absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view pa
   CUSTOS_RETURN_IF_ERROR(CheckPageSize(page_size));
   CUSTOS_ASSIGN_OR_RETURN(const std::string after_id, DecodePageToken(page_token, "ListKeys"));
   std::vector<std::shared_ptr<KeyRecord>> keys;
-  std::vector<std::optional<std::string>> recorded;
+  std::vector<std::optional<RowRecord>> recorded;
   {
     std::lock_guard lock(impl_->db_mu_);
     // One extra row tells whether another page follows. Listing bypasses the cache, so a
@@ -819,13 +840,21 @@ absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_
   return absl::OkStatus();
 }
 
+void KeyStore::AnchorAuditLog(uint64_t seq, Bytes hash) {
+  impl_->trust_.Anchor(seq, std::move(hash));
+}
+
+absl::Status KeyStore::VerifyOlderAuditRecords(uint64_t budget) {
+  return impl_->trust_.Extend(budget);
+}
+
 absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,
     const std::set<std::string>& replay_safe) {
   if (!impl_->integrity_.enabled()) return 0;
   {
     std::lock_guard lock(impl_->db_mu_);
-    CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> sealed,
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> sealed,
                             impl_->Recorded(SettingRowName(kCatalogSealedSetting)));
     if (sealed.has_value()) return 0;
   }

@@ -209,6 +209,13 @@ class KeyStore {
   // FAILED_PRECONDITION naming the first record that does not (its content, or its hash, was
   // changed). Reads a page at a time.
   absl::Status VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_t> hash) const;
+  // After the start-up check: every record after `seq` is known intact and `hash` is record
+  // `seq`'s authentic hash (0: every record is). From then on a row is believed only if the
+  // record vouching for it is intact too, recomputed on first need (storage/audit_trust.h).
+  void AnchorAuditLog(uint64_t seq, Bytes hash);
+  // Recomputes up to `budget` more records below the anchored point (for maintenance, so that
+  // no first use of an old row waits for it). FAILED_PRECONDITION if they were changed.
+  absl::Status VerifyOlderAuditRecords(uint64_t budget);
 
   // Seals a catalogue written before rows carried MACs, once: every key, request, reservation
   // and setting is written back sealed, each with the audit record `record_for(row name)`

@@ -21,7 +21,7 @@ absl::Status RowIntegrity::Known(const std::string& name) const {
 
 absl::Status RowIntegrity::Check(const std::string& name, std::span<const uint8_t> canonical,
                                  std::span<const uint8_t> mac,
-                                 const std::optional<std::string>& recorded, Chain chain) {
+                                 const std::optional<RowRecord>& recorded, Chain chain) {
   if (authenticator_ == nullptr) return absl::OkStatus();
   CUSTOS_RETURN_IF_ERROR(Known(name));
   if (chain == Chain::kRecordedIfUsed && !recorded.has_value() && mac.empty()) {
@@ -38,11 +38,17 @@ absl::Status RowIntegrity::Check(const std::string& name, std::span<const uint8_
   if (!recorded.has_value()) {
     return Refuse(name, "no audit record names it (written outside Custos?)");
   }
-  if (*recorded != RowDigest(canonical)) {
+  if (recorded->digest != RowDigest(canonical)) {
     return Refuse(name,
                   "it is not the version the audit log last recorded (an older copy put back?)");
   }
-  return absl::OkStatus();
+  const absl::Status covered = trust_->Cover(recorded->seq);
+  if (absl::IsFailedPrecondition(covered)) {
+    return Refuse(name, StrCat("the audit record that vouches for it (", recorded->seq,
+                               ") is in a part of the log changed after it was written: ",
+                               covered.message()));
+  }
+  return covered;
 }
 
 absl::Status RowIntegrity::Refuse(const std::string& name, std::string_view why) {

@@ -2,12 +2,13 @@
 // back (see row_codec.h for what a row is and why).
 //
 // A row read from the file is served only if (1) its MAC verifies under the authenticator's
-// key (so nobody without that key wrote it) and (2) the newest audit record naming the row
+// key (so nobody without that key wrote it), (2) the newest audit record naming the row
 // carries the digest of exactly this content (so it is the current version, not an older one
-// put back). A row that fails is remembered and refused from then on, without asking the HSM
-// again, with DATA_LOSS carrying the payload kIntegrityPayload (the row's name), so the use
-// case can raise the alarm once. Without an authenticator (tests, offline tools) nothing is
-// sealed or checked. Internal to storage/. Thread-safe.
+// put back) and (3) that record, and every one after it, is as it was written (AuditTrust: so
+// nobody hid a newer record naming the row). A row that fails is remembered and refused from then
+// on, without asking the HSM again, with DATA_LOSS carrying the payload kIntegrityPayload (the
+// row's name), so the use case can raise the alarm once. Without an authenticator (tests, offline
+// tools) nothing is sealed or checked. Internal to storage/. Thread-safe.
 #pragma once
 
 #include <atomic>
@@ -20,9 +21,16 @@
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
+#include "storage/audit_trust.h"
 #include "storage/key_store.h"
 
 namespace custos::storage {
+
+// The newest audit record naming a row: its seq and the row digest it carries.
+struct RowRecord {
+  uint64_t seq = 0;
+  std::string digest;
+};
 
 class RowIntegrity {
  public:
@@ -33,7 +41,9 @@ class RowIntegrity {
     kMacOnly,         // replay-safe: an older sealed value may be served again
   };
 
-  explicit RowIntegrity(RowAuthenticator* authenticator) : authenticator_(authenticator) {}
+  // `trust` must outlive this object.
+  RowIntegrity(RowAuthenticator* authenticator, AuditTrust* trust)
+      : authenticator_(authenticator), trust_(trust) {}
 
   bool enabled() const { return authenticator_ != nullptr; }
 
@@ -46,21 +56,23 @@ class RowIntegrity {
   // authenticator cannot be reached.
   absl::StatusOr<Bytes> Seal(std::span<const uint8_t> canonical) const;
 
-  // OK if the row named `name` with this content, stored `mac` and the digest the newest audit
-  // record naming it carries (`recorded`, nullopt if no record names it) may be served.
-  // Otherwise DATA_LOSS saying what is wrong, with kIntegrityPayload, also on every later call
-  // for the same row. UNAVAILABLE (nothing remembered) if the authenticator cannot be reached.
+  // OK if the row named `name` with this content and stored `mac`, vouched for by `recorded`
+  // (the newest audit record naming it, nullopt if none does), may be served. Otherwise
+  // DATA_LOSS saying what is wrong, with kIntegrityPayload, also on every later call for the
+  // same row. UNAVAILABLE (nothing remembered) if the authenticator or the log cannot be read.
   absl::Status Check(const std::string& name, std::span<const uint8_t> canonical,
-                     std::span<const uint8_t> mac, const std::optional<std::string>& recorded,
+                     std::span<const uint8_t> mac, const std::optional<RowRecord>& recorded,
                      Chain chain);
+
+  // Refuses row `name` from now on (as Check does), saying `why`.
+  absl::Status Refuse(const std::string& name, std::string_view why);
 
   // The refusal remembered for `name`, or OK.
   absl::Status Known(const std::string& name) const;
 
  private:
-  absl::Status Refuse(const std::string& name, std::string_view why);
-
   RowAuthenticator* const authenticator_;
+  AuditTrust* const trust_;
   std::atomic<bool> unsealed_catalog_{false};
   mutable std::mutex mu_;
   std::map<std::string, absl::Status> refused_;  // guarded by mu_

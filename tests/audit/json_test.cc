@@ -64,6 +64,15 @@ TEST_CASE("A JSON line has one reading: _base64 only for bytes that are not UTF-
   absl::StatusOr<Record> back = FromJsonLine(bare);
   REQUIRE(back.ok());
   CHECK(back->principal == record.principal);
+  // A member given twice: a parser keeps the last, a SIEM may show the first. Refused, for
+  // records and checkpoint lines alike.
+  std::string twice = ToJsonLine(plain);
+  twice.insert(twice.find("\"role\""), R"("principal":"mallory",)");
+  CHECK(FromJsonLine(twice).status() ==
+        absl::InvalidArgumentError(
+            "member \"principal\" appears twice (a line must have one reading)"));
+  CHECK(absl::IsInvalidArgument(
+      CheckpointFromJsonLine(R"({"checkpoint":{"seq":1,"seq":2}})").status()));
 }
 
 TEST_CASE("JSON lines round-trip every record exactly", "[json]") {

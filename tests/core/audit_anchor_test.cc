@@ -127,6 +127,42 @@ TEST_CASE("Laundered history is refused at start-up", "[insider][anchor]") {
   CHECK_THAT(std::string(refused.message()), Catch::Contains(expected));
 }
 
+TEST_CASE("Records added to the file while custosd was stopped cleanly are refused",
+          "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  REQUIRE(f.kms->RecordServerStop().ok());
+  REQUIRE(f.kms->CloseAuditLog().ok());
+  const uint64_t stopped_at = f.store->AuditHead()->first;
+  Stop(f);
+  f.Restart();
+  SECTION("a plain restart starts, and clears the mark: a crash after it is no problem") {
+    REQUIRE(f.kms->VerifyAuditLog(false).ok());
+    REQUIRE(f.kms->RecordServerStart().ok());  // then killed: no stop, no checkpoint
+    Stop(f);
+    f.Restart();
+    CHECK(f.kms->VerifyAuditLog(false).ok());
+  }
+  SECTION("a record appended with the store's own chaining is refused") {
+    audit::Record forged;
+    forged.time = 1'800'000'100;
+    forged.principal = testing::kOfficer2;
+    forged.role = "officer";
+    forged.action = "Approve";
+    forged.outcome = "OK";
+    forged.format = 2;
+    storage::WriteBatch batch;
+    batch.audit.push_back(forged);
+    REQUIRE(f.store->Apply(batch).ok());
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK(refused.message() == "custosd stopped at audit record " + std::to_string(stopped_at) +
+                                   " (the head this HSM signed) but the log goes on to record " +
+                                   std::to_string(stopped_at + 1) +
+                                   ": records were added while it was stopped");
+  }
+}
+
 TEST_CASE("A record edited before the last checkpoint is caught by the full check",
           "[insider][anchor]") {
   Fixture f;

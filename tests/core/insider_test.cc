@@ -124,6 +124,69 @@ TEST_CASE("A key row put back from an older copy is refused: the log recorded a 
                "it is not the version the audit log last recorded");
 }
 
+TEST_CASE("A row put back with the newer record naming it hidden is refused once anchored",
+          "[insider][catalog][anchor]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  f.kms.reset();
+  f.store.reset();
+  const std::string older = f.dir.File("older.db");
+  std::filesystem::copy_file(Db(f), older);  // the key ENABLED, with its genuine MAC
+  f.Restart();
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
+  REQUIRE(f.kms->Checkpoint().ok());                                     // the HSM keeps this head
+  // The ENABLED row put back, and the newer record naming the key renamed so that the
+  // creation's record is the newest one naming it again: no stored hash is touched, so the
+  // start-up check from the HSM's head does not see it.
+  const std::string row = "key:" + key->id;
+  EditWhileStopped(f, "ATTACH '" + older +
+                          "' AS old; UPDATE keys SET (state, mac) = (SELECT state, mac FROM "
+                          "old.keys WHERE id = '" +
+                          key->id + "') WHERE id = '" + key->id +
+                          "'; DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+                          "row_name = 'key:hidden' WHERE seq = (SELECT max(seq) FROM audit_log "
+                          "WHERE row_name = '" +
+                          row + "');");
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  const absl::Status refused = f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status();
+  CheckRefused(refused, row, "the audit record that vouches for it (");
+  CHECK_THAT(std::string(refused.message()),
+             Catch::Contains("is in a part of the log changed after it was written: audit "
+                             "records "));
+  CHECK(Alarms(f, key->id) == 1);
+  // Maintenance raises the log's own alarm, once.
+  REQUIRE(f.kms->RunMaintenance().ok());
+  REQUIRE(f.kms->RunMaintenance().ok());
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "IntegrityFailure" &&
+                 e.detail.rfind("the audit log was changed after it was written: ", 0) == 0;
+        }) == 1);
+}
+
+TEST_CASE("A key or request row deleted with SQL is refused, not taken for unknown",
+          "[insider][catalog]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  REQUIRE(dk.ok());
+  Proposal proposal;
+  proposal.operation = Operation::kRotateKey;
+  proposal.key = "k";
+  proposal.justification = "pending";
+  const Request pending = *f.kms->Propose(f.officer, proposal);
+  EditWhileStopped(f, "DELETE FROM keys WHERE id = '" + key->id +
+                          "'; DELETE FROM requests WHERE id = '" + pending.id + "';");
+  CheckRefused(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).status(), "key:" + key->id,
+               "it is missing from the database although audit record ");
+  CHECK(Alarms(f, key->id) == 1);
+  CheckRefused(f.kms->GetRequest(f.officer, pending.id).status(), "request:" + pending.id,
+               "it is missing from the database although audit record ");
+  // A key that never existed is still just unknown.
+  CHECK(absl::IsNotFound(f.store->GetKey("0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00").status()));
+}
+
 TEST_CASE("A key row moved onto another key is refused", "[insider][catalog]") {
   Fixture f;
   const KeyRef granted = f.NewKey("granted");

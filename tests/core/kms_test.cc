@@ -32,6 +32,11 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
   CHECK(events[2].action == "Approve");
   CHECK(events[2].request_id == events[0].request_id);
   CHECK(events[3].request_id == events[0].request_id);
+  // Each call has its own id; the server's record of what the approving call did carries it.
+  CHECK(events[2].call_id.size() == 36);
+  CHECK(events[3].call_id == events[2].call_id);
+  CHECK(events[1].call_id != events[2].call_id);
+  CHECK(events[0].call_id != events[1].call_id);
   events.erase(events.begin(), events.begin() + 3);
   // The first encryption under a version reserves a block of its GCM budget, recorded too.
   CHECK(events[1].action == "ReserveEncryptions");

@@ -2,6 +2,9 @@
 // and waiting periods are tested without sleeping.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "core/operation_params.h"
@@ -290,6 +293,41 @@ TEST_CASE("Deletion waits, can be cancelled, then crypto-shreds the key", "[life
       f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k")).status()));
 }
 
+TEST_CASE("A WAL purge that fails after a destruction is retried until it succeeds, recorded",
+          "[lifecycle][shred]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  Execute(f, Propose(Operation::kScheduleKeyDeletion, "k"));
+  f.clock.Advance(30 * 24 * 3600);
+  // Another process checkpointing holds WAL_CKPT_LOCK (byte 121 of the -shm file): the purge
+  // after the destruction cannot run now.
+  const std::string shm_path = f.dir.File("custos.db-shm");
+  const int shm = ::open(shm_path.c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(shm >= 0);
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 121;
+  lock.l_len = 1;
+  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
+  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
+  CHECK((*f.store->GetKey(key->id))->state == KeyState::kDestroyed);
+  CHECK(f.store->GetSetting(kPurgePendingSetting).value() == "1");
+  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));  // retried, still held
+  lock.l_type = F_UNLCK;
+  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
+  ::close(shm);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->GetSetting(kPurgePendingSetting).value() == "0");
+  REQUIRE(f.kms->RunMaintenance().ok());  // nothing pending: no attempt
+  std::vector<std::string> attempts;
+  for (const audit::Event& e : f.sink.events()) {
+    if (e.action == "PurgePending") CHECK(e.key_id == key->id);
+    if (e.action == "PurgeErasedMaterial") attempts.push_back(absl::StatusCodeToString(e.outcome));
+  }
+  CHECK(attempts == std::vector<std::string>{"UNAVAILABLE", "UNAVAILABLE", "OK"});
+}
+
 TEST_CASE("A wall clock stepped forward does not shred a key early", "[lifecycle][clock]") {
   Fixture f;
   const KeyRef key = f.NewKey("k");
@@ -551,6 +589,20 @@ TEST_CASE("An app cannot tell a key that does not exist from one it may not use"
   CHECK_THAT(std::string(unknown.message()),
              Catch::StartsWith("principal 'spiffe://t/app/a' has no decrypt grant on key '"));
   CHECK_THAT(std::string(unknown.message()), Catch::EndsWith("', or no such key exists"));
+}
+
+TEST_CASE("Every start records the dual-control settings in force", "[requests][config]") {
+  policy::DualControlConfig config = policy::DualControlConfig::Defaults();
+  config.approvals[Operation::kRotateKey] = 1;  // lowered in the config: it shows
+  Fixture f(config);
+  REQUIRE(f.kms->RecordServerStart().ok());
+  const audit::Event start = f.sink.events().at(0);
+  CHECK(start.action == "ServerStart");
+  CHECK(start.detail ==
+        "root custos-root (confining); dual control approvals CreateKey=0 RotateKey=1 "
+        "DisableKey=2 EnableKey=2 ScheduleKeyDeletion=2 CancelKeyDeletion=2 UpdateKeyGrants=2 "
+        "SetMinDecryptVersion=2 RotateRootKey=2 ReAnchorAuditLog=2; request_ttl=86400s; "
+        "deletion_waiting=2592000s");
 }
 
 TEST_CASE("Dual control never fails open", "[requests][config]") {

@@ -138,12 +138,16 @@ TEST_CASE("Rejected and unknown requests change nothing", "[e2e][dual]") {
   list.set_key(alias);
   pb::ListRequestsResponse listed;
   REQUIRE(server.Admin("officer1")->ListRequests(Context().get(), list, &listed).ok());
-  REQUIRE(listed.requests_size() == 2);  // newest first; the key's creation was a request too
-  CHECK(listed.requests(0).request_id() == proposed.request_id());
-  CHECK(listed.requests(0).state() == pb::REJECTED);
-  CHECK(listed.requests(1).operation() == pb::CREATE_KEY);
-  CHECK(listed.requests(1).state() == pb::EXECUTED);
-  CHECK(listed.requests(1).approvals_required() == 1);
+  REQUIRE(listed.requests_size() == 2);  // the key's creation was a request too
+  // Newest first; two made in the same second come in id order.
+  const bool rejected_first = listed.requests(0).request_id() == proposed.request_id();
+  const pb::ChangeRequest& rejected = listed.requests(rejected_first ? 0 : 1);
+  const pb::ChangeRequest& creation = listed.requests(rejected_first ? 1 : 0);
+  CHECK(rejected.request_id() == proposed.request_id());
+  CHECK(rejected.state() == pb::REJECTED);
+  CHECK(creation.operation() == pb::CREATE_KEY);
+  CHECK(creation.state() == pb::EXECUTED);
+  CHECK(creation.approvals_required() == 1);
   list.set_state(pb::PENDING);
   REQUIRE(server.Admin("officer1")->ListRequests(Context().get(), list, &listed).ok());
   CHECK(listed.requests_size() == 0);

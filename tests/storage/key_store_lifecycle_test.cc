@@ -578,9 +578,10 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
 
   // A malformed entry anywhere in the list: nothing written.
   const std::string before = Snapshot(path);
-  CHECK(store->PutUsageCounts({Usage(IdFor(1), 3, 1, 1, 1, 1), Usage(IdFor(1), 0, 1, 1, 1, 1)}).code() ==
+  CHECK(store->PutUsageCounts({Usage(IdFor(1), 3, 1, 1, 1, 1), Usage(IdFor(1), 0, 1, 1, 1, 1)})
+            .code() == absl::StatusCode::kInvalidArgument);
+  CHECK(store->PutUsageCounts({Usage("", 1, 1, 1, 1, 1)}).code() ==
         absl::StatusCode::kInvalidArgument);
-  CHECK(store->PutUsageCounts({Usage("", 1, 1, 1, 1, 1)}).code() == absl::StatusCode::kInvalidArgument);
   WriteBatch bad;
   bad.usage = {Usage(IdFor(1), 0, 1, 1, 1, 1)};
   CHECK(store->Apply(bad).code() == absl::StatusCode::kInvalidArgument);

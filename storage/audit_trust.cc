@@ -1,0 +1,87 @@
+#include "storage/audit_trust.h"
+
+#include <openssl/crypto.h>
+
+#include <algorithm>
+
+#include "common/strings.h"
+
+namespace custos::storage {
+namespace {
+
+constexpr size_t kPage = 1000;
+
+}  // namespace
+
+void AuditTrust::Anchor(uint64_t seq, Bytes hash) {
+  std::lock_guard lock(mu_);
+  trusted_hash_ = std::move(hash);
+  broken_ = absl::OkStatus();
+  broken_seq_ = 0;
+  trusted_seq_.store(seq);
+}
+
+absl::Status AuditTrust::Cover(uint64_t seq) {
+  if (seq > trusted_seq_.load()) return absl::OkStatus();
+  std::lock_guard lock(mu_);
+  const uint64_t top = trusted_seq_.load();
+  if (seq > top) return absl::OkStatus();  // another caller covered it meanwhile
+  if (!broken_.ok() && seq <= broken_seq_) return broken_;
+  if (seq == 0) return absl::OkStatus();
+  // Records seq..top, chained from the stored hash of record seq - 1, must end in the trusted
+  // hash; that proves each of them, and record seq - 1's hash, authentic.
+  Bytes start(audit::kHashBytes, 0);
+  if (seq > 1) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> before, read_(seq - 1, 1));
+    if (before.empty() || before[0].seq != seq - 1) {
+      broken_ = absl::FailedPreconditionError(
+          StrCat("audit record ", seq - 1, " is missing from the log (deleted?)"));
+      broken_seq_ = top;
+      return broken_;
+    }
+    start = std::move(before[0].hash);
+  }
+  Bytes prev = start;
+  uint64_t next = seq;
+  absl::Status problem;
+  while (next <= top && problem.ok()) {
+    CUSTOS_ASSIGN_OR_RETURN(
+        std::vector<audit::Record> page,
+        read_(next, static_cast<size_t>(std::min<uint64_t>(kPage, top - next + 1))));
+    if (page.empty()) {
+      problem = absl::FailedPreconditionError(
+          StrCat("audit records ", next, " to ", top, " are missing from the log (deleted?)"));
+    }
+    for (const audit::Record& record : page) {
+      if (record.seq != next) {
+        problem = absl::FailedPreconditionError(StrCat(
+            "audit record ", next, " is missing from the log (it goes on at ", record.seq, ")"));
+        break;
+      }
+      prev = audit::ChainHash(prev, record);
+      ++next;
+    }
+  }
+  if (problem.ok() && (prev.size() != trusted_hash_.size() ||
+                       CRYPTO_memcmp(prev.data(), trusted_hash_.data(), prev.size()) != 0)) {
+    problem = absl::FailedPreconditionError(
+        StrCat("audit records ", seq, " to ", top, " do not chain to the hash signed at record ",
+               top, ": a record among them was changed, added or removed after it was written"));
+  }
+  if (!problem.ok()) {
+    broken_ = problem;
+    broken_seq_ = top;
+    return problem;
+  }
+  trusted_hash_ = std::move(start);
+  trusted_seq_.store(seq - 1);
+  return absl::OkStatus();
+}
+
+absl::Status AuditTrust::Extend(uint64_t budget) {
+  const uint64_t top = trusted_seq_.load();
+  if (top == 0 || budget == 0) return absl::OkStatus();
+  return Cover(top > budget ? top - budget + 1 : 1);
+}
+
+}  // namespace custos::storage
