@@ -29,7 +29,7 @@ audit::Event Kms::ServerEvent(std::string_view action, const std::string& key_id
   return event;
 }
 
-absl::Status Kms::Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const {
+absl::Status Kms::Commit(storage::WriteBatch batch, const std::vector<audit::Event>& events) const {
   // seq and hash are the store's to set, in commit order.
   for (const audit::Event& e : events) batch.audit.push_back(audit::RecordFromEvent(e, 0));
   absl::Status written = options_.store->Apply(batch);

@@ -79,7 +79,7 @@ class Kms::Call {
       if (e.call_id.empty()) e.call_id = event_.call_id;  // the server's records of this call
     }
     extra.insert(extra.begin(), event_);
-    CUSTOS_RETURN_IF_ERROR(kms_.Commit(std::move(batch), std::move(extra)));
+    CUSTOS_RETURN_IF_ERROR(kms_.Commit(std::move(batch), extra));
     recorded_ = true;
     return absl::OkStatus();
   }

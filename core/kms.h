@@ -330,7 +330,7 @@ class Kms {
   // Commits `batch` with the audit records of `events` in one transaction (group-committed
   // with concurrent callers), then mirrors the events to the operator's sink. UNAVAILABLE if
   // the log cannot be written: nothing of the batch is then written either.
-  absl::Status Commit(storage::WriteBatch batch, std::vector<audit::Event> events) const;
+  absl::Status Commit(storage::WriteBatch batch, const std::vector<audit::Event>& events) const;
   absl::StatusOr<std::string> ContextHmac(const EncryptionContext& context) const;
   // Writes an encryption reservation with its audit record (ReserveEncryptions).
   absl::Status Reserve(const storage::VersionUsage& reservation) const;

@@ -51,7 +51,7 @@ absl::Status Kms::PurgeErased() {
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> pending,
                           options_.store->GetSetting(kPurgePendingSetting));
   if (pending.value_or(std::string()) != std::string_view("1")) return absl::OkStatus();
-  const absl::Status purged = options_.store->PurgeErased();
+  absl::Status purged = options_.store->PurgeErased();
   audit::Event event = ServerEvent("PurgeErasedMaterial", "", "", purged.code(),
                                    purged.ok() ? "" : std::string(purged.message()));
   storage::WriteBatch done;
@@ -102,7 +102,7 @@ absl::Status Kms::RunMaintenanceLocked() {
   for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
   // A purge that cannot run now (a reader holding the file) is retried next turn; the rest of
   // the turn does not wait for it.
-  const absl::Status purged = PurgeErased();
+  absl::Status purged = PurgeErased();
   // Rotations due by period (whatever the primary version), then those a version's usage asked
   // for (only while that version is still primary: one crossing, one rotation).
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
@@ -204,7 +204,7 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
       moved += key_moved;
     }
     if (!batch.keys.empty()) {  // each page commits on its own, each key recorded
-      CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), std::move(events)));
+      CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), events));
     }
     rewrapped += moved;
     page_token = page.next_page_token;
@@ -290,7 +290,7 @@ absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
   events.front().row = storage::SettingRowName(kRetiredRootsSetting);
   storage::WriteBatch batch;
   batch.settings[kRetiredRootsSetting] = nlohmann::json(remaining).dump();
-  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), std::move(events)));
+  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), events));
   return first_failure;
 }
 

@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 #include <toml++/toml.h>
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -232,7 +233,7 @@ std::unique_ptr<grpc::ClientContext> NewContext() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int Run(int argc, char** argv) {
   CLI::App app{"custosctl: command-line client for the Custos key management server"};
   app.require_subcommand(1);
   Connection conn;
@@ -521,6 +522,15 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const std::runtime_error& e) {
     std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+}
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {  // e.g. out of memory: said, never a crash dump
+    std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
   }
 }

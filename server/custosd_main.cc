@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <fstream>
 #include <mutex>
 #include <string_view>
@@ -125,7 +126,7 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
 }
 
 // Creates one HSM key if missing; logs what it did. ALREADY_EXISTS is success here.
-absl::Status Ensure(absl::Status created, std::string_view what, const Config& config) {
+absl::Status Ensure(const absl::Status& created, std::string_view what, const Config& config) {
   if (absl::IsAlreadyExists(created)) {
     spdlog::info("{} already exists on token '{}'; nothing to do", what, config.hsm_token_label);
     return absl::OkStatus();
@@ -185,7 +186,7 @@ int Init(const Config& config) {
       root_done = MissingRotatedRoot(*root, root_done);
     }
   }
-  for (absl::Status done :
+  for (const absl::Status& done :
        {root_done,
         Ensure((*hsm)->CreateHmacKey(config.audit_hmac_key_label),
                StrCat("audit HMAC key '", config.audit_hmac_key_label, "'"), config),
@@ -388,7 +389,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
 }  // namespace
 }  // namespace custos::server
 
-int main(int argc, char** argv) {
+static int Run(int argc, char** argv) {
   using namespace custos::server;
   HardenProcess();
   CLI::App app{"custosd: the Custos key management server"};
@@ -407,4 +408,13 @@ int main(int argc, char** argv) {
   if (!config.ok()) return Fail(config.status());
   spdlog::set_level(spdlog::level::from_str(config->log_level));
   return init->parsed() ? Init(*config) : Serve(*config, port_file, allow_re_anchor);
+}
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {  // e.g. out of memory: said, never a crash dump
+    std::fprintf(stderr, "custosd: %s\n", e.what());
+    return 1;
+  }
 }

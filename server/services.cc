@@ -173,9 +173,11 @@ grpc::Status StreamPages(
 }
 
 // Declares `caller`, the authenticated caller of this RPC (named by __func__), or returns.
+// NOLINTBEGIN(bugprone-macro-parentheses): `caller` names the variable it declares.
 #define CUSTOS_CALLER_OR_RETURN(caller, context)              \
   absl::StatusOr<core::Caller> caller = CallerOf(*(context)); \
   if (!caller.ok()) return RefuseUnauthenticated(*kms_, __func__, *(context), caller.status())
+// NOLINTEND(bugprone-macro-parentheses)
 
 }  // namespace
 

@@ -42,7 +42,7 @@ absl::Status RowIntegrity::Check(const std::string& name, std::span<const uint8_
     return Refuse(name,
                   "it is not the version the audit log last recorded (an older copy put back?)");
   }
-  const absl::Status covered = trust_->Cover(recorded->seq);
+  absl::Status covered = trust_->Cover(recorded->seq);
   if (absl::IsFailedPrecondition(covered)) {
     return Refuse(name, StrCat("the audit record that vouches for it (", recorded->seq,
                                ") is in a part of the log changed after it was written: ",

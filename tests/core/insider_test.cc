@@ -49,6 +49,26 @@ void ExecuteAs3(Fixture& f, Operation operation, const std::string& key,
   REQUIRE(done->state == RequestState::kExecuted);
 }
 
+// A key enabled, with a copy of the database made then (the key's genuine ENABLED row and
+// MAC), then disabled by two officers: what a DBA holding the copy starts from. Returns the
+// copy's path.
+std::string DisabledKeyWithOlderCopy(Fixture& f, KeyRef& key) {
+  key = f.NewKey("k");
+  f.kms.reset();
+  f.store.reset();
+  const std::string older = f.dir.File("older.db");
+  std::filesystem::copy_file(Db(f), older);
+  f.Restart();
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+  return older;
+}
+
+// SQL putting back the key's state and MAC from the older copy.
+std::string PutBackOlderRow(const std::string& older, const std::string& key_id) {
+  return "ATTACH '" + older + "' AS old; UPDATE keys SET (state, mac) = (SELECT state, mac FROM " +
+         "old.keys WHERE id = '" + key_id + "') WHERE id = '" + key_id + "';";
+}
+
 size_t Alarms(Fixture& f, const std::string& key_id) {
   const std::vector<audit::Event> events = f.sink.events();
   return static_cast<size_t>(std::count_if(events.begin(), events.end(), [&](const auto& e) {
@@ -109,17 +129,9 @@ TEST_CASE("A key's state and minimum decrypt version edited with SQL are refused
 TEST_CASE("A key row put back from an older copy is refused: the log recorded a later one",
           "[insider][catalog]") {
   Fixture f;
-  const KeyRef key = f.NewKey("k");
-  f.kms.reset();
-  f.store.reset();
-  const std::string older = f.dir.File("older.db");
-  std::filesystem::copy_file(Db(f), older);  // the key ENABLED, with its genuine MAC
-  f.Restart();
-  ExecuteAs3(f, Operation::kDisableKey, "k");
-  EditWhileStopped(f, "ATTACH '" + older +
-                          "' AS old; UPDATE keys SET (state, mac) = (SELECT "
-                          "state, mac FROM old.keys WHERE id = '" +
-                          key->id + "') WHERE id = '" + key->id + "';");
+  KeyRef key;
+  const std::string older = DisabledKeyWithOlderCopy(f, key);
+  EditWhileStopped(f, PutBackOlderRow(older, key->id));
   CheckRefused(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status(), "key:" + key->id,
                "it is not the version the audit log last recorded");
 }
@@ -127,24 +139,16 @@ TEST_CASE("A key row put back from an older copy is refused: the log recorded a 
 TEST_CASE("A row put back with the newer record naming it hidden is refused once anchored",
           "[insider][catalog][anchor]") {
   Fixture f;
-  const KeyRef key = f.NewKey("k");
-  f.kms.reset();
-  f.store.reset();
-  const std::string older = f.dir.File("older.db");
-  std::filesystem::copy_file(Db(f), older);  // the key ENABLED, with its genuine MAC
-  f.Restart();
-  ExecuteAs3(f, Operation::kDisableKey, "k");
+  KeyRef key;
+  const std::string older = DisabledKeyWithOlderCopy(f, key);
   for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
   REQUIRE(f.kms->Checkpoint().ok());                                     // the HSM keeps this head
   // The ENABLED row put back, and the newer record naming the key renamed so that the
   // creation's record is the newest one naming it again: no stored hash is touched, so the
   // start-up check from the HSM's head does not see it.
   const std::string row = "key:" + key->id;
-  EditWhileStopped(f, "ATTACH '" + older +
-                          "' AS old; UPDATE keys SET (state, mac) = (SELECT state, mac FROM "
-                          "old.keys WHERE id = '" +
-                          key->id + "') WHERE id = '" + key->id +
-                          "'; DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+  EditWhileStopped(f, PutBackOlderRow(older, key->id) +
+                          "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
                           "row_name = 'key:hidden' WHERE seq = (SELECT max(seq) FROM audit_log "
                           "WHERE row_name = '" +
                           row + "');");

@@ -2,13 +2,11 @@
 // and waiting periods are tested without sleeping.
 #include <catch2/catch.hpp>
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 
 #include "core/operation_params.h"
 #include "tests/core/kms_fixture.h"
+#include "tests/support/sqlite_file.h"
 
 namespace custos::core {
 namespace {
@@ -299,24 +297,14 @@ TEST_CASE("A WAL purge that fails after a destruction is retried until it succee
   const KeyRef key = f.NewKey("k");
   Execute(f, Propose(Operation::kScheduleKeyDeletion, "k"));
   f.clock.Advance(30 * 24 * 3600);
-  // Another process checkpointing holds WAL_CKPT_LOCK (byte 121 of the -shm file): the purge
-  // after the destruction cannot run now.
-  const std::string shm_path = f.dir.File("custos.db-shm");
-  const int shm = ::open(shm_path.c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(shm >= 0);
-  struct flock lock {};
-  lock.l_type = F_WRLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = 121;
-  lock.l_len = 1;
-  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
-  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
-  CHECK((*f.store->GetKey(key->id))->state == KeyState::kDestroyed);
-  CHECK(f.store->GetSetting(kPurgePendingSetting).value() == "1");
-  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));  // retried, still held
-  lock.l_type = F_UNLCK;
-  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
-  ::close(shm);
+  {
+    // Another process checkpointing: the purge after the destruction cannot run now.
+    const custos::testing::CheckpointLockHeld checkpointing(f.dir.File("custos.db"));
+    CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
+    CHECK((*f.store->GetKey(key->id))->state == KeyState::kDestroyed);
+    CHECK(f.store->GetSetting(kPurgePendingSetting).value() == "1");
+    CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));  // retried, still held
+  }
   REQUIRE(f.kms->RunMaintenance().ok());
   CHECK(f.store->GetSetting(kPurgePendingSetting).value() == "0");
   REQUIRE(f.kms->RunMaintenance().ok());  // nothing pending: no attempt

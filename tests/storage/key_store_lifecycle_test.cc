@@ -1,6 +1,5 @@
 // KeyStore's lifecycle surface: Apply, crypto-shredding (PurgeErased), migration from schema
 // version 1, the sweeps' queries and usage counters.
-#include <fcntl.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -21,11 +20,13 @@
 #include "storage/sqlite.h"
 #include "tests/storage/store_test_util.h"
 #include "tests/support/files.h"
+#include "tests/support/sqlite_file.h"
 #include "tests/support/temp_dir.h"
 
 namespace custos::storage {
 namespace {
 
+using custos::testing::CheckpointLockHeld;
 using custos::testing::ReadFile;
 using custos::testing::TempDir;
 using namespace custos::storage::test;  // NOLINT: the shared helpers
@@ -417,25 +418,13 @@ TEST_CASE("PurgeErased is UNAVAILABLE while another process is checkpointing",
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
   REQUIRE(store->CreateKey(MakeKey(1)).ok());
-  // Another process's checkpoint holds WAL_CKPT_LOCK, byte 121 of the -shm file (SQLite's
-  // documented WAL-index layout): SQLite then gives up at once, without the busy timeout
-  // that another connection's reader or writer would first be waited for (5 s: too slow for
-  // a unit test). An open-file-description lock conflicts with SQLite's own POSIX locks even
-  // within this process.
-  const int shm = ::open((path + "-shm").c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(shm >= 0);
-  struct flock lock {};
-  lock.l_type = F_WRLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = 121;
-  lock.l_len = 1;
-  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
-  const absl::Status status = store->PurgeErased();
-  CHECK(status.code() == absl::StatusCode::kUnavailable);
-  CHECK_THAT(std::string(status.message()), Catch::Contains("could not checkpoint"));
-  lock.l_type = F_UNLCK;
-  REQUIRE(::fcntl(shm, F_OFD_SETLK, &lock) == 0);
-  ::close(shm);
+  {
+    // Another process's checkpoint: SQLite gives up at once (see CheckpointLockHeld).
+    const CheckpointLockHeld checkpointing(path);
+    const absl::Status status = store->PurgeErased();
+    CHECK(status.code() == absl::StatusCode::kUnavailable);
+    CHECK_THAT(std::string(status.message()), Catch::Contains("could not checkpoint"));
+  }
   CHECK(store->PurgeErased().ok());
 }
 

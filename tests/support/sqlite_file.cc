@@ -1,5 +1,8 @@
 #include "tests/support/sqlite_file.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <sqlite3.h>
 
 #include <catch2/catch.hpp>
@@ -34,6 +37,27 @@ std::string SqlExec(const std::string& db_path, const std::string& sql) {
   sqlite3_free(error);
   sqlite3_close(db);
   return message;
+}
+
+CheckpointLockHeld::CheckpointLockHeld(const std::string& db_path) {
+  shm_ = ::open((db_path + "-shm").c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(shm_ >= 0);
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 121;
+  lock.l_len = 1;
+  REQUIRE(::fcntl(shm_, F_OFD_SETLK, &lock) == 0);
+}
+
+CheckpointLockHeld::~CheckpointLockHeld() {
+  struct flock lock {};
+  lock.l_type = F_UNLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 121;
+  lock.l_len = 1;
+  ::fcntl(shm_, F_OFD_SETLK, &lock);
+  ::close(shm_);
 }
 
 }  // namespace custos::testing
