@@ -380,4 +380,21 @@ absl::Status Kms::RecordAuthenticationRefusal(std::string_view rpc, std::string 
   return Commit({}, {std::move(event)});
 }
 
+absl::Status Kms::RecordRefusedCalls(const std::vector<RefusedCalls>& refused) {
+  std::vector<audit::Event> events;
+  events.reserve(refused.size());
+  for (const RefusedCalls& tally : refused) {
+    audit::Event event;
+    event.time = options_.clock->NowSeconds();
+    event.principal = tally.principal;
+    event.action = tally.rpc;
+    event.outcome = tally.code;
+    event.peer = tally.peer;
+    event.detail = StrCat(tally.count, tally.count == 1 ? " call" : " calls", " refused from ",
+                          tally.first, " to ", tally.last, ": ", tally.reason);
+    events.push_back(std::move(event));
+  }
+  return Commit({}, events);
+}
+
 }  // namespace custos::core

@@ -222,6 +222,20 @@ class Kms {
   // and the caller is then told so rather than left with a refusal nobody recorded.
   absl::Status RecordAuthenticationRefusal(std::string_view rpc, std::string peer,
                                            std::string_view reason);
+  // Calls the front door refused before any use case ran (for capacity), counted: one record
+  // per tally, so a client retrying in a loop adds a record per interval, not one per call.
+  struct RefusedCalls {
+    std::string rpc;        // e.g. "GenerateDataKey"
+    std::string principal;  // "" if the caller was not authenticated
+    std::string peer;       // the caller's address
+    absl::StatusCode code = absl::StatusCode::kResourceExhausted;
+    std::string reason;  // why, with no secret
+    uint64_t count = 0;
+    int64_t first = 0;  // Unix seconds of the first and last refusal counted
+    int64_t last = 0;
+  };
+  // One record each, committed together. UNAVAILABLE if the audit log refuses.
+  absl::Status RecordRefusedCalls(const std::vector<RefusedCalls>& refused);
 
   // Signs a checkpoint of the audit log's head with the HSM's signing key, naming the last
   // stored checkpoint as its predecessor, stores it and keeps its head in the HSM (a private

@@ -222,6 +222,12 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   }
   if (cache < 1) return absl::InvalidArgumentError("config: hsm.key_cache must be at least 1");
   c.worker_threads = static_cast<int>(threads);
+  int64_t max_waiting = static_cast<int64_t>(c.max_waiting_calls);
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "max_waiting_calls", &max_waiting));
+  if (max_waiting < 1 || max_waiting > 1'000'000) {
+    return absl::InvalidArgumentError("config: server.max_waiting_calls must be 1..1000000");
+  }
+  c.max_waiting_calls = static_cast<size_t>(max_waiting);
   c.key_cache_capacity = static_cast<size_t>(cache);
   CUSTOS_RETURN_IF_ERROR(settings.RefuseUnknown("dual_control"));
 

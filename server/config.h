@@ -16,7 +16,11 @@ namespace custos::server {
 
 struct Config {
   std::string listen = "127.0.0.1:7443";
-  int worker_threads = 16;           // also the HSM session pool size
+  // Threads running calls' blocking work (HSM calls, audit commits); also the HSM session
+  // pool size. Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
+  // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
+  int worker_threads = 16;
+  size_t max_waiting_calls = 4096;
   size_t max_message_bytes = 65536;  // larger requests get RESOURCE_EXHAUSTED
 
   std::string tls_cert;

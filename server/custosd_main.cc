@@ -109,6 +109,9 @@ class Maintenance {
   std::thread thread_;
 };
 
+// Threads of the synchronous AuditService, gRPC's pollers included.
+constexpr int kAuditServiceThreads = 8;
+
 int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());
   return 1;
@@ -309,8 +312,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         "SealCatalogRow); from now on a row changed outside Custos is refused",
         *sealed);
   }
-  KeyServiceImpl key_service(&kms);
-  AdminServiceImpl admin_service(&kms);
+  RefusalRecorder refusals(&kms, &clock);
+  auto runner = std::make_unique<CallRunner>(
+      &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
+  KeyServiceImpl key_service(runner.get());
+  AdminServiceImpl admin_service(runner.get());
   AuditServiceImpl audit_service(&kms);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -328,10 +334,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       !age.ok()) {
     return Fail(age);
   }
-  // Worker threads beyond the HSM session pool would only queue on it; past this bound gRPC
-  // answers RESOURCE_EXHAUSTED instead of piling up calls.
+  // Only the AuditService is synchronous (its streams): gRPC gives it a small pool of its own
+  // threads, pollers included; an auditor beyond it gets RESOURCE_EXHAUSTED from gRPC.
   grpc::ResourceQuota quota("custosd");
-  quota.SetMaxThreads(config.worker_threads + 2);
+  quota.SetMaxThreads(kAuditServiceThreads);
   builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
@@ -349,6 +355,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       const storage::CommitStats stats = (*store)->GetCommitStats();
       spdlog::info("group commit: {} batches in {} transactions since start", stats.batches,
                    stats.transactions);
+      const CallRunner::Counts calls = runner->counts();
+      spdlog::info(
+          "calls: {} waiting now; {} refused (queue full) and {} abandoned by their "
+          "clients before they ran, since start",
+          runner->waiting(), calls.refused, calls.abandoned);
       continue;
     }
     if (signal != SIGHUP) break;
@@ -375,6 +386,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   }
   spdlog::info("shutting down");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  runner.reset();  // runs (as cancelled) what still waits
+  refusals.Stop();
   maintenance.Stop();
   if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {
     spdlog::error("{}", stopped.ToString());

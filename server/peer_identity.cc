@@ -250,7 +250,7 @@ PeerAuthenticator& ProcessAuthenticator() {
   return authenticator;
 }
 
-absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context) {
+absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContextBase& context) {
   core::Caller caller;
   caller.peer = context.peer();
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();

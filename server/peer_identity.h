@@ -129,6 +129,6 @@ PeerAuthenticator& ProcessAuthenticator();
 // certificate, or one that names no usable identity or may not be used now (the message then
 // ends with the certificate's fingerprint, so the refusal's audit record says which
 // certificate it was).
-absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContext& context);
+absl::StatusOr<core::Caller> CallerOf(const grpc::ServerContextBase& context);
 
 }  // namespace custos::server

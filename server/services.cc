@@ -1,6 +1,7 @@
 #include "server/services.h"
 
 #include "absl/functional/function_ref.h"
+#include "common/strings.h"
 #include "core/operation_params.h"
 #include "server/audit_proto.h"
 #include "server/grpc_status.h"
@@ -140,7 +141,7 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
 // A call without a usable identity is refused, and the refusal recorded (fail closed: the
 // caller hears UNAVAILABLE if the audit log cannot take the record).
 grpc::Status RefuseUnauthenticated(core::Kms& kms, std::string_view rpc,
-                                   const grpc::ServerContext& context,
+                                   const grpc::ServerContextBase& context,
                                    const absl::Status& refusal) {
   const absl::Status recorded =
       kms.RecordAuthenticationRefusal(rpc, context.peer(), std::string(refusal.message()));
@@ -181,185 +182,268 @@ grpc::Status StreamPages(
 
 }  // namespace
 
-grpc::Status KeyServiceImpl::GenerateDataKey(grpc::ServerContext* context,
-                                             const pb::GenerateDataKeyRequest* request,
-                                             pb::GenerateDataKeyResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::DataKey> key =
-      kms_->GenerateDataKey(*caller, request->key(), ToContext(request->encryption_context()),
-                            DataKeyBytes(request->key_spec()), /*with_plaintext=*/true);
-  if (!key.ok()) return ToGrpcStatus(key.status());
-  SetPlaintext(key->plaintext, response->mutable_plaintext());
-  response->set_ciphertext_blob(ToString(key->ciphertext_blob));
-  response->set_key_id(key->key_id);
-  response->set_key_version(key->key_version);
-  return grpc::Status::OK;
+CallRunner::CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads,
+                       size_t max_waiting)
+    : kms_(kms), refusals_(refusals), queue_(threads, max_waiting) {}
+
+grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, const char* rpc,
+                                          Work work) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const bool queued = queue_.TrySubmit([this, context, reactor, rpc, work = std::move(work)] {
+    reactor->Finish(Execute(*context, rpc, work));
+  });
+  if (!queued) {
+    ++refused_;
+    const std::string reason = StrCat("custosd is at capacity: ", queue_.max_waiting(),
+                                      " calls are waiting already (server.max_waiting_calls)");
+    absl::StatusOr<core::Caller> caller = CallerOf(*context);
+    refusals_->Refused(rpc, caller.ok() ? std::move(caller->principal) : std::string(),
+                       context->peer(), absl::StatusCode::kResourceExhausted, reason);
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, StrCat(reason, "; retry with backoff")));
+  }
+  return reactor;
 }
 
-grpc::Status KeyServiceImpl::GenerateDataKeyWithoutPlaintext(
-    grpc::ServerContext* context, const pb::GenerateDataKeyRequest* request,
+grpc::Status CallRunner::Execute(const grpc::CallbackServerContext& context, const char* rpc,
+                                 const Work& work) {
+  // Nobody is waiting for the answer: do no HSM work and write no record for it.
+  if (context.IsCancelled()) {
+    ++abandoned_;
+    return grpc::Status::CANCELLED;
+  }
+  if (context.deadline() <= std::chrono::system_clock::now()) {
+    ++abandoned_;
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                        "the call's deadline passed while it waited in custosd's queue");
+  }
+  absl::StatusOr<core::Caller> caller = CallerOf(context);
+  if (!caller.ok()) return RefuseUnauthenticated(*kms_, rpc, context, caller.status());
+  return work(*kms_, *caller);
+}
+
+grpc::ServerUnaryReactor* KeyServiceImpl::GenerateDataKey(grpc::CallbackServerContext* context,
+                                                          const pb::GenerateDataKeyRequest* request,
+                                                          pb::GenerateDataKeyResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::DataKey> key =
+            kms.GenerateDataKey(caller, request->key(), ToContext(request->encryption_context()),
+                                DataKeyBytes(request->key_spec()), /*with_plaintext=*/true);
+        if (!key.ok()) return ToGrpcStatus(key.status());
+        SetPlaintext(key->plaintext, response->mutable_plaintext());
+        response->set_ciphertext_blob(ToString(key->ciphertext_blob));
+        response->set_key_id(key->key_id);
+        response->set_key_version(key->key_version);
+        return grpc::Status::OK;
+      });
+}
+
+grpc::ServerUnaryReactor* KeyServiceImpl::GenerateDataKeyWithoutPlaintext(
+    grpc::CallbackServerContext* context, const pb::GenerateDataKeyRequest* request,
     pb::GenerateDataKeyWithoutPlaintextResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::DataKey> key =
-      kms_->GenerateDataKey(*caller, request->key(), ToContext(request->encryption_context()),
-                            DataKeyBytes(request->key_spec()), /*with_plaintext=*/false);
-  if (!key.ok()) return ToGrpcStatus(key.status());
-  response->set_ciphertext_blob(ToString(key->ciphertext_blob));
-  response->set_key_id(key->key_id);
-  response->set_key_version(key->key_version);
-  return grpc::Status::OK;
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::DataKey> key =
+            kms.GenerateDataKey(caller, request->key(), ToContext(request->encryption_context()),
+                                DataKeyBytes(request->key_spec()), /*with_plaintext=*/false);
+        if (!key.ok()) return ToGrpcStatus(key.status());
+        response->set_ciphertext_blob(ToString(key->ciphertext_blob));
+        response->set_key_id(key->key_id);
+        response->set_key_version(key->key_version);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status KeyServiceImpl::Encrypt(grpc::ServerContext* context,
-                                     const pb::EncryptRequest* request,
-                                     pb::EncryptResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Ciphertext> sealed =
-      kms_->Encrypt(*caller, request->key(), AsBytes(request->plaintext()),
-                    ToContext(request->encryption_context()));
-  if (!sealed.ok()) return ToGrpcStatus(sealed.status());
-  response->set_ciphertext_blob(ToString(sealed->ciphertext_blob));
-  response->set_key_id(sealed->key_id);
-  response->set_key_version(sealed->key_version);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* KeyServiceImpl::Encrypt(grpc::CallbackServerContext* context,
+                                                  const pb::EncryptRequest* request,
+                                                  pb::EncryptResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Ciphertext> sealed =
+            kms.Encrypt(caller, request->key(), AsBytes(request->plaintext()),
+                        ToContext(request->encryption_context()));
+        if (!sealed.ok()) return ToGrpcStatus(sealed.status());
+        response->set_ciphertext_blob(ToString(sealed->ciphertext_blob));
+        response->set_key_id(sealed->key_id);
+        response->set_key_version(sealed->key_version);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status KeyServiceImpl::Decrypt(grpc::ServerContext* context,
-                                     const pb::DecryptRequest* request,
-                                     pb::DecryptResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Plaintext> opened = kms_->Decrypt(
-      *caller, AsBytes(request->ciphertext_blob()), ToContext(request->encryption_context()));
-  if (!opened.ok()) return ToGrpcStatus(opened.status());
-  SetPlaintext(opened->plaintext, response->mutable_plaintext());
-  response->set_key_id(opened->key_id);
-  response->set_key_version(opened->key_version);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* KeyServiceImpl::Decrypt(grpc::CallbackServerContext* context,
+                                                  const pb::DecryptRequest* request,
+                                                  pb::DecryptResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Plaintext> opened = kms.Decrypt(
+            caller, AsBytes(request->ciphertext_blob()), ToContext(request->encryption_context()));
+        if (!opened.ok()) return ToGrpcStatus(opened.status());
+        SetPlaintext(opened->plaintext, response->mutable_plaintext());
+        response->set_key_id(opened->key_id);
+        response->set_key_version(opened->key_version);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status KeyServiceImpl::ReEncrypt(grpc::ServerContext* context,
-                                       const pb::ReEncryptRequest* request,
-                                       pb::ReEncryptResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::ReEncrypted> result = kms_->ReEncrypt(
-      *caller, AsBytes(request->ciphertext_blob()), ToContext(request->source_encryption_context()),
-      request->destination_key(), ToContext(request->destination_encryption_context()));
-  if (!result.ok()) return ToGrpcStatus(result.status());
-  response->set_ciphertext_blob(ToString(result->destination.ciphertext_blob));
-  response->set_source_key_id(result->source_key_id);
-  response->set_source_key_version(result->source_key_version);
-  response->set_key_id(result->destination.key_id);
-  response->set_key_version(result->destination.key_version);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* KeyServiceImpl::ReEncrypt(grpc::CallbackServerContext* context,
+                                                    const pb::ReEncryptRequest* request,
+                                                    pb::ReEncryptResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::ReEncrypted> result = kms.ReEncrypt(
+            caller, AsBytes(request->ciphertext_blob()),
+            ToContext(request->source_encryption_context()), request->destination_key(),
+            ToContext(request->destination_encryption_context()));
+        if (!result.ok()) return ToGrpcStatus(result.status());
+        response->set_ciphertext_blob(ToString(result->destination.ciphertext_blob));
+        response->set_source_key_id(result->source_key_id);
+        response->set_source_key_version(result->source_key_version);
+        response->set_key_id(result->destination.key_id);
+        response->set_key_version(result->destination.key_version);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::CreateKey(grpc::ServerContext* context,
-                                         const pb::CreateKeyRequest* request,
-                                         pb::KeyMetadata* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::KeyRef> key = kms_->CreateKey(*caller, ToCreateParams(*request));
-  if (!key.ok()) return ToGrpcStatus(key.status());
-  FillMetadata(**key, response);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::CreateKey(grpc::CallbackServerContext* context,
+                                                      const pb::CreateKeyRequest* request,
+                                                      pb::KeyMetadata* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::KeyRef> key = kms.CreateKey(caller, ToCreateParams(*request));
+        if (!key.ok()) return ToGrpcStatus(key.status());
+        FillMetadata(**key, response);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::DescribeKey(grpc::ServerContext* context,
-                                           const pb::DescribeKeyRequest* request,
-                                           pb::KeyMetadata* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Kms::KeyDescription> described = kms_->DescribeKey(*caller, request->key());
-  if (!described.ok()) return ToGrpcStatus(described.status());
-  FillMetadata(*described->key, response, described->usage);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::DescribeKey(grpc::CallbackServerContext* context,
+                                                        const pb::DescribeKeyRequest* request,
+                                                        pb::KeyMetadata* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Kms::KeyDescription> described =
+            kms.DescribeKey(caller, request->key());
+        if (!described.ok()) return ToGrpcStatus(described.status());
+        FillMetadata(*described->key, response, described->usage);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::ListKeys(grpc::ServerContext* context,
-                                        const pb::ListKeysRequest* request,
-                                        pb::ListKeysResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  const size_t page_size = request->page_size() == 0 ? 100 : request->page_size();
-  absl::StatusOr<storage::KeyPage> page = kms_->ListKeys(*caller, page_size, request->page_token());
-  if (!page.ok()) return ToGrpcStatus(page.status());
-  for (const auto& key : page->keys) FillMetadata(*key, response->add_keys());
-  response->set_next_page_token(page->next_page_token);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::ListKeys(grpc::CallbackServerContext* context,
+                                                     const pb::ListKeysRequest* request,
+                                                     pb::ListKeysResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        const size_t page_size = request->page_size() == 0 ? 100 : request->page_size();
+        absl::StatusOr<storage::KeyPage> page =
+            kms.ListKeys(caller, page_size, request->page_token());
+        if (!page.ok()) return ToGrpcStatus(page.status());
+        for (const auto& key : page->keys) FillMetadata(*key, response->add_keys());
+        response->set_next_page_token(page->next_page_token);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::Propose(grpc::ServerContext* context,
-                                       const pb::ProposeRequest* request,
-                                       pb::ChangeRequest* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  const std::optional<policy::Operation> operation = FromProto(request->operation());
-  if (!operation) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "operation is missing or unknown");
-  }
-  core::Proposal proposal;
-  proposal.operation = *operation;
-  proposal.key = request->key();
-  proposal.justification = request->justification();
-  proposal.params.create = ToCreateParams(request->create_key());
-  proposal.params.encrypt_principals.insert(request->encrypt_principals().begin(),
-                                            request->encrypt_principals().end());
-  proposal.params.decrypt_principals.insert(request->decrypt_principals().begin(),
-                                            request->decrypt_principals().end());
-  proposal.params.min_decrypt_version = request->min_decrypt_version();
-  proposal.params.deletion_waiting_days = request->deletion_waiting_days();
-  absl::StatusOr<core::Request> proposed = kms_->Propose(*caller, proposal);
-  if (!proposed.ok()) return ToGrpcStatus(proposed.status());
-  FillRequest(*proposed, kms_->ApprovalsFor(*proposed), response);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::Propose(grpc::CallbackServerContext* context,
+                                                    const pb::ProposeRequest* request,
+                                                    pb::ChangeRequest* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        const std::optional<policy::Operation> operation = FromProto(request->operation());
+        if (!operation) {
+          return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "operation is missing or unknown");
+        }
+        core::Proposal proposal;
+        proposal.operation = *operation;
+        proposal.key = request->key();
+        proposal.justification = request->justification();
+        proposal.params.create = ToCreateParams(request->create_key());
+        proposal.params.encrypt_principals.insert(request->encrypt_principals().begin(),
+                                                  request->encrypt_principals().end());
+        proposal.params.decrypt_principals.insert(request->decrypt_principals().begin(),
+                                                  request->decrypt_principals().end());
+        proposal.params.min_decrypt_version = request->min_decrypt_version();
+        proposal.params.deletion_waiting_days = request->deletion_waiting_days();
+        absl::StatusOr<core::Request> proposed = kms.Propose(caller, proposal);
+        if (!proposed.ok()) return ToGrpcStatus(proposed.status());
+        FillRequest(*proposed, kms.ApprovalsFor(*proposed), response);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::Approve(grpc::ServerContext* context,
-                                       const pb::ApproveRequest* request,
-                                       pb::ChangeRequest* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Request> approved =
-      kms_->Approve(*caller, request->request_id(), request->digest());
-  if (!approved.ok()) return ToGrpcStatus(approved.status());
-  FillRequest(*approved, kms_->ApprovalsFor(*approved), response);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::Approve(grpc::CallbackServerContext* context,
+                                                    const pb::ApproveRequest* request,
+                                                    pb::ChangeRequest* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Request> approved =
+            kms.Approve(caller, request->request_id(), request->digest());
+        if (!approved.ok()) return ToGrpcStatus(approved.status());
+        FillRequest(*approved, kms.ApprovalsFor(*approved), response);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::Reject(grpc::ServerContext* context,
-                                      const pb::RejectRequest* request,
-                                      pb::ChangeRequest* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Request> rejected =
-      kms_->Reject(*caller, request->request_id(), request->reason());
-  if (!rejected.ok()) return ToGrpcStatus(rejected.status());
-  FillRequest(*rejected, kms_->ApprovalsFor(*rejected), response);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::Reject(grpc::CallbackServerContext* context,
+                                                   const pb::RejectRequest* request,
+                                                   pb::ChangeRequest* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Request> rejected =
+            kms.Reject(caller, request->request_id(), request->reason());
+        if (!rejected.ok()) return ToGrpcStatus(rejected.status());
+        FillRequest(*rejected, kms.ApprovalsFor(*rejected), response);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::GetRequest(grpc::ServerContext* context,
-                                          const pb::GetRequestRequest* request,
-                                          pb::ChangeRequest* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Request> found = kms_->GetRequest(*caller, request->request_id());
-  if (!found.ok()) return ToGrpcStatus(found.status());
-  FillRequest(*found, kms_->ApprovalsFor(*found), response);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::GetRequest(grpc::CallbackServerContext* context,
+                                                       const pb::GetRequestRequest* request,
+                                                       pb::ChangeRequest* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Request> found = kms.GetRequest(caller, request->request_id());
+        if (!found.ok()) return ToGrpcStatus(found.status());
+        FillRequest(*found, kms.ApprovalsFor(*found), response);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AdminServiceImpl::ListRequests(grpc::ServerContext* context,
-                                            const pb::ListRequestsRequest* request,
-                                            pb::ListRequestsResponse* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  storage::RequestFilter filter;
-  if (request->state() != pb::REQUEST_STATE_UNSPECIFIED) {
-    filter.state = static_cast<storage::RequestState>(request->state());
-  }
-  filter.key_id = request->key();
-  const size_t page_size = request->page_size() == 0 ? 100 : request->page_size();
-  absl::StatusOr<storage::RequestPage> page =
-      kms_->ListRequests(*caller, filter, page_size, request->page_token());
-  if (!page.ok()) return ToGrpcStatus(page.status());
-  for (const core::Request& r : page->requests) {
-    FillRequest(r, kms_->ApprovalsFor(r), response->add_requests());
-  }
-  response->set_next_page_token(page->next_page_token);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AdminServiceImpl::ListRequests(grpc::CallbackServerContext* context,
+                                                         const pb::ListRequestsRequest* request,
+                                                         pb::ListRequestsResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        storage::RequestFilter filter;
+        if (request->state() != pb::REQUEST_STATE_UNSPECIFIED) {
+          filter.state = static_cast<storage::RequestState>(request->state());
+        }
+        filter.key_id = request->key();
+        const size_t page_size = request->page_size() == 0 ? 100 : request->page_size();
+        absl::StatusOr<storage::RequestPage> page =
+            kms.ListRequests(caller, filter, page_size, request->page_token());
+        if (!page.ok()) return ToGrpcStatus(page.status());
+        for (const core::Request& r : page->requests) {
+          FillRequest(r, kms.ApprovalsFor(r), response->add_requests());
+        }
+        response->set_next_page_token(page->next_page_token);
+        return grpc::Status::OK;
+      });
 }
 
 grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,

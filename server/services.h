@@ -1,62 +1,113 @@
-// The gRPC front door: KeyService and AdminService. Each method reads the request, calls the
-// matching core::Kms use case with the caller taken from the client certificate, and maps the
-// result; nothing else happens here.
+// The gRPC front door: KeyService and AdminService on gRPC's callback API, AuditService
+// synchronous. Each method reads the request, calls the matching core::Kms use case with the
+// caller taken from the client certificate, and maps the result; nothing else happens here.
+//
+// No gRPC thread waits on a call: a callback method hands its work to the CallRunner's
+// WorkQueue and returns. The queue's threads do the blocking part (HSM calls, the audit
+// commit); calls beyond them wait in the queue, in arrival order, and only a call arriving
+// while server.max_waiting_calls wait already is refused (RESOURCE_EXHAUSTED, logged and
+// audited through the RefusalRecorder). A call whose client gave up (cancelled, or past its
+// deadline) while it waited is dropped without doing any work.
 #pragma once
 
+#include <atomic>
+#include <functional>
+
+#include "common/work_queue.h"
 #include "core/kms.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
+#include "server/refusals.h"
 
 namespace custos::server {
 
-class KeyServiceImpl final : public custos::v1::KeyService::Service {
+class CallRunner {
  public:
-  explicit KeyServiceImpl(core::Kms* kms) : kms_(kms) {}
+  // `kms` and `refusals` must outlive the runner. `threads` run calls; at most `max_waiting`
+  // calls wait for one.
+  CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads, size_t max_waiting);
 
-  grpc::Status GenerateDataKey(grpc::ServerContext* context,
-                               const custos::v1::GenerateDataKeyRequest* request,
-                               custos::v1::GenerateDataKeyResponse* response) override;
-  grpc::Status GenerateDataKeyWithoutPlaintext(
-      grpc::ServerContext* context, const custos::v1::GenerateDataKeyRequest* request,
-      custos::v1::GenerateDataKeyWithoutPlaintextResponse* response) override;
-  grpc::Status Encrypt(grpc::ServerContext* context, const custos::v1::EncryptRequest* request,
-                       custos::v1::EncryptResponse* response) override;
-  grpc::Status Decrypt(grpc::ServerContext* context, const custos::v1::DecryptRequest* request,
-                       custos::v1::DecryptResponse* response) override;
-  grpc::Status ReEncrypt(grpc::ServerContext* context, const custos::v1::ReEncryptRequest* request,
-                         custos::v1::ReEncryptResponse* response) override;
+  // The use case a call runs once its caller is authenticated; it fills the response.
+  using Work = std::function<grpc::Status(core::Kms&, const core::Caller&)>;
+
+  // Queues `work` for `context`'s call to `rpc` and returns the call's reactor, finished once
+  // the work ran (or at once, if the queue is full).
+  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const char* rpc, Work work);
+
+  struct Counts {
+    uint64_t refused = 0;    // the queue was full
+    uint64_t abandoned = 0;  // cancelled or past their deadline before they ran
+  };
+  Counts counts() const { return {refused_.load(), abandoned_.load()}; }
+  size_t waiting() const { return queue_.waiting(); }
 
  private:
-  core::Kms* kms_;
+  grpc::Status Execute(const grpc::CallbackServerContext& context, const char* rpc,
+                       const Work& work);
+
+  core::Kms* const kms_;
+  RefusalRecorder* const refusals_;
+  std::atomic<uint64_t> refused_{0};
+  std::atomic<uint64_t> abandoned_{0};
+  WorkQueue queue_;  // last: its destructor runs what waits, which uses the members above
 };
 
-class AdminServiceImpl final : public custos::v1::AdminService::Service {
+class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {
  public:
-  explicit AdminServiceImpl(core::Kms* kms) : kms_(kms) {}
+  explicit KeyServiceImpl(CallRunner* runner) : runner_(runner) {}
 
-  grpc::Status CreateKey(grpc::ServerContext* context, const custos::v1::CreateKeyRequest* request,
-                         custos::v1::KeyMetadata* response) override;
-  grpc::Status DescribeKey(grpc::ServerContext* context,
-                           const custos::v1::DescribeKeyRequest* request,
-                           custos::v1::KeyMetadata* response) override;
-  grpc::Status ListKeys(grpc::ServerContext* context, const custos::v1::ListKeysRequest* request,
-                        custos::v1::ListKeysResponse* response) override;
-  grpc::Status Propose(grpc::ServerContext* context, const custos::v1::ProposeRequest* request,
-                       custos::v1::ChangeRequest* response) override;
-  grpc::Status Approve(grpc::ServerContext* context, const custos::v1::ApproveRequest* request,
-                       custos::v1::ChangeRequest* response) override;
-  grpc::Status Reject(grpc::ServerContext* context, const custos::v1::RejectRequest* request,
-                      custos::v1::ChangeRequest* response) override;
-  grpc::Status GetRequest(grpc::ServerContext* context,
-                          const custos::v1::GetRequestRequest* request,
-                          custos::v1::ChangeRequest* response) override;
-  grpc::Status ListRequests(grpc::ServerContext* context,
-                            const custos::v1::ListRequestsRequest* request,
-                            custos::v1::ListRequestsResponse* response) override;
+  grpc::ServerUnaryReactor* GenerateDataKey(grpc::CallbackServerContext* context,
+                                            const custos::v1::GenerateDataKeyRequest* request,
+                                            custos::v1::GenerateDataKeyResponse* response) override;
+  grpc::ServerUnaryReactor* GenerateDataKeyWithoutPlaintext(
+      grpc::CallbackServerContext* context, const custos::v1::GenerateDataKeyRequest* request,
+      custos::v1::GenerateDataKeyWithoutPlaintextResponse* response) override;
+  grpc::ServerUnaryReactor* Encrypt(grpc::CallbackServerContext* context,
+                                    const custos::v1::EncryptRequest* request,
+                                    custos::v1::EncryptResponse* response) override;
+  grpc::ServerUnaryReactor* Decrypt(grpc::CallbackServerContext* context,
+                                    const custos::v1::DecryptRequest* request,
+                                    custos::v1::DecryptResponse* response) override;
+  grpc::ServerUnaryReactor* ReEncrypt(grpc::CallbackServerContext* context,
+                                      const custos::v1::ReEncryptRequest* request,
+                                      custos::v1::ReEncryptResponse* response) override;
 
  private:
-  core::Kms* kms_;
+  CallRunner* runner_;
+};
+
+class AdminServiceImpl final : public custos::v1::AdminService::CallbackService {
+ public:
+  explicit AdminServiceImpl(CallRunner* runner) : runner_(runner) {}
+
+  grpc::ServerUnaryReactor* CreateKey(grpc::CallbackServerContext* context,
+                                      const custos::v1::CreateKeyRequest* request,
+                                      custos::v1::KeyMetadata* response) override;
+  grpc::ServerUnaryReactor* DescribeKey(grpc::CallbackServerContext* context,
+                                        const custos::v1::DescribeKeyRequest* request,
+                                        custos::v1::KeyMetadata* response) override;
+  grpc::ServerUnaryReactor* ListKeys(grpc::CallbackServerContext* context,
+                                     const custos::v1::ListKeysRequest* request,
+                                     custos::v1::ListKeysResponse* response) override;
+  grpc::ServerUnaryReactor* Propose(grpc::CallbackServerContext* context,
+                                    const custos::v1::ProposeRequest* request,
+                                    custos::v1::ChangeRequest* response) override;
+  grpc::ServerUnaryReactor* Approve(grpc::CallbackServerContext* context,
+                                    const custos::v1::ApproveRequest* request,
+                                    custos::v1::ChangeRequest* response) override;
+  grpc::ServerUnaryReactor* Reject(grpc::CallbackServerContext* context,
+                                   const custos::v1::RejectRequest* request,
+                                   custos::v1::ChangeRequest* response) override;
+  grpc::ServerUnaryReactor* GetRequest(grpc::CallbackServerContext* context,
+                                       const custos::v1::GetRequestRequest* request,
+                                       custos::v1::ChangeRequest* response) override;
+  grpc::ServerUnaryReactor* ListRequests(grpc::CallbackServerContext* context,
+                                         const custos::v1::ListRequestsRequest* request,
+                                         custos::v1::ListRequestsResponse* response) override;
+
+ private:
+  CallRunner* runner_;
 };
 
 class AuditServiceImpl final : public custos::v1::AuditService::Service {

@@ -167,6 +167,37 @@ TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]
   CHECK(f.store->AuditHead()->first == 1);
 }
 
+TEST_CASE("Calls refused for capacity are recorded as counted tallies, and fail closed",
+          "[kms][audit]") {
+  Fixture f;
+  Kms::RefusedCalls busy;
+  busy.rpc = "GenerateDataKey";
+  busy.principal = "spiffe://custos.local/app/demo";
+  busy.peer = "ipv4:10.0.0.9";
+  busy.reason = "custosd is at capacity";
+  busy.count = 41;
+  busy.first = 1700000000;
+  busy.last = 1700000009;
+  Kms::RefusedCalls once = busy;
+  once.rpc = "Decrypt";
+  once.principal.clear();
+  once.count = 1;
+  REQUIRE(f.kms->RecordRefusedCalls({busy, once}).ok());
+  const std::vector<audit::Record> rows = *f.store->ReadAudit(1, 10);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].action == "GenerateDataKey");
+  CHECK(rows[0].principal == "spiffe://custos.local/app/demo");
+  CHECK(rows[0].outcome == "RESOURCE_EXHAUSTED");
+  CHECK(rows[0].peer == "ipv4:10.0.0.9");
+  CHECK(rows[0].detail == "41 calls refused from 1700000000 to 1700000009: custosd is at capacity");
+  CHECK(rows[1].action == "Decrypt");
+  CHECK(rows[1].principal.empty());
+  CHECK(rows[1].detail == "1 call refused from 1700000000 to 1700000009: custosd is at capacity");
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(absl::IsUnavailable(f.kms->RecordRefusedCalls({busy})));
+  CHECK(f.store->AuditHead()->first == 2);
+}
+
 TEST_CASE("Every event lands in the durable, hash-chained log", "[kms][audit]") {
   Fixture f;
   const KeyRef key = f.NewKey("chain");

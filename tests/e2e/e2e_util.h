@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <string>
+#include <vector>
 
+#include "custos/v1/audit_service.grpc.pb.h"
 #include "tests/e2e/custos_server.h"
 
 namespace custos::testing {
@@ -110,6 +112,27 @@ inline std::string CatalogSnapshot(CustosServer& server) {
     req.set_page_token(page.next_page_token());
   } while (!req.page_token().empty());
   return snapshot;
+}
+
+// How often `needle` occurs in `text` (e.g. a line in custosd's log).
+inline size_t Occurrences(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+// Every audit record so far, read as the auditor.
+inline std::vector<pb::AuditRecord> AuditRecords(const CustosServer& server) {
+  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
+  std::unique_ptr<grpc::ClientContext> context = Context();
+  auto reader = audit->ReadRecords(context.get(), pb::ReadRecordsRequest());
+  std::vector<pb::AuditRecord> records;
+  pb::AuditRecord record;
+  while (reader->Read(&record)) records.push_back(record);
+  REQUIRE(reader->Finish().ok());
+  return records;
 }
 
 // Unique aliases across test cases sharing one server.

@@ -20,14 +20,6 @@
 namespace custos::testing {
 namespace {
 
-size_t Occurrences(const std::string& text, const std::string& needle) {
-  size_t count = 0;
-  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
-    ++count;
-  }
-  return count;
-}
-
 grpc::Status GenerateDataKey(CustosServer& server, const std::string& alias) {
   pb::GenerateDataKeyRequest req;
   req.set_key(alias);

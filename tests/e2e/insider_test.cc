@@ -24,17 +24,6 @@ grpc::Status GenerateDataKey(const CustosServer& server, const std::string& key)
   return server.Keys("app")->GenerateDataKey(Context().get(), req, &reply);
 }
 
-std::vector<pb::AuditRecord> AuditRecords(const CustosServer& server) {
-  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
-  std::unique_ptr<grpc::ClientContext> context = Context();
-  auto reader = audit->ReadRecords(context.get(), pb::ReadRecordsRequest());
-  std::vector<pb::AuditRecord> records;
-  pb::AuditRecord record;
-  while (reader->Read(&record)) records.push_back(record);
-  REQUIRE(reader->Finish().ok());
-  return records;
-}
-
 // Signs a checkpoint of the log as it stands (an auditor asking for one), so that the HSM
 // holds that head.
 void Checkpoint(const CustosServer& server) {

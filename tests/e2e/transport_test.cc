@@ -321,16 +321,11 @@ TEST_CASE("A connection is closed after max_connection_age_seconds, and the clie
   REQUIRE(Generate(*app, alias).ok());
   // The two calls' records name the client's address: the second came on a new connection.
   std::vector<std::string> peers;
-  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
-  std::unique_ptr<grpc::ClientContext> context = Context();
-  auto reader = audit->ReadRecords(context.get(), pb::ReadRecordsRequest());
-  pb::AuditRecord record;
-  while (reader->Read(&record)) {
+  for (const pb::AuditRecord& record : AuditRecords(server)) {
     if (record.action() == "GenerateDataKey" && record.outcome() == "OK") {
       peers.push_back(record.peer());
     }
   }
-  REQUIRE(reader->Finish().ok());
   REQUIRE(peers.size() == 2);
   CHECK(peers[0] != peers[1]);
 }

@@ -1,0 +1,99 @@
+#include "server/refusals.h"
+
+#include <spdlog/spdlog.h>
+
+namespace custos::server {
+
+std::string PeerAddress(std::string_view peer) {
+  const bool ip = peer.rfind("ipv4:", 0) == 0 || peer.rfind("ipv6:", 0) == 0;
+  const size_t colon = peer.rfind(':');
+  if (!ip || colon == std::string_view::npos || colon < 5) return std::string(peer);
+  // An IPv6 address without brackets has no port to drop.
+  if (peer.rfind("ipv6:", 0) == 0 && peer.find(']') == std::string_view::npos) {
+    return std::string(peer);
+  }
+  return std::string(peer.substr(0, colon));
+}
+
+RefusalRecorder::RefusalRecorder(core::Kms* kms, const Clock* clock,
+                                 std::chrono::milliseconds interval)
+    : kms_(kms), clock_(clock), interval_(interval), thread_([this] { Run(); }) {}
+
+RefusalRecorder::~RefusalRecorder() { Stop(); }
+
+void RefusalRecorder::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void RefusalRecorder::Refused(std::string_view rpc, std::string principal, std::string_view peer,
+                              absl::StatusCode code, std::string_view reason) {
+  const int64_t now = clock_->NowSeconds();
+  std::string address = PeerAddress(peer);
+  std::lock_guard lock(mu_);
+  Key key(std::string(rpc), std::move(principal), std::move(address), code, std::string(reason));
+  auto it = tallies_.find(key);
+  if (it == tallies_.end() && tallies_.size() >= kMaxTallies) {
+    std::get<1>(key).clear();
+    std::get<2>(key).assign(1, '*');  // every further caller
+    it = tallies_.find(key);
+  }
+  if (it == tallies_.end()) {
+    core::Kms::RefusedCalls tally;
+    std::tie(tally.rpc, tally.principal, tally.peer, tally.code, tally.reason) = key;
+    tally.first = now;
+    it = tallies_.emplace(std::move(key), std::move(tally)).first;
+  }
+  ++it->second.count;
+  it->second.last = now;
+  if (it->second.count == 1) cv_.notify_all();
+}
+
+void RefusalRecorder::Run() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [this] { return stop_ || !tallies_.empty(); });
+    if (tallies_.empty()) return;  // stopping with nothing left to record
+    cv_.wait_for(lock, kGather, [this] { return stop_; });
+    const bool last = stop_;  // one attempt after the stop, whatever its outcome
+    Tallies taken = std::exchange(tallies_, {});
+    lock.unlock();
+    Record(std::move(taken));
+    lock.lock();
+    if (last) return;
+    // Coalesce: whatever is refused next waits for the interval (or the stop).
+    cv_.wait_for(lock, interval_, [this] { return stop_; });
+  }
+}
+
+void RefusalRecorder::Record(Tallies tallies) {
+  std::vector<core::Kms::RefusedCalls> refused;
+  refused.reserve(tallies.size());
+  for (const auto& [key, tally] : tallies) {
+    spdlog::warn("{} {} to {} refused ({}) from {} (principal '{}'): {}", tally.count,
+                 tally.count == 1 ? "call" : "calls", tally.rpc,
+                 absl::StatusCodeToString(tally.code), tally.peer, tally.principal, tally.reason);
+    refused.push_back(tally);
+  }
+  if (absl::Status recorded = kms_->RecordRefusedCalls(refused); !recorded.ok()) {
+    spdlog::error("refused calls not recorded yet (kept for the next attempt): {}",
+                  recorded.ToString());
+    Merge(std::move(tallies));
+  }
+}
+
+void RefusalRecorder::Merge(Tallies from) {
+  std::lock_guard lock(mu_);
+  for (auto& [key, tally] : from) {
+    auto [it, inserted] = tallies_.try_emplace(key, tally);
+    if (inserted) continue;
+    it->second.count += tally.count;
+    it->second.first = std::min(it->second.first, tally.first);
+  }
+}
+
+}  // namespace custos::server

@@ -1,0 +1,203 @@
+// The serving layer: calls beyond custosd's workers wait in its queue instead of being refused;
+// past server.max_waiting_calls they are refused, logged and audited, coalesced; a call whose
+// client gave up while it waited does no work.
+#include <signal.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/e2e/e2e_util.h"
+#include "tests/support/files.h"
+
+namespace custos::testing {
+namespace {
+
+using namespace std::chrono_literals;
+
+// Calls started with the callback API, all in flight at once; Wait() collects their statuses.
+class Burst {
+ public:
+  // Starts one GenerateDataKey on `key` through `stub` with `timeout` as its deadline.
+  void Start(pb::KeyService::Stub& stub, const std::string& key,
+             std::chrono::milliseconds timeout = 60s) {
+    auto call = std::make_unique<Call>();
+    call->request.set_key(key);
+    call->context.set_deadline(std::chrono::system_clock::now() + timeout);
+    Call* started = call.get();
+    {
+      std::lock_guard lock(mu_);
+      calls_.push_back(std::move(call));
+    }
+    stub.async()->GenerateDataKey(&started->context, &started->request, &started->reply,
+                                  [this, started](const grpc::Status& status) {
+                                    std::lock_guard lock(mu_);
+                                    started->status = status;
+                                    ++done_;
+                                    cv_.notify_all();
+                                  });
+  }
+  // Waits until `count` calls have finished (all of them by default).
+  void Wait(size_t count = SIZE_MAX) {
+    std::unique_lock lock(mu_);
+    if (count == SIZE_MAX) count = calls_.size();
+    REQUIRE(cv_.wait_for(lock, 120s, [&] { return done_ >= count; }));
+  }
+  // Finished calls by status code, and the first message of each code.
+  std::map<grpc::StatusCode, size_t> Codes(std::map<grpc::StatusCode, std::string>* messages) {
+    std::lock_guard lock(mu_);
+    std::map<grpc::StatusCode, size_t> codes;
+    for (const auto& call : calls_) {
+      if (!call->status) continue;
+      ++codes[call->status->error_code()];
+      if (messages != nullptr)
+        messages->emplace(call->status->error_code(), call->status->error_message());
+    }
+    return codes;
+  }
+
+ private:
+  struct Call {
+    grpc::ClientContext context;
+    pb::GenerateDataKeyRequest request;
+    pb::GenerateDataKeyResponse reply;
+    std::optional<grpc::Status> status;
+  };
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<Call>> calls_;
+  size_t done_ = 0;
+};
+
+// Polls custosd's log (and the fault module's) until `line` shows; REQUIREs it does.
+void AwaitLine(const std::function<std::string()>& log, const std::string& line) {
+  for (int i = 0; i < 300 && log().find(line) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(50ms);
+  }
+  INFO(log());
+  REQUIRE(log().find(line) != std::string::npos);
+}
+
+// A server with one worker and room for two waiting calls, on the fault module, so that a
+// test can hold the worker with a hung C_Encrypt.
+void UseOneWorker(CustosServer& server) {
+  server.Stop();
+  server.EditConfig("[server]\n", "[server]\nworker_threads = 1\nmax_waiting_calls = 2\n");
+  server.Start();
+}
+
+TEST_CASE("A thousand callers at once all wait their turn and are all served and audited",
+          "[e2e][serving]") {
+  CustosServer server;  // the default config: 16 workers
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("serving/burst"), true, false);
+  std::vector<std::unique_ptr<pb::KeyService::Stub>> stubs;
+  for (int i = 0; i < 8; ++i) stubs.push_back(server.Keys("app"));  // eight connections
+  constexpr int kCallers = 1000;
+  constexpr int kRounds = 2;
+  for (int round = 0; round < kRounds; ++round) {
+    Burst burst;
+    for (int i = 0; i < kCallers; ++i) burst.Start(*stubs[i % stubs.size()], key.key_id());
+    burst.Wait();
+    std::map<grpc::StatusCode, std::string> messages;
+    const std::map<grpc::StatusCode, size_t> codes = burst.Codes(&messages);
+    for (const auto& [code, message] : messages) INFO(code << ": " << message);
+    REQUIRE(codes.size() == 1);
+    REQUIRE(codes.at(grpc::StatusCode::OK) == kCallers);
+  }
+  size_t recorded = 0;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.action() == "GenerateDataKey" && r.key_id() == key.key_id() && r.outcome() == "OK") {
+      ++recorded;
+    }
+  }
+  CHECK(recorded == kCallers * kRounds);
+  CHECK(server.Log().find("refused") == std::string::npos);
+}
+
+TEST_CASE("Past max_waiting_calls calls are refused at once, logged and audited as one tally",
+          "[e2e][serving]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("serving/full"), true, false);
+  UseOneWorker(server);
+  auto stub = server.Keys("app");
+  server.SetFaults("C_Encrypt hang\n");
+  Burst held;
+  held.Start(*stub, key.key_id());  // takes the one worker and hangs in the HSM
+  AwaitLine([&] { return server.FaultLog(); }, "hanging C_Encrypt");
+  Burst burst;
+  for (int i = 0; i < 9; ++i) burst.Start(*stub, key.key_id());
+  burst.Wait(7);  // two wait in the queue; seven are refused without waiting for anything
+  std::map<grpc::StatusCode, std::string> messages;
+  std::map<grpc::StatusCode, size_t> codes = burst.Codes(&messages);
+  REQUIRE(codes[grpc::StatusCode::RESOURCE_EXHAUSTED] == 7);
+  CHECK(messages[grpc::StatusCode::RESOURCE_EXHAUSTED] ==
+        "custosd is at capacity: 2 calls are waiting already (server.max_waiting_calls); retry "
+        "with backoff");
+  server.SetFaults("");
+  held.Wait();
+  burst.Wait();
+  codes = burst.Codes(nullptr);
+  CHECK(codes[grpc::StatusCode::OK] == 2);  // the two that waited were served
+  CHECK(held.Codes(nullptr)[grpc::StatusCode::OK] == 1);
+
+  // One record and one log line for the burst, naming who was refused and how often.
+  AwaitLine([&] { return server.Log(); }, "7 calls to GenerateDataKey refused");
+  std::vector<pb::AuditRecord> refused;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.outcome() == "RESOURCE_EXHAUSTED") refused.push_back(r);
+  }
+  REQUIRE(refused.size() == 1);
+  CHECK(refused[0].action() == "GenerateDataKey");
+  CHECK(refused[0].principal() == kAppPrincipal);
+  CHECK(refused[0].peer() == "ipv4:127.0.0.1");  // the address, without the port
+  CHECK(refused[0].detail().rfind("7 calls refused from ", 0) == 0);
+  CHECK(refused[0].detail().find(": custosd is at capacity: 2 calls are waiting already") !=
+        std::string::npos);
+  const std::string log = server.Log();
+  CHECK(Occurrences(log, "refused (RESOURCE_EXHAUSTED)") == 1);
+  CHECK(log.find("7 calls to GenerateDataKey refused (RESOURCE_EXHAUSTED) from ipv") !=
+        std::string::npos);
+}
+
+TEST_CASE("A call whose client gave up while it waited does no work and leaves no record",
+          "[e2e][serving]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  const pb::KeyMetadata busy = CreateKey(server, UniqueAlias("serving/busy"), true, false);
+  const pb::KeyMetadata given_up = CreateKey(server, UniqueAlias("serving/given-up"), true, false);
+  UseOneWorker(server);
+  auto stub = server.Keys("app");
+  server.SetFaults("C_Encrypt hang\n");
+  Burst held;
+  held.Start(*stub, busy.key_id());
+  AwaitLine([&] { return server.FaultLog(); }, "hanging C_Encrypt");
+  Burst impatient;
+  impatient.Start(*stub, given_up.key_id(), 300ms);
+  impatient.Wait();
+  CHECK(impatient.Codes(nullptr)[grpc::StatusCode::DEADLINE_EXCEEDED] == 1);
+  server.SetFaults("");
+  held.Wait();
+  REQUIRE(held.Codes(nullptr)[grpc::StatusCode::OK] == 1);
+  // The queue is empty once a later call is served; the abandoned one ran before it.
+  Burst after;
+  after.Start(*stub, busy.key_id());
+  after.Wait();
+  REQUIRE(after.Codes(nullptr)[grpc::StatusCode::OK] == 1);
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    INFO(r.ShortDebugString());
+    CHECK_FALSE((r.action() == "GenerateDataKey" && r.key_id() == given_up.key_id()));
+  }
+  server.Signal(SIGUSR1);
+  AwaitLine([&] { return server.Log(); },
+            "calls: 0 waiting now; 0 refused (queue full) and 1 abandoned by their clients");
+}
+
+}  // namespace
+}  // namespace custos::testing
