@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <set>
 #include <thread>
 #include <vector>
@@ -127,6 +129,31 @@ TEST_CASE("concurrent misses for one id unwrap once") {
   CHECK(f.raw.CountSecretKeys(/*token_objects=*/false) == 1);
 }
 
+TEST_CASE("churn from several threads leaves no object behind") {
+  CacheFixture f(/*capacity=*/2);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const std::string id = "k/" + std::to_string((t + i) % 5);
+        // Every other id alternates its bytes, as a root rotation's rewrap would.
+        const Bytes& wrapped = ((t + i) % 5) % 2 == 0 && i % 3 == 0 ? f.other : f.wrapped;
+        auto key = f.cache->Get(id, wrapped, f.root);
+        if (!key.ok() || (*key)->handle() == CK_INVALID_HANDLE) ++failures;
+        if (i % 17 == t) f.cache->Forget(id);
+        if (i % 61 == t) f.cache->Clear();
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(failures == 0);
+  CHECK(f.cache->size() <= 2);
+  CHECK(f.raw.CountSecretKeys(/*token_objects=*/false) == f.cache->size());
+  f.cache->Clear();
+  CHECK(f.raw.CountSecretKeys(/*token_objects=*/false) == 0);
+}
+
 TEST_CASE("an evicted key lives until its last user lets go") {
   CacheFixture f(1);
   auto first = f.cache->Get("first", f.wrapped, f.root);
@@ -164,6 +191,55 @@ TEST_CASE("unwrapped copies are sensitive, non-extractable session objects") {
   }
   CHECK(f.raw.TryReadValue((*key)->handle()) == CKR_ATTRIBUTE_SENSITIVE);
   CHECK(absl::IsInvalidArgument(hsm::KeyCache::Create(f.pool.get(), 0).status()));
+}
+
+// A micro-measurement, not a check (hidden: run it with test_hsm "[.cache_bench]"). Two threads
+// call Get, all hits: on one hot id, then on random ids of a working set that fits the cache.
+// A hit takes only the cache's lock, so the two rates show what that lock (and, for the hot
+// id, the one reference count both threads bump) costs.
+TEST_CASE("cache hit rate: one hot id against random ids", "[.cache_bench]") {
+  constexpr size_t kWorkingSet = 256;
+  constexpr int kThreads = 2;
+  constexpr auto kPhase = std::chrono::seconds(2);
+  CacheFixture f(/*capacity=*/1024);
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < kWorkingSet; ++i) ids.push_back("key/" + std::to_string(i) + "/1");
+  for (const std::string& id : ids) REQUIRE(f.cache->Get(id, f.wrapped, f.root).ok());
+  REQUIRE(f.cache->size() == kWorkingSet);
+
+  auto measure = [&](bool hot) {
+    std::atomic<bool> stop{false};
+    std::atomic<uint64_t> gets{0}, failures{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        uint64_t state = 0x9e3779b97f4a7c15ULL * (t + 1), n = 0, failed = 0;
+        while (!stop.load(std::memory_order_relaxed)) {
+          state ^= state << 13;  // xorshift64: cheap next to a Get
+          state ^= state >> 7;
+          state ^= state << 17;
+          const std::string& id = ids[hot ? 0 : state % kWorkingSet];
+          if (!f.cache->Get(id, f.wrapped, f.root).ok()) ++failed;
+          ++n;
+        }
+        gets += n;
+        failures += failed;
+      });
+    }
+    const auto start = std::chrono::steady_clock::now();
+    std::this_thread::sleep_for(kPhase);
+    stop = true;
+    for (auto& thread : threads) thread.join();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CHECK(failures == 0);
+    return static_cast<double>(gets) / seconds;
+  };
+  const double hot = measure(true);
+  const double random = measure(false);
+  std::printf("KeyCache::Get hits, %d threads, %zu ids cached: hot id %.0f/s, random id %.0f/s\n",
+              kThreads, kWorkingSet, hot, random);
+  CHECK(f.cache->size() == kWorkingSet);
 }
 
 }  // namespace
