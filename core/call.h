@@ -88,15 +88,26 @@ class Kms::Call {
   // returned (fail closed).
   template <typename T>
   absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
+    std::vector<audit::Event> record;
+    result = Settle(std::move(result), &record);
+    if (record.empty()) return result;  // CommitWith recorded it
+    if (absl::Status recorded = kms_.Commit({}, record); !recorded.ok()) {
+      return absl::UnavailableError(
+          StrCat("audit log unavailable, operation refused: ", recorded.message()));
+    }
+    return result;
+  }
+
+  // Finish without the commit: appends the call's record, unless CommitWith made it, to
+  // `records`, which the caller commits before it returns `result` to anyone.
+  template <typename T>
+  absl::StatusOr<T> Settle(absl::StatusOr<T> result, std::vector<audit::Event>* records) {
     kms_.RaiseIntegrityAlarm(result.status());
     if (recorded_) return result;
     event_.outcome = result.status().code();
     event_.row.clear();  // whatever row the call meant to change, it changed none
-    absl::Status recorded = kms_.Commit({}, {event_});
-    if (!recorded.ok()) {
-      return absl::UnavailableError(
-          StrCat("audit log unavailable, operation refused: ", recorded.message()));
-    }
+    records->push_back(event_);
+    recorded_ = true;
     return result;
   }
 

@@ -73,6 +73,25 @@ struct ReEncrypted {
   Ciphertext destination;
 };
 
+// One item of a batch call (Kms::Batch*), as the single call takes it; the spans and views
+// must outlive the call.
+struct DataKeyItem {
+  std::string_view key;
+  const EncryptionContext& context;
+  size_t key_bytes = 0;
+};
+struct DecryptItem {
+  std::span<const uint8_t> blob;
+  const EncryptionContext& context;
+};
+struct ReEncryptItem {
+  std::span<const uint8_t> blob;
+  const EncryptionContext& source_context;
+  std::string_view destination_key;
+  const EncryptionContext& destination_context;
+};
+inline constexpr size_t kMaxBatchItems = 1000;
+
 struct CreateKeyParams {
   std::string alias;
   std::string description;
@@ -169,6 +188,18 @@ class Kms {
                                         const EncryptionContext& source_context,
                                         std::string_view destination_key,
                                         const EncryptionContext& destination_context);
+
+  // Batches: 1..kMaxBatchItems items, each run exactly as its single call would be (its own
+  // authorization, grant check, outcome and audit record, under one call id for the batch) and
+  // succeeding or failing on its own, in order. The records commit together, once; the results
+  // are returned only after that (UNAVAILABLE for the whole batch if the log refuses).
+  // INVALID_ARGUMENT for an empty or oversized batch.
+  absl::StatusOr<std::vector<absl::StatusOr<DataKey>>> BatchGenerateDataKey(
+      const Caller& caller, std::span<const DataKeyItem> items, bool with_plaintext);
+  absl::StatusOr<std::vector<absl::StatusOr<Plaintext>>> BatchDecrypt(
+      const Caller& caller, std::span<const DecryptItem> items);
+  absl::StatusOr<std::vector<absl::StatusOr<ReEncrypted>>> BatchReEncrypt(
+      const Caller& caller, std::span<const ReEncryptItem> items);
 
   // --- Officers -----------------------------------------------------------------------------
   absl::StatusOr<KeyRef> CreateKey(const Caller& caller, const CreateKeyParams& params);
@@ -301,6 +332,15 @@ class Kms {
                                           const EncryptionContext& context);
   absl::StatusOr<Plaintext> DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                         const EncryptionContext& context);
+  // The data-plane use cases inside their Call, shared by the single and the batch calls.
+  absl::StatusOr<DataKey> GenerateDataKeyIn(Call& call, const DataKeyItem& item,
+                                            bool with_plaintext);
+  absl::StatusOr<Plaintext> DecryptIn(Call& call, const DecryptItem& item);
+  absl::StatusOr<ReEncrypted> ReEncryptIn(Call& call, const ReEncryptItem& item);
+  template <typename T, typename Item, typename Run>
+  absl::StatusOr<std::vector<absl::StatusOr<T>>> RunBatch(const Caller& caller,
+                                                          policy::Action action,
+                                                          std::span<const Item> items, Run run);
   absl::Status ValidateCreate(const CreateKeyParams& params) const;
   // A new key record from `params`, its first version generated in the HSM.
   absl::StatusOr<storage::KeyRecord> NewKey(const Caller& caller, const CreateKeyParams& params);

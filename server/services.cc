@@ -30,6 +30,34 @@ void SetPlaintext(const SecureBytes& plaintext, std::string* field) {
   field->assign(plaintext.view());
 }
 
+void FillDataKey(const core::DataKey& key, pb::GenerateDataKeyResponse* out) {
+  if (!key.plaintext.empty()) SetPlaintext(key.plaintext, out->mutable_plaintext());
+  out->set_ciphertext_blob(ToString(key.ciphertext_blob));
+  out->set_key_id(key.key_id);
+  out->set_key_version(key.key_version);
+}
+
+void FillPlaintext(const core::Plaintext& opened, pb::DecryptResponse* out) {
+  SetPlaintext(opened.plaintext, out->mutable_plaintext());
+  out->set_key_id(opened.key_id);
+  out->set_key_version(opened.key_version);
+}
+
+void FillReEncrypted(const core::ReEncrypted& result, pb::ReEncryptResponse* out) {
+  out->set_ciphertext_blob(ToString(result.destination.ciphertext_blob));
+  out->set_source_key_id(result.source_key_id);
+  out->set_source_key_version(result.source_key_version);
+  out->set_key_id(result.destination.key_id);
+  out->set_key_version(result.destination.key_version);
+}
+
+// One batch item's outcome, as the single call would have answered it.
+void SetItemStatus(const absl::Status& status, pb::ItemStatus* out) {
+  const grpc::Status mapped = ToGrpcStatus(status);
+  out->set_code(mapped.error_code());
+  out->set_message(mapped.error_message());
+}
+
 // 0 for a spec this server does not know: Kms refuses that size with INVALID_ARGUMENT.
 size_t DataKeyBytes(pb::DataKeySpec spec) {
   switch (spec) {
@@ -232,10 +260,7 @@ grpc::ServerUnaryReactor* KeyServiceImpl::GenerateDataKey(grpc::CallbackServerCo
             kms.GenerateDataKey(caller, request->key(), ToContext(request->encryption_context()),
                                 DataKeyBytes(request->key_spec()), /*with_plaintext=*/true);
         if (!key.ok()) return ToGrpcStatus(key.status());
-        SetPlaintext(key->plaintext, response->mutable_plaintext());
-        response->set_ciphertext_blob(ToString(key->ciphertext_blob));
-        response->set_key_id(key->key_id);
-        response->set_key_version(key->key_version);
+        FillDataKey(*key, response);
         return grpc::Status::OK;
       });
 }
@@ -283,9 +308,7 @@ grpc::ServerUnaryReactor* KeyServiceImpl::Decrypt(grpc::CallbackServerContext* c
         absl::StatusOr<core::Plaintext> opened = kms.Decrypt(
             caller, AsBytes(request->ciphertext_blob()), ToContext(request->encryption_context()));
         if (!opened.ok()) return ToGrpcStatus(opened.status());
-        SetPlaintext(opened->plaintext, response->mutable_plaintext());
-        response->set_key_id(opened->key_id);
-        response->set_key_version(opened->key_version);
+        FillPlaintext(*opened, response);
         return grpc::Status::OK;
       });
 }
@@ -301,11 +324,89 @@ grpc::ServerUnaryReactor* KeyServiceImpl::ReEncrypt(grpc::CallbackServerContext*
             ToContext(request->source_encryption_context()), request->destination_key(),
             ToContext(request->destination_encryption_context()));
         if (!result.ok()) return ToGrpcStatus(result.status());
-        response->set_ciphertext_blob(ToString(result->destination.ciphertext_blob));
-        response->set_source_key_id(result->source_key_id);
-        response->set_source_key_version(result->source_key_version);
-        response->set_key_id(result->destination.key_id);
-        response->set_key_version(result->destination.key_version);
+        FillReEncrypted(*result, response);
+        return grpc::Status::OK;
+      });
+}
+
+grpc::ServerUnaryReactor* KeyServiceImpl::BatchGenerateDataKey(
+    grpc::CallbackServerContext* context, const pb::BatchGenerateDataKeyRequest* request,
+    pb::BatchGenerateDataKeyResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        // The items refer to these contexts: reserved, so that none moves.
+        std::vector<EncryptionContext> contexts;
+        contexts.reserve(request->items_size());
+        std::vector<core::DataKeyItem> items;
+        items.reserve(request->items_size());
+        for (const pb::GenerateDataKeyRequest& item : request->items()) {
+          items.push_back({item.key(), contexts.emplace_back(ToContext(item.encryption_context())),
+                           DataKeyBytes(item.key_spec())});
+        }
+        absl::StatusOr<std::vector<absl::StatusOr<core::DataKey>>> results =
+            kms.BatchGenerateDataKey(caller, items, !request->without_plaintext());
+        if (!results.ok()) return ToGrpcStatus(results.status());
+        for (const absl::StatusOr<core::DataKey>& key : *results) {
+          pb::BatchGenerateDataKeyResponse::Result* result = response->add_results();
+          SetItemStatus(key.status(), result->mutable_status());
+          if (key.ok()) FillDataKey(*key, result->mutable_data_key());
+        }
+        return grpc::Status::OK;
+      });
+}
+
+grpc::ServerUnaryReactor* KeyServiceImpl::BatchDecrypt(grpc::CallbackServerContext* context,
+                                                       const pb::BatchDecryptRequest* request,
+                                                       pb::BatchDecryptResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        std::vector<EncryptionContext> contexts;
+        contexts.reserve(request->items_size());
+        std::vector<core::DecryptItem> items;
+        items.reserve(request->items_size());
+        for (const pb::DecryptRequest& item : request->items()) {
+          items.push_back({AsBytes(item.ciphertext_blob()),
+                           contexts.emplace_back(ToContext(item.encryption_context()))});
+        }
+        absl::StatusOr<std::vector<absl::StatusOr<core::Plaintext>>> results =
+            kms.BatchDecrypt(caller, items);
+        if (!results.ok()) return ToGrpcStatus(results.status());
+        for (const absl::StatusOr<core::Plaintext>& opened : *results) {
+          pb::BatchDecryptResponse::Result* result = response->add_results();
+          SetItemStatus(opened.status(), result->mutable_status());
+          if (opened.ok()) FillPlaintext(*opened, result->mutable_plaintext());
+        }
+        return grpc::Status::OK;
+      });
+}
+
+grpc::ServerUnaryReactor* KeyServiceImpl::BatchReEncrypt(grpc::CallbackServerContext* context,
+                                                         const pb::BatchReEncryptRequest* request,
+                                                         pb::BatchReEncryptResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        std::vector<EncryptionContext> contexts;
+        contexts.reserve(2 * static_cast<size_t>(request->items_size()));
+        std::vector<core::ReEncryptItem> items;
+        items.reserve(request->items_size());
+        for (const pb::ReEncryptRequest& item : request->items()) {
+          const EncryptionContext& source =
+              contexts.emplace_back(ToContext(item.source_encryption_context()));
+          items.push_back(
+              {AsBytes(item.ciphertext_blob()), source, item.destination_key(),
+               contexts.emplace_back(ToContext(item.destination_encryption_context()))});
+        }
+        absl::StatusOr<std::vector<absl::StatusOr<core::ReEncrypted>>> results =
+            kms.BatchReEncrypt(caller, items);
+        if (!results.ok()) return ToGrpcStatus(results.status());
+        for (const absl::StatusOr<core::ReEncrypted>& reencrypted : *results) {
+          pb::BatchReEncryptResponse::Result* result = response->add_results();
+          SetItemStatus(reencrypted.status(), result->mutable_status());
+          if (reencrypted.ok()) FillReEncrypted(*reencrypted, result->mutable_reencrypted());
+        }
         return grpc::Status::OK;
       });
 }

@@ -72,6 +72,15 @@ class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {
   grpc::ServerUnaryReactor* ReEncrypt(grpc::CallbackServerContext* context,
                                       const custos::v1::ReEncryptRequest* request,
                                       custos::v1::ReEncryptResponse* response) override;
+  grpc::ServerUnaryReactor* BatchGenerateDataKey(
+      grpc::CallbackServerContext* context, const custos::v1::BatchGenerateDataKeyRequest* request,
+      custos::v1::BatchGenerateDataKeyResponse* response) override;
+  grpc::ServerUnaryReactor* BatchDecrypt(grpc::CallbackServerContext* context,
+                                         const custos::v1::BatchDecryptRequest* request,
+                                         custos::v1::BatchDecryptResponse* response) override;
+  grpc::ServerUnaryReactor* BatchReEncrypt(grpc::CallbackServerContext* context,
+                                           const custos::v1::BatchReEncryptRequest* request,
+                                           custos::v1::BatchReEncryptResponse* response) override;
 
  private:
   CallRunner* runner_;

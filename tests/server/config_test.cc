@@ -120,7 +120,8 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
 
   CHECK(c.listen == "127.0.0.1:7443");
   CHECK(c.worker_threads == 16);
-  CHECK(c.max_message_bytes == 65536);
+  CHECK(c.max_message_bytes == 262144);
+  CHECK(c.max_waiting_calls == 4096);
   CHECK(c.root_key_label == "custos-root");
   CHECK(c.key_cache_capacity == 4096);
   CHECK(c.log_level == "info");
@@ -142,6 +143,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   std::vector<Entry> entries = Minimal();
   entries.push_back({"server", "listen", R"("0.0.0.0:9443")"});
   entries.push_back({"server", "worker_threads", "4"});
+  entries.push_back({"server", "max_waiting_calls", "100"});
+  entries.push_back({"server", "max_message_bytes", "1048576"});
   entries.push_back({"server", "maintenance_interval_seconds", "5"});
   entries.push_back({"hsm", "root_key_label", R"("root-2")"});
   entries.push_back({"hsm", "key_cache", "10"});
@@ -158,6 +161,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.checkpoint_every == 50);
   CHECK(c.listen == "0.0.0.0:9443");
   CHECK(c.worker_threads == 4);
+  CHECK(c.max_waiting_calls == 100);
+  CHECK(c.max_message_bytes == 1048576);
   CHECK(c.maintenance_interval_seconds == 5);
   CHECK(c.root_key_label == "root-2");
   CHECK(c.key_cache_capacity == 10);
@@ -315,6 +320,14 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[server]\nworker_threads = 1025\n"),
                  "server.worker_threads must be 1..1024");
+  RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 0\n"),
+                 "server.max_waiting_calls must be 1..1000000");
+  RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 1000001\n"),
+                 "server.max_waiting_calls must be 1..1000000");
+  RequireRefused(files, Render(Minimal(), "[server]\nmax_message_bytes = 4095\n"),
+                 "server.max_message_bytes must be 4096..16777216 (16 MiB)");
+  RequireRefused(files, Render(Minimal(), "[server]\nmax_message_bytes = 16777217\n"),
+                 "server.max_message_bytes must be 4096..16777216 (16 MiB)");
   RequireRefused(files, Render(Minimal(), "[server]\nmaintenance_interval_seconds = 0\n"),
                  "server.maintenance_interval_seconds must be 1..3600");
   RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval_seconds = 0\n"),
