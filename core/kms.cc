@@ -286,7 +286,7 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
                           " other officer(s) to approve under this server's dual-control "
                           "config; propose it with Propose(CreateKey)"));
     }
-    std::lock_guard lock(requests_mu_);
+    std::shared_lock lock(requests_mu_);
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
     auto created = std::make_shared<const storage::KeyRecord>(key);

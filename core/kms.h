@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -395,8 +396,11 @@ class Kms {
   std::string root_key_label_;  // guarded by policy_mu_
   std::string anchor_problem_;  // guarded by policy_mu_; empty unless awaiting re-anchoring
   // Serialises request state changes (and key changes), so every request moves through its
-  // states exactly once. Key-management traffic is tiny; the data path never takes it.
-  std::mutex requests_mu_;
+  // states exactly once; the data path never takes it. A direct CreateKey takes it shared:
+  // creations run side by side (the store refuses a taken alias), and only wait out what
+  // holds it exclusively, a root rotation above all, which must not miss a key being wrapped
+  // under the root it retires.
+  std::shared_mutex requests_mu_;
   UsageTracker usage_;
   ObservedTime observed_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};

@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <future>
 
 #include "core/operation_params.h"
 #include "tests/core/kms_fixture.h"
@@ -46,6 +48,31 @@ Bytes Blob(Fixture& f, const std::string& key) {
   absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, key, {}, 32, true);
   REQUIRE(dk.ok());
   return dk->ciphertext_blob;
+}
+
+TEST_CASE("Direct key creations run side by side, not one at a time", "[requests]") {
+  Fixture f;
+  auto create = [&](const std::string& alias) {
+    CreateKeyParams params;
+    params.alias = alias;
+    return f.kms->CreateKey(f.officer, params);
+  };
+  std::future<absl::StatusOr<KeyRef>> second;
+  bool overlapped = false;
+  // The first creation's first HSM call (generating its version) holds it inside the HSM
+  // until a second creation has completed, or 5 s.
+  f.hsm->BeforeNextCall([&] {
+    second = std::async(std::launch::async, [&] { return create("side-by-side-2"); });
+    overlapped = second.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  });
+  const absl::StatusOr<KeyRef> first = create("side-by-side-1");
+  CHECK(overlapped);
+  REQUIRE(first.ok());
+  const absl::StatusOr<KeyRef> other = second.get();
+  REQUIRE(other.ok());
+  CHECK((*first)->id != (*other)->id);
+  // A taken alias is still refused when two creations race for it.
+  CHECK(absl::IsAlreadyExists(create("side-by-side-1").status()));
 }
 
 TEST_CASE("A rotation executes exactly when two other officers approved it", "[requests]") {
