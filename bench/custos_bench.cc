@@ -1,41 +1,48 @@
-// custos_bench: is audited GenerateDataKey throughput bounded by the disk's per-commit rate?
+// custos_bench: KeyService throughput, latency and server CPU, against baselines measured in
+// the same run.
 //
-// Every GenerateDataKey reply waits until its audit record is durable (SQLite WAL,
-// synchronous=FULL). Without group commit each call would cost one fsync, so throughput could
-// not exceed the rate of single-row commits the disk sustains. One run measures, in order:
+// Load is driven with gRPC's callback client API: N calls in flight over M channels (each its
+// own mTLS connection), not a thread per caller, so the client does not eat the server's cores.
+// One run measures, in order:
 //   1. disk commits: single-row SQLite transactions (WAL, synchronous=FULL), one writer, in the
 //      folder of the server's database;
 //   2. raw PKCS#11: the HSM work of one GenerateDataKey (HMAC of the context, 32 random bytes,
-//      AES-256-GCM encryption with an HSM-made IV) through the hsm library on a separate
-//      SoftHSM2 token, at 1 and at N threads;
-//   3. an empty RPC: grpc.health.v1.Health/Check over the same mTLS channels, N callers;
-//   4. audited GenerateDataKey as the demo app, at N callers and at 1;
+//      AES-256-GCM encryption with an HSM-made IV) on a separate SoftHSM2 token, at 1 thread
+//      and at as many threads as custosd has HSM sessions;
+//   3. the transport's ceiling: an empty RPC on custos_echo_server (a minimal callback-API
+//      service with custosd's TLS settings and certificates, in its own process), at each
+//      in-flight level;
+//   4. against custosd, as the demo app: GenerateDataKey, GenerateDataKeyWithoutPlaintext,
+//      Decrypt, Encrypt of 1 KiB, ReEncrypt and a mix, each with a repeated and a distinct
+//      encryption context (bench/key_workloads.h), at each in-flight level;
 //   5. disk commits again: a disk's flush cost can drift (a VM's host cache), so the ratios use
-//      the faster of the two measurements, the harder one to beat;
-// then prints each against the baselines. See docs/PERFORMANCE.md.
+//      the faster of the two measurements, the harder one to beat.
+// Each phase reports calls/s, p50/p99/p99.9, errors by status code and the server's CPU time
+// per successful call; KeyService phases also their ratio to the echo at the same in-flight
+// level. See docs/PERFORMANCE.md.
 #include <sqlite3.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
-#include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bench/custosd_process.h"
+#include "bench/key_workloads.h"
 #include "bench/load.h"
+#include "bench/server_process.h"
 #include "core/ciphertext_blob.h"
 #include "core/encryption_context.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
-#include "custos/v1/key_service.grpc.pb.h"
-#include "health.grpc.pb.h"
 #include "hsm/pkcs11_hsm.h"
 #include "tests/support/softhsm_token.h"
 
@@ -43,10 +50,11 @@ namespace custos::bench {
 namespace {
 
 namespace pb = custos::v1;
-using grpc::health::v1::Health;
 
-constexpr int kCallersPerChannel = 8;  // 64 callers share 8 TLS connections
 constexpr char kAppPrincipal[] = "spiffe://custos.local/app/demo";
+constexpr int kCustosdDefaultWorkerThreads = 16;  // server/config.h, when the config sets none
+constexpr int kBlobMakingInflight = 8;            // below custosd's default thread cap
+const std::string kEchoPing = "/custos.bench.Echo/Ping";
 const core::EncryptionContext kContext = {{"table", "patients"}};
 
 std::unique_ptr<grpc::ClientContext> Context() {
@@ -55,12 +63,11 @@ std::unique_ptr<grpc::ClientContext> Context() {
   return context;
 }
 
-std::string Describe(const grpc::Status& status) {
-  return std::to_string(status.error_code()) + ": " + status.error_message();
-}
-
 void Check(const grpc::Status& status, const std::string& what) {
-  if (!status.ok()) throw std::runtime_error(what + " failed: " + Describe(status));
+  if (!status.ok()) {
+    throw std::runtime_error(what + " failed: " + StatusCodeName(status.error_code()) + ": " +
+                             status.error_message());
+  }
 }
 
 // --- 1. disk commits ------------------------------------------------------------------------
@@ -82,6 +89,8 @@ class DiskCommits {
     sqlite3_close(db_);
     for (const char* suffix : {"", "-wal", "-shm"}) std::remove((path_ + suffix).c_str());
   }
+  DiskCommits(const DiskCommits&) = delete;
+  DiskCommits& operator=(const DiskCommits&) = delete;
 
   // One autocommit INSERT: its own transaction, so one WAL fsync.
   std::string CommitOne() {
@@ -151,67 +160,48 @@ class RawHsm {
   Bytes aad_;
 };
 
-// --- 3 and 4: RPCs through custosd ----------------------------------------------------------
+// --- 3 and 4: RPCs --------------------------------------------------------------------------
 
-// The app's callers: caller i uses channel i / kCallersPerChannel, each channel its own mTLS
-// connection, the same for the empty RPC and GenerateDataKey.
-class AppClients {
+// `count` channels to a server, each its own mTLS connection, connected before any load.
+class Channels {
  public:
-  AppClients(const CustosdProcess& server, int callers) {
-    const int channels = (callers + kCallersPerChannel - 1) / kCallersPerChannel;
-    for (int c = 0; c < channels; ++c) {
-      std::shared_ptr<grpc::Channel> channel = server.Channel("app");
+  Channels(const std::string& state_dir, const std::string& client, int port, int count) {
+    for (int c = 0; c < count; ++c) {
+      std::shared_ptr<grpc::Channel> channel = MutualTlsChannel(state_dir, client, port);
       if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
-        throw std::runtime_error("cannot connect to custosd as app");
+        throw std::runtime_error("cannot connect to port " + std::to_string(port) + " as " +
+                                 client);
       }
+      stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
       channels_.push_back(std::move(channel));
     }
-    for (int i = 0; i < callers; ++i) {
-      keys_.push_back(pb::KeyService::NewStub(channels_[i / kCallersPerChannel]));
-      health_.push_back(Health::NewStub(channels_[i / kCallersPerChannel]));
+  }
+
+  // The stubs of the first min(count, inflight) channels: no channel without a call.
+  std::vector<grpc::GenericStub*> For(int inflight) const {
+    std::vector<grpc::GenericStub*> stubs;
+    for (size_t i = 0; i < stubs_.size() && i < static_cast<size_t>(inflight); ++i) {
+      stubs.push_back(stubs_[i].get());
     }
+    return stubs;
   }
-
-  std::string HealthCheck(int caller) {
-    grpc::health::v1::HealthCheckRequest request;
-    grpc::health::v1::HealthCheckResponse response;
-    const grpc::Status status = health_[caller]->Check(Context().get(), request, &response);
-    if (!status.ok()) return Describe(status);
-    return response.status() == response.SERVING ? "" : "health: not SERVING";
-  }
-
-  std::string GenerateDataKey(int caller, const std::string& key_id) {
-    pb::GenerateDataKeyRequest request;
-    request.set_key(key_id);
-    request.mutable_encryption_context()->insert(kContext.begin(), kContext.end());
-    request.set_key_spec(pb::AES_256);
-    pb::GenerateDataKeyResponse response;
-    const grpc::Status status = keys_[caller]->GenerateDataKey(Context().get(), request, &response);
-    if (!status.ok()) return Describe(status);
-    ++acknowledged_;
-    return response.plaintext().size() == 32 ? "" : "GenerateDataKey: wrong plaintext size";
-  }
-
-  // GenerateDataKey calls answered OK so far, warm-up included.
-  long acknowledged() const { return acknowledged_; }
 
  private:
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
-  std::vector<std::unique_ptr<pb::KeyService::Stub>> keys_;
-  std::vector<std::unique_ptr<Health::Stub>> health_;
-  std::atomic<long> acknowledged_ = 0;
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
 };
 
-// A key that the demo app may encrypt with: a grant, so proposed by officer1 and approved by
-// officer2 (the demo state's quorum of one).
-std::string CreateBenchKey(const CustosdProcess& server) {
+// A key that the demo app may use for everything: encrypt and decrypt grants, so proposed by
+// officer1 and approved by officer2 (the demo state's quorum of one).
+std::string CreateBenchKey(const CustosdProcess& server, const std::string& alias) {
   pb::ProposeRequest proposal;
   proposal.set_operation(pb::CREATE_KEY);
   proposal.set_justification("custos_bench");
   pb::CreateKeyRequest* key = proposal.mutable_create_key();
-  key->set_alias("bench-" + std::to_string(std::time(nullptr)) + "-" + std::to_string(getpid()));
+  key->set_alias(alias);
   key->set_description("custos_bench");
   key->add_encrypt_principals(kAppPrincipal);
+  key->add_decrypt_principals(kAppPrincipal);
   pb::ChangeRequest proposed;
   Check(pb::AdminService::NewStub(server.Channel("officer1"))
             ->Propose(Context().get(), proposal, &proposed),
@@ -223,6 +213,7 @@ std::string CreateBenchKey(const CustosdProcess& server) {
   Check(pb::AdminService::NewStub(server.Channel("officer2"))
             ->Approve(Context().get(), approval, &executed),
         "Approve(CreateKey)");
+  if (executed.key_id().empty()) throw std::runtime_error("CreateKey: no key id after approval");
   return executed.key_id();
 }
 
@@ -234,18 +225,18 @@ uint64_t AuditHead(pb::AuditService::Stub& audit) {
   return checkpoint.seq();
 }
 
-// Successful GenerateDataKey records after seq `after`.
-long CountDataKeyRecords(pb::AuditService::Stub& audit, uint64_t after) {
+// Successful records of `action` after seq `after`.
+long CountRecords(pb::AuditService::Stub& audit, uint64_t after, const std::string& action) {
   pb::ReadRecordsRequest request;
   request.set_from_seq(after + 1);
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
   std::unique_ptr<grpc::ClientReader<pb::AuditRecord>> reader =
       audit.ReadRecords(&context, request);
   long count = 0;
   pb::AuditRecord record;
   while (reader->Read(&record)) {
-    if (record.action() == "GenerateDataKey" && record.outcome() == "OK") ++count;
+    if (record.action() == action && record.outcome() == "OK") ++count;
   }
   Check(reader->Finish(), "ReadRecords");
   return count;
@@ -254,19 +245,46 @@ long CountDataKeyRecords(pb::AuditService::Stub& audit, uint64_t after) {
 // --- report ---------------------------------------------------------------------------------
 
 struct Phase {
-  std::string name;
-  LoadResult result;
+  std::string name{};
+  std::string mix{};     // repeated | distinct; empty where there is no context
+  std::string server{};  // custosd | echo | in-process
+  LoadResult result{};
+  double echo_calls_ratio = -1;   // calls/s ÷ the echo's at the same in-flight level
+  double echo_p99_ratio = -1;     // p99 ÷ the echo's
+  double records_per_fsync = -1;  // custosd's group commit over the phase, warm-up included
 };
 
+std::string Number(double value, const char* format) {
+  if (value < 0) return "-";
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, format, value);
+  return buffer;
+}
+
 void PrintTable(const std::vector<Phase>& phases) {
-  std::printf("\n%-36s %7s %11s %10s %10s %7s\n", "phase", "callers", "ops/s", "p50 us", "p99 us",
-              "errors");
+  std::printf("\n%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %8s\n", "phase", "mix",
+              "inflight", "calls/s", "p50 us", "p99 us", "p99.9 us", "srv CPU", "cli CPU", "/echo",
+              "p99/", "recs/", "errors");
+  std::printf("%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %8s\n", "", "", "", "", "", "",
+              "", "us/call", "us/call", "calls/s", "echo", "fsync", "");
   for (const Phase& p : phases) {
-    std::printf("%-36s %7d %11.1f %10.1f %10.1f %7ld\n", p.name.c_str(), p.result.threads,
-                p.result.ops_per_second, p.result.p50_us, p.result.p99_us, p.result.errors);
-    if (p.result.errors > 0) std::printf("  first error: %s\n", p.result.first_error.c_str());
+    const LoadResult& r = p.result;
+    std::printf("%-31s %-8s %8d %10.1f %8.0f %8.0f %9.0f %8s %8s %7s %7s %6s %8ld\n",
+                p.name.c_str(), p.mix.empty() ? "-" : p.mix.c_str(), r.inflight, r.calls_per_second,
+                r.p50_us, r.p99_us, r.p999_us, Number(r.server_cpu_us_per_call, "%.1f").c_str(),
+                Number(r.client_cpu_us_per_call, "%.1f").c_str(),
+                Number(p.echo_calls_ratio, "%.3f").c_str(),
+                Number(p.echo_p99_ratio, "%.2f").c_str(),
+                Number(p.records_per_fsync, "%.1f").c_str(), r.errors);
+    for (const auto& [code, e] : r.errors_by_code) {
+      std::printf("    %ld %s, first: %s\n", e.count, code.c_str(), e.first_message.c_str());
+    }
   }
-  std::printf("\n");
+  std::printf(
+      "\nsrv CPU: the server process's CPU time (custosd, or custos_echo_server for echo) over "
+      "the recorded window per successful call; in-process phases have no server. cli CPU: "
+      "this process's. /echo: calls/s and p99 against the echo at the same in-flight level. "
+      "recs/fsync: audit records per custosd transaction over the phase.\n\n");
 }
 
 // "ratio <name> = <value>" lines, also kept for --json.
@@ -274,7 +292,7 @@ class Ratios {
  public:
   void Add(const std::string& name, double numerator, double denominator) {
     const double value = denominator > 0 ? numerator / denominator : 0;
-    std::printf("ratio %-52s = %8.3f\n", name.c_str(), value);
+    std::printf("ratio %-56s = %8.3f\n", name.c_str(), value);
     json_[name] = value;
   }
   const nlohmann::json& json() const { return json_; }
@@ -284,155 +302,273 @@ class Ratios {
 };
 
 nlohmann::json ToJson(const Phase& p) {
-  return {{"phase", p.name},           {"callers", p.result.threads},
-          {"ops", p.result.ops},       {"seconds", p.result.seconds},
-          {"errors", p.result.errors}, {"ops_per_second", p.result.ops_per_second},
-          {"p50_us", p.result.p50_us}, {"p99_us", p.result.p99_us}};
+  const LoadResult& r = p.result;
+  nlohmann::json errors = nlohmann::json::object();
+  for (const auto& [code, e] : r.errors_by_code) {
+    errors[code] = {{"count", e.count}, {"first_message", e.first_message}};
+  }
+  const auto optional = [](double v) { return v < 0 ? nlohmann::json() : nlohmann::json(v); };
+  return {{"phase", p.name},
+          {"mix", p.mix.empty() ? nlohmann::json() : nlohmann::json(p.mix)},
+          {"server", p.server},
+          {"inflight", r.inflight},
+          {"channels", r.channels},
+          {"seconds", r.seconds},
+          {"ok", r.ok},
+          {"ok_total", r.ok_total},
+          {"errors", r.errors},
+          {"errors_by_code", errors},
+          {"calls_per_second", r.calls_per_second},
+          {"p50_us", r.p50_us},
+          {"p99_us", r.p99_us},
+          {"p999_us", r.p999_us},
+          {"server_cpu_us_per_call", optional(r.server_cpu_us_per_call)},
+          {"client_cpu_us_per_call", optional(r.client_cpu_us_per_call)},
+          {"echo_calls_per_second_ratio", optional(p.echo_calls_ratio)},
+          {"echo_p99_ratio", optional(p.echo_p99_ratio)},
+          {"records_per_fsync", optional(p.records_per_fsync)}};
 }
 
 struct Options {
-  int callers = 64;
+  std::vector<int> inflight = {1, 64, 1000};
+  int channels = 8;
+  int keys = 1;
+  size_t blobs = 2000;
   double seconds = 10;
   double warmup = 2;
+  double deadline = 30;
+  int worker_threads = 0;
   std::string state_dir;
   std::string json;
 };
 
 int Run(const Options& options) {
-  const int n = options.callers;
-  const std::string at_n = "@" + std::to_string(n);
-  const LoadOptions one{.threads = 1, .warmup_seconds = options.warmup, .seconds = options.seconds};
-  const LoadOptions many{
-      .threads = n, .warmup_seconds = options.warmup, .seconds = options.seconds};
-  // custosd caps gRPC at worker_threads + 2 threads, pollers included, and refuses calls
-  // beyond that ("Server Threadpool Exhausted"): N callers need N workers plus room for the
-  // pollers (up to 2 per completion queue), and never fewer than the default 16.
-  const int workers = std::max(16, n + 8);
+  const int max_inflight = *std::max_element(options.inflight.begin(), options.inflight.end());
+  const int connections = std::min(options.channels, max_inflight);
+  const int hsm_threads =
+      options.worker_threads > 0 ? options.worker_threads : kCustosdDefaultWorkerThreads;
+  const auto deadline = std::chrono::milliseconds(static_cast<long>(options.deadline * 1000));
+  const std::string run_id = std::to_string(std::time(nullptr)) + "-" + std::to_string(getpid());
 
-  CustosdProcess server(options.state_dir, workers);
-  std::printf("custosd pid %d, state %s, %d worker threads; %d callers over %d channel(s)\n",
-              server.pid(), server.state_dir().c_str(), workers, n,
-              (n + kCallersPerChannel - 1) / kCallersPerChannel);
+  CustosdProcess server(options.state_dir, options.worker_threads);
+  const std::string& state = server.state_dir();
+  const std::string echo_port_file = state + "/echo-port";
+  ServerProcess echo(
+      {ECHO_SERVER_PATH, "--cert", state + "/pki/server.crt", "--key", state + "/pki/server.key",
+       "--client-ca", state + "/pki/ca.crt", "--port-file", echo_port_file},
+      echo_port_file, state + "/echo.log");
+  std::printf(
+      "custosd pid %d, state %s, worker_threads %s; echo server pid %d; up to %d channel(s) per "
+      "server; %d key(s); %zu blobs per context mix; %d online CPU(s)\n",
+      server.pid(), state.c_str(),
+      options.worker_threads > 0 ? std::to_string(options.worker_threads).c_str()
+                                 : "config default",
+      echo.pid(), connections, options.keys, options.blobs,
+      static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
   std::fflush(stdout);
+
   std::vector<Phase> phases;
-  auto run = [&](const std::string& name, const LoadOptions& load, const Operation& op) {
-    phases.push_back({name, RunLoad(load, op)});
-    std::printf("  done: %s (%d)\n", name.c_str(), load.threads);
-    std::fflush(stdout);
+  const auto progress = [&](const Phase& p) {
+    std::fprintf(stderr, "  done: %s %s @%d: %.1f calls/s, %ld errors\n", p.name.c_str(),
+                 p.mix.c_str(), p.result.inflight, p.result.calls_per_second, p.result.errors);
+  };
+  const auto local = [&](const std::string& name, int threads, const LocalOperation& op) {
+    Phase p{.name = name, .server = "in-process"};
+    p.result = RunLocal(
+        {.inflight = threads, .warmup_seconds = options.warmup, .seconds = options.seconds}, op);
+    progress(p);
+    phases.push_back(std::move(p));
     return phases.back().result;
   };
+  const auto timed = [&](int inflight, pid_t pid) {
+    return LoadOptions{.inflight = inflight,
+                       .warmup_seconds = options.warmup,
+                       .seconds = options.seconds,
+                       .deadline = deadline,
+                       .server_pid = pid};
+  };
 
-  DiskCommits commits(server.state_dir() + "/bench-commits.db");
-  const LoadResult disk_before =
-      run("disk commit (WAL, FULL), first", one, [&](int) { return commits.CommitOne(); });
-  LoadResult raw_1, raw_n;
+  // 1 and 2: in this process.
+  DiskCommits commits(state + "/bench-commits.db");
+  const LoadResult disk_first =
+      local("disk commit (WAL, FULL), first", 1, [&](int) { return commits.CommitOne(); });
   {
-    RawHsm raw(static_cast<size_t>(workers));
-    raw_1 = run("raw PKCS#11 (HMAC+RNG+GCM)", one, [&](int) { return raw.DataKey(); });
-    raw_n = run("raw PKCS#11 (HMAC+RNG+GCM)", many, [&](int) { return raw.DataKey(); });
+    RawHsm raw(static_cast<size_t>(hsm_threads));
+    local("raw PKCS#11 (HMAC+RNG+GCM)", 1, [&](int) { return raw.DataKey(); });
+    local("raw PKCS#11 (HMAC+RNG+GCM)", hsm_threads, [&](int) { return raw.DataKey(); });
   }
-  AppClients app(server, n);
-  const LoadResult empty =
-      run("empty RPC (health Check, mTLS)", many, [&](int c) { return app.HealthCheck(c); });
 
-  const std::string key_id = CreateBenchKey(server);
+  // 3. The transport's ceiling.
+  const Channels echo_channels(state, "app", echo.port(), connections);
+  std::map<int, LoadResult> echo_at;
+  grpc::Slice nothing;  // an empty PingRequest is zero bytes (but a buffer all the same)
+  const grpc::ByteBuffer empty_request(&nothing, 1);
+  Workload ping;
+  ping.next = [&](uint64_t, Call& call) {
+    call.method = &kEchoPing;
+    call.request = empty_request;
+  };
+  for (int inflight : options.inflight) {
+    Phase p{.name = "echo (empty RPC, mTLS)", .server = "echo"};
+    p.result = RunCalls(echo_channels.For(inflight), timed(inflight, echo.pid()), ping);
+    echo_at[inflight] = p.result;
+    progress(p);
+    phases.push_back(std::move(p));
+  }
+
+  // 4. KeyService through custosd.
+  std::vector<std::string> key_ids;
+  key_ids.reserve(static_cast<size_t>(options.keys));
+  for (int k = 0; k < options.keys; ++k) {
+    key_ids.push_back(CreateBenchKey(server, "bench-" + run_id + "-" + std::to_string(k)));
+  }
+  const Channels app(state, "app", server.port(), connections);
+  KeyWorkloads workloads(key_ids, run_id);
+  workloads.MakeBlobs(app.For(kBlobMakingInflight), options.blobs, kBlobMakingInflight);
   std::unique_ptr<pb::AuditService::Stub> audit =
       pb::AuditService::NewStub(server.Channel("auditor"));
-  const uint64_t head_before = AuditHead(*audit);
-  const CustosdProcess::CommitCounts commits_before = server.CommitStats();
-  const LoadResult gdk_n =
-      run("GenerateDataKey (audited)", many, [&](int c) { return app.GenerateDataKey(c, key_id); });
-  const CustosdProcess::CommitCounts commits_after = server.CommitStats();
-  // Over the whole phase (warm-up included): how many requests' records each fsync carried.
-  const double batches = static_cast<double>(commits_after.batches - commits_before.batches);
-  const double transactions =
-      static_cast<double>(commits_after.transactions - commits_before.transactions);
-  const LoadResult gdk_1 =
-      run("GenerateDataKey (audited)", one, [&](int c) { return app.GenerateDataKey(c, key_id); });
-  const long audited = CountDataKeyRecords(*audit, head_before);
-  const LoadResult disk_after =
-      run("disk commit (WAL, FULL), last", one, [&](int) { return commits.CommitOne(); });
+
+  long acknowledged = 0;  // GenerateDataKey calls answered OK, warm-up and drain included
+  long audited = -1;
+  uint64_t head_before = 0;
+  for (KeyOp op : kAllKeyOps) {
+    if (op == KeyOp::kGenerateDataKey) head_before = AuditHead(*audit);
+    for (ContextMix mix : kAllContextMixes) {
+      const Workload workload = workloads.For(op, mix);
+      for (int inflight : options.inflight) {
+        Phase p{.name = std::string(KeyOpName(op)),
+                .mix = std::string(ContextMixName(mix)),
+                .server = "custosd"};
+        const std::optional<CustosdProcess::CommitCounts> before = server.CommitStats();
+        p.result = RunCalls(app.For(inflight), timed(inflight, server.pid()), workload);
+        const std::optional<CustosdProcess::CommitCounts> after = server.CommitStats();
+        if (before && after && after->transactions > before->transactions) {
+          p.records_per_fsync = static_cast<double>(after->batches - before->batches) /
+                                static_cast<double>(after->transactions - before->transactions);
+        }
+        const LoadResult& e = echo_at[inflight];
+        if (e.calls_per_second > 0)
+          p.echo_calls_ratio = p.result.calls_per_second / e.calls_per_second;
+        if (e.p99_us > 0 && p.result.ok > 0) p.echo_p99_ratio = p.result.p99_us / e.p99_us;
+        if (op == KeyOp::kGenerateDataKey) acknowledged += p.result.ok_total;
+        progress(p);
+        phases.push_back(std::move(p));
+      }
+    }
+    // Every acknowledged GenerateDataKey must have its audit record; read before other
+    // phases add theirs.
+    if (op == KeyOp::kGenerateDataKey) {
+      audited = CountRecords(*audit, head_before, "GenerateDataKey");
+    }
+  }
+
+  // 5.
+  const LoadResult disk_last =
+      local("disk commit (WAL, FULL), last", 1, [&](int) { return commits.CommitOne(); });
   const LoadResult& disk =
-      disk_before.ops_per_second >= disk_after.ops_per_second ? disk_before : disk_after;
+      disk_first.calls_per_second >= disk_last.calls_per_second ? disk_first : disk_last;
 
   PrintTable(phases);
   Ratios ratios;
-  // The key number: above 1, requests outrun one fsync each (group commit at work).
-  ratios.Add("GenerateDataKey" + at_n + " / disk commit ops/s", gdk_n.ops_per_second,
-             disk.ops_per_second);
-  ratios.Add("GenerateDataKey@1 / disk commit ops/s", gdk_1.ops_per_second, disk.ops_per_second);
-  // Group commit measured directly: above 1, durability costs less than one fsync a request.
-  ratios.Add("GenerateDataKey" + at_n + " batches per commit (fsync)", batches, transactions);
-  ratios.Add("GenerateDataKey" + at_n + " commits/s / disk commit ops/s",
-             transactions / (options.seconds + options.warmup), disk.ops_per_second);
-  ratios.Add("GenerateDataKey" + at_n + " / empty RPC" + at_n + " ops/s", gdk_n.ops_per_second,
-             empty.ops_per_second);
-  ratios.Add("GenerateDataKey" + at_n + " / empty RPC" + at_n + " p50", gdk_n.p50_us, empty.p50_us);
-  ratios.Add("GenerateDataKey" + at_n + " / empty RPC" + at_n + " p99", gdk_n.p99_us, empty.p99_us);
-  ratios.Add("GenerateDataKey" + at_n + " / raw PKCS#11" + at_n + " ops/s", gdk_n.ops_per_second,
-             raw_n.ops_per_second);
-  ratios.Add("GenerateDataKey" + at_n + " / raw PKCS#11" + at_n + " p50", gdk_n.p50_us,
-             raw_n.p50_us);
-  ratios.Add("GenerateDataKey" + at_n + " / raw PKCS#11" + at_n + " p99", gdk_n.p99_us,
-             raw_n.p99_us);
-  ratios.Add("GenerateDataKey@1 / raw PKCS#11@1 ops/s", gdk_1.ops_per_second, raw_1.ops_per_second);
-  ratios.Add("GenerateDataKey@1 / raw PKCS#11@1 p50", gdk_1.p50_us, raw_1.p50_us);
-  ratios.Add("GenerateDataKey@1 / disk commit p50", gdk_1.p50_us, disk.p50_us);
+  for (const Phase& p : phases) {
+    if (p.name != KeyOpName(KeyOp::kGenerateDataKey)) continue;
+    const std::string at = "@" + std::to_string(p.result.inflight);
+    const std::string what = p.name + at + " " + p.mix;
+    const LoadResult& e = echo_at[p.result.inflight];
+    ratios.Add(absl::StrCat(what, " / echo", at, " calls/s"), p.result.calls_per_second,
+               e.calls_per_second);
+    if (p.mix == ContextMixName(ContextMix::kRepeated)) {
+      ratios.Add(what + " / disk commit calls/s", p.result.calls_per_second, disk.calls_per_second);
+    }
+  }
   // More records than replies is possible (a reply lost after the commit); fewer is not.
-  const bool all_audited = audited >= app.acknowledged();
+  const bool all_audited = audited >= acknowledged;
   std::printf("\naudit: %ld GenerateDataKey calls acknowledged, %ld OK records after seq %llu%s\n",
-              app.acknowledged(), audited, static_cast<unsigned long long>(head_before),
+              acknowledged, audited, static_cast<unsigned long long>(head_before),
               all_audited ? " (every acknowledged call audited)" : " (MISSING RECORDS)");
 
   if (!options.json.empty()) {
     nlohmann::json out;
-    out["command"] = {{"callers", n},
+    out["command"] = {{"inflight", options.inflight},
+                      {"channels", options.channels},
+                      {"keys", options.keys},
+                      {"blobs", options.blobs},
                       {"seconds", options.seconds},
                       {"warmup", options.warmup},
-                      {"callers_per_channel", kCallersPerChannel},
-                      {"worker_threads", workers}};
+                      {"deadline_seconds", options.deadline},
+                      {"worker_threads", options.worker_threads}};
     out["online_cpus"] = sysconf(_SC_NPROCESSORS_ONLN);
+    out["phases"] = nlohmann::json::array();
     for (const Phase& p : phases) out["phases"].push_back(ToJson(p));
     out["ratios"] = ratios.json();
-    out["audit"] = {{"acknowledged", app.acknowledged()}, {"records", audited}};
-    out["group_commit"] = {{"batches", batches}, {"transactions", transactions}};
+    out["audit"] = {{"action", "GenerateDataKey"},
+                    {"acknowledged", acknowledged},
+                    {"records", audited},
+                    {"all_audited", all_audited}};
     std::ofstream(options.json) << out.dump(2) << "\n";
   }
   // Failed calls are reported (table, JSON, here) but do not void the run: custosd may refuse
-  // a rare call under load ("Server Threadpool Exhausted"). A phase with no success does.
+  // calls past what it admits. A phase with no success does.
   long errors = 0;
   bool every_phase_ran = true;
   for (const Phase& p : phases) {
     errors += p.result.errors;
-    every_phase_ran = every_phase_ran && p.result.ops > 0;
+    if (p.result.ok == 0) {
+      every_phase_ran = false;
+      std::fprintf(stderr, "custos_bench: no call succeeded in %s %s @%d\n", p.name.c_str(),
+                   p.mix.c_str(), p.result.inflight);
+    }
   }
   if (errors > 0) std::fprintf(stderr, "custos_bench: warning: %ld calls failed\n", errors);
   return every_phase_ran && all_audited ? 0 : 1;
 }
 
-}  // namespace
-}  // namespace custos::bench
-
-int main(int argc, char** argv) {
-  custos::bench::Options options;
-  CLI::App app{"custos_bench: audited GenerateDataKey throughput against same-run baselines"};
-  app.add_option("--callers", options.callers, "concurrent callers (threads)")
+int Main(int argc, char** argv) {
+  Options options;
+  CLI::App app{"custos_bench: KeyService calls against same-run baselines (echo, HSM, disk)"};
+  app.add_option("--inflight", options.inflight, "calls in flight, one level per phase")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  app.add_option("--channels", options.channels,
+                 "channels (TLS connections) per server; fewer when fewer calls are in flight")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
+  app.add_option("--keys", options.keys, "keys to create; each call picks one at random")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  app.add_option("--blobs", options.blobs,
+                 "blobs made beforehand per context mix, cycled by Decrypt and ReEncrypt")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
   app.add_option("--seconds", options.seconds, "recorded seconds per phase")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--warmup", options.warmup, "unrecorded seconds before each phase")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--deadline", options.deadline, "deadline of each call, seconds")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--worker-threads", options.worker_threads,
+                 "custosd's server.worker_threads; 0 leaves the config's (custosd's default)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
   app.add_option("--state-dir", options.state_dir,
                  "custosd state folder (made if missing, kept); default a temporary one. The "
                  "disk baseline runs in this folder");
   app.add_option("--json", options.json, "also write the results here as JSON");
   CLI11_PARSE(app, argc, argv);
+  return Run(options);
+}
+
+}  // namespace
+}  // namespace custos::bench
+
+int main(int argc, char** argv) {
   try {
-    return custos::bench::Run(options);
-  } catch (const std::exception& e) {
+    return custos::bench::Main(argc, argv);
+  } catch (const std::exception& e) {  // e.g. out of memory: said, never a crash dump
     std::fprintf(stderr, "custos_bench: %s\n", e.what());
     return 2;
   }

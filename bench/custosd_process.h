@@ -1,9 +1,9 @@
 // CustosdProcess: the real custosd binary, started for a benchmark.
 //
-// Makes (or completes) a state folder with tools/make-state.sh, sets the worker thread count,
-// runs `custosd init`, starts custosd on a random loopback port and waits until it has bound
-// it. SIGTERM stops it when the object goes. The same start-up as tests/e2e/custos_server.cc,
-// without the test-only extras.
+// Makes (or completes) a state folder with tools/make-state.sh, optionally sets the worker
+// thread count, runs `custosd init`, starts custosd on a random loopback port and waits until
+// it has bound it. SIGTERM stops it when the object goes. The same start-up as
+// tests/e2e/custos_server.cc, without the test-only extras.
 #pragma once
 
 #include <sys/types.h>
@@ -15,6 +15,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "bench/server_process.h"
 #include "tests/support/temp_dir.h"
 
 namespace custos::bench {
@@ -22,7 +23,9 @@ namespace custos::bench {
 class CustosdProcess {
  public:
   // `state_dir` empty: a fresh temporary folder, removed afterwards. Otherwise that folder
-  // (created if missing, kept afterwards). Throws std::runtime_error if custosd does not start.
+  // (created if missing, kept afterwards). `worker_threads` 0 leaves custosd.toml's
+  // server.worker_threads as it is (custosd's default if unset); above 0 writes it. Throws
+  // std::runtime_error if custosd does not start.
   CustosdProcess(const std::string& state_dir, int worker_threads);
   ~CustosdProcess();
   CustosdProcess(const CustosdProcess&) = delete;
@@ -34,24 +37,22 @@ class CustosdProcess {
 
   // custosd's group-commit counters since it started: Apply calls committed and the
   // transactions (one fsync each) that carried them. Asks with SIGUSR1 and reads the line it
-  // logs; throws std::runtime_error if none comes within 10 seconds.
+  // logs; nullopt if none comes within 10 seconds.
   struct CommitCounts {
     uint64_t batches = 0;
     uint64_t transactions = 0;
   };
-  CommitCounts CommitStats() const;
+  std::optional<CommitCounts> CommitStats() const;
 
   const std::string& state_dir() const { return dir_; }
-  pid_t pid() const { return pid_; }
-  std::string Log() const;
+  pid_t pid() const { return server_->pid(); }
+  int port() const { return server_->port(); }
+  std::string Log() const { return server_->Log(); }
 
  private:
-  bool Alive() const;
-
   std::optional<testing::TempDir> temp_;
   std::string dir_;
-  pid_t pid_ = -1;
-  int port_ = 0;
+  std::unique_ptr<ServerProcess> server_;
 };
 
 }  // namespace custos::bench
