@@ -1,5 +1,7 @@
 // The audit log as the use cases write and read it: every event committed with the change it
 // records, signed checkpoints, and what auditors read.
+#include <openssl/crypto.h>
+
 #include "absl/strings/numbers.h"
 #include "audit/verifier.h"
 #include "common/strings.h"
@@ -348,11 +350,19 @@ absl::Status Kms::Reserve(const storage::VersionUsage& reservation) const {
 
 absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) const {
   if (context.empty()) return std::string();
-  Bytes canonical;
-  AppendCanonicalContext(context, canonical);
+  // The canonical form holds the context's values: wiped once the HMAC is known.
+  struct Wiped {
+    Bytes bytes;
+    ~Wiped() { OPENSSL_cleanse(bytes.data(), bytes.size()); }
+  } canonical;
+  AppendCanonicalContext(context, canonical.bytes);
+  const std::string cache_key = context_macs_.KeyOf(canonical.bytes);
+  if (std::optional<std::string> cached = context_macs_.Find(cache_key)) return *cached;
   CUSTOS_ASSIGN_OR_RETURN(Bytes mac,
-                          options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical));
-  return audit::ToHex(mac);
+                          options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical.bytes));
+  std::string hex = audit::ToHex(mac);
+  context_macs_.Insert(cache_key, hex);
+  return hex;
 }
 
 absl::Status Kms::RecordServerStart() {

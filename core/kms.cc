@@ -38,7 +38,8 @@ Kms::Kms(Options options)
           options_.store, options_.clock, options_.usage_limits,
           [this](const storage::VersionUsage& reservation) { return Reserve(reservation); },
           options_.wake_maintenance),
-      observed_(options_.store, options_.clock) {}
+      observed_(options_.store, options_.clock),
+      context_macs_(options_.context_hmac_cache) {}
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);

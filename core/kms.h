@@ -30,6 +30,7 @@
 #include "common/clock.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
+#include "core/context_mac_cache.h"
 #include "core/encryption_context.h"
 #include "core/observed_time.h"
 #include "core/usage_tracker.h"
@@ -157,6 +158,8 @@ class Kms {
     std::string audit_head_label = "custos-audit-head";
     // Records after which a checkpoint is due at once (besides the server's timer).
     uint64_t checkpoint_every = 1000;
+    // Contexts whose audit HMAC is kept in memory (ContextMacCache); 0 = none.
+    size_t context_hmac_cache = 65536;
     // Called when housekeeping has work now (a key wants rotating, a checkpoint is due); the
     // server wakes its maintenance thread, which runs RunMaintenance and Checkpoint.
     std::function<void()> wake_maintenance;
@@ -403,6 +406,7 @@ class Kms {
   std::shared_mutex requests_mu_;
   UsageTracker usage_;
   ObservedTime observed_;
+  mutable ContextMacCache context_macs_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};
   std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
   mutable std::mutex alarm_mu_;

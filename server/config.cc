@@ -179,6 +179,7 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
   CUSTOS_RETURN_IF_ERROR(settings.Read("log", "level", &c.log_level));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("log", "audit_mirror", &c.audit_mirror));
   CUSTOS_RETURN_IF_ERROR(ReadDualControl(root, &c.dual_control));
   int64_t maintenance = c.maintenance_interval_seconds;
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "maintenance_interval_seconds", &maintenance));
@@ -194,6 +195,10 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "checkpoint_every", &checkpoint_every));
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("audit", "verify_full_chain_at_start", &c.verify_full_chain_at_start));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "context_hmac_cache", &c.context_hmac_cache));
+  if (c.context_hmac_cache < 0 || c.context_hmac_cache > 10'000'000) {
+    return absl::InvalidArgumentError("config: audit.context_hmac_cache must be 0..10000000");
+  }
   if (checkpoint_interval < 1 || checkpoint_interval > 86400) {
     return absl::InvalidArgumentError("config: audit.checkpoint_interval_seconds must be 1..86400");
   }

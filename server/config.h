@@ -49,6 +49,10 @@ struct Config {
   std::string storage_path;
   std::string policy_file;
   std::string log_level = "info";
+  // [log] audit_mirror: also write each committed audit record to the operator's log, one line
+  // per record (the audit log in the database is the record either way). Off by default: it
+  // costs every call a formatted line on the request path.
+  bool audit_mirror = false;
 
   // [dual_control]: request_ttl_hours, deletion_waiting_days, and [dual_control.approvals]
   // with one entry per operation name (e.g. RotateKey = 2) overriding the defaults.
@@ -61,6 +65,8 @@ struct Config {
   uint64_t checkpoint_every = 1000;
   // At start-up, recompute the whole chain rather than from the HSM's last signed head.
   bool verify_full_chain_at_start = false;
+  // Encryption contexts whose audit HMAC is kept in memory (core/context_mac_cache.h); 0 = none.
+  int64_t context_hmac_cache = 65536;
 
   // [keys]: the AES-GCM encryption limit per key version and when to rotate before it.
   core::UsageLimits usage_limits;

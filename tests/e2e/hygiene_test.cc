@@ -34,7 +34,13 @@ std::string Hex(const std::string& bytes) {
 
 TEST_CASE("Audit lines record each operation; no secret reaches the log", "[e2e][audit]") {
   CustosServer server;  // its own log, read whole below
+  // The mirror is off by default: the log has no audit lines until it is turned on.
   const std::string alias = "hygiene/key";
+  CreateKey(server, "hygiene/unmirrored", false, false);
+  CHECK(server.Log().find("action=CreateKey") == std::string::npos);
+  server.Stop();
+  server.EditConfig("[server]\n", "[log]\naudit_mirror = true\n\n[server]\n");
+  server.Start();
   const pb::KeyMetadata key = CreateKey(server, alias, true, true);
   const std::string patient = "patient-7d1f9c-MRN-448812";
   const std::string secret = "db-password-Qx7!vT3#hygiene";

@@ -122,6 +122,8 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.worker_threads == 16);
   CHECK(c.max_message_bytes == 262144);
   CHECK(c.max_waiting_calls == 4096);
+  CHECK_FALSE(c.audit_mirror);
+  CHECK(c.context_hmac_cache == 65536);
   CHECK(c.root_key_label == "custos-root");
   CHECK(c.key_cache_capacity == 4096);
   CHECK(c.log_level == "info");
@@ -149,6 +151,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"hsm", "root_key_label", R"("root-2")"});
   entries.push_back({"hsm", "key_cache", "10"});
   entries.push_back({"log", "level", R"("debug")"});
+  entries.push_back({"log", "audit_mirror", "true"});
+  entries.push_back({"audit", "context_hmac_cache", "0"});
   entries.push_back({"keys", "encryption_limit", "1000"});
   entries.push_back({"keys", "rotate_at_percent", "50"});
   entries.push_back({"keys", "reservation_block", "7"});
@@ -167,6 +171,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.root_key_label == "root-2");
   CHECK(c.key_cache_capacity == 10);
   CHECK(c.log_level == "debug");
+  CHECK(c.audit_mirror);
+  CHECK(c.context_hmac_cache == 0);
   CHECK(c.usage_limits.max_encryptions == 1000);
   CHECK(c.usage_limits.rotate_at == 500);
   CHECK(c.usage_limits.reservation_block == 7);
@@ -320,6 +326,8 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[server]\nworker_threads = 1025\n"),
                  "server.worker_threads must be 1..1024");
+  RequireRefused(files, Render(Minimal(), "[audit]\ncontext_hmac_cache = -1\n"),
+                 "audit.context_hmac_cache must be 0..10000000");
   RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 0\n"),
                  "server.max_waiting_calls must be 1..1000000");
   RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 1000001\n"),
