@@ -340,7 +340,13 @@ struct Options {
   int worker_threads = 0;
   std::string state_dir;
   std::string json;
+  std::vector<std::string> ops;    // KeyOpName()s to run; empty = all
+  std::vector<std::string> mixes;  // ContextMixName()s to run; empty = both
 };
+
+bool Selected(const std::vector<std::string>& chosen, std::string_view name) {
+  return chosen.empty() || std::find(chosen.begin(), chosen.end(), name) != chosen.end();
+}
 
 int Run(const Options& options) {
   const int max_inflight = *std::max_element(options.inflight.begin(), options.inflight.end());
@@ -429,11 +435,13 @@ int Run(const Options& options) {
       pb::AuditService::NewStub(server.Channel("auditor"));
 
   long acknowledged = 0;  // GenerateDataKey calls answered OK, warm-up and drain included
-  long audited = -1;
+  long audited = 0;
   uint64_t head_before = 0;
   for (KeyOp op : kAllKeyOps) {
+    if (!Selected(options.ops, KeyOpName(op))) continue;
     if (op == KeyOp::kGenerateDataKey) head_before = AuditHead(*audit);
     for (ContextMix mix : kAllContextMixes) {
+      if (!Selected(options.mixes, ContextMixName(mix))) continue;
       const Workload workload = workloads.For(op, mix);
       for (int inflight : options.inflight) {
         Phase p{.name = std::string(KeyOpName(op)),
@@ -558,6 +566,10 @@ int Main(int argc, char** argv) {
                  "custosd state folder (made if missing, kept); default a temporary one. The "
                  "disk baseline runs in this folder");
   app.add_option("--json", options.json, "also write the results here as JSON");
+  app.add_option("--ops", options.ops,
+                 "KeyService phases to run, by name (e.g. GenerateDataKey Decrypt); default all");
+  app.add_option("--mixes", options.mixes,
+                 "context mixes to run (repeated, distinct); default both");
   CLI11_PARSE(app, argc, argv);
   return Run(options);
 }
