@@ -14,6 +14,8 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/status/status.h"
+
 namespace custos::bench {
 namespace {
 
@@ -303,25 +305,9 @@ double ProcessCpuSeconds(pid_t pid) {
 }
 
 std::string StatusCodeName(int code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  if (code >= 0 && code < static_cast<int>(std::size(kNames))) return kNames[code];
-  return "CODE_" + std::to_string(code);
+  // absl and gRPC share their code numbers.
+  const std::string name = absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+  return name.empty() ? "CODE_" + std::to_string(code) : name;
 }
 
 }  // namespace custos::bench

@@ -16,6 +16,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "absl/status/status.h"
 #include "audit/record.h"
 #include "audit/verifier.h"
 #include "custos/v1/admin_service.grpc.pb.h"
@@ -137,26 +138,10 @@ std::string Base64Decode(const std::string& text) {
   return out;
 }
 
-const char* StatusName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  const auto index = static_cast<size_t>(code);
-  return index < std::size(kNames) ? kNames[index] : "UNKNOWN";
+std::string StatusName(grpc::StatusCode code) {
+  // absl and gRPC share their code numbers.
+  std::string name = absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+  return name.empty() ? "UNKNOWN" : name;
 }
 
 int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
