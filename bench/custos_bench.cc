@@ -43,6 +43,7 @@
 #include "core/encryption_context.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
+#include "custos/v1/key_service.pb.h"
 #include "hsm/pkcs11_hsm.h"
 #include "tests/support/softhsm_token.h"
 
@@ -55,6 +56,11 @@ constexpr char kAppPrincipal[] = "spiffe://custos.local/app/demo";
 constexpr int kCustosdDefaultWorkerThreads = 16;  // server/config.h, when the config sets none
 constexpr int kBlobMakingInflight = 8;            // below custosd's default thread cap
 const std::string kEchoPing = "/custos.bench.Echo/Ping";
+const std::string kCreateKey = "/custos.v1.AdminService/CreateKey";
+const std::string kBatchGenerateDataKey = "/custos.v1.KeyService/BatchGenerateDataKey";
+constexpr int kCreateKeyInflight = 16;
+constexpr int kBatchItems = 1000;
+constexpr int kBatchInflight = 4;
 const core::EncryptionContext kContext = {{"table", "patients"}};
 
 std::unique_ptr<grpc::ClientContext> Context() {
@@ -470,6 +476,50 @@ int Run(const Options& options) {
     }
   }
 
+  // Officers creating keys without grants (no approval needed) side by side, and a database
+  // asking for many data keys in one call. A batch phase's calls/s counts calls of 1,000
+  // items each.
+  if (Selected(options.ops, "CreateKey")) {
+    const Channels officer(state, "officer1", server.port(), kCreateKeyInflight);
+    pb::CreateKeyRequest create;
+    create.set_description("custos_bench: a key without grants");
+    grpc::Slice created(create.SerializeAsString());
+    const grpc::ByteBuffer create_request(&created, 1);
+    Workload creations;
+    creations.next = [&](uint64_t, Call& call) {
+      call.method = &kCreateKey;
+      call.request = create_request;
+    };
+    Phase p{.name = "CreateKey (no grants)", .server = "custosd"};
+    p.result = RunCalls(officer.For(kCreateKeyInflight), timed(kCreateKeyInflight, server.pid()),
+                        creations);
+    progress(p);
+    phases.push_back(std::move(p));
+  }
+  if (Selected(options.ops, "BatchGenerateDataKey")) {
+    pb::BatchGenerateDataKeyRequest batch;
+    for (int i = 0; i < kBatchItems; ++i) {
+      pb::GenerateDataKeyRequest* item = batch.add_items();
+      item->set_key(key_ids.front());
+      (*item->mutable_encryption_context())["table"] = "patients";
+    }
+    grpc::Slice items(batch.SerializeAsString());
+    const grpc::ByteBuffer batch_request(&items, 1);
+    Workload batches;
+    batches.next = [&](uint64_t, Call& call) {
+      call.method = &kBatchGenerateDataKey;
+      call.request = batch_request;
+    };
+    Phase p{.name = "BatchGenerateDataKey x1000",
+            .mix = std::string(ContextMixName(ContextMix::kRepeated)),
+            .server = "custosd"};
+    p.result = RunCalls(app.For(kBatchInflight), timed(kBatchInflight, server.pid()), batches);
+    progress(p);
+    std::printf("  BatchGenerateDataKey: %.0f data keys/s in batches of %d, %d batches in flight\n",
+                p.result.calls_per_second * kBatchItems, kBatchItems, kBatchInflight);
+    phases.push_back(std::move(p));
+  }
+
   // 5.
   const LoadResult disk_last =
       local("disk commit (WAL, FULL), last", 1, [&](int) { return commits.CommitOne(); });
@@ -567,7 +617,8 @@ int Main(int argc, char** argv) {
                  "disk baseline runs in this folder");
   app.add_option("--json", options.json, "also write the results here as JSON");
   app.add_option("--ops", options.ops,
-                 "KeyService phases to run, by name (e.g. GenerateDataKey Decrypt); default all");
+                 "phases against custosd to run, by name (GenerateDataKey, Decrypt, CreateKey, "
+                 "BatchGenerateDataKey, ...); default all");
   app.add_option("--mixes", options.mixes,
                  "context mixes to run (repeated, distinct); default both");
   CLI11_PARSE(app, argc, argv);

@@ -235,7 +235,7 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   c.max_waiting_calls = static_cast<size_t>(max_waiting);
   int64_t max_message = static_cast<int64_t>(c.max_message_bytes);
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "max_message_bytes", &max_message));
-  if (max_message < 4096 || max_message > 16 * 1024 * 1024) {
+  if (max_message < 4096 || max_message > int64_t{16} * 1024 * 1024) {
     return absl::InvalidArgumentError(
         "config: server.max_message_bytes must be 4096..16777216 (16 MiB)");
   }

@@ -62,7 +62,7 @@ void RefusalRecorder::Run() {
     const bool last = stop_;  // one attempt after the stop, whatever its outcome
     Tallies taken = std::exchange(tallies_, {});
     lock.unlock();
-    Record(std::move(taken));
+    Record(taken);
     lock.lock();
     if (last) return;
     // Coalesce: whatever is refused next waits for the interval (or the stop).
@@ -70,7 +70,7 @@ void RefusalRecorder::Run() {
   }
 }
 
-void RefusalRecorder::Record(Tallies tallies) {
+void RefusalRecorder::Record(const Tallies& tallies) {
   std::vector<core::Kms::RefusedCalls> refused;
   refused.reserve(tallies.size());
   for (const auto& [key, tally] : tallies) {
@@ -82,11 +82,11 @@ void RefusalRecorder::Record(Tallies tallies) {
   if (absl::Status recorded = kms_->RecordRefusedCalls(refused); !recorded.ok()) {
     spdlog::error("refused calls not recorded yet (kept for the next attempt): {}",
                   recorded.ToString());
-    Merge(std::move(tallies));
+    Merge(tallies);
   }
 }
 
-void RefusalRecorder::Merge(Tallies from) {
+void RefusalRecorder::Merge(const Tallies& from) {
   std::lock_guard lock(mu_);
   for (auto& [key, tally] : from) {
     auto [it, inserted] = tallies_.try_emplace(key, tally);

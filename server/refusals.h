@@ -49,8 +49,8 @@ class RefusalRecorder {
   using Tallies = std::map<Key, core::Kms::RefusedCalls>;
 
   void Run();
-  void Record(Tallies tallies);
-  void Merge(Tallies from);  // back into tallies_, under mu_
+  void Record(const Tallies& tallies);
+  void Merge(const Tallies& from);  // back into tallies_, under mu_
 
   core::Kms* const kms_;
   const Clock* const clock_;
