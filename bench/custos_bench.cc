@@ -346,6 +346,7 @@ struct Options {
   int worker_threads = 0;
   std::string state_dir;
   std::string json;
+  std::string key_ids;             // a file of key ids (custos_seed_keys --out) to use
   std::vector<std::string> ops;    // KeyOpName()s to run; empty = all
   std::vector<std::string> mixes;  // ContextMixName()s to run; empty = both
 };
@@ -431,7 +432,16 @@ int Run(const Options& options) {
   // 4. KeyService through custosd.
   std::vector<std::string> key_ids;
   key_ids.reserve(static_cast<size_t>(options.keys));
-  for (int k = 0; k < options.keys; ++k) {
+  if (!options.key_ids.empty()) {
+    std::ifstream ids(options.key_ids);
+    for (std::string id; std::getline(ids, id);) {
+      if (!id.empty()) key_ids.push_back(id);
+    }
+    if (key_ids.empty()) throw std::runtime_error("no key ids in " + options.key_ids);
+    std::printf("%zu keys from %s\n", key_ids.size(), options.key_ids.c_str());
+  }
+  const int to_create = key_ids.empty() ? options.keys : 0;
+  for (int k = 0; k < to_create; ++k) {
     key_ids.push_back(CreateBenchKey(server, "bench-" + run_id + "-" + std::to_string(k)));
   }
   const Channels app(state, "app", server.port(), connections);
@@ -616,6 +626,9 @@ int Main(int argc, char** argv) {
                  "custosd state folder (made if missing, kept); default a temporary one. The "
                  "disk baseline runs in this folder");
   app.add_option("--json", options.json, "also write the results here as JSON");
+  app.add_option("--key-ids", options.key_ids,
+                 "use these keys (a file of ids, one a line, from custos_seed_keys) instead of "
+                 "creating --keys; each call picks one");
   app.add_option("--ops", options.ops,
                  "phases against custosd to run, by name (GenerateDataKey, Decrypt, CreateKey, "
                  "BatchGenerateDataKey, ...); default all");
