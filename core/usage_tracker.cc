@@ -9,6 +9,7 @@ namespace custos::core {
 struct UsageTracker::Counter {
   storage::VersionUsage usage;  // encryptions and decryptions as counted in memory
   bool dirty = false;           // decryptions or last_used_at not yet written
+  bool reserving = false;       // the next block's reservation is being written
 };
 
 UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
@@ -21,14 +22,19 @@ UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const U
 
 UsageTracker::~UsageTracker() = default;
 
-absl::StatusOr<UsageTracker::Counter*> UsageTracker::Find(const std::string& key_id,
-                                                          uint32_t version) {
-  if (loaded_keys_.insert(key_id).second) {
-    absl::StatusOr<std::vector<storage::VersionUsage>> stored = store_->GetUsage(key_id);
-    if (!stored.ok()) {
-      loaded_keys_.erase(key_id);
-      return stored.status();
+absl::Status UsageTracker::Load(std::unique_lock<std::mutex>& lock, const std::string& key_id) {
+  while (!loaded_keys_.count(key_id)) {
+    if (loading_keys_.count(key_id)) {  // another caller is reading it: wait for that
+      settled_.wait(lock);
+      continue;
     }
+    loading_keys_.insert(key_id);
+    lock.unlock();
+    absl::StatusOr<std::vector<storage::VersionUsage>> stored = store_->GetUsage(key_id);
+    lock.lock();
+    loading_keys_.erase(key_id);
+    settled_.notify_all();
+    CUSTOS_RETURN_IF_ERROR(stored.status());
     for (storage::VersionUsage& usage : *stored) {
       auto counter = std::make_unique<Counter>();
       // Resume from the reservation: whatever was used of it before a crash is unknown.
@@ -36,7 +42,12 @@ absl::StatusOr<UsageTracker::Counter*> UsageTracker::Find(const std::string& key
       counter->usage = std::move(usage);
       counters_[{key_id, counter->usage.version}] = std::move(counter);
     }
+    loaded_keys_.insert(key_id);
   }
+  return absl::OkStatus();
+}
+
+UsageTracker::Counter* UsageTracker::CounterOf(const std::string& key_id, uint32_t version) {
   std::unique_ptr<Counter>& counter = counters_[{key_id, version}];
   if (!counter) {
     counter = std::make_unique<Counter>();
@@ -49,26 +60,40 @@ absl::StatusOr<UsageTracker::Counter*> UsageTracker::Find(const std::string& key
 absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t version) {
   bool flagged = false;
   {
-    std::lock_guard lock(mu_);
-    CUSTOS_ASSIGN_OR_RETURN(Counter * counter, Find(key_id, version));
+    std::unique_lock lock(mu_);
+    CUSTOS_RETURN_IF_ERROR(Load(lock, key_id));
+    Counter* const counter = CounterOf(key_id, version);
     storage::VersionUsage& usage = counter->usage;
-    if (usage.encryptions >= limits_.rotate_at) flagged = Flag(key_id, version);
-    if (usage.encryptions >= limits_.max_encryptions) {
-      if (flagged && on_rotation_wanted_) on_rotation_wanted_();
-      return absl::ResourceExhaustedError(
-          StrCat("version ", version, " of key ", key_id, " has reached its limit of ",
-                 limits_.max_encryptions,
-                 " encryptions (AES-GCM random IVs); it is being rotated, "
-                 "retry shortly"));
-    }
-    if (usage.encryptions >= usage.encryptions_reserved) {
+    for (;;) {
+      if (usage.encryptions >= limits_.rotate_at) flagged = Flag(key_id, version) || flagged;
+      if (usage.encryptions >= limits_.max_encryptions) {
+        lock.unlock();
+        if (flagged && on_rotation_wanted_) on_rotation_wanted_();
+        return absl::ResourceExhaustedError(
+            StrCat("version ", version, " of key ", key_id, " has reached its limit of ",
+                   limits_.max_encryptions,
+                   " encryptions (AES-GCM random IVs); it is being rotated, "
+                   "retry shortly"));
+      }
+      if (usage.encryptions < usage.encryptions_reserved) break;
+      if (counter->reserving) {  // another caller is reserving the next block: wait for it
+        settled_.wait(lock);
+        continue;
+      }
+      // Reserve the next block, durably, before counting into it.
+      counter->reserving = true;
       storage::VersionUsage reserved = usage;
       reserved.encryptions_reserved =
           std::min(limits_.max_encryptions, usage.encryptions_reserved + limits_.reservation_block);
       reserved.last_used_at = clock_->NowSeconds();
-      CUSTOS_RETURN_IF_ERROR(reserve_(reserved));
-      usage.encryptions_reserved = reserved.encryptions_reserved;
-      counter->dirty = false;
+      lock.unlock();
+      const absl::Status written = reserve_(reserved);
+      lock.lock();
+      counter->reserving = false;
+      settled_.notify_all();
+      CUSTOS_RETURN_IF_ERROR(written);
+      usage.encryptions_reserved =
+          std::max(usage.encryptions_reserved, reserved.encryptions_reserved);
     }
     ++usage.encryptions;
     usage.last_used_at = clock_->NowSeconds();
@@ -79,17 +104,18 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
 }
 
 void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) {
-  std::lock_guard lock(mu_);
-  absl::StatusOr<Counter*> counter = Find(key_id, version);
-  if (!counter.ok()) return;  // counts inform officers; a store hiccup must not fail decrypts
-  ++(*counter)->usage.decryptions;
-  (*counter)->usage.last_used_at = clock_->NowSeconds();
-  (*counter)->dirty = true;
+  std::unique_lock lock(mu_);
+  // Counts inform officers; a store hiccup must not fail decrypts.
+  if (!Load(lock, key_id).ok()) return;
+  Counter* const counter = CounterOf(key_id, version);
+  ++counter->usage.decryptions;
+  counter->usage.last_used_at = clock_->NowSeconds();
+  counter->dirty = true;
 }
 
 absl::StatusOr<std::vector<storage::VersionUsage>> UsageTracker::Usage(const std::string& key_id) {
-  std::lock_guard lock(mu_);
-  if (!loaded_keys_.count(key_id)) CUSTOS_RETURN_IF_ERROR(Find(key_id, 1).status());
+  std::unique_lock lock(mu_);
+  CUSTOS_RETURN_IF_ERROR(Load(lock, key_id));
   std::vector<storage::VersionUsage> usage;
   for (auto it = counters_.lower_bound({key_id, 0});
        it != counters_.end() && it->first.first == key_id; ++it) {

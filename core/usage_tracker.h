@@ -11,6 +11,7 @@
 // officers, they guard nothing). Thread-safe.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -65,8 +66,12 @@ class UsageTracker {
 
  private:
   struct Counter;
-  // The counter of (key_id, version), loaded from the store on first use. Called with mu_.
-  absl::StatusOr<Counter*> Find(const std::string& key_id, uint32_t version);
+  // Loads `key_id`'s stored counters on its first use, reading the store with `lock` (on mu_)
+  // released: a cold key never holds up calls on others. Callers for the same key wait for
+  // the one load.
+  absl::Status Load(std::unique_lock<std::mutex>& lock, const std::string& key_id);
+  // The counter of (key_id, version), once Load()ed; made if the store had none. With mu_.
+  Counter* CounterOf(const std::string& key_id, uint32_t version);
   // Flags (key_id, version) for rotation unless it was flagged before; true if it is new.
   // Called with mu_.
   bool Flag(const std::string& key_id, uint32_t version);
@@ -77,9 +82,14 @@ class UsageTracker {
   const Reserve reserve_;
   const std::function<void()> on_rotation_wanted_;
 
-  std::mutex mu_;  // Guards everything below; held across a reservation's store write.
+  // Guards everything below; never held across a store read or write. A reservation's write
+  // runs with the counter marked `reserving`: encryptions under that version wait for it
+  // (they may not count past what is durable), all others go on.
+  std::mutex mu_;
+  std::condition_variable settled_;  // a reservation or a load finished
   std::map<std::pair<std::string, uint32_t>, std::unique_ptr<Counter>> counters_;
   std::set<std::string> loaded_keys_;
+  std::set<std::string> loading_keys_;
   std::map<std::string, uint32_t> rotation_wanted_;
   std::set<std::pair<std::string, uint32_t>> flagged_;  // versions ever flagged in this run
 };
