@@ -23,7 +23,7 @@ WorkQueue::~WorkQueue() {
 bool WorkQueue::TrySubmit(std::function<void()> task) {
   {
     std::lock_guard lock(mu_);
-    if (tasks_.size() >= max_waiting_) return false;
+    if (stopping_ || tasks_.size() >= max_waiting_) return false;
     tasks_.push_back(std::move(task));
   }
   ready_.notify_one();

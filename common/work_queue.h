@@ -26,7 +26,7 @@ class WorkQueue {
   WorkQueue& operator=(const WorkQueue&) = delete;
 
   // Queues `task` to run on the first free thread; false (and `task` dropped unrun) if
-  // `max_waiting` tasks are waiting already.
+  // `max_waiting` tasks are waiting already, or the queue is being destroyed.
   bool TrySubmit(std::function<void()> task);
 
   size_t waiting() const;

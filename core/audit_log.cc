@@ -348,7 +348,8 @@ absl::Status Kms::Reserve(const storage::VersionUsage& reservation) const {
   return Commit(std::move(batch), {std::move(event)});
 }
 
-absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) const {
+absl::StatusOr<std::string> Kms::ContextHmac(std::string_view principal,
+                                             const EncryptionContext& context) const {
   if (context.empty()) return std::string();
   // The canonical form holds the context's values: wiped once the HMAC is known.
   struct Wiped {
@@ -356,7 +357,7 @@ absl::StatusOr<std::string> Kms::ContextHmac(const EncryptionContext& context) c
     ~Wiped() { OPENSSL_cleanse(bytes.data(), bytes.size()); }
   } canonical;
   AppendCanonicalContext(context, canonical.bytes);
-  const std::string cache_key = context_macs_.KeyOf(canonical.bytes);
+  const std::string cache_key = context_macs_.KeyOf(principal, canonical.bytes);
   if (std::optional<std::string> cached = context_macs_.Find(cache_key)) return *cached;
   CUSTOS_ASSIGN_OR_RETURN(Bytes mac,
                           options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical.bytes));

@@ -15,7 +15,7 @@ namespace custos::core {
 class Kms::Call {
  public:
   Call(const Kms& kms, const Caller& caller, policy::Action action) : kms_(kms), caller_(caller) {
-    // One id per call, in its records and the operator's log line, to find one from the other.
+    // One id per call, in its records (and in its operator's log line with log.audit_mirror).
     event_.call_id = NewKeyId();
     event_.time = kms.options_.clock->NowSeconds();
     event_.principal = caller.principal;
@@ -65,7 +65,7 @@ class Kms::Call {
   // Binds the encryption context to the audit record as an HMAC under an HSM key, never
   // its values. UNAVAILABLE if the HSM cannot compute it (the operation then fails).
   absl::Status BindContext(const EncryptionContext& context) {
-    CUSTOS_ASSIGN_OR_RETURN(event_.context_hmac, kms_.ContextHmac(context));
+    CUSTOS_ASSIGN_OR_RETURN(event_.context_hmac, kms_.ContextHmac(caller_.principal, context));
     return absl::OkStatus();
   }
 

@@ -19,12 +19,17 @@ SecureBytes RandomSalt() {
 
 ContextMacCache::ContextMacCache(size_t capacity) : capacity_(capacity), salt_(RandomSalt()) {}
 
-std::string ContextMacCache::KeyOf(std::span<const uint8_t> canonical) const {
+std::string ContextMacCache::KeyOf(std::string_view principal,
+                                   std::span<const uint8_t> canonical) const {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
+  // The principal's length first: "ab" + "c..." and "a" + "bc..." differ.
+  const uint64_t principal_size = principal.size();
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   const bool ok = ctx != nullptr && EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1 &&
                   EVP_DigestUpdate(ctx, salt_.data(), salt_.size()) == 1 &&
+                  EVP_DigestUpdate(ctx, &principal_size, sizeof principal_size) == 1 &&
+                  EVP_DigestUpdate(ctx, principal.data(), principal.size()) == 1 &&
                   EVP_DigestUpdate(ctx, canonical.data(), canonical.size()) == 1 &&
                   EVP_DigestFinal_ex(ctx, digest, &length) == 1;
   EVP_MD_CTX_free(ctx);

@@ -15,6 +15,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include "common/secure_bytes.h"
@@ -26,8 +27,8 @@ class ContextMacCache {
   // Up to `capacity` entries; 0 turns the cache off (every lookup misses).
   explicit ContextMacCache(size_t capacity);
 
-  // The cache's name for a canonical context (its salted digest).
-  std::string KeyOf(std::span<const uint8_t> canonical) const;
+  // The cache's name for `principal`'s canonical context (a salted digest).
+  std::string KeyOf(std::string_view principal, std::span<const uint8_t> canonical) const;
   std::optional<std::string> Find(const std::string& key);
   void Insert(const std::string& key, const std::string& hmac);
   size_t size() const;

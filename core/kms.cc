@@ -204,7 +204,8 @@ absl::StatusOr<ReEncrypted> Kms::ReEncryptIn(Call& call, const ReEncryptItem& it
   CUSTOS_RETURN_IF_ERROR(ValidateContext(item.destination_context));
   CUSTOS_ASSIGN_OR_RETURN(Plaintext source, DecryptBlob(call, item.blob, item.source_context));
   // The record binds both contexts: "<source hmac>,<destination hmac>".
-  CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac, ContextHmac(item.destination_context));
+  CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac,
+                          ContextHmac(call.caller().principal, item.destination_context));
   call.event().context_hmac += "," + destination_hmac;
   // DecryptBlob recorded the source key; the destination takes the main key fields.
   call.event().source_key_id = std::exchange(call.event().key_id, "");
@@ -223,9 +224,19 @@ absl::StatusOr<ReEncrypted> Kms::ReEncryptIn(Call& call, const ReEncryptItem& it
 template <typename T, typename Item, typename Run>
 absl::StatusOr<std::vector<absl::StatusOr<T>>> Kms::RunBatch(const Caller& caller, Action action,
                                                              std::span<const Item> items, Run run) {
-  if (items.empty() || items.size() > kMaxBatchItems) {
-    return absl::InvalidArgumentError(
-        StrCat("a batch holds 1 to ", kMaxBatchItems, " items; this one holds ", items.size()));
+  // The caller's role is checked once for the whole batch, and a refused or malformed batch
+  // is one record, not one per item.
+  {
+    Call whole(*this, caller, action);
+    absl::Status allowed = whole.Authorize();
+    if (allowed.ok() && (items.empty() || items.size() > kMaxBatchItems)) {
+      allowed = absl::InvalidArgumentError(
+          StrCat("a batch holds 1 to ", kMaxBatchItems, " items; this one holds ", items.size()));
+    }
+    if (!allowed.ok()) {
+      whole.event().detail = StrCat("batch of ", items.size(), " items");
+      return whole.Finish(absl::StatusOr<std::vector<absl::StatusOr<T>>>(allowed));
+    }
   }
   const std::string batch_id = NewKeyId();
   std::vector<absl::StatusOr<T>> results;

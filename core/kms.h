@@ -389,7 +389,10 @@ class Kms {
   // with concurrent callers), then mirrors the events to the operator's sink. UNAVAILABLE if
   // the log cannot be written: nothing of the batch is then written either.
   absl::Status Commit(storage::WriteBatch batch, const std::vector<audit::Event>& events) const;
-  absl::StatusOr<std::string> ContextHmac(const EncryptionContext& context) const;
+  // The audit HMAC of `context`, from the HSM or the context cache (whose entries are
+  // `principal`'s own: no caller learns by timing what contexts another used).
+  absl::StatusOr<std::string> ContextHmac(std::string_view principal,
+                                          const EncryptionContext& context) const;
   // Writes an encryption reservation with its audit record (ReserveEncryptions).
   absl::Status Reserve(const storage::VersionUsage& reservation) const;
 

@@ -144,15 +144,25 @@ void UsageTracker::RotationDone(const std::string& key_id, uint32_t version) {
 }
 
 absl::Status UsageTracker::Flush() {
-  std::lock_guard lock(mu_);
   std::vector<storage::VersionUsage> dirty;
-  for (const auto& [id, counter] : counters_) {
-    if (counter->dirty) dirty.push_back(counter->usage);
+  std::vector<Counter*> flushed;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [id, counter] : counters_) {
+      if (!counter->dirty) continue;
+      dirty.push_back(counter->usage);
+      flushed.push_back(counter.get());
+      counter->dirty = false;  // counts made from here on are dirty again
+    }
   }
   if (dirty.empty()) return absl::OkStatus();
-  CUSTOS_RETURN_IF_ERROR(store_->PutUsageCounts(dirty));
-  for (auto& [id, counter] : counters_) counter->dirty = false;
-  return absl::OkStatus();
+  // Written without the lock: counting goes on meanwhile (counters are never erased).
+  absl::Status written = store_->PutUsageCounts(dirty);
+  if (!written.ok()) {
+    std::lock_guard lock(mu_);
+    for (Counter* counter : flushed) counter->dirty = true;
+  }
+  return written;
 }
 
 }  // namespace custos::core

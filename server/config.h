@@ -22,8 +22,9 @@ struct Config {
   int worker_threads = 16;
   size_t max_waiting_calls = 4096;
   // Larger requests are refused inside gRPC (RESOURCE_EXHAUSTED). Enough for a batch of 1,000
-  // Decrypt items with short contexts; waiting calls hold their requests, so memory for
-  // requests is bounded by about max_waiting_calls x max_message_bytes.
+  // Decrypt items with short contexts. Waiting calls hold their parsed requests, which can be
+  // several times larger than on the wire (a batch of many empty items): keep
+  // max_waiting_calls x max_message_bytes well inside the host's memory.
   size_t max_message_bytes = 256 * 1024;
 
   std::string tls_cert;

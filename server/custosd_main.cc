@@ -388,7 +388,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   }
   spdlog::info("shutting down");
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  runner.reset();  // runs (as cancelled) what still waits
+  runner.reset();  // Shutdown waited for every call to finish: the queue is empty
   refusals.Stop();
   maintenance.Stop();
   if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {

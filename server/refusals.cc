@@ -4,7 +4,15 @@
 
 namespace custos::server {
 
-std::string PeerAddress(std::string_view peer) {
+std::string PeerAddress(std::string_view encoded) {
+  // gRPC writes an IPv6 peer's brackets percent-encoded ("ipv6:%5B::1%5D:54621").
+  std::string decoded(encoded);
+  for (const auto& [from, to] : {std::pair{"%5B", "["}, std::pair{"%5D", "]"}}) {
+    for (size_t at = decoded.find(from); at != std::string::npos; at = decoded.find(from, at)) {
+      decoded.replace(at, 3, to);
+    }
+  }
+  const std::string_view peer = decoded;
   const bool ip = peer.rfind("ipv4:", 0) == 0 || peer.rfind("ipv6:", 0) == 0;
   const size_t colon = peer.rfind(':');
   if (!ip || colon == std::string_view::npos || colon < 5) return std::string(peer);

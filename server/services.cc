@@ -51,6 +51,14 @@ void FillReEncrypted(const core::ReEncrypted& result, pb::ReEncryptResponse* out
   out->set_key_version(result.destination.key_version);
 }
 
+// A batch larger than Kms takes is refused before it queues: its parsed request is the
+// largest thing a caller can make a worker hold.
+absl::Status BatchSize(int items) {
+  if (items <= static_cast<int>(core::kMaxBatchItems)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      StrCat("a batch holds 1 to ", core::kMaxBatchItems, " items; this one holds ", items));
+}
+
 // One batch item's outcome, as the single call would have answered it.
 void SetItemStatus(const absl::Status& status, pb::ItemStatus* out) {
   const grpc::Status mapped = ToGrpcStatus(status);
@@ -233,6 +241,16 @@ grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, 
   return reactor;
 }
 
+grpc::ServerUnaryReactor* CallRunner::Refuse(grpc::CallbackServerContext* context, const char* rpc,
+                                             const absl::Status& refusal) {
+  absl::StatusOr<core::Caller> caller = CallerOf(*context);
+  refusals_->Refused(rpc, caller.ok() ? std::move(caller->principal) : std::string(),
+                     context->peer(), refusal.code(), std::string(refusal.message()));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(refusal));
+  return reactor;
+}
+
 grpc::Status CallRunner::Execute(const grpc::CallbackServerContext& context, const char* rpc,
                                  const Work& work) {
   // Nobody is waiting for the answer: do no HSM work and write no record for it.
@@ -332,6 +350,9 @@ grpc::ServerUnaryReactor* KeyServiceImpl::ReEncrypt(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* KeyServiceImpl::BatchGenerateDataKey(
     grpc::CallbackServerContext* context, const pb::BatchGenerateDataKeyRequest* request,
     pb::BatchGenerateDataKeyResponse* response) {
+  if (absl::Status size = BatchSize(request->items_size()); !size.ok()) {
+    return runner_->Refuse(context, __func__, size);
+  }
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
@@ -359,6 +380,9 @@ grpc::ServerUnaryReactor* KeyServiceImpl::BatchGenerateDataKey(
 grpc::ServerUnaryReactor* KeyServiceImpl::BatchDecrypt(grpc::CallbackServerContext* context,
                                                        const pb::BatchDecryptRequest* request,
                                                        pb::BatchDecryptResponse* response) {
+  if (absl::Status size = BatchSize(request->items_size()); !size.ok()) {
+    return runner_->Refuse(context, __func__, size);
+  }
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
@@ -385,6 +409,9 @@ grpc::ServerUnaryReactor* KeyServiceImpl::BatchDecrypt(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* KeyServiceImpl::BatchReEncrypt(grpc::CallbackServerContext* context,
                                                          const pb::BatchReEncryptRequest* request,
                                                          pb::BatchReEncryptResponse* response) {
+  if (absl::Status size = BatchSize(request->items_size()); !size.ok()) {
+    return runner_->Refuse(context, __func__, size);
+  }
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {

@@ -34,6 +34,10 @@ class CallRunner {
   // Queues `work` for `context`'s call to `rpc` and returns the call's reactor, finished once
   // the work ran (or at once, if the queue is full).
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const char* rpc, Work work);
+  // Refuses `context`'s call to `rpc` at once with `refusal`, before it queues (a request no
+  // worker should hold); recorded through the RefusalRecorder, counted.
+  grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, const char* rpc,
+                                   const absl::Status& refusal);
 
   struct Counts {
     uint64_t refused = 0;    // the queue was full

@@ -81,17 +81,30 @@ TEST_CASE("A batch runs each item on its own, records one event per item under o
   CHECK(again->plaintext.view() == (*results)[0]->plaintext.view());
 }
 
-TEST_CASE("An empty or oversized batch is refused and records nothing", "[kms][batch]") {
+TEST_CASE("An empty, oversized or unauthorized batch is refused whole, as one record",
+          "[kms][batch]") {
   Fixture f;
   f.NewKey("batch");
   const EncryptionContext context;
-  const uint64_t before = f.store->AuditHead()->first;
+  uint64_t before = f.store->AuditHead()->first;
   CHECK(f.kms->BatchGenerateDataKey(f.app, {}, true).status() ==
         absl::InvalidArgumentError("a batch holds 1 to 1000 items; this one holds 0"));
   const std::vector<DataKeyItem> items(kMaxBatchItems + 1, DataKeyItem{"batch", context, 32});
   CHECK(f.kms->BatchGenerateDataKey(f.app, items, true).status() ==
         absl::InvalidArgumentError("a batch holds 1 to 1000 items; this one holds 1001"));
-  CHECK(f.store->AuditHead()->first == before);
+  // An officer's batch of 1,000 data keys: one refusal, not a thousand.
+  const std::vector<DataKeyItem> full(kMaxBatchItems, DataKeyItem{"batch", context, 32});
+  CHECK(f.kms->BatchGenerateDataKey(f.officer, full, true).status().code() ==
+        absl::StatusCode::kPermissionDenied);
+  const std::vector<audit::Record> records = RecordsAfter(f, before);
+  REQUIRE(records.size() == 3);
+  CHECK(records[0].outcome == "INVALID_ARGUMENT");
+  CHECK(records[0].detail == "batch of 0 items");
+  CHECK(records[1].outcome == "INVALID_ARGUMENT");
+  CHECK(records[1].detail == "batch of 1001 items");
+  CHECK(records[2].outcome == "PERMISSION_DENIED");
+  CHECK(records[2].principal == f.officer.principal);
+  CHECK(records[2].detail == "batch of 1000 items");
 }
 
 TEST_CASE("A batch whose records cannot be written returns no item", "[kms][batch]") {

@@ -15,8 +15,8 @@ std::span<const uint8_t> Bytes(std::string_view s) {
 
 TEST_CASE("The context cache is bounded and drops the least recently used first", "[context]") {
   ContextMacCache cache(2);
-  const std::string a = cache.KeyOf(Bytes("a")), b = cache.KeyOf(Bytes("b")),
-                    c = cache.KeyOf(Bytes("c"));
+  const std::string a = cache.KeyOf("p", Bytes("a")), b = cache.KeyOf("p", Bytes("b")),
+                    c = cache.KeyOf("p", Bytes("c"));
   CHECK(a.size() == 32);
   CHECK(a != b);
   cache.Insert(a, "mac-a");
@@ -32,14 +32,16 @@ TEST_CASE("The context cache is bounded and drops the least recently used first"
 TEST_CASE("The context cache names contexts by a salted digest, never by their values",
           "[context]") {
   ContextMacCache one(10), other(10);
-  const std::string key = one.KeyOf(Bytes("mrn=448812"));
-  CHECK(key == one.KeyOf(Bytes("mrn=448812")));
-  CHECK(key != other.KeyOf(Bytes("mrn=448812")));  // another process's salt
+  const std::string key = one.KeyOf("p", Bytes("mrn=448812"));
+  CHECK(key == one.KeyOf("p", Bytes("mrn=448812")));
+  CHECK(key != other.KeyOf("p", Bytes("mrn=448812")));  // another process's salt
   CHECK(key.find("448812") == std::string::npos);
+  CHECK(key != one.KeyOf("q", Bytes("mrn=448812")));  // another principal's entry
+  CHECK(one.KeyOf("ab", Bytes("c")) != one.KeyOf("a", Bytes("bc")));
   ContextMacCache off(0);
-  off.Insert(off.KeyOf(Bytes("x")), "mac");
+  off.Insert(off.KeyOf("p", Bytes("x")), "mac");
   CHECK(off.size() == 0);
-  CHECK(off.Find(off.KeyOf(Bytes("x"))) == std::nullopt);
+  CHECK(off.Find(off.KeyOf("p", Bytes("x"))) == std::nullopt);
 }
 
 TEST_CASE("A repeated context costs one HSM call and records the same HMAC", "[context][kms]") {
