@@ -174,6 +174,14 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
   out->set_integrity_problem(request.integrity_problem);
 }
 
+// A change request as the reply, with the approvals it needs under the current config.
+grpc::Status ReplyWith(core::Kms& kms, const absl::StatusOr<core::Request>& request,
+                       pb::ChangeRequest* response) {
+  if (!request.ok()) return ToGrpcStatus(request.status());
+  FillRequest(*request, kms.ApprovalsFor(*request), response);
+  return grpc::Status::OK;
+}
+
 // A call without a usable identity is refused, and the refusal recorded (fail closed: the
 // caller hears UNAVAILABLE if the audit log cannot take the record).
 grpc::Status RefuseUnauthenticated(core::Kms& kms, std::string_view rpc,
@@ -503,10 +511,7 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Propose(grpc::CallbackServerContext*
                                                   request->decrypt_principals().end());
         proposal.params.min_decrypt_version = request->min_decrypt_version();
         proposal.params.deletion_waiting_days = request->deletion_waiting_days();
-        absl::StatusOr<core::Request> proposed = kms.Propose(caller, proposal);
-        if (!proposed.ok()) return ToGrpcStatus(proposed.status());
-        FillRequest(*proposed, kms.ApprovalsFor(*proposed), response);
-        return grpc::Status::OK;
+        return ReplyWith(kms, kms.Propose(caller, proposal), response);
       });
 }
 
@@ -516,11 +521,8 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Approve(grpc::CallbackServerContext*
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
-        absl::StatusOr<core::Request> approved =
-            kms.Approve(caller, request->request_id(), request->digest());
-        if (!approved.ok()) return ToGrpcStatus(approved.status());
-        FillRequest(*approved, kms.ApprovalsFor(*approved), response);
-        return grpc::Status::OK;
+        return ReplyWith(kms, kms.Approve(caller, request->request_id(), request->digest()),
+                         response);
       });
 }
 
@@ -530,11 +532,8 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Reject(grpc::CallbackServerContext* 
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
-        absl::StatusOr<core::Request> rejected =
-            kms.Reject(caller, request->request_id(), request->reason());
-        if (!rejected.ok()) return ToGrpcStatus(rejected.status());
-        FillRequest(*rejected, kms.ApprovalsFor(*rejected), response);
-        return grpc::Status::OK;
+        return ReplyWith(kms, kms.Reject(caller, request->request_id(), request->reason()),
+                         response);
       });
 }
 
@@ -544,10 +543,7 @@ grpc::ServerUnaryReactor* AdminServiceImpl::GetRequest(grpc::CallbackServerConte
   return runner_->Run(
       context, __func__,
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
-        absl::StatusOr<core::Request> found = kms.GetRequest(caller, request->request_id());
-        if (!found.ok()) return ToGrpcStatus(found.status());
-        FillRequest(*found, kms.ApprovalsFor(*found), response);
-        return grpc::Status::OK;
+        return ReplyWith(kms, kms.GetRequest(caller, request->request_id()), response);
       });
 }
 
