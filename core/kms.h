@@ -15,6 +15,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -24,6 +26,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "audit/event.h"
 #include "audit/record.h"
@@ -128,6 +131,10 @@ inline constexpr char kRootKeySetting[] = "root_key_label";
 // The store setting listing (a JSON array) the roots that rotations retired and that are still
 // to be destroyed in the HSM: each goes once no stored version is wrapped under it.
 inline constexpr char kRetiredRootsSetting[] = "retired_root_key_labels";
+// The store setting naming the root rotation whose re-wrapping of versions off legacy roots
+// runs in the background (JSON: request id, roots, counts); empty when none does. It outlives
+// a restart: the next maintenance turn resumes the work.
+inline constexpr char kRootMigrationSetting[] = "root_migration";
 // The store setting that says erased key material may still be in the WAL: "1" from a
 // destruction until a purge succeeds (retried by maintenance), each change recorded.
 inline constexpr char kPurgePendingSetting[] = "purge_pending";
@@ -165,6 +172,14 @@ class Kms {
     std::function<void()> wake_maintenance;
   };
   explicit Kms(Options options);
+  ~Kms();  // stops the background work (StopBackgroundWork)
+  Kms(const Kms&) = delete;
+  Kms& operator=(const Kms&) = delete;
+
+  // Stops what runs on Kms's own thread (a root rotation's re-wrapping, which resumes at the
+  // next start) and waits for it: call before recording the server's stop, so no record
+  // follows it.
+  void StopBackgroundWork();
 
   // Replaces the policy for every later call (e.g. on SIGHUP), unless the new policy would
   // break separation of duties or dual control: FAILED_PRECONDITION if a principal named in
@@ -356,8 +371,20 @@ class Kms {
   // The one place that changes key state: executes an approved request, writing the key and
   // the request in one transaction. Called with requests_mu_ held.
   absl::StatusOr<Request> Execute(Call& call, Request request, const OperationParams& params);
-  // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation").
+  // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation"): the new
+  // root is in use when it returns; versions under legacy roots are re-wrapped afterwards, in
+  // the background (MigrateRoots), with the request's progress shown by GetRequest.
   absl::StatusOr<Request> RotateRoot(Call& call, Request request);
+  // Starts the background re-wrapping kRootMigrationSetting names, unless it runs already or
+  // nothing is named. Called with requests_mu_ held.
+  absl::Status ResumeRootMigration();
+  // The background re-wrapping itself (on migration_thread_), page by page, until done or
+  // stopped; HSM and audit log outages are waited out.
+  void MigrateRoots(const std::string& job);
+  // Waits `delay` unless stopped first; false once stopped.
+  bool MigrationPause(std::chrono::milliseconds delay);
+  // `request` with its background progress, if it has any running.
+  Request WithProgress(Request request) const;
   // Executes a ReAnchorAuditLog request.
   absl::StatusOr<Request> ReAnchor(Call& call, Request request);
   // Why the log awaits re-anchoring; empty if it does not.
@@ -414,6 +441,14 @@ class Kms {
   std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
   mutable std::mutex alarm_mu_;
   mutable std::set<std::string> alarmed_rows_;  // guarded by alarm_mu_
+  // A root rotation's background re-wrapping: one at a time, on its own thread.
+  mutable std::mutex migration_mu_;
+  std::condition_variable migration_cv_;  // wakes a pause when stopping
+  bool migration_stopping_ = false;       // guarded by migration_mu_
+  bool migration_running_ = false;        // guarded by migration_mu_
+  std::string migration_request_;         // guarded by migration_mu_: whose progress
+  std::string migration_progress_;        // guarded by migration_mu_
+  std::thread migration_thread_;          // guarded by migration_mu_
 };
 
 }  // namespace custos::core

@@ -1,15 +1,12 @@
 // Housekeeping the server does by itself (pre-approved by policy, audited as the server):
-// expiry, crypto-shredding when a deletion is due, automatic rotation; and the root keys:
-// rotation, and destroying the roots a rotation retired once nothing they wrap is left.
-#include <map>
+// expiry, crypto-shredding when a deletion is due, automatic rotation, and resuming a root
+// rotation's background work (core/root_rotation.cc).
 #include <optional>
-#include <set>
 
 #include "absl/strings/cord.h"
 #include "common/strings.h"
 #include "core/call.h"
 #include "core/kms.h"
-#include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 #include "storage/row_codec.h"
 
@@ -96,6 +93,7 @@ absl::Status Kms::RunMaintenanceLocked() {
   for (Request& request : pending) {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
+  CUSTOS_RETURN_IF_ERROR(ResumeRootMigration());  // after a restart
   CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
@@ -131,167 +129,6 @@ absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> 
   event.key_version = rotated->primary_version;
   event.row = storage::KeyRowName(key_id);
   return Commit(std::move(batch), {event});
-}
-
-namespace {
-
-// The next root label: "custos-root" -> "custos-root.2" -> "custos-root.3" ...
-std::string NextRootLabel(const std::string& label) {
-  const size_t dot = label.rfind('.');
-  if (dot != std::string::npos && dot + 1 < label.size() && dot + 10 > label.size() &&
-      label.find_first_not_of("0123456789", dot + 1) == std::string::npos) {
-    return StrCat(label.substr(0, dot), ".", std::stoi(label.substr(dot + 1)) + 1);
-  }
-  return StrCat(label, ".2");
-}
-
-}  // namespace
-
-absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
-  // Roots retired earlier that nothing depends on any more go first.
-  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(request.id));
-  const std::string old_root = CurrentRoot();
-  const std::string new_root = NextRootLabel(old_root);
-  // ALREADY_EXISTS: an earlier attempt was cut short; carry on where it stopped.
-  absl::Status created = options_.hsm->CreateRootKey(new_root);
-  if (!created.ok() && !absl::IsAlreadyExists(created)) return created;
-  // Versions under a legacy root (one that does not confine what it unwraps) move to the new
-  // root, inside the HSM. Versions under a confining root cannot move, by design: they stay
-  // under it, and it is destroyed once the last of them is (see DestroyRetiredRoots).
-  std::map<std::string, bool> confines;  // by root label
-  std::set<std::string> retired = {old_root};
-  size_t rewrapped = 0, kept = 0;
-  std::string page_token;
-  do {  // Page by page: each page commits on its own, so a crash loses no finished work.
-    CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
-    storage::WriteBatch batch;
-    std::vector<audit::Event> events;  // one per key moved, naming its row
-    size_t moved = 0;
-    for (const KeyRef& current : page.keys) {
-      KeyRecord key = *current;
-      size_t key_moved = 0;
-      for (storage::KeyVersion& version : key.versions) {
-        if (version.wrapped.empty() || version.root_key_label == new_root) continue;
-        retired.insert(version.root_key_label);
-        auto known = confines.find(version.root_key_label);
-        if (known == confines.end()) {
-          CUSTOS_ASSIGN_OR_RETURN(const bool confining,
-                                  options_.hsm->RootKeyConfinesVersions(version.root_key_label));
-          known = confines.emplace(version.root_key_label, confining).first;
-        }
-        if (known->second) {
-          ++kept;
-          continue;
-        }
-        CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped,
-                                options_.hsm->RewrapKey({StrCat(key.id, "/", version.version),
-                                                         version.wrapped, version.root_key_label},
-                                                        new_root));
-        version.wrapped = std::move(wrapped);
-        version.root_key_label = new_root;
-        ++key_moved;
-      }
-      if (key_moved == 0) continue;
-      audit::Event event =
-          ServerEvent("RewrapKeyVersions", key.id, request.id, absl::StatusCode::kOk,
-                      StrCat(key_moved,
-                             " versions re-wrapped from a legacy root "
-                             "under ",
-                             new_root));
-      event.row = storage::KeyRowName(key.id);
-      events.push_back(std::move(event));
-      batch.keys.push_back(std::move(key));
-      moved += key_moved;
-    }
-    if (!batch.keys.empty()) {  // each page commits on its own, each key recorded
-      CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), events));
-    }
-    rewrapped += moved;
-    page_token = page.next_page_token;
-  } while (!page_token.empty());
-
-  request.state = RequestState::kExecuted;
-  request.closed_at = options_.clock->NowSeconds();
-  request.reason = StrCat("root key rotated from '", old_root, "' to '", new_root, "'; ", rewrapped,
-                          " key versions re-wrapped from legacy roots; ", kept,
-                          " stay under the confining roots that wrapped them");
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> already_retired, RetiredRoots());
-  retired.insert(already_retired.begin(), already_retired.end());
-  retired.erase(new_root);
-  storage::WriteBatch batch;
-  batch.requests.push_back(request);
-  batch.settings[kRootKeySetting] = new_root;
-  // Remembered durably, so that their destruction is retried after a failure or a crash.
-  batch.settings[kRetiredRootsSetting] = nlohmann::json(retired).dump();
-  audit::Event rotated = ServerEvent(
-      "RotateRootKey", "", request.id, absl::StatusCode::kOk,
-      StrCat("new root ", new_root, "; ", rewrapped, " versions re-wrapped, ", kept, " kept"));
-  rotated.row = storage::SettingRowName(kRootKeySetting);
-  audit::Event retire = ServerEvent("RetireRootKeys", "", request.id, absl::StatusCode::kOk,
-                                    StrCat("retired: ", nlohmann::json(retired).dump()));
-  retire.row = storage::SettingRowName(kRetiredRootsSetting);
-  call.event().row = storage::RequestRowName(request.id);
-  CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk,
-                                         {std::move(rotated), std::move(retire)}));
-  {
-    std::lock_guard lock(policy_mu_);
-    root_key_label_ = new_root;
-  }
-  // The rotation is done; roots that still wrap versions, or cannot be destroyed now, are left
-  // to maintenance.
-  (void)DestroyRetiredRoots(request.id);
-  return request;
-}
-
-absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots() const {
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
-                          options_.store->GetSetting(kRetiredRootsSetting));
-  if (!stored || stored->empty()) return std::vector<std::string>();
-  const nlohmann::json labels = nlohmann::json::parse(*stored, nullptr, /*allow_exceptions=*/false);
-  if (!labels.is_array()) return absl::InternalError("the stored retired roots are not a list");
-  std::vector<std::string> out;
-  for (const nlohmann::json& label : labels) {
-    if (!label.is_string()) return absl::InternalError("a stored retired root is not a label");
-    out.push_back(label.get<std::string>());
-  }
-  return out;
-}
-
-absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> retired, RetiredRoots());
-  if (retired.empty()) return absl::OkStatus();
-  const std::string current = CurrentRoot();
-  std::vector<std::string> remaining;
-  std::vector<audit::Event> events;
-  absl::Status first_failure;
-  for (const std::string& label : retired) {
-    if (label == current) continue;  // never destroyed while new versions use it
-    CUSTOS_ASSIGN_OR_RETURN(const uint64_t wrapped, options_.store->CountVersionsUnderRoot(label));
-    if (wrapped > 0) {
-      remaining.push_back(label);
-      continue;
-    }
-    // Nothing refers to it any more. Destroying it bounds how long a destroyed key survives
-    // in old database backups: their wrapped bytes are useless without it.
-    absl::Status destroyed = options_.hsm->DestroyRootKey(label);
-    if (absl::IsNotFound(destroyed)) destroyed = absl::OkStatus();  // done before a crash
-    events.push_back(
-        ServerEvent("DestroyRootKey", "", request_id, destroyed.code(), "root " + label));
-    if (!destroyed.ok()) {
-      remaining.push_back(label);
-      if (first_failure.ok()) first_failure = destroyed;
-    }
-  }
-  if (remaining.size() == retired.size() && events.empty()) return absl::OkStatus();
-  if (events.empty()) {  // only the current root dropped from the list
-    events.push_back(ServerEvent("RetireRootKeys", "", request_id, absl::StatusCode::kOk,
-                                 StrCat("retired: ", nlohmann::json(remaining).dump())));
-  }
-  events.front().row = storage::SettingRowName(kRetiredRootsSetting);
-  storage::WriteBatch batch;
-  batch.settings[kRetiredRootsSetting] = nlohmann::json(remaining).dump();
-  CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), events));
-  return first_failure;
 }
 
 }  // namespace custos::core

@@ -61,6 +61,15 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
 
     if (proposal.operation == Operation::kRotateRootKey ||
         proposal.operation == Operation::kReAnchorAuditLog) {
+      if (proposal.operation == Operation::kRotateRootKey) {
+        CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> migrating,
+                                options_.store->GetSetting(kRootMigrationSetting));
+        if (migrating.has_value() && !migrating->empty()) {
+          return absl::FailedPreconditionError(
+              "the last root rotation is still re-wrapping key versions off legacy roots "
+              "(GetRequest shows its progress); propose the next one once it is done");
+        }
+      }
       CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
       for (const Request& other : pending) {
         if (other.operation == request.operation && other.expires_at > now) {
@@ -276,7 +285,8 @@ absl::StatusOr<Request> Kms::GetRequest(const Caller& caller, std::string_view r
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     call.event().request_id = std::string(request_id);
-    return options_.store->GetRequest(request_id);
+    CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(request_id));
+    return WithProgress(std::move(request));
   }());
 }
 
@@ -292,7 +302,10 @@ absl::StatusOr<storage::RequestPage> Kms::ListRequests(const Caller& caller,
       CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(filter.key_id));
       resolved.key_id = key->id;
     }
-    return options_.store->ListRequests(resolved, page_size, page_token);
+    CUSTOS_ASSIGN_OR_RETURN(storage::RequestPage page,
+                            options_.store->ListRequests(resolved, page_size, page_token));
+    for (Request& request : page.requests) request = WithProgress(std::move(request));
+    return page;
   }());
 }
 

@@ -26,13 +26,24 @@ void FaultyHsm::BeforeNextCall(std::function<void()> hook) {
   before_next_ = std::move(hook);
 }
 
-absl::Status FaultyHsm::NextFault() {
-  std::function<void()> hook;
+void FaultyHsm::BeforeNextCallTo(std::string method, std::function<void()> hook) {
+  std::lock_guard lock(mu_);
+  before_method_[std::move(method)] = std::move(hook);
+}
+
+absl::Status FaultyHsm::NextFault(std::string_view method) {
+  std::function<void()> hook, method_hook;
   {
     std::lock_guard lock(mu_);
     hook = std::exchange(before_next_, nullptr);
+    if (auto it = before_method_.find(method); it != before_method_.end()) {
+      method_hook = std::move(it->second);
+      before_method_.erase(it);
+    }
   }
-  if (hook) hook();  // without the lock: it may call this HSM itself
+  // Without the lock: they may call this HSM themselves.
+  if (hook) hook();
+  if (method_hook) method_hook();
   std::lock_guard lock(mu_);
   ++calls_;
   if (down_) return absl::UnavailableError("HSM is down (FaultyHsm)");
@@ -44,89 +55,89 @@ absl::Status FaultyHsm::NextFault() {
 }
 
 absl::Status FaultyHsm::CreateRootKey(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("CreateRootKey"));
   return inner_->CreateRootKey(label);
 }
 
 absl::Status FaultyHsm::CheckRootKey(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("CheckRootKey"));
   return inner_->CheckRootKey(label);
 }
 
 absl::StatusOr<bool> FaultyHsm::RootKeyConfinesVersions(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("RootKeyConfinesVersions"));
   return inner_->RootKeyConfinesVersions(label);
 }
 
 absl::Status FaultyHsm::DestroyRootKey(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("DestroyRootKey"));
   return inner_->DestroyRootKey(label);
 }
 
 absl::StatusOr<Bytes> FaultyHsm::GenerateWrappedKey(const std::string& root_key_label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("GenerateWrappedKey"));
   return inner_->GenerateWrappedKey(root_key_label);
 }
 
 absl::StatusOr<Bytes> FaultyHsm::RewrapKey(const WrappedKey& key,
                                            const std::string& new_root_key_label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("RewrapKey"));
   return inner_->RewrapKey(key, new_root_key_label);
 }
 
 absl::StatusOr<GcmCiphertext> FaultyHsm::Encrypt(const WrappedKey& key,
                                                  std::span<const uint8_t> plaintext,
                                                  std::span<const uint8_t> aad) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("Encrypt"));
   return inner_->Encrypt(key, plaintext, aad);
 }
 
 absl::StatusOr<SecureBytes> FaultyHsm::Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
                                                std::span<const uint8_t> ciphertext_and_tag,
                                                std::span<const uint8_t> aad) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("Decrypt"));
   return inner_->Decrypt(key, iv, ciphertext_and_tag, aad);
 }
 
 absl::StatusOr<SecureBytes> FaultyHsm::GenerateRandom(size_t count) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("GenerateRandom"));
   return inner_->GenerateRandom(count);
 }
 
 absl::Status FaultyHsm::CreateHmacKey(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("CreateHmacKey"));
   return inner_->CreateHmacKey(label);
 }
 
 absl::StatusOr<Bytes> FaultyHsm::HmacSha256(const std::string& label,
                                             std::span<const uint8_t> data) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("HmacSha256"));
   return inner_->HmacSha256(label, data);
 }
 
 absl::Status FaultyHsm::CreateSigningKey(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("CreateSigningKey"));
   return inner_->CreateSigningKey(label);
 }
 
 absl::StatusOr<Bytes> FaultyHsm::SignSha256(const std::string& label,
                                             std::span<const uint8_t> message) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("SignSha256"));
   return inner_->SignSha256(label, message);
 }
 
 absl::StatusOr<std::string> FaultyHsm::PublicKeyPem(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("PublicKeyPem"));
   return inner_->PublicKeyPem(label);
 }
 
 absl::StatusOr<std::vector<std::string>> FaultyHsm::ReadTokenData(const std::string& label) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("ReadTokenData"));
   return inner_->ReadTokenData(label);
 }
 
 absl::Status FaultyHsm::WriteTokenData(const std::string& label, std::string_view value) {
-  CUSTOS_RETURN_IF_ERROR(NextFault());
+  CUSTOS_RETURN_IF_ERROR(NextFault("WriteTokenData"));
   return inner_->WriteTokenData(label, value);
 }
 

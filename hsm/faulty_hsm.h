@@ -11,9 +11,11 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 #include "hsm/hsm.h"
 
@@ -33,6 +35,8 @@ class FaultyHsm final : public Hsm {
   // Runs `hook` once, at the start of the next call (any method but Forget), before that call
   // is forwarded; calls the hook makes itself are forwarded as usual.
   void BeforeNextCall(std::function<void()> hook);
+  // The same for the next call to `method` (e.g. "RewrapKey") only, whichever thread makes it.
+  void BeforeNextCallTo(std::string method, std::function<void()> hook);
   // Calls made so far (but Forget), failed or not.
   int64_t calls() const;
 
@@ -62,7 +66,7 @@ class FaultyHsm final : public Hsm {
 
  private:
   // The failure to inject into the call being made, or OK to forward it.
-  absl::Status NextFault();
+  absl::Status NextFault(std::string_view method);
 
   std::unique_ptr<Hsm> owned_;
   Hsm* const inner_;
@@ -73,6 +77,7 @@ class FaultyHsm final : public Hsm {
   absl::Status fail_status_;
   int64_t calls_ = 0;
   std::function<void()> before_next_;
+  std::map<std::string, std::function<void()>, std::less<>> before_method_;
 };
 
 }  // namespace custos::hsm

@@ -391,6 +391,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   runner.reset();  // Shutdown waited for every call to finish: the queue is empty
   refusals.Stop();
   maintenance.Stop();
+  kms.StopBackgroundWork();  // a root rotation's re-wrapping resumes at the next start
   if (absl::Status stopped = kms.RecordServerStop(); !stopped.ok()) {
     spdlog::error("{}", stopped.ToString());
   }

@@ -172,6 +172,7 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
   out->set_close_time(request.closed_at);
   out->set_digest(core::RequestDigest(request));
   out->set_integrity_problem(request.integrity_problem);
+  out->set_progress(request.progress);
 }
 
 // A change request as the reply, with the approvals it needs under the current config.

@@ -78,6 +78,10 @@ constexpr char kSelectDueForRotation[] =
 constexpr char kCountVersionsUnderRoot[] =
     "SELECT count(*) FROM key_versions WHERE root_key_label = ?1 AND length(wrapped) > 0";
 
+constexpr char kCountVersionsByRoot[] =
+    "SELECT root_key_label, count(*) FROM key_versions WHERE length(wrapped) > 0"
+    " GROUP BY root_key_label";
+
 constexpr char kSelectUsage[] =
     "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac"
     " FROM version_usage WHERE key_id = ?1 ORDER BY version";
@@ -381,6 +385,16 @@ absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::strin
   CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
   if (!row) return absl::InternalError("count(*) returned no row");
   return static_cast<uint64_t>(stmt.ColumnInt64(0));
+}
+
+absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kCountVersionsByRoot));
+  std::map<std::string, uint64_t> counts;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return counts;
+    counts.emplace(stmt.ColumnText(0), static_cast<uint64_t>(stmt.ColumnInt64(1)));
+  }
 }
 
 absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,

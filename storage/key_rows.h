@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -45,6 +46,8 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
 
 // How many stored versions (not erased) are wrapped under root `label`.
 absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::string_view label);
+// The same for every root that wraps any version: label -> count.
+absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Database& db);
 
 // Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now and
 // deletion_due_observed <= observed.

@@ -582,6 +582,11 @@ absl::StatusOr<uint64_t> KeyStore::CountVersionsUnderRoot(std::string_view label
   return storage::CountVersionsUnderRoot(*impl_->db_, label);
 }
 
+absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return storage::CountVersionsByRoot(*impl_->db_);
+}
+
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     std::string_view name, RowIntegrity::Chain chain) {
   std::optional<StoredSetting> stored;

@@ -104,6 +104,9 @@ struct RequestRecord {
   int64_t closed_at = 0;            // when it left PENDING
   Bytes mac;                        // as stored (see row_codec.h); set by the store
   std::string integrity_problem;    // set by ListRequests for a row failing its check
+  // Not stored: what an executed request left running in the background (a root rotation
+  // re-wrapping versions) has done so far; set by core::Kms, empty when nothing runs.
+  std::string progress;
 };
 
 struct RequestFilter {
@@ -241,6 +244,8 @@ class KeyStore {
 
   // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
+  // The same for every root that wraps a stored version: label -> count (one scan).
+  absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot() const;
 
   // A server-wide setting written by Apply (with an audit record naming it); nullopt if never
   // set. DATA_LOSS (kIntegrityPayload) if it fails its check.

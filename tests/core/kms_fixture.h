@@ -99,13 +99,16 @@ struct Fixture {
   void Start(std::shared_ptr<const policy::Policy> policy,
              const policy::DualControlConfig& dual_control, UsageLimits limits) {
     kms.reset();
+    // As custosd does: the root a rotation put in use, once there has been one.
+    const absl::StatusOr<std::optional<std::string>> rotated = store->GetSetting(kRootKeySetting);
+    const std::string root = rotated.ok() && rotated->has_value() ? **rotated : root_label;
     kms = std::make_unique<Kms>(Kms::Options{.hsm = hsm.get(),
                                              .store = store.get(),
                                              .audit = &sink,
                                              .clock = &clock,
                                              .policy = std::move(policy),
                                              .dual_control = dual_control,
-                                             .root_key_label = root_label,
+                                             .root_key_label = root,
                                              .usage_limits = limits,
                                              .checkpoint_every = checkpoint_every,
                                              .wake_maintenance = [this] { ++maintenance_wakes; }});

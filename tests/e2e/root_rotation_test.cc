@@ -80,6 +80,25 @@ std::pair<std::string, std::string> ProposeRootRotation(CustosServer& server) {
   return {Field(proposed.text, "request_id"), Field(proposed.text, "digest")};
 }
 
+// get-request for `id` once its background work is over (no progress shown), waiting up to
+// 30 s.
+Output AwaitRotation(CustosServer& server, const std::string& id) {
+  Output request;
+  for (int i = 0; i < 300; ++i) {
+    request = Ctl(server, "officer1", "get-request " + id);
+    REQUIRE(request.exit_code == 0);
+    if (Field(request.text, "progress").empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  INFO(request.text);
+  CHECK(Field(request.text, "progress").empty());
+  return request;
+}
+
+constexpr char kMigratedThree[] =
+    "root key rotated from 'custos-root' to 'custos-root.2'; 3 key versions re-wrapped from "
+    "legacy roots; 0 stay under the confining roots that wrapped them";
+
 // True if the audit log holds a record of `action` with outcome OK and `detail`.
 bool Audited(CustosServer& server, const std::string& action, const std::string& detail) {
   int code = 0;
@@ -141,6 +160,12 @@ TEST_CASE("A legacy root is migrated by a root rotation; custosd restarts on the
   REQUIRE(approved.exit_code == 0);
   CHECK(Field(approved.text, "state") == "EXECUTED");
   CHECK(Field(approved.text, "reason") ==
+        "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions under legacy "
+        "roots are being re-wrapped under it in the background; 0 stay under the confining "
+        "roots that wrapped them");
+  CHECK_THAT(Field(approved.text, "progress"),
+             Catch::StartsWith("re-wrapping key versions off legacy roots under 'custos-root.2'"));
+  CHECK(Field(AwaitRotation(server, id).text, "reason") ==
         "root key rotated from 'custos-root' to 'custos-root.2'; 2 key versions re-wrapped from "
         "legacy roots; 0 stay under the confining roots that wrapped them");
   CheckDecrypts(server, blobs);
@@ -202,27 +227,23 @@ TEST_CASE("custosd restarts after a legacy root's migration cut short by kill -9
   }
 
   SECTION("while versions are being re-wrapped") {
-    // The second C_WrapKey of the rotation (re-wrapping the second version) never returns.
+    // The second C_WrapKey of the background work (re-wrapping the second version) never
+    // returns. The rotation itself committed before: the new root is in use, and the
+    // restarted server's maintenance resumes the re-wrapping.
     const auto [id, digest] = KillRotationAt(server, "C_WrapKey hang after=1");
     CheckDecrypts(server, blobs);
-    // Nothing of it committed: the request is still pending, and approving it again finishes
-    // the rotation on the new root made before the crash.
-    const Output approved = Ctl(server, "officer2", "approve " + id + " --digest " + digest);
-    INFO(approved.text);
-    REQUIRE(approved.exit_code == 0);
-    CHECK(Field(approved.text, "state") == "EXECUTED");
-    CHECK(Field(approved.text, "reason") ==
-          "root key rotated from 'custos-root' to 'custos-root.2'; 3 key versions re-wrapped "
-          "from legacy roots; 0 stay under the confining roots that wrapped them");
+    const Output request = AwaitRotation(server, id);
+    CHECK(Field(request.text, "state") == "EXECUTED");
+    CHECK(Field(request.text, "reason") == kMigratedThree);
   }
-  SECTION("after the new root is recorded, before the old one is destroyed") {
+  SECTION("after the versions moved, before the old root is destroyed") {
     // Re-wrapping three versions destroys three transient objects; the fourth C_DestroyObject
-    // is the old root's, after the rotation committed.
+    // is the old root's, once the re-wrapping is recorded as done.
     const auto [id, digest] = KillRotationAt(server, "C_DestroyObject hang after=3");
     CheckDecrypts(server, blobs);
-    const Output request = Ctl(server, "officer1", "get-request " + id);
-    INFO(request.text);
+    const Output request = AwaitRotation(server, id);
     CHECK(Field(request.text, "state") == "EXECUTED");
+    CHECK(Field(request.text, "reason") == kMigratedThree);
   }
   // Either way: the restarted server (maintenance, every second) destroys the retired root,
   // records it, and keeps serving every blob.
