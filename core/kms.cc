@@ -93,7 +93,6 @@ absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
 absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                            const EncryptionContext& context) {
   CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
-  CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
   CUSTOS_ASSIGN_OR_RETURN(ParsedBlob parsed, ParseBlob(blob));
   const std::string key_id = FormatKeyId(parsed.header.key_id);
   absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
@@ -105,6 +104,9 @@ absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> 
   CUSTOS_RETURN_IF_ERROR(policy::CheckGrant((*key)->decrypt_grants, call.caller().principal,
                                             KeyUse::kDecrypt, key_id));
   CUSTOS_RETURN_IF_ERROR(CheckEnabled(**key));
+  // The context's HMAC (an HSM call) only once the caller may decrypt: a refused call costs
+  // the HSM nothing, and is recorded without it.
+  CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
   const storage::KeyVersion* version = (*key)->FindVersion(parsed.header.key_version);
   if (version == nullptr) {
     return absl::InvalidArgumentError(StrCat("ciphertext blob names version ",
@@ -151,8 +153,8 @@ absl::StatusOr<DataKey> Kms::GenerateDataKeyIn(Call& call, const DataKeyItem& it
     return absl::InvalidArgumentError("data keys are 16 (AES-128) or 32 (AES-256) bytes");
   }
   CUSTOS_RETURN_IF_ERROR(ValidateContext(item.context));
-  CUSTOS_RETURN_IF_ERROR(call.BindContext(item.context));
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.key));
+  CUSTOS_RETURN_IF_ERROR(call.BindContext(item.context));  // the grant first: see DecryptBlob
   CUSTOS_ASSIGN_OR_RETURN(SecureBytes plaintext, options_.hsm->GenerateRandom(item.key_bytes));
   CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed, EncryptUnder(*key, plaintext.span(), item.context));
   if (!with_plaintext) plaintext.Wipe();
@@ -173,8 +175,8 @@ absl::StatusOr<Ciphertext> Kms::Encrypt(const Caller& caller, std::string_view k
                  kMaxEncryptPlaintextBytes, " (use GenerateDataKey for larger data)"));
     }
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
-    CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
+    CUSTOS_RETURN_IF_ERROR(call.BindContext(context));  // the grant first: see DecryptBlob
     return EncryptUnder(*key, plaintext, context);
   }());
 }
@@ -202,17 +204,23 @@ absl::StatusOr<ReEncrypted> Kms::ReEncrypt(const Caller& caller, std::span<const
 absl::StatusOr<ReEncrypted> Kms::ReEncryptIn(Call& call, const ReEncryptItem& item) {
   CUSTOS_RETURN_IF_ERROR(call.Authorize());
   CUSTOS_RETURN_IF_ERROR(ValidateContext(item.destination_context));
+  // Both grants before any HSM work: the destination's here (the blob's own key if none is
+  // named), the source's in DecryptBlob, before it decrypts.
+  CUSTOS_ASSIGN_OR_RETURN(const ParsedBlob parsed, ParseBlob(item.blob));
+  const std::string source_key_id = FormatKeyId(parsed.header.key_id);
+  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.destination_key.empty()
+                                                                 ? std::string_view(source_key_id)
+                                                                 : item.destination_key));
+  // DecryptBlob records the source key; the destination takes the main key fields.
+  std::string destination_id = call.event().key_id;
+  const uint32_t destination_version = call.event().key_version;
   CUSTOS_ASSIGN_OR_RETURN(Plaintext source, DecryptBlob(call, item.blob, item.source_context));
+  call.event().source_key_id = std::exchange(call.event().key_id, std::move(destination_id));
+  call.event().source_key_version = std::exchange(call.event().key_version, destination_version);
   // The record binds both contexts: "<source hmac>,<destination hmac>".
   CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac,
                           ContextHmac(call.caller().principal, item.destination_context));
   call.event().context_hmac += "," + destination_hmac;
-  // DecryptBlob recorded the source key; the destination takes the main key fields.
-  call.event().source_key_id = std::exchange(call.event().key_id, "");
-  call.event().source_key_version = std::exchange(call.event().key_version, 0);
-  CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.destination_key.empty()
-                                                                 ? std::string_view(source.key_id)
-                                                                 : item.destination_key));
   CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed,
                           EncryptUnder(*key, source.plaintext.span(), item.destination_context));
   return ReEncrypted{source.key_id, source.key_version, std::move(sealed)};

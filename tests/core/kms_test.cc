@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "core/ciphertext_blob.h"
 #include "tests/core/kms_fixture.h"
 
 namespace custos::core {
@@ -93,6 +94,42 @@ TEST_CASE("ReEncrypt records source and destination keys", "[kms][audit]") {
   absl::StatusOr<Plaintext> opened = f.kms->Decrypt(f.app, moved->destination.ciphertext_blob, {});
   REQUIRE(opened.ok());
   CHECK(opened->plaintext.view() == "hello");
+}
+
+TEST_CASE("A call refused for its grant costs the HSM nothing", "[kms][authz][hsm]") {
+  Fixture f;
+  f.NewKey("open");
+  const KeyRef closed = f.NewKeyWithoutGrants("closed");
+  absl::StatusOr<Ciphertext> sealed =
+      f.kms->Encrypt(f.app, "open", SecureBytes::FromString("x").span(), {});
+  REQUIRE(sealed.ok());
+  // A blob naming the closed key (the header is only authenticated when decrypting).
+  Bytes forged = sealed->ciphertext_blob;
+  const KeyIdBytes closed_id = *ParseKeyId(closed->id);
+  std::copy(closed_id.begin(), closed_id.end(), forged.begin() + 1);  // after the format byte
+  REQUIRE(FormatKeyId(ParseBlob(forged)->header.key_id) == closed->id);
+  // Contexts never seen: their HMACs are not cached, so computing one would be an HSM call.
+  const EncryptionContext fresh = {{"mrn", "448812"}};
+  const int64_t before = f.hsm->calls();
+  CHECK(
+      absl::IsPermissionDenied(f.kms->GenerateDataKey(f.app, "closed", fresh, 32, true).status()));
+  CHECK(absl::IsPermissionDenied(
+      f.kms->Encrypt(f.app, "closed", SecureBytes::FromString("x").span(), fresh).status()));
+  CHECK(absl::IsPermissionDenied(f.kms->Decrypt(f.app, forged, fresh).status()));
+  // The destination's grant is checked before the source is decrypted.
+  CHECK(absl::IsPermissionDenied(
+      f.kms->ReEncrypt(f.app, sealed->ciphertext_blob, {}, "closed", fresh).status()));
+  CHECK(f.hsm->calls() == before);
+  const std::vector<audit::Event> events = f.sink.events();
+  REQUIRE(events.size() >= 4);
+  for (auto e = events.end() - 4; e != events.end(); ++e) {
+    CHECK(e->outcome == absl::StatusCode::kPermissionDenied);
+    CHECK(e->context_hmac.empty());  // recorded without it: computing it is HSM work
+    CHECK(e->key_id == closed->id);
+  }
+  // Allowed calls still bind their contexts.
+  REQUIRE(f.kms->GenerateDataKey(f.app, "open", fresh, 32, true).ok());
+  CHECK_FALSE(f.sink.events().back().context_hmac.empty());
 }
 
 TEST_CASE("A principal missing from the policy is refused and audited", "[kms][authz]") {
