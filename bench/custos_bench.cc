@@ -223,12 +223,23 @@ std::string CreateBenchKey(const CustosdProcess& server, const std::string& alia
   return executed.key_id();
 }
 
-// The audit log's head: the seq of its latest record (GetCheckpoint signs one if needed).
+// The seq of the audit log's latest record: the last signed checkpoint's, then the records
+// after it (GetCheckpoint answers with the last one the server signed, not a new one).
 uint64_t AuditHead(pb::AuditService::Stub& audit) {
   pb::Checkpoint checkpoint;
   Check(audit.GetCheckpoint(Context().get(), pb::GetCheckpointRequest(), &checkpoint),
         "GetCheckpoint");
-  return checkpoint.seq();
+  pb::ReadRecordsRequest request;
+  request.set_from_seq(checkpoint.seq() + 1);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  std::unique_ptr<grpc::ClientReader<pb::AuditRecord>> reader =
+      audit.ReadRecords(&context, request);
+  uint64_t head = checkpoint.seq();
+  pb::AuditRecord record;
+  while (reader->Read(&record)) head = record.seq();
+  Check(reader->Finish(), "ReadRecords");
+  return head;
 }
 
 // Successful records of `action` after seq `after`.
