@@ -91,6 +91,10 @@ class Kms::Call {
     std::vector<audit::Event> record;
     result = Settle(std::move(result), &record);
     if (record.empty()) return result;  // CommitWith recorded it
+    if (absl::IsPermissionDenied(result.status()) && kms_.refusal_counter_ &&
+        kms_.refusal_counter_(record.front(), std::string(result.status().message()))) {
+      return result;  // a repeat, counted in a tally that is recorded (RefusalCounter)
+    }
     if (absl::Status recorded = kms_.Commit({}, record); !recorded.ok()) {
       return absl::UnavailableError(
           StrCat("audit log unavailable, operation refused: ", recorded.message()));

@@ -176,6 +176,13 @@ class Kms {
   Kms(const Kms&) = delete;
   Kms& operator=(const Kms&) = delete;
 
+  // Asked, before serving, about each call refused with PERMISSION_DENIED, with its record and
+  // the refusal's message: true if it was counted as a repeat of a refusal recorded shortly
+  // before (a client in a retry loop; the server records a tally per interval), and then gets
+  // no record of its own. Without one, every refusal has its own record.
+  using RefusalCounter = std::function<bool(const audit::Event& record, std::string_view reason)>;
+  void SetRefusalCounter(RefusalCounter counter) { refusal_counter_ = std::move(counter); }
+
   // Stops what runs on Kms's own thread (a root rotation's re-wrapping, which resumes at the
   // next start) and waits for it: call before recording the server's stop, so no record
   // follows it.
@@ -441,6 +448,7 @@ class Kms {
   std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
   mutable std::mutex alarm_mu_;
   mutable std::set<std::string> alarmed_rows_;  // guarded by alarm_mu_
+  RefusalCounter refusal_counter_;              // set before serving
   // A root rotation's background re-wrapping: one at a time, on its own thread.
   mutable std::mutex migration_mu_;
   std::condition_variable migration_cv_;  // wakes a pause when stopping

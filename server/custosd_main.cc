@@ -315,11 +315,15 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         *sealed);
   }
   RefusalRecorder refusals(&kms, &clock);
+  kms.SetRefusalCounter([&refusals](const audit::Event& record, std::string_view reason) {
+    return refusals.CountRepeat(record.action, record.principal, record.peer, record.outcome,
+                                reason);
+  });
   auto runner = std::make_unique<CallRunner>(
       &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
-  AuditServiceImpl audit_service(&kms);
+  AuditServiceImpl audit_service(&kms, &refusals);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;

@@ -38,12 +38,40 @@ void RefusalRecorder::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+bool RefusalRecorder::CountRepeat(std::string_view rpc, std::string principal,
+                                  std::string_view peer, absl::StatusCode code,
+                                  std::string_view reason) {
+  const auto now = std::chrono::steady_clock::now();
+  Key key(std::string(rpc), std::move(principal), PeerAddress(peer), code, std::string(reason));
+  std::lock_guard lock(mu_);
+  if (stop_) return false;
+  auto seen = recorded_.find(key);
+  if (seen != recorded_.end() && now - seen->second < interval_) {
+    CountLocked(std::move(key));
+    return true;
+  }
+  if (seen == recorded_.end() && recorded_.size() >= kMaxRecordedKinds) {
+    std::erase_if(recorded_, [&](const auto& kind) { return now - kind.second >= interval_; });
+    if (recorded_.size() >= kMaxRecordedKinds) {  // a flood of kinds: one tally for them all
+      std::get<1>(key).clear();
+      std::get<2>(key).assign(1, '*');
+      CountLocked(std::move(key));
+      return true;
+    }
+  }
+  recorded_.insert_or_assign(std::move(key), now);
+  return false;
+}
+
 void RefusalRecorder::Refused(std::string_view rpc, std::string principal, std::string_view peer,
                               absl::StatusCode code, std::string_view reason) {
-  const int64_t now = clock_->NowSeconds();
-  std::string address = PeerAddress(peer);
+  Key key(std::string(rpc), std::move(principal), PeerAddress(peer), code, std::string(reason));
   std::lock_guard lock(mu_);
-  Key key(std::string(rpc), std::move(principal), std::move(address), code, std::string(reason));
+  CountLocked(std::move(key));
+}
+
+void RefusalRecorder::CountLocked(Key key) {
+  const int64_t now = clock_->NowSeconds();
   auto it = tallies_.find(key);
   if (it == tallies_.end() && tallies_.size() >= kMaxTallies) {
     std::get<1>(key).clear();

@@ -28,6 +28,7 @@ class RefusalRecorder {
  public:
   static constexpr size_t kMaxTallies = 256;
   static constexpr std::chrono::milliseconds kGather{200};
+  static constexpr size_t kMaxRecordedKinds = 1024;  // CountRepeat's memory
 
   // `kms` and `clock` must outlive the recorder.
   RefusalRecorder(core::Kms* kms, const Clock* clock,
@@ -41,6 +42,16 @@ class RefusalRecorder {
   void Refused(std::string_view rpc, std::string principal, std::string_view peer,
                absl::StatusCode code, std::string_view reason);
 
+  // For refusals that get a record of their own the first time (authentication and
+  // authorization refusals): false for the first of its kind (rpc, principal, peer address,
+  // status, reason) in `interval`, which the caller then records itself; true for the repeats
+  // within it, which are counted as Refused() counts (so a client in a retry loop adds one
+  // record and then a tally per interval, not one record and fsync per call). With too many
+  // kinds to remember, further ones are repeats, counted under the "*" tally. False once
+  // stopped.
+  bool CountRepeat(std::string_view rpc, std::string principal, std::string_view peer,
+                   absl::StatusCode code, std::string_view reason);
+
   // Records what is counted and ends the thread. Call before the Kms goes.
   void Stop();
 
@@ -48,6 +59,7 @@ class RefusalRecorder {
   using Key = std::tuple<std::string, std::string, std::string, absl::StatusCode, std::string>;
   using Tallies = std::map<Key, core::Kms::RefusedCalls>;
 
+  void CountLocked(Key key);  // one more in `key`'s tally (or "*" when full); under mu_
   void Run();
   void Record(const Tallies& tallies);
   void Merge(const Tallies& from);  // back into tallies_, under mu_
@@ -58,6 +70,8 @@ class RefusalRecorder {
   std::mutex mu_;
   std::condition_variable cv_;
   Tallies tallies_;  // guarded by mu_
+  // Kinds of refusal recorded on their own (CountRepeat), with when; guarded by mu_.
+  std::map<Key, std::chrono::steady_clock::time_point> recorded_;
   bool stop_ = false;
   std::thread thread_;
 };

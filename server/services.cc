@@ -184,10 +184,15 @@ grpc::Status ReplyWith(core::Kms& kms, const absl::StatusOr<core::Request>& requ
 }
 
 // A call without a usable identity is refused, and the refusal recorded (fail closed: the
-// caller hears UNAVAILABLE if the audit log cannot take the record).
-grpc::Status RefuseUnauthenticated(core::Kms& kms, std::string_view rpc,
+// caller hears UNAVAILABLE if the audit log cannot take the record); its repeats from the same
+// address within the interval are counted instead, one tally record each interval.
+grpc::Status RefuseUnauthenticated(core::Kms& kms, RefusalRecorder& refusals, std::string_view rpc,
                                    const grpc::ServerContextBase& context,
                                    const absl::Status& refusal) {
+  if (refusals.CountRepeat(rpc, "", context.peer(), absl::StatusCode::kUnauthenticated,
+                           std::string(refusal.message()))) {
+    return ToGrpcStatus(refusal);
+  }
   const absl::Status recorded =
       kms.RecordAuthenticationRefusal(rpc, context.peer(), std::string(refusal.message()));
   return ToGrpcStatus(recorded.ok() ? refusal : recorded);
@@ -220,9 +225,11 @@ grpc::Status StreamPages(
 
 // Declares `caller`, the authenticated caller of this RPC (named by __func__), or returns.
 // NOLINTBEGIN(bugprone-macro-parentheses): `caller` names the variable it declares.
-#define CUSTOS_CALLER_OR_RETURN(caller, context)              \
-  absl::StatusOr<core::Caller> caller = CallerOf(*(context)); \
-  if (!caller.ok()) return RefuseUnauthenticated(*kms_, __func__, *(context), caller.status())
+#define CUSTOS_CALLER_OR_RETURN(caller, context)                                            \
+  absl::StatusOr<core::Caller> caller = CallerOf(*(context));                               \
+  if (!caller.ok()) {                                                                       \
+    return RefuseUnauthenticated(*kms_, *refusals_, __func__, *(context), caller.status()); \
+  }
 // NOLINTEND(bugprone-macro-parentheses)
 
 }  // namespace
@@ -273,7 +280,7 @@ grpc::Status CallRunner::Execute(const grpc::CallbackServerContext& context, con
                         "the call's deadline passed while it waited in custosd's queue");
   }
   absl::StatusOr<core::Caller> caller = CallerOf(context);
-  if (!caller.ok()) return RefuseUnauthenticated(*kms_, rpc, context, caller.status());
+  if (!caller.ok()) return RefuseUnauthenticated(*kms_, *refusals_, rpc, context, caller.status());
   return work(*kms_, *caller);
 }
 

@@ -125,7 +125,8 @@ class AdminServiceImpl final : public custos::v1::AdminService::CallbackService 
 
 class AuditServiceImpl final : public custos::v1::AuditService::Service {
  public:
-  explicit AuditServiceImpl(core::Kms* kms) : kms_(kms) {}
+  // `kms` and `refusals` must outlive the service.
+  AuditServiceImpl(core::Kms* kms, RefusalRecorder* refusals) : kms_(kms), refusals_(refusals) {}
 
   grpc::Status ReadRecords(grpc::ServerContext* context,
                            const custos::v1::ReadRecordsRequest* request,
@@ -139,6 +140,7 @@ class AuditServiceImpl final : public custos::v1::AuditService::Service {
 
  private:
   core::Kms* kms_;
+  RefusalRecorder* refusals_;
 };
 
 }  // namespace custos::server

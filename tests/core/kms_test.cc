@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "common/strings.h"
 #include "core/ciphertext_blob.h"
 #include "tests/core/kms_fixture.h"
 
@@ -130,6 +131,28 @@ TEST_CASE("A call refused for its grant costs the HSM nothing", "[kms][authz][hs
   // Allowed calls still bind their contexts.
   REQUIRE(f.kms->GenerateDataKey(f.app, "open", fresh, 32, true).ok());
   CHECK_FALSE(f.sink.events().back().context_hmac.empty());
+}
+
+TEST_CASE("A refusal the counter takes as a repeat gets no record of its own", "[kms][authz]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("closed");
+  std::vector<std::string> asked;
+  f.kms->SetRefusalCounter([&](const audit::Event& record, std::string_view reason) {
+    asked.push_back(record.action + " " + record.principal + ": " + std::string(reason));
+    return asked.size() > 1;  // the first is recorded, the rest counted
+  });
+  const size_t before = f.sink.events().size();
+  for (int i = 0; i < 3; ++i) {
+    CHECK(absl::IsPermissionDenied(f.kms->GenerateDataKey(f.app, "closed", {}, 32, true).status()));
+  }
+  REQUIRE(asked.size() == 3);
+  CHECK(asked[0] == StrCat("GenerateDataKey ", testing::kApp, ": principal '", testing::kApp,
+                           "' has no encrypt grant on key 'closed', or no such key exists"));
+  CHECK(f.sink.events().size() == before + 1);
+  // Only refusals are asked about.
+  REQUIRE(f.kms->ListKeys(f.officer, 10, "").ok());
+  CHECK(asked.size() == 3);
+  CHECK(f.sink.events().size() == before + 2);
 }
 
 TEST_CASE("A principal missing from the policy is refused and audited", "[kms][authz]") {

@@ -4,6 +4,7 @@
 #include <sqlite3.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cctype>
 #include <chrono>
@@ -331,6 +332,30 @@ TEST_CASE("Checkpoints are signed every checkpoint_interval_seconds", "[e2e][aud
   CHECK(CheckpointReaches(db, head));
 }
 
+// The records of `action` refused with `outcome`, once those after the first (the tallies,
+// "N calls refused from T1 to T2: reason") count `repeats` calls; waits up to 15 s, as a tally
+// after the first may wait out the recorder's 10 s interval.
+std::vector<pb::AuditRecord> AwaitTallied(const CustosServer& server, const std::string& action,
+                                          const std::string& outcome, uint64_t repeats) {
+  std::vector<pb::AuditRecord> refused;
+  uint64_t counted = 0;
+  for (int i = 0; i < 300 && counted < repeats; ++i) {
+    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    refused.clear();
+    counted = 0;
+    for (const pb::AuditRecord& r : AuditRecords(server)) {
+      if (r.action() != action || r.outcome() != outcome) continue;
+      if (!refused.empty()) counted += std::stoull(r.detail());  // "N calls refused ..."
+      refused.push_back(r);
+    }
+  }
+  INFO(refused.size() << " records");
+  CHECK(counted == repeats);
+  REQUIRE(refused.size() >= 2);
+  CHECK(refused.size() <= 3);  // one of its own, one or two tallies: never one per call
+  return refused;
+}
+
 TEST_CASE("A certificate of the Custos CA without a usable identity is refused and recorded",
           "[e2e][audit]") {
   CustosServer server;
@@ -394,6 +419,49 @@ TEST_CASE("A certificate of the Custos CA without a usable identity is refused a
   CHECK(column(5) == reason);
   sqlite3_finalize(stmt);
   sqlite3_close(db);
+
+  // A client retrying in a loop: its repeats are counted in tally records (one at the end of
+  // the burst's first 200 ms, then at most one every 10 s), not one record each.
+  for (int i = 0; i < 20; ++i) {
+    CHECK(server.Admin("uri-cn")->ListKeys(Context().get(), list, &keys).error_code() ==
+          grpc::StatusCode::UNAUTHENTICATED);
+  }
+  const std::vector<pb::AuditRecord> records =
+      AwaitTallied(server, "ListKeys", "UNAUTHENTICATED", 20);
+  CHECK(records.front().detail() == reason);
+  for (const pb::AuditRecord& r : records) CHECK(r.principal().empty());
+  for (auto r = records.begin() + 1; r != records.end(); ++r) {
+    CHECK_THAT(r->detail(), Catch::EndsWith(": " + reason));
+  }
+}
+
+TEST_CASE("An app refused in a loop adds one record and a tally, not a record per call",
+          "[e2e][audit]") {
+  CustosServer server;
+  const std::string alias = UniqueAlias("closed/key");
+  CreateKey(server, alias, false, false);  // no grant for the app
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key(alias);
+  pb::GenerateDataKeyResponse dk;
+  std::string refusal;
+  for (int i = 0; i < 30; ++i) {
+    const grpc::Status status = server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk);
+    REQUIRE(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+    refusal = status.error_message();
+  }
+  const std::vector<pb::AuditRecord> refused =
+      AwaitTallied(server, "GenerateDataKey", "PERMISSION_DENIED", 29);
+  // The first with the facts of the call; then tallies of its repeats, with the reason.
+  CHECK(refused[0].principal() == "spiffe://custos.local/app/demo");
+  CHECK_FALSE(refused[0].key_id().empty());
+  for (auto r = refused.begin() + 1; r != refused.end(); ++r) {
+    CHECK(r->principal() == "spiffe://custos.local/app/demo");
+    CHECK_THAT(r->detail(), Catch::EndsWith(": " + refusal));
+  }
+  // An allowed call is recorded as always.
+  CreateKey(server, alias + "/open", true, true);
+  gdk.set_key(alias + "/open");
+  REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk).ok());
 }
 
 }  // namespace
