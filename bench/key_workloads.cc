@@ -149,6 +149,7 @@ void KeyWorkloads::MakeBlobs(const std::vector<grpc::GenericStub*>& stubs, size_
     Pool& pool = pools_[static_cast<int>(mix)];
     pool.decrypt.clear();
     pool.reencrypt.clear();
+    pool.blobs.clear();
     for (size_t i = 0; i < count; ++i) {
       if (blobs[i].empty()) {
         throw std::runtime_error("cannot make the blobs for Decrypt and ReEncrypt: " + last_error);
@@ -162,6 +163,8 @@ void KeyWorkloads::MakeBlobs(const std::vector<grpc::GenericStub*>& stubs, size_
       SetContext(*reencrypt.mutable_source_encryption_context(), mix, rows[i]);
       SetContext(*reencrypt.mutable_destination_encryption_context(), mix, rows[i]);
       pool.reencrypt.push_back(Serialize(reencrypt));
+      const Context& context = decrypt.encryption_context();
+      pool.blobs.push_back({blobs[i], {context.begin(), context.end()}});
     }
   }
 }
@@ -239,6 +242,10 @@ std::string KeyWorkloads::Check(KeyOp op, uint64_t n, grpc::ByteBuffer& reply) c
       break;
   }
   return "unknown operation";
+}
+
+const std::vector<KeyWorkloads::Blob>& KeyWorkloads::Blobs(ContextMix mix) const {
+  return pools_[static_cast<int>(mix)].blobs;
 }
 
 Workload KeyWorkloads::For(KeyOp op, ContextMix mix) {

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -60,10 +61,18 @@ class KeyWorkloads {
   // outlive its use.
   Workload For(KeyOp op, ContextMix mix);
 
+  // The blobs MakeBlobs made for `mix`, and the context each was made under (for batches).
+  struct Blob {
+    std::string ciphertext;
+    std::map<std::string, std::string> context;
+  };
+  const std::vector<Blob>& Blobs(ContextMix mix) const;
+
  private:
   struct Pool {
     std::vector<grpc::ByteBuffer> decrypt;    // DecryptRequest per blob
     std::vector<grpc::ByteBuffer> reencrypt;  // ReEncryptRequest per blob
+    std::vector<Blob> blobs;
   };
 
   size_t KeyIndex(uint64_t n) const;
