@@ -58,6 +58,8 @@ constexpr int kBlobMakingInflight = 8;            // below custosd's default thr
 const std::string kEchoPing = "/custos.bench.Echo/Ping";
 const std::string kCreateKey = "/custos.v1.AdminService/CreateKey";
 const std::string kBatchGenerateDataKey = "/custos.v1.KeyService/BatchGenerateDataKey";
+const std::string kBatchDecrypt = "/custos.v1.KeyService/BatchDecrypt";
+const std::string kBatchReEncrypt = "/custos.v1.KeyService/BatchReEncrypt";
 constexpr int kCreateKeyInflight = 16;
 constexpr int kBatchItems = 1000;
 constexpr int kBatchInflight = 4;
@@ -74,6 +76,20 @@ void Check(const grpc::Status& status, const std::string& what) {
     throw std::runtime_error(what + " failed: " + StatusCodeName(status.error_code()) + ": " +
                              status.error_message());
   }
+}
+
+// A batch reply's check: kBatchItems results, every one OK.
+template <typename Response>
+std::string CheckBatch(grpc::ByteBuffer& reply) {
+  Response response;
+  if (!grpc::SerializationTraits<Response>::Deserialize(&reply, &response).ok()) {
+    return "unreadable batch reply";
+  }
+  if (response.results_size() != kBatchItems) return "batch reply of the wrong size";
+  for (const auto& result : response.results()) {
+    if (result.status().code() != 0) return "batch item failed: " + result.status().message();
+  }
+  return "";
 }
 
 // --- 1. disk commits ------------------------------------------------------------------------
@@ -137,6 +153,8 @@ class RawHsm {
     wrapped_ = Value(hsm_->GenerateWrappedKey("bench-root"), "GenerateWrappedKey");
     core::AppendCanonicalContext(kContext, canonical_context_);
     aad_ = core::BlobAad(core::BlobHeader{.key_id = {}, .key_version = 1}, kContext);
+    data_key_ = Value(hsm_->GenerateRandom(32), "GenerateRandom");
+    sealed_ = Value(hsm_->Encrypt(Version(), data_key_.span(), aad_), "Encrypt");
   }
 
   std::string DataKey() {
@@ -144,9 +162,49 @@ class RawHsm {
     if (!hmac.ok()) return hmac.status().ToString();
     absl::StatusOr<SecureBytes> key = hsm_->GenerateRandom(32);
     if (!key.ok()) return key.status().ToString();
-    absl::StatusOr<hsm::GcmCiphertext> sealed =
-        hsm_->Encrypt({"bench/1", wrapped_, "bench-root"}, key->span(), aad_);
+    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), key->span(), aad_);
     return sealed.ok() ? "" : sealed.status().ToString();
+  }
+
+  // A batch item's HSM work, its context's HMAC being cached: GenerateDataKey's RNG and GCM
+  // encryption; Decrypt's GCM decryption of a data key; ReEncrypt's decryption and encryption
+  // (to the same version, as custos_bench's ReEncrypt calls do).
+  std::string DataKeyNoHmac() {
+    absl::StatusOr<SecureBytes> key = hsm_->GenerateRandom(32);
+    if (!key.ok()) return key.status().ToString();
+    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), key->span(), aad_);
+    return sealed.ok() ? "" : sealed.status().ToString();
+  }
+  std::string Decrypt() {
+    absl::StatusOr<SecureBytes> key =
+        hsm_->Decrypt(Version(), sealed_.iv, sealed_.ciphertext_and_tag, aad_);
+    return key.ok() ? "" : key.status().ToString();
+  }
+  std::string ReEncrypt() {
+    absl::StatusOr<SecureBytes> key =
+        hsm_->Decrypt(Version(), sealed_.iv, sealed_.ciphertext_and_tag, aad_);
+    if (!key.ok()) return key.status().ToString();
+    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), key->span(), aad_);
+    return sealed.ok() ? "" : sealed.status().ToString();
+  }
+
+  // What a cold key adds to a GenerateDataKey's HSM work, the row MAC check aside: GCM
+  // encryption of a data key under a version the cache holds (hot), or under one that must be
+  // unwrapped first (cold: every call names a version never seen, so the cache, of 16, misses
+  // and evicts one, whose object is destroyed, as custosd's does once full). And one HMAC.
+  std::string EncryptHot() {
+    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), data_key_.span(), aad_);
+    return sealed.ok() ? "" : sealed.status().ToString();
+  }
+  std::string EncryptCold() {
+    const std::string id = "cold/" + std::to_string(cold_.fetch_add(1));
+    absl::StatusOr<hsm::GcmCiphertext> sealed =
+        hsm_->Encrypt({id, wrapped_, "bench-root"}, data_key_.span(), aad_);
+    return sealed.ok() ? "" : sealed.status().ToString();
+  }
+  std::string Hmac() {
+    absl::StatusOr<Bytes> hmac = hsm_->HmacSha256("bench-hmac", canonical_context_);
+    return hmac.ok() ? "" : hmac.status().ToString();
   }
 
  private:
@@ -159,11 +217,16 @@ class RawHsm {
     if (!status.ok()) throw std::runtime_error(std::string(what) + ": " + status.ToString());
   }
 
+  hsm::WrappedKey Version() const { return {"bench/1", wrapped_, "bench-root"}; }
+
   testing::SoftHsmToken token_;  // sets this process's SOFTHSM2_CONF to its own folder
   std::unique_ptr<hsm::Hsm> hsm_;
   Bytes wrapped_;
   Bytes canonical_context_;
   Bytes aad_;
+  SecureBytes data_key_;
+  hsm::GcmCiphertext sealed_;  // data_key_ under the version, for Decrypt and ReEncrypt
+  std::atomic<uint64_t> cold_{0};
 };
 
 // --- 3 and 4: RPCs --------------------------------------------------------------------------
@@ -269,6 +332,7 @@ struct Phase {
   double echo_calls_ratio = -1;   // calls/s ÷ the echo's at the same in-flight level
   double echo_p99_ratio = -1;     // p99 ÷ the echo's
   double records_per_fsync = -1;  // custosd's group commit over the phase, warm-up included
+  double server_rss_mib = -1;     // the server's resident memory at the phase's end
 };
 
 std::string Number(double value, const char* format) {
@@ -279,20 +343,21 @@ std::string Number(double value, const char* format) {
 }
 
 void PrintTable(const std::vector<Phase>& phases) {
-  std::printf("\n%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %8s\n", "phase", "mix",
+  std::printf("\n%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %7s %8s\n", "phase", "mix",
               "inflight", "calls/s", "p50 us", "p99 us", "p99.9 us", "srv CPU", "cli CPU", "/echo",
-              "p99/", "recs/", "errors");
-  std::printf("%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %8s\n", "", "", "", "", "", "",
-              "", "us/call", "us/call", "calls/s", "echo", "fsync", "");
+              "p99/", "recs/", "srv RSS", "errors");
+  std::printf("%-31s %-8s %8s %10s %8s %8s %9s %8s %8s %7s %7s %6s %7s %8s\n", "", "", "", "", "",
+              "", "", "us/call", "us/call", "calls/s", "echo", "fsync", "MiB", "");
   for (const Phase& p : phases) {
     const LoadResult& r = p.result;
-    std::printf("%-31s %-8s %8d %10.1f %8.0f %8.0f %9.0f %8s %8s %7s %7s %6s %8ld\n",
+    std::printf("%-31s %-8s %8d %10.1f %8.0f %8.0f %9.0f %8s %8s %7s %7s %6s %7s %8ld\n",
                 p.name.c_str(), p.mix.empty() ? "-" : p.mix.c_str(), r.inflight, r.calls_per_second,
                 r.p50_us, r.p99_us, r.p999_us, Number(r.server_cpu_us_per_call, "%.1f").c_str(),
                 Number(r.client_cpu_us_per_call, "%.1f").c_str(),
                 Number(p.echo_calls_ratio, "%.3f").c_str(),
                 Number(p.echo_p99_ratio, "%.2f").c_str(),
-                Number(p.records_per_fsync, "%.1f").c_str(), r.errors);
+                Number(p.records_per_fsync, "%.1f").c_str(),
+                Number(p.server_rss_mib, "%.0f").c_str(), r.errors);
     for (const auto& [code, e] : r.errors_by_code) {
       std::printf("    %ld %s, first: %s\n", e.count, code.c_str(), e.first_message.c_str());
     }
@@ -301,14 +366,17 @@ void PrintTable(const std::vector<Phase>& phases) {
       "\nsrv CPU: the server process's CPU time (custosd, or custos_echo_server for echo) over "
       "the recorded window per successful call; in-process phases have no server. cli CPU: "
       "this process's. /echo: calls/s and p99 against the echo at the same in-flight level. "
-      "recs/fsync: audit records per custosd transaction over the phase.\n\n");
+      "recs/fsync: audit records per custosd transaction over the phase. srv RSS: the server's "
+      "resident memory at the phase's end.\n\n");
 }
 
 // "ratio <name> = <value>" lines, also kept for --json.
 class Ratios {
  public:
+  // Nothing if the denominator was not measured (--no-baselines).
   void Add(const std::string& name, double numerator, double denominator) {
-    const double value = denominator > 0 ? numerator / denominator : 0;
+    if (denominator <= 0) return;
+    const double value = numerator / denominator;
     std::printf("ratio %-56s = %8.3f\n", name.c_str(), value);
     json_[name] = value;
   }
@@ -343,7 +411,8 @@ nlohmann::json ToJson(const Phase& p) {
           {"client_cpu_us_per_call", optional(r.client_cpu_us_per_call)},
           {"echo_calls_per_second_ratio", optional(p.echo_calls_ratio)},
           {"echo_p99_ratio", optional(p.echo_p99_ratio)},
-          {"records_per_fsync", optional(p.records_per_fsync)}};
+          {"records_per_fsync", optional(p.records_per_fsync)},
+          {"server_rss_mib", optional(p.server_rss_mib)}};
 }
 
 struct Options {
@@ -360,6 +429,7 @@ struct Options {
   std::string key_ids;             // a file of key ids (custos_seed_keys --out) to use
   std::vector<std::string> ops;    // KeyOpName()s to run; empty = all
   std::vector<std::string> mixes;  // ContextMixName()s to run; empty = both
+  bool baselines = true;           // the disk and raw PKCS#11 phases
 };
 
 bool Selected(const std::vector<std::string>& chosen, std::string_view name) {
@@ -412,14 +482,61 @@ int Run(const Options& options) {
                        .server_pid = pid};
   };
 
+  const auto rss_mib = [](pid_t pid) {
+    const long kib = ProcessRssKib(pid);
+    return kib < 0 ? -1.0 : static_cast<double>(kib) / 1024;
+  };
+
   // 1 and 2: in this process.
   DiskCommits commits(state + "/bench-commits.db");
-  const LoadResult disk_first =
-      local("disk commit (WAL, FULL), first", 1, [&](int) { return commits.CommitOne(); });
-  {
-    RawHsm raw(static_cast<size_t>(hsm_threads));
+  const LoadResult disk_first = options.baselines ? local("disk commit (WAL, FULL), first", 1,
+                                                          [&](int) { return commits.CommitOne(); })
+                                                  : LoadResult{};
+  // The batch phases to run, each with the single call it batches and the raw PKCS#11 work of
+  // one of its items (at 1 thread and at as many as batches in flight).
+  struct BatchPhase {
+    std::string name;
+    KeyOp single;
+    LoadResult raw_one{};
+    LoadResult raw_many{};
+    std::string raw_name{};
+    LoadResult result{};
+  };
+  std::vector<BatchPhase> batch_phases;
+  // Only when named: it needs a seeded catalogue (--key-ids) with more keys than calls.
+  const bool cold_keys =
+      std::find(options.ops.begin(), options.ops.end(), "ColdKeys") != options.ops.end();
+  LoadResult raw_hot, raw_cold, raw_hmac;
+  for (auto [name, single] : {std::pair{"BatchGenerateDataKey", KeyOp::kGenerateDataKey},
+                              std::pair{"BatchDecrypt", KeyOp::kDecrypt},
+                              std::pair{"BatchReEncrypt", KeyOp::kReEncrypt}}) {
+    if (Selected(options.ops, name)) batch_phases.push_back({.name = name, .single = single});
+  }
+  if (options.baselines) {
+    RawHsm raw(static_cast<size_t>(std::max(hsm_threads, kBatchInflight)));
     local("raw PKCS#11 (HMAC+RNG+GCM)", 1, [&](int) { return raw.DataKey(); });
     local("raw PKCS#11 (HMAC+RNG+GCM)", hsm_threads, [&](int) { return raw.DataKey(); });
+    if (cold_keys) {
+      raw_hot =
+          local("raw PKCS#11 (GCM, version cached)", 1, [&](int) { return raw.EncryptHot(); });
+      raw_cold = local("raw PKCS#11 (unwrap + GCM)", 1, [&](int) { return raw.EncryptCold(); });
+      raw_hmac = local("raw PKCS#11 (HMAC)", 1, [&](int) { return raw.Hmac(); });
+    }
+    for (BatchPhase& b : batch_phases) {
+      LocalOperation op;
+      if (b.single == KeyOp::kGenerateDataKey) {
+        b.raw_name = "raw PKCS#11 (RNG+GCM)";
+        op = [&](int) { return raw.DataKeyNoHmac(); };
+      } else if (b.single == KeyOp::kDecrypt) {
+        b.raw_name = "raw PKCS#11 (GCM decrypt)";
+        op = [&](int) { return raw.Decrypt(); };
+      } else {
+        b.raw_name = "raw PKCS#11 (GCM decrypt+encrypt)";
+        op = [&](int) { return raw.ReEncrypt(); };
+      }
+      b.raw_one = local(b.raw_name, 1, op);
+      b.raw_many = local(b.raw_name, kBatchInflight, op);
+    }
   }
 
   // 3. The transport's ceiling.
@@ -435,6 +552,7 @@ int Run(const Options& options) {
   for (int inflight : options.inflight) {
     Phase p{.name = "echo (empty RPC, mTLS)", .server = "echo"};
     p.result = RunCalls(echo_channels.For(inflight), timed(inflight, echo.pid()), ping);
+    p.server_rss_mib = rss_mib(echo.pid());
     echo_at[inflight] = p.result;
     progress(p);
     phases.push_back(std::move(p));
@@ -476,6 +594,7 @@ int Run(const Options& options) {
                 .server = "custosd"};
         const std::optional<CustosdProcess::CommitCounts> before = server.CommitStats();
         p.result = RunCalls(app.For(inflight), timed(inflight, server.pid()), workload);
+        p.server_rss_mib = rss_mib(server.pid());
         const std::optional<CustosdProcess::CommitCounts> after = server.CommitStats();
         if (before && after && after->transactions > before->transactions) {
           p.records_per_fsync = static_cast<double>(after->batches - before->batches) /
@@ -497,6 +616,34 @@ int Run(const Options& options) {
     }
   }
 
+  // A key every cache of custosd misses against the one hot key, GenerateDataKey with the
+  // repeated context: what a miss adds (the key's row read and its MAC checked, its version
+  // unwrapped, its usage row read and a reservation committed) against the raw unwrap.
+  std::vector<std::pair<Phase, Phase>> hot_cold;  // at each in-flight level
+  if (cold_keys) {
+    for (int inflight : options.inflight) {
+      Phase phase[2];
+      for (int cold = 0; cold < 2; ++cold) {
+        Phase& p = phase[cold];
+        p = {.name = cold ? "GenerateDataKey, cold keys" : "GenerateDataKey, hot key",
+             .mix = std::string(ContextMixName(ContextMix::kRepeated)),
+             .server = "custosd"};
+        p.result = RunCalls(app.For(inflight), timed(inflight, server.pid()),
+                            cold ? workloads.ColdKeys() : workloads.HotKey());
+        p.server_rss_mib = rss_mib(server.pid());
+        const LoadResult& e = echo_at[inflight];
+        if (e.calls_per_second > 0)
+          p.echo_calls_ratio = p.result.calls_per_second / e.calls_per_second;
+        progress(p);
+        phases.push_back(p);
+      }
+      hot_cold.emplace_back(phase[0], phase[1]);
+    }
+    std::printf("  %llu cold calls over %zu keys%s\n",
+                static_cast<unsigned long long>(workloads.cold_calls()), key_ids.size(),
+                workloads.cold_calls() > key_ids.size() ? ": keys were used again (warm)" : "");
+  }
+
   // Officers creating keys without grants (no approval needed) side by side, and a database
   // asking for many data keys in one call. A batch phase's calls/s counts calls of 1,000
   // items each.
@@ -514,36 +661,80 @@ int Run(const Options& options) {
     Phase p{.name = "CreateKey (no grants)", .server = "custosd"};
     p.result = RunCalls(officer.For(kCreateKeyInflight), timed(kCreateKeyInflight, server.pid()),
                         creations);
+    p.server_rss_mib = rss_mib(server.pid());
     progress(p);
     phases.push_back(std::move(p));
   }
-  if (Selected(options.ops, "BatchGenerateDataKey")) {
-    pb::BatchGenerateDataKeyRequest batch;
-    for (int i = 0; i < kBatchItems; ++i) {
-      pb::GenerateDataKeyRequest* item = batch.add_items();
-      item->set_key(key_ids.front());
-      (*item->mutable_encryption_context())["table"] = "patients";
-    }
-    grpc::Slice items(batch.SerializeAsString());
-    const grpc::ByteBuffer batch_request(&items, 1);
+  // Each item as its single call with the repeated context would be: a data key under the
+  // first key; a Decrypt or a ReEncrypt (to the blob's own key) of the blobs made beforehand.
+  const std::vector<KeyWorkloads::Blob>& blobs = workloads.Blobs(ContextMix::kRepeated);
+  for (BatchPhase& b : batch_phases) {
+    std::string request;
+    const std::string* method = nullptr;
     Workload batches;
+    if (b.single == KeyOp::kGenerateDataKey) {
+      pb::BatchGenerateDataKeyRequest batch;
+      for (int i = 0; i < kBatchItems; ++i) {
+        pb::GenerateDataKeyRequest* item = batch.add_items();
+        item->set_key(key_ids.front());
+        (*item->mutable_encryption_context())["table"] = "patients";
+      }
+      request = batch.SerializeAsString();
+      method = &kBatchGenerateDataKey;
+      batches.check = [](uint64_t, grpc::ByteBuffer& reply) {
+        return CheckBatch<pb::BatchGenerateDataKeyResponse>(reply);
+      };
+    } else if (b.single == KeyOp::kDecrypt) {
+      pb::BatchDecryptRequest batch;
+      for (size_t i = 0; i < kBatchItems; ++i) {
+        const KeyWorkloads::Blob& blob = blobs[i % blobs.size()];
+        pb::DecryptRequest* item = batch.add_items();
+        item->set_ciphertext_blob(blob.ciphertext);
+        item->mutable_encryption_context()->insert(blob.context.begin(), blob.context.end());
+      }
+      request = batch.SerializeAsString();
+      method = &kBatchDecrypt;
+      batches.check = [](uint64_t, grpc::ByteBuffer& reply) {
+        return CheckBatch<pb::BatchDecryptResponse>(reply);
+      };
+    } else {
+      pb::BatchReEncryptRequest batch;
+      for (size_t i = 0; i < kBatchItems; ++i) {
+        const KeyWorkloads::Blob& blob = blobs[i % blobs.size()];
+        pb::ReEncryptRequest* item = batch.add_items();
+        item->set_ciphertext_blob(blob.ciphertext);
+        item->mutable_source_encryption_context()->insert(blob.context.begin(), blob.context.end());
+        item->mutable_destination_encryption_context()->insert(blob.context.begin(),
+                                                               blob.context.end());
+      }
+      request = batch.SerializeAsString();
+      method = &kBatchReEncrypt;
+      batches.check = [](uint64_t, grpc::ByteBuffer& reply) {
+        return CheckBatch<pb::BatchReEncryptResponse>(reply);
+      };
+    }
+    grpc::Slice slice(request);
+    const grpc::ByteBuffer buffer(&slice, 1);
     batches.next = [&](uint64_t, Call& call) {
-      call.method = &kBatchGenerateDataKey;
-      call.request = batch_request;
+      call.method = method;
+      call.request = buffer;
     };
-    Phase p{.name = "BatchGenerateDataKey x1000",
+    Phase p{.name = b.name + " x" + std::to_string(kBatchItems),
             .mix = std::string(ContextMixName(ContextMix::kRepeated)),
             .server = "custosd"};
     p.result = RunCalls(app.For(kBatchInflight), timed(kBatchInflight, server.pid()), batches);
+    p.server_rss_mib = rss_mib(server.pid());
     progress(p);
-    std::printf("  BatchGenerateDataKey: %.0f data keys/s in batches of %d, %d batches in flight\n",
+    std::printf("  %s: %.0f items/s in batches of %d, %d batches in flight\n", b.name.c_str(),
                 p.result.calls_per_second * kBatchItems, kBatchItems, kBatchInflight);
+    b.result = p.result;
     phases.push_back(std::move(p));
   }
 
   // 5.
-  const LoadResult disk_last =
-      local("disk commit (WAL, FULL), last", 1, [&](int) { return commits.CommitOne(); });
+  const LoadResult disk_last = options.baselines ? local("disk commit (WAL, FULL), last", 1,
+                                                         [&](int) { return commits.CommitOne(); })
+                                                 : LoadResult{};
   const LoadResult& disk =
       disk_first.calls_per_second >= disk_last.calls_per_second ? disk_first : disk_last;
 
@@ -558,6 +749,50 @@ int Run(const Options& options) {
                e.calls_per_second);
     if (p.mix == ContextMixName(ContextMix::kRepeated)) {
       ratios.Add(what + " / disk commit calls/s", p.result.calls_per_second, disk.calls_per_second);
+    }
+  }
+  // A batch item against its single call (the best rate over the in-flight levels run, repeated
+  // context) and against the raw PKCS#11 work of one item; the performance issue asks for at
+  // least the smaller of 3 times the first and 0.8 times the second (at 1 thread).
+  for (const BatchPhase& b : batch_phases) {
+    double single = 0;
+    for (const Phase& p : phases) {
+      if (p.name == KeyOpName(b.single) && p.mix == ContextMixName(ContextMix::kRepeated)) {
+        single = std::max(single, p.result.calls_per_second);
+      }
+    }
+    const double items = b.result.calls_per_second * kBatchItems;
+    const std::string what = b.name + " items/s";
+    if (single > 0) {
+      ratios.Add(absl::StrCat(what, " / ", std::string(KeyOpName(b.single)), " repeated calls/s"),
+                 items, single);
+    }
+    ratios.Add(absl::StrCat(what, " / ", b.raw_name, "@1"), items, b.raw_one.calls_per_second);
+    ratios.Add(absl::StrCat(what, " / ", b.raw_name, "@", kBatchInflight), items,
+               b.raw_many.calls_per_second);
+    if (single > 0) {
+      ratios.Add(what + " / target", items, std::min(3 * single, 0.8 * b.raw_one.calls_per_second));
+    }
+  }
+  // The issue asks a miss to add at most one raw unwrap (same run) plus 30 us.
+  if (!hot_cold.empty() && options.baselines) {
+    const double unwrap_us = raw_cold.p50_us - raw_hot.p50_us;
+    std::printf(
+        "\nraw unwrap (unwrap+GCM p50 - GCM p50, 1 thread): %.1f us; raw HMAC p50 %.1f us\n",
+        unwrap_us, raw_hmac.p50_us);
+    for (const auto& [hot, cold] : hot_cold) {
+      const LoadResult& h = hot.result;
+      const LoadResult& c = cold.result;
+      std::printf(
+          "cold-key miss @%d: p50 +%.0f us, server CPU +%.0f us per call (target: unwrap + 30 "
+          "= %.0f us)\n",
+          c.inflight, c.p50_us - h.p50_us, c.server_cpu_us_per_call - h.server_cpu_us_per_call,
+          unwrap_us + 30);
+      const std::string at = "@" + std::to_string(c.inflight);
+      ratios.Add("cold-key miss" + at + " p50 added / (raw unwrap + 30 us)", c.p50_us - h.p50_us,
+                 unwrap_us + 30);
+      ratios.Add("cold-key miss" + at + " server CPU added / (raw unwrap + 30 us)",
+                 c.server_cpu_us_per_call - h.server_cpu_us_per_call, unwrap_us + 30);
     }
   }
   // More records than replies is possible (a reply lost after the commit); fewer is not.
@@ -642,9 +877,14 @@ int Main(int argc, char** argv) {
                  "creating --keys; each call picks one");
   app.add_option("--ops", options.ops,
                  "phases against custosd to run, by name (GenerateDataKey, Decrypt, CreateKey, "
-                 "BatchGenerateDataKey, ...); default all");
+                 "BatchGenerateDataKey, BatchDecrypt, BatchReEncrypt, ...); default all but "
+                 "ColdKeys, which runs only when named (GenerateDataKey on keys no cache holds, "
+                 "each used once, against the hot key; needs --key-ids with more keys than "
+                 "calls)");
   app.add_option("--mixes", options.mixes,
                  "context mixes to run (repeated, distinct); default both");
+  app.add_flag("!--no-baselines", options.baselines,
+               "skip the disk and raw PKCS#11 phases (and the ratios to them); the echo runs");
   CLI11_PARSE(app, argc, argv);
   return Run(options);
 }

@@ -19,6 +19,7 @@ const std::string kReEncrypt = "/custos.v1.KeyService/ReEncrypt";
 
 constexpr size_t kDataKeyBytes = 32;  // AES_256
 constexpr size_t kEncryptBytes = 1024;
+constexpr size_t kMaxPrebuiltKeys = 100000;
 
 // splitmix64's finaliser: call numbers to well-spread pseudo-random numbers, the same for the
 // same call number (so that Check knows what Next chose).
@@ -103,10 +104,24 @@ KeyWorkloads::KeyWorkloads(std::vector<std::string> key_ids, std::string run_id)
   for (size_t i = 0; i < plaintext_.size(); ++i) {
     plaintext_[i] = static_cast<char>(Mix64(i) & 0xff);
   }
+  // Made once, unless there are so many keys that they would take gigabytes (1 KiB each for
+  // Encrypt): then per call.
+  if (keys_.size() > kMaxPrebuiltKeys) return;
   for (const std::string& key : keys_) {
     data_key_repeated_.push_back(DataKeyRequest(key, ContextMix::kRepeated, ""));
     encrypt_repeated_.push_back(EncryptRequest(key, plaintext_, ContextMix::kRepeated, ""));
   }
+}
+
+grpc::ByteBuffer KeyWorkloads::RepeatedDataKey(size_t key) const {
+  return key < data_key_repeated_.size() ? data_key_repeated_[key]
+                                         : DataKeyRequest(keys_[key], ContextMix::kRepeated, "");
+}
+
+grpc::ByteBuffer KeyWorkloads::RepeatedEncrypt(size_t key) const {
+  return key < encrypt_repeated_.size()
+             ? encrypt_repeated_[key]
+             : EncryptRequest(keys_[key], plaintext_, ContextMix::kRepeated, "");
 }
 
 size_t KeyWorkloads::KeyIndex(uint64_t n) const { return Mix64(n) % keys_.size(); }
@@ -149,6 +164,7 @@ void KeyWorkloads::MakeBlobs(const std::vector<grpc::GenericStub*>& stubs, size_
     Pool& pool = pools_[static_cast<int>(mix)];
     pool.decrypt.clear();
     pool.reencrypt.clear();
+    pool.blobs.clear();
     for (size_t i = 0; i < count; ++i) {
       if (blobs[i].empty()) {
         throw std::runtime_error("cannot make the blobs for Decrypt and ReEncrypt: " + last_error);
@@ -162,6 +178,8 @@ void KeyWorkloads::MakeBlobs(const std::vector<grpc::GenericStub*>& stubs, size_
       SetContext(*reencrypt.mutable_source_encryption_context(), mix, rows[i]);
       SetContext(*reencrypt.mutable_destination_encryption_context(), mix, rows[i]);
       pool.reencrypt.push_back(Serialize(reencrypt));
+      const Context& context = decrypt.encryption_context();
+      pool.blobs.push_back({blobs[i], {context.begin(), context.end()}});
     }
   }
 }
@@ -176,15 +194,14 @@ void KeyWorkloads::Next(KeyOp op, ContextMix mix, uint64_t n, Call& call) {
       call.method =
           op == KeyOp::kGenerateDataKey ? &kGenerateDataKey : &kGenerateDataKeyWithoutPlaintext;
       const size_t key = KeyIndex(n);
-      call.request =
-          repeated ? data_key_repeated_[key] : DataKeyRequest(keys_[key], mix, FreshRow());
+      call.request = repeated ? RepeatedDataKey(key) : DataKeyRequest(keys_[key], mix, FreshRow());
       return;
     }
     case KeyOp::kEncrypt: {
       call.method = &kEncrypt;
       const size_t key = KeyIndex(n);
-      call.request = repeated ? encrypt_repeated_[key]
-                              : EncryptRequest(keys_[key], plaintext_, mix, FreshRow());
+      call.request =
+          repeated ? RepeatedEncrypt(key) : EncryptRequest(keys_[key], plaintext_, mix, FreshRow());
       return;
     }
     case KeyOp::kDecrypt:
@@ -239,6 +256,34 @@ std::string KeyWorkloads::Check(KeyOp op, uint64_t n, grpc::ByteBuffer& reply) c
       break;
   }
   return "unknown operation";
+}
+
+Workload KeyWorkloads::HotKey() {
+  Workload workload;
+  workload.next = [this](uint64_t, Call& call) {
+    call.method = &kGenerateDataKey;
+    call.request = RepeatedDataKey(0);
+  };
+  workload.check = [this](uint64_t n, grpc::ByteBuffer& reply) {
+    return Check(KeyOp::kGenerateDataKey, n, reply);
+  };
+  return workload;
+}
+
+Workload KeyWorkloads::ColdKeys() {
+  Workload workload;
+  workload.next = [this](uint64_t, Call& call) {
+    call.method = &kGenerateDataKey;
+    call.request = RepeatedDataKey(cold_.fetch_add(1) % keys_.size());
+  };
+  workload.check = [this](uint64_t n, grpc::ByteBuffer& reply) {
+    return Check(KeyOp::kGenerateDataKey, n, reply);
+  };
+  return workload;
+}
+
+const std::vector<KeyWorkloads::Blob>& KeyWorkloads::Blobs(ContextMix mix) const {
+  return pools_[static_cast<int>(mix)].blobs;
 }
 
 Workload KeyWorkloads::For(KeyOp op, ContextMix mix) {

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -60,13 +61,32 @@ class KeyWorkloads {
   // outlive its use.
   Workload For(KeyOp op, ContextMix mix);
 
+  // GenerateDataKey with the repeated context on the first key every call (hot), or on the
+  // next key that no earlier cold call of this object used (cold: with enough keys, every call
+  // misses every cache of the server), in the keys' order, round again after the last.
+  Workload HotKey();
+  Workload ColdKeys();
+  // Cold calls started so far; above the number of keys, keys were used again.
+  uint64_t cold_calls() const { return cold_.load(); }
+
+  // The blobs MakeBlobs made for `mix`, and the context each was made under (for batches).
+  struct Blob {
+    std::string ciphertext;
+    std::map<std::string, std::string> context;
+  };
+  const std::vector<Blob>& Blobs(ContextMix mix) const;
+
  private:
   struct Pool {
     std::vector<grpc::ByteBuffer> decrypt;    // DecryptRequest per blob
     std::vector<grpc::ByteBuffer> reencrypt;  // ReEncryptRequest per blob
+    std::vector<Blob> blobs;
   };
 
   size_t KeyIndex(uint64_t n) const;
+  // The repeated mix's GenerateDataKeyRequest (both methods) and EncryptRequest for key `key`.
+  grpc::ByteBuffer RepeatedDataKey(size_t key) const;
+  grpc::ByteBuffer RepeatedEncrypt(size_t key) const;
   // The context of a distinct-mix call that has never been used.
   std::string FreshRow();
   void Next(KeyOp op, ContextMix mix, uint64_t n, Call& call);
@@ -76,7 +96,8 @@ class KeyWorkloads {
   std::string run_id_;
   std::string plaintext_;  // Encrypt's 1 KiB
   std::atomic<uint64_t> fresh_ = 0;
-  // Per key, the repeated mix's requests.
+  std::atomic<uint64_t> cold_ = 0;
+  // Per key, the repeated mix's requests (none past kMaxPrebuiltKeys keys: made per call).
   std::vector<grpc::ByteBuffer> data_key_repeated_;  // GenerateDataKeyRequest (both methods)
   std::vector<grpc::ByteBuffer> encrypt_repeated_;
   Pool pools_[2];  // by ContextMix

@@ -283,6 +283,14 @@ LoadResult RunLocal(const LoadOptions& options, const LocalOperation& op) {
   return Summarise(all, options, options.seconds, cpu);
 }
 
+long ProcessRssKib(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));  // "VmRSS:  1234 kB"
+  }
+  return -1;
+}
+
 double ProcessCpuSeconds(pid_t pid) {
   // The process's CPU clock: nanoseconds, all threads, exited ones included.
   clockid_t clock = 0;

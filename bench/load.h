@@ -94,6 +94,9 @@ LoadResult RunLocal(const LoadOptions& options, const LocalOperation& op);
 // seconds; -1 if it cannot be read (no such process, or not ours).
 double ProcessCpuSeconds(pid_t pid);
 
+// Resident memory (VmRSS) of process `pid` in KiB; -1 if it cannot be read.
+long ProcessRssKib(pid_t pid);
+
 // The name of a gRPC status code ("OK", "RESOURCE_EXHAUSTED", ...).
 std::string StatusCodeName(int code);
 
