@@ -3,6 +3,7 @@
 // Every operation borrows a pooled session and runs once; if the HSM says the session, the
 // login or a handle was lost (token pulled, sessions closed), it drops what is stale and runs
 // once more on a fresh session, so callers see a token that came back as never gone.
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -188,6 +189,7 @@ class Pkcs11Hsm final : public Hsm {
   RootKeys roots_;
   AuditKeys audit_keys_;
   FailureLog failures_{"HSM"};
+  std::atomic<uint64_t> recoveries_{0};  // Recover() calls so far (see RunOnce)
   StallWatch stall_watch_;  // last: stopped first
 };
 
@@ -207,10 +209,15 @@ template <typename T>
 absl::StatusOr<T> Pkcs11Hsm::RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
   for (int attempt = 0;; ++attempt) {
     CUSTOS_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool_->Acquire());
+    const uint64_t recoveries = recoveries_.load();
     absl::StatusOr<T> result = op(lease.handle());
     if (result.ok()) return result;
+    // Threads that meet one disruption together each recover, and a retry can meet the handles
+    // another thread's recovery just cleared: such a retry gets another (up to four attempts).
+    const bool others_recovered = recoveries_.load() != recoveries;
     if (!Recover(result.status(), lease)) return result;
-    if (attempt > 0) {  // Still disrupted (the token is not back yet): worth a later retry.
+    if (attempt > 0 && !(others_recovered && attempt < 3)) {
+      // Still disrupted (the token is not back yet): worth a later retry.
       return absl::UnavailableError(result.status().message());
     }
   }
@@ -228,6 +235,7 @@ bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
   } else {
     return false;
   }
+  ++recoveries_;
   spdlog::warn("HSM {}; recovering with fresh sessions and handles", std::string(error.message()));
   roots_.Reset();
   audit_keys_.Reset();
