@@ -87,6 +87,7 @@ inline void CheckSameKey(const KeyRecord& got, const KeyRecord& want) {
 
 inline std::unique_ptr<KeyStore> OpenStore(const std::string& path) {
   auto store = KeyStore::Open(path);
+  INFO(store.status().ToString());
   REQUIRE(store.ok());
   return std::move(store).value();
 }
