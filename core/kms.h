@@ -382,6 +382,8 @@ class Kms {
   // root is in use when it returns; versions under legacy roots are re-wrapped afterwards, in
   // the background (MigrateRoots), with the request's progress shown by GetRequest.
   absl::StatusOr<Request> RotateRoot(Call& call, Request request);
+  // FAILED_PRECONDITION while a root rotation's re-wrapping is not done.
+  absl::Status NoRootMigrationRunning() const;
   // Starts the background re-wrapping kRootMigrationSetting names, unless it runs already or
   // nothing is named. Called with requests_mu_ held.
   absl::Status ResumeRootMigration();

@@ -62,13 +62,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     if (proposal.operation == Operation::kRotateRootKey ||
         proposal.operation == Operation::kReAnchorAuditLog) {
       if (proposal.operation == Operation::kRotateRootKey) {
-        CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> migrating,
-                                options_.store->GetSetting(kRootMigrationSetting));
-        if (migrating.has_value() && !migrating->empty()) {
-          return absl::FailedPreconditionError(
-              "the last root rotation is still re-wrapping key versions off legacy roots "
-              "(GetRequest shows its progress); propose the next one once it is done");
-        }
+        CUSTOS_RETURN_IF_ERROR(NoRootMigrationRunning());
       }
       CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
       for (const Request& other : pending) {

@@ -116,14 +116,19 @@ bool Kms::MigrationPause(std::chrono::milliseconds delay) {
   return !migration_cv_.wait_for(lock, delay, [this] { return migration_stopping_; });
 }
 
-absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
+absl::Status Kms::NoRootMigrationRunning() const {
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> running,
                           options_.store->GetSetting(kRootMigrationSetting));
   if (running.has_value() && !running->empty()) {
     return absl::FailedPreconditionError(
         "the last root rotation is still re-wrapping key versions off legacy roots (GetRequest "
-        "shows its progress); approve this one once it is done");
+        "shows its progress); the next one waits until it is done");
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
+  CUSTOS_RETURN_IF_ERROR(NoRootMigrationRunning());
   // Roots retired earlier that nothing depends on any more go first.
   CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(request.id));
   Migration migration;

@@ -141,6 +141,21 @@ void AwaitProgress(Fixture& f, const std::string& id, const std::string& text) {
   CHECK_THAT(Progress(f, id), Catch::Contains(text));
 }
 
+// Holds the background work inside its next re-wrap until released.
+struct RewrapGate {
+  explicit RewrapGate(Fixture& f) {
+    f.hsm->BeforeNextCallTo("RewrapKey", [this] {
+      entered.set_value();
+      released.wait();
+    });
+  }
+  void AwaitEntered() { entered.get_future().wait(); }
+  void Release() { release.set_value(); }
+
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+};
+
 constexpr char kMovingTwo[] =
     "root key rotated from 'legacy-root' to 'legacy-root.2'; 2 key versions under legacy roots "
     "are being re-wrapped under it in the background; 0 stay under the confining roots that "
@@ -161,13 +176,7 @@ TEST_CASE(
   absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
   REQUIRE(sealed.ok());
 
-  // The background work is held inside its first re-wrap.
-  std::promise<void> entered, release;
-  std::shared_future<void> released = release.get_future().share();
-  f.hsm->BeforeNextCallTo("RewrapKey", [&] {
-    entered.set_value();
-    released.wait();
-  });
+  RewrapGate gate(f);  // the background work is held inside its first re-wrap
   absl::StatusOr<Request> done = RotateRoot(f);
   INFO(done.status().ToString());
   REQUIRE(done.ok());
@@ -175,7 +184,7 @@ TEST_CASE(
   CHECK(done->reason == kMovingTwo);
   CHECK_THAT(done->progress,
              Catch::StartsWith("re-wrapping key versions off legacy roots under 'legacy-root.2'"));
-  entered.get_future().wait();
+  gate.AwaitEntered();
   CHECK(Progress(f, done->id) ==
         "re-wrapping key versions off legacy roots under 'legacy-root.2': 0 of 2 done");
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "legacy-root.2");
@@ -193,7 +202,7 @@ TEST_CASE(
   CHECK(absl::IsFailedPrecondition(refused.status()));
   CHECK_THAT(std::string(refused.status().message()), Catch::Contains("still re-wrapping"));
 
-  release.set_value();
+  gate.Release();
   const Request finished = Finished(f, done->id);
   CHECK(finished.reason == kMovedTwo);
   for (const KeyRef& key : {a, b}) {
@@ -222,15 +231,10 @@ TEST_CASE("A key rotated while its versions are re-wrapped keeps its new version
   const KeyRef a = f.NewKey("a");
   absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
   REQUIRE(sealed.ok());
-  std::promise<void> entered, release;
-  std::shared_future<void> released = release.get_future().share();
-  f.hsm->BeforeNextCallTo("RewrapKey", [&] {
-    entered.set_value();
-    released.wait();
-  });
+  RewrapGate gate(f);
   absl::StatusOr<Request> done = RotateRoot(f);
   REQUIRE(done.ok());
-  entered.get_future().wait();
+  gate.AwaitEntered();
   // Version 1 is being re-wrapped; an officer rotation adds version 2 (under the new root).
   Proposal rotate;
   rotate.operation = Operation::kRotateKey;
@@ -242,7 +246,7 @@ TEST_CASE("A key rotated while its versions are re-wrapped keeps its new version
   REQUIRE(f.kms->Approve(f.officer3, proposed->id, RequestDigest(*proposed)).ok());
   const KeyRef rotated = *f.store->GetKey(a->id);
   REQUIRE(rotated->versions.size() == 2);
-  release.set_value();
+  gate.Release();
   CHECK(Finished(f, done->id).reason ==
         "root key rotated from 'legacy-root' to 'legacy-root.2'; 1 key versions re-wrapped from "
         "legacy roots; 0 stay under the confining roots that wrapped them");
