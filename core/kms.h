@@ -321,6 +321,8 @@ class Kms {
   // call, maintenance and checkpoints wait. Executing the request records `problem`, signs
   // the log as it stands and keeps that head in the HSM.
   void RequireReAnchoring(std::string problem);
+  // Why the log awaits re-anchoring; empty if it does not (health checks ask).
+  std::string AnchorProblem() const;
   // Seals a catalogue written before rows carried MACs, once (KeyStore::SealCatalog), each row
   // recorded as SealCatalogRow. Returns the number of rows sealed.
   absl::StatusOr<uint64_t> SealCatalog();
@@ -396,8 +398,6 @@ class Kms {
   Request WithProgress(Request request) const;
   // Executes a ReAnchorAuditLog request.
   absl::StatusOr<Request> ReAnchor(Call& call, Request request);
-  // Why the log awaits re-anchoring; empty if it does not.
-  std::string AnchorProblem() const;
   // UNAVAILABLE (saying why) while the log awaits re-anchoring: `operation` must wait.
   absl::Status ServingAllowed(policy::Operation operation) const;
   // Raises the alarm, once per row, for a catalogue row that failed its integrity check

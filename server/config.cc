@@ -188,6 +188,17 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
         "config: server.maintenance_interval_seconds must be 1..3600");
   }
   c.maintenance_interval_seconds = static_cast<int>(maintenance);
+  int64_t health_interval = c.health_interval_ms, probe_timeout = c.health_probe_timeout_ms;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "health_interval_ms", &health_interval));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "health_probe_timeout_ms", &probe_timeout));
+  if (health_interval < 100 || health_interval > 60000) {
+    return absl::InvalidArgumentError("config: server.health_interval_ms must be 100..60000");
+  }
+  if (probe_timeout < 100 || probe_timeout > 60000) {
+    return absl::InvalidArgumentError("config: server.health_probe_timeout_ms must be 100..60000");
+  }
+  c.health_interval_ms = static_cast<int>(health_interval);
+  c.health_probe_timeout_ms = static_cast<int>(probe_timeout);
   int64_t checkpoint_interval = c.checkpoint_interval_seconds;
   int64_t checkpoint_every = static_cast<int64_t>(c.checkpoint_every);
   CUSTOS_RETURN_IF_ERROR(

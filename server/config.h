@@ -59,6 +59,11 @@ struct Config {
   // with one entry per operation name (e.g. RotateKey = 2) overriding the defaults.
   policy::DualControlConfig dual_control = policy::DualControlConfig::Defaults();
   int maintenance_interval_seconds = 60;  // request expiry and due destructions
+  // grpc.health.v1 (server/health.h): the HSM and the key database are probed every
+  // health_interval_ms (100..60000); a probe with no answer within health_probe_timeout_ms
+  // (100..60000) counts as failed, and custosd then answers NOT_SERVING.
+  int health_interval_ms = 1000;
+  int health_probe_timeout_ms = 2000;
 
   // [audit]: a signed checkpoint every checkpoint_interval_seconds, and as soon as
   // checkpoint_every records were added since the last one.

@@ -32,6 +32,7 @@
 #include "policy/dual_control.h"
 #include "policy/policy.h"
 #include "server/config.h"
+#include "server/health.h"
 #include "server/services.h"
 #include "server/tls.h"
 #include "storage/key_store.h"
@@ -349,6 +350,27 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   if (!server || port == 0) {
     return Fail(absl::UnavailableError(StrCat("cannot listen on ", config.listen)));
   }
+  // grpc.health.v1 answers SERVING only while the HSM answers and the database commits; true
+  // from the first answer, since the first round runs before the port is announced.
+  HealthMonitor health(
+      {.interval = std::chrono::milliseconds(config.health_interval_ms),
+       .probe_timeout = std::chrono::milliseconds(config.health_probe_timeout_ms),
+       .probes = {{"HSM", [&hsm] { return (*hsm)->GenerateRandom(1).status(); }},
+                  // Half the deadline for another connection's lock, so that a lock held
+                  // elsewhere is reported as such rather than as no answer.
+                  {"key database",
+                   [&store, &config] {
+                     return (*store)->ProbeCommit(
+                         std::chrono::milliseconds(config.health_probe_timeout_ms / 2));
+                   }}},
+       .refusal = [&kms]() -> std::string {
+         const std::string problem = kms.AnchorProblem();
+         return problem.empty() ? "" : StrCat("the audit log awaits re-anchoring: ", problem);
+       }},
+      server->GetHealthCheckService(),
+      {custos::v1::KeyService::service_full_name(), custos::v1::AdminService::service_full_name(),
+       custos::v1::AuditService::service_full_name()});
+  health.Start();
   if (!port_file.empty()) std::ofstream(port_file) << port << "\n";
   spdlog::info("custosd listening on {} (port {})", config.listen, port);
   if (absl::Status started = kms.RecordServerStart(); !started.ok()) return Fail(started);
@@ -391,7 +413,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                  (*reloaded)->sha256_hex());
   }
   spdlog::info("shutting down");
+  // NOT_SERVING for good, first: Server::Shutdown refuses new calls but leaves the health
+  // statuses as they were, and a balancer watching them should stop sending calls before that.
+  server->GetHealthCheckService()->Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  health.Stop();   // after the drain: a probe hung in the HSM must not hold it up
   runner.reset();  // Shutdown waited for every call to finish: the queue is empty
   refusals.Stop();
   maintenance.Stop();

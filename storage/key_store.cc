@@ -801,6 +801,24 @@ void KeyStore::InjectWriteFault(absl::Status fault) {
   impl_->write_fault_ = std::move(fault);
 }
 
+absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
+  // The connection's busy timeout is the probe's while it runs: a health check must answer
+  // before another connection's lock would let a real commit through.
+  sqlite3_busy_timeout(impl_->db_->handle(), static_cast<int>(busy_timeout.count()));
+  absl::Status committed = [&]() -> absl::Status {
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    // An empty transaction writes nothing; setting a header field, even to its own value,
+    // writes page 1, so the commit takes the disk's space and fsync like any other.
+    CUSTOS_RETURN_IF_ERROR(
+        impl_->db_->Exec(StrCat("PRAGMA user_version = ", impl_->schema_version_).c_str()));
+    return tx->Commit();
+  }();
+  sqlite3_busy_timeout(impl_->db_->handle(), kBusyTimeoutMs);
+  return committed;
+}
+
 absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq,
                                                                size_t limit) const {
   std::lock_guard lock(impl_->db_mu_);

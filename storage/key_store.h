@@ -9,6 +9,7 @@
 // Thread-safe.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -188,6 +189,13 @@ class KeyStore {
   // Fault injection for tests of what fails closed: while `fault` is not OK, every Apply
   // fails with it before writing anything (as a full disk or a failed fsync would).
   void InjectWriteFault(absl::Status fault);
+
+  // Whether the database can commit now, for health checks: one write transaction that
+  // rewrites the schema version with its own value (a page written to the WAL and synced, as
+  // any commit, and nothing of meaning changed: no row, no audit record). Waits at most
+  // `busy_timeout` for another connection's write lock, then UNAVAILABLE, as for a full disk
+  // or an I/O error; the injected write fault, if any. Waits behind a group commit under way.
+  absl::Status ProbeCommit(std::chrono::milliseconds busy_timeout);
 
   // Makes material erased by Apply unrecoverable from the files: checkpoints the WAL into
   // the database (whose freed pages secure_delete has zeroed) and truncates it.

@@ -128,6 +128,8 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.key_cache_capacity == 4096);
   CHECK(c.log_level == "info");
   CHECK(c.maintenance_interval_seconds == 60);
+  CHECK(c.health_interval_ms == 1000);
+  CHECK(c.health_probe_timeout_ms == 2000);
   CHECK(c.checkpoint_interval_seconds == 60);
   CHECK(c.checkpoint_every == 1000);
 
@@ -148,6 +150,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"server", "max_waiting_calls", "100"});
   entries.push_back({"server", "max_message_bytes", "1048576"});
   entries.push_back({"server", "maintenance_interval_seconds", "5"});
+  entries.push_back({"server", "health_interval_ms", "250"});
+  entries.push_back({"server", "health_probe_timeout_ms", "500"});
   entries.push_back({"hsm", "root_key_label", R"("root-2")"});
   entries.push_back({"hsm", "key_cache", "10"});
   entries.push_back({"log", "level", R"("debug")"});
@@ -168,6 +172,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.max_waiting_calls == 100);
   CHECK(c.max_message_bytes == 1048576);
   CHECK(c.maintenance_interval_seconds == 5);
+  CHECK(c.health_interval_ms == 250);
+  CHECK(c.health_probe_timeout_ms == 500);
   CHECK(c.root_key_label == "root-2");
   CHECK(c.key_cache_capacity == 10);
   CHECK(c.log_level == "debug");
@@ -338,6 +344,14 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.max_message_bytes must be 4096..16777216 (16 MiB)");
   RequireRefused(files, Render(Minimal(), "[server]\nmaintenance_interval_seconds = 0\n"),
                  "server.maintenance_interval_seconds must be 1..3600");
+  RequireRefused(files, Render(Minimal(), "[server]\nhealth_interval_ms = 99\n"),
+                 "server.health_interval_ms must be 100..60000");
+  RequireRefused(files, Render(Minimal(), "[server]\nhealth_interval_ms = 60001\n"),
+                 "server.health_interval_ms must be 100..60000");
+  RequireRefused(files, Render(Minimal(), "[server]\nhealth_probe_timeout_ms = 0\n"),
+                 "server.health_probe_timeout_ms must be 100..60000");
+  RequireRefused(files, Render(Minimal(), "[server]\nhealth_probe_timeout_ms = 60001\n"),
+                 "server.health_probe_timeout_ms must be 100..60000");
   RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval_seconds = 0\n"),
                  "audit.checkpoint_interval_seconds must be 1..86400");
   RequireRefused(files, Render(Minimal(), "[audit]\ncheckpoint_interval_seconds = 86401\n"),

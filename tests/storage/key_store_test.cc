@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <fstream>
 #include <set>
 #include <string>
@@ -265,6 +266,36 @@ TEST_CASE("A database from a newer Custos is FAILED_PRECONDITION and left alone"
   CHECK(store.status().code() == absl::StatusCode::kFailedPrecondition);
   CHECK_THAT(std::string(store.status().message()), Catch::Contains("99"));
   CHECK(QueryFile(path, "PRAGMA user_version") == "99");
+}
+
+TEST_CASE("ProbeCommit commits nothing of meaning, and fails while another holds the lock",
+          "[key_store]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  REQUIRE(store->CreateKey(MakeKey(1, "probed")).ok());
+  const std::string before = Snapshot(path);
+  REQUIRE(store->ProbeCommit(std::chrono::milliseconds(100)).ok());
+  CHECK(Snapshot(path) == before);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "5");
+  CHECK(store->GetCommitStats().transactions == 0);  // not counted as a group commit
+
+  // A DBA's session holds the write lock: the probe gives up after its own busy timeout.
+  sqlite3* dba = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &dba, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(dba, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Status locked = store->ProbeCommit(std::chrono::milliseconds(100));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));
+  CHECK(locked.code() == absl::StatusCode::kUnavailable);
+  REQUIRE(sqlite3_exec(dba, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(dba);
+  CHECK(store->ProbeCommit(std::chrono::milliseconds(100)).ok());
+
+  store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(store->ProbeCommit(std::chrono::milliseconds(100)).message() == "disk full");
+  store->InjectWriteFault(absl::OkStatus());
+  CHECK(store->ProbeCommit(std::chrono::milliseconds(100)).ok());
 }
 
 TEST_CASE("Open reports files it cannot use", "[key_store]") {

@@ -1,0 +1,191 @@
+// grpc.health.v1 against the real custosd, over its mutual TLS port: SERVING, for the whole
+// server and each Custos service, only while the HSM answers and the key database can commit;
+// NOT_SERVING while the HSM hangs or fails, while another connection holds the database's write
+// lock, and while the audit log awaits re-anchoring; SERVING again once that ends. Probes run
+// every second by default, so each change is awaited by polling, never by a fixed sleep.
+#include <signal.h>
+#include <sqlite3.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "health.grpc.pb.h"
+#include "tests/e2e/e2e_util.h"
+#include "tests/support/sqlite_file.h"
+
+namespace custos::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using Health = grpc::health::v1::Health;
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+
+constexpr const char* kServices[] = {"", "custos.v1.KeyService", "custos.v1.AdminService",
+                                     "custos.v1.AuditService"};
+
+// What Check answers for `service` to a client holding `client`'s certificate.
+grpc::Status Check(const CustosServer& server, const std::string& service,
+                   HealthCheckResponse* response, const std::string& client = "app") {
+  HealthCheckRequest request;
+  request.set_service(service);
+  return Health::NewStub(server.Channel(client))->Check(Context().get(), request, response);
+}
+
+// True if Check says SERVING (`serving`) or NOT_SERVING (not `serving`) for every Custos
+// service and the whole server.
+bool AllAre(const CustosServer& server, bool serving) {
+  const auto wanted = serving ? HealthCheckResponse::SERVING : HealthCheckResponse::NOT_SERVING;
+  for (const char* service : kServices) {
+    HealthCheckResponse response;
+    if (!Check(server, service, &response).ok() || response.status() != wanted) return false;
+  }
+  return true;
+}
+
+// Polls until every service is SERVING (or NOT_SERVING); REQUIREs it within 20 s.
+void AwaitAll(const CustosServer& server, bool serving) {
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (!AllAre(server, serving) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(100ms);
+  }
+  INFO(server.Log());
+  REQUIRE(AllAre(server, serving));
+}
+
+// Audit records of anything but the auditor's reads of the log.
+size_t RecordsBesideReads(const CustosServer& server) {
+  size_t count = 0;
+  for (const pb::AuditRecord& r : AuditRecords(server)) count += r.action() != "ReadAudit";
+  return count;
+}
+
+grpc::Status GenerateDataKey(const CustosServer& server, const std::string& key) {
+  pb::GenerateDataKeyRequest req;
+  req.set_key(key);
+  pb::GenerateDataKeyResponse reply;
+  return server.Keys("app")->GenerateDataKey(Context().get(), req, &reply);
+}
+
+TEST_CASE("A healthy custosd is SERVING, to clients with a certificate of its CA only",
+          "[e2e][health]") {
+  CustosServer& server = CustosServer::Shared();
+  CHECK(AllAre(server, true));
+  HealthCheckResponse response;
+  CHECK(Check(server, "grpc.health.v1.Health", &response).error_code() ==
+        grpc::StatusCode::NOT_FOUND);
+  // Any principal the CA vouches for may ask, whatever its role: no policy is consulted.
+  CHECK(Check(server, "", &response, "officer1").ok());
+  // The handshake refuses the rest, as for every call on this port.
+  CHECK(Check(server, "", &response, "none").error_code() == grpc::StatusCode::UNAVAILABLE);
+  CHECK(Check(server, "", &response, "other-ca").error_code() == grpc::StatusCode::UNAVAILABLE);
+  // Health checks are not audited (reading the log is: those records are left out).
+  const size_t records = RecordsBesideReads(server);
+  for (int i = 0; i < 20; ++i) REQUIRE(Check(server, "", &response).ok());
+  CHECK(RecordsBesideReads(server) == records);
+}
+
+TEST_CASE("An HSM that hangs or fails is NOT_SERVING until it answers again", "[e2e][health]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  AwaitAll(server, true);
+
+  server.SetFaults("C_GenerateRandom hang\n");
+  AwaitAll(server, false);
+  CHECK_THAT(server.Log(), Catch::Contains("[warning] health: NOT_SERVING: "));
+  CHECK_THAT(server.Log(), Catch::Contains("HSM: no answer to the health probe for "));
+  server.SetFaults("");
+  AwaitAll(server, true);
+  CHECK(Occurrences(server.Log(), "[info] health: SERVING again") == 1);
+
+  server.SetFaults("C_GenerateRandom CKR_DEVICE_ERROR\n");
+  AwaitAll(server, false);
+  CHECK_THAT(server.Log(), Catch::Contains("NOT_SERVING: UNAVAILABLE: HSM: PKCS#11 "));
+  server.SetFaults("");
+  AwaitAll(server, true);
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK(Occurrences(log, "[warning] health: NOT_SERVING: ") == 2);  // once per outage
+  CHECK(Occurrences(log, "[info] health: SERVING again") == 2);
+}
+
+TEST_CASE("A database another connection holds locked is NOT_SERVING until it lets go",
+          "[e2e][health]") {
+  CustosServer server;
+  CreateKey(server, "health/locked", true, true);
+  AwaitAll(server, true);
+
+  // A DBA's session takes the write lock and keeps it.
+  sqlite3* dba = nullptr;
+  REQUIRE(sqlite3_open_v2((server.state_dir() + "/custos.db").c_str(), &dba, SQLITE_OPEN_READWRITE,
+                          nullptr) == SQLITE_OK);
+  sqlite3_busy_timeout(dba, 10000);  // custosd may be committing at that moment
+  REQUIRE(sqlite3_exec(dba, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  AwaitAll(server, false);
+  CHECK_THAT(server.Log(), Catch::Contains("key database: "));
+  CHECK_THAT(server.Log(), Catch::Contains("locked"));
+  REQUIRE(sqlite3_exec(dba, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(dba);
+  AwaitAll(server, true);
+  CHECK(GenerateDataKey(server, "health/locked").ok());
+}
+
+TEST_CASE("An audit log awaiting re-anchoring is NOT_SERVING until officers re-anchor it",
+          "[e2e][health]") {
+  CustosServer server;
+  CreateKey(server, "health/restored", true, true);
+  server.Stop();
+  const std::string db = server.state_dir() + "/custos.db";
+  const std::string backup = server.state_dir() + "/backup.db";
+  REQUIRE(SqlExec(db, "VACUUM INTO '" + backup + "'").empty());
+  server.Start();
+  REQUIRE(GenerateDataKey(server, "health/restored").ok());
+  pb::Checkpoint checkpoint;  // the HSM now holds a head the backup does not reach
+  REQUIRE(pb::AuditService::NewStub(server.Channel("auditor"))
+              ->GetCheckpoint(Context().get(), pb::GetCheckpointRequest(), &checkpoint)
+              .ok());
+  server.Stop();
+  std::filesystem::remove(db + "-wal");
+  std::filesystem::remove(db + "-shm");
+  std::filesystem::copy_file(backup, db, std::filesystem::copy_options::overwrite_existing);
+
+  server.Start({"--allow-re-anchor"});
+  CHECK(AllAre(server, false));  // from the first answer on
+  CHECK_THAT(server.Log(), Catch::Contains("the audit log awaits re-anchoring: "));
+  Output proposed =
+      Ctl(server, "officer1", "propose re-anchor-audit-log --justification 'restored from backup'");
+  INFO(proposed.text);
+  REQUIRE(proposed.exit_code == 0);
+  Output approved = Ctl(server, "officer2",
+                        "approve " + Field(proposed.text, "request_id") + " --digest " +
+                            Field(proposed.text, "digest"));
+  INFO(approved.text);
+  REQUIRE(Field(approved.text, "state") == "EXECUTED");
+  AwaitAll(server, true);
+}
+
+TEST_CASE("A stopping custosd is NOT_SERVING before it stops answering", "[e2e][health]") {
+  CustosServer server;
+  AwaitAll(server, true);
+  HealthCheckRequest request;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 30s);
+  auto watch = Health::NewStub(server.Channel("app"))->Watch(&context, request);
+  HealthCheckResponse response;
+  REQUIRE(watch->Read(&response));
+  CHECK(response.status() == HealthCheckResponse::SERVING);
+  server.Signal(SIGTERM);
+  std::vector<HealthCheckResponse::ServingStatus> seen;
+  while (watch->Read(&response)) seen.push_back(response.status());
+  const grpc::Status ended = watch->Finish();
+  INFO(ended.error_code() << ": " << ended.error_message());
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0] == HealthCheckResponse::NOT_SERVING);
+  server.Stop();
+}
+
+}  // namespace
+}  // namespace custos::testing
