@@ -244,6 +244,16 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
     return absl::InvalidArgumentError("config: server.max_waiting_calls must be 1..1000000");
   }
   c.max_waiting_calls = static_cast<size_t>(max_waiting);
+  for (auto [name, rate] : {std::pair{"rate_limit_per_peer", &c.rate_limit_per_peer},
+                            std::pair{"rate_limit_per_principal", &c.rate_limit_per_principal}}) {
+    int64_t value = *rate;
+    CUSTOS_RETURN_IF_ERROR(settings.Read("server", name, &value));
+    if (value < 0 || value > 1'000'000) {
+      return absl::InvalidArgumentError(
+          StrCat("config: server.", name, " must be 0 (no limit)..1000000 calls a second"));
+    }
+    *rate = static_cast<int>(value);
+  }
   int64_t max_message = static_cast<int64_t>(c.max_message_bytes);
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "max_message_bytes", &max_message));
   if (max_message < 4096 || max_message > int64_t{16} * 1024 * 1024) {

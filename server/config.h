@@ -21,6 +21,11 @@ struct Config {
   // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
   int worker_threads = 16;
   size_t max_waiting_calls = 4096;
+  // Calls a second (bursts of one second's worth) from one peer address and from one
+  // principal; beyond them RESOURCE_EXHAUSTED before the call queues, counted and audited.
+  // 0 = no limit (the default).
+  int rate_limit_per_peer = 0;
+  int rate_limit_per_principal = 0;
   // Larger requests are refused inside gRPC (RESOURCE_EXHAUSTED). Enough for a batch of 1,000
   // Decrypt items with short contexts. Waiting calls hold their parsed requests, which can be
   // several times larger than on the wire (a batch of many empty items): keep

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <optional>
 
 #include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
@@ -320,8 +321,12 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
     return refusals.CountRepeat(record.action, record.principal, record.peer, record.outcome,
                                 reason);
   });
+  std::optional<RateLimiter> per_peer, per_principal;  // off unless configured
+  if (config.rate_limit_per_peer > 0) per_peer.emplace(config.rate_limit_per_peer);
+  if (config.rate_limit_per_principal > 0) per_principal.emplace(config.rate_limit_per_principal);
   auto runner = std::make_unique<CallRunner>(
       &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
+  runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
   AuditServiceImpl audit_service(&kms, &refusals);
@@ -385,9 +390,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                    stats.transactions);
       const CallRunner::Counts calls = runner->counts();
       spdlog::info(
-          "calls: {} waiting now; {} refused (queue full) and {} abandoned by their "
-          "clients before they ran, since start",
-          runner->waiting(), calls.refused, calls.abandoned);
+          "calls: {} waiting now; {} refused (queue full), {} over a rate limit and {} "
+          "abandoned by their clients before they ran, since start",
+          runner->waiting(), calls.refused, calls.rate_limited, calls.abandoned);
       continue;
     }
     if (signal != SIGHUP) break;

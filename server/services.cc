@@ -238,8 +238,34 @@ CallRunner::CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads
                        size_t max_waiting)
     : kms_(kms), refusals_(refusals), queue_(threads, max_waiting) {}
 
+absl::Status CallRunner::RateLimited(grpc::CallbackServerContext& context) {
+  if (per_peer_ != nullptr) {
+    const std::string address = PeerAddress(context.peer());
+    if (!per_peer_->Allow(address)) {
+      return absl::ResourceExhaustedError(
+          StrCat("rate limit: calls from ", address, " exceed ", per_peer_->per_second(),
+                 " a second (server.rate_limit_per_peer); retry with backoff"));
+    }
+  }
+  if (per_principal_ != nullptr) {
+    // Only an authenticated caller has a principal to count; the others are refused anyway.
+    const absl::StatusOr<core::Caller> caller = CallerOf(context);
+    if (caller.ok() && !per_principal_->Allow(caller->principal)) {
+      return absl::ResourceExhaustedError(
+          StrCat("rate limit: calls from principal '", caller->principal, "' exceed ",
+                 per_principal_->per_second(),
+                 " a second (server.rate_limit_per_principal); retry with backoff"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, const char* rpc,
                                           Work work) {
+  if (absl::Status limited = RateLimited(*context); !limited.ok()) {
+    ++rate_limited_;
+    return Refuse(context, rpc, limited);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const bool queued = queue_.TrySubmit([this, context, reactor, rpc, work = std::move(work)] {
     reactor->Finish(Execute(*context, rpc, work));

@@ -18,6 +18,7 @@
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
+#include "server/rate_limiter.h"
 #include "server/refusals.h"
 
 namespace custos::server {
@@ -27,6 +28,14 @@ class CallRunner {
   // `kms` and `refusals` must outlive the runner. `threads` run calls; at most `max_waiting`
   // calls wait for one.
   CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads, size_t max_waiting);
+
+  // Refuses calls beyond a rate per peer address and per principal (either may be null: no
+  // limit), with RESOURCE_EXHAUSTED before they queue, counted by the RefusalRecorder. Set
+  // before serving; the limiters must outlive the runner.
+  void LimitRates(RateLimiter* per_peer, RateLimiter* per_principal) {
+    per_peer_ = per_peer;
+    per_principal_ = per_principal;
+  }
 
   // The use case a call runs once its caller is authenticated; it fills the response.
   using Work = std::function<grpc::Status(core::Kms&, const core::Caller&)>;
@@ -40,20 +49,26 @@ class CallRunner {
                                    const absl::Status& refusal);
 
   struct Counts {
-    uint64_t refused = 0;    // the queue was full
-    uint64_t abandoned = 0;  // cancelled or past their deadline before they ran
+    uint64_t refused = 0;       // the queue was full
+    uint64_t abandoned = 0;     // cancelled or past their deadline before they ran
+    uint64_t rate_limited = 0;  // over server.rate_limit_per_peer or _per_principal
   };
-  Counts counts() const { return {refused_.load(), abandoned_.load()}; }
+  Counts counts() const { return {refused_.load(), abandoned_.load(), rate_limited_.load()}; }
   size_t waiting() const { return queue_.waiting(); }
 
  private:
   grpc::Status Execute(const grpc::CallbackServerContext& context, const char* rpc,
                        const Work& work);
+  // Why `context`'s call is over its rate, or OK.
+  absl::Status RateLimited(grpc::CallbackServerContext& context);
 
   core::Kms* const kms_;
   RefusalRecorder* const refusals_;
   std::atomic<uint64_t> refused_{0};
   std::atomic<uint64_t> abandoned_{0};
+  std::atomic<uint64_t> rate_limited_{0};
+  RateLimiter* per_peer_ = nullptr;       // set before serving
+  RateLimiter* per_principal_ = nullptr;  // set before serving
   WorkQueue queue_;  // last: its destructor runs what waits, which uses the members above
 };
 

@@ -167,6 +167,52 @@ TEST_CASE("Past max_waiting_calls calls are refused at once, logged and audited 
         std::string::npos);
 }
 
+TEST_CASE("A principal over server.rate_limit_per_principal is refused, counted, and others served",
+          "[e2e][serving]") {
+  CustosServer server;
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("serving/rate"), true, false);
+  server.Stop();
+  server.EditConfig("[server]\n", "[server]\nrate_limit_per_principal = 5\n");
+  server.Start();
+  auto app = server.Keys("app");
+  pb::GenerateDataKeyRequest req;
+  req.set_key(key.key_id());
+  std::map<grpc::StatusCode, size_t> codes;
+  std::string refusal;
+  for (int i = 0; i < 20; ++i) {
+    pb::GenerateDataKeyResponse reply;
+    const grpc::Status status = app->GenerateDataKey(Context().get(), req, &reply);
+    ++codes[status.error_code()];
+    if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      refusal = status.error_message();
+    }
+  }
+  INFO(refusal);
+  // A second's worth at once (5), and what refilled while the loop ran.
+  CHECK(codes[grpc::StatusCode::OK] >= 5);
+  CHECK(codes[grpc::StatusCode::OK] <= 8);
+  CHECK(codes[grpc::StatusCode::OK] + codes[grpc::StatusCode::RESOURCE_EXHAUSTED] == 20);
+  CHECK(refusal == "rate limit: calls from principal '" + std::string(kAppPrincipal) +
+                       "' exceed 5 a second (server.rate_limit_per_principal); retry with backoff");
+  // Another principal is not held back by the app's loop.
+  pb::ListKeysResponse keys;
+  CHECK(server.Admin("officer1")->ListKeys(Context().get(), pb::ListKeysRequest(), &keys).ok());
+  // Counted like any refusal before the queue: one tally record, naming the limit.
+  AwaitLine([&] { return server.Log(); }, "calls to GenerateDataKey refused (RESOURCE_EXHAUSTED)");
+  std::vector<pb::AuditRecord> refused;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.outcome() == "RESOURCE_EXHAUSTED") refused.push_back(r);
+  }
+  REQUIRE(refused.size() == 1);
+  CHECK(refused[0].principal() == kAppPrincipal);
+  CHECK(refused[0].detail().find(" calls refused from ") != std::string::npos);
+  CHECK(refused[0].detail().find(": " + refusal) != std::string::npos);
+  // A second later the app is served again.
+  std::this_thread::sleep_for(1100ms);
+  pb::GenerateDataKeyResponse reply;
+  CHECK(app->GenerateDataKey(Context().get(), req, &reply).ok());
+}
+
 TEST_CASE("A call whose client gave up while it waited does no work and leaves no record",
           "[e2e][serving]") {
   CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});

@@ -122,6 +122,8 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.worker_threads == 16);
   CHECK(c.max_message_bytes == 262144);
   CHECK(c.max_waiting_calls == 4096);
+  CHECK(c.rate_limit_per_peer == 0);  // off
+  CHECK(c.rate_limit_per_principal == 0);
   CHECK_FALSE(c.audit_mirror);
   CHECK(c.context_hmac_cache == 65536);
   CHECK(c.root_key_label == "custos-root");
@@ -148,6 +150,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"server", "listen", R"("0.0.0.0:9443")"});
   entries.push_back({"server", "worker_threads", "4"});
   entries.push_back({"server", "max_waiting_calls", "100"});
+  entries.push_back({"server", "rate_limit_per_peer", "500"});
+  entries.push_back({"server", "rate_limit_per_principal", "200"});
   entries.push_back({"server", "max_message_bytes", "1048576"});
   entries.push_back({"server", "maintenance_interval_seconds", "5"});
   entries.push_back({"server", "health_interval_ms", "250"});
@@ -170,6 +174,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.listen == "0.0.0.0:9443");
   CHECK(c.worker_threads == 4);
   CHECK(c.max_waiting_calls == 100);
+  CHECK(c.rate_limit_per_peer == 500);
+  CHECK(c.rate_limit_per_principal == 200);
   CHECK(c.max_message_bytes == 1048576);
   CHECK(c.maintenance_interval_seconds == 5);
   CHECK(c.health_interval_ms == 250);
@@ -334,6 +340,10 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[audit]\ncontext_hmac_cache = -1\n"),
                  "audit.context_hmac_cache must be 0..10000000");
+  RequireRefused(files, Render(Minimal(), "[server]\nrate_limit_per_peer = -1\n"),
+                 "server.rate_limit_per_peer must be 0 (no limit)..1000000 calls a second");
+  RequireRefused(files, Render(Minimal(), "[server]\nrate_limit_per_principal = 1000001\n"),
+                 "server.rate_limit_per_principal must be 0 (no limit)..1000000 calls a second");
   RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 0\n"),
                  "server.max_waiting_calls must be 1..1000000");
   RequireRefused(files, Render(Minimal(), "[server]\nmax_waiting_calls = 1000001\n"),
