@@ -208,22 +208,26 @@ absl::StatusOr<ReEncrypted> Kms::ReEncryptIn(Call& call, const ReEncryptItem& it
   // named), the source's in DecryptBlob, before it decrypts.
   CUSTOS_ASSIGN_OR_RETURN(const ParsedBlob parsed, ParseBlob(item.blob));
   const std::string source_key_id = FormatKeyId(parsed.header.key_id);
+  // The record names the source (as the blob does) and the destination (main key fields),
+  // whichever check refuses the call.
+  call.event().source_key_id = source_key_id;
+  call.event().source_key_version = parsed.header.key_version;
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.destination_key.empty()
                                                                  ? std::string_view(source_key_id)
                                                                  : item.destination_key));
-  // DecryptBlob records the source key; the destination takes the main key fields.
-  std::string destination_id = call.event().key_id;
+  const std::string destination_id = call.event().key_id;
   const uint32_t destination_version = call.event().key_version;
-  CUSTOS_ASSIGN_OR_RETURN(Plaintext source, DecryptBlob(call, item.blob, item.source_context));
-  call.event().source_key_id = std::exchange(call.event().key_id, std::move(destination_id));
-  call.event().source_key_version = std::exchange(call.event().key_version, destination_version);
+  absl::StatusOr<Plaintext> source = DecryptBlob(call, item.blob, item.source_context);
+  call.event().key_id = destination_id;  // DecryptBlob set the source's there
+  call.event().key_version = destination_version;
+  if (!source.ok()) return source.status();
   // The record binds both contexts: "<source hmac>,<destination hmac>".
   CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac,
                           ContextHmac(call.caller().principal, item.destination_context));
   call.event().context_hmac += "," + destination_hmac;
   CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed,
-                          EncryptUnder(*key, source.plaintext.span(), item.destination_context));
-  return ReEncrypted{source.key_id, source.key_version, std::move(sealed)};
+                          EncryptUnder(*key, source->plaintext.span(), item.destination_context));
+  return ReEncrypted{source->key_id, source->key_version, std::move(sealed)};
 }
 
 // Each item runs as a call of its own (authorized, validated, one audit record each, under the

@@ -93,7 +93,11 @@ absl::Status Kms::RunMaintenanceLocked() {
   for (Request& request : pending) {
     if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
   }
-  CUSTOS_RETURN_IF_ERROR(ResumeRootMigration());  // after a restart
+  // After a restart. Its failure (the setting unreadable) must not hold up the rest of the
+  // turn, destructions above all: logged, and tried again next turn.
+  if (absl::Status resumed = ResumeRootMigration(); !resumed.ok()) {
+    spdlog::error("root rotation: cannot resume re-wrapping: {}", resumed.ToString());
+  }
   CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));

@@ -207,9 +207,17 @@ absl::Status Kms::ResumeRootMigration() {
                           options_.store->GetSetting(kRootMigrationSetting));
   if (!stored.has_value() || stored->empty()) return absl::OkStatus();
   CUSTOS_ASSIGN_OR_RETURN(const Migration migration, Migration::Decode(*stored));
+  std::thread finished;  // the last one's thread, done with its work
+  {
+    std::lock_guard lock(migration_mu_);
+    if (migration_stopping_ || migration_running_) return absl::OkStatus();
+    finished = std::move(migration_thread_);
+  }
+  // Joined without migration_mu_, which the thread's last lines take. Every starter holds
+  // requests_mu_, so nothing else starts one meanwhile.
+  if (finished.joinable()) finished.join();
   std::lock_guard lock(migration_mu_);
-  if (migration_stopping_ || migration_running_) return absl::OkStatus();
-  if (migration_thread_.joinable()) migration_thread_.join();  // the last one, finished
+  if (migration_stopping_) return absl::OkStatus();
   migration_running_ = true;
   migration_request_ = migration.request;
   migration_progress_ =
@@ -382,13 +390,21 @@ void Kms::MigrateRoots(const std::string& job) {
       spdlog::info("root rotation {}: {}", request.id, request.reason);
       // Roots that still wrap versions, or cannot be destroyed now, are left to maintenance.
       (void)DestroyRetiredRoots(request.id);
+      // Done, under the request lock that cleared the setting: a rotation approved from now on
+      // starts its own work at once.
+      std::lock_guard done(migration_mu_);
+      migration_running_ = false;
+      migration_request_.clear();
+      migration_progress_.clear();
       return absl::OkStatus();
     });
   }
   std::lock_guard lock(migration_mu_);
-  migration_running_ = false;
-  migration_request_.clear();
-  migration_progress_.clear();
+  if (migration_request_ == migration.request) {  // stopped before the end
+    migration_running_ = false;
+    migration_request_.clear();
+    migration_progress_.clear();
+  }
 }
 
 absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots() const {

@@ -41,6 +41,7 @@ void RefusalRecorder::Stop() {
 bool RefusalRecorder::CountRepeat(std::string_view rpc, std::string principal,
                                   std::string_view peer, absl::StatusCode code,
                                   std::string_view reason) {
+  reason = reason.substr(0, kMaxReasonBytes);
   const auto now = std::chrono::steady_clock::now();
   Key key(std::string(rpc), std::move(principal), PeerAddress(peer), code, std::string(reason));
   std::lock_guard lock(mu_);
@@ -52,12 +53,9 @@ bool RefusalRecorder::CountRepeat(std::string_view rpc, std::string principal,
   }
   if (seen == recorded_.end() && recorded_.size() >= kMaxRecordedKinds) {
     std::erase_if(recorded_, [&](const auto& kind) { return now - kind.second >= interval_; });
-    if (recorded_.size() >= kMaxRecordedKinds) {  // a flood of kinds: one tally for them all
-      std::get<1>(key).clear();
-      std::get<2>(key).assign(1, '*');
-      CountLocked(std::move(key));
-      return true;
-    }
+    // Still full (a flood of distinct refusals): this one is recorded on its own, as before
+    // counting existed; nobody's flood may fold another caller's refusal into a tally.
+    if (recorded_.size() >= kMaxRecordedKinds) return false;
   }
   recorded_.insert_or_assign(std::move(key), now);
   return false;
@@ -65,6 +63,7 @@ bool RefusalRecorder::CountRepeat(std::string_view rpc, std::string principal,
 
 void RefusalRecorder::Refused(std::string_view rpc, std::string principal, std::string_view peer,
                               absl::StatusCode code, std::string_view reason) {
+  reason = reason.substr(0, kMaxReasonBytes);
   Key key(std::string(rpc), std::move(principal), PeerAddress(peer), code, std::string(reason));
   std::lock_guard lock(mu_);
   CountLocked(std::move(key));

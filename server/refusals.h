@@ -29,6 +29,8 @@ class RefusalRecorder {
   static constexpr size_t kMaxTallies = 256;
   static constexpr std::chrono::milliseconds kGather{200};
   static constexpr size_t kMaxRecordedKinds = 1024;  // CountRepeat's memory
+  // Reasons may quote what a caller sent (a key name): kept and compared up to this many bytes.
+  static constexpr size_t kMaxReasonBytes = 256;
 
   // `kms` and `clock` must outlive the recorder.
   RefusalRecorder(core::Kms* kms, const Clock* clock,
@@ -47,7 +49,7 @@ class RefusalRecorder {
   // status, reason) in `interval`, which the caller then records itself; true for the repeats
   // within it, which are counted as Refused() counts (so a client in a retry loop adds one
   // record and then a tally per interval, not one record and fsync per call). With too many
-  // kinds to remember, further ones are repeats, counted under the "*" tally. False once
+  // kinds to remember, a new kind is not remembered (false: recorded on its own). False once
   // stopped.
   bool CountRepeat(std::string_view rpc, std::string principal, std::string_view peer,
                    absl::StatusCode code, std::string_view reason);

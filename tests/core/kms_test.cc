@@ -121,7 +121,14 @@ TEST_CASE("A call refused for its grant costs the HSM nothing", "[kms][authz][hs
   CHECK(absl::IsPermissionDenied(
       f.kms->ReEncrypt(f.app, sealed->ciphertext_blob, {}, "closed", fresh).status()));
   CHECK(f.hsm->calls() == before);
-  const std::vector<audit::Event> events = f.sink.events();
+  // A ReEncrypt refused on its source still names both keys, as the blob and the call do.
+  const KeyRef open = *f.store->FindKeyByAlias("open");
+  CHECK(absl::IsPermissionDenied(f.kms->ReEncrypt(f.app, forged, fresh, "open", {}).status()));
+  CHECK(f.sink.events().back().source_key_id == closed->id);
+  CHECK(f.sink.events().back().key_id == open->id);
+  CHECK(f.hsm->calls() == before);
+  std::vector<audit::Event> events = f.sink.events();
+  events.pop_back();
   REQUIRE(events.size() >= 4);
   for (auto e = events.end() - 4; e != events.end(); ++e) {
     CHECK(e->outcome == absl::StatusCode::kPermissionDenied);
