@@ -356,7 +356,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
     return Fail(absl::UnavailableError(StrCat("cannot listen on ", config.listen)));
   }
   // grpc.health.v1 answers SERVING only while the HSM answers and the database commits; true
-  // from the first answer, since the first round runs before the port is announced.
+  // from the first answer, since the first round runs before the port is announced. Until
+  // then (the port listens already) NOT_SERVING, not gRPC's default SERVING.
+  server->GetHealthCheckService()->SetServingStatus(false);
   HealthMonitor health(
       {.interval = std::chrono::milliseconds(config.health_interval_ms),
        .probe_timeout = std::chrono::milliseconds(config.health_probe_timeout_ms),
