@@ -242,7 +242,8 @@ TEST_CASE("A call whose client gave up while it waited does no work and leaves n
   }
   server.Signal(SIGUSR1);
   AwaitLine([&] { return server.Log(); },
-            "calls: 0 waiting now; 0 refused (queue full) and 1 abandoned by their clients");
+            "calls: 0 waiting now; 0 refused (queue full), 0 over a rate limit and 1 abandoned by "
+            "their clients");
 }
 
 }  // namespace
