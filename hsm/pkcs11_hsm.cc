@@ -190,7 +190,7 @@ class Pkcs11Hsm final : public Hsm {
   AuditKeys audit_keys_;
   FailureLog failures_{"HSM"};
   std::atomic<uint64_t> recoveries_{0};  // Recover() calls so far (see RunOnce)
-  StallWatch stall_watch_;  // last: stopped first
+  StallWatch stall_watch_;               // last: stopped first
 };
 
 template <typename T>
