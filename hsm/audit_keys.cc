@@ -330,7 +330,8 @@ absl::StatusOr<std::string> AuditKeys::PublicKeyPem(CK_SESSION_HANDLE session,
                                                     const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(CheckLabel(label, "a signing key"));
   const Pkcs11Module& module = *pool_->module();
-  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key, FindPrivateKey(session, label));
+  CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE private_key,
+                          Found(Kind::kSigning, label, FindPrivateKey(session, label)));
   CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE public_key, FindPublicKey(session, label, private_key));
   CUSTOS_ASSIGN_OR_RETURN(Bytes encoded, GetBytes(module, session, public_key, CKA_EC_POINT));
   CUSTOS_ASSIGN_OR_RETURN(Bytes point, DecodeEcPoint(encoded, label));
@@ -364,10 +365,25 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::Get(CK_SESSION_HANDLE session, Kind 
     before = generation_;
   }
   absl::StatusOr<CK_OBJECT_HANDLE> found =
-      kind == Kind::kHmac ? FindHmacKey(session, label) : FindPrivateKey(session, label);
+      Found(kind, label,
+            kind == Kind::kHmac ? FindHmacKey(session, label) : FindPrivateKey(session, label));
   if (found.ok()) {
     std::lock_guard lock(mu_);  // Not if a Reset() came meanwhile: the handle may be stale.
     if (generation_ == before) handles_[{kind, label}] = *found;
+  }
+  return found;
+}
+
+absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::Found(Kind kind, const std::string& label,
+                                                  absl::StatusOr<CK_OBJECT_HANDLE> found) {
+  std::lock_guard lock(mu_);
+  if (found.ok()) {
+    found_.insert({kind, label});
+  } else if (absl::IsFailedPrecondition(found.status()) && found_.contains({kind, label})) {
+    // Audit keys are never destroyed: one that was there and is gone went with its token.
+    return TokenLostError("audit key " + Quoted(label) +
+                          " was on the HSM token and is not any more: taken for a token that "
+                          "was removed or lost its store");
   }
   return found;
 }

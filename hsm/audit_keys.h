@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <span>
 #include <string>
 #include <utility>
@@ -70,6 +71,10 @@ class AuditKeys {
   // The handle of the verified HMAC key or private signing key `label`, cached or found.
   absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session, Kind kind,
                                        const std::string& label);
+  // `found` as it is, noting the key as seen if found; TokenLostError instead of
+  // FAILED_PRECONDITION if the key was seen before.
+  absl::StatusOr<CK_OBJECT_HANDLE> Found(Kind kind, const std::string& label,
+                                         absl::StatusOr<CK_OBJECT_HANDLE> found);
   // Finds and verifies, without the cache.
   absl::StatusOr<CK_OBJECT_HANDLE> FindHmacKey(CK_SESSION_HANDLE session, const std::string& label);
   absl::StatusOr<CK_OBJECT_HANDLE> FindPrivateKey(CK_SESSION_HANDLE session,
@@ -89,6 +94,8 @@ class AuditKeys {
 
   std::mutex mu_;  // Guards the fields below; never held while calling the HSM.
   std::map<std::pair<Kind, std::string>, CK_OBJECT_HANDLE> handles_;
+  // Keys found so far, kept across Reset(): one missing later means a lost token.
+  std::set<std::pair<Kind, std::string>> found_;
   uint64_t generation_ = 0;  // Bumped by Reset().
 };
 

@@ -192,6 +192,27 @@ bool IsSessionDead(CK_RV rv) {
   }
 }
 
+bool NeedsReinitialize(CK_RV rv) {
+  switch (rv) {
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_MEMORY:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_SLOT_ID_INVALID:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::Status TokenLostError(std::string_view message) {
+  absl::Status status = absl::UnavailableError(std::string(message));
+  status.SetPayload(kCkrPayloadUrl, absl::Cord(std::to_string(CKR_TOKEN_NOT_PRESENT)));
+  return status;
+}
+
 bool IsLoginLost(CK_RV rv) { return rv == CKR_USER_NOT_LOGGED_IN; }
 
 bool IsHandleStale(CK_RV rv) {

@@ -41,4 +41,14 @@ bool IsLoginLost(CK_RV rv);
 // reinserted and handles were renumbered): cached handles must be found or unwrapped again.
 bool IsHandleStale(CK_RV rv);
 
+// True if the module itself, or its token, may be in a state only re-initialising it cures
+// (device error, token removed or not recognised, slot gone, module not initialised): the
+// recovery ladder's last rung (see Pkcs11Hsm).
+bool NeedsReinitialize(CK_RV rv);
+
+// UNAVAILABLE for a key that the token showed before and does not any more: a token whose
+// store went away under the module (SoftHSM2 then shows an empty token until it is
+// re-initialised). Carries CKR_TOKEN_NOT_PRESENT, so that callers recover as from a removed token.
+absl::Status TokenLostError(std::string_view message);
+
 }  // namespace custos::hsm

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/memory/memory.h"
+#include "hsm/call_executor.h"
 #include "hsm/ck_error.h"
 #include "hsm/p11_object.h"
 #include "hsm/root_key.h"
@@ -24,6 +25,9 @@ struct KeyCache::Session {
   uint64_t generation = 1;
   // Guarded by Core::mu.
   bool borrowed = false;
+  // Used by a call that was set aside (see hsm/call_executor.h): the module may have left it
+  // in any state, so no unwrap is given it again. It lives on only to destroy its objects.
+  bool retired = false;
   // Objects let go of while the session was borrowed, with the generation that made them: the
   // borrower destroys them before giving the session back.
   std::vector<std::pair<CK_OBJECT_HANDLE, uint64_t>> doomed;
@@ -44,7 +48,7 @@ struct KeyCache::Core {
   Session* Borrow() {
     std::lock_guard lock(mu);
     for (const auto& session : sessions) {
-      if (!session->borrowed) {
+      if (!session->borrowed && !session->retired) {
         session->borrowed = true;
         return session.get();
       }
@@ -56,10 +60,12 @@ struct KeyCache::Core {
 
   // Destroys what was let go of meanwhile, then frees `session` for others.
   void GiveBack(Session* session) {
+    const bool set_aside = CallExecutor::SetAside();
     for (;;) {
       std::vector<std::pair<CK_OBJECT_HANDLE, uint64_t>> doomed;
       {
         std::lock_guard lock(mu);
+        if (set_aside) session->retired = true;
         if (session->doomed.empty()) {
           session->borrowed = false;
           return;
@@ -127,7 +133,8 @@ struct KeyCache::Core {
 // An unwrap under way. Its leader (the caller that found no entry and no matching flight)
 // unwraps; callers for the same id, bytes and root wait for `outcome` instead.
 struct KeyCache::Flight {
-  Flight(std::span<const uint8_t> w, CK_OBJECT_HANDLE r) : wrapped(w.begin(), w.end()), root(r) {}
+  Flight(std::span<const uint8_t> w, CK_OBJECT_HANDLE r)
+      : wrapped(w.begin(), w.end()), root(r), started(std::chrono::steady_clock::now()) {}
 
   bool Matches(std::span<const uint8_t> w, CK_OBJECT_HANDLE r) const {
     return root == r && std::equal(wrapped.begin(), wrapped.end(), w.begin(), w.end());
@@ -135,6 +142,7 @@ struct KeyCache::Flight {
 
   const Bytes wrapped;
   const CK_OBJECT_HANDLE root;
+  const std::chrono::steady_clock::time_point started;
   // Guarded by Core::mu. Set once, after the flight left flights_, so a flight in flights_ holds
   // no Ref (dropping it there releases no key).
   std::optional<absl::StatusOr<Ref>> outcome;
@@ -147,13 +155,17 @@ KeyCache::Key::Key(std::shared_ptr<Core> core, Session* session, CK_OBJECT_HANDL
 
 KeyCache::Key::~Key() { core_->Release(session_, handle_, generation_); }
 
-absl::StatusOr<std::unique_ptr<KeyCache>> KeyCache::Create(SessionPool* pool, size_t capacity) {
+absl::StatusOr<std::unique_ptr<KeyCache>> KeyCache::Create(SessionPool* pool, size_t capacity,
+                                                           std::chrono::milliseconds flight_wait) {
   if (capacity == 0) return absl::InvalidArgumentError("HSM key cache capacity must be > 0");
-  return absl::WrapUnique(new KeyCache(pool, capacity));
+  return absl::WrapUnique(new KeyCache(pool, capacity, flight_wait));
 }
 
-KeyCache::KeyCache(SessionPool* pool, size_t capacity)
-    : pool_(pool), capacity_(capacity), core_(std::make_shared<Core>(pool->module())) {}
+KeyCache::KeyCache(SessionPool* pool, size_t capacity, std::chrono::milliseconds flight_wait)
+    : pool_(pool),
+      capacity_(capacity),
+      flight_wait_(flight_wait),
+      core_(std::make_shared<Core>(pool->module())) {}
 
 KeyCache::~KeyCache() = default;
 
@@ -166,7 +178,11 @@ absl::StatusOr<KeyCache::Ref> KeyCache::Get(const std::string& cache_id,
   if (auto it = flights_.find(cache_id);
       it != flights_.end() && it->second->Matches(wrapped, root)) {
     const std::shared_ptr<Flight> flight = it->second;
-    flight->landed.wait(lock, [&] { return flight->outcome.has_value(); });
+    if (!flight->landed.wait_until(lock, flight->started + flight_wait_,
+                                   [&] { return flight->outcome.has_value(); })) {
+      return absl::UnavailableError(
+          "the HSM has not finished unwrapping this key version for another call; retry later");
+    }
     absl::StatusOr<Ref> outcome = *flight->outcome;
     lock.unlock();  // No Ref may go while the lock is held (see Core::mu); `flight` holds one.
     return outcome;
@@ -303,6 +319,20 @@ void KeyCache::ForgetRoot(CK_OBJECT_HANDLE root) {
 void KeyCache::Clear() {
   std::vector<Ref> dropped;  // Released after the lock.
   std::lock_guard lock(core_->mu);
+  flights_.clear();
+  DropAllLocked(&dropped);
+}
+
+void KeyCache::Abandon() {
+  std::vector<Ref> dropped;  // Released after the lock; their sessions' generations are past.
+  std::lock_guard lock(core_->mu);
+  for (const auto& session : core_->sessions) {
+    session->handle = CK_INVALID_HANDLE;
+    ++session->generation;
+    session->doomed.clear();
+    session->retired = false;  // Whatever the module left it in died with the module.
+  }
+  ++core_->epoch;
   flights_.clear();
   DropAllLocked(&dropped);
 }

@@ -33,6 +33,7 @@
 
 #include <p11-kit/pkcs11.h>
 
+#include <chrono>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -72,9 +73,13 @@ class KeyCache {
   };
   using Ref = std::shared_ptr<const Key>;
 
-  // `pool` opens the cache's sessions and must outlive the cache. INVALID_ARGUMENT if
-  // `capacity` is 0.
-  static absl::StatusOr<std::unique_ptr<KeyCache>> Create(SessionPool* pool, size_t capacity);
+  // `pool` opens the cache's sessions and must outlive the cache. A caller waits for another's
+  // unwrap of the same version only until that unwrap has been under way for `flight_wait`;
+  // later callers get UNAVAILABLE at once while it lasts, so that a hung unwrap holds up one
+  // thread, not every caller of that version. INVALID_ARGUMENT if `capacity` is 0.
+  static absl::StatusOr<std::unique_ptr<KeyCache>> Create(
+      SessionPool* pool, size_t capacity,
+      std::chrono::milliseconds flight_wait = std::chrono::seconds(1));
   // No Get may be under way.
   ~KeyCache();
   KeyCache(const KeyCache&) = delete;
@@ -98,6 +103,11 @@ class KeyCache {
   // handles may name nothing, or something else).
   void Clear();
 
+  // The module was finalised: the cache's sessions and every object they made are gone. Drops
+  // every entry and forgets the sessions without calling the module (their handles may name
+  // new sessions once it is initialised again). No Get may be under way.
+  void Abandon();
+
   size_t size() const;
 
  private:
@@ -114,7 +124,7 @@ class KeyCache {
     uint64_t epoch;  // Core::epoch when the C_UnwrapKey that made it began.
   };
 
-  KeyCache(SessionPool* pool, size_t capacity);
+  KeyCache(SessionPool* pool, size_t capacity, std::chrono::milliseconds flight_wait);
   // The four below need core_->mu held. The last two append the references they drop to
   // `dropped`, which the caller releases only after letting go of the lock: releasing takes the
   // lock, and may call into the HSM.
@@ -130,6 +140,7 @@ class KeyCache {
 
   SessionPool* const pool_;
   const size_t capacity_;
+  const std::chrono::milliseconds flight_wait_;
   const std::shared_ptr<Core> core_;
 
   // Guarded by core_->mu, which is never held while calling the HSM.

@@ -3,11 +3,19 @@
 // Every operation borrows a pooled session and runs once; if the HSM says the session, the
 // login or a handle was lost (token pulled, sessions closed), it drops what is stale and runs
 // once more on a fresh session, so callers see a token that came back as never gone.
+//
+// The recovery ladder's last rung: after a device or token error (or a key the token held
+// vanishing with its store), operations answer UNAVAILABLE until the module has been
+// finalised and initialised again. That happens on the next operation that finds no other
+// inside the module (C_Finalize during a call is undefined): it finds the token again by
+// label, logs in, and the handles of the keys and the cache of unwrapped versions are rebuilt
+// as operations need them. Failed attempts are repeated at most every 200 ms.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string_view>
 #include <thread>
 #include <utility>
@@ -17,7 +25,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/failure_log.h"
 #include "hsm/audit_keys.h"
+#include "hsm/call_executor.h"
 #include "hsm/ck_error.h"
+#include "hsm/deadline_hsm.h"
 #include "hsm/key_cache.h"
 #include "hsm/p11_object.h"
 #include "hsm/pkcs11_hsm.h"
@@ -28,6 +38,9 @@
 
 namespace custos::hsm {
 namespace {
+
+// Failed attempts at re-initialising the module are at least this far apart.
+constexpr std::chrono::milliseconds kReinitializeInterval{200};
 
 // RFC 5649 output for a 32-byte key: 8-byte integrity block + the key, padded to 8 bytes.
 constexpr size_t kWrappedAes256Bytes = 40;
@@ -143,7 +156,10 @@ class Pkcs11Hsm final : public Hsm {
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
-  void Forget(const std::string& cache_id) override { cache_->Forget(cache_id); }
+  void Forget(const std::string& cache_id) override {
+    std::shared_lock gate(gate_);  // Dropping a copy may destroy its object in the module.
+    cache_->Forget(cache_id);
+  }
   absl::Status CreateHmacKey(const std::string& label) override;
   absl::StatusOr<Bytes> HmacSha256(const std::string& label,
                                    std::span<const uint8_t> data) override;
@@ -165,6 +181,13 @@ class Pkcs11Hsm final : public Hsm {
   template <typename T>
   absl::StatusOr<T> RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op);
   bool Recover(const absl::Status& error, SessionPool::Lease& lease);
+  // Holds `gate` (shared) for an operation, re-initialising the module first if that is due;
+  // UNAVAILABLE while it is due and cannot be done yet, or fails.
+  absl::Status Enter(std::shared_lock<std::shared_mutex>& gate);
+  // `error` came from the module or token itself: operations stop until it is re-initialised.
+  absl::Status NeedReinitialize(const absl::Status& error);
+  // The ladder's last rung; with gate_ held exclusively.
+  absl::Status Reinitialize();
 
   absl::StatusOr<KeyCache::Ref> Unwrapped(CK_SESSION_HANDLE session, const WrappedKey& key);
   // Wraps `key` (an extractable session object) under `root` with CKM_AES_KEY_WRAP_PAD.
@@ -190,7 +213,13 @@ class Pkcs11Hsm final : public Hsm {
   AuditKeys audit_keys_;
   FailureLog failures_{"HSM"};
   std::atomic<uint64_t> recoveries_{0};  // Recover() calls so far (see RunOnce)
-  StallWatch stall_watch_;               // last: stopped first
+  // Held shared by every operation, exclusively while the module is re-initialised.
+  std::shared_mutex gate_;
+  std::atomic<bool> reinitialize_{false};  // Due: set on a module or token error.
+  std::mutex reinit_mu_;                   // Guards the two below.
+  std::chrono::steady_clock::time_point last_reinit_;
+  absl::Status last_reinit_error_;
+  StallWatch stall_watch_;  // last: stopped first
 };
 
 template <typename T>
@@ -207,20 +236,101 @@ absl::StatusOr<T> Pkcs11Hsm::Run(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_
 
 template <typename T>
 absl::StatusOr<T> Pkcs11Hsm::RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
+  std::shared_lock gate(gate_, std::defer_lock);
+  CUSTOS_RETURN_IF_ERROR(Enter(gate));
+  bool reinitialized = false;
   for (int attempt = 0;; ++attempt) {
-    CUSTOS_ASSIGN_OR_RETURN(SessionPool::Lease lease, pool_->Acquire());
-    const uint64_t recoveries = recoveries_.load();
-    absl::StatusOr<T> result = op(lease.handle());
-    if (result.ok()) return result;
-    // Threads that meet one disruption together each recover, and a retry can meet the handles
-    // another thread's recovery just cleared: such a retry gets another (up to four attempts).
-    const bool others_recovered = recoveries_.load() != recoveries;
-    if (!Recover(result.status(), lease)) return result;
-    if (attempt > 0 && !(others_recovered && attempt < 3)) {
-      // Still disrupted (the token is not back yet): worth a later retry.
-      return absl::UnavailableError(result.status().message());
+    absl::Status failed;  // The module's or token's own failure, after the lease is returned.
+    {
+      absl::StatusOr<SessionPool::Lease> acquired = pool_->Acquire();
+      if (!acquired.ok()) {
+        failed = acquired.status();
+      } else {
+        SessionPool::Lease lease = *std::move(acquired);
+        const uint64_t recoveries = recoveries_.load();
+        absl::StatusOr<T> result = op(lease.handle());
+        if (result.ok()) return result;
+        failed = result.status();
+        if (std::optional<CK_RV> rv = CkrOf(failed); !rv || !NeedsReinitialize(*rv)) {
+          // Threads that meet one disruption together each recover, and a retry can meet the
+          // handles another thread's recovery just cleared: such a retry gets another (up to
+          // four attempts).
+          const bool others_recovered = recoveries_.load() != recoveries;
+          if (!Recover(failed, lease)) return result;
+          if (attempt > 0 && !(others_recovered && attempt < 3)) {
+            // Still disrupted (the token is not back yet): worth a later retry.
+            return absl::UnavailableError(failed.message());
+          }
+          continue;
+        }
+        lease.MarkBroken();
+      }
     }
+    const absl::Status unavailable = NeedReinitialize(failed);
+    if (reinitialized || unavailable.code() != absl::StatusCode::kUnavailable || !CkrOf(failed)) {
+      return unavailable;
+    }
+    // One retry, if this call can re-initialise the module now (no other call is inside it):
+    // a single device error then costs the caller nothing.
+    gate.unlock();
+    if (!Enter(gate).ok()) return unavailable;
+    reinitialized = true;
   }
+}
+
+absl::Status Pkcs11Hsm::NeedReinitialize(const absl::Status& error) {
+  std::optional<CK_RV> rv = CkrOf(error);
+  if (!rv || !NeedsReinitialize(*rv)) return error;
+  if (!reinitialize_.exchange(true)) {
+    spdlog::warn("HSM {}; re-initialising the PKCS#11 module once no call is inside it",
+                 std::string(error.message()));
+  }
+  return absl::UnavailableError(error.message());
+}
+
+absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_mutex>& gate) {
+  if (!reinitialize_.load()) {
+    gate.lock();
+    return absl::OkStatus();
+  }
+  std::unique_lock exclusive(gate_, std::try_to_lock);
+  if (!exclusive.owns_lock()) {
+    return absl::UnavailableError(
+        "the HSM is recovering: the PKCS#11 module is re-initialised once the calls still "
+        "inside it return");
+  }
+  if (reinitialize_.load()) CUSTOS_RETURN_IF_ERROR(Reinitialize());
+  exclusive.unlock();
+  gate.lock();
+  return absl::OkStatus();
+}
+
+absl::Status Pkcs11Hsm::Reinitialize() {
+  std::lock_guard lock(reinit_mu_);
+  // Attempts are spaced out (the module is reloaded each time), but the caller waits out the
+  // rest of the interval rather than fail: the first call after an outage ends succeeds.
+  if (!last_reinit_error_.ok()) {
+    std::this_thread::sleep_until(last_reinit_ + kReinitializeInterval);
+  }
+  last_reinit_ = std::chrono::steady_clock::now();
+  // Everything the module had is about to go: forget it without asking the module.
+  cache_->Abandon();
+  pool_->Abandon();
+  roots_.Reset();
+  audit_keys_.Reset();
+  absl::Status done = pool_->module()->Reinitialize();
+  if (done.ok()) done = pool_->Reconnect();
+  if (!done.ok()) {
+    last_reinit_error_ = absl::UnavailableError(
+        absl::StrCat("the HSM is recovering: re-initialising the PKCS#11 module failed (",
+                     done.message(), "); retrying"));
+    return last_reinit_error_;
+  }
+  last_reinit_error_ = absl::OkStatus();
+  reinitialize_ = false;
+  ++recoveries_;
+  spdlog::info("HSM recovered: PKCS#11 module re-initialised, token found and logged in again");
+  return absl::OkStatus();
 }
 
 bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
@@ -230,8 +340,10 @@ bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
     lease.MarkBroken();
     pool_->DiscardAll();  // Its siblings are most likely dead too.
   } else if (IsLoginLost(*rv) || IsHandleStale(*rv)) {
-    // Some modules report objects hidden by a lost login as invalid handles.
-    if (!pool_->EnsureLoggedIn(lease.handle()).ok()) lease.MarkBroken();
+    // Some modules report objects hidden by a lost login as invalid handles. The retry gets a
+    // fresh session: an operation the failed call began may still be active on this one.
+    lease.MarkBroken();
+    (void)pool_->EnsureLoggedIn(lease.handle());
   } else {
     return false;
   }
@@ -536,12 +648,24 @@ absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
                           Pkcs11Module::Load(options.module_path));
   SessionPool::Options pool_options;
   pool_options.size = options.session_pool_size;
+  pool_options.wait_timeout = options.call_timeout;
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<SessionPool> pool,
                           SessionPool::Create(std::move(module), options.token_label,
                                               std::move(options.pin), pool_options));
-  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<KeyCache> cache,
-                          KeyCache::Create(pool.get(), options.key_cache_capacity));
-  return std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<KeyCache> cache,
+      KeyCache::Create(pool.get(), options.key_cache_capacity, options.call_timeout / 2));
+  SessionPool* const sessions = pool.get();  // Owned by the Hsm, which outlives the executor.
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<CallExecutor> executor,
+      CallExecutor::Create({.threads = options.session_pool_size,
+                            .call_timeout = options.call_timeout,
+                            .max_set_aside = options.max_stuck_calls,
+                            .hang_limit = options.hang_limit,
+                            .on_set_aside = [sessions](int delta) { sessions->AddSpare(delta); },
+                            .on_hang_limit = std::move(options.on_hang_limit)}));
+  return WithDeadlines(std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache)),
+                       std::move(executor));
 }
 
 }  // namespace custos::hsm

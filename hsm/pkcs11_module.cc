@@ -94,6 +94,25 @@ absl::StatusOr<std::shared_ptr<const Pkcs11Module>> Pkcs11Module::Load(const std
   return module;
 }
 
+absl::Status Pkcs11Module::Reinitialize() const {
+  if (!finalize_) {
+    return absl::UnavailableError("PKCS#11 module " + path_ +
+                                  " was initialised by someone else in this process; not "
+                                  "re-initialising it");
+  }
+  std::lock_guard lock(GetRegistry().mu);
+  // Not initialised (an earlier C_Initialize failed) is as good as finalised.
+  const CK_RV finalized = api_->C_Finalize(nullptr);
+  if (finalized != CKR_OK && finalized != CKR_CRYPTOKI_NOT_INITIALIZED) {
+    return CkError("C_Finalize", finalized);
+  }
+  CK_C_INITIALIZE_ARGS args{};
+  args.flags = CKF_OS_LOCKING_OK;
+  const CK_RV rv = api_->C_Initialize(&args);
+  if (rv != CKR_OK && rv != CKR_CRYPTOKI_ALREADY_INITIALIZED) return CkError("C_Initialize", rv);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CK_SLOT_ID> Pkcs11Module::FindSlot(std::string_view token_label) const {
   if (token_label.size() > kTokenLabelBytes) {
     return absl::NotFoundError("token label '" + std::string(token_label) +

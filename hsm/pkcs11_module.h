@@ -41,6 +41,14 @@ class Pkcs11Module {
 
   const std::string& path() const { return path_; }
 
+  // C_Finalize, then C_Initialize: the last rung of recovering from a module or token in a
+  // bad state (slots are scanned and tokens loaded again). Every session of the process, and
+  // every object those sessions made, is gone afterwards; no call may be under way meanwhile
+  // (C_Finalize during a call is undefined), in this or any other user of the module in the
+  // process. UNAVAILABLE if the module was initialised by someone else (not ours to finalise);
+  // otherwise C_Finalize's or C_Initialize's error.
+  absl::Status Reinitialize() const;
+
   // The slot holding the initialised token labelled `token_label` (labels are compared after
   // space-padding to 32 bytes, as tokens store them). NOT_FOUND if no token has that label;
   // FAILED_PRECONDITION if several do.

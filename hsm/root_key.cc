@@ -136,8 +136,14 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
   // Only now: a lookup that found the key before it was destroyed must not cache its handle.
   std::lock_guard lock(mu_);
   handles_.erase(label);
+  found_.erase(label);
   ++generation_;
   return root;
+}
+
+bool RootKeys::WasFound(const std::string& label) {
+  std::lock_guard lock(mu_);
+  return found_.contains(label);
 }
 
 void RootKeys::Reset() {
@@ -175,6 +181,11 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Verify(CK_SESSION_HANDLE session,
                                                   const std::string& label,
                                                   const std::vector<CK_OBJECT_HANDLE>& found) {
   if (found.empty()) {
+    if (WasFound(label)) {
+      return TokenLostError("root key '" + label +
+                            "' was on the HSM token and is not any more: taken for a token that "
+                            "was removed or lost its store");
+    }
     CUSTOS_RETURN_IF_ERROR(RefusePublic(session, label));
     return absl::FailedPreconditionError(Missing(label));
   }
@@ -225,7 +236,9 @@ absl::StatusOr<bool> RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const 
 
 void RootKeys::Remember(const std::string& label, Entry entry, uint64_t generation) {
   std::lock_guard lock(mu_);
-  if (generation == generation_) handles_[label] = entry;
+  if (generation != generation_) return;
+  handles_[label] = entry;
+  found_.insert(label);
 }
 
 uint64_t RootKeys::generation() {

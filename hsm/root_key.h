@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,8 @@ class RootKeys {
   // The handle of root key `label`. INVALID_ARGUMENT if `label` is empty; FAILED_PRECONDITION
   // if the token has no private key so labelled, several, only a public one, or one whose
   // attributes would let its value out or allow more than wrapping and unwrapping (the message
-  // names the label and the offending attribute).
+  // names the label and the offending attribute). UNAVAILABLE (TokenLostError) if it has none
+  // but had one before: the token was lost, not the key.
   absl::StatusOr<CK_OBJECT_HANDLE> Get(CK_SESSION_HANDLE session, const std::string& label);
 
   // Like Get(), but always asks the token (a health check must not trust the cached handle).
@@ -101,6 +103,8 @@ class RootKeys {
   // Caches `entry` for `label` unless a Reset() or Destroy() came after `generation`.
   void Remember(const std::string& label, Entry entry, uint64_t generation);
   uint64_t generation();
+  // True if root `label` was found on the token before and not destroyed here since.
+  bool WasFound(const std::string& label);
 
   SessionPool* const pool_;
 
@@ -108,6 +112,9 @@ class RootKeys {
 
   std::mutex mu_;  // Guards the two below; never held while calling the HSM.
   std::map<std::string, Entry> handles_;
+  // Roots found so far, kept across Reset(): one that goes missing later means the token was
+  // lost (UNAVAILABLE, recovered from), not that the root never existed (FAILED_PRECONDITION).
+  std::set<std::string> found_;
   uint64_t generation_ = 0;  // Bumped by Reset() and Destroy().
 };
 

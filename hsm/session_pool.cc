@@ -6,6 +6,7 @@
 
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
+#include "hsm/call_executor.h"
 #include "hsm/ck_error.h"
 
 namespace custos::hsm {
@@ -50,8 +51,10 @@ SessionPool::~SessionPool() {
 
 absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
   std::unique_lock lock(mu_);
-  const bool free = freed_.wait_for(lock, options_.wait_timeout,
-                                    [this] { return !idle_.empty() || leased_ < options_.size; });
+  const bool free = freed_.wait_for(lock, options_.wait_timeout, [this] {
+    return !idle_.empty() ||
+           static_cast<int64_t>(leased_) < static_cast<int64_t>(options_.size) + spare_;
+  });
   if (!free) {
     return absl::UnavailableError(absl::StrCat("no HSM session free after ",
                                                options_.wait_timeout.count(), " ms (pool size ",
@@ -150,6 +153,35 @@ void SessionPool::DiscardAll() {
   for (CK_SESSION_HANDLE session : idle) CloseSession(session);
 }
 
+void SessionPool::AddSpare(int delta) {
+  {
+    std::lock_guard lock(mu_);
+    spare_ += delta;
+  }
+  if (delta > 0) freed_.notify_all();
+}
+
+void SessionPool::Abandon() {
+  std::lock_guard lock(mu_);
+  ++epoch_;
+  idle_.clear();
+}
+
+absl::Status SessionPool::Reconnect() {
+  CUSTOS_ASSIGN_OR_RETURN(CK_SLOT_ID slot, module_->FindSlot(token_label_));
+  {
+    std::lock_guard lock(mu_);
+    slot_ = slot;
+  }
+  CUSTOS_ASSIGN_OR_RETURN(CK_SESSION_HANDLE first, OpenOnSlot(slot));
+  {
+    std::lock_guard lock(mu_);
+    idle_.push_back(first);
+  }
+  freed_.notify_one();
+  return absl::OkStatus();
+}
+
 std::chrono::steady_clock::duration SessionPool::LongestLease() const {
   const auto now = std::chrono::steady_clock::now();
   std::lock_guard lock(mu_);
@@ -164,7 +196,8 @@ void SessionPool::Release(CK_SESSION_HANDLE session, uint64_t epoch, bool broken
     std::lock_guard lock(mu_);
     --leased_;
     leased_since_.erase(session);
-    keep = !broken && epoch == epoch_;
+    // A session whose call was set aside may be in any state the module left it in.
+    keep = !broken && epoch == epoch_ && !CallExecutor::SetAside();
     if (keep) idle_.push_back(session);
   }
   freed_.notify_one();

@@ -93,6 +93,21 @@ class SessionPool {
   // was lost, so that no caller is handed a session from before the loss.
   void DiscardAll();
 
+  // Lets `delta` more (or fewer) sessions be open at once than Options::size: one more for
+  // each call set aside inside the module (see hsm/call_executor.h), whose session stays
+  // leased until the module lets the call go. A session leased by a set-aside call is closed
+  // when it comes back, never handed out again.
+  void AddSpare(int delta);
+
+  // The module was finalised: every session it had is gone with it. Forgets them without
+  // closing them (after C_Initialize their handles may name new sessions); leases still out
+  // (there must be none) would be dropped on return.
+  void Abandon();
+
+  // After the module was initialised again: finds the token by label (its slot may have
+  // changed) and opens and logs in a first session. Errors as Create().
+  absl::Status Reconnect();
+
   // How long the oldest lease still out has been out (zero if none): a call that never
   // returns from the module (PKCS#11 has no timeout) shows here.
   std::chrono::steady_clock::duration LongestLease() const;
@@ -119,6 +134,7 @@ class SessionPool {
   CK_SLOT_ID slot_;  // Found again if the token moves to another slot.
   std::vector<CK_SESSION_HANDLE> idle_;
   size_t leased_ = 0;
+  int64_t spare_ = 0;  // AddSpare(): sessions allowed beyond options_.size.
   std::map<CK_SESSION_HANDLE, std::chrono::steady_clock::time_point> leased_since_;
   uint64_t epoch_ = 0;  // Bumped by DiscardAll(); leases from older epochs are closed.
 };

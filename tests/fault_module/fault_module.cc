@@ -30,7 +30,8 @@
 //     times=M         fire at most M times (default: no limit).
 //   e.g. "C_Encrypt CKR_DEVICE_ERROR after=3 times=1" fails the 4th C_Encrypt, once.
 // Where several rules match a call, each counts it and the first one (in file order) that may
-// fire does. Counts start from zero whenever the file changes: it is checked (stat: inode, size,
+// fire does. Counts start from zero whenever the file changes (not when the module is merely
+// initialised again with the same control file): it is checked (stat: inode, size,
 // mtime in ns) on every call, so writers should replace it atomically (write a temporary file,
 // rename it over the control file), which also guarantees a new inode. Malformed lines are
 // ignored, with an "ignored" line in the log and on stderr.
@@ -395,8 +396,11 @@ class State {
   void ConfigureLocked() {
     configured_ = true;
     const char* control = std::getenv("CUSTOS_FAULT_CONTROL");
-    control_path_ = control ? control : "";
-    loaded_ = false;  // Read the rules afresh, from whichever file this is.
+    const std::string path = control ? control : "";
+    // Another file: read its rules afresh. The same file (a module re-initialised by the code
+    // under test) keeps its rules' counts, so that "times=1" still means once.
+    if (path != control_path_) loaded_ = false;
+    control_path_ = path;
     // Reopened even if the name is the same: the file may have been removed meanwhile.
     if (log_fd_ >= 0) close(log_fd_);
     const char* log = std::getenv("CUSTOS_FAULT_LOG");

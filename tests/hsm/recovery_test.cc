@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -136,6 +137,8 @@ TEST_CASE("busy threads recover together after the sessions vanish") {
   for (int i = 0; i < 3; ++i) versions.push_back(hsm->GenerateWrappedKey(kRoot).value());
   RawToken raw(token);
   std::atomic<int> failures{0};
+  std::mutex mu;
+  std::string failure;  // the last one, for the report
   for (int round = 0; round < 5; ++round) {
     raw.CloseAllSessions();
     std::vector<std::thread> threads;
@@ -147,12 +150,17 @@ TEST_CASE("busy threads recover together after the sessions vanish") {
           auto sealed = hsm->Encrypt(key, AsBytes("burst"), {});
           auto opened = sealed.ok() ? hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {})
                                     : absl::StatusOr<SecureBytes>(sealed.status());
-          if (!opened.ok() || AsString(*opened) != "burst") ++failures;
+          if (!opened.ok() || AsString(*opened) != "burst") {
+            ++failures;
+            std::lock_guard lock(mu);
+            failure = opened.status().ToString();
+          }
         }
       });
     }
     for (auto& thread : threads) thread.join();
   }
+  INFO(failure);
   CHECK(failures == 0);
 }
 

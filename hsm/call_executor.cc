@@ -1,0 +1,170 @@
+#include "hsm/call_executor.h"
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#include "absl/memory/memory.h"
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace custos::hsm {
+
+struct CallExecutor::Task {
+  Task(const char* w, std::function<void()> f) : what(w), fn(std::move(f)) {}
+
+  const char* const what;
+  std::function<void()> fn;  // Run, then cleared, by the executor thread.
+  // Guarded by CallExecutor::mu_.
+  enum class State { kQueued, kRunning, kDone } state = State::kQueued;
+  std::chrono::steady_clock::time_point started;
+  std::condition_variable done;  // Notified when state becomes kDone.
+  // Written under mu_; read lock-free by the thread running the task (SetAside()).
+  std::atomic<bool> set_aside{false};
+};
+
+namespace {
+thread_local const std::atomic<bool>* current_set_aside = nullptr;
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CallExecutor>> CallExecutor::Create(Options options) {
+  if (options.threads == 0) return absl::InvalidArgumentError("HSM threads must be > 0");
+  if (options.call_timeout <= std::chrono::milliseconds(0)) {
+    return absl::InvalidArgumentError("hsm.call_timeout_ms must be > 0");
+  }
+  return absl::WrapUnique(new CallExecutor(std::move(options)));
+}
+
+CallExecutor::CallExecutor(Options options) : options_(std::move(options)) {
+  std::lock_guard lock(mu_);
+  for (size_t i = 0; i < options_.threads; ++i) AddThread();
+  if (options_.hang_limit > std::chrono::milliseconds(0))
+    watcher_ = std::thread([this] { Watch(); });
+}
+
+CallExecutor::~CallExecutor() {
+  std::unique_lock lock(mu_);
+  stopping_ = true;
+  work_.notify_all();
+  // Stuck threads are waited for too: their module calls use what the HSM layer owns. The
+  // watcher keeps watching meanwhile, so a call that never returns still ends in on_hang_limit.
+  idle_.wait(lock, [this] { return live_ == 0; });
+  watcher_stop_ = true;
+  idle_.notify_all();
+  lock.unlock();
+  if (watcher_.joinable()) watcher_.join();
+}
+
+void CallExecutor::AddThread() {
+  ++live_;
+  ++serving_;
+  // Detached: a thread that retires after its set-aside call returned leaves nothing to join;
+  // the destructor waits for live_ to reach zero instead.
+  std::thread([this] { Serve(); }).detach();
+}
+
+bool CallExecutor::SetAside() {
+  return current_set_aside != nullptr && current_set_aside->load(std::memory_order_acquire);
+}
+
+size_t CallExecutor::set_aside() const {
+  std::lock_guard lock(mu_);
+  return set_aside_;
+}
+
+absl::Status CallExecutor::Run(const char* what, std::function<void()> task_fn) {
+  auto task = std::make_shared<Task>(what, std::move(task_fn));
+  std::unique_lock lock(mu_);
+  if (stopping_) return absl::UnavailableError("the HSM layer is shutting down");
+  queue_.push_back(task);
+  work_.notify_one();
+  const auto deadline = std::chrono::steady_clock::now() + options_.call_timeout;
+  if (task->done.wait_until(lock, deadline, [&] { return task->state == Task::State::kDone; })) {
+    return absl::OkStatus();
+  }
+  if (task->state == Task::State::kQueued) {
+    queue_.erase(std::find(queue_.begin(), queue_.end(), task));
+    return absl::UnavailableError(absl::StrCat(
+        "HSM busy: no HSM thread was free for ", what, " within ", options_.call_timeout.count(),
+        " ms (hsm.call_timeout_ms; ", set_aside_, " call(s) stuck in the module)"));
+  }
+  task->set_aside.store(true, std::memory_order_release);
+  ++set_aside_;
+  --serving_;
+  const bool replaced = set_aside_ <= options_.max_set_aside;
+  if (replaced) AddThread();
+  if (options_.on_set_aside) options_.on_set_aside(+1);
+  const size_t stuck = set_aside_;
+  lock.unlock();
+  spdlog::warn(
+      "HSM call {} has not returned within {} ms; answered UNAVAILABLE and set aside "
+      "({} set aside now{})",
+      what, options_.call_timeout.count(), stuck,
+      replaced ? "" : "; at hsm.max_stuck_calls, its thread is not replaced");
+  return absl::UnavailableError(absl::StrCat("the HSM did not answer ", what, " within ",
+                                             options_.call_timeout.count(),
+                                             " ms (hsm.call_timeout_ms); retry later"));
+}
+
+void CallExecutor::Serve() {
+  std::unique_lock lock(mu_);
+  bool serving = true;  // False once retiring after a set-aside call: no longer in serving_.
+  for (;;) {
+    work_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) break;  // Stopping, and nothing left to do.
+    std::shared_ptr<Task> task = std::move(queue_.front());
+    queue_.pop_front();
+    task->state = Task::State::kRunning;
+    task->started = std::chrono::steady_clock::now();
+    running_.push_back(task);
+    lock.unlock();
+    current_set_aside = &task->set_aside;
+    task->fn();
+    task->fn = nullptr;  // What it owned goes now, on this thread, outside the lock.
+    current_set_aside = nullptr;
+    lock.lock();
+    task->state = Task::State::kDone;
+    running_.erase(std::find(running_.begin(), running_.end(), task));
+    task->done.notify_all();
+    if (task->set_aside.load(std::memory_order_relaxed)) {
+      --set_aside_;
+      if (options_.on_set_aside) options_.on_set_aside(-1);
+      spdlog::info("a set-aside HSM call ({}) returned after {} ms", task->what,
+                   std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::steady_clock::now() - task->started)
+                       .count());
+      if (serving_ >= options_.threads) {  // Replaced meanwhile: this thread retires.
+        serving = false;
+        break;
+      }
+      ++serving_;
+    }
+  }
+  if (serving) --serving_;
+  --live_;
+  idle_.notify_all();
+}
+
+void CallExecutor::Watch() {
+  const auto period =
+      std::min<std::chrono::milliseconds>(options_.hang_limit / 4, std::chrono::milliseconds(250));
+  std::unique_lock lock(mu_);
+  while (!idle_.wait_for(lock, period, [this] { return watcher_stop_; })) {
+    if (hang_reported_ || running_.empty()) continue;
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& task : running_) {
+      if (now - task->started < options_.hang_limit) continue;
+      hang_reported_ = true;
+      const std::string message = absl::StrCat(
+          "an HSM call (", task->what, ") has not returned for ",
+          std::chrono::duration_cast<std::chrono::seconds>(now - task->started).count(),
+          " s (hsm.hang_limit_ms); the PKCS#11 module is taken to be hung for good");
+      lock.unlock();
+      if (options_.on_hang_limit) options_.on_hang_limit(message);
+      lock.lock();
+      break;
+    }
+  }
+}
+
+}  // namespace custos::hsm

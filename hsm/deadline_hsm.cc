@@ -1,0 +1,139 @@
+#include "hsm/deadline_hsm.h"
+
+#include <optional>
+#include <utility>
+
+#include "spdlog/spdlog.h"
+
+namespace custos::hsm {
+namespace {
+
+// A WrappedKey whose bytes it owns, for a call that may outlive its caller.
+struct OwnedKey {
+  explicit OwnedKey(const WrappedKey& key)
+      : cache_id(key.cache_id),
+        wrapped(key.wrapped.begin(), key.wrapped.end()),
+        root_key_label(key.root_key_label) {}
+  WrappedKey view() const { return WrappedKey{cache_id, wrapped, root_key_label}; }
+
+  std::string cache_id;
+  Bytes wrapped;
+  std::string root_key_label;
+};
+
+class DeadlineHsm final : public Hsm {
+ public:
+  DeadlineHsm(std::unique_ptr<Hsm> inner, std::unique_ptr<CallExecutor> executor)
+      : inner_(std::move(inner)), executor_(std::move(executor)) {}
+
+  absl::Status CreateRootKey(const std::string& label) override {
+    return CallStatus("CreateRootKey", [=, this] { return inner_->CreateRootKey(label); });
+  }
+  absl::Status CheckRootKey(const std::string& label) override {
+    return CallStatus("CheckRootKey", [=, this] { return inner_->CheckRootKey(label); });
+  }
+  absl::StatusOr<bool> RootKeyConfinesVersions(const std::string& label) override {
+    return Call<bool>("RootKeyConfinesVersions",
+                      [=, this] { return inner_->RootKeyConfinesVersions(label); });
+  }
+  absl::Status DestroyRootKey(const std::string& label) override {
+    return CallStatus("DestroyRootKey", [=, this] { return inner_->DestroyRootKey(label); });
+  }
+  absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override {
+    return Call<Bytes>("GenerateWrappedKey",
+                       [=, this] { return inner_->GenerateWrappedKey(root_key_label); });
+  }
+  absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
+                                  const std::string& new_root_key_label) override {
+    return Call<Bytes>("RewrapKey", [=, this, owned = OwnedKey(key)] {
+      return inner_->RewrapKey(owned.view(), new_root_key_label);
+    });
+  }
+  absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
+                                        std::span<const uint8_t> aad) override {
+    auto in = std::make_shared<const SecureBytes>(plaintext);
+    return Call<GcmCiphertext>(
+        "Encrypt", [this, owned = OwnedKey(key), in, aad = Bytes(aad.begin(), aad.end())] {
+          return inner_->Encrypt(owned.view(), in->span(), aad);
+        });
+  }
+  absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
+                                      std::span<const uint8_t> ciphertext_and_tag,
+                                      std::span<const uint8_t> aad) override {
+    return Call<SecureBytes>("Decrypt",
+                             [this, owned = OwnedKey(key), iv = Bytes(iv.begin(), iv.end()),
+                              in = Bytes(ciphertext_and_tag.begin(), ciphertext_and_tag.end()),
+                              aad = Bytes(aad.begin(), aad.end())] {
+                               return inner_->Decrypt(owned.view(), iv, in, aad);
+                             });
+  }
+  absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override {
+    return Call<SecureBytes>("GenerateRandom", [=, this] { return inner_->GenerateRandom(count); });
+  }
+  void Forget(const std::string& cache_id) override {
+    absl::Status done = CallStatus("Forget", [=, this] {
+      inner_->Forget(cache_id);
+      return absl::OkStatus();
+    });
+    if (!done.ok()) spdlog::warn("dropping a cached key version: {}", done.ToString());
+  }
+  absl::Status CreateHmacKey(const std::string& label) override {
+    return CallStatus("CreateHmacKey", [=, this] { return inner_->CreateHmacKey(label); });
+  }
+  absl::StatusOr<Bytes> HmacSha256(const std::string& label,
+                                   std::span<const uint8_t> data) override {
+    // HMAC inputs are encryption contexts and catalogue rows: kept only as long as the call.
+    auto in = std::make_shared<const SecureBytes>(data);
+    return Call<Bytes>("HmacSha256", [=, this] { return inner_->HmacSha256(label, in->span()); });
+  }
+  absl::Status CreateSigningKey(const std::string& label) override {
+    return CallStatus("CreateSigningKey", [=, this] { return inner_->CreateSigningKey(label); });
+  }
+  absl::StatusOr<Bytes> SignSha256(const std::string& label,
+                                   std::span<const uint8_t> message) override {
+    return Call<Bytes>("SignSha256", [=, this, in = Bytes(message.begin(), message.end())] {
+      return inner_->SignSha256(label, in);
+    });
+  }
+  absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override {
+    return Call<std::string>("PublicKeyPem", [=, this] { return inner_->PublicKeyPem(label); });
+  }
+  absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override {
+    return Call<std::vector<std::string>>("ReadTokenData",
+                                          [=, this] { return inner_->ReadTokenData(label); });
+  }
+  absl::Status WriteTokenData(const std::string& label, std::string_view value) override {
+    return CallStatus("WriteTokenData", [=, this, in = std::string(value)] {
+      return inner_->WriteTokenData(label, in);
+    });
+  }
+
+ private:
+  // Runs `fn` (which owns its inputs) on the executor; its result, or UNAVAILABLE in time.
+  template <typename T, typename Fn>
+  absl::StatusOr<T> Call(const char* what, Fn fn) {
+    // Shared with the task: if it is set aside, the late result is dropped (and wiped, for
+    // SecureBytes) when the task ends, not when the caller leaves.
+    auto result = std::make_shared<std::optional<absl::StatusOr<T>>>();
+    CUSTOS_RETURN_IF_ERROR(executor_->Run(what, [result, fn = std::move(fn)] { *result = fn(); }));
+    return *std::move(*result);
+  }
+  template <typename Fn>
+  absl::Status CallStatus(const char* what, Fn fn) {
+    auto result = std::make_shared<absl::Status>();
+    CUSTOS_RETURN_IF_ERROR(executor_->Run(what, [result, fn = std::move(fn)] { *result = fn(); }));
+    return *result;
+  }
+
+  const std::unique_ptr<Hsm> inner_;
+  const std::unique_ptr<CallExecutor> executor_;  // after inner_: stopped first
+};
+
+}  // namespace
+
+std::unique_ptr<Hsm> WithDeadlines(std::unique_ptr<Hsm> inner,
+                                   std::unique_ptr<CallExecutor> executor) {
+  return std::make_unique<DeadlineHsm>(std::move(inner), std::move(executor));
+}
+
+}  // namespace custos::hsm

@@ -1,0 +1,174 @@
+// CallExecutor: every caller is answered within call_timeout, a call stuck past it is set
+// aside and replaced (up to a bound), a queued call that never got a thread never runs, and a
+// call stuck past hang_limit is reported once. Tasks here block on a latch the test controls,
+// as a PKCS#11 call stuck in the module would.
+#include "hsm/call_executor.h"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace custos::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using hsm::CallExecutor;
+using Clock = std::chrono::steady_clock;
+
+// A gate tasks wait at until the test opens it.
+class Gate {
+ public:
+  void Wait() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [this] { return open_; });
+  }
+  void Open() {
+    std::lock_guard lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+struct Recorder {
+  std::mutex mu;
+  std::vector<int> deltas;
+  std::vector<std::string> hangs;
+};
+
+std::unique_ptr<CallExecutor> Make(size_t threads, size_t max_set_aside, Recorder* recorder,
+                                   std::chrono::milliseconds hang_limit = 0ms) {
+  return CallExecutor::Create({.threads = threads,
+                               .call_timeout = 200ms,
+                               .max_set_aside = max_set_aside,
+                               .hang_limit = hang_limit,
+                               .on_set_aside =
+                                   [recorder](int delta) {
+                                     std::lock_guard lock(recorder->mu);
+                                     recorder->deltas.push_back(delta);
+                                   },
+                               .on_hang_limit =
+                                   [recorder](const std::string& message) {
+                                     std::lock_guard lock(recorder->mu);
+                                     recorder->hangs.push_back(message);
+                                   }})
+      .value();
+}
+
+TEST_CASE("a call that returns in time is answered with what it did", "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(2, 2, &recorder);
+  int result = 0;
+  REQUIRE(executor->Run("Sum", [&] { result = 40 + 2; }).ok());
+  CHECK(result == 42);
+  CHECK_FALSE(CallExecutor::SetAside());  // not an executor thread
+  CHECK(recorder.deltas.empty());
+}
+
+TEST_CASE("a stuck call is answered UNAVAILABLE at its deadline and its thread is replaced",
+          "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(1, 4, &recorder);
+  auto gate = std::make_shared<Gate>();
+  auto saw_set_aside = std::make_shared<std::atomic<int>>(-1);
+
+  const auto start = Clock::now();
+  const absl::Status stuck = executor->Run("C_Encrypt", [gate, saw_set_aside] {
+    gate->Wait();
+    *saw_set_aside = CallExecutor::SetAside() ? 1 : 0;
+  });
+  const auto waited = Clock::now() - start;
+  CHECK(absl::IsUnavailable(stuck));
+  CHECK(stuck.message() ==
+        "the HSM did not answer C_Encrypt within 200 ms (hsm.call_timeout_ms); retry later");
+  CHECK(waited >= 200ms);
+  CHECK(waited < 2s);
+  CHECK(executor->set_aside() == 1);
+
+  // The one thread is stuck, yet the next call is served at once by its replacement.
+  const auto next = Clock::now();
+  bool ran = false;
+  REQUIRE(executor->Run("C_Decrypt", [&] { ran = true; }).ok());
+  CHECK(ran);
+  CHECK(Clock::now() - next < 150ms);
+
+  gate->Open();  // The module lets the stuck call go: it learns it was set aside.
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  CHECK(executor->set_aside() == 0);
+  CHECK(*saw_set_aside == 1);
+  std::lock_guard lock(recorder.mu);
+  CHECK(recorder.deltas == std::vector<int>{+1, -1});
+}
+
+TEST_CASE("past max_set_aside a stuck thread is not replaced, and a queued call never runs",
+          "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(1, 0, &recorder);
+  auto gate = std::make_shared<Gate>();
+  CHECK(absl::IsUnavailable(executor->Run("C_UnwrapKey", [gate] { gate->Wait(); })));
+
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  const absl::Status queued = executor->Run("C_Sign", [ran] { *ran = true; });
+  CHECK(absl::IsUnavailable(queued));
+  CHECK(queued.message() ==
+        "HSM busy: no HSM thread was free for C_Sign within 200 ms (hsm.call_timeout_ms; 1 "
+        "call(s) stuck in the module)");
+  gate->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  // The thread came back and serves again; the call dropped from the queue never ran.
+  bool later = false;
+  REQUIRE(executor->Run("C_Sign", [&] { later = true; }).ok());
+  CHECK(later);
+  CHECK_FALSE(*ran);
+}
+
+TEST_CASE("a call stuck past hang_limit is reported once", "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(2, 2, &recorder, 600ms);
+  auto gate = std::make_shared<Gate>();
+  CHECK(absl::IsUnavailable(executor->Run("C_GenerateRandom", [gate] { gate->Wait(); })));
+  for (int i = 0; i < 400; ++i) {
+    {
+      std::lock_guard lock(recorder.mu);
+      if (!recorder.hangs.empty()) break;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  std::this_thread::sleep_for(600ms);  // and not again
+  {
+    std::lock_guard lock(recorder.mu);
+    REQUIRE(recorder.hangs.size() == 1);
+    CHECK(recorder.hangs[0].rfind("an HSM call (C_GenerateRandom) has not returned for ", 0) == 0);
+    CHECK(recorder.hangs[0].find("(hsm.hang_limit_ms)") != std::string::npos);
+  }
+  gate->Open();
+}
+
+TEST_CASE("many callers at once are all served, each exactly once", "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(3, 2, &recorder);
+  std::atomic<int> runs{0};
+  std::vector<std::future<absl::Status>> callers;
+  for (int i = 0; i < 16; ++i) {
+    callers.push_back(std::async(std::launch::async, [&] {
+      absl::Status status;
+      for (int j = 0; j < 200 && status.ok(); ++j) status = executor->Run("Noop", [&] { ++runs; });
+      return status;
+    }));
+  }
+  for (auto& caller : callers) CHECK(caller.get().ok());
+  CHECK(runs == 16 * 200);
+  CHECK(recorder.deltas.empty());
+}
+
+}  // namespace
+}  // namespace custos::testing

@@ -1,0 +1,159 @@
+// The Hsm that OpenPkcs11Hsm returns answers every call within its call_timeout, whatever the
+// module does, and climbs the recovery ladder by itself: a hung call is set aside while other
+// calls go on; a device error, or a token whose store vanished, makes it re-initialise the
+// module, find the token again and carry on, without being reopened.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <string>
+#include <thread>
+
+#include "tests/hsm/fault_control.h"
+#include "tests/hsm/hsm_test_util.h"
+
+namespace custos::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using hsm::WrappedKey;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+hsm::Pkcs11Options ShimOptions(const SoftHsmToken& token) {
+  hsm::Pkcs11Options options = OptionsFor(token);
+  options.module_path = CUSTOS_FAULT_MODULE_PATH;
+  options.call_timeout = 300ms;
+  options.hang_limit = 0ms;
+  return options;
+}
+
+std::unique_ptr<hsm::Hsm> Open(hsm::Pkcs11Options options) {
+  auto opened = hsm::OpenPkcs11Hsm(std::move(options));
+  REQUIRE(opened.ok());
+  std::unique_ptr<hsm::Hsm> hsm = std::move(opened).value();
+  absl::Status root = hsm->CreateRootKey(kRoot);
+  REQUIRE((root.ok() || absl::IsAlreadyExists(root)));
+  return hsm;
+}
+
+TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls go on",
+          "[deadline]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = Open(ShimOptions(token));
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  const Bytes b = hsm->GenerateWrappedKey(kRoot).value();
+  auto sealed = hsm->Encrypt(WrappedKey{"k/2", b, kRoot}, AsBytes("other key"), {});
+  REQUIRE(sealed.ok());
+
+  control.Set("C_Encrypt hang\n");
+  Finally release([&] { control.Set(""); });
+  const auto start = Clock::now();
+  const auto hung = hsm->Encrypt(WrappedKey{"k/1", a, kRoot}, AsBytes("secret"), {});
+  const auto waited = Clock::now() - start;
+  CHECK(absl::IsUnavailable(hung.status()));
+  CHECK(hung.status().message() ==
+        "the HSM did not answer Encrypt within 300 ms (hsm.call_timeout_ms); retry later");
+  CHECK(waited >= 300ms);
+  CHECK(waited < 3s);
+  REQUIRE(control.WaitFor("hanging C_Encrypt", 1s));
+
+  // Calls that do not need C_Encrypt are served meanwhile, on a fresh thread and session.
+  for (int i = 0; i < 10; ++i) {
+    const auto call = Clock::now();
+    auto opened =
+        hsm->Decrypt(WrappedKey{"k/2", b, kRoot}, sealed->iv, sealed->ciphertext_and_tag, {});
+    REQUIRE(opened.ok());
+    CHECK(AsString(*opened) == "other key");
+    CHECK(hsm->HmacSha256("no-such-hmac-key", AsBytes("x")).status().code() ==
+          absl::StatusCode::kFailedPrecondition);
+    CHECK(Clock::now() - call < 250ms);
+  }
+
+  control.Set("");
+  REQUIRE(control.WaitFor("released C_Encrypt", 2s));
+  auto again = hsm->Encrypt(WrappedKey{"k/1", a, kRoot}, AsBytes("secret"), {});
+  CHECK(again.ok());
+}
+
+TEST_CASE("a device error re-initialises the module, and calls recover at once", "[deadline]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = Open(ShimOptions(token));
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  const WrappedKey key{"k/1", a, kRoot};
+  auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+
+  control.Set("* CKR_DEVICE_ERROR\n");
+  auto failed = hsm->Encrypt(key, AsBytes("during"), {});
+  CHECK(absl::IsUnavailable(failed.status()));
+  // Still failing: every attempt to re-initialise meets the device error too.
+  std::this_thread::sleep_for(250ms);
+  CHECK(absl::IsUnavailable(hsm->CheckRootKey(kRoot)));
+  control.Set("");
+  // The next call past the retry interval re-initialises the module, finds the token again,
+  // logs in and unwraps the version anew.
+  std::this_thread::sleep_for(250ms);
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  INFO(opened.status().ToString());
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "before");
+  CHECK(hsm->CheckRootKey(kRoot).ok());
+}
+
+TEST_CASE("a token whose store vanishes is UNAVAILABLE, never FAILED_PRECONDITION, and comes back",
+          "[deadline]") {
+  SoftHsmToken token;
+  hsm::Pkcs11Options options = OptionsFor(token);
+  options.call_timeout = 2s;
+  auto hsm = Open(std::move(options));
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  const WrappedKey key{"k/1", a, kRoot};
+  auto sealed = hsm->Encrypt(key, AsBytes("before"), {});
+  REQUIRE(sealed.ok());
+  REQUIRE(hsm->CreateHmacKey("custos-test-hmac").ok());
+  REQUIRE(hsm->HmacSha256("custos-test-hmac", AsBytes("row")).ok());
+
+  // The token's folder is moved away, as an operator's mistake or a lost volume would.
+  const fs::path tokens = fs::path(token.dir()) / "tokens";
+  fs::path store;
+  for (const auto& entry : fs::directory_iterator(tokens)) store = entry.path();
+  REQUIRE(!store.empty());
+  const fs::path away = fs::path(token.dir()) / "away";
+  fs::rename(store, away);
+  Finally put_back([&] {
+    if (fs::exists(away)) fs::rename(away, store);
+  });
+
+  for (int i = 0; i < 5; ++i) {
+    INFO("round " << i);
+    const absl::Status check = hsm->CheckRootKey(kRoot);
+    CHECK(absl::IsUnavailable(check));
+    const auto hmac = hsm->HmacSha256("custos-test-hmac", AsBytes("row"));
+    CHECK(absl::IsUnavailable(hmac.status()));
+    const auto gcm = hsm->Encrypt(WrappedKey{"k/1", a, kRoot}, AsBytes("x"), {});
+    CHECK(absl::IsUnavailable(gcm.status()));
+    std::this_thread::sleep_for(100ms);
+  }
+
+  fs::rename(away, store);
+  absl::Status back;
+  for (int i = 0; i < 50; ++i) {
+    back = hsm->CheckRootKey(kRoot);
+    if (back.ok()) break;
+    CHECK(absl::IsUnavailable(back));
+    std::this_thread::sleep_for(50ms);
+  }
+  INFO(back.ToString());
+  REQUIRE(back.ok());
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "before");
+  CHECK(hsm->HmacSha256("custos-test-hmac", AsBytes("row")).ok());
+}
+
+}  // namespace
+}  // namespace custos::testing
