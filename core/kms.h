@@ -347,11 +347,13 @@ class Kms {
   // The same for a stored request (its parameters decoded; 0 if they cannot be).
   int ApprovalsFor(const Request& request) const;
 
+  // The label of the root key new versions are wrapped under now.
+  std::string CurrentRoot() const;
+
  private:
   class Call;
 
   std::shared_ptr<const policy::Policy> CurrentPolicy() const;
-  std::string CurrentRoot() const;
   absl::StatusOr<KeyRef> FindKey(std::string_view key) const;
   // The key named `key_name`, if the caller may encrypt under it now (grant, state).
   absl::StatusOr<KeyRef> KeyForEncryption(Call& call, std::string_view key_name) const;

@@ -262,6 +262,23 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   }
   c.max_message_bytes = static_cast<size_t>(max_message);
   c.key_cache_capacity = static_cast<size_t>(cache);
+  int64_t call_timeout = c.hsm_call_timeout_ms, stuck = c.hsm_max_stuck_calls;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "call_timeout_ms", &call_timeout));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "max_stuck_calls", &stuck));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "hang_limit_ms", &c.hsm_hang_limit_ms));
+  if (call_timeout < 100 || call_timeout > 60000) {
+    return absl::InvalidArgumentError("config: hsm.call_timeout_ms must be 100..60000");
+  }
+  if (stuck < 0 || stuck > 1024) {
+    return absl::InvalidArgumentError("config: hsm.max_stuck_calls must be 0..1024");
+  }
+  if (c.hsm_hang_limit_ms != 0 &&
+      (c.hsm_hang_limit_ms < call_timeout || c.hsm_hang_limit_ms > 86'400'000)) {
+    return absl::InvalidArgumentError(
+        "config: hsm.hang_limit_ms must be 0 (never) or hsm.call_timeout_ms..86400000");
+  }
+  c.hsm_call_timeout_ms = static_cast<int>(call_timeout);
+  c.hsm_max_stuck_calls = static_cast<int>(stuck);
   CUSTOS_RETURN_IF_ERROR(settings.RefuseUnknown("dual_control"));
 
   const fs::path base = fs::absolute(path).parent_path();

@@ -51,6 +51,14 @@ struct Config {
   std::string catalog_hmac_key_label = "custos-catalog-hmac";    // MACs of catalogue rows
   std::string audit_head_label = "custos-audit-head";  // data object: last signed log head
   size_t key_cache_capacity = 4096;
+  // Every HSM call is answered within hsm.call_timeout_ms (100..60000), UNAVAILABLE if the
+  // module has not answered; up to hsm.max_stuck_calls (0..1024) calls stuck inside the module
+  // are replaced by fresh threads and sessions at once; a call still stuck after
+  // hsm.hang_limit_ms (0 = never, else at least call_timeout_ms) makes custosd exit (code 70)
+  // so that its supervisor restarts it. See hsm/call_executor.h.
+  int hsm_call_timeout_ms = 2000;
+  int hsm_max_stuck_calls = 8;
+  int64_t hsm_hang_limit_ms = 60000;
 
   std::string storage_path;
   std::string policy_file;

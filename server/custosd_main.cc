@@ -19,6 +19,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <string_view>
@@ -40,6 +41,9 @@
 
 namespace custos::server {
 namespace {
+
+// Exit status when an HSM call never returned within hsm.hang_limit_ms (EX_SOFTWARE).
+constexpr int kExitHsmHung = 70;
 
 // Secrets pass through this process: it must never write them to a core dump, and nothing
 // else running as the same user may ptrace it.
@@ -128,6 +132,18 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
   options.pin = std::move(pin);
   options.session_pool_size = static_cast<size_t>(config.worker_threads);
   options.key_cache_capacity = config.key_cache_capacity;
+  options.call_timeout = std::chrono::milliseconds(config.hsm_call_timeout_ms);
+  options.max_stuck_calls = static_cast<size_t>(config.hsm_max_stuck_calls);
+  options.hang_limit = std::chrono::milliseconds(config.hsm_hang_limit_ms);
+  options.on_hang_limit = [](const std::string& message) {
+    // Nothing short of a new process gets a thread back from a module that never answers:
+    // exit for the supervisor to restart custosd, without running destructors that would
+    // wait for the stuck call.
+    spdlog::critical("{}; exiting (code {}) so that a supervisor restarts custosd", message,
+                     kExitHsmHung);
+    spdlog::shutdown();
+    std::_Exit(kExitHsmHung);
+  };
   return hsm::OpenPkcs11Hsm(std::move(options));
 }
 
@@ -362,7 +378,14 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   HealthMonitor health(
       {.interval = std::chrono::milliseconds(config.health_interval_ms),
        .probe_timeout = std::chrono::milliseconds(config.health_probe_timeout_ms),
-       .probes = {{"HSM", [&hsm] { return (*hsm)->GenerateRandom(1).status(); }},
+       // The RNG, and the current root looked up on the token rather than through a cached
+       // handle: a token whose store went away (a module may go on serving what it holds in
+       // memory) shows here.
+       .probes = {{"HSM",
+                   [&hsm, &kms] {
+                     CUSTOS_RETURN_IF_ERROR((*hsm)->GenerateRandom(1).status());
+                     return (*hsm)->CheckRootKey(kms.CurrentRoot());
+                   }},
                   // Half the deadline for another connection's lock, so that a lock held
                   // elsewhere is reported as such rather than as no answer.
                   {"key database",
