@@ -13,6 +13,12 @@ std::shared_ptr<const KeyRecord> KeyCache::FindById(std::string_view id) {
   return it == by_id_.end() ? nullptr : Touch(it->second);
 }
 
+std::shared_ptr<const KeyRecord> KeyCache::PeekById(std::string_view id) const {
+  std::lock_guard lock(mu_);
+  auto it = by_id_.find(id);
+  return it == by_id_.end() ? nullptr : *it->second;
+}
+
 std::shared_ptr<const KeyRecord> KeyCache::FindByAlias(std::string_view alias) {
   std::lock_guard lock(mu_);
   auto it = by_alias_.find(alias);

@@ -31,6 +31,9 @@ class KeyCache {
   std::shared_ptr<const KeyRecord> FindById(std::string_view id);
   std::shared_ptr<const KeyRecord> FindByAlias(std::string_view alias);
 
+  // The cached key, or nullptr, leaving the order of use as it is (for a scan).
+  std::shared_ptr<const KeyRecord> PeekById(std::string_view id) const;
+
   // Adds `key`, replacing any cached key with the same id, and evicts the least recently
   // used keys beyond capacity.
   void Put(std::shared_ptr<const KeyRecord> key);
