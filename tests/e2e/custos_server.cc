@@ -146,6 +146,21 @@ CustosServer& CustosServer::Shared() {
 
 bool CustosServer::Alive() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
 
+int CustosServer::WaitForExit(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (pid_ > 0) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      std::remove(dir_.File("port").c_str());
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    if (std::chrono::steady_clock::now() > deadline) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
 std::string CustosServer::Log() const { return ReadFile(dir_.File("custosd.log")); }
 
 std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client) const {

@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +65,9 @@ class CustosServer {
   void Signal(int signal) const;
   // True while the custosd process is running.
   bool Alive() const;
+  // Waits up to `timeout` for custosd to exit by itself; its exit status (128 + signal if a
+  // signal ended it), or -1 if it is still running.
+  int WaitForExit(std::chrono::milliseconds timeout);
   pid_t pid() const { return pid_; }
   int port() const { return port_; }
   // Replaces `from` by `to` in custosd.toml (takes effect at the next start); throws if

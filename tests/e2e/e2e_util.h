@@ -4,8 +4,11 @@
 #include <sys/wait.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstdio>
+#include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "custos/v1/audit_service.grpc.pb.h"
@@ -133,6 +136,15 @@ inline std::vector<pb::AuditRecord> AuditRecords(const CustosServer& server) {
   while (reader->Read(&record)) records.push_back(record);
   REQUIRE(reader->Finish().ok());
   return records;
+}
+
+// Polls a log (custosd's, or the fault module's) until `line` shows; REQUIREs it does.
+inline void AwaitLine(const std::function<std::string()>& log, const std::string& line) {
+  for (int i = 0; i < 300 && log().find(line) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  INFO(log());
+  REQUIRE(log().find(line) != std::string::npos);
 }
 
 // Unique aliases across test cases sharing one server.

@@ -77,20 +77,12 @@ class Burst {
   size_t done_ = 0;
 };
 
-// Polls custosd's log (and the fault module's) until `line` shows; REQUIREs it does.
-void AwaitLine(const std::function<std::string()>& log, const std::string& line) {
-  for (int i = 0; i < 300 && log().find(line) == std::string::npos; ++i) {
-    std::this_thread::sleep_for(50ms);
-  }
-  INFO(log());
-  REQUIRE(log().find(line) != std::string::npos);
-}
-
 // A server with one worker and room for two waiting calls, on the fault module, so that a
-// test can hold the worker with a hung C_Encrypt.
+// test can hold the worker with a hung C_Encrypt (which the HSM layer lets hang for a minute).
 void UseOneWorker(CustosServer& server) {
   server.Stop();
   server.EditConfig("[server]\n", "[server]\nworker_threads = 1\nmax_waiting_calls = 2\n");
+  server.EditConfig("[hsm]\n", "[hsm]\ncall_timeout_ms = 60000\nhang_limit_ms = 0\n");
   server.Start();
 }
 

@@ -1,0 +1,374 @@
+// HSM faults against the real custosd, through the fault-injection PKCS#11 module: each error
+// code a module gives is UNAVAILABLE while it lasts and recovered from when it clears; a token
+// whose store vanishes and comes back is recovered without a restart; a hang of any call the
+// server makes is answered UNAVAILABLE at hsm.call_timeout_ms while everything that does not
+// need that call goes on; a call that never returns makes custosd exit for its supervisor.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/e2e/e2e_util.h"
+#include "tests/support/files.h"
+
+namespace custos::testing {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+// A server on the fault module whose HSM calls time out after half a second.
+void UseShortHsmDeadline(CustosServer& server, const std::string& more = "") {
+  server.Stop();
+  server.EditConfig("[hsm]\n", "[hsm]\ncall_timeout_ms = 500\n" + more);
+  server.Start();
+}
+
+grpc::Status GenerateDataKey(const CustosServer& server, const std::string& key,
+                             const std::string& context_value, pb::GenerateDataKeyResponse* reply) {
+  pb::GenerateDataKeyRequest req;
+  req.set_key(key);
+  (*req.mutable_encryption_context())["record"] = context_value;
+  return server.Keys("app")->GenerateDataKey(Context().get(), req, reply);
+}
+
+grpc::Status Decrypt(const CustosServer& server, const pb::GenerateDataKeyResponse& sealed,
+                     const std::string& context_value) {
+  pb::DecryptRequest req;
+  req.set_ciphertext_blob(sealed.ciphertext_blob());
+  (*req.mutable_encryption_context())["record"] = context_value;
+  pb::DecryptResponse reply;
+  grpc::Status status = server.Keys("app")->Decrypt(Context().get(), req, &reply);
+  if (status.ok() && reply.plaintext() != sealed.plaintext()) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, "wrong plaintext");
+  }
+  return status;
+}
+
+std::string Describe(const grpc::Status& status) {
+  return std::to_string(status.error_code()) + ": " + status.error_message();
+}
+
+TEST_CASE("Each PKCS#11 error is UNAVAILABLE while it lasts, absorbed when brief, recovered after",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/codes"), true, true);
+  pb::GenerateDataKeyResponse sealed;
+  REQUIRE(GenerateDataKey(server, key.key_id(), "r-0", &sealed).ok());
+  const pid_t pid = server.pid();
+
+  for (const std::string code :
+       {"CKR_DEVICE_ERROR", "CKR_SESSION_HANDLE_INVALID", "CKR_SESSION_CLOSED",
+        "CKR_TOKEN_NOT_PRESENT", "CKR_USER_NOT_LOGGED_IN", "CKR_OBJECT_HANDLE_INVALID"}) {
+    INFO(code);
+    pb::GenerateDataKeyResponse reply;
+    // Once: the server recovers inside the call (fresh session, login, handles or module).
+    server.SetFaults("C_Encrypt " + code + " times=1\n");
+    grpc::Status status = GenerateDataKey(server, key.key_id(), "r-1", &reply);
+    INFO(Describe(status));
+    CHECK(status.ok());
+    CHECK(Occurrences(server.FaultLog(), "fired C_Encrypt " + code) == 1);
+
+    // For as long as it lasts: UNAVAILABLE, at once, naming the failure; other calls go on.
+    server.SetFaults("C_Encrypt " + code + "\n");
+    const auto start = Clock::now();
+    status = GenerateDataKey(server, key.key_id(), "r-2", &reply);
+    INFO(Describe(status));
+    CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+    CHECK(status.error_message() == "PKCS#11 C_Encrypt failed: " + code);
+    CHECK(Clock::now() - start < 1s);
+    CHECK(Decrypt(server, sealed, "r-0").ok());
+
+    // Cleared: the next call is served.
+    server.SetFaults("");
+    status = GenerateDataKey(server, key.key_id(), "r-3", &reply);
+    INFO(Describe(status));
+    CHECK(status.ok());
+  }
+  CHECK(server.pid() == pid);
+  CHECK(server.Alive());
+  const std::string log = server.Log();
+  CHECK(log.find("FAILED_PRECONDITION") == std::string::npos);
+  size_t unavailable = 0;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.action() == "GenerateDataKey" && r.outcome() == "UNAVAILABLE") ++unavailable;
+  }
+  CHECK(unavailable == 6);  // one per code: each failed call is audited
+}
+
+TEST_CASE("A token whose store vanishes under load is UNAVAILABLE, then recovered without restart",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/vanish"), true, true);
+  pb::GenerateDataKeyResponse sealed;
+  REQUIRE(GenerateDataKey(server, key.key_id(), "r-0", &sealed).ok());
+  const pid_t pid = server.pid();
+
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::map<std::string, size_t> seen;  // "code: message" of every failure
+  std::vector<std::thread> load;
+  for (int t = 0; t < 4; ++t) {
+    load.emplace_back([&, t] {
+      for (int i = 0; !stop; ++i) {
+        pb::GenerateDataKeyResponse reply;
+        const std::string context = "load-" + std::to_string(t) + "-" + std::to_string(i % 3);
+        grpc::Status status = (t % 2 == 0) ? GenerateDataKey(server, key.key_id(), context, &reply)
+                                           : Decrypt(server, sealed, "r-0");
+        if (!status.ok()) {
+          std::lock_guard lock(mu);
+          ++seen[std::to_string(status.error_code()) + ": " + status.error_message()];
+        }
+        std::this_thread::sleep_for(5ms);
+      }
+    });
+  }
+
+  std::this_thread::sleep_for(300ms);
+  const fs::path tokens = fs::path(server.state_dir()) / "hsm" / "tokens";
+  fs::path store;
+  for (const auto& entry : fs::directory_iterator(tokens)) store = entry.path();
+  REQUIRE(!store.empty());
+  const fs::path away = fs::path(server.state_dir()) / "token-away";
+  fs::rename(store, away);
+  // SoftHSM2 serves what it holds in memory as if nothing happened; the health probe, which
+  // looks the root up on the token, finds it gone and sets off the recovery.
+  AwaitLine([&] { return server.Log(); },
+            "[warning] HSM root key 'custos-root' was on the HSM token and is not any more");
+  std::this_thread::sleep_for(500ms);
+  {
+    // Meanwhile every call needing the HSM is UNAVAILABLE, never FAILED_PRECONDITION.
+    std::lock_guard lock(mu);
+    size_t failures = 0;
+    for (const auto& [what, count] : seen) {
+      INFO(what);
+      CHECK(what.rfind(std::to_string(grpc::StatusCode::UNAVAILABLE) + ": ", 0) == 0);
+      failures += count;
+    }
+    CHECK(failures > 0);
+  }
+  fs::rename(away, store);
+  // Back: served again within a few seconds, by the same process.
+  const auto back = Clock::now();
+  grpc::Status status;
+  pb::GenerateDataKeyResponse reply;
+  do {
+    std::this_thread::sleep_for(100ms);
+    status = GenerateDataKey(server, key.key_id(), "after", &reply);
+  } while (!status.ok() && Clock::now() - back < 10s);
+  stop = true;
+  for (std::thread& t : load) t.join();
+  INFO(Describe(status));
+  REQUIRE(status.ok());
+  CHECK(Decrypt(server, sealed, "r-0").ok());
+  CHECK(server.pid() == pid);
+  CHECK(server.Alive());
+  for (const auto& [what, count] : seen) {
+    INFO(what);
+    CHECK(what.rfind(std::to_string(grpc::StatusCode::UNAVAILABLE) + ": ", 0) == 0);
+  }
+  const std::string log = server.Log();
+  CHECK(log.find("FAILED_PRECONDITION") == std::string::npos);
+  CHECK(log.find("HSM recovered: PKCS#11 module re-initialised") != std::string::npos);
+}
+
+// One call the server makes, and a client call that makes it.
+struct HungCall {
+  std::string function;
+  std::function<grpc::Status()> call;
+  bool warm_data_path_unaffected;  // GenerateDataKey on a warm key with a known context goes on
+};
+
+TEST_CASE("A hang of any PKCS#11 call is answered UNAVAILABLE at hsm.call_timeout_ms",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata warm = CreateKey(server, UniqueAlias("fault/warm"), true, true);
+  pb::GenerateDataKeyResponse sealed;
+  REQUIRE(GenerateDataKey(server, warm.key_id(), "known", &sealed).ok());
+  std::vector<std::string> cold;  // keys never used yet: their first use unwraps
+  for (int i = 0; i < 2; ++i) {
+    cold.push_back(CreateKey(server, UniqueAlias("fault/cold"), true, true).key_id());
+  }
+  int fresh = 0;  // contexts never used yet: their audit HMAC is computed in the HSM
+  int created = 0;
+  std::vector<std::string> never_created;
+  auto gdk = [&](const std::string& key, const std::string& context) {
+    pb::GenerateDataKeyResponse reply;
+    return GenerateDataKey(server, key, context, &reply);
+  };
+  auto create = [&] {
+    pb::CreateKeyRequest req;
+    req.set_alias("e2e/fault/created-" + std::to_string(++created));
+    req.set_description("created while the HSM hangs");
+    pb::KeyMetadata key;
+    grpc::Status status = server.Admin("officer1")->CreateKey(Context().get(), req, &key);
+    if (!status.ok()) never_created.push_back(req.alias());
+    return status;
+  };
+  size_t next_cold = 0;
+  const std::vector<HungCall> calls = {
+      {"C_GenerateRandom", [&] { return gdk(warm.key_id(), "known"); }, false},
+      {"C_EncryptInit", [&] { return gdk(warm.key_id(), "known"); }, false},
+      {"C_Encrypt", [&] { return gdk(warm.key_id(), "known"); }, false},
+      {"C_DecryptInit", [&] { return Decrypt(server, sealed, "known"); }, true},
+      {"C_Decrypt", [&] { return Decrypt(server, sealed, "known"); }, true},
+      {"C_SignInit", [&] { return gdk(warm.key_id(), "fresh-" + std::to_string(++fresh)); }, false},
+      {"C_Sign", [&] { return gdk(warm.key_id(), "fresh-" + std::to_string(++fresh)); }, false},
+      {"C_UnwrapKey", [&] { return gdk(cold[next_cold++], "known"); }, true},
+      {"C_GenerateKey", create, true},
+      {"C_WrapKey", create, true},
+  };
+  for (const HungCall& hung : calls) {
+    INFO(hung.function);
+    server.SetFaults(hung.function + " hang\n");
+    const auto start = Clock::now();
+    const grpc::Status status = hung.call();
+    const auto waited = Clock::now() - start;
+    INFO(Describe(status));
+    CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+    CHECK(status.error_message().find("within 500 ms (hsm.call_timeout_ms); retry later") !=
+          std::string::npos);
+    CHECK(waited >= 500ms);
+    CHECK(waited < 2500ms);
+    CHECK(Occurrences(server.FaultLog(), "hanging " + hung.function) >= 1);
+
+    // What is answered from memory goes on at its usual pace, and so does the data path when
+    // it does not need the hung call.
+    for (int i = 0; i < 5; ++i) {
+      const auto call = Clock::now();
+      pb::DescribeKeyRequest describe;
+      describe.set_key(warm.key_id());
+      pb::KeyMetadata described;
+      CHECK(server.Admin("officer1")->DescribeKey(Context().get(), describe, &described).ok());
+      pb::ListKeysResponse listed;
+      CHECK(
+          server.Admin("officer1")->ListKeys(Context().get(), pb::ListKeysRequest(), &listed).ok());
+      if (hung.warm_data_path_unaffected) CHECK(gdk(warm.key_id(), "known").ok());
+      CHECK(Clock::now() - call < 400ms);
+    }
+
+    server.SetFaults("");
+    AwaitLine([&] { return server.FaultLog(); }, "released " + hung.function);
+    if (hung.function == "C_UnwrapKey") --next_cold;  // the same cold key, now unwrapped
+    const grpc::Status again = hung.call();
+    INFO(Describe(again));
+    CHECK(again.ok());
+  }
+  // A creation answered UNAVAILABLE left nothing behind, though its HSM call returned later.
+  REQUIRE(never_created.size() == 2);
+  for (const std::string& alias : never_created) {
+    pb::DescribeKeyRequest describe;
+    describe.set_key(alias);
+    pb::KeyMetadata described;
+    CHECK(
+        server.Admin("officer1")->DescribeKey(Context().get(), describe, &described).error_code() ==
+        grpc::StatusCode::NOT_FOUND);
+  }
+  CHECK(server.Log().find("a set-aside HSM call (") != std::string::npos);
+}
+
+TEST_CASE("Callers of a key whose unwrap hangs do not hold up calls on other keys",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata warm = CreateKey(server, UniqueAlias("fault/warm"), true, true);
+  const pb::KeyMetadata busy = CreateKey(server, UniqueAlias("fault/busy"), true, true);
+  const pb::KeyMetadata cold = CreateKey(server, UniqueAlias("fault/cold"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  REQUIRE(GenerateDataKey(server, warm.key_id(), "known", &reply).ok());
+
+  // 16 clients call `hammered` in a loop while GenerateDataKey on the warm key is timed: once
+  // on a working key (the usual latency under that load), once on the key whose unwrap hangs.
+  struct Outcome {
+    std::chrono::milliseconds median, max;
+    int ok = 0, unavailable = 0, other = 0;
+  };
+  auto measure = [&](const std::string& hammered) {
+    std::atomic<bool> stop{false};
+    std::atomic<int> ok{0}, unavailable{0}, other{0};
+    std::vector<std::thread> hammer;
+    for (int t = 0; t < 16; ++t) {
+      hammer.emplace_back([&] {
+        while (!stop) {
+          pb::GenerateDataKeyResponse out;
+          const grpc::Status status = GenerateDataKey(server, hammered, "known", &out);
+          if (status.ok()) {
+            ++ok;
+          } else if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+            ++unavailable;
+          } else {
+            ++other;
+          }
+        }
+      });
+    }
+    std::this_thread::sleep_for(700ms);  // past a first deadline: a hung unwrap is set aside
+    std::vector<std::chrono::milliseconds> latencies;
+    for (int i = 0; i < 21; ++i) {
+      const auto start = Clock::now();
+      const grpc::Status status = GenerateDataKey(server, warm.key_id(), "known", &reply);
+      latencies.push_back(
+          std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start));
+      INFO(Describe(status));
+      CHECK(status.ok());
+    }
+    stop = true;
+    for (std::thread& t : hammer) t.join();
+    std::sort(latencies.begin(), latencies.end());
+    return Outcome{latencies[10], latencies.back(), ok, unavailable, other};
+  };
+
+  const Outcome usual = measure(busy.key_id());
+  CHECK(usual.ok > 16);
+  server.SetFaults("C_UnwrapKey hang\n");
+  const Outcome hung = measure(cold.key_id());
+  INFO("usual: median " << usual.median.count() << " ms, max " << usual.max.count()
+                        << " ms; with the hung key: median " << hung.median.count() << " ms, max "
+                        << hung.max.count() << " ms");
+  CHECK(hung.median <= 2 * usual.median + 20ms);
+  CHECK(hung.max < 450ms);  // never a whole deadline behind the hung key's callers
+  CHECK(hung.ok == 0);
+  CHECK(hung.unavailable > 16);
+  CHECK(hung.other == 0);
+  // One unwrap hangs; the key's other callers gave up without starting one of their own.
+  CHECK(Occurrences(server.FaultLog(), "hanging C_UnwrapKey") == 1);
+  server.SetFaults("");
+  AwaitLine([&] { return server.FaultLog(); }, "released C_UnwrapKey");
+  CHECK(GenerateDataKey(server, cold.key_id(), "known", &reply).ok());
+}
+
+TEST_CASE("An HSM call stuck past hsm.hang_limit_ms makes custosd exit for its supervisor",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server, "hang_limit_ms = 1500\n");
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/hang-limit"), true, true);
+  server.SetFaults("C_Encrypt hang\n");
+  pb::GenerateDataKeyResponse reply;
+  const grpc::Status status = GenerateDataKey(server, key.key_id(), "r", &reply);
+  CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+  CHECK(server.WaitForExit(10s) == 70);
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK(log.find("[critical] an HSM call (Encrypt) has not returned for 1 s (hsm.hang_limit_ms); "
+                 "the PKCS#11 module is taken to be hung for good; exiting (code 70) so that a "
+                 "supervisor restarts custosd") != std::string::npos);
+  // Restarted (as its supervisor would) with the module answering again: served.
+  server.SetFaults("");
+  server.Start();
+  CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
+}
+
+}  // namespace
+}  // namespace custos::testing
