@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "common/strings.h"
+#include "common/toml_text.h"
 
 namespace custos::server {
 namespace {
@@ -136,6 +137,9 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   if (!in) return absl::NotFoundError(StrCat("cannot read config file ", path));
   std::stringstream text;
   text << in.rdbuf();
+  if (const size_t line = TomlUnsafeLine(text.str()); line != 0) {
+    return absl::InvalidArgumentError(StrCat("config ", path, ":", line, ": ", kTomlUnsafeText));
+  }
   toml::table root;
   try {
     root = toml::parse(text.str(), path);

@@ -415,6 +415,21 @@ TEST_CASE("A TOML syntax error is reported with its line", "[config]") {
              Catch::StartsWith("config " + files.path() + ":3: "));
 }
 
+// Found by fuzz/config_fuzz.cc: Debian's toml++ 3.3.0 reaches undefined behaviour when it asks
+// whether such a character is whitespace (common/toml_text.h), so the file is refused first.
+TEST_CASE("A character the TOML parser cannot classify is refused with its line", "[config]") {
+  ConfigFiles files;
+  RequireRefused(files, "j\xef\xbb\xbc", "config " + files.path() + ":1: a character in");
+  const std::string minimal = Render(Minimal());
+  const auto log_level_line = std::count(minimal.begin(), minimal.end(), '\n') + 2;
+  RequireRefused(files, minimal + "[log]\nlevel = \"info\" \xc3\xa9\n",
+                 files.path() + ":" + std::to_string(log_level_line) + ": a character in");
+  // A comment line may hold any character, and a string the same character as an escape.
+  const Config config = RequireLoads(
+      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[log]\nlevel = \"caf\\u00e9\"\n");
+  CHECK(config.log_level == "caf\xc3\xa9");
+}
+
 TEST_CASE("A config file that cannot be read is NOT_FOUND", "[config]") {
   TempDir dir;
   const absl::StatusOr<Config> config = LoadConfig(dir.File("absent.toml"));
