@@ -246,6 +246,27 @@ TEST_CASE("A setting of the wrong type is refused", "[config]") {
                  "dual_control.request_ttl_hours must be a whole number");
 }
 
+// Found by fuzz/config_fuzz.cc: toml++ 3.3.0 converts a float to an integer when asked, and its
+// cast of one beyond the int64 range is undefined behaviour; whole numbers must be integers.
+TEST_CASE("A float is refused for a whole-number setting", "[config]") {
+  ConfigFiles files;
+  for (const char* value : {"1e300", "-1e300", "16.0", "nan", "inf"}) {
+    INFO(value);
+    std::vector<Entry> entries = Minimal();
+    entries.push_back({"keys", "encryption_limit", value});
+    RequireRefused(files, Render(entries), "keys.encryption_limit has the wrong type");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control]\ndefault_approvals = ") + value),
+                   "dual_control.default_approvals must be a whole number");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control.approvals]\nRotateKey = ") + value),
+                   "dual_control.approvals.RotateKey must be a whole number");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control]\nrequest_ttl_hours = ") + value),
+                   "dual_control.request_ttl_hours must be a whole number");
+  }
+}
+
 TEST_CASE("Dual control never fails open", "[config]") {
   ConfigFiles files;
   RequireRefused(files, Render(Minimal(), "[dual_control.approvals]\nRotateKey = 0\n"),
