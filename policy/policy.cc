@@ -14,6 +14,7 @@
 #include <toml++/toml.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/toml_text.h"
 
 namespace custos::policy {
 namespace {
@@ -109,6 +110,11 @@ std::string_view RoleName(Role role) {
 }
 
 absl::StatusOr<std::shared_ptr<const Policy>> Policy::Parse(std::string_view toml_text) {
+  if (const size_t line = TomlUnsafeLine(toml_text); line != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy is not valid TOML: line ", line, ": ",
+                     absl::string_view(kTomlUnsafeText.data(), kTomlUnsafeText.size())));
+  }
   toml::table doc;
   try {
     doc = toml::parse(toml_text);

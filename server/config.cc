@@ -13,8 +13,10 @@
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "common/strings.h"
+#include "common/toml_text.h"
 
 namespace custos::server {
 namespace {
@@ -25,6 +27,16 @@ std::string Resolve(const fs::path& base, const std::string& value) {
   if (value.empty()) return value;
   fs::path p(value);
   return p.is_absolute() ? value : (base / p).lexically_normal().string();
+}
+
+// `node` as a T. Whole-number settings take TOML integers only: toml++ 3.3.0 would convert a
+// float, and its cast of one beyond the int64 range (1e300) is undefined behaviour.
+template <typename T>
+std::optional<T> ValueOf(const toml::node& node) {
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    if (!node.is_integer()) return std::nullopt;
+  }
+  return node.value<T>();
 }
 
 // Reads settings from the parsed file and remembers which were asked for, so that a
@@ -39,7 +51,7 @@ class SettingsReader {
     known_.emplace(section, key);
     const toml::node_view<const toml::node> node = root_[section][key];
     if (!node) return absl::OkStatus();
-    std::optional<T> value = node.value<T>();
+    std::optional<T> value = ValueOf<T>(*node.node());
     if (!value) {
       return absl::InvalidArgumentError(
           StrCat("config: ", section, ".", key, " has the wrong type"));
@@ -78,7 +90,7 @@ absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig*
   if (section == nullptr) return out->Validate();
   // default_approvals first, so that per-operation entries override it wherever they stand.
   if (const toml::node* fallback = section->get("default_approvals")) {
-    const std::optional<int64_t> value = fallback->value<int64_t>();
+    const std::optional<int64_t> value = ValueOf<int64_t>(*fallback);
     if (!value || *value < -1'000'000 || *value > 1'000'000) {
       return absl::InvalidArgumentError(
           "config: dual_control.default_approvals must be a whole number");
@@ -99,7 +111,7 @@ absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig*
       }
       for (const auto& [op_name, count] : *approvals) {
         const std::optional<policy::Operation> operation = policy::ParseOperation(op_name.str());
-        const std::optional<int64_t> value = count.value<int64_t>();
+        const std::optional<int64_t> value = ValueOf<int64_t>(count);
         if (!operation) {
           return absl::InvalidArgumentError(
               StrCat("config: dual_control.approvals.", op_name.str(), " is not an operation"));
@@ -111,7 +123,7 @@ absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig*
         out->approvals[*operation] = static_cast<int>(*value);
       }
     } else if (key == "request_ttl_hours" || key == "deletion_waiting_days") {
-      const std::optional<int64_t> value = node.value<int64_t>();
+      const std::optional<int64_t> value = ValueOf<int64_t>(node);
       // Bounded before scaling to seconds, so a huge value cannot wrap into the valid range.
       if (!value || *value < -1'000'000 || *value > 1'000'000) {
         return absl::InvalidArgumentError(
@@ -136,6 +148,9 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   if (!in) return absl::NotFoundError(StrCat("cannot read config file ", path));
   std::stringstream text;
   text << in.rdbuf();
+  if (const size_t line = TomlUnsafeLine(text.str()); line != 0) {
+    return absl::InvalidArgumentError(StrCat("config ", path, ":", line, ": ", kTomlUnsafeText));
+  }
   toml::table root;
   try {
     root = toml::parse(text.str(), path);

@@ -246,6 +246,27 @@ TEST_CASE("A setting of the wrong type is refused", "[config]") {
                  "dual_control.request_ttl_hours must be a whole number");
 }
 
+// Found by fuzz/config_fuzz.cc: toml++ 3.3.0 converts a float to an integer when asked, and its
+// cast of one beyond the int64 range is undefined behaviour; whole numbers must be integers.
+TEST_CASE("A float is refused for a whole-number setting", "[config]") {
+  ConfigFiles files;
+  for (const char* value : {"1e300", "-1e300", "16.0", "nan", "inf"}) {
+    INFO(value);
+    std::vector<Entry> entries = Minimal();
+    entries.push_back({"keys", "encryption_limit", value});
+    RequireRefused(files, Render(entries), "keys.encryption_limit has the wrong type");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control]\ndefault_approvals = ") + value),
+                   "dual_control.default_approvals must be a whole number");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control.approvals]\nRotateKey = ") + value),
+                   "dual_control.approvals.RotateKey must be a whole number");
+    RequireRefused(files,
+                   Render(Minimal(), std::string("[dual_control]\nrequest_ttl_hours = ") + value),
+                   "dual_control.request_ttl_hours must be a whole number");
+  }
+}
+
 TEST_CASE("Dual control never fails open", "[config]") {
   ConfigFiles files;
   RequireRefused(files, Render(Minimal(), "[dual_control.approvals]\nRotateKey = 0\n"),
@@ -413,6 +434,21 @@ TEST_CASE("A TOML syntax error is reported with its line", "[config]") {
   CHECK(config.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK_THAT(std::string(config.status().message()),
              Catch::StartsWith("config " + files.path() + ":3: "));
+}
+
+// Found by fuzz/config_fuzz.cc: Debian's toml++ 3.3.0 reaches undefined behaviour when it asks
+// whether such a character is whitespace (common/toml_text.h), so the file is refused first.
+TEST_CASE("A character the TOML parser cannot classify is refused with its line", "[config]") {
+  ConfigFiles files;
+  RequireRefused(files, "j\xef\xbb\xbc", "config " + files.path() + ":1: a character in");
+  const std::string minimal = Render(Minimal());
+  const auto log_level_line = std::count(minimal.begin(), minimal.end(), '\n') + 2;
+  RequireRefused(files, minimal + "[log]\nlevel = \"info\" \xc3\xa9\n",
+                 files.path() + ":" + std::to_string(log_level_line) + ": a character in");
+  // A comment line may hold any character, and a string the same character as an escape.
+  const Config config = RequireLoads(
+      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[log]\nlevel = \"caf\\u00e9\"\n");
+  CHECK(config.log_level == "caf\xc3\xa9");
 }
 
 TEST_CASE("A config file that cannot be read is NOT_FOUND", "[config]") {
