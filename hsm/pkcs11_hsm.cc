@@ -41,6 +41,8 @@ namespace {
 
 // Failed attempts at re-initialising the module are at least this far apart.
 constexpr std::chrono::milliseconds kReinitializeInterval{200};
+// How long a call that would re-initialise the module waits for the calls inside it.
+constexpr std::chrono::milliseconds kReinitializeWait{250};
 
 // RFC 5649 output for a 32-byte key: 8-byte integrity block + the key, padded to 8 bytes.
 constexpr size_t kWrappedAes256Bytes = 40;
@@ -183,7 +185,7 @@ class Pkcs11Hsm final : public Hsm {
   bool Recover(const absl::Status& error, SessionPool::Lease& lease);
   // Holds `gate` (shared) for an operation, re-initialising the module first if that is due;
   // UNAVAILABLE while it is due and cannot be done yet, or fails.
-  absl::Status Enter(std::shared_lock<std::shared_mutex>& gate);
+  absl::Status Enter(std::shared_lock<std::shared_timed_mutex>& gate);
   // `error` came from the module or token itself: operations stop until it is re-initialised.
   absl::Status NeedReinitialize(const absl::Status& error);
   // The ladder's last rung; with gate_ held exclusively.
@@ -214,7 +216,7 @@ class Pkcs11Hsm final : public Hsm {
   FailureLog failures_{"HSM"};
   std::atomic<uint64_t> recoveries_{0};  // Recover() calls so far (see RunOnce)
   // Held shared by every operation, exclusively while the module is re-initialised.
-  std::shared_mutex gate_;
+  std::shared_timed_mutex gate_;
   std::atomic<bool> reinitialize_{false};  // Due: set on a module or token error.
   std::mutex reinit_mu_;                   // Guards the two below.
   std::chrono::steady_clock::time_point last_reinit_;
@@ -288,12 +290,14 @@ absl::Status Pkcs11Hsm::NeedReinitialize(const absl::Status& error) {
   return absl::UnavailableError(error.message());
 }
 
-absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_mutex>& gate) {
+absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_timed_mutex>& gate) {
   if (!reinitialize_.load()) {
     gate.lock();
     return absl::OkStatus();
   }
-  std::unique_lock exclusive(gate_, std::try_to_lock);
+  // Calls inside the module are given a moment to return (a health probe, say); new ones
+  // wait here rather than enter, so they drain.
+  std::unique_lock exclusive(gate_, kReinitializeWait);
   if (!exclusive.owns_lock()) {
     return absl::UnavailableError(
         "the HSM is recovering: the PKCS#11 module is re-initialised once the calls still "
