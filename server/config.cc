@@ -222,6 +222,17 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("audit", "verify_full_chain_at_start", &c.verify_full_chain_at_start));
   CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "context_hmac_cache", &c.context_hmac_cache));
+  int64_t streams = c.audit_max_streams, stall = c.audit_stream_stall_seconds;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "max_streams", &streams));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "stream_stall_seconds", &stall));
+  if (streams < 1 || streams > 1024) {
+    return absl::InvalidArgumentError("config: audit.max_streams must be 1..1024");
+  }
+  if (stall < 1 || stall > 3600) {
+    return absl::InvalidArgumentError("config: audit.stream_stall_seconds must be 1..3600");
+  }
+  c.audit_max_streams = static_cast<int>(streams);
+  c.audit_stream_stall_seconds = static_cast<int>(stall);
   if (c.context_hmac_cache < 0 || c.context_hmac_cache > 10'000'000) {
     return absl::InvalidArgumentError("config: audit.context_hmac_cache must be 0..10000000");
   }

@@ -84,6 +84,11 @@ struct Config {
   uint64_t checkpoint_every = 1000;
   // At start-up, recompute the whole chain rather than from the HSM's last signed head.
   bool verify_full_chain_at_start = false;
+  // Auditors' streams (ReadRecords, ReadCheckpoints) open at once (1..1024); when that many
+  // are open, a stream whose client has read nothing for stream_stall_seconds (1..3600) is
+  // cancelled to make room for a new one.
+  int audit_max_streams = 16;
+  int audit_stream_stall_seconds = 30;
   // Encryption contexts whose audit HMAC is kept in memory (core/context_mac_cache.h); 0 = none.
   int64_t context_hmac_cache = 65536;
 

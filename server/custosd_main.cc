@@ -12,7 +12,6 @@
 #include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/resource_quota.h>
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -117,7 +116,6 @@ class Maintenance {
 };
 
 // Threads of the synchronous AuditService, gRPC's pollers included.
-constexpr int kAuditServiceThreads = 8;
 
 int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());
@@ -345,7 +343,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
-  AuditServiceImpl audit_service(&kms, &refusals);
+  AuditServiceImpl audit_service(
+      runner.get(), &refusals,
+      {.max_streams = static_cast<size_t>(config.audit_max_streams),
+       .stall_limit = std::chrono::seconds(config.audit_stream_stall_seconds)});
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
@@ -362,11 +363,6 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       !age.ok()) {
     return Fail(age);
   }
-  // Only the AuditService is synchronous (its streams): gRPC gives it a small pool of its own
-  // threads, pollers included; an auditor beyond it gets RESOURCE_EXHAUSTED from gRPC.
-  grpc::ResourceQuota quota("custosd");
-  quota.SetMaxThreads(kAuditServiceThreads);
-  builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     return Fail(absl::UnavailableError(StrCat("cannot listen on ", config.listen)));

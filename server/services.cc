@@ -1,11 +1,18 @@
 #include "server/services.h"
 
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <optional>
+#include <set>
+
 #include "absl/functional/function_ref.h"
 #include "common/strings.h"
 #include "core/operation_params.h"
 #include "server/audit_proto.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
+#include "spdlog/spdlog.h"
 
 namespace custos::server {
 namespace {
@@ -197,40 +204,6 @@ grpc::Status RefuseUnauthenticated(core::Kms& kms, RefusalRecorder& refusals, st
       kms.RecordAuthenticationRefusal(rpc, context.peer(), std::string(refusal.message()));
   return ToGrpcStatus(recorded.ok() ? refusal : recorded);
 }
-
-// Streams the items `read(from, count)` returns, a page at a time, from seq `from` until
-// `limit` items (0 = all) or the end, stopping if the client goes away.
-template <typename Item, typename Proto>
-grpc::Status StreamPages(
-    const grpc::ServerContext& context, uint64_t from, uint64_t limit,
-    absl::FunctionRef<absl::StatusOr<std::vector<Item>>(uint64_t, size_t)> read,
-    grpc::ServerWriter<Proto>* writer) {
-  constexpr size_t kPage = 1000;
-  uint64_t left = limit == 0 ? UINT64_MAX : limit;
-  while (left > 0 && !context.IsCancelled()) {
-    absl::StatusOr<std::vector<Item>> page =
-        read(from, static_cast<size_t>(std::min<uint64_t>(left, kPage)));
-    if (!page.ok()) return ToGrpcStatus(page.status());
-    for (const Item& item : *page) {
-      Proto message;
-      server::ToProto(item, &message);
-      if (!writer->Write(message)) return grpc::Status::CANCELLED;
-    }
-    if (page->size() < kPage) break;
-    from = page->back().seq + 1;
-    left -= page->size();
-  }
-  return grpc::Status::OK;
-}
-
-// Declares `caller`, the authenticated caller of this RPC (named by __func__), or returns.
-// NOLINTBEGIN(bugprone-macro-parentheses): `caller` names the variable it declares.
-#define CUSTOS_CALLER_OR_RETURN(caller, context)                                            \
-  absl::StatusOr<core::Caller> caller = CallerOf(*(context));                               \
-  if (!caller.ok()) {                                                                       \
-    return RefuseUnauthenticated(*kms_, *refusals_, __func__, *(context), caller.status()); \
-  }
-// NOLINTEND(bugprone-macro-parentheses)
 
 }  // namespace
 
@@ -604,34 +577,227 @@ grpc::ServerUnaryReactor* AdminServiceImpl::ListRequests(grpc::CallbackServerCon
       });
 }
 
-grpc::Status AuditServiceImpl::ReadRecords(grpc::ServerContext* context,
-                                           const pb::ReadRecordsRequest* request,
-                                           grpc::ServerWriter<pb::AuditRecord>* writer) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  return StreamPages<audit::Record>(
-      *context, std::max<uint64_t>(request->from_seq(), 1), request->limit(),
-      [&](uint64_t from, size_t count) { return kms_->ReadAudit(*caller, from, count); }, writer);
+// The streams open now. A stream is a member from its admission until its reactor is done.
+class AuditServiceImpl::Streams {
+ public:
+  class Member {
+   public:
+    explicit Member(grpc::CallbackServerContext* context) : context_(context) {}
+    virtual ~Member() = default;
+
+   protected:
+    // Since when a write has waited for the client (steady clock, ns); 0 while none does.
+    void WriteStarted() { writing_since_ = Now(); }
+    void WriteDone() { writing_since_ = 0; }
+
+   private:
+    friend class Streams;
+    static int64_t Now() {
+      return std::chrono::duration_cast<std::chrono::nanoseconds>(
+                 std::chrono::steady_clock::now().time_since_epoch())
+          .count();
+    }
+    grpc::CallbackServerContext* const context_;
+    std::atomic<int64_t> writing_since_{0};
+    bool evicted_ = false;  // guarded by Streams::mu_
+  };
+
+  explicit Streams(Limits limits) : limits_(limits) {}
+
+  // OK if `stream` may start. When max_streams are open, streams whose write has waited on
+  // their client for stall_limit are cancelled to make room first.
+  absl::Status Admit(Member* stream) {
+    std::lock_guard lock(mu_);
+    if (open_.size() - evicting_ >= limits_.max_streams) {
+      const int64_t stalled_before =
+          Member::Now() -
+          std::chrono::duration_cast<std::chrono::nanoseconds>(limits_.stall_limit).count();
+      for (Member* open : open_) {
+        const int64_t since = open->writing_since_.load();
+        if (open->evicted_ || since == 0 || since > stalled_before) continue;
+        open->evicted_ = true;
+        ++evicting_;
+        open->context_->TryCancel();
+        spdlog::warn(
+            "audit: cancelled a stream from {} whose client read nothing for {} s, to "
+            "make room for another",
+            open->context_->peer(), limits_.stall_limit.count());
+      }
+    }
+    if (open_.size() - evicting_ >= limits_.max_streams) {
+      return absl::ResourceExhaustedError(StrCat("too many audit streams are open (",
+                                                 limits_.max_streams,
+                                                 ", audit.max_streams); retry with backoff"));
+    }
+    open_.insert(stream);
+    return absl::OkStatus();
+  }
+
+  void Leave(Member* stream) {
+    std::lock_guard lock(mu_);
+    if (stream->evicted_) --evicting_;
+    open_.erase(stream);
+  }
+
+ private:
+  const Limits limits_;
+  std::mutex mu_;
+  std::set<Member*> open_;
+  size_t evicting_ = 0;  // members of open_ cancelled as stalled, not done yet
+};
+
+namespace {
+
+// Streams what `read` returns, a page at a time, from seq `from` until `limit` items (0 = all)
+// or the end. Pages are read on the CallRunner's workers (the first one authenticates the
+// caller); between them the stream only waits for its client, holding no thread.
+template <typename Item, typename Proto>
+class PageStream final : public grpc::ServerWriteReactor<Proto>,
+                         public AuditServiceImpl::Streams::Member {
+ public:
+  using Read = std::function<absl::StatusOr<std::vector<Item>>(core::Kms&, const core::Caller&,
+                                                               uint64_t, size_t)>;
+
+  PageStream(CallRunner* runner, AuditServiceImpl::Streams* streams,
+             grpc::CallbackServerContext* context, const char* rpc, uint64_t from, uint64_t limit,
+             Read read)
+      : Member(context),
+        runner_(runner),
+        streams_(streams),
+        context_(context),
+        rpc_(rpc),
+        from_(from),
+        left_(limit == 0 ? UINT64_MAX : limit),
+        read_(std::move(read)) {
+    if (absl::Status admitted = streams_->Admit(this); !admitted.ok()) {
+      absl::StatusOr<core::Caller> caller = CallerOf(*context_);
+      runner_->refusals().Refused(rpc_, caller.ok() ? std::move(caller->principal) : std::string(),
+                                  context_->peer(), admitted.code(),
+                                  std::string(admitted.message()));
+      this->Finish(ToGrpcStatus(admitted));
+      return;
+    }
+    admitted_ = true;
+    Fetch();
+  }
+
+  void OnWriteDone(bool ok) override {
+    WriteDone();
+    if (!ok) {
+      this->Finish(grpc::Status::CANCELLED);
+      return;
+    }
+    Next();
+  }
+
+  void OnDone() override {
+    if (admitted_) streams_->Leave(this);
+    delete this;
+  }
+
+ private:
+  static constexpr size_t kPage = 1000;
+
+  void Next() {
+    if (index_ < page_.size()) {
+      server::ToProto(page_[index_++], &message_);
+      WriteStarted();
+      this->StartWrite(&message_);
+    } else if (last_page_ || left_ == 0) {
+      this->Finish(grpc::Status::OK);
+    } else {
+      Fetch();
+    }
+  }
+
+  void Fetch() {
+    const bool posted = runner_->Post([this] {
+      if (context_->IsCancelled()) {
+        this->Finish(grpc::Status::CANCELLED);
+        return;
+      }
+      if (!caller_) {
+        absl::StatusOr<core::Caller> caller = CallerOf(*context_);
+        if (!caller.ok()) {
+          this->Finish(RefuseUnauthenticated(runner_->kms(), runner_->refusals(), rpc_, *context_,
+                                             caller.status()));
+          return;
+        }
+        caller_ = *std::move(caller);
+      }
+      absl::StatusOr<std::vector<Item>> page = read_(
+          runner_->kms(), *caller_, from_, static_cast<size_t>(std::min<uint64_t>(left_, kPage)));
+      if (!page.ok()) {
+        this->Finish(ToGrpcStatus(page.status()));
+        return;
+      }
+      page_ = *std::move(page);
+      index_ = 0;
+      left_ -= page_.size();
+      last_page_ = page_.size() < kPage;
+      if (!page_.empty()) from_ = page_.back().seq + 1;
+      Next();
+    });
+    if (!posted) {
+      this->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                "custosd is at capacity (server.max_waiting_calls); retry with "
+                                "backoff"));
+    }
+  }
+
+  CallRunner* const runner_;
+  AuditServiceImpl::Streams* const streams_;
+  grpc::CallbackServerContext* const context_;
+  const char* const rpc_;
+  // Touched by one thread at a time: the worker reading a page, then gRPC's callbacks.
+  bool admitted_ = false;
+  std::optional<core::Caller> caller_;
+  uint64_t from_;
+  uint64_t left_;
+  const Read read_;
+  std::vector<Item> page_;
+  size_t index_ = 0;
+  bool last_page_ = false;
+  Proto message_;  // the write under way
+};
+
+}  // namespace
+
+AuditServiceImpl::AuditServiceImpl(CallRunner* runner, RefusalRecorder* refusals, Limits limits)
+    : runner_(runner), refusals_(refusals), streams_(std::make_unique<Streams>(limits)) {}
+
+AuditServiceImpl::~AuditServiceImpl() = default;
+
+grpc::ServerWriteReactor<pb::AuditRecord>* AuditServiceImpl::ReadRecords(
+    grpc::CallbackServerContext* context, const pb::ReadRecordsRequest* request) {
+  return new PageStream<audit::Record, pb::AuditRecord>(
+      runner_, streams_.get(), context, __func__, std::max<uint64_t>(request->from_seq(), 1),
+      request->limit(),
+      [](core::Kms& kms, const core::Caller& caller, uint64_t from, size_t count) {
+        return kms.ReadAudit(caller, from, count);
+      });
 }
 
-grpc::Status AuditServiceImpl::GetCheckpoint(grpc::ServerContext* context,
-                                             const pb::GetCheckpointRequest* /*request*/,
-                                             pb::Checkpoint* response) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  absl::StatusOr<core::Kms::SignedCheckpoint> latest = kms_->LatestCheckpoint(*caller);
-  if (!latest.ok()) return ToGrpcStatus(latest.status());
-  ToProto(latest->checkpoint, response);
-  response->set_public_key_pem(latest->public_key_pem);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AuditServiceImpl::GetCheckpoint(
+    grpc::CallbackServerContext* context, const pb::GetCheckpointRequest* /*request*/,
+    pb::Checkpoint* response) {
+  return runner_->Run(
+      context, __func__, [response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<core::Kms::SignedCheckpoint> latest = kms.LatestCheckpoint(caller);
+        if (!latest.ok()) return ToGrpcStatus(latest.status());
+        ToProto(latest->checkpoint, response);
+        response->set_public_key_pem(latest->public_key_pem);
+        return grpc::Status::OK;
+      });
 }
 
-grpc::Status AuditServiceImpl::ReadCheckpoints(grpc::ServerContext* context,
-                                               const pb::ReadCheckpointsRequest* request,
-                                               grpc::ServerWriter<pb::Checkpoint>* writer) {
-  CUSTOS_CALLER_OR_RETURN(caller, context);
-  return StreamPages<audit::Checkpoint>(
-      *context, request->from_seq(), request->limit(),
-      [&](uint64_t from, size_t count) { return kms_->ReadCheckpoints(*caller, from, count); },
-      writer);
+grpc::ServerWriteReactor<pb::Checkpoint>* AuditServiceImpl::ReadCheckpoints(
+    grpc::CallbackServerContext* context, const pb::ReadCheckpointsRequest* request) {
+  return new PageStream<audit::Checkpoint, pb::Checkpoint>(
+      runner_, streams_.get(), context, __func__, request->from_seq(), request->limit(),
+      [](core::Kms& kms, const core::Caller& caller, uint64_t from, size_t count) {
+        return kms.ReadCheckpoints(caller, from, count);
+      });
 }
 
 }  // namespace custos::server

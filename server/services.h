@@ -11,7 +11,9 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
+#include <memory>
 
 #include "common/work_queue.h"
 #include "core/kms.h"
@@ -43,6 +45,12 @@ class CallRunner {
   // Queues `work` for `context`'s call to `rpc` and returns the call's reactor, finished once
   // the work ran (or at once, if the queue is full).
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const char* rpc, Work work);
+  // Queues `work` for a worker like a call's, for a stream's next page; false if the queue
+  // is full.
+  bool Post(std::function<void()> work) { return queue_.TrySubmit(std::move(work)); }
+  core::Kms& kms() const { return *kms_; }
+  RefusalRecorder& refusals() const { return *refusals_; }
+
   // Refuses `context`'s call to `rpc` at once with `refusal`, before it queues (a request no
   // worker should hold); recorded through the RefusalRecorder, counted.
   grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, const char* rpc,
@@ -138,24 +146,38 @@ class AdminServiceImpl final : public custos::v1::AdminService::CallbackService 
   CallRunner* runner_;
 };
 
-class AuditServiceImpl final : public custos::v1::AuditService::Service {
+// The auditors' service, on gRPC's callback API like the others: its streams hold no thread
+// while a client reads slowly, or not at all. Pages of records are read on the CallRunner's
+// workers; between pages a stream only waits for its client. At most `max_streams` streams are
+// open at once; a new one past that is refused (RESOURCE_EXHAUSTED) unless some stream has had
+// a write waiting on its client for `stall_limit`, which is then cancelled to make room.
+class AuditServiceImpl final : public custos::v1::AuditService::CallbackService {
  public:
-  // `kms` and `refusals` must outlive the service.
-  AuditServiceImpl(core::Kms* kms, RefusalRecorder* refusals) : kms_(kms), refusals_(refusals) {}
+  struct Limits {
+    size_t max_streams = 16;
+    std::chrono::seconds stall_limit{30};
+  };
+  // `runner` and `refusals` must outlive the service; every stream must be done before it goes
+  // (gRPC's Server::Shutdown sees to that).
+  AuditServiceImpl(CallRunner* runner, RefusalRecorder* refusals, Limits limits);
+  ~AuditServiceImpl() override;
 
-  grpc::Status ReadRecords(grpc::ServerContext* context,
-                           const custos::v1::ReadRecordsRequest* request,
-                           grpc::ServerWriter<custos::v1::AuditRecord>* writer) override;
-  grpc::Status GetCheckpoint(grpc::ServerContext* context,
-                             const custos::v1::GetCheckpointRequest* request,
-                             custos::v1::Checkpoint* response) override;
-  grpc::Status ReadCheckpoints(grpc::ServerContext* context,
-                               const custos::v1::ReadCheckpointsRequest* request,
-                               grpc::ServerWriter<custos::v1::Checkpoint>* writer) override;
+  grpc::ServerWriteReactor<custos::v1::AuditRecord>* ReadRecords(
+      grpc::CallbackServerContext* context, const custos::v1::ReadRecordsRequest* request) override;
+  grpc::ServerUnaryReactor* GetCheckpoint(grpc::CallbackServerContext* context,
+                                          const custos::v1::GetCheckpointRequest* request,
+                                          custos::v1::Checkpoint* response) override;
+  grpc::ServerWriteReactor<custos::v1::Checkpoint>* ReadCheckpoints(
+      grpc::CallbackServerContext* context,
+      const custos::v1::ReadCheckpointsRequest* request) override;
+
+  // The streams open now, and how many have been cancelled as stalled.
+  class Streams;
 
  private:
-  core::Kms* kms_;
+  CallRunner* runner_;
   RefusalRecorder* refusals_;
+  std::unique_ptr<Streams> streams_;
 };
 
 }  // namespace custos::server

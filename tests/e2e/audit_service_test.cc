@@ -466,3 +466,92 @@ TEST_CASE("An app refused in a loop adds one record and a tally, not a record pe
 
 }  // namespace
 }  // namespace custos::testing
+
+namespace custos::testing {
+namespace {
+
+// An auditor's stream set up and left unread after its first record.
+struct Unread {
+  std::unique_ptr<pb::AuditService::Stub> stub;
+  std::unique_ptr<grpc::ClientContext> context;
+  std::unique_ptr<grpc::ClientReader<pb::AuditRecord>> reader;
+};
+
+// Reads the whole log on a connection of its own; the status, and the count in `*records`.
+grpc::Status ReadWholeLog(const CustosServer& server, size_t* records) {
+  auto stub = pb::AuditService::NewStub(server.Channel("auditor"));
+  auto context = Context();
+  auto reader = stub->ReadRecords(context.get(), pb::ReadRecordsRequest());
+  pb::AuditRecord record;
+  *records = 0;
+  while (reader->Read(&record)) ++*records;
+  return reader->Finish();
+}
+
+TEST_CASE("Auditors that stop reading hold no thread; streams are bounded; stalled ones make room",
+          "[e2e][audit]") {
+  CustosServer server("[audit]\nmax_streams = 10\nstream_stall_seconds = 2\n");
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("audit/streams"), true, false);
+  // A log far longer than what flow control lets a stream send ahead of its reader.
+  pb::BatchGenerateDataKeyRequest batch;
+  batch.set_without_plaintext(true);
+  for (int i = 0; i < 1000; ++i) {
+    pb::GenerateDataKeyRequest* item = batch.add_items();
+    item->set_key(key.key_id());
+    (*item->mutable_encryption_context())["row"] = "row-" + std::to_string(i);
+  }
+  auto app = server.Keys("app");
+  for (int round = 0; round < 3; ++round) {
+    pb::BatchGenerateDataKeyResponse reply;
+    REQUIRE(app->BatchGenerateDataKey(Context().get(), batch, &reply).ok());
+  }
+
+  // Ten auditors (more than the eight threads the service once had) read one record each and
+  // stop, each on a connection of its own.
+  std::vector<Unread> unread(10);
+  for (Unread& u : unread) {
+    // Flow control at its initial 64 KiB window: without the bandwidth probe the client's
+    // transport takes no more than that ahead of a reader.
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    u.stub = pb::AuditService::NewStub(server.Channel("auditor", args));
+    u.context = std::make_unique<grpc::ClientContext>();
+    u.context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    u.reader = u.stub->ReadRecords(u.context.get(), pb::ReadRecordsRequest());
+    pb::AuditRecord first;
+    REQUIRE(u.reader->Read(&first));
+  }
+  // An eleventh is refused at once, and says why.
+  size_t records = 0;
+  grpc::Status refused = ReadWholeLog(server, &records);
+  CHECK(refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+  CHECK(refused.error_message() ==
+        "too many audit streams are open (10, audit.max_streams); retry with backoff");
+  // No thread waits on the unread streams: every service answers at once, the auditor's too.
+  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    pb::Checkpoint checkpoint;
+    CHECK(audit->GetCheckpoint(Context().get(), pb::GetCheckpointRequest(), &checkpoint).ok());
+    pb::ListKeysResponse keys;
+    CHECK(server.Admin("officer1")->ListKeys(Context().get(), pb::ListKeysRequest(), &keys).ok());
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::milliseconds(500));
+  }
+
+  // Past audit.stream_stall_seconds, a new stream cancels the stalled ones and is served.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  const grpc::Status served = ReadWholeLog(server, &records);
+  INFO(served.error_message());
+  CHECK(served.ok());
+  CHECK(records > 3000);
+  CHECK(Occurrences(server.Log(), "audit: cancelled a stream from ") == 10);
+  for (Unread& u : unread) {
+    pb::AuditRecord record;
+    while (u.reader->Read(&record)) {
+    }
+    CHECK(u.reader->Finish().error_code() == grpc::StatusCode::CANCELLED);
+  }
+}
+
+}  // namespace
+}  // namespace custos::testing

@@ -163,7 +163,8 @@ int CustosServer::WaitForExit(std::chrono::milliseconds timeout) {
 
 std::string CustosServer::Log() const { return ReadFile(dir_.File("custosd.log")); }
 
-std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client) const {
+std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client,
+                                                     grpc::ChannelArguments args) const {
   const std::string pki = dir_.File("pki");
   grpc::SslCredentialsOptions tls;
   tls.pem_root_certs = ReadFile(pki + "/ca.crt");
@@ -174,7 +175,6 @@ std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client) 
     tls.pem_cert_chain = ReadFile(pki + "/clients/" + client + ".crt");
     tls.pem_private_key = ReadFile(pki + "/clients/" + client + ".key");
   }
-  grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // no connection shared across clients
   return grpc::CreateCustomChannel("localhost:" + std::to_string(port_), grpc::SslCredentials(tls),
                                    args);

@@ -47,7 +47,9 @@ class CustosServer {
 
   // A channel authenticated as `client` (app, officer1, officer2, auditor), as the other
   // CA's client ("other-ca"), or with no client certificate at all ("none").
-  std::shared_ptr<grpc::Channel> Channel(const std::string& client) const;
+  // `args` adds channel arguments of the test's own.
+  std::shared_ptr<grpc::Channel> Channel(const std::string& client,
+                                         grpc::ChannelArguments args = {}) const;
   std::unique_ptr<custos::v1::KeyService::Stub> Keys(const std::string& client) const;
   std::unique_ptr<custos::v1::AdminService::Stub> Admin(const std::string& client) const;
 
