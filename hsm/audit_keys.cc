@@ -21,6 +21,20 @@
 namespace custos::hsm {
 namespace {
 
+// FAILED_PRECONDITION for a key the token does not have at all, marked so (kNoKeyPayload) that
+// a key seen before and gone now can be told from one that is there but refused.
+constexpr char kNoKeyPayload[] = "type.custos.dev/hsm.no_key";
+
+absl::Status NoKey(const std::string& message) {
+  absl::Status status = absl::FailedPreconditionError(message);
+  status.SetPayload(kNoKeyPayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsNoKey(const absl::Status& status) {
+  return absl::IsFailedPrecondition(status) && status.GetPayload(kNoKeyPayload).has_value();
+}
+
 // DER of the OID 1.2.840.10045.3.1.7 (prime256v1, secp256r1, NIST P-256): the CKA_EC_PARAMS
 // of every signing key.
 constexpr std::array<uint8_t, 10> kP256Params = {0x06, 0x08, 0x2a, 0x86, 0x48,
@@ -350,6 +364,11 @@ absl::StatusOr<std::string> AuditKeys::PublicKeyPem(CK_SESSION_HANDLE session,
   return ToPem(key.get());
 }
 
+void AuditKeys::ForgetFound() {
+  std::lock_guard lock(mu_);
+  found_.clear();
+}
+
 void AuditKeys::Reset() {
   std::lock_guard lock(mu_);
   handles_.clear();
@@ -379,7 +398,7 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::Found(Kind kind, const std::string& 
   std::lock_guard lock(mu_);
   if (found.ok()) {
     found_.insert({kind, label});
-  } else if (absl::IsFailedPrecondition(found.status()) && found_.contains({kind, label})) {
+  } else if (IsNoKey(found.status()) && found_.contains({kind, label})) {
     // Audit keys are never destroyed: one that was there and is gone went with its token.
     return TokenLostError("audit key " + Quoted(label) +
                           " was on the HSM token and is not any more: taken for a token that "
@@ -403,7 +422,7 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::FindHmacKey(CK_SESSION_HANDLE sessio
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
                           Find(session, CKO_SECRET_KEY, label));
   if (found.empty()) {
-    return absl::FailedPreconditionError("the HSM token has no HMAC key labelled " + Quoted(label));
+    return NoKey("the HSM token has no HMAC key labelled " + Quoted(label));
   }
   if (found.size() > 1) {
     return absl::FailedPreconditionError("the HSM token has several secret keys labelled " +
@@ -432,8 +451,7 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::FindPrivateKey(CK_SESSION_HANDLE ses
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found,
                           Find(session, CKO_PRIVATE_KEY, label));
   if (found.empty()) {
-    return absl::FailedPreconditionError("the HSM token has no signing key labelled " +
-                                         Quoted(label));
+    return NoKey("the HSM token has no signing key labelled " + Quoted(label));
   }
   if (found.size() > 1) {
     return absl::FailedPreconditionError("the HSM token has several private keys labelled " +

@@ -65,6 +65,10 @@ class AuditKeys {
   // Forgets every cached handle.
   void Reset();
 
+  // Forgets which keys were found before (the token was found again after a loss: a key
+  // missing now is missing for good).
+  void ForgetFound();
+
  private:
   enum class Kind { kHmac, kSigning };
 

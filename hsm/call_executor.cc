@@ -56,11 +56,12 @@ CallExecutor::~CallExecutor() {
 }
 
 void CallExecutor::AddThread() {
+  // Detached: a thread that retires after its set-aside call returned leaves nothing to join;
+  // the destructor waits for live_ to reach zero instead. Counted once it exists (it cannot
+  // run Serve() before mu_, held here, is released).
+  std::thread([this] { Serve(); }).detach();
   ++live_;
   ++serving_;
-  // Detached: a thread that retires after its set-aside call returned leaves nothing to join;
-  // the destructor waits for live_ to reach zero instead.
-  std::thread([this] { Serve(); }).detach();
 }
 
 bool CallExecutor::SetAside() {

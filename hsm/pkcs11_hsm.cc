@@ -218,7 +218,9 @@ class Pkcs11Hsm final : public Hsm {
   // Held shared by every operation, exclusively while the module is re-initialised.
   std::shared_timed_mutex gate_;
   std::atomic<bool> reinitialize_{false};  // Due: set on a module or token error.
-  std::mutex reinit_mu_;                   // Guards the two below.
+  // Until when (steady clock ticks) callers do not wait for gate_: a wait just timed out.
+  std::atomic<int64_t> gate_busy_until_{0};
+  std::mutex reinit_mu_;  // Guards the two below.
   std::chrono::steady_clock::time_point last_reinit_;
   absl::Status last_reinit_error_;
   StallWatch stall_watch_;  // last: stopped first
@@ -296,8 +298,15 @@ absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_timed_mutex>& gate) {
     return absl::OkStatus();
   }
   // Calls inside the module are given a moment to return (a health probe, say); new ones
-  // wait here rather than enter, so they drain.
-  std::unique_lock exclusive(gate_, kReinitializeWait);
+  // wait here rather than enter, so they drain. If that did not do last time (a call stuck in
+  // the module), only one caller a second waits again; the others are answered at once.
+  const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+  std::unique_lock exclusive(gate_, std::defer_lock);
+  if (now >= gate_busy_until_.load()) {
+    if (!exclusive.try_lock_for(kReinitializeWait)) {
+      gate_busy_until_ = now + std::chrono::steady_clock::duration(std::chrono::seconds(1)).count();
+    }
+  }
   if (!exclusive.owns_lock()) {
     return absl::UnavailableError(
         "the HSM is recovering: the PKCS#11 module is re-initialised once the calls still "
@@ -331,6 +340,10 @@ absl::Status Pkcs11Hsm::Reinitialize() {
     return last_reinit_error_;
   }
   last_reinit_error_ = absl::OkStatus();
+  // The token is back: a key it still lacks was removed from it, for good (FAILED_PRECONDITION
+  // from now on), not lost with it.
+  roots_.ForgetFound();
+  audit_keys_.ForgetFound();
   reinitialize_ = false;
   ++recoveries_;
   spdlog::info("HSM recovered: PKCS#11 module re-initialised, token found and logged in again");
@@ -379,12 +392,16 @@ absl::StatusOr<bool> Pkcs11Hsm::RootKeyConfinesVersions(const std::string& label
 
 absl::Status Pkcs11Hsm::DestroyRootKey(const std::string& label) {
   // Pool sessions are read/write, as destroying a token object requires.
-  absl::StatusOr<CK_OBJECT_HANDLE> destroyed = Run<CK_OBJECT_HANDLE>(
-      [&](CK_SESSION_HANDLE session) { return roots_.Destroy(session, label); });
+  absl::StatusOr<CK_OBJECT_HANDLE> destroyed =
+      Run<CK_OBJECT_HANDLE>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<CK_OBJECT_HANDLE> {
+        CUSTOS_ASSIGN_OR_RETURN(CK_OBJECT_HANDLE root, roots_.Destroy(session, label));
+        // Copies unwrapped under it would otherwise live on in the HSM until evicted (they are
+        // no longer served in any case: every use looks the root up first). Inside the
+        // operation, so that no re-initialisation can renumber the handles meanwhile.
+        cache_->ForgetRoot(root);
+        return root;
+      });
   if (!destroyed.ok()) return destroyed.status();
-  // Copies unwrapped under it would otherwise live on in the HSM until evicted; they are no
-  // longer served in any case, since every use looks the root up first.
-  cache_->ForgetRoot(*destroyed);
   spdlog::info("destroyed root key '{}'", label);
   return absl::OkStatus();
 }

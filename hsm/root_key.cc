@@ -126,6 +126,11 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
   std::lock_guard admin(admin_mu_);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, Find(session, label));
   if (found.empty()) {
+    if (WasFound(label)) {  // Not gone: out of sight with its token's store.
+      return TokenLostError("root key '" + label +
+                            "' was on the HSM token and is not any more: taken for a token that "
+                            "was removed or lost its store");
+    }
     CUSTOS_RETURN_IF_ERROR(RefusePublic(session, label));  // Not ours to destroy.
     return absl::NotFoundError(Missing(label));
   }
@@ -139,6 +144,11 @@ absl::StatusOr<CK_OBJECT_HANDLE> RootKeys::Destroy(CK_SESSION_HANDLE session,
   found_.erase(label);
   ++generation_;
   return root;
+}
+
+void RootKeys::ForgetFound() {
+  std::lock_guard lock(mu_);
+  found_.clear();
 }
 
 bool RootKeys::WasFound(const std::string& label) {

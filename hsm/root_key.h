@@ -81,6 +81,10 @@ class RootKeys {
   // Forgets every cached handle.
   void Reset();
 
+  // Forgets which roots were found before (the token was found again after a loss: a root
+  // missing now is missing for good).
+  void ForgetFound();
+
  private:
   // Private secret token keys labelled `label` (at most two); public ones are never roots.
   absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Find(CK_SESSION_HANDLE session,

@@ -139,7 +139,7 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
     // wait for the stuck call.
     spdlog::critical("{}; exiting (code {}) so that a supervisor restarts custosd", message,
                      kExitHsmHung);
-    spdlog::shutdown();
+    spdlog::default_logger()->flush();  // not shutdown(): other threads may still be logging
     std::_Exit(kExitHsmHung);
   };
   return hsm::OpenPkcs11Hsm(std::move(options));

@@ -742,17 +742,18 @@ absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view pa
     keys.resize(page_size);
     page.next_page_token = EncodePageToken(keys.back()->id);
   }
-  // A row that fails its check is listed, so that officers see it, with the reason. A row
-  // exactly as the cache holds it was checked when it was cached (or written here): listing
-  // it again needs no HSM call, and goes on while the HSM does not answer.
+  // A row that fails its check is listed, so that officers see it, with the reason. The MAC
+  // of a row exactly as the cache holds it passed when it was cached (or was made here): it
+  // is not computed again, so listing goes on while the HSM does not answer. The rest of the
+  // check (the audit record vouching for the row, and that record's part of the log) runs.
   for (size_t i = 0; i < recorded.size(); ++i) {
     const Bytes canonical = CanonicalKeyRow(*keys[i]);
-    if (const auto cached = impl_->cache_.PeekById(keys[i]->id);
-        cached != nullptr && cached->mac == keys[i]->mac && CanonicalKeyRow(*cached) == canonical) {
-      continue;
-    }
-    absl::Status checked = impl_->integrity_.Check(KeyRowName(keys[i]->id), canonical, keys[i]->mac,
-                                                   recorded[i], RowIntegrity::Chain::kRecorded);
+    const auto cached = impl_->cache_.PeekById(keys[i]->id);
+    const bool mac_verified =
+        cached != nullptr && cached->mac == keys[i]->mac && CanonicalKeyRow(*cached) == canonical;
+    absl::Status checked =
+        impl_->integrity_.Check(KeyRowName(keys[i]->id), canonical, keys[i]->mac, recorded[i],
+                                RowIntegrity::Chain::kRecorded, mac_verified);
     if (absl::IsUnavailable(checked)) return checked;
     if (!checked.ok()) keys[i]->integrity_problem = std::string(checked.message());
   }

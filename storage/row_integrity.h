@@ -60,9 +60,11 @@ class RowIntegrity {
   // (the newest audit record naming it, nullopt if none does), may be served. Otherwise
   // DATA_LOSS saying what is wrong, with kIntegrityPayload, also on every later call for the
   // same row. UNAVAILABLE (nothing remembered) if the authenticator or the log cannot be read.
+  // With `mac_verified` (this very content and MAC passed the MAC check before) the MAC is not
+  // computed again; everything else is checked all the same.
   absl::Status Check(const std::string& name, std::span<const uint8_t> canonical,
                      std::span<const uint8_t> mac, const std::optional<RowRecord>& recorded,
-                     Chain chain);
+                     Chain chain, bool mac_verified = false);
 
   // Refuses row `name` from now on (as Check does), saying `why`.
   absl::Status Refuse(const std::string& name, std::string_view why);
