@@ -26,8 +26,10 @@ struct KeyCache::Session {
   // Guarded by Core::mu.
   bool borrowed = false;
   // Used by a call that was set aside (see hsm/call_executor.h): the module may have left it
-  // in any state, so no unwrap is given it again. It lives on only to destroy its objects.
+  // in any state, so no unwrap is given it again. It lives on only to destroy its objects, and
+  // is closed (then free to be opened afresh) once none is left.
   bool retired = false;
+  size_t objects = 0;  // Made on `handle` (this generation) and not destroyed yet.
   // Objects let go of while the session was borrowed, with the generation that made them: the
   // borrower destroys them before giving the session back.
   std::vector<std::pair<CK_OBJECT_HANDLE, uint64_t>> doomed;
@@ -58,7 +60,8 @@ struct KeyCache::Core {
     return added;
   }
 
-  // Destroys what was let go of meanwhile, then frees `session` for others.
+  // Destroys what was let go of meanwhile, then frees `session` for others (closing it first
+  // if it is retired and owns nothing any more).
   void GiveBack(Session* session) {
     const bool set_aside = CallExecutor::SetAside();
     for (;;) {
@@ -67,10 +70,25 @@ struct KeyCache::Core {
         std::lock_guard lock(mu);
         if (set_aside) session->retired = true;
         if (session->doomed.empty()) {
+          if (!session->retired || session->objects > 0) {
+            session->borrowed = false;
+            return;
+          }
+        } else {
+          doomed.swap(session->doomed);
+        }
+      }
+      if (doomed.empty()) {  // Retired and empty: no object of it can be in use.
+        if (session->handle != CK_INVALID_HANDLE) module->api()->C_CloseSession(session->handle);
+        session->handle = CK_INVALID_HANDLE;
+        std::lock_guard lock(mu);
+        ++session->generation;
+        session->retired = false;
+        if (session->doomed.empty()) {
           session->borrowed = false;
           return;
         }
-        doomed.swap(session->doomed);
+        continue;  // Released meanwhile under the old generation: nothing left to destroy.
       }
       for (const auto& [object, generation] : doomed) DestroyOn(session, object, generation);
     }
@@ -96,6 +114,10 @@ struct KeyCache::Core {
   void DestroyOn(Session* session, CK_OBJECT_HANDLE object, uint64_t generation) {
     if (generation != session->generation || session->handle == CK_INVALID_HANDLE) return;
     CK_RV rv = module->api()->C_DestroyObject(session->handle, object);
+    {
+      std::lock_guard lock(mu);
+      if (session->objects > 0) --session->objects;
+    }
     if (rv == CKR_OK || IsHandleStale(rv)) return;
     if (IsSessionDead(rv)) {
       Dead(session);
@@ -114,6 +136,7 @@ struct KeyCache::Core {
     session->handle = CK_INVALID_HANDLE;
     std::lock_guard lock(mu);
     ++session->generation;
+    session->objects = 0;
     ++epoch;
   }
 
@@ -246,6 +269,10 @@ absl::StatusOr<KeyCache::Unwrapped> KeyCache::UnwrapOn(Session* session,
                                            const_cast<CK_BYTE*>(wrapped.data()), wrapped.size(),
                                            unwrapped.data(), unwrapped.size(), &handle);
     if (rv == CKR_OK) {
+      {
+        std::lock_guard lock(core_->mu);
+        ++session->objects;
+      }
       return Unwrapped{Ref(new Key(core_, session, handle, session->generation)), epoch};
     }
     if (IsLoginLost(rv)) {
@@ -329,6 +356,7 @@ void KeyCache::Abandon() {
   for (const auto& session : core_->sessions) {
     session->handle = CK_INVALID_HANDLE;
     ++session->generation;
+    session->objects = 0;
     session->doomed.clear();
     session->retired = false;  // Whatever the module left it in died with the module.
   }

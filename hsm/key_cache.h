@@ -15,7 +15,9 @@
 //
 // Sessions are kept for the cache's life (closing one would destroy the objects it made), so
 // there are as many as unwraps and destructions ever ran at once. Pkcs11Hsm calls Get only
-// while it holds a pool session, which bounds that by about the pool's size.
+// while it holds a pool session, which bounds that by about the pool's size. A session that a
+// set-aside call used (hsm/call_executor.h) is retired: no unwrap is given it again, and it
+// is closed once the last object it made is destroyed (then opened afresh when needed).
 //
 // Callers get Refs (shared ownership). Eviction and Forget() only drop the cache's own
 // reference: the HSM object is destroyed when the last Ref goes, so a thread in the middle of

@@ -76,6 +76,38 @@ TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls
   CHECK(again.ok());
 }
 
+TEST_CASE("sessions a set-aside call used are closed once nothing of theirs is in use",
+          "[deadline]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = Open(ShimOptions(token));
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  const WrappedKey key{"k/1", a, kRoot};
+
+  control.Set("C_UnwrapKey hang\n");
+  CHECK(absl::IsUnavailable(hsm->Encrypt(key, AsBytes("x"), {}).status()));
+  REQUIRE(control.WaitFor("hanging C_UnwrapKey", 1s));
+  // Closing sessions is only counted from here (the rule answers for the module).
+  control.Set("C_CloseSession CKR_OK\n");
+  REQUIRE(control.WaitFor("released C_UnwrapKey", 2s));
+  // The late call finishes: its pool session is closed on its return, never reused; the
+  // cache's session holds the version it unwrapped, now cached, so it stays open.
+  for (int i = 0; i < 100 && control.Count("fired C_CloseSession CKR_OK") < 1; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  std::this_thread::sleep_for(100ms);
+  CHECK(control.Count("fired C_CloseSession CKR_OK") == 1);
+  // Once its last object goes, the retired cache session is closed too.
+  hsm->Forget("k/1");
+  CHECK(control.Count("fired C_CloseSession CKR_OK") == 2);
+  control.Set("");
+  auto sealed = hsm->Encrypt(key, AsBytes("again"), {});
+  REQUIRE(sealed.ok());
+  auto opened = hsm->Decrypt(key, sealed->iv, sealed->ciphertext_and_tag, {});
+  REQUIRE(opened.ok());
+  CHECK(AsString(*opened) == "again");
+}
+
 TEST_CASE("a device error re-initialises the module, and calls recover at once", "[deadline]") {
   SoftHsmToken token;
   FaultControl control;
