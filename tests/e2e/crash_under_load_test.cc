@@ -371,8 +371,9 @@ bool WaitFor(F done, int seconds = 30) {
 
 using server::FromProto;
 
-// The latest checkpoint (signed on request), then every record from seq 1 and every stored
-// checkpoint, as the auditor.
+// The latest checkpoint, every stored checkpoint, then every record from seq 1, as the
+// auditor. In that order: the server goes on writing (maintenance signs checkpoints), and
+// records read last cover every checkpoint read before them.
 void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
              std::vector<audit::Record>* records, std::vector<audit::Checkpoint>* stored) {
   auto stub = pb::AuditService::NewStub(server.Channel("auditor"));
@@ -380,6 +381,16 @@ void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
   INFO(status.error_message());
   REQUIRE(status.ok());
   REQUIRE(latest->message() == audit::CheckpointMessage(FromProto(*latest)));
+
+  grpc::ClientContext checkpoints_context;
+  checkpoints_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto checkpoints = stub->ReadCheckpoints(&checkpoints_context, {});
+  stored->clear();
+  pb::Checkpoint checkpoint;
+  while (checkpoints->Read(&checkpoint)) stored->push_back(FromProto(checkpoint));
+  status = checkpoints->Finish();
+  INFO(status.error_message());
+  REQUIRE(status.ok());
 
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
@@ -390,16 +401,6 @@ void ReadLog(const CustosServer& server, pb::Checkpoint* latest,
   pb::AuditRecord record;
   while (reader->Read(&record)) records->push_back(FromProto(record));
   status = reader->Finish();
-  INFO(status.error_message());
-  REQUIRE(status.ok());
-
-  grpc::ClientContext checkpoints_context;
-  checkpoints_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  auto checkpoints = stub->ReadCheckpoints(&checkpoints_context, {});
-  stored->clear();
-  pb::Checkpoint checkpoint;
-  while (checkpoints->Read(&checkpoint)) stored->push_back(FromProto(checkpoint));
-  status = checkpoints->Finish();
   INFO(status.error_message());
   REQUIRE(status.ok());
 }
