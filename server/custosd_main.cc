@@ -74,6 +74,10 @@ class Maintenance {
     thread_ = std::thread([this, kms] {
       using Clock = std::chrono::steady_clock;
       Clock::time_point next_maintenance, next_checkpoint;  // both due at once
+      // A checkpoint that failed (the HSM did not answer) is tried again soon, not only at the
+      // next interval: records keep coming, and the commits that crossed checkpoint_every
+      // have woken this thread already.
+      std::chrono::seconds checkpoint_retry{1};
       std::unique_lock lock(mu_);
       while (!stop_) {
         const bool woken = std::exchange(woken_, false);
@@ -84,8 +88,15 @@ class Maintenance {
           next_maintenance = now + maintenance_;
         }
         if (woken || now >= next_checkpoint) {
-          LogFailure("audit checkpoint", kms->Checkpoint());
-          next_checkpoint = now + checkpoint_;
+          const absl::Status signed_head = kms->Checkpoint();
+          LogFailure("audit checkpoint", signed_head);
+          if (signed_head.ok()) {
+            next_checkpoint = now + checkpoint_;
+            checkpoint_retry = std::chrono::seconds(1);
+          } else {
+            next_checkpoint = now + std::min(checkpoint_retry, checkpoint_);
+            checkpoint_retry = std::min(2 * checkpoint_retry, checkpoint_);
+          }
         }
         lock.lock();
         cv_.wait_until(lock, std::min(next_maintenance, next_checkpoint),
@@ -114,8 +125,6 @@ class Maintenance {
   bool woken_ = false;
   std::thread thread_;
 };
-
-// Threads of the synchronous AuditService, gRPC's pollers included.
 
 int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());

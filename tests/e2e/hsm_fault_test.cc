@@ -290,6 +290,54 @@ TEST_CASE("A hang of any PKCS#11 call is answered UNAVAILABLE at hsm.call_timeou
   CHECK(server.Log().find("a set-aside HSM call (") != std::string::npos);
 }
 
+TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the checkpoint's write",
+          "[e2e][hsm_fault]") {
+  CustosServer server(
+      ServerOptions{.extra_config = "[audit]\ncheckpoint_every = 1\n", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/own"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  REQUIRE(GenerateDataKey(server, key.key_id(), "known", &reply).ok());
+  auto timed_gdk = [&] {
+    const auto start = Clock::now();
+    const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
+    INFO(Describe(status));
+    CHECK(status.ok());
+    CHECK(Clock::now() - start < 450ms);
+  };
+
+  // The health probe looks the root up on the token: NOT_SERVING while that hangs; the data
+  // path, on cached handles, goes on.
+  server.SetFaults("C_FindObjectsInit hang\n");
+  AwaitLine([&] { return server.Log(); },
+            "health: NOT_SERVING: UNAVAILABLE: HSM: the HSM did not answer CheckRootKey within "
+            "500 ms");
+  for (int i = 0; i < 3; ++i) timed_gdk();
+  server.SetFaults("");
+  AwaitLine([&] { return server.Log(); }, "[info] health: SERVING again");
+
+  // Signing a checkpoint ends by storing its head on the token (C_CreateObject): while that
+  // hangs no checkpoint is stored, and the calls that add records go on.
+  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
+  pb::Checkpoint before;
+  REQUIRE(audit->GetCheckpoint(Context().get(), {}, &before).ok());
+  server.SetFaults("C_CreateObject hang\n");
+  for (int i = 0; i < 3; ++i) timed_gdk();
+  AwaitLine([&] { return server.FaultLog(); }, "hanging C_CreateObject");
+  pb::Checkpoint during;
+  REQUIRE(audit->GetCheckpoint(Context().get(), {}, &during).ok());
+  server.SetFaults("");
+  // Afterwards checkpoints cover the records added meanwhile.
+  pb::Checkpoint after;
+  for (int i = 0; i < 100; ++i) {
+    timed_gdk();
+    REQUIRE(audit->GetCheckpoint(Context().get(), {}, &after).ok());
+    if (after.seq() > during.seq() + 3) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  CHECK(after.seq() > during.seq() + 3);
+}
+
 TEST_CASE("Callers of a key whose unwrap hangs do not hold up calls on other keys",
           "[e2e][hsm_fault]") {
   CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
