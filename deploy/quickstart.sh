@@ -6,13 +6,18 @@
 #
 #   deploy/quickstart.sh     state in ./var/custos, build in ./build
 #   Environment: CUSTOS_STATE=DIR, CUSTOS_BUILD_DIR=DIR, CUSTOS_PORT=N (for a new state only)
+#   A CUSTOS_BUILD_DIR configured already keeps its configuration (a sanitizer build, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 state="${CUSTOS_STATE:-var/custos}"
 build="${CUSTOS_BUILD_DIR:-build}"
 tools/install-deps.sh
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+if [[ -n ${CUSTOS_BUILD_DIR:-} && -f $build/CMakeCache.txt ]]; then
+  cmake -S . -B "$build" >/dev/null
+else
+  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+fi
 cmake --build "$build" -j"$(nproc)"
 tools/make-state.sh "$state"
 state="$(cd "$state" && pwd)"
