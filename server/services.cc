@@ -6,7 +6,6 @@
 #include <optional>
 #include <set>
 
-#include "absl/functional/function_ref.h"
 #include "common/strings.h"
 #include "core/operation_params.h"
 #include "server/audit_proto.h"
