@@ -360,7 +360,10 @@ bool Pkcs11Hsm::Recover(const absl::Status& error, SessionPool::Lease& lease) {
     // Some modules report objects hidden by a lost login as invalid handles. The retry gets a
     // fresh session: an operation the failed call began may still be active on this one.
     lease.MarkBroken();
-    (void)pool_->EnsureLoggedIn(lease.handle());
+    // A stale handle is also what a call on another session (the key cache's) meets once the
+    // token was lost and is back: if this session died with it, its idle siblings did too.
+    const std::optional<CK_RV> session_rv = CkrOf(pool_->EnsureLoggedIn(lease.handle()));
+    if (session_rv && IsSessionDead(*session_rv)) pool_->DiscardAll();
   } else {
     return false;
   }

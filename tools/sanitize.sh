@@ -100,12 +100,6 @@ run_tsan() {
     # TSan serialises them differently. The group commit itself runs in the other
     # concurrency tests of test_storage.
     [storage]='~[.]~"Concurrent batches share one sync (group commit)"'
-    # Fails about one run in three under TSan, with no TSan report: of four threads
-    # recovering together from vanished sessions, one call runs out of the retries
-    # Pkcs11Hsm::RunOnce allows and is answered UNAVAILABLE (C_GetSessionInfo:
-    # CKR_SESSION_HANDLE_INVALID). The interleavings TSan brings out are ones session
-    # recovery does not yet survive; the test runs in every other tier.
-    [hsm]='~[.]~"busy threads recover together after the sessions vanish"'
   )
   local ok=1 t
   for t in "${tests[@]}"; do
