@@ -126,9 +126,21 @@ class Maintenance {
   std::thread thread_;
 };
 
+// Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
+// hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
+// hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already.
 int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());
-  return 1;
+  spdlog::default_logger()->flush();
+  std::fflush(nullptr);
+  std::_Exit(1);
+}
+
+// A key custosd needs could not be used: the advice to run init fits a key that is missing,
+// not an HSM that did not answer (UNAVAILABLE: start again once it does).
+absl::Status KeyMissing(const absl::Status& status, std::string_view advice) {
+  if (absl::IsUnavailable(status)) return status;
+  return absl::FailedPreconditionError(StrCat(status.message(), "; ", advice));
 }
 
 absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
@@ -250,18 +262,18 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog = (*hsm)->HmacSha256(config.catalog_hmac_key_label, {}).status();
       !catalog.ok()) {
-    return Fail(absl::FailedPreconditionError(StrCat(
-        catalog.message(), "; run `custosd --config <file> init` to create the catalogue key")));
+    return Fail(
+        KeyMissing(catalog, "run `custosd --config <file> init` to create the catalogue key"));
   }
   rows.Bind(hsm->get());
   absl::StatusOr<std::string> root_key_label = CurrentRootLabel(config, **store);
   if (!root_key_label.ok()) return Fail(root_key_label.status());
   if (absl::Status root = (*hsm)->CheckRootKey(*root_key_label); !root.ok()) {
+    if (absl::IsUnavailable(root)) return Fail(root);
     if (*root_key_label != config.root_key_label) {
       return Fail(MissingRotatedRoot(*root_key_label, root));
     }
-    return Fail(absl::FailedPreconditionError(
-        StrCat(root.message(), "; run `custosd --config <file> init` once to create it")));
+    return Fail(KeyMissing(root, "run `custosd --config <file> init` once to create it"));
   }
   absl::StatusOr<bool> confines = (*hsm)->RootKeyConfinesVersions(*root_key_label);
   if (!confines.ok()) return Fail(confines.status());
@@ -286,13 +298,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // The audit log needs its HMAC key before the first record (older state: run init again).
   if (absl::Status hmac = (*hsm)->HmacSha256(config.audit_hmac_key_label, {}).status();
       !hmac.ok()) {
-    return Fail(absl::FailedPreconditionError(
-        StrCat(hmac.message(), "; run `custosd --config <file> init` to create the audit keys")));
+    return Fail(KeyMissing(hmac, "run `custosd --config <file> init` to create the audit keys"));
   }
   if (absl::Status signing = (*hsm)->PublicKeyPem(config.audit_signing_key_label).status();
       !signing.ok()) {
-    return Fail(absl::FailedPreconditionError(StrCat(
-        signing.message(), "; run `custosd --config <file> init` to create the audit keys")));
+    return Fail(KeyMissing(signing, "run `custosd --config <file> init` to create the audit keys"));
   }
   audit::LogSink audit_sink;
   SystemClock clock;

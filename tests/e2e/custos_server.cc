@@ -144,7 +144,12 @@ CustosServer& CustosServer::Shared() {
   return server;
 }
 
-bool CustosServer::Alive() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
+bool CustosServer::Alive() const {
+  if (pid_ <= 0) return false;
+  // WNOWAIT: an exited server stays to be reaped, so WaitForExit still learns its status.
+  siginfo_t info{};
+  return waitid(P_PID, pid_, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == 0;
+}
 
 int CustosServer::WaitForExit(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;

@@ -290,6 +290,78 @@ TEST_CASE("A hang of any PKCS#11 call is answered UNAVAILABLE at hsm.call_timeou
   CHECK(server.Log().find("a set-aside HSM call (") != std::string::npos);
 }
 
+TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILABLE too",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/session"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  REQUIRE(GenerateDataKey(server, key.key_id(), "known", &reply).ok());
+  // Each error makes the call that meets it go through the hung function before retrying:
+  //  - a dead session: the idle sessions are closed (C_CloseSession), and the retry opens a
+  //    fresh one (C_OpenSession) and asks whether it is logged in (C_GetSessionInfo);
+  //  - a device error: the module is initialised again, which logs out, so the session the
+  //    recovery opens logs in (C_Login).
+  struct Case {
+    std::string hung;
+    std::string error;
+  };
+  const std::vector<Case> cases = {
+      {"C_CloseSession", "CKR_SESSION_HANDLE_INVALID"},
+      {"C_OpenSession", "CKR_SESSION_HANDLE_INVALID"},
+      {"C_GetSessionInfo", "CKR_SESSION_HANDLE_INVALID"},
+      {"C_Login", "CKR_DEVICE_ERROR"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.hung << " after " << c.error);
+    server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
+    const auto start = Clock::now();
+    const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
+    const auto waited = Clock::now() - start;
+    INFO(Describe(status));
+    CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+    CHECK(waited < 2500ms);
+    CHECK(Occurrences(server.FaultLog(), "hanging " + c.hung) >= 1);
+    // Served again once the module answers, by the same process.
+    server.SetFaults("");
+    AwaitLine([&] { return server.FaultLog(); }, "released " + c.hung);
+    grpc::Status again;
+    for (int i = 0; i < 40; ++i) {  // a recovery may be under way: a few hundred ms
+      again = GenerateDataKey(server, key.key_id(), "known", &reply);
+      if (again.ok()) break;
+      std::this_thread::sleep_for(50ms);
+    }
+    INFO(Describe(again));
+    CHECK(again.ok());
+  }
+  CHECK(server.Alive());
+}
+
+TEST_CASE("A hang while custosd starts fails its start at once with a clear error",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  UseShortHsmDeadline(server);
+  server.Stop();
+  // Custosd reads HSM key attributes (C_GetAttributeValue) only while it starts: first those
+  // of the catalogue's HMAC key. An HSM that does not answer is UNAVAILABLE (start again
+  // later), not a key to create with init; and the stuck call does not hold the exit.
+  server.SetFaults("C_GetAttributeValue hang\n");
+  const auto start = Clock::now();
+  CHECK_THROWS(server.Start());
+  CHECK(server.WaitForExit(10s) == 1);
+  CHECK(Clock::now() - start < 10s);
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK(log.find("[critical] UNAVAILABLE: the HSM did not answer HmacSha256 within 500 ms "
+                 "(hsm.call_timeout_ms); retry later\n") != std::string::npos);
+  CHECK(log.find("init") == std::string::npos);
+  server.SetFaults("");
+  server.Start();
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/start"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
+}
+
 TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the checkpoint's write",
           "[e2e][hsm_fault]") {
   CustosServer server(
