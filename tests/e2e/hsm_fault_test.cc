@@ -300,8 +300,9 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
   // Each error makes the call that meets it go through the hung function before retrying:
   //  - a dead session: the idle sessions are closed (C_CloseSession), and the retry opens a
   //    fresh one (C_OpenSession) and asks whether it is logged in (C_GetSessionInfo);
-  //  - a device error: the module is initialised again, which logs out, so the session the
-  //    recovery opens logs in (C_Login).
+  //  - a device error: the module is finalised and initialised again (C_Finalize,
+  //    C_Initialize), the token found again by its label (C_GetSlotList, C_GetTokenInfo), and
+  //    the session the recovery opens logs in (C_Login), since finalising logged out.
   struct Case {
     std::string hung;
     std::string error;
@@ -311,6 +312,10 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
       {"C_OpenSession", "CKR_SESSION_HANDLE_INVALID"},
       {"C_GetSessionInfo", "CKR_SESSION_HANDLE_INVALID"},
       {"C_Login", "CKR_DEVICE_ERROR"},
+      {"C_Finalize", "CKR_DEVICE_ERROR"},
+      {"C_Initialize", "CKR_DEVICE_ERROR"},
+      {"C_GetSlotList", "CKR_DEVICE_ERROR"},
+      {"C_GetTokenInfo", "CKR_DEVICE_ERROR"},
   };
   for (const Case& c : cases) {
     INFO(c.hung << " after " << c.error);
@@ -380,34 +385,49 @@ TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the c
 
   // The health probe looks the root up on the token: NOT_SERVING while that hangs; the data
   // path, on cached handles, goes on.
-  server.SetFaults("C_FindObjectsInit hang\n");
-  AwaitLine([&] { return server.Log(); },
-            "health: NOT_SERVING: UNAVAILABLE: HSM: the HSM did not answer CheckRootKey within "
-            "500 ms");
-  for (int i = 0; i < 3; ++i) timed_gdk();
-  server.SetFaults("");
-  AwaitLine([&] { return server.Log(); }, "[info] health: SERVING again");
+  for (const std::string function : {"C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"}) {
+    INFO(function);
+    const size_t seen = Occurrences(server.Log(), "health: NOT_SERVING");
+    server.SetFaults(function + " hang\n");
+    AwaitLine([&] { return server.FaultLog(); }, "hanging " + function);
+    AwaitLine([&] { return Occurrences(server.Log(), "health: NOT_SERVING") > seen ? "yes" : ""; },
+              "yes");
+    CHECK(server.Log().find("health: NOT_SERVING: UNAVAILABLE: HSM: the HSM did not answer "
+                            "CheckRootKey within 500 ms") != std::string::npos);
+    for (int i = 0; i < 3; ++i) timed_gdk();
+    const size_t recovered = Occurrences(server.Log(), "[info] health: SERVING again");
+    server.SetFaults("");
+    AwaitLine([&] { return server.FaultLog(); }, "released " + function);
+    AwaitLine(
+        [&] {
+          return Occurrences(server.Log(), "[info] health: SERVING again") > recovered ? "yes" : "";
+        },
+        "yes");
+  }
 
   // Signing a checkpoint ends by storing its head on the token (C_CreateObject): while that
   // hangs no checkpoint is stored, and the calls that add records go on.
+  // Then it destroys the head it replaced (C_DestroyObject).
   auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
-  pb::Checkpoint before;
-  REQUIRE(audit->GetCheckpoint(Context().get(), {}, &before).ok());
-  server.SetFaults("C_CreateObject hang\n");
-  for (int i = 0; i < 3; ++i) timed_gdk();
-  AwaitLine([&] { return server.FaultLog(); }, "hanging C_CreateObject");
-  pb::Checkpoint during;
-  REQUIRE(audit->GetCheckpoint(Context().get(), {}, &during).ok());
-  server.SetFaults("");
-  // Afterwards checkpoints cover the records added meanwhile.
-  pb::Checkpoint after;
-  for (int i = 0; i < 100; ++i) {
-    timed_gdk();
-    REQUIRE(audit->GetCheckpoint(Context().get(), {}, &after).ok());
-    if (after.seq() > during.seq() + 3) break;
-    std::this_thread::sleep_for(50ms);
+  for (const std::string function : {"C_CreateObject", "C_DestroyObject"}) {
+    INFO(function);
+    server.SetFaults(function + " hang\n");
+    for (int i = 0; i < 3; ++i) timed_gdk();
+    AwaitLine([&] { return server.FaultLog(); }, "hanging " + function);
+    pb::Checkpoint during;
+    REQUIRE(audit->GetCheckpoint(Context().get(), {}, &during).ok());
+    server.SetFaults("");
+    AwaitLine([&] { return server.FaultLog(); }, "released " + function);
+    // Afterwards checkpoints cover the records added meanwhile.
+    pb::Checkpoint after;
+    for (int i = 0; i < 100; ++i) {
+      timed_gdk();
+      REQUIRE(audit->GetCheckpoint(Context().get(), {}, &after).ok());
+      if (after.seq() > during.seq() + 3) break;
+      std::this_thread::sleep_for(50ms);
+    }
+    CHECK(after.seq() > during.seq() + 3);
   }
-  CHECK(after.seq() > during.seq() + 3);
 }
 
 TEST_CASE("Callers of a key whose unwrap hangs do not hold up calls on other keys",
