@@ -35,6 +35,7 @@
 #include "common/status.h"
 #include "core/context_mac_cache.h"
 #include "core/encryption_context.h"
+#include "core/key_locks.h"
 #include "core/observed_time.h"
 #include "core/usage_tracker.h"
 #include "hsm/hsm.h"
@@ -380,7 +381,7 @@ class Kms {
                                              policy::Operation operation,
                                              const OperationParams& params);
   // The one place that changes key state: executes an approved request, writing the key and
-  // the request in one transaction. Called with requests_mu_ held.
+  // the request in one transaction. Called with the request's ChangeLock held.
   absl::StatusOr<Request> Execute(Call& call, Request request, const OperationParams& params);
   // Executes a RotateRootKey request (see docs/ARCHITECTURE.md, "Root key rotation"): the new
   // root is in use when it returns; versions under legacy roots are re-wrapped afterwards, in
@@ -410,15 +411,34 @@ class Kms {
   // requests_mu_ held.
   absl::Status DestroyRetiredRoots(const std::string& request_id);
   absl::StatusOr<std::vector<std::string>> RetiredRoots() const;
+  // What a key-management change holds while it checks and writes: requests_mu_ exclusively
+  // for the changes that concern the whole server (root rotation, re-anchoring the log), else
+  // requests_mu_ shared and, by name (key_locks_), the key it changes or, for a key still to be
+  // created, its request. (Members in locking order: released the other way round.)
+  struct ChangeLock {
+    std::shared_lock<std::shared_mutex> shared;
+    std::unique_lock<std::shared_mutex> exclusive;
+    KeyLocks::Held held;
+  };
+  ChangeLock LockServer();
+  ChangeLock LockShared(const std::string& name);
+  // The lock a change to the request `request_id` takes (NOT_FOUND if there is none).
+  absl::StatusOr<ChangeLock> LockRequest(std::string_view request_id);
+  static std::string KeyLockName(const std::string& key_id) { return "key/" + key_id; }
+  // The name a change to `request` locks: its key's, or its own for a key to be created.
+  static std::string LockNameOf(const Request& request);
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);
   // Purges erased material from the database files if a purge is pending; records the attempt.
   absl::Status PurgeErased();
   // Rotates `key_id` (pre-approved by policy). With `worn_version`, only while that version is
-  // still the key's primary.
-  absl::Status AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version);
-  absl::Status RunMaintenanceLocked();  // with requests_mu_ held
+  // still the key's primary; without, only while it is due by period at `now`. Called with the
+  // key's lock held.
+  absl::Status AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version,
+                          int64_t now);
+  // The turn's work, each step under the lock it needs (see ChangeLock).
+  absl::Status RunMaintenanceTurn();
   // An audit event of the server's own (principal kServerPrincipal).
   audit::Event ServerEvent(std::string_view action, const std::string& key_id,
                            const std::string& request_id, absl::StatusCode outcome,
@@ -439,12 +459,14 @@ class Kms {
   std::shared_ptr<const policy::Policy> policy_;
   std::string root_key_label_;  // guarded by policy_mu_
   std::string anchor_problem_;  // guarded by policy_mu_; empty unless awaiting re-anchoring
-  // Serialises request state changes (and key changes), so every request moves through its
-  // states exactly once; the data path never takes it. A direct CreateKey takes it shared:
-  // creations run side by side (the store refuses a taken alias), and only wait out what
-  // holds it exclusively, a root rotation above all, which must not miss a key being wrapped
-  // under the root it retires.
+  // With key_locks_, serialises request state changes and key changes (see ChangeLock), so
+  // every request moves through its states exactly once; the data path never takes it. Changes
+  // to one key take it shared and lock that key: changes to other keys run side by side, and
+  // all wait out what holds it exclusively, a root rotation above all, which must not miss a
+  // key being wrapped under the root it retires. A direct CreateKey takes it shared (the store
+  // refuses a taken alias).
   std::shared_mutex requests_mu_;
+  KeyLocks key_locks_;
   UsageTracker usage_;
   ObservedTime observed_;
   mutable ContextMacCache context_macs_;

@@ -1,6 +1,7 @@
 // Housekeeping the server does by itself (pre-approved by policy, audited as the server):
 // expiry, crypto-shredding when a deletion is due, automatic rotation, and resuming a root
 // rotation's background work (core/root_rotation.cc).
+#include <algorithm>
 #include <optional>
 
 #include "absl/strings/cord.h"
@@ -70,47 +71,73 @@ absl::Status Kms::RunMaintenance() {
     alarm.SetPayload(storage::kIntegrityPayload, absl::Cord("audit_log"));
     RaiseIntegrityAlarm(alarm);
   }
-  std::lock_guard lock(requests_mu_);
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
-  absl::Status done = RunMaintenanceLocked();
+  absl::Status done = RunMaintenanceTurn();
   RaiseIntegrityAlarm(done);
   return done;
 }
 
-absl::Status Kms::RunMaintenanceLocked() {
+absl::Status Kms::RunMaintenanceTurn() {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
-  if (std::optional<int64_t> jump = observed_.TakeWallClockJump(kClockJumpToleranceSeconds)) {
-    const std::string detail =
-        StrCat("the wall clock moved ", *jump, " s against the time this server observed passing; ",
-               "key destruction waits for both clocks");
-    spdlog::error("clock: {}", detail);
-    CUSTOS_RETURN_IF_ERROR(
-        Commit({}, {ServerEvent("ClockJump", "", "", absl::StatusCode::kOk, detail)}));
+  {
+    // What concerns the whole server: the roots. (Destroying a retired root is the only HSM
+    // call made holding the server, and only after a root rotation.)
+    ChangeLock server = LockServer();
+    if (std::optional<int64_t> jump = observed_.TakeWallClockJump(kClockJumpToleranceSeconds)) {
+      const std::string detail = StrCat("the wall clock moved ", *jump,
+                                        " s against the time this server observed passing; ",
+                                        "key destruction waits for both clocks");
+      spdlog::error("clock: {}", detail);
+      CUSTOS_RETURN_IF_ERROR(
+          Commit({}, {ServerEvent("ClockJump", "", "", absl::StatusCode::kOk, detail)}));
+    }
+    // After a restart. Its failure (the setting unreadable) must not hold up the rest of the
+    // turn, destructions above all: logged, and tried again next turn.
+    if (absl::Status resumed = ResumeRootMigration(); !resumed.ok()) {
+      spdlog::error("root rotation: cannot resume re-wrapping: {}", resumed.ToString());
+    }
+    CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
   }
+  // The rest, one key (or request) at a time, each checked again under its lock: an officer
+  // may have changed it since it was listed.
   CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
-  for (Request& request : pending) {
-    if (request.expires_at <= now) CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
+  for (const Request& listed : pending) {
+    if (listed.expires_at > now) continue;
+    ChangeLock lock = LockShared(LockNameOf(listed));
+    CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(listed.id));
+    if (request.state == RequestState::kPending && request.expires_at <= now) {
+      CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
+    }
   }
-  // After a restart. Its failure (the setting unreadable) must not hold up the rest of the
-  // turn, destructions above all: logged, and tried again next turn.
-  if (absl::Status resumed = ResumeRootMigration(); !resumed.ok()) {
-    spdlog::error("root rotation: cannot resume re-wrapping: {}", resumed.ToString());
-  }
-  CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
-  for (const std::string& key_id : due) CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
+  for (const std::string& key_id : due) {
+    ChangeLock lock = LockShared(KeyLockName(key_id));
+    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
+    if (key->state == KeyState::kPendingDeletion && key->deletion_due_at <= now &&
+        key->deletion_due_observed <= observed) {
+      CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
+    }
+  }
   // A purge that cannot run now (a reader holding the file) is retried next turn; the rest of
   // the turn does not wait for it.
-  absl::Status purged = PurgeErased();
+  absl::Status purged;
+  {
+    ChangeLock lock = LockShared("");
+    purged = PurgeErased();
+  }
   // Rotations due by period (whatever the primary version), then those a version's usage asked
   // for (only while that version is still primary: one crossing, one rotation).
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
-  for (const std::string& key_id : stale) CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, std::nullopt));
+  for (const std::string& key_id : stale) {
+    ChangeLock lock = LockShared(KeyLockName(key_id));
+    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, std::nullopt, now));
+  }
   for (const auto& [key_id, version] : usage_.RotationWanted()) {
-    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, version));
+    ChangeLock lock = LockShared(KeyLockName(key_id));
+    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, version, now));
     usage_.RotationDone(key_id, version);
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());
@@ -118,10 +145,20 @@ absl::Status Kms::RunMaintenanceLocked() {
   return purged;
 }
 
-absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version) {
+absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version,
+                             int64_t now) {
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
   if (key->state != KeyState::kEnabled) return absl::OkStatus();  // nothing encrypts under it
   if (worn_version && key->primary_version != *worn_version) return absl::OkStatus();  // done
+  if (!worn_version) {  // due by period: unless an officer rotated it since it was listed
+    const auto primary = std::find_if(
+        key->versions.begin(), key->versions.end(),
+        [&](const storage::KeyVersion& v) { return v.version == key->primary_version; });
+    if (key->rotation_period_seconds <= 0 || primary == key->versions.end() ||
+        primary->created_at + key->rotation_period_seconds > now) {
+      return absl::OkStatus();
+    }
+  }
   absl::StatusOr<KeyRecord> rotated = Applied(*key, Operation::kRotateKey, {});
   if (!rotated.ok()) {
     (void)Commit({}, {ServerEvent("AutoRotateKey", key_id, "", rotated.status().code())});

@@ -47,7 +47,19 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       return absl::InvalidArgumentError(
           StrCat("justification is longer than ", kMaxJustificationBytes, " bytes"));
     }
-    std::lock_guard lock(requests_mu_);
+    // Server-wide requests lock the server; the others, the key they change (found first to
+    // learn its id, then read again under the lock, as it is now).
+    const bool server_wide = proposal.operation == Operation::kRotateRootKey ||
+                             proposal.operation == Operation::kReAnchorAuditLog;
+    ChangeLock lock;
+    if (server_wide) {
+      lock = LockServer();
+    } else if (proposal.operation == Operation::kCreateKey) {
+      lock = LockShared("");
+    } else {
+      CUSTOS_ASSIGN_OR_RETURN(KeyRef found, FindKey(proposal.key));
+      lock = LockShared(KeyLockName(found->id));
+    }
     const int64_t now = options_.clock->NowSeconds();
     Request request;
     request.id = NewKeyId();
@@ -59,8 +71,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     request.parameters = EncodeParams(proposal.operation, proposal.params);
     call.event().request_id = request.id;
 
-    if (proposal.operation == Operation::kRotateRootKey ||
-        proposal.operation == Operation::kReAnchorAuditLog) {
+    if (server_wide) {
       if (proposal.operation == Operation::kRotateRootKey) {
         CUSTOS_RETURN_IF_ERROR(NoRootMigrationRunning());
       }
@@ -114,6 +125,33 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
   }());
 }
 
+Kms::ChangeLock Kms::LockServer() {
+  ChangeLock lock;
+  lock.exclusive = std::unique_lock(requests_mu_);
+  return lock;
+}
+
+Kms::ChangeLock Kms::LockShared(const std::string& name) {
+  ChangeLock lock;
+  lock.shared = std::shared_lock(requests_mu_);
+  if (!name.empty()) lock.held = key_locks_.Lock(name);
+  return lock;
+}
+
+std::string Kms::LockNameOf(const Request& request) {
+  return request.key_id.empty() ? "request/" + request.id : KeyLockName(request.key_id);
+}
+
+absl::StatusOr<Kms::ChangeLock> Kms::LockRequest(std::string_view request_id) {
+  // Read before locking, to learn what to lock; what the request names never changes.
+  CUSTOS_ASSIGN_OR_RETURN(const Request request, options_.store->GetRequest(request_id));
+  const std::optional<Operation> operation = policy::ParseOperation(request.operation);
+  if (operation == Operation::kRotateRootKey || operation == Operation::kReAnchorAuditLog) {
+    return LockServer();
+  }
+  return LockShared(LockNameOf(request));
+}
+
 absl::StatusOr<Request> Kms::LoadPending(Call& call, std::string_view request_id) {
   CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(request_id));
   call.event().request_id = request.id;
@@ -137,7 +175,7 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
   Call call(*this, caller, Action::kApprove);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    std::lock_guard lock(requests_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(ChangeLock lock, LockRequest(request_id));
     CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
     if (expected_digest.empty()) {
       return absl::InvalidArgumentError(
@@ -260,7 +298,7 @@ absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view reque
       return absl::InvalidArgumentError(
           StrCat("reason is longer than ", kMaxReasonBytes, " bytes"));
     }
-    std::lock_guard lock(requests_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(ChangeLock lock, LockRequest(request_id));
     CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
     request.state = RequestState::kRejected;
     request.rejected_by = caller.principal;

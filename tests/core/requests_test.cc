@@ -75,6 +75,68 @@ TEST_CASE("Direct key creations run side by side, not one at a time", "[requests
   CHECK(absl::IsAlreadyExists(create("side-by-side-1").status()));
 }
 
+TEST_CASE("A change inside the HSM holds up changes to its own key only", "[requests]") {
+  Fixture f;
+  const KeyRef held_key = f.NewKey("held");
+  const KeyRef other_key = f.NewKey("other");
+  absl::StatusOr<Request> held = f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "held"));
+  REQUIRE(held.ok());
+  REQUIRE(f.kms->Approve(f.officer2, held->id, DigestOf(f, held->id)).ok());
+  // The last approval executes the rotation: its new version is made in the HSM, where this
+  // holds it until a whole rotation of the other key has been proposed, approved and executed
+  // (or 5 s), and a proposal for the held key has waited 300 ms.
+  std::future<Request> other;
+  std::future<absl::StatusOr<Request>> same_key;
+  bool other_done = false;
+  bool same_key_waited = false;
+  f.hsm->BeforeNextCallTo("GenerateWrappedKey", [&] {
+    other = std::async(std::launch::async,
+                       [&] { return Execute(f, Propose(Operation::kRotateKey, "other")); });
+    other_done = other.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+    same_key = std::async(std::launch::async, [&] {
+      return f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "held"));
+    });
+    same_key_waited =
+        same_key.wait_for(std::chrono::milliseconds(300)) == std::future_status::timeout;
+  });
+  absl::StatusOr<Request> executed = f.kms->Approve(f.officer3, held->id, DigestOf(f, held->id));
+  CHECK(other_done);
+  CHECK(same_key_waited);
+  REQUIRE(executed.ok());
+  CHECK(executed->state == RequestState::kExecuted);
+  CHECK(other.get().state == RequestState::kExecuted);
+  // The proposal for the held key went on after the rotation, against the key as it was then.
+  absl::StatusOr<Request> after = same_key.get();
+  REQUIRE(after.ok());
+  CHECK(after->state == RequestState::kPending);
+  CHECK((*f.store->GetKey(held_key->id))->primary_version == 2);
+  CHECK((*f.store->GetKey(other_key->id))->primary_version == 2);
+}
+
+TEST_CASE("Maintenance inside the HSM for one key holds up no officer change to another",
+          "[requests][rotation]") {
+  Fixture f;
+  CreateKeyParams params;
+  params.alias = "periodic";
+  params.rotation_period_days = 90;
+  const absl::StatusOr<KeyRef> periodic = f.kms->CreateKey(f.officer, params);
+  REQUIRE(periodic.ok());
+  const KeyRef other_key = f.NewKey("other");
+  f.clock.Advance(90 * policy::kDay);
+  std::future<Request> other;
+  bool other_done = false;
+  f.hsm->BeforeNextCallTo("GenerateWrappedKey", [&] {
+    other = std::async(std::launch::async,
+                       [&] { return Execute(f, Propose(Operation::kRotateKey, "other")); });
+    other_done = other.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  });
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(other_done);
+  CHECK(other.get().state == RequestState::kExecuted);
+  CHECK((*f.store->GetKey((*periodic)->id))->primary_version == 2);
+  CHECK((*f.store->GetKey(other_key->id))->primary_version == 2);
+}
+
 TEST_CASE("A rotation executes exactly when two other officers approved it", "[requests]") {
   Fixture f;
   const KeyRef key = f.NewKey("orders");
