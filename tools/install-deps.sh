@@ -9,6 +9,7 @@ packages=(
   libssl-dev libsqlite3-dev libspdlog-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev catch2
   softhsm2 libp11-kit-dev opensc
   sqlite3 openssl ca-certificates python3
+  systemd  # systemd-analyze, for the unit test of deploy/custosd.service
 )
 
 command -v dpkg-query >/dev/null || {
