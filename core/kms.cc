@@ -107,22 +107,28 @@ absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> 
   // The context's HMAC (an HSM call) only once the caller may decrypt: a refused call costs
   // the HSM nothing, and is recorded without it.
   CUSTOS_RETURN_IF_ERROR(call.BindContext(context));
-  const storage::KeyVersion* version = (*key)->FindVersion(parsed.header.key_version);
+  return OpenBlob(**key, parsed, context);
+}
+
+absl::StatusOr<Plaintext> Kms::OpenBlob(const KeyRecord& key, const ParsedBlob& parsed,
+                                        const EncryptionContext& context) {
+  const std::string& key_id = key.id;
+  const storage::KeyVersion* version = key.FindVersion(parsed.header.key_version);
   if (version == nullptr) {
     return absl::InvalidArgumentError(StrCat("ciphertext blob names version ",
                                              parsed.header.key_version, " of key ", key_id,
                                              ", which does not exist; the blob is corrupted"));
   }
-  if (version->version < (*key)->min_decrypt_version) {
+  if (version->version < key.min_decrypt_version) {
     return absl::FailedPreconditionError(
         StrCat("version ", version->version, " of key ", key_id,
-               " is retired (the minimum decryption version is ", (*key)->min_decrypt_version,
+               " is retired (the minimum decryption version is ", key.min_decrypt_version,
                "); re-encrypt data with ReEncrypt before retiring, or have officers lower the "
                "minimum with a SetMinDecryptVersion request"));
   }
   const Bytes aad = BlobAad(parsed.header, context);
   absl::StatusOr<SecureBytes> plaintext = options_.hsm->Decrypt(
-      {CacheId(**key, version->version), version->wrapped, version->root_key_label}, parsed.iv,
+      {CacheId(key, version->version), version->wrapped, version->root_key_label}, parsed.iv,
       parsed.ciphertext_and_tag, aad);
   if (plaintext.status().code() == absl::StatusCode::kInvalidArgument) {
     return absl::InvalidArgumentError(

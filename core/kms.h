@@ -33,6 +33,7 @@
 #include "common/clock.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
+#include "core/ciphertext_blob.h"
 #include "core/context_mac_cache.h"
 #include "core/encryption_context.h"
 #include "core/key_locks.h"
@@ -109,6 +110,21 @@ struct CreateKeyParams {
 
 using KeyRef = std::shared_ptr<const storage::KeyRecord>;
 
+// A table-space key of the key/value gateway (docs/TDE.md): key `key_id` of `mount`.
+struct TdeKeyParams {
+  std::string mount;    // the mount databases name in their URL: 1..64 of [A-Za-z0-9_.-]
+  uint32_t key_id = 0;  // the database's own key id, from 1
+  std::string key;      // CreateTdeKey: the Custos key (id or alias) its versions are sealed under
+};
+
+// IssueDatabaseToken: who may fetch what through the gateway, until when.
+struct DatabaseTokenParams {
+  std::string principal;       // a principal with the role database
+  std::string mount;           // the one mount it may read
+  std::set<uint32_t> key_ids;  // the key ids of that mount it may read
+  int64_t ttl_days = 0;        // 1..366
+};
+
 // What a dual-control operation changes; only the fields of its operation are read.
 struct OperationParams {
   CreateKeyParams create;                    // CreateKey
@@ -116,6 +132,9 @@ struct OperationParams {
   std::set<std::string> decrypt_principals;  // UpdateKeyGrants
   uint32_t min_decrypt_version = 0;          // SetMinDecryptVersion
   int64_t deletion_waiting_days = 0;         // ScheduleKeyDeletion; 0 = the config's
+  TdeKeyParams tde;                          // CreateTdeKey, RotateTdeKey
+  DatabaseTokenParams token;                 // IssueDatabaseToken
+  std::string token_id;                      // RevokeDatabaseToken
 };
 
 struct Proposal {
@@ -263,6 +282,26 @@ class Kms {
                                                     const storage::RequestFilter& filter,
                                                     size_t page_size, std::string_view page_token);
 
+  // --- Databases (the key/value gateway, docs/TDE.md) -----------------------------------------
+  // A database takes the token officers issued it (IssueDatabaseToken), once, as
+  // "cdt.<token id>.<secret>"; only the secret's SHA-256 is kept, and nobody else ever sees it.
+  // PERMISSION_DENIED unless the caller is a database and the token's principal; NOT_FOUND
+  // for an unknown token id; FAILED_PRECONDITION if it was claimed already, revoked or expired.
+  absl::StatusOr<SecureBytes> ClaimDatabaseToken(const Caller& caller, std::string_view token_id);
+  struct TdeKey {
+    uint32_t version = 0;
+    SecureBytes key;  // 32 bytes
+  };
+  // Version `version` (or the newest) of key `key_id` of `mount`, for the holder of `token`
+  // calling from `peer`. PERMISSION_DENIED for a token that is malformed, unknown, wrong,
+  // unclaimed, revoked or expired, or whose principal is no database now (coalesced in the
+  // log, as every refusal); NOT_FOUND alike for a mount, key id or version that does not
+  // exist and for one the token is not bound to. Recorded as FetchTdeKey with the Custos key
+  // and version that sealed it and "mount=<m> key_id=<n> version=<v>".
+  absl::StatusOr<TdeKey> FetchTdeKey(std::string_view peer, std::string_view token,
+                                     std::string_view mount, uint32_t key_id,
+                                     std::optional<uint32_t> version);
+
   // --- Housekeeping (the server's own timer) ------------------------------------------------
   // Expires pending requests past their TTL, destroys keys whose deletion waiting period has
   // ended (crypto-shredding), rotates keys whose rotation period has passed or whose primary
@@ -363,6 +402,17 @@ class Kms {
                                           const EncryptionContext& context);
   absl::StatusOr<Plaintext> DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                         const EncryptionContext& context);
+  // The HSM part of a decryption, once the caller may: version checks and the unseal.
+  absl::StatusOr<Plaintext> OpenBlob(const storage::KeyRecord& key, const ParsedBlob& parsed,
+                                     const EncryptionContext& context);
+  // The gateway's dual-control operations (core/tde.cc): what a proposal must be to be made,
+  // the name its changes lock ("" for none), and its execution.
+  absl::Status CheckGatewayProposal(policy::Operation operation, const OperationParams& params);
+  static std::string GatewayLockName(policy::Operation operation, const OperationParams& params);
+  absl::StatusOr<Request> ExecuteGateway(Call& call, Request request,
+                                         const OperationParams& params);
+  // Closes `request` FAILED with the reason `failed` gives, recorded with the call.
+  absl::StatusOr<Request> CloseFailed(Call& call, Request request, const absl::Status& failed);
   // The data-plane use cases inside their Call, shared by the single and the batch calls.
   absl::StatusOr<DataKey> GenerateDataKeyIn(Call& call, const DataKeyItem& item,
                                             bool with_plaintext);
@@ -412,20 +462,27 @@ class Kms {
   absl::Status DestroyRetiredRoots(const std::string& request_id);
   absl::StatusOr<std::vector<std::string>> RetiredRoots() const;
   // What a key-management change holds while it checks and writes: requests_mu_ exclusively
-  // for the changes that concern the whole server (root rotation, re-anchoring the log), else
-  // requests_mu_ shared and, by name (key_locks_), the key it changes or, for a key still to be
-  // created, its request. (Members in locking order: released the other way round.)
+  // for the changes that concern the whole server (root rotation, re-anchoring the log), else,
+  // by name (key_locks_), the key it changes (or what else it changes alone), then
+  // requests_mu_ shared. In that order: a change waiting for its key holds nothing that a
+  // server-wide change waits for (those take no key lock). Members in locking order, released
+  // the other way round; built once, never assigned over.
   struct ChangeLock {
+    ChangeLock() = default;
+    ChangeLock(ChangeLock&&) = default;
+    ChangeLock& operator=(ChangeLock&&) = delete;
+
+    KeyLocks::Held held;
     std::shared_lock<std::shared_mutex> shared;
     std::unique_lock<std::shared_mutex> exclusive;
-    KeyLocks::Held held;
   };
   ChangeLock LockServer();
   ChangeLock LockShared(const std::string& name);
   // The lock a change to the request `request_id` takes (NOT_FOUND if there is none).
   absl::StatusOr<ChangeLock> LockRequest(std::string_view request_id);
   static std::string KeyLockName(const std::string& key_id) { return "key/" + key_id; }
-  // The name a change to `request` locks: its key's, or its own for a key to be created.
+  // The name a change to `request` locks: its key's, a gateway key's or token's, or its own
+  // for a key to be created.
   static std::string LockNameOf(const Request& request);
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
@@ -471,7 +528,8 @@ class Kms {
   ObservedTime observed_;
   mutable ContextMacCache context_macs_;
   mutable std::atomic<uint64_t> records_since_checkpoint_{0};
-  std::mutex checkpoint_mu_;  // one signer at a time (timer, RPC), so counts are taken once
+  std::mutex checkpoint_mu_;   // one signer at a time (timer, RPC), so counts are taken once
+  std::mutex maintenance_mu_;  // one maintenance turn at a time (a purge follows destructions)
   mutable std::mutex alarm_mu_;
   mutable std::set<std::string> alarmed_rows_;  // guarded by alarm_mu_
   RefusalCounter refusal_counter_;              // set before serving

@@ -119,6 +119,10 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
     case Operation::kCreateKey:
     case Operation::kRotateRootKey:
     case Operation::kReAnchorAuditLog:
+    case Operation::kCreateTdeKey:
+    case Operation::kRotateTdeKey:
+    case Operation::kIssueDatabaseToken:
+    case Operation::kRevokeDatabaseToken:
       return absl::InternalError(
           StrCat(policy::OperationName(operation), " does not apply to a single key"));
     case Operation::kRotateKey: {

@@ -73,6 +73,7 @@ absl::Status Kms::RunMaintenance() {
   }
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
+  std::lock_guard turn(maintenance_mu_);
   absl::Status done = RunMaintenanceTurn();
   RaiseIntegrityAlarm(done);
   return done;

@@ -44,6 +44,23 @@ std::string EncodeParams(Operation operation, const OperationParams& params) {
     case Operation::kScheduleKeyDeletion:
       json["deletion_waiting_days"] = params.deletion_waiting_days;
       break;
+    case Operation::kCreateTdeKey:
+      json["key"] = params.tde.key;
+      [[fallthrough]];
+    case Operation::kRotateTdeKey:
+      json["mount"] = params.tde.mount;
+      json["key_id"] = params.tde.key_id;
+      break;
+    case Operation::kIssueDatabaseToken:
+      json["principal"] = params.token.principal;
+      json["mount"] = params.token.mount;
+      json["key_ids"] =
+          std::vector<uint32_t>(params.token.key_ids.begin(), params.token.key_ids.end());
+      json["ttl_days"] = params.token.ttl_days;
+      break;
+    case Operation::kRevokeDatabaseToken:
+      json["token_id"] = params.token_id;
+      break;
     case Operation::kRotateKey:
     case Operation::kDisableKey:
     case Operation::kEnableKey:
@@ -77,6 +94,24 @@ absl::StatusOr<OperationParams> DecodeParams(Operation operation, std::string_vi
         break;
       case Operation::kScheduleKeyDeletion:
         params.deletion_waiting_days = json.at("deletion_waiting_days").get<int64_t>();
+        break;
+      case Operation::kCreateTdeKey:
+        params.tde.key = json.at("key").get<std::string>();
+        [[fallthrough]];
+      case Operation::kRotateTdeKey:
+        params.tde.mount = json.at("mount").get<std::string>();
+        params.tde.key_id = json.at("key_id").get<uint32_t>();
+        break;
+      case Operation::kIssueDatabaseToken: {
+        params.token.principal = json.at("principal").get<std::string>();
+        params.token.mount = json.at("mount").get<std::string>();
+        const auto ids = json.at("key_ids").get<std::vector<uint32_t>>();
+        params.token.key_ids = {ids.begin(), ids.end()};
+        params.token.ttl_days = json.at("ttl_days").get<int64_t>();
+        break;
+      }
+      case Operation::kRevokeDatabaseToken:
+        params.token_id = json.at("token_id").get<std::string>();
         break;
       case Operation::kRotateKey:
       case Operation::kDisableKey:

@@ -51,15 +51,15 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     // learn its id, then read again under the lock, as it is now).
     const bool server_wide = proposal.operation == Operation::kRotateRootKey ||
                              proposal.operation == Operation::kReAnchorAuditLog;
-    ChangeLock lock;
-    if (server_wide) {
-      lock = LockServer();
-    } else if (proposal.operation == Operation::kCreateKey) {
-      lock = LockShared("");
-    } else {
+    CUSTOS_ASSIGN_OR_RETURN(const ChangeLock lock, [&]() -> absl::StatusOr<ChangeLock> {
+      if (server_wide) return LockServer();
+      if (proposal.operation == Operation::kCreateKey ||
+          policy::IsGatewayOperation(proposal.operation)) {
+        return LockShared(GatewayLockName(proposal.operation, proposal.params));
+      }
       CUSTOS_ASSIGN_OR_RETURN(KeyRef found, FindKey(proposal.key));
-      lock = LockShared(KeyLockName(found->id));
-    }
+      return LockShared(KeyLockName(found->id));
+    }());
     const int64_t now = options_.clock->NowSeconds();
     Request request;
     request.id = NewKeyId();
@@ -89,6 +89,8 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
         return absl::AlreadyExistsError(
             StrCat("alias '", proposal.params.create.alias, "' is already in use"));
       }
+    } else if (policy::IsGatewayOperation(proposal.operation)) {
+      CUSTOS_RETURN_IF_ERROR(CheckGatewayProposal(proposal.operation, proposal.params));
     } else {
       CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(proposal.key));
       call.SetKey(*key, key->primary_version);
@@ -133,13 +135,20 @@ Kms::ChangeLock Kms::LockServer() {
 
 Kms::ChangeLock Kms::LockShared(const std::string& name) {
   ChangeLock lock;
-  lock.shared = std::shared_lock(requests_mu_);
   if (!name.empty()) lock.held = key_locks_.Lock(name);
+  lock.shared = std::shared_lock(requests_mu_);
   return lock;
 }
 
 std::string Kms::LockNameOf(const Request& request) {
-  return request.key_id.empty() ? "request/" + request.id : KeyLockName(request.key_id);
+  if (!request.key_id.empty()) return KeyLockName(request.key_id);
+  if (const std::optional<Operation> operation = policy::ParseOperation(request.operation)) {
+    const absl::StatusOr<OperationParams> params = DecodeParams(*operation, request.parameters);
+    if (params.ok()) {
+      if (std::string name = GatewayLockName(*operation, *params); !name.empty()) return name;
+    }
+  }
+  return "request/" + request.id;
 }
 
 absl::StatusOr<Kms::ChangeLock> Kms::LockRequest(std::string_view request_id) {
@@ -249,6 +258,8 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
     return serving;
   } else if (operation == Operation::kRotateRootKey) {
     return RotateRoot(call, std::move(request));
+  } else if (policy::IsGatewayOperation(operation)) {
+    return ExecuteGateway(call, std::move(request), params);
   } else if (operation == Operation::kCreateKey) {
     const absl::Status valid = ValidateCreate(params.create);
     changed = valid.ok() ? NewKey({request.proposer, call.caller().peer}, params.create)
@@ -259,17 +270,8 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
   }
   // An unreachable HSM leaves the request as it was: the approval can simply be given again.
   if (absl::IsUnavailable(changed.status())) return changed.status();
+  if (!changed.ok()) return CloseFailed(call, std::move(request), changed.status());
   request.closed_at = options_.clock->NowSeconds();
-  if (!changed.ok()) {
-    request.state = RequestState::kFailed;
-    request.reason = std::string(changed.status().message());
-    batch.requests.push_back(request);
-    call.event().row = storage::RequestRowName(request.id);
-    CUSTOS_RETURN_IF_ERROR(
-        call.CommitWith(std::move(batch), absl::StatusCode::kFailedPrecondition));
-    return absl::FailedPreconditionError(StrCat(
-        "request ", request.id, " reached its quorum but could not execute: ", request.reason));
-  }
   request.state = RequestState::kExecuted;
   request.key_id = changed->id;
   request.reason =
@@ -286,6 +288,18 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
   executed.row = storage::KeyRowName(changed->id);
   CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk, {executed}));
   return request;
+}
+
+absl::StatusOr<Request> Kms::CloseFailed(Call& call, Request request, const absl::Status& failed) {
+  request.closed_at = options_.clock->NowSeconds();
+  request.state = RequestState::kFailed;
+  request.reason = std::string(failed.message());
+  storage::WriteBatch batch;
+  batch.requests.push_back(request);
+  call.event().row = storage::RequestRowName(request.id);
+  CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kFailedPrecondition));
+  return absl::FailedPreconditionError(StrCat(
+      "request ", request.id, " reached its quorum but could not execute: ", request.reason));
 }
 
 absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view request_id,

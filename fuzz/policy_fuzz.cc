@@ -19,7 +19,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   const Policy& p = **policy;
   FUZZ_CHECK(p.CountOf(Role::kOfficer) >= 1);
-  FUZZ_CHECK(p.CountOf(Role::kApp) + p.CountOf(Role::kOfficer) + p.CountOf(Role::kAuditor) ==
+  FUZZ_CHECK(p.CountOf(Role::kApp) + p.CountOf(Role::kOfficer) + p.CountOf(Role::kAuditor) +
+                 p.CountOf(Role::kDatabase) ==
              p.principal_count());
   FUZZ_CHECK(p.sha256_hex().size() == 64);
   // The empty principal and one with a space can never be a certificate's identity.

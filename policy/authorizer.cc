@@ -8,7 +8,8 @@ namespace custos::policy {
 namespace {
 
 // The one role that may perform each action: separation of duties in a single table. Apps
-// use keys (the data plane); officers manage them (the control plane); auditors read the log.
+// use keys (the data plane); officers manage them (the control plane); auditors read the log;
+// databases fetch their table-space keys (and nothing an app may do).
 std::optional<Role> RoleFor(Action action) {
   switch (action) {
     case Action::kGenerateDataKey:
@@ -28,6 +29,9 @@ std::optional<Role> RoleFor(Action action) {
       return Role::kOfficer;
     case Action::kReadAudit:
       return Role::kAuditor;
+    case Action::kClaimDatabaseToken:
+    case Action::kFetchTdeKey:
+      return Role::kDatabase;
   }
   return std::nullopt;  // a value outside the enum: nobody
 }
@@ -70,6 +74,10 @@ std::string_view ActionName(Action action) {
       return "ListRequests";
     case Action::kReadAudit:
       return "ReadAudit";
+    case Action::kClaimDatabaseToken:
+      return "ClaimDatabaseToken";
+    case Action::kFetchTdeKey:
+      return "FetchTdeKey";
   }
   return "Unknown";
 }
@@ -86,6 +94,9 @@ absl::Status AuthorizeRole(Role role, Action action) {
       return Deny(role, action, "only officers manage keys and their change requests");
     case Role::kAuditor:
       return Deny(role, action, "only auditors read the audit log");
+    case Role::kDatabase:
+      return Deny(role, action,
+                  "only databases fetch table-space keys, through the tokens issued to them");
   }
   return Deny(role, action, "no role may");
 }

@@ -30,6 +30,8 @@ enum class Action {
   kGetRequest,
   kListRequests,
   kReadAudit,
+  kClaimDatabaseToken,  // a database takes the gateway token officers issued to it, once
+  kFetchTdeKey,         // a database fetches a table-space key through the key/value gateway
 };
 std::string_view ActionName(Action action);
 

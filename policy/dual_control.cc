@@ -26,6 +26,14 @@ std::string_view OperationName(Operation operation) {
       return "RotateRootKey";
     case Operation::kReAnchorAuditLog:
       return "ReAnchorAuditLog";
+    case Operation::kCreateTdeKey:
+      return "CreateTdeKey";
+    case Operation::kRotateTdeKey:
+      return "RotateTdeKey";
+    case Operation::kIssueDatabaseToken:
+      return "IssueDatabaseToken";
+    case Operation::kRevokeDatabaseToken:
+      return "RevokeDatabaseToken";
   }
   return "Unknown";
 }

@@ -29,13 +29,27 @@ enum class Operation {
   kSetMinDecryptVersion,  // retire (or un-retire) old versions
   kRotateRootKey,         // new versions under a new root; legacy roots' versions moved to it
   kReAnchorAuditLog,      // accept an audit log that does not extend the HSM's last signed head
+  // Table-space keys served to databases through the key/value gateway (docs/TDE.md):
+  kCreateTdeKey,         // a key id of a mount, with its first version
+  kRotateTdeKey,         // a new version of a mount's key id, served as its newest
+  kIssueDatabaseToken,   // a gateway token for a database principal, bound to a mount's key ids
+  kRevokeDatabaseToken,  // that token stops working at once
 };
 inline constexpr Operation kAllOperations[] = {
     Operation::kCreateKey,           Operation::kRotateKey,
     Operation::kDisableKey,          Operation::kEnableKey,
     Operation::kScheduleKeyDeletion, Operation::kCancelKeyDeletion,
     Operation::kUpdateKeyGrants,     Operation::kSetMinDecryptVersion,
-    Operation::kRotateRootKey,       Operation::kReAnchorAuditLog};
+    Operation::kRotateRootKey,       Operation::kReAnchorAuditLog,
+    Operation::kCreateTdeKey,        Operation::kRotateTdeKey,
+    Operation::kIssueDatabaseToken,  Operation::kRevokeDatabaseToken};
+
+// The operations on the key/value gateway's keys and tokens, which name no Custos key.
+inline bool IsGatewayOperation(Operation operation) {
+  return operation == Operation::kCreateTdeKey || operation == Operation::kRotateTdeKey ||
+         operation == Operation::kIssueDatabaseToken ||
+         operation == Operation::kRevokeDatabaseToken;
+}
 
 // Stable names, used in the config, the API and the audit log: "RotateKey", ...
 std::string_view OperationName(Operation operation);

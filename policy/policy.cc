@@ -19,7 +19,8 @@
 namespace custos::policy {
 namespace {
 
-constexpr std::array<Role, 3> kRoles = {Role::kApp, Role::kOfficer, Role::kAuditor};
+constexpr std::array<Role, 4> kRoles = {Role::kApp, Role::kOfficer, Role::kAuditor,
+                                        Role::kDatabase};
 // Far beyond any real policy; stops a mistyped path such as /dev/zero from eating memory.
 constexpr size_t kMaxPolicyBytes = 1 << 20;
 
@@ -60,11 +61,12 @@ absl::StatusOr<const toml::table*> RolesTable(const toml::table& doc) {
         absl::StrCat("'roles' must be a table, written [roles]", Line(*roles)));
   }
   for (const auto& [key, node] : *roles->as_table()) {
-    const bool known = key.str() == "app" || key.str() == "officer" || key.str() == "auditor";
+    const bool known = key.str() == "app" || key.str() == "officer" || key.str() == "auditor" ||
+                       key.str() == "database";
     if (!known) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown role '", std::string(key.str()), "'",
-                                                     Line(node),
-                                                     "; the roles are app, officer and auditor"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown role '", std::string(key.str()), "'", Line(node),
+                       "; the roles are app, officer, auditor and database"));
     }
   }
   return roles->as_table();
@@ -105,6 +107,8 @@ std::string_view RoleName(Role role) {
       return "officer";
     case Role::kAuditor:
       return "auditor";
+    case Role::kDatabase:
+      return "database";
   }
   return "unknown";
 }

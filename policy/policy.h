@@ -19,7 +19,7 @@
 
 namespace custos::policy {
 
-enum class Role { kApp, kOfficer, kAuditor };
+enum class Role { kApp, kOfficer, kAuditor, kDatabase };
 std::string_view RoleName(Role role);
 
 class Policy {

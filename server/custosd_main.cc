@@ -7,6 +7,10 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#endif
 #include <optional>
 
 #include <absl/synchronization/mutex.h>
@@ -133,13 +137,16 @@ int Fail(const absl::Status& status) {
   spdlog::critical("{}", status.ToString());
   spdlog::default_logger()->flush();
   std::fflush(nullptr);
+#if defined(__SANITIZE_ADDRESS__)
+  __lsan_do_leak_check();  // what exit() would have run: failed starts are checked for leaks too
+#endif
   std::_Exit(1);
 }
 
 // A key custosd needs could not be used: the advice to run init fits a key that is missing,
-// not an HSM that did not answer (UNAVAILABLE: start again once it does).
+// not an HSM that did not answer (UNAVAILABLE: start again once it does) nor anything else.
 absl::Status KeyMissing(const absl::Status& status, std::string_view advice) {
-  if (absl::IsUnavailable(status)) return status;
+  if (!absl::IsNotFound(status) && !absl::IsFailedPrecondition(status)) return status;
   return absl::FailedPreconditionError(StrCat(status.message(), "; ", advice));
 }
 

@@ -25,10 +25,12 @@ inline constexpr char kOfficer[] = "spiffe://t/officer/o";
 inline constexpr char kOfficer2[] = "spiffe://t/officer/o2";
 inline constexpr char kOfficer3[] = "spiffe://t/officer/o3";
 inline constexpr char kAuditor[] = "spiffe://t/auditor/x";
+inline constexpr char kDatabase[] = "spiffe://t/db/mariadb";
 inline constexpr char kPolicy[] =
     "[roles]\napp = [\"spiffe://t/app/a\"]\n"
     "officer = [\"spiffe://t/officer/o\", \"spiffe://t/officer/o2\", \"spiffe://t/officer/o3\"]\n"
-    "auditor = [\"spiffe://t/auditor/x\"]\n";
+    "auditor = [\"spiffe://t/auditor/x\"]\n"
+    "database = [\"spiffe://t/db/mariadb\"]\n";
 
 // An audit sink that keeps every event and can be told to refuse them.
 class RecordingSink final : public audit::Sink {
@@ -71,6 +73,7 @@ struct Fixture {
   Caller auditor{kAuditor, "ipv4:127.0.0.1:5002"};
   Caller officer2{kOfficer2, "ipv4:127.0.0.1:5003"};
   Caller officer3{kOfficer3, "ipv4:127.0.0.1:5004"};
+  Caller database{kDatabase, "ipv4:127.0.0.1:5005"};
   uint64_t checkpoint_every = 1000;        // takes effect at the next Start
   std::string root_label = "custos-root";  // new versions' root, as of the next Start
   std::atomic<int> maintenance_wakes{0};

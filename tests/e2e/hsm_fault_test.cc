@@ -319,10 +319,14 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
   };
   for (const Case& c : cases) {
     INFO(c.hung << " after " << c.error);
+    const size_t fired = Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error);
     server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
     // A re-initialisation waits until no other call is inside the module (the health probe,
     // say): a later call may be the one that runs it. Each is answered UNAVAILABLE meanwhile.
-    for (int i = 0; i < 20 && Occurrences(server.FaultLog(), "hanging " + c.hung) == 0; ++i) {
+    // At least one call, so that the error that leads to the hung function is met by a call
+    // (the health probe may meet the hang first).
+    for (int i = 0; i == 0 || (i < 20 && Occurrences(server.FaultLog(), "hanging " + c.hung) == 0);
+         ++i) {
       const auto start = Clock::now();
       const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
       const auto waited = Clock::now() - start;
@@ -331,6 +335,7 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
       CHECK(waited < 2500ms);
     }
     CHECK(Occurrences(server.FaultLog(), "hanging " + c.hung) >= 1);
+    CHECK(Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error) == fired + 1);
     // Served again once the module answers, by the same process.
     server.SetFaults("");
     AwaitLine([&] { return server.FaultLog(); }, "released " + c.hung);
@@ -393,7 +398,8 @@ TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the c
     INFO(function);
     const size_t seen = Occurrences(server.Log(), "health: NOT_SERVING");
     server.SetFaults(function + " hang\n");
-    AwaitLine([&] { return server.FaultLog(); }, "hanging " + function);
+    // (Each line ends with a newline: C_FindObjects is a prefix of C_FindObjectsInit.)
+    AwaitLine([&] { return server.FaultLog(); }, "hanging " + function + "\n");
     AwaitLine([&] { return Occurrences(server.Log(), "health: NOT_SERVING") > seen ? "yes" : ""; },
               "yes");
     CHECK(server.Log().find("health: NOT_SERVING: UNAVAILABLE: HSM: the HSM did not answer "
@@ -401,7 +407,7 @@ TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the c
     for (int i = 0; i < 3; ++i) timed_gdk();
     const size_t recovered = Occurrences(server.Log(), "[info] health: SERVING again");
     server.SetFaults("");
-    AwaitLine([&] { return server.FaultLog(); }, "released " + function);
+    AwaitLine([&] { return server.FaultLog(); }, "released " + function + "\n");
     AwaitLine(
         [&] {
           return Occurrences(server.Log(), "[info] health: SERVING again") > recovered ? "yes" : "";

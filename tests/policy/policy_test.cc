@@ -101,7 +101,7 @@ TEST_CASE("Each kind of bad entry is refused with a message naming it", "[policy
   };
   const Case cases[] = {
       {"[roles]\nofficer = [\"alice\"]\nadmin = [\"root\"]\n",
-       "unknown role 'admin' (line 3); the roles are app, officer and auditor"},
+       "unknown role 'admin' (line 3); the roles are app, officer, auditor and database"},
       {"[roles]\nofficer = [\"alice\"]\n[extra]\nx = 1\n", "unknown top-level table 'extra'"},
       {"version = 2\n[roles]\nofficer = [\"alice\"]\n", "unknown top-level key 'version'"},
       {"roles = 1\n", "'roles' must be a table"},
