@@ -159,7 +159,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
         StrCat("config ", path, ":", e.source().begin.line, ": ", e.description()));
   }
   static const std::set<std::string_view> kSections = {
-      "server", "tls", "hsm", "storage", "policy", "log", "dual_control", "keys", "audit"};
+      "server", "tls",          "hsm",  "storage", "policy",
+      "log",    "dual_control", "keys", "audit",   "gateway"};
   for (const auto& [name, node] : root) {
     if (!kSections.count(name.str()) || !node.is_table()) {
       return absl::InvalidArgumentError(StrCat("config: unknown section '", name.str(), "'"));
@@ -174,6 +175,7 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "key", &c.tls_key));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("gateway", "listen", &c.gateway_listen));
   int64_t max_connection_age = c.max_connection_age_seconds;
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "max_connection_age_seconds", &max_connection_age));
   if (max_connection_age < 1 || max_connection_age > 86400) {

@@ -94,6 +94,10 @@ struct Config {
 
   // [keys]: the AES-GCM encryption limit per key version and when to rotate before it.
   core::UsageLimits usage_limits;
+
+  // [gateway]: the key/value gateway databases fetch table-space keys from (docs/TDE.md):
+  // host:port of its HTTPS listener, with tls.cert and tls.key; empty = off (the default).
+  std::string gateway_listen;
 };
 
 // INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.

@@ -21,6 +21,7 @@
 #include "audit/verifier.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
+#include "custos/v1/database_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
 #include "server/audit_proto.h"
 #include "storage/audit_log_reader.h"
@@ -278,7 +279,10 @@ static int Run(int argc, char** argv) {
                    "cancel-key-deletion, update-key-grants, set-min-decrypt-version, "
                    "rotate-root-key (no --key: new key versions go under a new root, versions "
                    "under a legacy root move to it), re-anchor-audit-log (no --key: accept a "
-                   "database restored from a backup; custosd started with --allow-re-anchor)")
+                   "database restored from a backup; custosd started with --allow-re-anchor), "
+                   "create-tde-key, rotate-tde-key, issue-database-token, "
+                   "revoke-database-token (the key/value gateway's; no --key but for "
+                   "create-tde-key's sealing key: docs/TDE.md)")
       ->required();
   propose->add_option("--key", key,
                       "key id or alias (all but create-key, rotate-root-key and "
@@ -295,6 +299,21 @@ static int Run(int argc, char** argv) {
                       "set-min-decrypt-version: the new minimum");
   propose->add_option("--waiting-days", waiting_days,
                       "schedule-key-deletion: 7..30 (default: the server's)");
+  std::string mount, principal, token_id;
+  uint32_t ttl_days = 0;
+  std::vector<uint32_t> tde_key_ids;
+  propose->add_option("--mount", mount,
+                      "create-tde-key, rotate-tde-key, issue-database-token: the gateway mount");
+  propose->add_option("--key-id", tde_key_ids,
+                      "create-tde-key, rotate-tde-key: the database's key id; "
+                      "issue-database-token: a key id the token may read, repeatable");
+  propose->add_option("--principal", principal, "issue-database-token: the database principal");
+  propose->add_option("--ttl-days", ttl_days, "issue-database-token: 1..366");
+  propose->add_option("--token-id", token_id, "revoke-database-token: the token's id");
+  CLI::App* claim = app.add_subcommand(
+      "claim-database-token",
+      "take the gateway token issued to you, once (database); prints it: keep it secret");
+  claim->add_option("token_id", token_id, "the id the issuing request's reason names")->required();
   CLI::App* approve = app.add_subcommand("approve", "approve a request (another officer)");
   approve->add_option("request", request_id, "request id")->required();
   approve
@@ -415,8 +434,30 @@ static int Run(int argc, char** argv) {
       for (const auto& p : decrypters) req.add_decrypt_principals(p);
       req.set_min_decrypt_version(min_decrypt_version);
       req.set_deletion_waiting_days(waiting_days);
+      if (op == pb::CREATE_TDE_KEY || op == pb::ROTATE_TDE_KEY) {
+        if (tde_key_ids.size() != 1) throw CLI::ValidationError("give one --key-id");
+        req.mutable_tde_key()->set_mount(mount);
+        req.mutable_tde_key()->set_key_id(tde_key_ids.front());
+        req.mutable_tde_key()->set_key(key);
+        req.clear_key();  // the sealing key is a parameter, not the request's key
+      }
+      if (op == pb::ISSUE_DATABASE_TOKEN) {
+        pb::DatabaseTokenParams* token = req.mutable_database_token();
+        token->set_principal(principal);
+        token->set_mount(mount);
+        for (uint32_t id : tde_key_ids) token->add_key_ids(id);
+        token->set_ttl_days(ttl_days);
+      }
+      req.set_token_id(token_id);
       pb::ChangeRequest reply;
       return Print(admin->Propose(ctx.get(), req, &reply), reply);
+    }
+    if (claim->parsed()) {
+      pb::ClaimDatabaseTokenRequest req;
+      req.set_token_id(token_id);
+      pb::ClaimDatabaseTokenResponse reply;
+      return Print(
+          pb::DatabaseService::NewStub(channel)->ClaimDatabaseToken(ctx.get(), req, &reply), reply);
     }
     if (approve->parsed()) {
       pb::ApproveRequest req;

@@ -38,6 +38,7 @@
 #include "policy/policy.h"
 #include "server/config.h"
 #include "server/health.h"
+#include "server/kv_gateway.h"
 #include "server/services.h"
 #include "server/tls.h"
 #include "storage/key_store.h"
@@ -369,6 +370,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
+  DatabaseServiceImpl database_service(runner.get());
   AuditServiceImpl audit_service(
       runner.get(), &refusals,
       {.max_streams = static_cast<size_t>(config.audit_max_streams),
@@ -381,6 +383,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   builder.RegisterService(&key_service);
   builder.RegisterService(&admin_service);
   builder.RegisterService(&audit_service);
+  builder.RegisterService(&database_service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   // Never share the port with another process: the kernel would split callers between them.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
@@ -421,9 +424,23 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
        }},
       server->GetHealthCheckService(),
       {custos::v1::KeyService::service_full_name(), custos::v1::AdminService::service_full_name(),
-       custos::v1::AuditService::service_full_name()});
+       custos::v1::AuditService::service_full_name(),
+       custos::v1::DatabaseService::service_full_name()});
   health.Start();
-  if (!port_file.empty()) std::ofstream(port_file) << port << "\n";
+  // The key/value gateway for databases, if configured (docs/TDE.md).
+  std::unique_ptr<KvGateway> gateway;
+  if (!config.gateway_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<KvGateway>> started =
+        KvGateway::Start(&kms, config.gateway_listen, config.tls_cert, config.tls_key);
+    if (!started.ok()) return Fail(started.status());
+    gateway = *std::move(started);
+    spdlog::info("key/value gateway listening on {} (port {})", config.gateway_listen,
+                 gateway->port());
+  }
+  // The gRPC port, then the gateway's (0 if off), one per line.
+  if (!port_file.empty()) {
+    std::ofstream(port_file) << port << "\n" << (gateway ? gateway->port() : 0) << "\n";
+  }
   spdlog::info("custosd listening on {} (port {})", config.listen, port);
   if (absl::Status started = kms.RecordServerStart(); !started.ok()) return Fail(started);
   maintenance.Start(&kms);
@@ -468,6 +485,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // NOT_SERVING for good, first: Server::Shutdown refuses new calls but leaves the health
   // statuses as they were, and a balancer watching them should stop sending calls before that.
   server->GetHealthCheckService()->Shutdown();
+  gateway.reset();  // stops listening, waits for its calls in progress
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   health.Stop();   // after the drain: a probe hung in the HSM must not hold it up
   runner.reset();  // Shutdown waited for every call to finish: the queue is empty

@@ -128,6 +128,10 @@ constexpr std::pair<pb::Operation, policy::Operation> kOperations[] = {
     {pb::SET_MIN_DECRYPT_VERSION, policy::Operation::kSetMinDecryptVersion},
     {pb::ROTATE_ROOT_KEY, policy::Operation::kRotateRootKey},
     {pb::RE_ANCHOR_AUDIT_LOG, policy::Operation::kReAnchorAuditLog},
+    {pb::CREATE_TDE_KEY, policy::Operation::kCreateTdeKey},
+    {pb::ROTATE_TDE_KEY, policy::Operation::kRotateTdeKey},
+    {pb::ISSUE_DATABASE_TOKEN, policy::Operation::kIssueDatabaseToken},
+    {pb::REVOKE_DATABASE_TOKEN, policy::Operation::kRevokeDatabaseToken},
 };
 
 std::optional<policy::Operation> FromProto(pb::Operation operation) {
@@ -517,6 +521,14 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Propose(grpc::CallbackServerContext*
                                                   request->decrypt_principals().end());
         proposal.params.min_decrypt_version = request->min_decrypt_version();
         proposal.params.deletion_waiting_days = request->deletion_waiting_days();
+        proposal.params.tde = {request->tde_key().mount(), request->tde_key().key_id(),
+                               request->tde_key().key()};
+        const pb::DatabaseTokenParams& token = request->database_token();
+        proposal.params.token = {token.principal(),
+                                 token.mount(),
+                                 {token.key_ids().begin(), token.key_ids().end()},
+                                 static_cast<int64_t>(token.ttl_days())};
+        proposal.params.token_id = request->token_id();
         return ReplyWith(kms, kms.Propose(caller, proposal), response);
       });
 }
@@ -540,6 +552,19 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Reject(grpc::CallbackServerContext* 
       [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
         return ReplyWith(kms, kms.Reject(caller, request->request_id(), request->reason()),
                          response);
+      });
+}
+
+grpc::ServerUnaryReactor* DatabaseServiceImpl::ClaimDatabaseToken(
+    grpc::CallbackServerContext* context, const pb::ClaimDatabaseTokenRequest* request,
+    pb::ClaimDatabaseTokenResponse* response) {
+  return runner_->Run(
+      context, __func__,
+      [request, response](core::Kms& kms, const core::Caller& caller) -> grpc::Status {
+        absl::StatusOr<SecureBytes> token = kms.ClaimDatabaseToken(caller, request->token_id());
+        if (!token.ok()) return ToGrpcStatus(token.status());
+        response->set_token(std::string(token->view()));
+        return grpc::Status::OK;
       });
 }
 

@@ -19,6 +19,7 @@
 #include "core/kms.h"
 #include "custos/v1/admin_service.grpc.pb.h"
 #include "custos/v1/audit_service.grpc.pb.h"
+#include "custos/v1/database_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
 #include "server/rate_limiter.h"
 #include "server/refusals.h"
@@ -141,6 +142,19 @@ class AdminServiceImpl final : public custos::v1::AdminService::CallbackService 
   grpc::ServerUnaryReactor* ListRequests(grpc::CallbackServerContext* context,
                                          const custos::v1::ListRequestsRequest* request,
                                          custos::v1::ListRequestsResponse* response) override;
+
+ private:
+  CallRunner* runner_;
+};
+
+// The databases' service: claiming the gateway token issued to the caller (docs/TDE.md).
+class DatabaseServiceImpl final : public custos::v1::DatabaseService::CallbackService {
+ public:
+  explicit DatabaseServiceImpl(CallRunner* runner) : runner_(runner) {}
+
+  grpc::ServerUnaryReactor* ClaimDatabaseToken(
+      grpc::CallbackServerContext* context, const custos::v1::ClaimDatabaseTokenRequest* request,
+      custos::v1::ClaimDatabaseTokenResponse* response) override;
 
  private:
   CallRunner* runner_;

@@ -7,7 +7,7 @@ packages=(
   build-essential cmake pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libssl-dev libsqlite3-dev libspdlog-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev catch2
-  softhsm2 libp11-kit-dev opensc
+  softhsm2 libp11-kit-dev opensc libcpp-httplib-dev
   sqlite3 openssl ca-certificates python3
   systemd  # systemd-analyze, for the unit test of deploy/custosd.service
 )

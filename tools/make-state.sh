@@ -8,7 +8,7 @@
 #   STATE_DIR/hsm/pin, so-pin       its user and SO PINs (random, 0600, never printed)
 #   STATE_DIR/pki/ca.{crt,key}      development CA
 #   STATE_DIR/pki/server.{crt,key}  server certificate (localhost, 127.0.0.1, --tls-san-ip ...)
-#   STATE_DIR/pki/clients/NAME.{crt,key}  app, officer1, officer2, auditor
+#   STATE_DIR/pki/clients/NAME.{crt,key}  app, officer1, officer2, auditor, mariadb (a database)
 #   STATE_DIR/pki/other-ca/{ca,client}.{crt,key}  an unrelated CA and a client it signed,
 #                                   only with MAKE_STATE_OTHER_CA=1 (tests show it is refused)
 #
@@ -156,6 +156,7 @@ write_if_missing policy.toml <<EOF
 app     = ["spiffe://$trust_domain/app/demo"]
 officer = ["spiffe://$trust_domain/officer/officer1", "spiffe://$trust_domain/officer/officer2"]
 auditor = ["spiffe://$trust_domain/auditor/auditor"]
+database = ["spiffe://$trust_domain/db/mariadb"]
 EOF
 
 # --- SoftHSM2 token -----------------------------------------------------------------------
@@ -354,6 +355,10 @@ subjectAltName = URI:spiffe://$trust_domain/officer/officer2
 $leaf_ext
 extendedKeyUsage = clientAuth
 subjectAltName = URI:spiffe://$trust_domain/auditor/auditor
+[client_mariadb]
+$leaf_ext
+extendedKeyUsage = clientAuth
+subjectAltName = URI:spiffe://$trust_domain/db/mariadb
 EOF
 
 # Every certificate (made or kept), by the CA certificate it must verify against.
@@ -392,7 +397,7 @@ make_pair() {
 
 make_pair pki/ca "Custos Development CA" ca 3650
 make_pair pki/server custosd server 730 pki/ca
-for name in app officer1 officer2 auditor; do
+for name in app officer1 officer2 auditor mariadb; do
   make_pair "pki/clients/$name" "$name" "client_$name" 730 pki/ca
 done
 if [[ $other_ca == 1 ]]; then

@@ -166,6 +166,13 @@ int CustosServer::WaitForExit(std::chrono::milliseconds timeout) {
   return -1;
 }
 
+int CustosServer::gateway_port() const {
+  std::ifstream in(dir_.File("port"));
+  int grpc = 0, gateway = 0;
+  in >> grpc >> gateway;
+  return gateway;
+}
+
 std::string CustosServer::Log() const { return ReadFile(dir_.File("custosd.log")); }
 
 std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client,

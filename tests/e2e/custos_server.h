@@ -72,6 +72,8 @@ class CustosServer {
   int WaitForExit(std::chrono::milliseconds timeout);
   pid_t pid() const { return pid_; }
   int port() const { return port_; }
+  // The key/value gateway's port, from the port file's second line (0 when it is off).
+  int gateway_port() const;
   // Replaces `from` by `to` in custosd.toml (takes effect at the next start); throws if
   // `from` is not there.
   void EditConfig(const std::string& from, const std::string& to);

@@ -97,8 +97,8 @@ for f in hsm/pin hsm/so-pin; do
 done
 keys=$(cd "$st" && find pki -name '*.key' | LC_ALL=C sort | paste -sd' ')
 check_eq "private keys present" "pki/ca.key pki/clients/app.key pki/clients/auditor.key \
-pki/clients/officer1.key pki/clients/officer2.key pki/other-ca/ca.key pki/other-ca/client.key \
-pki/server.key" "$keys"
+pki/clients/mariadb.key pki/clients/officer1.key pki/clients/officer2.key pki/other-ca/ca.key \
+pki/other-ca/client.key pki/server.key" "$keys"
 for k in $keys; do
   check_eq "$k mode" 600 "$(mode "$st/$k")"
 done
@@ -149,8 +149,9 @@ declare -A uri=(
   [officer1]=spiffe://custos.local/officer/officer1
   [officer2]=spiffe://custos.local/officer/officer2
   [auditor]=spiffe://custos.local/auditor/auditor
+  [mariadb]=spiffe://custos.local/db/mariadb
 )
-for name in app officer1 officer2 auditor; do
+for name in app officer1 officer2 auditor mariadb; do
   crt=$pki/clients/$name.crt
   check "$name certificate verifies against pki/ca.crt" verifies "$pki/ca.crt" "$crt"
   check_eq "$name subject" "CN=$name" "$(subject "$crt")"
@@ -197,7 +198,8 @@ expected_policy='# Custos policy: which principal (client certificate SAN URI or
 [roles]
 app     = ["spiffe://custos.local/app/demo"]
 officer = ["spiffe://custos.local/officer/officer1", "spiffe://custos.local/officer/officer2"]
-auditor = ["spiffe://custos.local/auditor/auditor"]'
+auditor = ["spiffe://custos.local/auditor/auditor"]
+database = ["spiffe://custos.local/db/mariadb"]'
 check_eq "custosd.toml content" "$expected_config" "$(<"$st/custosd.toml")"
 check_eq "policy.toml content" "$expected_policy" "$(<"$st/policy.toml")"
 if command -v python3 >/dev/null; then

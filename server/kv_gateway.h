@@ -1,0 +1,51 @@
+// KvGateway: the key/value gateway, a second front door to core/ for databases (docs/TDE.md).
+//
+// It answers, over HTTPS, exactly what a HashiCorp-Vault key/value (version 2) client such as
+// MariaDB's hashicorp_key_management plugin sends:
+//   GET /v1/<mount>/data/<key id>[?version=<n>]   with X-Vault-Token: <token>
+//       200 {"data":{"data":{"data":"<key as hex>"},"metadata":{"version":<n>}}}
+//       403 for a missing, wrong, revoked or expired token; 404 for what does not exist or
+//       what the token is not bound to (Kms::FetchTdeKey decides, and records the call).
+//   GET /v1/sys/mounts/<mount>/tune
+//       200 {"options":{"version":"2"}}, the same for every mount name, token or not: it
+//       tells nothing, and lets the plugin's start-up check pass.
+// Anything else is 404 (405 for a method other than GET); it never redirects (a client
+// following a redirect would forward its token). Built on cpp-httplib (Debian's 0.11.4), with
+// TLS 1.2 or later and AEAD suites only, the certificate and key of the gRPC listener; no
+// client certificate is asked for (the token authenticates).
+//
+// Thread-safe; the Kms must outlive it.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "common/status.h"
+#include "core/kms.h"
+
+namespace httplib {
+class SSLServer;
+}
+
+namespace custos::server {
+
+class KvGateway {
+ public:
+  // Listens on `listen` ("host:port"; port 0 picks one) with the PEM chain `cert` and key `key`.
+  static absl::StatusOr<std::unique_ptr<KvGateway>> Start(core::Kms* kms, const std::string& listen,
+                                                          const std::string& cert,
+                                                          const std::string& key);
+  ~KvGateway();  // stops listening and waits for calls in progress
+
+  int port() const { return port_; }
+
+ private:
+  KvGateway() = default;
+
+  std::unique_ptr<httplib::SSLServer> server_;
+  std::thread thread_;
+  int port_ = 0;
+};
+
+}  // namespace custos::server
