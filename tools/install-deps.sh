@@ -10,6 +10,7 @@ packages=(
   softhsm2 libp11-kit-dev opensc libcpp-httplib-dev
   sqlite3 openssl ca-certificates python3
   systemd  # systemd-analyze, for the unit test of deploy/custosd.service
+  mariadb-server mariadb-plugin-hashicorp-key-management  # the TDE end-to-end test
 )
 
 command -v dpkg-query >/dev/null || {
