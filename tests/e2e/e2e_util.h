@@ -60,6 +60,25 @@ inline std::string Field(const std::string& json, const std::string& field) {
   return json.substr(start + key.size(), end - start - key.size());
 }
 
+// Proposes `proposal` as officer1 and approves it as officer2 (the state's quorum of one);
+// REQUIREs that it executed.
+inline pb::ChangeRequest ProposeAndApprove(const CustosServer& server,
+                                           const pb::ProposeRequest& proposal) {
+  pb::ChangeRequest proposed;
+  grpc::Status status = server.Admin("officer1")->Propose(Context().get(), proposal, &proposed);
+  INFO(status.error_message());
+  REQUIRE(status.ok());
+  pb::ApproveRequest approval;
+  approval.set_request_id(proposed.request_id());
+  approval.set_digest(proposed.digest());
+  pb::ChangeRequest executed;
+  status = server.Admin("officer2")->Approve(Context().get(), approval, &executed);
+  INFO(status.error_message());
+  REQUIRE(status.ok());
+  REQUIRE(executed.state() == pb::EXECUTED);
+  return executed;
+}
+
 // Creates a key as officer1; REQUIREs success. A key that grants anything is a request
 // (proposed by officer1, approved by officer2, as the state's quorum of one needs); a key
 // without grants is created at once.
@@ -81,21 +100,10 @@ inline pb::KeyMetadata CreateKey(CustosServer& server, const std::string& alias,
   proposal.set_operation(pb::CREATE_KEY);
   proposal.set_justification("e2e key for the app");
   *proposal.mutable_create_key() = req;
-  pb::ChangeRequest proposed;
-  grpc::Status status = server.Admin("officer1")->Propose(Context().get(), proposal, &proposed);
-  INFO(status.error_message());
-  REQUIRE(status.ok());
-  pb::ApproveRequest approval;
-  approval.set_request_id(proposed.request_id());
-  approval.set_digest(proposed.digest());
-  pb::ChangeRequest executed;
-  status = server.Admin("officer2")->Approve(Context().get(), approval, &executed);
-  INFO(status.error_message());
-  REQUIRE(status.ok());
-  REQUIRE(executed.state() == pb::EXECUTED);
+  const pb::ChangeRequest executed = ProposeAndApprove(server, proposal);
   pb::DescribeKeyRequest describe;
   describe.set_key(executed.key_id());
-  status = server.Admin("officer1")->DescribeKey(Context().get(), describe, &key);
+  grpc::Status status = server.Admin("officer1")->DescribeKey(Context().get(), describe, &key);
   INFO(status.error_message());
   REQUIRE(status.ok());
   return key;

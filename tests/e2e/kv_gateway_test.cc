@@ -17,22 +17,9 @@ namespace {
 
 constexpr char kDatabasePrincipal[] = "spiffe://custos.local/db/mariadb";
 
-// Proposes as officer1 and approves as officer2 (the demo state needs one approval).
 pb::ChangeRequest Execute(const CustosServer& server, pb::ProposeRequest proposal) {
   proposal.set_justification("TDE for the clinical database, ticket DBA-7");
-  pb::ChangeRequest proposed;
-  grpc::Status status = server.Admin("officer1")->Propose(Context().get(), proposal, &proposed);
-  INFO(status.error_message());
-  REQUIRE(status.ok());
-  pb::ApproveRequest approval;
-  approval.set_request_id(proposed.request_id());
-  approval.set_digest(proposed.digest());
-  pb::ChangeRequest executed;
-  status = server.Admin("officer2")->Approve(Context().get(), approval, &executed);
-  INFO(status.error_message());
-  REQUIRE(status.ok());
-  REQUIRE(executed.state() == pb::EXECUTED);
-  return executed;
+  return ProposeAndApprove(server, proposal);
 }
 
 pb::ProposeRequest TdeKey(pb::Operation operation, uint32_t key_id, const std::string& key = "") {
