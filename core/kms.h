@@ -411,6 +411,11 @@ class Kms {
   static std::string GatewayLockName(policy::Operation operation, const OperationParams& params);
   absl::StatusOr<Request> ExecuteGateway(Call& call, Request request,
                                          const OperationParams& params);
+  // FAILED_PRECONDITION if `operation` would leave table-space keys that `key` seals unreadable
+  // (DisableKey, ScheduleKeyDeletion, SetMinDecryptVersion past their versions) or open to apps
+  // (UpdateKeyGrants granting anyone).
+  absl::Status CheckTdeSealing(const storage::KeyRecord& key, policy::Operation operation,
+                               const OperationParams& params) const;
   // Closes `request` FAILED with the reason `failed` gives, recorded with the call.
   absl::StatusOr<Request> CloseFailed(Call& call, Request request, const absl::Status& failed);
   // The data-plane use cases inside their Call, shared by the single and the batch calls.

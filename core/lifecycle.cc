@@ -115,6 +115,7 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
   KeyRecord key = current;
   const int64_t now = options_.clock->NowSeconds();
   const bool live = key.state == KeyState::kEnabled || key.state == KeyState::kDisabled;
+  CUSTOS_RETURN_IF_ERROR(CheckTdeSealing(current, operation, params));
   switch (operation) {
     case Operation::kCreateKey:
     case Operation::kRotateRootKey:

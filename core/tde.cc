@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "absl/strings/escaping.h"
 #include "common/strings.h"
@@ -148,8 +149,33 @@ std::string Sha256Hex(std::string_view data) {
       absl::string_view(reinterpret_cast<const char*>(digest), static_cast<size_t>(size)));
 }
 
-// A token id is a key id (a UUID): anything else names no token.
-bool ValidTokenId(std::string_view id) { return ParseKeyId(id).has_value(); }
+// A token id is a key id (a UUID, lower case as issued): anything else names no token.
+bool ValidTokenId(std::string_view id) {
+  return ParseKeyId(id).has_value() && AsciiLower(id) == id;
+}
+
+// A token's secret as claims make it: 64 lower-case hex digits.
+bool WellFormedSecret(std::string_view secret) {
+  return secret.size() == 2 * kTokenSecretBytes &&
+         std::all_of(secret.begin(), secret.end(),
+                     [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+// The setting naming each Custos key that seals table-space keys: key id -> {"mounts": [...],
+// "min_version": the lowest of its versions that sealed one}. Read by the checks that keep
+// such a key usable (Kms::CheckTdeSealing).
+constexpr char kTdeSealingSetting[] = "tde_sealing_keys";
+
+absl::StatusOr<Json> SealingIndex(const storage::KeyStore& store) {
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
+                          store.GetSetting(kTdeSealingSetting));
+  if (!stored.has_value() || stored->empty()) return Json::object();
+  try {
+    return Json::parse(*stored);
+  } catch (const Json::exception& e) {
+    return absl::InternalError(StrCat("the table-space sealing index does not parse: ", e.what()));
+  }
+}
 
 std::string KeyIdList(const std::set<uint32_t>& ids) {
   std::string list;
@@ -169,6 +195,32 @@ std::string Kms::GatewayLockName(Operation operation, const OperationParams& par
     default:
       return "";  // an issued token is new: nothing else can change it yet
   }
+}
+
+absl::Status Kms::CheckTdeSealing(const storage::KeyRecord& key, Operation operation,
+                                  const OperationParams& params) const {
+  const bool grants = operation == Operation::kUpdateKeyGrants &&
+                      (!params.encrypt_principals.empty() || !params.decrypt_principals.empty());
+  if (operation != Operation::kDisableKey && operation != Operation::kScheduleKeyDeletion &&
+      operation != Operation::kSetMinDecryptVersion && !grants) {
+    return absl::OkStatus();
+  }
+  CUSTOS_ASSIGN_OR_RETURN(const Json index, SealingIndex(*options_.store));
+  if (!index.contains(key.id)) return absl::OkStatus();
+  const Json& entry = index.at(key.id);
+  if (operation == Operation::kSetMinDecryptVersion &&
+      params.min_decrypt_version <= entry.at("min_version").get<uint32_t>()) {
+    return absl::OkStatus();
+  }
+  std::string mounts;
+  for (const std::string& mount : entry.at("mounts").get<std::vector<std::string>>()) {
+    mounts += StrCat(mounts.empty() ? "" : ", ", mount);
+  }
+  return absl::FailedPreconditionError(StrCat(
+      "key ", key.id, " seals the table-space keys of mount(s) ", mounts,
+      grants ? ": it must grant nothing, or an app could open them"
+             : ": databases could no longer read their tables (version ",
+      grants ? "" : StrCat(entry.at("min_version").get<uint32_t>(), " and later seal them)")));
 }
 
 absl::Status Kms::CheckGatewayProposal(Operation operation, const OperationParams& params) {
@@ -199,6 +251,13 @@ absl::Status Kms::CheckGatewayProposal(Operation operation, const OperationParam
         return absl::FailedPreconditionError(
             StrCat("key ", key->id, " is ", storage::KeyStateName(key->state),
                    "; table-space keys are sealed under an ENABLED key"));
+      }
+      // An app granted the sealing key could open a copied blob: it must grant nothing.
+      if (!key->encrypt_grants.empty() || !key->decrypt_grants.empty()) {
+        return absl::FailedPreconditionError(
+            StrCat("key ", key->id,
+                   " grants apps its use; table-space keys are sealed under a "
+                   "key that grants nothing (create one for them)"));
       }
       return absl::OkStatus();
     }
@@ -249,6 +308,7 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
   std::string setting;
   std::string value;
   std::string detail;
+  std::string index_value;  // the sealing index, when a version was sealed
   const absl::Status applied = [&]() -> absl::Status {
     // Checked again now: the catalogue or the policy may have changed since the proposal.
     CUSTOS_RETURN_IF_ERROR(CheckGatewayProposal(operation, params));
@@ -282,6 +342,17 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         value = Encode(set);
         detail = StrCat("mount=", tde.mount, " key_id=", tde.key_id, " version=", version,
                         " sealed under key ", key->id, " version ", sealed.key_version);
+        CUSTOS_ASSIGN_OR_RETURN(Json index, SealingIndex(*options_.store));
+        Json& entry = index[key->id];
+        std::set<std::string> mounts;
+        if (entry.contains("mounts")) mounts = entry["mounts"].get<std::set<std::string>>();
+        mounts.insert(tde.mount);
+        const uint32_t lowest =
+            entry.contains("min_version")
+                ? std::min(entry["min_version"].get<uint32_t>(), sealed.key_version)
+                : sealed.key_version;
+        entry = Json{{"mounts", mounts}, {"min_version", lowest}};
+        index_value = index.dump();
         return absl::OkStatus();
       }
       case Operation::kIssueDatabaseToken: {
@@ -326,10 +397,18 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
   batch.requests.push_back(request);
   audit::Event executed =
       ServerEvent(request.operation, "", request.id, absl::StatusCode::kOk, detail);
-  // Two rows change: the request (the approval's record) and the setting (the execution's).
+  // Two rows change: the request (the approval's record) and the setting (the execution's);
+  // a sealed version also updates the sealing index, with a record of its own.
   call.event().row = storage::RequestRowName(request.id);
   executed.row = storage::SettingRowName(setting);
-  CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk, {executed}));
+  std::vector<audit::Event> records = {executed};
+  if (!index_value.empty()) {
+    batch.settings.emplace(kTdeSealingSetting, index_value);
+    audit::Event indexed = ServerEvent("TdeSealingKeys", "", request.id, absl::StatusCode::kOk);
+    indexed.row = storage::SettingRowName(kTdeSealingSetting);
+    records.push_back(std::move(indexed));
+  }
+  CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk, records));
   return request;
 }
 
@@ -401,7 +480,11 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
     if (token.substr(0, sizeof(kTokenPrefix) - 1) != kTokenPrefix) return refused;
     const std::string_view rest = token.substr(sizeof(kTokenPrefix) - 1);
     const size_t dot = rest.find('.');
-    if (dot == std::string_view::npos || !ValidTokenId(rest.substr(0, dot))) return refused;
+    // Checked before anything is read: a malformed token costs no HSM call.
+    if (dot == std::string_view::npos || !ValidTokenId(rest.substr(0, dot)) ||
+        !WellFormedSecret(rest.substr(dot + 1))) {
+      return refused;
+    }
     const std::string setting = TokenSetting(rest.substr(0, dot));
     CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
                             options_.store->GetSetting(setting));

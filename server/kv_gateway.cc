@@ -3,8 +3,14 @@
 #include <httplib.h>
 #include <openssl/crypto.h>
 #include <openssl/ssl.h>
+#include <sys/socket.h>
 
+#include <atomic>
 #include <charconv>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
 #include <optional>
 
 #include "common/strings.h"
@@ -21,6 +27,15 @@ constexpr char kTls12Ciphers[] =
 constexpr char kMountPattern[] = "([A-Za-z0-9_.-]{1,64})";
 // Requests are GETs: anything with a body is refused before it is read.
 constexpr size_t kMaxPayloadBytes = 4096;
+// Connections served at once, and waiting for a thread (then the accept loop waits).
+constexpr size_t kThreads = 16;
+constexpr size_t kQueued = 64;
+// How long stopping waits for open connections before abandoning them.
+constexpr auto kStopGrace = std::chrono::seconds(2);
+// A connection still open after this is cut (a client that trickles bytes would otherwise hold
+// its thread for as long as it likes: cpp-httplib bounds each read, not the request). The
+// plugin's requests take milliseconds.
+constexpr auto kConnectionDeadline = std::chrono::seconds(10);
 
 // A whole decimal number 1..2^32-1, or nullopt.
 std::optional<uint32_t> ParsePositive(std::string_view text) {
@@ -56,8 +71,109 @@ int HttpStatusOf(const absl::Status& status) {
   }
 }
 
+}  // namespace
+
+struct KvGateway::State {
+  explicit State(core::Kms* k) : kms(k) {}
+  core::Kms* const kms;
+  std::mutex mu;
+  std::condition_variable changed;
+  bool closing = false;  // once set, no handler calls kms
+  size_t in_kms = 0;     // handlers inside kms now
+  size_t busy = 0;       // pool threads serving a connection now
+  // The pool's queue and stop flag (the pool object itself is cpp-httplib's to delete).
+  std::deque<std::function<void()>> jobs;
+  bool pool_stopping = false;
+  // The socket each pool thread serves now, from its TLS handshake until the connection is
+  // done (so never a closed one): what the watchdog and stopping cut.
+  struct Connection {
+    int fd = -1;
+    std::chrono::steady_clock::time_point since;
+    bool cut = false;
+  };
+  std::map<std::thread::id, Connection> connections;
+  bool watchdog_stopping = false;
+
+  // Shuts down (both ways) the sockets of connections older than `age`, so that their
+  // threads' reads and writes fail and the connections end. With mu held.
+  void CutOlderThan(std::chrono::steady_clock::duration age) {
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& [thread, connection] : connections) {
+      if (connection.cut || now - connection.since < age) continue;
+      ::shutdown(connection.fd, SHUT_RDWR);
+      connection.cut = true;
+    }
+  }
+};
+
+namespace {
+
+// The state of the gateway whose pool thread this is (TLS handshakes run on pool threads).
+thread_local KvGateway::State* serving_state = nullptr;
+
+// SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted.
+void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
+  if ((where & SSL_CB_HANDSHAKE_START) == 0 || serving_state == nullptr) return;
+  std::lock_guard lock(serving_state->mu);
+  serving_state->connections.try_emplace(
+      std::this_thread::get_id(),
+      KvGateway::State::Connection{SSL_get_fd(ssl), std::chrono::steady_clock::now()});
+}
+
+// cpp-httplib's TaskQueue with a bounded queue: enqueue (the accept loop) waits while kQueued
+// connections wait for a thread. Its threads share State, so they may outlive the pool object
+// (and the gateway) when stopping abandons them.
+class BoundedPool final : public httplib::TaskQueue {
+ public:
+  explicit BoundedPool(std::shared_ptr<KvGateway::State> state) : state_(std::move(state)) {
+    for (size_t i = 0; i < kThreads; ++i) {
+      std::thread([state = state_] { Serve(*state); }).detach();
+    }
+  }
+  void enqueue(std::function<void()> fn) override {
+    std::unique_lock lock(state_->mu);
+    // (At stop, room or not: the accept loop must get back to see that it stops.)
+    state_->changed.wait(lock, [&] { return state_->jobs.size() < kQueued || state_->closing; });
+    state_->jobs.push_back(std::move(fn));
+    state_->changed.notify_all();
+  }
+  // Waits up to kStopGrace for the threads to finish what they serve; those still serving a
+  // connection are left to it (State::busy says how many).
+  void shutdown() override {
+    std::unique_lock lock(state_->mu);
+    state_->pool_stopping = true;
+    state_->changed.notify_all();
+    state_->changed.wait_for(lock, kStopGrace,
+                             [&] { return state_->busy == 0 && state_->jobs.empty(); });
+  }
+
+ private:
+  static void Serve(KvGateway::State& state) {
+    serving_state = &state;
+    std::unique_lock lock(state.mu);
+    for (;;) {
+      state.changed.wait(lock, [&] { return !state.jobs.empty() || state.pool_stopping; });
+      if (state.jobs.empty()) return;
+      std::function<void()> job = std::move(state.jobs.front());
+      state.jobs.pop_front();
+      ++state.busy;
+      state.changed.notify_all();  // room in the queue
+      lock.unlock();
+      job();  // serves the connection, then closes its socket
+      lock.lock();
+      state.connections.erase(std::this_thread::get_id());
+      --state.busy;
+      state.changed.notify_all();
+    }
+  }
+
+  std::shared_ptr<KvGateway::State> state_;
+};
+
 // The key fetch: GET /v1/<mount>/data/<key id>[?version=<n>].
-void FetchKey(core::Kms& kms, const httplib::Request& request, httplib::Response& response) {
+void FetchKey(KvGateway::State& state, const httplib::Request& request,
+              httplib::Response& response) {
+  if (request.method != "GET") return ReplyError(response, 404, "");  // HEAD: no fetch
   const std::string mount = request.matches[1];
   const std::optional<uint32_t> key_id = ParsePositive(std::string(request.matches[2]));
   std::optional<uint32_t> version;
@@ -66,12 +182,25 @@ void FetchKey(core::Kms& kms, const httplib::Request& request, httplib::Response
     if (!version) return ReplyError(response, 400, "version must be a whole number from 1");
   }
   if (!key_id) return ReplyError(response, 404, "");
-  // Named as gRPC names peers, for the audit log.
+  // Named as gRPC names peers, for the audit log, but without the port: HTTP clients open a
+  // connection per request, and refusals are coalesced per peer.
   const std::string peer = request.remote_addr.find(':') == std::string::npos
-                               ? StrCat("ipv4:", request.remote_addr, ":", request.remote_port)
-                               : StrCat("ipv6:[", request.remote_addr, "]:", request.remote_port);
-  absl::StatusOr<core::Kms::TdeKey> key =
-      kms.FetchTdeKey(peer, request.get_header_value("X-Vault-Token"), mount, *key_id, version);
+                               ? StrCat("ipv4:", request.remote_addr)
+                               : StrCat("ipv6:[", request.remote_addr, "]");
+  const auto token = request.headers.find("X-Vault-Token");  // (no copy of the token)
+  {
+    std::lock_guard lock(state.mu);
+    if (state.closing) return ReplyError(response, 503, "");
+    ++state.in_kms;
+  }
+  absl::StatusOr<core::Kms::TdeKey> key = state.kms->FetchTdeKey(
+      peer, token == request.headers.end() ? std::string_view() : std::string_view(token->second),
+      mount, *key_id, version);
+  {
+    std::lock_guard lock(state.mu);
+    --state.in_kms;
+    state.changed.notify_all();
+  }
   if (!key.ok()) {
     const int status = HttpStatusOf(key.status());
     // The reason stays in custosd's log and audit record: a client learns only the status.
@@ -120,24 +249,31 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     if (!ok) tls_error = StrCat("cannot set up TLS with ", cert, " and ", key);
     SSL_CTX_set_options(
         &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_info_callback(&ctx, NoteConnection);
     return ok;
   });
   if (!gateway->server_->is_valid()) {
     return absl::InvalidArgumentError(StrCat("gateway: ", tls_error));
   }
+  gateway->state_ = std::make_shared<State>(kms);
   httplib::SSLServer& server = *gateway->server_;
+  server.new_task_queue = [state = gateway->state_] { return new BoundedPool(state); };
   server.set_payload_max_length(kMaxPayloadBytes);
-  server.set_read_timeout(10, 0);
-  server.set_write_timeout(10, 0);
-  server.set_keep_alive_timeout(5);
+  server.set_read_timeout(3, 0);
+  server.set_write_timeout(3, 0);
+  server.set_keep_alive_max_count(1);  // the plugin opens a connection per request anyway
+  // An exception's text would otherwise go out in a header.
+  server.set_exception_handler([](const httplib::Request&, httplib::Response& response,
+                                  std::exception_ptr) { ReplyError(response, 500, ""); });
   server.Get(StrCat("/v1/sys/mounts/", kMountPattern, "/tune"), [](const httplib::Request&,
                                                                    httplib::Response& response) {
     Reply(response, 200, R"({"data":{"options":{"version":"2"}},"options":{"version":"2"}})");
   });
-  server.Get(StrCat("/v1/", kMountPattern, "/data/([0-9]{1,10})"),
-             [kms](const httplib::Request& request, httplib::Response& response) {
-               FetchKey(*kms, request, response);
-             });
+  server.Get(
+      StrCat("/v1/", kMountPattern, "/data/([0-9]{1,10})"),
+      [state = gateway->state_](const httplib::Request& request, httplib::Response& response) {
+        FetchKey(*state, request, response);
+      });
   // Unmatched requests: cpp-httplib answers 404 (or 400) with an empty body.
   gateway->port_ =
       *port == 0
@@ -146,13 +282,56 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   if (gateway->port_ <= 0) {
     return absl::UnavailableError(StrCat("gateway: cannot listen on ", listen));
   }
-  gateway->thread_ = std::thread([&server] { server.listen_after_bind(); });
+  auto ended = std::make_shared<std::atomic<bool>>(false);
+  gateway->thread_ = std::thread([&server, listen, ended] {
+    if (!server.listen_after_bind()) {
+      spdlog::error("key/value gateway on {}: accepting connections failed; it serves no more",
+                    listen);
+    }
+    *ended = true;
+  });
+  // Running before it is returned: stop() does nothing to a server that is not running yet.
+  while (!server.is_running() && !*ended) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (*ended) {
+    gateway->thread_.join();
+    gateway->server_.reset();
+    return absl::UnavailableError(StrCat("gateway: cannot serve on ", listen));
+  }
+  gateway->watchdog_ = std::thread([state = gateway->state_] {
+    std::unique_lock lock(state->mu);
+    while (!state->changed.wait_for(lock, std::chrono::milliseconds(500),
+                                    [&] { return state->watchdog_stopping; })) {
+      state->CutOlderThan(kConnectionDeadline);
+    }
+  });
   return gateway;
 }
 
 KvGateway::~KvGateway() {
-  if (server_) server_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (!server_) return;
+  server_->stop();  // no new connection
+  {
+    // Calls inside Kms end by themselves (the HSM deadline bounds them); none starts now.
+    std::unique_lock lock(state_->mu);
+    state_->closing = true;
+    state_->changed.notify_all();
+    state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
+    state_->CutOlderThan(std::chrono::steady_clock::duration::zero());  // every connection
+    state_->watchdog_stopping = true;
+    state_->changed.notify_all();
+  }
+  watchdog_.join();
+  thread_.join();  // the accept loop ends once the pool has stopped or given up (kStopGrace)
+  std::lock_guard lock(state_->mu);
+  if (state_->busy > 0) {
+    // Threads of a client that keeps its connection open still use the server object: it is
+    // left to them (never to Kms again) rather than waited for.
+    spdlog::warn("key/value gateway: {} connection(s) still open at stop; not waiting for them",
+                 state_->busy);
+    (void)server_.release();
+  }
 }
 
 }  // namespace custos::server

@@ -9,10 +9,19 @@
 //   GET /v1/sys/mounts/<mount>/tune
 //       200 {"options":{"version":"2"}}, the same for every mount name, token or not: it
 //       tells nothing, and lets the plugin's start-up check pass.
-// Anything else is 404 (405 for a method other than GET); it never redirects (a client
+// Anything else is 404 (400 for what cpp-httplib cannot parse); it never redirects (a client
 // following a redirect would forward its token). Built on cpp-httplib (Debian's 0.11.4), with
 // TLS 1.2 or later and AEAD suites only, the certificate and key of the gRPC listener; no
 // client certificate is asked for (the token authenticates).
+//
+// cpp-httplib serves each connection on one thread, bounded per read (not per request) by
+// timeouts: a client that trickles bytes would hold its thread. So connections run on a pool
+// of 16 threads with at most 64 waiting (beyond, the kernel's accept backlog holds them), a
+// watchdog shuts down the socket of any connection open past 10 s, and stopping never waits
+// on a client: calls inside Kms are waited for (each bounded by the HSM deadline), every open
+// connection is cut, and a thread still not done after a grace period is abandoned with the
+// server object (it no longer touches Kms). Keep the listener reachable from database hosts
+// only (docs/TDE.md).
 //
 // Thread-safe; the Kms must outlive it.
 #pragma once
@@ -40,11 +49,16 @@ class KvGateway {
 
   int port() const { return port_; }
 
+  // What the handlers share with the gateway; outlives it while abandoned threads run.
+  struct State;
+
  private:
   KvGateway() = default;
 
+  std::shared_ptr<State> state_;
   std::unique_ptr<httplib::SSLServer> server_;
-  std::thread thread_;
+  std::thread thread_;    // runs the accept loop
+  std::thread watchdog_;  // cuts connections open past their deadline
   int port_ = 0;
 };
 

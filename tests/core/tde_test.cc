@@ -256,5 +256,46 @@ TEST_CASE("A token names a database of the policy, and stops with its role", "[t
   CHECK(absl::IsPermissionDenied(Fetch(f, token, 1).status()));
 }
 
+TEST_CASE("The key that seals table-space keys stays usable and grants nothing", "[tde]") {
+  Fixture f;
+  const std::string token = MountWithToken(f);
+  auto propose = [&](Operation operation, OperationParams params = {}) {
+    Proposal proposal;
+    proposal.operation = operation;
+    proposal.key = "tde-seal";
+    proposal.params = std::move(params);
+    proposal.justification = "would strand the databases";
+    return f.kms->Propose(f.officer, proposal);
+  };
+  OperationParams grant;
+  grant.decrypt_principals = {testing::kApp};
+  OperationParams retire;
+  retire.min_decrypt_version = 2;
+  for (const auto& [operation, params] : std::vector<std::pair<Operation, OperationParams>>{
+           {Operation::kDisableKey, {}},
+           {Operation::kScheduleKeyDeletion, {}},
+           {Operation::kUpdateKeyGrants, grant},
+           {Operation::kSetMinDecryptVersion, retire}}) {
+    INFO(policy::OperationName(operation));
+    absl::StatusOr<Request> refused = propose(operation, params);
+    CHECK(absl::IsFailedPrecondition(refused.status()));
+    CHECK(refused.status().message().find("seals the table-space keys of mount(s) mariadb") !=
+          std::string::npos);
+  }
+  // What keeps them readable goes on: a rotation of the sealing key, and revoking no grant.
+  REQUIRE(propose(Operation::kRotateKey).ok());
+  CHECK(Fetch(f, token, 1).ok());
+
+  // A key that grants an app its use seals nothing.
+  f.NewKey("granted");
+  Proposal sealed_under_granted;
+  sealed_under_granted.operation = Operation::kCreateTdeKey;
+  sealed_under_granted.params = TdeKey(5, "granted");
+  sealed_under_granted.justification = "an app could open it";
+  absl::StatusOr<Request> refused = f.kms->Propose(f.officer, sealed_under_granted);
+  CHECK(absl::IsFailedPrecondition(refused.status()));
+  CHECK(refused.status().message().find("grants apps its use") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace custos::core

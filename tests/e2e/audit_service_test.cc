@@ -332,30 +332,6 @@ TEST_CASE("Checkpoints are signed every checkpoint_interval_seconds", "[e2e][aud
   CHECK(CheckpointReaches(db, head));
 }
 
-// The records of `action` refused with `outcome`, once those after the first (the tallies,
-// "N calls refused from T1 to T2: reason") count `repeats` calls; waits up to 15 s, as a tally
-// after the first may wait out the recorder's 10 s interval.
-std::vector<pb::AuditRecord> AwaitTallied(const CustosServer& server, const std::string& action,
-                                          const std::string& outcome, uint64_t repeats) {
-  std::vector<pb::AuditRecord> refused;
-  uint64_t counted = 0;
-  for (int i = 0; i < 300 && counted < repeats; ++i) {
-    if (i > 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    refused.clear();
-    counted = 0;
-    for (const pb::AuditRecord& r : AuditRecords(server)) {
-      if (r.action() != action || r.outcome() != outcome) continue;
-      if (!refused.empty()) counted += std::stoull(r.detail());  // "N calls refused ..."
-      refused.push_back(r);
-    }
-  }
-  INFO(refused.size() << " records");
-  CHECK(counted == repeats);
-  REQUIRE(refused.size() >= 2);
-  CHECK(refused.size() <= 3);  // one of its own, one or two tallies: never one per call
-  return refused;
-}
-
 TEST_CASE("A certificate of the Custos CA without a usable identity is refused and recorded",
           "[e2e][audit]") {
   CustosServer server;
