@@ -264,7 +264,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   server.set_keep_alive_max_count(1);  // the plugin opens a connection per request anyway
   // An exception's text would otherwise go out in a header.
   server.set_exception_handler([](const httplib::Request&, httplib::Response& response,
-                                  std::exception_ptr) { ReplyError(response, 500, ""); });
+                                  const std::exception_ptr&) { ReplyError(response, 500, ""); });
   server.Get(StrCat("/v1/sys/mounts/", kMountPattern, "/tune"), [](const httplib::Request&,
                                                                    httplib::Response& response) {
     Reply(response, 200, R"({"data":{"options":{"version":"2"}},"options":{"version":"2"}})");
