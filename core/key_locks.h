@@ -3,7 +3,9 @@
 // (expiry, destruction, automatic rotation), never with changes to other keys: an HSM call that
 // stalls one change, up to hsm.call_timeout_ms, holds up nothing else.
 //
-// Thread-safe. A thread holds at most one name at a time, so there is no lock order to keep.
+// Thread-safe. A thread holds one name, or two in one order only: a table-space key id's
+// ("tde/..."), then the Custos key that seals it ("key/..."); nothing that holds a key's name
+// takes another name.
 #pragma once
 
 #include <cstddef>

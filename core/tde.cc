@@ -161,19 +161,20 @@ bool WellFormedSecret(std::string_view secret) {
                      [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
 }
 
-// The setting naming each Custos key that seals table-space keys: key id -> {"mounts": [...],
-// "min_version": the lowest of its versions that sealed one}. Read by the checks that keep
-// such a key usable (Kms::CheckTdeSealing).
-constexpr char kTdeSealingSetting[] = "tde_sealing_keys";
+// The setting that says a Custos key seals table-space keys: {"mounts": [...], "min_version":
+// the lowest of its versions that sealed one}. One per key, written and read under that key's
+// lock, so that no other key's sealing races it. Read by the checks that keep such a key
+// usable (Kms::CheckTdeSealing).
+std::string SealingSetting(std::string_view key_id) { return StrCat("tde-sealing/", key_id); }
 
-absl::StatusOr<Json> SealingIndex(const storage::KeyStore& store) {
+absl::StatusOr<Json> SealingEntry(const storage::KeyStore& store, std::string_view key_id) {
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                          store.GetSetting(kTdeSealingSetting));
+                          store.GetSetting(SealingSetting(key_id)));
   if (!stored.has_value() || stored->empty()) return Json::object();
   try {
     return Json::parse(*stored);
   } catch (const Json::exception& e) {
-    return absl::InternalError(StrCat("the table-space sealing index does not parse: ", e.what()));
+    return absl::InternalError(StrCat("a table-space sealing entry does not parse: ", e.what()));
   }
 }
 
@@ -205,9 +206,8 @@ absl::Status Kms::CheckTdeSealing(const storage::KeyRecord& key, Operation opera
       operation != Operation::kSetMinDecryptVersion && !grants) {
     return absl::OkStatus();
   }
-  CUSTOS_ASSIGN_OR_RETURN(const Json index, SealingIndex(*options_.store));
-  if (!index.contains(key.id)) return absl::OkStatus();
-  const Json& entry = index.at(key.id);
+  CUSTOS_ASSIGN_OR_RETURN(const Json entry, SealingEntry(*options_.store, key.id));
+  if (entry.empty()) return absl::OkStatus();
   if (operation == Operation::kSetMinDecryptVersion &&
       params.min_decrypt_version <= entry.at("min_version").get<uint32_t>()) {
     return absl::OkStatus();
@@ -308,7 +308,10 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
   std::string setting;
   std::string value;
   std::string detail;
-  std::string index_value;  // the sealing index, when a version was sealed
+  // When a version is sealed: its sealing key's lock, held to the commit, and its entry.
+  KeyLocks::Held sealing_lock;
+  std::string sealing_setting;
+  std::string sealing_value;
   const absl::Status applied = [&]() -> absl::Status {
     // Checked again now: the catalogue or the policy may have changed since the proposal.
     CUSTOS_RETURN_IF_ERROR(CheckGatewayProposal(operation, params));
@@ -326,11 +329,21 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
                                   options_.store->GetSetting(setting));
           CUSTOS_ASSIGN_OR_RETURN(set, DecodeKeySet(stored.value_or("")));
         }
+        // The sealing key's lock too (after this key id's: nothing takes them the other way
+        // round), so that no change to that key (disabling, granting) slips between the checks
+        // here and the commit, and its sealing entry is changed by one execution at a time.
+        sealing_lock = key_locks_.Lock(KeyLockName(set.key));
         CUSTOS_ASSIGN_OR_RETURN(const KeyRef key, options_.store->GetKey(set.key));
         if (key->state != KeyState::kEnabled) {
           return absl::FailedPreconditionError(
               StrCat("key ", key->id, " that seals mount '", tde.mount, "' key id ", tde.key_id,
                      " is ", storage::KeyStateName(key->state), "; it must be ENABLED"));
+        }
+        if (!key->encrypt_grants.empty() || !key->decrypt_grants.empty()) {
+          return absl::FailedPreconditionError(
+              StrCat("key ", key->id,
+                     " grants apps its use; table-space keys "
+                     "are sealed under a key that grants nothing"));
         }
         const uint32_t version = set.versions.empty() ? 1 : set.versions.back().version + 1;
         CUSTOS_ASSIGN_OR_RETURN(SecureBytes material, options_.hsm->GenerateRandom(kTdeKeyBytes));
@@ -342,8 +355,7 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         value = Encode(set);
         detail = StrCat("mount=", tde.mount, " key_id=", tde.key_id, " version=", version,
                         " sealed under key ", key->id, " version ", sealed.key_version);
-        CUSTOS_ASSIGN_OR_RETURN(Json index, SealingIndex(*options_.store));
-        Json& entry = index[key->id];
+        CUSTOS_ASSIGN_OR_RETURN(Json entry, SealingEntry(*options_.store, key->id));
         std::set<std::string> mounts;
         if (entry.contains("mounts")) mounts = entry["mounts"].get<std::set<std::string>>();
         mounts.insert(tde.mount);
@@ -352,7 +364,8 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
                 ? std::min(entry["min_version"].get<uint32_t>(), sealed.key_version)
                 : sealed.key_version;
         entry = Json{{"mounts", mounts}, {"min_version", lowest}};
-        index_value = index.dump();
+        sealing_setting = SealingSetting(key->id);
+        sealing_value = entry.dump();
         return absl::OkStatus();
       }
       case Operation::kIssueDatabaseToken: {
@@ -398,14 +411,14 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
   audit::Event executed =
       ServerEvent(request.operation, "", request.id, absl::StatusCode::kOk, detail);
   // Two rows change: the request (the approval's record) and the setting (the execution's);
-  // a sealed version also updates the sealing index, with a record of its own.
+  // a sealed version also updates its sealing key's entry, with a record of its own.
   call.event().row = storage::RequestRowName(request.id);
   executed.row = storage::SettingRowName(setting);
   std::vector<audit::Event> records = {executed};
-  if (!index_value.empty()) {
-    batch.settings.emplace(kTdeSealingSetting, index_value);
-    audit::Event indexed = ServerEvent("TdeSealingKeys", "", request.id, absl::StatusCode::kOk);
-    indexed.row = storage::SettingRowName(kTdeSealingSetting);
+  if (!sealing_setting.empty()) {
+    batch.settings.emplace(sealing_setting, sealing_value);
+    audit::Event indexed = ServerEvent("TdeSealingKey", "", request.id, absl::StatusCode::kOk);
+    indexed.row = storage::SettingRowName(sealing_setting);
     records.push_back(std::move(indexed));
   }
   CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch), absl::StatusCode::kOk, records));
