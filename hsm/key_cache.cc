@@ -196,7 +196,11 @@ absl::StatusOr<KeyCache::Ref> KeyCache::Get(const std::string& cache_id,
                                             std::span<const uint8_t> wrapped,
                                             CK_OBJECT_HANDLE root) {
   std::unique_lock lock(core_->mu);
-  if (Ref hit = LookupLocked(cache_id, wrapped, root)) return hit;
+  if (Ref hit = LookupLocked(cache_id, wrapped, root)) {
+    hits_.fetch_add(1, std::memory_order_relaxed);
+    return hit;
+  }
+  misses_.fetch_add(1, std::memory_order_relaxed);
 
   if (auto it = flights_.find(cache_id);
       it != flights_.end() && it->second->Matches(wrapped, root)) {

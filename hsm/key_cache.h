@@ -35,6 +35,7 @@
 
 #include <p11-kit/pkcs11.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <list>
@@ -93,6 +94,11 @@ class KeyCache {
   absl::StatusOr<Ref> Get(const std::string& cache_id, std::span<const uint8_t> wrapped,
                           CK_OBJECT_HANDLE root);
 
+  // Lookups answered from the cache, and the rest (an unwrap, this caller's or another's
+  // under way), since the cache was made.
+  uint64_t hits() const { return hits_.load(std::memory_order_relaxed); }
+  uint64_t misses() const { return misses_.load(std::memory_order_relaxed); }
+
   // Drops `cache_id` (its object goes once no operation uses it); an unwrap of it under way
   // is not cached.
   void Forget(const std::string& cache_id);
@@ -121,6 +127,8 @@ class KeyCache {
     std::list<std::string>::iterator recency;
   };
   struct Flight;  // An unwrap under way, and the outcome its waiters are given.
+  std::atomic<uint64_t> hits_{0};
+  std::atomic<uint64_t> misses_{0};
   struct Unwrapped {
     Ref key;
     uint64_t epoch;  // Core::epoch when the C_UnwrapKey that made it began.

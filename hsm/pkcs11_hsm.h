@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "common/metrics.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
 #include "hsm/hsm.h"
@@ -26,6 +27,9 @@ struct Pkcs11Options {
   size_t max_stuck_calls = 8;
   std::chrono::milliseconds hang_limit{60000};
   std::function<void(const std::string& message)> on_hang_limit;
+  // If set (it must outlive the Hsm's last use): the key cache's lookups, as
+  // custos_hsm_key_cache_lookups_total{result="hit"|"miss"}.
+  metrics::Registry* metrics = nullptr;
 };
 
 // Loads the module (dlopen), finds the token, logs in once for the process lifetime and
