@@ -78,6 +78,8 @@ constexpr char kSelectDueForRotation[] =
 constexpr char kCountVersionsUnderRoot[] =
     "SELECT count(*) FROM key_versions WHERE root_key_label = ?1 AND length(wrapped) > 0";
 
+constexpr char kCountKeysByState[] = "SELECT state, count(*) FROM keys GROUP BY state";
+
 constexpr char kCountVersionsByRoot[] =
     "SELECT root_key_label, count(*) FROM key_versions WHERE length(wrapped) > 0"
     " GROUP BY root_key_label";
@@ -394,6 +396,16 @@ absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Data
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
     if (!row) return counts;
     counts.emplace(stmt.ColumnText(0), static_cast<uint64_t>(stmt.ColumnInt64(1)));
+  }
+}
+
+absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kCountKeysByState));
+  std::map<int64_t, uint64_t> counts;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return counts;
+    counts.emplace(stmt.ColumnInt64(0), static_cast<uint64_t>(stmt.ColumnInt64(1)));
   }
 }
 

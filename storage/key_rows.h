@@ -48,6 +48,8 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
 absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::string_view label);
 // The same for every root that wraps any version: label -> count.
 absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Database& db);
+// Keys by their state column (KeyState's values): state -> count.
+absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db);
 
 // Ids, ascending, of PENDING_DELETION keys with deletion_due_at <= now and
 // deletion_due_observed <= observed.

@@ -244,7 +244,8 @@ class KeyStore::Impl {
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   audit::Chain chain_;
-  CommitStats commit_stats_;  // guarded by db_mu_
+  CommitStats commit_stats_;                  // guarded by db_mu_
+  KeyStore::CommitObserver commit_observer_;  // set before concurrent use
 
   // Checks `batch`, and fills `writer` with it as it will be written: rows sealed, and each
   // audit record that names a row given that row's digest. Outside any lock (it may call the
@@ -429,6 +430,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   {
     std::lock_guard db_lock(impl_->db_mu_);
     const audit::Chain chain_before = impl_->chain_;
+    const auto began = std::chrono::steady_clock::now();
     absl::Status committed = [&]() -> absl::Status {
       CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
@@ -441,9 +443,13 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
                       [](const Impl::Writer* w) { return !w->records.empty(); })) {
         ++impl_->key_writes_;
       }
-      impl_->commit_stats_.transactions += 1;
-      impl_->commit_stats_.batches += static_cast<uint64_t>(std::count_if(
+      const size_t durable = static_cast<size_t>(std::count_if(
           group.begin(), group.end(), [](const Impl::Writer* w) { return w->status.ok(); }));
+      impl_->commit_stats_.transactions += 1;
+      impl_->commit_stats_.batches += durable;
+      if (impl_->commit_observer_) {
+        impl_->commit_observer_(durable, std::chrono::steady_clock::now() - began);
+      }
     } else {  // nothing of the group is in the log
       impl_->chain_ = chain_before;
     }
@@ -956,6 +962,22 @@ absl::StatusOr<uint64_t> KeyStore::SealCatalog(
   CUSTOS_RETURN_IF_ERROR(Apply(rest));
   impl_->integrity_.set_unsealed_catalog(false);
   return rows;
+}
+
+void KeyStore::ObserveCommits(CommitObserver observer) {
+  std::lock_guard lock(impl_->db_mu_);
+  impl_->commit_observer_ = std::move(observer);
+}
+
+absl::StatusOr<std::map<KeyState, uint64_t>> KeyStore::CountKeysByState() const {
+  std::map<KeyState, uint64_t> counts = {{KeyState::kEnabled, 0},
+                                         {KeyState::kDisabled, 0},
+                                         {KeyState::kPendingDeletion, 0},
+                                         {KeyState::kDestroyed, 0}};
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(const auto stored, storage::CountKeysByState(*impl_->db_));
+  for (const auto& [state, count] : stored) counts[static_cast<KeyState>(state)] = count;
+  return counts;
 }
 
 CommitStats KeyStore::GetCommitStats() const {

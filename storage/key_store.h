@@ -185,6 +185,11 @@ class KeyStore {
   absl::Status Apply(const WriteBatch& batch);
 
   CommitStats GetCommitStats() const;
+  // Told after each group commit of Apply calls, with the calls it made durable and how long
+  // its transaction took, begin to durable commit (for the metrics). Set before the store is
+  // used from several threads; it runs under the store's lock: keep it quick.
+  using CommitObserver = std::function<void(size_t batches, std::chrono::nanoseconds took)>;
+  void ObserveCommits(CommitObserver observer);
 
   // Fault injection for tests of what fails closed: while `fault` is not OK, every Apply
   // fails with it before writing anything (as a full disk or a failed fsync would).
@@ -254,6 +259,8 @@ class KeyStore {
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
   // The same for every root that wraps a stored version: label -> count (one scan).
   absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot() const;
+  // Keys by state, for the metrics: every state, with 0 for those no key is in.
+  absl::StatusOr<std::map<KeyState, uint64_t>> CountKeysByState() const;
 
   // A server-wide setting written by Apply (with an audit record naming it); nullopt if never
   // set. DATA_LOSS (kIntegrityPayload) if it fails its check.
