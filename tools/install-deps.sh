@@ -6,11 +6,13 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
+  grpc-proto  # the standard health and reflection .proto files
   libssl-dev libsqlite3-dev libspdlog-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev catch2
   softhsm2 libp11-kit-dev opensc libcpp-httplib-dev
   sqlite3 openssl ca-certificates python3
   systemd  # systemd-analyze, for the unit test of deploy/custosd.service
   mariadb-server mariadb-plugin-hashicorp-key-management  # the TDE end-to-end test
+  python3-grpcio python3-protobuf python3-cryptography  # the Python client example and its test
 )
 
 command -v dpkg-query >/dev/null || {

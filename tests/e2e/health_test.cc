@@ -13,7 +13,7 @@
 #include <string>
 #include <thread>
 
-#include "health.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/e2e/e2e_util.h"
 #include "tests/support/sqlite_file.h"
 
@@ -89,6 +89,24 @@ TEST_CASE("A healthy custosd is SERVING, to clients with a certificate of its CA
   // Health checks are not audited.
   for (int i = 0; i < 20; ++i) REQUIRE(Check(server, "", &response).ok());
   CHECK(HealthRecords(server) == 0);
+
+  // custosctl health, the container's check: exit 0 only for SERVING.
+  Output healthy = Ctl(server, "app", "health");
+  CHECK(healthy.exit_code == 0);
+  CHECK(healthy.text == "{\"status\": \"SERVING\"}\n");
+  CHECK(Ctl(server, "officer1", "health --service custos.v1.KeyService").exit_code == 0);
+  Output unknown = Ctl(server, "app", "health --service custos.v1.NoSuchService");
+  CHECK(unknown.exit_code == 1);
+  CHECK_THAT(unknown.text, Catch::StartsWith("error: NOT_FOUND: "));
+  const std::string pki = server.state_dir() + "/pki";
+  Output refused;
+  refused.text = RunCommand(std::string(CUSTOSCTL_PATH) +
+                                " --addr localhost:" + std::to_string(server.port()) + " --ca " +
+                                pki + "/ca.crt --cert " + pki + "/other-ca/client.crt --key " +
+                                pki + "/other-ca/client.key health --timeout 2 2>&1",
+                            &refused.exit_code);
+  CHECK(refused.exit_code == 1);
+  CHECK_THAT(refused.text, Catch::StartsWith("error: UNAVAILABLE: "));
 }
 
 TEST_CASE("An HSM that hangs or fails is NOT_SERVING until it answers again", "[e2e][health]") {
@@ -97,6 +115,9 @@ TEST_CASE("An HSM that hangs or fails is NOT_SERVING until it answers again", "[
 
   server.SetFaults("C_GenerateRandom hang\n");
   AwaitAll(server, false);
+  Output hung_check = Ctl(server, "app", "health");
+  CHECK(hung_check.exit_code == 1);
+  CHECK(hung_check.text == "{\"status\": \"NOT_SERVING\"}\n");
   CHECK_THAT(server.Log(), Catch::Contains("[warning] health: NOT_SERVING: "));
   // The probe's own deadline, or the HSM layer's (hsm.call_timeout_ms), whichever ends first.
   const std::string hung = server.Log();
