@@ -17,6 +17,7 @@
 
 #include "common/strings.h"
 #include "common/toml_text.h"
+#include "server/metrics_endpoint.h"
 
 namespace custos::server {
 namespace {
@@ -84,10 +85,20 @@ absl::Status Require(const std::string& value, std::string_view name) {
   return absl::InvalidArgumentError(StrCat("config: ", name, " is required"));
 }
 
+// Validate()'s "dual_control: setting ..." as "config: dual_control.setting ...", which Located
+// then finds in the file.
+absl::Status AsSetting(const absl::Status& status) {
+  constexpr std::string_view kPrefix = "dual_control: ";
+  const std::string message(status.message());
+  if (status.ok() || message.rfind(kPrefix, 0) != 0) return status;
+  return absl::Status(status.code(),
+                      StrCat("config: dual_control.", message.substr(kPrefix.size())));
+}
+
 // [dual_control] over the defaults; Validate() then rejects anything that fails open.
 absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig* out) {
   const toml::table* section = root["dual_control"].as_table();
-  if (section == nullptr) return out->Validate();
+  if (section == nullptr) return AsSetting(out->Validate());
   // default_approvals first, so that per-operation entries override it wherever they stand.
   if (const toml::node* fallback = section->get("default_approvals")) {
     const std::optional<int64_t> value = ValueOf<int64_t>(*fallback);
@@ -138,8 +149,29 @@ absl::Status ReadDualControl(const toml::table& root, policy::DualControlConfig*
       return absl::InvalidArgumentError(StrCat("config: unknown setting dual_control.", key));
     }
   }
-  return out->Validate();
+  return AsSetting(out->Validate());
 }
+
+// `status` ("config: [unknown setting ]section.key ...") located: "config FILE:LINE: ..." with
+// the line of the setting at fault, or "config FILE: ..." when it is absent from the file.
+absl::Status Located(const absl::Status& status, const std::string& path, const toml::table& root) {
+  const std::string text(status.message());
+  constexpr std::string_view kPrefix = "config: ";
+  if (status.ok() || text.rfind(kPrefix, 0) != 0) return status;
+  const std::string_view message = std::string_view(text).substr(kPrefix.size());
+  std::string_view name = message;
+  for (std::string_view lead : {"unknown setting ", "set exactly one of "}) {
+    if (name.substr(0, lead.size()) == lead) name.remove_prefix(lead.size());
+  }
+  name = name.substr(0, name.find_first_of(" '"));
+  std::string where = path;
+  if (const toml::node_view<const toml::node> node = root.at_path(name); node) {
+    where = StrCat(path, ":", node.node()->source().begin.line);
+  }
+  return absl::Status(status.code(), StrCat("config ", where, ": ", message));
+}
+
+absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& path);
 
 }  // namespace
 
@@ -159,23 +191,39 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
         StrCat("config ", path, ":", e.source().begin.line, ": ", e.description()));
   }
   static const std::set<std::string_view> kSections = {
-      "server", "tls",          "hsm",  "storage", "policy",
-      "log",    "dual_control", "keys", "audit",   "gateway"};
+      "server",       "tls",  "hsm",   "storage", "policy", "log",
+      "dual_control", "keys", "audit", "gateway", "metrics"};
   for (const auto& [name, node] : root) {
     if (!kSections.count(name.str()) || !node.is_table()) {
-      return absl::InvalidArgumentError(StrCat("config: unknown section '", name.str(), "'"));
+      return absl::InvalidArgumentError(StrCat("config ", path, ":", node.source().begin.line,
+                                               ": unknown section '", name.str(), "'"));
     }
   }
+  absl::StatusOr<Config> config = ReadConfig(root, path);
+  if (!config.ok()) return Located(config.status(), path, root);
+  return config;
+}
+
+namespace {
+
+absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& path) {
   Config c;
   SettingsReader settings(root);
   int64_t threads = c.worker_threads, cache = static_cast<int64_t>(c.key_cache_capacity);
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "listen", &c.listen));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "reflection", &c.reflection));
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "worker_threads", &threads));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "cert", &c.tls_cert));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "key", &c.tls_key));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
   CUSTOS_RETURN_IF_ERROR(settings.Read("gateway", "listen", &c.gateway_listen));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("metrics", "listen", &c.metrics_listen));
+  if (!c.metrics_listen.empty() &&
+      !IsLoopbackHost(c.metrics_listen.substr(0, c.metrics_listen.rfind(':')))) {
+    return absl::InvalidArgumentError(
+        "config: metrics.listen must be on a loopback address (127.0.0.1, ::1 or localhost)");
+  }
   int64_t max_connection_age = c.max_connection_age_seconds;
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "max_connection_age_seconds", &max_connection_age));
   if (max_connection_age < 1 || max_connection_age > 86400) {
@@ -326,6 +374,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path) {
   }
   return c;
 }
+
+}  // namespace
 
 absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config) {
   if (!config.hsm_pin_env.empty()) {

@@ -16,6 +16,9 @@ namespace custos::server {
 
 struct Config {
   std::string listen = "127.0.0.1:7443";
+  // gRPC server reflection (grpc.reflection.v1alpha), so that generic gRPC tools can list and
+  // call the API; it describes the API only, to callers the CA vouches for, and is not audited.
+  bool reflection = true;
   // Threads running calls' blocking work (HSM calls, audit commits); also the HSM session
   // pool size. Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
   // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
@@ -98,6 +101,10 @@ struct Config {
   // [gateway]: the key/value gateway databases fetch table-space keys from (docs/TDE.md):
   // host:port of its HTTPS listener, with tls.cert and tls.key; empty = off (the default).
   std::string gateway_listen;
+
+  // [metrics] listen: host:port of the Prometheus endpoint (GET /metrics, plain HTTP), on a
+  // loopback address only; empty = off (the default).
+  std::string metrics_listen;
 };
 
 // INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.

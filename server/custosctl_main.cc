@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "absl/status/status.h"
@@ -23,8 +24,10 @@
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "custos/v1/database_service.grpc.pb.h"
 #include "custos/v1/key_service.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "server/audit_proto.h"
 #include "storage/audit_log_reader.h"
+#include "storage/backup.h"
 
 namespace {
 
@@ -211,6 +214,46 @@ int VerifyLog(const std::string& export_file, const std::string& db_file,
   return report.ok ? 0 : 3;
 }
 
+// grpc.health.v1 Check, for a container's or balancer's health check: exit 0 and print the
+// status if SERVING; exit 1 (what container engines take for unhealthy) for any other status,
+// for no answer within `timeout_seconds` and for any error, which goes to stderr.
+int CheckHealth(const std::shared_ptr<grpc::Channel>& channel, const std::string& service,
+                double timeout_seconds) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000)));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse reply;
+  const grpc::Status status =
+      grpc::health::v1::Health::NewStub(channel)->Check(&context, request, &reply);
+  if (!status.ok()) {
+    Print(status, reply);
+    return 1;
+  }
+  std::cout << "{\"status\": \""
+            << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(reply.status()) << "\"}\n";
+  return reply.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
+// custosctl backup: an online copy of the key database, and what the copy needs from the HSM
+// token to be of use (docs/OPERATIONS.md); exit 0 and a JSON summary, or 2 and the error.
+int BackupDatabase(const std::string& db_file, const std::string& out_file) {
+  absl::StatusOr<storage::BackupSummary> summary = storage::BackupDatabase(db_file, out_file);
+  if (!summary.ok()) {
+    std::cerr << "error: " << summary.status().ToString() << "\n";
+    return 2;
+  }
+  nlohmann::ordered_json json = {{"backup", out_file},
+                                 {"bytes", summary->bytes},
+                                 {"last_record", summary->last_record},
+                                 {"last_checkpoint", summary->last_checkpoint},
+                                 {"keys", summary->keys},
+                                 {"versions_by_root", summary->versions_by_root}};
+  std::cout << json.dump(2) << "\n";
+  return 0;
+}
+
 std::unique_ptr<grpc::ClientContext> NewContext() {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -353,9 +396,25 @@ static int Run(int argc, char** argv) {
   verify->add_option("--anchor", anchor_file, "checkpoint.json kept from `audit checkpoint`");
   verify->add_option("--public-key", public_key_file, "audit-public.pem from `audit checkpoint`")
       ->required();
+  std::string backup_db, backup_out;
+  CLI::App* backup = app.add_subcommand(
+      "backup",
+      "copy the key database online (on the server's host, as its user), for a restore with "
+      "the HSM token's backup of the same roots: docs/OPERATIONS.md");
+  backup->add_option("--db", backup_db, "the server's database file (read only)")->required();
+  backup->add_option("out", backup_out, "the new backup file (never overwritten)")->required();
+  std::string health_service;
+  double health_timeout = 5;
+  CLI::App* health = app.add_subcommand(
+      "health", "is custosd serving? exit 0 if SERVING, 1 if not or no answer (any principal)");
+  health->add_option("--service", health_service,
+                     "one service, e.g. custos.v1.KeyService (default: the whole server)");
+  health->add_option("--timeout", health_timeout, "seconds to wait for the answer (default 5)")
+      ->check(CLI::Range(0.1, 300.0));
   CLI11_PARSE(app, argc, argv);
 
   try {
+    if (backup->parsed()) return BackupDatabase(backup_db, backup_out);
     if (verify->parsed()) {
       if (export_file.empty() && db_file.empty()) {
         throw CLI::ValidationError("give an export file or --db");
@@ -363,6 +422,7 @@ static int Run(int argc, char** argv) {
       return VerifyLog(export_file, db_file, anchor_file, public_key_file);
     }
     auto channel = Connect(conn);
+    if (health->parsed()) return CheckHealth(channel, health_service, health_timeout);
     auto keys = pb::KeyService::NewStub(channel);
     auto admin = pb::AdminService::NewStub(channel);
     const auto context = ParsePairs(context_pairs);

@@ -1,6 +1,8 @@
 // custosd: the Custos key management server.
 //
 //   custosd --config custosd.toml init     create the root key in the HSM (key ceremony)
+//   custosd --config custosd.toml --check-config
+//                                          check config, policy, TLS files and PIN, then exit
 //   custosd --config custosd.toml          serve until SIGTERM/SIGINT; SIGHUP reloads the
 //                                          client CRLs and the policy; SIGUSR1 logs
 //                                          group-commit counts
@@ -14,8 +16,10 @@
 #include <optional>
 
 #include <absl/synchronization/mutex.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -30,15 +34,18 @@
 #include <utility>
 
 #include "audit/log_sink.h"
+#include "common/metrics.h"
 #include "common/strings.h"
 #include "core/hsm_row_authenticator.h"
 #include "core/kms.h"
+#include "hsm/metered_hsm.h"
 #include "hsm/pkcs11_hsm.h"
 #include "policy/dual_control.h"
 #include "policy/policy.h"
 #include "server/config.h"
 #include "server/health.h"
 #include "server/kv_gateway.h"
+#include "server/metrics_endpoint.h"
 #include "server/services.h"
 #include "server/tls.h"
 #include "storage/key_store.h"
@@ -131,6 +138,33 @@ class Maintenance {
   std::thread thread_;
 };
 
+// server.reflection = false: linking gRPC's reflection library registers its plugin with every
+// ServerBuilder; this option takes it out again.
+class WithoutReflection final : public grpc::ServerBuilderOption {
+ public:
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    std::erase_if(*plugins, [](const std::unique_ptr<grpc::ServerBuilderPlugin>& plugin) {
+      return plugin->name() == "proto_server_reflection";
+    });
+  }
+};
+
+// The group commits' sizes and times, into `registry`.
+void MeasureCommits(metrics::Registry& registry, storage::KeyStore& store) {
+  metrics::Histogram& batches = registry.GetHistogram(
+      "custos_audit_commit_batch_size",
+      "Calls (each with its audit records) made durable by one group commit, one fsync", {},
+      metrics::kSizeBuckets);
+  metrics::Histogram& seconds =
+      registry.GetHistogram("custos_audit_commit_duration_seconds",
+                            "Group commits, from the transaction's begin to its durable commit");
+  store.ObserveCommits([&batches, &seconds](size_t count, std::chrono::nanoseconds took) {
+    batches.Observe(static_cast<double>(count));
+    seconds.Observe(std::chrono::duration<double>(took).count());
+  });
+}
+
 // Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
 // hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
 // hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already.
@@ -151,7 +185,9 @@ absl::Status KeyMissing(const absl::Status& status, std::string_view advice) {
   return absl::FailedPreconditionError(StrCat(status.message(), "; ", advice));
 }
 
-absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
+// The HSM, timed and counted into `registry` if given (hsm/metered_hsm.h).
+absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config,
+                                                  metrics::Registry* registry = nullptr) {
   CUSTOS_ASSIGN_OR_RETURN(SecureBytes pin, ReadHsmPin(config));
   hsm::Pkcs11Options options;
   options.module_path = config.hsm_module;
@@ -171,7 +207,10 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config) {
     spdlog::default_logger()->flush();  // not shutdown(): other threads may still be logging
     std::_Exit(kExitHsmHung);
   };
-  return hsm::OpenPkcs11Hsm(std::move(options));
+  options.metrics = registry;
+  CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Hsm> opened, hsm::OpenPkcs11Hsm(std::move(options)));
+  if (registry == nullptr) return opened;
+  return std::make_unique<hsm::MeteredHsm>(std::move(opened), registry);
 }
 
 // Creates one HSM key if missing; logs what it did. ALREADY_EXISTS is success here.
@@ -246,6 +285,26 @@ int Init(const Config& config) {
   return 0;
 }
 
+// custosd --check-config: the config, the policy it names (with every dual-control quorum
+// reachable), the TLS files and the PIN's source, as a start would check them, without opening
+// the HSM or the key database. 0 and a summary if all is well, else 1 and the first problem.
+int CheckConfig(const std::string& config_path, const Config& config) {
+  absl::StatusOr<std::shared_ptr<const policy::Policy>> policy =
+      policy::Policy::LoadFile(config.policy_file);
+  absl::Status checked = policy.status();
+  if (checked.ok()) checked = policy::CheckQuorumsReachable(config.dual_control, **policy);
+  if (checked.ok()) checked = CheckTlsFiles(config);
+  if (checked.ok()) checked = ReadHsmPin(config).status();
+  if (!checked.ok()) {
+    std::fprintf(stderr, "custosd: %s\n", checked.ToString().c_str());
+    return 1;
+  }
+  std::printf("config %s: OK\npolicy %s: OK, %zu principals, sha256 %s\n", config_path.c_str(),
+              config.policy_file.c_str(), (*policy)->principal_count(),
+              (*policy)->sha256_hex().c_str());
+  return 0;
+}
+
 int Serve(const Config& config, const std::string& port_file, bool allow_re_anchor) {
   // Signals are taken synchronously by this thread; block them before gRPC starts threads.
   sigset_t signals;
@@ -260,12 +319,15 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       !reachable.ok()) {
     return Fail(reachable);
   }
+  // Before everything it measures, so that it goes last.
+  metrics::Registry registry;
   // First, so that a second custosd on this state stops here, before it touches anything.
   core::HsmRowAuthenticator rows(config.catalog_hmac_key_label);
   absl::StatusOr<std::unique_ptr<storage::KeyStore>> store =
       storage::KeyStore::Open(config.storage_path, &rows);
   if (!store.ok()) return Fail(store.status());
-  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
+  MeasureCommits(registry, **store);
+  absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
   if (!hsm.ok()) return Fail(hsm.status());
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog = (*hsm)->HmacSha256(config.catalog_hmac_key_label, {}).status();
@@ -368,6 +430,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   auto runner = std::make_unique<CallRunner>(
       &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
   runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
+  runner->Measure(&registry);
+  AddServerGauges(registry, **store, config.storage_path, *runner, clock);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
   DatabaseServiceImpl database_service(runner.get());
@@ -377,7 +441,16 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
        .stall_limit = std::chrono::seconds(config.audit_stream_stall_seconds)});
 
   grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  if (!config.reflection) builder.SetOption(std::make_unique<WithoutReflection>());
+  // Reflection is gRPC 1.51's one synchronous service here: a small capped pool of its own, so
+  // that a flood of reflection streams cannot take threads from anything else.
+  grpc::ResourceQuota sync_threads("custosd-sync-services");
+  sync_threads.SetMaxThreads(4);
+  builder.SetResourceQuota(sync_threads);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MIN_POLLERS, 1);
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, 2);
   int port = 0;
   builder.AddListeningPort(config.listen, *credentials, &port);
   builder.RegisterService(&key_service);
@@ -437,9 +510,21 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
     spdlog::info("key/value gateway listening on {} (port {})", config.gateway_listen,
                  gateway->port());
   }
-  // The gRPC port, then the gateway's (0 if off), one per line.
+  // The Prometheus endpoint, if configured (loopback only).
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint;
+  if (!config.metrics_listen.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsEndpoint>> started =
+        MetricsEndpoint::Start(&registry, config.metrics_listen);
+    if (!started.ok()) return Fail(started.status());
+    metrics_endpoint = *std::move(started);
+    spdlog::info("metrics on http://{}/metrics (port {})", config.metrics_listen,
+                 metrics_endpoint->port());
+  }
+  // The gRPC port, then the gateway's and the metrics endpoint's (0 if off), one per line.
   if (!port_file.empty()) {
-    std::ofstream(port_file) << port << "\n" << (gateway ? gateway->port() : 0) << "\n";
+    std::ofstream(port_file) << port << "\n"
+                             << (gateway ? gateway->port() : 0) << "\n"
+                             << (metrics_endpoint ? metrics_endpoint->port() : 0) << "\n";
   }
   spdlog::info("custosd listening on {} (port {})", config.listen, port);
   if (absl::Status started = kms.RecordServerStart(); !started.ok()) return Fail(started);
@@ -485,7 +570,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // NOT_SERVING for good, first: Server::Shutdown refuses new calls but leaves the health
   // statuses as they were, and a balancer watching them should stop sending calls before that.
   server->GetHealthCheckService()->Shutdown();
-  gateway.reset();  // stops listening, waits for its calls in progress
+  gateway.reset();           // stops listening, waits for its calls in progress
+  metrics_endpoint.reset();  // before what its gauges read goes
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   health.Stop();   // after the drain: a probe hung in the HSM must not hold it up
   runner.reset();  // Shutdown waited for every call to finish: the queue is empty
@@ -520,10 +606,19 @@ static int Run(int argc, char** argv) {
   app.add_flag("--allow-re-anchor", allow_re_anchor,
                "if the audit log fails its start-up check (a restored backup), wait for officers "
                "to approve re-anchoring it instead of exiting");
+  bool check_config = false;
+  app.add_flag("--check-config", check_config,
+               "check the config, the policy, the TLS files and the PIN's source, then exit "
+               "(0 if all is well); touches neither the HSM nor the database");
   CLI::App* init = app.add_subcommand("init", "create the root key in the HSM if missing");
   CLI11_PARSE(app, argc, argv);
 
   absl::StatusOr<Config> config = LoadConfig(config_path);
+  if (check_config) {
+    if (config.ok()) return CheckConfig(config_path, *config);
+    std::fprintf(stderr, "custosd: %s\n", config.status().ToString().c_str());
+    return 1;
+  }
   if (!config.ok()) return Fail(config.status());
   spdlog::set_level(spdlog::level::from_str(config->log_level));
   return init->parsed() ? Init(*config) : Serve(*config, port_file, allow_re_anchor);

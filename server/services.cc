@@ -236,16 +236,34 @@ absl::Status CallRunner::RateLimited(grpc::CallbackServerContext& context) {
   return absl::OkStatus();
 }
 
+void CallRunner::Answered(const char* rpc, grpc::StatusCode code,
+                          std::chrono::steady_clock::time_point arrived) const {
+  if (metrics_ == nullptr) return;
+  metrics_
+      ->GetCounter("custos_requests_total", "Calls answered, by method and status code",
+                   {{"method", rpc}, {"code", StatusCodeName(code)}})
+      .Add();
+  metrics_
+      ->GetHistogram("custos_request_duration_seconds",
+                     "Calls from arrival to answer (queueing included), by method",
+                     {{"method", rpc}})
+      .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - arrived).count());
+}
+
 grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, const char* rpc,
                                           Work work) {
+  const auto arrived = std::chrono::steady_clock::now();
   if (absl::Status limited = RateLimited(*context); !limited.ok()) {
     ++rate_limited_;
     return Refuse(context, rpc, limited);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const bool queued = queue_.TrySubmit([this, context, reactor, rpc, work = std::move(work)] {
-    reactor->Finish(Execute(*context, rpc, work));
-  });
+  const bool queued =
+      queue_.TrySubmit([this, context, reactor, rpc, arrived, work = std::move(work)] {
+        const grpc::Status status = Execute(*context, rpc, work);
+        Answered(rpc, status.error_code(), arrived);
+        reactor->Finish(status);
+      });
   if (!queued) {
     ++refused_;
     const std::string reason = StrCat("custosd is at capacity: ", queue_.max_waiting(),
@@ -253,6 +271,7 @@ grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, 
     absl::StatusOr<core::Caller> caller = CallerOf(*context);
     refusals_->Refused(rpc, caller.ok() ? std::move(caller->principal) : std::string(),
                        context->peer(), absl::StatusCode::kResourceExhausted, reason);
+    Answered(rpc, grpc::StatusCode::RESOURCE_EXHAUSTED, arrived);
     reactor->Finish(
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, StrCat(reason, "; retry with backoff")));
   }
@@ -265,7 +284,9 @@ grpc::ServerUnaryReactor* CallRunner::Refuse(grpc::CallbackServerContext* contex
   refusals_->Refused(rpc, caller.ok() ? std::move(caller->principal) : std::string(),
                      context->peer(), refusal.code(), std::string(refusal.message()));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(refusal));
+  const grpc::Status status = ToGrpcStatus(refusal);
+  Answered(rpc, status.error_code(), std::chrono::steady_clock::now());
+  reactor->Finish(status);
   return reactor;
 }
 

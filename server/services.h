@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 
+#include "common/metrics.h"
 #include "common/work_queue.h"
 #include "core/kms.h"
 #include "custos/v1/admin_service.grpc.pb.h"
@@ -39,6 +40,11 @@ class CallRunner {
     per_peer_ = per_peer;
     per_principal_ = per_principal;
   }
+
+  // Counts every call's answer by method and status code, and times it from arrival to
+  // answer (custos_requests_total, custos_request_duration_seconds). Set before serving;
+  // `registry` must outlive the runner.
+  void Measure(metrics::Registry* registry) { metrics_ = registry; }
 
   // The use case a call runs once its caller is authenticated; it fills the response.
   using Work = std::function<grpc::Status(core::Kms&, const core::Caller&)>;
@@ -70,6 +76,9 @@ class CallRunner {
                        const Work& work);
   // Why `context`'s call is over its rate, or OK.
   absl::Status RateLimited(grpc::CallbackServerContext& context);
+  // Counts the answer `code` to a call of `rpc` that arrived at `arrived`, if measured.
+  void Answered(const char* rpc, grpc::StatusCode code,
+                std::chrono::steady_clock::time_point arrived) const;
 
   core::Kms* const kms_;
   RefusalRecorder* const refusals_;
@@ -78,6 +87,7 @@ class CallRunner {
   std::atomic<uint64_t> rate_limited_{0};
   RateLimiter* per_peer_ = nullptr;       // set before serving
   RateLimiter* per_principal_ = nullptr;  // set before serving
+  metrics::Registry* metrics_ = nullptr;  // set before serving
   WorkQueue queue_;  // last: its destructor runs what waits, which uses the members above
 };
 

@@ -28,11 +28,17 @@ inline constexpr int kMaxConnectionAgeLimitSeconds = 86400;
 // How long calls still running on a connection past its maximum age may take to finish.
 inline constexpr int kConnectionAgeGraceSeconds = 60;
 
-// The server credentials. FAILED_PRECONDITION naming the file if a certificate, key or CA file
-// cannot be read; PERMISSION_DENIED naming tls.key if the key file is not a regular file of
-// this process's user readable by nobody else (mode 0600 or 0400), as the HSM PIN file. With
-// tls.crl_dir, also loads the CRLs into `authenticator` (the one CallerOf uses by default):
-// FAILED_PRECONDITION naming each CA without a current, correctly signed CRL. Without it,
+// FAILED_PRECONDITION naming the setting and file if tls.cert, tls.key or tls.client_ca cannot
+// be read, holds no PEM certificate (key), or if the key is not the certificate's;
+// PERMISSION_DENIED as CheckPrivateKeyFile for tls.key. What custosd --check-config and the
+// start-up check.
+absl::Status CheckTlsFiles(const Config& config);
+
+// The server credentials, after CheckTlsFiles. FAILED_PRECONDITION naming the file if a
+// certificate, key or CA file cannot be read; PERMISSION_DENIED naming tls.key if the key file is
+// not a regular file of this process's user readable by nobody else (mode 0600 or 0400), as the HSM
+// PIN file. With tls.crl_dir, also loads the CRLs into `authenticator` (the one CallerOf uses by
+// default): FAILED_PRECONDITION naming each CA without a current, correctly signed CRL. Without it,
 // turns revocation checking off there (expiry is still checked at every call).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MutualTlsCredentials(
     const Config& config, PeerAuthenticator& authenticator = ProcessAuthenticator());

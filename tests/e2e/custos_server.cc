@@ -173,6 +173,13 @@ int CustosServer::gateway_port() const {
   return gateway;
 }
 
+int CustosServer::metrics_port() const {
+  std::ifstream in(dir_.File("port"));
+  int grpc = 0, gateway = 0, metrics = 0;
+  in >> grpc >> gateway >> metrics;
+  return metrics;
+}
+
 std::string CustosServer::Log() const { return ReadFile(dir_.File("custosd.log")); }
 
 std::shared_ptr<grpc::Channel> CustosServer::Channel(const std::string& client,

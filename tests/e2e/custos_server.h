@@ -74,6 +74,8 @@ class CustosServer {
   int port() const { return port_; }
   // The key/value gateway's port, from the port file's second line (0 when it is off).
   int gateway_port() const;
+  // The metrics endpoint's port, from the port file's third line (0 when it is off).
+  int metrics_port() const;
   // Replaces `from` by `to` in custosd.toml (takes effect at the next start); throws if
   // `from` is not there.
   void EditConfig(const std::string& from, const std::string& to);

@@ -411,6 +411,30 @@ TEST_CASE("Exactly one of pin_file and pin_env is set", "[config]") {
   CHECK(c.hsm_pin_file.empty());
 }
 
+TEST_CASE("A refused setting is named with its file and line", "[config]") {
+  ConfigFiles files;
+  // Minimal(): [tls] on lines 1-4, [hsm] on 6-9 (module, token_label, pin_file), then
+  // [storage] and [policy]: 16 lines in all.
+  const std::string text = Render(Minimal());
+  REQUIRE(std::count(text.begin(), text.end(), '\n') == 16);
+  const std::string at = "config " + files.path() + ":";
+  RequireRefused(files, text + "[server]\nworker_threads = 0\n",
+                 at + "18: server.worker_threads must be 1..1024");
+  RequireRefused(files, text + "[audit]\n\nmax_streams = \"many\"\n",
+                 at + "19: audit.max_streams has the wrong type");
+  RequireRefused(files, text + "[server]\nworker_thread = 4\n",
+                 at + "18: unknown setting server.worker_thread");
+  RequireRefused(files, text + "[dual_control]\nrequest_ttl_hours = 0\n",
+                 at + "18: dual_control.request_ttl_hours must be between");
+  RequireRefused(files, text + "[bogus]\nx = 1\n", at + "17: unknown section 'bogus'");
+  std::vector<Entry> entries = Minimal();
+  entries.push_back({"hsm", "call_timeout_ms", "5"});
+  RequireRefused(files, Render(entries), at + "10: hsm.call_timeout_ms must be 100..60000");
+  // Both PIN sources: the line of the first one named.
+  entries.back() = {"hsm", "pin_env", R"("PIN")"};
+  RequireRefused(files, Render(entries), at + "9: set exactly one of hsm.pin_file and hsm.pin_env");
+}
+
 TEST_CASE("A missing required setting is named", "[config]") {
   ConfigFiles files;
   const std::vector<std::pair<std::string, std::string>> required = {
@@ -420,7 +444,7 @@ TEST_CASE("A missing required setting is named", "[config]") {
     const std::string name = section + "." + key;
     SECTION(name) {
       RequireRefused(files, Render(Without(Minimal(), section, key)),
-                     "config: " + name + " is required");
+                     "config " + files.path() + ": " + name + " is required");
     }
   }
 }

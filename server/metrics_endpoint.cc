@@ -1,0 +1,136 @@
+#include "server/metrics_endpoint.h"
+
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <charconv>
+
+#include "common/strings.h"
+#include "server/services.h"
+
+namespace custos::server {
+namespace {
+
+using Samples = std::vector<std::pair<metrics::Labels, double>>;
+
+uint64_t FileBytes(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+}  // namespace
+
+bool IsLoopbackHost(std::string_view host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
+    const metrics::Registry* registry, const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  int port = -1;
+  if (colon != std::string::npos) {
+    const char* end = listen.data() + listen.size();
+    if (std::from_chars(listen.data() + colon + 1, end, port).ptr != end) port = -1;
+  }
+  std::string host = colon == std::string::npos ? "" : listen.substr(0, colon);
+  if (port < 0 || port > 65535 || !IsLoopbackHost(host)) {
+    return absl::InvalidArgumentError(
+        StrCat("config: metrics.listen must be a loopback host:port, not '", listen, "'"));
+  }
+  if (host == "[::1]") host = "::1";
+  auto endpoint = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint());
+  endpoint->server_ = std::make_unique<httplib::Server>();
+  httplib::Server& server = *endpoint->server_;
+  server.new_task_queue = [] { return new httplib::ThreadPool(2); };
+  server.set_read_timeout(2, 0);
+  server.set_write_timeout(2, 0);
+  server.set_keep_alive_max_count(1);
+  server.set_payload_max_length(1024);
+  server.set_exception_handler([](const httplib::Request&, httplib::Response& response,
+                                  const std::exception_ptr&) { response.status = 500; });
+  server.Get("/metrics", [registry](const httplib::Request&, httplib::Response& response) {
+    response.set_content(registry->Render(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  endpoint->port_ =
+      port == 0 ? server.bind_to_any_port(host) : (server.bind_to_port(host, port) ? port : -1);
+  if (endpoint->port_ <= 0) {
+    return absl::UnavailableError(StrCat("metrics: cannot listen on ", listen));
+  }
+  auto ended = std::make_shared<std::atomic<bool>>(false);
+  endpoint->thread_ = std::thread([&server, listen, ended] {
+    if (!server.listen_after_bind()) {
+      spdlog::error("metrics endpoint on {}: accepting connections failed", listen);
+    }
+    *ended = true;
+  });
+  // Running before it is returned: stop() does nothing to a server that is not running yet.
+  while (!server.is_running() && !*ended) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (*ended) {
+    endpoint->thread_.join();
+    return absl::UnavailableError(StrCat("metrics: cannot serve on ", listen));
+  }
+  return endpoint;
+}
+
+MetricsEndpoint::~MetricsEndpoint() {
+  if (!server_) return;
+  server_->stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store,
+                     const std::string& db_path, const CallRunner& runner, const Clock& clock) {
+  registry.AddGauge("custos_keys", "Keys in the catalogue, by state", [&store]() -> Samples {
+    const auto counts = store.CountKeysByState();
+    if (!counts.ok()) return {};
+    Samples samples;
+    for (const auto& [state, count] : *counts) {
+      samples.push_back(
+          {{{"state", std::string(storage::KeyStateName(state))}}, static_cast<double>(count)});
+    }
+    return samples;
+  });
+  registry.AddGauge("custos_pending_requests", "Dual-control requests awaiting approval",
+                    [&store]() -> Samples {
+                      const auto pending = store.PendingRequests();
+                      if (!pending.ok()) return {};
+                      return {{{}, static_cast<double>(pending->size())}};
+                    });
+  registry.AddGauge("custos_audit_records", "Records in the audit log (the last seq)",
+                    [&store]() -> Samples {
+                      const auto head = store.AuditHead();
+                      if (!head.ok()) return {};
+                      return {{{}, static_cast<double>(head->first)}};
+                    });
+  registry.AddGauge(
+      "custos_database_bytes", "Size on disk of the key database and its write-ahead log, by file",
+      [db_path]() -> Samples {
+        return {{{{"file", "db"}}, static_cast<double>(FileBytes(db_path))},
+                {{{"file", "wal"}}, static_cast<double>(FileBytes(db_path + "-wal"))}};
+      });
+  registry.AddGauge("custos_audit_checkpoint_age_seconds",
+                    "Seconds since the last signed checkpoint of the audit log",
+                    [&store, &clock]() -> Samples {
+                      const auto latest = store.LatestCheckpoint();
+                      if (!latest.ok() || !latest->has_value()) return {};
+                      return {{{}, static_cast<double>(clock.NowSeconds() - (*latest)->time)}};
+                    });
+  registry.AddGauge("custos_calls_waiting", "Calls waiting for a worker", [&runner]() -> Samples {
+    return {{{}, static_cast<double>(runner.waiting())}};
+  });
+  registry.AddCounterReader(
+      "custos_calls_turned_away_total",
+      "Calls never run: the queue was full, a rate limit, or abandoned by their clients first",
+      [&runner]() -> Samples {
+        const CallRunner::Counts counts = runner.counts();
+        return {{{{"reason", "queue_full"}}, static_cast<double>(counts.refused)},
+                {{{"reason", "rate_limited"}}, static_cast<double>(counts.rate_limited)},
+                {{{"reason", "abandoned"}}, static_cast<double>(counts.abandoned)}};
+      });
+}
+
+}  // namespace custos::server
