@@ -1,6 +1,7 @@
 // The audit log's records and checkpoints between their gRPC form (custos.v1) and the audit
 // library's, for AuditService, custosctl and the tests that read the log over gRPC. Hashes
-// travel as lower-case hex; a malformed one becomes empty, which the verifier then names.
+// travel as lower-case hex; a malformed one becomes empty, which the verifier then names. Times
+// are whole Unix seconds in the log (what is hashed and signed) and Timestamps on the wire.
 #pragma once
 
 #include "audit/record.h"
@@ -11,7 +12,7 @@ namespace custos::server {
 inline audit::Record FromProto(const custos::v1::AuditRecord& r) {
   audit::Record record;
   record.seq = r.seq();
-  record.time = r.time();
+  record.time = r.time().seconds();
   record.principal = r.principal();
   record.role = r.role();
   record.action = r.action();
@@ -34,7 +35,7 @@ inline audit::Record FromProto(const custos::v1::AuditRecord& r) {
 
 inline void ToProto(const audit::Record& record, custos::v1::AuditRecord* out) {
   out->set_seq(record.seq);
-  out->set_time(record.time);
+  out->mutable_time()->set_seconds(record.time);
   out->set_principal(record.principal);
   out->set_role(record.role);
   out->set_action(record.action);
@@ -58,7 +59,7 @@ inline audit::Checkpoint FromProto(const custos::v1::Checkpoint& c) {
   audit::Checkpoint checkpoint;
   checkpoint.seq = c.seq();
   checkpoint.hash = audit::FromHex(c.hash()).value_or(Bytes{});
-  checkpoint.time = c.time();
+  checkpoint.time = c.time().seconds();
   checkpoint.signature.assign(c.signature().begin(), c.signature().end());
   checkpoint.key_label = c.key_label();
   checkpoint.format = c.format() == 0 ? 1 : c.format();
@@ -70,7 +71,7 @@ inline audit::Checkpoint FromProto(const custos::v1::Checkpoint& c) {
 inline void ToProto(const audit::Checkpoint& checkpoint, custos::v1::Checkpoint* out) {
   out->set_seq(checkpoint.seq);
   out->set_hash(audit::ToHex(checkpoint.hash));
-  out->set_time(checkpoint.time);
+  out->mutable_time()->set_seconds(checkpoint.time);
   out->set_key_label(checkpoint.key_label);
   out->set_message(audit::CheckpointMessage(checkpoint));
   out->set_signature(std::string(checkpoint.signature.begin(), checkpoint.signature.end()));

@@ -148,18 +148,45 @@ std::string StatusName(grpc::StatusCode code) {
   return name.empty() ? "UNKNOWN" : name;
 }
 
+// Protobuf's JSON writes 64-bit integers as strings (JavaScript's numbers stop at 2^53);
+// custosctl writes counts as JSON numbers, which every JSON tool reads exactly this far.
+void CountsAsNumbers(const google::protobuf::Descriptor& type, nlohmann::ordered_json& json) {
+  using google::protobuf::FieldDescriptor;
+  for (int i = 0; i < type.field_count(); ++i) {
+    const FieldDescriptor& field = *type.field(i);
+    const auto found = json.find(field.name());
+    if (found == json.end() || field.is_map()) continue;
+    const auto convert = [&field](nlohmann::ordered_json& value) {
+      if (field.cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+        CountsAsNumbers(*field.message_type(), value);
+      } else if (value.is_string() && field.cpp_type() == FieldDescriptor::CPPTYPE_INT64) {
+        value = std::stoll(value.get<std::string>());
+      } else if (value.is_string() && field.cpp_type() == FieldDescriptor::CPPTYPE_UINT64) {
+        value = std::stoull(value.get<std::string>());
+      }
+    };
+    if (field.is_repeated()) {
+      for (nlohmann::ordered_json& element : *found) convert(element);
+    } else {
+      convert(*found);
+    }
+  }
+}
+
+// A reply as JSON (times in RFC 3339, bytes in base64, counts as numbers), or the error.
 int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
   if (!status.ok()) {
     std::cerr << "error: " << StatusName(status.error_code()) << ": " << status.error_message()
               << "\n";
     return 2;
   }
-  std::string json;
+  std::string text;
   google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
   options.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(reply, &json, options);
-  std::cout << json;
+  (void)google::protobuf::util::MessageToJsonString(reply, &text, options);
+  nlohmann::ordered_json json = nlohmann::ordered_json::parse(text);
+  CountsAsNumbers(*reply.GetDescriptor(), json);
+  std::cout << json.dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
   return 0;
 }
 

@@ -85,6 +85,7 @@ size_t DataKeyBytes(pb::DataKeySpec spec) {
   }
 }
 
+// Times are Timestamps of whole seconds; the store's 0 ("never") leaves one unset.
 void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out,
                   const std::vector<storage::VersionUsage>& usage = {}) {
   out->set_key_id(key.id);
@@ -92,26 +93,26 @@ void FillMetadata(const storage::KeyRecord& key, pb::KeyMetadata* out,
   out->set_description(key.description);
   out->mutable_tags()->insert(key.tags.begin(), key.tags.end());
   out->set_state(static_cast<pb::KeyState>(key.state));
-  out->set_create_time(key.created_at);
+  out->mutable_create_time()->set_seconds(key.created_at);
   out->set_created_by(key.created_by);
   out->set_primary_version(key.primary_version);
   for (const storage::KeyVersion& v : key.versions) {
     pb::KeyVersionMetadata* version = out->add_versions();
     version->set_version(v.version);
-    version->set_create_time(v.created_at);
+    version->mutable_create_time()->set_seconds(v.created_at);
     version->set_retired(v.version < key.min_decrypt_version);
     for (const storage::VersionUsage& u : usage) {
       if (u.version != v.version) continue;
       version->set_encryptions(u.encryptions);
       version->set_decryptions(u.decryptions);
-      version->set_last_used_time(u.last_used_at);
+      if (u.last_used_at != 0) version->mutable_last_used_time()->set_seconds(u.last_used_at);
     }
   }
   for (const std::string& p : key.encrypt_grants) out->add_encrypt_principals(p);
   for (const std::string& p : key.decrypt_grants) out->add_decrypt_principals(p);
   out->set_min_decrypt_version(key.min_decrypt_version);
-  out->set_deletion_time(key.deletion_due_at);
-  out->set_destroy_time(key.destroyed_at);
+  if (key.deletion_due_at != 0) out->mutable_deletion_time()->set_seconds(key.deletion_due_at);
+  if (key.destroyed_at != 0) out->mutable_destroy_time()->set_seconds(key.destroyed_at);
   out->set_rotation_period_days(static_cast<uint32_t>(key.rotation_period_seconds / policy::kDay));
   out->set_integrity_problem(key.integrity_problem);
 }
@@ -168,18 +169,18 @@ void FillRequest(const core::Request& request, int approvals_required, pb::Chang
   out->set_parameters(request.parameters);
   out->set_justification(request.justification);
   out->set_proposer(request.proposer);
-  out->set_create_time(request.created_at);
-  out->set_expire_time(request.expires_at);
+  out->mutable_create_time()->set_seconds(request.created_at);
+  out->mutable_expire_time()->set_seconds(request.expires_at);
   out->set_state(static_cast<pb::RequestState>(request.state));
   for (const storage::Approval& a : request.approvals) {
     pb::Approval* approval = out->add_approvals();
     approval->set_principal(a.principal);
-    approval->set_time(a.at);
+    approval->mutable_time()->set_seconds(a.at);
   }
   out->set_approvals_required(static_cast<uint32_t>(approvals_required));
   out->set_rejected_by(request.rejected_by);
   out->set_reason(request.reason);
-  out->set_close_time(request.closed_at);
+  if (request.closed_at != 0) out->mutable_close_time()->set_seconds(request.closed_at);
   out->set_digest(core::RequestDigest(request));
   out->set_integrity_problem(request.integrity_problem);
   out->set_progress(request.progress);

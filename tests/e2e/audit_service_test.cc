@@ -37,8 +37,8 @@ std::string CheckpointCovering(const std::string& ctl, const std::string& dir, u
     int code = 0;
     saved = Run(ctl + " --as auditor audit checkpoint --out-dir " + dir + " 2>&1", &code);
     REQUIRE(code == 0);
-    const std::string covered = Field(saved, "seq");
-    if (!covered.empty() && std::stoull(covered) >= seq) return saved;
+    const std::optional<uint64_t> covered = NumberField(saved, "seq");
+    if (covered && *covered >= seq) return saved;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   FAIL("no checkpoint covering record " << seq << " was signed: " << saved);
@@ -63,7 +63,8 @@ TEST_CASE("Auditors export a log whose chain and checkpoint verify", "[e2e][audi
   // Server start, policy load, the key's proposal and approval, CreateKey, the data key.
   const std::string checkpoint = CheckpointCovering(ctl, dir, 6);
   INFO(checkpoint);
-  const uint64_t anchored = std::stoull(Field(checkpoint, "seq"));
+  REQUIRE(NumberField(checkpoint, "seq"));
+  const uint64_t anchored = *NumberField(checkpoint, "seq");
   Run("openssl dgst -sha256 -verify " + dir + "/audit-public.pem -signature " + dir +
           "/checkpoint.sig " + dir + "/checkpoint.msg 2>&1",
       &code);

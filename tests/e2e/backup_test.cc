@@ -52,13 +52,11 @@ pb::ChangeRequest ScheduleDeletion(const CustosServer& server, const std::string
   return ProposeAndApprove(server, proposal);
 }
 
-// The number after `"name": ` in custosctl's JSON; REQUIREs it is there.
+// The number `name` in custosctl's JSON; REQUIREs it is there.
 uint64_t Number(const std::string& json, const std::string& name) {
-  const std::string key = "\"" + name + "\": ";
-  const size_t at = json.find(key);
   INFO(json);
-  REQUIRE(at != std::string::npos);
-  return std::stoull(json.substr(at + key.size()));
+  REQUIRE(NumberField(json, name));
+  return *NumberField(json, name);
 }
 
 std::string Run(const std::string& command, int expected_exit) {

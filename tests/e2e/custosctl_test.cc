@@ -2,6 +2,7 @@
 #include <sys/wait.h>
 #include <catch2/catch.hpp>
 #include <cstdio>
+#include <regex>
 
 #include "tests/e2e/e2e_util.h"
 
@@ -51,9 +52,17 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   CHECK_THAT(wrong.text, Catch::StartsWith("error: INVALID_ARGUMENT: ciphertext failed"));
 
   Output described = Ctl(server, "officer2", "describe-key " + alias);
+  INFO(described.text);
   REQUIRE(described.exit_code == 0);
   CHECK(Field(described.text, "owner") == "ops");
   CHECK(Field(described.text, "state") == "ENABLED");
+  // Times in RFC 3339, counts as JSON numbers; "never" left out.
+  CHECK(
+      std::regex_match(Field(described.text, "create_time"),
+                       std::regex(R"(20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)")));
+  CHECK(NumberField(described.text, "encryptions").value_or(0) >= 1);
+  CHECK(NumberField(described.text, "decryptions").value_or(0) >= 1);
+  CHECK_THAT(described.text, !Catch::Contains("deletion_time"));
 
   Output listed = Ctl(server, "app", "list-keys");
   CHECK(listed.exit_code == 2);

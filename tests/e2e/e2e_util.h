@@ -4,9 +4,11 @@
 #include <sys/wait.h>
 
 #include <catch2/catch.hpp>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,6 +51,18 @@ inline Output Ctl(const CustosServer& server, const std::string& as, const std::
   Output out;
   out.text = RunCommand(CtlCommand(server, as, args) + " 2>&1", &out.exit_code);
   return out;
+}
+
+// The number of `"field": N` in custosctl's JSON output (counts are JSON numbers); nullopt if
+// absent or not a number.
+inline std::optional<uint64_t> NumberField(const std::string& json, const std::string& field) {
+  const std::string key = "\"" + field + "\": ";
+  const size_t start = json.find(key);
+  if (start == std::string::npos || start + key.size() >= json.size() ||
+      !std::isdigit(static_cast<unsigned char>(json[start + key.size()]))) {
+    return std::nullopt;
+  }
+  return std::stoull(json.substr(start + key.size()));
 }
 
 // The string value of `"field": "..."` in custosctl's JSON output; "" if absent.
