@@ -244,6 +244,16 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
   CUSTOS_RETURN_IF_ERROR(settings.Read("log", "level", &c.log_level));
+  static const std::set<std::string_view> kLevels = {"trace",   "debug", "info",    "warn",
+                                                     "warning", "error", "critical"};
+  if (!kLevels.count(c.log_level)) {
+    return absl::InvalidArgumentError(
+        "config: log.level must be trace, debug, info, warn, error or critical");
+  }
+  CUSTOS_RETURN_IF_ERROR(settings.Read("log", "format", &c.log_format));
+  if (c.log_format != "text" && c.log_format != "json") {
+    return absl::InvalidArgumentError("config: log.format must be \"text\" or \"json\"");
+  }
   CUSTOS_RETURN_IF_ERROR(settings.Read("log", "audit_mirror", &c.audit_mirror));
   CUSTOS_RETURN_IF_ERROR(ReadDualControl(root, &c.dual_control));
   int64_t maintenance = c.maintenance_interval_seconds;

@@ -65,7 +65,9 @@ struct Config {
 
   std::string storage_path;
   std::string policy_file;
-  std::string log_level = "info";
+  std::string log_level = "info";  // trace, debug, info, warn, error, critical
+  // [log] format: "text" (spdlog's usual lines) or "json" (one JSON object per line).
+  std::string log_format = "text";
   // [log] audit_mirror: also write each committed audit record to the operator's log, one line
   // per record (the audit log in the database is the record either way). Off by default: it
   // costs every call a formatted line on the request path.

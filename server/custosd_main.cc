@@ -16,6 +16,7 @@
 #include <optional>
 
 #include <absl/synchronization/mutex.h>
+#include <grpc/support/log.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -34,6 +35,7 @@
 #include <utility>
 
 #include "audit/log_sink.h"
+#include "common/json_log.h"
 #include "common/metrics.h"
 #include "common/strings.h"
 #include "core/hsm_row_authenticator.h"
@@ -621,6 +623,17 @@ static int Run(int argc, char** argv) {
   }
   if (!config.ok()) return Fail(config.status());
   spdlog::set_level(spdlog::level::from_str(config->log_level));
+  if (config->log_format == "json") {
+    custos::UseJsonLogLines();
+    // gRPC's own messages too, so that every line of the log is JSON.
+    gpr_set_log_function([](gpr_log_func_args* args) {
+      const spdlog::level::level_enum level =
+          args->severity == GPR_LOG_SEVERITY_ERROR  ? spdlog::level::err
+          : args->severity == GPR_LOG_SEVERITY_INFO ? spdlog::level::info
+                                                    : spdlog::level::debug;
+      spdlog::log(level, "grpc {}:{}: {}", args->file, args->line, args->message);
+    });
+  }
   return init->parsed() ? Init(*config) : Serve(*config, port_file, allow_re_anchor);
 }
 

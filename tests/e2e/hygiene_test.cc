@@ -2,6 +2,8 @@
 // and outcome, and no secret (context value, plaintext, data key, PIN) ever appears in its log.
 #include <catch2/catch.hpp>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
 
 #include "tests/e2e/e2e_util.h"
@@ -97,6 +99,51 @@ TEST_CASE("Audit lines record each operation; no secret reaches the log", "[e2e]
        {"action=ServerStart", "action=LoadPolicy", "action=ServerStop"}) {
     CHECK(log.find(server_event) != std::string::npos);
   }
+}
+
+TEST_CASE("JSON log lines: one object per line, the call's id as in its audit record",
+          "[e2e][audit]") {
+  CustosServer server;
+  server.Stop();
+  server.EditConfig("[server]\n", "[log]\nformat = \"json\"\naudit_mirror = true\n\n[server]\n");
+  const size_t text_lines = Occurrences(server.Log(), "\n");
+  server.Start();
+  const pb::KeyMetadata key = CreateKey(server, "hygiene/json", true, true);
+  const std::string patient = "patient \"quoted\" \\ MRN-99";
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key(key.key_id());
+  (*gdk.mutable_encryption_context())["mrn"] = patient;
+  pb::GenerateDataKeyResponse dk;
+  REQUIRE(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &dk).ok());
+  std::string call_id;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.action() == "GenerateDataKey") call_id = r.call_id();
+  }
+  REQUIRE(call_id.size() == 36);
+  server.Stop();
+
+  // The lines this run wrote (the log before it was in text): each a JSON object.
+  std::istringstream lines(server.Log());
+  std::string line;
+  for (size_t i = 0; i < text_lines && std::getline(lines, line);) ++i;
+  size_t objects = 0;
+  bool call_line = false;
+  while (std::getline(lines, line)) {
+    INFO(line);
+    const nlohmann::json object = nlohmann::json::parse(line, nullptr, false);
+    REQUIRE(object.is_object());
+    CHECK(object.size() == 3);
+    CHECK(std::regex_match(object.value("time", ""),
+                           std::regex(R"(20[0-9-]{8}T[0-9:]{8}\.[0-9]{6}Z)")));
+    CHECK(object.value("level", "").size() >= 4);
+    const std::string message = object.value("message", "");
+    call_line = call_line || (message.find("call=" + call_id) != std::string::npos &&
+                              message.find("action=GenerateDataKey") != std::string::npos);
+    CHECK(message.find(patient) == std::string::npos);
+    ++objects;
+  }
+  CHECK(objects > 5);
+  CHECK(call_line);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "policy/policy.h"
 #include "server/config.h"
 #include "tests/support/temp_dir.h"
 
@@ -427,6 +428,15 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
   RequireRefused(files, text + "[dual_control]\nrequest_ttl_hours = 0\n",
                  at + "18: dual_control.request_ttl_hours must be between");
   RequireRefused(files, text + "[bogus]\nx = 1\n", at + "17: unknown section 'bogus'");
+  RequireRefused(files, text + "[log]\nlevel = \"verbose\"\n",
+                 at + "18: log.level must be trace, debug, info, warn, error or critical");
+  RequireRefused(files, text + "[log]\nformat = \"xml\"\n",
+                 at + "18: log.format must be \"text\" or \"json\"");
+  RequireRefused(files, text + "[metrics]\nlisten = \"0.0.0.0:9464\"\n",
+                 at + "18: metrics.listen must be on a loopback address");
+  CHECK(RequireLoads(files, text + "[metrics]\nlisten = \"127.0.0.1:9464\"\n[log]\nformat = "
+                                   "\"json\"\n[server]\nreflection = false\n")
+            .metrics_listen == "127.0.0.1:9464");
   std::vector<Entry> entries = Minimal();
   entries.push_back({"hsm", "call_timeout_ms", "5"});
   RequireRefused(files, Render(entries), at + "10: hsm.call_timeout_ms must be 100..60000");
@@ -471,8 +481,23 @@ TEST_CASE("A character the TOML parser cannot classify is refused with its line"
                  files.path() + ":" + std::to_string(log_level_line) + ": a character in");
   // A comment line may hold any character, and a string the same character as an escape.
   const Config config = RequireLoads(
-      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[log]\nlevel = \"caf\\u00e9\"\n");
-  CHECK(config.log_level == "caf\xc3\xa9");
+      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[gateway]\nlisten = \"caf\\u00e9\"\n");
+  CHECK(config.gateway_listen == "caf\xc3\xa9");
+}
+
+TEST_CASE("The example config and policy load, and every quorum is reachable", "[config]") {
+  const absl::StatusOr<Config> config = LoadConfig(EXAMPLE_CONFIG);
+  INFO(config.status().ToString());
+  REQUIRE(config.ok());
+  CHECK(config->reflection);
+  CHECK(config->metrics_listen.empty());
+  CHECK(config->log_format == "text");
+  const auto policy = policy::Policy::LoadFile(EXAMPLE_POLICY);
+  INFO(policy.status().ToString());
+  REQUIRE(policy.ok());
+  const absl::Status reachable = policy::CheckQuorumsReachable(config->dual_control, **policy);
+  INFO(reachable.ToString());
+  CHECK(reachable.ok());
 }
 
 TEST_CASE("A config file that cannot be read is NOT_FOUND", "[config]") {
