@@ -38,10 +38,17 @@ std::string ContextMacCache::KeyOf(std::string_view principal,
 }
 
 std::optional<std::string> ContextMacCache::Find(const std::string& key) {
-  if (capacity_ == 0) return std::nullopt;
+  if (capacity_ == 0) {
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    return std::nullopt;
+  }
   std::lock_guard lock(mu_);
   auto it = entries_.find(key);
-  if (it == entries_.end()) return std::nullopt;
+  if (it == entries_.end()) {
+    misses_.fetch_add(1, std::memory_order_relaxed);
+    return std::nullopt;
+  }
+  hits_.fetch_add(1, std::memory_order_relaxed);
   recency_.splice(recency_.begin(), recency_, it->second);
   return it->second->second;
 }

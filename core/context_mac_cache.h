@@ -9,6 +9,7 @@
 // entry goes first. Thread-safe.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <list>
 #include <mutex>
@@ -32,12 +33,17 @@ class ContextMacCache {
   std::optional<std::string> Find(const std::string& key);
   void Insert(const std::string& key, const std::string& hmac);
   size_t size() const;
+  // Find calls answered from the cache, and the others, since it was made.
+  uint64_t hits() const { return hits_.load(std::memory_order_relaxed); }
+  uint64_t misses() const { return misses_.load(std::memory_order_relaxed); }
 
  private:
   using Recency = std::list<std::pair<std::string, std::string>>;  // key, hmac; newest first
 
   const size_t capacity_;
   const SecureBytes salt_;
+  std::atomic<uint64_t> hits_{0};
+  std::atomic<uint64_t> misses_{0};
   mutable std::mutex mu_;
   Recency recency_;                                             // guarded by mu_
   std::unordered_map<std::string, Recency::iterator> entries_;  // guarded by mu_

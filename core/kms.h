@@ -390,6 +390,11 @@ class Kms {
   // The label of the root key new versions are wrapped under now.
   std::string CurrentRoot() const;
 
+  // The context HMAC cache's lookups answered from memory, and the rest (for the metrics).
+  std::pair<uint64_t, uint64_t> ContextHmacCacheCounts() const {
+    return {context_macs_.hits(), context_macs_.misses()};
+  }
+
  private:
   class Call;
 

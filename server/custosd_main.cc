@@ -433,7 +433,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
   runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
   runner->Measure(&registry);
-  AddServerGauges(registry, **store, config.storage_path, *runner, clock);
+  AddServerGauges(registry, **store, kms, config.storage_path, *runner, clock);
   KeyServiceImpl key_service(runner.get());
   AdminServiceImpl admin_service(runner.get());
   DatabaseServiceImpl database_service(runner.get());

@@ -83,7 +83,16 @@ MetricsEndpoint::~MetricsEndpoint() {
 }
 
 void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store,
-                     const std::string& db_path, const CallRunner& runner, const Clock& clock) {
+                     const core::Kms& kms, const std::string& db_path, const CallRunner& runner,
+                     const Clock& clock) {
+  registry.AddCounterReader(
+      "custos_context_hmac_cache_lookups_total",
+      "Encryption contexts whose audit HMAC was found in memory, or had to be computed",
+      [&kms]() -> Samples {
+        const auto [hits, misses] = kms.ContextHmacCacheCounts();
+        return {{{{"result", "hit"}}, static_cast<double>(hits)},
+                {{{"result", "miss"}}, static_cast<double>(misses)}};
+      });
   registry.AddGauge("custos_keys", "Keys in the catalogue, by state", [&store]() -> Samples {
     const auto counts = store.CountKeysByState();
     if (!counts.ok()) return {};

@@ -11,6 +11,7 @@
 #include "common/clock.h"
 #include "common/metrics.h"
 #include "common/status.h"
+#include "core/kms.h"
 #include "storage/key_store.h"
 
 namespace httplib {
@@ -40,10 +41,12 @@ class MetricsEndpoint {
   int port_ = 0;
 };
 
-// Adds the gauges read at each scrape: keys by state, pending requests, the audit log's length
-// and the database's size on disk, the age of the last signed checkpoint, and the calls waiting
-// or turned away by `runner`. Everything passed must outlive the registry's last Render.
+// Adds the metrics read at each scrape: keys by state, pending requests, the audit log's length
+// and the database's size on disk, the age of the last signed checkpoint, the context HMAC
+// cache's hits and misses, and the calls waiting or turned away by `runner`. Everything passed must
+// outlive the registry's last Render.
 void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store,
-                     const std::string& db_path, const CallRunner& runner, const Clock& clock);
+                     const core::Kms& kms, const std::string& db_path, const CallRunner& runner,
+                     const Clock& clock);
 
 }  // namespace custos::server

@@ -73,6 +73,9 @@ TEST_CASE("The metrics endpoint counts calls, HSM work, commits and the catalogu
   CHECK(Sample(text, R"(custos_hsm_call_duration_seconds_count{operation="SignSha256"})") >= 0);
   CHECK(Sample(text, R"(custos_hsm_key_cache_lookups_total{result="hit"})") >= 4);
   CHECK(Sample(text, R"(custos_hsm_key_cache_lookups_total{result="miss"})") >= 1);
+  // Five calls with one context: the first computes its HMAC, the other four find it.
+  CHECK(Sample(text, R"(custos_context_hmac_cache_lookups_total{result="hit"})") >= 4);
+  CHECK(Sample(text, R"(custos_context_hmac_cache_lookups_total{result="miss"})") >= 1);
   CHECK(Sample(text, "custos_audit_commit_batch_size_count") >= 1);
   CHECK(Sample(text, "custos_audit_commit_duration_seconds_count") ==
         Sample(text, "custos_audit_commit_batch_size_count"));
