@@ -17,7 +17,6 @@
 
 #include "common/strings.h"
 #include "common/toml_text.h"
-#include "server/metrics_endpoint.h"
 
 namespace custos::server {
 namespace {
@@ -174,6 +173,10 @@ absl::Status Located(const absl::Status& status, const std::string& path, const 
 absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& path);
 
 }  // namespace
+
+bool IsLoopbackHost(std::string_view host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
+}
 
 absl::StatusOr<Config> LoadConfig(const std::string& path) {
   std::ifstream in(path);

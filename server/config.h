@@ -6,6 +6,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
@@ -108,6 +109,9 @@ struct Config {
   // loopback address only; empty = off (the default).
   std::string metrics_listen;
 };
+
+// True for the loopback hosts the metrics endpoint may listen on: 127.0.0.0/8, ::1, localhost.
+bool IsLoopbackHost(std::string_view host);
 
 // INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.
 absl::StatusOr<Config> LoadConfig(const std::string& path);

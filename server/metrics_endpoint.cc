@@ -8,6 +8,7 @@
 #include <charconv>
 
 #include "common/strings.h"
+#include "server/config.h"
 #include "server/services.h"
 
 namespace custos::server {
@@ -21,10 +22,6 @@ uint64_t FileBytes(const std::string& path) {
 }
 
 }  // namespace
-
-bool IsLoopbackHost(std::string_view host) {
-  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
-}
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const metrics::Registry* registry, const std::string& listen) {

@@ -22,9 +22,6 @@ namespace custos::server {
 
 class CallRunner;
 
-// True for the loopback addresses a metrics listener may use: 127.0.0.0/8, ::1, localhost.
-bool IsLoopbackHost(std::string_view host);
-
 class MetricsEndpoint {
  public:
   // Serves `registry` on `listen` ("host:port", port 0 picks one; the host must be loopback).
