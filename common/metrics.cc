@@ -116,7 +116,8 @@ std::string Registry::Render() const {
         reads.push_back({name, family.help, family.type, family.read});
         continue;
       }
-      out += "# HELP " + name + " " + family.help + "\n# TYPE " + name + " " + family.type + "\n";
+      out.append("# HELP ").append(name).append(" ").append(family.help);
+      out.append("\n# TYPE ").append(name).append(" ").append(family.type).append("\n");
       for (const auto& [labels, counter] : family.counters) {
         out += name + LabelText(labels, nullptr) + " " + std::to_string(counter->value()) + "\n";
       }

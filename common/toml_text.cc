@@ -24,16 +24,13 @@ bool HasUnsafe(std::string_view line) {
     const auto lead = static_cast<unsigned char>(line[i]);
     size_t extra = 0;
     uint32_t c = 0;
-    if (lead < 0x80) {
-      ++i;
-      continue;
-    } else if ((lead & 0xE0) == 0xC0) {
+    if ((lead & 0xE0) == 0xC0) {
       extra = 1, c = lead & 0x1F;
     } else if ((lead & 0xF0) == 0xE0) {
       extra = 2, c = lead & 0x0F;
     } else if ((lead & 0xF8) == 0xF0) {
       extra = 3, c = lead & 0x07;
-    } else {
+    } else {  // ASCII, or a byte that begins no UTF-8 sequence
       ++i;
       continue;
     }

@@ -38,35 +38,42 @@ ok "Debian 12 runtime, user $user, health checked by custosctl health"
 mapfile -t packages < <(grep -o 'apt-get install[^&]*' <<<"$runtime" | tr ' ' '\n' |
   grep -v -e '^$' -e '^apt-get$' -e '^install$' -e '^-')
 ((${#packages[@]} > 0)) || fail "no runtime packages found"
+# One apt-cache run for all (each run reads the whole package index; it exits 0 when only some
+# exist, so the names it knows are compared).
+declare -A known=()
+while read -r name; do known[$name]=1; done < <(apt-cache show "${packages[@]}" 2>/dev/null |
+  sed -n 's/^Package: //p')
 for p in "${packages[@]}"; do
-  apt-cache show "$p" >/dev/null 2>&1 || fail "runtime package $p does not exist in Debian 12"
+  [[ -n ${known[$p]:-} ]] || fail "runtime package $p does not exist in Debian 12"
 done
 ok "${#packages[@]} runtime packages exist"
 
-# The package of each library the binaries load. dpkg knows a file by the path its package
-# installed it at, which on a merged /usr may be the /lib or the /usr/lib spelling.
-owner() {
-  local path="$1" found
-  for candidate in "$path" "$(realpath "$path")" "${path#/usr}" "/usr${path}"; do
-    if found="$(dpkg -S "$candidate" 2>/dev/null)"; then
-      echo "${found%%:*}" | cut -d, -f1
-      return
-    fi
-  done
-  echo "?$path"
-}
+# The package of each library the binaries load, from one dpkg run. dpkg knows a file by the
+# path its package installed it at, which on a merged /usr may be the /lib or the /usr/lib
+# spelling, and by its real name rather than a symbolic link's: all are asked for.
 # Essential in every Debian image (debian:12-slim included): the C and C++ runtimes.
 declare -A base=([libc6]=1 [libgcc-s1]=1 [libstdc++6]=1 [libzstd1]=1 [liblzma5]=1
   [libsystemd0]=1 [libgcrypt20]=1 [libgpg-error0]=1 [liblz4-1]=1 [libcap2]=1 [zlib1g]=1)
 declare -A wanted=()
 for p in "${packages[@]}"; do wanted[$p]=1; done
-for binary in "$build/server/custosd" "$build/server/custosctl"; do
-  [[ -x $binary ]] || fail "$binary not built"
-  while read -r library; do
-    package="$(owner "$library")"
-    [[ -n ${base[$package]:-} || -n ${wanted[$package]:-} ]] ||
-      fail "$(basename "$binary") loads $library from $package, which the runtime stage lacks"
-  done < <(ldd "$binary" | awk '/=> \//{print $3}')
+binaries=("$build/server/custosd" "$build/server/custosctl")
+for binary in "${binaries[@]}"; do [[ -x $binary ]] || fail "$binary not built"; done
+mapfile -t libraries < <(ldd "${binaries[@]}" | awk '/=> \//{print $3}' | sort -u)
+((${#libraries[@]} > 0)) || fail "ldd found no libraries"
+query=()
+for library in "${libraries[@]}"; do
+  real="$(realpath "$library")"
+  query+=("$library" "/usr$library" "${library#/usr}" "$real" "/usr$real" "${real#/usr}")
+done
+declare -A owner=()  # file name -> package
+while IFS= read -r line; do
+  package="${line%%:*}"
+  owner[$(basename "${line#*: }")]="${package%%,*}"
+done < <(dpkg -S "${query[@]}" 2>/dev/null || true)
+for library in "${libraries[@]}"; do
+  package="${owner[$(basename "$library")]:-${owner[$(basename "$(realpath "$library")")]:-?}}"
+  [[ -n ${base[$package]:-} || -n ${wanted[$package]:-} ]] ||
+    fail "custosd or custosctl loads $library from $package, which the runtime stage lacks"
 done
 ok "every library custosd and custosctl load is installed by the runtime stage"
 

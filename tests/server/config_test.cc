@@ -419,21 +419,20 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
   const std::string text = Render(Minimal());
   REQUIRE(std::count(text.begin(), text.end(), '\n') == 16);
   const std::string at = "config " + files.path() + ":";
-  RequireRefused(files, text + "[server]\nworker_threads = 0\n",
-                 at + "18: server.worker_threads must be 1..1024");
-  RequireRefused(files, text + "[audit]\n\nmax_streams = \"many\"\n",
-                 at + "19: audit.max_streams has the wrong type");
-  RequireRefused(files, text + "[server]\nworker_thread = 4\n",
-                 at + "18: unknown setting server.worker_thread");
-  RequireRefused(files, text + "[dual_control]\nrequest_ttl_hours = 0\n",
-                 at + "18: dual_control.request_ttl_hours must be between");
-  RequireRefused(files, text + "[bogus]\nx = 1\n", at + "17: unknown section 'bogus'");
-  RequireRefused(files, text + "[log]\nlevel = \"verbose\"\n",
-                 at + "18: log.level must be trace, debug, info, warn, error or critical");
-  RequireRefused(files, text + "[log]\nformat = \"xml\"\n",
-                 at + "18: log.format must be \"text\" or \"json\"");
-  RequireRefused(files, text + "[metrics]\nlisten = \"0.0.0.0:9464\"\n",
-                 at + "18: metrics.listen must be on a loopback address");
+  // Each appended to `text`, and the start of the message it must give.
+  const std::pair<std::string, std::string> refused[] = {
+      {"[server]\nworker_threads = 0\n", "18: server.worker_threads must be 1..1024"},
+      {"[audit]\n\nmax_streams = \"many\"\n", "19: audit.max_streams has the wrong type"},
+      {"[server]\nworker_thread = 4\n", "18: unknown setting server.worker_thread"},
+      {"[dual_control]\nrequest_ttl_hours = 0\n", "18: dual_control.request_ttl_hours must be"},
+      {"[bogus]\nx = 1\n", "17: unknown section 'bogus'"},
+      {"[log]\nlevel = \"verbose\"\n",
+       "18: log.level must be trace, debug, info, warn, error or critical"},
+      {"[log]\nformat = \"xml\"\n", "18: log.format must be \"text\" or \"json\""},
+      {"[metrics]\nlisten = \"0.0.0.0:9464\"\n",
+       "18: metrics.listen must be on a loopback address"},
+  };
+  for (const auto& [extra, message] : refused) RequireRefused(files, text + extra, at + message);
   CHECK(RequireLoads(files, text + "[metrics]\nlisten = \"127.0.0.1:9464\"\n[log]\nformat = "
                                    "\"json\"\n[server]\nreflection = false\n")
             .metrics_listen == "127.0.0.1:9464");

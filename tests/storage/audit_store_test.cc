@@ -35,15 +35,7 @@ std::string ExecOnFile(const std::string& path, const std::string& sql) {
   return message;
 }
 
-audit::Record Event(const std::string& action) {
-  audit::Record row;
-  row.time = 1800000000;
-  row.principal = "spiffe://t/app/a";
-  row.role = "app";
-  row.action = action;
-  row.outcome = "OK";
-  return row;
-}
+audit::Record Event(const std::string& action) { return test::AuditEvent(action); }
 
 TEST_CASE("Audit records are sealed in order, with their change, without gaps", "[audit]") {
   TempDir dir;

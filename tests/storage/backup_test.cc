@@ -21,15 +21,7 @@ using test::MakeKey;
 using test::OpenStore;
 using test::QueryFile;
 
-audit::Record Created() {
-  audit::Record row;
-  row.time = 1800000000;
-  row.principal = "spiffe://t/officer/a";
-  row.role = "officer";
-  row.action = "CreateKey";
-  row.outcome = "OK";
-  return row;
-}
+audit::Record Created() { return test::AuditEvent("CreateKey"); }
 
 TEST_CASE("An online backup is one consistent state of a database being written", "[backup]") {
   TempDir dir;

@@ -48,6 +48,17 @@ inline KeyRecord MakeKey(int n, std::string alias = "") {
   return key;
 }
 
+// An audit record of `action` by an app, outcome OK, for batches the store seals into the log.
+inline audit::Record AuditEvent(const std::string& action) {
+  audit::Record row;
+  row.time = 1800000000;
+  row.principal = "spiffe://t/app/a";
+  row.role = "app";
+  row.action = action;
+  row.outcome = "OK";
+  return row;
+}
+
 // A key with the least the store needs, for bulk tests.
 inline KeyRecord MakeSmallKey(int n) {
   KeyRecord key;
