@@ -52,8 +52,10 @@ ok "${#packages[@]} runtime packages exist"
 # path its package installed it at, which on a merged /usr may be the /lib or the /usr/lib
 # spelling, and by its real name rather than a symbolic link's: all are asked for.
 # Essential in every Debian image (debian:12-slim included): the C and C++ runtimes.
+# The sanitizer runtimes are there only when tools/sanitize.sh runs this test on its builds.
 declare -A base=([libc6]=1 [libgcc-s1]=1 [libstdc++6]=1 [libzstd1]=1 [liblzma5]=1
-  [libsystemd0]=1 [libgcrypt20]=1 [libgpg-error0]=1 [liblz4-1]=1 [libcap2]=1 [zlib1g]=1)
+  [libsystemd0]=1 [libgcrypt20]=1 [libgpg-error0]=1 [liblz4-1]=1 [libcap2]=1 [zlib1g]=1
+  [libasan8]=1 [libubsan1]=1 [libtsan2]=1)
 declare -A wanted=()
 for p in "${packages[@]}"; do wanted[$p]=1; done
 binaries=("$build/server/custosd" "$build/server/custosctl")
