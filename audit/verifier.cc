@@ -71,6 +71,14 @@ absl::StatusOr<std::optional<Record>> JsonLinesRecordSource::Next() {
   return std::nullopt;
 }
 
+absl::StatusOr<std::optional<Record>> ConcatenatedRecordSource::Next() {
+  for (; current_ < sources_.size(); ++current_) {
+    CUSTOS_ASSIGN_OR_RETURN(std::optional<Record> record, sources_[current_]->Next());
+    if (record.has_value()) return record;
+  }
+  return std::optional<Record>();
+}
+
 absl::StatusOr<std::vector<Checkpoint>> ReadCheckpointLines(std::istream& in) {
   std::vector<Checkpoint> checkpoints;
   std::string line;
@@ -164,6 +172,7 @@ class Verification {
       }
       if (!next->has_value()) return true;
       const Record& record = **next;
+      if (report_.first_seq == 0 && !Start(record.seq)) return false;
       if (!CheckOrder(record) || !CheckFormat(record) || !CheckHash(record) ||
           !CheckCheckpointsAt(record)) {
         return false;
@@ -172,6 +181,46 @@ class Verification {
       report_.last_verified_hash = record.hash;
       ++report_.records_checked;
     }
+  }
+
+  // A log starts at record 1, or (once archived) just after a checkpoint it holds, which the
+  // archive before it ends with: the chain goes on from that checkpoint's signed hash.
+  bool Start(uint64_t first) {
+    report_.first_seq = first;
+    if (first <= 1) return CheckAnchorBefore(1);
+    const uint64_t floor = first - 1;
+    while (next_checkpoint_ < checkpoints_.size() && checkpoints_[next_checkpoint_]->seq < floor) {
+      ++next_checkpoint_;  // about archived records: the archive that holds them checks them
+    }
+    if (next_checkpoint_ == checkpoints_.size() || checkpoints_[next_checkpoint_]->seq != floor) {
+      report_.first_seq = 1;  // not an archived log's start: CheckOrder names the gap
+      return true;
+    }
+    const Checkpoint& start = *checkpoints_[next_checkpoint_++];
+    if (!key_.Verify(start)) {
+      return Fail(first, StrCat("the log starts at record ", first, " after the checkpoint at ",
+                                floor, ", whose ", kBadSignature));
+    }
+    report_.starts_after = floor;
+    report_.last_verified_seq = floor;
+    report_.last_verified_hash = start.hash;
+    ++report_.checkpoints_verified;
+    previous_checkpoint_ = &start;
+    return CheckAnchorBefore(first);
+  }
+
+  // An anchor at or before the first record's predecessor cannot be checked against this log.
+  bool CheckAnchorBefore(uint64_t first) {
+    if (anchor_ == nullptr || anchor_->seq >= first) return true;
+    if (anchor_->seq + 1 == first && anchor_->hash == report_.last_verified_hash) return true;
+    if (anchor_->seq + 1 == first) {
+      return Fail(first - 1, StrCat("the hash at ", first - 1,
+                                    " differs from the anchor: history was rewritten"));
+    }
+    return Fail(anchor_->seq,
+                StrCat("the anchor checkpoint is at ", anchor_->seq, ", but this log starts at ",
+                       first, " (", Records(1, first - 1),
+                       " were archived): verify it with the archive that holds it"));
   }
 
   // The record must be last() + 1; otherwise one record of look-ahead tells a swap, an edited
@@ -197,8 +246,10 @@ class Verification {
     }
     if (seq > expected) {
       if (last() == 0) {
-        return Fail(1, StrCat("the log starts at record ", seq, ", not 1 (", Records(1, seq - 1),
-                              " deleted?)"));
+        return Fail(1,
+                    StrCat("the log starts at record ", seq, ", not 1, and holds no checkpoint at ",
+                           seq - 1, " to start from (", Records(1, seq - 1),
+                           " deleted, or archived up to a different record?)"));
       }
       return Fail(expected, StrCat("record ", last(), " is followed by ", seq, " (",
                                    Records(expected, seq - 1), " deleted?)"));
@@ -333,22 +384,28 @@ std::string VerifyReport::Summary() const {
   std::string out;
   if (!ok) {
     out = StrCat("FAILED: ", reason, "\n");
-    if (last_verified_seq > 0) {
-      out += StrCat("Verified before that: ", Records(1, last_verified_seq), "; last good hash ",
-                    ToHex(last_verified_hash), "\n");
+    if (last_verified_seq > starts_after) {
+      out += StrCat("Verified before that: ", Records(starts_after + 1, last_verified_seq),
+                    "; last good hash ", ToHex(last_verified_hash), "\n");
     }
     return out;
   }
-  if (last_verified_seq == 0) {
+  if (last_verified_seq == starts_after) {
     out = "OK: the log is empty\n";
   } else {
-    out = StrCat("OK: ", Records(1, last_verified_seq), " verified, chain intact; last hash ",
-                 ToHex(last_verified_hash), "\n", checkpoints_verified,
-                 " signed checkpoint(s) in the log verified; ",
-                 signed_through_seq == 0
-                     ? std::string("no signature covers any record")
-                     : StrCat(Records(1, signed_through_seq), " covered by a signature"),
-                 "\n");
+    out = StrCat(
+        "OK: ", Records(starts_after + 1, last_verified_seq), " verified, chain intact; last hash ",
+        ToHex(last_verified_hash), "\n", checkpoints_verified,
+        " signed checkpoint(s) in the log verified; ",
+        signed_through_seq <= starts_after
+            ? std::string("no signature covers any record")
+            : StrCat(Records(starts_after + 1, signed_through_seq), " covered by a signature"),
+        "\n");
+  }
+  if (starts_after > 0) {
+    out += StrCat("Starts after the signed checkpoint at ", starts_after, ": ",
+                  Records(1, starts_after),
+                  " were archived; verify the archives with this log to check them\n");
   }
   if (!caveat.empty()) out += StrCat("Note: ", caveat, "\n");
   return out;

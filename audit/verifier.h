@@ -5,7 +5,8 @@
 // Records are streamed through a RecordSource (a database reader or a JSON Lines export), so a
 // log of any size is checked in constant memory. Checks, in seq order, stopping at the first
 // failure:
-//   - seqs run 1, 2, 3, ... with no gap, repeat or reordering;
+//   - seqs run 1, 2, 3, ... with no gap, repeat or reordering; a log whose older records were
+//     archived starts just after a signed checkpoint it holds, from that checkpoint's hash;
 //   - each record's stored hash equals ChainHash(previous hash, record);
 //   - each checkpoint in the log is signed by the given public key and names the hash the log
 //     holds at its seq (a checkpoint beyond the log's end means the tail was truncated);
@@ -92,6 +93,19 @@ class JsonLinesRecordSource final : public RecordSource {
   uint64_t line_number_ = 0;
 };
 
+// The records of several sources, one after the other (archives, then the live log), verified
+// as one log. The sources must outlive it.
+class ConcatenatedRecordSource final : public RecordSource {
+ public:
+  explicit ConcatenatedRecordSource(std::vector<RecordSource*> sources)
+      : sources_(std::move(sources)) {}
+  absl::StatusOr<std::optional<Record>> Next() override;
+
+ private:
+  std::vector<RecordSource*> sources_;
+  size_t current_ = 0;
+};
+
 // The checkpoint lines (CheckpointToJsonLine) of a JSON Lines export, in file order.
 // INVALID_ARGUMENT naming the line if one does not parse.
 absl::StatusOr<std::vector<Checkpoint>> ReadCheckpointLines(std::istream& in);
@@ -101,7 +115,10 @@ struct VerifyReport {
   uint64_t records_checked = 0;  // records that passed every check
   uint64_t first_bad_seq = 0;    // where the log first goes wrong; 0 if ok or no record is to blame
   std::string reason;            // what is wrong, naming the record; empty if ok
-  uint64_t last_verified_seq = 0;     // last record whose chain hash verified (0: none)
+  uint64_t first_seq = 0;        // the first record read (0: none)
+  uint64_t starts_after = 0;     // the log starts after the signed checkpoint at this seq (archived
+                                 // before it); 0: it starts at record 1
+  uint64_t last_verified_seq = 0;     // last record whose chain hash verified (starts_after: none)
   Bytes last_verified_hash;           // its hash (32 zero bytes if none)
   uint64_t checkpoints_verified = 0;  // log checkpoints whose signature and hash both matched
   uint64_t signed_through_seq = 0;    // highest seq covered by a verified checkpoint or the anchor

@@ -100,6 +100,56 @@ absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
       RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnText(1)});
 }
 
+absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedBy(
+    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit) {
+  // One walk of the row index; SQLite takes row_digest from the row that has MAX(seq).
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT row_name, row_digest, MAX(seq) FROM audit_log "
+                                     "WHERE row_name <> '' AND row_name > ?1 GROUP BY row_name "
+                                     "HAVING MAX(seq) <= ?2 ORDER BY row_name LIMIT ?3"));
+  stmt.BindText(1, after_name)
+      .BindInt64(2, static_cast<int64_t>(through_seq))
+      .BindInt64(3, static_cast<int64_t>(limit));
+  std::vector<std::pair<std::string, RowRecord>> rows;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) break;
+    rows.emplace_back(stmt.ColumnText(0),
+                      RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(2)), stmt.ColumnText(1)});
+  }
+  return rows;
+}
+
+absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare("SELECT through_seq, hash FROM audit_archived ORDER BY through_seq DESC LIMIT 1"));
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return std::optional<AuditFloor>();
+  return std::optional<AuditFloor>(
+      AuditFloor{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnBlob(1)});
+}
+
+absl::Status RemoveArchivedAudit(sqlite::Database& db, const AuditFloor& floor, int64_t time,
+                                 std::string_view request_id) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement insert,
+                          db.Prepare("INSERT INTO audit_archived (through_seq, hash, time, "
+                                     "request_id) VALUES (?1, ?2, ?3, ?4)"));
+  insert.BindInt64(1, static_cast<int64_t>(floor.seq))
+      .BindBlob(2, floor.hash)
+      .BindInt64(3, time)
+      .BindText(4, request_id);
+  CUSTOS_RETURN_IF_ERROR(insert.Run());
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement records,
+                          db.Prepare("DELETE FROM audit_log WHERE seq <= ?1"));
+  records.BindInt64(1, static_cast<int64_t>(floor.seq));
+  CUSTOS_RETURN_IF_ERROR(records.Run());
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement checkpoints,
+                          db.Prepare("DELETE FROM audit_checkpoints WHERE seq < ?1"));
+  checkpoints.BindInt64(1, static_cast<int64_t>(floor.seq));
+  return checkpoints.Run();
+}
+
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db) {
   static const std::string sql =
       std::string("SELECT ") + kColumns + " FROM audit_log ORDER BY seq DESC LIMIT 1";

@@ -30,6 +30,18 @@ absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
 // The last record, or nullopt for an empty log.
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 
+// Catalogue rows whose newest naming record is at or before `through_seq`, with that record,
+// in row-name order after `after_name`, at most `limit`.
+absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedBy(
+    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit);
+
+// The newest archival (audit_archived), or nullopt if the log was never archived.
+absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db);
+// Records the archival `floor` and removes the records up to it and the checkpoints before it,
+// through the triggers' one exception. Run it inside a write transaction.
+absl::Status RemoveArchivedAudit(sqlite::Database& db, const AuditFloor& floor, int64_t time,
+                                 std::string_view request_id);
+
 absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint);
 // Newest first; `limit` 0 = all.
 absl::StatusOr<std::vector<audit::Checkpoint>> LoadCheckpoints(

@@ -21,6 +21,12 @@ void AuditTrust::Anchor(uint64_t seq, Bytes hash) {
   trusted_seq_.store(seq);
 }
 
+void AuditTrust::SetFloor(uint64_t seq, Bytes hash) {
+  std::lock_guard lock(floor_mu_);
+  floor_hash_ = std::move(hash);
+  floor_seq_.store(seq);
+}
+
 absl::Status AuditTrust::Cover(uint64_t seq) {
   if (seq > trusted_seq_.load()) return absl::OkStatus();
   std::lock_guard lock(mu_);
@@ -31,9 +37,19 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
   // Records seq..top, chained from the stored hash of record seq - 1, must end in the trusted
   // hash; that proves each of them, and record seq - 1's hash, authentic.
   Bytes start(audit::kHashBytes, 0);
-  if (seq > 1) {
+  const uint64_t floor = floor_seq_.load();
+  // A row vouched for by an archived record was carried forward before it was archived: the
+  // caller read the log before the archival and may simply ask again.
+  const absl::Status archived_meanwhile = absl::UnavailableError(
+      StrCat("audit record ", seq, " was archived while it was being checked; try again"));
+  if (seq <= floor) return archived_meanwhile;
+  if (floor > 0 && seq == floor + 1) {
+    std::lock_guard floor_lock(floor_mu_);
+    start = floor_hash_;
+  } else if (seq > 1) {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> before, read_(seq - 1, 1));
     if (before.empty() || before[0].seq != seq - 1) {
+      if (floor_seq_.load() >= seq - 1) return archived_meanwhile;
       broken_ = absl::FailedPreconditionError(
           StrCat("audit record ", seq - 1, " is missing from the log (deleted?)"));
       broken_seq_ = top;
@@ -62,6 +78,8 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
       ++next;
     }
   }
+  // Records that went missing during the walk may have been archived under it.
+  if (!problem.ok() && floor_seq_.load() >= seq) return archived_meanwhile;
   if (problem.ok() && (prev.size() != trusted_hash_.size() ||
                        CRYPTO_memcmp(prev.data(), trusted_hash_.data(), prev.size()) != 0)) {
     problem = absl::FailedPreconditionError(
@@ -80,8 +98,9 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
 
 absl::Status AuditTrust::Extend(uint64_t budget) {
   const uint64_t top = trusted_seq_.load();
-  if (top == 0 || budget == 0) return absl::OkStatus();
-  return Cover(top > budget ? top - budget + 1 : 1);
+  const uint64_t floor = floor_seq_.load();
+  if (top <= floor || budget == 0) return absl::OkStatus();
+  return Cover(top - floor > budget ? top - budget + 1 : floor + 1);
 }
 
 }  // namespace custos::storage

@@ -10,8 +10,8 @@
 // vouches for a row, the records from it up to that point are recomputed and must reproduce the
 // trusted hash; the trusted point then moves down to the record before it. Each record is
 // recomputed at most once per run, whichever row asks first; maintenance walks the rest down to
-// record 1 a slice at a time. A segment that does not reproduce the hash is remembered: nothing
-// at or before it is believed again in this run.
+// record 1 (or the archive floor) a slice at a time. A segment that does not reproduce the hash is
+// remembered: nothing at or before it is believed again in this run.
 //
 // Unanchored (tests, offline tools, a start-up that verified everything) every record is
 // believed. Thread-safe; Cover of a record above the trusted point takes no lock.
@@ -41,6 +41,10 @@ class AuditTrust {
   // 32 zero bytes: everything is known intact). Forgets an earlier anchor and any failure.
   void Anchor(uint64_t seq, Bytes hash);
 
+  // The log was archived up to `seq` (storage AuditFloor): its first record chains to `hash`,
+  // which a signed checkpoint vouches for, and nothing at or before `seq` is read again.
+  void SetFloor(uint64_t seq, Bytes hash);
+
   // OK if record `seq` is known intact, recomputing the records from it up to the trusted point
   // first if needed. FAILED_PRECONDITION if they do not reproduce the trusted hash (now or in an
   // earlier call): the log was changed there after it was written.
@@ -60,6 +64,11 @@ class AuditTrust {
   Bytes trusted_hash_;   // guarded by mu_
   absl::Status broken_;  // guarded by mu_: why records at or before broken_seq_ are not believed
   uint64_t broken_seq_ = 0;  // guarded by mu_
+  // The archive floor. Set from the store's commit (under its lock), so never under mu_,
+  // which Cover holds while it reads from the store: floor_mu_ is a leaf lock.
+  std::atomic<uint64_t> floor_seq_{0};
+  mutable std::mutex floor_mu_;
+  Bytes floor_hash_;  // guarded by floor_mu_
 };
 
 }  // namespace custos::storage

@@ -244,6 +244,7 @@ class KeyStore::Impl {
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   audit::Chain chain_;
+  AuditFloor floor_;                          // guarded by db_mu_
   CommitStats commit_stats_;                  // guarded by db_mu_
   KeyStore::CommitObserver commit_observer_;  // set before concurrent use
 
@@ -251,6 +252,29 @@ class KeyStore::Impl {
   // audit record that names a row given that row's digest. Outside any lock (it may call the
   // HSM). INVALID_ARGUMENT for a malformed batch or a record naming a row not in it.
   absl::Status Prepare(const WriteBatch& batch, Writer& writer) const;
+
+  // Appends a record carrying forward each row (up to `limit`) whose newest naming record is
+  // at or before `through` (KeyStore::CarryForwardRowRecords), inside the open transaction.
+  absl::StatusOr<size_t> CarryForward(uint64_t through, const CarryRecord& carry, size_t limit) {
+    size_t carried = 0;
+    std::string after;
+    while (carried < limit) {
+      CUSTOS_ASSIGN_OR_RETURN(
+          auto rows,
+          RowsLastRecordedBy(*db_, through, after, std::min<size_t>(limit - carried, 1000)));
+      if (rows.empty()) break;
+      for (const auto& [name, recorded] : rows) {
+        audit::Record record = carry(name, recorded.seq);
+        record.row = name;
+        record.row_digest = recorded.digest;
+        chain_.Seal(record);
+        CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
+      }
+      carried += rows.size();
+      after = rows.back().first;
+    }
+    return carried;
+  }
 
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
@@ -351,6 +375,18 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
       CUSTOS_RETURN_IF_ERROR(WriteSetting(*db_, name, value, writer.setting_macs.at(name)));
     }
     for (const VersionUsage& usage : writer.usage) CUSTOS_RETURN_IF_ERROR(UpsertUsage(*db_, usage));
+    if (const auto& archival = writer.batch->archival) {
+      if (archival->floor.seq <= floor_.seq || archival->floor.seq > chain_.last_seq()) {
+        return absl::FailedPreconditionError(StrCat("cannot archive up to record ",
+                                                    archival->floor.seq, ": the log runs from ",
+                                                    floor_.seq + 1, " to ", chain_.last_seq()));
+      }
+      CUSTOS_RETURN_IF_ERROR(
+          CarryForward(archival->floor.seq, archival->carry, std::numeric_limits<size_t>::max())
+              .status());
+      CUSTOS_RETURN_IF_ERROR(
+          RemoveArchivedAudit(*db_, archival->floor, archival->time, archival->request_id));
+    }
     for (audit::Record record : writer.audit) {
       chain_.Seal(record);
       CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
@@ -389,6 +425,11 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*impl->db_));
+  if (floor) {
+    impl->floor_ = *floor;
+    impl->trust_.SetFloor(floor->seq, floor->hash);
+  }
   return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
 
@@ -412,7 +453,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
   writer.batch = &batch;
   CUSTOS_RETURN_IF_ERROR(impl_->Prepare(batch, writer));
   if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty() &&
-      batch.usage.empty() && batch.audit.empty()) {
+      batch.usage.empty() && batch.audit.empty() && !batch.archival) {
     return absl::OkStatus();
   }
 
@@ -449,6 +490,12 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
       impl_->commit_stats_.batches += durable;
       if (impl_->commit_observer_) {
         impl_->commit_observer_(durable, std::chrono::steady_clock::now() - began);
+      }
+      for (const Impl::Writer* w : group) {
+        if (w->status.ok() && w->batch->archival) {
+          impl_->floor_ = w->batch->archival->floor;
+          impl_->trust_.SetFloor(impl_->floor_.seq, impl_->floor_.hash);
+        }
       }
     } else {  // nothing of the group is in the log
       impl_->chain_ = chain_before;
@@ -842,7 +889,14 @@ absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_
   constexpr size_t kPage = 1000;
   Bytes prev(hash.begin(), hash.end());
   uint64_t next = seq + 1;
-  if (seq > 0) {
+  CUSTOS_ASSIGN_OR_RETURN(const AuditFloor floor, AuditLogFloor());
+  if (seq > 0 && seq == floor.seq) {
+    // The record is archived: the live log starts after it, from the floor's hash.
+    if (floor.hash != prev) {
+      return absl::FailedPreconditionError(StrCat("the archive floor at record ", seq,
+                                                  " does not have the hash it was signed with"));
+    }
+  } else if (seq > 0) {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> at, ReadAudit(seq, 1));
     if (at.empty() || at[0].seq != seq) {
       return absl::FailedPreconditionError(StrCat("the audit log has no record ", seq));
@@ -983,6 +1037,35 @@ absl::StatusOr<std::map<KeyState, uint64_t>> KeyStore::CountKeysByState() const 
 CommitStats KeyStore::GetCommitStats() const {
   std::lock_guard lock(impl_->db_mu_);
   return impl_->commit_stats_;
+}
+
+absl::StatusOr<AuditFloor> KeyStore::AuditLogFloor() const {
+  std::lock_guard lock(impl_->db_mu_);
+  AuditFloor floor = impl_->floor_;
+  if (floor.seq == 0) floor.hash.assign(audit::kHashBytes, 0);
+  return floor;
+}
+
+absl::StatusOr<uint64_t> KeyStore::FirstAuditSeq() const {
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> first, LoadAuditRecords(*impl_->db_, 0, 1));
+  return first.empty() ? 0 : first[0].seq;
+}
+
+absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
+                                                        const CarryRecord& carry, size_t limit) {
+  std::lock_guard lock(impl_->db_mu_);
+  const audit::Chain chain_before = impl_->chain_;
+  absl::StatusOr<size_t> carried = [&]() -> absl::StatusOr<size_t> {
+    CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    CUSTOS_ASSIGN_OR_RETURN(const size_t count, impl_->CarryForward(through_seq, carry, limit));
+    CUSTOS_RETURN_IF_ERROR(tx->Commit());
+    return count;
+  }();
+  if (!carried.ok()) impl_->chain_ = chain_before;
+  impl_->NoteWrite(carried.status()).IgnoreError();
+  return carried;
 }
 
 absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {

@@ -120,6 +120,27 @@ struct RequestPage {
   std::string next_page_token;
 };
 
+// Where the live audit log starts after an archival (docs/AUDIT.md): records up to and
+// including `seq` were archived and removed; `hash` is record `seq`'s chain hash, the one the
+// checkpoint signed at `seq` (which stays in the database) names. Seq 0: never archived.
+struct AuditFloor {
+  uint64_t seq = 0;
+  Bytes hash;
+};
+
+// The record that carries a catalogue row's newest recorded digest forward into the live log
+// before the record that last named it is archived: given the row's name and that record's
+// seq, an unsealed record (the store names the row, sets its digest, seq and hash).
+using CarryRecord = std::function<audit::Record(const std::string& row, uint64_t seq)>;
+
+// The removal of archived audit records, committed with the batch that records it.
+struct AuditArchival {
+  AuditFloor floor;        // the records up to floor.seq go; the log starts after it
+  int64_t time = 0;        // when (for audit_archived)
+  std::string request_id;  // the dual-control request that approved it
+  CarryRecord carry;       // for any row still last named by an archived record
+};
+
 // Everything that one state change writes, committed in a single transaction: either all of
 // it is durable or none of it is, the audit records of the change included.
 struct WriteBatch {
@@ -131,6 +152,8 @@ struct WriteBatch {
   std::vector<audit::Record> audit;
   // Encryption reservations (VersionUsage::encryptions_reserved and the counts), upserted.
   std::vector<VersionUsage> usage;
+  // Archived audit records removed, before the batch's own records are appended.
+  std::optional<AuditArchival> archival;
 };
 
 // How well group commit is batching, since the store was opened: Apply calls committed, and
@@ -243,6 +266,17 @@ class KeyStore {
       const std::function<audit::Record(const std::string& row)>& record_for,
       const std::set<std::string>& replay_safe);
 
+  // Where the live log starts: the newest archival's floor (seq 0 if never archived).
+  absl::StatusOr<AuditFloor> AuditLogFloor() const;
+  // The first record's seq (0 for an empty log).
+  absl::StatusOr<uint64_t> FirstAuditSeq() const;
+  // Before an archival up to `through_seq`: for up to `limit` catalogue rows whose newest
+  // naming record is at or before it, appends `carry`'s record naming the row with that same
+  // recorded digest (never one computed from the row as stored, so a row changed outside
+  // Custos stays refused), in one transaction. Returns how many; 0 when none is left. The
+  // archival itself carries any row left (none, unless written meanwhile).
+  absl::StatusOr<size_t> CarryForwardRowRecords(uint64_t through_seq, const CarryRecord& carry,
+                                                size_t limit);
   // Audit records with seq >= `from_seq`, at most `limit`, in seq order.
   absl::StatusOr<std::vector<audit::Record>> ReadAudit(uint64_t from_seq, size_t limit) const;
   // The last record's seq and hash (0 and 32 zero bytes for an empty log).

@@ -171,6 +171,35 @@ constexpr const char* kMigrations[] = {
       ALTER TABLE settings ADD COLUMN mac BLOB;
       PRAGMA user_version = 5;
     )sql",
+    // 6: audit log archival (docs/AUDIT.md). Each archival leaves a row here: the records up
+    // to and including `through_seq` were written to a verified archive and removed, and the
+    // checkpoint signed at that seq is where the live log now starts. The append-only triggers
+    // make one exception, guarded by this table: records at or before the newest archival, and
+    // checkpoints before it, may be deleted. The table itself only grows, and only forward.
+    R"sql(
+      CREATE TABLE audit_archived (
+        through_seq INTEGER PRIMARY KEY CHECK (through_seq > 0),
+        hash BLOB NOT NULL CHECK (length(hash) = 32),
+        time INTEGER NOT NULL,
+        request_id TEXT NOT NULL
+      );
+      CREATE TRIGGER audit_archived_forward BEFORE INSERT ON audit_archived
+        WHEN NEW.through_seq <= (SELECT IFNULL(MAX(through_seq), 0) FROM audit_archived)
+        BEGIN SELECT RAISE(ABORT, 'audit archival only moves forward'); END;
+      CREATE TRIGGER audit_archived_update BEFORE UPDATE ON audit_archived
+        BEGIN SELECT RAISE(ABORT, 'audit archivals are never changed'); END;
+      CREATE TRIGGER audit_archived_delete BEFORE DELETE ON audit_archived
+        BEGIN SELECT RAISE(ABORT, 'audit archivals are never removed'); END;
+      DROP TRIGGER audit_log_append_only_delete;
+      CREATE TRIGGER audit_log_append_only_delete BEFORE DELETE ON audit_log
+        WHEN OLD.seq > (SELECT IFNULL(MAX(through_seq), 0) FROM audit_archived)
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+      DROP TRIGGER audit_checkpoints_append_only_delete;
+      CREATE TRIGGER audit_checkpoints_append_only_delete BEFORE DELETE ON audit_checkpoints
+        WHEN OLD.seq >= (SELECT IFNULL(MAX(through_seq), 0) FROM audit_archived)
+        BEGIN SELECT RAISE(ABORT, 'audit checkpoints are never removed'); END;
+      PRAGMA user_version = 6;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {

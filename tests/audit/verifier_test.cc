@@ -240,7 +240,9 @@ TEST_CASE("A deleted record is named", "[verifier]") {
 
   std::vector<Record> first = log;
   first.erase(first.begin());
-  RequireNames(Check(first), 1, "the log starts at record 2, not 1 (record 1 deleted?)");
+  RequireNames(Check(first), 1,
+               "the log starts at record 2, not 1, and holds no checkpoint at 1 to start from "
+               "(record 1 deleted, or archived up to a different record?)");
 }
 
 TEST_CASE("Swapped records are named", "[verifier]") {
@@ -420,4 +422,74 @@ TEST_CASE("A source that cannot be read fails the check", "[verifier]") {
 }
 
 }  // namespace
+TEST_CASE("An archived log starts from the signed checkpoint its archive ends with",
+          "[verifier][archive]") {
+  const std::vector<Record> log = SealedLog(60);
+  const std::vector<Checkpoint> chained = Key().ChainedCheckpoints(log, {10, 20, 40, 60});
+  const std::vector<Record> archive(log.begin(), log.begin() + 20);  // records 1 to 20
+  const std::vector<Record> live(log.begin() + 20, log.end());       // 21 to 60
+
+  // The archive on its own: records 1 to 20 and the checkpoints up to 20.
+  const VerifyReport archived = Check(archive, {chained[0], chained[1]}, &chained[1]);
+  INFO(archived.reason);
+  REQUIRE(archived.ok);
+  CHECK(archived.starts_after == 0);
+  CHECK(archived.last_verified_seq == 20);
+
+  // The live log holds the checkpoint at 20 and goes on from its hash.
+  const VerifyReport rest = Check(live, {chained[1], chained[2], chained[3]});
+  INFO(rest.reason);
+  REQUIRE(rest.ok);
+  CHECK(rest.first_seq == 21);
+  CHECK(rest.starts_after == 20);
+  CHECK(rest.records_checked == 40);
+  CHECK(rest.last_verified_seq == 60);
+  CHECK(rest.checkpoints_verified == 3);
+  CHECK(rest.signed_through_seq == 60);
+  CHECK(rest.Summary().find("OK: records 21 to 60 verified") != std::string::npos);
+  CHECK(rest.Summary().find("records 1 to 20 were archived") != std::string::npos);
+
+  // Both together, as one log: the seam is checked like any other link.
+  VectorRecordSource first(archive);
+  VectorRecordSource second(live);
+  ConcatenatedRecordSource both({&first, &second});
+  const VerifyReport whole = Verify(both, chained, &chained[3], KeyVerifier());
+  INFO(whole.reason);
+  REQUIRE(whole.ok);
+  CHECK(whole.starts_after == 0);
+  CHECK(whole.records_checked == 60);
+
+  // Records removed beyond the archive: the archive and the live log no longer meet.
+  const std::vector<Record> cut(log.begin() + 40, log.end());  // 41 to 60, from checkpoint 40
+  VectorRecordSource again(archive);
+  VectorRecordSource later(cut);
+  ConcatenatedRecordSource gap({&again, &later});
+  const VerifyReport broken = Verify(gap, chained, nullptr, KeyVerifier());
+  CHECK_FALSE(broken.ok);
+  CHECK(broken.first_bad_seq == 21);
+  CHECK(broken.reason == "record 20 is followed by 41 (records 21 to 40 deleted?)");
+  // Alone, such a log verifies from checkpoint 40; an anchor the auditor kept shows the cut.
+  const Checkpoint kept = Key().CheckpointAt(log, 30);
+  const VerifyReport alone = Check(cut, {chained[2], chained[3]}, &kept);
+  CHECK_FALSE(alone.ok);
+  CHECK(alone.reason ==
+        "the anchor checkpoint is at 30, but this log starts at 41 (records 1 to 40 were "
+        "archived): verify it with the archive that holds it");
+
+  // A start checkpoint that is not signed by the key proves nothing.
+  std::vector<Checkpoint> forged = {chained[1], chained[2], chained[3]};
+  forged[0].signature[10] ^= 1;
+  const VerifyReport unsigned_start = Check(live, forged);
+  CHECK_FALSE(unsigned_start.ok);
+  CHECK(unsigned_start.first_bad_seq == 21);
+  CHECK(unsigned_start.reason.find("the log starts at record 21 after the checkpoint at 20, whose "
+                                   "signature does not verify") == 0);
+  // Record 21 edited: it no longer chains to the checkpoint's hash.
+  std::vector<Record> edited = live;
+  edited[0].detail = "changed";
+  const VerifyReport bad_link = Check(edited, {chained[1], chained[2], chained[3]});
+  CHECK_FALSE(bad_link.ok);
+  CHECK(bad_link.first_bad_seq == 21);
+}
+
 }  // namespace custos::audit

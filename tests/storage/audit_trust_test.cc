@@ -120,5 +120,47 @@ TEST_CASE("A failing read is passed on and remembers nothing", "[audit_trust]") 
   CHECK(trust.Cover(3).ok());
 }
 
+TEST_CASE("After an archival the walk ends at the floor, chained from its signed hash",
+          "[audit_trust][archive]") {
+  Log log(30);
+  const Bytes floor_hash = log.HashAt(10);
+  log.records.erase(log.records.begin(), log.records.begin() + 10);  // 1 to 10 archived
+  AuditTrust trust(log.Reader());
+  trust.SetFloor(10, floor_hash);
+  trust.Anchor(30, log.records[19].hash);
+  // Record 11 chains from the floor's hash, not from a record 10 the log no longer holds.
+  CHECK(trust.Cover(11).ok());
+  CHECK(trust.trusted_seq() == 10);
+  CHECK(log.reads == 20);
+  CHECK(trust.Extend(1000).ok());  // nothing below the floor to walk
+  CHECK(log.reads == 20);
+  // A row vouched for by an archived record is asked about again, not refused.
+  CHECK(trust.Cover(7).code() == absl::StatusCode::kUnavailable);
+
+  // A different floor hash (a forged start) does not reproduce the anchor.
+  AuditTrust forged(log.Reader());
+  forged.SetFloor(10, Bytes(audit::kHashBytes, 7));
+  forged.Anchor(30, log.records[19].hash);
+  CHECK(forged.Cover(11).code() == absl::StatusCode::kFailedPrecondition);
+
+  // Records archived while a walk ran (the store commits an archival, setting the floor,
+  // between two of the walk's reads): the caller may retry, nothing is remembered as broken.
+  Log racing(30);
+  AuditTrust* walking = nullptr;
+  int reads = 0;
+  AuditTrust walked([&](uint64_t from, size_t limit) {
+    if (++reads == 2) {
+      const Bytes hash = racing.HashAt(10);
+      racing.records.erase(racing.records.begin(), racing.records.begin() + 10);
+      walking->SetFloor(10, hash);
+    }
+    return racing.Reader()(from, limit);
+  });
+  walking = &walked;
+  walked.Anchor(30, racing.records[29].hash);
+  CHECK(walked.Cover(5).code() == absl::StatusCode::kUnavailable);
+  CHECK(walked.Cover(11).ok());
+}
+
 }  // namespace
 }  // namespace custos::storage

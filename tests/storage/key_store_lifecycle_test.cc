@@ -103,8 +103,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   CHECK(QueryFile(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'requests'") == "0");
 
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 5);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "5");
+  CHECK(store->SchemaVersion() == 6);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "6");
   KeyRecord want;
   want.id = "k1";
   want.alias = "old-alias";
@@ -132,8 +132,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   store.reset();
   auto db = sqlite::Database::Open(path);
   REQUIRE(db.ok());
-  CHECK(MigrateSchemaTo(**db, 1).value() == 5);
-  CHECK(MigrateSchemaTo(**db, 6).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(MigrateSchemaTo(**db, 1).value() == 6);
+  CHECK(MigrateSchemaTo(**db, 7).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]") {
