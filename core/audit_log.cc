@@ -175,8 +175,11 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                  ") is not signed by this HSM's audit key: checkpoints were forged or replaced"));
     }
   }
+  // Where the live log starts: record 1, or just after the checkpoint an archival ended at.
+  CUSTOS_RETURN_IF_ERROR(CheckAuditFloor());
+  CUSTOS_ASSIGN_OR_RETURN(const storage::AuditFloor floor, options_.store->AuditLogFloor());
   const auto verify_all = [&]() -> absl::Status {
-    CUSTOS_RETURN_IF_ERROR(options_.store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0)));
+    CUSTOS_RETURN_IF_ERROR(options_.store->VerifyAuditChainFrom(floor.seq, floor.hash));
     options_.store->AnchorAuditLog(0, Bytes(audit::kHashBytes, 0));
     return absl::OkStatus();
   };

@@ -135,6 +135,7 @@ struct OperationParams {
   TdeKeyParams tde;                          // CreateTdeKey, RotateTdeKey
   DatabaseTokenParams token;                 // IssueDatabaseToken
   std::string token_id;                      // RevokeDatabaseToken
+  uint64_t archive_through = 0;              // ArchiveAuditLog: a stored checkpoint's seq
 };
 
 struct Proposal {
@@ -185,6 +186,8 @@ class Kms {
     std::string audit_head_label = "custos-audit-head";
     // Records after which a checkpoint is due at once (besides the server's timer).
     uint64_t checkpoint_every = 1000;
+    // Where ArchiveAuditLog writes its archive files (storage/audit_archive.h).
+    std::string audit_archive_dir;
     // Contexts whose audit HMAC is kept in memory (ContextMacCache); 0 = none.
     size_t context_hmac_cache = 65536;
     // Called when housekeeping has work now (a key wants rotating, a checkpoint is due); the
@@ -461,6 +464,14 @@ class Kms {
   Request WithProgress(Request request) const;
   // Executes a ReAnchorAuditLog request.
   absl::StatusOr<Request> ReAnchor(Call& call, Request request);
+  // Refuses now an ArchiveAuditLog proposal that could not execute: `through` must be a
+  // stored checkpoint past the live log's start.
+  absl::Status CheckArchiveProposal(uint64_t through) const;
+  // Executes an ArchiveAuditLog request (docs/AUDIT.md, "Archiving the log").
+  absl::StatusOr<Request> ArchiveAudit(Call& call, Request request, uint64_t through);
+  // The start-up check of where the live log starts: the archival floor kept (sealed) in the
+  // catalogue, the database's own, the first record and the checkpoint signed there agree.
+  absl::Status CheckAuditFloor() const;
   // UNAVAILABLE (saying why) while the log awaits re-anchoring: `operation` must wait.
   absl::Status ServingAllowed(policy::Operation operation) const;
   // Raises the alarm, once per row, for a catalogue row that failed its integrity check

@@ -120,6 +120,7 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
     case Operation::kCreateKey:
     case Operation::kRotateRootKey:
     case Operation::kReAnchorAuditLog:
+    case Operation::kArchiveAuditLog:
     case Operation::kCreateTdeKey:
     case Operation::kRotateTdeKey:
     case Operation::kIssueDatabaseToken:

@@ -61,6 +61,9 @@ std::string EncodeParams(Operation operation, const OperationParams& params) {
     case Operation::kRevokeDatabaseToken:
       json["token_id"] = params.token_id;
       break;
+    case Operation::kArchiveAuditLog:
+      json["through_seq"] = params.archive_through;
+      break;
     case Operation::kRotateKey:
     case Operation::kDisableKey:
     case Operation::kEnableKey:
@@ -112,6 +115,9 @@ absl::StatusOr<OperationParams> DecodeParams(Operation operation, std::string_vi
       }
       case Operation::kRevokeDatabaseToken:
         params.token_id = json.at("token_id").get<std::string>();
+        break;
+      case Operation::kArchiveAuditLog:
+        params.archive_through = json.at("through_seq").get<uint64_t>();
         break;
       case Operation::kRotateKey:
       case Operation::kDisableKey:

@@ -26,6 +26,13 @@ std::string NotPending(const Request& request) {
                 "; only PENDING requests accept approvals or rejections");
 }
 
+// Requests about the whole server, not one key: they lock it exclusively, and one of each
+// kind may be pending.
+bool IsServerWide(Operation operation) {
+  return operation == Operation::kRotateRootKey || operation == Operation::kReAnchorAuditLog ||
+         operation == Operation::kArchiveAuditLog;
+}
+
 bool HasApproved(const Request& request, std::string_view principal) {
   return std::any_of(request.approvals.begin(), request.approvals.end(),
                      [&](const storage::Approval& a) { return a.principal == principal; });
@@ -49,8 +56,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     }
     // Server-wide requests lock the server; the others, the key they change (found first to
     // learn its id, then read again under the lock, as it is now).
-    const bool server_wide = proposal.operation == Operation::kRotateRootKey ||
-                             proposal.operation == Operation::kReAnchorAuditLog;
+    const bool server_wide = IsServerWide(proposal.operation);
     CUSTOS_ASSIGN_OR_RETURN(const ChangeLock lock, [&]() -> absl::StatusOr<ChangeLock> {
       if (server_wide) return LockServer();
       if (proposal.operation == Operation::kCreateKey ||
@@ -74,6 +80,9 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     if (server_wide) {
       if (proposal.operation == Operation::kRotateRootKey) {
         CUSTOS_RETURN_IF_ERROR(NoRootMigrationRunning());
+      }
+      if (proposal.operation == Operation::kArchiveAuditLog) {
+        CUSTOS_RETURN_IF_ERROR(CheckArchiveProposal(proposal.params.archive_through));
       }
       CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
       for (const Request& other : pending) {
@@ -155,9 +164,7 @@ absl::StatusOr<Kms::ChangeLock> Kms::LockRequest(std::string_view request_id) {
   // Read before locking, to learn what to lock; what the request names never changes.
   CUSTOS_ASSIGN_OR_RETURN(const Request request, options_.store->GetRequest(request_id));
   const std::optional<Operation> operation = policy::ParseOperation(request.operation);
-  if (operation == Operation::kRotateRootKey || operation == Operation::kReAnchorAuditLog) {
-    return LockServer();
-  }
+  if (operation && IsServerWide(*operation)) return LockServer();
   return LockShared(LockNameOf(request));
 }
 
@@ -258,6 +265,8 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
     return serving;
   } else if (operation == Operation::kRotateRootKey) {
     return RotateRoot(call, std::move(request));
+  } else if (operation == Operation::kArchiveAuditLog) {
+    return ArchiveAudit(call, std::move(request), params.archive_through);
   } else if (policy::IsGatewayOperation(operation)) {
     return ExecuteGateway(call, std::move(request), params);
   } else if (operation == Operation::kCreateKey) {

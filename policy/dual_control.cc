@@ -34,6 +34,8 @@ std::string_view OperationName(Operation operation) {
       return "IssueDatabaseToken";
     case Operation::kRevokeDatabaseToken:
       return "RevokeDatabaseToken";
+    case Operation::kArchiveAuditLog:
+      return "ArchiveAuditLog";
   }
   return "Unknown";
 }

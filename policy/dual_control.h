@@ -34,6 +34,7 @@ enum class Operation {
   kRotateTdeKey,         // a new version of a mount's key id, served as its newest
   kIssueDatabaseToken,   // a gateway token for a database principal, bound to a mount's key ids
   kRevokeDatabaseToken,  // that token stops working at once
+  kArchiveAuditLog,      // move the log's records up to a signed checkpoint to an archive file
 };
 inline constexpr Operation kAllOperations[] = {
     Operation::kCreateKey,           Operation::kRotateKey,
@@ -42,7 +43,8 @@ inline constexpr Operation kAllOperations[] = {
     Operation::kUpdateKeyGrants,     Operation::kSetMinDecryptVersion,
     Operation::kRotateRootKey,       Operation::kReAnchorAuditLog,
     Operation::kCreateTdeKey,        Operation::kRotateTdeKey,
-    Operation::kIssueDatabaseToken,  Operation::kRevokeDatabaseToken};
+    Operation::kIssueDatabaseToken,  Operation::kRevokeDatabaseToken,
+    Operation::kArchiveAuditLog};
 
 // The operations on the key/value gateway's keys and tokens, which name no Custos key.
 inline bool IsGatewayOperation(Operation operation) {

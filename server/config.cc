@@ -282,6 +282,7 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("audit", "checkpoint_interval_seconds", &checkpoint_interval));
   CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "checkpoint_every", &checkpoint_every));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "archive_dir", &c.audit_archive_dir));
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("audit", "verify_full_chain_at_start", &c.verify_full_chain_at_start));
   CUSTOS_RETURN_IF_ERROR(settings.Read("audit", "context_hmac_cache", &c.context_hmac_cache));
@@ -372,8 +373,11 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
 
   const fs::path base = fs::absolute(path).parent_path();
   for (std::string* p : {&c.tls_cert, &c.tls_key, &c.client_ca, &c.crl_dir, &c.hsm_pin_file,
-                         &c.storage_path, &c.policy_file}) {
+                         &c.storage_path, &c.policy_file, &c.audit_archive_dir}) {
     *p = Resolve(base, *p);
+  }
+  if (c.audit_archive_dir.empty() && !c.storage_path.empty()) {
+    c.audit_archive_dir = (fs::path(c.storage_path).parent_path() / "audit-archive").string();
   }
   CUSTOS_RETURN_IF_ERROR(Require(c.tls_cert, "tls.cert"));
   CUSTOS_RETURN_IF_ERROR(Require(c.tls_key, "tls.key"));

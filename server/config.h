@@ -65,6 +65,9 @@ struct Config {
   int64_t hsm_hang_limit_ms = 60000;
 
   std::string storage_path;
+  // [audit] archive_dir: where ArchiveAuditLog writes archive files; default: audit-archive
+  // beside the database.
+  std::string audit_archive_dir;
   std::string policy_file;
   std::string log_level = "info";  // trace, debug, info, warn, error, critical
   // [log] format: "text" (spdlog's usual lines) or "json" (one JSON object per line).

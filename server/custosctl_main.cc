@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -190,10 +192,10 @@ int Print(const grpc::Status& status, const google::protobuf::Message& reply) {
   return 0;
 }
 
-// Verifies a log offline, from an export or from the database file itself (whose stored
-// checkpoints are then checked too); exit 0 if it verifies, 3 if not (the report names the
-// first bad record), 2 on bad input.
-int VerifyLog(const std::string& export_file, const std::string& db_file,
+// Verifies a log offline, from exports or archives and/or the database file itself (whose
+// stored checkpoints are then checked too), all of them as one log in the order given; exit 0
+// if it verifies, 3 if not (the report names the first bad record), 2 on bad input.
+int VerifyLog(const std::vector<std::string>& files, const std::string& db_file,
               const std::string& anchor_file, const std::string& public_key_file) {
   absl::StatusOr<audit::PublicKeyVerifier> key =
       audit::PublicKeyVerifier::FromPem(ReadFile(public_key_file));
@@ -211,32 +213,48 @@ int VerifyLog(const std::string& export_file, const std::string& db_file,
     anchor = *std::move(parsed);
   }
   const audit::Checkpoint* anchor_ptr = anchor ? &*anchor : nullptr;
-  audit::VerifyReport report;
+  // Every source's checkpoints, each once: an archive ends with the checkpoint the next one
+  // (or the live log) starts from, and both hold it.
+  std::map<uint64_t, audit::Checkpoint> checkpoints;
+  const auto add = [&](absl::StatusOr<std::vector<audit::Checkpoint>> found,
+                       const std::string& from) {
+    if (!found.ok()) {
+      std::cerr << "error: " << from << ": " << found.status().ToString() << "\n";
+      return false;
+    }
+    for (audit::Checkpoint& checkpoint : *found) {
+      auto [it, added] = checkpoints.emplace(checkpoint.seq, checkpoint);
+      if (!added && audit::CheckpointMessage(it->second) != audit::CheckpointMessage(checkpoint)) {
+        std::cerr << "error: " << from << " holds a checkpoint at " << checkpoint.seq
+                  << " that differs from another file's\n";
+        return false;
+      }
+    }
+    return true;
+  };
+  std::vector<std::unique_ptr<std::ifstream>> streams;
+  std::vector<std::unique_ptr<audit::RecordSource>> owned;
+  std::vector<audit::RecordSource*> sources;
+  for (const std::string& file : files) {
+    // Two passes: the file's checkpoints first, then the records they are checked against.
+    std::ifstream checkpoint_lines(file);
+    if (!checkpoint_lines) throw CLI::ValidationError("cannot read " + file);
+    if (!add(audit::ReadCheckpointLines(checkpoint_lines), file)) return 2;
+    auto& in = streams.emplace_back(std::make_unique<std::ifstream>(file));
+    if (!*in) throw CLI::ValidationError("cannot read " + file);
+    sources.push_back(
+        owned.emplace_back(std::make_unique<audit::JsonLinesRecordSource>(in.get())).get());
+  }
   if (!db_file.empty()) {
     absl::StatusOr<std::unique_ptr<storage::AuditLogReader>> reader =
         storage::AuditLogReader::Open(db_file);
-    absl::StatusOr<std::vector<audit::Checkpoint>> checkpoints =
-        reader.ok() ? (*reader)->Checkpoints() : reader.status();
-    if (!checkpoints.ok()) {
-      std::cerr << "error: " << checkpoints.status().ToString() << "\n";
-      return 2;
-    }
-    report = audit::Verify(**reader, *checkpoints, anchor_ptr, *key);
-  } else {
-    // Two passes: the export's checkpoints first, then the records they are checked against.
-    std::ifstream checkpoint_lines(export_file);
-    if (!checkpoint_lines) throw CLI::ValidationError("cannot read " + export_file);
-    absl::StatusOr<std::vector<audit::Checkpoint>> checkpoints =
-        audit::ReadCheckpointLines(checkpoint_lines);
-    if (!checkpoints.ok()) {
-      std::cerr << "error: " << checkpoints.status().ToString() << "\n";
-      return 2;
-    }
-    std::ifstream in(export_file);
-    if (!in) throw CLI::ValidationError("cannot read " + export_file);
-    audit::JsonLinesRecordSource source(&in);
-    report = audit::Verify(source, *checkpoints, anchor_ptr, *key);
+    if (!add(reader.ok() ? (*reader)->Checkpoints() : reader.status(), db_file)) return 2;
+    sources.push_back(owned.emplace_back(*std::move(reader)).get());
   }
+  std::vector<audit::Checkpoint> all;
+  for (auto& [seq, checkpoint] : checkpoints) all.push_back(std::move(checkpoint));
+  audit::ConcatenatedRecordSource records(sources);
+  const audit::VerifyReport report = audit::Verify(records, all, anchor_ptr, *key);
   std::cout << report.Summary() << "\n";
   return report.ok ? 0 : 3;
 }
@@ -350,6 +368,8 @@ static int Run(int argc, char** argv) {
                    "rotate-root-key (no --key: new key versions go under a new root, versions "
                    "under a legacy root move to it), re-anchor-audit-log (no --key: accept a "
                    "database restored from a backup; custosd started with --allow-re-anchor), "
+                   "archive-audit-log (no --key; --through SEQ: records up to that signed "
+                   "checkpoint move to an archive file beside the database), "
                    "create-tde-key, rotate-tde-key, issue-database-token, "
                    "revoke-database-token (the key/value gateway's; no --key but for "
                    "create-tde-key's sealing key: docs/TDE.md)")
@@ -380,6 +400,9 @@ static int Run(int argc, char** argv) {
   propose->add_option("--principal", principal, "issue-database-token: the database principal");
   propose->add_option("--ttl-days", ttl_days, "issue-database-token: 1..366");
   propose->add_option("--token-id", token_id, "revoke-database-token: the token's id");
+  uint64_t archive_through = 0;
+  propose->add_option("--through", archive_through,
+                      "archive-audit-log: the seq of a stored signed checkpoint");
   CLI::App* claim = app.add_subcommand(
       "claim-database-token",
       "take the gateway token issued to you, once (database); prints it: keep it secret");
@@ -411,15 +434,17 @@ static int Run(int argc, char** argv) {
                          "for `openssl dgst -sha256 -verify`");
   CLI::App* export_log = audit->add_subcommand("export", "records as JSON Lines, for a SIEM");
   export_log->add_option("--from", from_seq, "first seq (default 1)");
-  std::string export_file, db_file, anchor_file, public_key_file;
+  std::vector<std::string> export_files;
+  std::string db_file, anchor_file, public_key_file;
   CLI::App* verify = audit->add_subcommand(
       "verify",
-      "verify the log offline (an export, or the database file and its stored checkpoints): "
-      "the chain, and the anchor checkpoint if given");
-  CLI::Option* export_option =
-      verify->add_option("export", export_file, "JSON Lines from `audit export`");
-  verify->add_option("--db", db_file, "the server's database file (read only), or a copy")
-      ->excludes(export_option);
+      "verify the log offline (exports or archives, and/or the database file with its stored "
+      "checkpoints): the chain, and the anchor checkpoint if given. Several are verified as "
+      "one log, in the order given: the archives oldest first, then an export or --db");
+  verify->add_option("export", export_files,
+                     "JSON Lines from `audit export`, or archive files (audit-*.jsonl)");
+  verify->add_option("--db", db_file,
+                     "the server's database file (read only), or a copy; after any files");
   verify->add_option("--anchor", anchor_file, "checkpoint.json kept from `audit checkpoint`");
   verify->add_option("--public-key", public_key_file, "audit-public.pem from `audit checkpoint`")
       ->required();
@@ -443,10 +468,10 @@ static int Run(int argc, char** argv) {
   try {
     if (backup->parsed()) return BackupDatabase(backup_db, backup_out);
     if (verify->parsed()) {
-      if (export_file.empty() && db_file.empty()) {
-        throw CLI::ValidationError("give an export file or --db");
+      if (export_files.empty() && db_file.empty()) {
+        throw CLI::ValidationError("give an export or archive file, or --db");
       }
-      return VerifyLog(export_file, db_file, anchor_file, public_key_file);
+      return VerifyLog(export_files, db_file, anchor_file, public_key_file);
     }
     auto channel = Connect(conn);
     if (health->parsed()) return CheckHealth(channel, health_service, health_timeout);
@@ -536,6 +561,7 @@ static int Run(int argc, char** argv) {
         token->set_ttl_days(ttl_days);
       }
       req.set_token_id(token_id);
+      req.set_archive_through(archive_through);
       pb::ChangeRequest reply;
       return Print(admin->Propose(ctx.get(), req, &reply), reply);
     }

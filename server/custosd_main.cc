@@ -392,6 +392,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                  .audit_signing_key_label = config.audit_signing_key_label,
                  .audit_head_label = config.audit_head_label,
                  .checkpoint_every = config.checkpoint_every,
+                 .audit_archive_dir = config.audit_archive_dir,
                  .context_hmac_cache = static_cast<size_t>(config.context_hmac_cache),
                  .wake_maintenance = [&maintenance] { maintenance.Wake(); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),

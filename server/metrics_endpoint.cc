@@ -112,6 +112,14 @@ void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store
                       if (!head.ok()) return {};
                       return {{{}, static_cast<double>(head->first)}};
                     });
+  registry.AddGauge("custos_audit_archived_through",
+                    "The last record archived out of the live database (0: none); the live log "
+                    "holds the records after it",
+                    [&store]() -> Samples {
+                      const auto floor = store.AuditLogFloor();
+                      if (!floor.ok()) return {};
+                      return {{{}, static_cast<double>(floor->seq)}};
+                    });
   registry.AddGauge(
       "custos_database_bytes", "Size on disk of the key database and its write-ahead log, by file",
       [db_path]() -> Samples {

@@ -129,6 +129,7 @@ constexpr std::pair<pb::Operation, policy::Operation> kOperations[] = {
     {pb::SET_MIN_DECRYPT_VERSION, policy::Operation::kSetMinDecryptVersion},
     {pb::ROTATE_ROOT_KEY, policy::Operation::kRotateRootKey},
     {pb::RE_ANCHOR_AUDIT_LOG, policy::Operation::kReAnchorAuditLog},
+    {pb::ARCHIVE_AUDIT_LOG, policy::Operation::kArchiveAuditLog},
     {pb::CREATE_TDE_KEY, policy::Operation::kCreateTdeKey},
     {pb::ROTATE_TDE_KEY, policy::Operation::kRotateTdeKey},
     {pb::ISSUE_DATABASE_TOKEN, policy::Operation::kIssueDatabaseToken},
@@ -551,6 +552,7 @@ grpc::ServerUnaryReactor* AdminServiceImpl::Propose(grpc::CallbackServerContext*
                                  {token.key_ids().begin(), token.key_ids().end()},
                                  static_cast<int64_t>(token.ttl_days())};
         proposal.params.token_id = request->token_id();
+        proposal.params.archive_through = request->archive_through();
         return ReplyWith(kms, kms.Propose(caller, proposal), response);
       });
 }

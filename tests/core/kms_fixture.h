@@ -114,6 +114,7 @@ struct Fixture {
                                              .root_key_label = root,
                                              .usage_limits = limits,
                                              .checkpoint_every = checkpoint_every,
+                                             .audit_archive_dir = dir.File("audit-archive"),
                                              .wake_maintenance = [this] { ++maintenance_wakes; }});
   }
 

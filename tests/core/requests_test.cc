@@ -679,7 +679,7 @@ TEST_CASE("Every start records the dual-control settings in force", "[requests][
         "root custos-root (confining); dual control approvals CreateKey=0 RotateKey=1 "
         "DisableKey=2 EnableKey=2 ScheduleKeyDeletion=2 CancelKeyDeletion=2 UpdateKeyGrants=2 "
         "SetMinDecryptVersion=2 RotateRootKey=2 ReAnchorAuditLog=2 CreateTdeKey=2 RotateTdeKey=2 "
-        "IssueDatabaseToken=2 RevokeDatabaseToken=2; request_ttl=86400s; "
+        "IssueDatabaseToken=2 RevokeDatabaseToken=2 ArchiveAuditLog=2; request_ttl=86400s; "
         "deletion_waiting=2592000s");
 }
 

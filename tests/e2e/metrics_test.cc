@@ -83,6 +83,7 @@ TEST_CASE("The metrics endpoint counts calls, HSM work, commits and the catalogu
   CHECK(Sample(text, R"(custos_keys{state="DESTROYED"})") == 0);
   CHECK(Sample(text, "custos_pending_requests") == 1);
   CHECK(Sample(text, "custos_audit_records") >= 8);
+  CHECK(Sample(text, "custos_audit_archived_through") == 0);
   CHECK(Sample(text, R"(custos_database_bytes{file="db"})") > 0);
   CHECK(Sample(text, "custos_audit_checkpoint_age_seconds") >= 0);
   CHECK(Sample(text, "custos_calls_waiting") == 0);

@@ -1,0 +1,360 @@
+// Audit log archival: records up to a signed checkpoint leave the live database for a verified
+// archive file, under dual control, and everything that relied on them still holds: the rows
+// they vouched for, the start-up check, the offline verifier over the archives and the live
+// log together. And what someone who can write custos.db tries next: removing more than was
+// archived, putting archived records back, moving the floor.
+#include <sys/stat.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_format.h"
+#include "audit/verifier.h"
+#include "core/operation_params.h"
+#include "storage/audit_log_reader.h"
+#include "tests/core/kms_fixture.h"
+#include "tests/support/sqlite_file.h"
+
+namespace custos::core {
+namespace {
+
+using custos::testing::SqlExec;
+using custos::testing::SqlQuery;
+using testing::Fixture;
+
+std::string Db(Fixture& f) { return f.dir.File("custos.db"); }
+
+std::string ArchivePath(Fixture& f, uint64_t first, uint64_t last) {
+  return absl::StrFormat("%s/audit-%012u-%012u.jsonl", f.dir.File("audit-archive"), first, last);
+}
+
+audit::PublicKeyVerifier AuditKey(Fixture& f) {
+  return *audit::PublicKeyVerifier::FromPem(*f.real_hsm->PublicKeyPem("custos-audit-signing"));
+}
+
+// Use of key "k", then a checkpoint at the log's end; returns its seq.
+uint64_t UseAndSign(Fixture& f, int calls) {
+  for (int i = 0; i < calls; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  REQUIRE(f.kms->Checkpoint().ok());
+  return (*f.store->LatestCheckpoint())->seq;
+}
+
+absl::StatusOr<Request> Archive(Fixture& f, uint64_t through) {
+  Proposal proposal;
+  proposal.operation = policy::Operation::kArchiveAuditLog;
+  proposal.params.archive_through = through;
+  proposal.justification = "the log's first quarter goes to write-once storage";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  if (!request.ok()) return request;
+  for (const Caller* approver : {&f.officer2, &f.officer3}) {
+    if (request->state != storage::RequestState::kPending) break;
+    request = f.kms->Approve(*approver, request->id, RequestDigest(*request));
+    if (!request.ok()) return request;
+  }
+  return request;
+}
+
+// Verifies `files` (archives, oldest first) and then the live database as one log.
+audit::VerifyReport VerifyTogether(Fixture& f, const std::vector<std::string>& files,
+                                   bool with_db = true) {
+  std::vector<std::unique_ptr<std::ifstream>> streams;
+  std::vector<std::unique_ptr<audit::RecordSource>> owned;
+  std::vector<audit::RecordSource*> sources;
+  std::map<uint64_t, audit::Checkpoint> checkpoints;
+  for (const std::string& file : files) {
+    std::ifstream lines(file);
+    const auto found = audit::ReadCheckpointLines(lines);
+    REQUIRE(found.ok());
+    for (const audit::Checkpoint& c : *found) checkpoints[c.seq] = c;
+    streams.push_back(std::make_unique<std::ifstream>(file));
+    owned.push_back(std::make_unique<audit::JsonLinesRecordSource>(streams.back().get()));
+    sources.push_back(owned.back().get());
+  }
+  std::unique_ptr<storage::AuditLogReader> reader;
+  if (with_db) {
+    reader = *storage::AuditLogReader::Open(Db(f));
+    const auto found = reader->Checkpoints();
+    REQUIRE(found.ok());
+    for (const audit::Checkpoint& c : *found) checkpoints[c.seq] = c;
+    sources.push_back(reader.get());
+  }
+  std::vector<audit::Checkpoint> all;
+  for (auto& [seq, c] : checkpoints) all.push_back(c);
+  audit::ConcatenatedRecordSource records(sources);
+  return audit::Verify(records, all, nullptr, AuditKey(f));
+}
+
+TEST_CASE("Archiving moves the records up to a signed checkpoint to a verified file", "[archive]") {
+  Fixture f;
+  f.NewKey("k");  // a request and a key, each vouched for by a record about to be archived
+  const uint64_t through = UseAndSign(f, 4);
+  absl::StatusOr<DataKey> before = f.kms->GenerateDataKey(f.app, "k", {{"t", "1"}}, 32, true);
+  REQUIRE(before.ok());
+
+  // A proposal names a stored checkpoint; nothing else.
+  CHECK(Archive(f, 0).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(Archive(f, through - 1).status().code() == absl::StatusCode::kNotFound);
+  const uint64_t records_before = (*f.store->AuditHead()).first;
+
+  absl::StatusOr<Request> done = Archive(f, through);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == storage::RequestState::kExecuted);
+  const std::string archive = ArchivePath(f, 1, through);
+  CHECK_THAT(done->reason, Catch::StartsWith("audit records 1 to " + std::to_string(through) +
+                                             " archived to " + archive + " (sha256 "));
+
+  // The archive: owner-only, records 1 to `through` and the checkpoints up to it, verifying.
+  struct stat st {};
+  REQUIRE(stat(archive.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  const audit::VerifyReport alone = VerifyTogether(f, {archive}, /*with_db=*/false);
+  INFO(alone.reason);
+  CHECK(alone.ok);
+  CHECK(alone.last_verified_seq == through);
+  CHECK(alone.signed_through_seq == through);
+  CHECK_FALSE(std::filesystem::exists(archive + ".partial"));
+
+  // The live log starts right after it, from the checkpoint signed there.
+  CHECK(*f.store->FirstAuditSeq() == through + 1);
+  CHECK((*f.store->AuditLogFloor()).seq == through);
+  CHECK(SqlQuery(Db(f), "SELECT min(seq) FROM audit_checkpoints") == std::to_string(through));
+  CHECK(SqlQuery(Db(f), "SELECT through_seq || ' ' || request_id FROM audit_archived") ==
+        std::to_string(through) + " " + done->id);
+  // The rows last named by archived records were carried forward, with their digests, before
+  // the ArchiveAuditLog record; nothing else was written in between.
+  const std::string carried =
+      SqlQuery(Db(f),
+               "SELECT group_concat(row_name, ',') FROM (SELECT row_name FROM audit_log "
+               "WHERE action = 'CarryRowRecord' ORDER BY row_name)");
+  CHECK_THAT(carried, Catch::Contains("key:") && Catch::Contains("request:"));
+  CHECK(SqlQuery(Db(f),
+                 "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord' AND "
+                 "row_digest = ''") == "0");
+  const std::vector<audit::Event> events = f.sink.events();
+  const auto archived = std::find_if(events.begin(), events.end(), [](const audit::Event& e) {
+    return e.action == "ArchiveAuditLog";
+  });
+  REQUIRE(archived != events.end());
+  CHECK(archived->request_id == done->id);
+  CHECK_THAT(archived->detail,
+             Catch::StartsWith("records 1 to " + std::to_string(through) + " and ") &&
+                 Catch::Contains("sha256="));
+  CHECK(archived->row == "setting:audit_floor");
+  CHECK(records_before > through);
+
+  // The live database verifies on its own, from the checkpoint, and with the archive as one.
+  const audit::VerifyReport live = VerifyTogether(f, {});
+  INFO(live.reason);
+  CHECK(live.ok);
+  CHECK(live.starts_after == through);
+  const audit::VerifyReport whole = VerifyTogether(f, {archive});
+  INFO(whole.reason);
+  CHECK(whole.ok);
+  CHECK(whole.starts_after == 0);
+
+  // A restart believes the rows again only through the carried records, and verifies the
+  // log from the archive floor, in part and in full; maintenance walks down to the floor.
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  CHECK(f.store->VerifyOlderAuditRecords(1'000'000).ok());
+  CHECK(f.kms->DescribeKey(f.officer, "k").ok());
+  absl::StatusOr<Plaintext> plain = f.kms->Decrypt(f.app, before->ciphertext_blob, {{"t", "1"}});
+  REQUIRE(plain.ok());
+  CHECK(plain->plaintext.view() == before->plaintext.view());
+  CHECK(f.kms->VerifyAuditLog(true).ok());
+
+  // The triggers' exception reaches no further than the archival.
+  const std::string next = std::to_string(through + 1);
+  CHECK_THAT(SqlExec(Db(f), "DELETE FROM audit_log WHERE seq = " + next),
+             Catch::Contains("the audit log is append-only"));
+  CHECK_THAT(SqlExec(Db(f), "DELETE FROM audit_checkpoints WHERE seq = " + std::to_string(through)),
+             Catch::Contains("audit checkpoints are never removed"));
+  CHECK_THAT(SqlExec(Db(f), "DELETE FROM audit_archived"),
+             Catch::Contains("audit archivals are never removed"));
+  CHECK_THAT(SqlExec(Db(f), "UPDATE audit_archived SET through_seq = through_seq + 5"),
+             Catch::Contains("audit archivals are never changed"));
+  CHECK_THAT(SqlExec(Db(f), "INSERT INTO audit_archived VALUES (1, zeroblob(32), 0, 'x')"),
+             Catch::Contains("audit archival only moves forward"));
+
+  // Once archived, never again; a second archival goes on from the floor.
+  CHECK(Archive(f, through).status().code() == absl::StatusCode::kFailedPrecondition);
+  const uint64_t second = UseAndSign(f, 3);
+  absl::StatusOr<Request> again = Archive(f, second);
+  INFO(again.status().ToString());
+  REQUIRE(again.ok());
+  const std::string archive2 = ArchivePath(f, through + 1, second);
+  const audit::VerifyReport on_its_own = VerifyTogether(f, {archive2}, false);
+  INFO(on_its_own.reason);
+  CHECK(on_its_own.ok);
+  CHECK(on_its_own.starts_after == through);
+  const audit::VerifyReport all = VerifyTogether(f, {archive, archive2});
+  INFO(all.reason);
+  CHECK(all.ok);
+  CHECK(all.starts_after == 0);
+  // Given out of order, or with one missing, they do not meet.
+  CHECK_FALSE(VerifyTogether(f, {archive2, archive}).ok);
+  const audit::VerifyReport gap = VerifyTogether(f, {archive});
+  CHECK_FALSE(gap.ok);
+  CHECK(gap.reason == absl::StrFormat("record %d is followed by %d (records %d to %d deleted?)",
+                                      through, second + 1, through + 1, second));
+  f.Restart();
+  CHECK(f.kms->VerifyAuditLog(true).ok());
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+}
+
+// An archived log, stopped, for someone with the database file to work on.
+struct ArchivedLog {
+  Fixture f;
+  uint64_t floor = 0;
+  uint64_t later = 0;  // a checkpoint after the floor
+
+  ArchivedLog() {
+    f.NewKey("k");
+    floor = UseAndSign(f, 3);
+    REQUIRE(Archive(f, floor).ok());
+    later = UseAndSign(f, 3);
+    UseAndSign(f, 1);
+    f.kms.reset();
+    f.store.reset();
+  }
+
+  absl::Status Start() {
+    f.Restart();
+    return f.kms->VerifyAuditLog(false);
+  }
+};
+
+constexpr char kUnguarded[] =
+    "DROP TRIGGER audit_log_append_only_delete; DROP TRIGGER audit_checkpoints_append_only_delete;"
+    "DROP TRIGGER audit_archived_forward;";
+
+TEST_CASE("A DBA cannot remove more than was archived, or undo an archival", "[archive][insider]") {
+  ArchivedLog log;
+  Fixture& f = log.f;
+  const std::string floor = std::to_string(log.floor);
+  const std::string later = std::to_string(log.later);
+  const std::string db = Db(f);
+
+  SECTION("records removed just after the floor") {
+    REQUIRE(SqlExec(db, std::string(kUnguarded) +
+                            "DELETE FROM audit_log WHERE seq <= " + std::to_string(log.floor + 2))
+                .empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() ==
+          absl::StrFormat("the audit log starts at record %d, but it was archived up to record "
+                          "%d only: records %d to %d were removed outside Custos",
+                          log.floor + 3, log.floor, log.floor + 1, log.floor + 2));
+  }
+  SECTION("records removed after the floor, up to a later checkpoint") {
+    REQUIRE(SqlExec(db, std::string(kUnguarded) + "DELETE FROM audit_log WHERE seq <= " + later +
+                            "; DELETE FROM audit_checkpoints WHERE seq < " + later)
+                .empty());
+    // The ArchiveAuditLog record that vouched for the sealed floor went with them.
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() ==
+          "catalogue row setting:audit_floor failed its integrity check: no audit record names "
+          "it (written outside Custos?); it is not used until an operator restores it from a "
+          "backup of this state");
+    // Offline, the live file alone starts from a genuine checkpoint; beside the archive the
+    // cut shows.
+    const std::string archive = ArchivePath(f, 1, log.floor);
+    const audit::VerifyReport seam = VerifyTogether(f, {archive});
+    CHECK_FALSE(seam.ok);
+    CHECK(seam.reason == absl::StrFormat("record %d is followed by %d (records %d to %d deleted?)",
+                                         log.floor, log.later + 1, log.floor + 1, log.later));
+  }
+  SECTION("the database's archival table moved along") {
+    const std::string hash =
+        SqlQuery(db, "SELECT hex(hash) FROM audit_checkpoints WHERE seq = " + later);
+    REQUIRE(SqlExec(db, std::string(kUnguarded) + "INSERT INTO audit_archived VALUES (" + later +
+                            ", X'" + hash + "', 0, 'x');")
+                .empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() ==
+          absl::StrFormat("the database's audit_archived table says the log was archived up to "
+                          "record %d, but the archival custosd sealed says %d: it was changed "
+                          "outside Custos",
+                          log.later, log.floor));
+  }
+  SECTION("... with the sealed floor rewritten") {
+    REQUIRE(SqlExec(db, "UPDATE settings SET value = '" + later +
+                            " ' || substr(value, instr(value, ' ') + 1) WHERE name = "
+                            "'audit_floor'")
+                .empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("catalogue row setting:audit_floor failed its integrity check: "
+                               "its MAC does not match its content"));
+  }
+  SECTION("archived records put back") {
+    std::ifstream lines(ArchivePath(f, 1, log.floor));
+    audit::JsonLinesRecordSource archived(&lines);
+    std::string sql = "DROP TRIGGER audit_log_append_only_update;";
+    absl::StatusOr<std::optional<audit::Record>> first = archived.Next();
+    REQUIRE(first.ok());
+    // One record back is enough to be seen.
+    sql +=
+        "INSERT INTO audit_log (seq, time, principal, role, action, key_id, key_version, "
+        "source_key_id, source_key_version, request_id, outcome, peer, context_hmac, detail, "
+        "hash) SELECT " +
+        std::to_string((**first).seq) +
+        ", time, principal, role, action, key_id, key_version, source_key_id, "
+        "source_key_version, request_id, outcome, peer, context_hmac, detail, hash FROM "
+        "audit_log WHERE seq = " +
+        later;
+    REQUIRE(SqlExec(db, sql).empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() == absl::StrFormat("the audit log starts at record 1, but records up "
+                                               "to %d were archived: archived records were put "
+                                               "back",
+                                               log.floor));
+  }
+  SECTION("the checkpoint the live log starts from deleted") {
+    REQUIRE(
+        SqlExec(db, std::string(kUnguarded) + "DELETE FROM audit_checkpoints WHERE seq = " + floor)
+            .empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() ==
+          absl::StrFormat("the checkpoint at record %d, where the archived log starts, was "
+                          "deleted",
+                          log.floor));
+  }
+  SECTION("nothing changed: it starts") { CHECK(log.Start().ok()); }
+}
+
+TEST_CASE("An archive that cannot be written leaves the log as it was", "[archive]") {
+  Fixture f;
+  f.NewKey("k");
+  const uint64_t through = UseAndSign(f, 2);
+  // A file where the archive directory should be.
+  { std::ofstream(f.dir.File("audit-archive")) << "not a directory"; }
+  const absl::StatusOr<Request> refused = Archive(f, through);
+  CHECK(refused.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(*f.store->FirstAuditSeq() == 1);
+  CHECK((*f.store->AuditLogFloor()).seq == 0);
+  CHECK(SqlQuery(Db(f),
+                 "SELECT count(*) FROM audit_log WHERE action IN ('CarryRowRecord', "
+                 "'ArchiveAuditLog')") == "0");
+  // The request is still pending: the approval can be given again once the disk is fixed.
+  std::filesystem::remove(f.dir.File("audit-archive"));
+  const std::vector<Request> pending = *f.store->PendingRequests();
+  REQUIRE(pending.size() == 1);
+  absl::StatusOr<Request> done =
+      f.kms->Approve(f.officer3, pending.front().id, RequestDigest(pending.front()));
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == storage::RequestState::kExecuted);
+  CHECK(*f.store->FirstAuditSeq() == through + 1);
+}
+
+}  // namespace
+}  // namespace custos::core
