@@ -252,6 +252,7 @@ int VerifyLog(const std::vector<std::string>& files, const std::string& db_file,
     sources.push_back(owned.emplace_back(*std::move(reader)).get());
   }
   std::vector<audit::Checkpoint> all;
+  all.reserve(checkpoints.size());
   for (auto& [seq, checkpoint] : checkpoints) all.push_back(std::move(checkpoint));
   audit::ConcatenatedRecordSource records(sources);
   const audit::VerifyReport report = audit::Verify(records, all, anchor_ptr, *key);

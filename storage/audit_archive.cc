@@ -82,7 +82,7 @@ class HashedFile {
 absl::Status SyncDirectory(const std::string& dir) {
   const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0 || fsync(fd) != 0) {
-    const absl::Status failed = Unavailable(absl::StrCat("cannot flush directory ", dir));
+    absl::Status failed = Unavailable(absl::StrCat("cannot flush directory ", dir));
     if (fd >= 0) close(fd);
     return failed;
   }

@@ -40,16 +40,18 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
   const uint64_t floor = floor_seq_.load();
   // A row vouched for by an archived record was carried forward before it was archived: the
   // caller read the log before the archival and may simply ask again.
-  const absl::Status archived_meanwhile = absl::UnavailableError(
-      StrCat("audit record ", seq, " was archived while it was being checked; try again"));
-  if (seq <= floor) return archived_meanwhile;
+  const auto archived_meanwhile = [seq] {
+    return absl::UnavailableError(
+        StrCat("audit record ", seq, " was archived while it was being checked; try again"));
+  };
+  if (seq <= floor) return archived_meanwhile();
   if (floor > 0 && seq == floor + 1) {
     std::lock_guard floor_lock(floor_mu_);
     start = floor_hash_;
   } else if (seq > 1) {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> before, read_(seq - 1, 1));
     if (before.empty() || before[0].seq != seq - 1) {
-      if (floor_seq_.load() >= seq - 1) return archived_meanwhile;
+      if (floor_seq_.load() >= seq - 1) return archived_meanwhile();
       broken_ = absl::FailedPreconditionError(
           StrCat("audit record ", seq - 1, " is missing from the log (deleted?)"));
       broken_seq_ = top;
@@ -79,7 +81,7 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
     }
   }
   // Records that went missing during the walk may have been archived under it.
-  if (!problem.ok() && floor_seq_.load() >= seq) return archived_meanwhile;
+  if (!problem.ok() && floor_seq_.load() >= seq) return archived_meanwhile();
   if (problem.ok() && (prev.size() != trusted_hash_.size() ||
                        CRYPTO_memcmp(prev.data(), trusted_hash_.data(), prev.size()) != 0)) {
     problem = absl::FailedPreconditionError(
