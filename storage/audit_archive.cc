@@ -79,6 +79,22 @@ class HashedFile {
   std::string buffer_;
 };
 
+absl::StatusOr<std::string> FileSha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Unavailable(absl::StrCat("cannot read ", path));
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> sha(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  EVP_DigestInit_ex(sha.get(), EVP_sha256(), nullptr);
+  std::string buffer(1 << 16, '\0');
+  while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount() > 0) {
+    EVP_DigestUpdate(sha.get(), buffer.data(), static_cast<size_t>(in.gcount()));
+  }
+  if (in.bad()) return Unavailable(absl::StrCat("cannot read ", path));
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(sha.get(), digest, &length);
+  return audit::ToHex(std::span<const uint8_t>(digest, length));
+}
+
 absl::Status SyncDirectory(const std::string& dir) {
   const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0 || fsync(fd) != 0) {
@@ -166,11 +182,22 @@ absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const 
     CUSTOS_ASSIGN_OR_RETURN(auto written_lines, WriteLines(store, partial, floor.seq, through.seq));
     std::tie(archive.sha256_hex, archive.checkpoints) = std::move(written_lines);
     CUSTOS_RETURN_IF_ERROR(VerifyArchive(partial, floor.seq, through, key));
-    // The same range always makes the same file: one left by an archival whose commit failed
-    // is replaced by this one.
-    if (std::rename(partial.c_str(), archive.path.c_str()) != 0) {
-      return Unavailable(absl::StrCat("cannot rename ", partial));
+    // Never over another archive: link() fails if the name is taken. The same file may be
+    // there from an archival whose commit failed; a different one is a log this database no
+    // longer holds (it was restored from an older backup since), and only a person may decide
+    // what becomes of it.
+    if (link(partial.c_str(), archive.path.c_str()) != 0) {
+      if (errno != EEXIST) return Unavailable(absl::StrCat("cannot link ", archive.path));
+      CUSTOS_ASSIGN_OR_RETURN(const std::string existing, FileSha256(archive.path));
+      if (existing != archive.sha256_hex) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            archive.path,
+            " already holds a different archive of these records (was the database "
+            "restored from an older backup since it was written?): keep it, move it elsewhere, "
+            "and propose the archival again"));
+      }
     }
+    std::remove(partial.c_str());
     return SyncDirectory(dir);
   }();
   if (!written.ok()) {

@@ -6,8 +6,9 @@
 //
 // Written beside the live database, never over an archive that was completed: to a temporary
 // file, flushed, read back and verified under the HSM's public key (it must end exactly at the
-// checkpoint, chained from where the live log starts), then renamed into place and the
-// directory flushed. Only then may the records be removed.
+// checkpoint, chained from where the live log starts), then linked into place (never over an
+// existing file, unless it is byte for byte the same) and the directory flushed. Only then may
+// the records be removed.
 #pragma once
 
 #include <cstdint>
@@ -31,8 +32,8 @@ struct AuditArchiveFile {
 // Writes and verifies the archive of `store`'s records from its floor up to `through` (a
 // checkpoint stored in it, signed under `key`) into directory `dir` (created 0700 if missing),
 // as audit-<first>-<last>.jsonl (seqs zero-padded to 12 digits, so names sort by seq), mode
-// 0600. FAILED_PRECONDITION if the log does not verify up to `through`; UNAVAILABLE if the
-// file cannot be written.
+// 0600. FAILED_PRECONDITION if the log does not verify up to `through`, or a different file
+// holds that name already; UNAVAILABLE if the file cannot be written.
 absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const std::string& dir,
                                                    const audit::Checkpoint& through,
                                                    const audit::PublicKeyVerifier& key);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "audit/verifier.h"
 #include "core/operation_params.h"
+#include "storage/audit_archive.h"
 #include "storage/audit_log_reader.h"
 #include "tests/core/kms_fixture.h"
 #include "tests/support/sqlite_file.h"
@@ -354,6 +355,40 @@ TEST_CASE("An archive that cannot be written leaves the log as it was", "[archiv
   REQUIRE(done.ok());
   CHECK(done->state == storage::RequestState::kExecuted);
   CHECK(*f.store->FirstAuditSeq() == through + 1);
+}
+
+TEST_CASE("An archive file is never overwritten by a different one", "[archive]") {
+  Fixture f;
+  f.NewKey("k");
+  const uint64_t through = UseAndSign(f, 2);
+  const std::string path = ArchivePath(f, 1, through);
+  std::filesystem::create_directories(f.dir.File("audit-archive"));
+
+  SECTION("the same archive, left by an archival whose commit failed, is kept") {
+    const std::optional<audit::Checkpoint> checkpoint = *f.store->LatestCheckpoint();
+    REQUIRE(checkpoint.has_value());
+    REQUIRE(
+        storage::WriteAuditArchive(*f.store, f.dir.File("audit-archive"), *checkpoint, AuditKey(f))
+            .ok());
+    absl::StatusOr<Request> done = Archive(f, through);
+    INFO(done.status().ToString());
+    REQUIRE(done.ok());
+    CHECK(done->state == storage::RequestState::kExecuted);
+    CHECK(VerifyTogether(f, {path}).ok);
+  }
+  SECTION("another log's archive (a restore since) is left alone, and nothing is removed") {
+    { std::ofstream(path) << "an archive of a log this database no longer holds\n"; }
+    const absl::StatusOr<Request> refused = Archive(f, through);
+    CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+    CHECK_THAT(std::string(refused.status().message()),
+               Catch::Contains(path + " already holds a different archive of these records"));
+    std::ifstream kept(path);
+    std::string line;
+    std::getline(kept, line);
+    CHECK(line == "an archive of a log this database no longer holds");
+    CHECK(*f.store->FirstAuditSeq() == 1);
+    CHECK_FALSE(std::filesystem::exists(path + ".partial"));
+  }
 }
 
 }  // namespace
