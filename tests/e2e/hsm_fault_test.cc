@@ -325,8 +325,13 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
     // say): a later call may be the one that runs it. Each is answered UNAVAILABLE meanwhile.
     // At least one call, so that the error that leads to the hung function is met by a call
     // (the health probe may meet the hang first).
-    for (int i = 0; i == 0 || (i < 20 && Occurrences(server.FaultLog(), "hanging " + c.hung) == 0);
+    // Calls are answered fast meanwhile, so wait by time, not by count: under the sanitizers
+    // a re-initialisation can take longer than twenty quick refusals.
+    const auto give_up = Clock::now() + 10s;
+    for (int i = 0; i == 0 || (Clock::now() < give_up &&
+                               Occurrences(server.FaultLog(), "hanging " + c.hung) == 0);
          ++i) {
+      if (i > 0) std::this_thread::sleep_for(50ms);
       const auto start = Clock::now();
       const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
       const auto waited = Clock::now() - start;
