@@ -180,6 +180,12 @@ class Verification {
       report_.last_verified_seq = record.seq;
       report_.last_verified_hash = record.hash;
       ++report_.records_checked;
+      if (archival_seq_ == 0 && !archival_statement_.empty() &&
+          record.action == "ArchiveAuditLog" && record.detail.size() > archival_statement_.size() &&
+          record.detail.compare(record.detail.size() - archival_statement_.size(),
+                                archival_statement_.size(), archival_statement_) == 0) {
+        archival_seq_ = record.seq;
+      }
     }
   }
 
@@ -202,6 +208,8 @@ class Verification {
                                 floor, ", whose ", kBadSignature));
     }
     report_.starts_after = floor;
+    archival_statement_ = StrCat("; the live log starts after the checkpoint at ", floor, " (hash ",
+                                 ToHex(start.hash), ")");
     report_.last_verified_seq = floor;
     report_.last_verified_hash = start.hash;
     ++report_.checkpoints_verified;
@@ -359,6 +367,16 @@ class Verification {
                                      ": the tail was truncated (",
                                      Records(last() + 1, checkpoint.seq), " missing)"));
     }
+    // A log cut at any stored checkpoint would look archived there: only the signed record of
+    // the archival that ended there makes the start believable.
+    if (report_.starts_after > 0 &&
+        (archival_seq_ == 0 || archival_seq_ > report_.signed_through_seq)) {
+      return Fail(report_.starts_after + 1,
+                  StrCat("the log starts after the checkpoint at ", report_.starts_after,
+                         ", but holds no ArchiveAuditLog record covered by a signature saying it "
+                         "was archived up to there: ",
+                         Records(1, report_.starts_after), " may have been cut off"));
+    }
     if (anchor_ != nullptr && anchor_->seq < last()) {
       report_.caveat = StrCat("records after ", anchor_->seq,
                               " (the anchor) are not covered by it: truncation after record ",
@@ -375,6 +393,10 @@ class Verification {
   const Checkpoint* previous_checkpoint_ = nullptr;  // the last one verified
   uint32_t format_ = 1;                              // of the last record read
   std::optional<Record> pending_;                    // read ahead by CheckOrder
+  // What the ArchiveAuditLog record of the archival the log starts after says (the end of its
+  // detail), and that record's seq once found.
+  std::string archival_statement_;
+  uint64_t archival_seq_ = 0;
   VerifyReport report_;
 };
 

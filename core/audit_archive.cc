@@ -7,6 +7,7 @@
 #include "common/strings.h"
 #include "core/call.h"
 #include "core/kms.h"
+#include "spdlog/spdlog.h"
 #include "storage/row_codec.h"
 
 namespace custos::core {
@@ -66,6 +67,16 @@ absl::Status Kms::CheckArchiveProposal(uint64_t through) const {
     return absl::FailedPreconditionError(StrCat("records up to ", floor.seq,
                                                 " are archived already; the live log starts at ",
                                                 floor.seq + 1));
+  }
+  // An archive that starts after an earlier archival holds the record of that archival (the
+  // verifier wants it, so that a log cut at a checkpoint is not taken for an archived one).
+  CUSTOS_ASSIGN_OR_RETURN(
+      const uint64_t recorded,
+      options_.store->LastRecordNaming(storage::SettingRowName(kAuditFloorSetting)));
+  if (floor.seq > 0 && through < recorded) {
+    return absl::FailedPreconditionError(
+        StrCat("archive up to a checkpoint at or after record ", recorded,
+               " (the record of the last archival), not ", through));
   }
   return StoredCheckpointAt(*options_.store, through).status();
 }
@@ -130,6 +141,11 @@ absl::StatusOr<Request> Kms::ArchiveAudit(Call& call, Request request, uint64_t 
   archived.row = storage::SettingRowName(kAuditFloorSetting);
   CUSTOS_RETURN_IF_ERROR(
       call.CommitWith(std::move(batch), absl::StatusCode::kOk, {std::move(archived)}));
+  // Signed at once: a verifier believes the live log's new start only once the ArchiveAuditLog
+  // record is covered by a signature. (If this fails, the timer signs again.)
+  if (absl::Status signed_head = Checkpoint(); !signed_head.ok()) {
+    spdlog::error("audit checkpoint after archiving: {}", signed_head.ToString());
+  }
   return request;
 }
 

@@ -186,6 +186,10 @@ absl::Status Kms::VerifyAuditLog(bool full) {
   // A state from before the HSM kept the head: its log is checked in full once, and the HSM
   // keeps the head from the next checkpoint on.
   if (!kept) return verify_all();
+  // The HSM's head lags when writing it failed (Checkpoint), and an archival may have gone
+  // past it: the checkpoint at the floor, which CheckAuditFloor found signed by this HSM, is
+  // then the newest head known.
+  if (kept->seq < floor.seq) *kept = SignedHead{floor.seq, floor.hash, false};
   const SignedHead& signed_head = *kept;
   if (signed_head.seq > head.first) {
     return absl::FailedPreconditionError(

@@ -28,7 +28,12 @@ absl::Status Unavailable(const std::string& what) {
 class HashedFile {
  public:
   static absl::StatusOr<std::unique_ptr<HashedFile>> Create(const std::string& path) {
-    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    // A partial file left by a crash may still be a second name of a finished archive (after
+    // its link, before its removal): unlinked, never truncated.
+    if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return Unavailable(absl::StrCat("cannot remove ", path));
+    }
+    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0) return Unavailable(absl::StrCat("cannot create ", path));
     return std::unique_ptr<HashedFile>(new HashedFile(fd, path));
   }

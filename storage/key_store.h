@@ -268,6 +268,8 @@ class KeyStore {
 
   // Where the live log starts: the newest archival's floor (seq 0 if never archived).
   absl::StatusOr<AuditFloor> AuditLogFloor() const;
+  // The seq of the newest record naming catalogue row `row` (0 if none does).
+  absl::StatusOr<uint64_t> LastRecordNaming(std::string_view row) const;
   // The first record's seq (0 for an empty log).
   absl::StatusOr<uint64_t> FirstAuditSeq() const;
   // Before an archival up to `through_seq`: for up to `limit` catalogue rows whose newest

@@ -7,7 +7,8 @@ FILEs are JSON Lines from `custosctl audit export` or archive files (audit-*.jso
 oldest first: they are checked as one log. A log whose older records were archived starts
 just after a signed checkpoint, which the file holds as a checkpoint line; the chain goes on
 from that checkpoint's hash. Every checkpoint line's hash must equal the record's at its seq.
-Signatures are not checked here: verify each checkpoint that matters with openssl
+A log that starts late must hold the ArchiveAuditLog record saying so, with a checkpoint
+after it. Signatures are not checked here: verify each checkpoint that matters with openssl
 (docs/AUDIT.md, "Verifying a checkpoint by hand"). Exit 0 if the chain holds, 1 if not.
 """
 import base64
@@ -54,6 +55,7 @@ def main(paths):
                 assert signed.get(c["seq"], c["hash"]) == c["hash"], f"two checkpoints at {c['seq']}"
                 signed[c["seq"]] = c["hash"]
     prev, first, expected, fmt = None, None, None, 1
+    statement, stated_at = None, None  # the archival record a log that starts late must hold
     for path in paths:
         for r in lines(path):
             if "checkpoint" in r:
@@ -66,6 +68,8 @@ def main(paths):
                     assert first - 1 in signed, \
                         f"the log starts at {first} and holds no checkpoint at {first - 1}"
                     prev = bytes.fromhex(signed[first - 1])
+                    statement = (f"; the live log starts after the checkpoint at {first - 1} "
+                                 f"(hash {signed[first - 1]})")
             assert r["seq"] == expected, f"expected record {expected}, found {r['seq']}"
             f = r.get("format", 1)
             extra = {k.removesuffix("_base64") for k in r} & set(FIELDS[2][14:])
@@ -75,10 +79,17 @@ def main(paths):
             h = hashlib.sha256(prev + canonical).hexdigest()
             assert h == r["hash"], f"record {expected}: hash does not match"
             assert signed.get(expected, h) == h, f"record {expected}: differs from its checkpoint"
+            if (statement and stated_at is None and r["action"] == "ArchiveAuditLog"
+                    and r["detail"].endswith(statement)):
+                stated_at = expected
             prev, expected, fmt = bytes.fromhex(h), expected + 1, f
     assert first is not None, "no record"
     assert max(signed, default=0) < expected, f"a checkpoint at {max(signed)} is past the end"
-    start = "" if first == 1 else f" (after the checkpoint at {first - 1})"
+    # A log cut at a checkpoint looks archived there; the archival's own record says it was.
+    assert not statement or (stated_at and any(stated_at <= s < expected for s in signed)), \
+        f"the log starts after {first - 1} but no ArchiveAuditLog record followed by a " \
+        f"checkpoint says it was archived up to there (cut off?)"
+    start = "" if first == 1 else f" (after the checkpoint at {first - 1}, named by record {stated_at})"
     print(f"chain OK: records {first} to {expected - 1}{start}, last hash {prev.hex()}")
 
 

@@ -424,7 +424,14 @@ TEST_CASE("A source that cannot be read fails the check", "[verifier]") {
 }  // namespace
 TEST_CASE("An archived log starts from the signed checkpoint its archive ends with",
           "[verifier][archive]") {
-  const std::vector<Record> log = SealedLog(60);
+  std::vector<Record> log = SealedLog(60);
+  // The record of the archival up to 20, as custosd writes it, in the live part.
+  log[24].action = "ArchiveAuditLog";
+  log[24].detail =
+      "records 1 to 20 and 2 checkpoints archived to a.jsonl sha256=00; the live "
+      "log starts after the checkpoint at 20 (hash " +
+      ToHex(log[19].hash) + ")";
+  Reseal(log, 24);
   const std::vector<Checkpoint> chained = Key().ChainedCheckpoints(log, {10, 20, 40, 60});
   const std::vector<Record> archive(log.begin(), log.begin() + 20);  // records 1 to 20
   const std::vector<Record> live(log.begin() + 20, log.end());       // 21 to 60
@@ -475,6 +482,19 @@ TEST_CASE("An archived log starts from the signed checkpoint its archive ends wi
   CHECK(alone.reason ==
         "the anchor checkpoint is at 30, but this log starts at 41 (records 1 to 40 were "
         "archived): verify it with the archive that holds it");
+
+  // A copy cut at a later checkpoint looks archived there, but no signed record says so.
+  const VerifyReport cut_at_40 = Check(cut, {chained[2], chained[3]});
+  CHECK_FALSE(cut_at_40.ok);
+  CHECK(cut_at_40.reason ==
+        "the log starts after the checkpoint at 40, but holds no ArchiveAuditLog record covered "
+        "by a signature saying it was archived up to there: records 1 to 40 may have been cut "
+        "off");
+  // Nor is the record believed after the last signature (anyone can append such a tail).
+  const std::vector<Record> unsigned_record(log.begin() + 20, log.begin() + 30);
+  const VerifyReport tail = Check(unsigned_record, {chained[1]});
+  CHECK_FALSE(tail.ok);
+  CHECK(tail.first_bad_seq == 21);
 
   // A start checkpoint that is not signed by the key proves nothing.
   std::vector<Checkpoint> forged = {chained[1], chained[2], chained[3]};

@@ -391,5 +391,63 @@ TEST_CASE("An archive file is never overwritten by a different one", "[archive]"
   }
 }
 
+TEST_CASE("No row is carried forward over a log changed after the archived part",
+          "[archive][insider]") {
+  Fixture f;
+  f.NewKey("k");
+  const uint64_t through = UseAndSign(f, 2);
+  // The key changes after the checkpoint: the newest record naming it is after `through`.
+  Proposal rotate;
+  rotate.operation = policy::Operation::kRotateKey;
+  rotate.key = "k";
+  rotate.justification = "yearly";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
+  UseAndSign(f, 1);  // and the HSM's head covers that record
+  f.kms.reset();
+  f.store.reset();
+  // A DBA hides that record, so that the older one looks like the key's newest and would be
+  // carried forward (with an older row put back, it would be believed).
+  const std::string hidden = SqlQuery(
+      Db(f), "SELECT max(seq) FROM audit_log WHERE row_name LIKE 'key:%' AND action = 'RotateKey'");
+  REQUIRE_FALSE(hidden.empty());
+  REQUIRE(SqlExec(Db(f),
+                  "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+                  "row_name = '', row_digest = '' WHERE seq = " +
+                      hidden)
+              .empty());
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // the edit is before the HSM's head
+  const absl::StatusOr<Request> refused = Archive(f, through);
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(refused.status().message()),
+             Catch::Contains("not archiving: the audit log after record " +
+                             std::to_string(through) + " does not verify"));
+  CHECK(*f.store->FirstAuditSeq() == 1);
+  CHECK(SqlQuery(Db(f), "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord'") == "0");
+}
+
+TEST_CASE("An archival past the head the HSM kept (its write failed) still starts", "[archive]") {
+  Fixture f;
+  f.NewKey("k");
+  UseAndSign(f, 2);
+  for (int i = 0; i < 2; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  f.hsm->BeforeNextCallTo("WriteTokenData",
+                          [&] { f.hsm->FailNext(1, absl::UnavailableError("token full")); });
+  CHECK_FALSE(f.kms->Checkpoint().ok());  // stored and signed, but the HSM's head lags
+  const uint64_t through = (*f.store->LatestCheckpoint())->seq;
+  absl::StatusOr<Request> done = Archive(f, through);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  f.Restart();
+  const absl::Status started = f.kms->VerifyAuditLog(false);
+  INFO(started.ToString());
+  CHECK(started.ok());
+  CHECK(f.kms->VerifyAuditLog(true).ok());
+  CHECK(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+}
+
 }  // namespace
 }  // namespace custos::core

@@ -125,8 +125,8 @@ TEST_CASE("Officers archive the audit log; archive and live log verify offline",
   const Output script = Checked(Shell(chain + archive + " " + exported), 0);
   CHECK_THAT(script.text, Catch::StartsWith("chain OK: records 1 to "));
   const Output rest = Checked(Shell(chain + exported), 0);
-  CHECK_THAT(rest.text,
-             Catch::Contains("(after the checkpoint at " + std::to_string(through) + ")"));
+  CHECK_THAT(rest.text, Catch::Contains("(after the checkpoint at " + std::to_string(through) +
+                                        ", named by record "));
 
   // A copy whose records after the archive were cut off does not meet the archive.
   const std::string copy = dir + "/cut.db";
@@ -138,6 +138,19 @@ TEST_CASE("Officers archive the audit log; archive and live log verify offline",
   const Output cut = Checked(Shell(verify + " " + archive + " --db " + copy + key), 3);
   CHECK_THAT(cut.text, Catch::StartsWith("FAILED: record " + std::to_string(through) +
                                          " is followed by " + std::to_string(through + 2)));
+
+  // A copy cut at a later checkpoint looks archived there, alone; no signed record says so.
+  const std::string cut_start = dir + "/cut-start.db";
+  Checked(Shell("sqlite3 -bail " + dir + "/custos.db \".backup " + cut_start + "\""), 0);
+  Checked(Shell("sqlite3 -bail " + cut_start +
+                " 'DROP TRIGGER audit_log_append_only_delete; DROP TRIGGER "
+                "audit_checkpoints_append_only_delete; CREATE TEMP TABLE x AS SELECT seq FROM "
+                "audit_checkpoints ORDER BY seq DESC LIMIT 1 OFFSET 1; DELETE FROM audit_log "
+                "WHERE seq <= (SELECT seq FROM x); DELETE FROM audit_checkpoints WHERE seq < "
+                "(SELECT seq FROM x)'"),
+          0);
+  const Output cut_alone = Checked(Shell(verify + " --db " + cut_start + key), 3);
+  CHECK_THAT(cut_alone.text, Catch::Contains("may have been cut off"));
 
   // custosd starts again on the archived log and serves.
   server.Restart();
