@@ -434,13 +434,21 @@ TEST_CASE("An archival past the head the HSM kept (its write failed) still start
   f.NewKey("k");
   UseAndSign(f, 2);
   for (int i = 0; i < 2; ++i) REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
-  f.hsm->BeforeNextCallTo("WriteTokenData",
-                          [&] { f.hsm->FailNext(1, absl::UnavailableError("token full")); });
+  // Every write of the HSM's head fails from now on (the archival's own checkpoint's too).
+  bool failing = true;
+  std::function<void()> fail_head = [&] {
+    if (!failing) return;
+    f.hsm->FailNext(1, absl::UnavailableError("token full"));
+    f.hsm->BeforeNextCallTo("WriteTokenData", fail_head);
+  };
+  f.hsm->BeforeNextCallTo("WriteTokenData", fail_head);
   CHECK_FALSE(f.kms->Checkpoint().ok());  // stored and signed, but the HSM's head lags
   const uint64_t through = (*f.store->LatestCheckpoint())->seq;
   absl::StatusOr<Request> done = Archive(f, through);
   INFO(done.status().ToString());
   REQUIRE(done.ok());
+  CHECK(*f.store->FirstAuditSeq() == through + 1);
+  failing = false;
   f.Restart();
   const absl::Status started = f.kms->VerifyAuditLog(false);
   INFO(started.ToString());
