@@ -160,20 +160,16 @@ class RawHsm {
   std::string DataKey() {
     absl::StatusOr<Bytes> hmac = hsm_->HmacSha256("bench-hmac", canonical_context_);
     if (!hmac.ok()) return hmac.status().ToString();
-    absl::StatusOr<SecureBytes> key = hsm_->GenerateRandom(32);
-    if (!key.ok()) return key.status().ToString();
-    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), key->span(), aad_);
-    return sealed.ok() ? "" : sealed.status().ToString();
+    absl::StatusOr<hsm::SealedDataKey> key = hsm_->GenerateDataKey(Version(), 32, aad_);
+    return key.ok() ? "" : key.status().ToString();
   }
 
-  // A batch item's HSM work, its context's HMAC being cached: GenerateDataKey's RNG and GCM
-  // encryption; Decrypt's GCM decryption of a data key; ReEncrypt's decryption and encryption
-  // (to the same version, as custos_bench's ReEncrypt calls do).
+  // A batch item's HSM work, its context's HMAC being cached: GenerateDataKey's RNG draw and
+  // GCM encryption (one call); Decrypt's GCM decryption of a data key; ReEncrypt's decryption and
+  // encryption (to the same version, as custos_bench's ReEncrypt calls do).
   std::string DataKeyNoHmac() {
-    absl::StatusOr<SecureBytes> key = hsm_->GenerateRandom(32);
-    if (!key.ok()) return key.status().ToString();
-    absl::StatusOr<hsm::GcmCiphertext> sealed = hsm_->Encrypt(Version(), key->span(), aad_);
-    return sealed.ok() ? "" : sealed.status().ToString();
+    absl::StatusOr<hsm::SealedDataKey> key = hsm_->GenerateDataKey(Version(), 32, aad_);
+    return key.ok() ? "" : key.status().ToString();
   }
   std::string Decrypt() {
     absl::StatusOr<SecureBytes> key =

@@ -268,6 +268,7 @@ int Run(const Options& options) {
                  .audit_signing_key_label = config->audit_signing_key_label,
                  .audit_head_label = config->audit_head_label,
                  .checkpoint_every = config->checkpoint_every,
+                 .audit_archive_dir = config->audit_archive_dir,
                  .context_hmac_cache = 0,
                  .wake_maintenance = [] {}});  // one checkpoint at the end
   // As custosd: nothing is added to a log that fails its check.

@@ -70,24 +70,38 @@ absl::StatusOr<KeyRef> Kms::KeyForEncryption(Call& call, std::string_view key_na
   return key;
 }
 
-absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
-                                             std::span<const uint8_t> plaintext,
+absl::StatusOr<Kms::Sealing> Kms::SealingFor(const KeyRecord& key,
                                              const EncryptionContext& context) {
   const storage::KeyVersion* version = key.FindVersion(key.primary_version);
   if (version == nullptr) {
     return absl::InternalError(StrCat("key ", key.id, " has no primary version"));
   }
-  BlobHeader header;
-  header.key_id = *ParseKeyId(key.id);
-  header.key_version = version->version;
-  const Bytes aad = BlobAad(header, context);
+  Sealing sealing;
+  sealing.header.key_id = *ParseKeyId(key.id);
+  sealing.header.key_version = version->version;
+  sealing.aad = BlobAad(sealing.header, context);
+  sealing.version = {CacheId(key, version->version), version->wrapped, version->root_key_label};
   CUSTOS_RETURN_IF_ERROR(usage_.CountEncryption(key.id, version->version));
+  return sealing;
+}
+
+absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
+                                             std::span<const uint8_t> plaintext,
+                                             const EncryptionContext& context) {
+  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context));
   CUSTOS_ASSIGN_OR_RETURN(hsm::GcmCiphertext sealed,
-                          options_.hsm->Encrypt({CacheId(key, version->version), version->wrapped,
-                                                 version->root_key_label},
-                                                plaintext, aad));
-  return Ciphertext{key.id, version->version,
-                    BuildBlob(header, sealed.iv, sealed.ciphertext_and_tag)};
+                          options_.hsm->Encrypt(sealing.version, plaintext, sealing.aad));
+  return Ciphertext{key.id, sealing.header.key_version,
+                    BuildBlob(sealing.header, sealed.iv, sealed.ciphertext_and_tag)};
+}
+
+absl::StatusOr<DataKey> Kms::GenerateUnder(const KeyRecord& key, size_t key_bytes,
+                                           const EncryptionContext& context) {
+  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context));
+  CUSTOS_ASSIGN_OR_RETURN(hsm::SealedDataKey drawn,
+                          options_.hsm->GenerateDataKey(sealing.version, key_bytes, sealing.aad));
+  return DataKey{key.id, sealing.header.key_version, std::move(drawn.plaintext),
+                 BuildBlob(sealing.header, drawn.sealed.iv, drawn.sealed.ciphertext_and_tag)};
 }
 
 absl::StatusOr<Plaintext> Kms::DecryptBlob(Call& call, std::span<const uint8_t> blob,
@@ -161,11 +175,9 @@ absl::StatusOr<DataKey> Kms::GenerateDataKeyIn(Call& call, const DataKeyItem& it
   CUSTOS_RETURN_IF_ERROR(ValidateContext(item.context));
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.key));
   CUSTOS_RETURN_IF_ERROR(call.BindContext(item.context));  // the grant first: see DecryptBlob
-  CUSTOS_ASSIGN_OR_RETURN(SecureBytes plaintext, options_.hsm->GenerateRandom(item.key_bytes));
-  CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed, EncryptUnder(*key, plaintext.span(), item.context));
-  if (!with_plaintext) plaintext.Wipe();
-  return DataKey{sealed.key_id, sealed.key_version, std::move(plaintext),
-                 std::move(sealed.ciphertext_blob)};
+  CUSTOS_ASSIGN_OR_RETURN(DataKey generated, GenerateUnder(*key, item.key_bytes, item.context));
+  if (!with_plaintext) generated.plaintext.Wipe();
+  return generated;
 }
 
 absl::StatusOr<Ciphertext> Kms::Encrypt(const Caller& caller, std::string_view key_name,

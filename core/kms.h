@@ -405,9 +405,22 @@ class Kms {
   absl::StatusOr<KeyRef> FindKey(std::string_view key) const;
   // The key named `key_name`, if the caller may encrypt under it now (grant, state).
   absl::StatusOr<KeyRef> KeyForEncryption(Call& call, std::string_view key_name) const;
+  // What sealing under a key's primary version takes: the blob's header, the AAD and the
+  // wrapped version (a view into the key record).
+  struct Sealing {
+    BlobHeader header;
+    Bytes aad;
+    hsm::WrappedKey version;
+  };
+  // Counts the encryption first: none happens past the version's limit.
+  absl::StatusOr<Sealing> SealingFor(const storage::KeyRecord& key,
+                                     const EncryptionContext& context);
   absl::StatusOr<Ciphertext> EncryptUnder(const storage::KeyRecord& key,
                                           std::span<const uint8_t> plaintext,
                                           const EncryptionContext& context);
+  // A fresh data key of `key_bytes` sealed under `key`: one HSM call draws and seals it.
+  absl::StatusOr<DataKey> GenerateUnder(const storage::KeyRecord& key, size_t key_bytes,
+                                        const EncryptionContext& context);
   absl::StatusOr<Plaintext> DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                         const EncryptionContext& context);
   // The HSM part of a decryption, once the caller may: version checks and the unseal.

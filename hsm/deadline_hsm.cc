@@ -70,6 +70,13 @@ class DeadlineHsm final : public Hsm {
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override {
     return Call<SecureBytes>("GenerateRandom", [=, this] { return inner_->GenerateRandom(count); });
   }
+  absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                std::span<const uint8_t> aad) override {
+    return Call<SealedDataKey>("GenerateDataKey", [this, owned = OwnedKey(key), key_bytes,
+                                                   aad = Bytes(aad.begin(), aad.end())] {
+      return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
+    });
+  }
   void Forget(const std::string& cache_id) override {
     absl::Status done = CallStatus("Forget", [=, this] {
       inner_->Forget(cache_id);

@@ -26,6 +26,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
@@ -46,6 +47,12 @@ struct WrappedKey {
 struct GcmCiphertext {
   Bytes iv;
   Bytes ciphertext_and_tag;
+};
+
+// A fresh data key and its encryption (GenerateDataKey).
+struct SealedDataKey {
+  SecureBytes plaintext;
+  GcmCiphertext sealed;
 };
 
 inline constexpr size_t kGcmIvBytes = 12;
@@ -103,6 +110,17 @@ class Hsm {
 
   // `count` bytes from the HSM's random number generator.
   virtual absl::StatusOr<SecureBytes> GenerateRandom(size_t count) = 0;
+
+  // A data key of `key_bytes` random bytes and its AES-256-GCM encryption under `key`, binding
+  // `aad`; errors as Encrypt. One call for the hot path of GenerateDataKey: an HSM draws the
+  // key and the IV at once. This default (what a decorator that injects faults keeps, so that
+  // faults named GenerateRandom and Encrypt still reach it) asks for them one after the other.
+  virtual absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                        std::span<const uint8_t> aad) {
+    CUSTOS_ASSIGN_OR_RETURN(SecureBytes plaintext, GenerateRandom(key_bytes));
+    CUSTOS_ASSIGN_OR_RETURN(GcmCiphertext sealed, Encrypt(key, plaintext.span(), aad));
+    return SealedDataKey{std::move(plaintext), std::move(sealed)};
+  }
 
   // Destroys any cached unwrapped copy of `cache_id` (used when a version is destroyed).
   virtual void Forget(const std::string& cache_id) = 0;

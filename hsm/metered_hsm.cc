@@ -14,6 +14,7 @@ constexpr const char* kOperationNames[] = {"CreateRootKey",
                                            "Encrypt",
                                            "Decrypt",
                                            "GenerateRandom",
+                                           "GenerateDataKey",
                                            "CreateHmacKey",
                                            "HmacSha256",
                                            "CreateSigningKey",
@@ -88,6 +89,10 @@ absl::StatusOr<SecureBytes> MeteredHsm::Decrypt(const WrappedKey& key, std::span
 }
 absl::StatusOr<SecureBytes> MeteredHsm::GenerateRandom(size_t count) {
   return Measure(kGenerateRandom, [&] { return inner_->GenerateRandom(count); });
+}
+absl::StatusOr<SealedDataKey> MeteredHsm::GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                          std::span<const uint8_t> aad) {
+  return Measure(kGenerateDataKey, [&] { return inner_->GenerateDataKey(key, key_bytes, aad); });
 }
 void MeteredHsm::Forget(const std::string& cache_id) { inner_->Forget(cache_id); }
 absl::Status MeteredHsm::CreateHmacKey(const std::string& label) {

@@ -30,6 +30,8 @@ class MeteredHsm final : public Hsm {
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
+  absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                std::span<const uint8_t> aad) override;
   void Forget(const std::string& cache_id) override;
   absl::Status CreateHmacKey(const std::string& label) override;
   absl::StatusOr<Bytes> HmacSha256(const std::string& label,
@@ -52,6 +54,7 @@ class MeteredHsm final : public Hsm {
     kEncrypt,
     kDecrypt,
     kGenerateRandom,
+    kGenerateDataKey,
     kCreateHmacKey,
     kHmacSha256,
     kCreateSigningKey,

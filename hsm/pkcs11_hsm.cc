@@ -158,6 +158,8 @@ class Pkcs11Hsm final : public Hsm {
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
+  absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                std::span<const uint8_t> aad) override;
   void Forget(const std::string& cache_id) override {
     std::shared_lock gate(gate_);  // Dropping a copy may destroy its object in the module.
     cache_->Forget(cache_id);
@@ -192,6 +194,10 @@ class Pkcs11Hsm final : public Hsm {
   absl::Status Reinitialize();
 
   absl::StatusOr<KeyCache::Ref> Unwrapped(CK_SESSION_HANDLE session, const WrappedKey& key);
+  // AES-256-GCM of `plaintext` under `version` with `iv`, binding `aad`: ciphertext and tag.
+  absl::StatusOr<Bytes> Seal(CK_SESSION_HANDLE session, const KeyCache::Ref& version,
+                             std::span<const uint8_t> iv, std::span<const uint8_t> plaintext,
+                             std::span<const uint8_t> aad);
   // Wraps `key` (an extractable session object) under `root` with CKM_AES_KEY_WRAP_PAD.
   absl::StatusOr<Bytes> Wrap(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE root,
                              CK_OBJECT_HANDLE key);
@@ -497,6 +503,23 @@ absl::Status Pkcs11Hsm::UnwrapError(CK_SESSION_HANDLE session, const WrappedKey&
   return error;
 }
 
+absl::StatusOr<Bytes> Pkcs11Hsm::Seal(CK_SESSION_HANDLE session, const KeyCache::Ref& version,
+                                      std::span<const uint8_t> iv,
+                                      std::span<const uint8_t> plaintext,
+                                      std::span<const uint8_t> aad) {
+  CK_GCM_PARAMS params = GcmParams(iv, aad);
+  CK_MECHANISM gcm{CKM_AES_GCM, &params, sizeof params};
+  CK_RV rv = api_->C_EncryptInit(session, &gcm, version->handle());
+  if (rv != CKR_OK) return CkError("C_EncryptInit", rv);
+  Bytes out(plaintext.size() + kGcmTagBytes);
+  CK_ULONG length = out.size();
+  rv = api_->C_Encrypt(session, In(plaintext), plaintext.size(), out.data(), &length);
+  if (rv != CKR_OK) return CkError("C_Encrypt", rv);
+  if (length != out.size())
+    return absl::InternalError("C_Encrypt: unexpected AES-GCM output length");
+  return out;
+}
+
 absl::StatusOr<GcmCiphertext> Pkcs11Hsm::Encrypt(const WrappedKey& key,
                                                  std::span<const uint8_t> plaintext,
                                                  std::span<const uint8_t> aad) {
@@ -506,18 +529,24 @@ absl::StatusOr<GcmCiphertext> Pkcs11Hsm::Encrypt(const WrappedKey& key,
     out.iv.resize(kGcmIvBytes);
     CK_RV rv = api_->C_GenerateRandom(session, out.iv.data(), out.iv.size());
     if (rv != CKR_OK) return CkError("C_GenerateRandom", rv);
-    CK_GCM_PARAMS params = GcmParams(out.iv, aad);
-    CK_MECHANISM gcm{CKM_AES_GCM, &params, sizeof params};
-    rv = api_->C_EncryptInit(session, &gcm, version->handle());
-    if (rv != CKR_OK) return CkError("C_EncryptInit", rv);
-    out.ciphertext_and_tag.resize(plaintext.size() + kGcmTagBytes);
-    CK_ULONG length = out.ciphertext_and_tag.size();
-    rv = api_->C_Encrypt(session, In(plaintext), plaintext.size(), out.ciphertext_and_tag.data(),
-                         &length);
-    if (rv != CKR_OK) return CkError("C_Encrypt", rv);
-    if (length != out.ciphertext_and_tag.size()) {
-      return absl::InternalError("C_Encrypt: unexpected AES-GCM output length");
-    }
+    CUSTOS_ASSIGN_OR_RETURN(out.ciphertext_and_tag, Seal(session, version, out.iv, plaintext, aad));
+    return out;
+  });
+}
+
+absl::StatusOr<SealedDataKey> Pkcs11Hsm::GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                         std::span<const uint8_t> aad) {
+  return Run<SealedDataKey>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<SealedDataKey> {
+    CUSTOS_ASSIGN_OR_RETURN(KeyCache::Ref version, Unwrapped(session, key));
+    // One draw for the data key and the IV behind it.
+    SealedDataKey out{SecureBytes(key_bytes + kGcmIvBytes), {}};
+    CK_RV rv = api_->C_GenerateRandom(session, out.plaintext.data(), out.plaintext.size());
+    if (rv != CKR_OK) return CkError("C_GenerateRandom", rv);
+    out.sealed.iv.assign(out.plaintext.data() + key_bytes,
+                         out.plaintext.data() + out.plaintext.size());
+    out.plaintext.Truncate(key_bytes);  // wipes the IV's copy
+    CUSTOS_ASSIGN_OR_RETURN(out.sealed.ciphertext_and_tag,
+                            Seal(session, version, out.sealed.iv, out.plaintext.span(), aad));
     return out;
   });
 }

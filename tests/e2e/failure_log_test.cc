@@ -60,7 +60,7 @@ TEST_CASE("A PKCS#11 call that does not return is logged as an HSM stall, and it
     const grpc::Status status = server.Keys("app")->GenerateDataKey(&context, req, &reply);
     CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
     CHECK(status.error_message() ==
-          "the HSM did not answer GenerateRandom within 2000 ms (hsm.call_timeout_ms); retry "
+          "the HSM did not answer GenerateDataKey within 2000 ms (hsm.call_timeout_ms); retry "
           "later");
   });
   auto await = [&](const std::string& line) {

@@ -69,7 +69,10 @@ TEST_CASE("The metrics endpoint counts calls, HSM work, commits and the catalogu
         6);
   CHECK(Sample(text, R"(custos_requests_total{method="Propose",code="OK"})") ==
         2);  // + CreateKey's
-  CHECK(Sample(text, R"(custos_hsm_call_duration_seconds_count{operation="Encrypt"})") >= 5);
+  // Each data key is drawn and sealed in one HSM call.
+  CHECK(Sample(text, R"(custos_hsm_call_duration_seconds_count{operation="GenerateDataKey"})") ==
+        5);
+  CHECK(Sample(text, R"(custos_hsm_call_duration_seconds_count{operation="Encrypt"})") == 0);
   CHECK(Sample(text, R"(custos_hsm_call_duration_seconds_count{operation="SignSha256"})") >= 0);
   CHECK(Sample(text, R"(custos_hsm_key_cache_lookups_total{result="hit"})") >= 4);
   CHECK(Sample(text, R"(custos_hsm_key_cache_lookups_total{result="miss"})") >= 1);

@@ -76,6 +76,27 @@ TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls
   CHECK(again.ok());
 }
 
+TEST_CASE("a data key whose draw hangs is answered UNAVAILABLE at call_timeout", "[deadline]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = Open(ShimOptions(token));
+  const Bytes a = hsm->GenerateWrappedKey(kRoot).value();
+  REQUIRE(hsm->GenerateDataKey(WrappedKey{"k/1", a, kRoot}, 32, {}).ok());
+
+  control.Set("C_GenerateRandom hang\n");
+  Finally release([&] { control.Set(""); });
+  const auto start = Clock::now();
+  const auto hung = hsm->GenerateDataKey(WrappedKey{"k/1", a, kRoot}, 32, AsBytes("aad"));
+  CHECK(Clock::now() - start < 3s);
+  CHECK(hung.status().message() ==
+        "the HSM did not answer GenerateDataKey within 300 ms (hsm.call_timeout_ms); retry "
+        "later");
+  REQUIRE(control.WaitFor("hanging C_GenerateRandom", 1s));
+  control.Set("");
+  REQUIRE(control.WaitFor("released C_GenerateRandom", 2s));
+  CHECK(hsm->GenerateDataKey(WrappedKey{"k/1", a, kRoot}, 32, AsBytes("aad")).ok());
+}
+
 TEST_CASE("sessions a set-aside call used are closed once nothing of theirs is in use",
           "[deadline]") {
   SoftHsmToken token;
