@@ -527,7 +527,8 @@ TEST_CASE("An HSM call stuck past hsm.hang_limit_ms makes custosd exit for its s
   CHECK(server.WaitForExit(10s) == 70);
   const std::string log = server.Log();
   INFO(log);
-  CHECK(log.find("[critical] an HSM call (Encrypt) has not returned for ") != std::string::npos);
+  CHECK(log.find("[critical] an HSM call (GenerateDataKey) has not returned for ") !=
+        std::string::npos);
   CHECK(log.find(" s (hsm.hang_limit_ms); the PKCS#11 module is taken to be hung for good; "
                  "exiting (code 70) so that a supervisor restarts custosd") != std::string::npos);
   // Restarted (as its supervisor would) with the module answering again: served.
