@@ -485,6 +485,9 @@ class Kms {
   // The start-up check of where the live log starts: the archival floor kept (sealed) in the
   // catalogue, the database's own, the first record and the checkpoint signed there agree.
   absl::Status CheckAuditFloor() const;
+  // A maintenance turn's share of removing archived records still stored: slices of a short
+  // transaction each, so that calls commit in between. True if some are left.
+  absl::StatusOr<bool> RemoveArchivedRecords();
   // UNAVAILABLE (saying why) while the log awaits re-anchoring: `operation` must wait.
   absl::Status ServingAllowed(policy::Operation operation) const;
   // Raises the alarm, once per row, for a catalogue row that failed its integrity check

@@ -73,6 +73,12 @@ absl::Status Kms::RunMaintenance() {
   }
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
+  // Records an archival left to remove: a turn's share, and another turn soon if more are left.
+  if (absl::StatusOr<bool> more = RemoveArchivedRecords(); !more.ok()) {
+    spdlog::warn("removing archived audit records: {}", more.status().ToString());
+  } else if (*more && options_.wake_maintenance) {
+    options_.wake_maintenance();
+  }
   std::lock_guard turn(maintenance_mu_);
   absl::Status done = RunMaintenanceTurn();
   RaiseIntegrityAlarm(done);

@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kFirstVersionWithAuditLog = 4;
 constexpr int kFirstVersionWithFormat2 = 5;
+constexpr int kFirstVersionWithArchival = 6;
 constexpr size_t kPageSize = 1000;
 
 }  // namespace
@@ -35,8 +36,15 @@ absl::StatusOr<std::unique_ptr<AuditLogReader>> AuditLogReader::Open(const std::
                                                       ", newer than this custosctl reads (",
                                                       CurrentSchemaVersion(), ")"));
   }
-  return std::unique_ptr<AuditLogReader>(
+  auto reader = std::unique_ptr<AuditLogReader>(
       new AuditLogReader(std::move(db), version < kFirstVersionWithFormat2));
+  // The live log starts after the newest archival; records up to it may still be stored
+  // until custosd has removed them (KeyStore::RemoveArchivedRecords).
+  if (version >= kFirstVersionWithArchival) {
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*reader->db_));
+    if (floor) reader->next_seq_ = floor->seq + 1;
+  }
+  return reader;
 }
 
 absl::StatusOr<std::optional<audit::Record>> AuditLogReader::Next() {

@@ -1,5 +1,9 @@
 #include "storage/audit_rows.h"
 
+#include <algorithm>
+
+#include "absl/strings/numbers.h"
+
 namespace custos::storage {
 namespace {
 
@@ -130,8 +134,8 @@ absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db) {
       AuditFloor{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnBlob(1)});
 }
 
-absl::Status RemoveArchivedAudit(sqlite::Database& db, const AuditFloor& floor, int64_t time,
-                                 std::string_view request_id) {
+absl::Status RecordArchival(sqlite::Database& db, const AuditFloor& floor, int64_t time,
+                            std::string_view request_id) {
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement insert,
                           db.Prepare("INSERT INTO audit_archived (through_seq, hash, time, "
                                      "request_id) VALUES (?1, ?2, ?3, ?4)"));
@@ -140,14 +144,25 @@ absl::Status RemoveArchivedAudit(sqlite::Database& db, const AuditFloor& floor, 
       .BindInt64(3, time)
       .BindText(4, request_id);
   CUSTOS_RETURN_IF_ERROR(insert.Run());
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement records,
-                          db.Prepare("DELETE FROM audit_log WHERE seq <= ?1"));
-  records.BindInt64(1, static_cast<int64_t>(floor.seq));
-  CUSTOS_RETURN_IF_ERROR(records.Run());
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement checkpoints,
                           db.Prepare("DELETE FROM audit_checkpoints WHERE seq < ?1"));
   checkpoints.BindInt64(1, static_cast<int64_t>(floor.seq));
   return checkpoints.Run();
+}
+
+absl::StatusOr<size_t> RemoveArchivedRecords(sqlite::Database& db, uint64_t floor_seq,
+                                             size_t limit) {
+  // seq is the rowid: the first record and the range after it cost a B-tree descent each.
+  CUSTOS_ASSIGN_OR_RETURN(const std::string first,
+                          db.QueryText("SELECT IFNULL(MIN(seq), 0) FROM audit_log"));
+  uint64_t from = 0;
+  if (!absl::SimpleAtoi(first, &from) || from == 0 || from > floor_seq) return 0;
+  const uint64_t to = std::min<uint64_t>(floor_seq, from + limit - 1);
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement records,
+                          db.Prepare("DELETE FROM audit_log WHERE seq BETWEEN ?1 AND ?2"));
+  records.BindInt64(1, static_cast<int64_t>(from)).BindInt64(2, static_cast<int64_t>(to));
+  CUSTOS_RETURN_IF_ERROR(records.Run());
+  return static_cast<size_t>(sqlite3_changes(db.handle()));
 }
 
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db) {

@@ -37,10 +37,16 @@ absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedB
 
 // The newest archival (audit_archived), or nullopt if the log was never archived.
 absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db);
-// Records the archival `floor` and removes the records up to it and the checkpoints before it,
-// through the triggers' one exception. Run it inside a write transaction.
-absl::Status RemoveArchivedAudit(sqlite::Database& db, const AuditFloor& floor, int64_t time,
-                                 std::string_view request_id);
+// Records the archival `floor` and removes the checkpoints before it, through the triggers'
+// one exception. The records up to it stay until RemoveArchivedRecords: removing millions in
+// this transaction would hold every other commit for seconds. Run it inside a write
+// transaction.
+absl::Status RecordArchival(sqlite::Database& db, const AuditFloor& floor, int64_t time,
+                            std::string_view request_id);
+// Removes the oldest archived records still present (seq <= `floor_seq`), at most `limit`;
+// returns how many (0 when none is left). Run it inside a write transaction.
+absl::StatusOr<size_t> RemoveArchivedRecords(sqlite::Database& db, uint64_t floor_seq,
+                                             size_t limit);
 
 absl::Status InsertCheckpoint(sqlite::Database& db, const audit::Checkpoint& checkpoint);
 // Newest first; `limit` 0 = all.

@@ -255,9 +255,9 @@ class KeyStore::Impl {
 
   // Appends a record carrying forward each row (up to `limit`) whose newest naming record is
   // at or before `through` (KeyStore::CarryForwardRowRecords), inside the open transaction.
-  absl::StatusOr<size_t> CarryForward(uint64_t through, const CarryRecord& carry, size_t limit) {
+  absl::StatusOr<size_t> CarryForward(uint64_t through, const CarryRecord& carry, size_t limit,
+                                      std::string& after) {
     size_t carried = 0;
-    std::string after;
     while (carried < limit) {
       CUSTOS_ASSIGN_OR_RETURN(
           auto rows,
@@ -391,7 +391,7 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
                    left[0].second.seq, ", which would be archived"));
       }
       CUSTOS_RETURN_IF_ERROR(
-          RemoveArchivedAudit(*db_, archival->floor, archival->time, archival->request_id));
+          RecordArchival(*db_, archival->floor, archival->time, archival->request_id));
     }
     for (audit::Record record : writer.audit) {
       chain_.Seal(record);
@@ -888,7 +888,8 @@ absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
 absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq,
                                                                size_t limit) const {
   std::lock_guard lock(impl_->db_mu_);
-  return LoadAuditRecords(*impl_->db_, from_seq, limit);
+  // Archived records not yet removed (RemoveArchivedRecords) are not the live log's.
+  return LoadAuditRecords(*impl_->db_, std::max(from_seq, impl_->floor_.seq + 1), limit);
 }
 
 absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_t> hash) const {
@@ -1061,12 +1062,28 @@ absl::StatusOr<uint64_t> KeyStore::LastRecordNaming(std::string_view row) const 
 
 absl::StatusOr<uint64_t> KeyStore::FirstAuditSeq() const {
   std::lock_guard lock(impl_->db_mu_);
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> first, LoadAuditRecords(*impl_->db_, 0, 1));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> first,
+                          LoadAuditRecords(*impl_->db_, impl_->floor_.seq + 1, 1));
   return first.empty() ? 0 : first[0].seq;
 }
 
+absl::StatusOr<size_t> KeyStore::RemoveArchivedRecords(size_t limit) {
+  std::lock_guard lock(impl_->db_mu_);
+  absl::StatusOr<size_t> removed = [&]() -> absl::StatusOr<size_t> {
+    CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    CUSTOS_ASSIGN_OR_RETURN(const size_t count,
+                            storage::RemoveArchivedRecords(*impl_->db_, impl_->floor_.seq, limit));
+    CUSTOS_RETURN_IF_ERROR(tx->Commit());
+    return count;
+  }();
+  impl_->NoteWrite(removed.status()).IgnoreError();
+  return removed;
+}
+
 absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
-                                                        const CarryRecord& carry, size_t limit) {
+                                                        const CarryRecord& carry, size_t limit,
+                                                        std::string& after) {
   // The records after `through_seq` must be known intact first: someone who can write the
   // file could otherwise hide the newer record naming a row (and put back an older row) so
   // that an older digest gets carried. (Outside db_mu_: Cover reads through it.)
@@ -1082,8 +1099,11 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
   absl::StatusOr<size_t> carried = [&]() -> absl::StatusOr<size_t> {
     CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-    CUSTOS_ASSIGN_OR_RETURN(const size_t count, impl_->CarryForward(through_seq, carry, limit));
+    std::string next = after;  // moved on only once the page is committed
+    CUSTOS_ASSIGN_OR_RETURN(const size_t count,
+                            impl_->CarryForward(through_seq, carry, limit, next));
     CUSTOS_RETURN_IF_ERROR(tx->Commit());
+    after = std::move(next);
     return count;
   }();
   if (!carried.ok()) impl_->chain_ = chain_before;

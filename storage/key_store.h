@@ -133,7 +133,8 @@ struct AuditFloor {
 // seq, an unsealed record (the store names the row, sets its digest, seq and hash).
 using CarryRecord = std::function<audit::Record(const std::string& row, uint64_t seq)>;
 
-// The removal of archived audit records, committed with the batch that records it.
+// An archival, committed with the batch that records it: the live log starts after the floor
+// from then on (the records up to it are removed afterwards, by RemoveArchivedRecords).
 struct AuditArchival {
   AuditFloor floor;        // the records up to floor.seq go; the log starts after it
   int64_t time = 0;        // when (for audit_archived)
@@ -270,16 +271,24 @@ class KeyStore {
   absl::StatusOr<AuditFloor> AuditLogFloor() const;
   // The seq of the newest record naming catalogue row `row` (0 if none does).
   absl::StatusOr<uint64_t> LastRecordNaming(std::string_view row) const;
-  // The first record's seq (0 for an empty log).
+  // The first live record's seq, after the floor (0 if there is none).
   absl::StatusOr<uint64_t> FirstAuditSeq() const;
+  // Removes up to `limit` of the oldest archived records still stored, in one short
+  // transaction; returns how many (0 when none is left). An archival commits its floor first
+  // and leaves its records to this, so that no commit waits on millions of deletions; readers
+  // never see them (ReadAudit, FirstAuditSeq, AuditLogReader start after the floor).
+  absl::StatusOr<size_t> RemoveArchivedRecords(size_t limit);
   // Before an archival up to `through_seq`: for up to `limit` catalogue rows whose newest
   // naming record is at or before it, appends `carry`'s record naming the row with that same
   // recorded digest (never one computed from the row as stored, so a row changed outside
-  // Custos stays refused), in one transaction. Returns how many; 0 when none is left. The
-  // archival itself carries any row left (none, unless written meanwhile).
+  // Custos stays refused), in one transaction. Rows are taken in name order after `after`
+  // (start with ""), which is moved past the last row carried once committed, so that each
+  // call goes on where the last one stopped (a row passed cannot need carrying later: its
+  // newer records come after `through_seq`). Returns how many; 0 when none is left. The
+  // archival refuses to commit if any row is left (one written outside Custos meanwhile).
   absl::StatusOr<size_t> CarryForwardRowRecords(uint64_t through_seq, const CarryRecord& carry,
-                                                size_t limit);
-  // Audit records with seq >= `from_seq`, at most `limit`, in seq order.
+                                                size_t limit, std::string& after);
+  // Live audit records (after the floor) with seq >= `from_seq`, at most `limit`, in seq order.
   absl::StatusOr<std::vector<audit::Record>> ReadAudit(uint64_t from_seq, size_t limit) const;
   // The last record's seq and hash (0 and 32 zero bytes for an empty log).
   absl::StatusOr<std::pair<uint64_t, Bytes>> AuditHead() const;

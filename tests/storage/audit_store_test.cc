@@ -173,17 +173,11 @@ TEST_CASE("AuditLogReader refuses files that are not a Custos audit log", "[audi
   CHECK_THAT(std::string(status.message()), Catch::Contains("newer"));
 }
 
-// A measurement, not a test (hidden: run with `test_storage "[.verify_chain_bench]"`): how long
-// custosd's start-up check takes over a log of 1,000,000 records, from record 1 (the full check,
-// `[audit] verify_full_chain_at_start`) and from a head near the end (the default). The numbers
-// are in docs/PERFORMANCE.md.
-TEST_CASE("Full audit chain verification over 1M records (measurement)", "[.verify_chain_bench]") {
-  TempDir dir;
-  auto store = test::OpenStore(dir.File("keys.db"));
-  constexpr int kRecords = 1'000'000;
-  for (int done = 0; done < kRecords;) {
+// Appends `count` records such as GenerateDataKey writes, 10,000 per commit.
+void FillLog(KeyStore& store, int count) {
+  for (int done = 0; done < count;) {
     WriteBatch batch;
-    for (int i = 0; i < 10'000; ++i, ++done) {
+    for (int i = 0; i < 10'000 && done < count; ++i, ++done) {
       audit::Record record;
       record.time = 1800000000 + done;
       record.principal = "spiffe://custos.local/app/demo";
@@ -196,22 +190,148 @@ TEST_CASE("Full audit chain verification over 1M records (measurement)", "[.veri
       record.context_hmac = std::string(64, 'a');
       batch.audit.push_back(std::move(record));
     }
-    REQUIRE(store->Apply(batch).ok());
+    REQUIRE(store.Apply(batch).ok());
   }
+}
+
+double Seconds(const std::function<void()>& run) {
+  const auto start = std::chrono::steady_clock::now();
+  run();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// A measurement, not a test (hidden: run with `test_storage "[.verify_chain_bench]"`): how long
+// custosd's start-up check takes over a log of 1,000,000 records, from record 1 (the full check,
+// `[audit] verify_full_chain_at_start`) and from a head near the end (the default). The numbers
+// are in docs/PERFORMANCE.md.
+TEST_CASE("Full audit chain verification over 1M records (measurement)", "[.verify_chain_bench]") {
+  TempDir dir;
+  auto store = test::OpenStore(dir.File("keys.db"));
+  constexpr int kRecords = 1'000'000;
+  FillLog(*store, kRecords);
   const auto head = store->AuditHead().value();
   REQUIRE(head.first == kRecords);
-  const auto time = [](const std::function<void()>& run) {
-    const auto start = std::chrono::steady_clock::now();
-    run();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
   const double full =
-      time([&] { REQUIRE(store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0)).ok()); });
+      Seconds([&] { REQUIRE(store->VerifyAuditChainFrom(0, Bytes(audit::kHashBytes, 0)).ok()); });
   const std::vector<audit::Record> near_end = store->ReadAudit(kRecords - 1000, 1).value();
-  const double tail =
-      time([&] { REQUIRE(store->VerifyAuditChainFrom(near_end[0].seq, near_end[0].hash).ok()); });
+  const double tail = Seconds(
+      [&] { REQUIRE(store->VerifyAuditChainFrom(near_end[0].seq, near_end[0].hash).ok()); });
   WARN("full verification of " << kRecords << " records: " << full << " s; from 1000 records "
                                << "before the head: " << tail << " s");
+}
+
+// A measurement, not a test (hidden: `test_storage "[.archive_stall_bench]"`): how long an
+// archival of 1,000,000 records holds the store (every other commit waits for it), with its
+// records left to slices of 5,000, against removing them in one transaction as the commit
+// used to. The numbers are in docs/PERFORMANCE.md.
+TEST_CASE("Archiving 1M records holds commits for a slice at a time (measurement)",
+          "[.archive_stall_bench]") {
+  constexpr int kRecords = 1'000'000;
+  const auto archive = [](KeyStore& store) {
+    const audit::Record floor = store.ReadAudit(kRecords, 1).value().at(0);
+    WriteBatch batch;
+    batch.archival = AuditArchival{AuditFloor{floor.seq, floor.hash}, 1700000000, "req",
+                                   [](const std::string&, uint64_t) { return audit::Record(); }};
+    batch.audit.push_back(Event("ArchiveAuditLog"));
+    REQUIRE(store.Apply(std::move(batch)).ok());
+  };
+  TempDir dir;
+  auto sliced = test::OpenStore(dir.File("sliced.db"));
+  FillLog(*sliced, kRecords);
+  const double commit = Seconds([&] { archive(*sliced); });
+  double longest = 0;
+  double total = 0;
+  for (size_t removed = 1; removed > 0;) {
+    const double slice = Seconds([&] { removed = sliced->RemoveArchivedRecords(5000).value(); });
+    longest = std::max(longest, slice);
+    total += slice;
+  }
+  auto whole = test::OpenStore(dir.File("whole.db"));
+  FillLog(*whole, kRecords);
+  archive(*whole);
+  const double at_once =
+      Seconds([&] { REQUIRE(whole->RemoveArchivedRecords(kRecords).value() == kRecords); });
+  WARN("archival commit " << commit << " s; slices of 5,000: longest " << longest << " s, total "
+                          << total << " s; all " << kRecords << " in one transaction " << at_once
+                          << " s");
+}
+
+// A measurement, not a test (hidden: `test_storage "[.carry_bench]"`): carrying forward the
+// rows of a 200,000-key catalogue before an archival, in pages of 1,000, each page going on
+// from where the last stopped, against each page walking the row index from its start. The
+// numbers are in docs/PERFORMANCE.md.
+TEST_CASE("Carrying 200,000 rows forward, page after page (measurement)", "[.carry_bench]") {
+  constexpr int kRows = 200'000;
+  const CarryRecord carry = [](const std::string&, uint64_t) { return Event("CarryRowRecord"); };
+  const auto run = [&](KeyStore& store, bool resume) {
+    double longest = 0;
+    double total = 0;
+    std::string after;
+    for (size_t carried = 1; carried > 0;) {
+      if (!resume) after.clear();
+      const double page = Seconds(
+          [&] { carried = store.CarryForwardRowRecords(kRows, carry, 1000, after).value(); });
+      longest = std::max(longest, page);
+      total += page;
+    }
+    REQUIRE(store.AuditHead()->first == 2 * kRows);
+    return std::make_pair(total, longest);
+  };
+  // Each record made to name a row of its own, as a key's creation does (the store writes
+  // such records only with their rows; the walk reads only the records).
+  const auto catalogue = [&](const std::string& path) {
+    { FillLog(*test::OpenStore(path), kRows); }
+    REQUIRE(ExecOnFile(path,
+                       "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+                       "row_name = 'key:' || (1000000000 + seq), row_digest = 'b'") == "");
+    return test::OpenStore(path);
+  };
+  TempDir dir;
+  auto resumed = catalogue(dir.File("resumed.db"));
+  const auto [resumed_total, resumed_longest] = run(*resumed, true);
+  auto restarted = catalogue(dir.File("restarted.db"));
+  const auto [restarted_total, restarted_longest] = run(*restarted, false);
+  WARN("carrying " << kRows << " rows: each page going on, " << resumed_total << " s (longest page "
+                   << resumed_longest << " s); each page from the start, " << restarted_total
+                   << " s (longest page " << restarted_longest << " s)");
+}
+
+TEST_CASE("An archival's records leave in slices after its commit, unseen meanwhile",
+          "[audit][archive]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  WriteBatch records;
+  for (int i = 0; i < 25; ++i) records.audit.push_back(Event("Decrypt"));
+  REQUIRE(store->Apply(std::move(records)).ok());
+  const audit::Record floor_record = store->ReadAudit(20, 1).value().at(0);
+
+  WriteBatch archival;
+  archival.archival = AuditArchival{AuditFloor{20, floor_record.hash}, 1700000000, "req-1",
+                                    [](const std::string&, uint64_t) { return audit::Record(); }};
+  archival.audit.push_back(Event("ArchiveAuditLog"));
+  REQUIRE(store->Apply(std::move(archival)).ok());
+
+  // The commit moved the floor and left the records: the live log starts after the floor.
+  CHECK(store->AuditLogFloor()->seq == 20);
+  CHECK(*store->FirstAuditSeq() == 21);
+  CHECK(store->ReadAudit(1, 100)->front().seq == 21);
+  CHECK(store->ReadAudit(1, 100)->size() == 6);
+  auto reader = AuditLogReader::Open(path);
+  REQUIRE(reader.ok());
+  CHECK((*(*reader)->Next())->seq == 21);
+  // Removed oldest first, at most a slice at a time, never past the floor.
+  CHECK(*store->RemoveArchivedRecords(7) == 7);
+  CHECK(*store->RemoveArchivedRecords(7) == 7);
+  CHECK(*store->RemoveArchivedRecords(7) == 6);
+  CHECK(*store->RemoveArchivedRecords(7) == 0);
+  const std::vector<audit::Record> live = store->ReadAudit(0, 100).value();
+  REQUIRE(live.size() == 6);
+  CHECK(live.front().seq == 21);
+  CHECK(live.back().action == "ArchiveAuditLog");
+  // The triggers still refuse the live log's records to anyone else.
+  CHECK_THAT(ExecOnFile(path, "DELETE FROM audit_log WHERE seq = 21"),
+             Catch::Contains("append-only"));
 }
 
 }  // namespace
