@@ -151,9 +151,26 @@ absl::StatusOr<Request> Kms::ArchiveAudit(Call& call, Request request, uint64_t 
   if (absl::Status signed_head = Checkpoint(); !signed_head.ok()) {
     spdlog::error("audit checkpoint after archiving: {}", signed_head.ToString());
   }
+  PublishArchives(through);
   // The archived records are removed by maintenance, in slices, while calls go on.
   if (options_.wake_maintenance) options_.wake_maintenance();
   return request;
+}
+
+void Kms::PublishArchives(uint64_t floor) const {
+  if (options_.audit_archive_dir.empty()) return;
+  absl::StatusOr<std::vector<std::string>> left =
+      storage::PublishAuditArchives(options_.audit_archive_dir, floor);
+  if (!left.ok()) {  // tried again at the next start
+    spdlog::error("audit archive: {}", left.status().ToString());
+    return;
+  }
+  for (const std::string& path : *left) {
+    spdlog::warn(
+        "audit archive: {} is from an archival that did not commit (the live log still holds "
+        "its records past record {}): not an archive; remove it once no longer wanted",
+        path, floor);
+  }
 }
 
 absl::StatusOr<bool> Kms::RemoveArchivedRecords() {

@@ -178,6 +178,7 @@ absl::Status Kms::VerifyAuditLog(bool full) {
   // Where the live log starts: record 1, or just after the checkpoint an archival ended at.
   CUSTOS_RETURN_IF_ERROR(CheckAuditFloor());
   CUSTOS_ASSIGN_OR_RETURN(const storage::AuditFloor floor, options_.store->AuditLogFloor());
+  PublishArchives(floor.seq);  // an archival that committed just before a crash
   const auto verify_all = [&]() -> absl::Status {
     CUSTOS_RETURN_IF_ERROR(options_.store->VerifyAuditChainFrom(floor.seq, floor.hash));
     options_.store->AnchorAuditLog(0, Bytes(audit::kHashBytes, 0));

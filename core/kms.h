@@ -485,6 +485,10 @@ class Kms {
   // The start-up check of where the live log starts: the archival floor kept (sealed) in the
   // catalogue, the database's own, the first record and the checkpoint signed there agree.
   absl::Status CheckAuditFloor() const;
+  // Gives the archive of the archival up to `floor` its name, removes pending files of
+  // archivals that did not commit and are covered, and warns of the others
+  // (storage::PublishAuditArchives).
+  void PublishArchives(uint64_t floor) const;
   // A maintenance turn's share of removing archived records still stored: slices of a short
   // transaction each, so that calls commit in between. True if some are left.
   absl::StatusOr<bool> RemoveArchivedRecords();

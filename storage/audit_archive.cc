@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -183,16 +184,16 @@ absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const 
   archive.path =
       absl::StrFormat("%s/audit-%012u-%012u.jsonl", dir, archive.first_seq, archive.last_seq);
   const std::string partial = archive.path + ".partial";
+  const std::string pending = archive.path + ".pending";
   absl::Status written = [&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto written_lines, WriteLines(store, partial, floor.seq, through.seq));
     std::tie(archive.sha256_hex, archive.checkpoints) = std::move(written_lines);
     CUSTOS_RETURN_IF_ERROR(VerifyArchive(partial, floor.seq, through, key));
-    // Never over another archive: link() fails if the name is taken. The same file may be
-    // there from an archival whose commit failed; a different one is a log this database no
-    // longer holds (it was restored from an older backup since), and only a person may decide
-    // what becomes of it.
-    if (link(partial.c_str(), archive.path.c_str()) != 0) {
-      if (errno != EEXIST) return Unavailable(absl::StrCat("cannot link ", archive.path));
+    // Never over another archive. The same file may be there (an archival whose commit was
+    // durable though reported failed, published at the next start); a different one is a log
+    // this database no longer holds (it was restored from an older backup since), and only a
+    // person may decide what becomes of it.
+    if (access(archive.path.c_str(), F_OK) == 0) {
       CUSTOS_ASSIGN_OR_RETURN(const std::string existing, FileSha256(archive.path));
       if (existing != archive.sha256_hex) {
         return absl::FailedPreconditionError(absl::StrCat(
@@ -201,8 +202,14 @@ absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const 
             "restored from an older backup since it was written?): keep it, move it elsewhere, "
             "and propose the archival again"));
       }
+      std::remove(partial.c_str());
+      return SyncDirectory(dir);
     }
-    std::remove(partial.c_str());
+    // Pending until the archival commits (PublishAuditArchives): an attempt that never commits
+    // leaves no file among the archives. One left by such an attempt is replaced.
+    if (rename(partial.c_str(), pending.c_str()) != 0) {
+      return Unavailable(absl::StrCat("cannot rename ", partial));
+    }
     return SyncDirectory(dir);
   }();
   if (!written.ok()) {
@@ -210,6 +217,51 @@ absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const 
     return written;
   }
   return archive;
+}
+
+absl::StatusOr<std::vector<std::string>> PublishAuditArchives(const std::string& dir,
+                                                              uint64_t floor) {
+  std::vector<std::string> left;
+  std::error_code error;
+  std::filesystem::directory_iterator entries(dir, error);
+  if (error == std::errc::no_such_file_or_directory) return left;
+  if (error) {
+    return absl::UnavailableError(absl::StrCat("cannot list ", dir, ": ", error.message()));
+  }
+  bool changed = false;
+  for (const auto& entry : entries) {
+    const std::string name = entry.path().filename().string();
+    unsigned long long first = 0;
+    unsigned long long last = 0;
+    int length = 0;
+    if (std::sscanf(name.c_str(), "audit-%12llu-%12llu.jsonl.pending%n", &first, &last, &length) !=
+            2 ||
+        static_cast<size_t>(length) != name.size()) {
+      continue;
+    }
+    const std::string pending = entry.path().string();
+    const std::string path = pending.substr(0, pending.size() - std::strlen(".pending"));
+    if (last > floor) {  // an archival that did not commit: its records are still live
+      left.push_back(pending);
+      continue;
+    }
+    // At the floor, the archive of the archival that committed last; before it, an attempt
+    // that did not commit, whose records a committed archive holds.
+    if (last == floor && link(pending.c_str(), path.c_str()) != 0) {
+      if (errno != EEXIST) return Unavailable(absl::StrCat("cannot link ", path));
+      CUSTOS_ASSIGN_OR_RETURN(const std::string published, FileSha256(path));
+      CUSTOS_ASSIGN_OR_RETURN(const std::string waiting, FileSha256(pending));
+      if (published != waiting) {
+        left.push_back(pending);
+        continue;
+      }
+    }
+    if (unlink(pending.c_str()) != 0) return Unavailable(absl::StrCat("cannot remove ", pending));
+    changed = true;
+  }
+  if (changed) CUSTOS_RETURN_IF_ERROR(SyncDirectory(dir));
+  std::sort(left.begin(), left.end());
+  return left;
 }
 
 }  // namespace custos::storage

@@ -6,13 +6,15 @@
 //
 // Written beside the live database, never over an archive that was completed: to a temporary
 // file, flushed, read back and verified under the HSM's public key (it must end exactly at the
-// checkpoint, chained from where the live log starts), then linked into place (never over an
-// existing file, unless it is byte for byte the same) and the directory flushed. Only then may
-// the records be removed.
+// checkpoint, chained from where the live log starts), then renamed to `<name>.pending` and the
+// directory flushed. Only then may the archival commit; once it has, the file takes its name
+// (PublishAuditArchives), never over an existing file. An archival that does not commit thus
+// leaves no file among the archives (`audit-*.jsonl`).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "audit/record.h"
 #include "audit/verifier.h"
@@ -31,11 +33,20 @@ struct AuditArchiveFile {
 
 // Writes and verifies the archive of `store`'s records from its floor up to `through` (a
 // checkpoint stored in it, signed under `key`) into directory `dir` (created 0700 if missing),
-// as audit-<first>-<last>.jsonl (seqs zero-padded to 12 digits, so names sort by seq), mode
-// 0600. FAILED_PRECONDITION if the log does not verify up to `through`, or a different file
-// holds that name already; UNAVAILABLE if the file cannot be written.
+// as audit-<first>-<last>.jsonl.pending (seqs zero-padded to 12 digits, so names sort by seq;
+// `path` is the name without .pending), mode 0600. If that name is taken by the same bytes
+// already, nothing is pending. FAILED_PRECONDITION if the log does not verify up to `through`,
+// or a different file holds the name already; UNAVAILABLE if the file cannot be written.
 absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const std::string& dir,
                                                    const audit::Checkpoint& through,
                                                    const audit::PublicKeyVerifier& key);
+
+// Once the archival up to `floor` has committed (and at every start): the pending archive
+// ending at `floor` takes its name; pending ones ending before it (attempts that did not
+// commit, their records held by a committed archive) are removed. Returns the pending files
+// left: ones past the floor (attempts that did not commit, their records still in the live
+// log), or at the floor with a different file under their name.
+absl::StatusOr<std::vector<std::string>> PublishAuditArchives(const std::string& dir,
+                                                              uint64_t floor);
 
 }  // namespace custos::storage

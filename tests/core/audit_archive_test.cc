@@ -370,16 +370,36 @@ TEST_CASE("An archive file is never overwritten by a different one", "[archive]"
   const std::string path = ArchivePath(f, 1, through);
   std::filesystem::create_directories(f.dir.File("audit-archive"));
 
-  SECTION("the same archive, left by an archival whose commit failed, is kept") {
+  SECTION("a pending archive, left by an archival that did not commit, is not an archive") {
     const std::optional<audit::Checkpoint> checkpoint = *f.store->LatestCheckpoint();
     REQUIRE(checkpoint.has_value());
     REQUIRE(
         storage::WriteAuditArchive(*f.store, f.dir.File("audit-archive"), *checkpoint, AuditKey(f))
             .ok());
+    CHECK_FALSE(std::filesystem::exists(path));
+    CHECK(std::filesystem::exists(path + ".pending"));
     absl::StatusOr<Request> done = Archive(f, through);
     INFO(done.status().ToString());
     REQUIRE(done.ok());
     CHECK(done->state == storage::RequestState::kExecuted);
+    CHECK_FALSE(std::filesystem::exists(path + ".pending"));
+    CHECK(VerifyTogether(f, {path}).ok);
+  }
+  SECTION("the same archive under its name (published before a restart) is kept") {
+    const std::optional<audit::Checkpoint> checkpoint = *f.store->LatestCheckpoint();
+    REQUIRE(
+        storage::WriteAuditArchive(*f.store, f.dir.File("audit-archive"), *checkpoint, AuditKey(f))
+            .ok());
+    std::filesystem::rename(path + ".pending", path);
+    struct stat before {};
+    REQUIRE(stat(path.c_str(), &before) == 0);
+    absl::StatusOr<Request> done = Archive(f, through);
+    INFO(done.status().ToString());
+    REQUIRE(done.ok());
+    struct stat after {};
+    REQUIRE(stat(path.c_str(), &after) == 0);
+    CHECK(after.st_ino == before.st_ino);  // kept, not written again
+    CHECK_FALSE(std::filesystem::exists(path + ".pending"));
     CHECK(VerifyTogether(f, {path}).ok);
   }
   SECTION("another log's archive (a restore since) is left alone, and nothing is removed") {
@@ -395,6 +415,61 @@ TEST_CASE("An archive file is never overwritten by a different one", "[archive]"
     CHECK(*f.store->FirstAuditSeq() == 1);
     CHECK_FALSE(std::filesystem::exists(path + ".partial"));
   }
+}
+
+// The directory's archives, by name.
+std::vector<std::string> ArchiveDir(Fixture& f) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(f.dir.File("audit-archive"))) {
+    names.push_back(entry.path().filename().string());
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+TEST_CASE("An archival that does not commit leaves no archive, and a later one only its own",
+          "[archive]") {
+  Fixture f;
+  f.NewKey("k");
+  const uint64_t first = UseAndSign(f, 2);
+  // The commit fails once the file is written (the disk, say).
+  REQUIRE(SqlExec(Db(f),
+                  "CREATE TRIGGER refuse_archival BEFORE INSERT ON audit_archived "
+                  "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END;")
+              .empty());
+  const absl::StatusOr<Request> failed = Archive(f, first);
+  REQUIRE_FALSE(failed.ok());
+  CHECK_THAT(std::string(failed.status().message()), Catch::Contains("disk trouble"));
+  CHECK((*f.store->AuditLogFloor()).seq == 0);
+  const std::string stray = absl::StrFormat("audit-%012u-%012u.jsonl.pending", 1, first);
+  CHECK(ArchiveDir(f) == std::vector<std::string>{stray});
+  REQUIRE(SqlExec(Db(f), "DROP TRIGGER refuse_archival").empty());
+  // The request waits for the approval to be given again (the disk is to blame); officers
+  // withdraw it instead.
+  const std::vector<Request> pending = *f.store->PendingRequests();
+  REQUIRE(pending.size() == 1);
+  REQUIRE(f.kms->Reject(f.officer, pending.front().id, "archive further on").ok());
+
+  // A restart leaves it pending: its records are still live.
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  CHECK(ArchiveDir(f) == std::vector<std::string>{stray});
+
+  // A later archival, further on: one archive, no overlap for `verify audit-*.jsonl` to trip on.
+  const uint64_t second = UseAndSign(f, 2);
+  absl::StatusOr<Request> done = Archive(f, second);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(ArchiveDir(f) ==
+        std::vector<std::string>{absl::StrFormat("audit-%012u-%012u.jsonl", 1, second)});
+  CHECK(VerifyTogether(f, {ArchivePath(f, 1, second)}).ok);
+
+  // Committed, then a crash before the file took its name: the next start gives it.
+  std::filesystem::rename(ArchivePath(f, 1, second), ArchivePath(f, 1, second) + ".pending");
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  CHECK(ArchiveDir(f) ==
+        std::vector<std::string>{absl::StrFormat("audit-%012u-%012u.jsonl", 1, second)});
 }
 
 TEST_CASE("No row is carried forward over a log changed after the archived part",
