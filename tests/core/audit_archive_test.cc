@@ -276,6 +276,22 @@ TEST_CASE("A DBA cannot remove more than was archived, or undo an archival", "[a
     CHECK(seam.reason == absl::StrFormat("record %d is followed by %d (records %d to %d deleted?)",
                                          log.floor, log.later + 1, log.floor + 1, log.later));
   }
+  SECTION("the archival's record edited (before the HSM's head, so not recomputed by it)") {
+    const std::string record =
+        SqlQuery(db, "SELECT seq FROM audit_log WHERE action = 'ArchiveAuditLog'");
+    REQUIRE(SqlExec(db,
+                    "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET detail = "
+                    "'records 1 to 2 archived' WHERE seq = " +
+                        record)
+                .empty());
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK_THAT(
+        std::string(refused.message()),
+        Catch::StartsWith("catalogue row setting:audit_floor failed its integrity check: "
+                          "the audit record that vouches for it (" +
+                          record + ") is in a part of the log changed after it was written"));
+  }
   SECTION("the database's archival table moved along") {
     const std::string hash =
         SqlQuery(db, "SELECT hex(hash) FROM audit_checkpoints WHERE seq = " + later);
