@@ -112,19 +112,24 @@ absl::StatusOr<Request> Kms::ArchiveAudit(Call& call, Request request, uint64_t 
   if (!archive.ok()) return fail(archive.status());
   // A row is believed only if the newest record naming it carries its digest; rows whose
   // newest record is about to be archived get a record in the live log carrying that digest.
-  const storage::CarryRecord carry = [this, through](const std::string& row, uint64_t seq) {
+  std::vector<audit::Event> page;  // the carried records of the page being written
+  const storage::CarryRecord carry = [this, through, &page](const std::string& row, uint64_t seq) {
     audit::Event event = ServerEvent(
         "CarryRowRecord", "", "", absl::StatusCode::kOk,
         StrCat("carried forward from record ", seq, ": records up to ", through, " are archived"));
     if (row.rfind("key:", 0) == 0) event.key_id = row.substr(4);
     if (row.rfind("request:", 0) == 0) event.request_id = row.substr(8);
+    event.row = row;
+    page.push_back(event);
     return audit::RecordFromEvent(event, 0);
   };
   std::string carried_through;  // the last row name carried: each page goes on from there
   for (;;) {
+    page.clear();
     absl::StatusOr<size_t> carried =
         options_.store->CarryForwardRowRecords(through, carry, kCarryPage, carried_through);
     if (!carried.ok()) return fail(carried.status());
+    Committed(page);
     if (*carried == 0) break;
   }
   const AuditFloor floor{through, checkpoint.hash};

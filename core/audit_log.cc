@@ -39,6 +39,11 @@ absl::Status Kms::Commit(storage::WriteBatch batch, const std::vector<audit::Eve
     return absl::UnavailableError(StrCat("audit log unavailable: ", written.message()));
   }
   CUSTOS_RETURN_IF_ERROR(written);
+  Committed(events);
+  return absl::OkStatus();
+}
+
+void Kms::Committed(const std::vector<audit::Event>& events) const {
   if (options_.audit != nullptr) {
     for (const audit::Event& e : events) (void)options_.audit->Append(e);  // a mirror only
   }
@@ -49,7 +54,6 @@ absl::Status Kms::Commit(storage::WriteBatch batch, const std::vector<audit::Eve
       options_.wake_maintenance) {
     options_.wake_maintenance();
   }
-  return absl::OkStatus();
 }
 
 namespace {

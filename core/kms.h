@@ -545,6 +545,9 @@ class Kms {
   // with concurrent callers), then mirrors the events to the operator's sink. UNAVAILABLE if
   // the log cannot be written: nothing of the batch is then written either.
   absl::Status Commit(storage::WriteBatch batch, const std::vector<audit::Event>& events) const;
+  // What follows a commit of the records of `events`, however written: their mirror to the
+  // operator's sink, and their count towards the next checkpoint.
+  void Committed(const std::vector<audit::Event>& events) const;
   // The audit HMAC of `context`, from the HSM or the context cache (whose entries are
   // `principal`'s own: no caller learns by timing what contexts another used).
   absl::StatusOr<std::string> ContextHmac(std::string_view principal,

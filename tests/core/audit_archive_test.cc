@@ -142,6 +142,10 @@ TEST_CASE("Archiving moves the records up to a signed checkpoint to a verified f
                  "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord' AND "
                  "row_digest = ''") == "0");
   const std::vector<audit::Event> events = f.sink.events();
+  // Carried records reach the operator's mirror like any other.
+  CHECK(std::to_string(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "CarryRowRecord" && !e.row.empty();
+        })) == SqlQuery(Db(f), "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord'"));
   const auto archived = std::find_if(events.begin(), events.end(), [](const audit::Event& e) {
     return e.action == "ArchiveAuditLog";
   });
