@@ -12,7 +12,10 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
+#include <string_view>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -164,6 +167,30 @@ absl::Status VerifyArchive(const std::string& path, uint64_t floor,
   return absl::OkStatus();
 }
 
+// The last seq of a pending archive named "audit-<12 digits>-<12 digits>.jsonl.pending";
+// nullopt for any other name.
+std::optional<uint64_t> PendingArchiveEnd(std::string_view name) {
+  constexpr std::string_view kPrefix = "audit-";
+  constexpr std::string_view kSuffix = ".jsonl.pending";
+  constexpr size_t kDigits = 12;
+  const auto digits = [](std::string_view text) {
+    return std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  if (name.size() != kPrefix.size() + 2 * kDigits + 1 + kSuffix.size() ||
+      name.substr(0, kPrefix.size()) != kPrefix ||
+      name.substr(name.size() - kSuffix.size()) != kSuffix ||
+      name[kPrefix.size() + kDigits] != '-') {
+    return std::nullopt;
+  }
+  const std::string_view first = name.substr(kPrefix.size(), kDigits);
+  const std::string_view last = name.substr(kPrefix.size() + kDigits + 1, kDigits);
+  uint64_t seq = 0;
+  if (!digits(first) || !digits(last) ||
+      !absl::SimpleAtoi(absl::string_view(last.data(), last.size()), &seq))
+    return std::nullopt;
+  return seq;
+}
+
 }  // namespace
 
 absl::StatusOr<AuditArchiveFile> WriteAuditArchive(const KeyStore& store, const std::string& dir,
@@ -230,15 +257,9 @@ absl::StatusOr<std::vector<std::string>> PublishAuditArchives(const std::string&
   }
   bool changed = false;
   for (const auto& entry : entries) {
-    const std::string name = entry.path().filename().string();
-    unsigned long long first = 0;
-    unsigned long long last = 0;
-    int length = 0;
-    if (std::sscanf(name.c_str(), "audit-%12llu-%12llu.jsonl.pending%n", &first, &last, &length) !=
-            2 ||
-        static_cast<size_t>(length) != name.size()) {
-      continue;
-    }
+    const std::optional<uint64_t> ends = PendingArchiveEnd(entry.path().filename().string());
+    if (!ends) continue;
+    const uint64_t last = *ends;
     const std::string pending = entry.path().string();
     const std::string path = pending.substr(0, pending.size() - std::strlen(".pending"));
     if (last > floor) {  // an archival that did not commit: its records are still live
