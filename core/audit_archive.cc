@@ -141,7 +141,7 @@ absl::StatusOr<Request> Kms::ArchiveAudit(Call& call, Request request, uint64_t 
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   batch.settings[kAuditFloorSetting] = EncodeFloor(floor);
-  batch.archival = storage::AuditArchival{floor, request.closed_at, request.id, carry};
+  batch.archival = storage::AuditArchival{floor, request.closed_at, request.id};
   call.event().row = storage::RequestRowName(request.id);
   audit::Event archived = ServerEvent(
       "ArchiveAuditLog", "", request.id, absl::StatusCode::kOk,

@@ -91,13 +91,14 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db
   return rows;
 }
 
-absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
-                                                         std::string_view row) {
+absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, std::string_view row,
+                                                         uint64_t floor_seq) {
   // Spelled as the partial index of schema version 5: one index probe.
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
-                          db.Prepare("SELECT seq, row_digest FROM audit_log WHERE row_name = ?1 "
-                                     "AND row_name <> '' ORDER BY seq DESC LIMIT 1"));
-  stmt.BindText(1, row);
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare("SELECT seq, row_digest FROM audit_log WHERE row_name = ?1 AND row_name <> '' "
+                 "AND seq > ?2 ORDER BY seq DESC LIMIT 1"));
+  stmt.BindText(1, row).BindInt64(2, static_cast<int64_t>(floor_seq));
   CUSTOS_ASSIGN_OR_RETURN(const bool found, stmt.Step());
   if (!found) return std::optional<RowRecord>();
   return std::optional<RowRecord>(
@@ -105,15 +106,18 @@ absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
 }
 
 absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedBy(
-    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit) {
+    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit,
+    uint64_t floor_seq) {
   // One walk of the row index; SQLite takes row_digest from the row that has MAX(seq).
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
                           db.Prepare("SELECT row_name, row_digest, MAX(seq) FROM audit_log "
-                                     "WHERE row_name <> '' AND row_name > ?1 GROUP BY row_name "
-                                     "HAVING MAX(seq) <= ?2 ORDER BY row_name LIMIT ?3"));
+                                     "WHERE row_name <> '' AND row_name > ?1 AND seq > ?4 "
+                                     "GROUP BY row_name HAVING MAX(seq) <= ?2 ORDER BY row_name "
+                                     "LIMIT ?3"));
   stmt.BindText(1, after_name)
       .BindInt64(2, static_cast<int64_t>(through_seq))
-      .BindInt64(3, static_cast<int64_t>(limit));
+      .BindInt64(3, static_cast<int64_t>(limit))
+      .BindInt64(4, static_cast<int64_t>(floor_seq));
   std::vector<std::pair<std::string, RowRecord>> rows;
   for (;;) {
     CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());

@@ -23,17 +23,20 @@ absl::Status InsertAuditRecord(sqlite::Database& db, const audit::Record& row);
 absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(
     sqlite::Database& db, uint64_t from_seq, size_t limit,
     AuditColumns columns = AuditColumns::kCurrent);
-// The newest record naming catalogue row `row` (its seq and the digest it carries), or
-// nullopt if no record names it.
-absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db,
-                                                         std::string_view row);
+// The newest live record (after `floor_seq`, the archival floor) naming catalogue row `row`
+// (its seq and the digest it carries), or nullopt if none does. Records at or before the floor
+// are archived: whatever is still stored there (a removal not finished, or put back) vouches
+// for nothing.
+absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, std::string_view row,
+                                                         uint64_t floor_seq);
 // The last record, or nullopt for an empty log.
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 
-// Catalogue rows whose newest naming record is at or before `through_seq`, with that record,
-// in row-name order after `after_name`, at most `limit`.
+// Catalogue rows whose newest live naming record (after `floor_seq`) is at or before
+// `through_seq`, with that record, in row-name order after `after_name`, at most `limit`.
 absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedBy(
-    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit);
+    sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit,
+    uint64_t floor_seq);
 
 // The newest archival (audit_archived), or nullopt if the log was never archived.
 absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db);

@@ -260,8 +260,8 @@ class KeyStore::Impl {
     size_t carried = 0;
     while (carried < limit) {
       CUSTOS_ASSIGN_OR_RETURN(
-          auto rows,
-          RowsLastRecordedBy(*db_, through, after, std::min<size_t>(limit - carried, 1000)));
+          auto rows, RowsLastRecordedBy(*db_, through, after,
+                                        std::min<size_t>(limit - carried, 1000), floor_.seq));
       if (rows.empty()) break;
       for (const auto& [name, recorded] : rows) {
         audit::Record record = carry(name, recorded.seq);
@@ -299,7 +299,7 @@ class KeyStore::Impl {
 
   // The newest recorded digest of catalogue row `name` (under db_mu_).
   absl::StatusOr<std::optional<RowRecord>> Recorded(const std::string& name) {
-    return LatestRowRecord(*db_, name);
+    return LatestRowRecord(*db_, name, floor_.seq);
   }
 
   // For a row not in the database: DATA_LOSS (remembered) if the audit log records it, since
@@ -382,14 +382,10 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
                                                     floor_.seq + 1, " to ", chain_.last_seq()));
       }
       // Every row was carried beforehand, over a log known intact (CarryForwardRowRecords);
-      // nothing new can need it since (new records come after the floor). One left is a row
-      // written outside Custos meanwhile: it is not carried unchecked.
-      CUSTOS_ASSIGN_OR_RETURN(auto left, RowsLastRecordedBy(*db_, archival->floor.seq, "", 1));
-      if (!left.empty()) {
-        return absl::FailedPreconditionError(
-            StrCat("catalogue row ", left[0].first, " is still vouched for only by audit record ",
-                   left[0].second.seq, ", which would be archived"));
-      }
+      // nothing new can need it since (new records come after the floor). This commit does
+      // not walk the row index again (it would hold every other commit for as long): a row
+      // named only by a record written outside Custos meanwhile is not carried, and is then
+      // refused ("no audit record names it"), which fails closed.
       CUSTOS_RETURN_IF_ERROR(
           RecordArchival(*db_, archival->floor, archival->time, archival->request_id));
     }
@@ -425,16 +421,17 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> sealed,
-                          LatestRowRecord(*impl->db_, SettingRowName(kCatalogSealedSetting)));
-  impl->integrity_.set_unsealed_catalog(!sealed.has_value());
-  if (last) {
-    CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
-  }
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*impl->db_));
   if (floor) {
     impl->floor_ = *floor;
     impl->trust_.SetFloor(floor->seq, floor->hash);
+  }
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::optional<RowRecord> sealed,
+      LatestRowRecord(*impl->db_, SettingRowName(kCatalogSealedSetting), impl->floor_.seq));
+  impl->integrity_.set_unsealed_catalog(!sealed.has_value());
+  if (last) {
+    CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
   return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
@@ -1056,7 +1053,7 @@ absl::StatusOr<AuditFloor> KeyStore::AuditLogFloor() const {
 absl::StatusOr<uint64_t> KeyStore::LastRecordNaming(std::string_view row) const {
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded,
-                          LatestRowRecord(*impl_->db_, row));
+                          LatestRowRecord(*impl_->db_, row, impl_->floor_.seq));
   return recorded ? recorded->seq : 0;
 }
 

@@ -139,7 +139,6 @@ struct AuditArchival {
   AuditFloor floor;        // the records up to floor.seq go; the log starts after it
   int64_t time = 0;        // when (for audit_archived)
   std::string request_id;  // the dual-control request that approved it
-  CarryRecord carry;       // for any row still last named by an archived record
 };
 
 // Everything that one state change writes, committed in a single transaction: either all of

@@ -172,7 +172,8 @@ constexpr const char* kMigrations[] = {
       PRAGMA user_version = 5;
     )sql",
     // 6: audit log archival (docs/AUDIT.md). Each archival leaves a row here: the records up
-    // to and including `through_seq` were written to a verified archive and removed, and the
+    // to and including `through_seq` were written to a verified archive (and are removed after,
+    // a slice at a time), and the
     // checkpoint signed at that seq is where the live log now starts. The append-only triggers
     // make one exception, guarded by this table: records at or before the newest archival, and
     // checkpoints before it, may be deleted. The table itself only grows, and only forward.

@@ -302,13 +302,32 @@ TEST_CASE("A DBA cannot remove more than was archived, or undo an archival", "[a
     REQUIRE(SqlExec(db, std::string(kUnguarded) + "INSERT INTO audit_archived VALUES (" + later +
                             ", X'" + hash + "', 0, 'x');")
                 .empty());
+    // Past the archival's own record: that record no longer counts (it is at or before the
+    // floor the table claims), so the sealed floor is vouched for by nothing.
+    const absl::Status refused = log.Start();
+    CHECK(refused.code() == absl::StatusCode::kDataLoss);
+    CHECK(refused.message() ==
+          "catalogue row setting:audit_floor failed its integrity check: no audit record names "
+          "it (written outside Custos?); it is not used until an operator restores it from a "
+          "backup of this state");
+  }
+  SECTION("the database's archival table moved along, short of the archival's record") {
+    const std::string record =
+        SqlQuery(db, "SELECT seq FROM audit_log WHERE action = 'ArchiveAuditLog'");
+    const uint64_t moved = std::stoull(record) - 1;
+    REQUIRE(moved > log.floor);
+    const std::string hash =
+        SqlQuery(db, "SELECT hex(hash) FROM audit_log WHERE seq = " + std::to_string(moved));
+    REQUIRE(SqlExec(db, std::string(kUnguarded) + "INSERT INTO audit_archived VALUES (" +
+                            std::to_string(moved) + ", X'" + hash + "', 0, 'x');")
+                .empty());
     const absl::Status refused = log.Start();
     CHECK(refused.code() == absl::StatusCode::kDataLoss);
     CHECK(refused.message() ==
           absl::StrFormat("the database's audit_archived table says the log was archived up to "
                           "record %d, but the archival custosd sealed says %d: it was changed "
                           "outside Custos",
-                          log.later, log.floor));
+                          moved, log.floor));
   }
   SECTION("... with the sealed floor rewritten") {
     REQUIRE(SqlExec(db, "UPDATE settings SET value = '" + later +
@@ -339,10 +358,35 @@ TEST_CASE("A DBA cannot remove more than was archived, or undo an archival", "[a
         SqlQuery(db, "SELECT count(*) FROM audit_log WHERE seq > " + floor);
     REQUIRE(f.kms->RunMaintenance().ok());
     CHECK(SqlQuery(db, "SELECT count(*) FROM audit_log WHERE seq <= " + floor) == "0");
-    CHECK(std::stoi(SqlQuery(db, "SELECT count(*) FROM audit_log WHERE seq > " + floor)) >=
-          std::stoi(live_before));
+    CHECK(SqlQuery(db, "SELECT count(*) FROM audit_log WHERE seq > " + floor) == live_before);
     CHECK(SqlQuery(db, "SELECT min(seq) FROM audit_log") == std::to_string(log.floor + 1));
     CHECK(VerifyTogether(f, {ArchivePath(f, 1, log.floor)}).ok);
+  }
+  SECTION("a record naming a row, put back at or before the floor, vouches for nothing") {
+    REQUIRE(log.Start().ok());
+    REQUIRE(f.kms->RunMaintenance().ok());  // the archived records removed: seq 1 is free
+    f.kms.reset();
+    f.store.reset();
+    const std::string planted = "00000000-0000-4000-8000-0000000000ff";
+    REQUIRE(SqlExec(db,
+                    "INSERT INTO audit_log (seq, time, principal, role, action, key_id, "
+                    "key_version, source_key_id, source_key_version, request_id, outcome, peer, "
+                    "context_hmac, detail, hash, format, call_id, row_name, row_digest) SELECT 1, "
+                    "time, principal, role, 'CreateKey', key_id, key_version, source_key_id, "
+                    "source_key_version, request_id, outcome, peer, context_hmac, detail, hash, "
+                    "format, call_id, 'key:" +
+                        planted + "', '" + std::string(64, 'e') +
+                        "' FROM audit_log WHERE seq = " + later)
+                .empty());
+    REQUIRE(log.Start().ok());
+    // No "deleted outside Custos" alarm for a key that never was...
+    CHECK(f.store->GetKey(planted).status().code() == absl::StatusCode::kNotFound);
+    // ...and the next archival carries nothing forward for it.
+    absl::StatusOr<Request> done = Archive(f, log.later);
+    INFO(done.status().ToString());
+    REQUIRE(done.ok());
+    CHECK(SqlQuery(db, "SELECT count(*) FROM audit_log WHERE row_name = 'key:" + planted +
+                           "' AND seq > 1") == "0");
   }
   SECTION("the checkpoint the live log starts from deleted") {
     REQUIRE(

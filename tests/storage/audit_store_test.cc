@@ -230,8 +230,7 @@ TEST_CASE("Archiving 1M records holds commits for a slice at a time (measurement
   const auto archive = [](KeyStore& store) {
     const audit::Record floor = store.ReadAudit(kRecords, 1).value().at(0);
     WriteBatch batch;
-    batch.archival = AuditArchival{AuditFloor{floor.seq, floor.hash}, 1700000000, "req",
-                                   [](const std::string&, uint64_t) { return audit::Record(); }};
+    batch.archival = AuditArchival{AuditFloor{floor.seq, floor.hash}, 1700000000, "req"};
     batch.audit.push_back(Event("ArchiveAuditLog"));
     REQUIRE(store.Apply(std::move(batch)).ok());
   };
@@ -307,8 +306,7 @@ TEST_CASE("An archival's records leave in slices after its commit, unseen meanwh
   const audit::Record floor_record = store->ReadAudit(20, 1).value().at(0);
 
   WriteBatch archival;
-  archival.archival = AuditArchival{AuditFloor{20, floor_record.hash}, 1700000000, "req-1",
-                                    [](const std::string&, uint64_t) { return audit::Record(); }};
+  archival.archival = AuditArchival{AuditFloor{20, floor_record.hash}, 1700000000, "req-1"};
   archival.audit.push_back(Event("ArchiveAuditLog"));
   REQUIRE(store->Apply(std::move(archival)).ok());
 
