@@ -1,6 +1,7 @@
 #include "core/usage_tracker.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/strings.h"
 
@@ -8,8 +9,27 @@ namespace custos::core {
 
 struct UsageTracker::Counter {
   storage::VersionUsage usage;  // encryptions and decryptions as counted in memory
-  bool dirty = false;           // decryptions or last_used_at not yet written
+  bool dirty = false;           // counts or last_used_at not yet written
   bool reserving = false;       // the next block's reservation is being written
+  bool flushing = false;        // Flush() is writing its counts
+};
+
+struct UsageTracker::Tracked {
+  std::list<std::string>::iterator recency;
+  // Calls between their Load() and their end; their counters may not be dropped meanwhile.
+  // Taken with mu_; given back by a Pin, which may run without it.
+  std::atomic<int> users{0};
+};
+
+class UsageTracker::Pin {
+ public:
+  explicit Pin(Tracked* tracked) : tracked_(tracked) {}
+  ~Pin() { tracked_->users.fetch_sub(1, std::memory_order_release); }
+  Pin(const Pin&) = delete;
+  Pin& operator=(const Pin&) = delete;
+
+ private:
+  Tracked* const tracked_;
 };
 
 UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const UsageLimits& limits,
@@ -22,8 +42,14 @@ UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const U
 
 UsageTracker::~UsageTracker() = default;
 
-absl::Status UsageTracker::Load(std::unique_lock<std::mutex>& lock, const std::string& key_id) {
-  while (!loaded_keys_.count(key_id)) {
+absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::mutex>& lock,
+                                                          const std::string& key_id) {
+  for (;;) {
+    if (auto it = tracked_.find(key_id); it != tracked_.end()) {
+      recency_.splice(recency_.begin(), recency_, it->second.recency);
+      it->second.users.fetch_add(1, std::memory_order_relaxed);
+      return &it->second;
+    }
     if (loading_keys_.count(key_id)) {  // another caller is reading it: wait for that
       settled_.wait(lock);
       continue;
@@ -37,14 +63,46 @@ absl::Status UsageTracker::Load(std::unique_lock<std::mutex>& lock, const std::s
     CUSTOS_RETURN_IF_ERROR(stored.status());
     for (storage::VersionUsage& usage : *stored) {
       auto counter = std::make_unique<Counter>();
-      // Resume from the reservation: whatever was used of it before a crash is unknown.
+      // Resume from the reservation: whatever was used of it before a crash (or before the
+      // counters were dropped) is unknown.
       usage.encryptions = usage.encryptions_reserved;
       counter->usage = std::move(usage);
       counters_[{key_id, counter->usage.version}] = std::move(counter);
     }
-    loaded_keys_.insert(key_id);
+    recency_.push_front(key_id);
+    Tracked& tracked = tracked_[key_id];
+    tracked.recency = recency_.begin();
+    tracked.users.fetch_add(1, std::memory_order_relaxed);  // before DropIdle: not this one
+    DropIdle(/*max_looked_at=*/64);
+    return &tracked;
   }
-  return absl::OkStatus();
+}
+
+void UsageTracker::DropIdle(size_t max_looked_at) {
+  auto it = recency_.end();
+  for (size_t looked_at = 0; tracked_.size() > limits_.tracked_keys && it != recency_.begin() &&
+                             looked_at < max_looked_at;
+       ++looked_at) {
+    --it;
+    const std::string& key_id = *it;
+    auto tracked = tracked_.find(key_id);
+    if (tracked->second.users.load(std::memory_order_acquire) > 0) continue;
+    const auto first = counters_.lower_bound({key_id, 0});
+    auto last = first;
+    bool idle = true;
+    for (; last != counters_.end() && last->first.first == key_id; ++last) {
+      idle = idle && !last->second->dirty && !last->second->reserving && !last->second->flushing;
+    }
+    if (!idle) continue;
+    counters_.erase(first, last);
+    tracked_.erase(tracked);
+    it = recency_.erase(it);
+  }
+}
+
+size_t UsageTracker::tracked_keys() const {
+  std::lock_guard lock(mu_);
+  return tracked_.size();
 }
 
 UsageTracker::Counter* UsageTracker::CounterOf(const std::string& key_id, uint32_t version) {
@@ -61,7 +119,8 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
   bool flagged = false;
   {
     std::unique_lock lock(mu_);
-    CUSTOS_RETURN_IF_ERROR(Load(lock, key_id));
+    CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id));
+    const Pin pin(tracked);
     Counter* const counter = CounterOf(key_id, version);
     storage::VersionUsage& usage = counter->usage;
     for (;;) {
@@ -97,6 +156,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
     }
     ++usage.encryptions;
     usage.last_used_at = clock_->NowSeconds();
+    counter->dirty = true;
     if (usage.encryptions >= limits_.rotate_at) flagged = Flag(key_id, version) || flagged;
   }
   if (flagged && on_rotation_wanted_) on_rotation_wanted_();
@@ -106,7 +166,9 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
 void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) {
   std::unique_lock lock(mu_);
   // Counts inform officers; a store hiccup must not fail decrypts.
-  if (!Load(lock, key_id).ok()) return;
+  absl::StatusOr<Tracked*> tracked = Load(lock, key_id);
+  if (!tracked.ok()) return;
+  const Pin pin(*tracked);
   Counter* const counter = CounterOf(key_id, version);
   ++counter->usage.decryptions;
   counter->usage.last_used_at = clock_->NowSeconds();
@@ -115,7 +177,8 @@ void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) 
 
 absl::StatusOr<std::vector<storage::VersionUsage>> UsageTracker::Usage(const std::string& key_id) {
   std::unique_lock lock(mu_);
-  CUSTOS_RETURN_IF_ERROR(Load(lock, key_id));
+  CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id));
+  const Pin pin(tracked);
   std::vector<storage::VersionUsage> usage;
   for (auto it = counters_.lower_bound({key_id, 0});
        it != counters_.end() && it->first.first == key_id; ++it) {
@@ -152,17 +215,20 @@ absl::Status UsageTracker::Flush() {
       if (!counter->dirty) continue;
       dirty.push_back(counter->usage);
       flushed.push_back(counter.get());
-      counter->dirty = false;  // counts made from here on are dirty again
+      counter->dirty = false;    // counts made from here on are dirty again
+      counter->flushing = true;  // and it is not dropped before its counts are written
     }
   }
-  if (dirty.empty()) return absl::OkStatus();
-  // Written without the lock: counting goes on meanwhile (counters are never erased).
-  absl::Status written = store_->PutUsageCounts(dirty);
-  if (!written.ok()) {
-    std::lock_guard lock(mu_);
-    for (Counter* counter : flushed) counter->dirty = true;
+  // Written without the lock: counting goes on meanwhile.
+  absl::Status written = dirty.empty() ? absl::OkStatus() : store_->PutUsageCounts(dirty);
+  std::lock_guard lock(mu_);
+  for (Counter* counter : flushed) {
+    counter->flushing = false;
+    if (!written.ok()) counter->dirty = true;
   }
-  return written;
+  CUSTOS_RETURN_IF_ERROR(written);
+  DropIdle(/*max_looked_at=*/16384);
+  return absl::OkStatus();
 }
 
 }  // namespace custos::core

@@ -8,17 +8,27 @@
 // arrive while the rotation runs must not ask for another); at `max_encryptions` further
 // encryptions under it are refused. Decryption counts and last-use times are flushed with
 // reservations and by Flush(); a crash may lose the unflushed tail of those (they inform
-// officers, they guard nothing). Thread-safe.
+// officers, they guard nothing).
+//
+// Memory is bounded: the counters of at most `tracked_keys` keys stay in memory, the least
+// recently used beyond that are dropped once nothing of theirs is unwritten (no reservation
+// being written, no count or last-use time awaiting Flush(), no call using them). A key used
+// again is loaded afresh and, as after a restart, resumes counting encryptions from its
+// reservation: dropping can skip part of a block, never rewind. Counts made since the last
+// Flush() keep their key in memory until it runs, so between two flushes the tracker may hold
+// more keys than the bound, as many as were used meanwhile. Thread-safe.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/clock.h"
@@ -31,6 +41,7 @@ struct UsageLimits {
   uint64_t max_encryptions = uint64_t{1} << 32;  // per version; refuse at this count
   uint64_t rotate_at = uint64_t{3} << 30;        // flag for rotation at this count (75 %)
   uint64_t reservation_block = 10000;            // encryptions reserved per store write
+  size_t tracked_keys = 100000;                  // keys whose counters stay in memory (>= 1)
 };
 
 class UsageTracker {
@@ -61,15 +72,24 @@ class UsageTracker {
   // rotation failed stays, for the next maintenance turn.
   void RotationDone(const std::string& key_id, uint32_t version);
 
-  // Writes decryption counts and last-use times that are only in memory.
+  // Writes counts and last-use times that are only in memory, then drops the counters of
+  // keys beyond the bound that nothing uses.
   absl::Status Flush();
+
+  size_t tracked_keys() const;  // keys whose counters are in memory
 
  private:
   struct Counter;
-  // Loads `key_id`'s stored counters on its first use, reading the store with `lock` (on mu_)
-  // released: a cold key never holds up calls on others. Callers for the same key wait for
-  // the one load.
-  absl::Status Load(std::unique_lock<std::mutex>& lock, const std::string& key_id);
+  struct Tracked;  // a key whose counters are in memory
+  class Pin;       // keeps a key's counters in memory while a call uses them
+  // Loads `key_id`'s stored counters unless they are in memory, reading the store with `lock`
+  // (on mu_) released: a cold key never holds up calls on others. Callers for the same key
+  // wait for the one load. The key is pinned for the caller, who holds it in a Pin.
+  absl::StatusOr<Tracked*> Load(std::unique_lock<std::mutex>& lock, const std::string& key_id);
+  // Drops the counters of the least recently used keys while more than tracked_keys are
+  // in memory, skipping keys in use or with something unwritten, looking at no more than
+  // `max_looked_at` keys. With mu_.
+  void DropIdle(size_t max_looked_at);
   // The counter of (key_id, version), once Load()ed; made if the store had none. With mu_.
   Counter* CounterOf(const std::string& key_id, uint32_t version);
   // Flags (key_id, version) for rotation unless it was flagged before; true if it is new.
@@ -85,10 +105,11 @@ class UsageTracker {
   // Guards everything below; never held across a store read or write. A reservation's write
   // runs with the counter marked `reserving`: encryptions under that version wait for it
   // (they may not count past what is durable), all others go on.
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable settled_;  // a reservation or a load finished
   std::map<std::pair<std::string, uint32_t>, std::unique_ptr<Counter>> counters_;
-  std::set<std::string> loaded_keys_;
+  std::unordered_map<std::string, Tracked> tracked_;  // keys whose counters are loaded
+  std::list<std::string> recency_;                    // tracked_'s keys, most recent first
   std::set<std::string> loading_keys_;
   std::map<std::string, uint32_t> rotation_wanted_;
   std::set<std::pair<std::string, uint32_t>> flagged_;  // versions ever flagged in this run

@@ -309,10 +309,12 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   c.checkpoint_interval_seconds = static_cast<int>(checkpoint_interval);
   c.checkpoint_every = static_cast<uint64_t>(checkpoint_every);
   int64_t limit = static_cast<int64_t>(c.usage_limits.max_encryptions), rotate_percent = 75,
-          block = static_cast<int64_t>(c.usage_limits.reservation_block);
+          block = static_cast<int64_t>(c.usage_limits.reservation_block),
+          usage_cache = static_cast<int64_t>(c.usage_limits.tracked_keys);
   CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "encryption_limit", &limit));
   CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "rotate_at_percent", &rotate_percent));
   CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "reservation_block", &block));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("keys", "usage_cache", &usage_cache));
   if (limit < 1 || limit > (int64_t{1} << 32)) {
     return absl::InvalidArgumentError("config: keys.encryption_limit must be 1..2^32");
   }
@@ -322,7 +324,11 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   }
   c.usage_limits.max_encryptions = static_cast<uint64_t>(limit);
   c.usage_limits.rotate_at = static_cast<uint64_t>(limit * rotate_percent / 100);
+  if (usage_cache < 1 || usage_cache > 100'000'000) {
+    return absl::InvalidArgumentError("config: keys.usage_cache must be 1..100000000");
+  }
   c.usage_limits.reservation_block = static_cast<uint64_t>(block);
+  c.usage_limits.tracked_keys = static_cast<size_t>(usage_cache);
   if (threads < 1 || threads > 1024) {
     return absl::InvalidArgumentError("config: server.worker_threads must be 1..1024");
   }

@@ -116,6 +116,32 @@ TEST_CASE("A restart never rewinds the encryption count", "[rotation][usage]") {
   CHECK(f.store->GetUsage(key->id)->front().encryptions_reserved == 10);
 }
 
+TEST_CASE(
+    "Usage counters dropped from memory are read back checked, resuming from the "
+    "reservation",
+    "[rotation][usage]") {
+  UsageLimits limits;
+  limits.reservation_block = 4;
+  limits.tracked_keys = 1;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  const KeyRef k1 = f.NewKey("k1");
+  f.NewKey("k2");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "k1");
+  REQUIRE(sealed.ok());
+  REQUIRE(Encrypt(f, "k1").ok());
+  REQUIRE(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+  REQUIRE(Encrypt(f, "k2").ok());
+  // Maintenance writes the counts, then drops k1's counters (k2 was used last).
+  REQUIRE(f.kms->RunMaintenance().ok());
+  absl::StatusOr<Kms::KeyDescription> described = f.kms->DescribeKey(f.officer, "k1");
+  REQUIRE(described.ok());
+  REQUIRE(described->usage.size() == 1);
+  CHECK(described->usage[0].encryptions == 4);  // from the reservation: 2 made, never fewer
+  CHECK(described->usage[0].decryptions == 1);
+  for (int i = 0; i < 3; ++i) REQUIRE(Encrypt(f, "k1").ok());  // 5..7: one more block
+  CHECK(f.store->GetUsage(k1->id)->front().encryptions_reserved == 8);
+}
+
 TEST_CASE("DescribeKey shows per-version usage", "[usage]") {
   Fixture f;
   const KeyRef key = f.NewKey("k");

@@ -2,9 +2,15 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <fstream>
 #include <future>
 #include <mutex>
+#include <thread>
+#include <vector>
 
+#include <unistd.h>
+
+#include "common/strings.h"
 #include "tests/core/kms_fixture.h"
 
 namespace custos::core {
@@ -85,6 +91,204 @@ TEST_CASE("A reservation being written holds up only encryptions under its own v
   REQUIRE(usage->size() == 1);
   CHECK((*usage)[0].encryptions == 2);
   CHECK((*usage)[0].encryptions_reserved == 10);
+}
+
+// A store without row MACs, and a tracker whose reservations it writes as Kms would (without
+// the audit record, which only row checking needs).
+struct PlainTracker {
+  explicit PlainTracker(UsageLimits limits)
+      : store(*storage::KeyStore::Open(dir.File("custos.db"))),
+        tracker(
+            store.get(), &clock, limits,
+            [this](const storage::VersionUsage& usage) {
+              ++reservations;
+              storage::WriteBatch batch;
+              batch.usage.push_back(usage);
+              return store->Apply(batch);
+            },
+            nullptr) {}
+
+  testing::TempDir dir;
+  ManualClock clock{1'800'000'000};
+  std::atomic<int> reservations{0};
+  std::unique_ptr<storage::KeyStore> store;
+  UsageTracker tracker;
+};
+
+TEST_CASE(
+    "Counters past the bound are dropped once written, and a key used again resumes "
+    "from its reservation",
+    "[usage]") {
+  UsageLimits limits;
+  limits.reservation_block = 10;
+  limits.tracked_keys = 2;
+  PlainTracker p(limits);
+  UsageTracker& tracker = p.tracker;
+  for (int i = 0; i < 3; ++i) REQUIRE(tracker.CountEncryption("a", 1).ok());
+  tracker.CountDecryption("a", 1);
+  p.clock.Advance(7);
+  REQUIRE(tracker.CountEncryption("b", 1).ok());
+  REQUIRE(tracker.CountEncryption("c", 1).ok());
+  // Counts not written yet keep their keys in memory, past the bound.
+  CHECK(tracker.tracked_keys() == 3);
+  REQUIRE(tracker.Flush().ok());
+  CHECK(tracker.tracked_keys() == 2);  // a, the least recently used, is gone
+  CHECK(p.reservations == 3);
+
+  // Used again, a is read back: its decryptions and last use as written, its encryptions
+  // from its reservation (10), never back to the 3 made: a drop may skip, never rewind.
+  absl::StatusOr<std::vector<storage::VersionUsage>> usage = tracker.Usage("a");
+  REQUIRE(usage.ok());
+  REQUIRE(usage->size() == 1);
+  CHECK((*usage)[0].encryptions == 10);
+  CHECK((*usage)[0].encryptions_reserved == 10);
+  CHECK((*usage)[0].decryptions == 1);
+  CHECK((*usage)[0].last_used_at == 1'800'000'000);
+  // Loading it dropped b, written and unused since.
+  CHECK(tracker.tracked_keys() == 2);
+  REQUIRE(tracker.CountEncryption("a", 1).ok());  // past its block: reserves the next one
+  CHECK(p.reservations == 4);
+  usage = tracker.Usage("a");
+  REQUIRE(usage.ok());
+  CHECK((*usage)[0].encryptions == 11);
+  CHECK((*usage)[0].encryptions_reserved == 20);
+  // b lost nothing either.
+  usage = tracker.Usage("b");
+  REQUIRE(usage.ok());
+  CHECK((*usage)[0].encryptions == 10);
+  CHECK((*usage)[0].last_used_at == 1'800'000'007);
+}
+
+TEST_CASE(
+    "A key whose reservation is being written keeps its counters, however many keys "
+    "come and go",
+    "[usage]") {
+  testing::TempDir dir;
+  auto store = *storage::KeyStore::Open(dir.File("custos.db"));
+  ManualClock clock{1'800'000'000};
+  HeldReservations writer("slow-key");
+  UsageLimits limits;
+  limits.reservation_block = 10;
+  limits.tracked_keys = 1;
+  UsageTracker tracker(
+      store.get(), &clock, limits,
+      [&](const storage::VersionUsage& usage) { return writer.Reserve(usage); }, nullptr);
+  auto slow =
+      std::async(std::launch::async, [&] { return tracker.CountEncryption("slow-key", 1); });
+  writer.AwaitWrites(1);
+  // A second encryption waits for that block, holding on to the same counter.
+  auto waiting =
+      std::async(std::launch::async, [&] { return tracker.CountEncryption("slow-key", 1); });
+  CHECK(waiting.wait_for(100ms) == std::future_status::timeout);
+  for (int i = 0; i < 50; ++i) tracker.CountDecryption(StrCat("other-", i), 1);
+  REQUIRE(tracker.Flush().ok());
+  CHECK(tracker.tracked_keys() == 1);  // slow-key alone
+  writer.Release();
+  CHECK(slow.get().ok());
+  CHECK(waiting.get().ok());
+  absl::StatusOr<std::vector<storage::VersionUsage>> usage = tracker.Usage("slow-key");
+  REQUIRE(usage.ok());
+  REQUIRE(usage->size() == 1);
+  CHECK((*usage)[0].encryptions == 2);
+  CHECK((*usage)[0].encryptions_reserved == 10);
+  CHECK(writer.writes() == 1);
+  // Read back, every other key has its one decryption.
+  for (int i = 0; i < 50; i += 7) {
+    usage = tracker.Usage(StrCat("other-", i));
+    REQUIRE(usage.ok());
+    REQUIRE(usage->size() == 1);
+    CHECK((*usage)[0].decryptions == 1);
+  }
+}
+
+TEST_CASE(
+    "Counting on many keys under a small bound, flushed meanwhile, loses no count and "
+    "never rewinds",
+    "[usage]") {
+  UsageLimits limits;
+  limits.reservation_block = 5;
+  limits.tracked_keys = 8;
+  PlainTracker p(limits);
+  constexpr int kKeys = 40, kThreads = 4, kRounds = 600;
+  std::vector<std::atomic<uint64_t>> encryptions(kKeys), decryptions(kKeys);
+  std::atomic<bool> done{false};
+  std::atomic<int> failures{0};
+  std::thread flusher([&] {
+    while (!done) {
+      if (!p.tracker.Flush().ok()) ++failures;
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  std::vector<std::thread> callers;
+  for (int t = 0; t < kThreads; ++t) {
+    callers.emplace_back([&, t] {
+      for (int i = 0; i < kRounds; ++i) {
+        const int k = (i * 7 + t * 13) % kKeys;
+        const std::string id = StrCat("key-", k);
+        if (i % 3 == 0) {
+          p.tracker.CountDecryption(id, 1);
+          ++decryptions[k];
+        } else if (i % 3 == 1) {
+          if (p.tracker.CountEncryption(id, 1).ok())
+            ++encryptions[k];
+          else
+            ++failures;
+        } else if (!p.tracker.Usage(id).ok()) {
+          ++failures;
+        }
+      }
+    });
+  }
+  for (std::thread& caller : callers) caller.join();
+  done = true;
+  flusher.join();
+  CHECK(failures == 0);
+  REQUIRE(p.tracker.Flush().ok());
+  CHECK(p.tracker.tracked_keys() <= 8);
+  for (int k = 0; k < kKeys; ++k) {
+    absl::StatusOr<std::vector<storage::VersionUsage>> usage = p.tracker.Usage(StrCat("key-", k));
+    REQUIRE(usage.ok());
+    if (usage->empty()) {
+      CHECK(encryptions[k] + decryptions[k] == 0);
+      continue;
+    }
+    const storage::VersionUsage& u = usage->front();
+    INFO("key-" << k);
+    CHECK(u.decryptions == decryptions[k]);
+    CHECK(u.encryptions >= encryptions[k]);
+    CHECK(u.encryptions <= u.encryptions_reserved);
+  }
+}
+
+}  // namespace
+}  // namespace custos::core
+
+namespace custos::core {
+namespace {
+
+// Resident memory of this process, in bytes.
+size_t ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+// A measurement, not a test (hidden): the memory a tracked key's counters take, which sizes
+// keys.usage_cache (docs/PERFORMANCE.md, "Memory per cached key").
+TEST_CASE("Memory per tracked key", "[.usage_memory]") {
+  constexpr int kKeys = 200'000;
+  UsageLimits limits;
+  limits.tracked_keys = kKeys;
+  PlainTracker p(limits);
+  const size_t before = ResidentBytes();
+  for (int i = 0; i < kKeys; ++i) {
+    // Ids as Custos makes them: 36 characters.
+    p.tracker.CountDecryption(StrCat("0b0e1c6a-5b7d-4c55-9f1e-", 100'000'000'000 + i), 1);
+  }
+  const size_t after = ResidentBytes();
+  REQUIRE(p.tracker.tracked_keys() == kKeys);
+  WARN("bytes per tracked key: " << (after - before) / kKeys);
 }
 
 }  // namespace

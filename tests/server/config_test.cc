@@ -143,6 +143,7 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.usage_limits.max_encryptions == uint64_t{1} << 32);
   CHECK(c.usage_limits.rotate_at == (uint64_t{1} << 32) / 4 * 3);
   CHECK(c.usage_limits.reservation_block == 10000);
+  CHECK(c.usage_limits.tracked_keys == 100000);
 }
 
 TEST_CASE("Settings in the file override the defaults", "[config]") {
@@ -165,6 +166,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"keys", "encryption_limit", "1000"});
   entries.push_back({"keys", "rotate_at_percent", "50"});
   entries.push_back({"keys", "reservation_block", "7"});
+  entries.push_back({"keys", "usage_cache", "3"});
   entries.push_back({"dual_control", "request_ttl_hours", "2"});
   entries.push_back({"dual_control", "deletion_waiting_days", "7"});
   entries.push_back({"audit", "checkpoint_interval_seconds", "300"});
@@ -189,6 +191,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.usage_limits.max_encryptions == 1000);
   CHECK(c.usage_limits.rotate_at == 500);
   CHECK(c.usage_limits.reservation_block == 7);
+  CHECK(c.usage_limits.tracked_keys == 3);
   CHECK(c.dual_control.request_ttl_seconds == 2 * 3600);
   CHECK(c.dual_control.deletion_waiting_seconds == 7 * policy::kDay);
 }
@@ -347,6 +350,8 @@ TEST_CASE("The key usage limits are range-checked", "[config]") {
                  "keys.rotate_at_percent must be 1..100");
   RequireRefused(files, Render(Minimal(), "[keys]\nreservation_block = 0\n"),
                  "keys.reservation_block at least 1");
+  RequireRefused(files, Render(Minimal(), "[keys]\nusage_cache = 0\n"),
+                 "keys.usage_cache must be 1..100000000");
 
   const Config c = RequireLoads(
       files, Render(Minimal(), "[keys]\nencryption_limit = 4294967296\nrotate_at_percent = 100\n"));
