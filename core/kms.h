@@ -398,6 +398,9 @@ class Kms {
     return {context_macs_.hits(), context_macs_.misses()};
   }
 
+  // Keys whose usage counters are in memory (for the metrics: keys.usage_cache sizing).
+  size_t UsageTrackedKeys() const { return usage_.tracked_keys(); }
+
  private:
   class Call;
 

@@ -73,7 +73,8 @@ absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::
     Tracked& tracked = tracked_[key_id];
     tracked.recency = recency_.begin();
     tracked.users.fetch_add(1, std::memory_order_relaxed);  // before DropIdle: not this one
-    DropIdle(/*max_looked_at=*/64);
+    // A few at a time: the keys past the bound may all be waiting for a flush.
+    DropIdle(/*max_looked_at=*/8);
     return &tracked;
   }
 }

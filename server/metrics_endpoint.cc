@@ -90,6 +90,11 @@ void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store
         return {{{{"result", "hit"}}, static_cast<double>(hits)},
                 {{{"result", "miss"}}, static_cast<double>(misses)}};
       });
+  registry.AddGauge("custos_usage_tracked_keys",
+                    "Keys whose usage counters are in memory (bounded by keys.usage_cache)",
+                    [&kms]() -> Samples {
+                      return {{{}, static_cast<double>(kms.UsageTrackedKeys())}};
+                    });
   registry.AddGauge("custos_keys", "Keys in the catalogue, by state", [&store]() -> Samples {
     const auto counts = store.CountKeysByState();
     if (!counts.ok()) return {};
