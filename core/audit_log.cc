@@ -349,15 +349,19 @@ absl::StatusOr<std::vector<audit::Checkpoint>> Kms::ReadCheckpoints(const Caller
   }());
 }
 
-absl::Status Kms::Reserve(const storage::VersionUsage& reservation) const {
-  storage::WriteBatch batch;
-  batch.usage.push_back(reservation);
+audit::Event Kms::ReservationEvent(const storage::VersionUsage& reservation) const {
   audit::Event event =
       ServerEvent("ReserveEncryptions", reservation.key_id, "", absl::StatusCode::kOk,
                   StrCat("encryptions reserved up to ", reservation.encryptions_reserved));
   event.key_version = reservation.version;
   event.row = storage::UsageRowName(reservation.key_id, reservation.version);
-  return Commit(std::move(batch), {std::move(event)});
+  return event;
+}
+
+absl::Status Kms::Reserve(const storage::VersionUsage& reservation) const {
+  storage::WriteBatch batch;
+  batch.usage.push_back(reservation);
+  return Commit(std::move(batch), {ReservationEvent(reservation)});
 }
 
 absl::StatusOr<std::string> Kms::ContextHmac(std::string_view principal,

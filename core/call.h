@@ -55,6 +55,17 @@ class Kms::Call {
     return policy::AuthorizeRole(*role, action_);
   }
 
+  // Makes this call an item of the batch `batch_id`: its record commits with the others'.
+  void JoinBatch(const std::string& batch_id) {
+    event_.call_id = batch_id;
+    in_batch_ = true;
+  }
+
+  // Where an encryption made for this call leaves a reservation due, for this call's own
+  // record to write in its transaction (UsageTracker::Deferred); nullptr for a batch's items,
+  // whose records commit with other items' (which could wait for it meanwhile).
+  UsageTracker::Deferred* reservation() { return in_batch_ ? nullptr : &reservation_; }
+
   void SetKey(const storage::KeyRecord& key, uint32_t version) {
     event_.key_id = key.id;
     event_.key_version = version;
@@ -79,8 +90,10 @@ class Kms::Call {
       if (e.call_id.empty()) e.call_id = event_.call_id;  // the server's records of this call
     }
     extra.insert(extra.begin(), event_);
+    const bool reserving = AddReservation(batch, extra);
     CUSTOS_RETURN_IF_ERROR(kms_.Commit(std::move(batch), extra));
     recorded_ = true;
+    if (reserving) reservation_.Written();
     return absl::OkStatus();
   }
 
@@ -95,10 +108,14 @@ class Kms::Call {
         kms_.refusal_counter_(record.front(), std::string(result.status().message()))) {
       return result;  // a repeat, counted in a tally that is recorded (RefusalCounter)
     }
-    if (absl::Status recorded = kms_.Commit({}, record); !recorded.ok()) {
+    // A failed call released nothing: its reservation, if any, is dropped unwritten.
+    storage::WriteBatch batch;
+    const bool reserving = result.ok() && AddReservation(batch, record);
+    if (absl::Status recorded = kms_.Commit(std::move(batch), record); !recorded.ok()) {
       return absl::UnavailableError(
           StrCat("audit log unavailable, operation refused: ", recorded.message()));
     }
+    if (reserving) reservation_.Written();
     return result;
   }
 
@@ -116,11 +133,25 @@ class Kms::Call {
   }
 
  private:
+  // Adds the reservation this call left due, if any, to `batch` and its record before the
+  // call's own in `records`; true if there was one.
+  bool AddReservation(storage::WriteBatch& batch, std::vector<audit::Event>& records) {
+    const storage::VersionUsage* due = reservation_.due();
+    if (due == nullptr) return false;
+    batch.usage.push_back(*due);
+    audit::Event reserved = kms_.ReservationEvent(*due);
+    reserved.call_id = event_.call_id;  // the server's record of what this call needed
+    records.insert(records.begin(), std::move(reserved));
+    return true;
+  }
+
   const Kms& kms_;
   const Caller& caller_;
   policy::Action action_;
   audit::Event event_;
   bool recorded_ = false;
+  bool in_batch_ = false;
+  UsageTracker::Deferred reservation_;  // declared last: settled before the rest goes
 };
 
 }  // namespace custos::core

@@ -70,8 +70,8 @@ absl::StatusOr<KeyRef> Kms::KeyForEncryption(Call& call, std::string_view key_na
   return key;
 }
 
-absl::StatusOr<Kms::Sealing> Kms::SealingFor(const KeyRecord& key,
-                                             const EncryptionContext& context) {
+absl::StatusOr<Kms::Sealing> Kms::SealingFor(const KeyRecord& key, const EncryptionContext& context,
+                                             UsageTracker::Deferred* reservation) {
   const storage::KeyVersion* version = key.FindVersion(key.primary_version);
   if (version == nullptr) {
     return absl::InternalError(StrCat("key ", key.id, " has no primary version"));
@@ -81,14 +81,15 @@ absl::StatusOr<Kms::Sealing> Kms::SealingFor(const KeyRecord& key,
   sealing.header.key_version = version->version;
   sealing.aad = BlobAad(sealing.header, context);
   sealing.version = {CacheId(key, version->version), version->wrapped, version->root_key_label};
-  CUSTOS_RETURN_IF_ERROR(usage_.CountEncryption(key.id, version->version));
+  CUSTOS_RETURN_IF_ERROR(usage_.CountEncryption(key.id, version->version, reservation));
   return sealing;
 }
 
 absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
                                              std::span<const uint8_t> plaintext,
-                                             const EncryptionContext& context) {
-  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context));
+                                             const EncryptionContext& context,
+                                             UsageTracker::Deferred* reservation) {
+  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context, reservation));
   CUSTOS_ASSIGN_OR_RETURN(hsm::GcmCiphertext sealed,
                           options_.hsm->Encrypt(sealing.version, plaintext, sealing.aad));
   return Ciphertext{key.id, sealing.header.key_version,
@@ -96,8 +97,9 @@ absl::StatusOr<Ciphertext> Kms::EncryptUnder(const KeyRecord& key,
 }
 
 absl::StatusOr<DataKey> Kms::GenerateUnder(const KeyRecord& key, size_t key_bytes,
-                                           const EncryptionContext& context) {
-  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context));
+                                           const EncryptionContext& context,
+                                           UsageTracker::Deferred* reservation) {
+  CUSTOS_ASSIGN_OR_RETURN(const Sealing sealing, SealingFor(key, context, reservation));
   CUSTOS_ASSIGN_OR_RETURN(hsm::SealedDataKey drawn,
                           options_.hsm->GenerateDataKey(sealing.version, key_bytes, sealing.aad));
   return DataKey{key.id, sealing.header.key_version, std::move(drawn.plaintext),
@@ -175,7 +177,8 @@ absl::StatusOr<DataKey> Kms::GenerateDataKeyIn(Call& call, const DataKeyItem& it
   CUSTOS_RETURN_IF_ERROR(ValidateContext(item.context));
   CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, item.key));
   CUSTOS_RETURN_IF_ERROR(call.BindContext(item.context));  // the grant first: see DecryptBlob
-  CUSTOS_ASSIGN_OR_RETURN(DataKey generated, GenerateUnder(*key, item.key_bytes, item.context));
+  CUSTOS_ASSIGN_OR_RETURN(DataKey generated,
+                          GenerateUnder(*key, item.key_bytes, item.context, call.reservation()));
   if (!with_plaintext) generated.plaintext.Wipe();
   return generated;
 }
@@ -195,7 +198,7 @@ absl::StatusOr<Ciphertext> Kms::Encrypt(const Caller& caller, std::string_view k
     CUSTOS_RETURN_IF_ERROR(ValidateContext(context));
     CUSTOS_ASSIGN_OR_RETURN(KeyRef key, KeyForEncryption(call, key_name));
     CUSTOS_RETURN_IF_ERROR(call.BindContext(context));  // the grant first: see DecryptBlob
-    return EncryptUnder(*key, plaintext, context);
+    return EncryptUnder(*key, plaintext, context, call.reservation());
   }());
 }
 
@@ -243,8 +246,9 @@ absl::StatusOr<ReEncrypted> Kms::ReEncryptIn(Call& call, const ReEncryptItem& it
   CUSTOS_ASSIGN_OR_RETURN(std::string destination_hmac,
                           ContextHmac(call.caller().principal, item.destination_context));
   call.event().context_hmac += "," + destination_hmac;
-  CUSTOS_ASSIGN_OR_RETURN(Ciphertext sealed,
-                          EncryptUnder(*key, source->plaintext.span(), item.destination_context));
+  CUSTOS_ASSIGN_OR_RETURN(
+      Ciphertext sealed,
+      EncryptUnder(*key, source->plaintext.span(), item.destination_context, call.reservation()));
   return ReEncrypted{source->key_id, source->key_version, std::move(sealed)};
 }
 
@@ -275,7 +279,7 @@ absl::StatusOr<std::vector<absl::StatusOr<T>>> Kms::RunBatch(const Caller& calle
   records.reserve(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     Call call(*this, caller, action);
-    call.event().call_id = batch_id;
+    call.JoinBatch(batch_id);
     call.event().detail = StrCat("batch item ", i + 1, " of ", items.size());
     results.push_back(call.Settle(run(call, items[i]), &records));
   }

@@ -415,15 +415,20 @@ class Kms {
     Bytes aad;
     hsm::WrappedKey version;
   };
-  // Counts the encryption first: none happens past the version's limit.
+  // Counts the encryption first: none happens past the version's limit. A reservation due
+  // is written at once, or left in `reservation` if there is one (a call's, which writes it
+  // with the call's record: UsageTracker::Deferred).
   absl::StatusOr<Sealing> SealingFor(const storage::KeyRecord& key,
-                                     const EncryptionContext& context);
+                                     const EncryptionContext& context,
+                                     UsageTracker::Deferred* reservation);
   absl::StatusOr<Ciphertext> EncryptUnder(const storage::KeyRecord& key,
                                           std::span<const uint8_t> plaintext,
-                                          const EncryptionContext& context);
+                                          const EncryptionContext& context,
+                                          UsageTracker::Deferred* reservation);
   // A fresh data key of `key_bytes` sealed under `key`: one HSM call draws and seals it.
   absl::StatusOr<DataKey> GenerateUnder(const storage::KeyRecord& key, size_t key_bytes,
-                                        const EncryptionContext& context);
+                                        const EncryptionContext& context,
+                                        UsageTracker::Deferred* reservation);
   absl::StatusOr<Plaintext> DecryptBlob(Call& call, std::span<const uint8_t> blob,
                                         const EncryptionContext& context);
   // The HSM part of a decryption, once the caller may: version checks and the unseal.
@@ -555,7 +560,9 @@ class Kms {
   // `principal`'s own: no caller learns by timing what contexts another used).
   absl::StatusOr<std::string> ContextHmac(std::string_view principal,
                                           const EncryptionContext& context) const;
-  // Writes an encryption reservation with its audit record (ReserveEncryptions).
+  // The audit record of an encryption reservation (ReserveEncryptions).
+  audit::Event ReservationEvent(const storage::VersionUsage& reservation) const;
+  // Writes an encryption reservation with its audit record, in a transaction of its own.
   absl::Status Reserve(const storage::VersionUsage& reservation) const;
 
   Options options_;

@@ -349,7 +349,8 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         CUSTOS_ASSIGN_OR_RETURN(SecureBytes material, options_.hsm->GenerateRandom(kTdeKeyBytes));
         CUSTOS_ASSIGN_OR_RETURN(
             const Ciphertext sealed,
-            EncryptUnder(*key, material.span(), TdeContext(tde.mount, tde.key_id, version)));
+            EncryptUnder(*key, material.span(), TdeContext(tde.mount, tde.key_id, version),
+                         /*reservation=*/nullptr));
         const std::string blob(sealed.ciphertext_blob.begin(), sealed.ciphertext_blob.end());
         set.versions.push_back({version, absl::Base64Escape(blob), now});
         value = Encode(set);

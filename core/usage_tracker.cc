@@ -116,7 +116,28 @@ UsageTracker::Counter* UsageTracker::CounterOf(const std::string& key_id, uint32
   return counter.get();
 }
 
-absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t version) {
+void UsageTracker::Deferred::Settle(bool written) {
+  if (tracker_ == nullptr) return;
+  {
+    std::lock_guard lock(tracker_->mu_);
+    counter_->reserving = false;
+    if (written) {
+      counter_->usage.encryptions_reserved =
+          std::max(counter_->usage.encryptions_reserved, reserved_.encryptions_reserved);
+    }
+    tracker_->settled_.notify_all();
+  }
+  tracker_ = nullptr;
+  counter_ = nullptr;
+}
+
+absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t version,
+                                           Deferred* deferred) {
+  // A call holding a reservation it has not written would wait for itself (or for a call
+  // waiting for it) if it counted again: one encryption per Deferred.
+  if (deferred != nullptr && deferred->tracker_ != nullptr) {
+    return absl::InternalError("a call counted a second encryption with a deferred reservation");
+  }
   bool flagged = false;
   {
     std::unique_lock lock(mu_);
@@ -141,11 +162,17 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
         continue;
       }
       // Reserve the next block, durably, before counting into it.
-      counter->reserving = true;
       storage::VersionUsage reserved = usage;
       reserved.encryptions_reserved =
           std::min(limits_.max_encryptions, usage.encryptions_reserved + limits_.reservation_block);
       reserved.last_used_at = clock_->NowSeconds();
+      counter->reserving = true;
+      if (deferred != nullptr) {  // the caller writes it
+        deferred->tracker_ = this;
+        deferred->counter_ = counter;
+        deferred->reserved_ = std::move(reserved);
+        break;
+      }
       lock.unlock();
       const absl::Status written = reserve_(reserved);
       lock.lock();

@@ -45,6 +45,8 @@ struct UsageLimits {
 };
 
 class UsageTracker {
+  struct Counter;  // one version's counts
+
  public:
   // Writes a reservation durably, with the audit record that names its row (the Kms does).
   using Reserve = std::function<absl::Status(const storage::VersionUsage& reservation)>;
@@ -56,10 +58,39 @@ class UsageTracker {
                Reserve reserve, std::function<void()> on_rotation_wanted);
   ~UsageTracker();
 
+  // A reservation left to a call to write with its own audit record, in the transaction that
+  // must commit before the call's result is released: a crash before that commit loses the
+  // reservation and the result with it, so no ciphertext counted past what is durable ever
+  // leaves. Saves a cold key's first call a commit of its own (and an fsync in series).
+  // Until it is settled, other encryptions under that version wait, as for any reservation;
+  // so a call counts one encryption with it and nothing more (INTERNAL otherwise).
+  class Deferred {
+   public:
+    Deferred() = default;
+    ~Deferred() { Settle(/*written=*/false); }  // never written: as if never made
+    Deferred(const Deferred&) = delete;
+    Deferred& operator=(const Deferred&) = delete;
+
+    // The usage row to write with the call's record, or nullptr if no reservation is due.
+    const storage::VersionUsage* due() const { return tracker_ ? &reserved_ : nullptr; }
+    // Call once the row and its record committed: the block may be counted into by all.
+    void Written() { Settle(/*written=*/true); }
+
+   private:
+    friend class UsageTracker;
+    void Settle(bool written);
+
+    UsageTracker* tracker_ = nullptr;  // set while a reservation is due
+    Counter* counter_ = nullptr;
+    storage::VersionUsage reserved_;
+  };
+
   // Counts one encryption under (key_id, version) before it happens. RESOURCE_EXHAUSTED when
   // the version has reached its limit; UNAVAILABLE if a reservation cannot be written (the
-  // encryption must not happen then either).
-  absl::Status CountEncryption(const std::string& key_id, uint32_t version);
+  // encryption must not happen then either). With `deferred`, a reservation due is left in
+  // it for the caller to write instead of being written here.
+  absl::Status CountEncryption(const std::string& key_id, uint32_t version,
+                               Deferred* deferred = nullptr);
   void CountDecryption(const std::string& key_id, uint32_t version);
 
   // The key's usage as of now (durable counts merged with what is only in memory yet).
@@ -79,7 +110,6 @@ class UsageTracker {
   size_t tracked_keys() const;  // keys whose counters are in memory
 
  private:
-  struct Counter;
   struct Tracked;  // a key whose counters are in memory
   class Pin;       // keeps a key's counters in memory while a call uses them
   // Loads `key_id`'s stored counters unless they are in memory, reading the store with `lock`
@@ -103,8 +133,9 @@ class UsageTracker {
   const std::function<void()> on_rotation_wanted_;
 
   // Guards everything below; never held across a store read or write. A reservation's write
-  // runs with the counter marked `reserving`: encryptions under that version wait for it
-  // (they may not count past what is durable), all others go on.
+  // runs with the counter marked `reserving` (until a Deferred one is settled): encryptions
+  // under that version wait for it (they may not count past what is durable), all others go
+  // on.
   mutable std::mutex mu_;
   std::condition_variable settled_;  // a reservation or a load finished
   std::map<std::pair<std::string, uint32_t>, std::unique_ptr<Counter>> counters_;

@@ -215,6 +215,45 @@ TEST_CASE("If the audit log cannot be written, operations fail closed and change
   CHECK(f.store->AuditHead()->first == records + 2);  // the reservation, then the call
 }
 
+TEST_CASE("A first encryption's reservation commits with the call's record, or not at all",
+          "[kms][audit][usage]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  const uint64_t records = f.store->AuditHead()->first;
+  const uint64_t applies = f.store->GetCommitStats().batches;
+
+  // The commit fails: no data key leaves, and no reservation was written either.
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(absl::IsUnavailable(
+      f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status()));
+  f.store->InjectWriteFault(absl::OkStatus());
+  CHECK(f.store->AuditHead()->first == records);
+  absl::StatusOr<std::vector<storage::VersionUsage>> stored = f.store->GetUsage(key->id);
+  REQUIRE(stored.ok());
+  CHECK(stored->empty());
+
+  // It commits: one transaction holds the reservation and the call's record, in that order.
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.store->GetCommitStats().batches == applies + 1);  // the failed one is not counted
+  std::vector<audit::Record> rows = *f.store->ReadAudit(records + 1, 10);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].action == "ReserveEncryptions");
+  CHECK(rows[0].principal == kServerPrincipal);
+  CHECK(rows[0].detail == "encryptions reserved up to 10000");
+  CHECK(rows[0].row == "usage:" + key->id + "/1");
+  CHECK(rows[1].action == "GenerateDataKey");
+  CHECK(rows[1].call_id == rows[0].call_id);  // the server's record of what the call needed
+  stored = f.store->GetUsage(key->id);
+  REQUIRE(stored.ok());
+  REQUIRE(stored->size() == 1);
+  CHECK((*stored)[0].encryptions_reserved == 10000);
+
+  // The next encryption counts into that block: one transaction, its own record only.
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(f.store->GetCommitStats().batches == applies + 2);
+  CHECK(f.store->AuditHead()->first == records + 3);
+}
+
 TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]") {
   Fixture f;
   REQUIRE(f.kms

@@ -115,6 +115,70 @@ struct PlainTracker {
   UsageTracker tracker;
 };
 
+// The durable reservation of (key_id, 1), 0 if none is stored.
+uint64_t StoredReservation(storage::KeyStore& store, const std::string& key_id) {
+  absl::StatusOr<std::vector<storage::VersionUsage>> stored = store.GetUsage(key_id);
+  REQUIRE(stored.ok());
+  return stored->empty() ? 0 : stored->front().encryptions_reserved;
+}
+
+TEST_CASE(
+    "A deferred reservation is the caller's to write; others wait for it, and one never "
+    "written is as if never made",
+    "[usage]") {
+  UsageLimits limits;
+  limits.reservation_block = 10;
+  PlainTracker p(limits);
+  UsageTracker& tracker = p.tracker;
+
+  auto deferred = std::make_unique<UsageTracker::Deferred>();
+  REQUIRE(tracker.CountEncryption("k", 1, deferred.get()).ok());
+  // Counted, but nothing written: the block is left to the caller.
+  CHECK(p.reservations == 0);
+  CHECK(StoredReservation(*p.store, "k") == 0);
+  REQUIRE(deferred->due() != nullptr);
+  CHECK(deferred->due()->key_id == "k");
+  CHECK(deferred->due()->version == 1);
+  CHECK(deferred->due()->encryptions_reserved == 10);
+  // A call holding it counts nothing more with it: it would wait for itself.
+  CHECK(absl::IsInternal(tracker.CountEncryption("k", 1, deferred.get())));
+  // Until it is settled, another encryption under k waits (it may not count into a block not
+  // yet durable); other keys do not.
+  auto waiting = std::async(std::launch::async, [&] { return tracker.CountEncryption("k", 1); });
+  CHECK(tracker.CountEncryption("other", 1).ok());
+  CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
+
+  SECTION("written with the caller's record") {
+    storage::WriteBatch batch;
+    batch.usage.push_back(*deferred->due());
+    REQUIRE(p.store->Apply(batch).ok());
+    deferred->Written();
+    CHECK(deferred->due() == nullptr);
+    REQUIRE(waiting.wait_for(5s) == std::future_status::ready);
+    CHECK(waiting.get().ok());
+    // The waiter counted into the caller's block: no write of its own.
+    CHECK(p.reservations == 1);  // other's
+    CHECK(StoredReservation(*p.store, "k") == 10);
+    absl::StatusOr<std::vector<storage::VersionUsage>> usage = tracker.Usage("k");
+    REQUIRE(usage.ok());
+    CHECK((*usage)[0].encryptions == 2);
+    CHECK((*usage)[0].encryptions_reserved == 10);
+  }
+  SECTION("dropped unwritten (the call failed, or its commit did)") {
+    deferred.reset();
+    REQUIRE(waiting.wait_for(5s) == std::future_status::ready);
+    CHECK(waiting.get().ok());
+    // The waiter reserved the block itself, durably, and counts on past the one counted
+    // for the call that failed: skipped ahead, never rewound.
+    CHECK(p.reservations == 2);
+    CHECK(StoredReservation(*p.store, "k") == 10);
+    absl::StatusOr<std::vector<storage::VersionUsage>> usage = tracker.Usage("k");
+    REQUIRE(usage.ok());
+    CHECK((*usage)[0].encryptions == 2);
+    CHECK((*usage)[0].encryptions_reserved == 10);
+  }
+}
+
 TEST_CASE(
     "Counters past the bound are dropped once written, and a key used again resumes "
     "from its reservation",
