@@ -284,6 +284,7 @@ TEST_CASE(
     }
   });
   std::vector<std::thread> callers;
+  callers.reserve(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     callers.emplace_back([&, t] {
       for (int i = 0; i < kRounds; ++i) {
