@@ -420,6 +420,7 @@ struct Options {
   double warmup = 2;
   double deadline = 30;
   int worker_threads = 0;
+  int hsm_threads = 0;
   std::string state_dir;
   std::string json;
   std::string key_ids;             // a file of key ids (custos_seed_keys --out) to use
@@ -435,12 +436,14 @@ bool Selected(const std::vector<std::string>& chosen, std::string_view name) {
 int Run(const Options& options) {
   const int max_inflight = *std::max_element(options.inflight.begin(), options.inflight.end());
   const int connections = std::min(options.channels, max_inflight);
-  const int hsm_threads =
+  // The raw baseline's threads: as many as custosd has workers, the most HSM calls its
+  // callers can have under way (custosd itself runs at most hsm.threads at once).
+  const int raw_threads =
       options.worker_threads > 0 ? options.worker_threads : kCustosdDefaultWorkerThreads;
   const auto deadline = std::chrono::milliseconds(static_cast<long>(options.deadline * 1000));
   const std::string run_id = std::to_string(std::time(nullptr)) + "-" + std::to_string(getpid());
 
-  CustosdProcess server(options.state_dir, options.worker_threads);
+  CustosdProcess server(options.state_dir, options.worker_threads, options.hsm_threads);
   const std::string& state = server.state_dir();
   const std::string echo_port_file = state + "/echo-port";
   ServerProcess echo(
@@ -448,11 +451,12 @@ int Run(const Options& options) {
        "--client-ca", state + "/pki/ca.crt", "--port-file", echo_port_file},
       echo_port_file, state + "/echo.log");
   std::printf(
-      "custosd pid %d, state %s, worker_threads %s; echo server pid %d; up to %d channel(s) per "
-      "server; %d key(s); %zu blobs per context mix; %d online CPU(s)\n",
+      "custosd pid %d, state %s, worker_threads %s, hsm.threads %s; echo server pid %d; up to "
+      "%d channel(s) per server; %d key(s); %zu blobs per context mix; %d online CPU(s)\n",
       server.pid(), state.c_str(),
       options.worker_threads > 0 ? std::to_string(options.worker_threads).c_str()
                                  : "config default",
+      options.hsm_threads > 0 ? std::to_string(options.hsm_threads).c_str() : "config default",
       echo.pid(), connections, options.keys, options.blobs,
       static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
   std::fflush(stdout);
@@ -509,9 +513,9 @@ int Run(const Options& options) {
     if (Selected(options.ops, name)) batch_phases.push_back({.name = name, .single = single});
   }
   if (options.baselines) {
-    RawHsm raw(static_cast<size_t>(std::max(hsm_threads, kBatchInflight)));
+    RawHsm raw(static_cast<size_t>(std::max(raw_threads, kBatchInflight)));
     local("raw PKCS#11 (HMAC+RNG+GCM)", 1, [&](int) { return raw.DataKey(); });
-    local("raw PKCS#11 (HMAC+RNG+GCM)", hsm_threads, [&](int) { return raw.DataKey(); });
+    local("raw PKCS#11 (HMAC+RNG+GCM)", raw_threads, [&](int) { return raw.DataKey(); });
     if (cold_keys) {
       raw_hot =
           local("raw PKCS#11 (GCM, version cached)", 1, [&](int) { return raw.EncryptHot(); });
@@ -806,7 +810,8 @@ int Run(const Options& options) {
                       {"seconds", options.seconds},
                       {"warmup", options.warmup},
                       {"deadline_seconds", options.deadline},
-                      {"worker_threads", options.worker_threads}};
+                      {"worker_threads", options.worker_threads},
+                      {"hsm_threads", options.hsm_threads}};
     out["online_cpus"] = sysconf(_SC_NPROCESSORS_ONLN);
     out["phases"] = nlohmann::json::array();
     for (const Phase& p : phases) out["phases"].push_back(ToJson(p));
@@ -862,6 +867,10 @@ int Main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--worker-threads", options.worker_threads,
                  "custosd's server.worker_threads; 0 leaves the config's (custosd's default)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--hsm-threads", options.hsm_threads,
+                 "custosd's hsm.threads; 0 leaves the config's (custosd's default)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));
   app.add_option("--state-dir", options.state_dir,

@@ -18,23 +18,27 @@ namespace {
 using testing::ReadFile;
 using testing::RunOrThrow;
 
-void SetWorkerThreads(const std::string& config_path, int threads) {
+// Writes `key = value` into [section] of the config at `config_path`, replacing the key's
+// line if the file has one (keys are unique across custosd.toml's sections).
+void SetSetting(const std::string& config_path, const std::string& section, const std::string& key,
+                int value) {
   std::string config = ReadFile(config_path);
-  const std::string line = "worker_threads = " + std::to_string(threads);
-  const std::regex existing(R"(\nworker_threads *= *\d+)");
+  const std::string line = key + " = " + std::to_string(value);
+  const std::regex existing("\n" + key + R"( *= *\d+)");
   if (std::regex_search(config, existing)) {
     config = std::regex_replace(config, existing, "\n" + line);
   } else {
-    const size_t server = config.find("[server]\n");
-    if (server == std::string::npos) throw std::runtime_error("no [server] in " + config_path);
-    config.insert(server + 9, line + "\n");
+    const std::string header = "[" + section + "]\n";
+    const size_t at = config.find(header);
+    if (at == std::string::npos) throw std::runtime_error("no " + header + " in " + config_path);
+    config.insert(at + header.size(), line + "\n");
   }
   std::ofstream(config_path, std::ios::trunc) << config;
 }
 
 }  // namespace
 
-CustosdProcess::CustosdProcess(const std::string& state_dir, int worker_threads) {
+CustosdProcess::CustosdProcess(const std::string& state_dir, int worker_threads, int hsm_threads) {
   if (state_dir.empty()) {
     temp_.emplace();
     dir_ = temp_->path();
@@ -44,7 +48,8 @@ CustosdProcess::CustosdProcess(const std::string& state_dir, int worker_threads)
   }
   RunOrThrow("MAKE_STATE_QUIET=1 CUSTOS_PORT=0 " MAKE_STATE_PATH " '" + dir_ + "'");
   const std::string config = dir_ + "/custosd.toml";
-  if (worker_threads > 0) SetWorkerThreads(config, worker_threads);
+  if (worker_threads > 0) SetSetting(config, "server", "worker_threads", worker_threads);
+  if (hsm_threads > 0) SetSetting(config, "hsm", "threads", hsm_threads);
   // SOFTHSM2_CONF is given to each custosd explicitly: this process may point its own at
   // another token (the raw PKCS#11 baseline).
   const std::string softhsm_conf = dir_ + "/hsm/softhsm2.conf";

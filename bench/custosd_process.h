@@ -24,9 +24,9 @@ class CustosdProcess {
  public:
   // `state_dir` empty: a fresh temporary folder, removed afterwards. Otherwise that folder
   // (created if missing, kept afterwards). `worker_threads` 0 leaves custosd.toml's
-  // server.worker_threads as it is (custosd's default if unset); above 0 writes it. Throws
-  // std::runtime_error if custosd does not start.
-  CustosdProcess(const std::string& state_dir, int worker_threads);
+  // server.worker_threads as it is (custosd's default if unset); above 0 writes it, and so
+  // does `hsm_threads` for hsm.threads. Throws std::runtime_error if custosd does not start.
+  CustosdProcess(const std::string& state_dir, int worker_threads, int hsm_threads = 0);
   ~CustosdProcess();
   CustosdProcess(const CustosdProcess&) = delete;
   CustosdProcess& operator=(const CustosdProcess&) = delete;

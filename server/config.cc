@@ -359,9 +359,14 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   c.max_message_bytes = static_cast<size_t>(max_message);
   c.key_cache_capacity = static_cast<size_t>(cache);
   int64_t call_timeout = c.hsm_call_timeout_ms, stuck = c.hsm_max_stuck_calls;
+  int64_t hsm_threads = c.hsm_threads;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "threads", &hsm_threads));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "call_timeout_ms", &call_timeout));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "max_stuck_calls", &stuck));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "hang_limit_ms", &c.hsm_hang_limit_ms));
+  if (hsm_threads < 1 || hsm_threads > 1024) {
+    return absl::InvalidArgumentError("config: hsm.threads must be 1..1024");
+  }
   if (call_timeout < 100 || call_timeout > 60000) {
     return absl::InvalidArgumentError("config: hsm.call_timeout_ms must be 100..60000");
   }
@@ -375,6 +380,7 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   }
   c.hsm_call_timeout_ms = static_cast<int>(call_timeout);
   c.hsm_max_stuck_calls = static_cast<int>(stuck);
+  c.hsm_threads = static_cast<int>(hsm_threads);
   CUSTOS_RETURN_IF_ERROR(settings.RefuseUnknown("dual_control"));
 
   const fs::path base = fs::absolute(path).parent_path();

@@ -20,8 +20,8 @@ struct Config {
   // gRPC server reflection (grpc.reflection.v1alpha), so that generic gRPC tools can list and
   // call the API; it describes the API only, to callers the CA vouches for, and is not audited.
   bool reflection = true;
-  // Threads running calls' blocking work (HSM calls, audit commits); also the HSM session
-  // pool size. Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
+  // Threads running calls' blocking work (they hand HSM calls to hsm.threads and lead audit
+  // commits). Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
   // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
   int worker_threads = 16;
   size_t max_waiting_calls = 4096;
@@ -61,6 +61,11 @@ struct Config {
   // hsm.hang_limit_ms (0 = never, else at least call_timeout_ms) makes custosd exit (code 70)
   // so that its supervisor restarts it. See hsm/call_executor.h.
   int hsm_call_timeout_ms = 2000;
+  // HSM calls under way at once (1..1024): the threads that call the module, and its pooled
+  // sessions. Each worker waits for its own HSM call, so beyond worker_threads (and a few for
+  // background tasks: health probes, checkpoints) threads stay idle; fewer suit a module that
+  // limits its sessions. See docs/PERFORMANCE.md, "HSM threads".
+  int hsm_threads = 16;
   int hsm_max_stuck_calls = 8;
   int64_t hsm_hang_limit_ms = 60000;
 

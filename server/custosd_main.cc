@@ -195,7 +195,7 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config,
   options.module_path = config.hsm_module;
   options.token_label = config.hsm_token_label;
   options.pin = std::move(pin);
-  options.session_pool_size = static_cast<size_t>(config.worker_threads);
+  options.session_pool_size = static_cast<size_t>(config.hsm_threads);
   options.key_cache_capacity = config.key_cache_capacity;
   options.call_timeout = std::chrono::milliseconds(config.hsm_call_timeout_ms);
   options.max_stuck_calls = static_cast<size_t>(config.hsm_max_stuck_calls);

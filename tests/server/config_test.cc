@@ -129,6 +129,7 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.context_hmac_cache == 65536);
   CHECK(c.root_key_label == "custos-root");
   CHECK(c.key_cache_capacity == 4096);
+  CHECK(c.hsm_threads == 16);
   CHECK(c.log_level == "info");
   CHECK(c.maintenance_interval_seconds == 60);
   CHECK(c.health_interval_ms == 1000);
@@ -160,6 +161,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"server", "health_probe_timeout_ms", "500"});
   entries.push_back({"hsm", "root_key_label", R"("root-2")"});
   entries.push_back({"hsm", "key_cache", "10"});
+  entries.push_back({"hsm", "threads", "32"});
   entries.push_back({"log", "level", R"("debug")"});
   entries.push_back({"log", "audit_mirror", "true"});
   entries.push_back({"audit", "context_hmac_cache", "0"});
@@ -185,6 +187,8 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.health_probe_timeout_ms == 500);
   CHECK(c.root_key_label == "root-2");
   CHECK(c.key_cache_capacity == 10);
+  CHECK(c.hsm_threads == 32);
+  CHECK(c.worker_threads == 4);  // set apart: HSM threads no longer follow the workers
   CHECK(c.log_level == "debug");
   CHECK(c.audit_mirror);
   CHECK(c.context_hmac_cache == 0);
@@ -444,6 +448,10 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
   std::vector<Entry> entries = Minimal();
   entries.push_back({"hsm", "call_timeout_ms", "5"});
   RequireRefused(files, Render(entries), at + "10: hsm.call_timeout_ms must be 100..60000");
+  for (const char* threads : {"0", "1025"}) {
+    entries.back() = {"hsm", "threads", threads};
+    RequireRefused(files, Render(entries), at + "10: hsm.threads must be 1..1024");
+  }
   // Both PIN sources: the line of the first one named.
   entries.back() = {"hsm", "pin_env", R"("PIN")"};
   RequireRefused(files, Render(entries), at + "9: set exactly one of hsm.pin_file and hsm.pin_env");
