@@ -104,6 +104,12 @@ absl::StatusOr<SecureBytes> FaultyHsm::GenerateRandom(size_t count) {
   return inner_->GenerateRandom(count);
 }
 
+absl::StatusOr<SealedDataKey> FaultyHsm::GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                         std::span<const uint8_t> aad) {
+  CUSTOS_RETURN_IF_ERROR(NextFault("GenerateDataKey"));
+  return inner_->GenerateDataKey(key, key_bytes, aad);
+}
+
 absl::Status FaultyHsm::CreateHmacKey(const std::string& label) {
   CUSTOS_RETURN_IF_ERROR(NextFault("CreateHmacKey"));
   return inner_->CreateHmacKey(label);

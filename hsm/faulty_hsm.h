@@ -53,6 +53,10 @@ class FaultyHsm final : public Hsm {
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override;
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override;
+  // One call, forwarded as one: the wrapped Hsm's own (a single PKCS#11 sequence in
+  // Pkcs11Hsm), not the base class's GenerateRandom then Encrypt.
+  absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
+                                                std::span<const uint8_t> aad) override;
   void Forget(const std::string& cache_id) override { inner_->Forget(cache_id); }
   absl::Status CreateHmacKey(const std::string& label) override;
   absl::StatusOr<Bytes> HmacSha256(const std::string& label,

@@ -2,6 +2,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -43,6 +44,36 @@ TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command"
   REQUIRE(opened.ok());
   CHECK(AsString(*opened) == "secret");
   CHECK(faulty.calls() == 12);
+}
+
+TEST_CASE("FaultyHsm forwards GenerateDataKey as one call, the wrapped Hsm's own") {
+  SoftHsmToken token;
+  std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
+  hsm::FaultyHsm faulty(real.get());
+  auto wrapped = faulty.GenerateWrappedKey(kRoot);
+  REQUIRE(wrapped.ok());
+  const hsm::WrappedKey key{"k/1", *wrapped, kRoot};
+
+  int64_t before = faulty.calls();
+  auto made = faulty.GenerateDataKey(key, 32, AsBytes("aad"));
+  REQUIRE(made.ok());
+  CHECK(faulty.calls() == before + 1);  // not GenerateRandom then Encrypt
+  CHECK(made->plaintext.size() == 32);
+  auto opened =
+      real->Decrypt(key, made->sealed.iv, made->sealed.ciphertext_and_tag, AsBytes("aad"));
+  REQUIRE(opened.ok());
+  CHECK(std::ranges::equal(opened->span(), made->plaintext.span()));
+
+  faulty.FailNext(1, absl::UnavailableError("token pulled"));
+  before = faulty.calls();
+  CHECK(absl::IsUnavailable(faulty.GenerateDataKey(key, 32, {}).status()));
+  CHECK(faulty.calls() == before + 1);
+  bool hooked = false;
+  faulty.BeforeNextCallTo("GenerateDataKey", [&] { hooked = true; });
+  REQUIRE(faulty.GenerateDataKey(key, 32, {}).ok());
+  CHECK(hooked);
+  faulty.SetDown(true);
+  CHECK(absl::IsUnavailable(faulty.GenerateDataKey(key, 32, {}).status()));
 }
 
 TEST_CASE("FaultyHsm forwards and fails the root rotation calls") {
