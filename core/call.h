@@ -102,7 +102,8 @@ class Kms::Call {
   template <typename T>
   absl::StatusOr<T> Finish(absl::StatusOr<T> result) {
     std::vector<audit::Event> record;
-    result = Settle(std::move(result), &record);
+    if (recorded_) result = Unreserved(std::move(result));  // CommitWith wrote what was due
+    result = Record(std::move(result), &record);
     if (record.empty()) return result;  // CommitWith recorded it
     if (absl::IsPermissionDenied(result.status()) && kms_.refusal_counter_ &&
         kms_.refusal_counter_(record.front(), std::string(result.status().message()))) {
@@ -111,18 +112,36 @@ class Kms::Call {
     // A failed call released nothing: its reservation, if any, is dropped unwritten.
     storage::WriteBatch batch;
     const bool reserving = result.ok() && AddReservation(batch, record);
-    if (absl::Status recorded = kms_.Commit(std::move(batch), record); !recorded.ok()) {
-      return absl::UnavailableError(
-          StrCat("audit log unavailable, operation refused: ", recorded.message()));
+    absl::Status recorded = kms_.Commit(std::move(batch), record);
+    if (!recorded.ok() && reserving) {
+      // The reservation's row needs a MAC from the HSM's catalogue key, the records do not: if
+      // that is what failed, the call still fails, and its record says so.
+      record.erase(record.begin());
+      record.front().outcome = absl::StatusCode::kUnavailable;
+      result = absl::UnavailableError(StrCat(
+          "operation refused, its key's encryptions could not be reserved: ", recorded.message()));
+      recorded = kms_.Commit({}, record);
     }
-    if (reserving) reservation_.Written();
+    if (!recorded.ok()) {
+      return absl::UnavailableError(
+          StrCat("operation refused, its record could not be written: ", recorded.message()));
+    }
+    if (reserving && result.ok()) reservation_.Written();
     return result;
   }
 
   // Finish without the commit: appends the call's record, unless CommitWith made it, to
-  // `records`, which the caller commits before it returns `result` to anyone.
+  // `records`, which the caller commits before it returns `result` to anyone. A reservation
+  // still due is not written here, so a result that needed one is refused (INTERNAL).
   template <typename T>
   absl::StatusOr<T> Settle(absl::StatusOr<T> result, std::vector<audit::Event>* records) {
+    return Record(Unreserved(std::move(result)), records);
+  }
+
+ private:
+  // Appends the call's record with `result`'s outcome to `records`, unless it was made.
+  template <typename T>
+  absl::StatusOr<T> Record(absl::StatusOr<T> result, std::vector<audit::Event>* records) {
     kms_.RaiseIntegrityAlarm(result.status());
     if (recorded_) return result;
     event_.outcome = result.status().code();
@@ -132,7 +151,15 @@ class Kms::Call {
     return result;
   }
 
- private:
+  // `result`, unless it counted an encryption whose reservation nobody will write now (a
+  // path that cannot write it): then INTERNAL, and the encryption is not released.
+  template <typename T>
+  absl::StatusOr<T> Unreserved(absl::StatusOr<T> result) {
+    if (!result.ok() || reservation_.due() == nullptr) return result;
+    return absl::InternalError(
+        "an encryption's reservation was left unwritten; the result is withheld");
+  }
+
   // Adds the reservation this call left due, if any, to `batch` and its record before the
   // call's own in `records`; true if there was one.
   bool AddReservation(storage::WriteBatch& batch, std::vector<audit::Event>& records) {

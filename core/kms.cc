@@ -285,7 +285,7 @@ absl::StatusOr<std::vector<absl::StatusOr<T>>> Kms::RunBatch(const Caller& calle
   }
   if (absl::Status recorded = Commit({}, records); !recorded.ok()) {
     return absl::UnavailableError(
-        StrCat("audit log unavailable, batch refused: ", recorded.message()));
+        StrCat("batch refused, its records could not be written: ", recorded.message()));
   }
   return results;
 }

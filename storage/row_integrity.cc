@@ -10,7 +10,12 @@ namespace custos::storage {
 
 absl::StatusOr<Bytes> RowIntegrity::Seal(std::span<const uint8_t> canonical) const {
   if (authenticator_ == nullptr) return Bytes();
-  return authenticator_->Mac(canonical);
+  absl::StatusOr<Bytes> mac = authenticator_->Mac(canonical);
+  if (!mac.ok()) {
+    return absl::Status(mac.status().code(),
+                        StrCat("a row could not be sealed: ", mac.status().message()));
+  }
+  return mac;
 }
 
 absl::Status RowIntegrity::Known(const std::string& name) const {

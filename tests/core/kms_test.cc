@@ -203,7 +203,7 @@ TEST_CASE("If the audit log cannot be written, operations fail closed and change
   absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
   CHECK(absl::IsUnavailable(dk.status()));
   CHECK(dk.status().message() ==
-        "audit log unavailable, operation refused: audit log unavailable: disk full");
+        "operation refused, its record could not be written: audit log unavailable: disk full");
   CreateKeyParams params;
   params.alias = "while-down";
   CHECK(absl::IsUnavailable(f.kms->CreateKey(f.officer, params).status()));
@@ -252,6 +252,41 @@ TEST_CASE("A first encryption's reservation commits with the call's record, or n
   REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
   CHECK(f.store->GetCommitStats().batches == applies + 2);
   CHECK(f.store->AuditHead()->first == records + 3);
+}
+
+TEST_CASE("A first encryption whose reservation cannot be sealed fails, and is still recorded",
+          "[kms][audit][usage]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  const uint64_t records = f.store->AuditHead()->first;
+  // The catalogue's HMAC key becomes unreachable once the data key is made: the reservation's
+  // row cannot be sealed, the call's record needs no seal.
+  hsm::FaultyHsm catalog_hsm(f.real_hsm.get());
+  f.rows.Bind(&catalog_hsm);
+  f.hsm->BeforeNextCallTo("GenerateDataKey", [&] { catalog_hsm.SetDown(true); });
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  CHECK(absl::IsUnavailable(dk.status()));
+  CHECK(dk.status().message() ==
+        "operation refused, its key's encryptions could not be reserved: audit log "
+        "unavailable: a row could not be sealed: HSM is down (FaultyHsm)");
+  std::vector<audit::Record> rows = *f.store->ReadAudit(records + 1, 10);
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].action == "GenerateDataKey");
+  CHECK(rows[0].key_id == key->id);
+  CHECK(rows[0].outcome == "UNAVAILABLE");
+  absl::StatusOr<std::vector<storage::VersionUsage>> stored = f.store->GetUsage(key->id);
+  REQUIRE(stored.ok());
+  CHECK(stored->empty());
+
+  // Once the key is back, the next call reserves and succeeds, by itself.
+  catalog_hsm.SetDown(false);
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  rows = *f.store->ReadAudit(records + 2, 10);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0].action == "ReserveEncryptions");
+  CHECK(rows[1].action == "GenerateDataKey");
+  CHECK(rows[1].outcome == "OK");
+  f.rows.Bind(f.real_hsm.get());
 }
 
 TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]") {
