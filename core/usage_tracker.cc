@@ -124,6 +124,9 @@ void UsageTracker::Deferred::Settle(bool written) {
     if (written) {
       counter_->usage.encryptions_reserved =
           std::max(counter_->usage.encryptions_reserved, reserved_.encryptions_reserved);
+      // The row carries the counts as of the reservation; a Flush() may have written newer
+      // ones meanwhile, which the next must write again.
+      counter_->dirty = true;
     }
     tracker_->settled_.notify_all();
   }

@@ -180,6 +180,58 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "A deferred reservation keeps its counter through flushes and eviction pressure, and its "
+    "row, written late, undoes no counts",
+    "[usage]") {
+  UsageLimits limits;
+  limits.reservation_block = 10;
+  limits.tracked_keys = 1;
+  PlainTracker p(limits);
+  UsageTracker& tracker = p.tracker;
+  UsageTracker::Deferred deferred;
+  REQUIRE(tracker.CountEncryption("k", 1, &deferred).ok());
+  REQUIRE(deferred.due() != nullptr);
+  const storage::VersionUsage row = *deferred.due();  // as the call's commit will write it
+  p.clock.Advance(5);
+  tracker.CountDecryption("k", 1);
+  REQUIRE(tracker.Flush().ok());  // k's counts are written, its reservation is not
+  // Two more keys, then a flush: k is the least recently used of three, one over the bound,
+  // but its counter is what the call's reservation will settle.
+  REQUIRE(tracker.CountEncryption("a", 1).ok());
+  REQUIRE(tracker.CountEncryption("b", 1).ok());
+  REQUIRE(tracker.Flush().ok());
+  CHECK(tracker.tracked_keys() == 1);
+
+  SECTION("another count under k still waits for it") {
+    // Had k been dropped, its counter would be read back without the due reservation and this
+    // count would reserve a block of its own at once.
+    auto waiting = std::async(std::launch::async, [&] { return tracker.CountEncryption("k", 1); });
+    CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
+    storage::WriteBatch batch;
+    batch.usage.push_back(row);
+    REQUIRE(p.store->Apply(batch).ok());
+    deferred.Written();
+    REQUIRE(waiting.wait_for(5s) == std::future_status::ready);
+    CHECK(waiting.get().ok());
+    CHECK(p.reservations == 2);  // a's and b's: the second count under k used the call's block
+  }
+  SECTION("the counts flushed before the row was written are written again") {
+    storage::WriteBatch batch;
+    batch.usage.push_back(row);
+    REQUIRE(p.store->Apply(batch).ok());
+    deferred.Written();
+    REQUIRE(tracker.Flush().ok());
+    absl::StatusOr<std::vector<storage::VersionUsage>> stored = p.store->GetUsage("k");
+    REQUIRE(stored.ok());
+    REQUIRE(stored->size() == 1);
+    CHECK((*stored)[0].encryptions_reserved == 10);
+    CHECK((*stored)[0].encryptions == 1);
+    CHECK((*stored)[0].decryptions == 1);
+    CHECK((*stored)[0].last_used_at == 1'800'000'005);
+  }
+}
+
+TEST_CASE(
     "Counters past the bound are dropped once written, and a key used again resumes "
     "from its reservation",
     "[usage]") {
