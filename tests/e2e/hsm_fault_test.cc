@@ -537,5 +537,56 @@ TEST_CASE("An HSM call stuck past hsm.hang_limit_ms makes custosd exit for its s
   CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
 }
 
+TEST_CASE(
+    "hsm.threads is how many HSM calls are under way at once: with one, a hung call "
+    "leaves the others HSM busy",
+    "[e2e][hsm_fault]") {
+  // No hung call is replaced (hsm.max_stuck_calls = 0): what runs is what hsm.threads allows.
+  for (const int threads : {1, 2}) {
+    INFO("hsm.threads = " << threads);
+    CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+    UseShortHsmDeadline(server, "threads = " + std::to_string(threads) + "\nmax_stuck_calls = 0\n");
+    const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/threads"), true, true);
+    pb::GenerateDataKeyResponse sealed;
+    REQUIRE(GenerateDataKey(server, key.key_id(), "known", &sealed).ok());  // unwrapped, HMACed
+
+    server.SetFaults("C_Encrypt hang\n");
+    std::thread hung([&] {
+      pb::GenerateDataKeyResponse reply;
+      const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
+      INFO(Describe(status));
+      CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+      CHECK(status.error_message().find("the HSM did not answer GenerateDataKey within 500 ms") !=
+            std::string::npos);
+    });
+    AwaitLine([&] { return server.FaultLog(); }, "hanging C_Encrypt");
+    const auto start = Clock::now();
+    const grpc::Status opened = Decrypt(server, sealed, "known");
+    const auto waited = Clock::now() - start;
+    INFO(Describe(opened));
+    if (threads == 1) {
+      CHECK(opened.error_code() == grpc::StatusCode::UNAVAILABLE);
+      CHECK(opened.error_message().find("HSM busy: no HSM thread was free for Decrypt within 500 "
+                                        "ms (hsm.call_timeout_ms; ") != std::string::npos);
+      CHECK(waited >= 500ms);
+    } else {
+      CHECK(opened.ok());
+      CHECK(waited < 450ms);
+    }
+    // What needs no HSM call is answered meanwhile either way.
+    pb::DescribeKeyRequest describe;
+    describe.set_key(key.key_id());
+    pb::KeyMetadata described;
+    CHECK(server.Admin("officer1")->DescribeKey(Context().get(), describe, &described).ok());
+    hung.join();
+
+    // Once the module answers, its thread serves again.
+    server.SetFaults("");
+    AwaitLine([&] { return server.FaultLog(); }, "released C_Encrypt");
+    AwaitLine([&] { return server.Log(); }, "a set-aside HSM call (GenerateDataKey) returned");
+    CHECK(Decrypt(server, sealed, "known").ok());
+  }
+}
+
 }  // namespace
 }  // namespace custos::testing
