@@ -13,14 +13,26 @@
 namespace custos::testing {
 namespace {
 
-TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command") {
+// A FaultyHsm over a real SoftHSM2 token, with one version wrapped under the root through it
+// (its first call).
+struct FaultyOverToken {
+  static Bytes Wrap(hsm::FaultyHsm& faulty) {
+    absl::StatusOr<Bytes> wrapped = faulty.GenerateWrappedKey(kRoot);
+    REQUIRE(wrapped.ok());
+    return *std::move(wrapped);
+  }
+
   SoftHsmToken token;
   std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
-  hsm::FaultyHsm faulty(real.get());
+  hsm::FaultyHsm faulty{real.get()};
+  const Bytes wrapped = Wrap(faulty);
+  const hsm::WrappedKey key{"k/1", wrapped, kRoot};
+};
 
-  auto wrapped = faulty.GenerateWrappedKey(kRoot);
-  REQUIRE(wrapped.ok());
-  const hsm::WrappedKey key{"k/1", *wrapped, kRoot};
+TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command") {
+  FaultyOverToken f;
+  hsm::FaultyHsm& faulty = f.faulty;
+  const hsm::WrappedKey& key = f.key;
   auto sealed = faulty.Encrypt(key, AsBytes("secret"), AsBytes("aad"));
   REQUIRE(sealed.ok());
 
@@ -47,12 +59,9 @@ TEST_CASE("FaultyHsm forwards, fails the next n calls, and goes down on command"
 }
 
 TEST_CASE("FaultyHsm forwards GenerateDataKey as one call, the wrapped Hsm's own") {
-  SoftHsmToken token;
-  std::unique_ptr<hsm::Hsm> real = OpenHsm(token);
-  hsm::FaultyHsm faulty(real.get());
-  auto wrapped = faulty.GenerateWrappedKey(kRoot);
-  REQUIRE(wrapped.ok());
-  const hsm::WrappedKey key{"k/1", *wrapped, kRoot};
+  FaultyOverToken f;
+  hsm::FaultyHsm& faulty = f.faulty;
+  const hsm::WrappedKey& key = f.key;
 
   int64_t before = faulty.calls();
   auto made = faulty.GenerateDataKey(key, 32, AsBytes("aad"));
@@ -60,7 +69,7 @@ TEST_CASE("FaultyHsm forwards GenerateDataKey as one call, the wrapped Hsm's own
   CHECK(faulty.calls() == before + 1);  // not GenerateRandom then Encrypt
   CHECK(made->plaintext.size() == 32);
   auto opened =
-      real->Decrypt(key, made->sealed.iv, made->sealed.ciphertext_and_tag, AsBytes("aad"));
+      f.real->Decrypt(key, made->sealed.iv, made->sealed.ciphertext_and_tag, AsBytes("aad"));
   REQUIRE(opened.ok());
   CHECK(std::ranges::equal(opened->span(), made->plaintext.span()));
 
