@@ -19,6 +19,8 @@ struct UsageTracker::Tracked {
   // Calls between their Load() and their end; their counters may not be dropped meanwhile.
   // Taken with mu_; given back by a Pin, which may run without it.
   std::atomic<int> users{0};
+  // Its reservations were loaded through their integrity check (else only its counts were).
+  bool checked = false;
 };
 
 class UsageTracker::Pin {
@@ -43,9 +45,11 @@ UsageTracker::UsageTracker(storage::KeyStore* store, const Clock* clock, const U
 UsageTracker::~UsageTracker() = default;
 
 absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::mutex>& lock,
-                                                          const std::string& key_id) {
+                                                          const std::string& key_id, Need need) {
+  const bool check = need == Need::kCheckedReservations;
   for (;;) {
-    if (auto it = tracked_.find(key_id); it != tracked_.end()) {
+    auto it = tracked_.find(key_id);
+    if (it != tracked_.end() && (it->second.checked || !check)) {
       recency_.splice(recency_.begin(), recency_, it->second.recency);
       it->second.users.fetch_add(1, std::memory_order_relaxed);
       return &it->second;
@@ -56,11 +60,26 @@ absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::
     }
     loading_keys_.insert(key_id);
     lock.unlock();
-    absl::StatusOr<std::vector<storage::VersionUsage>> stored = store_->GetUsage(key_id);
+    // A decryption only counts: it spares a cold key the reservations' integrity check (an
+    // HSM HMAC per version), which guards encryptions alone.
+    absl::StatusOr<std::vector<storage::VersionUsage>> stored =
+        check ? store_->GetUsage(key_id) : store_->GetUsageUnchecked(key_id);
     lock.lock();
     loading_keys_.erase(key_id);
     settled_.notify_all();
     CUSTOS_RETURN_IF_ERROR(stored.status());
+    if (it = tracked_.find(key_id); it != tracked_.end()) {
+      // Loaded unchecked before, and now checked: encryptions resume from the reservations
+      // that passed (nothing counted into the unchecked ones); counts made meanwhile stay.
+      for (const storage::VersionUsage& usage : *stored) {
+        storage::VersionUsage& counted = CounterOf(key_id, usage.version)->usage;
+        counted.encryptions_reserved = usage.encryptions_reserved;
+        counted.encryptions = usage.encryptions_reserved;
+        counted.mac = usage.mac;
+      }
+      it->second.checked = true;
+      continue;
+    }
     for (storage::VersionUsage& usage : *stored) {
       auto counter = std::make_unique<Counter>();
       // Resume from the reservation: whatever was used of it before a crash (or before the
@@ -72,6 +91,7 @@ absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::
     recency_.push_front(key_id);
     Tracked& tracked = tracked_[key_id];
     tracked.recency = recency_.begin();
+    tracked.checked = check;
     tracked.users.fetch_add(1, std::memory_order_relaxed);  // before DropIdle: not this one
     // A few at a time: the keys past the bound may all be waiting for a flush.
     DropIdle(/*max_looked_at=*/8);
@@ -144,7 +164,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
   bool flagged = false;
   {
     std::unique_lock lock(mu_);
-    CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id));
+    CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id, Need::kCheckedReservations));
     const Pin pin(tracked);
     Counter* const counter = CounterOf(key_id, version);
     storage::VersionUsage& usage = counter->usage;
@@ -197,7 +217,7 @@ absl::Status UsageTracker::CountEncryption(const std::string& key_id, uint32_t v
 void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) {
   std::unique_lock lock(mu_);
   // Counts inform officers; a store hiccup must not fail decrypts.
-  absl::StatusOr<Tracked*> tracked = Load(lock, key_id);
+  absl::StatusOr<Tracked*> tracked = Load(lock, key_id, Need::kCounts);
   if (!tracked.ok()) return;
   const Pin pin(*tracked);
   Counter* const counter = CounterOf(key_id, version);
@@ -208,7 +228,7 @@ void UsageTracker::CountDecryption(const std::string& key_id, uint32_t version) 
 
 absl::StatusOr<std::vector<storage::VersionUsage>> UsageTracker::Usage(const std::string& key_id) {
   std::unique_lock lock(mu_);
-  CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id));
+  CUSTOS_ASSIGN_OR_RETURN(Tracked* const tracked, Load(lock, key_id, Need::kCheckedReservations));
   const Pin pin(tracked);
   std::vector<storage::VersionUsage> usage;
   for (auto it = counters_.lower_bound({key_id, 0});

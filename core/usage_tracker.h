@@ -16,7 +16,9 @@
 // again is loaded afresh and, as after a restart, resumes counting encryptions from its
 // reservation: dropping can skip part of a block, never rewind. Counts made since the last
 // Flush() keep their key in memory until it runs, so between two flushes the tracker may hold
-// more keys than the bound, as many as were used meanwhile. Thread-safe.
+// more keys than the bound, as many as were used meanwhile. A key first used by a decryption
+// is loaded without its reservations' integrity check (its counts guard nothing); they are
+// checked before any encryption counts into them. Thread-safe.
 #pragma once
 
 #include <condition_variable>
@@ -112,10 +114,16 @@ class UsageTracker {
  private:
   struct Tracked;  // a key whose counters are in memory
   class Pin;       // keeps a key's counters in memory while a call uses them
-  // Loads `key_id`'s stored counters unless they are in memory, reading the store with `lock`
-  // (on mu_) released: a cold key never holds up calls on others. Callers for the same key
-  // wait for the one load. The key is pinned for the caller, who holds it in a Pin.
-  absl::StatusOr<Tracked*> Load(std::unique_lock<std::mutex>& lock, const std::string& key_id);
+  // What a caller of Load() needs of the stored rows: only the counts (a decryption), or
+  // reservations that passed their integrity check (an encryption, or showing them).
+  enum class Need { kCounts, kCheckedReservations };
+  // Loads `key_id`'s stored counters unless they are in memory (checked, if `need` says so),
+  // reading the store with `lock` (on mu_) released: a cold key never holds up calls on others.
+  // Callers for the same key wait for the one load. Counters loaded unchecked are checked
+  // before anything counts into their reservations. The key is pinned for the caller, who holds
+  // it in a Pin.
+  absl::StatusOr<Tracked*> Load(std::unique_lock<std::mutex>& lock, const std::string& key_id,
+                                Need need);
   // Drops the counters of the least recently used keys while more than tracked_keys are
   // in memory, skipping keys in use or with something unwritten, looking at no more than
   // `max_looked_at` keys. With mu_.

@@ -704,6 +704,12 @@ absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view ke
   return usage;
 }
 
+absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsageUnchecked(
+    std::string_view key_id) const {
+  std::lock_guard lock(impl_->db_mu_);
+  return SelectUsage(*impl_->db_, key_id);
+}
+
 absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
   for (const VersionUsage& u : usage) {
     if (u.key_id.empty() || u.version == 0) {

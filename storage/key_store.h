@@ -317,6 +317,9 @@ class KeyStore {
   // Usage counters of a key's versions (absent versions have never been used). Reservations
   // are checked: DATA_LOSS (kIntegrityPayload) if one fails.
   absl::StatusOr<std::vector<VersionUsage>> GetUsage(std::string_view key_id) const;
+  // The same rows with nothing checked, for counts that inform and guard nothing (decryptions,
+  // last use): their reservations may have been edited and must never be counted into.
+  absl::StatusOr<std::vector<VersionUsage>> GetUsageUnchecked(std::string_view key_id) const;
   // Upserts the counts and last use of versions in one transaction, never their reservations
   // (those are written by Apply, with an audit record).
   absl::Status PutUsageCounts(const std::vector<VersionUsage>& usage);

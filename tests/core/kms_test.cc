@@ -289,6 +289,32 @@ TEST_CASE("A first encryption whose reservation cannot be sealed fails, and is s
   f.rows.Bind(f.real_hsm.get());
 }
 
+TEST_CASE(
+    "A cold key's decryption checks its key row, not its reservations; its next "
+    "encryption checks them",
+    "[kms][usage]") {
+  Fixture f;
+  f.NewKey("k");
+  absl::StatusOr<DataKey> dk = f.kms->GenerateDataKey(f.app, "k", {}, 32, true);
+  REQUIRE(dk.ok());
+  f.Restart();                                   // nothing cached
+  hsm::FaultyHsm catalog_hsm(f.real_hsm.get());  // counts the catalogue key's HMACs
+  f.rows.Bind(&catalog_hsm);
+  REQUIRE(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).ok());
+  CHECK(catalog_hsm.calls() == 1);  // the key row's MAC
+  // The encryption checks the reservation (an HMAC), then seals the next block's row.
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  CHECK(catalog_hsm.calls() == 3);
+  // The decryptions counted meanwhile are kept, with the checked reservation.
+  absl::StatusOr<Kms::KeyDescription> described = f.kms->DescribeKey(f.officer, "k");
+  REQUIRE(described.ok());
+  REQUIRE(described->usage.size() == 1);
+  CHECK(described->usage[0].decryptions == 1);
+  CHECK(described->usage[0].encryptions_reserved == 20000);
+  CHECK(described->usage[0].encryptions == 10001);  // resumed from the first block's end
+  f.rows.Bind(f.real_hsm.get());
+}
+
 TEST_CASE("Authentication refusals are recorded, and fail closed", "[kms][audit]") {
   Fixture f;
   REQUIRE(f.kms
