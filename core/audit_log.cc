@@ -35,6 +35,7 @@ absl::Status Kms::Commit(storage::WriteBatch batch, const std::vector<audit::Eve
   // seq and hash are the store's to set, in commit order.
   for (const audit::Event& e : events) batch.audit.push_back(audit::RecordFromEvent(e, 0));
   absl::Status written = options_.store->Apply(batch);
+  if (written.GetPayload(storage::kSealPayload)) return written;  // the HSM's doing, not the log's
   if (absl::IsUnavailable(written) || absl::IsInternal(written)) {
     return absl::UnavailableError(StrCat("audit log unavailable: ", written.message()));
   }

@@ -113,9 +113,11 @@ class Kms::Call {
     storage::WriteBatch batch;
     const bool reserving = result.ok() && AddReservation(batch, record);
     absl::Status recorded = kms_.Commit(std::move(batch), record);
-    if (!recorded.ok() && reserving) {
-      // The reservation's row needs a MAC from the HSM's catalogue key, the records do not: if
-      // that is what failed, the call still fails, and its record says so.
+    if (reserving && recorded.GetPayload(storage::kSealPayload)) {
+      // The reservation's row needs a MAC from the HSM's catalogue key, the records do not: the
+      // call fails, and its record says so. Encryptions waiting for the reservation need not
+      // wait for that record: the next of them reserves.
+      reservation_.Abandon();
       record.erase(record.begin());
       record.front().outcome = absl::StatusCode::kUnavailable;
       result = absl::UnavailableError(StrCat(

@@ -77,6 +77,8 @@ class UsageTracker {
     const storage::VersionUsage* due() const { return tracker_ ? &reserved_ : nullptr; }
     // Call once the row and its record committed: the block may be counted into by all.
     void Written() { Settle(/*written=*/true); }
+    // Drops it unwritten, as the destructor would: the next encryption reserves.
+    void Abandon() { Settle(/*written=*/false); }
 
    private:
     friend class UsageTracker;

@@ -182,6 +182,9 @@ class RowAuthenticator {
 // The payload (its value: the row's name) of a DATA_LOSS status for a catalogue row that
 // failed its integrity check.
 inline constexpr char kIntegrityPayload[] = "custos/row-integrity";
+// The payload of a status for a row that could not be sealed (the authenticator failed): the
+// batch was not written, though the database may be well.
+inline constexpr char kSealPayload[] = "custos/row-seal";
 
 class KeyStore {
  public:

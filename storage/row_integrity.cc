@@ -11,11 +11,13 @@ namespace custos::storage {
 absl::StatusOr<Bytes> RowIntegrity::Seal(std::span<const uint8_t> canonical) const {
   if (authenticator_ == nullptr) return Bytes();
   absl::StatusOr<Bytes> mac = authenticator_->Mac(canonical);
-  if (!mac.ok()) {
-    return absl::Status(mac.status().code(),
-                        StrCat("a row could not be sealed: ", mac.status().message()));
-  }
-  return mac;
+  if (mac.ok()) return mac;
+  absl::Status failed(mac.status().code(),
+                      StrCat("a row could not be sealed: ", mac.status().message()));
+  mac.status().ForEachPayload(
+      [&](absl::string_view url, const absl::Cord& payload) { failed.SetPayload(url, payload); });
+  failed.SetPayload(kSealPayload, absl::Cord());
+  return failed;
 }
 
 absl::Status RowIntegrity::Known(const std::string& name) const {

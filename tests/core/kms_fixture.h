@@ -61,8 +61,10 @@ struct Fixture {
   TempDir dir;
   std::unique_ptr<hsm::Hsm> real_hsm;
   std::unique_ptr<hsm::FaultyHsm> hsm;
-  // Sealing through the real HSM, not the FaultyHsm, so that tests counting or failing the
-  // use cases' HSM calls see only theirs.
+  // Sealing and checking rows through a FaultyHsm of its own, not `hsm`, so that tests
+  // counting or failing the use cases' HSM calls see only theirs (and those of the catalogue
+  // key only here).
+  std::unique_ptr<hsm::FaultyHsm> catalog_hsm;
   HsmRowAuthenticator rows{"custos-catalog-hmac"};
   std::unique_ptr<storage::KeyStore> store;
   RecordingSink sink;
@@ -90,7 +92,8 @@ struct Fixture {
     REQUIRE(real_hsm->CreateHmacKey("custos-audit-hmac").ok());
     REQUIRE(real_hsm->CreateSigningKey("custos-audit-signing").ok());
     REQUIRE(real_hsm->CreateHmacKey("custos-catalog-hmac").ok());
-    rows.Bind(real_hsm.get());
+    catalog_hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
+    rows.Bind(catalog_hsm.get());
     hsm = std::make_unique<hsm::FaultyHsm>(real_hsm.get());
     store = *storage::KeyStore::Open(dir.File("custos.db"), &rows);
     auto policy = policy::Policy::Parse(kPolicy);
