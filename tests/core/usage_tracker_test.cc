@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "common/strings.h"
 #include "tests/core/kms_fixture.h"
 
@@ -145,6 +146,10 @@ TEST_CASE(
   // Until it is settled, another encryption under k waits (it may not count into a block not
   // yet durable); other keys do not.
   auto waiting = std::async(std::launch::async, [&] { return tracker.CountEncryption("k", 1); });
+  // Should a REQUIRE fail first, the waiter is let go before its future is waited for.
+  const absl::Cleanup let_go = [&] {
+    if (deferred) deferred->Abandon();
+  };
   CHECK(tracker.CountEncryption("other", 1).ok());
   CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
 
@@ -206,6 +211,7 @@ TEST_CASE(
     // Had k been dropped, its counter would be read back without the due reservation and this
     // count would reserve a block of its own at once.
     auto waiting = std::async(std::launch::async, [&] { return tracker.CountEncryption("k", 1); });
+    const absl::Cleanup let_go = [&] { deferred.Abandon(); };  // should a REQUIRE fail first
     CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
     storage::WriteBatch batch;
     batch.usage.push_back(row);
