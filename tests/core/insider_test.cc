@@ -39,7 +39,7 @@ void ExecuteAs3(Fixture& f, Operation operation, const std::string& key,
   Proposal proposal;
   proposal.operation = operation;
   proposal.key = key;
-  proposal.params = params;
+  proposal.params = std::move(params);
   proposal.justification = "insider test";
   absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
   REQUIRE(request.ok());
@@ -56,7 +56,7 @@ std::string DisabledKeyWithOlderCopy(Fixture& f, KeyRef& key) {
   key = f.NewKey("k");
   f.kms.reset();
   f.store.reset();
-  const std::string older = f.dir.File("older.db");
+  std::string older = f.dir.File("older.db");
   std::filesystem::copy_file(Db(f), older);
   f.Restart();
   ExecuteAs3(f, Operation::kDisableKey, "k");

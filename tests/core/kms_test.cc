@@ -13,7 +13,6 @@ namespace {
 
 using testing::Fixture;
 using testing::kApp;
-using testing::kAuditor;
 using testing::kOfficer;
 
 TEST_CASE("Each use case records one audit event with the facts and outcome", "[kms][audit]") {

@@ -119,6 +119,7 @@ TEST_CASE("A token whose store vanishes under load is UNAVAILABLE, then recovere
   std::mutex mu;
   std::map<std::string, size_t> seen;  // "code: message" of every failure
   std::vector<std::thread> load;
+  load.reserve(4);
   for (int t = 0; t < 4; ++t) {
     load.emplace_back([&, t] {
       for (int i = 0; !stop; ++i) {
@@ -200,6 +201,7 @@ TEST_CASE("A hang of any PKCS#11 call is answered UNAVAILABLE at hsm.call_timeou
   pb::GenerateDataKeyResponse sealed;
   REQUIRE(GenerateDataKey(server, warm.key_id(), "known", &sealed).ok());
   std::vector<std::string> cold;  // keys never used yet: their first use unwraps
+  cold.reserve(2);
   for (int i = 0; i < 2; ++i) {
     cold.push_back(CreateKey(server, UniqueAlias("fault/cold"), true, true).key_id());
   }
@@ -465,6 +467,7 @@ TEST_CASE("Callers of a key whose unwrap hangs do not hold up calls on other key
     std::atomic<bool> stop{false};
     std::atomic<int> ok{0}, unavailable{0}, other{0};
     std::vector<std::thread> hammer;
+    hammer.reserve(16);
     for (int t = 0; t < 16; ++t) {
       hammer.emplace_back([&] {
         while (!stop) {

@@ -124,6 +124,7 @@ TEST_CASE("FaultyHsm can own the Hsm it wraps and is thread-safe") {
   faulty.FailNext(50, absl::InternalError("boom"));
   std::atomic<int> failed{0};
   std::vector<std::thread> threads;
+  threads.reserve(4);
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 25; ++i) {
