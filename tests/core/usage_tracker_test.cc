@@ -123,6 +123,15 @@ uint64_t StoredReservation(storage::KeyStore& store, const std::string& key_id) 
   return stored->empty() ? 0 : stored->front().encryptions_reserved;
 }
 
+// Writes a deferred reservation's row as the call's commit would (the row as counted when it
+// was reserved), then settles it.
+void WriteDeferred(PlainTracker& p, UsageTracker::Deferred& deferred) {
+  storage::WriteBatch batch;
+  batch.usage.push_back(*deferred.due());
+  REQUIRE(p.store->Apply(batch).ok());
+  deferred.Written();
+}
+
 TEST_CASE(
     "A deferred reservation is the caller's to write; others wait for it, and one never "
     "written is as if never made",
@@ -154,10 +163,7 @@ TEST_CASE(
   CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
 
   SECTION("written with the caller's record") {
-    storage::WriteBatch batch;
-    batch.usage.push_back(*deferred->due());
-    REQUIRE(p.store->Apply(batch).ok());
-    deferred->Written();
+    WriteDeferred(p, *deferred);
     CHECK(deferred->due() == nullptr);
     REQUIRE(waiting.wait_for(5s) == std::future_status::ready);
     CHECK(waiting.get().ok());
@@ -196,7 +202,6 @@ TEST_CASE(
   UsageTracker::Deferred deferred;
   REQUIRE(tracker.CountEncryption("k", 1, &deferred).ok());
   REQUIRE(deferred.due() != nullptr);
-  const storage::VersionUsage row = *deferred.due();  // as the call's commit will write it
   p.clock.Advance(5);
   tracker.CountDecryption("k", 1);
   REQUIRE(tracker.Flush().ok());  // k's counts are written, its reservation is not
@@ -213,19 +218,13 @@ TEST_CASE(
     auto waiting = std::async(std::launch::async, [&] { return tracker.CountEncryption("k", 1); });
     const absl::Cleanup let_go = [&] { deferred.Abandon(); };  // should a REQUIRE fail first
     CHECK(waiting.wait_for(200ms) == std::future_status::timeout);
-    storage::WriteBatch batch;
-    batch.usage.push_back(row);
-    REQUIRE(p.store->Apply(batch).ok());
-    deferred.Written();
+    WriteDeferred(p, deferred);
     REQUIRE(waiting.wait_for(5s) == std::future_status::ready);
     CHECK(waiting.get().ok());
     CHECK(p.reservations == 2);  // a's and b's: the second count under k used the call's block
   }
   SECTION("the counts flushed before the row was written are written again") {
-    storage::WriteBatch batch;
-    batch.usage.push_back(row);
-    REQUIRE(p.store->Apply(batch).ok());
-    deferred.Written();
+    WriteDeferred(p, deferred);
     REQUIRE(tracker.Flush().ok());
     absl::StatusOr<std::vector<storage::VersionUsage>> stored = p.store->GetUsage("k");
     REQUIRE(stored.ok());
