@@ -69,8 +69,16 @@ absl::StatusOr<UsageTracker::Tracked*> UsageTracker::Load(std::unique_lock<std::
     settled_.notify_all();
     CUSTOS_RETURN_IF_ERROR(stored.status());
     if (it = tracked_.find(key_id); it != tracked_.end()) {
-      // Loaded unchecked before, and now checked: encryptions resume from the reservations
-      // that passed (nothing counted into the unchecked ones); counts made meanwhile stay.
+      // Loaded unchecked before, and now checked: every version's encryptions resume from its
+      // checked reservation, or from none (nothing counted into the unchecked ones); the
+      // decryptions and last use counted meanwhile stay.
+      for (auto c = counters_.lower_bound({key_id, 0});
+           c != counters_.end() && c->first.first == key_id; ++c) {
+        storage::VersionUsage& counted = c->second->usage;
+        counted.encryptions_reserved = 0;
+        counted.encryptions = 0;
+        counted.mac.clear();
+      }
       for (const storage::VersionUsage& usage : *stored) {
         storage::VersionUsage& counted = CounterOf(key_id, usage.version)->usage;
         counted.encryptions_reserved = usage.encryptions_reserved;

@@ -87,6 +87,10 @@ constexpr char kCountVersionsByRoot[] =
 constexpr char kSelectUsage[] =
     "SELECT key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac"
     " FROM version_usage WHERE key_id = ?1 ORDER BY version";
+constexpr char kSelectVersionsWithoutUsage[] =
+    "SELECT v.version FROM key_versions AS v LEFT JOIN version_usage AS u"
+    " ON u.key_id = v.key_id AND u.version = v.version"
+    " WHERE v.key_id = ?1 AND u.version IS NULL ORDER BY v.version";
 // A reservation: everything, the (sealed) reservation included.
 constexpr char kUpsertUsage[] =
     "INSERT INTO version_usage"
@@ -427,6 +431,18 @@ absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
     u.decryptions = static_cast<uint64_t>(stmt.ColumnInt64(4));
     u.last_used_at = stmt.ColumnInt64(5);
     u.mac = stmt.ColumnBlob(6);
+  }
+}
+
+absl::StatusOr<std::vector<uint32_t>> SelectVersionsWithoutUsage(sqlite::Database& db,
+                                                                 std::string_view key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectVersionsWithoutUsage));
+  stmt.BindText(1, key_id);
+  std::vector<uint32_t> versions;
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return versions;
+    versions.push_back(static_cast<uint32_t>(stmt.ColumnInt64(0)));
   }
 }
 

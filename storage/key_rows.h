@@ -63,6 +63,9 @@ absl::StatusOr<std::vector<std::string>> SelectKeysDueForRotation(sqlite::Databa
 // Usage rows of `key_id`, ascending by version.
 absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
                                                       std::string_view key_id);
+// Versions of `key_id` that have no usage row, ascending.
+absl::StatusOr<std::vector<uint32_t>> SelectVersionsWithoutUsage(sqlite::Database& db,
+                                                                 std::string_view key_id);
 // Inserts or replaces one usage row, its reservation and MAC included.
 absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage);
 // Inserts or updates the counts and last use of one usage row, never its reservation or MAC.

@@ -303,7 +303,7 @@ class KeyStore::Impl {
   }
 
   // For a row not in the database: DATA_LOSS (remembered) if the audit log records it, since
-  // Custos never deletes key or request rows; OK otherwise. Called with db_mu_ held.
+  // Custos never deletes key, request or usage rows; OK otherwise. Called with db_mu_ held.
   absl::Status Missing(const std::string& name) {
     if (!integrity_.enabled()) return absl::OkStatus();
     CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded, Recorded(name));
@@ -691,6 +691,15 @@ absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view ke
     for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
       CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(),
                               impl_->Recorded(UsageRowName(usage[i].key_id, usage[i].version)));
+    }
+    // A reservation deleted would restart its version's count at 0: a version without a row
+    // must never have had one recorded.
+    if (impl_->integrity_.enabled()) {
+      CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
+                              SelectVersionsWithoutUsage(*impl_->db_, key_id));
+      for (uint32_t version : unreserved) {
+        CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
+      }
     }
   }
   for (size_t i = 0; i < recorded.size(); ++i) {

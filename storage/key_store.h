@@ -318,7 +318,8 @@ class KeyStore {
   absl::Status PutReplaySafeSetting(const std::string& name, const std::string& value);
 
   // Usage counters of a key's versions (absent versions have never been used). Reservations
-  // are checked: DATA_LOSS (kIntegrityPayload) if one fails.
+  // are checked: DATA_LOSS (kIntegrityPayload) if one fails, or if a version's row is missing
+  // although the audit log recorded it.
   absl::StatusOr<std::vector<VersionUsage>> GetUsage(std::string_view key_id) const;
   // The same rows with nothing checked, for counts that inform and guard nothing (decryptions,
   // last use): their reservations may have been edited and must never be counted into.

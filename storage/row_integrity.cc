@@ -12,7 +12,8 @@ absl::StatusOr<Bytes> RowIntegrity::Seal(std::span<const uint8_t> canonical) con
   if (authenticator_ == nullptr) return Bytes();
   absl::StatusOr<Bytes> mac = authenticator_->Mac(canonical);
   if (mac.ok()) return mac;
-  absl::Status failed(mac.status().code(),
+  // Whatever the HSM said, nothing was written and a retry may succeed.
+  absl::Status failed(absl::StatusCode::kUnavailable,
                       StrCat("a row could not be sealed: ", mac.status().message()));
   mac.status().ForEachPayload(
       [&](absl::string_view url, const absl::Cord& payload) { failed.SetPayload(url, payload); });

@@ -226,6 +226,7 @@ TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
   SECTION("edited") {
     EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0", limits);
   }
+  SECTION("deleted") { EditWhileStopped(f, "DELETE FROM version_usage", limits); }
   SECTION("an older reservation put back, MAC and all") {
     f.kms.reset();
     f.store.reset();
@@ -247,6 +248,37 @@ TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
       f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
   CHECK(absl::IsDataLoss(refused));
   CHECK_THAT(std::string(refused.message()), Catch::Contains("usage:" + key->id + "/1"));
+}
+
+TEST_CASE(
+    "A reservation edited, then put back while custosd serves: encryptions resume from the "
+    "genuine one, not from what a decryption read unchecked",
+    "[insider][catalog]") {
+  UsageLimits limits;
+  limits.reservation_block = 2;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  f.NewKey("k");
+  Bytes blob;
+  for (int i = 0; i < 3; ++i) {  // reserved 2, then 4
+    absl::StatusOr<Ciphertext> sealed =
+        f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {});
+    REQUIRE(sealed.ok());
+    blob = sealed->ciphertext_blob;
+  }
+  const std::string genuine_mac = SqlQuery(Db(f), "SELECT hex(mac) FROM version_usage");
+  REQUIRE(SqlQuery(Db(f), "SELECT encryptions_reserved FROM version_usage") == "4");
+  EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0", limits);
+  REQUIRE(f.kms->Decrypt(f.app, blob, {}).ok());  // reads the counts, reservation 0, unchecked
+  REQUIRE(SqlExec(Db(f),
+                  "UPDATE version_usage SET encryptions_reserved = 4, mac = x'" + genuine_mac + "'")
+              .empty());
+  REQUIRE(f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).ok());
+  absl::StatusOr<Kms::KeyDescription> described = f.kms->DescribeKey(f.officer, "k");
+  REQUIRE(described.ok());
+  REQUIRE(described->usage.size() == 1);
+  CHECK(described->usage[0].encryptions_reserved == 6);  // 4 checked, then the next block
+  CHECK(described->usage[0].encryptions == 5);
+  CHECK(described->usage[0].decryptions == 1);
 }
 
 TEST_CASE("An approval inserted with SQL does not execute anything", "[insider][catalog]") {
