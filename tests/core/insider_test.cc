@@ -205,6 +205,19 @@ TEST_CASE("A key row moved onto another key is refused", "[insider][catalog]") {
   CHECK(f.kms->GenerateDataKey(f.app, "granted", {}, 32, true).ok());
 }
 
+// Three encryptions under "k" (with a reservation block of 2: reserved 2, then 4); the last
+// ciphertext.
+Bytes EncryptThrice(Fixture& f) {
+  Bytes blob;
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<Ciphertext> sealed =
+        f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {});
+    REQUIRE(sealed.ok());
+    blob = sealed->ciphertext_blob;
+  }
+  return blob;
+}
+
 TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
   UsageLimits limits;
   limits.max_encryptions = 100;
@@ -212,13 +225,7 @@ TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
   limits.reservation_block = 2;
   Fixture f(policy::DualControlConfig::Defaults(), limits);
   const KeyRef key = f.NewKey("k");
-  Bytes blob;
-  for (int i = 0; i < 3; ++i) {  // reserved 2, then 4
-    absl::StatusOr<Ciphertext> sealed =
-        f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {});
-    REQUIRE(sealed.ok());
-    blob = sealed->ciphertext_blob;
-  }
+  const Bytes blob = EncryptThrice(f);
   // A decryption first loads the key's counts without checking its reservations: the
   // encryption after it must check them all the same.
   const bool decrypted_first = GENERATE(false, true);
@@ -258,13 +265,7 @@ TEST_CASE(
   limits.reservation_block = 2;
   Fixture f(policy::DualControlConfig::Defaults(), limits);
   f.NewKey("k");
-  Bytes blob;
-  for (int i = 0; i < 3; ++i) {  // reserved 2, then 4
-    absl::StatusOr<Ciphertext> sealed =
-        f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {});
-    REQUIRE(sealed.ok());
-    blob = sealed->ciphertext_blob;
-  }
+  const Bytes blob = EncryptThrice(f);
   const std::string genuine_mac = SqlQuery(Db(f), "SELECT hex(mac) FROM version_usage");
   REQUIRE(SqlQuery(Db(f), "SELECT encryptions_reserved FROM version_usage") == "4");
   EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0", limits);
