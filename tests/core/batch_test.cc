@@ -114,7 +114,8 @@ TEST_CASE("A batch's items reserve their encryptions durably before any is count
   Fixture f(policy::DualControlConfig::Defaults(), limits);
   const KeyRef key = f.NewKey("cold");
   const uint64_t before = f.store->AuditHead()->first;
-  const std::vector<DataKeyItem> items(3, DataKeyItem{"cold", {}, 32});
+  const EncryptionContext context;  // outlives the items, which refer to it
+  const std::vector<DataKeyItem> items(3, DataKeyItem{"cold", context, 32});
   absl::StatusOr<std::vector<absl::StatusOr<DataKey>>> results =
       f.kms->BatchGenerateDataKey(f.app, items, true);
   REQUIRE(results.ok());
