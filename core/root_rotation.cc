@@ -23,6 +23,8 @@ using storage::RequestState;
 constexpr size_t kMigrationPageKeys = 256;
 constexpr std::chrono::milliseconds kFirstRetry{200};
 constexpr std::chrono::milliseconds kLastRetry{30'000};
+// How many labels taken by keys Custos did not make a rotation passes over before it gives up.
+constexpr size_t kMaxSkippedRootLabels = 16;
 
 // The next root label: "custos-root" -> "custos-root.2" -> "custos-root.3" ...
 std::string NextRootLabel(const std::string& label) {
@@ -135,9 +137,31 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   migration.request = request.id;
   migration.from = CurrentRoot();
   migration.to = NextRootLabel(migration.from);
-  // ALREADY_EXISTS: an earlier attempt was cut short; carry on where it stopped.
-  absl::Status created = options_.hsm->CreateRootKey(migration.to);
-  if (!created.ok() && !absl::IsAlreadyExists(created)) return created;
+  // The new root is always one this call generates. A key already under the next label was
+  // left by an attempt cut short, or made outside Custos. Adopting it could mean wrapping every
+  // version under a key that cannot wrap (SoftHSM2 stores a generated key's value after its
+  // other attributes: a kill in between leaves a labelled key with no value) or whose value
+  // someone knows (imported by a PIN holder). Destroying it could shred what a newer copy of
+  // the database wraps under it. So it is left alone, and the next free label is used.
+  std::vector<std::string> skipped;
+  for (;;) {
+    absl::Status created = options_.hsm->CreateRootKey(migration.to);
+    if (created.ok()) break;
+    if (!absl::IsAlreadyExists(created)) return created;
+    if (skipped.size() == kMaxSkippedRootLabels) {
+      return absl::FailedPreconditionError(StrCat(
+          "the HSM token already has keys labelled '", skipped.front(), "' to '", migration.to,
+          "', which this server did not make as its roots; remove those "
+          "that are not in use (see docs/OPERATIONS.md) and approve a new rotation"));
+    }
+    spdlog::warn(
+        "root rotation {}: the HSM token already has a key labelled '{}' that this rotation did "
+        "not make (left by an attempt cut short, or made outside Custos); it is left alone and "
+        "not used",
+        request.id, migration.to);
+    skipped.push_back(migration.to);
+    migration.to = NextRootLabel(migration.to);
+  }
   // Versions under a legacy root (one that does not confine what it unwraps) move to the new
   // root, inside the HSM, in the background. Versions under a confining root cannot move, by
   // design: they stay under it, and it is destroyed once the last of them is
@@ -168,9 +192,12 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   batch.settings[kRootKeySetting] = migration.to;
   // Remembered durably, so that their destruction is retried after a failure or a crash.
   batch.settings[kRetiredRootsSetting] = nlohmann::json(retired).dump();
-  audit::Event rotated = ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
-                                     StrCat("new root ", migration.to, "; ", migration.to_move,
-                                            " versions to re-wrap, ", migration.kept, " kept"));
+  audit::Event rotated =
+      ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
+                  StrCat("new root ", migration.to, "; ", migration.to_move,
+                         " versions to re-wrap, ", migration.kept, " kept",
+                         skipped.empty() ? "" : "; passed over, already on the token: ",
+                         skipped.empty() ? "" : nlohmann::json(skipped).dump()));
   rotated.row = storage::SettingRowName(kRootKeySetting);
   audit::Event retire = ServerEvent("RetireRootKeys", "", request.id, absl::StatusCode::kOk,
                                     StrCat("retired: ", nlohmann::json(retired).dump()));

@@ -105,6 +105,41 @@ TEST_CASE(
   CHECK(f.kms->Encrypt(f.app, "c", SecureBytes::FromString("x").span(), {}).ok());
 }
 
+// A rotation cut short by a kill may leave its new root half written (SoftHSM2 stores a
+// generated key's value after its label), and a PIN holder may import a key under the next
+// label: either way, the key already there is neither adopted nor destroyed.
+TEST_CASE("A key already under the next root label is passed over, never adopted",
+          "[rotation][root][insider]") {
+  Fixture f;
+  f.NewKey("a");
+  absl::StatusOr<Ciphertext> sealed = Encrypt(f, "a");
+  REQUIRE(sealed.ok());
+  custos::testing::RawToken token(f.token);
+  // Made outside Custos: a root that does not confine what it unwraps gives it away if used.
+  const CK_OBJECT_HANDLE planted = token.CreateLegacyRoot("custos-root.2");
+
+  absl::StatusOr<Request> done = RotateRoot(f);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->reason ==
+        "root key rotated from 'custos-root' to 'custos-root.3'; 0 key versions re-wrapped from "
+        "legacy roots; 1 stay under the confining roots that wrapped them");
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.3");
+  CHECK(*f.hsm->RootKeyConfinesVersions("custos-root.3"));
+  CHECK(Count(f, "RotateRootKey",
+              R"(new root custos-root.3; 0 versions to re-wrap, 1 kept; passed over, already on )"
+              R"(the token: ["custos-root.2"])") == 1);
+  bool is_private = false;  // still there: nothing proves what it wraps
+  CHECK(token.ReadBool(planted, CKA_PRIVATE, &is_private) == CKR_OK);
+  CHECK(token.FindKey("custos-root.2") == planted);
+  CHECK(f.NewKey("b")->versions[0].root_key_label == "custos-root.3");
+  CHECK(f.kms->Decrypt(f.app, sealed->ciphertext_blob, {}).ok());
+  // The next rotation goes on from the label in use.
+  absl::StatusOr<Request> next = RotateRoot(f);
+  REQUIRE(next.ok());
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.4");
+}
+
 // A fixture whose root is a legacy one (made before roots confined what they unwrap: a PIN
 // holder could unwrap its versions as extractable); a root rotation is its migration.
 void StartOnLegacyRoot(Fixture& f) {
