@@ -47,6 +47,7 @@
 
 #include "audit/record.h"
 #include "audit/verifier.h"
+#include "common/strings.h"
 #include "custos/v1/audit_service.grpc.pb.h"
 #include "server/audit_proto.h"
 #include "tests/e2e/e2e_util.h"
@@ -956,14 +957,14 @@ void RunServer(const std::array<Kind, kRoundsPerServer>& schedule, int first_rou
       const bool skipped = rotated[0]->detail.ends_with(passed_over);
       if (skipped) CHECK(rotated[0]->seq > restart_seq);
       const std::string new_root = skipped ? "custos-root.3" : "custos-root.2";
-      CHECK(rotated[0]->detail == "new root " + new_root + "; " + versions +
-                                      " versions to re-wrap, 0 kept" +
-                                      (skipped ? passed_over : ""));
+      CHECK(rotated[0]->detail == StrCat("new root ", new_root, "; ", versions,
+                                         " versions to re-wrap, 0 kept",
+                                         skipped ? passed_over : ""));
       INFO(rotation.DebugString());
-      CHECK(rotation.reason() == "root key rotated from 'custos-root' to '" + new_root + "'; " +
-                                     versions +
-                                     " key versions re-wrapped from legacy roots; 0 stay under "
-                                     "the confining roots that wrapped them");
+      CHECK(rotation.reason() == StrCat("root key rotated from 'custos-root' to '", new_root, "'; ",
+                                        versions,
+                                        " key versions re-wrapped from legacy roots; 0 stay "
+                                        "under the confining roots that wrapped them"));
       const auto started = Find(records, "RootMigrationStarted");
       const auto finished = Find(records, "RootRotationFinished");
       REQUIRE(started.size() == 1);
@@ -977,8 +978,7 @@ void RunServer(const std::array<Kind, kRoundsPerServer>& schedule, int first_rou
         INFO(r.detail);
         CHECK(r.outcome == "OK");
         const uint64_t n = LeadingCount(r.detail);
-        CHECK(r.detail ==
-              std::to_string(n) + " versions re-wrapped from a legacy root under " + new_root);
+        CHECK(r.detail == StrCat(n, " versions re-wrapped from a legacy root under ", new_root));
         rewrapped += n;
         last_rewrap_seq = r.seq;
         if (r.seq < restart_seq) rewrapped_before_kill += n;
