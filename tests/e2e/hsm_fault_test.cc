@@ -325,14 +325,17 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
     server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
     // A re-initialisation waits until no other call is inside the module (the health probe,
     // say): a later call may be the one that runs it. Each is answered UNAVAILABLE meanwhile.
-    // At least one call, so that the error that leads to the hung function is met by a call
-    // (the health probe may meet the hang first).
+    // Calls go on until one has met the error and something has met the hung function: the
+    // health probe may meet the hang first, and so may a call that opens a fresh session
+    // because the probe holds the one left idle (then its C_Encrypt never ran).
     // Calls are answered fast meanwhile, so wait by time, not by count: under the sanitizers
     // a re-initialisation can take longer than twenty quick refusals.
     const auto give_up = Clock::now() + 10s;
-    for (int i = 0; i == 0 || (Clock::now() < give_up &&
-                               Occurrences(server.FaultLog(), "hanging " + c.hung) == 0);
-         ++i) {
+    const auto both_met = [&] {
+      return Occurrences(server.FaultLog(), "hanging " + c.hung) > 0 &&
+             Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error) > fired;
+    };
+    for (int i = 0; i == 0 || (Clock::now() < give_up && !both_met()); ++i) {
       if (i > 0) std::this_thread::sleep_for(50ms);
       const auto start = Clock::now();
       const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
