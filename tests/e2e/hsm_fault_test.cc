@@ -386,6 +386,28 @@ TEST_CASE("A hang while custosd starts fails its start at once with a clear erro
   CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
 }
 
+// A root key whose generation was cut short (SoftHSM2 stores its value after its label) has
+// every attribute right and wraps nothing: the module's CKR_GENERAL_ERROR stands in for it.
+TEST_CASE("A root key that cannot wrap stops custosd's start with a clear error",
+          "[e2e][hsm_fault][root]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  server.Stop();
+  server.SetFaults("C_WrapKey CKR_GENERAL_ERROR\n");
+  CHECK_THROWS(server.Start());
+  CHECK(server.WaitForExit(10s) == 1);
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK_THAT(log, Catch::Contains("[critical] UNAVAILABLE: root key 'custos-root' is on the "
+                                  "token but could not wrap a new key: "));
+  CHECK_THAT(log, Catch::Contains("CKR_GENERAL_ERROR"));
+  CHECK_THAT(log, Catch::Contains("left by a key generation cut short"));
+  server.SetFaults("");
+  server.Start();
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/root"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
+}
+
 TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the checkpoint's write",
           "[e2e][hsm_fault]") {
   CustosServer server(
