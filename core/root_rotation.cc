@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "absl/cleanup/cleanup.h"
 #include "common/strings.h"
 #include "core/call.h"
 #include "core/kms.h"
@@ -34,6 +35,18 @@ std::string NextRootLabel(const std::string& label) {
     return StrCat(label.substr(0, dot), ".", std::stoi(label.substr(dot + 1)) + 1);
   }
   return StrCat(label, ".2");
+}
+
+// Destroys root `label`, made by a rotation that then failed, unless the store names it as the
+// root in use after all (a commit whose answer was lost) or cannot say. Left behind, it would
+// only be passed over by the next attempt.
+void DropUncommittedRoot(const storage::KeyStore& store, hsm::Hsm& hsm, const std::string& label) {
+  const absl::StatusOr<std::optional<std::string>> in_use = store.GetSetting(kRootKeySetting);
+  if (!in_use.ok() || in_use->value_or("") == label) return;
+  if (absl::Status destroyed = hsm.DestroyRootKey(label); !destroyed.ok()) {
+    spdlog::warn("root key '{}', made for a root rotation that failed, is left on the token: {}",
+                 label, std::string(destroyed.message()));
+  }
 }
 
 // What kRootMigrationSetting holds: the rotation whose versions are still being moved.
@@ -137,46 +150,56 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   migration.request = request.id;
   migration.from = CurrentRoot();
   migration.to = NextRootLabel(migration.from);
-  // The new root is always one this call generates. A key already under the next label was
-  // left by an attempt cut short, or made outside Custos. Adopting it could mean wrapping every
-  // version under a key that cannot wrap (SoftHSM2 stores a generated key's value after its
-  // other attributes: a kill in between leaves a labelled key with no value) or whose value
+  CUSTOS_ASSIGN_OR_RETURN(const auto by_root, options_.store->CountVersionsByRoot());
+  CUSTOS_ASSIGN_OR_RETURN(const std::vector<std::string> already_retired, RetiredRoots());
+  // The new root is always one this call generates, under a label the store does not know.
+  // A key already under the next label was left by an attempt cut short, made by this server
+  // for a newer copy of the database, or made outside Custos. Adopting it could mean wrapping
+  // every version under a key that cannot wrap (SoftHSM2 stores a generated key's value after
+  // its other attributes: a kill in between leaves a labelled key with no value) or whose value
   // someone knows (imported by a PIN holder). Destroying it could shred what a newer copy of
   // the database wraps under it. So it is left alone, and the next free label is used.
   std::vector<std::string> skipped;
   for (;;) {
-    absl::Status created = options_.hsm->CreateRootKey(migration.to);
+    const bool known = by_root.count(migration.to) > 0 ||
+                       std::find(already_retired.begin(), already_retired.end(), migration.to) !=
+                           already_retired.end();
+    absl::Status created = known ? absl::AlreadyExistsError("named by the key database")
+                                 : options_.hsm->CreateRootKey(migration.to);
     if (created.ok()) break;
     if (!absl::IsAlreadyExists(created)) return created;
     if (skipped.size() == kMaxSkippedRootLabels) {
       return absl::FailedPreconditionError(StrCat(
-          "the HSM token already has keys labelled '", skipped.front(), "' to '", migration.to,
-          "', which this server did not make as its roots; remove those "
-          "that are not in use (see docs/OPERATIONS.md) and approve a new rotation"));
+          "the HSM token or the key database already has keys labelled '", skipped.front(),
+          "' to '", migration.to,
+          "', which a root rotation does not reuse; remove those of them that no copy of the "
+          "database needs (docs/OPERATIONS.md, \"Day to day\") and approve again"));
     }
     spdlog::warn(
-        "root rotation {}: the HSM token already has a key labelled '{}' that this rotation did "
-        "not make (left by an attempt cut short, or made outside Custos); it is left alone and "
-        "not used",
-        request.id, migration.to);
+        "root rotation {}: the label '{}' is taken ({}) by a key this rotation did not make (left "
+        "by an attempt cut short, made for a newer copy of the database, or made outside "
+        "Custos); it is left alone and not used",
+        request.id, migration.to, std::string(created.message()));
     skipped.push_back(migration.to);
     migration.to = NextRootLabel(migration.to);
   }
+  // Made here, so destroyed again if the rotation fails before it is committed (the next
+  // attempt would only pass over it), unless the store names it after all.
+  bool committed = false;
+  absl::Cleanup drop_new_root = [&] {
+    if (!committed) DropUncommittedRoot(*options_.store, *options_.hsm, migration.to);
+  };
   // Versions under a legacy root (one that does not confine what it unwraps) move to the new
   // root, inside the HSM, in the background. Versions under a confining root cannot move, by
   // design: they stay under it, and it is destroyed once the last of them is
   // (DestroyRetiredRoots).
-  CUSTOS_ASSIGN_OR_RETURN(const auto by_root, options_.store->CountVersionsByRoot());
   std::set<std::string> retired = {migration.from};
   for (const auto& [label, count] : by_root) {
-    if (label == migration.to) continue;
     retired.insert(label);
     CUSTOS_ASSIGN_OR_RETURN(const bool confining, options_.hsm->RootKeyConfinesVersions(label));
     (confining ? migration.kept : migration.to_move) += count;
   }
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> already_retired, RetiredRoots());
   retired.insert(already_retired.begin(), already_retired.end());
-  retired.erase(migration.to);
 
   request.state = RequestState::kExecuted;
   request.closed_at = options_.clock->NowSeconds();
@@ -196,7 +219,7 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
       ServerEvent("RotateRootKey", "", request.id, absl::StatusCode::kOk,
                   StrCat("new root ", migration.to, "; ", migration.to_move,
                          " versions to re-wrap, ", migration.kept, " kept",
-                         skipped.empty() ? "" : "; passed over, already on the token: ",
+                         skipped.empty() ? "" : "; labels passed over, taken already: ",
                          skipped.empty() ? "" : nlohmann::json(skipped).dump()));
   rotated.row = storage::SettingRowName(kRootKeySetting);
   audit::Event retire = ServerEvent("RetireRootKeys", "", request.id, absl::StatusCode::kOk,
@@ -214,6 +237,7 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   call.event().row = storage::RequestRowName(request.id);
   CUSTOS_RETURN_IF_ERROR(
       call.CommitWith(std::move(batch), absl::StatusCode::kOk, std::move(events)));
+  committed = true;
   {
     std::lock_guard lock(policy_mu_);
     root_key_label_ = migration.to;

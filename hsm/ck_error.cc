@@ -6,6 +6,7 @@
 
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
+#include "hsm/hsm.h"
 
 namespace custos::hsm {
 namespace {
@@ -174,6 +175,11 @@ std::optional<CK_RV> CkrOf(const absl::Status& status) {
   uint64_t rv = 0;
   if (!absl::SimpleAtoi(std::string(*payload), &rv)) return std::nullopt;
   return static_cast<CK_RV>(rv);
+}
+
+bool IsModuleFailure(const absl::Status& status) {
+  const std::optional<CK_RV> rv = CkrOf(status);
+  return rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED;
 }
 
 bool IsSessionDead(CK_RV rv) {

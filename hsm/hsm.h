@@ -160,4 +160,9 @@ class Hsm {
   virtual absl::Status WriteTokenData(const std::string& label, std::string_view value) = 0;
 };
 
+// True if `status` is the module's own failure (CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED). Met
+// using a key, it can mean the key's stored value is unusable: SoftHSM2 says so of a key
+// whose generation was cut short before its value was stored.
+bool IsModuleFailure(const absl::Status& status);
+
 }  // namespace custos::hsm

@@ -114,9 +114,14 @@ absl::Status RootKeys::Create(CK_SESSION_HANDLE session, const std::string& labe
       pool_->module()->api()->C_GenerateKey(session, &generate, root.data(), root.size(), &handle);
   if (rv != CKR_OK) return CkError("C_GenerateKey", rv);
   // Read back rather than assumed: a module that ignored the template must not pass for one
-  // that enforces it.
-  CUSTOS_ASSIGN_OR_RETURN(const bool confines, CheckAttributes(session, label, handle));
-  Remember(label, Entry{handle, confines}, before);
+  // that enforces it. Such a key is not left under the label, where the next attempt would
+  // find it.
+  absl::StatusOr<bool> confines = CheckAttributes(session, label, handle);
+  if (!confines.ok()) {
+    (void)pool_->module()->api()->C_DestroyObject(session, handle);
+    return confines.status();
+  }
+  Remember(label, Entry{handle, *confines}, before);
   return absl::OkStatus();
 }
 

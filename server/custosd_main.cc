@@ -238,17 +238,19 @@ absl::Status MissingRotatedRoot(const std::string& root, const absl::Status& che
 // OK if root `label`, found on the token with safe attributes, also wraps: a key generation cut
 // short (SoftHSM2 stores a generated key's value after its label) leaves a root that fails
 // every wrap and unwrap, which must stop custosd here rather than fail every call it serves.
-// The probe wraps a throwaway key the HSM makes and destroys at once.
-absl::Status CheckRootWraps(hsm::Hsm& hsm, const std::string& label) {
+// The probe wraps a throwaway key the HSM makes and destroys at once. `configured`: the label
+// is the configured one, which init makes, not one a root rotation made.
+absl::Status CheckRootWraps(hsm::Hsm& hsm, const std::string& label, bool configured) {
   const absl::Status wrapped = hsm.GenerateWrappedKey(label).status();
   if (wrapped.ok()) return wrapped;
+  if (!hsm::IsModuleFailure(wrapped)) return wrapped;  // the HSM, not this key
   return absl::Status(
       wrapped.code(),
-      StrCat("root key '", label,
-             "' is on the token but could not wrap a new key: ", wrapped.message(),
-             ". If the HSM is otherwise working, the key may be left by a key generation cut "
-             "short; a root that no stored key version is wrapped under (custosctl backup "
-             "lists them) can be deleted and made again with init"));
+      StrCat("root key '", label, "' is on the token but could not wrap a new key: ",
+             wrapped.message(), "; it may be left by a key generation cut short",
+             configured ? ". If no stored key version is wrapped under it (custosctl backup "
+                          "lists them by root), delete it and run init again"
+                        : ". Restore the HSM token from a backup of this root epoch"));
 }
 
 // The root key new versions are wrapped under: the store's record of the last root rotation,
@@ -292,7 +294,7 @@ int Init(const Config& config) {
       root_done = MissingRotatedRoot(*root, root_done);
     }
   }
-  if (root_done.ok()) root_done = CheckRootWraps(**hsm, *root);
+  if (root_done.ok()) root_done = CheckRootWraps(**hsm, *root, *root == config.root_key_label);
   for (const absl::Status& done :
        {root_done,
         Ensure((*hsm)->CreateHmacKey(config.audit_hmac_key_label),
@@ -364,7 +366,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
     }
     return Fail(KeyMissing(root, "run `custosd --config <file> init` once to create it"));
   }
-  if (absl::Status wraps = CheckRootWraps(**hsm, *root_key_label); !wraps.ok()) {
+  if (absl::Status wraps =
+          CheckRootWraps(**hsm, *root_key_label, *root_key_label == config.root_key_label);
+      !wraps.ok()) {
     return Fail(wraps);
   }
   absl::StatusOr<bool> confines = (*hsm)->RootKeyConfinesVersions(*root_key_label);

@@ -127,8 +127,8 @@ TEST_CASE("A key already under the next root label is passed over, never adopted
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.3");
   CHECK(*f.hsm->RootKeyConfinesVersions("custos-root.3"));
   CHECK(Count(f, "RotateRootKey",
-              R"(new root custos-root.3; 0 versions to re-wrap, 1 kept; passed over, already on )"
-              R"(the token: ["custos-root.2"])") == 1);
+              R"(new root custos-root.3; 0 versions to re-wrap, 1 kept; labels passed over, )"
+              R"(taken already: ["custos-root.2"])") == 1);
   bool is_private = false;  // still there: nothing proves what it wraps
   CHECK(token.ReadBool(planted, CKA_PRIVATE, &is_private) == CKR_OK);
   CHECK(token.FindKey("custos-root.2") == planted);
@@ -138,6 +138,38 @@ TEST_CASE("A key already under the next root label is passed over, never adopted
   absl::StatusOr<Request> next = RotateRoot(f);
   REQUIRE(next.ok());
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.4");
+}
+
+TEST_CASE(
+    "A rotation that fails after making its root destroys it; approved again, it reuses "
+    "the label",
+    "[rotation][root]") {
+  Fixture f;
+  f.NewKey("a");
+  Proposal proposal;
+  proposal.operation = Operation::kRotateRootKey;
+  proposal.justification = "annual root rotation";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  const std::string digest = RequestDigest(*request);
+  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
+  // The new root is made; the HSM then fails the next step (reading the old root's attributes).
+  f.hsm->BeforeNextCallTo("RootKeyConfinesVersions", [&] {
+    REQUIRE(f.hsm->CheckRootKey("custos-root.2").ok());
+    f.hsm->FailNext(1, absl::UnavailableError("HSM blinked"));
+  });
+  absl::StatusOr<Request> failed = f.kms->Approve(f.officer3, request->id, digest);
+  CHECK(absl::IsUnavailable(failed.status()));
+  CHECK_THAT(std::string(failed.status().message()), Catch::Contains("HSM blinked"));
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "");
+  CHECK(custos::testing::RawToken(f.token).FindKey("custos-root.2") == CK_INVALID_HANDLE);
+
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.2");
+  CHECK(Count(f, "RotateRootKey", "new root custos-root.2; 0 versions to re-wrap, 1 kept") == 1);
 }
 
 // A fixture whose root is a legacy one (made before roots confined what they unwrap: a PIN

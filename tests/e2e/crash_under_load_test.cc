@@ -953,7 +953,7 @@ void RunServer(const std::array<Kind, kRoundsPerServer>& schedule, int first_rou
       CHECK(rotated[0]->request_id == driven[0]);
       // A kill while the HSM generated the new root may leave a key under its label (even one
       // without a value); the approval after the restart then passes over it to the next.
-      const std::string passed_over = "; passed over, already on the token: [\"custos-root.2\"]";
+      const std::string passed_over = "; labels passed over, taken already: [\"custos-root.2\"]";
       const bool skipped = rotated[0]->detail.ends_with(passed_over);
       if (skipped) CHECK(rotated[0]->seq > restart_seq);
       const std::string new_root = skipped ? "custos-root.3" : "custos-root.2";

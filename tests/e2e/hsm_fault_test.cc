@@ -400,7 +400,8 @@ TEST_CASE("A root key that cannot wrap stops custosd's start with a clear error"
   CHECK_THAT(log, Catch::Contains("[critical] UNAVAILABLE: root key 'custos-root' is on the "
                                   "token but could not wrap a new key: "));
   CHECK_THAT(log, Catch::Contains("CKR_GENERAL_ERROR"));
-  CHECK_THAT(log, Catch::Contains("left by a key generation cut short"));
+  CHECK_THAT(log, Catch::Contains("it may be left by a key generation cut short. If no stored "
+                                  "key version is wrapped under it"));
   server.SetFaults("");
   server.Start();
   const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/root"), true, true);
