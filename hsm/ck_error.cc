@@ -179,7 +179,7 @@ std::optional<CK_RV> CkrOf(const absl::Status& status) {
 
 bool IsModuleFailure(const absl::Status& status) {
   const std::optional<CK_RV> rv = CkrOf(status);
-  return rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED;
+  return rv.has_value() && (*rv == CKR_GENERAL_ERROR || *rv == CKR_FUNCTION_FAILED);
 }
 
 bool IsSessionDead(CK_RV rv) {

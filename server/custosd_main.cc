@@ -241,7 +241,7 @@ absl::Status MissingRotatedRoot(const std::string& root, const absl::Status& che
 // The probe wraps a throwaway key the HSM makes and destroys at once. `configured`: the label
 // is the configured one, which init makes, not one a root rotation made.
 absl::Status CheckRootWraps(hsm::Hsm& hsm, const std::string& label, bool configured) {
-  const absl::Status wrapped = hsm.GenerateWrappedKey(label).status();
+  absl::Status wrapped = hsm.GenerateWrappedKey(label).status();
   if (wrapped.ok()) return wrapped;
   if (!hsm::IsModuleFailure(wrapped)) return wrapped;  // the HSM, not this key
   return absl::Status(
