@@ -161,7 +161,7 @@ TEST_CASE(
   absl::StatusOr<Request> failed = f.kms->Approve(f.officer3, request->id, digest);
   CHECK(absl::IsUnavailable(failed.status()));
   CHECK_THAT(std::string(failed.status().message()), Catch::Contains("HSM blinked"));
-  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "");
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("").empty());
   CHECK(custos::testing::RawToken(f.token).FindKey("custos-root.2") == CK_INVALID_HANDLE);
 
   absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);

@@ -79,6 +79,22 @@ TEST_CASE("fault module: without a control file every call goes through", "[faul
   CHECK(control.Log().empty());  // No rule, no event.
 }
 
+// CreateRootKey reads a new root's attributes back (its first C_GetAttributeValue); a root
+// that fails there is destroyed, not left under its label for the next attempt to meet.
+TEST_CASE("a root refused when read back after its generation is not left on the token",
+          "[fault_module][root]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  control.Set("C_GetAttributeValue CKR_FUNCTION_FAILED times=1\n");
+  const absl::Status refused = hsm->CreateRootKey("root-b");
+  CHECK(refused.message() == "PKCS#11 C_GetAttributeValue failed: CKR_FUNCTION_FAILED");
+  CHECK(control.Count("fired C_GetAttributeValue CKR_FUNCTION_FAILED") == 1);
+  control.Remove();
+  CHECK(hsm->CreateRootKey("root-b").ok());  // not ALREADY_EXISTS
+  CHECK(hsm->GenerateWrappedKey("root-b").ok());
+}
+
 TEST_CASE("fault module: an error rule fails the call until it is removed", "[fault_module]") {
   SoftHsmToken token;
   FaultControl control;
