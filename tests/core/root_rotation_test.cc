@@ -140,6 +140,28 @@ TEST_CASE("A key already under the next root label is passed over, never adopted
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("") == "custos-root.4");
 }
 
+TEST_CASE("Past 16 taken root labels in a row the rotation is refused and stays pending",
+          "[rotation][root][insider]") {
+  Fixture f;
+  f.NewKey("a");
+  custos::testing::RawToken token(f.token);
+  for (int n = 2; n <= 18; ++n) token.CreateLegacyRoot("custos-root." + std::to_string(n));
+  Proposal proposal;
+  proposal.operation = Operation::kRotateRootKey;
+  proposal.justification = "annual root rotation";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  REQUIRE(request.ok());
+  const std::string digest = RequestDigest(*request);
+  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
+  absl::StatusOr<Request> refused = f.kms->Approve(f.officer3, request->id, digest);
+  CHECK(absl::IsFailedPrecondition(refused.status()));
+  CHECK_THAT(std::string(refused.status().message()),
+             Catch::Contains("already has keys labelled 'custos-root.2' to 'custos-root.18'"));
+  CHECK(f.kms->GetRequest(f.officer, request->id)->state == RequestState::kPending);
+  CHECK(f.store->GetSetting(kRootKeySetting)->value_or("").empty());
+  CHECK(token.FindKey("custos-root.19") == CK_INVALID_HANDLE);  // nothing made
+}
+
 TEST_CASE(
     "A rotation that fails after making its root destroys it; approved again, it reuses "
     "the label",
