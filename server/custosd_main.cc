@@ -235,22 +235,48 @@ absl::Status MissingRotatedRoot(const std::string& root, const absl::Status& che
              "token (or the database) from a backup of the same root epoch"));
 }
 
-// OK if root `label`, found on the token with safe attributes, also wraps: a key generation cut
-// short (SoftHSM2 stores a generated key's value after its label) leaves a root that fails
-// every wrap and unwrap, which must stop custosd here rather than fail every call it serves.
-// The probe wraps a throwaway key the HSM makes and destroys at once. `configured`: the label
-// is the configured one, which init makes, not one a root rotation made.
+// A key generation cut short (SoftHSM2 stores a generated key's value in a second transaction,
+// after its label and attributes) leaves a key that fails every use with the module's own
+// error: `used`, the first use of a key at start or init, then says so, what failed
+// (`failed`), and what to do (`remedy`), instead of failing every call custosd would serve.
+absl::Status CutShortHint(const absl::Status& used, std::string_view failed,
+                          std::string_view remedy) {
+  if (used.ok() || !hsm::IsModuleFailure(used)) return used;  // the HSM, not this key
+  return absl::Status(used.code(),
+                      StrCat(failed, ": ", used.message(),
+                             "; it may be left by a key generation cut short. ", remedy));
+}
+
+// What to do about the catalogue and audit keys: nothing was ever made with a key whose value
+// was never stored, so it can go; one that worked once and fails now is the token's fault.
+constexpr std::string_view kRecreateKey =
+    "If init never finished with it (custosd never served), delete it and run init again; "
+    "otherwise restore the HSM token from a backup";
+
+// HMAC key `label` (`what`: the catalogue's, the audit log's) used once: NOT_FOUND if missing,
+// CutShortHint's message if it fails its use.
+absl::Status CheckHmacKey(hsm::Hsm& hsm, const std::string& label, std::string_view what) {
+  return CutShortHint(hsm.HmacSha256(label, {}).status(),
+                      StrCat(what, " '", label, "' is on the token but could not compute an HMAC"),
+                      kRecreateKey);
+}
+
+// The audit signing key used once (exporting its public key signs and verifies a probe).
+absl::Status CheckSigningKey(hsm::Hsm& hsm, const std::string& label) {
+  return CutShortHint(hsm.PublicKeyPem(label).status(),
+                      StrCat("audit signing key '", label, "' is on the token but could not sign"),
+                      kRecreateKey);
+}
+
+// OK if root `label`, found on the token with safe attributes, also wraps (CutShortHint). The
+// probe wraps a throwaway key the HSM makes and destroys at once. `configured`: the label is
+// the configured one, which init makes, not one a root rotation made.
 absl::Status CheckRootWraps(hsm::Hsm& hsm, const std::string& label, bool configured) {
-  absl::Status wrapped = hsm.GenerateWrappedKey(label).status();
-  if (wrapped.ok()) return wrapped;
-  if (!hsm::IsModuleFailure(wrapped)) return wrapped;  // the HSM, not this key
-  return absl::Status(
-      wrapped.code(),
-      StrCat("root key '", label, "' is on the token but could not wrap a new key: ",
-             wrapped.message(), "; it may be left by a key generation cut short",
-             configured ? ". If no stored key version is wrapped under it (custosctl backup "
-                          "lists them by root), delete it and run init again"
-                        : ". Restore the HSM token from a backup of this root epoch"));
+  return CutShortHint(hsm.GenerateWrappedKey(label).status(),
+                      StrCat("root key '", label, "' is on the token but could not wrap a new key"),
+                      configured ? "If no stored key version is wrapped under it (custosctl "
+                                   "backup lists them by root), delete it and run init again"
+                                 : "Restore the HSM token from a backup of this root epoch");
 }
 
 // The root key new versions are wrapped under: the store's record of the last root rotation,
@@ -273,12 +299,12 @@ int Init(const Config& config) {
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
   // The catalogue key first: reading the store's settings checks them with it.
-  if (absl::Status catalog =
-          Ensure((*hsm)->CreateHmacKey(config.catalog_hmac_key_label),
-                 StrCat("catalogue HMAC key '", config.catalog_hmac_key_label, "'"), config);
-      !catalog.ok()) {
-    return Fail(catalog);
-  }
+  absl::Status catalog =
+      Ensure((*hsm)->CreateHmacKey(config.catalog_hmac_key_label),
+             StrCat("catalogue HMAC key '", config.catalog_hmac_key_label, "'"), config);
+  if (catalog.ok())
+    catalog = CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
+  if (!catalog.ok()) return Fail(catalog);
   rows.Bind(hsm->get());
   absl::StatusOr<std::string> root = CurrentRootLabel(config, **store);
   if (!root.ok()) return Fail(root.status());
@@ -302,6 +328,12 @@ int Init(const Config& config) {
         Ensure((*hsm)->CreateSigningKey(config.audit_signing_key_label),
                StrCat("audit signing key '", config.audit_signing_key_label, "'"), config)}) {
     if (!done.ok()) return Fail(done);
+  }
+  // A key init adopted (made by an earlier init) may be one whose generation was cut short.
+  for (const absl::Status& works :
+       {CheckHmacKey(**hsm, config.audit_hmac_key_label, "audit HMAC key"),
+        CheckSigningKey(**hsm, config.audit_signing_key_label)}) {
+    if (!works.ok()) return Fail(works);
   }
   return 0;
 }
@@ -351,7 +383,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
   if (!hsm.ok()) return Fail(hsm.status());
   // Every row read from the store from here on is checked with this HSM key.
-  if (absl::Status catalog = (*hsm)->HmacSha256(config.catalog_hmac_key_label, {}).status();
+  if (absl::Status catalog =
+          CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
       !catalog.ok()) {
     return Fail(
         KeyMissing(catalog, "run `custosd --config <file> init` to create the catalogue key"));
@@ -392,11 +425,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         "at every call)");
   }
   // The audit log needs its HMAC key before the first record (older state: run init again).
-  if (absl::Status hmac = (*hsm)->HmacSha256(config.audit_hmac_key_label, {}).status();
+  if (absl::Status hmac = CheckHmacKey(**hsm, config.audit_hmac_key_label, "audit HMAC key");
       !hmac.ok()) {
     return Fail(KeyMissing(hmac, "run `custosd --config <file> init` to create the audit keys"));
   }
-  if (absl::Status signing = (*hsm)->PublicKeyPem(config.audit_signing_key_label).status();
+  if (absl::Status signing = CheckSigningKey(**hsm, config.audit_signing_key_label);
       !signing.ok()) {
     return Fail(KeyMissing(signing, "run `custosd --config <file> init` to create the audit keys"));
   }

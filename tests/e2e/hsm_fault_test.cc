@@ -409,6 +409,62 @@ TEST_CASE("A root key that cannot wrap stops custosd's start with a clear error"
   CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
 }
 
+// The catalogue and audit keys, left without a value by an init cut short, fail every use with
+// the module's CKR_GENERAL_ERROR. custosd's start and init stop on each with the key's name and
+// what to do. Start's C_Sign calls, failed one at a time in order, meet each key in turn.
+TEST_CASE("A catalogue or audit key that fails its first use stops start and init, naming it",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  server.Stop();
+  const std::string advice =
+      ": PKCS#11 C_Sign failed: CKR_GENERAL_ERROR; it may be left by a key generation cut short. "
+      "If init never "
+      "finished with it (custosd never served), delete it and run init again; otherwise "
+      "restore the HSM token from a backup";
+  const std::vector<std::string> keys = {
+      "catalogue HMAC key 'custos-catalog-hmac' is on the token but could not compute an HMAC",
+      "audit HMAC key 'custos-audit-hmac' is on the token but could not compute an HMAC",
+      "audit signing key 'custos-audit-signing' is on the token but could not sign"};
+  std::vector<std::string> named;  // in the order start met them
+  bool started = false;
+  for (int passed = 0; passed < 40 && !started; ++passed) {
+    INFO("C_Sign calls let through: " << passed);
+    server.SetFaults("C_Sign CKR_GENERAL_ERROR after=" + std::to_string(passed) + " times=1\n");
+    const size_t logged = server.Log().size();
+    try {
+      server.Start();
+      started = true;
+    } catch (const std::exception&) {
+      CHECK(server.WaitForExit(10s) == 1);
+    }
+    const std::string log = server.Log().substr(logged);
+    for (const std::string& key : keys) {
+      if (log.find(key) == std::string::npos) continue;
+      INFO(log);
+      CHECK_THAT(log, Catch::Contains("[critical] UNAVAILABLE: " + key + advice));
+      named.push_back(key);
+    }
+  }
+  CHECK(started);
+  CHECK(named == keys);
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/audit-keys"), true, true);
+  pb::GenerateDataKeyResponse reply;
+  CHECK(GenerateDataKey(server, key.key_id(), "r", &reply).ok());
+  server.Stop();
+
+  // init adopts the keys an earlier init made, and checks each one in the same way.
+  server.SetFaults("C_Sign CKR_GENERAL_ERROR times=1\n");
+  setenv("CUSTOS_FAULT_CONTROL", (server.state_dir() + "/fault.control").c_str(), 1);
+  std::string output;
+  const int status = RunCustosd("--config " + server.state_dir() + "/custosd.toml init", &output);
+  unsetenv("CUSTOS_FAULT_CONTROL");
+  INFO(output);
+  CHECK(status == 1);
+  CHECK_THAT(output, Catch::Contains(keys[0] + advice));
+  server.SetFaults("");
+  CHECK(RunCustosd("--config " + server.state_dir() + "/custosd.toml init", &output) == 0);
+}
+
 TEST_CASE("Hangs in the server's own HSM calls: the health probe's lookup, the checkpoint's write",
           "[e2e][hsm_fault]") {
   CustosServer server(
