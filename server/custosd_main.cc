@@ -330,10 +330,12 @@ int Init(const Config& config) {
     if (!done.ok()) return Fail(done);
   }
   // A key init adopted (made by an earlier init) may be one whose generation was cut short.
-  for (const absl::Status& works :
-       {CheckHmacKey(**hsm, config.audit_hmac_key_label, "audit HMAC key"),
-        CheckSigningKey(**hsm, config.audit_signing_key_label)}) {
-    if (!works.ok()) return Fail(works);
+  if (absl::Status works = CheckHmacKey(**hsm, config.audit_hmac_key_label, "audit HMAC key");
+      !works.ok()) {
+    return Fail(works);
+  }
+  if (absl::Status works = CheckSigningKey(**hsm, config.audit_signing_key_label); !works.ok()) {
+    return Fail(works);
   }
   return 0;
 }
