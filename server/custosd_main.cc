@@ -35,7 +35,7 @@
 #include <utility>
 
 #include "audit/log_sink.h"
-#include "common/json_log.h"
+#include "common/log_lines.h"
 #include "common/metrics.h"
 #include "common/strings.h"
 #include "core/hsm_row_authenticator.h"
@@ -683,7 +683,9 @@ static int Run(int argc, char** argv) {
   }
   if (!config.ok()) return Fail(config.status());
   spdlog::set_level(spdlog::level::from_str(config->log_level));
-  if (config->log_format == "json") {
+  if (config->log_format != "json") {
+    custos::UseTextLogLines();
+  } else {
     custos::UseJsonLogLines();
     // gRPC's own messages too, so that every line of the log is JSON.
     gpr_set_log_function([](gpr_log_func_args* args) {

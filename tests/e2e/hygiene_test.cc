@@ -101,6 +101,26 @@ TEST_CASE("Audit lines record each operation; no secret reaches the log", "[e2e]
   }
 }
 
+// A refusal's summary quotes the key the caller named; a caller who names a "key" holding a
+// newline and terminal escapes must not get a line of its own into the operator's log.
+TEST_CASE("A caller's text in a log line cannot forge a line of its own", "[e2e][audit]") {
+  CustosServer server;
+  const std::string forged = "[2026-12-04 13:00:00.000] [critical] FORGED";
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key("zz\n" + forged + "\x1b[31m");
+  for (int i = 0; i < 3; ++i) {
+    pb::GenerateDataKeyResponse reply;
+    const grpc::Status status = server.Keys("app")->GenerateDataKey(Context().get(), gdk, &reply);
+    CHECK(status.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+  }
+  AwaitLine([&] { return server.Log(); }, "FORGED");
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK_THAT(log, Catch::Contains("key 'zz\\n" + forged + "\\x1b[31m'"));
+  CHECK(log.find("\n" + forged) == std::string::npos);
+  CHECK(log.find('\x1b') == std::string::npos);
+}
+
 TEST_CASE("JSON log lines: one object per line, the call's id as in its audit record",
           "[e2e][audit]") {
   CustosServer server;
