@@ -300,10 +300,15 @@ class Kms {
   // unclaimed, revoked or expired, or whose principal is no database now (coalesced in the
   // log, as every refusal); NOT_FOUND alike for a mount, key id or version that does not
   // exist and for one the token is not bound to. Recorded as FetchTdeKey with the Custos key
-  // and version that sealed it and "mount=<m> key_id=<n> version=<v>".
+  // and version that sealed it and "mount=<m> key_id=<n> version=<v>". `request`: what the
+  // gateway found wrong with the request itself (a version that is no number, a path or method
+  // that fetches nothing, a body), returned once the token is checked, so that a bad token is
+  // PERMISSION_DENIED whatever was asked, and recorded either way; with an empty `mount` the
+  // record's detail is its message.
   absl::StatusOr<TdeKey> FetchTdeKey(std::string_view peer, std::string_view token,
                                      std::string_view mount, uint32_t key_id,
-                                     std::optional<uint32_t> version);
+                                     std::optional<uint32_t> version,
+                                     const absl::Status& request = absl::OkStatus());
 
   // --- Housekeeping (the server's own timer) ------------------------------------------------
   // Expires pending requests past their TTL, destroys keys whose deletion waiting period has

@@ -481,13 +481,15 @@ absl::StatusOr<SecureBytes> Kms::ClaimDatabaseToken(const Caller& caller,
 
 absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_view token,
                                              std::string_view mount, uint32_t key_id,
-                                             std::optional<uint32_t> version) {
+                                             std::optional<uint32_t> version,
+                                             const absl::Status& request) {
   // The principal is the token's, once the token is checked; until then the call is nobody's.
   Caller caller{"", std::string(peer)};
   Call call(*this, caller, Action::kFetchTdeKey);
   return call.Finish([&]() -> absl::StatusOr<TdeKey> {
-    call.event().detail =
-        StrCat("mount=", mount, " key_id=", key_id, version ? StrCat(" version=", *version) : "");
+    call.event().detail = mount.empty() ? std::string(request.message())
+                                        : StrCat("mount=", mount, " key_id=", key_id,
+                                                 version ? StrCat(" version=", *version) : "");
     // "cdt.<token id>.<secret>"
     const absl::Status refused = absl::PermissionDeniedError(
         "the token is not valid: unknown, wrong, not yet claimed, revoked or expired");
@@ -513,6 +515,7 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
     call.event().principal = held.principal;
     if (held.revoked_at != 0 || held.expires_at <= options_.clock->NowSeconds()) return refused;
     CUSTOS_RETURN_IF_ERROR(call.Authorize());  // still a database in the policy as it is now
+    CUSTOS_RETURN_IF_ERROR(request);
     // Outside the token's binding is answered as what does not exist.
     const absl::Status missing = absl::NotFoundError(
         StrCat("mount '", mount, "' has no key id ", key_id,

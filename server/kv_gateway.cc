@@ -170,18 +170,32 @@ class BoundedPool final : public httplib::TaskQueue {
   std::shared_ptr<KvGateway::State> state_;
 };
 
-// The key fetch: GET /v1/<mount>/data/<key id>[?version=<n>].
-void FetchKey(KvGateway::State& state, const httplib::Request& request,
-              httplib::Response& response) {
-  if (request.method != "GET") return ReplyError(response, 404, "");  // HEAD: no fetch
-  const std::string mount = request.matches[1];
-  const std::optional<uint32_t> key_id = ParsePositive(std::string(request.matches[2]));
+// The key fetch: GET /v1/<mount>/data/<key id>[?version=<n>]. Every other request but the
+// mount check comes here too (`key_fetch` false): the token is checked first, so that a bad
+// one gets 403 whatever was asked, and each refusal is recorded, as any call's.
+void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib::Response& response,
+              bool key_fetch) {
+  std::string mount;
+  std::optional<uint32_t> key_id;
   std::optional<uint32_t> version;
-  if (request.has_param("version")) {
-    version = ParsePositive(request.get_param_value("version"));
-    if (!version) return ReplyError(response, 400, "version must be a whole number from 1");
+  absl::Status malformed;
+  if (!key_fetch || request.method != "GET") {  // HEAD too: it fetches nothing
+    malformed = absl::NotFoundError(StrCat(request.method, " of a path that fetches no key"));
+  } else {
+    mount = request.matches[1];
+    key_id = ParsePositive(std::string(request.matches[2]));
+    if (!key_id) malformed = absl::NotFoundError("key ids are whole numbers from 1");
+    if (request.has_param("version")) {
+      version = ParsePositive(request.get_param_value("version"));
+      if (!version) malformed = absl::InvalidArgumentError("version must be a whole number from 1");
+    }
+    // cpp-httplib reads no body for a GET: refuse one rather than leave it unread.
+    if (request.has_header("Content-Length") || request.has_header("Transfer-Encoding")) {
+      if (request.get_header_value("Content-Length") != "0") {
+        malformed = absl::InvalidArgumentError("a key fetch carries no body");
+      }
+    }
   }
-  if (!key_id) return ReplyError(response, 404, "");
   // Named as gRPC names peers, for the audit log, but without the port: HTTP clients open a
   // connection per request, and refusals are coalesced per peer.
   const std::string peer = request.remote_addr.find(':') == std::string::npos
@@ -195,7 +209,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request,
   }
   absl::StatusOr<core::Kms::TdeKey> key = state.kms->FetchTdeKey(
       peer, token == request.headers.end() ? std::string_view() : std::string_view(token->second),
-      mount, *key_id, version);
+      mount, key_id.value_or(0), version, malformed);
   {
     std::lock_guard lock(state.mu);
     --state.in_kms;
@@ -205,7 +219,10 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request,
     const int status = HttpStatusOf(key.status());
     // The reason stays in custosd's log and audit record: a client learns only the status.
     if (status >= 500) spdlog::warn("gateway: {}", key.status().ToString());
-    return ReplyError(response, status, status == 403 ? "permission denied" : "");
+    return ReplyError(response, status,
+                      status == 403                      ? "permission denied"
+                      : status == 400 && !malformed.ok() ? std::string(malformed.message())
+                                                         : "");  // the gateway's own words only
   }
   // The key's hex is in the response body, a buffer cpp-httplib owns and frees unwiped (as
   // gRPC's reply buffers); the copies made here are wiped.
@@ -272,9 +289,20 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   server.Get(
       StrCat("/v1/", kMountPattern, "/data/([0-9]{1,10})"),
       [state = gateway->state_](const httplib::Request& request, httplib::Response& response) {
-        FetchKey(*state, request, response);
+        FetchKey(*state, request, response, /*key_fetch=*/true);
       });
-  // Unmatched requests: cpp-httplib answers 404 (or 400) with an empty body.
+  const auto other = [state = gateway->state_](const httplib::Request& request,
+                                               httplib::Response& response) {
+    FetchKey(*state, request, response, /*key_fetch=*/false);
+  };
+  server.Get(".*", other);
+  server.Post(".*", other);
+  server.Put(".*", other);
+  server.Patch(".*", other);
+  server.Delete(".*", other);
+  server.Options(".*", other);
+  // What no route takes (another method; a path cpp-httplib cannot read): 400 or 404 from
+  // cpp-httplib, with an empty body.
   gateway->port_ =
       *port == 0
           ? server.bind_to_any_port(host)
