@@ -352,6 +352,11 @@ absl::StatusOr<storage::RequestPage> Kms::ListRequests(const Caller& caller,
   Call call(*this, caller, Action::kListRequests);
   return call.Finish([&]() -> absl::StatusOr<storage::RequestPage> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    if (filter.state &&
+        (*filter.state < RequestState::kPending || *filter.state > RequestState::kFailed)) {
+      return absl::InvalidArgumentError(
+          "state must be PENDING, EXECUTED, REJECTED, EXPIRED or FAILED (or unset, for all)");
+    }
     storage::RequestFilter resolved = filter;
     if (!filter.key_id.empty()) {  // an alias names the key it stands for
       CUSTOS_ASSIGN_OR_RETURN(KeyRef key, FindKey(filter.key_id));

@@ -326,6 +326,21 @@ TEST_CASE("Unknown requests are NOT_FOUND; bad proposals are refused", "[request
   CHECK(absl::IsInvalidArgument(f.kms->Propose(f.officer, short_wait).status()));
 }
 
+TEST_CASE("A request state outside the enum is INVALID_ARGUMENT, and recorded", "[requests]") {
+  Fixture f;
+  storage::RequestFilter filter;
+  filter.state = static_cast<storage::RequestState>(99);
+  const absl::Status listed = f.kms->ListRequests(f.officer, filter, 10, "").status();
+  CHECK(absl::IsInvalidArgument(listed));
+  CHECK(listed.message() ==
+        "state must be PENDING, EXECUTED, REJECTED, EXPIRED or FAILED (or unset, for all)");
+  const audit::Event last = f.sink.events().back();
+  CHECK(last.action == "ListRequests");
+  CHECK(last.outcome == absl::StatusCode::kInvalidArgument);
+  filter.state = storage::RequestState::kFailed;
+  CHECK(f.kms->ListRequests(f.officer, filter, 10, "").ok());
+}
+
 TEST_CASE("Disable and enable gate every use of the key", "[lifecycle]") {
   Fixture f;
   f.NewKey("k");
