@@ -16,6 +16,7 @@
 #include <optional>
 
 #include <absl/synchronization/mutex.h>
+#include <google/protobuf/stubs/logging.h>
 #include <grpc/support/log.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
@@ -213,6 +214,30 @@ absl::StatusOr<std::unique_ptr<hsm::Hsm>> OpenHsm(const Config& config,
   CUSTOS_ASSIGN_OR_RETURN(std::unique_ptr<hsm::Hsm> opened, hsm::OpenPkcs11Hsm(std::move(options)));
   if (registry == nullptr) return opened;
   return std::make_unique<hsm::MeteredHsm>(std::move(opened), registry);
+}
+
+// protobuf logs a line for every malformed message a client sends (a string field that is not
+// UTF-8), and gRPC then refuses the call. Through spdlog (escaped, JSON when asked) and at most
+// one line per 10 s, saying how many were left out, so that no client can flood the log.
+void LogProtobufMessage(google::protobuf::LogLevel level, const char* filename, int line,
+                        const std::string& message) {
+  if (level == google::protobuf::LOGLEVEL_FATAL) {
+    spdlog::critical("protobuf {}:{}: {}", filename, line, message);
+    return;
+  }
+  static std::mutex mu;
+  static std::chrono::steady_clock::time_point next;
+  static uint64_t left_out = 0;
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard lock(mu);
+  if (now < next) {
+    ++left_out;
+    return;
+  }
+  next = now + std::chrono::seconds(10);
+  spdlog::warn("protobuf {}:{}: {}{}", filename, line, message,
+               left_out == 0 ? "" : StrCat(" (", left_out, " more such lines left out before it)"));
+  left_out = 0;
 }
 
 // Creates one HSM key if missing; logs what it did. ALREADY_EXISTS is success here.
@@ -675,6 +700,7 @@ static int Run(int argc, char** argv) {
   CLI::App* init = app.add_subcommand("init", "create the root key in the HSM if missing");
   CLI11_PARSE(app, argc, argv);
 
+  google::protobuf::SetLogHandler(&LogProtobufMessage);
   absl::StatusOr<Config> config = LoadConfig(config_path);
   if (check_config) {
     if (config.ok()) return CheckConfig(config_path, *config);

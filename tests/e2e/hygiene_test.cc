@@ -1,5 +1,7 @@
 // What custosd writes about itself: every operation appears in its audit lines with the facts
 // and outcome, and no secret (context value, plaintext, data key, PIN) ever appears in its log.
+#include <google/protobuf/stubs/logging.h>
+
 #include <catch2/catch.hpp>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -119,6 +121,29 @@ TEST_CASE("A caller's text in a log line cannot forge a line of its own", "[e2e]
   CHECK_THAT(log, Catch::Contains("key 'zz\\n" + forged + "\\x1b[31m'"));
   CHECK(log.find("\n" + forged) == std::string::npos);
   CHECK(log.find('\x1b') == std::string::npos);
+}
+
+// A string field that is not UTF-8 fails to parse: protobuf logs a line for it, gRPC refuses
+// the call. Twenty such calls in a row leave one line in custosd's log, not twenty.
+TEST_CASE("Malformed messages cannot flood the log", "[e2e][audit]") {
+  CustosServer server;
+  pb::GenerateDataKeyRequest gdk;
+  gdk.set_key("not \xff UTF-8");  // serialised as is; the client's protobuf would log it
+  const google::protobuf::LogSilencer quiet_client;
+  for (int i = 0; i < 20; ++i) {
+    pb::GenerateDataKeyResponse reply;
+    const grpc::Status status = server.Keys("app")->GenerateDataKey(Context().get(), gdk, &reply);
+    CHECK_FALSE(status.ok());
+  }
+  // A well-formed call after them: whatever was logged for them is in the log by now.
+  pb::GenerateDataKeyResponse reply;
+  gdk.set_key("not-a-key");
+  CHECK(server.Keys("app")->GenerateDataKey(Context().get(), gdk, &reply).error_code() ==
+        grpc::StatusCode::PERMISSION_DENIED);
+  const std::string log = server.Log();
+  INFO(log);
+  CHECK(Occurrences(log, "invalid UTF-8") == 1);
+  CHECK(Occurrences(log, "[warning] protobuf ") == 1);
 }
 
 TEST_CASE("JSON log lines: one object per line, the call's id as in its audit record",
