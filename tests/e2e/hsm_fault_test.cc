@@ -441,7 +441,10 @@ TEST_CASE("A catalogue or audit key that fails its first use stops start and ini
     for (const std::string& key : keys) {
       if (log.find(key) == std::string::npos) continue;
       INFO(log);
-      CHECK_THAT(log, Catch::Contains("[critical] UNAVAILABLE: " + key + advice));
+      std::string expected = "[critical] UNAVAILABLE: ";
+      expected += key;
+      expected += advice;
+      CHECK_THAT(log, Catch::Contains(expected));
       named.push_back(key);
     }
   }
