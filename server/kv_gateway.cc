@@ -190,10 +190,8 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
       if (!version) malformed = absl::InvalidArgumentError("version must be a whole number from 1");
     }
     // cpp-httplib reads no body for a GET: refuse one rather than leave it unread.
-    if (request.has_header("Content-Length") || request.has_header("Transfer-Encoding")) {
-      if (request.get_header_value("Content-Length") != "0") {
-        malformed = absl::InvalidArgumentError("a key fetch carries no body");
-      }
+    if (request.has_header("Content-Length") && request.get_header_value("Content-Length") != "0") {
+      malformed = absl::InvalidArgumentError("a key fetch carries no body");
     }
   }
   // Named as gRPC names peers, for the audit log, but without the port: HTTP clients open a
@@ -276,6 +274,16 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   httplib::SSLServer& server = *gateway->server_;
   server.new_task_queue = [state = gateway->state_] { return new BoundedPool(state); };
   server.set_payload_max_length(kMaxPayloadBytes);
+  // cpp-httplib bounds a body by its Content-Length, but reads one sent in chunks whole into
+  // memory, token or not: no request the gateway serves has a body, so a chunked one is
+  // refused before any of it is read (unrecorded, as a body past the bound is).
+  server.set_pre_routing_handler([](const httplib::Request& request, httplib::Response& response) {
+    if (!request.has_header("Transfer-Encoding")) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    ReplyError(response, 413, "");
+    return httplib::Server::HandlerResponse::Handled;
+  });
   server.set_read_timeout(3, 0);
   server.set_write_timeout(3, 0);
   server.set_keep_alive_max_count(1);  // the plugin opens a connection per request anyway

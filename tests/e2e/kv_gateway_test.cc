@@ -16,6 +16,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <csignal>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <regex>
@@ -309,6 +310,51 @@ class Trickler {
   std::atomic<bool> cut_{false};
   std::thread thread_;
 };
+
+// custosd's resident memory, from /proc.
+size_t ResidentKiB(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoul(line.substr(6));
+  }
+  return 0;
+}
+
+// cpp-httplib reads a chunked body whole into memory before any handler runs; the gateway
+// refuses one before reading it, token or not.
+TEST_CASE("A chunked request body is refused unread, whatever its size", "[e2e][gateway]") {
+  CustosServer server(ServerOptions{.extra_config = "[gateway]\nlisten = \"127.0.0.1:0\"\n"});
+  Gateway gateway(server);
+  const size_t before = ResidentKiB(server.pid());
+  const std::string chunk(1 << 20, 'x');
+  for (const std::string method : {"POST", "PUT", "GET"}) {
+    INFO(method);
+    size_t sent = 0;
+    httplib::Request request;
+    request.method = method;
+    request.path = "/v1/mariadb/data/1";
+    request.content_provider_ = [&](size_t, size_t, httplib::DataSink& sink) {
+      if (sent >= 64 * chunk.size()) {
+        sink.done();
+        return true;
+      }
+      sent += chunk.size();
+      return sink.write(chunk.data(), chunk.size());
+    };
+    request.is_chunked_content_provider_ = true;
+    request.headers.emplace("Transfer-Encoding", "chunked");
+    httplib::Result result = gateway.client.send(request);
+    // Answered 413 at once, or the connection closed under the client's upload.
+    if (result) CHECK(result->status == 413);
+    CHECK(sent < 64 * chunk.size());
+  }
+  CHECK(ResidentKiB(server.pid()) < before + 32 * 1024);
+  // The gateway still answers.
+  httplib::Result answered = gateway.Get("/v1/mariadb/data/1", "");
+  REQUIRE(answered);
+  CHECK(answered->status == 403);
+}
 
 TEST_CASE("Clients that trickle bytes are cut, and hold up neither fetches nor the stop",
           "[e2e][gateway]") {
