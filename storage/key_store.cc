@@ -899,6 +899,10 @@ absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
 
 absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq,
                                                                size_t limit) const {
+  // Past SQLite's largest seq no record is (bound as int64, it would wrap to the start).
+  if (from_seq > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return std::vector<audit::Record>();
+  }
   std::lock_guard lock(impl_->db_mu_);
   // Archived records not yet removed (RemoveArchivedRecords) are not the live log's.
   return LoadAuditRecords(*impl_->db_, std::max(from_seq, impl_->floor_.seq + 1), limit);
@@ -1147,6 +1151,9 @@ absl::StatusOr<std::optional<audit::Checkpoint>> KeyStore::LatestCheckpoint() co
 absl::StatusOr<std::vector<audit::Checkpoint>> KeyStore::ReadCheckpoints(uint64_t from_seq,
                                                                          size_t limit) const {
   CUSTOS_RETURN_IF_ERROR(CheckPageSize(limit));
+  if (from_seq > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return std::vector<audit::Checkpoint>();
+  }
   std::lock_guard lock(impl_->db_mu_);
   return LoadCheckpointsFrom(*impl_->db_, from_seq, limit);
 }

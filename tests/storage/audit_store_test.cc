@@ -75,6 +75,23 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   CHECK(next.hash == audit::ChainHash(rows[2].hash, next));
 }
 
+// A seq is an int64 in SQLite: a from_seq past its largest would bind as a negative number and
+// read from the start.
+TEST_CASE("Reading from a seq past any stored one returns nothing, however large", "[audit]") {
+  TempDir dir;
+  auto store = OpenStore(dir.File("keys.db"));
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}}).ok());
+  REQUIRE(store->PutCheckpoint({2, Bytes(32, 1), 100, Bytes{1}, "audit-signing", 0, Bytes(32, 0)})
+              .ok());
+  CHECK(store->ReadAudit(1, 10)->size() == 2);
+  CHECK(store->ReadCheckpoints(1, 10)->size() == 1);
+  for (const uint64_t from : {uint64_t{3}, uint64_t{1} << 63, ~uint64_t{0}}) {
+    INFO(from);
+    CHECK(store->ReadAudit(from, 10)->empty());
+    CHECK(store->ReadCheckpoints(from, 10)->empty());
+  }
+}
+
 TEST_CASE("Concurrent audit records get distinct consecutive seqs", "[audit]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
