@@ -24,7 +24,7 @@ class EscapedMessage final : public spdlog::custom_flag_formatter {
           dest.append(std::string_view(json_ ? "\\\"" : "\""));
           break;
         case '\\':
-          dest.append(std::string_view(json_ ? "\\\\" : "\\"));
+          dest.append(std::string_view("\\\\"));  // a caller's backslash-n is no newline
           break;
         case '\n':
           dest.append(std::string_view("\\n"));

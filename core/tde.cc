@@ -487,9 +487,11 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
   Caller caller{"", std::string(peer)};
   Call call(*this, caller, Action::kFetchTdeKey);
   return call.Finish([&]() -> absl::StatusOr<TdeKey> {
-    call.event().detail = mount.empty() ? std::string(request.message())
-                                        : StrCat("mount=", mount, " key_id=", key_id,
-                                                 version ? StrCat(" version=", *version) : "");
+    call.event().detail = mount.empty()
+                              ? std::string(request.message())
+                              : StrCat("mount=", mount, " key_id=", key_id,
+                                       version ? StrCat(" version=", *version) : "",
+                                       request.ok() ? "" : StrCat(" (", request.message(), ")"));
     // "cdt.<token id>.<secret>"
     const absl::Status refused = absl::PermissionDeniedError(
         "the token is not valid: unknown, wrong, not yet claimed, revoked or expired");

@@ -713,15 +713,15 @@ static int Run(int argc, char** argv) {
     custos::UseTextLogLines();
   } else {
     custos::UseJsonLogLines();
-    // gRPC's own messages too, so that every line of the log is JSON.
-    gpr_set_log_function([](gpr_log_func_args* args) {
-      const spdlog::level::level_enum level =
-          args->severity == GPR_LOG_SEVERITY_ERROR  ? spdlog::level::err
-          : args->severity == GPR_LOG_SEVERITY_INFO ? spdlog::level::info
-                                                    : spdlog::level::debug;
-      spdlog::log(level, "grpc {}:{}: {}", args->file, args->line, args->message);
-    });
   }
+  // gRPC's own messages too, so that every line of the log has one format and is escaped.
+  gpr_set_log_function([](gpr_log_func_args* args) {
+    const spdlog::level::level_enum level =
+        args->severity == GPR_LOG_SEVERITY_ERROR  ? spdlog::level::err
+        : args->severity == GPR_LOG_SEVERITY_INFO ? spdlog::level::info
+                                                  : spdlog::level::debug;
+    spdlog::log(level, "grpc {}:{}: {}", args->file, args->line, args->message);
+  });
   return init->parsed() ? Init(*config) : Serve(*config, port_file, allow_re_anchor);
 }
 

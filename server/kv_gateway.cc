@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <regex>
 
 #include "common/strings.h"
 #include "spdlog/spdlog.h"
@@ -179,8 +180,8 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   std::optional<uint32_t> key_id;
   std::optional<uint32_t> version;
   absl::Status malformed;
-  if (!key_fetch || request.method != "GET") {  // HEAD too: it fetches nothing
-    malformed = absl::NotFoundError(StrCat(request.method, " of a path that fetches no key"));
+  if (!key_fetch || request.method != "GET") {           // HEAD too: it fetches nothing
+    malformed = absl::NotFoundError("not a key fetch");  // (no text of the client's)
   } else {
     mount = request.matches[1];
     key_id = ParsePositive(std::string(request.matches[2]));
@@ -190,7 +191,9 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
       if (!version) malformed = absl::InvalidArgumentError("version must be a whole number from 1");
     }
     // cpp-httplib reads no body for a GET: refuse one rather than leave it unread.
-    if (request.has_header("Content-Length") && request.get_header_value("Content-Length") != "0") {
+    if (request.has_header("Transfer-Encoding") || request.has_header("Content-Encoding") ||
+        (request.has_header("Content-Length") &&
+         request.get_header_value("Content-Length") != "0")) {
       malformed = absl::InvalidArgumentError("a key fetch carries no body");
     }
   }
@@ -218,9 +221,10 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
     // The reason stays in custosd's log and audit record: a client learns only the status.
     if (status >= 500) spdlog::warn("gateway: {}", key.status().ToString());
     return ReplyError(response, status,
-                      status == 403                      ? "permission denied"
-                      : status == 400 && !malformed.ok() ? std::string(malformed.message())
-                                                         : "");  // the gateway's own words only
+                      status == 403 ? "permission denied"
+                      : status == 400 && key.status() == malformed
+                          ? std::string(malformed.message())
+                          : "");  // its own words only
   }
   // The key's hex is in the response body, a buffer cpp-httplib owns and frees unwiped (as
   // gRPC's reply buffers); the copies made here are wiped.
@@ -274,43 +278,36 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   httplib::SSLServer& server = *gateway->server_;
   server.new_task_queue = [state = gateway->state_] { return new BoundedPool(state); };
   server.set_payload_max_length(kMaxPayloadBytes);
-  // cpp-httplib bounds a body by its Content-Length, but reads one sent in chunks whole into
-  // memory, token or not: no request the gateway serves has a body, so a chunked one is
-  // refused before any of it is read (unrecorded, as a body past the bound is).
-  server.set_pre_routing_handler([](const httplib::Request& request, httplib::Response& response) {
-    if (!request.has_header("Transfer-Encoding")) {
-      return httplib::Server::HandlerResponse::Unhandled;
-    }
-    ReplyError(response, 413, "");
-    return httplib::Server::HandlerResponse::Handled;
-  });
   server.set_read_timeout(3, 0);
   server.set_write_timeout(3, 0);
   server.set_keep_alive_max_count(1);  // the plugin opens a connection per request anyway
   // An exception's text would otherwise go out in a header.
   server.set_exception_handler([](const httplib::Request&, httplib::Response& response,
                                   const std::exception_ptr&) { ReplyError(response, 500, ""); });
-  server.Get(StrCat("/v1/sys/mounts/", kMountPattern, "/tune"), [](const httplib::Request&,
-                                                                   httplib::Response& response) {
+  const std::string tune = StrCat("/v1/sys/mounts/", kMountPattern, "/tune");
+  const std::string fetch = StrCat("/v1/", kMountPattern, "/data/([0-9]{1,10})");
+  // Before cpp-httplib reads a body (it would read one sent in chunks, or without a length,
+  // whole into memory, token or not) and before it routes: a GET or HEAD of the two routes goes
+  // on to them; every other request, whatever its method, path or body, is answered here, its
+  // body never read, through the token check (FetchKey), and recorded. (Bounded patterns: an
+  // unbounded one would walk every long path through std::regex's recursive matcher.)
+  server.set_pre_routing_handler(
+      [state = gateway->state_, tune = std::regex(tune), fetch = std::regex(fetch)](
+          const httplib::Request& request, httplib::Response& response) {
+        if ((request.method == "GET" || request.method == "HEAD") &&
+            (std::regex_match(request.path, tune) || std::regex_match(request.path, fetch))) {
+          return httplib::Server::HandlerResponse::Unhandled;
+        }
+        FetchKey(*state, request, response, /*key_fetch=*/false);
+        return httplib::Server::HandlerResponse::Handled;
+      });
+  server.Get(tune, [](const httplib::Request&, httplib::Response& response) {
     Reply(response, 200, R"({"data":{"options":{"version":"2"}},"options":{"version":"2"}})");
   });
-  server.Get(
-      StrCat("/v1/", kMountPattern, "/data/([0-9]{1,10})"),
-      [state = gateway->state_](const httplib::Request& request, httplib::Response& response) {
-        FetchKey(*state, request, response, /*key_fetch=*/true);
-      });
-  const auto other = [state = gateway->state_](const httplib::Request& request,
-                                               httplib::Response& response) {
-    FetchKey(*state, request, response, /*key_fetch=*/false);
-  };
-  server.Get(".*", other);
-  server.Post(".*", other);
-  server.Put(".*", other);
-  server.Patch(".*", other);
-  server.Delete(".*", other);
-  server.Options(".*", other);
-  // What no route takes (another method; a path cpp-httplib cannot read): 400 or 404 from
-  // cpp-httplib, with an empty body.
+  server.Get(fetch, [state = gateway->state_](const httplib::Request& request,
+                                              httplib::Response& response) {
+    FetchKey(*state, request, response, /*key_fetch=*/true);
+  });
   gateway->port_ =
       *port == 0
           ? server.bind_to_any_port(host)

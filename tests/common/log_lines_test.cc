@@ -34,7 +34,7 @@ TEST_CASE("Text log lines: a message quoting a caller cannot start a line or dri
       line, std::regex(R"(\[20[0-9-]{8} [0-9:]{8}\.[0-9]{3}\] \[warning\] [^\n]*\n)")));
   CHECK(line.substr(line.find("] [warning] ")) ==
         "] [warning] refused: key 'zz\\n[2026-12-04 13:00:00.000] [critical] "
-        "FORGED\\x1b[31m\\r\\t\\x7f\\\"'\n");
+        "FORGED\\x1b[31m\\r\\t\\x7f\\\\\"'\n");
 }
 
 TEST_CASE("JSON log lines: the message JSON-escaped, one object per line", "[log]") {
