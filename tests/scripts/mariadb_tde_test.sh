@@ -171,10 +171,13 @@ done
           WHERE NAME = 'clinic/notes'") == $'1\t1' ]] || fail "the table is not encrypted under key 1"
 ok "neither the table file nor the redo log holds the rows' plaintext"
 
-fetches=$(ctl auditor audit export | grep '"action":"FetchTdeKey"' | grep -c '"outcome":"OK"' || true)
+# Read whole first: `grep -q` would stop reading early, and with pipefail custosctl's SIGPIPE
+# would fail the check.
+fetched=$(ctl auditor audit export | grep '"action":"FetchTdeKey"' | grep '"outcome":"OK"' || true)
+fetches=$(grep -c . <<<"$fetched" || true)
 [[ $fetches -ge 2 ]] || fail "Custos recorded $fetches successful fetches"
-ctl auditor audit export | grep '"action":"FetchTdeKey"' | grep '"outcome":"OK"' |
-  grep -q '"principal":"spiffe://custos.local/db/mariadb"' || fail "fetch records name no database"
+grep -q '"principal":"spiffe://custos.local/db/mariadb"' <<<"$fetched" ||
+  fail "fetch records name no database"
 ok "Custos recorded $fetches key fetches by the database"
 
 # --- Rotation ----------------------------------------------------------------------------
