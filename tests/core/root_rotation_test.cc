@@ -23,7 +23,12 @@ absl::StatusOr<Ciphertext> Encrypt(Fixture& f, const std::string& key) {
   return f.kms->Encrypt(f.app, key, SecureBytes::FromString("x").span(), {});
 }
 
-absl::StatusOr<Request> RotateRoot(Fixture& f) {
+// A root rotation proposed and approved once: one approval short of its quorum.
+struct PendingRotation {
+  std::string id;
+  std::string digest;
+};
+PendingRotation ProposeRootRotation(Fixture& f) {
   Proposal proposal;
   proposal.operation = Operation::kRotateRootKey;
   proposal.justification = "annual root rotation";
@@ -33,7 +38,12 @@ absl::StatusOr<Request> RotateRoot(Fixture& f) {
   CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer2, proposal).status()));
   const std::string digest = RequestDigest(*request);
   REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
-  return f.kms->Approve(f.officer3, request->id, digest);
+  return {request->id, digest};
+}
+
+absl::StatusOr<Request> RotateRoot(Fixture& f) {
+  const PendingRotation pending = ProposeRootRotation(f);
+  return f.kms->Approve(f.officer3, pending.id, pending.digest);
 }
 
 size_t Count(Fixture& f, const std::string& action, const std::string& detail) {
@@ -146,18 +156,13 @@ TEST_CASE("Past 16 taken root labels in a row the rotation is refused and stays 
   f.NewKey("a");
   custos::testing::RawToken token(f.token);
   for (int n = 2; n <= 18; ++n) token.CreateLegacyRoot("custos-root." + std::to_string(n));
-  Proposal proposal;
-  proposal.operation = Operation::kRotateRootKey;
-  proposal.justification = "annual root rotation";
-  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
-  REQUIRE(request.ok());
-  const std::string digest = RequestDigest(*request);
-  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
-  absl::StatusOr<Request> refused = f.kms->Approve(f.officer3, request->id, digest);
+  const PendingRotation request = ProposeRootRotation(f);
+  const std::string& digest = request.digest;
+  absl::StatusOr<Request> refused = f.kms->Approve(f.officer3, request.id, digest);
   CHECK(absl::IsFailedPrecondition(refused.status()));
   CHECK_THAT(std::string(refused.status().message()),
              Catch::Contains("already has keys labelled 'custos-root.2' to 'custos-root.18'"));
-  CHECK(f.kms->GetRequest(f.officer, request->id)->state == RequestState::kPending);
+  CHECK(f.kms->GetRequest(f.officer, request.id)->state == RequestState::kPending);
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("").empty());
   CHECK(token.FindKey("custos-root.19") == CK_INVALID_HANDLE);  // nothing made
 }
@@ -168,25 +173,20 @@ TEST_CASE(
     "[rotation][root]") {
   Fixture f;
   f.NewKey("a");
-  Proposal proposal;
-  proposal.operation = Operation::kRotateRootKey;
-  proposal.justification = "annual root rotation";
-  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
-  REQUIRE(request.ok());
-  const std::string digest = RequestDigest(*request);
-  REQUIRE(f.kms->Approve(f.officer2, request->id, digest).ok());
+  const PendingRotation request = ProposeRootRotation(f);
+  const std::string& digest = request.digest;
   // The new root is made; the HSM then fails the next step (reading the old root's attributes).
   f.hsm->BeforeNextCallTo("RootKeyConfinesVersions", [&] {
     REQUIRE(f.hsm->CheckRootKey("custos-root.2").ok());
     f.hsm->FailNext(1, absl::UnavailableError("HSM blinked"));
   });
-  absl::StatusOr<Request> failed = f.kms->Approve(f.officer3, request->id, digest);
+  absl::StatusOr<Request> failed = f.kms->Approve(f.officer3, request.id, digest);
   CHECK(absl::IsUnavailable(failed.status()));
   CHECK_THAT(std::string(failed.status().message()), Catch::Contains("HSM blinked"));
   CHECK(f.store->GetSetting(kRootKeySetting)->value_or("").empty());
   CHECK(custos::testing::RawToken(f.token).FindKey("custos-root.2") == CK_INVALID_HANDLE);
 
-  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, digest);
+  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request.id, digest);
   INFO(done.status().ToString());
   REQUIRE(done.ok());
   CHECK(done->state == RequestState::kExecuted);
