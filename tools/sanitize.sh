@@ -45,7 +45,15 @@ check_logs() {  # LOG_DIR NAME
 }
 
 failed=()
+reasons=()  # what failed, printed last, where a CI log's tail shows it
 start=$SECONDS
+
+# The names of the Catch2 test cases whose blocks in console output FILE report a failure.
+failed_cases() {  # FILE
+  awk '/^-{79}$/ { if (!open) { open = 1; name = ""; next } open = 0; next }
+       open && name == "" { name = $0 }
+       / FAILED:$/ && name != "" { print name; name = "-" }' "$1" | grep -v '^-$' | sort -u
+}
 
 run_asan() {
   local build=build-asan
@@ -62,7 +70,11 @@ check_initialization_order=1:strict_init_order=1:log_path=$logs/asan"
   export LSAN_OPTIONS="suppressions=$root/tools/sanitizers/lsan.supp:print_suppressions=0"
   local ok=1
   # bench_smoke measures throughput, which means nothing here; e2e runs below.
-  ctest --test-dir "$build" --output-on-failure --timeout 1800 -E '^(bench_smoke|e2e)$' || ok=0
+  if ! ctest --test-dir "$build" --output-on-failure --timeout 1800 -E '^(bench_smoke|e2e)$' \
+    2>&1 | tee "$build/ctest.out"; then
+    ok=0
+    reasons+=("asan ctest: $(grep -E '^\s+[0-9]+ - ' "$build/ctest.out" | tr -s ' ' | paste -sd,)")
+  fi
   # The end-to-end tests but five whose fixed windows were set for a Release custosd; under
   # ASan it runs two to three times slower (a Catch2 spec: ~[.] keeps hidden tests out):
   #  - "Verifying the live database under load ..." counts verifications made in a fixed time;
@@ -77,8 +89,14 @@ check_initialization_order=1:strict_init_order=1:log_path=$logs/asan"
   e2e_skip+='~"A hang of any PKCS#11 call is answered UNAVAILABLE at hsm.call_timeout_ms"'
   e2e_skip+='~"Callers of a key whose unwrap hangs do not hold up calls on other keys"'
   echo "sanitize: asan test_e2e $e2e_skip"
-  (cd "$build/tests/e2e" && ./test_e2e "$e2e_skip") || ok=0
-  check_logs "$logs" asan || ok=0
+  if ! (cd "$build/tests/e2e" && ./test_e2e "$e2e_skip") 2>&1 | tee "$build/e2e.out"; then
+    ok=0
+    reasons+=("asan test_e2e: $(failed_cases "$build/e2e.out" | paste -sd'|')")
+  fi
+  if ! check_logs "$logs" asan; then
+    ok=0
+    reasons+=("asan reports: $(find "$logs" -type f -size +0 -printf '%f ')")
+  fi
   unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
   ((ok)) || failed+=(asan)
   echo "sanitize: asan tier done at $((SECONDS - start)) s"
@@ -106,9 +124,15 @@ run_tsan() {
     local args=()
     if [[ -n ${skip[$t]:-} ]]; then args=("${skip[$t]}"); fi
     echo "sanitize: tsan test_$t ${args[*]}"
-    (cd "$build/tests/$t" && ./"test_$t" "${args[@]}") || ok=0
+    if ! (cd "$build/tests/$t" && ./"test_$t" "${args[@]}") 2>&1 | tee "$build/test_$t.out"; then
+      ok=0
+      reasons+=("tsan test_$t: $(failed_cases "$build/test_$t.out" | paste -sd'|')")
+    fi
   done
-  check_logs "$logs" tsan || ok=0
+  if ! check_logs "$logs" tsan; then
+    ok=0
+    reasons+=("tsan reports: $(find "$logs" -type f -size +0 -printf '%f ')")
+  fi
   unset TSAN_OPTIONS
   ((ok)) || failed+=(tsan)
   echo "sanitize: tsan tier done at $((SECONDS - start)) s"
@@ -128,5 +152,6 @@ done
 echo "sanitize: finished in $((SECONDS - start)) s"
 if ((${#failed[@]} > 0)); then
   echo "sanitize: failed: ${failed[*]}" >&2
+  printf 'sanitize:   %s\n' "${reasons[@]}" >&2
   exit 1
 fi
