@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -165,7 +166,38 @@ absl::StatusOr<std::unique_ptr<Database>> Database::OpenWithFlags(const std::str
     return status;
   }
   sqlite3_extended_result_codes(db, 1);
-  return std::unique_ptr<Database>(new Database(db));
+  std::unique_ptr<Database> opened(new Database(db, path));
+  // The file just opened is the one found now (a swap in between is a race nobody can win).
+  if ((flags & SQLITE_OPEN_READWRITE) != 0) CUSTOS_RETURN_IF_ERROR(opened->CheckFilesInPlace());
+  return opened;
+}
+
+absl::Status Database::CheckFilesInPlace() {
+  if (!misplaced_.empty()) return absl::UnavailableError(misplaced_);
+  static constexpr const char* kSuffixes[] = {"", "-wal", "-shm"};
+  for (size_t i = 0; i < std::size(kSuffixes); ++i) {
+    const std::string file = absl::StrCat(path_, kSuffixes[i]);
+    struct stat st {};
+    const char* what = "replaced";
+    if (::lstat(file.c_str(), &st) != 0) {
+      // A -wal or -shm this connection has not yet made is not missing.
+      if (errno == ENOENT && !files_[i]) continue;
+      if (errno != ENOENT) return ErrnoError("cannot check the key database file", file);
+      what = "deleted";
+    } else if (!files_[i]) {
+      files_[i] = FileId{st.st_dev, st.st_ino};
+      continue;
+    } else if (st.st_dev == files_[i]->dev && st.st_ino == files_[i]->ino) {
+      continue;
+    }
+    misplaced_ = absl::StrCat(
+        "the key database file '", file, "' was ", what,
+        " while open: what is committed now would go to a file no longer at that path, so "
+        "nothing more is written until the database is opened again (restore the file from where "
+        "it was moved, or from a backup, first)");
+    return absl::UnavailableError(misplaced_);
+  }
+  return absl::OkStatus();
 }
 
 Database::~Database() {
@@ -200,6 +232,7 @@ absl::StatusOr<std::string> Database::QueryText(const char* sql) {
 }
 
 absl::StatusOr<std::unique_ptr<Transaction>> Transaction::Begin(Database& db) {
+  CUSTOS_RETURN_IF_ERROR(db.CheckFilesInPlace());
   CUSTOS_ASSIGN_OR_RETURN(Statement begin, db.Prepare("BEGIN IMMEDIATE"));
   CUSTOS_RETURN_IF_ERROR(begin.Run());
   return std::unique_ptr<Transaction>(new Transaction(db));
@@ -217,7 +250,8 @@ absl::Status Transaction::Commit() {
   CUSTOS_ASSIGN_OR_RETURN(Statement commit, db_.Prepare("COMMIT"));
   CUSTOS_RETURN_IF_ERROR(commit.Run());
   open_ = false;
-  return absl::OkStatus();
+  // Committed, but durable only if into the files at the database's paths.
+  return db_.CheckFilesInPlace();
 }
 
 }  // namespace custos::storage::sqlite

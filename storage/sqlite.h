@@ -7,9 +7,11 @@
 #pragma once
 
 #include <sqlite3.h>
+#include <sys/types.h>
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -93,13 +95,30 @@ class Database {
 
   sqlite3* handle() const { return db_; }
 
+  // Whether the files this connection writes (the database, its -wal and -shm) are still the
+  // files at their paths: the ones it found there when it opened them (or first met the
+  // -wal and -shm). One deleted or replaced while open (rm, mv over it) takes every commit
+  // made after into a file nobody will read again; UNAVAILABLE then, for good, since writing
+  // on would acknowledge what is lost, and reopening would adopt a file this process never
+  // checked. Every write Transaction asks, before it begins and after it commits.
+  absl::Status CheckFilesInPlace();
+
  private:
-  explicit Database(sqlite3* db) : db_(db) {}
+  // A file's identity: its device and inode.
+  struct FileId {
+    dev_t dev = 0;
+    ino_t ino = 0;
+  };
+
+  Database(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
   static absl::StatusOr<std::unique_ptr<Database>> OpenWithFlags(const std::string& path,
                                                                  int flags);
 
   sqlite3* db_;
   std::unordered_map<std::string, sqlite3_stmt*> statements_;
+  std::string path_;
+  std::optional<FileId> files_[3];  // the database, -wal, -shm: as first found
+  std::string misplaced_;           // why the files are no longer in place, once they are not
 };
 
 // BEGIN IMMEDIATE on construction (through Begin), ROLLBACK on destruction unless Commit()

@@ -373,5 +373,42 @@ TEST_CASE("KeyStateName and FindVersion", "[key_store]") {
   CHECK(key.FindVersion(0) == nullptr);
 }
 
+TEST_CASE("A database file deleted or replaced while open takes no more commits", "[key_store]") {
+  // As root on the host could: each of the three files, deleted or moved over by a copy.
+  for (const std::string suffix : {"", "-wal", "-shm"}) {
+    for (const bool replace : {false, true}) {
+      DYNAMIC_SECTION((replace ? "replaced: " : "deleted: ") << "keys.db" << suffix) {
+        TempDir dir;
+        const std::string path = dir.File("keys.db");
+        auto store = OpenStore(path);
+        REQUIRE(store->CreateKey(MakeKey(1, "before")).ok());
+        const std::string file = path + suffix;
+        if (replace) {
+          const std::string copy = dir.File("copy");
+          REQUIRE(std::system(("cp " + file + " " + copy).c_str()) == 0);
+          REQUIRE(std::rename(copy.c_str(), file.c_str()) == 0);
+        } else {
+          REQUIRE(std::remove(file.c_str()) == 0);
+        }
+        const std::string expected = "the key database file '" + file + "' was " +
+                                     (replace ? "replaced" : "deleted") + " while open";
+        for (int attempt = 0; attempt < 2; ++attempt) {  // for good, not once
+          const absl::Status created = store->CreateKey(MakeKey(2, "after"));
+          CHECK(created.code() == absl::StatusCode::kUnavailable);
+          CHECK_THAT(std::string(created.message()), Catch::StartsWith(expected));
+          storage::WriteBatch batch;
+          batch.keys.push_back(MakeKey(3, "batched"));
+          CHECK(store->Apply(batch).code() == absl::StatusCode::kUnavailable);
+          CHECK(store->ProbeCommit(std::chrono::milliseconds(100)).code() ==
+                absl::StatusCode::kUnavailable);
+        }
+        // What was committed before is still read, and nothing after was.
+        CHECK(store->FindKeyByAlias("before").ok());
+        CHECK(store->GetKey(IdFor(2)).status().code() == absl::StatusCode::kNotFound);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace custos::storage
