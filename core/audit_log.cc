@@ -201,8 +201,9 @@ absl::Status Kms::VerifyAuditLog(bool full) {
     return absl::FailedPreconditionError(
         StrCat("the audit log ends at record ", head.first, " but this HSM signed a checkpoint at ",
                signed_head.seq,
-               ": records were removed, or an older copy of the database was "
-               "restored"));
+               ": records were removed, an older copy of the database was restored, or "
+               "another copy of it ran on this HSM token and signed its own records (a fork: "
+               "re-anchoring would drop that copy's records from the chain)"));
   }
   if (signed_head.stopped && head.first > signed_head.seq) {
     return absl::FailedPreconditionError(StrCat("custosd stopped at audit record ", signed_head.seq,

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include <toml++/toml.h>
@@ -243,6 +244,7 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
       settings.Read("hsm", "audit_signing_key_label", &c.audit_signing_key_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "catalog_hmac_key_label", &c.catalog_hmac_key_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "audit_head_label", &c.audit_head_label));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "instance_label", &c.instance_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "key_cache", &cache));
   CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
   CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
@@ -378,6 +380,14 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
     return absl::InvalidArgumentError(
         "config: hsm.hang_limit_ms must be 0 (never) or hsm.call_timeout_ms..86400000");
   }
+  CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "instance_lease_ms", &c.hsm_instance_lease_ms));
+  if (c.hsm_instance_lease_ms < 1000 || c.hsm_instance_lease_ms > 600'000 ||
+      c.hsm_instance_lease_ms < 2 * int64_t{c.health_interval_ms} + c.health_probe_timeout_ms) {
+    return absl::InvalidArgumentError(
+        "config: hsm.instance_lease_ms must be 1000..600000 and at least 2 * "
+        "server.health_interval_ms + server.health_probe_timeout_ms (the health rounds renew "
+        "the claim)");
+  }
   c.hsm_call_timeout_ms = static_cast<int>(call_timeout);
   c.hsm_max_stuck_calls = static_cast<int>(stuck);
   c.hsm_threads = static_cast<int>(hsm_threads);
@@ -423,7 +433,8 @@ absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config) {
   const int fd = open(config.hsm_pin_file.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) {
     return absl::NotFoundError(
-        StrCat("cannot open PIN file ", config.hsm_pin_file, " (a symbolic link is refused)"));
+        StrCat("cannot open PIN file ", config.hsm_pin_file, ": ",
+               errno == ELOOP ? "a symbolic link is refused" : std::strerror(errno)));
   }
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > 4096) {
@@ -431,7 +442,8 @@ absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config) {
     return absl::InvalidArgumentError(
         StrCat("PIN file ", config.hsm_pin_file, " is not a small regular file"));
   }
-  if ((st.st_mode & 077) != 0 || st.st_uid != geteuid()) {
+  // Unreadable by its owner (0000) reads as root only: refused too, for every user alike.
+  if ((st.st_mode & 077) != 0 || (st.st_mode & 0400) == 0 || st.st_uid != geteuid()) {
     close(fd);
     return absl::PermissionDeniedError(
         StrCat("PIN file ", config.hsm_pin_file, " must belong to this user and be mode 0600"));
@@ -445,7 +457,8 @@ absl::StatusOr<SecureBytes> ReadHsmPin(const Config& config) {
   size_t size = pin.size();
   while (size > 0 && (pin.data()[size - 1] == '\n' || pin.data()[size - 1] == '\r')) --size;
   pin.Truncate(size);
-  if (pin.empty()) return absl::NotFoundError("PIN file is empty");
+  if (pin.empty())
+    return absl::NotFoundError(StrCat("PIN file ", config.hsm_pin_file, " is empty"));
   return pin;
 }
 

@@ -54,6 +54,7 @@ struct Config {
   std::string audit_signing_key_label = "custos-audit-signing";  // checkpoint signatures
   std::string catalog_hmac_key_label = "custos-catalog-hmac";    // MACs of catalogue rows
   std::string audit_head_label = "custos-audit-head";  // data object: last signed log head
+  std::string instance_label = "custos-instance";      // data object: this server's claim
   size_t key_cache_capacity = 4096;
   // Every HSM call is answered within hsm.call_timeout_ms (100..60000), UNAVAILABLE if the
   // module has not answered; up to hsm.max_stuck_calls (0..1024) calls stuck inside the module
@@ -68,6 +69,11 @@ struct Config {
   int hsm_threads = 16;
   int hsm_max_stuck_calls = 8;
   int64_t hsm_hang_limit_ms = 60000;
+  // One server per token (hsm/token_lease.h): a claim unrenewed for hsm.instance_lease_ms
+  // (1000..600000, at least 2 * health_interval_ms + health_probe_timeout_ms, since the
+  // health rounds renew it) may be taken over by a server starting; one renewed meanwhile
+  // stops it. The wait at a start after a crash.
+  int64_t hsm_instance_lease_ms = 5000;
 
   std::string storage_path;
   // [audit] archive_dir: where ArchiveAuditLog writes archive files; default: audit-archive

@@ -43,6 +43,7 @@
 #include "core/kms.h"
 #include "hsm/metered_hsm.h"
 #include "hsm/pkcs11_hsm.h"
+#include "hsm/token_lease.h"
 #include "policy/dual_control.h"
 #include "policy/policy.h"
 #include "server/config.h"
@@ -58,6 +59,22 @@ namespace {
 
 // Exit status when an HSM call never returned within hsm.hang_limit_ms (EX_SOFTWARE).
 constexpr int kExitHsmHung = 70;
+// Another server took the HSM token over (hsm/token_lease.h).
+constexpr int kExitTokenTaken = 71;
+
+// Renews this server's claim on the token, each health round. Lost, the claim is another
+// server's: this one exits at once, writing nothing more (no stop record, no head), since
+// anything it wrote now would fork the log.
+absl::Status RenewLease(hsm::TokenLease& lease) {
+  absl::Status renewed = lease.Renew();
+  if (absl::IsAborted(renewed)) {
+    spdlog::critical("{}; exiting (code {}) without writing to the token again",
+                     std::string(renewed.message()), kExitTokenTaken);
+    spdlog::default_logger()->flush();
+    std::_Exit(kExitTokenTaken);
+  }
+  return renewed;
+}
 
 // Secrets pass through this process: it must never write them to a core dump, and nothing
 // else running as the same user may ptrace it.
@@ -409,6 +426,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   MeasureCommits(registry, **store);
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
   if (!hsm.ok()) return Fail(hsm.status());
+  // Before anything is written to the token: no other server uses it.
+  absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = hsm::TokenLease::Acquire(
+      hsm->get(), {.label = config.instance_label,
+                   .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms)});
+  if (!lease.ok()) return Fail(lease.status());
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog =
           CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
@@ -567,9 +589,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
        // handle: a token whose store went away (a module may go on serving what it holds in
        // memory) shows here.
        .probes = {{"HSM",
-                   [&hsm, &kms] {
+                   [&hsm, &kms, &lease] {
                      CUSTOS_RETURN_IF_ERROR((*hsm)->GenerateRandom(1).status());
-                     return (*hsm)->CheckRootKey(kms.CurrentRoot());
+                     CUSTOS_RETURN_IF_ERROR((*hsm)->CheckRootKey(kms.CurrentRoot()));
+                     return RenewLease(**lease);
                    }},
                   // Half the deadline for another connection's lock, so that a lock held
                   // elsewhere is reported as such rather than as no answer.
@@ -671,6 +694,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // A last signed checkpoint, covering the stop record, and the HSM told that nothing follows.
   if (absl::Status closed = kms.CloseAuditLog(); !closed.ok()) {
     spdlog::error("audit checkpoint at stop: {}", closed.ToString());
+  }
+  if (absl::Status released = (*lease)->Release(); !released.ok()) {
+    spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
+                  released.ToString());
   }
   return 0;
 }

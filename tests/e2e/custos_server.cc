@@ -88,7 +88,14 @@ void CustosServer::Start(const std::vector<std::string>& flags) {
     if (!Alive()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  throw std::runtime_error("custosd did not start:\n" + Log());
+  // How it ended, if it did: an exit status, a signal, or still running without a port.
+  std::string how = "no port within 20 s";
+  siginfo_t info{};
+  if (waitid(P_PID, pid_, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid_) {
+    how = info.si_code == CLD_EXITED ? "exited " + std::to_string(info.si_status)
+                                     : "killed by signal " + std::to_string(info.si_status);
+  }
+  throw std::runtime_error("custosd did not start (" + how + "):\n" + Log());
 }
 
 CustosServer::~CustosServer() { Stop(); }
@@ -229,7 +236,9 @@ int RunCustosd(const std::string& args, std::string* output, int timeout_seconds
   const pid_t pid = fork();
   if (pid == 0) {
     execl("/bin/sh", "sh", "-c",
-          (std::string(CUSTOSD_PATH) + " " + args + " >" + out + " 2>&1").c_str(), nullptr);
+          // exec: the timeout's SIGKILL below must reach custosd, not only its shell.
+          ("exec " + std::string(CUSTOSD_PATH) + " " + args + " >" + out + " 2>&1").c_str(),
+          nullptr);
     _exit(127);
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);

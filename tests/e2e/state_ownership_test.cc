@@ -9,6 +9,8 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -18,6 +20,7 @@
 
 #include "tests/e2e/e2e_util.h"
 #include "tests/support/files.h"
+#include "tests/support/temp_dir.h"
 
 namespace custos::testing {
 namespace {
@@ -215,6 +218,56 @@ TEST_CASE("A database file deleted under load takes no acknowledged call with it
   req.set_key("unlinked/key");
   pb::GenerateDataKeyResponse reply;
   CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
+}
+
+// A copy of the state folder, started by mistake, shares the original's HSM token (its
+// softhsm2.conf names the original's token directory) but not its lock file: the token itself
+// says which server holds it. Two servers on one token would fork the audit log.
+TEST_CASE("A second custosd on the same HSM token waits out the first's claim, or stops",
+          "[e2e][state]") {
+  CustosServer server;
+  CreateKey(server, "claimed/key", true, true);
+  TempDir copy;
+  REQUIRE(std::system(("cp -a " + server.state_dir() + "/. " + copy.path() + "/ && rm -f " +
+                       copy.path() + "/port " + copy.path() + "/custosd.log")
+                          .c_str()) == 0);
+  const std::string run_copy = "--config " + copy.path() + "/custosd.toml";
+  char host[256] = {};
+  REQUIRE(::gethostname(host, sizeof(host) - 1) == 0);
+  const std::string holder = std::string(host) + ":" + std::to_string(server.pid());
+
+  // While the first renews its claim, the copy stops before it writes anything.
+  std::string output;
+  auto start = std::chrono::steady_clock::now();
+  int status = RunCustosd(run_copy, &output, /*timeout=*/30);
+  INFO(output);
+  CHECK(status == 1);
+  CHECK_THAT(output, Catch::Contains("another custosd (" + holder +
+                                     ") holds this HSM token: it renewed its claim while this "
+                                     "one waited. Two servers on one token would fork the audit "
+                                     "log"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));  // the lease
+  pb::GenerateDataKeyRequest req;
+  req.set_key("claimed/key");
+  pb::GenerateDataKeyResponse reply;
+  CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
+
+  // The first stalls for longer than a lease: the copy takes the token over, and the first,
+  // running again, finds its claim gone and exits at once, writing nothing more.
+  server.Signal(SIGSTOP);
+  std::thread copy_runs([&] { status = RunCustosd(run_copy, &output, /*timeout=*/12); });
+  std::this_thread::sleep_for(std::chrono::seconds(9));
+  server.Signal(SIGCONT);
+  CHECK(server.WaitForExit(std::chrono::seconds(3)) == 71);
+  copy_runs.join();
+  CHECK(status == 128 + SIGKILL);  // served until RunCustosd's timeout
+  CHECK_THAT(output, Catch::Contains("the HSM token's last holder (" + holder +
+                                     ") stopped without releasing it, and has not renewed its "
+                                     "claim for 5000 ms; taking the token over"));
+  CHECK_THAT(output, Catch::Contains("custosd listening on"));
+  CHECK_THAT(server.Log(), Catch::Contains("[critical] another custosd ("));
+  CHECK_THAT(server.Log(), Catch::Contains(") took this HSM token over while this one did not "
+                                           "renew its claim for a lease; exiting (code 71)"));
 }
 
 TEST_CASE("Two servers never share a port", "[e2e][state]") {

@@ -76,6 +76,12 @@ TEST_CASE("A PIN file readable by group or others is refused", "[pin]") {
   RequireFails(ReadHsmPin(PinFileConfig(path)), absl::StatusCode::kPermissionDenied);
   WriteFile(path, "1234\n", 0604);
   RequireFails(ReadHsmPin(PinFileConfig(path)), absl::StatusCode::kPermissionDenied);
+  // Unreadable by its owner: only root could read it, and is refused as any user would be.
+  WriteFile(path, "1234\n", 0000);
+  const auto unreadable = ReadHsmPin(PinFileConfig(path));
+  CHECK(unreadable.status().code() == absl::StatusCode::kPermissionDenied);
+  CHECK(unreadable.status().message() ==
+        "PIN file " + path + " must belong to this user and be mode 0600");
 }
 
 TEST_CASE("A symbolic link to a good PIN file is refused", "[pin]") {
@@ -85,7 +91,10 @@ TEST_CASE("A symbolic link to a good PIN file is refused", "[pin]") {
   REQUIRE(ReadHsmPin(PinFileConfig(target)).ok());
   const std::string link = dir.File("link.pin");
   REQUIRE(symlink(target.c_str(), link.c_str()) == 0);
-  RequireFails(ReadHsmPin(PinFileConfig(link)), absl::StatusCode::kNotFound);
+  const auto linked = ReadHsmPin(PinFileConfig(link));
+  CHECK(linked.status().code() == absl::StatusCode::kNotFound);
+  CHECK(linked.status().message() ==
+        "cannot open PIN file " + link + ": a symbolic link is refused");
 }
 
 TEST_CASE("An empty, missing or odd PIN file yields no PIN", "[pin]") {
@@ -94,9 +103,14 @@ TEST_CASE("An empty, missing or odd PIN file yields no PIN", "[pin]") {
   WriteFile(path, "", 0600);
   RequireFails(ReadHsmPin(PinFileConfig(path)), absl::StatusCode::kNotFound);
   WriteFile(path, "\n\n", 0600);
-  RequireFails(ReadHsmPin(PinFileConfig(path)), absl::StatusCode::kNotFound);
+  const auto empty = ReadHsmPin(PinFileConfig(path));
+  CHECK(empty.status().code() == absl::StatusCode::kNotFound);
+  CHECK(empty.status().message() == "PIN file " + path + " is empty");
 
-  RequireFails(ReadHsmPin(PinFileConfig(dir.File("absent.pin"))), absl::StatusCode::kNotFound);
+  const auto absent = ReadHsmPin(PinFileConfig(dir.File("absent.pin")));
+  CHECK(absent.status().code() == absl::StatusCode::kNotFound);
+  CHECK(absent.status().message() ==
+        "cannot open PIN file " + dir.File("absent.pin") + ": No such file or directory");
   RequireFails(ReadHsmPin(PinFileConfig(dir.path())), absl::StatusCode::kInvalidArgument);
   WriteFile(path, std::string(4097, '1'), 0600);
   RequireFails(ReadHsmPin(PinFileConfig(path)), absl::StatusCode::kInvalidArgument);
