@@ -390,8 +390,25 @@ absl::Status Pkcs11Hsm::CreateRootKey(const std::string& label) {
 }
 
 absl::Status Pkcs11Hsm::CheckRootKey(const std::string& label) {
-  return Run<CK_OBJECT_HANDLE>(
-             [&](CK_SESSION_HANDLE session) { return roots_.Refresh(session, label); })
+  return Run<CK_OBJECT_HANDLE>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<CK_OBJECT_HANDLE> {
+           // SoftHSM2 (2.6) can lose track of its token's files for good, after a moment
+           // without file descriptors or reading its index mid-rewrite: from then on every
+           // token object it creates fails with CKR_GENERAL_ERROR, and so does C_GetTokenInfo,
+           // until the module is initialised again. Asked here, each health round, and taken
+           // for the lost token it is: the module is re-initialised.
+           CK_SESSION_INFO session_info{};
+           CK_RV rv = api_->C_GetSessionInfo(session, &session_info);
+           if (rv != CKR_OK) return CkError("C_GetSessionInfo", rv);
+           CK_TOKEN_INFO token_info{};
+           rv = api_->C_GetTokenInfo(session_info.slotID, &token_info);
+           if (rv == CKR_GENERAL_ERROR) {
+             return TokenLostError(
+                 "PKCS#11 C_GetTokenInfo failed: CKR_GENERAL_ERROR (the module lost track of "
+                 "its token)");
+           }
+           if (rv != CKR_OK) return CkError("C_GetTokenInfo", rv);
+           return roots_.Refresh(session, label);
+         })
       .status();
 }
 

@@ -106,6 +106,34 @@ TEST_CASE("Each PKCS#11 error is UNAVAILABLE while it lasts, absorbed when brief
   CHECK(unavailable == 6);  // one per code: each failed call is audited
 }
 
+// SoftHSM2 2.6 can lose track of its token's files for good (a moment without file
+// descriptors, its index read mid-rewrite): every token object it creates then fails with
+// CKR_GENERAL_ERROR, and C_GetTokenInfo too, until the module is initialised again. The fault
+// module plays that state until the test clears it, as C_Finalize and C_Initialize would.
+TEST_CASE("A module that lost track of its token is re-initialised by the health probe",
+          "[e2e][hsm_fault]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/lost"), true, true);
+  const pid_t pid = server.pid();
+  server.SetFaults(
+      "C_CreateObject CKR_GENERAL_ERROR\nC_GenerateKey CKR_GENERAL_ERROR\n"
+      "C_GetTokenInfo CKR_GENERAL_ERROR\n");
+  AwaitLine([&] { return server.Log(); },
+            "[warning] HSM PKCS#11 C_GetTokenInfo failed: CKR_GENERAL_ERROR (the module lost "
+            "track of its token); re-initialising the PKCS#11 module once no call is inside it");
+  // Until the module is initialised again, calls wait for it, UNAVAILABLE.
+  pb::GenerateDataKeyResponse reply;
+  const grpc::Status waiting = GenerateDataKey(server, key.key_id(), "lost", &reply);
+  CHECK(waiting.error_code() == grpc::StatusCode::UNAVAILABLE);
+  server.SetFaults("");
+  AwaitLine([&] { return server.Log(); },
+            "[info] HSM recovered: PKCS#11 module re-initialised, token found and logged in "
+            "again");
+  CHECK(GenerateDataKey(server, key.key_id(), "found", &reply).ok());
+  CHECK(CreateKey(server, UniqueAlias("fault/after"), true, true).key_id() != "");
+  CHECK(server.pid() == pid);
+}
+
 TEST_CASE("A token whose store vanishes under load is UNAVAILABLE, then recovered without restart",
           "[e2e][hsm_fault]") {
   CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
@@ -144,9 +172,21 @@ TEST_CASE("A token whose store vanishes under load is UNAVAILABLE, then recovere
   const fs::path away = fs::path(server.state_dir()) / "token-away";
   fs::rename(store, away);
   // SoftHSM2 serves what it holds in memory as if nothing happened; the health probe, which
-  // looks the root up on the token, finds it gone and sets off the recovery.
-  AwaitLine([&] { return server.Log(); },
-            "[warning] HSM root key 'custos-root' was on the HSM token and is not any more");
+  // asks for the token's state and looks the root up on the token, finds it gone (whichever
+  // it meets first) and sets off the recovery.
+  AwaitLine(
+      [&] {
+        const std::string log = server.Log();
+        return log.find(
+                   "[warning] HSM root key 'custos-root' was on the HSM token and is not "
+                   "any more") != std::string::npos ||
+                       log.find(
+                           "[warning] HSM PKCS#11 C_GetTokenInfo failed: CKR_GENERAL_ERROR "
+                           "(the module lost track of its token)") != std::string::npos
+                   ? "token gone"
+                   : "";
+      },
+      "token gone");
   std::this_thread::sleep_for(500ms);
   {
     // Meanwhile every call needing the HSM is UNAVAILABLE, never FAILED_PRECONDITION.
@@ -366,9 +406,10 @@ TEST_CASE("A hang while custosd starts fails its start at once with a clear erro
   CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
   UseShortHsmDeadline(server);
   server.Stop();
-  // Custosd reads HSM key attributes (C_GetAttributeValue) only while it starts: first those
-  // of the catalogue's HMAC key. An HSM that does not answer is UNAVAILABLE (start again
-  // later), not a key to create with init; and the stuck call does not hold the exit.
+  // Custosd reads token objects' attributes (C_GetAttributeValue) first while it starts:
+  // the token's claim (hsm/token_lease.h), then its keys'. An HSM that does not answer is
+  // UNAVAILABLE (start again later), not a key to create with init; and the stuck call does
+  // not hold the exit.
   server.SetFaults("C_GetAttributeValue hang\n");
   const auto start = Clock::now();
   CHECK_THROWS(server.Start());
@@ -376,7 +417,7 @@ TEST_CASE("A hang while custosd starts fails its start at once with a clear erro
   CHECK(Clock::now() - start < 10s);
   const std::string log = server.Log();
   INFO(log);
-  CHECK(log.find("[critical] UNAVAILABLE: the HSM did not answer HmacSha256 within 500 ms "
+  CHECK(log.find("[critical] UNAVAILABLE: the HSM did not answer ReadTokenData within 500 ms "
                  "(hsm.call_timeout_ms); retry later\n") != std::string::npos);
   CHECK(log.find("init") == std::string::npos);
   server.SetFaults("");
