@@ -333,6 +333,7 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
                           "config; propose it with Propose(CreateKey)"));
     }
     std::shared_lock lock(requests_mu_);
+    CUSTOS_RETURN_IF_ERROR(CheckAliasFree(call, params.alias));
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
     auto created = std::make_shared<const storage::KeyRecord>(key);

@@ -462,6 +462,9 @@ class Kms {
                                                           policy::Action action,
                                                           std::span<const Item> items, Run run);
   absl::Status ValidateCreate(const CreateKeyParams& params) const;
+  // ALREADY_EXISTS if `alias` names a key; the call is then recorded against that key, not
+  // against the id a new key would have had (which never exists).
+  absl::Status CheckAliasFree(Call& call, const std::string& alias) const;
   // A new key record from `params`, its first version generated in the HSM.
   absl::StatusOr<storage::KeyRecord> NewKey(const Caller& caller, const CreateKeyParams& params);
   // The key `operation` would leave behind (without writing it); FAILED_PRECONDITION or

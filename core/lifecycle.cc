@@ -2,6 +2,7 @@
 #include <utility>
 
 #include "common/strings.h"
+#include "core/call.h"
 #include "core/key_id.h"
 #include "core/kms.h"
 
@@ -87,6 +88,14 @@ absl::Status Kms::ValidateCreate(const CreateKeyParams& params) const {
   CUSTOS_RETURN_IF_ERROR(
       ValidateGrantees(*policy, params.encrypt_principals, "encrypt_principals"));
   return ValidateGrantees(*policy, params.decrypt_principals, "decrypt_principals");
+}
+
+absl::Status Kms::CheckAliasFree(Call& call, const std::string& alias) const {
+  if (alias.empty()) return absl::OkStatus();
+  absl::StatusOr<KeyRef> holder = options_.store->FindKeyByAlias(alias);
+  if (!holder.ok()) return absl::OkStatus();  // a race, or a row refused: the commit decides
+  call.SetKey(**holder, 0);
+  return absl::AlreadyExistsError(StrCat("alias '", alias, "' is already in use"));
 }
 
 absl::StatusOr<KeyRecord> Kms::NewKey(const Caller& caller, const CreateKeyParams& params) {

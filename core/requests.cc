@@ -93,11 +93,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       }
     } else if (proposal.operation == Operation::kCreateKey) {
       CUSTOS_RETURN_IF_ERROR(ValidateCreate(proposal.params.create));
-      if (!proposal.params.create.alias.empty() &&
-          options_.store->FindKeyByAlias(proposal.params.create.alias).ok()) {
-        return absl::AlreadyExistsError(
-            StrCat("alias '", proposal.params.create.alias, "' is already in use"));
-      }
+      CUSTOS_RETURN_IF_ERROR(CheckAliasFree(call, proposal.params.create.alias));
     } else if (policy::IsGatewayOperation(proposal.operation)) {
       CUSTOS_RETURN_IF_ERROR(CheckGatewayProposal(proposal.operation, proposal.params));
     } else {

@@ -40,14 +40,21 @@ std::string TdeSetting(std::string_view mount, uint32_t key_id) {
 std::string TokenSetting(std::string_view token_id) { return StrCat("db-token/", token_id); }
 
 absl::Status CheckMount(std::string_view mount) {
-  const bool valid = !mount.empty() && mount.size() <= kMaxMountBytes &&
-                     std::all_of(mount.begin(), mount.end(), [](char c) {
-                       return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                              (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
+  const auto alnum = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+  };
+  // A leading letter or digit: "." and ".." would be dot segments, which HTTP clients (the
+  // plugin's curl) drop from the URL, so no request could reach them. "sys" is the Vault API's
+  // own (/v1/sys/...), which the gateway speaks.
+  const bool valid = !mount.empty() && mount.size() <= kMaxMountBytes && alnum(mount[0]) &&
+                     mount != "sys" && std::all_of(mount.begin(), mount.end(), [&](char c) {
+                       return alnum(c) || c == '_' || c == '.' || c == '-';
                      });
   if (valid) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      StrCat("a mount is 1 to ", kMaxMountBytes, " letters, digits, '_', '.' or '-'"));
+      StrCat("a mount is 1 to ", kMaxMountBytes,
+             " letters, digits, '_', '.' or '-', begins with a letter or digit, and is not "
+             "'sys'"));
 }
 
 absl::Status CheckKeyId(uint32_t key_id) {

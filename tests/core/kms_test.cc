@@ -76,6 +76,23 @@ TEST_CASE("Each use case records one audit event with the facts and outcome", "[
     CHECK(audit::FormatEvent(e).find("row") == std::string::npos);
 }
 
+TEST_CASE("A key created under a taken alias is refused and recorded against the key holding it",
+          "[kms][audit]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("orders");
+  const size_t before = f.sink.events().size();
+  CreateKeyParams params;
+  params.alias = "orders";
+  const absl::StatusOr<KeyRef> again = f.kms->CreateKey(f.officer, params);
+  CHECK(again.status().code() == absl::StatusCode::kAlreadyExists);
+  CHECK(again.status().message() == "alias 'orders' is already in use");
+  const std::vector<audit::Event> events = f.sink.events();
+  REQUIRE(events.size() == before + 1);
+  CHECK(events.back().action == "CreateKey");
+  CHECK(events.back().outcome == absl::StatusCode::kAlreadyExists);
+  CHECK(events.back().key_id == key->id);  // not the id a new key would have had
+}
+
 TEST_CASE("ReEncrypt records source and destination keys", "[kms][audit]") {
   Fixture f;
   const KeyRef a = f.NewKey("a");

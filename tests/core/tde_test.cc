@@ -130,6 +130,31 @@ TEST_CASE("Key ids are made and rotated by dual control and served to their data
   CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer, missing).status()));
 }
 
+TEST_CASE("A mount no URL could reach, or the Vault API's own, is refused", "[tde]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  for (const std::string mount : {".", "..", ".hidden", "-x", "sys", "a/b", ""}) {
+    INFO(mount);
+    Proposal proposal;
+    proposal.operation = Operation::kCreateTdeKey;
+    proposal.params = TdeKey(1);
+    proposal.params.tde.mount = mount;
+    proposal.justification = "odd mount";
+    const absl::Status refused = f.kms->Propose(f.officer, proposal).status();
+    CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(refused.message()), Catch::Contains("begins with a letter or digit"));
+  }
+  for (const std::string mount : {"emr", "sys2", "0.db", "mariadb_prod-1"}) {
+    INFO(mount);
+    Proposal proposal;
+    proposal.operation = Operation::kCreateTdeKey;
+    proposal.params = TdeKey(1);
+    proposal.params.tde.mount = mount;
+    proposal.justification = "fine mount";
+    CHECK(f.kms->Propose(f.officer, proposal).ok());
+  }
+}
+
 TEST_CASE("Outside a token's binding is answered as what does not exist", "[tde]") {
   Fixture f;
   f.NewKeyWithoutGrants("tde-seal");
