@@ -220,7 +220,8 @@ class Pkcs11Hsm final : public Hsm {
   RootKeys roots_;
   AuditKeys audit_keys_;
   FailureLog failures_{"HSM"};
-  std::atomic<uint64_t> recoveries_{0};  // Recover() calls so far (see RunOnce)
+  std::atomic<uint64_t> recoveries_{0};      // Recover() calls so far (see RunOnce)
+  std::atomic<int> token_info_failures_{0};  // CheckRootKey rounds in a row C_GetTokenInfo failed
   // Held shared by every operation, exclusively while the module is re-initialised.
   std::shared_timed_mutex gate_;
   std::atomic<bool> reinitialize_{false};  // Due: set on a module or token error.
@@ -395,18 +396,25 @@ absl::Status Pkcs11Hsm::CheckRootKey(const std::string& label) {
            // without file descriptors or reading its index mid-rewrite: from then on every
            // token object it creates fails with CKR_GENERAL_ERROR, and so does C_GetTokenInfo,
            // until the module is initialised again. Asked here, each health round, and taken
-           // for the lost token it is: the module is re-initialised.
+           // for the lost token it is when two rounds in a row meet it (a module that fails
+           // once is not re-initialised under load): the module is re-initialised.
            CK_SESSION_INFO session_info{};
            CK_RV rv = api_->C_GetSessionInfo(session, &session_info);
            if (rv != CKR_OK) return CkError("C_GetSessionInfo", rv);
            CK_TOKEN_INFO token_info{};
            rv = api_->C_GetTokenInfo(session_info.slotID, &token_info);
            if (rv == CKR_GENERAL_ERROR) {
-             return TokenLostError(
-                 "PKCS#11 C_GetTokenInfo failed: CKR_GENERAL_ERROR (the module lost track of "
-                 "its token)");
+             if (token_info_failures_.fetch_add(1) > 0) {
+               token_info_failures_ = 0;
+               return TokenLostError(
+                   "PKCS#11 C_GetTokenInfo failed: CKR_GENERAL_ERROR (the module lost track of "
+                   "its token)");
+             }
+           } else if (rv != CKR_OK) {
+             return CkError("C_GetTokenInfo", rv);
+           } else {
+             token_info_failures_ = 0;
            }
-           if (rv != CKR_OK) return CkError("C_GetTokenInfo", rv);
            return roots_.Refresh(session, label);
          })
       .status();

@@ -23,18 +23,24 @@ bool AllReleased(const std::vector<std::string>& values) {
                      [](const std::string& v) { return v == Released(); });
 }
 
-// "<host>:<pid>" of the claim in `value`, for messages; the random id stays out.
-std::string HolderOf(const std::vector<std::string>& values) {
+// The text after "<field>=" on its line in the first of `values` that has one.
+std::string FieldOf(const std::vector<std::string>& values, const std::string& field) {
+  const std::string prefix = absl::StrCat("\n", field, "=");
   for (const std::string& value : values) {
-    const size_t at = value.find(kHolder);
+    const size_t at = value.find(prefix);
     if (at == std::string::npos) continue;
-    const size_t end = value.find('\n', at);
-    const std::string holder =
-        value.substr(at + sizeof(kHolder) - 1, end - at - (sizeof(kHolder) - 1));
-    const size_t space = holder.find(' ');
-    return space == std::string::npos ? holder : holder.substr(space + 1);
+    const size_t from = at + prefix.size();
+    return value.substr(from, value.find('\n', from) - from);
   }
-  return "unknown";
+  return "";
+}
+
+// "<host>:<pid>" of the claim in `values`, for messages; the random id stays out.
+std::string HolderOf(const std::vector<std::string>& values) {
+  const std::string holder = FieldOf(values, "holder");
+  if (holder.empty()) return "unknown";
+  const size_t space = holder.find(' ');
+  return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
 }  // namespace
@@ -51,7 +57,9 @@ bool TokenLease::AllMine(const std::vector<std::string>& values) const {
 }
 
 std::string TokenLease::Encode(uint64_t beat) const {
-  return absl::StrCat(Mine(), "beat=", beat, "\n");
+  std::string state = options_.state ? options_.state() : "";
+  state.erase(std::remove(state.begin(), state.end(), '\n'), state.end());
+  return absl::StrCat(Mine(), "beat=", beat, "\nstate=", state, "\n");
 }
 
 absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Options options) {
@@ -73,7 +81,10 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
     while (std::chrono::steady_clock::now() < until) {
       std::this_thread::sleep_for(o.poll);
       CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> now, hsm->ReadTokenData(o.label));
-      if (AllReleased(now)) break;  // it stopped cleanly meanwhile
+      if (AllReleased(now)) {  // it stopped cleanly meanwhile
+        found = std::move(now);
+        break;
+      }
       if (now != found) {
         return absl::FailedPreconditionError(absl::StrCat(
             "another custosd (", HolderOf(now),
@@ -83,16 +94,22 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       }
     }
     if (!AllReleased(found)) {
+      lease->taken_over_from_ = HolderOf(found);
+      lease->taken_over_state_ = FieldOf(found, "state");
       spdlog::warn(
           "the HSM token's last holder ({}) stopped without releasing it, and has not renewed "
           "its claim for {} ms; taking the token over",
           HolderOf(found), o.lease.count());
+      if (o.may_take_over) {
+        CUSTOS_RETURN_IF_ERROR(o.may_take_over(lease->taken_over_from_, lease->taken_over_state_));
+      }
     }
   }
-  CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, lease->Encode(0)));
+  const std::string claim = lease->Encode(0);
+  CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
   // Two servers starting at once may both have found the token free: each reads back.
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm->ReadTokenData(o.label));
-  if (claimed != std::vector<std::string>{lease->Encode(0)}) {
+  if (claimed != std::vector<std::string>{claim}) {
     return absl::FailedPreconditionError(
         absl::StrCat("another custosd (", HolderOf(claimed),
                      ") claimed this HSM token at the same moment; start one server only"));
@@ -108,9 +125,8 @@ absl::Status TokenLease::Renew() {
         "another custosd (", AllReleased(found) ? "one that has stopped since" : HolderOf(found),
         ") took this HSM token over while this one did not renew its claim for a lease"));
   }
-  CUSTOS_RETURN_IF_ERROR(hsm_->WriteTokenData(options_.label, Encode(beat_ + 1)));
-  ++beat_;
-  return absl::OkStatus();
+  // Counted before the write: one that timed out may still land, and the next must differ.
+  return hsm_->WriteTokenData(options_.label, Encode(++beat_));
 }
 
 absl::Status TokenLease::Release() {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,12 +28,25 @@ class TokenLease {
     std::chrono::milliseconds lease{5000};
     // How often a starting server looks at a claim while it waits.
     std::chrono::milliseconds poll{250};
+    // What each renewal says of the holder's state (custosd: its audit log's head), one line:
+    // a server taking over a dead holder's claim checks that its own state reaches it.
+    std::function<std::string()> state;
+    // Asked before a claim left by a holder that did not release it is taken over, with that
+    // holder ("<host>:<pid>") and the state its last renewal said: an error refuses the take-
+    // over (and is what Acquire returns), leaving the claim as it was.
+    std::function<absl::Status(const std::string& holder, const std::string& state)> may_take_over;
   };
 
   // Claims the token for this process, waiting up to one lease if another holds it. FAILED_
   // PRECONDITION, naming the holder, if its claim is renewed meanwhile (or another server
   // claimed the token at the same moment); the HSM's error if it cannot be read or written.
   static absl::StatusOr<std::unique_ptr<TokenLease>> Acquire(Hsm* hsm, Options options);
+
+  // The state the claim this process took over last said, if it took one over from a holder
+  // that did not release it (crashed, or stalled past a lease); empty otherwise.
+  const std::string& taken_over_state() const { return taken_over_state_; }
+  // "<host>:<pid>" of that holder.
+  const std::string& taken_over_from() const { return taken_over_from_; }
 
   // Renews the claim. ABORTED, naming the other, if another server holds it now: this process
   // lost the token (it stalled for a whole lease) and must stop writing to it at once.
@@ -55,6 +69,7 @@ class TokenLease {
   Hsm* const hsm_;
   const Options options_;
   const std::string holder_;  // "<random id> <host>:<pid>"
+  std::string taken_over_state_, taken_over_from_;
   std::mutex mu_;
   uint64_t beat_ = 0;
 };

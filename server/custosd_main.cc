@@ -35,7 +35,9 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "audit/log_sink.h"
+#include "audit/record.h"
 #include "common/log_lines.h"
 #include "common/metrics.h"
 #include "common/strings.h"
@@ -61,6 +63,45 @@ namespace {
 constexpr int kExitHsmHung = 70;
 // Another server took the HSM token over (hsm/token_lease.h).
 constexpr int kExitTokenTaken = 71;
+// Not started: another server holds the HSM token, or the one that held it last had written
+// more of the audit log than this state holds. A supervisor restarting it changes neither.
+constexpr int kExitTokenRefused = 72;
+
+// The audit log's head as a claim states it: "<seq> <hash hex>" (empty if unreadable).
+std::string AuditHeadState(storage::KeyStore& store) {
+  absl::StatusOr<std::pair<uint64_t, Bytes>> head = store.AuditHead();
+  return head.ok() ? StrCat(head->first, " ", audit::ToHex(head->second)) : "";
+}
+
+// Before a claim left by a holder that did not release it is taken over: that holder's last
+// renewal said how far its audit log went. A state that does not hold that record is an older copy
+// of the holder's (or one that forked from it); serving from it would fork the log.
+absl::Status CheckReachesLastHolder(storage::KeyStore& store, const std::string& holder,
+                                    const std::string& state) {
+  const size_t space = state.find(' ');
+  uint64_t seq = 0;
+  if (space == std::string::npos || !absl::SimpleAtoi(state.substr(0, space), &seq)) {
+    return absl::OkStatus();  // nothing said (a claim from before states were kept)
+  }
+  const std::string hash = state.substr(space + 1);
+  CUSTOS_ASSIGN_OR_RETURN(const storage::AuditFloor floor, store.AuditLogFloor());
+  if (seq < floor.seq || (seq == floor.seq && audit::ToHex(floor.hash) == hash)) {
+    return absl::OkStatus();  // archived: the floor's checkpoint vouches for it
+  }
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> records, store.ReadAudit(seq, 1));
+  if (seq == 0 ||
+      (!records.empty() && records[0].seq == seq && audit::ToHex(records[0].hash) == hash)) {
+    return absl::OkStatus();
+  }
+  CUSTOS_ASSIGN_OR_RETURN(const auto head, store.AuditHead());
+  return absl::FailedPreconditionError(
+      StrCat("the HSM token's last holder (", holder, ") had written the audit log to record ", seq,
+             ", which this database ",
+             head.first < seq ? StrCat("does not reach (it ends at record ", head.first, ")")
+                              : std::string("holds with another hash"),
+             ": it is an older copy of that server's state, or one that forked from it. Start that "
+             "server's own state, or restore it here"));
+}
 
 // Renews this server's claim on the token, each health round. Lost, the claim is another
 // server's: this one exits at once, writing nothing more (no stop record, no head), since
@@ -188,14 +229,14 @@ void MeasureCommits(metrics::Registry& registry, storage::KeyStore& store) {
 // Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
 // hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
 // hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already.
-int Fail(const absl::Status& status) {
+int Fail(const absl::Status& status, int exit_code = 1) {
   spdlog::critical("{}", status.ToString());
   spdlog::default_logger()->flush();
   std::fflush(nullptr);
 #if defined(__SANITIZE_ADDRESS__)
   __lsan_do_leak_check();  // what exit() would have run: failed starts are checked for leaks too
 #endif
-  std::_Exit(1);
+  std::_Exit(exit_code);
 }
 
 // A key custosd needs could not be used: the advice to run init fits a key that is missing,
@@ -429,8 +470,15 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // Before anything is written to the token: no other server uses it.
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = hsm::TokenLease::Acquire(
       hsm->get(), {.label = config.instance_label,
-                   .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms)});
-  if (!lease.ok()) return Fail(lease.status());
+                   .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
+                   .state = [&store] { return AuditHeadState(**store); },
+                   .may_take_over =
+                       [&store](const std::string& holder, const std::string& state) {
+                         return CheckReachesLastHolder(**store, holder, state);
+                       }});
+  if (!lease.ok()) {
+    return Fail(lease.status(), absl::IsFailedPrecondition(lease.status()) ? kExitTokenRefused : 1);
+  }
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog =
           CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");

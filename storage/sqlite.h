@@ -100,7 +100,9 @@ class Database {
   // -wal and -shm). One deleted or replaced while open (rm, mv over it) takes every commit
   // made after into a file nobody will read again; UNAVAILABLE then, for good, since writing
   // on would acknowledge what is lost, and reopening would adopt a file this process never
-  // checked. Every write Transaction asks, before it begins and after it commits.
+  // checked. Every write Transaction asks, before it begins and after it commits. A -wal or
+  // -shm found gone while the database file is in place: the WAL's frames (acknowledged
+  // commits) are first checkpointed into the database file, which keeps them past a crash.
   absl::Status CheckFilesInPlace();
 
  private:

@@ -206,11 +206,12 @@ TEST_CASE("A database file deleted under load takes no acknowledged call with it
                     "database file '" +
                         wal + "' was deleted while open") == 1);
 
-  // Stopped cleanly, SQLite folds the WAL it still holds into the database: every call
-  // answered OK is in the log the restarted server reads, and it serves again.
+  // Even killed: what the deleted WAL held was checkpointed into the database when the
+  // deletion was found, so every call answered OK is in the log the restarted server reads,
+  // and it serves again.
   // (The group committed as the file went may be recorded too, though its callers were told
   // UNAVAILABLE, as after a crash between commit and answer: one caller's call each at most.)
-  server.Restart();
+  server.CrashAndRestart();
   const size_t recorded = acknowledged_records() - before;
   CHECK(recorded >= static_cast<size_t>(ok));
   CHECK(recorded <= static_cast<size_t>(ok) + apps.size());
@@ -241,7 +242,7 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   auto start = std::chrono::steady_clock::now();
   int status = RunCustosd(run_copy, &output, /*timeout=*/30);
   INFO(output);
-  CHECK(status == 1);
+  CHECK(status == 72);
   CHECK_THAT(output, Catch::Contains("another custosd (" + holder +
                                      ") holds this HSM token: it renewed its claim while this "
                                      "one waited. Two servers on one token would fork the audit "
@@ -252,18 +253,38 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   pb::GenerateDataKeyResponse reply;
   CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
 
-  // The first stalls for longer than a lease: the copy takes the token over, and the first,
-  // running again, finds its claim gone and exits at once, writing nothing more.
+  // The first stalls for longer than a lease. The copy, made before the call above, does not
+  // reach the record the first's last renewal named: it is refused, and the first, running
+  // again, keeps the token.
+  std::this_thread::sleep_for(std::chrono::seconds(2));  // renewed since the call
   server.Signal(SIGSTOP);
+  status = RunCustosd(run_copy, &output, /*timeout=*/30);
+  server.Signal(SIGCONT);
+  CHECK(status == 72);
+  CHECK_THAT(output, Catch::Contains("the HSM token's last holder (" + holder +
+                                     ") stopped without releasing it, and has not renewed its "
+                                     "claim for 5000 ms; taking the token over"));
+  CHECK_THAT(output, Catch::Contains("FAILED_PRECONDITION: the HSM token's last holder (" +
+                                     holder + ") had written the audit log to record "));
+  CHECK_THAT(output, Catch::Contains("which this database does not reach (it ends at record "));
+  std::this_thread::sleep_for(std::chrono::seconds(2));  // a health round or two
+  REQUIRE(server.Alive());
+  CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
+
+  // A copy made while the first is stalled holds all it wrote: it takes the token over, and
+  // the first, running again, finds its claim gone and exits.
+  server.Signal(SIGSTOP);
+  REQUIRE(std::system(("rm -rf " + copy.path() + "/* && cp -a " + server.state_dir() + "/. " +
+                       copy.path() + "/ && rm -f " + copy.path() + "/port " + copy.path() +
+                       "/custosd.log")
+                          .c_str()) == 0);
   std::thread copy_runs([&] { status = RunCustosd(run_copy, &output, /*timeout=*/12); });
   std::this_thread::sleep_for(std::chrono::seconds(9));
   server.Signal(SIGCONT);
   CHECK(server.WaitForExit(std::chrono::seconds(3)) == 71);
   copy_runs.join();
   CHECK(status == 128 + SIGKILL);  // served until RunCustosd's timeout
-  CHECK_THAT(output, Catch::Contains("the HSM token's last holder (" + holder +
-                                     ") stopped without releasing it, and has not renewed its "
-                                     "claim for 5000 ms; taking the token over"));
+  CHECK_THAT(output, Catch::Contains("taking the token over"));
   CHECK_THAT(output, Catch::Contains("custosd listening on"));
   CHECK_THAT(server.Log(), Catch::Contains("[critical] another custosd ("));
   CHECK_THAT(server.Log(), Catch::Contains(") took this HSM token over while this one did not "

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <thread>
 
+#include <unistd.h>
+
 #include "tests/hsm/hsm_test_util.h"
 
 namespace custos::testing {
@@ -15,7 +17,7 @@ namespace {
 using namespace std::chrono_literals;
 using hsm::TokenLease;
 
-constexpr TokenLease::Options kShort{.label = "custos-instance", .lease = 600ms, .poll = 50ms};
+const TokenLease::Options kShort{.label = "custos-instance", .lease = 600ms, .poll = 50ms};
 
 TEST_CASE("A token claimed and renewed refuses a second server; released, it does not wait",
           "[token_lease]") {
@@ -44,18 +46,24 @@ TEST_CASE("A token claimed and renewed refuses a second server; released, it doe
   CHECK(next.ok());
   CHECK(std::chrono::steady_clock::now() - started < kShort.lease);
   CHECK(hsm->ReadTokenData("custos-instance")->size() == 1);
+  CHECK((*next)->taken_over_state().empty());  // released: nothing taken over
 }
 
 TEST_CASE("A claim left unrenewed is taken over after a lease, and its holder told",
           "[token_lease]") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
-  auto stalled = TokenLease::Acquire(hsm.get(), kShort);
+  TokenLease::Options with_state = kShort;
+  with_state.state = [] { return std::string("7 abc\n"); };  // one line, whatever it says
+  auto stalled = TokenLease::Acquire(hsm.get(), with_state);
   REQUIRE(stalled.ok());
+  REQUIRE((*stalled)->Renew().ok());
   const auto started = std::chrono::steady_clock::now();
   auto taker = TokenLease::Acquire(hsm.get(), kShort);
   REQUIRE(taker.ok());
   CHECK(std::chrono::steady_clock::now() - started >= kShort.lease);
+  CHECK((*taker)->taken_over_state() == "7 abc");  // what the last renewal said
+  CHECK((*taker)->taken_over_from().ends_with(":" + std::to_string(::getpid())));
   const absl::Status lost = (*stalled)->Renew();
   CHECK(lost.code() == absl::StatusCode::kAborted);
   CHECK_THAT(std::string(lost.message()), Catch::Contains("took this HSM token over"));
