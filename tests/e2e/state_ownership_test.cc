@@ -264,8 +264,8 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   CHECK_THAT(output, Catch::Contains("the HSM token's last holder (" + holder +
                                      ") stopped without releasing it, and has not renewed its "
                                      "claim for 5000 ms; taking the token over"));
-  CHECK_THAT(output, Catch::Contains("FAILED_PRECONDITION: the HSM token's last holder (" +
-                                     holder + ") had written the audit log to record "));
+  CHECK_THAT(output, Catch::Contains("FAILED_PRECONDITION: the HSM token's last holder (" + holder +
+                                     ") had written the audit log to record "));
   CHECK_THAT(output, Catch::Contains("which this database does not reach (it ends at record "));
   std::this_thread::sleep_for(std::chrono::seconds(2));  // a health round or two
   REQUIRE(server.Alive());
