@@ -11,6 +11,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -43,6 +44,28 @@ std::string PosixLocksOf(pid_t pid, const std::string& path) {
     }
   }
   return found;
+}
+
+// Stops `server` at a moment it holds no lock on its HSM token's files. Stopped inside a
+// token write it would hold SoftHSM2's file lock, and every other process on the token would
+// wait for it (a stall of the token itself, not of one holder): the copies below would then
+// wait too, instead of judging the stopped server's claim.
+void StopOutsideTokenWrites(const CustosServer& server) {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    server.Signal(SIGSTOP);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // stopped by now
+    bool locked = false;
+    for (const auto& entry :
+         std::filesystem::recursive_directory_iterator(server.state_dir() + "/hsm")) {
+      if (entry.is_regular_file() && !PosixLocksOf(server.pid(), entry.path()).empty()) {
+        locked = true;
+      }
+    }
+    if (!locked) return;
+    server.Signal(SIGCONT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  FAIL("custosd held a lock on its HSM token at every stop");
 }
 
 TEST_CASE("Verifying the live database under load never disturbs custosd", "[e2e][state]") {
@@ -257,7 +280,7 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   // reach the record the first's last renewal named: it is refused, and the first, running
   // again, keeps the token.
   std::this_thread::sleep_for(std::chrono::seconds(2));  // renewed since the call
-  server.Signal(SIGSTOP);
+  StopOutsideTokenWrites(server);
   status = RunCustosd(run_copy, &output, /*timeout=*/30);
   server.Signal(SIGCONT);
   CHECK(status == 72);
@@ -273,7 +296,7 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
 
   // A copy made while the first is stalled holds all it wrote: it takes the token over, and
   // the first, running again, finds its claim gone and exits.
-  server.Signal(SIGSTOP);
+  StopOutsideTokenWrites(server);
   REQUIRE(std::system(("rm -rf " + copy.path() + "/* && cp -a " + server.state_dir() + "/. " +
                        copy.path() + "/ && rm -f " + copy.path() + "/port " + copy.path() +
                        "/custosd.log")
