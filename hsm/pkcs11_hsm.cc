@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "common/failure_log.h"
@@ -41,8 +42,10 @@ namespace {
 
 // Failed attempts at re-initialising the module are at least this far apart.
 constexpr std::chrono::milliseconds kReinitializeInterval{200};
-// How long a call that would re-initialise the module waits for the calls inside it.
+// How long a call that would re-initialise the module waits for the calls inside it, and how
+// many such waits it spends behind other callers re-initialising.
 constexpr std::chrono::milliseconds kReinitializeWait{250};
+constexpr int kReinitializeWaits = 4;
 
 // RFC 5649 output for a 32-byte key: 8-byte integrity block + the key, padded to 8 bytes.
 constexpr size_t kWrappedAes256Bytes = 40;
@@ -224,6 +227,7 @@ class Pkcs11Hsm final : public Hsm {
   std::atomic<int> token_info_failures_{0};  // CheckRootKey rounds in a row C_GetTokenInfo failed
   // Held shared by every operation, exclusively while the module is re-initialised.
   std::shared_timed_mutex gate_;
+  std::atomic<int> inside_{0};  // Calls holding gate_ shared: inside the module, or about to be.
   std::atomic<bool> reinitialize_{false};  // Due: set on a module or token error.
   // Until when (steady clock ticks) callers do not wait for gate_: a wait just timed out.
   std::atomic<int64_t> gate_busy_until_{0};
@@ -249,6 +253,9 @@ template <typename T>
 absl::StatusOr<T> Pkcs11Hsm::RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESSION_HANDLE)> op) {
   std::shared_lock gate(gate_, std::defer_lock);
   CUSTOS_RETURN_IF_ERROR(Enter(gate));
+  absl::Cleanup left = [&] {
+    if (gate.owns_lock()) --inside_;
+  };
   bool reinitialized = false;
   for (int attempt = 0;; ++attempt) {
     absl::Status failed;  // The module's or token's own failure, after the lease is returned.
@@ -283,6 +290,7 @@ absl::StatusOr<T> Pkcs11Hsm::RunOnce(absl::FunctionRef<absl::StatusOr<T>(CK_SESS
     }
     // One retry, if this call can re-initialise the module now (no other call is inside it):
     // a single device error then costs the caller nothing.
+    --inside_;
     gate.unlock();
     if (!Enter(gate).ok()) return unavailable;
     reinitialized = true;
@@ -302,16 +310,22 @@ absl::Status Pkcs11Hsm::NeedReinitialize(const absl::Status& error) {
 absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_timed_mutex>& gate) {
   if (!reinitialize_.load()) {
     gate.lock();
+    ++inside_;
     return absl::OkStatus();
   }
   // Calls inside the module are given a moment to return (a health probe, say); new ones
   // wait here rather than enter, so they drain. If that did not do last time (a call stuck in
   // the module), only one caller a second waits again; the others are answered at once.
-  const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+  // Other callers re-initialising ahead of this one (each attempt spaced out) are waited for:
+  // the first call after an outage ends succeeds.
   std::unique_lock exclusive(gate_, std::defer_lock);
-  if (now >= gate_busy_until_.load()) {
-    if (!exclusive.try_lock_for(kReinitializeWait)) {
-      gate_busy_until_ = now + std::chrono::steady_clock::duration(std::chrono::seconds(1)).count();
+  if (std::chrono::steady_clock::now().time_since_epoch().count() >= gate_busy_until_.load()) {
+    for (int wait = 0; !exclusive.try_lock_for(kReinitializeWait); ++wait) {
+      if (inside_.load() > 0 || wait == kReinitializeWaits - 1) {
+        gate_busy_until_ =
+            (std::chrono::steady_clock::now() + std::chrono::seconds(1)).time_since_epoch().count();
+        break;
+      }
     }
   }
   if (!exclusive.owns_lock()) {
@@ -322,6 +336,7 @@ absl::Status Pkcs11Hsm::Enter(std::shared_lock<std::shared_timed_mutex>& gate) {
   if (reinitialize_.load()) CUSTOS_RETURN_IF_ERROR(Reinitialize());
   exclusive.unlock();
   gate.lock();
+  ++inside_;
   return absl::OkStatus();
 }
 
@@ -712,7 +727,18 @@ absl::Status Pkcs11Hsm::WriteTokenData(const std::string& label, std::string_vie
            if (rv != CKR_OK) return CkError("C_CreateObject", rv);
            for (CK_OBJECT_HANDLE object : older) {
              rv = api_->C_DestroyObject(session, object);
-             if (rv != CKR_OK && !IsHandleStale(rv)) return CkError("C_DestroyObject", rv);
+             // Another process may have destroyed it first: SoftHSM2 then fails to remove its
+             // file (CKR_FUNCTION_FAILED). One left behind is an older value, which every
+             // reader of several passes over.
+             if (rv == CKR_FUNCTION_FAILED) {
+               spdlog::warn(
+                   "HSM: an older '{}' object could not be destroyed (PKCS#11 "
+                   "C_DestroyObject: CKR_FUNCTION_FAILED); gone already, or left beside "
+                   "the new one",
+                   label);
+             } else if (rv != CKR_OK && !IsHandleStale(rv)) {
+               return CkError("C_DestroyObject", rv);
+             }
            }
            return true;
          })
