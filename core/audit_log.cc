@@ -121,6 +121,7 @@ absl::Status Kms::Checkpoint() {
   checkpoint.prev_hash = latest ? latest->hash : Bytes(audit::kHashBytes, 0);
   checkpoint.key_label = options_.audit_signing_key_label;
   const std::string message = audit::CheckpointMessage(checkpoint);
+  CUSTOS_RETURN_IF_ERROR(ConfirmTokenClaim());
   CUSTOS_ASSIGN_OR_RETURN(
       checkpoint.signature,
       options_.hsm->SignSha256(
@@ -130,6 +131,7 @@ absl::Status Kms::Checkpoint() {
   // Then the HSM's own copy of the head, which only the PIN holder can change: rewriting or
   // deleting history (or the stored checkpoints) before it shows at the next start-up. If
   // this write fails, the HSM's head only lags, which the next checkpoint catches up.
+  CUSTOS_RETURN_IF_ERROR(ConfirmTokenClaim());
   CUSTOS_RETURN_IF_ERROR(options_.hsm->WriteTokenData(options_.audit_head_label,
                                                       EncodeHead(checkpoint.seq, checkpoint.hash)));
   // Records that came while signing may have made the next checkpoint due already; their
@@ -141,6 +143,10 @@ absl::Status Kms::Checkpoint() {
   return absl::OkStatus();
 }
 
+absl::Status Kms::ConfirmTokenClaim() const {
+  return options_.confirm_token_claim ? options_.confirm_token_claim() : absl::OkStatus();
+}
+
 absl::Status Kms::CloseAuditLog() {
   CUSTOS_RETURN_IF_ERROR(Checkpoint());
   std::lock_guard lock(checkpoint_mu_);
@@ -150,6 +156,7 @@ absl::Status Kms::CloseAuditLog() {
   if (!latest || latest->seq != head.first) {
     return absl::FailedPreconditionError("the audit log's end is not signed; not marking it");
   }
+  CUSTOS_RETURN_IF_ERROR(ConfirmTokenClaim());
   return options_.hsm->WriteTokenData(options_.audit_head_label,
                                       EncodeHead(head.first, head.second, /*stopped=*/true));
 }
@@ -227,6 +234,7 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                " (history was rewritten, or an older copy of the database was restored)"));
   }
   if (signed_head.stopped) {  // from now on records follow it again, and a crash may cut them
+    CUSTOS_RETURN_IF_ERROR(ConfirmTokenClaim());
     CUSTOS_RETURN_IF_ERROR(options_.hsm->WriteTokenData(
         options_.audit_head_label, EncodeHead(signed_head.seq, signed_head.hash)));
   }

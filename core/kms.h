@@ -193,6 +193,9 @@ class Kms {
     // Called when housekeeping has work now (a key wants rotating, a checkpoint is due); the
     // server wakes its maintenance thread, which runs RunMaintenance and Checkpoint.
     std::function<void()> wake_maintenance;
+    // Asked before each checkpoint is signed and each write of the audit head to the token: an
+    // error (this server no longer holds the token, hsm/token_lease.h) writes nothing.
+    std::function<absl::Status()> confirm_token_claim = nullptr;
   };
   explicit Kms(Options options);
   ~Kms();  // stops the background work (StopBackgroundWork)
@@ -410,6 +413,7 @@ class Kms {
   class Call;
 
   std::shared_ptr<const policy::Policy> CurrentPolicy() const;
+  absl::Status ConfirmTokenClaim() const;  // Options::confirm_token_claim
   absl::StatusOr<KeyRef> FindKey(std::string_view key) const;
   // The key named `key_name`, if the caller may encrypt under it now (grant, state).
   absl::StatusOr<KeyRef> KeyForEncryption(Call& call, std::string_view key_name) const;

@@ -1,9 +1,11 @@
 #include "hsm/token_lease.h"
 
 #include <openssl/rand.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <iterator>
 #include <thread>
 #include <vector>
 
@@ -41,6 +43,22 @@ std::string HolderOf(const std::vector<std::string>& values) {
   if (holder.empty()) return "unknown";
   const size_t space = holder.find(' ');
   return space == std::string::npos ? holder : holder.substr(space + 1);
+}
+
+// Of the claims in `values`, the one that stands when several servers claimed the token side
+// by side: the greatest holder (its random id first). Empty if none is a claim.
+std::string StandingHolder(const std::vector<std::string>& values) {
+  std::string standing;
+  for (const std::string& value : values) standing = std::max(standing, FieldOf({value}, "holder"));
+  return standing;
+}
+
+// Now on CLOCK_BOOTTIME: unlike steady_clock it counts a suspended host's sleep, which a
+// server on another host waiting for the claim did not sleep through.
+std::chrono::nanoseconds BootNow() {
+  timespec now{};
+  ::clock_gettime(CLOCK_BOOTTIME, &now);
+  return std::chrono::seconds(now.tv_sec) + std::chrono::nanoseconds(now.tv_nsec);
 }
 
 }  // namespace
@@ -105,32 +123,143 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       }
     }
   }
+  const auto writing = BootNow();
   const std::string claim = lease->Encode(0);
   CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
-  // Two servers starting at once may both have found the token free: each reads back.
+  lease->released_ = false;
+  // Two servers starting at once may both have found the token free. Each writes, then looks
+  // again once the other's write has landed: a claim destroyed by a later one stops its
+  // writer, and of claims written side by side (neither saw the other) the greatest holder's
+  // stands and clears the others. A module may show one process another's object late
+  // (SoftHSM2 can miss a write made while it wrote its own): the renewals settle that.
+  std::this_thread::sleep_for(o.settle);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm->ReadTokenData(o.label));
-  if (claimed != std::vector<std::string>{claim}) {
+  if (std::find(claimed.begin(), claimed.end(), claim) == claimed.end() ||
+      StandingHolder(claimed) != lease->holder_) {
+    lease->released_ = true;  // not ours to release
+    std::erase(claimed, claim);
     return absl::FailedPreconditionError(
         absl::StrCat("another custosd (", HolderOf(claimed),
                      ") claimed this HSM token at the same moment; start one server only"));
   }
+  if (claimed.size() > 1) CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
+  lease->renewed_at_ = lease->acquired_at_ = writing;
   return lease;
+}
+
+TokenLease::~TokenLease() {
+  StopRenewing();
+  if (released_) return;
+  if (absl::Status released = Release(); !released.ok()) {
+    spdlog::error("releasing the HSM token (the next start waits {} ms): {}",
+                  options_.lease.count(), released.ToString());
+  }
 }
 
 absl::Status TokenLease::Renew() {
   std::lock_guard lock(mu_);
+  return RenewLocked();
+}
+
+absl::Status TokenLease::RenewLocked() {
+  const auto began = BootNow();
+  // Unrenewed for a lease, the claim may have been taken over: another claim beside it then
+  // stands. Within the first lease, another claim is a server that started at the same moment.
+  const bool lapsed = began - renewed_at_ >= options_.lease;
+  const bool starting = began - acquired_at_ < options_.lease;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
-  if (!AllMine(found)) {
-    return absl::AbortedError(absl::StrCat(
-        "another custosd (", AllReleased(found) ? "one that has stopped since" : HolderOf(found),
-        ") took this HSM token over while this one did not renew its claim for a lease"));
+  std::vector<std::string> others;  // other servers' claims (not a "released")
+  std::copy_if(found.begin(), found.end(), std::back_inserter(others), [&](const std::string& v) {
+    return !AllMine({v}) && !FieldOf({v}, "holder").empty();
+  });
+  const bool mine_found =
+      std::any_of(found.begin(), found.end(), [&](const std::string& v) { return AllMine({v}); });
+  if (found.empty()) {
+    // Not another server's: one would have written its own. Someone holding the PIN deleted it.
+    spdlog::warn(
+        "the claim on this HSM token ('{}') was deleted while this server held it; "
+        "writing it again",
+        options_.label);
+  } else if (!mine_found || (!others.empty() && lapsed)) {
+    const std::string other = others.empty() ? "one that has stopped since" : HolderOf(others);
+    if (!lapsed) {  // not for want of renewals: it claimed the token at the same moment
+      return absl::AbortedError(absl::StrCat("another custosd (", other,
+                                             ") claimed this HSM token at the same moment, "
+                                             "and its claim stands"));
+    }
+    return absl::AbortedError(
+        absl::StrCat("another custosd (", other,
+                     ") took this HSM token over while this one did not renew its claim for a "
+                     "lease"));
+  } else if (!others.empty()) {
+    // Claimed side by side with another server, one of the two seeing the other's late.
+    if (starting && StandingHolder(found) != holder_) {
+      return absl::AbortedError(absl::StrCat("another custosd (", HolderOf(others),
+                                             ") claimed this HSM token at the same moment, "
+                                             "and its claim stands"));
+    }
+    if (others != others_seen_) {  // once per claim, not per renewal
+      spdlog::warn(
+          "another custosd's claim ({}) lies beside this one's on the HSM token (written at the "
+          "same moment, or late); this one's stands, and the other stops at its next renewal",
+          HolderOf(others));
+    }
+  }
+  others_seen_ = others;
+  // A pause since the read (a stopped process) may have let the claim lapse and be taken: the
+  // write would destroy the new claim. The next renewal reads again.
+  if (!lapsed && BootNow() - renewed_at_ >= options_.lease) {
+    return absl::UnavailableError("renewing the claim took longer than a lease; reading again");
   }
   // Counted before the write: one that timed out may still land, and the next must differ.
-  return hsm_->WriteTokenData(options_.label, Encode(++beat_));
+  CUSTOS_RETURN_IF_ERROR(hsm_->WriteTokenData(options_.label, Encode(++beat_)));
+  renewed_at_ = began;
+  return absl::OkStatus();
+}
+
+absl::Status TokenLease::Confirm() {
+  std::lock_guard lock(mu_);
+  if (BootNow() - renewed_at_ < options_.lease / 2) return absl::OkStatus();
+  return RenewLocked();
+}
+
+void TokenLease::KeepRenewed(std::function<void(const absl::Status&)> lost) {
+  renewing_ = std::thread([this, lost = std::move(lost)] {
+    const auto interval = options_.lease / 5;
+    bool failing = false;  // logged when renewals start failing and when they succeed again
+    std::unique_lock stop(stop_mu_);
+    while (!stop_cv_.wait_for(stop, interval, [this] { return stopping_; })) {
+      stop.unlock();
+      const absl::Status renewed = Renew();
+      if (absl::IsAborted(renewed)) {
+        lost(renewed);
+        return;
+      }
+      if (!renewed.ok() && !failing) {
+        spdlog::warn("cannot renew the claim on the HSM token (retried every {} ms): {}",
+                     interval.count(), renewed.ToString());
+      } else if (renewed.ok() && failing) {
+        spdlog::info("the claim on the HSM token is renewed again");
+      }
+      failing = !renewed.ok();
+      stop.lock();
+    }
+  });
+}
+
+void TokenLease::StopRenewing() {
+  {
+    std::lock_guard stop(stop_mu_);
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  if (renewing_.joinable()) renewing_.join();
 }
 
 absl::Status TokenLease::Release() {
+  StopRenewing();
   std::lock_guard lock(mu_);
+  released_ = true;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
   if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
   return hsm_->WriteTokenData(options_.label, Released());

@@ -380,13 +380,16 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
     return absl::InvalidArgumentError(
         "config: hsm.hang_limit_ms must be 0 (never) or hsm.call_timeout_ms..86400000");
   }
+  // Unset, the lease grows with a raised call timeout rather than refusing it.
+  c.hsm_instance_lease_ms = std::max(c.hsm_instance_lease_ms, (5 * call_timeout + 1) / 2);
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "instance_lease_ms", &c.hsm_instance_lease_ms));
+  // Renewed every fifth of a lease, a claim's read and write (each answered within
+  // call_timeout_ms) land within the remaining four fifths.
   if (c.hsm_instance_lease_ms < 1000 || c.hsm_instance_lease_ms > 600'000 ||
-      c.hsm_instance_lease_ms < 2 * int64_t{c.health_interval_ms} + c.health_probe_timeout_ms) {
+      c.hsm_instance_lease_ms * 4 / 5 < 2 * call_timeout) {
     return absl::InvalidArgumentError(
-        "config: hsm.instance_lease_ms must be 1000..600000 and at least 2 * "
-        "server.health_interval_ms + server.health_probe_timeout_ms (the health rounds renew "
-        "the claim)");
+        "config: hsm.instance_lease_ms must be 1000..600000 and at least 2.5 * "
+        "hsm.call_timeout_ms (a renewal's read and write land within the lease)");
   }
   c.hsm_call_timeout_ms = static_cast<int>(call_timeout);
   c.hsm_max_stuck_calls = static_cast<int>(stuck);

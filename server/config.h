@@ -70,9 +70,9 @@ struct Config {
   int hsm_max_stuck_calls = 8;
   int64_t hsm_hang_limit_ms = 60000;
   // One server per token (hsm/token_lease.h): a claim unrenewed for hsm.instance_lease_ms
-  // (1000..600000, at least 2 * health_interval_ms + health_probe_timeout_ms, since the
-  // health rounds renew it) may be taken over by a server starting; one renewed meanwhile
-  // stops it. The wait at a start after a crash.
+  // (1000..600000, at least 2.5 * hsm.call_timeout_ms, since it is renewed every lease / 5;
+  // unset, max(5000, 2.5 * call_timeout_ms)) may be taken over by a server starting; one
+  // renewed meanwhile stops it. The wait at a start after a crash.
   int64_t hsm_instance_lease_ms = 5000;
 
   std::string storage_path;

@@ -67,10 +67,16 @@ constexpr int kExitTokenTaken = 71;
 // more of the audit log than this state holds. A supervisor restarting it changes neither.
 constexpr int kExitTokenRefused = 72;
 
-// The audit log's head as a claim states it: "<seq> <hash hex>" (empty if unreadable).
-std::string AuditHeadState(storage::KeyStore& store) {
-  absl::StatusOr<std::pair<uint64_t, Bytes>> head = store.AuditHead();
-  return head.ok() ? StrCat(head->first, " ", audit::ToHex(head->second)) : "";
+// The audit log's head as each renewal of the claim states it: "<seq> <hash hex>". A renewal
+// must not wait for a commit (one held up by another connection's lock would let the claim
+// lapse): while the store is busy, the head stated last.
+std::function<std::string()> AuditHeadState(storage::KeyStore& store) {
+  return [&store, stated = std::make_shared<std::string>()] {
+    if (const auto head = store.AuditHeadIfIdle()) {
+      *stated = StrCat(head->first, " ", audit::ToHex(head->second));
+    }
+    return *stated;
+  };
 }
 
 // Before a claim left by a holder that did not release it is taken over: that holder's last
@@ -103,18 +109,22 @@ absl::Status CheckReachesLastHolder(storage::KeyStore& store, const std::string&
              "server's own state, or restore it here"));
 }
 
-// Renews this server's claim on the token, each health round. Lost, the claim is another
-// server's: this one exits at once, writing nothing more (no stop record, no head), since
-// anything it wrote now would fork the log.
-absl::Status RenewLease(hsm::TokenLease& lease) {
-  absl::Status renewed = lease.Renew();
-  if (absl::IsAborted(renewed)) {
-    spdlog::critical("{}; exiting (code {}) without writing to the token again",
-                     std::string(renewed.message()), kExitTokenTaken);
-    spdlog::default_logger()->flush();
-    std::_Exit(kExitTokenTaken);
-  }
-  return renewed;
+// Lost, the claim on the token is another server's: this one exits at once, writing nothing
+// more (no stop record, no head), since anything it wrote now would fork the log.
+void ExitIfTokenTaken(const absl::Status& status) {
+  if (!absl::IsAborted(status)) return;
+  spdlog::critical("{}; exiting (code {}) without writing to the token again",
+                   std::string(status.message()), kExitTokenTaken);
+  spdlog::default_logger()->flush();
+  std::_Exit(kExitTokenTaken);
+}
+
+// This server's claim on the token, confirmed before it signs or writes the audit head and
+// in every health round.
+absl::Status ConfirmClaim(hsm::TokenLease& lease) {
+  absl::Status confirmed = lease.Confirm();
+  ExitIfTokenTaken(confirmed);
+  return confirmed;
 }
 
 // Secrets pass through this process: it must never write them to a core dump, and nothing
@@ -229,8 +239,18 @@ void MeasureCommits(metrics::Registry& registry, storage::KeyStore& store) {
 // Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
 // hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
 // hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already.
+// The claim on the HSM token, once taken: a start that fails after taking it releases it, so
+// the next start does not wait out a lease.
+hsm::TokenLease* claim_to_release = nullptr;
+
 int Fail(const absl::Status& status, int exit_code = 1) {
   spdlog::critical("{}", status.ToString());
+  if (claim_to_release != nullptr) {
+    if (absl::Status released = claim_to_release->Release(); !released.ok()) {
+      spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
+                    released.ToString());
+    }
+  }
   spdlog::default_logger()->flush();
   std::fflush(nullptr);
 #if defined(__SANITIZE_ADDRESS__)
@@ -471,14 +491,15 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = hsm::TokenLease::Acquire(
       hsm->get(), {.label = config.instance_label,
                    .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
-                   .state = [&store] { return AuditHeadState(**store); },
-                   .may_take_over =
-                       [&store](const std::string& holder, const std::string& state) {
-                         return CheckReachesLastHolder(**store, holder, state);
-                       }});
+                   .state = AuditHeadState(**store),
+                   .may_take_over = [&store](const std::string& holder, const std::string& state) {
+                     return CheckReachesLastHolder(**store, holder, state);
+                   }});
   if (!lease.ok()) {
     return Fail(lease.status(), absl::IsFailedPrecondition(lease.status()) ? kExitTokenRefused : 1);
   }
+  (*lease)->KeepRenewed(ExitIfTokenTaken);
+  claim_to_release = lease->get();
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog =
           CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
@@ -548,7 +569,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                  .checkpoint_every = config.checkpoint_every,
                  .audit_archive_dir = config.audit_archive_dir,
                  .context_hmac_cache = static_cast<size_t>(config.context_hmac_cache),
-                 .wake_maintenance = [&maintenance] { maintenance.Wake(); }});
+                 .wake_maintenance = [&maintenance] { maintenance.Wake(); },
+                 .confirm_token_claim = [&lease] { return ConfirmClaim(**lease); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
   // Nothing is served from a log somebody rewrote while custosd was stopped.
@@ -640,7 +662,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                    [&hsm, &kms, &lease] {
                      CUSTOS_RETURN_IF_ERROR((*hsm)->GenerateRandom(1).status());
                      CUSTOS_RETURN_IF_ERROR((*hsm)->CheckRootKey(kms.CurrentRoot()));
-                     return RenewLease(**lease);
+                     return ConfirmClaim(**lease);
                    }},
                   // Half the deadline for another connection's lock, so that a lock held
                   // elsewhere is reported as such rather than as no answer.

@@ -1132,6 +1132,12 @@ absl::StatusOr<std::pair<uint64_t, Bytes>> KeyStore::AuditHead() const {
   return std::make_pair(impl_->chain_.last_seq(), impl_->chain_.last_hash());
 }
 
+std::optional<std::pair<uint64_t, Bytes>> KeyStore::AuditHeadIfIdle() const {
+  std::unique_lock lock(impl_->db_mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return std::nullopt;
+  return std::make_pair(impl_->chain_.last_seq(), impl_->chain_.last_hash());
+}
+
 absl::Status KeyStore::PutCheckpoint(const audit::Checkpoint& checkpoint) {
   std::lock_guard lock(impl_->db_mu_);
   return impl_->NoteWrite([&]() -> absl::Status {

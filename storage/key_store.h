@@ -294,6 +294,8 @@ class KeyStore {
   absl::StatusOr<std::vector<audit::Record>> ReadAudit(uint64_t from_seq, size_t limit) const;
   // The last record's seq and hash (0 and 32 zero bytes for an empty log).
   absl::StatusOr<std::pair<uint64_t, Bytes>> AuditHead() const;
+  // The same without waiting: nothing while a commit holds the store.
+  std::optional<std::pair<uint64_t, Bytes>> AuditHeadIfIdle() const;
   // Stores a checkpoint; the newest one, or nullopt if none yet.
   absl::Status PutCheckpoint(const audit::Checkpoint& checkpoint);
   absl::StatusOr<std::optional<audit::Checkpoint>> LatestCheckpoint() const;

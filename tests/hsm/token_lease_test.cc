@@ -5,10 +5,16 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include <unistd.h>
 
+#include "absl/strings/match.h"
+#include "hsm/faulty_hsm.h"
 #include "tests/hsm/hsm_test_util.h"
 
 namespace custos::testing {
@@ -70,6 +76,145 @@ TEST_CASE("A claim left unrenewed is taken over after a lease, and its holder to
   // The old holder neither renews over the new claim nor releases it.
   CHECK((*stalled)->Release().ok());
   CHECK((*taker)->Renew().ok());
+}
+
+// One server of "Servers starting at the same moment", in a process of its own (as servers
+// are: one module instance each): opens the token the environment names, waits for the
+// agreed instant, claims, and prints the outcome; a server that took the token holds it,
+// renewing, for a few leases.
+TEST_CASE("(a server starting at an agreed instant)", "[.][lease_contender]") {
+  const char* label = std::getenv("CUSTOS_CONTENDER_TOKEN");
+  const char* at = std::getenv("CUSTOS_CONTENDER_START_MS");
+  REQUIRE(label != nullptr);
+  REQUIRE(at != nullptr);
+  const auto open = [&] {
+    hsm::Pkcs11Options options;
+    options.module_path = kSoftHsmModule;
+    options.token_label = label;
+    options.pin = SecureBytes::FromString("1234-test-pin");
+    return hsm::OpenPkcs11Hsm(std::move(options));
+  };
+  // Processes opening one SoftHSM2 token at once: one may meet the others mid-write
+  // (a server would be restarted); the claim is what is tested.
+  auto hsm = open();
+  for (int retry = 0; retry < 5 && !hsm.ok(); ++retry) {
+    std::this_thread::sleep_for(100ms);
+    hsm = open();
+  }
+  INFO(hsm.status().ToString());
+  REQUIRE(hsm.ok());
+  std::this_thread::sleep_until(std::chrono::system_clock::time_point(
+      std::chrono::milliseconds(std::strtoll(at, nullptr, 10))));
+  auto lease = TokenLease::Acquire(hsm->get(), kShort);
+  if (!lease.ok()) {
+    std::printf("contender: refused %s\n", lease.status().ToString().c_str());
+    return;
+  }
+  std::printf("contender: took the token\n");
+  std::fflush(stdout);
+  (*lease)->KeepRenewed([](const absl::Status& lost) {
+    std::printf("contender: lost %s\n", lost.ToString().c_str());
+  });
+  std::this_thread::sleep_for(kShort.lease * 3);
+  CHECK((*lease)->Release().ok());
+}
+
+TEST_CASE("Servers starting at the same moment: exactly one takes the token", "[token_lease]") {
+  SoftHsmToken token;
+  OpenHsm(token);  // the token's first objects, before any contender
+  for (int round = 0; round < 4; ++round) {
+    INFO("round " << round);
+    const auto start = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()) +
+                       std::chrono::milliseconds(1500);  // each has opened the module by then
+    const std::string command = "CUSTOS_CONTENDER_TOKEN='" + token.label() +
+                                "' CUSTOS_CONTENDER_START_MS=" + std::to_string(start.count()) +
+                                " /proc/" + std::to_string(::getpid()) +
+                                "/exe '[lease_contender]' 2>&1";
+    constexpr int kServers = 2;
+    std::vector<FILE*> servers;
+    for (int i = 0; i < kServers; ++i) servers.push_back(::popen(command.c_str(), "r"));
+    int holding = 0;  // took the token and kept it
+    for (FILE* server : servers) {
+      REQUIRE(server != nullptr);
+      std::string output;
+      char buffer[512];
+      while (std::fgets(buffer, sizeof(buffer), server) != nullptr) output += buffer;
+      CHECK(::pclose(server) == 0);
+      INFO(output);
+      if (absl::StrContains(output, "contender: refused")) {
+        CHECK((absl::StrContains(output,
+                                 "contender: refused FAILED_PRECONDITION: another "
+                                 "custosd (") &&
+               (absl::StrContains(output, "claimed this HSM token at the same moment") ||
+                absl::StrContains(output, "it renewed its claim while this one waited"))));
+      } else if (absl::StrContains(output, "contender: lost")) {
+        // Took it, while the module showed it the other's claim only after (SoftHSM2 may),
+        // and stopped at its first renewal.
+        CHECK(absl::StrContains(output, "contender: lost ABORTED: another custosd ("));
+        CHECK(absl::StrContains(output,
+                                "claimed this HSM token at the same moment, and its "
+                                "claim stands"));
+      } else {
+        CHECK(absl::StrContains(output, "contender: took the token"));
+        ++holding;
+      }
+    }
+    CHECK(holding == 1);
+  }
+}
+
+TEST_CASE(
+    "A claim renewed on its own thread keeps the token; one that stalled learns it lost "
+    "the token before it writes",
+    "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto holder = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(holder.ok());
+  // Just renewed: confirmed without asking the token.
+  faulty.SetDown(true);
+  CHECK((*holder)->Confirm().ok());
+  faulty.SetDown(false);
+
+  std::atomic<int> lost{0};
+  (*holder)->KeepRenewed([&](const absl::Status&) { ++lost; });
+  std::this_thread::sleep_for(kShort.lease * 2);  // nobody calls: the thread renews
+  CHECK(TokenLease::Acquire(hsm.get(), kShort).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
+  CHECK((*holder)->Confirm().ok());
+  CHECK(lost == 0);
+  REQUIRE((*holder)->Release().ok());  // stops renewing
+
+  // A holder stopped for a lease: another takes the token over, and the first's next Confirm
+  // (before it would sign or write the head) finds that out.
+  auto stalled = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(stalled.ok());
+  auto taker = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(taker.ok());
+  CHECK(!(*taker)->taken_over_from().empty());
+  const absl::Status confirmed = (*stalled)->Confirm();
+  CHECK(confirmed.code() == absl::StatusCode::kAborted);
+  CHECK_THAT(std::string(confirmed.message()), Catch::Contains("took this HSM token over"));
+}
+
+TEST_CASE(
+    "A claim its process never released (a start that failed after taking it) is released "
+    "when dropped",
+    "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  {
+    auto dropped = TokenLease::Acquire(hsm.get(), kShort);
+    REQUIRE(dropped.ok());
+    (*dropped)->KeepRenewed([](const absl::Status&) {});
+  }
+  const auto started = std::chrono::steady_clock::now();
+  auto next = TokenLease::Acquire(hsm.get(), kShort);
+  CHECK(next.ok());
+  CHECK(std::chrono::steady_clock::now() - started < kShort.lease);
+  CHECK((*next)->taken_over_from().empty());
 }
 
 }  // namespace

@@ -406,6 +406,29 @@ TEST_CASE("Server settings are range-checked", "[config]") {
   RequireRefused(files, Render(entries), "hsm.key_cache must be at least 1");
 }
 
+TEST_CASE("The token claim's lease leaves room for a renewal's read and write", "[config]") {
+  ConfigFiles files;
+  const std::string refused =
+      "hsm.instance_lease_ms must be 1000..600000 and at least 2.5 * hsm.call_timeout_ms";
+  std::vector<Entry> entries = Minimal();
+  entries.push_back({"hsm", "instance_lease_ms", "999"});
+  entries.push_back({"hsm", "call_timeout_ms", "100"});
+  RequireRefused(files, Render(entries), refused);
+  entries = Minimal();
+  entries.push_back({"hsm", "instance_lease_ms", "4999"});  // the default call_timeout_ms: 2000
+  RequireRefused(files, Render(entries), refused);
+  entries = Minimal();
+  entries.push_back({"hsm", "instance_lease_ms", "10000"});
+  entries.push_back({"hsm", "call_timeout_ms", "4001"});
+  RequireRefused(files, Render(entries), refused);
+  entries.back() = {"hsm", "call_timeout_ms", "4000"};
+  CHECK(RequireLoads(files, Render(entries)).hsm_instance_lease_ms == 10000);
+  CHECK(RequireLoads(files, Render(Minimal())).hsm_instance_lease_ms == 5000);
+  entries = Minimal();  // unset, it follows a raised call timeout
+  entries.push_back({"hsm", "call_timeout_ms", "4001"});
+  CHECK(RequireLoads(files, Render(entries)).hsm_instance_lease_ms == 10003);
+}
+
 TEST_CASE("Exactly one of pin_file and pin_env is set", "[config]") {
   ConfigFiles files;
   std::vector<Entry> both = Minimal();
