@@ -226,22 +226,28 @@ absl::Status TokenLease::Confirm() {
 void TokenLease::KeepRenewed(std::function<void(const absl::Status&)> lost) {
   renewing_ = std::thread([this, lost = std::move(lost)] {
     const auto interval = options_.lease / 5;
+    auto wait = interval;
     bool failing = false;  // logged when renewals start failing and when they succeed again
     std::unique_lock stop(stop_mu_);
-    while (!stop_cv_.wait_for(stop, interval, [this] { return stopping_; })) {
+    while (!stop_cv_.wait_for(stop, wait, [this] { return stopping_; })) {
       stop.unlock();
+      const auto began = std::chrono::steady_clock::now();
       const absl::Status renewed = Renew();
       if (absl::IsAborted(renewed)) {
         lost(renewed);
         return;
       }
       if (!renewed.ok() && !failing) {
-        spdlog::warn("cannot renew the claim on the HSM token (retried every {} ms): {}",
-                     interval.count(), renewed.ToString());
+        spdlog::warn("cannot renew the claim on the HSM token (retrying): {}", renewed.ToString());
       } else if (renewed.ok() && failing) {
         spdlog::info("the claim on the HSM token is renewed again");
       }
       failing = !renewed.ok();
+      // A renewal that failed slowly most likely left a call stuck in the module (answered at
+      // the HSM call timeout, still inside): each retry while it hangs adds one, taking a
+      // thread and a session from the calls custosd serves. Those back off, up to half a lease.
+      const bool slow = std::chrono::steady_clock::now() - began >= interval / 2;
+      wait = failing && slow ? std::min(wait * 2, options_.lease / 2) : interval;
       stop.lock();
     }
   });
