@@ -236,13 +236,14 @@ void MeasureCommits(metrics::Registry& registry, storage::KeyStore& store) {
   });
 }
 
-// Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
-// hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
-// hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already.
 // The claim on the HSM token, once taken: a start that fails after taking it releases it, so
 // the next start does not wait out a lease.
 hsm::TokenLease* claim_to_release = nullptr;
 
+// Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
+// hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
+// hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already. The claim
+// is released first (each HSM call answered within hsm.call_timeout_ms).
 int Fail(const absl::Status& status, int exit_code = 1) {
   spdlog::critical("{}", status.ToString());
   if (claim_to_release != nullptr) {
