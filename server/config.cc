@@ -247,6 +247,10 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "instance_label", &c.instance_label));
   CUSTOS_RETURN_IF_ERROR(settings.Read("hsm", "key_cache", &cache));
   CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "path", &c.storage_path));
+  CUSTOS_RETURN_IF_ERROR(settings.Read("storage", "wal_warn_mb", &c.wal_warn_mb));
+  if (c.wal_warn_mb < 16 || c.wal_warn_mb > 1'048'576) {
+    return absl::InvalidArgumentError("config: storage.wal_warn_mb must be 16..1048576");
+  }
   CUSTOS_RETURN_IF_ERROR(settings.Read("policy", "file", &c.policy_file));
   CUSTOS_RETURN_IF_ERROR(settings.Read("log", "level", &c.log_level));
   static const std::set<std::string_view> kLevels = {"trace",   "debug", "info",    "warn",

@@ -76,6 +76,11 @@ struct Config {
   int64_t hsm_instance_lease_ms = 5000;
 
   std::string storage_path;
+  // [storage] wal_warn_mb (16..1048576; SQLite checkpoints at about 4 MiB): a WAL past this size (a
+  // reader holding a transaction open keeps checkpoints from reaching its end) is warned about;
+  // once it starts over it is cut back to min(64, wal_warn_mb / 2) MiB. See
+  // storage::KeyStore::WarnWalAbove.
+  int64_t wal_warn_mb = 256;
   // [audit] archive_dir: where ArchiveAuditLog writes archive files; default: audit-archive
   // beside the database.
   std::string audit_archive_dir;

@@ -486,6 +486,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       storage::KeyStore::Open(config.storage_path, &rows);
   if (!store.ok()) return Fail(store.status());
   MeasureCommits(registry, **store);
+  if (absl::Status wal = (*store)->WarnWalAbove(static_cast<uint64_t>(config.wal_warn_mb) << 20);
+      !wal.ok()) {
+    return Fail(wal);
+  }
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
   if (!hsm.ok()) return Fail(hsm.status());
   // Before anything is written to the token: no other server uses it.

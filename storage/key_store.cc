@@ -1,9 +1,12 @@
 #include "storage/key_store.h"
 
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <mutex>
@@ -15,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/failure_log.h"
 #include "common/strings.h"
+#include "spdlog/spdlog.h"
 #include "storage/audit_rows.h"
 #include "storage/key_cache.h"
 #include "storage/key_rows.h"
@@ -31,7 +35,16 @@ namespace {
 constexpr size_t kMaxPageSize = 1000;
 // How long a statement waits for another connection's lock before giving up with BUSY.
 constexpr int kBusyTimeoutMs = 5000;
+// The WAL's size past which a warning says a reader keeps it growing (KeyStore::WarnWalAbove),
+// and the most it is left at once it starts over.
+constexpr uint64_t kDefaultWalWarnBytes = uint64_t{256} << 20;
+constexpr uint64_t kMaxWalKeptBytes = uint64_t{64} << 20;
 constexpr char kHex[] = "0123456789abcdef";
+
+absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
+  const uint64_t kept = std::min(kMaxWalKeptBytes, warn_bytes / 2);
+  return db.Exec(absl::StrCat("PRAGMA journal_size_limit = ", kept).c_str());
+}
 
 absl::Status Configure(sqlite::Database& db) {
   sqlite3_busy_timeout(db.handle(), kBusyTimeoutMs);
@@ -47,7 +60,17 @@ absl::Status Configure(sqlite::Database& db) {
     return absl::FailedPreconditionError(
         absl::StrCat("the key database cannot use WAL journaling (journal_mode is '", mode, "')"));
   }
-  return absl::OkStatus();
+  return LimitKeptWal(db, kDefaultWalWarnBytes);
+}
+
+// The size of the file at `path`; 0 if there is none.
+absl::StatusOr<uint64_t> FileSize(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return 0;
+    return absl::UnavailableError(absl::StrCat("cannot stat '", path, "': ", std::strerror(errno)));
+  }
+  return static_cast<uint64_t>(st.st_size);
 }
 
 // Page tokens are the hex of the last id returned: opaque to callers, trivially checked.
@@ -244,9 +267,29 @@ class KeyStore::Impl {
   // The audit chain's head, guarded by db_mu_: advanced as records are written, put back if
   // their savepoint or transaction is rolled back.
   audit::Chain chain_;
-  AuditFloor floor_;                          // guarded by db_mu_
-  CommitStats commit_stats_;                  // guarded by db_mu_
-  KeyStore::CommitObserver commit_observer_;  // set before concurrent use
+  AuditFloor floor_;                                // guarded by db_mu_
+  CommitStats commit_stats_;                        // guarded by db_mu_
+  KeyStore::CommitObserver commit_observer_;        // set before concurrent use
+  uint64_t wal_warn_bytes_ = kDefaultWalWarnBytes;  // guarded by db_mu_
+  bool wal_warned_ = false;                         // guarded by db_mu_
+
+  // Called under db_mu_ after each health probe's commit (KeyStore::WarnWalAbove).
+  void WatchWalSize() {
+    const absl::StatusOr<uint64_t> size = FileSize(db_->path() + "-wal");
+    if (!size.ok()) return;  // the probe's own commit says what is wrong with the files
+    if (*size > wal_warn_bytes_ && !wal_warned_) {
+      wal_warned_ = true;
+      spdlog::warn(
+          "the key database's WAL has grown to {} MiB (warning above {} MiB): another "
+          "connection holds a read transaction open on the database, so checkpoints cannot "
+          "reach its end and it grows with every commit until that reader ends its transaction",
+          *size >> 20, wal_warn_bytes_ >> 20);
+    } else if (*size <= wal_warn_bytes_ && wal_warned_) {
+      wal_warned_ = false;
+      spdlog::info("the key database's WAL is back under {} MiB ({} KiB)", wal_warn_bytes_ >> 20,
+                   *size >> 10);
+    }
+  }
 
   // Checks `batch`, and fills `writer` with it as it will be written: rows sealed, and each
   // audit record that names a row given that row's digest. Outside any lock (it may call the
@@ -894,7 +937,16 @@ absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
     return tx->Commit();
   }();
   sqlite3_busy_timeout(impl_->db_->handle(), kBusyTimeoutMs);
+  if (committed.ok()) impl_->WatchWalSize();
   return committed;
+}
+
+absl::Status KeyStore::WarnWalAbove(uint64_t warn_bytes) {
+  if (warn_bytes < 2) return absl::InvalidArgumentError("the WAL warning size is too small");
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_RETURN_IF_ERROR(LimitKeptWal(*impl_->db_, warn_bytes));
+  impl_->wal_warn_bytes_ = warn_bytes;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<audit::Record>> KeyStore::ReadAudit(uint64_t from_seq,

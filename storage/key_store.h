@@ -228,6 +228,14 @@ class KeyStore {
   // or an I/O error; the injected write fault, if any. Waits behind a group commit under way.
   absl::Status ProbeCommit(std::chrono::milliseconds busy_timeout);
 
+  // Another connection holding a read transaction open (an auditor's `sqlite3` session left
+  // in a BEGIN, a backup tool) keeps every checkpoint short of the WAL's end, so the WAL grows
+  // with every commit until that reader lets go. Past `warn_bytes` (default 256 MiB) each
+  // ProbeCommit sees it: a warning once, and a line when it is back under. A WAL that starts
+  // over after the reader left is cut back to min(64 MiB, warn_bytes / 2) at its next commit
+  // (journal_size_limit), so the space it took is given back to the disk.
+  absl::Status WarnWalAbove(uint64_t warn_bytes);
+
   // Makes material erased by Apply unrecoverable from the files: checkpoints the WAL into
   // the database (whose freed pages secure_delete has zeroed) and truncates it.
   absl::Status PurgeErased();

@@ -94,6 +94,7 @@ class Database {
   absl::StatusOr<std::string> QueryText(const char* sql);
 
   sqlite3* handle() const { return db_; }
+  const std::string& path() const { return path_; }
 
   // Whether the files this connection writes (the database, its -wal and -shm) are still the
   // files at their paths: the ones it found there when it opened them (or first met the

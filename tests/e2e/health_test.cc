@@ -6,12 +6,15 @@
 #include <signal.h>
 #include <sqlite3.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/e2e/e2e_util.h"
@@ -158,6 +161,70 @@ TEST_CASE("A database another connection holds locked is NOT_SERVING until it le
   sqlite3_close(dba);
   AwaitAll(server, true);
   CHECK(GenerateDataKey(server, "health/locked").ok());
+}
+
+TEST_CASE(
+    "An auditor's session left open on the live database: served on, the WAL's growth "
+    "warned about once, and its space given back when the session ends",
+    "[e2e][health]") {
+  CustosServer server;
+  server.EditConfig("[storage]\n", "[storage]\nwal_warn_mb = 16\n");
+  server.Restart();
+  CreateKey(server, "health/wal", true, true);
+  const std::string db = server.state_dir() + "/custos.db";
+  const auto wal_bytes = [&db] {
+    std::error_code error;
+    const uintmax_t size = std::filesystem::file_size(db + "-wal", error);
+    return error ? uintmax_t{0} : size;
+  };
+  const auto call_until = [&](const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + 120s;
+    std::atomic<int> failed{0};
+    while (!done() && std::chrono::steady_clock::now() < deadline) {
+      std::vector<std::thread> callers;
+      callers.reserve(4);
+      for (int t = 0; t < 4; ++t) {
+        callers.emplace_back([&] {
+          for (int i = 0; i < 50; ++i) failed += !GenerateDataKey(server, "health/wal").ok();
+        });
+      }
+      for (std::thread& caller : callers) caller.join();
+    }
+    CHECK(failed == 0);
+    REQUIRE(done());
+  };
+  const std::string warning = "the key database's WAL has grown to ";
+  const std::string cleared = "the key database's WAL is back under 16 MiB";
+  const auto await_line = [&server](const std::string& line) {
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (server.Log().find(line) == std::string::npos &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(100ms);
+    }
+    INFO(server.Log());
+    REQUIRE(server.Log().find(line) != std::string::npos);
+  };
+
+  // An auditor's sqlite3 session, left inside a transaction on the live file.
+  sqlite3* auditor = nullptr;
+  REQUIRE(sqlite3_open_v2(db.c_str(), &auditor, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_busy_timeout(auditor, 10000);
+  REQUIRE(sqlite3_exec(auditor, "BEGIN; SELECT count(*) FROM audit_log;", nullptr, nullptr,
+                       nullptr) == SQLITE_OK);
+  call_until([&] { return wal_bytes() > (uintmax_t{16} << 20); });
+  await_line(warning);
+  AwaitAll(server, true);  // a warning, not a refusal: every call above succeeded
+  CHECK(server.Log().find(cleared) == std::string::npos);
+
+  REQUIRE(sqlite3_exec(auditor, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(auditor);
+  // The next checkpoint reaches the WAL's end; the commit after it starts the WAL over and
+  // cuts the file back to 8 MiB.
+  call_until([&] { return wal_bytes() <= (uintmax_t{8} << 20); });
+  await_line(cleared);
+  const std::string log = server.Log();
+  CHECK(log.find(warning) == log.rfind(warning));  // once
+  CHECK(GenerateDataKey(server, "health/wal").ok());
 }
 
 TEST_CASE("An audit log awaiting re-anchoring is NOT_SERVING until officers re-anchor it",

@@ -127,6 +127,7 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
   CHECK(c.rate_limit_per_principal == 0);
   CHECK_FALSE(c.audit_mirror);
   CHECK(c.context_hmac_cache == 65536);
+  CHECK(c.wal_warn_mb == 256);
   CHECK(c.root_key_label == "custos-root");
   CHECK(c.key_cache_capacity == 4096);
   CHECK(c.hsm_threads == 16);
@@ -165,6 +166,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   entries.push_back({"log", "level", R"("debug")"});
   entries.push_back({"log", "audit_mirror", "true"});
   entries.push_back({"audit", "context_hmac_cache", "0"});
+  entries.push_back({"storage", "wal_warn_mb", "16"});
   entries.push_back({"keys", "encryption_limit", "1000"});
   entries.push_back({"keys", "rotate_at_percent", "50"});
   entries.push_back({"keys", "reservation_block", "7"});
@@ -192,6 +194,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.log_level == "debug");
   CHECK(c.audit_mirror);
   CHECK(c.context_hmac_cache == 0);
+  CHECK(c.wal_warn_mb == 16);
   CHECK(c.usage_limits.max_encryptions == 1000);
   CHECK(c.usage_limits.rotate_at == 500);
   CHECK(c.usage_limits.reservation_block == 7);
@@ -371,6 +374,11 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[audit]\ncontext_hmac_cache = -1\n"),
                  "audit.context_hmac_cache must be 0..10000000");
+  for (const char* size : {"15", "1048577"}) {
+    std::vector<Entry> entries = Minimal();
+    entries.push_back({"storage", "wal_warn_mb", size});
+    RequireRefused(files, Render(entries), "storage.wal_warn_mb must be 16..1048576");
+  }
   RequireRefused(files, Render(Minimal(), "[server]\nrate_limit_per_peer = -1\n"),
                  "server.rate_limit_per_peer must be 0 (no limit)..1000000 calls a second");
   RequireRefused(files, Render(Minimal(), "[server]\nrate_limit_per_principal = 1000001\n"),

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <string>
@@ -19,6 +21,7 @@
 #include "storage/schema.h"
 #include "storage/sqlite.h"
 #include "tests/storage/store_test_util.h"
+#include "tests/support/captured_log.h"
 #include "tests/support/files.h"
 #include "tests/support/sqlite_file.h"
 #include "tests/support/temp_dir.h"
@@ -26,10 +29,12 @@
 namespace custos::storage {
 namespace {
 
+using custos::testing::CapturedLog;
 using custos::testing::CheckpointLockHeld;
 using custos::testing::ReadFile;
 using custos::testing::TempDir;
 using namespace custos::storage::test;  // NOLINT: the shared helpers
+using namespace std::chrono_literals;
 
 RequestRecord MakeRequest(int n, std::string key_id) {
   RequestRecord request;
@@ -409,6 +414,70 @@ TEST_CASE("Erased key material cannot be found in the database files after Purge
   for (int n = 0; n < 400; n += 37) {
     if (n != kTarget) CheckSameKey(*reopened->GetKey(IdFor(n)).value(), MakeSmallKey(n));
   }
+  CHECK(QueryFile(path, "PRAGMA integrity_check") == "ok");
+}
+
+uint64_t WalBytes(const std::string& path) {
+  std::error_code error;
+  const uintmax_t size = std::filesystem::file_size(path + "-wal", error);
+  return error ? 0 : size;
+}
+
+TEST_CASE(
+    "A reader holding the database open keeps the WAL growing: warned past its size, cut "
+    "back once the reader lets go",
+    "[key_store][wal]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  // Above the 1,000 pages (4 MiB) at which SQLite checkpoints by itself; once the WAL starts
+  // over, it is cut back to kWarn / 2.
+  constexpr uint64_t kWarn = uint64_t{8} << 20;
+  REQUIRE(store->WarnWalAbove(kWarn).ok());
+  CHECK(store->WarnWalAbove(1).code() == absl::StatusCode::kInvalidArgument);
+  const CapturedLog log;
+  const std::string warning = "warning the key database's WAL has grown to ";
+  const std::string cleared = "info the key database's WAL is back under 8 MiB";
+  const auto count = [&log](const std::string& line) {
+    size_t n = 0;
+    const std::string text = log.text();
+    for (size_t at = text.find(line); at != std::string::npos; at = text.find(line, at + 1)) ++n;
+    return n;
+  };
+  int next = 0;
+  const auto write_until = [&](const std::function<bool()>& done) {
+    for (int i = 0; i < 20000 && !done(); ++i) REQUIRE(store->CreateKey(MakeSmallKey(next++)).ok());
+    REQUIRE(done());
+    REQUIRE(store->ProbeCommit(1s).ok());
+  };
+
+  // Without a reader, SQLite's own checkpoints keep the WAL near 1,000 pages: no warning.
+  write_until([&] { return next >= 3000; });
+  CHECK(WalBytes(path) < kWarn);
+  CHECK(count(warning) == 0);
+
+  // An auditor's sqlite3 session left inside a transaction: every checkpoint stops at its
+  // snapshot, and the WAL grows with each commit.
+  sqlite3* reader = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &reader, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM keys;", nullptr, nullptr, nullptr) ==
+          SQLITE_OK);
+  write_until([&] { return WalBytes(path) > kWarn; });
+  INFO(log.text());
+  CHECK(count(warning) == 1);
+  REQUIRE(store->ProbeCommit(1s).ok());
+  CHECK(count(warning) == 1);  // once, not every round
+  CHECK(count(cleared) == 0);
+
+  // The reader lets go: the next checkpoint reaches the WAL's end, the commit after it starts
+  // the WAL over and cuts the file back to half the warning size.
+  REQUIRE(sqlite3_exec(reader, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(reader);
+  write_until([&] { return WalBytes(path) <= kWarn / 2; });
+  CHECK(count(cleared) == 1);
+  CHECK(count(warning) == 1);
+  // Nothing was lost on the way.
+  CHECK(QueryFile(path, "SELECT count(*) FROM keys") == std::to_string(next));
   CHECK(QueryFile(path, "PRAGMA integrity_check") == "ok");
 }
 
