@@ -2,6 +2,8 @@
 
 #include <openssl/evp.h>
 
+#include <utility>
+
 #include <nlohmann/json.hpp>
 
 #include "common/strings.h"
@@ -131,6 +133,42 @@ absl::StatusOr<OperationParams> DecodeParams(Operation operation, std::string_vi
     return absl::InternalError(StrCat("stored request parameters do not parse: ", e.what()));
   }
   return params;
+}
+
+absl::Status RefuseUnusedParams(Operation operation, const OperationParams& params) {
+  // What the stored request would carry, read back: a field it drops comes back as its
+  // default, so it differs from what was given only if it was set.
+  CUSTOS_ASSIGN_OR_RETURN(const OperationParams kept,
+                          DecodeParams(operation, EncodeParams(operation, params)));
+  const CreateKeyParams& a = params.create;
+  const CreateKeyParams& b = kept.create;
+  const std::pair<const char*, bool> dropped[] = {
+      {"create_key", a.alias != b.alias || a.description != b.description || a.tags != b.tags ||
+                         a.encrypt_principals != b.encrypt_principals ||
+                         a.decrypt_principals != b.decrypt_principals ||
+                         a.rotation_period_days != b.rotation_period_days},
+      {"encrypt_principals", params.encrypt_principals != kept.encrypt_principals},
+      {"decrypt_principals", params.decrypt_principals != kept.decrypt_principals},
+      {"min_decrypt_version", params.min_decrypt_version != kept.min_decrypt_version},
+      {"deletion_waiting_days", params.deletion_waiting_days != kept.deletion_waiting_days},
+      {"tde_key.mount", params.tde.mount != kept.tde.mount},
+      {"tde_key.key_id", params.tde.key_id != kept.tde.key_id},
+      {"tde_key.key", params.tde.key != kept.tde.key},
+      {"database_token", params.token.principal != kept.token.principal ||
+                             params.token.mount != kept.token.mount ||
+                             params.token.key_ids != kept.token.key_ids ||
+                             params.token.ttl_days != kept.token.ttl_days},
+      {"token_id", params.token_id != kept.token_id},
+      {"archive_through", params.archive_through != kept.archive_through},
+  };
+  for (const auto& [field, was_dropped] : dropped) {
+    if (was_dropped) {
+      return absl::InvalidArgumentError(
+          StrCat(field, " does not apply to ", policy::OperationName(operation),
+                 ": the request would be stored, approved and executed without it"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 std::string RequestDigest(const Request& request) {

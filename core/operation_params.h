@@ -14,6 +14,11 @@ std::string EncodeParams(policy::Operation operation, const OperationParams& par
 // INTERNAL if the stored text does not parse (it was written by EncodeParams).
 absl::StatusOr<OperationParams> DecodeParams(policy::Operation operation, std::string_view text);
 
+// INVALID_ARGUMENT naming a parameter set in `params` that `operation` does not use. The
+// request would be stored without it (EncodeParams keeps only its operation's fields), so
+// officers would approve, and the server execute, something other than what was asked.
+absl::Status RefuseUnusedParams(policy::Operation operation, const OperationParams& params);
+
 // Lower-case hex SHA-256 over every field of a request that an approver reviews (operation,
 // key, parameters, justification, proposer, times). Approve may demand it.
 std::string RequestDigest(const Request& request);

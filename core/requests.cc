@@ -54,9 +54,17 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       return absl::InvalidArgumentError(
           StrCat("justification is longer than ", kMaxJustificationBytes, " bytes"));
     }
+    // A field the operation does not use would be dropped from what officers approve.
+    const bool server_wide = IsServerWide(proposal.operation);
+    if (!proposal.key.empty() && (server_wide || proposal.operation == Operation::kCreateKey ||
+                                  policy::IsGatewayOperation(proposal.operation))) {
+      return absl::InvalidArgumentError(
+          StrCat("key does not apply to ", policy::OperationName(proposal.operation),
+                 ": the request would be stored, approved and executed without it"));
+    }
+    CUSTOS_RETURN_IF_ERROR(RefuseUnusedParams(proposal.operation, proposal.params));
     // Server-wide requests lock the server; the others, the key they change (found first to
     // learn its id, then read again under the lock, as it is now).
-    const bool server_wide = IsServerWide(proposal.operation);
     CUSTOS_ASSIGN_OR_RETURN(const ChangeLock lock, [&]() -> absl::StatusOr<ChangeLock> {
       if (server_wide) return LockServer();
       if (proposal.operation == Operation::kCreateKey ||

@@ -542,9 +542,12 @@ static int Run(int argc, char** argv) {
       req.set_operation(op);
       req.set_key(key);
       req.set_justification(justification);
-      if (op == pb::CREATE_KEY) *req.mutable_create_key() = create_req;
-      for (const auto& p : encrypters) req.add_encrypt_principals(p);
-      for (const auto& p : decrypters) req.add_decrypt_principals(p);
+      if (op == pb::CREATE_KEY) {
+        *req.mutable_create_key() = create_req;  // --encrypt and --decrypt are the key's own
+      } else {
+        for (const auto& p : encrypters) req.add_encrypt_principals(p);
+        for (const auto& p : decrypters) req.add_decrypt_principals(p);
+      }
       req.set_min_decrypt_version(min_decrypt_version);
       req.set_deletion_waiting_days(waiting_days);
       if (op == pb::CREATE_TDE_KEY || op == pb::ROTATE_TDE_KEY) {

@@ -326,6 +326,61 @@ TEST_CASE("Unknown requests are NOT_FOUND; bad proposals are refused", "[request
   CHECK(absl::IsInvalidArgument(f.kms->Propose(f.officer, short_wait).status()));
 }
 
+TEST_CASE("A proposal carrying a parameter its operation does not use is refused, naming it",
+          "[requests]") {
+  Fixture f;
+  f.NewKey("k");
+  // Each would have been stored without the field: officers would approve, and the server
+  // execute, something other than what the proposer asked for.
+  struct Case {
+    Proposal proposal;
+    std::string field;
+  };
+  std::vector<Case> cases;
+  Proposal rotate = Propose(Operation::kRotateKey, "k");
+  rotate.params.deletion_waiting_days = 30;
+  cases.push_back({rotate, "deletion_waiting_days"});
+  Proposal disable = Propose(Operation::kDisableKey, "k");
+  disable.params.decrypt_principals = {"app/other"};
+  cases.push_back({disable, "decrypt_principals"});
+  Proposal grants = Propose(Operation::kUpdateKeyGrants, "k");
+  grants.params.min_decrypt_version = 2;
+  cases.push_back({grants, "min_decrypt_version"});
+  Proposal schedule = Propose(Operation::kScheduleKeyDeletion, "k");
+  schedule.params.create.alias = "other";
+  cases.push_back({schedule, "create_key"});
+  Proposal rotate_tde;
+  rotate_tde.operation = Operation::kRotateTdeKey;
+  rotate_tde.justification = "quarterly";
+  rotate_tde.params.tde = {"db1", 1, "k"};  // the sealing key is CreateTdeKey's only
+  cases.push_back({rotate_tde, "tde_key.key"});
+  Proposal root = Propose(Operation::kRotateRootKey, "");
+  root.params.archive_through = 5;
+  cases.push_back({root, "archive_through"});
+  Proposal root_with_key = Propose(Operation::kRotateRootKey, "k");
+  cases.push_back({root_with_key, "key"});
+  Proposal create = Propose(Operation::kCreateKey, "k");
+  create.params.create.alias = "new";
+  cases.push_back({create, "key"});
+
+  for (const Case& c : cases) {
+    INFO(policy::OperationName(c.proposal.operation) << " with " << c.field);
+    const size_t events = f.sink.events().size();
+    const absl::Status refused = f.kms->Propose(f.officer, c.proposal).status();
+    CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(refused.message() ==
+          c.field + " does not apply to " +
+              std::string(policy::OperationName(c.proposal.operation)) +
+              ": the request would be stored, approved and executed without it");
+    REQUIRE(f.sink.events().size() == events + 1);  // recorded
+    CHECK(f.sink.events().back().outcome == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(f.store->PendingRequests()->empty());  // nothing was stored
+  // The same proposals without the stray field are taken.
+  rotate.params.deletion_waiting_days = 0;
+  CHECK(f.kms->Propose(f.officer, rotate).ok());
+}
+
 TEST_CASE("A request state outside the enum is INVALID_ARGUMENT, and recorded", "[requests]") {
   Fixture f;
   storage::RequestFilter filter;
