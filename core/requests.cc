@@ -33,6 +33,14 @@ bool IsServerWide(Operation operation) {
          operation == Operation::kArchiveAuditLog;
 }
 
+// The request a call names, for its audit record from the start (a refused approval or
+// rejection says which request it was for): only as a canonical request id, so that what a
+// caller sends in its place (any bytes, up to a message's size) never reaches the log.
+std::string NamedRequest(std::string_view request_id) {
+  const std::optional<KeyIdBytes> id = ParseKeyId(request_id);
+  return id ? FormatKeyId(*id) : std::string();
+}
+
 bool HasApproved(const Request& request, std::string_view principal) {
   return std::any_of(request.approvals.begin(), request.approvals.end(),
                      [&](const storage::Approval& a) { return a.principal == principal; });
@@ -193,6 +201,7 @@ absl::StatusOr<Request> Kms::LoadPending(Call& call, std::string_view request_id
 absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view request_id,
                                      std::string_view expected_digest) {
   Call call(*this, caller, Action::kApprove);
+  call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     CUSTOS_ASSIGN_OR_RETURN(ChangeLock lock, LockRequest(request_id));
@@ -318,6 +327,7 @@ absl::StatusOr<Request> Kms::CloseFailed(Call& call, Request request, const absl
 absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view request_id,
                                     std::string_view reason) {
   Call call(*this, caller, Action::kReject);
+  call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     if (reason.empty()) return absl::InvalidArgumentError("a rejection needs a reason");
@@ -341,9 +351,9 @@ absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view reque
 
 absl::StatusOr<Request> Kms::GetRequest(const Caller& caller, std::string_view request_id) {
   Call call(*this, caller, Action::kGetRequest);
+  call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    call.event().request_id = std::string(request_id);
     CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(request_id));
     return WithProgress(std::move(request));
   }());

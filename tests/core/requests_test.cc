@@ -307,6 +307,32 @@ TEST_CASE("Apps and auditors cannot propose, approve or reject", "[requests][aut
   CHECK(stored.approvals.empty());
 }
 
+TEST_CASE("A refused approval, rejection or read names its request in the audit record",
+          "[requests][authz]") {
+  Fixture f;
+  f.NewKey("k");
+  const Request request = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  const auto last = [&f] { return f.sink.events().back(); };
+  // Refused before the request is read: who tried what on which request shows in the log.
+  CHECK(absl::IsPermissionDenied(f.kms->Approve(f.app, request.id, "").status()));
+  CHECK((last().action == "Approve" && last().request_id == request.id));
+  CHECK(absl::IsPermissionDenied(f.kms->Reject(f.auditor, request.id, "no").status()));
+  CHECK((last().action == "Reject" && last().request_id == request.id));
+  CHECK(absl::IsPermissionDenied(f.kms->GetRequest(f.app, request.id).status()));
+  CHECK((last().action == "GetRequest" && last().request_id == request.id));
+  CHECK(f.kms->Reject(f.officer2, request.id, "").status().message() ==
+        "a rejection needs a reason");
+  CHECK((last().action == "Reject" && last().request_id == request.id &&
+         last().outcome == absl::StatusCode::kInvalidArgument));
+  // What is not a request id is not written to the log, whatever its size.
+  const std::string junk(4096, 'x');
+  CHECK(absl::IsNotFound(f.kms->Reject(f.officer2, junk, "no").status()));
+  CHECK((last().action == "Reject" && last().request_id.empty()));
+  CHECK(absl::IsNotFound(f.kms->GetRequest(f.officer2, junk).status()));
+  CHECK((last().action == "GetRequest" && last().request_id.empty()));
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kPending);
+}
+
 TEST_CASE("Unknown requests are NOT_FOUND; bad proposals are refused", "[requests]") {
   Fixture f;
   f.NewKey("k");
