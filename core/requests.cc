@@ -35,10 +35,13 @@ bool IsServerWide(Operation operation) {
 
 // The request a call names, for its audit record from the start (a refused approval or
 // rejection says which request it was for): only as a canonical request id, so that what a
-// caller sends in its place (any bytes, up to a message's size) never reaches the log.
+// caller sends in its place (any bytes, up to a message's size) never reaches the log. Only
+// in the canonical (lower-case) form that lookups match: an upper-cased id finds no request,
+// and its record must not name one.
 std::string NamedRequest(std::string_view request_id) {
   const std::optional<KeyIdBytes> id = ParseKeyId(request_id);
-  return id ? FormatKeyId(*id) : std::string();
+  if (!id || FormatKeyId(*id) != request_id) return std::string();
+  return std::string(request_id);
 }
 
 bool HasApproved(const Request& request, std::string_view principal) {

@@ -376,8 +376,9 @@ static int Run(int argc, char** argv) {
                    "create-tde-key's sealing key: docs/TDE.md)")
       ->required();
   propose->add_option("--key", key,
-                      "key id or alias (all but create-key, rotate-root-key and "
-                      "re-anchor-audit-log)");
+                      "key id or alias: the key the operation changes (none for create-key, "
+                      "rotate-root-key, re-anchor-audit-log, archive-audit-log and the "
+                      "gateway's operations), or create-tde-key's sealing key");
   propose->add_option("--justification", justification, "why, for the approvers")->required();
   propose->add_option("--alias", alias, "create-key: alias");
   propose->add_option("--description", description, "create-key: description");
@@ -554,8 +555,10 @@ static int Run(int argc, char** argv) {
         if (tde_key_ids.size() != 1) throw CLI::ValidationError("give one --key-id");
         req.mutable_tde_key()->set_mount(mount);
         req.mutable_tde_key()->set_key_id(tde_key_ids.front());
-        req.mutable_tde_key()->set_key(key);
-        req.clear_key();  // the sealing key is a parameter, not the request's key
+        if (op == pb::CREATE_TDE_KEY) {
+          req.mutable_tde_key()->set_key(key);
+          req.clear_key();  // the sealing key is a parameter, not the request's key
+        }
       }
       if (op == pb::ISSUE_DATABASE_TOKEN) {
         pb::DatabaseTokenParams* token = req.mutable_database_token();

@@ -280,9 +280,10 @@ class KeyStore::Impl {
     if (*size > wal_warn_bytes_ && !wal_warned_) {
       wal_warned_ = true;
       spdlog::warn(
-          "the key database's WAL has grown to {} MiB (warning above {} MiB): another "
-          "connection holds a read transaction open on the database, so checkpoints cannot "
-          "reach its end and it grows with every commit until that reader ends its transaction",
+          "the key database's WAL has grown to {} MiB (warning above {} MiB): most likely "
+          "another connection holds a read transaction open on the database, so checkpoints "
+          "cannot reach its end and it grows with every commit until that reader ends its "
+          "transaction (one very large write, such as an archival, can also pass the size once)",
           *size >> 20, wal_warn_bytes_ >> 20);
     } else if (*size <= wal_warn_bytes_ && wal_warned_) {
       wal_warned_ = false;

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <future>
 
@@ -330,6 +331,12 @@ TEST_CASE("A refused approval, rejection or read names its request in the audit 
   CHECK((last().action == "Reject" && last().request_id.empty()));
   CHECK(absl::IsNotFound(f.kms->GetRequest(f.officer2, junk).status()));
   CHECK((last().action == "GetRequest" && last().request_id.empty()));
+  // Nor is an id in another case: it finds no request, so its record names none.
+  std::string upper = request.id;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  REQUIRE(upper != request.id);
+  CHECK(absl::IsNotFound(f.kms->GetRequest(f.officer2, upper).status()));
+  CHECK((last().action == "GetRequest" && last().request_id.empty()));
   CHECK(f.store->GetRequest(request.id)->state == RequestState::kPending);
 }
 
@@ -383,6 +390,18 @@ TEST_CASE("A proposal carrying a parameter its operation does not use is refused
   Proposal root = Propose(Operation::kRotateRootKey, "");
   root.params.archive_through = 5;
   cases.push_back({root, "archive_through"});
+  Proposal archive = Propose(Operation::kArchiveAuditLog, "");
+  archive.params.archive_through = 1;
+  archive.params.token_id = "10000000-0000-4000-8000-000000000001";
+  cases.push_back({archive, "token_id"});
+  Proposal revoke = Propose(Operation::kRevokeDatabaseToken, "");
+  revoke.params.token_id = "10000000-0000-4000-8000-000000000001";
+  revoke.params.token.principal = "db/emr";
+  cases.push_back({revoke, "database_token"});
+  Proposal issue = Propose(Operation::kIssueDatabaseToken, "");
+  issue.params.token = {"db/emr", "emr", {1}, 30};
+  issue.params.tde.mount = "emr";
+  cases.push_back({issue, "tde_key.mount"});
   Proposal root_with_key = Propose(Operation::kRotateRootKey, "k");
   cases.push_back({root_with_key, "key"});
   Proposal create = Propose(Operation::kCreateKey, "k");
