@@ -383,6 +383,7 @@ static int Run(int argc, char** argv) {
   propose->add_option("--alias", alias, "create-key: alias");
   propose->add_option("--description", description, "create-key: description");
   propose->add_option("--tag", tags, "create-key: NAME=VALUE, repeatable");
+  propose->add_option("--rotation-period-days", rotation_days, "create-key: rotate every N days");
   propose->add_option("--encrypt", encrypters,
                       "create-key, update-key-grants: app allowed to encrypt, repeatable");
   propose->add_option("--decrypt", decrypters,
@@ -543,30 +544,40 @@ static int Run(int argc, char** argv) {
       req.set_operation(op);
       req.set_key(key);
       req.set_justification(justification);
-      if (op == pb::CREATE_KEY) {
-        *req.mutable_create_key() = create_req;  // --encrypt and --decrypt are the key's own
-      } else {
+      // Every flag given is sent, whichever the operation: the server refuses one the
+      // operation does not use, naming it, where dropping it here would have the officers
+      // approve something other than what was asked.
+      pb::CreateKeyRequest key_params = create_req;
+      if (op != pb::CREATE_KEY) {  // --encrypt and --decrypt are then the request's own
+        key_params.clear_encrypt_principals();
+        key_params.clear_decrypt_principals();
         for (const auto& p : encrypters) req.add_encrypt_principals(p);
         for (const auto& p : decrypters) req.add_decrypt_principals(p);
       }
+      if (key_params.ByteSizeLong() != 0) *req.mutable_create_key() = key_params;
       req.set_min_decrypt_version(min_decrypt_version);
       req.set_deletion_waiting_days(waiting_days);
-      if (op == pb::CREATE_TDE_KEY || op == pb::ROTATE_TDE_KEY) {
-        if (tde_key_ids.size() != 1) throw CLI::ValidationError("give one --key-id");
-        req.mutable_tde_key()->set_mount(mount);
-        req.mutable_tde_key()->set_key_id(tde_key_ids.front());
+      pb::DatabaseTokenParams token;
+      token.set_principal(principal);
+      token.set_ttl_days(ttl_days);
+      if (op == pb::ISSUE_DATABASE_TOKEN) {
+        token.set_mount(mount);
+        for (uint32_t id : tde_key_ids) token.add_key_ids(id);
+      } else {
+        const bool tde = op == pb::CREATE_TDE_KEY || op == pb::ROTATE_TDE_KEY;
+        if (tde_key_ids.size() > 1 || (tde && tde_key_ids.empty())) {
+          throw CLI::ValidationError("give one --key-id");
+        }
+        pb::TdeKeyParams tde_key;
+        tde_key.set_mount(mount);
+        if (!tde_key_ids.empty()) tde_key.set_key_id(tde_key_ids.front());
         if (op == pb::CREATE_TDE_KEY) {
-          req.mutable_tde_key()->set_key(key);
+          tde_key.set_key(key);
           req.clear_key();  // the sealing key is a parameter, not the request's key
         }
+        if (tde_key.ByteSizeLong() != 0) *req.mutable_tde_key() = tde_key;
       }
-      if (op == pb::ISSUE_DATABASE_TOKEN) {
-        pb::DatabaseTokenParams* token = req.mutable_database_token();
-        token->set_principal(principal);
-        token->set_mount(mount);
-        for (uint32_t id : tde_key_ids) token->add_key_ids(id);
-        token->set_ttl_days(ttl_days);
-      }
+      if (token.ByteSizeLong() != 0) *req.mutable_database_token() = token;
       req.set_token_id(token_id);
       req.set_archive_through(archive_through);
       pb::ChangeRequest reply;

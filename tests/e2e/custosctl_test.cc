@@ -98,6 +98,50 @@ TEST_CASE("custosctl runs the README's two-officer rotation", "[e2e][ctl][dual]"
              Catch::Contains("\"primary_version\": 2"));
 }
 
+TEST_CASE(
+    "custosctl propose sends every flag given, so one its operation does not use is "
+    "refused, never dropped",
+    "[e2e][ctl][dual]") {
+  CustosServer& server = CustosServer::Shared();
+  const std::string alias = UniqueAlias("ctl-stray");
+  REQUIRE(Ctl(server, "officer1", "create-key --alias " + alias).exit_code == 0);
+  const std::string tail = " --justification 'stray flag'";
+  const std::pair<std::string, std::string> cases[] = {
+      {"rotate-key --key " + alias + " --alias other", "create_key does not apply to RotateKey"},
+      {"rotate-key --key " + alias + " --tag owner=ops", "create_key does not apply to RotateKey"},
+      {"update-key-grants --key " + alias + " --encrypt app --rotation-period-days 90",
+       "create_key does not apply to UpdateKeyGrants"},
+      {"disable-key --key " + alias + " --mount /tde",
+       "tde_key.mount does not apply to DisableKey"},
+      {"rotate-key --key " + alias + " --key-id 3", "tde_key.key_id does not apply to RotateKey"},
+      {"rotate-root-key --principal mariadb", "database_token does not apply to RotateRootKey"},
+      {"rotate-tde-key --mount /tde --key-id 1 --ttl-days 30",
+       "database_token does not apply to RotateTdeKey"},
+      {"revoke-database-token --token-id 0123 --description x",
+       "create_key does not apply to RevokeDatabaseToken"},
+  };
+  for (const auto& [args, refusal] : cases) {
+    Output proposed = Ctl(server, "officer1", "propose " + args + tail);
+    INFO(args + "\n" + proposed.text);
+    CHECK(proposed.exit_code == 2);
+    CHECK_THAT(proposed.text, Catch::StartsWith("error: INVALID_ARGUMENT: " + refusal +
+                                                ": the request would be stored, approved and "
+                                                "executed without it"));
+  }
+  Output many = Ctl(server, "officer1",
+                    "propose rotate-key --key " + alias + " --key-id 1 --key-id 2" + tail);
+  CHECK(many.exit_code != 0);
+  CHECK_THAT(many.text, Catch::Contains("give one --key-id"));
+  // Nothing was stored for the key, and what is sent without stray flags still goes through.
+  Output pending = Ctl(server, "officer2", "list-requests --state pending --key " + alias);
+  REQUIRE(pending.exit_code == 0);
+  CHECK_THAT(pending.text, !Catch::Contains("request_id"));
+  Output proposed = Ctl(server, "officer1", "propose rotate-key --key " + alias + tail);
+  INFO(proposed.text);
+  CHECK(proposed.exit_code == 0);
+  CHECK(Field(proposed.text, "state") == "PENDING");
+}
+
 TEST_CASE("custosctl --state dials the port in the state's custosd.toml", "[e2e][ctl]") {
   CustosServer server;
   server.Stop();
