@@ -270,6 +270,10 @@ absl::Status Kms::CheckGatewayProposal(Operation operation, const OperationParam
     }
     case Operation::kIssueDatabaseToken: {
       const DatabaseTokenParams& token = params.token;
+      if (token.principal.empty()) {
+        return absl::InvalidArgumentError(
+            "a token is issued to a principal: name the database (database_token.principal)");
+      }
       if (CurrentPolicy()->RoleOf(token.principal) != policy::Role::kDatabase) {
         return absl::FailedPreconditionError(
             StrCat("principal '", token.principal,

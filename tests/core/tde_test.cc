@@ -260,6 +260,11 @@ TEST_CASE("A token names a database of the policy, and stops with its role", "[t
   proposal.params = params;
   proposal.justification = "an app is no database";
   CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer, proposal).status()));
+  // No principal at all is a malformed proposal, not a policy question.
+  proposal.params.token = {"", kMount, {1}, 30};
+  const absl::Status unnamed = f.kms->Propose(f.officer, proposal).status();
+  CHECK(unnamed == absl::InvalidArgumentError("a token is issued to a principal: name the "
+                                              "database (database_token.principal)"));
   for (const int64_t ttl : {0, 367}) {
     proposal.params.token = {testing::kDatabase, kMount, {1}, ttl};
     CHECK(absl::IsInvalidArgument(f.kms->Propose(f.officer, proposal).status()));
