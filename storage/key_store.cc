@@ -46,6 +46,28 @@ absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
   return db.Exec(absl::StrCat("PRAGMA journal_size_limit = ", kept).c_str());
 }
 
+// While alive, the connection waits for another connection's lock only for what is left of
+// `total` since its caller began to wait (for db_mu_ or the group commit's queue included).
+// The timeout is each caller's, not each transaction's: writers queued behind one that waited
+// out a DBA's lock would otherwise each wait the whole timeout anew, in turn.
+class BusyBudget {
+ public:
+  BusyBudget(sqlite::Database& db, std::chrono::steady_clock::time_point since,
+             std::chrono::milliseconds total = std::chrono::milliseconds(kBusyTimeoutMs))
+      : db_(db) {
+    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::steady_clock::now() - since);
+    sqlite3_busy_timeout(db_.handle(), static_cast<int>(std::clamp<int64_t>(
+                                           (total - waited).count(), 0, total.count())));
+  }
+  ~BusyBudget() { sqlite3_busy_timeout(db_.handle(), kBusyTimeoutMs); }
+  BusyBudget(const BusyBudget&) = delete;
+  BusyBudget& operator=(const BusyBudget&) = delete;
+
+ private:
+  sqlite::Database& db_;
+};
+
 absl::Status Configure(sqlite::Database& db) {
   sqlite3_busy_timeout(db.handle(), kBusyTimeoutMs);
   // secure_delete: freed pages are zeroed, so erased key material cannot be read back from
@@ -249,6 +271,7 @@ class KeyStore::Impl {
     absl::Status status;
     bool done = false;
     std::condition_variable cv;
+    const std::chrono::steady_clock::time_point queued = std::chrono::steady_clock::now();
   };
   std::mutex queue_mu_;
   std::deque<Writer*> writers_;  // Guarded by queue_mu_.
@@ -484,7 +507,9 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
   CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
   auto record = Normalized(key);
   CUSTOS_ASSIGN_OR_RETURN(record->mac, impl_->integrity_.Seal(CanonicalKeyRow(*record)));
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
+  const BusyBudget budget(*impl_->db_, since);
   CUSTOS_RETURN_IF_ERROR(impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     CUSTOS_RETURN_IF_ERROR(InsertKey(*impl_->db_, *record));
@@ -519,6 +544,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     std::lock_guard db_lock(impl_->db_mu_);
     const audit::Chain chain_before = impl_->chain_;
     const auto began = std::chrono::steady_clock::now();
+    const BusyBudget budget(*impl_->db_, group.front()->queued);  // the oldest writer's
     absl::Status committed = [&]() -> absl::Status {
       CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
@@ -718,7 +744,9 @@ absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::
   if (name.empty()) return absl::InvalidArgumentError("a setting needs a name");
   CUSTOS_ASSIGN_OR_RETURN(const Bytes mac,
                           impl_->integrity_.Seal(CanonicalSettingRow(name, value)));
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
+  const BusyBudget budget(*impl_->db_, since);
   return impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     CUSTOS_RETURN_IF_ERROR(WriteSetting(*impl_->db_, name, value, mac));
@@ -771,7 +799,9 @@ absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
     }
   }
   if (usage.empty()) return absl::OkStatus();
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
+  const BusyBudget budget(*impl_->db_, since);
   return impl_->NoteWrite([&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     for (const VersionUsage& u : usage) CUSTOS_RETURN_IF_ERROR(UpsertUsageCounts(*impl_->db_, u));
@@ -924,11 +954,12 @@ void KeyStore::InjectWriteFault(absl::Status fault) {
 }
 
 absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
   // The connection's busy timeout is the probe's while it runs: a health check must answer
   // before another connection's lock would let a real commit through.
-  sqlite3_busy_timeout(impl_->db_->handle(), static_cast<int>(busy_timeout.count()));
+  const BusyBudget budget(*impl_->db_, since, busy_timeout);
   absl::Status committed = [&]() -> absl::Status {
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
     // An empty transaction writes nothing; setting a header field, even to its own value,
@@ -937,7 +968,6 @@ absl::Status KeyStore::ProbeCommit(std::chrono::milliseconds busy_timeout) {
         impl_->db_->Exec(StrCat("PRAGMA user_version = ", impl_->schema_version_).c_str()));
     return tx->Commit();
   }();
-  sqlite3_busy_timeout(impl_->db_->handle(), kBusyTimeoutMs);
   if (committed.ok()) impl_->WatchWalSize();
   return committed;
 }
@@ -1137,7 +1167,9 @@ absl::StatusOr<uint64_t> KeyStore::FirstAuditSeq() const {
 }
 
 absl::StatusOr<size_t> KeyStore::RemoveArchivedRecords(size_t limit) {
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
+  const BusyBudget budget(*impl_->db_, since);
   absl::StatusOr<size_t> removed = [&]() -> absl::StatusOr<size_t> {
     CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
     CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
@@ -1163,7 +1195,9 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
                                                       " does not verify: ", covered.message()))
                : covered;
   }
+  const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
+  const BusyBudget budget(*impl_->db_, since);
   const audit::Chain chain_before = impl_->chain_;
   absl::StatusOr<size_t> carried = [&]() -> absl::StatusOr<size_t> {
     CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);

@@ -298,6 +298,52 @@ TEST_CASE("ProbeCommit commits nothing of meaning, and fails while another holds
   CHECK(store->ProbeCommit(std::chrono::milliseconds(100)).ok());
 }
 
+TEST_CASE(
+    "Writers queued behind another connection's lock each wait one busy timeout, not one "
+    "per group ahead of them",
+    "[key_store]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  sqlite3* dba = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &dba, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(dba, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+
+  // One writer leads into the lock; more queue behind it halfway through its wait, as the next
+  // group and for the database mutex. Each gives up 5 s (the busy timeout) after it arrived.
+  constexpr int kLate = 6;
+  std::atomic<int> unavailable{0};
+  std::atomic<int64_t> longest_ms{0};
+  const auto write = [&](int n) {
+    const auto start = std::chrono::steady_clock::now();
+    // Group commits (every call's audit record) and the store's single writes alike.
+    KeyRecord key = MakeKey(n, "queued-" + std::to_string(n));
+    const absl::Status status =
+        n % 2 == 0 ? store->Apply(WriteBatch{{std::move(key)}}) : store->CreateKey(key);
+    const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::steady_clock::now() - start)
+                           .count();
+    if (status.code() == absl::StatusCode::kUnavailable) ++unavailable;
+    int64_t seen = longest_ms.load();
+    while (ms > seen && !longest_ms.compare_exchange_weak(seen, ms)) {
+    }
+  };
+  std::vector<std::thread> writers;
+  writers.emplace_back(write, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  for (int n = 1; n <= kLate; ++n) writers.emplace_back(write, n);
+  for (std::thread& w : writers) w.join();
+  CHECK(unavailable == kLate + 1);
+  CHECK(longest_ms >= 4900);
+  CHECK(longest_ms < 6500);  // the late ones waited 7.5 s when each group waited 5 s anew
+
+  // The lock let go, the same store writes at once, and nothing of the refused writes is there.
+  REQUIRE(sqlite3_exec(dba, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(dba);
+  REQUIRE(store->CreateKey(MakeKey(kLate + 1, "after")).ok());
+  CHECK(QueryFile(path, "SELECT count(*) FROM keys") == "1");
+}
+
 TEST_CASE("Open reports files it cannot use", "[key_store]") {
   TempDir dir;
   CHECK(KeyStore::Open(dir.File("missing/keys.db")).status().code() ==
