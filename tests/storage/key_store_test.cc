@@ -317,9 +317,10 @@ TEST_CASE(
   const auto write = [&](int n) {
     const auto start = std::chrono::steady_clock::now();
     // Group commits (every call's audit record) and the store's single writes alike.
-    KeyRecord key = MakeKey(n, "queued-" + std::to_string(n));
-    const absl::Status status =
-        n % 2 == 0 ? store->Apply(WriteBatch{{std::move(key)}}) : store->CreateKey(key);
+    const KeyRecord key = MakeKey(n, "queued-" + std::to_string(n));
+    WriteBatch batch;
+    batch.keys.push_back(key);
+    const absl::Status status = n % 2 == 0 ? store->Apply(batch) : store->CreateKey(key);
     const int64_t ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                            std::chrono::steady_clock::now() - start)
                            .count();
