@@ -51,6 +51,7 @@
 #include "server/config.h"
 #include "server/health.h"
 #include "server/kv_gateway.h"
+#include "server/malformed_requests.h"
 #include "server/metrics_endpoint.h"
 #include "server/services.h"
 #include "server/tls.h"
@@ -642,6 +643,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   builder.RegisterService(&audit_service);
   builder.RegisterService(&database_service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MalformedRequestRefusals(&refusals));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   // Never share the port with another process: the kernel would split callers between them.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   // A backstop to the per-call checks: no connection outlives tls.max_connection_age_seconds.

@@ -18,6 +18,8 @@
 #include "tests/e2e/e2e_util.h"
 #include "tests/support/files.h"
 
+#include <grpcpp/impl/client_unary_call.h>
+
 namespace custos::testing {
 namespace {
 
@@ -236,6 +238,89 @@ TEST_CASE("A call whose client gave up while it waited does no work and leaves n
   AwaitLine([&] { return server.Log(); },
             "calls: 0 waiting now; 0 refused (queue full), 0 over a rate limit and 1 abandoned by "
             "their clients");
+}
+
+}  // namespace
+}  // namespace custos::testing
+
+namespace custos::testing {
+namespace {
+
+// Calls `method` with `payload` as its serialized request, whatever it holds.
+grpc::Status RawUnaryCall(const CustosServer& server, const std::string& as,
+                          const std::string& method, const std::string& payload) {
+  grpc::Slice slice(payload);
+  const grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  std::unique_ptr<grpc::ClientContext> context = Context();
+  const std::shared_ptr<grpc::Channel> channel = server.Channel(as);
+  return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+      channel.get(),
+      grpc::internal::RpcMethod(method.c_str(), grpc::internal::RpcMethod::NORMAL_RPC),
+      context.get(), request, &response);
+}
+
+TEST_CASE("A request that does not parse is INVALID_ARGUMENT naming its method, and recorded",
+          "[e2e][serving]") {
+  CustosServer server;
+  const std::string refusal =
+      "the request is not a well-formed GenerateDataKey request: it does not parse as the "
+      "method's protobuf message";
+  // A truncated field, a wrong wire type, bytes that are no protobuf at all.
+  for (const std::string& payload : {std::string("\x0a\x05"
+                                                "ab"),
+                                    std::string("\x0d", 1), std::string("\xff\xff\xff\xff")}) {
+    const grpc::Status status =
+        RawUnaryCall(server, "app", "/custos.v1.KeyService/GenerateDataKey", payload);
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message() == refusal);
+  }
+  // A server-streaming method's request is parsed before it runs too.
+  {
+    grpc::Slice slice(std::string("\x08\xff", 2));  // seq's varint cut short
+    const grpc::ByteBuffer request(&slice, 1);
+    std::unique_ptr<grpc::ClientContext> context = Context();
+    const std::shared_ptr<grpc::Channel> channel = server.Channel("auditor");
+    std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+        grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+            channel.get(),
+            grpc::internal::RpcMethod("/custos.v1.AuditService/ReadRecords",
+                                      grpc::internal::RpcMethod::SERVER_STREAMING),
+            context.get(), request));
+    grpc::ByteBuffer record;
+    CHECK_FALSE(reader->Read(&record));
+    const grpc::Status status = reader->Finish();
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message() ==
+          "the request is not a well-formed ReadRecords request: it does not parse as the "
+          "method's protobuf message");
+  }
+  // What does not exist is still UNIMPLEMENTED, and a well-formed request still served.
+  CHECK(RawUnaryCall(server, "app", "/custos.v1.KeyService/NoSuchMethod", "").error_code() ==
+        grpc::StatusCode::UNIMPLEMENTED);
+  CHECK(RawUnaryCall(server, "app", "/custos.v1.KeyService/GenerateDataKey", "").error_code() ==
+        grpc::StatusCode::INVALID_ARGUMENT);  // no key named: Custos's own
+  pb::GenerateDataKeyRequest well_formed;
+  well_formed.set_key(CreateKey(server, "serving/parsed", true, false).key_id());
+  CHECK(RawUnaryCall(server, "app", "/custos.v1.KeyService/GenerateDataKey",
+                     well_formed.SerializeAsString())
+            .ok());
+
+  // Recorded as refusals before any use case are: one record for the burst, naming the caller.
+  AwaitLine([&] { return server.Log(); }, "3 calls to GenerateDataKey refused (INVALID_ARGUMENT)");
+  std::vector<pb::AuditRecord> refused;
+  for (const pb::AuditRecord& r : AuditRecords(server)) {
+    if (r.detail().find("does not parse") != std::string::npos) refused.push_back(r);
+  }
+  REQUIRE(refused.size() == 2);
+  CHECK(refused[0].action() == "GenerateDataKey");
+  CHECK(refused[0].outcome() == "INVALID_ARGUMENT");
+  CHECK(refused[0].principal() == kAppPrincipal);
+  CHECK(refused[0].peer() == "ipv4:127.0.0.1");
+  CHECK(refused[0].detail().rfind("3 calls refused from ", 0) == 0);
+  CHECK(refused[0].detail().find(": " + refusal) != std::string::npos);
+  CHECK(refused[1].action() == "ReadRecords");
+  CHECK(refused[1].principal() == "spiffe://custos.local/auditor/auditor");
 }
 
 }  // namespace
