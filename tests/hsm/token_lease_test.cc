@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -197,6 +198,71 @@ TEST_CASE(
   const absl::Status confirmed = (*stalled)->Confirm();
   CHECK(confirmed.code() == absl::StatusCode::kAborted);
   CHECK_THAT(std::string(confirmed.message()), Catch::Contains("took this HSM token over"));
+}
+
+TEST_CASE(
+    "Renewals that fail slowly (calls left stuck in the module) back off to half a lease; "
+    "fast failures and recovery renew at the usual pace",
+    "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto holder = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(holder.ok());
+
+  // Each renewal begins with one read of the claim: its start times show the pace.
+  std::mutex mu;
+  std::vector<std::chrono::steady_clock::time_point> reads;
+  std::atomic<bool> slow{false};
+  std::function<void()> watch;
+  watch = [&] {
+    {
+      std::lock_guard lock(mu);
+      reads.push_back(std::chrono::steady_clock::now());
+    }
+    if (slow) std::this_thread::sleep_for(80ms);  // past half the renewal interval (120 ms)
+    faulty.BeforeNextCallTo("ReadTokenData", watch);
+  };
+  faulty.BeforeNextCallTo("ReadTokenData", watch);
+  // The shortest gap between two reads among the last `n`, after `phase`.
+  const auto shortest_gap = [&](std::chrono::milliseconds phase, size_t n) {
+    {
+      std::lock_guard lock(mu);
+      reads.clear();
+    }
+    std::this_thread::sleep_for(phase);
+    std::lock_guard lock(mu);
+    REQUIRE(reads.size() >= n);
+    auto shortest = std::chrono::steady_clock::duration::max();
+    for (size_t i = reads.size() - n + 1; i < reads.size(); ++i) {
+      shortest = std::min(shortest, reads[i] - reads[i - 1]);
+    }
+    return std::chrono::duration_cast<std::chrono::milliseconds>(shortest);
+  };
+
+  std::atomic<int> lost{0};
+  (*holder)->KeepRenewed([&](const absl::Status&) { ++lost; });
+  const auto healthy = shortest_gap(700ms, 4);
+  CHECK(healthy >= 110ms);  // every lease / 5
+  CHECK(healthy < 250ms);
+
+  faulty.SetDown(true);  // failing at once: retried at the usual pace
+  const auto fast = shortest_gap(700ms, 4);
+  CHECK(fast < 250ms);
+
+  slow = true;  // failing after 80 ms each: waits double up to half a lease (300 ms)
+  std::this_thread::sleep_for(1s);  // 240, then 300
+  const auto backed_off = shortest_gap(1500ms, 3);
+  CHECK(backed_off >= 370ms);  // 300 ms of waiting and the 80 ms call
+  slow = false;
+
+  faulty.SetDown(false);  // the module answers again: back to the usual pace, the token kept
+  std::this_thread::sleep_for(400ms);
+  const auto recovered = shortest_gap(700ms, 4);
+  CHECK(recovered < 250ms);
+  CHECK(lost == 0);
+  CHECK((*holder)->Confirm().ok());
+  REQUIRE((*holder)->Release().ok());
 }
 
 TEST_CASE(
