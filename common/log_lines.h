@@ -12,10 +12,12 @@
 namespace custos {
 
 // Text lines (spdlog's usual, local time): control characters in a message are written as
-// \n, \r, \t or \xNN.
+// \n, \r, \t or \xNN; so are bytes that are not well-formed UTF-8, and C1 controls, the
+// bidirectional overrides and isolates and the line and paragraph separators as \uNNNN.
 void UseTextLogLines();
 
-// JSON lines: time in UTC with microseconds, the message JSON-escaped.
+// JSON lines: time in UTC with microseconds, the message JSON-escaped (the characters above
+// as \uNNNN; a byte that is not UTF-8 as the text \xNN, so the line stays valid UTF-8).
 void UseJsonLogLines();
 
 }  // namespace custos

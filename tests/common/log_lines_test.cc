@@ -47,5 +47,30 @@ TEST_CASE("JSON log lines: the message JSON-escaped, one object per line", "[log
         "FORGED\\u001b[31m\\r\\t\x7f\\\\\\\"'\"}\n");
 }
 
+// Bytes no UTF-8 decoder accepts (a stray continuation byte, a sequence cut short, an overlong
+// '/', a surrogate), C1's CSI, a right-to-left override and a line separator, around text in
+// other scripts that is left as it is.
+const std::string kDisguised =
+    "caf\xc3\xa9 \x80|\xe2\x82|\xc0\xaf|\xed\xa0\x80|\xc2\x9b"
+    "31m|\xe2\x80\xaetxt.exe|"
+    "\xe2\x80\xa8|\xe6\x82\xa3\xe8\x80\x85 \xf0\x9f\x94\x91";
+
+TEST_CASE("Text log lines: bytes that are no UTF-8 and characters that disguise a line escaped",
+          "[log]") {
+  const std::string line = LineFor(UseTextLogLines, kDisguised);
+  CHECK(line.substr(line.find("] [warning] ")) ==
+        "] [warning] refused: key 'caf\xc3\xa9 \\x80|\\xe2\\x82|\\xc0\\xaf|"
+        "\\xed\\xa0\\x80|\\u009b31m|\\u202etxt.exe|\\u2028|"
+        "\xe6\x82\xa3\xe8\x80\x85 \xf0\x9f\x94\x91'\n");
+}
+
+TEST_CASE("JSON log lines stay valid UTF-8 whatever bytes the message holds", "[log]") {
+  const std::string line = LineFor(UseJsonLogLines, kDisguised);
+  CHECK(line.substr(line.find("\"message\":")) ==
+        "\"message\":\"refused: key 'caf\xc3\xa9 \\\\x80|\\\\xe2\\\\x82|\\\\xc0\\\\xaf|"
+        "\\\\xed\\\\xa0\\\\x80|\\u009b31m|\\u202etxt.exe|\\u2028|"
+        "\xe6\x82\xa3\xe8\x80\x85 \xf0\x9f\x94\x91'\"}\n");
+}
+
 }  // namespace
 }  // namespace custos
