@@ -38,8 +38,10 @@ constexpr auto kStopGrace = std::chrono::seconds(2);
 // plugin's requests take milliseconds.
 constexpr auto kConnectionDeadline = std::chrono::seconds(10);
 
-// A whole decimal number 1..2^32-1, or nullopt.
+// A whole decimal number 1..2^32-1 in its one spelling (no leading zero: "01" would name key 1
+// under a second path), or nullopt.
 std::optional<uint32_t> ParsePositive(std::string_view text) {
+  if (text.empty() || text.front() == '0') return std::nullopt;
   uint32_t value = 0;
   const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
   if (error != std::errc() || end != text.data() + text.size() || value == 0) return std::nullopt;

@@ -187,6 +187,8 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
            {"GET", "/v1/mariadb/data/1?version=abc", "", 403, ""},
            {"GET", "/v1/mariadb/data/0", "", 403, ""},
            {"GET", "/v1/mariadb/data/0", token, 404, ""},
+           {"GET", "/v1/mariadb/data/01", token, 404, ""},  // key 1, but not as it is named
+           {"GET", "/v1/mariadb/data/1?version=01", token, 400, ""},
            {"GET", "/v1/mariadb/data/one", token, 404, ""},
            {"GET", "/v1/mariadb/data/one", "", 403, ""},
            {"GET", "/v1/mariadb/metadata/1", token, 404, ""},
@@ -217,10 +219,10 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
   }
   CHECK(details.count("not a key fetch") == 1);
   CHECK(details.count("mount=mariadb key_id=1 (version must be a whole number from 1)") == 1);
-  CHECK(details.count("mount=mariadb key_id=0 (key ids are whole numbers from 1)") == 1);
+  CHECK(details.count("mount=mariadb key_id=0 (key ids are whole numbers from 1)") == 1);  // and 01
   CHECK(details.count("mount=mariadb key_id=1 (a key fetch carries no body)") == 1);
-  CHECK(refused_by_code["NOT_FOUND"] == 9);
-  CHECK(refused_by_code["INVALID_ARGUMENT"] == 2);
+  CHECK(refused_by_code["NOT_FOUND"] == 10);
+  CHECK(refused_by_code["INVALID_ARGUMENT"] == 3);
 
   // Every fetch recorded as the database's, with where the key belongs; the bad tokens'
   // refusals (10 above, 20 more here) coalesced: one record of its own, then tallies of the
