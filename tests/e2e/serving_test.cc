@@ -268,8 +268,8 @@ TEST_CASE("A request that does not parse is INVALID_ARGUMENT naming its method, 
       "method's protobuf message";
   // A truncated field, a wrong wire type, bytes that are no protobuf at all.
   for (const std::string& payload : {std::string("\x0a\x05"
-                                                "ab"),
-                                    std::string("\x0d", 1), std::string("\xff\xff\xff\xff")}) {
+                                                 "ab"),
+                                     std::string("\x0d", 1), std::string("\xff\xff\xff\xff")}) {
     const grpc::Status status =
         RawUnaryCall(server, "app", "/custos.v1.KeyService/GenerateDataKey", payload);
     CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
