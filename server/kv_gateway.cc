@@ -1,6 +1,8 @@
 #include "server/kv_gateway.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
@@ -37,6 +39,20 @@ constexpr auto kStopGrace = std::chrono::seconds(2);
 // its thread for as long as it likes: cpp-httplib bounds each read, not the request). The
 // plugin's requests take milliseconds.
 constexpr auto kConnectionDeadline = std::chrono::seconds(10);
+// A connection whose request (line and headers) has not all arrived this long after its TLS
+// handshake began is cut: a slow client holds a thread for this long, not kConnectionDeadline.
+constexpr auto kRequestDeadline = std::chrono::seconds(3);
+// Connections served at once from one client address, so that one address cannot hold every
+// thread (the plugin makes one request at a time); see NoteConnection for which one is cut.
+constexpr size_t kConnectionsPerAddress = 8;
+// Request bytes (TLS application data) read on one connection before it is cut. cpp-httplib
+// bounds each header line (8 KiB) but not their number, and keeps them all in memory: endless
+// short header lines within the deadlines took hundreds of MB. The plugin sends under 1 KiB.
+constexpr size_t kMaxRequestBytes = 32 * 1024;
+// How often the watchdog runs, and at most how often it logs the connections it and the other
+// bounds cut.
+constexpr auto kWatchdogTick = std::chrono::milliseconds(250);
+constexpr auto kCutLogInterval = std::chrono::seconds(10);
 
 // A whole decimal number 1..2^32-1 in its one spelling (no leading zero: "01" would name key 1
 // under a second path), or nullopt.
@@ -92,20 +108,63 @@ struct KvGateway::State {
   struct Connection {
     int fd = -1;
     std::chrono::steady_clock::time_point since;
+    std::string address;        // the client's, without the port
+    bool request_read = false;  // its request line and headers have all arrived
     bool cut = false;
   };
   std::map<std::thread::id, Connection> connections;
   bool watchdog_stopping = false;
 
-  // Shuts down (both ways) the sockets of connections older than `age`, so that their
-  // threads' reads and writes fail and the connections end. With mu held.
-  void CutOlderThan(std::chrono::steady_clock::duration age) {
+  // Connections cut since the last log line about them, by why, and the last client cut.
+  enum Why { kBusyAddress, kLongRequest, kSlowRequest, kOpenTooLong, kWhyCount };
+  size_t cuts[kWhyCount] = {};
+  std::string last_cut_address;
+  std::chrono::steady_clock::time_point last_cut_log;
+
+  // Shuts down (both ways) the socket of `connection`, so that its thread's reads and writes
+  // fail and the connection ends, reset when its thread closes it (so the client learns at
+  // once, and no orphan socket lingers in the kernel). With mu held.
+  void Cut(Connection& connection, Why why) {
+    if (connection.cut) return;
+    const linger reset{1, 0};
+    setsockopt(connection.fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+    ::shutdown(connection.fd, SHUT_RDWR);
+    connection.cut = true;
+    ++cuts[why];
+    last_cut_address = connection.address;
+  }
+
+  // Cuts the connections older than `age`, and those older than kRequestDeadline whose request
+  // has not all arrived. With mu held.
+  void CutOverdue(std::chrono::steady_clock::duration age) {
     const auto now = std::chrono::steady_clock::now();
     for (auto& [thread, connection] : connections) {
-      if (connection.cut || now - connection.since < age) continue;
-      ::shutdown(connection.fd, SHUT_RDWR);
-      connection.cut = true;
+      if (now - connection.since >= age) {
+        Cut(connection, kOpenTooLong);
+      } else if (!connection.request_read && now - connection.since >= kRequestDeadline) {
+        Cut(connection, kSlowRequest);
+      }
     }
+  }
+
+  // One warning line for the connections cut since the last, at most every kCutLogInterval
+  // (a flood of them is one line, not one per connection). With mu held.
+  void LogCuts() {
+    const auto now = std::chrono::steady_clock::now();
+    size_t total = 0;
+    for (const size_t count : cuts) total += count;
+    if (total == 0 || now - last_cut_log < kCutLogInterval) return;
+    spdlog::warn(
+        "key/value gateway: cut {} connection(s) (the last from {}): {} to keep one address to "
+        "{} at once, {} sending over {} bytes of request, {} without their request {} s after "
+        "connecting, {} open past {} s",
+        total, last_cut_address, cuts[kBusyAddress], kConnectionsPerAddress, cuts[kLongRequest],
+        kMaxRequestBytes, cuts[kSlowRequest],
+        std::chrono::duration_cast<std::chrono::seconds>(kRequestDeadline).count(),
+        cuts[kOpenTooLong],
+        std::chrono::duration_cast<std::chrono::seconds>(kConnectionDeadline).count());
+    std::fill(std::begin(cuts), std::end(cuts), 0);
+    last_cut_log = now;
   }
 };
 
@@ -113,14 +172,66 @@ namespace {
 
 // The state of the gateway whose pool thread this is (TLS handshakes run on pool threads).
 thread_local KvGateway::State* serving_state = nullptr;
+// Request bytes read on the connection this pool thread serves.
+thread_local size_t request_bytes = 0;
+
+// The address of the client at the other end of `fd`, without the port ("" if unknown).
+std::string PeerAddress(int fd) {
+  sockaddr_storage peer{};
+  socklen_t size = sizeof(peer);
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &size) != 0) return "";
+  char text[INET6_ADDRSTRLEN] = {};
+  const void* address =
+      peer.ss_family == AF_INET6
+          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&peer)->sin6_addr)
+          : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&peer)->sin_addr);
+  return inet_ntop(peer.ss_family, address, text, sizeof(text)) != nullptr ? text : "";
+}
 
 // SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted.
+// Past kConnectionsPerAddress from its address, the oldest of them whose request has not all
+// arrived is cut (a client's new connection displaces its own stalled ones, not a request that
+// is being answered), or this one if every other is being answered.
 void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   if ((where & SSL_CB_HANDSHAKE_START) == 0 || serving_state == nullptr) return;
-  std::lock_guard lock(serving_state->mu);
-  serving_state->connections.try_emplace(
+  KvGateway::State& state = *serving_state;
+  const int fd = SSL_get_fd(ssl);
+  std::string address = PeerAddress(fd);
+  std::lock_guard lock(state.mu);
+  // (Called again for later handshake messages of the same connection: noted once.)
+  const auto [noted, added] = state.connections.try_emplace(
       std::this_thread::get_id(),
-      KvGateway::State::Connection{SSL_get_fd(ssl), std::chrono::steady_clock::now()});
+      KvGateway::State::Connection{fd, std::chrono::steady_clock::now(), std::move(address)});
+  if (!added) return;
+  request_bytes = 0;
+  size_t from_address = 0;
+  KvGateway::State::Connection* oldest_unread = &noted->second;
+  for (auto& [thread, other] : state.connections) {
+    if (other.cut || other.address != noted->second.address) continue;
+    ++from_address;
+    if (!other.request_read && other.since < oldest_unread->since) oldest_unread = &other;
+  }
+  if (from_address > kConnectionsPerAddress) {
+    state.Cut(*oldest_unread, KvGateway::State::kBusyAddress);
+  }
+}
+
+// SSL_CTX message callback, on the pool thread reading: counts the request bytes each
+// application-data record brings, and cuts the connection past kMaxRequestBytes.
+void CountRequestBytes(int write_p, int /*version*/, int content_type, const void* buf, size_t len,
+                       SSL* /*ssl*/, void* /*arg*/) {
+  const auto* header = static_cast<const unsigned char*>(buf);
+  if (write_p != 0 || content_type != SSL3_RT_HEADER || len < 5 ||
+      header[0] != SSL3_RT_APPLICATION_DATA || serving_state == nullptr) {
+    return;
+  }
+  request_bytes += (size_t{header[3]} << 8) | header[4];
+  if (request_bytes <= kMaxRequestBytes) return;
+  std::lock_guard lock(serving_state->mu);
+  const auto connection = serving_state->connections.find(std::this_thread::get_id());
+  if (connection != serving_state->connections.end()) {
+    serving_state->Cut(connection->second, KvGateway::State::kLongRequest);
+  }
 }
 
 // cpp-httplib's TaskQueue with a bounded queue: enqueue (the accept loop) waits while kQueued
@@ -271,6 +382,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     SSL_CTX_set_options(
         &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION);
     SSL_CTX_set_info_callback(&ctx, NoteConnection);
+    SSL_CTX_set_msg_callback(&ctx, CountRequestBytes);
     return ok;
   });
   if (!gateway->server_->is_valid()) {
@@ -296,6 +408,12 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   server.set_pre_routing_handler(
       [state = gateway->state_, tune = std::regex(tune), fetch = std::regex(fetch)](
           const httplib::Request& request, httplib::Response& response) {
+        {
+          // Its request has all arrived: the request deadline no longer applies.
+          std::lock_guard lock(state->mu);
+          const auto connection = state->connections.find(std::this_thread::get_id());
+          if (connection != state->connections.end()) connection->second.request_read = true;
+        }
         if ((request.method == "GET" || request.method == "HEAD") &&
             (std::regex_match(request.path, tune) || std::regex_match(request.path, fetch))) {
           return httplib::Server::HandlerResponse::Unhandled;
@@ -336,9 +454,10 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   }
   gateway->watchdog_ = std::thread([state = gateway->state_] {
     std::unique_lock lock(state->mu);
-    while (!state->changed.wait_for(lock, std::chrono::milliseconds(500),
-                                    [&] { return state->watchdog_stopping; })) {
-      state->CutOlderThan(kConnectionDeadline);
+    while (
+        !state->changed.wait_for(lock, kWatchdogTick, [&] { return state->watchdog_stopping; })) {
+      state->CutOverdue(kConnectionDeadline);
+      state->LogCuts();
     }
   });
   return gateway;
@@ -353,7 +472,7 @@ KvGateway::~KvGateway() {
     state_->closing = true;
     state_->changed.notify_all();
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
-    state_->CutOlderThan(std::chrono::steady_clock::duration::zero());  // every connection
+    state_->CutOverdue(std::chrono::steady_clock::duration::zero());  // every connection
     state_->watchdog_stopping = true;
     state_->changed.notify_all();
   }

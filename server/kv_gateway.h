@@ -15,13 +15,20 @@
 // client certificate is asked for (the token authenticates).
 //
 // cpp-httplib serves each connection on one thread, bounded per read (not per request) by
-// timeouts: a client that trickles bytes would hold its thread. So connections run on a pool
-// of 16 threads with at most 64 waiting (beyond, the kernel's accept backlog holds them), a
-// watchdog shuts down the socket of any connection open past 10 s, and stopping never waits
-// on a client: calls inside Kms are waited for (each bounded by the HSM deadline), every open
-// connection is cut, and a thread still not done after a grace period is abandoned with the
-// server object (it no longer touches Kms). Keep the listener reachable from database hosts
-// only (docs/TDE.md).
+// timeouts, and bounds each header line but not their number: a client that trickles bytes
+// would hold its thread, one that sends header lines without end would grow custosd's memory.
+// So connections run on a pool of 16 threads with at most 64 waiting (beyond, the kernel's
+// accept backlog holds them), and each is cut (its socket shut down and reset) when:
+//   - it has read over 32 KiB of request (counted per TLS record by an SSL_CTX message
+//     callback, before cpp-httplib stores the headers);
+//   - its request has not all arrived 3 s after its handshake began, or it is open past 10 s
+//     (a watchdog);
+//   - its address has more than 8 connections served at once: the oldest of them still
+//     waiting for its request goes, so a client displaces its own stalled connections.
+// Cuts are logged, one line per 10 s at most. Stopping never waits on a client: calls inside
+// Kms are waited for (each bounded by the HSM deadline), every open connection is cut, and a
+// thread still not done after a grace period is abandoned with the server object (it no
+// longer touches Kms). Keep the listener reachable from database hosts only (docs/TDE.md).
 //
 // Thread-safe; the Kms must outlive it.
 #pragma once
