@@ -284,6 +284,13 @@ class BoundedPool final : public httplib::TaskQueue {
   std::shared_ptr<KvGateway::State> state_;
 };
 
+// Whether `request` says a body follows it (which cpp-httplib does not read for a GET).
+bool CarriesBody(const httplib::Request& request) {
+  return request.has_header("Transfer-Encoding") || request.has_header("Content-Encoding") ||
+         (request.has_header("Content-Length") &&
+          request.get_header_value("Content-Length") != "0");
+}
+
 // The key fetch: GET /v1/<mount>/data/<key id>[?version=<n>]. Every other request but the
 // mount check comes here too (`key_fetch` false): the token is checked first, so that a bad
 // one gets 403 whatever was asked, and each refusal is recorded, as any call's.
@@ -304,11 +311,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
       if (!version) malformed = absl::InvalidArgumentError("version must be a whole number from 1");
     }
     // cpp-httplib reads no body for a GET: refuse one rather than leave it unread.
-    if (request.has_header("Transfer-Encoding") || request.has_header("Content-Encoding") ||
-        (request.has_header("Content-Length") &&
-         request.get_header_value("Content-Length") != "0")) {
-      malformed = absl::InvalidArgumentError("a key fetch carries no body");
-    }
+    if (CarriesBody(request)) malformed = absl::InvalidArgumentError("a key fetch carries no body");
   }
   // Named as gRPC names peers, for the audit log, but without the port: HTTP clients open a
   // connection per request, and refusals are coalesced per peer.
@@ -421,7 +424,8 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
         FetchKey(*state, request, response, /*key_fetch=*/false);
         return httplib::Server::HandlerResponse::Handled;
       });
-  server.Get(tune, [](const httplib::Request&, httplib::Response& response) {
+  server.Get(tune, [](const httplib::Request& request, httplib::Response& response) {
+    if (CarriesBody(request)) return ReplyError(response, 400, "a mount check carries no body");
     Reply(response, 200, R"({"data":{"options":{"version":"2"}},"options":{"version":"2"}})");
   });
   server.Get(fetch, [state = gateway->state_](const httplib::Request& request,

@@ -196,6 +196,8 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
            {"GET", "/v1/sys/mounts", token, 404, ""},
            {"GET", "/v1/mariadb/data/1", token, 400, big},
            {"GET", "/v1/mariadb/data/1", "", 403, big},
+           {"GET", "/v1/sys/mounts/mariadb/tune", token, 400, big},  // unrecorded: no fetch
+           {"GET", "/v1/sys/mounts/mariadb/tune", "", 400, "{}"},
            {"DELETE", "/v1/mariadb/data/1", token, 404, ""},
            {"DELETE", "/v1/mariadb/data/1", "", 403, ""},
            {"POST", "/v1/mariadb/data/1", "", 403, "{}"},
@@ -208,6 +210,9 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
     CHECK(result->body.find(token) == std::string::npos);
     if (c.status == 403) CHECK(result->body == R"({"errors":["permission denied"]})");
     if (c.status == 404) CHECK(result->body == R"({"errors":[]})");
+    if (c.path.find("/tune") != std::string::npos) {
+      CHECK(result->body == R"({"errors":["a mount check carries no body"]})");
+    }
   }
   // The requests with the token that fetched nothing are each recorded as the database's.
   std::map<std::string, int> refused_by_code;
