@@ -1,11 +1,13 @@
 #include "server/kv_gateway.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <httplib.h>
 #include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <charconv>
@@ -103,9 +105,11 @@ struct KvGateway::State {
   // The pool's queue and stop flag (the pool object itself is cpp-httplib's to delete).
   std::deque<std::function<void()>> jobs;
   bool pool_stopping = false;
-  // The socket each pool thread serves now, from its TLS handshake until the connection is
-  // done (so never a closed one): what the watchdog and stopping cut.
+  // The connection each pool thread serves now, from its TLS handshake until its job is done:
+  // what the watchdog and stopping cut.
   struct Connection {
+    // A duplicate of its socket's descriptor, closed when the entry goes: cpp-httplib closes
+    // its own before then, and that number may already name another file or connection.
     int fd = -1;
     std::chrono::steady_clock::time_point since;
     std::string address;        // the client's, without the port
@@ -195,15 +199,20 @@ std::string PeerAddress(int fd) {
 void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   if ((where & SSL_CB_HANDSHAKE_START) == 0 || serving_state == nullptr) return;
   KvGateway::State& state = *serving_state;
-  const int fd = SSL_get_fd(ssl);
-  std::string address = PeerAddress(fd);
   std::lock_guard lock(state.mu);
   // (Called again for later handshake messages of the same connection: noted once.)
-  const auto [noted, added] = state.connections.try_emplace(
-      std::this_thread::get_id(),
-      KvGateway::State::Connection{fd, std::chrono::steady_clock::now(), std::move(address)});
+  const auto [noted, added] =
+      state.connections.try_emplace(std::this_thread::get_id(), KvGateway::State::Connection{});
   if (!added) return;
   request_bytes = 0;
+  noted->second.since = std::chrono::steady_clock::now();
+  noted->second.fd = fcntl(SSL_get_fd(ssl), F_DUPFD_CLOEXEC, 0);
+  if (noted->second.fd < 0) {  // out of descriptors: this connection cannot be watched
+    ::shutdown(SSL_get_fd(ssl), SHUT_RDWR);
+    noted->second.cut = true;
+    return;
+  }
+  noted->second.address = PeerAddress(noted->second.fd);
   size_t from_address = 0;
   KvGateway::State::Connection* oldest_unread = &noted->second;
   for (auto& [thread, other] : state.connections) {
@@ -275,7 +284,11 @@ class BoundedPool final : public httplib::TaskQueue {
       lock.unlock();
       job();  // serves the connection, then closes its socket
       lock.lock();
-      state.connections.erase(std::this_thread::get_id());
+      const auto served = state.connections.find(std::this_thread::get_id());
+      if (served != state.connections.end()) {
+        close(served->second.fd);
+        state.connections.erase(served);
+      }
       --state.busy;
       state.changed.notify_all();
     }
