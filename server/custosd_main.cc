@@ -693,7 +693,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   std::unique_ptr<KvGateway> gateway;
   if (!config.gateway_listen.empty()) {
     absl::StatusOr<std::unique_ptr<KvGateway>> started =
-        KvGateway::Start(&kms, config.gateway_listen, config.tls_cert, config.tls_key);
+        KvGateway::Start(&kms, config.gateway_listen, config.tls_cert, config.tls_key, &registry);
     if (!started.ok()) return Fail(started.status());
     gateway = *std::move(started);
     spdlog::info("key/value gateway listening on {} (port {})", config.gateway_listen,

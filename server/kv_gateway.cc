@@ -119,31 +119,40 @@ struct KvGateway::State {
   std::map<std::thread::id, Connection> connections;
   bool watchdog_stopping = false;
 
-  // Connections cut since the last log line about them, by why, and the last client cut.
+  // Connections cut since the last log line about them, by why, and the last client cut; and
+  // the metric counting them all (null without a registry).
   enum Why { kBusyAddress, kLongRequest, kSlowRequest, kOpenTooLong, kWhyCount };
   size_t cuts[kWhyCount] = {};
+  metrics::Counter* cut_total[kWhyCount] = {};
   std::string last_cut_address;
   std::chrono::steady_clock::time_point last_cut_log;
 
   // Shuts down (both ways) the socket of `connection`, so that its thread's reads and writes
   // fail and the connection ends, reset when its thread closes it (so the client learns at
   // once, and no orphan socket lingers in the kernel). With mu held.
-  void Cut(Connection& connection, Why why) {
+  static void Shut(Connection& connection) {
     if (connection.cut) return;
     const linger reset{1, 0};
     setsockopt(connection.fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
     ::shutdown(connection.fd, SHUT_RDWR);
     connection.cut = true;
+  }
+
+  // Shut, counted and logged. With mu held.
+  void Cut(Connection& connection, Why why) {
+    if (connection.cut) return;
+    Shut(connection);
     ++cuts[why];
+    if (cut_total[why] != nullptr) cut_total[why]->Add();
     last_cut_address = connection.address;
   }
 
-  // Cuts the connections older than `age`, and those older than kRequestDeadline whose request
-  // has not all arrived. With mu held.
-  void CutOverdue(std::chrono::steady_clock::duration age) {
+  // Cuts the connections open past kConnectionDeadline, and those past kRequestDeadline whose
+  // request has not all arrived. With mu held.
+  void CutOverdue() {
     const auto now = std::chrono::steady_clock::now();
     for (auto& [thread, connection] : connections) {
-      if (now - connection.since >= age) {
+      if (now - connection.since >= kConnectionDeadline) {
         Cut(connection, kOpenTooLong);
       } else if (!connection.request_read && now - connection.since >= kRequestDeadline) {
         Cut(connection, kSlowRequest);
@@ -375,7 +384,8 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
 absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
                                                             const std::string& listen,
                                                             const std::string& cert,
-                                                            const std::string& key) {
+                                                            const std::string& key,
+                                                            metrics::Registry* registry) {
   const size_t colon = listen.rfind(':');
   const std::optional<uint32_t> port = colon == std::string::npos ? std::nullopt
                                        : listen.substr(colon + 1) == "0"
@@ -405,6 +415,15 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     return absl::InvalidArgumentError(StrCat("gateway: ", tls_error));
   }
   gateway->state_ = std::make_shared<State>(kms);
+  if (registry != nullptr) {
+    constexpr const char* kReasons[State::kWhyCount] = {"address_busy", "request_too_long",
+                                                        "request_too_slow", "open_too_long"};
+    for (int why = 0; why < State::kWhyCount; ++why) {
+      gateway->state_->cut_total[why] = &registry->GetCounter(
+          "custos_gateway_connections_cut_total",
+          "Key/value gateway connections cut before they were done", {{"reason", kReasons[why]}});
+    }
+  }
   httplib::SSLServer& server = *gateway->server_;
   server.new_task_queue = [state = gateway->state_] { return new BoundedPool(state); };
   server.set_payload_max_length(kMaxPayloadBytes);
@@ -473,7 +492,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     std::unique_lock lock(state->mu);
     while (
         !state->changed.wait_for(lock, kWatchdogTick, [&] { return state->watchdog_stopping; })) {
-      state->CutOverdue(kConnectionDeadline);
+      state->CutOverdue();
       state->LogCuts();
     }
   });
@@ -489,7 +508,7 @@ KvGateway::~KvGateway() {
     state_->closing = true;
     state_->changed.notify_all();
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
-    state_->CutOverdue(std::chrono::steady_clock::duration::zero());  // every connection
+    for (auto& [thread, connection] : state_->connections) State::Shut(connection);
     state_->watchdog_stopping = true;
     state_->changed.notify_all();
   }

@@ -37,6 +37,7 @@
 #include <string>
 #include <thread>
 
+#include "common/metrics.h"
 #include "common/status.h"
 #include "core/kms.h"
 
@@ -48,10 +49,12 @@ namespace custos::server {
 
 class KvGateway {
  public:
-  // Listens on `listen` ("host:port"; port 0 picks one) with the PEM chain `cert` and key `key`.
+  // Listens on `listen` ("host:port"; port 0 picks one) with the PEM chain `cert` and key `key`;
+  // counts the connections it cuts in `registry` if given (which must outlive it).
   static absl::StatusOr<std::unique_ptr<KvGateway>> Start(core::Kms* kms, const std::string& listen,
                                                           const std::string& cert,
-                                                          const std::string& key);
+                                                          const std::string& key,
+                                                          metrics::Registry* registry = nullptr);
   ~KvGateway();  // stops listening and waits for calls in progress
 
   int port() const { return port_; }

@@ -467,7 +467,8 @@ TEST_CASE(
     "A request that never ends its headers is cut after 32 KiB, and custosd's memory "
     "stays flat",
     "[e2e][gateway]") {
-  CustosServer server(ServerOptions{.extra_config = "[gateway]\nlisten = \"127.0.0.1:0\"\n"});
+  CustosServer server(ServerOptions{.extra_config = "[gateway]\nlisten = \"127.0.0.1:0\"\n"
+                                                    "[metrics]\nlisten = \"127.0.0.1:0\"\n"});
   Gateway gateway(server);
   const size_t before = ResidentKiB(server.pid());
   std::string lines;
@@ -496,6 +497,15 @@ TEST_CASE(
                             R"(127\.0\.0\.1\): 0 to keep one address to 8 at once, [1-4] sending )"
                             R"(over 32768 bytes of request)"),
                  2s));
+  // Counted, each connection once.
+  httplib::Client metrics("127.0.0.1", server.metrics_port());
+  const httplib::Result scraped = metrics.Get("/metrics");
+  REQUIRE(scraped);
+  CHECK(scraped->body.find(
+            "\ncustos_gateway_connections_cut_total{reason=\"request_too_long\"} 4\n") !=
+        std::string::npos);
+  CHECK(scraped->body.find("\ncustos_gateway_connections_cut_total{reason=\"address_busy\"} 0\n") !=
+        std::string::npos);
   // The gateway still answers.
   httplib::Result answered = gateway.Get("/v1/mariadb/data/1", "");
   REQUIRE(answered);
