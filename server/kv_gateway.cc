@@ -15,6 +15,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <regex>
 
@@ -50,7 +51,7 @@ constexpr size_t kConnectionsPerAddress = 8;
 // Request bytes (TLS application data) read on one connection before it is cut. cpp-httplib
 // bounds each header line (8 KiB) but not their number, and keeps them all in memory: endless
 // short header lines within the deadlines took hundreds of MB. The plugin sends under 1 KiB.
-constexpr size_t kMaxRequestBytes = 32 * 1024;
+constexpr size_t kMaxRequestBytes = size_t{32} * 1024;
 // How often the watchdog runs, and at most how often it logs the connections it and the other
 // bounds cut.
 constexpr auto kWatchdogTick = std::chrono::milliseconds(250);
@@ -164,8 +165,7 @@ struct KvGateway::State {
   // (a flood of them is one line, not one per connection). With mu held.
   void LogCuts() {
     const auto now = std::chrono::steady_clock::now();
-    size_t total = 0;
-    for (const size_t count : cuts) total += count;
+    const size_t total = std::accumulate(std::begin(cuts), std::end(cuts), size_t{0});
     if (total == 0 || now - last_cut_log < kCutLogInterval) return;
     spdlog::warn(
         "key/value gateway: cut {} connection(s) (the last from {}): {} to keep one address to "
