@@ -509,6 +509,8 @@ KvGateway::~KvGateway() {
     state_->changed.notify_all();
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
     for (auto& [thread, connection] : state_->connections) State::Shut(connection);
+    // Threads left to a client must not count into a registry that may be gone.
+    std::fill(std::begin(state_->cut_total), std::end(state_->cut_total), nullptr);
     state_->watchdog_stopping = true;
     state_->changed.notify_all();
   }
