@@ -222,6 +222,12 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
   CUSTOS_RETURN_IF_ERROR(settings.Read("gateway", "listen", &c.gateway_listen));
+  CUSTOS_RETURN_IF_ERROR(
+      settings.Read("gateway", "connections_per_address", &c.gateway_connections_per_address));
+  if (c.gateway_connections_per_address < 0 || c.gateway_connections_per_address > 16) {
+    return absl::InvalidArgumentError(
+        "config: gateway.connections_per_address must be 0 (no limit) or 1..16");
+  }
   CUSTOS_RETURN_IF_ERROR(settings.Read("metrics", "listen", &c.metrics_listen));
   if (!c.metrics_listen.empty() &&
       !IsLoopbackHost(c.metrics_listen.substr(0, c.metrics_listen.rfind(':')))) {

@@ -123,6 +123,9 @@ struct Config {
   // [gateway]: the key/value gateway databases fetch table-space keys from (docs/TDE.md):
   // host:port of its HTTPS listener, with tls.cert and tls.key; empty = off (the default).
   std::string gateway_listen;
+  // Connections from one client address (IPv4, or an IPv6 /64) the gateway serves at once
+  // while all its threads are busy; 0 = no such limit (behind a proxy that hides clients).
+  int64_t gateway_connections_per_address = 8;
 
   // [metrics] listen: host:port of the Prometheus endpoint (GET /metrics, plain HTTP), on a
   // loopback address only; empty = off (the default).

@@ -692,8 +692,13 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // The key/value gateway for databases, if configured (docs/TDE.md).
   std::unique_ptr<KvGateway> gateway;
   if (!config.gateway_listen.empty()) {
-    absl::StatusOr<std::unique_ptr<KvGateway>> started =
-        KvGateway::Start(&kms, config.gateway_listen, config.tls_cert, config.tls_key, &registry);
+    absl::StatusOr<std::unique_ptr<KvGateway>> started = KvGateway::Start(
+        &kms,
+        {.listen = config.gateway_listen,
+         .cert = config.tls_cert,
+         .key = config.tls_key,
+         .connections_per_address = static_cast<size_t>(config.gateway_connections_per_address)},
+        &registry);
     if (!started.ok()) return Fail(started.status());
     gateway = *std::move(started);
     spdlog::info("key/value gateway listening on {} (port {})", config.gateway_listen,

@@ -38,16 +38,16 @@ constexpr size_t kThreads = 16;
 constexpr size_t kQueued = 64;
 // How long stopping waits for open connections before abandoning them.
 constexpr auto kStopGrace = std::chrono::seconds(2);
-// A connection still open after this is cut (a client that trickles bytes would otherwise hold
-// its thread for as long as it likes: cpp-httplib bounds each read, not the request). The
-// plugin's requests take milliseconds.
+// A connection open this long, its time inside Kms not counted, is cut (a client that trickles
+// bytes would otherwise hold its thread for as long as it likes: cpp-httplib bounds each read,
+// not the request). A call inside Kms is bounded by the HSM's deadline (hsm.call_timeout_ms, up
+// to 60 s) instead. The plugin's requests take milliseconds.
 constexpr auto kConnectionDeadline = std::chrono::seconds(10);
 // A connection whose request (line and headers) has not all arrived this long after its TLS
-// handshake began is cut: a slow client holds a thread for this long, not kConnectionDeadline.
+// handshake began is cut: a slow client holds a thread for this long, not kConnectionDeadline;
+// and for 1 s only while other connections wait for a thread (clients from many addresses).
 constexpr auto kRequestDeadline = std::chrono::seconds(3);
-// Connections served at once from one client address, so that one address cannot hold every
-// thread (the plugin makes one request at a time); see NoteConnection for which one is cut.
-constexpr size_t kConnectionsPerAddress = 8;
+constexpr auto kRequestDeadlineWhenBusy = std::chrono::seconds(1);
 // Request bytes (TLS application data) read on one connection before it is cut. cpp-httplib
 // bounds each header line (8 KiB) but not their number, and keeps them all in memory: endless
 // short header lines within the deadlines took hundreds of MB. The plugin sends under 1 KiB.
@@ -113,19 +113,27 @@ struct KvGateway::State {
     // its own before then, and that number may already name another file or connection.
     int fd = -1;
     std::chrono::steady_clock::time_point since;
-    std::string address;        // the client's, without the port
+    // Since when kConnectionDeadline counts: `since`, then the end of its call into Kms.
+    std::chrono::steady_clock::time_point client_since;
+    std::string address;        // the client's, as ClientAddress names it
     bool request_read = false;  // its request line and headers have all arrived
+    bool in_kms = false;
     bool cut = false;
   };
   std::map<std::thread::id, Connection> connections;
   bool watchdog_stopping = false;
+  // Connections from one client address served at once while the pool is full (0: no limit).
+  size_t per_address = 0;
 
   // Connections cut since the last log line about them, by why, and the last client cut; and
   // the metric counting them all (null without a registry).
-  enum Why { kBusyAddress, kLongRequest, kSlowRequest, kOpenTooLong, kWhyCount };
-  size_t cuts[kWhyCount] = {};
+  enum Why { kBusyAddress, kLongRequest, kSlowRequest, kOpenTooLong, kNoDescriptor, kWhyCount };
+  struct Cuts {
+    size_t count[kWhyCount] = {};
+    std::string last_address;
+  };
+  Cuts cuts;
   metrics::Counter* cut_total[kWhyCount] = {};
-  std::string last_cut_address;
   std::chrono::steady_clock::time_point last_cut_log;
 
   // Shuts down (both ways) the socket of `connection`, so that its thread's reads and writes
@@ -139,45 +147,64 @@ struct KvGateway::State {
     connection.cut = true;
   }
 
-  // Shut, counted and logged. With mu held.
+  // The connection the calling pool thread serves, or null. With mu held.
+  Connection* Served() {
+    const auto served = connections.find(std::this_thread::get_id());
+    return served == connections.end() ? nullptr : &served->second;
+  }
+
+  // Counts a cut of `why` of a connection from `address`. With mu held.
+  void Count(Why why, const std::string& address) {
+    ++cuts.count[why];
+    if (cut_total[why] != nullptr) cut_total[why]->Add();
+    cuts.last_address = address;
+  }
+
+  // Shut and counted. With mu held.
   void Cut(Connection& connection, Why why) {
     if (connection.cut) return;
     Shut(connection);
-    ++cuts[why];
-    if (cut_total[why] != nullptr) cut_total[why]->Add();
-    last_cut_address = connection.address;
+    Count(why, connection.address);
   }
 
-  // Cuts the connections open past kConnectionDeadline, and those past kRequestDeadline whose
-  // request has not all arrived. With mu held.
+  // Cuts the connections open past kConnectionDeadline (outside Kms), and those whose request
+  // has not all arrived by its deadline. With mu held.
   void CutOverdue() {
     const auto now = std::chrono::steady_clock::now();
+    const auto request_deadline = jobs.empty() ? kRequestDeadline : kRequestDeadlineWhenBusy;
     for (auto& [thread, connection] : connections) {
-      if (now - connection.since >= kConnectionDeadline) {
+      if (!connection.in_kms && now - connection.client_since >= kConnectionDeadline) {
         Cut(connection, kOpenTooLong);
-      } else if (!connection.request_read && now - connection.since >= kRequestDeadline) {
+      } else if (!connection.request_read && now - connection.since >= request_deadline) {
         Cut(connection, kSlowRequest);
       }
     }
   }
 
-  // One warning line for the connections cut since the last, at most every kCutLogInterval
-  // (a flood of them is one line, not one per connection). With mu held.
-  void LogCuts() {
+  // The cuts to log now (and forgets them), if any and the last line is kCutLogInterval old or
+  // `now_or_never`: a flood of them is one line, not one per connection. With mu held; the line
+  // is written without (a stalled log sink must not stall every connection).
+  std::optional<Cuts> TakeCuts(bool now_or_never) {
     const auto now = std::chrono::steady_clock::now();
-    const size_t total = std::accumulate(std::begin(cuts), std::end(cuts), size_t{0});
-    if (total == 0 || now - last_cut_log < kCutLogInterval) return;
+    const size_t total = std::accumulate(std::begin(cuts.count), std::end(cuts.count), size_t{0});
+    if (total == 0 || (!now_or_never && now - last_cut_log < kCutLogInterval)) return std::nullopt;
+    last_cut_log = now;
+    return std::exchange(cuts, Cuts{});
+  }
+  void LogCuts(const Cuts& taken) const {
+    const auto seconds = [](auto duration) {
+      return std::chrono::duration_cast<std::chrono::seconds>(duration).count();
+    };
     spdlog::warn(
         "key/value gateway: cut {} connection(s) (the last from {}): {} to keep one address to "
         "{} at once, {} sending over {} bytes of request, {} without their request {} s after "
-        "connecting, {} open past {} s",
-        total, last_cut_address, cuts[kBusyAddress], kConnectionsPerAddress, cuts[kLongRequest],
-        kMaxRequestBytes, cuts[kSlowRequest],
-        std::chrono::duration_cast<std::chrono::seconds>(kRequestDeadline).count(),
-        cuts[kOpenTooLong],
-        std::chrono::duration_cast<std::chrono::seconds>(kConnectionDeadline).count());
-    std::fill(std::begin(cuts), std::end(cuts), 0);
-    last_cut_log = now;
+        "connecting ({} s while others wait for a thread), {} open past {} s, {} for want of a "
+        "file descriptor",
+        std::accumulate(std::begin(taken.count), std::end(taken.count), size_t{0}),
+        taken.last_address, taken.count[kBusyAddress], per_address, taken.count[kLongRequest],
+        kMaxRequestBytes, taken.count[kSlowRequest], seconds(kRequestDeadline),
+        seconds(kRequestDeadlineWhenBusy), taken.count[kOpenTooLong], seconds(kConnectionDeadline),
+        taken.count[kNoDescriptor]);
   }
 };
 
@@ -188,23 +215,33 @@ thread_local KvGateway::State* serving_state = nullptr;
 // Request bytes read on the connection this pool thread serves.
 thread_local size_t request_bytes = 0;
 
-// The address of the client at the other end of `fd`, without the port ("" if unknown).
-std::string PeerAddress(int fd) {
+// The client at the other end of `fd`, as connections are counted per address: an IPv4
+// address (also when it comes mapped into IPv6 on a dual-stack listener), or an IPv6 /64 (one
+// host or one site's network may hold all of one); "" if unknown.
+std::string ClientAddress(int fd) {
   sockaddr_storage peer{};
   socklen_t size = sizeof(peer);
   if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &size) != 0) return "";
   char text[INET6_ADDRSTRLEN] = {};
-  const void* address =
-      peer.ss_family == AF_INET6
-          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&peer)->sin6_addr)
-          : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&peer)->sin_addr);
-  return inet_ntop(peer.ss_family, address, text, sizeof(text)) != nullptr ? text : "";
+  if (peer.ss_family == AF_INET) {
+    const in_addr& address = reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr;
+    return inet_ntop(AF_INET, &address, text, sizeof(text)) != nullptr ? text : "";
+  }
+  if (peer.ss_family != AF_INET6) return "";
+  in6_addr address = reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr;
+  if (IN6_IS_ADDR_V4MAPPED(&address)) {
+    return inet_ntop(AF_INET, &address.s6_addr[12], text, sizeof(text)) != nullptr ? text : "";
+  }
+  std::fill(std::begin(address.s6_addr) + 8, std::end(address.s6_addr), 0);
+  return inet_ntop(AF_INET6, &address, text, sizeof(text)) != nullptr ? StrCat(text, "/64") : "";
 }
 
-// SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted.
-// Past kConnectionsPerAddress from its address, the oldest of them whose request has not all
-// arrived is cut (a client's new connection displaces its own stalled ones, not a request that
-// is being answered), or this one if every other is being answered.
+// SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted
+// (and shut at once when the gateway is stopping). While the pool is full (every thread serving,
+// or connections waiting for one), past State::per_address from its address the oldest of them
+// whose request has not all arrived is cut (a client's new connection displaces its own
+// stalled ones, not a request that is being answered), or this one if every other is being
+// answered. Below that, databases behind one address (NAT, a proxy) are never cut for it.
 void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   if ((where & SSL_CB_HANDSHAKE_START) == 0 || serving_state == nullptr) return;
   KvGateway::State& state = *serving_state;
@@ -213,31 +250,38 @@ void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   const auto [noted, added] =
       state.connections.try_emplace(std::this_thread::get_id(), KvGateway::State::Connection{});
   if (!added) return;
+  KvGateway::State::Connection& connection = noted->second;
   request_bytes = 0;
-  noted->second.since = std::chrono::steady_clock::now();
-  noted->second.fd = fcntl(SSL_get_fd(ssl), F_DUPFD_CLOEXEC, 0);
-  if (noted->second.fd < 0) {  // out of descriptors: this connection cannot be watched
+  connection.since = connection.client_since = std::chrono::steady_clock::now();
+  connection.fd = fcntl(SSL_get_fd(ssl), F_DUPFD_CLOEXEC, 0);
+  if (connection.fd < 0) {  // out of descriptors: this connection cannot be watched
     ::shutdown(SSL_get_fd(ssl), SHUT_RDWR);
-    noted->second.cut = true;
+    connection.cut = true;
+    state.Count(KvGateway::State::kNoDescriptor, ClientAddress(SSL_get_fd(ssl)));
     return;
   }
-  noted->second.address = PeerAddress(noted->second.fd);
+  connection.address = ClientAddress(connection.fd);
+  if (state.closing) return KvGateway::State::Shut(connection);
+  if (state.per_address == 0 || (state.busy < kThreads && state.jobs.empty())) return;
   size_t from_address = 0;
-  KvGateway::State::Connection* oldest_unread = &noted->second;
+  KvGateway::State::Connection* oldest_unread = &connection;
   for (auto& [thread, other] : state.connections) {
-    if (other.cut || other.address != noted->second.address) continue;
+    if (other.cut || other.address != connection.address) continue;
     ++from_address;
     if (!other.request_read && other.since < oldest_unread->since) oldest_unread = &other;
   }
-  if (from_address > kConnectionsPerAddress) {
+  if (from_address > state.per_address) {
     state.Cut(*oldest_unread, KvGateway::State::kBusyAddress);
   }
 }
 
 // SSL_CTX message callback, on the pool thread reading: counts the request bytes each
-// application-data record brings, and cuts the connection past kMaxRequestBytes.
+// application-data record brings, and cuts the connection past kMaxRequestBytes. Shutting the
+// socket down does not stop cpp-httplib from parsing what is already received (megabytes of a
+// flood); marked as shut by the client, the TLS session returns nothing more, this record
+// included.
 void CountRequestBytes(int write_p, int /*version*/, int content_type, const void* buf, size_t len,
-                       SSL* /*ssl*/, void* /*arg*/) {
+                       SSL* ssl, void* /*arg*/) {
   const auto* header = static_cast<const unsigned char*>(buf);
   if (write_p != 0 || content_type != SSL3_RT_HEADER || len < 5 ||
       header[0] != SSL3_RT_APPLICATION_DATA || serving_state == nullptr) {
@@ -245,10 +289,10 @@ void CountRequestBytes(int write_p, int /*version*/, int content_type, const voi
   }
   request_bytes += (size_t{header[3]} << 8) | header[4];
   if (request_bytes <= kMaxRequestBytes) return;
+  SSL_set_shutdown(ssl, SSL_get_shutdown(ssl) | SSL_RECEIVED_SHUTDOWN);
   std::lock_guard lock(serving_state->mu);
-  const auto connection = serving_state->connections.find(std::this_thread::get_id());
-  if (connection != serving_state->connections.end()) {
-    serving_state->Cut(connection->second, KvGateway::State::kLongRequest);
+  if (KvGateway::State::Connection* connection = serving_state->Served()) {
+    serving_state->Cut(*connection, KvGateway::State::kLongRequest);
   }
 }
 
@@ -306,6 +350,15 @@ class BoundedPool final : public httplib::TaskQueue {
   std::shared_ptr<KvGateway::State> state_;
 };
 
+// Marks the connection this thread serves as inside Kms or not (its time inside is not counted
+// against kConnectionDeadline). With mu held.
+void SetInKms(KvGateway::State& state, bool in_kms) {
+  KvGateway::State::Connection* connection = state.Served();
+  if (connection == nullptr) return;
+  connection->in_kms = in_kms;
+  if (!in_kms) connection->client_since = std::chrono::steady_clock::now();
+}
+
 // Whether `request` says a body follows it (which cpp-httplib does not read for a GET).
 bool CarriesBody(const httplib::Request& request) {
   return request.has_header("Transfer-Encoding") || request.has_header("Content-Encoding") ||
@@ -345,6 +398,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
     std::lock_guard lock(state.mu);
     if (state.closing) return ReplyError(response, 503, "");
     ++state.in_kms;
+    SetInKms(state, true);
   }
   absl::StatusOr<core::Kms::TdeKey> key = state.kms->FetchTdeKey(
       peer, token == request.headers.end() ? std::string_view() : std::string_view(token->second),
@@ -352,6 +406,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   {
     std::lock_guard lock(state.mu);
     --state.in_kms;
+    SetInKms(state, false);
     state.changed.notify_all();
   }
   if (!key.ok()) {
@@ -381,11 +436,9 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
-                                                            const std::string& listen,
-                                                            const std::string& cert,
-                                                            const std::string& key,
+absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, const Options& options,
                                                             metrics::Registry* registry) {
+  const std::string& listen = options.listen;
   const size_t colon = listen.rfind(':');
   const std::optional<uint32_t> port = colon == std::string::npos ? std::nullopt
                                        : listen.substr(colon + 1) == "0"
@@ -401,10 +454,10 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   gateway->server_ = std::make_unique<httplib::SSLServer>([&](SSL_CTX& ctx) {
     const bool ok = SSL_CTX_set_min_proto_version(&ctx, TLS1_2_VERSION) == 1 &&
                     SSL_CTX_set_cipher_list(&ctx, kTls12Ciphers) == 1 &&
-                    SSL_CTX_use_certificate_chain_file(&ctx, cert.c_str()) == 1 &&
-                    SSL_CTX_use_PrivateKey_file(&ctx, key.c_str(), SSL_FILETYPE_PEM) == 1 &&
+                    SSL_CTX_use_certificate_chain_file(&ctx, options.cert.c_str()) == 1 &&
+                    SSL_CTX_use_PrivateKey_file(&ctx, options.key.c_str(), SSL_FILETYPE_PEM) == 1 &&
                     SSL_CTX_check_private_key(&ctx) == 1;
-    if (!ok) tls_error = StrCat("cannot set up TLS with ", cert, " and ", key);
+    if (!ok) tls_error = StrCat("cannot set up TLS with ", options.cert, " and ", options.key);
     SSL_CTX_set_options(
         &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION);
     SSL_CTX_set_info_callback(&ctx, NoteConnection);
@@ -412,12 +465,15 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     return ok;
   });
   if (!gateway->server_->is_valid()) {
+    gateway->server_.reset();  // (the destructor has nothing to stop)
     return absl::InvalidArgumentError(StrCat("gateway: ", tls_error));
   }
   gateway->state_ = std::make_shared<State>(kms);
+  gateway->state_->per_address = options.connections_per_address;
   if (registry != nullptr) {
     constexpr const char* kReasons[State::kWhyCount] = {"address_busy", "request_too_long",
-                                                        "request_too_slow", "open_too_long"};
+                                                        "request_too_slow", "open_too_long",
+                                                        "out_of_descriptors"};
     for (int why = 0; why < State::kWhyCount; ++why) {
       gateway->state_->cut_total[why] = &registry->GetCounter(
           "custos_gateway_connections_cut_total",
@@ -429,7 +485,9 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
   server.set_payload_max_length(kMaxPayloadBytes);
   server.set_read_timeout(3, 0);
   server.set_write_timeout(3, 0);
-  server.set_keep_alive_max_count(1);  // the plugin opens a connection per request anyway
+  // One request per connection (the plugin opens a connection per request anyway): the request
+  // byte count and the request deadline are per connection, and would not bound a second one.
+  server.set_keep_alive_max_count(1);
   // An exception's text would otherwise go out in a header.
   server.set_exception_handler([](const httplib::Request&, httplib::Response& response,
                                   const std::exception_ptr&) { ReplyError(response, 500, ""); });
@@ -446,8 +504,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
         {
           // Its request has all arrived: the request deadline no longer applies.
           std::lock_guard lock(state->mu);
-          const auto connection = state->connections.find(std::this_thread::get_id());
-          if (connection != state->connections.end()) connection->second.request_read = true;
+          if (State::Connection* connection = state->Served()) connection->request_read = true;
         }
         if ((request.method == "GET" || request.method == "HEAD") &&
             (std::regex_match(request.path, tune) || std::regex_match(request.path, fetch))) {
@@ -469,6 +526,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
           ? server.bind_to_any_port(host)
           : (server.bind_to_port(host, static_cast<int>(*port)) ? static_cast<int>(*port) : -1);
   if (gateway->port_ <= 0) {
+    gateway->server_.reset();
     return absl::UnavailableError(StrCat("gateway: cannot listen on ", listen));
   }
   auto ended = std::make_shared<std::atomic<bool>>(false);
@@ -493,7 +551,11 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms,
     while (
         !state->changed.wait_for(lock, kWatchdogTick, [&] { return state->watchdog_stopping; })) {
       state->CutOverdue();
-      state->LogCuts();
+      if (const std::optional<State::Cuts> cuts = state->TakeCuts(/*now_or_never=*/false)) {
+        lock.unlock();
+        state->LogCuts(*cuts);
+        lock.lock();
+      }
     }
   });
   return gateway;
@@ -508,15 +570,26 @@ KvGateway::~KvGateway() {
     state_->closing = true;
     state_->changed.notify_all();
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
+    // (Those still waiting for a thread are shut as their handshake starts: NoteConnection.)
     for (auto& [thread, connection] : state_->connections) State::Shut(connection);
     // Threads left to a client must not count into a registry that may be gone.
     std::fill(std::begin(state_->cut_total), std::end(state_->cut_total), nullptr);
+  }
+  // The accept loop ends once the pool has stopped or given up (kStopGrace); the watchdog
+  // keeps its deadlines meanwhile.
+  thread_.join();
+  {
+    std::lock_guard lock(state_->mu);
     state_->watchdog_stopping = true;
     state_->changed.notify_all();
   }
   watchdog_.join();
-  thread_.join();  // the accept loop ends once the pool has stopped or given up (kStopGrace)
-  std::lock_guard lock(state_->mu);
+  std::unique_lock lock(state_->mu);
+  if (const std::optional<State::Cuts> cuts = state_->TakeCuts(/*now_or_never=*/true)) {
+    lock.unlock();
+    state_->LogCuts(*cuts);
+    lock.lock();
+  }
   if (state_->busy > 0) {
     // Threads of a client that keeps its connection open still use the server object: it is
     // left to them (never to Kms again) rather than waited for.

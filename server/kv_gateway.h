@@ -19,16 +19,20 @@
 // would hold its thread, one that sends header lines without end would grow custosd's memory.
 // So connections run on a pool of 16 threads with at most 64 waiting (beyond, the kernel's
 // accept backlog holds them), and each is cut (its socket shut down and reset) when:
-//   - it has read over 32 KiB of request (counted per TLS record by an SSL_CTX message
-//     callback, before cpp-httplib stores the headers);
-//   - its request has not all arrived 3 s after its handshake began, or it is open past 10 s
-//     (a watchdog);
-//   - its address has more than 8 connections served at once: the oldest of them still
+//   - it has sent over 32 KiB of request (counted per TLS record by an SSL_CTX message
+//     callback, before cpp-httplib stores the headers; nothing more is read from it);
+//   - its request has not all arrived 3 s after its handshake began (1 s while connections
+//     wait for a thread), or it is open past 10 s, its time inside Kms not counted (a
+//     watchdog; the HSM's deadline bounds a call);
+//   - while the pool is full, its address (IPv4, or IPv6 /64) has more than
+//     Options::connections_per_address connections served at once: the oldest of them still
 //     waiting for its request goes, so a client displaces its own stalled connections.
-// Cuts are logged, one line per 10 s at most. Stopping never waits on a client: calls inside
-// Kms are waited for (each bounded by the HSM deadline), every open connection is cut, and a
-// thread still not done after a grace period is abandoned with the server object (it no
-// longer touches Kms). Keep the listener reachable from database hosts only (docs/TDE.md).
+// Cuts are counted and logged, one line per 10 s at most (and at stop), never under the lock
+// connections wait on. Stopping never waits on a client: calls inside Kms are waited for (each
+// bounded by the HSM deadline), every open connection is cut and every one still waiting for a
+// thread as it gets one, and a thread still not done after a grace period is abandoned with the
+// server object (it no longer touches Kms). Keep the listener reachable from database hosts
+// only (docs/TDE.md).
 //
 // Thread-safe; the Kms must outlive it.
 #pragma once
@@ -49,11 +53,17 @@ namespace custos::server {
 
 class KvGateway {
  public:
-  // Listens on `listen` ("host:port"; port 0 picks one) with the PEM chain `cert` and key `key`;
-  // counts the connections it cuts in `registry` if given (which must outlive it).
-  static absl::StatusOr<std::unique_ptr<KvGateway>> Start(core::Kms* kms, const std::string& listen,
-                                                          const std::string& cert,
-                                                          const std::string& key,
+  struct Options {
+    std::string listen;  // "host:port"; port 0 picks one
+    std::string cert;    // PEM chain
+    std::string key;     // PEM private key
+    // Connections from one client address (an IPv4 address or an IPv6 /64) served at once
+    // while every thread is busy; 0: no such limit (gateway.connections_per_address).
+    size_t connections_per_address = 8;
+  };
+  // Listens as `options` say; counts the connections it cuts in `registry` if given (which
+  // must outlive it).
+  static absl::StatusOr<std::unique_ptr<KvGateway>> Start(core::Kms* kms, const Options& options,
                                                           metrics::Registry* registry = nullptr);
   ~KvGateway();  // stops listening and waits for calls in progress
 

@@ -471,11 +471,18 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
       {"[log]\nformat = \"xml\"\n", "18: log.format must be \"text\" or \"json\""},
       {"[metrics]\nlisten = \"0.0.0.0:9464\"\n",
        "18: metrics.listen must be on a loopback address"},
+      {"[gateway]\nconnections_per_address = 17\n",
+       "18: gateway.connections_per_address must be 0 (no limit) or 1..16"},
+      {"[gateway]\nconnections_per_address = -1\n",
+       "18: gateway.connections_per_address must be 0 (no limit) or 1..16"},
   };
   for (const auto& [extra, message] : refused) RequireRefused(files, text + extra, at + message);
   CHECK(RequireLoads(files, text + "[metrics]\nlisten = \"127.0.0.1:9464\"\n[log]\nformat = "
                                    "\"json\"\n[server]\nreflection = false\n")
             .metrics_listen == "127.0.0.1:9464");
+  CHECK(RequireLoads(files, text).gateway_connections_per_address == 8);
+  CHECK(RequireLoads(files, text + "[gateway]\nconnections_per_address = 0\n")
+            .gateway_connections_per_address == 0);
   std::vector<Entry> entries = Minimal();
   entries.push_back({"hsm", "call_timeout_ms", "5"});
   RequireRefused(files, Render(entries), at + "10: hsm.call_timeout_ms must be 100..60000");
