@@ -471,6 +471,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   sigemptyset(&signals);
   for (int s : {SIGINT, SIGTERM, SIGHUP, SIGUSR1}) sigaddset(&signals, s);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A client gone mid-write (TLS writes through write(2)) must cost its connection, not
+  // custosd: gRPC ignores SIGPIPE as it starts, and custosd does not rely on it.
+  signal(SIGPIPE, SIG_IGN);
 
   absl::StatusOr<std::shared_ptr<const policy::Policy>> policy =
       policy::Policy::LoadFile(config.policy_file);

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <condition_variable>
@@ -18,6 +19,8 @@
 #include <numeric>
 #include <optional>
 #include <regex>
+#include <string_view>
+#include <vector>
 
 #include "common/strings.h"
 #include "spdlog/spdlog.h"
@@ -101,8 +104,11 @@ struct KvGateway::State {
   std::mutex mu;
   std::condition_variable changed;
   bool closing = false;  // once set, no handler calls kms
-  size_t in_kms = 0;     // handlers inside kms now
-  size_t busy = 0;       // pool threads serving a connection now
+  // Set once stopping has waited for the calls inside Kms and shut every connection: the
+  // pool's grace for its threads starts then, not while the HSM is waited for.
+  bool connections_shut = false;
+  size_t in_kms = 0;  // handlers inside kms now
+  size_t busy = 0;    // pool threads serving a connection now
   // The pool's queue and stop flag (the pool object itself is cpp-httplib's to delete).
   std::deque<std::function<void()>> jobs;
   bool pool_stopping = false;
@@ -165,6 +171,29 @@ struct KvGateway::State {
     if (connection.cut) return;
     Shut(connection);
     Count(why, connection.address);
+  }
+
+  // While the pool is full (every thread serving, or connections waiting for one), cuts from
+  // each address over per_address its oldest connections still waiting for their request (a
+  // client's new connection displaces its own stalled ones, not a request being answered).
+  // With mu held.
+  void TrimAddresses() {
+    if (per_address == 0 || (busy < kThreads && jobs.empty())) return;
+    std::map<std::string_view, std::vector<Connection*>> by_address;
+    for (auto& [thread, connection] : connections) {
+      if (!connection.cut) by_address[connection.address].push_back(&connection);
+    }
+    for (auto& [address, served] : by_address) {
+      if (served.size() <= per_address) continue;
+      std::sort(served.begin(), served.end(),
+                [](const Connection* a, const Connection* b) { return a->since < b->since; });
+      size_t over = served.size() - per_address;
+      for (auto it = served.begin(); over > 0 && it != served.end(); ++it) {
+        if ((*it)->request_read) continue;
+        Cut(**it, kBusyAddress);
+        --over;
+      }
+    }
   }
 
   // Cuts the connections open past kConnectionDeadline (outside Kms), and those whose request
@@ -237,11 +266,9 @@ std::string ClientAddress(int fd) {
 }
 
 // SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted
-// (and shut at once when the gateway is stopping). While the pool is full (every thread serving,
-// or connections waiting for one), past State::per_address from its address the oldest of them
-// whose request has not all arrived is cut (a client's new connection displaces its own
-// stalled ones, not a request that is being answered), or this one if every other is being
-// answered. Below that, databases behind one address (NAT, a proxy) are never cut for it.
+// (and shut at once when the gateway is stopping), and addresses over their limit are trimmed
+// (TrimAddresses: only while the pool is full, so databases behind one address, NAT or a
+// proxy, are never cut for it while threads are free).
 void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   if ((where & SSL_CB_HANDSHAKE_START) == 0 || serving_state == nullptr) return;
   KvGateway::State& state = *serving_state;
@@ -262,17 +289,7 @@ void NoteConnection(const SSL* ssl, int where, int /*ret*/) {
   }
   connection.address = ClientAddress(connection.fd);
   if (state.closing) return KvGateway::State::Shut(connection);
-  if (state.per_address == 0 || (state.busy < kThreads && state.jobs.empty())) return;
-  size_t from_address = 0;
-  KvGateway::State::Connection* oldest_unread = &connection;
-  for (auto& [thread, other] : state.connections) {
-    if (other.cut || other.address != connection.address) continue;
-    ++from_address;
-    if (!other.request_read && other.since < oldest_unread->since) oldest_unread = &other;
-  }
-  if (from_address > state.per_address) {
-    state.Cut(*oldest_unread, KvGateway::State::kBusyAddress);
-  }
+  state.TrimAddresses();
 }
 
 // SSL_CTX message callback, on the pool thread reading: counts the request bytes each
@@ -319,6 +336,8 @@ class BoundedPool final : public httplib::TaskQueue {
     std::unique_lock lock(state_->mu);
     state_->pool_stopping = true;
     state_->changed.notify_all();
+    // (Ended by a failure rather than the stop: no wait for it.)
+    state_->changed.wait(lock, [&] { return !state_->closing || state_->connections_shut; });
     state_->changed.wait_for(lock, kStopGrace,
                              [&] { return state_->busy == 0 && state_->jobs.empty(); });
   }
@@ -390,9 +409,14 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   }
   // Named as gRPC names peers, for the audit log, but without the port: HTTP clients open a
   // connection per request, and refusals are coalesced per peer.
-  const std::string peer = request.remote_addr.find(':') == std::string::npos
-                               ? StrCat("ipv4:", request.remote_addr)
-                               : StrCat("ipv6:[", request.remote_addr, "]");
+  // A dual-stack listener's IPv4 client (::ffff:a.b.c.d) is named as the IPv4 address it is.
+  std::string_view remote = request.remote_addr;
+  if (remote.rfind("::ffff:", 0) == 0 && remote.find('.') != std::string_view::npos) {
+    remote.remove_prefix(7);
+  }
+  const std::string peer = remote.find(':') == std::string_view::npos
+                               ? StrCat("ipv4:", remote)
+                               : StrCat("ipv6:[", remote, "]");
   const auto token = request.headers.find("X-Vault-Token");  // (no copy of the token)
   {
     std::lock_guard lock(state.mu);
@@ -550,6 +574,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
     std::unique_lock lock(state->mu);
     while (
         !state->changed.wait_for(lock, kWatchdogTick, [&] { return state->watchdog_stopping; })) {
+      state->TrimAddresses();
       state->CutOverdue();
       if (const std::optional<State::Cuts> cuts = state->TakeCuts(/*now_or_never=*/false)) {
         lock.unlock();
@@ -563,15 +588,21 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
 
 KvGateway::~KvGateway() {
   if (!server_) return;
-  server_->stop();  // no new connection
   {
-    // Calls inside Kms end by themselves (the HSM deadline bounds them); none starts now.
-    std::unique_lock lock(state_->mu);
+    // Before the accept loop ends, so that the pool waits for the shutting below.
+    std::lock_guard lock(state_->mu);
     state_->closing = true;
     state_->changed.notify_all();
+  }
+  server_->stop();  // no new connection
+  {
+    // Calls inside Kms end by themselves (the HSM deadline bounds each call); none starts now.
+    std::unique_lock lock(state_->mu);
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
     // (Those still waiting for a thread are shut as their handshake starts: NoteConnection.)
     for (auto& [thread, connection] : state_->connections) State::Shut(connection);
+    state_->connections_shut = true;
+    state_->changed.notify_all();
     // Threads left to a client must not count into a registry that may be gone.
     std::fill(std::begin(state_->cut_total), std::end(state_->cut_total), nullptr);
   }

@@ -73,6 +73,8 @@ void CustosServer::Start(const std::vector<std::string>& flags) {
       setenv("CUSTOS_FAULT_LOG", (dir + "/fault.log").c_str(), 1);
     }
     setenv("SOFTHSM2_CONF", (dir + "/hsm/softhsm2.conf").c_str(), 1);
+    // As a shell starts it: SIGPIPE not ignored, whatever this test process does with it.
+    signal(SIGPIPE, SIG_DFL);
     std::vector<const char*> argv = {CUSTOSD_PATH, "--config", config.c_str(), "--port-file",
                                      port_file.c_str()};
     for (const std::string& flag : flags) argv.push_back(flag.c_str());
