@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 
 #include <toml++/toml.h>
@@ -176,7 +177,28 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
 }  // namespace
 
 bool IsLoopbackHost(std::string_view host) {
-  return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
+std::optional<ListenAddress> ParseListen(std::string_view listen) {
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) return std::nullopt;
+  const std::string_view port = listen.substr(colon + 1);
+  ListenAddress address;
+  const char* end = port.data() + port.size();
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != port.npos ||
+      std::from_chars(port.data(), end, address.port).ptr != end || address.port > 65535) {
+    return std::nullopt;
+  }
+  std::string_view host = listen.substr(0, colon);
+  if (host.front() == '[') {
+    if (host.size() < 4 || host.back() != ']') return std::nullopt;
+    host = host.substr(1, host.size() - 2);
+    if (host.find(':') == std::string_view::npos) return std::nullopt;  // "[name]"
+  }
+  if (host.find_first_of("[]") != std::string_view::npos) return std::nullopt;
+  address.host = std::string(host);
+  return address;
 }
 
 absl::StatusOr<Config> LoadConfig(const std::string& path) {
@@ -222,6 +244,10 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "crl_dir", &c.crl_dir));
   CUSTOS_RETURN_IF_ERROR(settings.Read("gateway", "listen", &c.gateway_listen));
+  if (!c.gateway_listen.empty() && !ParseListen(c.gateway_listen)) {
+    return absl::InvalidArgumentError(
+        "config: gateway.listen must be host:port (an IPv6 host in brackets: \"[::]:8200\")");
+  }
   CUSTOS_RETURN_IF_ERROR(
       settings.Read("gateway", "connections_per_address", &c.gateway_connections_per_address));
   if (c.gateway_connections_per_address < 0 || c.gateway_connections_per_address > 16) {
@@ -229,8 +255,8 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
         "config: gateway.connections_per_address must be 0 (no limit) or 1..16");
   }
   CUSTOS_RETURN_IF_ERROR(settings.Read("metrics", "listen", &c.metrics_listen));
-  if (!c.metrics_listen.empty() &&
-      !IsLoopbackHost(c.metrics_listen.substr(0, c.metrics_listen.rfind(':')))) {
+  if (const std::optional<ListenAddress> metrics = ParseListen(c.metrics_listen);
+      !c.metrics_listen.empty() && (!metrics || !IsLoopbackHost(metrics->host))) {
     return absl::InvalidArgumentError(
         "config: metrics.listen must be on a loopback address (127.0.0.1, ::1 or localhost)");
   }

@@ -5,6 +5,7 @@
 // (pin_env), never from the config text itself.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -134,6 +135,15 @@ struct Config {
 
 // True for the loopback hosts the metrics endpoint may listen on: 127.0.0.0/8, ::1, localhost.
 bool IsLoopbackHost(std::string_view host);
+
+// A listen setting's host (an IPv6 one without its brackets) and port (0: chosen at start).
+struct ListenAddress {
+  std::string host;
+  int port = 0;
+};
+// "host:port", the host a name, an IPv4 address or an IPv6 one in brackets ("[::]:8200", as
+// gRPC's listen takes it) or bare ("::1:8200", split at the last colon); nullopt otherwise.
+std::optional<ListenAddress> ParseListen(std::string_view listen);
 
 // INVALID_ARGUMENT naming the key at fault; NOT_FOUND if the file cannot be read.
 absl::StatusOr<Config> LoadConfig(const std::string& path);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/strings.h"
+#include "server/config.h"
 #include "spdlog/spdlog.h"
 
 namespace custos::server {
@@ -237,20 +238,7 @@ struct KvGateway::State {
   }
 };
 
-namespace {
-
-// The state of the gateway whose pool thread this is (TLS handshakes run on pool threads).
-thread_local KvGateway::State* serving_state = nullptr;
-// Request bytes read on the connection this pool thread serves.
-thread_local size_t request_bytes = 0;
-
-// The client at the other end of `fd`, as connections are counted per address: an IPv4
-// address (also when it comes mapped into IPv6 on a dual-stack listener), or an IPv6 /64 (one
-// host or one site's network may hold all of one); "" if unknown.
-std::string ClientAddress(int fd) {
-  sockaddr_storage peer{};
-  socklen_t size = sizeof(peer);
-  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &size) != 0) return "";
+std::string AddressGroup(const sockaddr_storage& peer) {
   char text[INET6_ADDRSTRLEN] = {};
   if (peer.ss_family == AF_INET) {
     const in_addr& address = reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr;
@@ -263,6 +251,22 @@ std::string ClientAddress(int fd) {
   }
   std::fill(std::begin(address.s6_addr) + 8, std::end(address.s6_addr), 0);
   return inet_ntop(AF_INET6, &address, text, sizeof(text)) != nullptr ? StrCat(text, "/64") : "";
+}
+
+namespace {
+
+// The state of the gateway whose pool thread this is (TLS handshakes run on pool threads).
+thread_local KvGateway::State* serving_state = nullptr;
+// Request bytes read on the connection this pool thread serves.
+thread_local size_t request_bytes = 0;
+
+// The client at the other end of `fd`, as connections are counted per address ("" if
+// unknown).
+std::string ClientAddress(int fd) {
+  sockaddr_storage peer{};
+  socklen_t size = sizeof(peer);
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &size) != 0) return "";
+  return AddressGroup(peer);
 }
 
 // SSL_CTX info callback: a connection's handshake starts on a pool thread; its socket is noted
@@ -463,16 +467,11 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
 absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, const Options& options,
                                                             metrics::Registry* registry) {
   const std::string& listen = options.listen;
-  const size_t colon = listen.rfind(':');
-  const std::optional<uint32_t> port = colon == std::string::npos ? std::nullopt
-                                       : listen.substr(colon + 1) == "0"
-                                           ? std::optional<uint32_t>(0)
-                                           : ParsePositive(listen.substr(colon + 1));
-  if (!port || *port > 65535) {
+  const std::optional<ListenAddress> address = ParseListen(listen);
+  if (!address) {
     return absl::InvalidArgumentError(
         StrCat("config: gateway.listen must be host:port, not '", listen, "'"));
   }
-  const std::string host = listen.substr(0, colon);
   std::string tls_error;
   auto gateway = std::unique_ptr<KvGateway>(new KvGateway());
   gateway->server_ = std::make_unique<httplib::SSLServer>([&](SSL_CTX& ctx) {
@@ -545,10 +544,9 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
                                               httplib::Response& response) {
     FetchKey(*state, request, response, /*key_fetch=*/true);
   });
-  gateway->port_ =
-      *port == 0
-          ? server.bind_to_any_port(host)
-          : (server.bind_to_port(host, static_cast<int>(*port)) ? static_cast<int>(*port) : -1);
+  gateway->port_ = address->port == 0
+                       ? server.bind_to_any_port(address->host)
+                       : (server.bind_to_port(address->host, address->port) ? address->port : -1);
   if (gateway->port_ <= 0) {
     gateway->server_.reset();
     return absl::UnavailableError(StrCat("gateway: cannot listen on ", listen));

@@ -37,6 +37,8 @@
 // Thread-safe; the Kms must outlive it.
 #pragma once
 
+#include <sys/socket.h>
+
 #include <memory>
 #include <string>
 #include <thread>
@@ -50,6 +52,11 @@ class SSLServer;
 }
 
 namespace custos::server {
+
+// A client's address as the gateway counts connections per address: an IPv4 address (also one
+// mapped into IPv6 by a dual-stack listener, "::ffff:a.b.c.d"), or an IPv6 /64 ("2001:db8::/64":
+// one host or one site's network may hold all of one); "" for any other family.
+std::string AddressGroup(const sockaddr_storage& peer);
 
 class KvGateway {
  public:

@@ -5,7 +5,6 @@
 #include <sys/stat.h>
 
 #include <atomic>
-#include <charconv>
 
 #include "common/strings.h"
 #include "server/config.h"
@@ -25,18 +24,12 @@ uint64_t FileBytes(const std::string& path) {
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const metrics::Registry* registry, const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  int port = -1;
-  if (colon != std::string::npos) {
-    const char* end = listen.data() + listen.size();
-    if (std::from_chars(listen.data() + colon + 1, end, port).ptr != end) port = -1;
-  }
-  std::string host = colon == std::string::npos ? "" : listen.substr(0, colon);
-  if (port < 0 || port > 65535 || !IsLoopbackHost(host)) {
+  const std::optional<ListenAddress> address = ParseListen(listen);
+  if (!address || !IsLoopbackHost(address->host)) {
     return absl::InvalidArgumentError(
         StrCat("config: metrics.listen must be a loopback host:port, not '", listen, "'"));
   }
-  if (host == "[::1]") host = "::1";
+  const auto& [host, port] = *address;
   auto endpoint = std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint());
   endpoint->server_ = std::make_unique<httplib::Server>();
   httplib::Server& server = *endpoint->server_;

@@ -20,6 +20,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <set>
 #include <string>
@@ -693,6 +694,59 @@ TEST_CASE("Databases behind one address are not cut while the gateway has thread
     CHECK(database->Receive().rfind("HTTP/1.1 403 Forbidden\r\n", 0) == 0);  // (no token)
   }
   CHECK(server.Log().find("key/value gateway: cut") == std::string::npos);
+}
+
+// The refusal of a fetch with a bad token from `peer`, once recorded (each peer's first
+// refusal has a record of its own).
+std::optional<pb::AuditRecord> AwaitRefusalFrom(const CustosServer& server,
+                                                const std::string& peer) {
+  for (int i = 0; i < 100; ++i, std::this_thread::sleep_for(50ms)) {
+    for (const pb::AuditRecord& r : AuditRecords(server)) {
+      if (r.action() == "FetchTdeKey" && r.outcome() == "PERMISSION_DENIED" && r.peer() == peer) {
+        return r;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+// gateway.listen took no IPv6 host in brackets ("[::]:8200", as gRPC's listen takes it):
+// custosd could not start. On a dual-stack listener every IPv4 client arrives as
+// ::ffff:a.b.c.d, which would share one /64 if not counted as the IPv4 address it is.
+TEST_CASE("A gateway on [::] serves IPv4 and IPv6 and counts each IPv4 client on its own",
+          "[e2e][gateway]") {
+  CustosServer server(ServerOptions{.extra_config = "[gateway]\nlisten = \"[::]:0\"\n"
+                                                    "[metrics]\nlisten = \"[::1]:0\"\n"});
+  REQUIRE(server.gateway_port() > 0);
+  {
+    // 8 and 8 fill the pool: neither address is over its limit of 8.
+    std::vector<std::unique_ptr<RawClient>> slow;
+    for (int i = 0; i < 16; ++i) {
+      slow.push_back(std::make_unique<RawClient>(server.gateway_port(),
+                                                 i % 2 == 0 ? "127.0.0.6" : "127.0.0.7"));
+      CHECK(slow.back()->Send("GET /v1/mariadb/data/1 HTTP/1.1\r\n"));
+    }
+    httplib::Client metrics("::1", server.metrics_port());
+    const httplib::Result scraped = metrics.Get("/metrics");
+    REQUIRE(scraped);
+    CHECK(
+        scraped->body.find("\ncustos_gateway_connections_cut_total{reason=\"address_busy\"} 0\n") !=
+        std::string::npos);
+  }
+  // Each family's client is named as it is in the audit log.
+  RawClient v4(server.gateway_port(), "127.0.0.8");
+  REQUIRE(
+      v4.Send("GET /v1/mariadb/data/1 HTTP/1.1\r\nHost: localhost\r\n"
+              "X-Vault-Token: cdt.wrong\r\n\r\n"));
+  CHECK(v4.Receive().rfind("HTTP/1.1 403 Forbidden\r\n", 0) == 0);
+  CHECK(AwaitRefusalFrom(server, "ipv4:127.0.0.8"));
+  httplib::SSLClient v6("::1", server.gateway_port());
+  v6.enable_server_certificate_verification(false);  // (the certificate names localhost)
+  const httplib::Result refused =
+      v6.Get("/v1/mariadb/data/1", httplib::Headers{{"X-Vault-Token", "cdt.wrong"}});
+  REQUIRE(refused);
+  CHECK(refused->status == 403);
+  CHECK(AwaitRefusalFrom(server, "ipv6:[::1]"));
 }
 
 // The 10 s connection deadline is for clients; a fetch waiting on the HSM is bounded by

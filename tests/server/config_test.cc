@@ -471,6 +471,9 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
       {"[log]\nformat = \"xml\"\n", "18: log.format must be \"text\" or \"json\""},
       {"[metrics]\nlisten = \"0.0.0.0:9464\"\n",
        "18: metrics.listen must be on a loopback address"},
+      {"[metrics]\nlisten = \"[127.0.0.1]:9464\"\n",
+       "18: metrics.listen must be on a loopback address"},
+      {"[gateway]\nlisten = \"[::]\"\n", "18: gateway.listen must be host:port"},
       {"[gateway]\nconnections_per_address = 17\n",
        "18: gateway.connections_per_address must be 0 (no limit) or 1..16"},
       {"[gateway]\nconnections_per_address = -1\n",
@@ -493,6 +496,30 @@ TEST_CASE("A refused setting is named with its file and line", "[config]") {
   // Both PIN sources: the line of the first one named.
   entries.back() = {"hsm", "pin_env", R"("PIN")"};
   RequireRefused(files, Render(entries), at + "9: set exactly one of hsm.pin_file and hsm.pin_env");
+}
+
+TEST_CASE("A listen setting is host:port, an IPv6 host bare or in brackets", "[config]") {
+  const std::pair<std::string, ListenAddress> parsed[] = {
+      {"127.0.0.1:8200", {"127.0.0.1", 8200}},
+      {"localhost:0", {"localhost", 0}},
+      {"[::]:8200", {"::", 8200}},
+      {"[::1]:65535", {"::1", 65535}},
+      {"::1:9464", {"::1", 9464}},
+      {"0.0.0.0:00080", {"0.0.0.0", 80}},
+  };
+  for (const auto& [listen, address] : parsed) {
+    INFO(listen);
+    const std::optional<ListenAddress> got = ParseListen(listen);
+    REQUIRE(got);
+    CHECK(got->host == address.host);
+    CHECK(got->port == address.port);
+  }
+  for (const char* listen :
+       {"", "8200", ":8200", "host", "host:", "host:-1", "host:+80", "host:65536", "host:123456",
+        "host:80x", "[::]", "[::]8200", "[::1:8200", "::1]:8200", "[]:80", "[a]:80", "[[::]]:80"}) {
+    INFO(listen);
+    CHECK_FALSE(ParseListen(listen));
+  }
 }
 
 TEST_CASE("A missing required setting is named", "[config]") {
@@ -531,8 +558,8 @@ TEST_CASE("A character the TOML parser cannot classify is refused with its line"
                  files.path() + ":" + std::to_string(log_level_line) + ": a character in");
   // A comment line may hold any character, and a string the same character as an escape.
   const Config config = RequireLoads(
-      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[gateway]\nlisten = \"caf\\u00e9\"\n");
-  CHECK(config.gateway_listen == "caf\xc3\xa9");
+      files, "# caf\xc3\xa9\n" + Render(Minimal()) + "[server]\nlisten = \"caf\\u00e9\"\n");
+  CHECK(config.listen == "caf\xc3\xa9");
 }
 
 TEST_CASE("The example config and policy load, and every quorum is reachable", "[config]") {
