@@ -245,20 +245,46 @@ hsm::TokenLease* claim_to_release = nullptr;
 // hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
 // hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already. The claim
 // is released first (each HSM call answered within hsm.call_timeout_ms).
+void ReleaseClaim(hsm::TokenLease& lease) {
+  if (absl::Status released = lease.Release(); !released.ok()) {
+    spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
+                  released.ToString());
+  }
+}
+
 int Fail(const absl::Status& status, int exit_code = 1) {
   spdlog::critical("{}", status.ToString());
-  if (claim_to_release != nullptr) {
-    if (absl::Status released = claim_to_release->Release(); !released.ok()) {
-      spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
-                    released.ToString());
-    }
-  }
+  if (claim_to_release != nullptr) ReleaseClaim(*claim_to_release);
   spdlog::default_logger()->flush();
   std::fflush(nullptr);
 #if defined(__SANITIZE_ADDRESS__)
   __lsan_do_leak_check();  // what exit() would have run: failed starts are checked for leaks too
 #endif
   std::_Exit(exit_code);
+}
+
+// Claims the HSM token (hsm/token_lease.h) before anything is written to it, by a start or by
+// init: while another server holds it (a copy of this state started by mistake, a standby),
+// FAILED_PRECONDITION naming it; exit kExitTokenRefused. Renewed until released, and released
+// by Fail.
+absl::StatusOr<std::unique_ptr<hsm::TokenLease>> ClaimToken(const Config& config, hsm::Hsm& hsm,
+                                                            storage::KeyStore& store) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::unique_ptr<hsm::TokenLease> lease,
+      hsm::TokenLease::Acquire(
+          &hsm, {.label = config.instance_label,
+                 .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
+                 .state = AuditHeadState(store),
+                 .may_take_over = [&store](const std::string& holder, const std::string& state) {
+                   return CheckReachesLastHolder(store, holder, state);
+                 }}));
+  lease->KeepRenewed(ExitIfTokenTaken);
+  claim_to_release = lease.get();
+  return lease;
+}
+
+int FailToClaim(const absl::Status& status) {
+  return Fail(status, absl::IsFailedPrecondition(status) ? kExitTokenRefused : 1);
 }
 
 // A key custosd needs could not be used: the advice to run init fits a key that is missing,
@@ -403,6 +429,9 @@ int Init(const Config& config) {
   if (!store.ok()) return Fail(store.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
   if (!hsm.ok()) return Fail(hsm.status());
+  // As at a start: a server using the token is not written under.
+  absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
+  if (!lease.ok()) return FailToClaim(lease.status());
   // The catalogue key first: reading the store's settings checks them with it.
   absl::Status catalog =
       Ensure((*hsm)->CreateHmacKey(config.catalog_hmac_key_label),
@@ -442,6 +471,8 @@ int Init(const Config& config) {
   if (absl::Status works = CheckSigningKey(**hsm, config.audit_signing_key_label); !works.ok()) {
     return Fail(works);
   }
+  ReleaseClaim(**lease);
+  claim_to_release = nullptr;
   return 0;
 }
 
@@ -497,18 +528,8 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
   if (!hsm.ok()) return Fail(hsm.status());
   // Before anything is written to the token: no other server uses it.
-  absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = hsm::TokenLease::Acquire(
-      hsm->get(), {.label = config.instance_label,
-                   .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
-                   .state = AuditHeadState(**store),
-                   .may_take_over = [&store](const std::string& holder, const std::string& state) {
-                     return CheckReachesLastHolder(**store, holder, state);
-                   }});
-  if (!lease.ok()) {
-    return Fail(lease.status(), absl::IsFailedPrecondition(lease.status()) ? kExitTokenRefused : 1);
-  }
-  (*lease)->KeepRenewed(ExitIfTokenTaken);
-  claim_to_release = lease->get();
+  absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
+  if (!lease.ok()) return FailToClaim(lease.status());
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog =
           CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
@@ -782,10 +803,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   if (absl::Status closed = kms.CloseAuditLog(); !closed.ok()) {
     spdlog::error("audit checkpoint at stop: {}", closed.ToString());
   }
-  if (absl::Status released = (*lease)->Release(); !released.ok()) {
-    spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
-                  released.ToString());
-  }
+  ReleaseClaim(**lease);
   return 0;
 }
 

@@ -314,6 +314,53 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
                                            "renew its claim for a lease; exiting (code 71)"));
 }
 
+// init writes to the token too (the keys its config names that the token lacks): on a copy
+// of the state it ran beside the server holding the token, and created keys under it.
+TEST_CASE("init on a copy of the state waits for the token like a start, and writes nothing",
+          "[e2e][state]") {
+  CustosServer server;
+  CreateKey(server, "init/key", true, true);
+  TempDir copy;
+  REQUIRE(std::system(("cp -a " + server.state_dir() + "/. " + copy.path() + "/ && rm -f " +
+                       copy.path() + "/port " + copy.path() + "/custosd.log")
+                          .c_str()) == 0);
+  // The copy's config names an audit key the token lacks: init would create it.
+  REQUIRE(std::system(("sed -i 's|^pin_file = \"hsm/pin\"$|&\\naudit_hmac_key_label = "
+                       "\"copy-audit-hmac\"|' " +
+                       copy.path() + "/custosd.toml")
+                          .c_str()) == 0);
+  REQUIRE_THAT(
+      ReadFile(copy.path() + "/custosd.toml"),
+      Catch::Contains("pin_file = \"hsm/pin\"\naudit_hmac_key_label = \"copy-audit-hmac\"\n"));
+  const std::string init_copy = "--config " + copy.path() + "/custosd.toml init";
+  char host[256] = {};
+  REQUIRE(::gethostname(host, sizeof(host) - 1) == 0);
+  const std::string holder = std::string(host) + ":" + std::to_string(server.pid());
+
+  std::string output;
+  int status = RunCustosd(init_copy, &output, /*timeout=*/30);
+  {
+    INFO(output);
+    CHECK(status == 72);
+    CHECK_THAT(output, Catch::Contains("another custosd (" + holder + ") holds this HSM token"));
+    CHECK_THAT(output, !Catch::Contains("created"));
+    CHECK_THAT(output, !Catch::Contains("nothing to do"));
+  }
+  pb::GenerateDataKeyRequest req;
+  req.set_key("init/key");
+  pb::GenerateDataKeyResponse reply;
+  CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
+
+  // Once the server has stopped (and released the token), init runs, and the next start too.
+  server.Stop();
+  status = RunCustosd(init_copy, &output, /*timeout=*/30);
+  INFO(output);
+  CHECK(status == 0);
+  CHECK_THAT(output, Catch::Contains("created audit HMAC key 'copy-audit-hmac'"));
+  CHECK_THAT(output, Catch::Contains("catalogue HMAC key"));
+  CHECK_THAT(output, Catch::Contains("already exists"));
+}
+
 TEST_CASE("Two servers never share a port", "[e2e][state]") {
   CustosServer first;
   CustosServer second;
