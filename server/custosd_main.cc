@@ -265,23 +265,22 @@ int Fail(const absl::Status& status, int exit_code = 1) {
 
 // Claims the HSM token (hsm/token_lease.h) before anything is written to it, by a start or by
 // init: while another server holds it (a copy of this state started by mistake, a standby),
-// FAILED_PRECONDITION naming it; exit kExitTokenRefused. Renewed until released, and released
-// by Fail.
+// FAILED_PRECONDITION naming it; exit kExitTokenRefused. Renewed until released; the caller
+// names it in claim_to_release, for Fail.
 absl::StatusOr<std::unique_ptr<hsm::TokenLease>> ClaimToken(const Config& config, hsm::Hsm& hsm,
                                                             storage::KeyStore& store) {
-  CUSTOS_ASSIGN_OR_RETURN(
-      std::unique_ptr<hsm::TokenLease> lease,
-      hsm::TokenLease::Acquire(
-          &hsm, {.label = config.instance_label,
-                 .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
-                 .state = AuditHeadState(store),
-                 .may_take_over = [&store](const std::string& holder, const std::string& state) {
-                   return CheckReachesLastHolder(store, holder, state);
-                 }}));
-  lease->KeepRenewed(ExitIfTokenTaken);
-  claim_to_release = lease.get();
+  hsm::TokenLease::Options options{
+      .label = config.instance_label,
+      .lease = std::chrono::milliseconds(config.hsm_instance_lease_ms),
+      .state = AuditHeadState(store),
+      .may_take_over = [&store](const std::string& holder, const std::string& state) {
+        return CheckReachesLastHolder(store, holder, state);
+      }};
+  absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease =
+      hsm::TokenLease::Acquire(&hsm, std::move(options));
+  if (lease.ok()) (*lease)->KeepRenewed(ExitIfTokenTaken);
   return lease;
-}
+}  // NOLINT(clang-analyzer-cplusplus.NewDeleteLeaks): loses track of the std::function moved
 
 int FailToClaim(const absl::Status& status) {
   return Fail(status, absl::IsFailedPrecondition(status) ? kExitTokenRefused : 1);
@@ -432,6 +431,7 @@ int Init(const Config& config) {
   // As at a start: a server using the token is not written under.
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
   if (!lease.ok()) return FailToClaim(lease.status());
+  claim_to_release = lease->get();
   // The catalogue key first: reading the store's settings checks them with it.
   absl::Status catalog =
       Ensure((*hsm)->CreateHmacKey(config.catalog_hmac_key_label),
@@ -530,6 +530,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   // Before anything is written to the token: no other server uses it.
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
   if (!lease.ok()) return FailToClaim(lease.status());
+  claim_to_release = lease->get();
   // Every row read from the store from here on is checked with this HSM key.
   if (absl::Status catalog =
           CheckHmacKey(**hsm, config.catalog_hmac_key_label, "catalogue HMAC key");
