@@ -105,6 +105,18 @@ absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, s
       RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnText(1)});
 }
 
+absl::StatusOr<bool> RowEverRecorded(sqlite::Database& db, std::string_view row,
+                                     uint64_t floor_seq) {
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> indexed,
+                          LatestRowRecord(db, row, floor_seq));
+  if (indexed.has_value()) return true;
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT 1 FROM audit_log NOT INDEXED WHERE seq > ?2 AND "
+                                     "row_name = ?1 LIMIT 1"));
+  stmt.BindText(1, row).BindInt64(2, static_cast<int64_t>(floor_seq));
+  return stmt.Step();
+}
+
 absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedBy(
     sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit,
     uint64_t floor_seq) {

@@ -29,6 +29,11 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(
 // for nothing.
 absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, std::string_view row,
                                                          uint64_t floor_seq);
+// True if a live record (after `floor_seq`) names catalogue row `row`. Asked of the table
+// itself when the row index finds none: the index is not under the chain, and someone who can
+// write the file can drop an entry from it without changing a single record.
+absl::StatusOr<bool> RowEverRecorded(sqlite::Database& db, std::string_view row,
+                                     uint64_t floor_seq);
 // The last record, or nullopt for an empty log.
 absl::StatusOr<std::optional<audit::Record>> LoadLastAuditRecord(sqlite::Database& db);
 

@@ -494,9 +494,9 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
     impl->trust_.SetFloor(floor->seq, floor->hash);
   }
   CUSTOS_ASSIGN_OR_RETURN(
-      const std::optional<RowRecord> sealed,
-      LatestRowRecord(*impl->db_, SettingRowName(kCatalogSealedSetting), impl->floor_.seq));
-  impl->integrity_.set_unsealed_catalog(!sealed.has_value());
+      const bool sealed,
+      RowEverRecorded(*impl->db_, SettingRowName(kCatalogSealedSetting), impl->floor_.seq));
+  impl->integrity_.set_unsealed_catalog(!sealed);
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
@@ -1048,11 +1048,24 @@ absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,
     const std::set<std::string>& replay_safe) {
   if (!impl_->integrity_.enabled()) return 0;
+  uint64_t floor = 0;
   {
     std::lock_guard lock(impl_->db_mu_);
-    CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> sealed,
-                            impl_->Recorded(SettingRowName(kCatalogSealedSetting)));
-    if (sealed.has_value()) return 0;
+    floor = impl_->floor_.seq;
+    CUSTOS_ASSIGN_OR_RETURN(
+        const bool sealed,
+        RowEverRecorded(*impl_->db_, SettingRowName(kCatalogSealedSetting), floor));
+    if (sealed) return 0;
+  }
+  // Whatever is sealed now is believed for good: the whole log first, so that a record saying
+  // the catalogue was sealed cannot have been renamed or removed to have it sealed again with
+  // rows added outside Custos.
+  if (absl::Status intact = impl_->trust_.Cover(floor + 1); !intact.ok()) {
+    return absl::Status(
+        intact.code(),
+        StrCat("the catalogue is not marked sealed, and the audit log it would be sealed with does "
+               "not verify, so nothing is sealed: ",
+               intact.message()));
   }
   uint64_t rows = 0;
   // Keys a page at a time, each page one batch, written back as they are.

@@ -272,7 +272,9 @@ class KeyStore {
   // names it in, and a last setting ("catalog_sealed", with its record) says the catalogue is
   // sealed. From then on an unsealed row is an integrity failure and is never sealed again.
   // Settings named in `replay_safe` are sealed without a record. Returns the number of rows sealed:
-  // 0 if the catalogue was sealed before or there is no authenticator.
+  // 0 if the catalogue was sealed before or there is no authenticator. Before sealing, the whole
+  // live log is recomputed against the anchor (AnchorAuditLog): FAILED_PRECONDITION, sealing
+  // nothing, if it was changed (a "sealed" record renamed, say).
   absl::StatusOr<uint64_t> SealCatalog(
       const std::function<audit::Record(const std::string& row)>& record_for,
       const std::set<std::string>& replay_safe);

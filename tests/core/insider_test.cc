@@ -322,6 +322,72 @@ TEST_CASE("Observed time moved forward with SQL hastens no destruction", "[insid
   CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
 }
 
+// Rebuilds the row index without the entry of record `seq`, through the schema table, each
+// step on a connection of its own (one reads the schema once): no record changes, and only
+// PRAGMA integrity_check would tell.
+void DropIndexEntry(const std::string& db, const std::string& seq) {
+  const std::string index =
+      "CREATE INDEX audit_log_by_row ON audit_log (row_name, seq) WHERE row_name <> ''''";
+  const auto define = [&](const std::string& sql) {
+    REQUIRE(SqlExec(db, "PRAGMA writable_schema = ON; UPDATE sqlite_master SET sql = '" + sql +
+                            "' WHERE name = 'audit_log_by_row';")
+                .empty());
+  };
+  define(index + " AND seq <> " + seq);
+  REQUIRE(SqlExec(db, "REINDEX audit_log_by_row;").empty());
+  define(index);
+}
+
+// The record saying the catalogue was sealed used to be looked up through the row index alone,
+// and sealing re-read every row unchecked: with that record out of sight, the next start
+// sealed whatever had been written into the file meanwhile.
+TEST_CASE("A sealed catalogue is not sealed again when its record is hidden or renamed",
+          "[insider][catalog][anchor]") {
+  Fixture f;
+  REQUIRE(f.kms->SealCatalog().ok());
+  const KeyRef key = f.NewKeyWithoutGrants("no-grants");
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
+  REQUIRE(f.kms->Checkpoint().ok());                                     // the HSM keeps this head
+  const std::string sealed_seq =
+      SqlQuery(Db(f), "SELECT max(seq) FROM audit_log WHERE row_name = 'setting:catalog_sealed'");
+  REQUIRE(!sealed_seq.empty());
+  const std::string grant = "INSERT INTO key_grants VALUES ('" + key->id + "', '" + testing::kApp +
+                            "', 'encrypt'); INSERT INTO key_grants VALUES ('" + key->id + "', '" +
+                            testing::kApp + "', 'decrypt');";
+  SECTION("its entry dropped from the row index, no record changed") {
+    f.kms.reset();
+    f.store.reset();
+    REQUIRE(SqlExec(Db(f), grant).empty());
+    DropIndexEntry(Db(f), sealed_seq);
+    f.Restart();
+    REQUIRE(SqlQuery(Db(f),
+                     "SELECT count(*) FROM audit_log WHERE row_name = "
+                     "'setting:catalog_sealed' AND row_name <> ''") == "0");  // (through the index)
+    REQUIRE(f.kms->VerifyAuditLog(true).ok());
+    const absl::StatusOr<uint64_t> resealed = f.kms->SealCatalog();
+    INFO(resealed.status().ToString());
+    REQUIRE(resealed.ok());
+    CHECK(*resealed == 0);
+  }
+  SECTION("its record renamed, no hash changed") {
+    EditWhileStopped(f, grant +
+                            "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
+                            "row_name = 'setting:x' WHERE seq = " +
+                            sealed_seq + ";");
+    REQUIRE(f.kms->VerifyAuditLog(false).ok());
+    const absl::StatusOr<uint64_t> resealed = f.kms->SealCatalog();
+    INFO(resealed.status().ToString());
+    CHECK(absl::IsFailedPrecondition(resealed.status()));
+    CHECK_THAT(std::string(resealed.status().message()),
+               Catch::StartsWith("the catalogue is not marked sealed, and the audit log it would "
+                                 "be sealed with does not verify, so nothing is sealed: audit "
+                                 "records "));
+  }
+  // Either way the grant no officer approved grants nothing.
+  CheckRefused(f.kms->GenerateDataKey(f.app, "no-grants", {}, 32, true).status(), "key:" + key->id,
+               "its MAC does not match its content");
+}
+
 TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row is refused",
           "[insider][catalog]") {
   Fixture f;
