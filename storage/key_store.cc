@@ -335,6 +335,7 @@ class KeyStore::Impl {
         record.row = name;
         record.row_digest = recorded.digest;
         chain_.Seal(record);
+        trust_.NoteWritten(record.seq);
         CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
       }
       carried += rows.size();
@@ -458,6 +459,7 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
     }
     for (audit::Record record : writer.audit) {
       chain_.Seal(record);
+      trust_.NoteWritten(record.seq);  // before a reader can see it
       CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
     }
     return absl::OkStatus();
@@ -500,6 +502,7 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
+  impl->trust_.NoteWritten(last ? last->seq : 0);
   return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
 
@@ -1048,10 +1051,11 @@ absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,
     const std::set<std::string>& replay_safe) {
   if (!impl_->integrity_.enabled()) return 0;
-  uint64_t floor = 0;
+  uint64_t floor = 0, last = 0;
   {
     std::lock_guard lock(impl_->db_mu_);
     floor = impl_->floor_.seq;
+    last = impl_->chain_.last_seq();
     CUSTOS_ASSIGN_OR_RETURN(
         const bool sealed,
         RowEverRecorded(*impl_->db_, SettingRowName(kCatalogSealedSetting), floor));
@@ -1060,7 +1064,8 @@ absl::StatusOr<uint64_t> KeyStore::SealCatalog(
   // Whatever is sealed now is believed for good: the whole log first, so that a record saying
   // the catalogue was sealed cannot have been renamed or removed to have it sealed again with
   // rows added outside Custos.
-  if (absl::Status intact = impl_->trust_.Cover(floor + 1); !intact.ok()) {
+  if (absl::Status intact = last > floor ? impl_->trust_.Cover(floor + 1) : absl::OkStatus();
+      !intact.ok()) {
     return absl::Status(
         intact.code(),
         StrCat("the catalogue is not marked sealed, and the audit log it would be sealed with does "

@@ -388,6 +388,46 @@ TEST_CASE("A sealed catalogue is not sealed again when its record is hidden or r
                "its MAC does not match its content");
 }
 
+// A record inserted with plain SQL (no trigger touched) past custosd's head, while it runs.
+std::string PlantRecord(const std::string& row, const std::string& digest) {
+  return "INSERT INTO audit_log (seq, time, principal, role, action, key_id, key_version, "
+         "source_key_id, source_key_version, request_id, outcome, peer, context_hmac, detail, "
+         "hash, format, call_id, row_name, row_digest) VALUES (1000000000, 0, 'custosd', "
+         "'server', 'X', '', 0, '', 0, '', 'OK', '', '', '', zeroblob(32), 2, '', '" +
+         row + "', '" + digest + "');";
+}
+
+// Records after the start-up anchor were all believed as this process's own: one added while
+// it ran vouched for whatever row it named.
+TEST_CASE("A record added to the log while custosd runs vouches for nothing",
+          "[insider][catalog][anchor]") {
+  Fixture f;
+  const KeyRef key = f.NewKey("k");
+  f.NewKey("k2");
+  const std::string row = "key:" + key->id;
+  // The ENABLED row, its MAC and the digest its record carries, as a DBA reads them.
+  const std::string state = SqlQuery(Db(f), "SELECT state FROM keys WHERE id = '" + key->id + "'");
+  const std::string mac = SqlQuery(Db(f), "SELECT hex(mac) FROM keys WHERE id = '" + key->id + "'");
+  const std::string digest = SqlQuery(Db(f), "SELECT row_digest FROM audit_log WHERE row_name = '" +
+                                                 row + "' ORDER BY seq DESC LIMIT 1");
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+  REQUIRE(f.kms->Checkpoint().ok());
+  f.Restart();  // nothing cached
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  // Live, through another connection.
+  REQUIRE(SqlExec(Db(f), "UPDATE keys SET state = " + state + ", mac = X'" + mac +
+                             "' WHERE id = '" + key->id + "'; " + PlantRecord(row, digest))
+              .empty());
+  const absl::Status refused = f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status();
+  CheckRefused(refused, row, "the audit record that vouches for it (1000000000)");
+  CHECK_THAT(std::string(refused.message()),
+             Catch::Contains("audit record 1000000000 is past the last record custosd wrote ("));
+  CHECK(Alarms(f, key->id) == 1);
+  // custosd's own records go on being written and believed.
+  REQUIRE(f.kms->RecordServerStart().ok());
+  CHECK(f.kms->GenerateDataKey(f.app, "k2", {}, 32, true).ok());
+}
+
 TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row is refused",
           "[insider][catalog]") {
   Fixture f;
