@@ -466,6 +466,9 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
   }();
   if (!status.ok()) {
     chain_ = std::move(chain_before);
+    // A full disk (and some I/O errors) make SQLite roll the whole transaction back by itself:
+    // no savepoint is left to undo, and Apply fails the group whole.
+    if (sqlite3_get_autocommit(db_->handle()) != 0) return status;
     CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
   }
   CUSTOS_RETURN_IF_ERROR(db_->Exec("RELEASE batch"));
@@ -551,7 +554,15 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     absl::Status committed = [&]() -> absl::Status {
       CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
       CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
-      for (Impl::Writer* w : group) w->status = impl_->WriteInGroup(*w);
+      for (Impl::Writer* w : group) {
+        w->status = impl_->WriteInGroup(*w);
+        // SQLite rolled the group's transaction back by itself: nothing of it is written, and
+        // the next batch's SAVEPOINT would begin, and its RELEASE commit, a transaction of its
+        // own, durable while its caller is told it failed.
+        if (!w->status.ok() && sqlite3_get_autocommit(impl_->db_->handle()) != 0) {
+          return w->status;
+        }
+      }
       return tx->Commit();
     }();
     impl_->NoteWrite(committed).IgnoreError();

@@ -1,11 +1,20 @@
 // Durability as the OS sees it, through SyncVfs: KeyStore::Apply returns only after SQLite
 // synced the write-ahead log holding the batch; concurrent batches share syncs (group
 // commit); and a sync that fails fails the batch, which then is neither stored nor logged.
+#include <sqlite3.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <thread>
 
 #include "tests/storage/store_test_util.h"
 #include "tests/storage/sync_vfs.h"
+#include "tests/support/sqlite_file.h"
 #include "tests/support/temp_dir.h"
 
 namespace custos::storage {
@@ -18,6 +27,8 @@ using test::OpenStore;
 using test::Reopen;
 using test::SyncVfs;
 using Op = SyncVfs::Op;
+using custos::testing::SqlQuery;
+using namespace std::chrono_literals;
 
 WriteBatch Audited(const std::string& action, std::vector<KeyRecord> keys = {}) {
   audit::Record record;
@@ -105,6 +116,82 @@ TEST_CASE("A failed sync fails the batch: nothing stored, nothing logged", "[dur
     store.reset();
     Reopen(store, path);  // and the file says the same after a restart
   }
+}
+
+// A full disk while a group commits (a group big enough for SQLite to spill pages mid-way):
+// SQLite rolls the whole transaction back by itself. The group's later batches then began,
+// and committed, transactions of their own, durable while their callers were told they
+// failed, and every write after that reused a stored seq until a restart.
+TEST_CASE("A full disk fails a commit group whole, and writes resume when there is room",
+          "[durability]") {
+  TempDir dir;
+  const std::string volume = dir.File("volume");
+  REQUIRE(::mkdir(volume.c_str(), 0700) == 0);
+  if (::mount("tmpfs", volume.c_str(), "tmpfs", 0, "size=6m,mode=0700") != 0) {
+    WARN("cannot mount a tmpfs (not root): " << std::strerror(errno) << "; not run");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{volume};
+  const std::string path = volume + "/keys.db";
+  auto store = OpenStore(path);
+  REQUIRE(store->Apply(Audited("First")).ok());
+  {  // The volume filled, then about 700 KiB freed.
+    std::ofstream filler(volume + "/filler", std::ios::binary);
+    const std::string block(64 * 1024, 'x');
+    while (filler.write(block.data(), block.size())) {
+    }
+  }
+  struct stat filled {};
+  REQUIRE(::stat((volume + "/filler").c_str(), &filled) == 0);
+  REQUIRE(::truncate((volume + "/filler").c_str(), filled.st_size - 11 * 64 * 1024) == 0);
+
+  // Another connection holds the write lock: the first batch waits alone, and the big one and
+  // a small one queue behind it, to be committed as one group.
+  sqlite3* other = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &other) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  absl::Status lead, big, small;
+  std::thread leading([&] { lead = store->Apply(Audited("Lead")); });
+  std::this_thread::sleep_for(200ms);
+  std::thread bigger([&] {
+    WriteBatch batch;  // about 4 MB: more than SQLite's page cache, and than the room left
+    for (int i = 0; i < 4000; ++i) {
+      batch.audit.push_back(Audited("Big").audit[0]);
+      batch.audit.back().detail = std::string(1000, 'd');
+    }
+    big = store->Apply(batch);
+  });
+  std::this_thread::sleep_for(200ms);
+  std::thread smaller([&] { small = store->Apply(Audited("SmallAfterBig")); });
+  std::this_thread::sleep_for(200ms);
+  REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  leading.join();
+  bigger.join();
+  smaller.join();
+  sqlite3_close(other);
+  CHECK(lead.ok());
+  INFO("big: " << big.ToString() << "; small: " << small.ToString());
+  CHECK(big.code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(big.message()), Catch::Contains("the disk is full"));
+  CHECK(small == big);  // its group's fate
+  // What is durable is what was acknowledged.
+  CHECK(SqlQuery(path,
+                 "SELECT group_concat(action, ',') FROM (SELECT action FROM audit_log "
+                 "ORDER BY seq)") == "First,Lead");
+
+  // Room again: writes go on by themselves, the chain without a gap.
+  REQUIRE(::unlink((volume + "/filler").c_str()) == 0);
+  for (int i = 0; i < 3; ++i) CHECK(store->Apply(Audited("AfterRoom")).ok());
+  const std::vector<audit::Record> rows = store->ReadAudit(1, 10).value();
+  REQUIRE(rows.size() == 5);
+  for (size_t i = 1; i < rows.size(); ++i) {
+    CHECK(rows[i].seq == i + 1);
+    CHECK(rows[i].hash == audit::ChainHash(rows[i - 1].hash, rows[i]));
+  }
+  store.reset();
 }
 
 }  // namespace
