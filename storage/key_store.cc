@@ -734,7 +734,14 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
   {
     std::lock_guard lock(db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
-    if (!stored.has_value()) return std::optional<std::string>();
+    if (!stored.has_value()) {
+      // Custos never deletes a setting (it empties it): one the log records was deleted
+      // outside it, and taking it for never set would drop what it guards.
+      if (chain != RowIntegrity::Chain::kMacOnly) {
+        CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
+      }
+      return std::optional<std::string>();
+    }
     if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
       CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
     }

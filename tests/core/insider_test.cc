@@ -428,6 +428,29 @@ TEST_CASE("A record added to the log while custosd runs vouches for nothing",
   CHECK(f.kms->GenerateDataKey(f.app, "k2", {}, 32, true).ok());
 }
 
+// A setting deleted with SQL was taken for one never set: the interlock that keeps a TDE
+// sealing key from being disabled went with its row, unseen.
+TEST_CASE("A setting deleted with SQL is refused, not taken for never set", "[insider][catalog]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  Proposal disable;
+  disable.operation = Operation::kDisableKey;
+  disable.key = "tde-seal";
+  disable.justification = "insider test";
+  REQUIRE(absl::IsFailedPrecondition(f.kms->Propose(f.officer, disable).status()));  // in use
+  const std::string setting =
+      SqlQuery(Db(f), "SELECT name FROM settings WHERE name LIKE 'tde-sealing/%'");
+  REQUIRE(!setting.empty());
+  EditWhileStopped(f, "DELETE FROM settings WHERE name = '" + setting + "';");
+  const absl::Status refused = f.kms->Propose(f.officer, disable).status();
+  CheckRefused(refused, "setting:" + setting,
+               "it is missing from the database although audit record ");
+  CHECK_THAT(std::string(refused.message()), Catch::Contains("(deleted outside Custos?)"));
+}
+
 TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row is refused",
           "[insider][catalog]") {
   Fixture f;
