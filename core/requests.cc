@@ -286,7 +286,14 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
   } else if (policy::IsGatewayOperation(operation)) {
     return ExecuteGateway(call, std::move(request), params);
   } else if (operation == Operation::kCreateKey) {
-    const absl::Status valid = ValidateCreate(params.create);
+    absl::Status valid = ValidateCreate(params.create);
+    // Taken since the proposal (a key made without grants needs no approval): the request
+    // fails, before the HSM makes a version for nothing, rather than stay pending.
+    if (valid.ok() && !params.create.alias.empty() &&
+        options_.store->FindKeyByAlias(params.create.alias).ok()) {
+      valid = absl::FailedPreconditionError(
+          StrCat("alias '", params.create.alias, "' was taken after it was proposed"));
+    }
     changed = valid.ok() ? NewKey({request.proposer, call.caller().peer}, params.create)
                          : absl::StatusOr<KeyRecord>(valid);
   } else {

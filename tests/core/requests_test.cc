@@ -712,6 +712,29 @@ TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[
   CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
 }
 
+// Officers may create a key without grants directly: its alias may be taken while a request for
+// a key with grants under that alias waits for its quorum. The last approval then answered
+// ALREADY_EXISTS (after generating a key version for nothing) and the request stayed pending.
+TEST_CASE("A key request whose alias was taken meanwhile fails at quorum", "[requests]") {
+  Fixture f;
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = "emr";
+  create.params.create.encrypt_principals = {testing::kApp};
+  const Request request = *f.kms->Propose(f.officer, create);
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  const KeyRef taken = f.NewKeyWithoutGrants("emr");
+  absl::StatusOr<Request> executed =
+      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsFailedPrecondition(executed.status()));
+  CHECK(executed.status().message() ==
+        "request " + request.id +
+            " reached its quorum but could not execute: alias 'emr' was taken after it was "
+            "proposed");
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kFailed);
+  CHECK((*f.store->FindKeyByAlias("emr"))->id == taken->id);
+  CHECK((*f.store->FindKeyByAlias("emr"))->encrypt_grants.empty());
+}
+
 TEST_CASE("A key request is checked again at quorum against the policy then", "[requests]") {
   Fixture f;
   Proposal create = Propose(Operation::kCreateKey, "");
