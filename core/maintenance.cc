@@ -92,13 +92,14 @@ absl::Status Kms::RunMaintenanceTurn() {
     // What concerns the whole server: the roots. (Destroying a retired root is the only HSM
     // call made holding the server, and only after a root rotation.)
     ChangeLock server = LockServer();
-    if (std::optional<int64_t> jump = observed_.TakeWallClockJump(kClockJumpToleranceSeconds)) {
-      const std::string detail = StrCat("the wall clock moved ", *jump,
+    if (const auto jump = observed_.WallClockJump(kClockJumpToleranceSeconds)) {
+      const std::string detail = StrCat("the wall clock moved ", jump->seconds,
                                         " s against the time this server observed passing; ",
                                         "key destruction waits for both clocks");
       spdlog::error("clock: {}", detail);
       CUSTOS_RETURN_IF_ERROR(
           Commit({}, {ServerEvent("ClockJump", "", "", absl::StatusCode::kOk, detail)}));
+      observed_.Reported(*jump);  // only once recorded
     }
     // After a restart. Its failure (the setting unreadable) must not hold up the rest of the
     // turn, destructions above all: logged, and tried again next turn.

@@ -40,14 +40,18 @@ absl::Status ObservedTime::Persist() {
   return store_->PutReplaySafeSetting(kObservedSecondsSetting, std::to_string(now));
 }
 
-std::optional<int64_t> ObservedTime::TakeWallClockJump(int64_t tolerance_seconds) {
+std::optional<ObservedTime::ClockJump> ObservedTime::WallClockJump(int64_t tolerance_seconds) {
   std::lock_guard lock(mu_);
   if (!loaded_) return std::nullopt;
   const int64_t offset = clock_->NowSeconds() - NowLocked();
   const int64_t jump = offset - wall_offset_;
   if (jump <= tolerance_seconds && jump >= -tolerance_seconds) return std::nullopt;
-  wall_offset_ = offset;  // report each jump once
-  return jump;
+  return ClockJump{jump, offset};
+}
+
+void ObservedTime::Reported(const ClockJump& jump) {
+  std::lock_guard lock(mu_);
+  wall_offset_ = jump.offset;  // each jump reported once
 }
 
 }  // namespace custos::core

@@ -9,7 +9,7 @@
 // again in the safe direction.
 //
 // It also notices the wall clock running ahead of (or behind) observed time within a run:
-// TakeWallClockJump() reports a jump once, so the server can alert. Thread-safe.
+// WallClockJump() finds a jump until it is Reported(), so the server can alert once. Thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -37,10 +37,16 @@ class ObservedTime {
   // Stores the current figure (one settings write).
   absl::Status Persist();
 
+  struct ClockJump {
+    int64_t seconds;  // how far the wall clock moved (negative: back)
+    int64_t offset;   // the wall clock's offset from observed time after it
+  };
   // How far the wall clock has moved ahead of observed time (negative: behind) since this
-  // run began or since the last jump reported, if that exceeds `tolerance_seconds`; the
-  // jump is then reported once. Nothing before the first Now().
-  std::optional<int64_t> TakeWallClockJump(int64_t tolerance_seconds);
+  // run began or since the last jump reported, if that exceeds `tolerance_seconds`. Nothing
+  // before the first Now(). Found again at every call until Reported(): a jump whose record
+  // could not be written (a full disk) is recorded at a later turn.
+  std::optional<ClockJump> WallClockJump(int64_t tolerance_seconds);
+  void Reported(const ClockJump& jump);
 
  private:
   absl::Status LoadLocked();

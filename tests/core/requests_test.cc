@@ -560,6 +560,32 @@ TEST_CASE("A wall clock stepped forward does not shred a key early", "[lifecycle
   CHECK((*f.store->GetKey(key->id))->state == KeyState::kDestroyed);
 }
 
+// A jump was marked reported before its record was written: with the log unwritable at that
+// turn (a full disk), it was never recorded.
+TEST_CASE("A clock jump seen while the log cannot be written is recorded once it can",
+          "[lifecycle][clock]") {
+  Fixture f;
+  REQUIRE(f.kms->RunMaintenance().ok());  // observed time loaded
+  const auto jumps = [&] {
+    const std::vector<audit::Event> events = f.sink.events();
+    return std::count_if(events.begin(), events.end(),
+                         [](const audit::Event& e) { return e.action == "ClockJump"; });
+  };
+  f.clock.StepWallClock(3 * 3600);
+  f.store->InjectWriteFault(absl::UnavailableError("disk full"));
+  CHECK(absl::IsUnavailable(f.kms->RunMaintenance()));
+  f.store->InjectWriteFault(absl::OkStatus());
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(jumps() == 1);
+  const std::vector<audit::Record> log = *f.store->ReadAudit(1, 1000);
+  CHECK(std::count_if(log.begin(), log.end(), [](const audit::Record& r) {
+          return r.action == "ClockJump" &&
+                 r.detail.rfind("the wall clock moved 10800 s against the time", 0) == 0;
+        }) == 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(jumps() == 1);  // and only once
+}
+
 TEST_CASE("Grant changes take effect on the next call", "[lifecycle]") {
   Fixture f;
   f.NewKey("k");
