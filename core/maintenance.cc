@@ -111,21 +111,33 @@ absl::Status Kms::RunMaintenanceTurn() {
   // The rest, one key (or request) at a time, each checked again under its lock: an officer
   // may have changed it since it was listed.
   CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+  // A row its integrity check refuses (alarmed once, when found) is skipped: one row edited
+  // outside Custos must not hold up every other key's destruction, rotation and usage flush.
   for (const Request& listed : pending) {
     if (listed.expires_at > now) continue;
     ChangeLock lock = LockShared(LockNameOf(listed));
-    CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(listed.id));
-    if (request.state == RequestState::kPending && request.expires_at <= now) {
-      CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
+    absl::StatusOr<Request> request = options_.store->GetRequest(listed.id);
+    if (absl::IsDataLoss(request.status())) {
+      RaiseIntegrityAlarm(request.status());
+      continue;
+    }
+    CUSTOS_RETURN_IF_ERROR(request.status());
+    if (request->state == RequestState::kPending && request->expires_at <= now) {
+      CUSTOS_RETURN_IF_ERROR(Expire(*std::move(request)));
     }
   }
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> due,
                           options_.store->KeysDueForDeletion(now, observed));
   for (const std::string& key_id : due) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    CUSTOS_ASSIGN_OR_RETURN(KeyRef key, options_.store->GetKey(key_id));
-    if (key->state == KeyState::kPendingDeletion && key->deletion_due_at <= now &&
-        key->deletion_due_observed <= observed) {
+    absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
+    if (absl::IsDataLoss(key.status())) {
+      RaiseIntegrityAlarm(key.status());
+      continue;
+    }
+    CUSTOS_RETURN_IF_ERROR(key.status());
+    if ((*key)->state == KeyState::kPendingDeletion && (*key)->deletion_due_at <= now &&
+        (*key)->deletion_due_observed <= observed) {
       CUSTOS_RETURN_IF_ERROR(DestroyKey(key_id));
     }
   }
@@ -141,11 +153,15 @@ absl::Status Kms::RunMaintenanceTurn() {
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
   for (const std::string& key_id : stale) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, std::nullopt, now));
+    const absl::Status rotated = AutoRotate(key_id, std::nullopt, now);
+    if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
+    RaiseIntegrityAlarm(rotated);
   }
   for (const auto& [key_id, version] : usage_.RotationWanted()) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    CUSTOS_RETURN_IF_ERROR(AutoRotate(key_id, version, now));
+    const absl::Status rotated = AutoRotate(key_id, version, now);
+    if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
+    RaiseIntegrityAlarm(rotated);
     usage_.RotationDone(key_id, version);
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());

@@ -451,6 +451,28 @@ TEST_CASE("A setting deleted with SQL is refused, not taken for never set", "[in
   CHECK_THAT(std::string(refused.message()), Catch::Contains("(deleted outside Custos?)"));
 }
 
+// Maintenance stopped at the first row its integrity check refused: one key edited into a
+// due deletion held up every other key's destruction, rotation and the usage flush for good.
+TEST_CASE("A row edited outside Custos holds up no other key's maintenance", "[insider][catalog]") {
+  Fixture f;
+  const KeyRef due = f.NewKey("due");
+  const KeyRef edited = f.NewKey("edited");
+  OperationParams schedule;
+  schedule.deletion_waiting_days = 7;
+  ExecuteAs3(f, Operation::kScheduleKeyDeletion, "due", schedule);
+  EditWhileStopped(
+      f, "UPDATE keys SET state = 3, deletion_due_at = 0 WHERE id = '" + edited->id + "';");
+  REQUIRE(f.kms->RunMaintenance().ok());  // (observed time resumes)
+  f.clock.Advance(7 * 24 * 3600 + 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey(due->id))->state == KeyState::kDestroyed);
+  CheckRefused(f.store->GetKey(edited->id).status(), "key:" + edited->id,
+               "its MAC does not match its content");
+  CHECK(Alarms(f, edited->id) == 1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(Alarms(f, edited->id) == 1);
+}
+
 TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row is refused",
           "[insider][catalog]") {
   Fixture f;
