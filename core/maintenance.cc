@@ -153,13 +153,13 @@ absl::Status Kms::RunMaintenanceTurn() {
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
   for (const std::string& key_id : stale) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    const absl::Status rotated = AutoRotate(key_id, std::nullopt, now);
+    absl::Status rotated = AutoRotate(key_id, std::nullopt, now);
     if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
     RaiseIntegrityAlarm(rotated);
   }
   for (const auto& [key_id, version] : usage_.RotationWanted()) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    const absl::Status rotated = AutoRotate(key_id, version, now);
+    absl::Status rotated = AutoRotate(key_id, version, now);
     if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
     RaiseIntegrityAlarm(rotated);
     usage_.RotationDone(key_id, version);
