@@ -715,6 +715,28 @@ TEST_CASE("A key with grants needs the larger of the two quorums", "[requests]")
   CHECK(f.kms->ApprovalsFor(*f.kms->Propose(f.officer, create)) == 2);
 }
 
+// A CreateKey request for key `alias` granting the app encryption, approved by one of the two
+// officers its quorum needs.
+Request HalfApprovedKeyWithGrant(Fixture& f, const std::string& alias) {
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = alias;
+  create.params.create.encrypt_principals = {testing::kApp};
+  const Request request = *f.kms->Propose(f.officer, create);
+  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  return request;
+}
+
+// The last approval of `request` executes nothing: FAILED_PRECONDITION saying `why`, and the
+// request closes FAILED.
+void CheckFailsAtQuorum(Fixture& f, const Request& request, const std::string& why) {
+  const absl::StatusOr<Request> executed =
+      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
+  CHECK(absl::IsFailedPrecondition(executed.status()));
+  CHECK(executed.status().message() ==
+        "request " + request.id + " reached its quorum but could not execute: " + why);
+  CHECK(f.store->GetRequest(request.id)->state == RequestState::kFailed);
+}
+
 TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[requests]") {
   Fixture f;
   f.NewKey("k");
@@ -727,14 +749,7 @@ TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[
                   "officer = [\"spiffe://t/officer/o2\", \"spiffe://t/officer/o3\", "
                   "\"spiffe://t/officer/o4\"]\n"))
               .ok());
-  absl::StatusOr<Request> executed =
-      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
-  CHECK(absl::IsFailedPrecondition(executed.status()));
-  CHECK(executed.status().message() ==
-        "request " + request.id +
-            " reached its quorum but could not execute: its proposer 'spiffe://t/officer/o' is "
-            "no longer an officer");
-  CHECK(f.store->GetRequest(request.id)->state == RequestState::kFailed);
+  CheckFailsAtQuorum(f, request, "its proposer 'spiffe://t/officer/o' is no longer an officer");
   CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
 }
 
@@ -743,31 +758,16 @@ TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[
 // ALREADY_EXISTS (after generating a key version for nothing) and the request stayed pending.
 TEST_CASE("A key request whose alias was taken meanwhile fails at quorum", "[requests]") {
   Fixture f;
-  Proposal create = Propose(Operation::kCreateKey, "");
-  create.params.create.alias = "emr";
-  create.params.create.encrypt_principals = {testing::kApp};
-  const Request request = *f.kms->Propose(f.officer, create);
-  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  const Request request = HalfApprovedKeyWithGrant(f, "emr");
   const KeyRef taken = f.NewKeyWithoutGrants("emr");
-  absl::StatusOr<Request> executed =
-      f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id));
-  CHECK(absl::IsFailedPrecondition(executed.status()));
-  CHECK(executed.status().message() ==
-        "request " + request.id +
-            " reached its quorum but could not execute: alias 'emr' was taken after it was "
-            "proposed");
-  CHECK(f.store->GetRequest(request.id)->state == RequestState::kFailed);
+  CheckFailsAtQuorum(f, request, "alias 'emr' was taken after it was proposed");
   CHECK((*f.store->FindKeyByAlias("emr"))->id == taken->id);
   CHECK((*f.store->FindKeyByAlias("emr"))->encrypt_grants.empty());
 }
 
 TEST_CASE("A key request is checked again at quorum against the policy then", "[requests]") {
   Fixture f;
-  Proposal create = Propose(Operation::kCreateKey, "");
-  create.params.create.alias = "later";
-  create.params.create.encrypt_principals = {testing::kApp};
-  const Request request = *f.kms->Propose(f.officer, create);
-  REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
+  const Request request = HalfApprovedKeyWithGrant(f, "later");
   // The grantee is no longer an app when the last approval arrives.
   REQUIRE(f.kms
               ->ReplacePolicy(*policy::Policy::Parse(

@@ -244,6 +244,21 @@ TEST_CASE("A database file deleted under load takes no acknowledged call with it
   CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
 }
 
+// How a claim names `server`: "<host>:<pid>".
+std::string HolderOf(const CustosServer& server) {
+  char host[256] = {};
+  REQUIRE(::gethostname(host, sizeof(host) - 1) == 0);
+  return std::string(host) + ":" + std::to_string(server.pid());
+}
+
+// `server`'s state folder copied into `to` (emptied first), as an operator would copy it, less
+// the port file and the log.
+void CopyState(const CustosServer& server, const std::string& to) {
+  REQUIRE(std::system(("rm -rf " + to + "/* && cp -a " + server.state_dir() + "/. " + to +
+                       "/ && rm -f " + to + "/port " + to + "/custosd.log")
+                          .c_str()) == 0);
+}
+
 // A copy of the state folder, started by mistake, shares the original's HSM token (its
 // softhsm2.conf names the original's token directory) but not its lock file: the token itself
 // says which server holds it. Two servers on one token would fork the audit log.
@@ -252,13 +267,9 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   CustosServer server;
   CreateKey(server, "claimed/key", true, true);
   TempDir copy;
-  REQUIRE(std::system(("cp -a " + server.state_dir() + "/. " + copy.path() + "/ && rm -f " +
-                       copy.path() + "/port " + copy.path() + "/custosd.log")
-                          .c_str()) == 0);
+  CopyState(server, copy.path());
   const std::string run_copy = "--config " + copy.path() + "/custosd.toml";
-  char host[256] = {};
-  REQUIRE(::gethostname(host, sizeof(host) - 1) == 0);
-  const std::string holder = std::string(host) + ":" + std::to_string(server.pid());
+  const std::string holder = HolderOf(server);
 
   // While the first renews its claim, the copy stops before it writes anything.
   std::string output;
@@ -297,10 +308,7 @@ TEST_CASE("A second custosd on the same HSM token waits out the first's claim, o
   // A copy made while the first is stalled holds all it wrote: it takes the token over, and
   // the first, running again, finds its claim gone and exits.
   StopOutsideTokenWrites(server);
-  REQUIRE(std::system(("rm -rf " + copy.path() + "/* && cp -a " + server.state_dir() + "/. " +
-                       copy.path() + "/ && rm -f " + copy.path() + "/port " + copy.path() +
-                       "/custosd.log")
-                          .c_str()) == 0);
+  CopyState(server, copy.path());
   std::thread copy_runs([&] { status = RunCustosd(run_copy, &output, /*timeout=*/12); });
   std::this_thread::sleep_for(std::chrono::seconds(9));
   server.Signal(SIGCONT);
@@ -321,9 +329,7 @@ TEST_CASE("init on a copy of the state waits for the token like a start, and wri
   CustosServer server;
   CreateKey(server, "init/key", true, true);
   TempDir copy;
-  REQUIRE(std::system(("cp -a " + server.state_dir() + "/. " + copy.path() + "/ && rm -f " +
-                       copy.path() + "/port " + copy.path() + "/custosd.log")
-                          .c_str()) == 0);
+  CopyState(server, copy.path());
   // The copy's config names an audit key the token lacks: init would create it.
   REQUIRE(std::system(("sed -i 's|^pin_file = \"hsm/pin\"$|&\\naudit_hmac_key_label = "
                        "\"copy-audit-hmac\"|' " +
@@ -333,9 +339,7 @@ TEST_CASE("init on a copy of the state waits for the token like a start, and wri
       ReadFile(copy.path() + "/custosd.toml"),
       Catch::Contains("pin_file = \"hsm/pin\"\naudit_hmac_key_label = \"copy-audit-hmac\"\n"));
   const std::string init_copy = "--config " + copy.path() + "/custosd.toml init";
-  char host[256] = {};
-  REQUIRE(::gethostname(host, sizeof(host) - 1) == 0);
-  const std::string holder = std::string(host) + ":" + std::to_string(server.pid());
+  const std::string holder = HolderOf(server);
 
   std::string output;
   int status = RunCustosd(init_copy, &output, /*timeout=*/30);

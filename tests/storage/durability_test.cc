@@ -155,7 +155,7 @@ TEST_CASE("A full disk fails a commit group whole, and writes resume when there 
   REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
   absl::Status lead, big, small;
   std::thread leading([&] { lead = store->Apply(Audited("Lead")); });
-  std::this_thread::sleep_for(200ms);
+  std::this_thread::sleep_for(500ms);  // (queued, also under sanitizers)
   std::thread bigger([&] {
     WriteBatch batch;  // about 4 MB: more than SQLite's page cache, and than the room left
     for (int i = 0; i < 4000; ++i) {
@@ -164,9 +164,9 @@ TEST_CASE("A full disk fails a commit group whole, and writes resume when there 
     }
     big = store->Apply(batch);
   });
-  std::this_thread::sleep_for(200ms);
+  std::this_thread::sleep_for(500ms);  // (queued, also under sanitizers)
   std::thread smaller([&] { small = store->Apply(Audited("SmallAfterBig")); });
-  std::this_thread::sleep_for(200ms);
+  std::this_thread::sleep_for(500ms);  // (queued, also under sanitizers)
   REQUIRE(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
   leading.join();
   bigger.join();
