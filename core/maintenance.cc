@@ -85,6 +85,16 @@ absl::Status Kms::RunMaintenance() {
   return done;
 }
 
+namespace {
+
+// A catalogue row its integrity check refused (storage/row_integrity.h), as opposed to any other
+// DATA_LOSS (an HSM's, say), which stops the turn.
+bool RefusedRow(const absl::Status& status) {
+  return absl::IsDataLoss(status) && status.GetPayload(storage::kIntegrityPayload).has_value();
+}
+
+}  // namespace
+
 absl::Status Kms::RunMaintenanceTurn() {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
@@ -117,7 +127,7 @@ absl::Status Kms::RunMaintenanceTurn() {
     if (listed.expires_at > now) continue;
     ChangeLock lock = LockShared(LockNameOf(listed));
     absl::StatusOr<Request> request = options_.store->GetRequest(listed.id);
-    if (absl::IsDataLoss(request.status())) {
+    if (RefusedRow(request.status())) {
       RaiseIntegrityAlarm(request.status());
       continue;
     }
@@ -131,7 +141,7 @@ absl::Status Kms::RunMaintenanceTurn() {
   for (const std::string& key_id : due) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
     absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
-    if (absl::IsDataLoss(key.status())) {
+    if (RefusedRow(key.status())) {
       RaiseIntegrityAlarm(key.status());
       continue;
     }
@@ -154,14 +164,17 @@ absl::Status Kms::RunMaintenanceTurn() {
   for (const std::string& key_id : stale) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
     absl::Status rotated = AutoRotate(key_id, std::nullopt, now);
-    if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
+    if (!rotated.ok() && !RefusedRow(rotated)) return rotated;
     RaiseIntegrityAlarm(rotated);
   }
   for (const auto& [key_id, version] : usage_.RotationWanted()) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
     absl::Status rotated = AutoRotate(key_id, version, now);
-    if (!rotated.ok() && !absl::IsDataLoss(rotated)) return rotated;
-    RaiseIntegrityAlarm(rotated);
+    if (RefusedRow(rotated)) {
+      RaiseIntegrityAlarm(rotated);
+      continue;  // still wanted, should the row be restored
+    }
+    CUSTOS_RETURN_IF_ERROR(rotated);
     usage_.RotationDone(key_id, version);
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());

@@ -289,10 +289,14 @@ absl::StatusOr<Request> Kms::Execute(Call& call, Request request, const Operatio
     absl::Status valid = ValidateCreate(params.create);
     // Taken since the proposal (a key made without grants needs no approval): the request
     // fails, before the HSM makes a version for nothing, rather than stay pending.
-    if (valid.ok() && !params.create.alias.empty() &&
-        options_.store->FindKeyByAlias(params.create.alias).ok()) {
-      valid = absl::FailedPreconditionError(
-          StrCat("alias '", params.create.alias, "' was taken after it was proposed"));
+    if (valid.ok() && !params.create.alias.empty()) {
+      const absl::Status holder = options_.store->FindKeyByAlias(params.create.alias).status();
+      if (holder.ok() || absl::IsDataLoss(holder)) {  // (a refused row holds it too)
+        valid = absl::FailedPreconditionError(
+            StrCat("alias '", params.create.alias, "' was taken after it was proposed"));
+      } else if (!absl::IsNotFound(holder)) {
+        valid = holder;  // UNAVAILABLE leaves the request pending, as below
+      }
     }
     changed = valid.ok() ? NewKey({request.proposer, call.caller().peer}, params.create)
                          : absl::StatusOr<KeyRecord>(valid);

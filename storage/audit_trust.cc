@@ -27,18 +27,18 @@ void AuditTrust::SetFloor(uint64_t seq, Bytes hash) {
   floor_seq_.store(seq);
 }
 
-void AuditTrust::NoteWritten(uint64_t seq) {
-  uint64_t noted = written_seq_.load();
-  while (seq > noted && !written_seq_.compare_exchange_weak(noted, seq)) {
+void AuditTrust::NoteCommitted(uint64_t seq) {
+  uint64_t noted = committed_seq_.load();
+  while (seq > noted && !committed_seq_.compare_exchange_weak(noted, seq)) {
   }
-  writes_noted_.store(true);
+  commits_noted_.store(true);
 }
 
 absl::Status AuditTrust::Cover(uint64_t seq) {
-  if (writes_noted_.load() && seq > written_seq_.load()) {
-    return absl::FailedPreconditionError(
-        StrCat("audit record ", seq, " is past the last record custosd wrote (",
-               written_seq_.load(), "): it was added to the file from outside while custosd ran"));
+  if (commits_noted_.load() && seq > committed_seq_.load()) {
+    return absl::FailedPreconditionError(StrCat(
+        "audit record ", seq, " is past the last record custosd committed (", committed_seq_.load(),
+        "): it was added to the file from outside while custosd ran"));
   }
   if (seq > trusted_seq_.load()) return absl::OkStatus();
   std::lock_guard lock(mu_);

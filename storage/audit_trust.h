@@ -50,10 +50,12 @@ class AuditTrust {
   // earlier call): the log was changed there after it was written.
   absl::Status Cover(uint64_t seq);
 
-  // Record `seq` is one this process wrote (or resumed its chain from at start-up), noted before
-  // it is inserted. A record past the newest so noted was added to the file by someone else
-  // while this process runs: Cover refuses it (it vouches for nothing), and only it.
-  void NoteWritten(uint64_t seq);
+  // Every record up to `seq` is one this process committed (or resumed its chain from at
+  // start-up); noted after each commit, before a reader can see its records, and never after a
+  // failed one. A record past it was added to the file by someone else while this process
+  // runs: Cover refuses it (it vouches for nothing). Stores only; never lowered.
+  void NoteCommitted(uint64_t seq);
+  uint64_t committed_seq() const { return committed_seq_.load(); }
 
   // Recomputes up to `budget` more records below the trusted point (for maintenance). OK when
   // there was nothing left to do, too.
@@ -65,8 +67,8 @@ class AuditTrust {
  private:
   const ReadRecords read_;
   std::atomic<uint64_t> trusted_seq_{0};
-  std::atomic<uint64_t> written_seq_{0};
-  std::atomic<bool> writes_noted_{false};  // unanchored tools never note any
+  std::atomic<uint64_t> committed_seq_{0};
+  std::atomic<bool> commits_noted_{false};  // false for an AuditTrust no store feeds
   std::mutex mu_;
   Bytes trusted_hash_;   // guarded by mu_
   absl::Status broken_;  // guarded by mu_: why records at or before broken_seq_ are not believed

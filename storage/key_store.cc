@@ -335,7 +335,6 @@ class KeyStore::Impl {
         record.row = name;
         record.row_digest = recorded.digest;
         chain_.Seal(record);
-        trust_.NoteWritten(record.seq);
         CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
       }
       carried += rows.size();
@@ -459,7 +458,6 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
     }
     for (audit::Record record : writer.audit) {
       chain_.Seal(record);
-      trust_.NoteWritten(record.seq);  // before a reader can see it
       CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
     }
     return absl::OkStatus();
@@ -498,14 +496,16 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
     impl->floor_ = *floor;
     impl->trust_.SetFloor(floor->seq, floor->hash);
   }
-  CUSTOS_ASSIGN_OR_RETURN(
-      const bool sealed,
-      RowEverRecorded(*impl->db_, SettingRowName(kCatalogSealedSetting), impl->floor_.seq));
-  impl->integrity_.set_unsealed_catalog(!sealed);
+  if (impl->integrity_.enabled()) {  // (rows are checked, and sealed, only then)
+    CUSTOS_ASSIGN_OR_RETURN(
+        const bool sealed,
+        RowEverRecorded(*impl->db_, SettingRowName(kCatalogSealedSetting), impl->floor_.seq));
+    impl->integrity_.set_unsealed_catalog(!sealed);
+  }
   if (last) {
     CUSTOS_ASSIGN_OR_RETURN(impl->chain_, audit::Chain::Resume(last->seq, last->hash));
   }
-  impl->trust_.NoteWritten(last ? last->seq : 0);
+  impl->trust_.NoteCommitted(last ? last->seq : 0);
   return std::unique_ptr<KeyStore>(new KeyStore(std::move(impl)));
 }
 
@@ -567,6 +567,9 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
     }();
     impl_->NoteWrite(committed).IgnoreError();
     if (committed.ok()) {
+      // Still under db_mu_, so before any reader can see the group's records; never on a
+      // failure, which would leave the mark past records someone else may then insert.
+      impl_->trust_.NoteCommitted(impl_->chain_.last_seq());
       if (std::any_of(group.begin(), group.end(),
                       [](const Impl::Writer* w) { return !w->records.empty(); })) {
         ++impl_->key_writes_;
@@ -1224,7 +1227,9 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
   // The records after `through_seq` must be known intact first: someone who can write the
   // file could otherwise hide the newer record naming a row (and put back an older row) so
   // that an older digest gets carried. (Outside db_mu_: Cover reads through it.)
-  if (absl::Status covered = impl_->trust_.Cover(through_seq + 1); !covered.ok()) {
+  absl::Status covered;
+  if (through_seq < impl_->trust_.committed_seq()) covered = impl_->trust_.Cover(through_seq + 1);
+  if (!covered.ok()) {
     return absl::IsFailedPrecondition(covered)
                ? absl::FailedPreconditionError(StrCat("not archiving: the audit log after record ",
                                                       through_seq,
@@ -1245,7 +1250,11 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
     after = std::move(next);
     return count;
   }();
-  if (!carried.ok()) impl_->chain_ = chain_before;
+  if (carried.ok()) {
+    impl_->trust_.NoteCommitted(impl_->chain_.last_seq());
+  } else {
+    impl_->chain_ = chain_before;
+  }
   impl_->NoteWrite(carried.status()).IgnoreError();
   return carried;
 }

@@ -388,17 +388,20 @@ TEST_CASE("A sealed catalogue is not sealed again when its record is hidden or r
                "its MAC does not match its content");
 }
 
-// A record inserted with plain SQL (no trigger touched) past custosd's head, while it runs.
-std::string PlantRecord(const std::string& row, const std::string& digest) {
+// A record inserted with plain SQL (no trigger touched) at `seq`, while custosd runs.
+std::string PlantRecord(uint64_t seq, const std::string& row, const std::string& digest) {
   return "INSERT INTO audit_log (seq, time, principal, role, action, key_id, key_version, "
          "source_key_id, source_key_version, request_id, outcome, peer, context_hmac, detail, "
-         "hash, format, call_id, row_name, row_digest) VALUES (1000000000, 0, 'custosd', "
-         "'server', 'X', '', 0, '', 0, '', 'OK', '', '', '', zeroblob(32), 2, '', '" +
+         "hash, format, call_id, row_name, row_digest) VALUES (" +
+         std::to_string(seq) +
+         ", 0, 'custosd', 'server', 'X', '', 0, '', 0, '', 'OK', '', '', '', zeroblob(32), 2, '', "
+         "'" +
          row + "', '" + digest + "');";
 }
 
 // Records after the start-up anchor were all believed as this process's own: one added while
-// it ran vouched for whatever row it named.
+// it ran vouched for whatever row it named. Past the head, or at the head's next seq, which
+// custosd's next write then takes, fails on, and must not count as its own.
 TEST_CASE("A record added to the log while custosd runs vouches for nothing",
           "[insider][catalog][anchor]") {
   Fixture f;
@@ -414,18 +417,29 @@ TEST_CASE("A record added to the log while custosd runs vouches for nothing",
   REQUIRE(f.kms->Checkpoint().ok());
   f.Restart();  // nothing cached
   REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  const uint64_t head = f.store->AuditHead()->first;
+  const bool next_seq = GENERATE(false, true);
+  const uint64_t planted = next_seq ? head + 1 : 1000000000;
+  INFO("planted at " << planted << ", head " << head);
   // Live, through another connection.
   REQUIRE(SqlExec(Db(f), "UPDATE keys SET state = " + state + ", mac = X'" + mac +
-                             "' WHERE id = '" + key->id + "'; " + PlantRecord(row, digest))
+                             "' WHERE id = '" + key->id + "'; " + PlantRecord(planted, row, digest))
               .empty());
-  const absl::Status refused = f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status();
-  CheckRefused(refused, row, "the audit record that vouches for it (1000000000)");
+  // custosd writes: at the next seq that write fails (the seq is taken), and so does every
+  // later one, each call's record included (fail closed); the row is refused either way.
+  CHECK(f.kms->RecordServerStart().ok() == !next_seq);
+  const absl::Status refused = f.store->GetKey(key->id).status();
+  CheckRefused(refused, row,
+               "the audit record that vouches for it (" + std::to_string(planted) + ")");
   CHECK_THAT(std::string(refused.message()),
-             Catch::Contains("audit record 1000000000 is past the last record custosd wrote ("));
-  CHECK(Alarms(f, key->id) == 1);
-  // custosd's own records go on being written and believed.
-  REQUIRE(f.kms->RecordServerStart().ok());
-  CHECK(f.kms->GenerateDataKey(f.app, "k2", {}, 32, true).ok());
+             Catch::Contains("audit record " + std::to_string(planted) +
+                             " is past the last record custosd committed ("));
+  CHECK_FALSE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  if (!next_seq) {  // alarmed; custosd's own records go on being written and believed
+    CHECK(Alarms(f, key->id) == 1);
+    REQUIRE(f.kms->RecordServerStart().ok());
+    CHECK(f.kms->GenerateDataKey(f.app, "k2", {}, 32, true).ok());
+  }
 }
 
 // A setting deleted with SQL was taken for one never set: the interlock that keeps a TDE

@@ -355,7 +355,7 @@ TEST_CASE("init on a copy of the state waits for the token like a start, and wri
   pb::GenerateDataKeyResponse reply;
   CHECK(server.Keys("app")->GenerateDataKey(Context().get(), req, &reply).ok());
 
-  // Once the server has stopped (and released the token), init runs, and the next start too.
+  // Once the server has stopped (and released the token), init runs.
   server.Stop();
   status = RunCustosd(init_copy, &output, /*timeout=*/30);
   INFO(output);
