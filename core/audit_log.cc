@@ -333,11 +333,21 @@ absl::StatusOr<Kms::SignedCheckpoint> Kms::LatestCheckpoint(const Caller& caller
     if (!latest) return absl::NotFoundError("the audit log has no checkpoint yet");
     SignedCheckpoint signed_checkpoint;
     signed_checkpoint.message = audit::CheckpointMessage(*latest);
-    CUSTOS_ASSIGN_OR_RETURN(signed_checkpoint.public_key_pem,
-                            options_.hsm->PublicKeyPem(latest->key_label));
+    CUSTOS_ASSIGN_OR_RETURN(signed_checkpoint.public_key_pem, SigningPublicKey(latest->key_label));
     signed_checkpoint.checkpoint = *std::move(latest);
     return signed_checkpoint;
   }());
+}
+
+absl::StatusOr<std::string> Kms::SigningPublicKey(const std::string& label) {
+  {
+    std::lock_guard lock(public_keys_mu_);
+    if (auto known = public_keys_.find(label); known != public_keys_.end()) return known->second;
+  }
+  // Asked outside the lock: a stuck HSM holds up only the callers that need it.
+  CUSTOS_ASSIGN_OR_RETURN(std::string pem, options_.hsm->PublicKeyPem(label));
+  std::lock_guard lock(public_keys_mu_);
+  return public_keys_.try_emplace(label, std::move(pem)).first->second;
 }
 
 absl::StatusOr<std::vector<audit::Record>> Kms::ReadAudit(const Caller& caller, uint64_t from_seq,

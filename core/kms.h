@@ -18,6 +18,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -576,6 +577,10 @@ class Kms {
   audit::Event ReservationEvent(const storage::VersionUsage& reservation) const;
   // Writes an encryption reservation with its audit record, in a transaction of its own.
   absl::Status Reserve(const storage::VersionUsage& reservation) const;
+  // The PEM public key of audit signing key `label`, exported (and self-checked) by the HSM
+  // the first time, then from memory: auditors polling for checkpoints cost the HSM nothing,
+  // and are answered while it is busy or stuck.
+  absl::StatusOr<std::string> SigningPublicKey(const std::string& label);
 
   Options options_;
   mutable std::mutex policy_mu_;
@@ -598,7 +603,9 @@ class Kms {
   std::mutex maintenance_mu_;  // one maintenance turn at a time (a purge follows destructions)
   mutable std::mutex alarm_mu_;
   mutable std::set<std::string> alarmed_rows_;  // guarded by alarm_mu_
-  RefusalCounter refusal_counter_;              // set before serving
+  std::mutex public_keys_mu_;
+  std::map<std::string, std::string> public_keys_;  // label -> PEM; guarded by public_keys_mu_
+  RefusalCounter refusal_counter_;                  // set before serving
   // A root rotation's background re-wrapping: one at a time, on its own thread.
   mutable std::mutex migration_mu_;
   std::condition_variable migration_cv_;  // wakes a pause when stopping
