@@ -10,15 +10,27 @@
 
 namespace custos::hsm {
 
+namespace {
+// The key of a kind of call in stuck_by_kind_.
+std::string Kind(const char* what, std::string_view object) {
+  std::string kind(what);
+  kind.append(1, '\n').append(object);
+  return kind;
+}
+}  // namespace
+
 struct CallExecutor::Task {
-  Task(const char* w, std::function<void()> f) : what(w), fn(std::move(f)) {}
+  Task(const char* w, std::string_view o, std::function<void()> f)
+      : what(w), object(o), fn(std::move(f)) {}
 
   const char* const what;
+  const std::string object;
   std::function<void()> fn;  // Run, then cleared, by the executor thread.
   // Guarded by CallExecutor::mu_.
-  enum class State { kQueued, kRunning, kDone } state = State::kQueued;
+  enum class State { kQueued, kRunning, kDone, kRefused } state = State::kQueued;
+  absl::Status refusal;  // Why, once kRefused: dropped from the queue unrun.
   std::chrono::steady_clock::time_point started;
-  std::condition_variable done;  // Notified when state becomes kDone.
+  std::condition_variable done;  // Notified when state becomes kDone or kRefused.
   // Written under mu_; read lock-free by the thread running the task (SetAside()).
   std::atomic<bool> set_aside{false};
 };
@@ -35,7 +47,9 @@ absl::StatusOr<std::unique_ptr<CallExecutor>> CallExecutor::Create(Options optio
   return absl::WrapUnique(new CallExecutor(std::move(options)));
 }
 
-CallExecutor::CallExecutor(Options options) : options_(std::move(options)) {
+CallExecutor::CallExecutor(Options options)
+    : options_(std::move(options)),
+      stuck_per_kind_(std::max<size_t>(1, options_.max_set_aside / 2)) {
   std::lock_guard lock(mu_);
   for (size_t i = 0; i < options_.threads; ++i) AddThread();
   if (options_.hang_limit > std::chrono::milliseconds(0))
@@ -73,15 +87,45 @@ size_t CallExecutor::set_aside() const {
   return set_aside_;
 }
 
-absl::Status CallExecutor::Run(const char* what, std::function<void()> task_fn) {
-  auto task = std::make_shared<Task>(what, std::move(task_fn));
+absl::Status CallExecutor::Unservable(const char* what, std::string_view object) const {
+  if (serving_ == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "HSM busy: every HSM thread is stuck in the module (", set_aside_,
+        " call(s), past hsm.max_stuck_calls); ", what, " was not started; retry later"));
+  }
+  if (stuck_by_kind_.empty()) return absl::OkStatus();
+  if (auto stuck = stuck_by_kind_.find(Kind(what, object));
+      stuck != stuck_by_kind_.end() && stuck->second >= stuck_per_kind_) {
+    return absl::UnavailableError(absl::StrCat(
+        "HSM busy: ", stuck->second, " ", what,
+        " call(s) on the same HSM object are stuck in the module; no new one is started until "
+        "one returns; retry later"));
+  }
+  return absl::OkStatus();
+}
+
+void CallExecutor::RefuseQueued() {
+  for (const std::shared_ptr<Task>& queued : queue_) {
+    queued->state = Task::State::kRefused;
+    queued->refusal = Unservable(queued->what, queued->object);
+    queued->done.notify_all();
+  }
+  queue_.clear();
+}
+
+absl::Status CallExecutor::Run(const char* what, std::string_view object,
+                               std::function<void()> task_fn) {
+  auto task = std::make_shared<Task>(what, object, std::move(task_fn));
   std::unique_lock lock(mu_);
   if (stopping_) return absl::UnavailableError("the HSM layer is shutting down");
+  CUSTOS_RETURN_IF_ERROR(Unservable(what, object));
   queue_.push_back(task);
   work_.notify_one();
   const auto deadline = std::chrono::steady_clock::now() + options_.call_timeout;
-  if (task->done.wait_until(lock, deadline, [&] { return task->state == Task::State::kDone; })) {
-    return absl::OkStatus();
+  if (task->done.wait_until(lock, deadline, [&] {
+        return task->state == Task::State::kDone || task->state == Task::State::kRefused;
+      })) {
+    return task->state == Task::State::kDone ? absl::OkStatus() : task->refusal;
   }
   if (task->state == Task::State::kQueued) {
     queue_.erase(std::find(queue_.begin(), queue_.end(), task));
@@ -91,9 +135,11 @@ absl::Status CallExecutor::Run(const char* what, std::function<void()> task_fn) 
   }
   task->set_aside.store(true, std::memory_order_release);
   ++set_aside_;
+  ++stuck_by_kind_[Kind(what, object)];
   --serving_;
   const bool replaced = set_aside_ <= options_.max_set_aside;
   if (replaced) AddThread();
+  if (serving_ == 0) RefuseQueued();
   if (options_.on_set_aside) options_.on_set_aside(+1);
   const size_t stuck = set_aside_;
   lock.unlock();
@@ -129,6 +175,9 @@ void CallExecutor::Serve() {
     task->done.notify_all();
     if (task->set_aside.load(std::memory_order_relaxed)) {
       --set_aside_;
+      if (auto stuck = stuck_by_kind_.find(Kind(task->what, task->object)); --stuck->second == 0) {
+        stuck_by_kind_.erase(stuck);
+      }
       if (options_.on_set_aside) options_.on_set_aside(-1);
       spdlog::info("a set-aside HSM call ({}) returned after {} ms", task->what,
                    std::chrono::duration_cast<std::chrono::milliseconds>(

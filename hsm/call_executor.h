@@ -12,6 +12,15 @@
 //    at once. Past that bound nothing replaces a stuck thread, and calls wait for the threads
 //    still free (or time out): a module that hangs every call cannot make custosd spawn threads
 //    without end.
+// Calls that cannot be served are answered at once instead of after call_timeout, so that a
+// caller learns fast and its thread is not held for nothing ("HSM busy"):
+//  - when every thread is stuck (none serves), every call, queued ones included;
+//  - when half of max_set_aside calls (at least one) of one kind are stuck, the new calls of
+//    that kind. A kind is an operation (`what`) on one HSM object (`object`: the key version,
+//    or the label of a key or data object). A module that hangs one operation on one key, say
+//    every C_Encrypt under the key applications use, then keeps threads for the others:
+//    catalogue MACs, checkpoint signatures, the token claim's renewal, other keys. Calls of a
+//    kind already queued run as usual.
 // on_set_aside(+1) runs when a call is set aside and on_set_aside(-1) when it finally returns,
 // so the HSM layer can lend out one more session meanwhile; SetAside() tells code running on
 // an executor thread whether its call was set aside (its session must not be used again).
@@ -27,6 +36,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -57,10 +67,12 @@ class CallExecutor {
   CallExecutor(const CallExecutor&) = delete;
   CallExecutor& operator=(const CallExecutor&) = delete;
 
-  // Runs `task` on an executor thread and waits for it until call_timeout has passed. OK once
-  // it ran; UNAVAILABLE (naming `what`, the call) if it did not finish in time, in which case
-  // it either never runs or runs on, set aside.
-  absl::Status Run(const char* what, std::function<void()> task);
+  // Runs `task`, call `what` on HSM object `object` (empty: none in particular), on an
+  // executor thread and waits for it until call_timeout has passed. OK once it ran;
+  // UNAVAILABLE (naming `what`) if it did not finish in time, in which case it either never
+  // runs or runs on, set aside, or if it could not be served (above), in which case it never
+  // runs.
+  absl::Status Run(const char* what, std::string_view object, std::function<void()> task);
 
   // On an executor thread: true if the call it is running was set aside (its caller has been
   // answered). False on any other thread.
@@ -75,7 +87,13 @@ class CallExecutor {
   void Watch();      // The hang-limit watcher's loop.
   void AddThread();  // With mu_ held.
 
+  // Why call `what` on `object` cannot be served now, or OK. With mu_ held.
+  absl::Status Unservable(const char* what, std::string_view object) const;
+  // Answers every queued call "HSM busy" (no thread serves any more). With mu_ held.
+  void RefuseQueued();
+
   const Options options_;
+  const size_t stuck_per_kind_;  // calls of one kind stuck before its new calls are refused
 
   mutable std::mutex mu_;         // Guards everything below.
   std::condition_variable work_;  // A task was queued, or stopping_.
@@ -85,6 +103,8 @@ class CallExecutor {
   size_t live_ = 0;                             // Threads (detached) that have not exited.
   size_t serving_ = 0;                          // Of those, the ones not stuck in a set-aside call.
   size_t set_aside_ = 0;                        // Calls set aside, not back yet.
+  // set_aside_ by kind (Kind(): `what` and `object`), no zeros.
+  std::map<std::string, size_t, std::less<>> stuck_by_kind_;
   bool hang_reported_ = false;
   bool stopping_ = false;
   bool watcher_stop_ = false;

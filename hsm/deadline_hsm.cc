@@ -27,25 +27,25 @@ class DeadlineHsm final : public Hsm {
       : inner_(std::move(inner)), executor_(std::move(executor)) {}
 
   absl::Status CreateRootKey(const std::string& label) override {
-    return CallStatus("CreateRootKey", [=, this] { return inner_->CreateRootKey(label); });
+    return CallStatus("CreateRootKey", label, [=, this] { return inner_->CreateRootKey(label); });
   }
   absl::Status CheckRootKey(const std::string& label) override {
-    return CallStatus("CheckRootKey", [=, this] { return inner_->CheckRootKey(label); });
+    return CallStatus("CheckRootKey", label, [=, this] { return inner_->CheckRootKey(label); });
   }
   absl::StatusOr<bool> RootKeyConfinesVersions(const std::string& label) override {
-    return Call<bool>("RootKeyConfinesVersions",
+    return Call<bool>("RootKeyConfinesVersions", label,
                       [=, this] { return inner_->RootKeyConfinesVersions(label); });
   }
   absl::Status DestroyRootKey(const std::string& label) override {
-    return CallStatus("DestroyRootKey", [=, this] { return inner_->DestroyRootKey(label); });
+    return CallStatus("DestroyRootKey", label, [=, this] { return inner_->DestroyRootKey(label); });
   }
   absl::StatusOr<Bytes> GenerateWrappedKey(const std::string& root_key_label) override {
-    return Call<Bytes>("GenerateWrappedKey",
+    return Call<Bytes>("GenerateWrappedKey", root_key_label,
                        [=, this] { return inner_->GenerateWrappedKey(root_key_label); });
   }
   absl::StatusOr<Bytes> RewrapKey(const WrappedKey& key,
                                   const std::string& new_root_key_label) override {
-    return Call<Bytes>("RewrapKey", [=, this, owned = OwnedKey(key)] {
+    return Call<Bytes>("RewrapKey", key.cache_id, [=, this, owned = OwnedKey(key)] {
       return inner_->RewrapKey(owned.view(), new_root_key_label);
     });
   }
@@ -53,14 +53,15 @@ class DeadlineHsm final : public Hsm {
                                         std::span<const uint8_t> aad) override {
     auto in = std::make_shared<const SecureBytes>(plaintext);
     return Call<GcmCiphertext>(
-        "Encrypt", [this, owned = OwnedKey(key), in, aad = Bytes(aad.begin(), aad.end())] {
+        "Encrypt", key.cache_id,
+        [this, owned = OwnedKey(key), in, aad = Bytes(aad.begin(), aad.end())] {
           return inner_->Encrypt(owned.view(), in->span(), aad);
         });
   }
   absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override {
-    return Call<SecureBytes>("Decrypt",
+    return Call<SecureBytes>("Decrypt", key.cache_id,
                              [this, owned = OwnedKey(key), iv = Bytes(iv.begin(), iv.end()),
                               in = Bytes(ciphertext_and_tag.begin(), ciphertext_and_tag.end()),
                               aad = Bytes(aad.begin(), aad.end())] {
@@ -68,67 +69,75 @@ class DeadlineHsm final : public Hsm {
                              });
   }
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override {
-    return Call<SecureBytes>("GenerateRandom", [=, this] { return inner_->GenerateRandom(count); });
+    return Call<SecureBytes>("GenerateRandom", "",
+                             [=, this] { return inner_->GenerateRandom(count); });
   }
   absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
                                                 std::span<const uint8_t> aad) override {
-    return Call<SealedDataKey>("GenerateDataKey", [this, owned = OwnedKey(key), key_bytes,
-                                                   aad = Bytes(aad.begin(), aad.end())] {
-      return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
-    });
+    return Call<SealedDataKey>(
+        "GenerateDataKey", key.cache_id,
+        [this, owned = OwnedKey(key), key_bytes, aad = Bytes(aad.begin(), aad.end())] {
+          return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
+        });
   }
   void Forget(const std::string& cache_id) override {
-    absl::Status done = CallStatus("Forget", [=, this] {
+    absl::Status done = CallStatus("Forget", cache_id, [=, this] {
       inner_->Forget(cache_id);
       return absl::OkStatus();
     });
     if (!done.ok()) spdlog::warn("dropping a cached key version: {}", done.ToString());
   }
   absl::Status CreateHmacKey(const std::string& label) override {
-    return CallStatus("CreateHmacKey", [=, this] { return inner_->CreateHmacKey(label); });
+    return CallStatus("CreateHmacKey", label, [=, this] { return inner_->CreateHmacKey(label); });
   }
   absl::StatusOr<Bytes> HmacSha256(const std::string& label,
                                    std::span<const uint8_t> data) override {
     // HMAC inputs are encryption contexts and catalogue rows: kept only as long as the call.
     auto in = std::make_shared<const SecureBytes>(data);
-    return Call<Bytes>("HmacSha256", [=, this] { return inner_->HmacSha256(label, in->span()); });
+    return Call<Bytes>("HmacSha256", label,
+                       [=, this] { return inner_->HmacSha256(label, in->span()); });
   }
   absl::Status CreateSigningKey(const std::string& label) override {
-    return CallStatus("CreateSigningKey", [=, this] { return inner_->CreateSigningKey(label); });
+    return CallStatus("CreateSigningKey", label,
+                      [=, this] { return inner_->CreateSigningKey(label); });
   }
   absl::StatusOr<Bytes> SignSha256(const std::string& label,
                                    std::span<const uint8_t> message) override {
-    return Call<Bytes>("SignSha256", [=, this, in = Bytes(message.begin(), message.end())] {
+    return Call<Bytes>("SignSha256", label, [=, this, in = Bytes(message.begin(), message.end())] {
       return inner_->SignSha256(label, in);
     });
   }
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override {
-    return Call<std::string>("PublicKeyPem", [=, this] { return inner_->PublicKeyPem(label); });
+    return Call<std::string>("PublicKeyPem", label,
+                             [=, this] { return inner_->PublicKeyPem(label); });
   }
   absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override {
-    return Call<std::vector<std::string>>("ReadTokenData",
+    return Call<std::vector<std::string>>("ReadTokenData", label,
                                           [=, this] { return inner_->ReadTokenData(label); });
   }
   absl::Status WriteTokenData(const std::string& label, std::string_view value) override {
-    return CallStatus("WriteTokenData", [=, this, in = std::string(value)] {
+    return CallStatus("WriteTokenData", label, [=, this, in = std::string(value)] {
       return inner_->WriteTokenData(label, in);
     });
   }
 
  private:
-  // Runs `fn` (which owns its inputs) on the executor; its result, or UNAVAILABLE in time.
+  // Runs `fn` (which owns its inputs), call `what` on HSM object `object`, on the executor;
+  // its result, or UNAVAILABLE in time.
   template <typename T, typename Fn>
-  absl::StatusOr<T> Call(const char* what, Fn fn) {
+  absl::StatusOr<T> Call(const char* what, std::string_view object, Fn fn) {
     // Shared with the task: if it is set aside, the late result is dropped (and wiped, for
     // SecureBytes) when the task ends, not when the caller leaves.
     auto result = std::make_shared<std::optional<absl::StatusOr<T>>>();
-    CUSTOS_RETURN_IF_ERROR(executor_->Run(what, [result, fn = std::move(fn)] { *result = fn(); }));
+    CUSTOS_RETURN_IF_ERROR(
+        executor_->Run(what, object, [result, fn = std::move(fn)] { *result = fn(); }));
     return *std::move(*result);
   }
   template <typename Fn>
-  absl::Status CallStatus(const char* what, Fn fn) {
+  absl::Status CallStatus(const char* what, std::string_view object, Fn fn) {
     auto result = std::make_shared<absl::Status>();
-    CUSTOS_RETURN_IF_ERROR(executor_->Run(what, [result, fn = std::move(fn)] { *result = fn(); }));
+    CUSTOS_RETURN_IF_ERROR(
+        executor_->Run(what, object, [result, fn = std::move(fn)] { *result = fn(); }));
     return *result;
   }
 

@@ -84,7 +84,7 @@ TEST_CASE("a call that returns in time is answered with what it did", "[call_exe
   Recorder recorder;
   auto executor = Make(2, 2, &recorder);
   auto result = std::make_shared<int>(0);  // the task's own: it could outlive this scope
-  REQUIRE(executor->Run("Sum", [result] { *result = 40 + 2; }).ok());
+  REQUIRE(executor->Run("Sum", "", [result] { *result = 40 + 2; }).ok());
   CHECK(*result == 42);
   CHECK_FALSE(CallExecutor::SetAside());  // not an executor thread
   CHECK(recorder.deltas.empty());
@@ -99,7 +99,7 @@ TEST_CASE("a stuck call is answered UNAVAILABLE at its deadline and its thread i
   auto saw_set_aside = std::make_shared<std::atomic<int>>(-1);
 
   const auto start = Clock::now();
-  const absl::Status stuck = executor->Run("C_Encrypt", [gate, saw_set_aside] {
+  const absl::Status stuck = executor->Run("C_Encrypt", "", [gate, saw_set_aside] {
     gate->Wait();
     *saw_set_aside = CallExecutor::SetAside() ? 1 : 0;
   });
@@ -113,7 +113,7 @@ TEST_CASE("a stuck call is answered UNAVAILABLE at its deadline and its thread i
 
   // The one thread is stuck, yet the next call is served, by its replacement.
   auto ran = std::make_shared<std::atomic<bool>>(false);
-  REQUIRE(executor->Run("C_Decrypt", [ran] { *ran = true; }).ok());
+  REQUIRE(executor->Run("C_Decrypt", "", [ran] { *ran = true; }).ok());
   CHECK(*ran);
 
   gate->Open();  // The module lets the stuck call go: it learns it was set aside.
@@ -124,27 +124,98 @@ TEST_CASE("a stuck call is answered UNAVAILABLE at its deadline and its thread i
   CHECK(recorder.deltas == std::vector<int>{+1, -1});
 }
 
-TEST_CASE("past max_set_aside a stuck thread is not replaced, and a queued call never runs",
+TEST_CASE("past max_set_aside a stuck thread is not replaced, and a call refused never runs",
           "[call_executor]") {
   Recorder recorder;
   auto executor = Make(1, 0, &recorder);
   auto gate = std::make_shared<Gate>();
   OpenAtEnd release(gate);
-  CHECK(absl::IsUnavailable(executor->Run("C_UnwrapKey", [gate] { gate->Wait(); })));
+  CHECK(absl::IsUnavailable(executor->Run("C_UnwrapKey", "", [gate] { gate->Wait(); })));
 
+  // No thread serves: the next call is answered at once, not after a deadline.
   auto ran = std::make_shared<std::atomic<bool>>(false);
-  const absl::Status queued = executor->Run("C_Sign", [ran] { *ran = true; });
-  CHECK(absl::IsUnavailable(queued));
-  CHECK(queued.message() ==
-        "HSM busy: no HSM thread was free for C_Sign within 1000 ms (hsm.call_timeout_ms; 1 "
-        "call(s) stuck in the module)");
+  const auto start = Clock::now();
+  const absl::Status refused = executor->Run("C_Sign", "", [ran] { *ran = true; });
+  CHECK(Clock::now() - start < 100ms);
+  CHECK(absl::IsUnavailable(refused));
+  CHECK(refused.message() ==
+        "HSM busy: every HSM thread is stuck in the module (1 call(s), past "
+        "hsm.max_stuck_calls); C_Sign was not started; retry later");
   gate->Open();
   for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
   // The thread came back and serves again; the call dropped from the queue never ran.
   auto later = std::make_shared<std::atomic<bool>>(false);
-  REQUIRE(executor->Run("C_Sign", [later] { *later = true; }).ok());
+  REQUIRE(executor->Run("C_Sign", "", [later] { *later = true; }).ok());
   CHECK(*later);
   CHECK_FALSE(*ran);
+}
+
+TEST_CASE("calls queued when the last serving thread gets stuck are answered at once",
+          "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(1, 0, &recorder);
+  auto gate = std::make_shared<Gate>();
+  OpenAtEnd release(gate);
+  auto entered = std::make_shared<std::atomic<bool>>(false);
+  auto stuck = std::async(std::launch::async, [&] {
+    return executor->Run("C_Encrypt", "", [gate, entered] {
+      *entered = true;
+      gate->Wait();
+    });
+  });
+  while (!*entered) std::this_thread::sleep_for(1ms);
+  std::this_thread::sleep_for(kTimeout / 2);  // the one thread is inside C_Encrypt
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  const auto start = Clock::now();
+  const absl::Status queued = executor->Run("C_Sign", "", [ran] { *ran = true; });
+  const auto waited = Clock::now() - start;
+  CHECK(absl::IsUnavailable(stuck.get()));
+  // Refused when C_Encrypt was set aside, half a deadline before its own.
+  CHECK(waited < kTimeout * 3 / 4);
+  CHECK(queued.message() ==
+        "HSM busy: every HSM thread is stuck in the module (1 call(s), past "
+        "hsm.max_stuck_calls); C_Sign was not started; retry later");
+  gate->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(executor->Run("C_Sign", "", [] {}).ok());
+  CHECK_FALSE(*ran);
+}
+
+TEST_CASE(
+    "a call stuck half max_set_aside times on one object is refused there at once; others are "
+    "served",
+    "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(2, 4, &recorder);  // two calls stuck: a kind's bound
+  auto gate = std::make_shared<Gate>();
+  OpenAtEnd release(gate);
+  std::vector<std::future<absl::Status>> stuck;
+  for (int i = 0; i < 2; ++i) {
+    stuck.push_back(std::async(std::launch::async, [&] {
+      return executor->Run("GenerateDataKey", "key-1", [gate] { gate->Wait(); });
+    }));
+  }
+  for (auto& call : stuck) CHECK(absl::IsUnavailable(call.get()));
+  REQUIRE(executor->set_aside() == 2);
+
+  const auto start = Clock::now();
+  auto ran = std::make_shared<std::atomic<int>>(0);
+  const absl::Status refused = executor->Run("GenerateDataKey", "key-1", [ran] { ++*ran; });
+  CHECK(Clock::now() - start < 100ms);
+  CHECK(refused.message() ==
+        "HSM busy: 2 GenerateDataKey call(s) on the same HSM object are stuck in the module; no "
+        "new one is started until one returns; retry later");
+  CHECK(*ran == 0);
+  // The same call on another key, and other calls on the same key, run on the threads that
+  // replaced the stuck ones.
+  REQUIRE(executor->Run("GenerateDataKey", "key-2", [ran] { ++*ran; }).ok());
+  REQUIRE(executor->Run("Decrypt", "key-1", [ran] { ++*ran; }).ok());
+  CHECK(*ran == 2);
+
+  gate->Open();  // once they return, the kind is served again
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(executor->Run("GenerateDataKey", "key-1", [ran] { ++*ran; }).ok());
+  CHECK(*ran == 3);
 }
 
 TEST_CASE("a call stuck past hang_limit is reported once", "[call_executor]") {
@@ -152,7 +223,7 @@ TEST_CASE("a call stuck past hang_limit is reported once", "[call_executor]") {
   auto executor = Make(2, 2, &recorder, 1500ms, 500ms);
   auto gate = std::make_shared<Gate>();
   OpenAtEnd release(gate);
-  CHECK(absl::IsUnavailable(executor->Run("C_GenerateRandom", [gate] { gate->Wait(); })));
+  CHECK(absl::IsUnavailable(executor->Run("C_GenerateRandom", "", [gate] { gate->Wait(); })));
   for (int i = 0; i < 1000; ++i) {
     {
       std::lock_guard lock(recorder.mu);
@@ -178,7 +249,8 @@ TEST_CASE("many callers at once are all served, each exactly once", "[call_execu
   for (int i = 0; i < 16; ++i) {
     callers.push_back(std::async(std::launch::async, [&] {
       absl::Status status;
-      for (int j = 0; j < 200 && status.ok(); ++j) status = executor->Run("Noop", [&] { ++runs; });
+      for (int j = 0; j < 200 && status.ok(); ++j)
+        status = executor->Run("Noop", "", [&] { ++runs; });
       return status;
     }));
   }
