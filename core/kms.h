@@ -375,6 +375,10 @@ class Kms {
   void RequireReAnchoring(std::string problem);
   // Why the log awaits re-anchoring; empty if it does not (health checks ask).
   std::string AnchorProblem() const;
+  // The role `principal` holds under the current policy; none if it holds none.
+  std::optional<policy::Role> RoleOf(std::string_view principal) const {
+    return CurrentPolicy()->RoleOf(principal);
+  }
   // Seals a catalogue written before rows carried MACs, once (KeyStore::SealCatalog), each row
   // recorded as SealCatalogRow. Returns the number of rows sealed.
   absl::StatusOr<uint64_t> SealCatalog();

@@ -27,6 +27,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   const server::Config& c = *config;
   FUZZ_CHECK(c.worker_threads >= 1 && c.worker_threads <= 1024);
+  FUZZ_CHECK(c.admin_worker_threads >= 1 && c.admin_worker_threads <= 64);
   FUZZ_CHECK(c.max_waiting_calls >= 1 && c.max_waiting_calls <= 1'000'000);
   FUZZ_CHECK(c.rate_limit_per_peer >= 0 && c.rate_limit_per_peer <= 1'000'000);
   FUZZ_CHECK(c.rate_limit_per_principal >= 0 && c.rate_limit_per_principal <= 1'000'000);

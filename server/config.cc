@@ -239,6 +239,8 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "listen", &c.listen));
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "reflection", &c.reflection));
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "worker_threads", &threads));
+  int64_t admin_threads = c.admin_worker_threads;
+  CUSTOS_RETURN_IF_ERROR(settings.Read("server", "admin_worker_threads", &admin_threads));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "cert", &c.tls_cert));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "key", &c.tls_key));
   CUSTOS_RETURN_IF_ERROR(settings.Read("tls", "client_ca", &c.client_ca));
@@ -372,6 +374,10 @@ absl::StatusOr<Config> ReadConfig(const toml::table& root, const std::string& pa
   }
   if (cache < 1) return absl::InvalidArgumentError("config: hsm.key_cache must be at least 1");
   c.worker_threads = static_cast<int>(threads);
+  if (admin_threads < 1 || admin_threads > 64) {
+    return absl::InvalidArgumentError("config: server.admin_worker_threads must be 1..64");
+  }
+  c.admin_worker_threads = static_cast<int>(admin_threads);
   int64_t max_waiting = static_cast<int64_t>(c.max_waiting_calls);
   CUSTOS_RETURN_IF_ERROR(settings.Read("server", "max_waiting_calls", &max_waiting));
   if (max_waiting < 1 || max_waiting > 1'000'000) {

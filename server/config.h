@@ -25,6 +25,10 @@ struct Config {
   // commits). Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
   // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
   int worker_threads = 16;
+  // The same for officers' and auditors' calls (AdminService, AuditService), a lane of their
+  // own: they never queue behind applications' calls, however many wait or however slow the
+  // HSM is for them. Each lane has room for max_waiting_calls.
+  int admin_worker_threads = 4;
   size_t max_waiting_calls = 4096;
   // Calls a second (bursts of one second's worth) from one peer address and from one
   // principal; beyond them RESOURCE_EXHAUSTED before the call queues, counted and audited.

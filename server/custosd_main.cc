@@ -638,7 +638,10 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
   if (config.rate_limit_per_peer > 0) per_peer.emplace(config.rate_limit_per_peer);
   if (config.rate_limit_per_principal > 0) per_principal.emplace(config.rate_limit_per_principal);
   auto runner = std::make_unique<CallRunner>(
-      &kms, &refusals, static_cast<size_t>(config.worker_threads), config.max_waiting_calls);
+      &kms, &refusals,
+      CallRunner::Threads{.data = static_cast<size_t>(config.worker_threads),
+                          .admin = static_cast<size_t>(config.admin_worker_threads)},
+      config.max_waiting_calls);
   runner->LimitRates(per_peer ? &*per_peer : nullptr, per_principal ? &*per_principal : nullptr);
   runner->Measure(&registry);
   AddServerGauges(registry, **store, kms, config.storage_path, *runner, clock);
@@ -758,9 +761,11 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                    stats.transactions);
       const CallRunner::Counts calls = runner->counts();
       spdlog::info(
-          "calls: {} waiting now; {} refused (queue full), {} over a rate limit and {} "
-          "abandoned by their clients before they ran, since start",
-          runner->waiting(), calls.refused, calls.rate_limited, calls.abandoned);
+          "calls: {} waiting now, {} of them officers' and auditors'; {} refused (queue full), "
+          "{} over a rate limit and {} abandoned by their clients before they ran, since start",
+          runner->waiting(CallRunner::Lane::kData) + runner->waiting(CallRunner::Lane::kAdmin),
+          runner->waiting(CallRunner::Lane::kAdmin), calls.refused, calls.rate_limited,
+          calls.abandoned);
       continue;
     }
     if (signal != SIGHUP) break;

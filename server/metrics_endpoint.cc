@@ -131,9 +131,12 @@ void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store
                       if (!latest.ok() || !latest->has_value()) return {};
                       return {{{}, static_cast<double>(clock.NowSeconds() - (*latest)->time)}};
                     });
-  registry.AddGauge("custos_calls_waiting", "Calls waiting for a worker", [&runner]() -> Samples {
-    return {{{}, static_cast<double>(runner.waiting())}};
-  });
+  registry.AddGauge(
+      "custos_calls_waiting", "Calls waiting for a worker, by lane", [&runner]() -> Samples {
+        using Lane = CallRunner::Lane;
+        return {{{{"lane", "data"}}, static_cast<double>(runner.waiting(Lane::kData))},
+                {{{"lane", "admin"}}, static_cast<double>(runner.waiting(Lane::kAdmin))}};
+      });
   registry.AddCounterReader(
       "custos_calls_turned_away_total",
       "Calls never run: the queue was full, a rate limit, or abandoned by their clients first",

@@ -8,6 +8,7 @@
 
 #include "common/strings.h"
 #include "core/operation_params.h"
+#include "policy/policy.h"
 #include "server/audit_proto.h"
 #include "server/grpc_status.h"
 #include "server/peer_identity.h"
@@ -212,9 +213,22 @@ grpc::Status RefuseUnauthenticated(core::Kms& kms, RefusalRecorder& refusals, st
 
 }  // namespace
 
-CallRunner::CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads,
+CallRunner::CallRunner(core::Kms* kms, RefusalRecorder* refusals, Threads threads,
                        size_t max_waiting)
-    : kms_(kms), refusals_(refusals), queue_(threads, max_waiting) {}
+    : kms_(kms),
+      refusals_(refusals),
+      data_queue_(threads.data, max_waiting),
+      admin_queue_(threads.admin, max_waiting) {}
+
+WorkQueue& CallRunner::QueueOf(const grpc::ServerContextBase& context) {
+  // By role, not by service: an application calling AdminService (denied there) queues with
+  // the applications, so that it cannot fill the officers' lane.
+  const absl::StatusOr<core::Caller> caller = CallerOf(context);
+  if (!caller.ok()) return data_queue_;
+  const std::optional<policy::Role> role = kms_->RoleOf(caller->principal);
+  return role == policy::Role::kOfficer || role == policy::Role::kAuditor ? admin_queue_
+                                                                          : data_queue_;
+}
 
 absl::Status CallRunner::RateLimited(grpc::CallbackServerContext& context) {
   if (per_peer_ != nullptr) {
@@ -260,15 +274,16 @@ grpc::ServerUnaryReactor* CallRunner::Run(grpc::CallbackServerContext* context, 
     return Refuse(context, rpc, limited);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  WorkQueue& queue = QueueOf(*context);
   const bool queued =
-      queue_.TrySubmit([this, context, reactor, rpc, arrived, work = std::move(work)] {
+      queue.TrySubmit([this, context, reactor, rpc, arrived, work = std::move(work)] {
         const grpc::Status status = Execute(*context, rpc, work);
         Answered(rpc, status.error_code(), arrived);
         reactor->Finish(status);
       });
   if (!queued) {
     ++refused_;
-    const std::string reason = StrCat("custosd is at capacity: ", queue_.max_waiting(),
+    const std::string reason = StrCat("custosd is at capacity: ", queue.max_waiting(),
                                       " calls are waiting already (server.max_waiting_calls)");
     absl::StatusOr<core::Caller> caller = CallerOf(*context);
     refusals_->Refused(rpc, caller.ok() ? std::move(caller->principal) : std::string(),
@@ -697,8 +712,8 @@ class AuditServiceImpl::Streams {
 namespace {
 
 // Streams what `read` returns, a page at a time, from seq `from` until `limit` items (0 = all)
-// or the end. Pages are read on the CallRunner's workers (the first one authenticates the
-// caller); between them the stream only waits for its client, holding no thread.
+// or the end. Pages are read on the CallRunner's workers of the caller's lane (the first one
+// authenticates the caller); between them the stream only waits for its client, holding no thread.
 template <typename Item, typename Proto>
 class PageStream final : public grpc::ServerWriteReactor<Proto>,
                          public AuditServiceImpl::Streams::Member {
@@ -759,7 +774,7 @@ class PageStream final : public grpc::ServerWriteReactor<Proto>,
   }
 
   void Fetch() {
-    const bool posted = runner_->Post([this] {
+    const bool posted = runner_->Post(*context_, [this] {
       if (context_->IsCancelled()) {
         this->Finish(grpc::Status::CANCELLED);
         return;

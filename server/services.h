@@ -2,12 +2,17 @@
 // synchronous. Each method reads the request, calls the matching core::Kms use case with the
 // caller taken from the client certificate, and maps the result; nothing else happens here.
 //
-// No gRPC thread waits on a call: a callback method hands its work to the CallRunner's
-// WorkQueue and returns. The queue's threads do the blocking part (HSM calls, the audit
-// commit); calls beyond them wait in the queue, in arrival order, and only a call arriving
-// while server.max_waiting_calls wait already is refused (RESOURCE_EXHAUSTED, logged and
-// audited through the RefusalRecorder). A call whose client gave up (cancelled, or past its
-// deadline) while it waited is dropped without doing any work.
+// No gRPC thread waits on a call: a callback method hands its work to the CallRunner and
+// returns. The runner's threads do the blocking part (HSM calls, the audit commit); calls
+// beyond them wait in a queue, in arrival order, and only a call arriving while
+// server.max_waiting_calls wait already is refused (RESOURCE_EXHAUSTED, logged and audited
+// through the RefusalRecorder). A call whose client gave up (cancelled, or past its deadline)
+// while it waited is dropped without doing any work.
+//
+// The runner has two lanes, each with threads and a queue of its own: officers' and auditors'
+// calls (by the caller's role) go to the admin lane, everyone else's to the data lane. No
+// backlog of applications' calls, and no HSM that is slow or stuck on them, holds up an
+// approval, a key's description or an audit read.
 #pragma once
 
 #include <atomic>
@@ -29,9 +34,14 @@ namespace custos::server {
 
 class CallRunner {
  public:
-  // `kms` and `refusals` must outlive the runner. `threads` run calls; at most `max_waiting`
-  // calls wait for one.
-  CallRunner(core::Kms* kms, RefusalRecorder* refusals, size_t threads, size_t max_waiting);
+  enum class Lane { kData, kAdmin };
+  struct Threads {
+    size_t data = 16;  // server.worker_threads
+    size_t admin = 4;  // server.admin_worker_threads
+  };
+  // `kms` and `refusals` must outlive the runner. `threads` run calls, in each lane; at most
+  // `max_waiting` calls wait for one, in each lane.
+  CallRunner(core::Kms* kms, RefusalRecorder* refusals, Threads threads, size_t max_waiting);
 
   // Refuses calls beyond a rate per peer address and per principal (either may be null: no
   // limit), with RESOURCE_EXHAUSTED before they queue, counted by the RefusalRecorder. Set
@@ -49,12 +59,14 @@ class CallRunner {
   // The use case a call runs once its caller is authenticated; it fills the response.
   using Work = std::function<grpc::Status(core::Kms&, const core::Caller&)>;
 
-  // Queues `work` for `context`'s call to `rpc` and returns the call's reactor, finished once
-  // the work ran (or at once, if the queue is full).
+  // Queues `work` for `context`'s call to `rpc` in its caller's lane and returns the call's
+  // reactor, finished once the work ran (or at once, if the lane's queue is full).
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const char* rpc, Work work);
-  // Queues `work` for a worker like a call's, for a stream's next page; false if the queue
-  // is full.
-  bool Post(std::function<void()> work) { return queue_.TrySubmit(std::move(work)); }
+  // Queues `work` for a worker of `context`'s lane like a call's, for a stream's next page;
+  // false if the queue is full.
+  bool Post(const grpc::ServerContextBase& context, std::function<void()> work) {
+    return QueueOf(context).TrySubmit(std::move(work));
+  }
   core::Kms& kms() const { return *kms_; }
   RefusalRecorder& refusals() const { return *refusals_; }
 
@@ -69,11 +81,15 @@ class CallRunner {
     uint64_t rate_limited = 0;  // over server.rate_limit_per_peer or _per_principal
   };
   Counts counts() const { return {refused_.load(), abandoned_.load(), rate_limited_.load()}; }
-  size_t waiting() const { return queue_.waiting(); }
+  size_t waiting(Lane lane) const {
+    return lane == Lane::kAdmin ? admin_queue_.waiting() : data_queue_.waiting();
+  }
 
  private:
   grpc::Status Execute(const grpc::CallbackServerContext& context, const char* rpc,
                        const Work& work);
+  // The queue of `context`'s lane: the admin lane's for an officer or an auditor.
+  WorkQueue& QueueOf(const grpc::ServerContextBase& context);
   // Why `context`'s call is over its rate, or OK.
   absl::Status RateLimited(grpc::CallbackServerContext& context);
   // Counts the answer `code` to a call of `rpc` that arrived at `arrived`, if measured.
@@ -88,7 +104,9 @@ class CallRunner {
   RateLimiter* per_peer_ = nullptr;       // set before serving
   RateLimiter* per_principal_ = nullptr;  // set before serving
   metrics::Registry* metrics_ = nullptr;  // set before serving
-  WorkQueue queue_;  // last: its destructor runs what waits, which uses the members above
+  // Last: their destructors run what waits, which uses the members above.
+  WorkQueue data_queue_;
+  WorkQueue admin_queue_;
 };
 
 class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {

@@ -161,6 +161,74 @@ TEST_CASE("Past max_waiting_calls calls are refused at once, logged and audited 
         std::string::npos);
 }
 
+TEST_CASE(
+    "Officers and auditors have a lane of their own: answered while applications' calls fill "
+    "theirs; an application calling AdminService queues with the applications",
+    "[e2e][serving]") {
+  CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
+  const pb::KeyMetadata key = CreateKey(server, UniqueAlias("serving/lanes"), true, false);
+  UseOneWorker(server);  // worker_threads = 1, max_waiting_calls = 2; admin lane as default
+  auto stub = server.Keys("app");
+  pb::GenerateDataKeyResponse warm;  // the key unwrapped and its row checked before the hang
+  {
+    pb::GenerateDataKeyRequest req;
+    req.set_key(key.key_id());
+    REQUIRE(stub->GenerateDataKey(Context().get(), req, &warm).ok());
+  }
+  server.SetFaults("C_Encrypt hang\n");
+  Burst held;
+  held.Start(*stub, key.key_id());  // takes the data lane's one worker and hangs in the HSM
+  AwaitLine([&] { return server.FaultLog(); }, "hanging C_Encrypt");
+  Burst waiting;
+  for (int i = 0; i < 2; ++i) waiting.Start(*stub, key.key_id());  // the data lane is full
+  std::this_thread::sleep_for(200ms);
+
+  pb::DescribeKeyRequest describe;
+  describe.set_key(key.key_id());
+  pb::KeyMetadata described;
+  // An application calling AdminService is turned away by the full data lane, not let into
+  // the officers'.
+  const grpc::Status app_call =
+      server.Admin("app")->DescribeKey(Context().get(), describe, &described);
+  CHECK(app_call.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+  CHECK(app_call.error_message().rfind("custosd is at capacity: 2 calls are waiting already", 0) ==
+        0);
+  // Officers and auditors are served meanwhile.
+  const grpc::Status officer_call =
+      server.Admin("officer1")->DescribeKey(Context().get(), describe, &described);
+  INFO(officer_call.error_code() << ": " << officer_call.error_message());
+  CHECK(officer_call.ok());
+  CHECK(described.key_id() == key.key_id());
+  pb::ListRequestsResponse requests;
+  CHECK(server.Admin("officer2")
+            ->ListRequests(Context().get(), pb::ListRequestsRequest(), &requests)
+            .ok());
+  auto audit = pb::AuditService::NewStub(server.Channel("auditor"));
+  pb::Checkpoint checkpoint;
+  const grpc::Status auditor_call = audit->GetCheckpoint(Context().get(), {}, &checkpoint);
+  INFO(auditor_call.error_code() << ": " << auditor_call.error_message());
+  CHECK((auditor_call.ok() || auditor_call.error_code() == grpc::StatusCode::NOT_FOUND));
+  {
+    auto context = Context();
+    pb::ReadRecordsRequest req;
+    req.set_limit(5);
+    auto reader = audit->ReadRecords(context.get(), req);
+    pb::AuditRecord record;
+    int read = 0;
+    while (reader->Read(&record)) ++read;
+    const grpc::Status finished = reader->Finish();
+    INFO(finished.error_code() << ": " << finished.error_message());
+    CHECK(finished.ok());
+    CHECK(read == 5);
+  }
+
+  server.SetFaults("");
+  held.Wait();
+  waiting.Wait();
+  CHECK(held.Codes(nullptr)[grpc::StatusCode::OK] == 1);
+  CHECK(waiting.Codes(nullptr)[grpc::StatusCode::OK] == 2);
+}
+
 TEST_CASE("A principal over server.rate_limit_per_principal is refused, counted, and others served",
           "[e2e][serving]") {
   CustosServer server;
@@ -236,8 +304,8 @@ TEST_CASE("A call whose client gave up while it waited does no work and leaves n
   }
   server.Signal(SIGUSR1);
   AwaitLine([&] { return server.Log(); },
-            "calls: 0 waiting now; 0 refused (queue full), 0 over a rate limit and 1 abandoned by "
-            "their clients");
+            "calls: 0 waiting now, 0 of them officers' and auditors'; 0 refused (queue full), 0 "
+            "over a rate limit and 1 abandoned by their clients");
 }
 
 }  // namespace

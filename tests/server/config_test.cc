@@ -121,6 +121,7 @@ TEST_CASE("A minimal config loads with the documented defaults", "[config]") {
 
   CHECK(c.listen == "127.0.0.1:7443");
   CHECK(c.worker_threads == 16);
+  CHECK(c.admin_worker_threads == 4);
   CHECK(c.max_message_bytes == 262144);
   CHECK(c.max_waiting_calls == 4096);
   CHECK(c.rate_limit_per_peer == 0);  // off
@@ -153,6 +154,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   std::vector<Entry> entries = Minimal();
   entries.push_back({"server", "listen", R"("0.0.0.0:9443")"});
   entries.push_back({"server", "worker_threads", "4"});
+  entries.push_back({"server", "admin_worker_threads", "2"});
   entries.push_back({"server", "max_waiting_calls", "100"});
   entries.push_back({"server", "rate_limit_per_peer", "500"});
   entries.push_back({"server", "rate_limit_per_principal", "200"});
@@ -180,6 +182,7 @@ TEST_CASE("Settings in the file override the defaults", "[config]") {
   CHECK(c.checkpoint_every == 50);
   CHECK(c.listen == "0.0.0.0:9443");
   CHECK(c.worker_threads == 4);
+  CHECK(c.admin_worker_threads == 2);
   CHECK(c.max_waiting_calls == 100);
   CHECK(c.rate_limit_per_peer == 500);
   CHECK(c.rate_limit_per_principal == 200);
@@ -372,6 +375,10 @@ TEST_CASE("Server settings are range-checked", "[config]") {
                  "server.worker_threads must be 1..1024");
   RequireRefused(files, Render(Minimal(), "[server]\nworker_threads = 1025\n"),
                  "server.worker_threads must be 1..1024");
+  RequireRefused(files, Render(Minimal(), "[server]\nadmin_worker_threads = 0\n"),
+                 "server.admin_worker_threads must be 1..64");
+  RequireRefused(files, Render(Minimal(), "[server]\nadmin_worker_threads = 65\n"),
+                 "server.admin_worker_threads must be 1..64");
   RequireRefused(files, Render(Minimal(), "[audit]\ncontext_hmac_cache = -1\n"),
                  "audit.context_hmac_cache must be 0..10000000");
   for (const char* size : {"15", "1048577"}) {
