@@ -98,6 +98,8 @@ bool RefusedRow(const absl::Status& status) {
 absl::Status Kms::RunMaintenanceTurn() {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
+  // Requests expire by the later reading, rotations fall due by the earlier (WallBounds).
+  CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
   {
     // What concerns the whole server: the roots. (Destroying a retired root is the only HSM
     // call made holding the server, and only after a root rotation.)
@@ -124,7 +126,7 @@ absl::Status Kms::RunMaintenanceTurn() {
   // A row its integrity check refuses (alarmed once, when found) is skipped: one row edited
   // outside Custos must not hold up every other key's destruction, rotation and usage flush.
   for (const Request& listed : pending) {
-    if (listed.expires_at > now) continue;
+    if (listed.expires_at > time.latest) continue;
     ChangeLock lock = LockShared(LockNameOf(listed));
     absl::StatusOr<Request> request = options_.store->GetRequest(listed.id);
     if (RefusedRow(request.status())) {
@@ -132,7 +134,7 @@ absl::Status Kms::RunMaintenanceTurn() {
       continue;
     }
     CUSTOS_RETURN_IF_ERROR(request.status());
-    if (request->state == RequestState::kPending && request->expires_at <= now) {
+    if (request->state == RequestState::kPending && request->expires_at <= time.latest) {
       CUSTOS_RETURN_IF_ERROR(Expire(*std::move(request)));
     }
   }
@@ -160,10 +162,11 @@ absl::Status Kms::RunMaintenanceTurn() {
   }
   // Rotations due by period (whatever the primary version), then those a version's usage asked
   // for (only while that version is still primary: one crossing, one rotation).
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale, options_.store->KeysDueForRotation(now));
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale,
+                          options_.store->KeysDueForRotation(time.earliest));
   for (const std::string& key_id : stale) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
-    absl::Status rotated = AutoRotate(key_id, std::nullopt, now);
+    absl::Status rotated = AutoRotate(key_id, std::nullopt, time.earliest);
     if (!rotated.ok() && !RefusedRow(rotated)) return rotated;
     RaiseIntegrityAlarm(rotated);
   }

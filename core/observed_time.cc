@@ -1,5 +1,6 @@
 #include "core/observed_time.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/numbers.h"
@@ -19,6 +20,7 @@ absl::Status ObservedTime::LoadLocked() {
   base_seconds_ = seconds;
   base_monotonic_ms_ = clock_->MonotonicMillis();
   wall_offset_ = clock_->NowSeconds() - base_seconds_;
+  run_offset_ = wall_offset_;
   loaded_ = true;
   return absl::OkStatus();
 }
@@ -47,6 +49,14 @@ std::optional<ObservedTime::ClockJump> ObservedTime::WallClockJump(int64_t toler
   const int64_t jump = offset - wall_offset_;
   if (jump <= tolerance_seconds && jump >= -tolerance_seconds) return std::nullopt;
   return ClockJump{jump, offset};
+}
+
+absl::StatusOr<ObservedTime::Bounds> ObservedTime::WallBounds() {
+  std::lock_guard lock(mu_);
+  CUSTOS_RETURN_IF_ERROR(LoadLocked());
+  const int64_t wall = clock_->NowSeconds();
+  const int64_t kept_pace = NowLocked() + run_offset_;
+  return Bounds{std::min(wall, kept_pace), std::max(wall, kept_pace)};
 }
 
 void ObservedTime::Reported(const ClockJump& jump) {

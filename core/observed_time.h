@@ -9,7 +9,9 @@
 // again in the safe direction.
 //
 // It also notices the wall clock running ahead of (or behind) observed time within a run:
-// WallClockJump() finds a jump until it is Reported(), so the server can alert once. Thread-safe.
+// WallClockJump() finds a jump until it is Reported(), so the server can alert once. And it
+// holds the wall clock to observed time for what expires or falls due by it (WallBounds()).
+// Thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +50,18 @@ class ObservedTime {
   std::optional<ClockJump> WallClockJump(int64_t tolerance_seconds);
   void Reported(const ClockJump& jump);
 
+  // The wall clock now, and where it would be had it kept pace with observed time since this
+  // run began: `earliest` is the smaller of the two, `latest` the larger; both are the wall
+  // clock while it keeps pace. What expires by the wall clock (requests, database tokens)
+  // expires by `latest`, so a clock stepped back reopens no approval window and revives no
+  // token; what falls due by it (rotation periods) falls due by `earliest`, so a clock
+  // stepped forward makes nothing due early. Reads the persisted figure on first use, as Now().
+  struct Bounds {
+    int64_t earliest;
+    int64_t latest;
+  };
+  absl::StatusOr<Bounds> WallBounds();
+
  private:
   absl::Status LoadLocked();
   int64_t NowLocked() const;
@@ -59,6 +73,7 @@ class ObservedTime {
   int64_t base_seconds_ = 0;       // the persisted figure at load
   int64_t base_monotonic_ms_ = 0;  // the monotonic clock at load
   int64_t wall_offset_ = 0;        // wall minus observed, when last (re)based
+  int64_t run_offset_ = 0;         // wall minus observed at load: never rebased
 };
 
 }  // namespace custos::core

@@ -85,13 +85,15 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       CUSTOS_ASSIGN_OR_RETURN(KeyRef found, FindKey(proposal.key));
       return LockShared(KeyLockName(found->id));
     }());
-    const int64_t now = options_.clock->NowSeconds();
+    // Expiry by the later of the wall clock and observed time (ObservedTime::WallBounds).
+    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    const int64_t now = time.latest;
     Request request;
     request.id = NewKeyId();
     request.operation = std::string(policy::OperationName(proposal.operation));
     request.justification = proposal.justification;
     request.proposer = caller.principal;
-    request.created_at = now;
+    request.created_at = options_.clock->NowSeconds();
     request.expires_at = now + options_.dual_control.request_ttl_seconds;
     request.parameters = EncodeParams(proposal.operation, proposal.params);
     call.event().request_id = request.id;
@@ -190,7 +192,8 @@ absl::StatusOr<Request> Kms::LoadPending(Call& call, std::string_view request_id
   if (request.state != RequestState::kPending) {
     return absl::FailedPreconditionError(NotPending(request));
   }
-  if (request.expires_at <= options_.clock->NowSeconds()) {
+  CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+  if (request.expires_at <= time.latest) {
     const std::string id = request.id;
     CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));
     return absl::FailedPreconditionError(

@@ -389,7 +389,8 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         token.mount = p.mount;
         token.key_ids = p.key_ids;
         token.issued_at = now;
-        token.expires_at = now + p.ttl_days * policy::kDay;
+        CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+        token.expires_at = time.latest + p.ttl_days * policy::kDay;
         token.request = request.id;
         value = Encode(token);
         detail = StrCat("token ", id, " for '", p.principal, "': mount=", p.mount,
@@ -459,7 +460,8 @@ absl::StatusOr<SecureBytes> Kms::ClaimDatabaseToken(const Caller& caller,
           StrCat("database token ", token_id, " was issued to another principal"));
     }
     const int64_t now = options_.clock->NowSeconds();
-    if (token.revoked_at != 0 || token.expires_at <= now || token.claimed_at != 0) {
+    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    if (token.revoked_at != 0 || token.expires_at <= time.latest || token.claimed_at != 0) {
       return absl::FailedPreconditionError(
           StrCat("database token ", token_id, " is ",
                  token.revoked_at != 0 ? "revoked"
@@ -526,7 +528,8 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
     }
     caller.principal = held.principal;
     call.event().principal = held.principal;
-    if (held.revoked_at != 0 || held.expires_at <= options_.clock->NowSeconds()) return refused;
+    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    if (held.revoked_at != 0 || held.expires_at <= time.latest) return refused;
     CUSTOS_RETURN_IF_ERROR(call.Authorize());  // still a database in the policy as it is now
     CUSTOS_RETURN_IF_ERROR(request);
     // Outside the token's binding is answered as what does not exist.

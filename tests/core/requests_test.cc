@@ -235,6 +235,35 @@ TEST_CASE("Maintenance expires requests nobody touches", "[requests]") {
   CHECK(f.store->GetRequest(request.id)->state == RequestState::kExpired);
 }
 
+TEST_CASE("A wall clock stepped back reopens no expired request", "[requests][clock]") {
+  Fixture f;
+  f.NewKey("k");
+  f.NewKey("k2");
+  const Request asked = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  const Request waiting = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k2"));
+  f.clock.Advance(24 * 3600);        // their day is over
+  f.clock.StepWallClock(-2 * 3600);  // and someone sets the clock two hours back
+
+  absl::StatusOr<Request> late = f.kms->Approve(f.officer2, asked.id, DigestOf(f, asked.id));
+  CHECK(absl::IsFailedPrecondition(late.status()));
+  CHECK(f.store->GetRequest(asked.id)->state == RequestState::kExpired);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->GetRequest(waiting.id)->state == RequestState::kExpired);
+
+  // A request proposed now still has its whole day, by the time this server has seen pass.
+  absl::StatusOr<Request> proposed =
+      f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  INFO(proposed.status().ToString());
+  REQUIRE(proposed.ok());
+  const Request fresh = *std::move(proposed);
+  f.clock.Advance(24 * 3600 - 1);
+  REQUIRE(f.kms->Approve(f.officer2, fresh.id, DigestOf(f, fresh.id)).ok());
+  CHECK(f.store->GetRequest(fresh.id)->state == RequestState::kPending);
+  f.clock.Advance(1);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.store->GetRequest(fresh.id)->state == RequestState::kExpired);
+}
+
 TEST_CASE("A rejected request accepts nothing, and approvals do not carry over", "[requests]") {
   Fixture f;
   f.NewKey("k");

@@ -183,5 +183,21 @@ TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[r
   CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
 }
 
+TEST_CASE("A wall clock stepped forward makes no rotation due early", "[rotation][clock]") {
+  Fixture f;
+  CreateKeyParams params;
+  params.alias = "periodic";
+  params.rotation_period_days = 90;
+  absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
+  REQUIRE(key.ok());
+  REQUIRE(f.kms->RunMaintenance().ok());
+  f.clock.StepWallClock(100 * policy::kDay);  // by the wall clock alone, overdue
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey((*key)->id))->primary_version == 1);
+  f.clock.Advance(90 * policy::kDay);  // and now by both
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+}
+
 }  // namespace
 }  // namespace custos::core

@@ -209,6 +209,28 @@ TEST_CASE("Tokens are claimed once by their database; bad tokens are all refused
   CHECK(absl::IsPermissionDenied(Fetch(f, token, 1).status()));
 }
 
+TEST_CASE("A wall clock stepped back revives no expired database token", "[tde][clock]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  Execute(f, Operation::kCreateTdeKey, TdeKey(1));
+  const std::string unclaimed = IssueToken(f, {1}, /*ttl_days=*/1);
+  const std::string token = Claim(f, IssueToken(f, {1}, /*ttl_days=*/1));
+  REQUIRE(Fetch(f, token, 1).ok());
+  f.clock.Advance(policy::kDay);     // both expired
+  f.clock.StepWallClock(-2 * 3600);  // and the clock set two hours back
+  CHECK(absl::IsPermissionDenied(Fetch(f, token, 1).status()));
+  absl::StatusOr<SecureBytes> late = f.kms->ClaimDatabaseToken(f.database, unclaimed);
+  CHECK(absl::IsFailedPrecondition(late.status()));
+  CHECK(late.status().message().find(" is expired") != std::string::npos);
+
+  // A token issued now still has its whole day, by the time this server has seen pass.
+  const std::string fresh = Claim(f, IssueToken(f, {1}, /*ttl_days=*/1));
+  f.clock.Advance(policy::kDay - 1);
+  CHECK(Fetch(f, fresh, 1).ok());
+  f.clock.Advance(1);
+  CHECK(absl::IsPermissionDenied(Fetch(f, fresh, 1).status()));
+}
+
 TEST_CASE("A revoked token stops at once, and putting its older row back serves nothing",
           "[tde][insider]") {
   Fixture f;
