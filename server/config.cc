@@ -1,6 +1,8 @@
 #include "server/config.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -198,6 +200,12 @@ std::optional<ListenAddress> ParseListen(std::string_view listen) {
   }
   if (host.find_first_of("[]") != std::string_view::npos) return std::nullopt;
   address.host = std::string(host);
+  // A host with a colon is an IPv6 address, bare or bracketed: "::8200" is not host ":".
+  in6_addr parsed;
+  if (address.host.find(':') != std::string::npos &&
+      inet_pton(AF_INET6, address.host.c_str(), &parsed) != 1) {
+    return std::nullopt;
+  }
   return address;
 }
 
