@@ -403,8 +403,6 @@ absl::StatusOr<std::string> Kms::ContextHmac(std::string_view principal,
 }
 
 absl::Status Kms::RecordServerStart() {
-  // Observed time from the start: the wall clock is held to it from here (WallBounds).
-  CUSTOS_RETURN_IF_ERROR(observed_.Now().status());
   const std::string root = CurrentRoot();
   CUSTOS_ASSIGN_OR_RETURN(const bool confines, options_.hsm->RootKeyConfinesVersions(root));
   return Commit({}, {ServerEvent("ServerStart", "", "", absl::StatusCode::kOk,

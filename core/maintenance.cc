@@ -99,7 +99,7 @@ absl::Status Kms::RunMaintenanceTurn() {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
   // Requests expire by the later reading, rotations fall due by the earlier (WallBounds).
-  CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+  const ObservedTime::Bounds time = observed_.WallBounds();
   {
     // What concerns the whole server: the roots. (Destroying a retired root is the only HSM
     // call made holding the server, and only after a root rotation.)
@@ -107,7 +107,10 @@ absl::Status Kms::RunMaintenanceTurn() {
     if (const auto jump = observed_.WallClockJump(kClockJumpToleranceSeconds)) {
       const std::string detail = StrCat("the wall clock moved ", jump->seconds,
                                         " s against the time this server observed passing; ",
-                                        "key destruction waits for both clocks");
+                                        "key destruction waits for both clocks; until "
+                                        "custosd restarts, requests and tokens expire by the "
+                                        "later of the two and rotations fall due by the "
+                                        "earlier");
       spdlog::error("clock: {}", detail);
       CUSTOS_RETURN_IF_ERROR(
           Commit({}, {ServerEvent("ClockJump", "", "", absl::StatusCode::kOk, detail)}));

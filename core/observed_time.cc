@@ -20,7 +20,6 @@ absl::Status ObservedTime::LoadLocked() {
   base_seconds_ = seconds;
   base_monotonic_ms_ = clock_->MonotonicMillis();
   wall_offset_ = clock_->NowSeconds() - base_seconds_;
-  run_offset_ = wall_offset_;
   loaded_ = true;
   return absl::OkStatus();
 }
@@ -51,11 +50,9 @@ std::optional<ObservedTime::ClockJump> ObservedTime::WallClockJump(int64_t toler
   return ClockJump{jump, offset};
 }
 
-absl::StatusOr<ObservedTime::Bounds> ObservedTime::WallBounds() {
-  std::lock_guard lock(mu_);
-  CUSTOS_RETURN_IF_ERROR(LoadLocked());
+ObservedTime::Bounds ObservedTime::WallBounds() const {
   const int64_t wall = clock_->NowSeconds();
-  const int64_t kept_pace = NowLocked() + run_offset_;
+  const int64_t kept_pace = start_wall_ + (clock_->MonotonicMillis() - start_monotonic_ms_) / 1000;
   return Bounds{std::min(wall, kept_pace), std::max(wall, kept_pace)};
 }
 

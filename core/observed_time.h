@@ -29,8 +29,12 @@ inline constexpr char kObservedSecondsSetting[] = "observed_seconds";
 
 class ObservedTime {
  public:
-  // `store` and `clock` must outlive this object.
-  ObservedTime(storage::KeyStore* store, const Clock* clock) : store_(store), clock_(clock) {}
+  // `store` and `clock` must outlive this object. The run begins now (WallBounds).
+  ObservedTime(storage::KeyStore* store, const Clock* clock)
+      : store_(store),
+        clock_(clock),
+        start_wall_(clock->NowSeconds()),
+        start_monotonic_ms_(clock->MonotonicMillis()) {}
 
   // Observed seconds now. Reads the persisted figure on first use (0 for a new store);
   // UNAVAILABLE if it cannot be read, INTERNAL if it is not a number.
@@ -50,17 +54,17 @@ class ObservedTime {
   std::optional<ClockJump> WallClockJump(int64_t tolerance_seconds);
   void Reported(const ClockJump& jump);
 
-  // The wall clock now, and where it would be had it kept pace with observed time since this
-  // run began: `earliest` is the smaller of the two, `latest` the larger; both are the wall
-  // clock while it keeps pace. What expires by the wall clock (requests, database tokens)
+  // The wall clock now, and where it would be had it kept pace with the monotonic clock since
+  // this run began: `earliest` is the smaller of the two, `latest` the larger; both are the
+  // wall clock while it keeps pace. What expires by the wall clock (requests, database tokens)
   // expires by `latest`, so a clock stepped back reopens no approval window and revives no
   // token; what falls due by it (rotation periods) falls due by `earliest`, so a clock
-  // stepped forward makes nothing due early. Reads the persisted figure on first use, as Now().
+  // stepped forward makes nothing due early. Needs nothing stored, and cannot fail.
   struct Bounds {
     int64_t earliest;
     int64_t latest;
   };
-  absl::StatusOr<Bounds> WallBounds();
+  Bounds WallBounds() const;
 
  private:
   absl::Status LoadLocked();
@@ -70,10 +74,11 @@ class ObservedTime {
   const Clock* const clock_;
   std::mutex mu_;
   bool loaded_ = false;
-  int64_t base_seconds_ = 0;       // the persisted figure at load
-  int64_t base_monotonic_ms_ = 0;  // the monotonic clock at load
-  int64_t wall_offset_ = 0;        // wall minus observed, when last (re)based
-  int64_t run_offset_ = 0;         // wall minus observed at load: never rebased
+  int64_t base_seconds_ = 0;          // the persisted figure at load
+  int64_t base_monotonic_ms_ = 0;     // the monotonic clock at load
+  int64_t wall_offset_ = 0;           // wall minus observed, when last (re)based
+  const int64_t start_wall_;          // the wall clock when this run began
+  const int64_t start_monotonic_ms_;  // the monotonic clock then
 };
 
 }  // namespace custos::core

@@ -86,7 +86,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       return LockShared(KeyLockName(found->id));
     }());
     // Expiry by the later of the wall clock and observed time (ObservedTime::WallBounds).
-    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    const ObservedTime::Bounds time = observed_.WallBounds();
     const int64_t now = time.latest;
     Request request;
     request.id = NewKeyId();
@@ -192,7 +192,7 @@ absl::StatusOr<Request> Kms::LoadPending(Call& call, std::string_view request_id
   if (request.state != RequestState::kPending) {
     return absl::FailedPreconditionError(NotPending(request));
   }
-  CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+  const ObservedTime::Bounds time = observed_.WallBounds();
   if (request.expires_at <= time.latest) {
     const std::string id = request.id;
     CUSTOS_RETURN_IF_ERROR(Expire(std::move(request)));

@@ -389,7 +389,7 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         token.mount = p.mount;
         token.key_ids = p.key_ids;
         token.issued_at = now;
-        CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+        const ObservedTime::Bounds time = observed_.WallBounds();
         token.expires_at = time.latest + p.ttl_days * policy::kDay;
         token.request = request.id;
         value = Encode(token);
@@ -460,7 +460,7 @@ absl::StatusOr<SecureBytes> Kms::ClaimDatabaseToken(const Caller& caller,
           StrCat("database token ", token_id, " was issued to another principal"));
     }
     const int64_t now = options_.clock->NowSeconds();
-    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    const ObservedTime::Bounds time = observed_.WallBounds();
     if (token.revoked_at != 0 || token.expires_at <= time.latest || token.claimed_at != 0) {
       return absl::FailedPreconditionError(
           StrCat("database token ", token_id, " is ",
@@ -528,7 +528,7 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
     }
     caller.principal = held.principal;
     call.event().principal = held.principal;
-    CUSTOS_ASSIGN_OR_RETURN(const ObservedTime::Bounds time, observed_.WallBounds());
+    const ObservedTime::Bounds time = observed_.WallBounds();
     if (held.revoked_at != 0 || held.expires_at <= time.latest) return refused;
     CUSTOS_RETURN_IF_ERROR(call.Authorize());  // still a database in the policy as it is now
     CUSTOS_RETURN_IF_ERROR(request);

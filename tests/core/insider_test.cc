@@ -320,6 +320,17 @@ TEST_CASE("Observed time moved forward with SQL hastens no destruction", "[insid
   EditWhileStopped(f, "UPDATE settings SET value = '99999999' WHERE name = 'observed_seconds'");
   CHECK(absl::IsDataLoss(f.kms->RunMaintenance()));
   CHECK((*f.store->GetKey(key->id))->state == KeyState::kPendingDeletion);
+  // Nothing else depends on it: requests are still proposed and expire on time.
+  f.NewKey("other");
+  absl::StatusOr<Request> proposed = f.kms->Propose(f.officer, [] {
+    Proposal proposal;
+    proposal.operation = Operation::kDisableKey;
+    proposal.key = "other";
+    proposal.justification = "observed time refused, requests still served";
+    return proposal;
+  }());
+  INFO(proposed.status().ToString());
+  CHECK(proposed.ok());
 }
 
 // Rebuilds the row index without the entry of record `seq`, through the schema table, each
