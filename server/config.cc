@@ -200,10 +200,12 @@ std::optional<ListenAddress> ParseListen(std::string_view listen) {
   }
   if (host.find_first_of("[]") != std::string_view::npos) return std::nullopt;
   address.host = std::string(host);
-  // A host with a colon is an IPv6 address, bare or bracketed: "::8200" is not host ":".
+  // A host with a colon is an IPv6 address (with a zone, "fe80::1%eth0", or without), bare or
+  // bracketed: "::8200" is not host ":".
+  const std::string address_part = address.host.substr(0, address.host.find('%'));
   in6_addr parsed;
   if (address.host.find(':') != std::string::npos &&
-      inet_pton(AF_INET6, address.host.c_str(), &parsed) != 1) {
+      inet_pton(AF_INET6, address_part.c_str(), &parsed) != 1) {
     return std::nullopt;
   }
   return address;

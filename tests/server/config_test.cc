@@ -512,6 +512,7 @@ TEST_CASE("A listen setting is host:port, an IPv6 host bare or in brackets", "[c
       {"[::]:8200", {"::", 8200}},
       {"[::1]:65535", {"::1", 65535}},
       {"::1:9464", {"::1", 9464}},
+      {"[fe80::1%eth0]:8200", {"fe80::1%eth0", 8200}},
       {"0.0.0.0:00080", {"0.0.0.0", 80}},
   };
   for (const auto& [listen, address] : parsed) {
