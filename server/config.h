@@ -25,9 +25,9 @@ struct Config {
   // commits). Calls beyond them wait, in arrival order, up to max_waiting_calls; a call
   // arriving while that many wait is refused (RESOURCE_EXHAUSTED, logged and audited).
   int worker_threads = 16;
-  // The same for officers' and auditors' calls (AdminService, AuditService), a lane of their
-  // own: they never queue behind applications' calls, however many wait or however slow the
-  // HSM is for them. Each lane has room for max_waiting_calls.
+  // The same for officers' calls, and as many for auditors' (by the caller's role): lanes of
+  // their own, so they never queue behind applications' calls, nor officers' behind
+  // auditors'. Each lane has room for max_waiting_calls.
   int admin_worker_threads = 4;
   size_t max_waiting_calls = 4096;
   // Calls a second (bursts of one second's worth) from one peer address and from one
@@ -68,9 +68,10 @@ struct Config {
   // so that its supervisor restarts it. See hsm/call_executor.h.
   int hsm_call_timeout_ms = 2000;
   // HSM calls under way at once (1..1024): the threads that call the module, and its pooled
-  // sessions. Each worker waits for its own HSM call, so beyond worker_threads (and a few for
-  // background tasks: health probes, checkpoints) threads stay idle; fewer suit a module that
-  // limits its sessions. See docs/PERFORMANCE.md, "HSM threads".
+  // sessions. Each worker waits for its own HSM call, so beyond worker_threads + 2 x
+  // admin_worker_threads (and a few for background tasks: health probes, checkpoints) threads
+  // stay idle; fewer suit a module that limits its sessions. See docs/PERFORMANCE.md, "HSM
+  // threads".
   int hsm_threads = 16;
   int hsm_max_stuck_calls = 8;
   int64_t hsm_hang_limit_ms = 60000;

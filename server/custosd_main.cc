@@ -760,12 +760,15 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
       spdlog::info("group commit: {} batches in {} transactions since start", stats.batches,
                    stats.transactions);
       const CallRunner::Counts calls = runner->counts();
+      using Lane = CallRunner::Lane;
       spdlog::info(
-          "calls: {} waiting now, {} of them officers' and auditors'; {} refused (queue full), "
-          "{} over a rate limit and {} abandoned by their clients before they ran, since start",
-          runner->waiting(CallRunner::Lane::kData) + runner->waiting(CallRunner::Lane::kAdmin),
-          runner->waiting(CallRunner::Lane::kAdmin), calls.refused, calls.rate_limited,
-          calls.abandoned);
+          "calls: {} waiting now, {} of them officers' and {} auditors'; {} refused (queue "
+          "full), {} over a rate limit and {} abandoned by their clients before they ran, since "
+          "start",
+          runner->waiting(Lane::kData) + runner->waiting(Lane::kOfficer) +
+              runner->waiting(Lane::kAuditor),
+          runner->waiting(Lane::kOfficer), runner->waiting(Lane::kAuditor), calls.refused,
+          calls.rate_limited, calls.abandoned);
       continue;
     }
     if (signal != SIGHUP) break;

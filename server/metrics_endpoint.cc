@@ -135,7 +135,8 @@ void AddServerGauges(metrics::Registry& registry, const storage::KeyStore& store
       "custos_calls_waiting", "Calls waiting for a worker, by lane", [&runner]() -> Samples {
         using Lane = CallRunner::Lane;
         return {{{{"lane", "data"}}, static_cast<double>(runner.waiting(Lane::kData))},
-                {{{"lane", "admin"}}, static_cast<double>(runner.waiting(Lane::kAdmin))}};
+                {{{"lane", "officer"}}, static_cast<double>(runner.waiting(Lane::kOfficer))},
+                {{{"lane", "auditor"}}, static_cast<double>(runner.waiting(Lane::kAuditor))}};
       });
   registry.AddCounterReader(
       "custos_calls_turned_away_total",

@@ -218,7 +218,8 @@ CallRunner::CallRunner(core::Kms* kms, RefusalRecorder* refusals, Threads thread
     : kms_(kms),
       refusals_(refusals),
       data_queue_(threads.data, max_waiting),
-      admin_queue_(threads.admin, max_waiting) {}
+      officer_queue_(threads.admin, max_waiting),
+      auditor_queue_(threads.admin, max_waiting) {}
 
 WorkQueue& CallRunner::QueueOf(const grpc::ServerContextBase& context) {
   // By role, not by service: an application calling AdminService (denied there) queues with
@@ -226,8 +227,9 @@ WorkQueue& CallRunner::QueueOf(const grpc::ServerContextBase& context) {
   const absl::StatusOr<core::Caller> caller = CallerOf(context);
   if (!caller.ok()) return data_queue_;
   const std::optional<policy::Role> role = kms_->RoleOf(caller->principal);
-  return role == policy::Role::kOfficer || role == policy::Role::kAuditor ? admin_queue_
-                                                                          : data_queue_;
+  if (role == policy::Role::kOfficer) return officer_queue_;
+  if (role == policy::Role::kAuditor) return auditor_queue_;
+  return data_queue_;
 }
 
 absl::Status CallRunner::RateLimited(grpc::CallbackServerContext& context) {

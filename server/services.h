@@ -9,10 +9,11 @@
 // through the RefusalRecorder). A call whose client gave up (cancelled, or past its deadline)
 // while it waited is dropped without doing any work.
 //
-// The runner has two lanes, each with threads and a queue of its own: officers' and auditors'
-// calls (by the caller's role) go to the admin lane, everyone else's to the data lane. No
-// backlog of applications' calls, and no HSM that is slow or stuck on them, holds up an
-// approval, a key's description or an audit read.
+// The runner has three lanes, each with threads and a queue of its own, chosen by the caller's
+// role: officers' calls, auditors' calls, and everyone else's (the data lane). No backlog of
+// applications' calls holds up an approval, a key's description or an audit read, and no
+// auditor reading the log as fast as it can holds up an officer. (The lanes share the HSM
+// layer's threads.)
 #pragma once
 
 #include <atomic>
@@ -34,10 +35,10 @@ namespace custos::server {
 
 class CallRunner {
  public:
-  enum class Lane { kData, kAdmin };
+  enum class Lane { kData, kOfficer, kAuditor };
   struct Threads {
     size_t data = 16;  // server.worker_threads
-    size_t admin = 4;  // server.admin_worker_threads
+    size_t admin = 4;  // server.admin_worker_threads: for officers, and as many for auditors
   };
   // `kms` and `refusals` must outlive the runner. `threads` run calls, in each lane; at most
   // `max_waiting` calls wait for one, in each lane.
@@ -82,13 +83,15 @@ class CallRunner {
   };
   Counts counts() const { return {refused_.load(), abandoned_.load(), rate_limited_.load()}; }
   size_t waiting(Lane lane) const {
-    return lane == Lane::kAdmin ? admin_queue_.waiting() : data_queue_.waiting();
+    return lane == Lane::kOfficer   ? officer_queue_.waiting()
+           : lane == Lane::kAuditor ? auditor_queue_.waiting()
+                                    : data_queue_.waiting();
   }
 
  private:
   grpc::Status Execute(const grpc::CallbackServerContext& context, const char* rpc,
                        const Work& work);
-  // The queue of `context`'s lane: the admin lane's for an officer or an auditor.
+  // The queue of `context`'s lane, by its caller's role.
   WorkQueue& QueueOf(const grpc::ServerContextBase& context);
   // Why `context`'s call is over its rate, or OK.
   absl::Status RateLimited(grpc::CallbackServerContext& context);
@@ -106,7 +109,8 @@ class CallRunner {
   metrics::Registry* metrics_ = nullptr;  // set before serving
   // Last: their destructors run what waits, which uses the members above.
   WorkQueue data_queue_;
-  WorkQueue admin_queue_;
+  WorkQueue officer_queue_;
+  WorkQueue auditor_queue_;
 };
 
 class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {

@@ -90,7 +90,8 @@ TEST_CASE("The metrics endpoint counts calls, HSM work, commits and the catalogu
   CHECK(Sample(text, R"(custos_database_bytes{file="db"})") > 0);
   CHECK(Sample(text, "custos_audit_checkpoint_age_seconds") >= 0);
   CHECK(Sample(text, R"(custos_calls_waiting{lane="data"})") == 0);
-  CHECK(Sample(text, R"(custos_calls_waiting{lane="admin"})") == 0);
+  CHECK(Sample(text, R"(custos_calls_waiting{lane="officer"})") == 0);
+  CHECK(Sample(text, R"(custos_calls_waiting{lane="auditor"})") == 0);
   CHECK(Sample(text, "custos_usage_tracked_keys") == 1);  // the one key used
   CHECK(Sample(text, R"(custos_calls_turned_away_total{reason="queue_full"})") == 0);
   CHECK_THAT(text, Catch::Contains("# TYPE custos_requests_total counter\n"));

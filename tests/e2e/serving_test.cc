@@ -181,7 +181,15 @@ TEST_CASE(
   AwaitLine([&] { return server.FaultLog(); }, "hanging C_Encrypt");
   Burst waiting;
   for (int i = 0; i < 2; ++i) waiting.Start(*stub, key.key_id());  // the data lane is full
-  std::this_thread::sleep_for(200ms);
+  for (int i = 0; i < 200; ++i) {  // until custosd says so (SIGUSR1 logs the queues)
+    server.Signal(SIGUSR1);
+    std::this_thread::sleep_for(50ms);
+    if (server.Log().find("calls: 2 waiting now, 0 of them officers' and 0 auditors'") !=
+        std::string::npos) {
+      break;
+    }
+  }
+  REQUIRE(server.Log().find("calls: 2 waiting now") != std::string::npos);
 
   pb::DescribeKeyRequest describe;
   describe.set_key(key.key_id());
@@ -304,7 +312,7 @@ TEST_CASE("A call whose client gave up while it waited does no work and leaves n
   }
   server.Signal(SIGUSR1);
   AwaitLine([&] { return server.Log(); },
-            "calls: 0 waiting now, 0 of them officers' and auditors'; 0 refused (queue full), 0 "
+            "calls: 0 waiting now, 0 of them officers' and 0 auditors'; 0 refused (queue full), 0 "
             "over a rate limit and 1 abandoned by their clients");
 }
 
