@@ -164,39 +164,44 @@ TEST_CASE("DescribeKey shows per-version usage", "[usage]") {
   CHECK(stored[0].decryptions == 2);
 }
 
-TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[rotation]") {
-  Fixture f;
+// A key without grants, created at once, that rotates every 90 days; and its primary version.
+std::string PeriodicKey(Fixture& f) {
   CreateKeyParams params;
   params.alias = "periodic";
   params.rotation_period_days = 90;
   absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
   REQUIRE(key.ok());
+  return (*key)->id;
+}
+uint32_t PrimaryVersion(Fixture& f, const std::string& key_id) {
+  return (*f.store->GetKey(key_id))->primary_version;
+}
+
+TEST_CASE("Keys rotate by themselves when their rotation period has passed", "[rotation]") {
+  Fixture f;
+  const std::string key = PeriodicKey(f);
   f.clock.Advance(90 * policy::kDay - 1);
   REQUIRE(f.kms->RunMaintenance().ok());
-  CHECK((*f.store->GetKey((*key)->id))->primary_version == 1);
+  CHECK(PrimaryVersion(f, key) == 1);
   f.clock.Advance(1);
   REQUIRE(f.kms->RunMaintenance().ok());
-  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+  CHECK(PrimaryVersion(f, key) == 2);
   // The period restarts from the new version.
   f.clock.Advance(90 * policy::kDay - 1);
   REQUIRE(f.kms->RunMaintenance().ok());
-  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+  CHECK(PrimaryVersion(f, key) == 2);
 }
 
 TEST_CASE("A wall clock stepped forward makes no rotation due early", "[rotation][clock]") {
   Fixture f;
-  CreateKeyParams params;
-  params.alias = "periodic";
-  params.rotation_period_days = 90;
-  absl::StatusOr<KeyRef> key = f.kms->CreateKey(f.officer, params);
-  REQUIRE(key.ok());
+  const std::string key = PeriodicKey(f);
   REQUIRE(f.kms->RunMaintenance().ok());
   f.clock.StepWallClock(100 * policy::kDay);  // by the wall clock alone, overdue
   REQUIRE(f.kms->RunMaintenance().ok());
-  CHECK((*f.store->GetKey((*key)->id))->primary_version == 1);
+  CHECK(PrimaryVersion(f, key) == 1);
   f.clock.Advance(90 * policy::kDay);  // and now by both
   REQUIRE(f.kms->RunMaintenance().ok());
-  CHECK((*f.store->GetKey((*key)->id))->primary_version == 2);
+  CHECK(PrimaryVersion(f, key) == 2);
 }
 
 }  // namespace
