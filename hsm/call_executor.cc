@@ -161,6 +161,13 @@ void CallExecutor::Serve() {
     if (queue_.empty()) break;  // Stopping, and nothing left to do.
     std::shared_ptr<Task> task = std::move(queue_.front());
     queue_.pop_front();
+    // A kind whose calls got stuck while this one waited is not started either.
+    if (absl::Status refused = Unservable(task->what, task->object); !refused.ok()) {
+      task->state = Task::State::kRefused;
+      task->refusal = std::move(refused);
+      task->done.notify_all();
+      continue;
+    }
     task->state = Task::State::kRunning;
     task->started = std::chrono::steady_clock::now();
     running_.push_back(task);

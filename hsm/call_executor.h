@@ -19,8 +19,8 @@
 //    that kind. A kind is an operation (`what`) on one HSM object (`object`: the key version,
 //    or the label of a key or data object). A module that hangs one operation on one key, say
 //    every C_Encrypt under the key applications use, then keeps threads for the others:
-//    catalogue MACs, checkpoint signatures, the token claim's renewal, other keys. Calls of a
-//    kind already queued run as usual.
+//    catalogue MACs, checkpoint signatures, the token claim's renewal, other keys. Calls of
+//    that kind already queued are refused too when a thread takes them.
 // on_set_aside(+1) runs when a call is set aside and on_set_aside(-1) when it finally returns,
 // so the HSM layer can lend out one more session meanwhile; SetAside() tells code running on
 // an executor thread whether its call was set aside (its session must not be used again).

@@ -218,6 +218,34 @@ TEST_CASE(
   CHECK(*ran == 3);
 }
 
+TEST_CASE("calls of a kind queued when it got stuck are refused when a thread takes them",
+          "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(2, 2, &recorder);  // one stuck call is a kind's bound
+  auto gate = std::make_shared<Gate>();
+  OpenAtEnd release(gate);
+  auto entered = std::make_shared<std::atomic<int>>(0);
+  auto stuck_call = [&] {
+    return executor->Run("GenerateDataKey", "key-1", [gate, entered] {
+      ++*entered;
+      gate->Wait();
+    });
+  };
+  std::vector<std::future<absl::Status>> calls;
+  for (int i = 0; i < 2; ++i) calls.push_back(std::async(std::launch::async, stuck_call));
+  while (*entered < 2) std::this_thread::sleep_for(1ms);
+  // Both threads are inside the module; a third call of the kind waits for one.
+  calls.push_back(std::async(std::launch::async, stuck_call));
+  for (auto& call : calls) CHECK(absl::IsUnavailable(call.get()));
+  // The two were set aside and replaced; the replacements refused the third instead of
+  // running it (and getting stuck in turn).
+  CHECK(*entered == 2);
+  CHECK(executor->set_aside() == 2);
+  auto ran = std::make_shared<std::atomic<bool>>(false);
+  REQUIRE(executor->Run("Decrypt", "key-1", [ran] { *ran = true; }).ok());
+  CHECK(*ran);
+}
+
 TEST_CASE("a call stuck past hang_limit is reported once", "[call_executor]") {
   Recorder recorder;
   auto executor = Make(2, 2, &recorder, 1500ms, 500ms);
