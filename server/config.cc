@@ -202,7 +202,12 @@ std::optional<ListenAddress> ParseListen(std::string_view listen) {
   address.host = std::string(host);
   // A host with a colon is an IPv6 address (with a zone, "fe80::1%eth0", or without), bare or
   // bracketed: "::8200" is not host ":".
-  const std::string address_part = address.host.substr(0, address.host.find('%'));
+  const size_t zone = address.host.find('%');
+  if (zone != std::string::npos &&
+      (address.host.find(':') == std::string::npos || zone + 1 == address.host.size())) {
+    return std::nullopt;  // a zone belongs to an IPv6 address, and has a name
+  }
+  const std::string address_part = address.host.substr(0, zone);
   in6_addr parsed;
   if (address.host.find(':') != std::string::npos &&
       inet_pton(AF_INET6, address_part.c_str(), &parsed) != 1) {

@@ -523,9 +523,10 @@ TEST_CASE("A listen setting is host:port, an IPv6 host bare or in brackets", "[c
     CHECK(got->port == address.port);
   }
   for (const char* listen :
-       {"",           "8200",        ":8200",     "host",   "host:",     "host:-1",   "host:+80",
-        "host:65536", "host:123456", "host:80x",  "[::]",   "[::]8200",  "[::1:8200", "::1]:8200",
-        "[]:80",      "[a]:80",      "[[::]]:80", "::8200", "[:::1]:80", "[1:2]:80",  "a:b:80"}) {
+       {"",          "8200",       ":8200",       "host",          "host:",         "host:-1",
+        "host:+80",  "host:65536", "host:123456", "host:80x",      "[::]",          "[::]8200",
+        "[::1:8200", "::1]:8200",  "[]:80",       "[a]:80",        "[[::]]:80",     "::8200",
+        "[:::1]:80", "[1:2]:80",   "a:b:80",      "[fe80::1%]:80", "127.0.0.1%x:80"}) {
     INFO(listen);
     CHECK_FALSE(ParseListen(listen));
   }
