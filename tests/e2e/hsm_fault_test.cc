@@ -660,7 +660,7 @@ TEST_CASE(
   pb::ChangeRequest pending;
   REQUIRE(server.Admin("officer1")->Propose(Context().get(), proposal, &pending).ok());
 
-  // 48 applications call in a loop, each retrying after 5 ms, while every C_Encrypt hangs.
+  // 48 applications call in a loop, each retrying after 20 ms, while every C_Encrypt hangs.
   server.SetFaults("C_Encrypt hang\n");
   std::atomic<bool> stop{false};
   std::atomic<int> ok{0}, busy{0}, other{0};
@@ -684,7 +684,7 @@ TEST_CASE(
         } else if (status.error_code() != grpc::StatusCode::UNAVAILABLE) {
           ++other;
         }
-        std::this_thread::sleep_for(5ms);
+        std::this_thread::sleep_for(20ms);
       }
     });
   }
