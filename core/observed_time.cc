@@ -53,7 +53,10 @@ std::optional<ObservedTime::ClockJump> ObservedTime::WallClockJump(int64_t toler
 ObservedTime::Bounds ObservedTime::WallBounds() const {
   const int64_t wall = clock_->NowSeconds();
   const int64_t kept_pace = start_wall_ + (clock_->MonotonicMillis() - start_monotonic_ms_) / 1000;
-  return Bounds{std::min(wall, kept_pace), std::max(wall, kept_pace)};
+  int64_t lead = wall_lead_.load();
+  while (wall - kept_pace > lead && !wall_lead_.compare_exchange_weak(lead, wall - kept_pace)) {
+  }
+  return Bounds{std::min(wall, kept_pace), std::max(wall, kept_pace + lead)};
 }
 
 void ObservedTime::Reported(const ClockJump& jump) {

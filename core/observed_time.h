@@ -14,6 +14,7 @@
 // Thread-safe.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -59,7 +60,10 @@ class ObservedTime {
   // wall clock while it keeps pace. What expires by the wall clock (requests, database tokens)
   // expires by `latest`, so a clock stepped back reopens no approval window and revives no
   // token; what falls due by it (rotation periods) falls due by `earliest`, so a clock
-  // stepped forward makes nothing due early. Needs nothing stored, and cannot fail.
+  // stepped forward makes nothing due early. `latest` never falls back within a run: once
+  // the wall clock has been seen ahead, it keeps that lead after the clock is set right, so
+  // what was issued meanwhile lives its own span and no more. Needs nothing stored, and
+  // cannot fail.
   struct Bounds {
     int64_t earliest;
     int64_t latest;
@@ -79,6 +83,9 @@ class ObservedTime {
   int64_t wall_offset_ = 0;           // wall minus observed, when last (re)based
   const int64_t start_wall_;          // the wall clock when this run began
   const int64_t start_monotonic_ms_;  // the monotonic clock then
+  // The furthest the wall clock has been seen ahead of where it would be at the monotonic
+  // clock's pace, in this run (WallBounds).
+  mutable std::atomic<int64_t> wall_lead_{0};
 };
 
 }  // namespace custos::core

@@ -264,6 +264,22 @@ TEST_CASE("A wall clock stepped back reopens no expired request", "[requests][cl
   CHECK(f.store->GetRequest(fresh.id)->state == RequestState::kExpired);
 }
 
+TEST_CASE("A request proposed while the wall clock ran ahead lives its day, not more",
+          "[requests][clock]") {
+  Fixture f;
+  f.NewKey("k");
+  f.clock.StepWallClock(2 * 3600);  // two hours ahead
+  const Request asked = *f.kms->Propose(f.officer, Propose(Operation::kDisableKey, "k"));
+  f.clock.StepWallClock(-2 * 3600);  // and set right
+  f.clock.Advance(24 * 3600 - 1);
+  REQUIRE(f.kms->Approve(f.officer2, asked.id, DigestOf(f, asked.id)).ok());
+  f.clock.Advance(1);  // a day since it was proposed, by any clock
+  absl::StatusOr<Request> late = f.kms->Approve(f.officer3, asked.id, DigestOf(f, asked.id));
+  INFO(late.status().ToString());
+  CHECK(absl::IsFailedPrecondition(late.status()));
+  CHECK(f.store->GetRequest(asked.id)->state == RequestState::kExpired);
+}
+
 TEST_CASE("A rejected request accepts nothing, and approvals do not carry over", "[requests]") {
   Fixture f;
   f.NewKey("k");
