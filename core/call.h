@@ -105,8 +105,7 @@ class Kms::Call {
     if (recorded_) result = Unreserved(std::move(result));  // CommitWith wrote what was due
     result = Record(std::move(result), &record);
     if (record.empty()) return result;  // CommitWith recorded it
-    if (absl::IsPermissionDenied(result.status()) && kms_.refusal_counter_ &&
-        kms_.refusal_counter_(record.front(), std::string(result.status().message()))) {
+    if (IsRepeat(result.status(), record.front())) {
       return result;  // a repeat, counted in a tally that is recorded (RefusalCounter)
     }
     // A failed call released nothing: its reservation, if any, is dropped unwritten.
@@ -141,6 +140,18 @@ class Kms::Call {
   }
 
  private:
+  // True if `status` refused the call before anything was done (PERMISSION_DENIED, or the HSM
+  // busy: no HSM call was started) and the refusal counter counted it as a repeat.
+  bool IsRepeat(const absl::Status& status, const audit::Event& record) const {
+    if (!kms_.refusal_counter_) return false;
+    if (absl::IsPermissionDenied(status)) {
+      return kms_.refusal_counter_(record, std::string(status.message()));
+    }
+    const auto busy = status.GetPayload(hsm::kBusyPayload);
+    return busy.has_value() && absl::IsUnavailable(status) &&
+           kms_.refusal_counter_(record, std::string(*busy));
+  }
+
   // Appends the call's record with `result`'s outcome to `records`, unless it was made.
   template <typename T>
   absl::StatusOr<T> Record(absl::StatusOr<T> result, std::vector<audit::Event>* records) {

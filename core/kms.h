@@ -204,7 +204,9 @@ class Kms {
   Kms& operator=(const Kms&) = delete;
 
   // Asked, before serving, about each call refused with PERMISSION_DENIED, with its record and
-  // the refusal's message: true if it was counted as a repeat of a refusal recorded shortly
+  // the refusal's message, and about each refused UNAVAILABLE because the HSM was busy (no
+  // HSM call started), with the busy refusal's kind (hsm::kBusyPayload) for its message: true
+  // if it was counted as a repeat of a refusal recorded shortly
   // before (a client in a retry loop; the server records a tally per interval), and then gets
   // no record of its own. Without one, every refusal has its own record.
   using RefusalCounter = std::function<bool(const audit::Event& record, std::string_view reason)>;

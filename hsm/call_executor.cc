@@ -6,6 +6,7 @@
 
 #include "absl/memory/memory.h"
 #include "absl/strings/str_cat.h"
+#include "hsm/hsm.h"
 #include "spdlog/spdlog.h"
 
 namespace custos::hsm {
@@ -89,17 +90,20 @@ size_t CallExecutor::set_aside() const {
 
 absl::Status CallExecutor::Unservable(const char* what, std::string_view object) const {
   if (serving_ == 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "HSM busy: every HSM thread is stuck in the module (", set_aside_,
-        " call(s), past hsm.max_stuck_calls); ", what, " was not started; retry later"));
+    return BusyError("HSM busy: every HSM thread is stuck in the module",
+                     absl::StrCat("HSM busy: every HSM thread is stuck in the module (", set_aside_,
+                                  " call(s), past hsm.max_stuck_calls); ", what,
+                                  " was not started; retry later"));
   }
   if (stuck_by_kind_.empty()) return absl::OkStatus();
   if (auto stuck = stuck_by_kind_.find(Kind(what, object));
       stuck != stuck_by_kind_.end() && stuck->second >= stuck_per_kind_) {
-    return absl::UnavailableError(absl::StrCat(
-        "HSM busy: ", stuck->second, " ", what,
-        " call(s) on the same HSM object are stuck in the module; no new one is started until "
-        "one returns; retry later"));
+    return BusyError(
+        absl::StrCat("HSM busy: ", what, " calls on one HSM object are stuck"),
+        absl::StrCat(
+            "HSM busy: ", stuck->second, " ", what,
+            " call(s) on the same HSM object are stuck in the module; no new one is started until "
+            "one returns; retry later"));
   }
   return absl::OkStatus();
 }
@@ -129,9 +133,10 @@ absl::Status CallExecutor::Run(const char* what, std::string_view object,
   }
   if (task->state == Task::State::kQueued) {
     queue_.erase(std::find(queue_.begin(), queue_.end(), task));
-    return absl::UnavailableError(absl::StrCat(
-        "HSM busy: no HSM thread was free for ", what, " within ", options_.call_timeout.count(),
-        " ms (hsm.call_timeout_ms; ", set_aside_, " call(s) stuck in the module)"));
+    return BusyError(absl::StrCat("HSM busy: no HSM thread was free for ", what),
+                     absl::StrCat("HSM busy: no HSM thread was free for ", what, " within ",
+                                  options_.call_timeout.count(), " ms (hsm.call_timeout_ms; ",
+                                  set_aside_, " call(s) stuck in the module)"));
   }
   task->set_aside.store(true, std::memory_order_release);
   ++set_aside_;

@@ -28,10 +28,24 @@
 #include <string_view>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "common/secure_bytes.h"
 #include "common/status.h"
 
 namespace custos::hsm {
+
+// Carried by the UNAVAILABLE an HSM call is refused with before it was started, because the
+// HSM layer's threads are stuck in the module ("HSM busy"). Its value says so without the
+// counts, the same for every refusal of one kind, so that a caller can coalesce repeats (a
+// client retrying at once would otherwise write one audit record per attempt).
+inline constexpr char kBusyPayload[] = "custos/hsm-busy";
+
+// UNAVAILABLE `message`, carrying kBusyPayload with value `kind`.
+inline absl::Status BusyError(const std::string& kind, const std::string& message) {
+  absl::Status busy = absl::UnavailableError(message);
+  busy.SetPayload(kBusyPayload, absl::Cord(kind));
+  return busy;
+}
 
 // A key version as the HSM sees it: its wrapped form, the label of the root key that wrapped
 // it, and a stable name under which an unwrapped handle may be cached (for example

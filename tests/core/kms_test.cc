@@ -178,6 +178,39 @@ TEST_CASE("A refusal the counter takes as a repeat gets no record of its own", "
   CHECK(f.sink.events().size() == before + 2);
 }
 
+// A client retrying at once while the HSM's threads are stuck hears "HSM busy" at once: one
+// audit record per attempt would have flooded the log. No HSM call was started for them.
+TEST_CASE("A call refused with the HSM busy is counted as denials are; other failures are not",
+          "[kms][hsm_fault]") {
+  Fixture f;
+  f.NewKey("k");
+  std::vector<std::string> asked;
+  f.kms->SetRefusalCounter([&](const audit::Event& record, std::string_view reason) {
+    asked.push_back(record.action + " " + absl::StatusCodeToString(record.outcome) + ": " +
+                    std::string(reason));
+    return asked.size() > 1;
+  });
+  const std::string kind = "HSM busy: no HSM thread was free for GenerateDataKey";
+  const size_t before = f.sink.events().size();
+  for (int i = 0; i < 3; ++i) {
+    f.hsm->FailNext(1, hsm::BusyError(kind, StrCat(kind, " within 1000 ms (", i, " stuck)")));
+    const absl::Status busy = f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status();
+    CHECK(busy.code() == absl::StatusCode::kUnavailable);
+    CHECK(busy.message() == StrCat(kind, " within 1000 ms (", i, " stuck)"));
+  }
+  REQUIRE(asked.size() == 3);
+  CHECK(asked[0] == "GenerateDataKey UNAVAILABLE: " + kind);
+  CHECK(asked[2] == asked[0]);
+  REQUIRE(f.sink.events().size() == before + 1);
+  CHECK(f.sink.events().back().action == "GenerateDataKey");
+  CHECK(f.sink.events().back().outcome == absl::StatusCode::kUnavailable);
+  // An HSM that answered with an error is not busy: every such failure has its record.
+  f.hsm->FailNext(1, absl::UnavailableError("C_Encrypt: CKR_DEVICE_REMOVED"));
+  CHECK(absl::IsUnavailable(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+  CHECK(asked.size() == 3);
+  CHECK(f.sink.events().size() == before + 2);
+}
+
 TEST_CASE("A principal missing from the policy is refused and audited", "[kms][authz]") {
   Fixture f;
   f.NewKey("k");
