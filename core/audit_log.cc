@@ -228,6 +228,8 @@ absl::Status Kms::VerifyAuditLog(bool full) {
   if (absl::Status extends =
           options_.store->VerifyAuditChainFrom(signed_head.seq, signed_head.hash);
       !extends.ok()) {
+    // The records are intact but the row index is not: rebuilt, not re-anchored.
+    if (absl::IsDataLoss(extends)) return extends;
     return absl::FailedPreconditionError(
         StrCat("the audit log does not extend the checkpoint this HSM signed at record ",
                signed_head.seq, ": ", extends.message(),

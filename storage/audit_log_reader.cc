@@ -36,6 +36,7 @@ absl::StatusOr<std::unique_ptr<AuditLogReader>> AuditLogReader::Open(const std::
                                                       ", newer than this custosctl reads (",
                                                       CurrentSchemaVersion(), ")"));
   }
+  if (version >= kFirstVersionWithFormat2) CUSTOS_RETURN_IF_ERROR(CheckRowIndexDefinition(*db));
   auto reader = std::unique_ptr<AuditLogReader>(
       new AuditLogReader(std::move(db), version < kFirstVersionWithFormat2));
   // The live log starts after the newest archival; records up to it may still be stored
@@ -53,6 +54,9 @@ absl::StatusOr<std::optional<audit::Record>> AuditLogReader::Next() {
     CUSTOS_ASSIGN_OR_RETURN(page_, LoadAuditRecords(*db_, next_seq_, kPageSize,
                                                     format1_columns_ ? AuditColumns::kFormat1Columns
                                                                      : AuditColumns::kCurrent));
+    // The row index is part of what custosd trusts the file for: an offline check names an
+    // entry missing from it as custosd would.
+    if (!format1_columns_) CUSTOS_RETURN_IF_ERROR(CheckRowIndexed(*db_, page_));
     next_in_page_ = 0;
     exhausted_ = page_.size() < kPageSize;
     if (page_.empty()) return std::optional<audit::Record>();

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/numbers.h"
+#include "common/strings.h"
 
 namespace custos::storage {
 namespace {
@@ -41,6 +42,17 @@ audit::Record ReadRow(const sqlite::Statement& stmt) {
   row.row = stmt.ColumnText(17);
   row.row_digest = stmt.ColumnText(18);
   return row;
+}
+
+constexpr char kRowIndexDefinition[] =
+    "CREATE INDEX audit_log_by_row ON audit_log (row_name, seq) WHERE row_name <> ''";
+
+absl::Status IndexProblem(std::string_view what) {
+  return absl::DataLossError(
+      StrCat("the audit log's row index (audit_log_by_row) is not the log's: ", what,
+             ". It was rebuilt or edited outside Custos, and no row is believed through it; "
+             "stop custosd, rebuild it (sqlite3 custos.db 'REINDEX audit_log_by_row') and start "
+             "again"));
 }
 
 }  // namespace
@@ -93,16 +105,77 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(sqlite::Database& db
 
 absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, std::string_view row,
                                                          uint64_t floor_seq) {
-  // Spelled as the partial index of schema version 5: one index probe.
+  // Three probes, each asked of the index by name (no other index someone adds answers), and
+  // none trusting it further than its entries are checked (CheckRowIndexed checks that each
+  // verified record has its entry; these, that the index has nothing else).
+  // 1. Spelled as the partial index of schema version 5: the newest entry's record.
+  uint64_t seq = 0;
+  {
+    CUSTOS_ASSIGN_OR_RETURN(
+        sqlite::Statement stmt,
+        db.Prepare("SELECT seq FROM audit_log INDEXED BY audit_log_by_row WHERE row_name = ?1 "
+                   "AND row_name <> '' AND seq > ?2 ORDER BY seq DESC LIMIT 1"));
+    stmt.BindText(1, row).BindInt64(2, static_cast<int64_t>(floor_seq));
+    CUSTOS_ASSIGN_OR_RETURN(const bool found, stmt.Step());
+    if (!found) return std::optional<RowRecord>();
+    seq = static_cast<uint64_t>(stmt.ColumnInt64(0));
+  }
+  // 2. An entry that sorts after that record's but leads to it (or to an older one) was made
+  //    outside SQLite: an honest entry's position is its record's seq.
+  {
+    CUSTOS_ASSIGN_OR_RETURN(
+        sqlite::Statement stmt,
+        db.Prepare("SELECT 1 FROM audit_log INDEXED BY audit_log_by_row WHERE row_name = ?1 AND "
+                   "row_name <> '' AND seq > ?2 LIMIT 1"));
+    stmt.BindText(1, row).BindInt64(2, static_cast<int64_t>(seq));
+    CUSTOS_ASSIGN_OR_RETURN(const bool forged, stmt.Step());
+    if (forged) {
+      return IndexProblem(StrCat("it has an entry for row ", row, " past the one for audit record ",
+                                 seq, " that leads to no record of its own"));
+    }
+  }
+  // 3. The record itself, from the table (its rowid): the index could point at another row's.
   CUSTOS_ASSIGN_OR_RETURN(
       sqlite::Statement stmt,
-      db.Prepare("SELECT seq, row_digest FROM audit_log WHERE row_name = ?1 AND row_name <> '' "
-                 "AND seq > ?2 ORDER BY seq DESC LIMIT 1"));
-  stmt.BindText(1, row).BindInt64(2, static_cast<int64_t>(floor_seq));
+      db.Prepare("SELECT row_name, row_digest FROM audit_log NOT INDEXED WHERE seq = ?1"));
+  stmt.BindInt64(1, static_cast<int64_t>(seq));
   CUSTOS_ASSIGN_OR_RETURN(const bool found, stmt.Step());
-  if (!found) return std::optional<RowRecord>();
-  return std::optional<RowRecord>(
-      RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnText(1)});
+  if (!found || stmt.ColumnText(0) != row) {
+    return IndexProblem(StrCat("its entry for row ", row, " leads to audit record ", seq,
+                               found ? ", which names another row" : ", which is not stored"));
+  }
+  return std::optional<RowRecord>(RowRecord{seq, stmt.ColumnText(1)});
+}
+
+absl::Status CheckRowIndexDefinition(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::string definition,
+      db.QueryText("SELECT IFNULL((SELECT sql FROM sqlite_schema WHERE type = 'index' AND name = "
+                   "'audit_log_by_row' AND tbl_name = 'audit_log'), '')"));
+  if (definition == kRowIndexDefinition) return absl::OkStatus();
+  return absl::DataLossError(StrCat(
+      "the audit log's row index (audit_log_by_row) is ",
+      definition.empty() ? "missing" : StrCat("defined as \"", definition, "\""),
+      ": it was dropped or redefined outside Custos, and no row can be believed through it; stop "
+      "custosd, create it again (sqlite3 custos.db \"DROP INDEX IF EXISTS audit_log_by_row; ",
+      kRowIndexDefinition, "\") and start again"));
+}
+
+absl::Status CheckRowIndexed(sqlite::Database& db, std::span<const audit::Record> records) {
+  for (const audit::Record& record : records) {
+    if (record.row.empty()) continue;
+    CUSTOS_ASSIGN_OR_RETURN(
+        sqlite::Statement stmt,
+        db.Prepare("SELECT 1 FROM audit_log INDEXED BY audit_log_by_row WHERE row_name = ?1 AND "
+                   "row_name <> '' AND seq = ?2"));
+    stmt.BindText(1, record.row).BindInt64(2, static_cast<int64_t>(record.seq));
+    CUSTOS_ASSIGN_OR_RETURN(const bool indexed, stmt.Step());
+    if (!indexed) {
+      return IndexProblem(StrCat("it has no entry for audit record ", record.seq,
+                                 ", which names row ", record.row));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<bool> RowEverRecorded(sqlite::Database& db, std::string_view row,
@@ -123,6 +196,7 @@ absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedB
   // One walk of the row index; SQLite takes row_digest from the row that has MAX(seq).
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
                           db.Prepare("SELECT row_name, row_digest, MAX(seq) FROM audit_log "
+                                     "INDEXED BY audit_log_by_row "
                                      "WHERE row_name <> '' AND row_name > ?1 AND seq > ?4 "
                                      "GROUP BY row_name HAVING MAX(seq) <= ?2 ORDER BY row_name "
                                      "LIMIT ?3"));
@@ -136,6 +210,17 @@ absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedB
     if (!row) break;
     rows.emplace_back(stmt.ColumnText(0),
                       RowRecord{static_cast<uint64_t>(stmt.ColumnInt64(2)), stmt.ColumnText(1)});
+  }
+  // What is carried must be each row's newest record as LatestRowRecord finds it, probes and
+  // all: the walk above believes every entry it meets.
+  for (const auto& [name, listed] : rows) {
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> newest,
+                            LatestRowRecord(db, name, floor_seq));
+    if (!newest || newest->seq != listed.seq || newest->digest != listed.digest) {
+      return IndexProblem(StrCat("walked, it takes audit record ", listed.seq,
+                                 " for the newest naming row ", name, "; probed, record ",
+                                 newest ? newest->seq : 0));
+    }
   }
   return rows;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "audit/record.h"
@@ -29,6 +30,14 @@ absl::StatusOr<std::vector<audit::Record>> LoadAuditRecords(
 // for nothing.
 absl::StatusOr<std::optional<RowRecord>> LatestRowRecord(sqlite::Database& db, std::string_view row,
                                                          uint64_t floor_seq);
+// OK if the row index is defined as schema version 5 made it; DATA_LOSS saying so otherwise
+// (dropped, or redefined so that it holds some entries only).
+absl::Status CheckRowIndexDefinition(sqlite::Database& db);
+// OK if the row index has the entry of each of `records` that names a row. Asked of records as
+// their chain is verified: the index is not under the chain, and someone who can write the
+// file can rebuild it without the entry of a row's newest record, so that an older one is
+// taken for the newest. DATA_LOSS naming the first record without one.
+absl::Status CheckRowIndexed(sqlite::Database& db, std::span<const audit::Record> records);
 // True if a live record (after `floor_seq`) names catalogue row `row`. Asked of the table
 // itself when the row index finds none: the index is not under the chain, and someone who can
 // write the file can drop an entry from it without changing a single record.

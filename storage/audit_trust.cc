@@ -19,6 +19,7 @@ void AuditTrust::Anchor(uint64_t seq, Bytes hash) {
   broken_ = absl::OkStatus();
   broken_seq_ = 0;
   trusted_seq_.store(seq);
+  anchored_.store(true);
 }
 
 void AuditTrust::SetFloor(uint64_t seq, Bytes hash) {
@@ -61,7 +62,14 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
     std::lock_guard floor_lock(floor_mu_);
     start = floor_hash_;
   } else if (seq > 1) {
-    CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> before, read_(seq - 1, 1));
+    absl::StatusOr<std::vector<audit::Record>> read = read_(seq - 1, 1);
+    if (absl::IsDataLoss(read.status())) {  // as in the walk below
+      broken_ = absl::FailedPreconditionError(read.status().message());
+      broken_seq_ = top;
+      return broken_;
+    }
+    CUSTOS_RETURN_IF_ERROR(read.status());
+    std::vector<audit::Record>& before = *read;
     if (before.empty() || before[0].seq != seq - 1) {
       if (floor_seq_.load() >= seq - 1) return archived_meanwhile();
       broken_ = absl::FailedPreconditionError(
@@ -75,9 +83,14 @@ absl::Status AuditTrust::Cover(uint64_t seq) {
   uint64_t next = seq;
   absl::Status problem;
   while (next <= top && problem.ok()) {
-    CUSTOS_ASSIGN_OR_RETURN(
-        std::vector<audit::Record> page,
-        read_(next, static_cast<size_t>(std::min<uint64_t>(kPage, top - next + 1))));
+    absl::StatusOr<std::vector<audit::Record>> read =
+        read_(next, static_cast<size_t>(std::min<uint64_t>(kPage, top - next + 1)));
+    if (absl::IsDataLoss(read.status())) {  // the file is not as written, if not the records
+      problem = absl::FailedPreconditionError(read.status().message());
+      break;
+    }
+    CUSTOS_RETURN_IF_ERROR(read.status());
+    const std::vector<audit::Record>& page = *read;
     if (page.empty()) {
       problem = absl::FailedPreconditionError(
           StrCat("audit records ", next, " to ", top, " are missing from the log (deleted?)"));

@@ -31,7 +31,9 @@ namespace custos::storage {
 
 class AuditTrust {
  public:
-  // Records with seq >= `from_seq`, ascending, at most `limit`.
+  // Records with seq >= `from_seq`, ascending, at most `limit`. DATA_LOSS if the file they were
+  // read from is found not as custosd wrote it (its row index, say): Cover takes that for a
+  // change to the log.
   using ReadRecords =
       std::function<absl::StatusOr<std::vector<audit::Record>>(uint64_t from_seq, size_t limit)>;
 
@@ -63,10 +65,14 @@ class AuditTrust {
 
   // The trusted point: every record after it is known intact (0 when all are, or unanchored).
   uint64_t trusted_seq() const { return trusted_seq_.load(); }
+  // True once Anchor was called: the records after the trusted point were then all verified
+  // (or written) by this process, which noted the rows they name (RowIntegrity::Noted).
+  bool anchored() const { return anchored_.load(); }
 
  private:
   const ReadRecords read_;
   std::atomic<uint64_t> trusted_seq_{0};
+  std::atomic<bool> anchored_{false};
   std::atomic<uint64_t> committed_seq_{0};
   std::atomic<bool> commits_noted_{false};  // false for an AuditTrust no store feeds
   std::mutex mu_;

@@ -14,6 +14,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/failure_log.h"
@@ -35,6 +36,11 @@ namespace {
 constexpr size_t kMaxPageSize = 1000;
 // How long a statement waits for another connection's lock before giving up with BUSY.
 constexpr int kBusyTimeoutMs = 5000;
+// Records recomputed at a time when the whole live log must be known intact (VerifyLiveLog).
+constexpr uint64_t kLiveLogCoverSlice = 100'000;
+// Carried by the UNAVAILABLE of a read that found a row absent before that could be believed
+// (Impl::AbsenceBelieved); its value is the row's name.
+constexpr char kAbsencePayload[] = "custos/unverified-absence";
 // The WAL's size past which a warning says a reader keeps it growing (KeyStore::WarnWalAbove),
 // and the most it is left at once it starts over.
 constexpr uint64_t kDefaultWalWarnBytes = uint64_t{256} << 20;
@@ -239,11 +245,29 @@ class KeyStore::Impl {
       : lock_(std::move(lock)),
         db_(std::move(db)),
         schema_version_(schema_version),
-        trust_([this](uint64_t from_seq, size_t limit) {
-          std::lock_guard lock(db_mu_);
-          return LoadAuditRecords(*db_, from_seq, limit);
-        }),
+        trust_([this](uint64_t from_seq, size_t limit) { return ReadVerifiable(from_seq, limit); }),
         integrity_(authenticator, &trust_) {}
+
+  // Records with seq >= `from_seq`, at most `limit`, read to have their chain verified: their
+  // row index entries are checked with them (CheckRowIndexed), so that the index holds every
+  // record whose chain is known intact.
+  absl::StatusOr<std::vector<audit::Record>> ReadVerifiable(uint64_t from_seq, size_t limit) {
+    std::lock_guard lock(db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<audit::Record> records,
+                            LoadAuditRecords(*db_, from_seq, limit));
+    CUSTOS_RETURN_IF_ERROR(CheckIndexed(records));
+    return records;
+  }
+  // Under db_mu_: checks the records' row index entries, and notes the rows they name
+  // (RowIntegrity::Noted; a walk that then fails believes none of its records all the same).
+  absl::Status CheckIndexed(const std::vector<audit::Record>& records) {
+    CUSTOS_RETURN_IF_ERROR(CheckRowIndexed(*db_, records));
+    for (const audit::Record& record : records) {
+      if (!record.row.empty())
+        integrity_.Noted(record.row, RowRecord{record.seq, record.row_digest});
+    }
+    return absl::OkStatus();
+  }
 
   // Declared first, so released last: after the database is closed.
   const std::unique_ptr<StateLock> lock_;
@@ -331,16 +355,28 @@ class KeyStore::Impl {
                                         std::min<size_t>(limit - carried, 1000), floor_.seq));
       if (rows.empty()) break;
       for (const auto& [name, recorded] : rows) {
+        CUSTOS_RETURN_IF_ERROR(integrity_.Agrees(name, recorded));  // edited while running?
         audit::Record record = carry(name, recorded.seq);
         record.row = name;
         record.row_digest = recorded.digest;
         chain_.Seal(record);
         CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
+        written_heads_.emplace_back(name, RowRecord{record.seq, record.row_digest});
       }
       carried += rows.size();
       after = rows.back().first;
     }
     return carried;
+  }
+
+  // The rows the open transaction's records name, with those records: noted (RowIntegrity::
+  // Noted) once it commits, dropped if it does not. Guarded by db_mu_.
+  std::vector<std::pair<std::string, RowRecord>> written_heads_;
+  void NoteWrittenHeads(bool committed) {
+    if (committed) {
+      for (const auto& [row, record] : written_heads_) integrity_.Noted(row, record);
+    }
+    written_heads_.clear();
   }
 
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
@@ -364,17 +400,88 @@ class KeyStore::Impl {
                             recorded, RowIntegrity::Chain::kRecorded);
   }
 
+  // The row index finding no record naming row `name` is believed only over records whose
+  // entries were checked (someone could have dropped every entry naming a deleted row): OK once
+  // the whole live log is; else UNAVAILABLE with kAbsencePayload, which BelievingAbsence
+  // answers by verifying it. Under db_mu_.
+  absl::Status AbsenceBelieved(const std::string& name) const {
+    if (trust_.trusted_seq() <= floor_.seq) return absl::OkStatus();
+    absl::Status unverified = absl::UnavailableError(
+        StrCat("row ", name, " is found in no audit record, but the log is not verified yet"));
+    unverified.SetPayload(kAbsencePayload, absl::Cord(name));
+    return unverified;
+  }
+
+  // Runs `read` (which takes db_mu_ itself) and, if it found a row absent before that could be
+  // believed (AbsenceBelieved), verifies the whole live log, once per run, and runs it again.
+  template <typename Read>
+  auto BelievingAbsence(const Read& read) -> decltype(read()) {
+    auto result = read();
+    const auto row = result.status().GetPayload(kAbsencePayload);
+    if (!row.has_value()) return result;
+    if (absl::Status verified = VerifyLiveLog(); !verified.ok()) {
+      if (!absl::IsFailedPrecondition(verified)) return verified;
+      // Not a refusal of the row (remembered and alarmed): the name may be anyone's guess,
+      // and the log's own alarm is raised by maintenance.
+      return absl::DataLossError(StrCat("row ", std::string(*row),
+                                        " is found in no audit record, but the audit log it "
+                                        "was looked for in does not verify: ",
+                                        verified.message()));
+    }
+    result = read();
+    if (result.status().GetPayload(kAbsencePayload)) {  // re-anchored meanwhile
+      return absl::UnavailableError(StrCat("row ", std::string(*row),
+                                           " could not be looked up while the audit log was "
+                                           "re-anchored; try again"));
+    }
+    return result;
+  }
+
+  // Recomputes every record of the live log not known intact yet, with its row index entries,
+  // a slice at a time (a row check waiting to cover a record of its own waits for one slice).
+  // Outside db_mu_. FAILED_PRECONDITION if they do not verify.
+  absl::Status VerifyLiveLog() {
+    uint64_t floor = 0;
+    {
+      std::lock_guard lock(db_mu_);
+      floor = floor_.seq;
+    }
+    for (uint64_t top = trust_.trusted_seq(); top > floor;) {
+      CUSTOS_RETURN_IF_ERROR(trust_.Extend(kLiveLogCoverSlice));
+      const uint64_t lower = trust_.trusted_seq();
+      if (lower == top) break;  // the floor moved up to it meanwhile (an archival)
+      top = lower;
+    }
+    return absl::OkStatus();
+  }
+
   // The newest recorded digest of catalogue row `name` (under db_mu_).
   absl::StatusOr<std::optional<RowRecord>> Recorded(const std::string& name) {
-    return LatestRowRecord(*db_, name, floor_.seq);
+    absl::StatusOr<std::optional<RowRecord>> recorded = LatestRowRecord(*db_, name, floor_.seq);
+    if (!integrity_.enabled()) return recorded;
+    // An index that does not hold up refuses the row it was asked about (and raises its alarm).
+    if (absl::IsDataLoss(recorded.status())) {
+      return integrity_.Refuse(name, std::string(recorded.status().message()));
+    }
+    if (recorded.ok()) CUSTOS_RETURN_IF_ERROR(integrity_.Agrees(name, *recorded));
+    return recorded;
+  }
+
+  // Recorded, for a listing: a row refused is listed as such (its check finds the refusal
+  // remembered), not in place of the whole page.
+  absl::StatusOr<std::optional<RowRecord>> Listed(const std::string& name) {
+    absl::StatusOr<std::optional<RowRecord>> recorded = Recorded(name);
+    if (recorded.status().GetPayload(kIntegrityPayload)) return std::optional<RowRecord>();
+    return recorded;
   }
 
   // For a row not in the database: DATA_LOSS (remembered) if the audit log records it, since
-  // Custos never deletes key, request or usage rows; OK otherwise. Called with db_mu_ held.
+  // Custos never deletes key, request or usage rows; OK otherwise (AbsenceBelieved). Called
+  // with db_mu_ held.
   absl::Status Missing(const std::string& name) {
     if (!integrity_.enabled()) return absl::OkStatus();
     CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded, Recorded(name));
-    if (!recorded.has_value()) return absl::OkStatus();
+    if (!recorded.has_value()) return AbsenceBelieved(name);
     return integrity_.Refuse(name, StrCat("it is missing from the database although audit record ",
                                           recorded->seq, " wrote it (deleted outside Custos?)"));
   }
@@ -429,6 +536,7 @@ absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer) co
 
 absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
   audit::Chain chain_before = chain_;
+  const size_t heads_before = written_heads_.size();
   CUSTOS_RETURN_IF_ERROR(db_->Exec("SAVEPOINT batch"));
   absl::Status status = [&]() -> absl::Status {
     // Written in order, each alias checked against what is stored at that point: two keys of
@@ -459,15 +567,23 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
     for (audit::Record record : writer.audit) {
       chain_.Seal(record);
       CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
+      if (!record.row.empty())
+        written_heads_.emplace_back(record.row, RowRecord{record.seq, record.row_digest});
     }
     return absl::OkStatus();
   }();
   if (!status.ok()) {
+    written_heads_.resize(heads_before);
     chain_ = std::move(chain_before);
     // A full disk (and some I/O errors) make SQLite roll the whole transaction back by itself:
     // no savepoint is left to undo, and Apply fails the group whole.
     if (sqlite3_get_autocommit(db_->handle()) != 0) return status;
-    CUSTOS_RETURN_IF_ERROR(db_->Exec("ROLLBACK TO batch"));
+    if (absl::Status undone = db_->Exec("ROLLBACK TO batch"); !undone.ok()) {
+      // The batch could not be undone alone: nothing of its group may commit (its records
+      // would stay, under seqs the chain hands out again).
+      db_->Exec("ROLLBACK").IgnoreError();
+      return undone;
+    }
   }
   CUSTOS_RETURN_IF_ERROR(db_->Exec("RELEASE batch"));
   return status;
@@ -489,6 +605,7 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_ASSIGN_OR_RETURN(auto db, sqlite::Database::Open(path));
   CUSTOS_RETURN_IF_ERROR(Configure(*db));
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
+  CUSTOS_RETURN_IF_ERROR(CheckRowIndexDefinition(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*impl->db_));
@@ -566,6 +683,7 @@ absl::Status KeyStore::Apply(const WriteBatch& batch) {
       return tx->Commit();
     }();
     impl_->NoteWrite(committed).IgnoreError();
+    impl_->NoteWrittenHeads(committed.ok());
     if (committed.ok()) {
       // Still under db_mu_, so before any reader can see the group's records; never on a
       // failure, which would leave the mark past records someone else may then insert.
@@ -637,27 +755,29 @@ absl::StatusOr<std::vector<std::optional<RowRecord>>> KeyStore::Impl::RecordedRe
   std::vector<std::optional<RowRecord>> recorded;
   if (!integrity_.enabled()) return recorded;
   for (const RequestRecord& request : requests) {
-    CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), Recorded(RequestRowName(request.id)));
+    CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), Listed(RequestRowName(request.id)));
   }
   return recorded;
 }
 
 absl::StatusOr<RequestRecord> KeyStore::GetRequest(std::string_view id) const {
-  std::optional<RequestRecord> request;
-  std::optional<RowRecord> recorded;
-  {
-    std::lock_guard lock(impl_->db_mu_);
-    CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
-    if (!request.has_value()) {
-      CUSTOS_RETURN_IF_ERROR(impl_->Missing(RequestRowName(id)));
-      return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+  return impl_->BelievingAbsence([&]() -> absl::StatusOr<RequestRecord> {
+    std::optional<RequestRecord> request;
+    std::optional<RowRecord> recorded;
+    {
+      std::lock_guard lock(impl_->db_mu_);
+      CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
+      if (!request.has_value()) {
+        CUSTOS_RETURN_IF_ERROR(impl_->Missing(RequestRowName(id)));
+        return absl::NotFoundError(StrCat("no request with id '", id, "'"));
+      }
+      if (impl_->integrity_.enabled()) {
+        CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
+      }
     }
-    if (impl_->integrity_.enabled()) {
-      CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
-    }
-  }
-  CUSTOS_RETURN_IF_ERROR(impl_->CheckRequest(*request, recorded));
-  return *std::move(request);
+    CUSTOS_RETURN_IF_ERROR(impl_->CheckRequest(*request, recorded));
+    return *std::move(request);
+  });
 }
 
 absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, size_t page_size,
@@ -732,27 +852,29 @@ absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() 
 
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     std::string_view name, RowIntegrity::Chain chain) {
-  std::optional<StoredSetting> stored;
-  std::optional<RowRecord> recorded;
-  {
-    std::lock_guard lock(db_mu_);
-    CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
-    if (!stored.has_value()) {
-      // Custos never deletes a setting (it empties it): one the log records was deleted
-      // outside it, and taking it for never set would drop what it guards.
-      if (chain != RowIntegrity::Chain::kMacOnly) {
-        CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
+  return BelievingAbsence([&]() -> absl::StatusOr<std::optional<std::string>> {
+    std::optional<StoredSetting> stored;
+    std::optional<RowRecord> recorded;
+    {
+      std::lock_guard lock(db_mu_);
+      CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
+      if (!stored.has_value()) {
+        // Custos never deletes a setting (it empties it): one the log records was deleted
+        // outside it, and taking it for never set would drop what it guards.
+        if (chain != RowIntegrity::Chain::kMacOnly) {
+          CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
+        }
+        return std::optional<std::string>();
       }
-      return std::optional<std::string>();
+      if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
+        CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
+      }
     }
-    if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
-      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
-    }
-  }
-  CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
-                                          CanonicalSettingRow(name, stored->value), stored->mac,
-                                          recorded, chain));
-  return std::optional<std::string>(std::move(stored->value));
+    CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
+                                            CanonicalSettingRow(name, stored->value), stored->mac,
+                                            recorded, chain));
+    return std::optional<std::string>(std::move(stored->value));
+  });
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
@@ -779,34 +901,38 @@ absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
-  std::vector<VersionUsage> usage;
-  std::vector<std::optional<RowRecord>> recorded;
-  {
-    std::lock_guard lock(impl_->db_mu_);
-    CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
-    for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
-      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(),
-                              impl_->Recorded(UsageRowName(usage[i].key_id, usage[i].version)));
-    }
-    // A reservation deleted would restart its version's count at 0: a version without a row
-    // must never have had one recorded.
-    if (impl_->integrity_.enabled()) {
-      CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
-                              SelectVersionsWithoutUsage(*impl_->db_, key_id));
-      for (uint32_t version : unreserved) {
-        CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
+  return impl_->BelievingAbsence([&]() -> absl::StatusOr<std::vector<VersionUsage>> {
+    std::vector<VersionUsage> usage;
+    std::vector<std::optional<RowRecord>> recorded;
+    {
+      std::lock_guard lock(impl_->db_mu_);
+      CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
+      for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
+        const std::string row = UsageRowName(usage[i].key_id, usage[i].version);
+        CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Recorded(row));
+        // (a row no record names counts as never reserved: only if that can be believed)
+        if (!recorded.back().has_value()) CUSTOS_RETURN_IF_ERROR(impl_->AbsenceBelieved(row));
+      }
+      // A reservation deleted would restart its version's count at 0: a version without a row
+      // must never have had one recorded.
+      if (impl_->integrity_.enabled()) {
+        CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
+                                SelectVersionsWithoutUsage(*impl_->db_, key_id));
+        for (uint32_t version : unreserved) {
+          CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
+        }
       }
     }
-  }
-  for (size_t i = 0; i < recorded.size(); ++i) {
-    // A row no record names is one whose reservation was never made: it must say so.
-    const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
-                                                          : RowIntegrity::Chain::kRecorded;
-    CUSTOS_RETURN_IF_ERROR(impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
-                                                   CanonicalUsageRow(usage[i]), usage[i].mac,
-                                                   recorded[i], chain));
-  }
-  return usage;
+    for (size_t i = 0; i < recorded.size(); ++i) {
+      // A row no record names is one whose reservation was never made: it must say so.
+      const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
+                                                            : RowIntegrity::Chain::kRecorded;
+      CUSTOS_RETURN_IF_ERROR(
+          impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
+                                  CanonicalUsageRow(usage[i]), usage[i].mac, recorded[i], chain));
+    }
+    return usage;
+  });
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsageUnchecked(
@@ -834,34 +960,36 @@ absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::Impl::LoadChecked(std::string_view id) {
-  while (true) {
-    std::shared_ptr<KeyRecord> key;
-    std::optional<RowRecord> recorded;
-    uint64_t writes = 0;
-    {
+  return BelievingAbsence([&]() -> absl::StatusOr<std::shared_ptr<const KeyRecord>> {
+    while (true) {
+      std::shared_ptr<KeyRecord> key;
+      std::optional<RowRecord> recorded;
+      uint64_t writes = 0;
+      {
+        std::lock_guard lock(db_mu_);
+        if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
+        CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
+        if (key == nullptr) {
+          CUSTOS_RETURN_IF_ERROR(Missing(KeyRowName(id)));
+          return std::shared_ptr<const KeyRecord>();
+        }
+        if (!integrity_.enabled()) {
+          cache_.Put(key);
+          return key;
+        }
+        CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(KeyRowName(key->id)));
+        writes = key_writes_;
+      }
+      // Outside the lock: it asks the HSM.
+      CUSTOS_RETURN_IF_ERROR(integrity_.Check(KeyRowName(key->id), CanonicalKeyRow(*key), key->mac,
+                                              recorded, RowIntegrity::Chain::kRecorded));
       std::lock_guard lock(db_mu_);
-      if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
-      CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
-      if (key == nullptr) {
-        CUSTOS_RETURN_IF_ERROR(Missing(KeyRowName(id)));
-        return std::shared_ptr<const KeyRecord>();
-      }
-      if (!integrity_.enabled()) {
-        cache_.Put(key);
-        return key;
-      }
-      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(KeyRowName(key->id)));
-      writes = key_writes_;
+      if (auto hit = cache_.FindById(id)) return hit;
+      if (key_writes_ != writes) continue;  // a write came in between: ours may be older
+      cache_.Put(key);
+      return key;
     }
-    // Outside the lock: it asks the HSM.
-    CUSTOS_RETURN_IF_ERROR(integrity_.Check(KeyRowName(key->id), CanonicalKeyRow(*key), key->mac,
-                                            recorded, RowIntegrity::Chain::kRecorded));
-    std::lock_guard lock(db_mu_);
-    if (auto hit = cache_.FindById(id)) return hit;
-    if (key_writes_ != writes) continue;  // a write came in between: ours may be older
-    cache_.Put(key);
-    return key;
-  }
+  });
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::GetKey(std::string_view id) const {
@@ -903,7 +1031,7 @@ absl::StatusOr<KeyPage> KeyStore::ListKeys(size_t page_size, std::string_view pa
     CUSTOS_ASSIGN_OR_RETURN(keys, LoadKeysAfter(*impl_->db_, after_id, page_size + 1));
     if (keys.size() > page_size) keys.resize(page_size + 1);
     for (size_t i = 0; i < std::min(keys.size(), page_size) && impl_->integrity_.enabled(); ++i) {
-      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Recorded(KeyRowName(keys[i]->id)));
+      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Listed(KeyRowName(keys[i]->id)));
     }
   }
   KeyPage page;
@@ -1051,6 +1179,12 @@ absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_
       prev = record.hash;
       ++next;
     }
+    // Records found changed are reported as such (a re-anchor may accept them); only intact
+    // ones are held to their index entries.
+    {
+      std::lock_guard lock(impl_->db_mu_);
+      CUSTOS_RETURN_IF_ERROR(impl_->CheckIndexed(page));
+    }
     if (page.size() < kPage) break;
   }
   std::lock_guard lock(impl_->db_mu_);
@@ -1064,9 +1198,7 @@ void KeyStore::AnchorAuditLog(uint64_t seq, Bytes hash) {
   impl_->trust_.Anchor(seq, std::move(hash));
 }
 
-absl::Status KeyStore::VerifyOlderAuditRecords(uint64_t budget) {
-  return impl_->trust_.Extend(budget);
-}
+absl::Status KeyStore::VerifyLiveAuditLog() { return impl_->VerifyLiveLog(); }
 
 absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,
@@ -1194,7 +1326,7 @@ absl::StatusOr<AuditFloor> KeyStore::AuditLogFloor() const {
 absl::StatusOr<uint64_t> KeyStore::LastRecordNaming(std::string_view row) const {
   std::lock_guard lock(impl_->db_mu_);
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded,
-                          LatestRowRecord(*impl_->db_, row, impl_->floor_.seq));
+                          impl_->Recorded(std::string(row)));
   return recorded ? recorded->seq : 0;
 }
 
@@ -1224,16 +1356,16 @@ absl::StatusOr<size_t> KeyStore::RemoveArchivedRecords(size_t limit) {
 absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
                                                         const CarryRecord& carry, size_t limit,
                                                         std::string& after) {
-  // The records after `through_seq` must be known intact first: someone who can write the
-  // file could otherwise hide the newer record naming a row (and put back an older row) so
-  // that an older digest gets carried. (Outside db_mu_: Cover reads through it.)
-  absl::Status covered;
-  if (through_seq < impl_->trust_.committed_seq()) covered = impl_->trust_.Cover(through_seq + 1);
+  // The whole live log must be known intact, and indexed, first: someone who can write the
+  // file could otherwise hide the newer record naming a row (from the log or from its index,
+  // before `through_seq` or after it) so that an older digest gets carried. (Outside db_mu_:
+  // Cover reads through it.)
+  const absl::Status covered = impl_->VerifyLiveLog();
   if (!covered.ok()) {
     return absl::IsFailedPrecondition(covered)
-               ? absl::FailedPreconditionError(StrCat("not archiving: the audit log after record ",
-                                                      through_seq,
-                                                      " does not verify: ", covered.message()))
+               ? absl::FailedPreconditionError(
+                     StrCat("not archiving through record ", through_seq,
+                            ": the audit log does not verify: ", covered.message()))
                : covered;
   }
   const auto since = std::chrono::steady_clock::now();
@@ -1250,6 +1382,7 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
     after = std::move(next);
     return count;
   }();
+  impl_->NoteWrittenHeads(carried.ok());
   if (carried.ok()) {
     impl_->trust_.NoteCommitted(impl_->chain_.last_seq());
   } else {

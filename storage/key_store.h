@@ -193,7 +193,8 @@ class KeyStore {
   // store) every row that decides who may do what is sealed when written and checked when read
   // back from the file (row_integrity.h): a row that fails is never served (DATA_LOSS with
   // kIntegrityPayload). Errors: UNAVAILABLE if the file cannot be opened, FAILED_PRECONDITION
-  // if it was written by a newer Custos or another process holds it.
+  // if it was written by a newer Custos or another process holds it, DATA_LOSS if the audit
+  // log's row index was dropped or redefined (audit_rows.h, CheckRowIndexDefinition).
   static absl::StatusOr<std::unique_ptr<KeyStore>> Open(const std::string& path,
                                                         RowAuthenticator* authenticator = nullptr);
   ~KeyStore();
@@ -257,15 +258,18 @@ class KeyStore {
   // Recomputes the audit chain from the record after `seq` to the head: record `seq` (if not 0)
   // must have the stored hash `hash`, and every later one must chain to the one before it.
   // FAILED_PRECONDITION naming the first record that does not (its content, or its hash, was
-  // changed). Reads a page at a time.
+  // changed). DATA_LOSS if the records are intact but the row index lacks one of them
+  // (CheckRowIndexed). Reads a page at a time.
   absl::Status VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_t> hash) const;
   // After the start-up check: every record after `seq` is known intact and `hash` is record
   // `seq`'s authentic hash (0: every record is). From then on a row is believed only if the
   // record vouching for it is intact too, recomputed on first need (storage/audit_trust.h).
   void AnchorAuditLog(uint64_t seq, Bytes hash);
-  // Recomputes up to `budget` more records below the anchored point (for maintenance, so that
-  // no first use of an old row waits for it). FAILED_PRECONDITION if they were changed.
-  absl::Status VerifyOlderAuditRecords(uint64_t budget);
+  // Recomputes every record below the anchored point not recomputed yet, with its row index
+  // entry, a slice at a time (for maintenance, so that no first use of an old row waits for
+  // it, and no row found absent waits for the whole log). FAILED_PRECONDITION if they were
+  // changed.
+  absl::Status VerifyLiveAuditLog();
 
   // Seals a catalogue written before rows carried MACs, once: every key, request, reservation
   // and setting is written back sealed, each with the audit record `record_for(row name)`

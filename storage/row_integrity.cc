@@ -2,6 +2,9 @@
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
+#include <functional>
+
 #include "absl/strings/cord.h"
 #include "common/strings.h"
 #include "storage/row_codec.h"
@@ -59,7 +62,57 @@ absl::Status RowIntegrity::Check(const std::string& name, std::span<const uint8_
                                ") is in a part of the log changed after it was written: ",
                                covered.message()));
   }
+  if (covered.ok()) Noted(name, *recorded);
   return covered;
+}
+
+RowIntegrity::Head RowIntegrity::HeadOf(const RowRecord& record) {
+  Head head;
+  head.seq = record.seq;
+  std::copy_n(record.digest.begin(), std::min(record.digest.size(), head.digest.size()),
+              head.digest.begin());
+  return head;
+}
+
+void RowIntegrity::Noted(const std::string& name, const RowRecord& record) {
+  if (authenticator_ == nullptr) return;
+  const Head head = HeadOf(record);
+  std::lock_guard lock(heads_mu_);
+  auto [it, inserted] = heads_.try_emplace(std::hash<std::string>{}(name), head);
+  if (!inserted && it->second.seq < head.seq) it->second = head;
+}
+
+absl::Status RowIntegrity::Agrees(const std::string& name,
+                                  const std::optional<RowRecord>& recorded) {
+  if (authenticator_ == nullptr) return absl::OkStatus();
+  Head noted;
+  {
+    std::lock_guard lock(heads_mu_);
+    auto it = heads_.find(std::hash<std::string>{}(name));
+    if (it != heads_.end()) noted = it->second;
+  }
+  if (noted.seq == 0) {
+    // Every record after the trusted point was verified or written by this process, which
+    // noted the rows they named: one that names a row never noted was renamed since.
+    // (One past the last record committed was added from outside: Cover says so.)
+    if (!recorded || !trust_->anchored() || recorded->seq <= trust_->trusted_seq() ||
+        recorded->seq > trust_->committed_seq()) {
+      return absl::OkStatus();
+    }
+    return Refuse(name, StrCat("audit record ", recorded->seq,
+                               " names it now, but did not when custosd verified or wrote it "
+                               "(the log was edited while custosd ran)"));
+  }
+  if (recorded.has_value()) {
+    const Head found = HeadOf(*recorded);
+    if (found.seq == noted.seq && found.digest == noted.digest) return absl::OkStatus();
+  }
+  return Refuse(name, StrCat("custosd wrote or checked audit record ", noted.seq,
+                             " as the newest naming it in this run, but the log now says ",
+                             recorded ? StrCat("record ", recorded->seq, " with digest ",
+                                               recorded->digest.substr(0, 16), "...")
+                                      : std::string("no record names it"),
+                             " (the log or its row index was edited while custosd ran)"));
 }
 
 absl::Status RowIntegrity::Refuse(const std::string& name, std::string_view why) {

@@ -11,6 +11,7 @@
 // tools) nothing is sealed or checked. Internal to storage/. Thread-safe.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -18,6 +19,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 
 #include "common/secure_bytes.h"
 #include "common/status.h"
@@ -69,6 +71,20 @@ class RowIntegrity {
   // Refuses row `name` from now on (as Check does), saying `why`.
   absl::Status Refuse(const std::string& name, std::string_view why);
 
+  // The newest record naming row `name` that this process wrote (noted once committed) or
+  // believed (Check notes it), kept for the run: the file is held to it from then on, since
+  // a record edited in place while custosd runs is not recomputed a second time. The store
+  // also notes every record it verifies (at start-up after the HSM's head, and as the walks
+  // below the trusted point go), so every row the live log names is noted once the log is
+  // walked. An older record than the one noted is ignored. Memory: about 56 bytes per row.
+  void Noted(const std::string& name, const RowRecord& record);
+  // OK if `recorded` (the newest record naming `name` as the file says now; nullopt if none)
+  // is the one noted for it, or none is noted and `recorded` is at or before the trusted
+  // point (records after it were all noted as verified or written); otherwise refuses the row
+  // (as Check does). Call it under the lock the read of `recorded` was made under, which
+  // commits and verifications note under too, so that none comes in between.
+  absl::Status Agrees(const std::string& name, const std::optional<RowRecord>& recorded);
+
   // The refusal remembered for `name`, or OK.
   absl::Status Known(const std::string& name) const;
 
@@ -78,6 +94,15 @@ class RowIntegrity {
   std::atomic<bool> unsealed_catalog_{false};
   mutable std::mutex mu_;
   std::map<std::string, absl::Status> refused_;  // guarded by mu_
+  // Noted records, by a 64-bit hash of the row's name (names are custosd's own: key and
+  // request ids it made); a collision would refuse a row, never believe one.
+  struct Head {
+    uint64_t seq = 0;
+    std::array<char, 16> digest{};  // the first 64 bits of the row's digest, in hex
+  };
+  static Head HeadOf(const RowRecord& record);
+  std::mutex heads_mu_;
+  std::unordered_map<uint64_t, Head> heads_;  // guarded by heads_mu_
 };
 
 }  // namespace custos::storage

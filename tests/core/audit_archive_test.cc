@@ -21,6 +21,7 @@
 namespace custos::core {
 namespace {
 
+using custos::testing::DropRowIndexEntries;
 using custos::testing::SqlExec;
 using custos::testing::SqlQuery;
 using testing::Fixture;
@@ -171,7 +172,7 @@ TEST_CASE("Archiving moves the records up to a signed checkpoint to a verified f
   // log from the archive floor, in part and in full; maintenance walks down to the floor.
   f.Restart();
   REQUIRE(f.kms->VerifyAuditLog(false).ok());
-  CHECK(f.store->VerifyOlderAuditRecords(1'000'000).ok());
+  CHECK(f.store->VerifyLiveAuditLog().ok());
   CHECK(f.kms->DescribeKey(f.officer, "k").ok());
   absl::StatusOr<Plaintext> plain = f.kms->Decrypt(f.app, before->ciphertext_blob, {{"t", "1"}});
   REQUIRE(plain.ok());
@@ -568,8 +569,45 @@ TEST_CASE("No row is carried forward over a log changed after the archived part"
   const absl::StatusOr<Request> refused = Archive(f, through);
   CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
   CHECK_THAT(std::string(refused.status().message()),
-             Catch::Contains("not archiving: the audit log after record " +
-                             std::to_string(through) + " does not verify"));
+             Catch::Contains("not archiving through record " + std::to_string(through) +
+                             ": the audit log does not verify"));
+  CHECK(*f.store->FirstAuditSeq() == 1);
+  CHECK(SqlQuery(Db(f), "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord'") == "0");
+}
+
+// Rows are carried forward by what the row index says is each one's newest record: with the
+// entry of the key's rotation record dropped, the creation's digest would have been carried
+// into the live log, and the key's row as created believed from then on.
+TEST_CASE("No row is carried forward through a row index rebuilt short of a record",
+          "[archive][insider]") {
+  Fixture f;
+  f.NewKey("k");
+  Proposal rotate;
+  rotate.operation = policy::Operation::kRotateKey;
+  rotate.key = "k";
+  rotate.justification = "yearly";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
+  const uint64_t through = UseAndSign(f, 2);  // the rotation's record is archived with the rest
+  const std::string rotated = SqlQuery(
+      Db(f), "SELECT max(seq) FROM audit_log WHERE row_name LIKE 'key:%' AND action = 'RotateKey'");
+  REQUIRE_FALSE(rotated.empty());
+  REQUIRE(std::stoull(rotated) < through);
+  f.kms.reset();
+  f.store.reset();
+  DropRowIndexEntries(Db(f), "seq = " + rotated);
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // the HSM's head is at `through`
+  const absl::StatusOr<Request> refused = Archive(f, through);
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(refused.status().message()),
+             Catch::Contains("not archiving through record " + std::to_string(through) +
+                             ": the audit log does not verify: the audit log's row index "
+                             "(audit_log_by_row) is not the log's: it has no entry for audit "
+                             "record " +
+                             rotated));
   CHECK(*f.store->FirstAuditSeq() == 1);
   CHECK(SqlQuery(Db(f), "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord'") == "0");
 }

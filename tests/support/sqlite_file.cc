@@ -39,6 +39,41 @@ std::string SqlExec(const std::string& db_path, const std::string& sql) {
   return message;
 }
 
+void DropRowIndexEntries(const std::string& db_path, const std::string& condition) {
+  const auto quoted = [](std::string sql) {  // as a literal inside the UPDATE below
+    for (size_t at = sql.find('\''); at != std::string::npos; at = sql.find('\'', at + 2)) {
+      sql.insert(at, 1, '\'');
+    }
+    return sql;
+  };
+  const std::string index =
+      "CREATE INDEX audit_log_by_row ON audit_log (row_name, seq) WHERE row_name <> ''";
+  const auto define = [&](const std::string& sql) {
+    REQUIRE(SqlExec(db_path, "PRAGMA writable_schema = ON; UPDATE sqlite_master SET sql = '" +
+                                 quoted(sql) + "' WHERE name = 'audit_log_by_row';")
+                .empty());
+  };
+  define(index + " AND NOT (" + condition + ")");
+  REQUIRE(SqlExec(db_path, "REINDEX audit_log_by_row;").empty());
+  define(index);
+}
+
+void ForgeRowIndexEntry(const std::string& db_path, const std::string& row, uint64_t position,
+                        uint64_t target) {
+  // A table without rowid whose key is (row_name, seq, rowid) is stored as the index is.
+  REQUIRE(SqlExec(db_path,
+                  "CREATE TABLE forged (row_name TEXT, seq INTEGER, target INTEGER, PRIMARY KEY "
+                  "(row_name, seq, target)) WITHOUT ROWID; INSERT INTO forged SELECT row_name, "
+                  "seq, seq FROM audit_log WHERE row_name <> ''; INSERT INTO forged VALUES ('" +
+                      row + "', " + std::to_string(position) + ", " + std::to_string(target) + ");")
+              .empty());
+  REQUIRE(SqlExec(db_path,
+                  "PRAGMA writable_schema = ON; UPDATE sqlite_master SET rootpage = (SELECT "
+                  "rootpage FROM sqlite_master WHERE name = 'forged') WHERE name = "
+                  "'audit_log_by_row'; DELETE FROM sqlite_master WHERE tbl_name = 'forged';")
+              .empty());
+}
+
 CheckpointLockHeld::CheckpointLockHeld(const std::string& db_path) {
   shm_ = ::open((db_path + "-shm").c_str(), O_RDWR | O_CLOEXEC);
   REQUIRE(shm_ >= 0);
