@@ -65,7 +65,7 @@ absl::Status Kms::RunMaintenance() {
   // The log's older records recomputed (outside the request lock; at the first turn, then
   // nothing), so that no first use of a row last changed long ago, and no row found absent,
   // waits for it; a change found there is alarmed once.
-  if (const absl::Status older = options_.store->VerifyLiveAuditLog();
+  if (absl::Status older = options_.store->VerifyLiveAuditLog();
       absl::IsFailedPrecondition(older)) {
     absl::Status alarm = absl::DataLossError(
         StrCat("the audit log was changed after it was written: ", older.message()));

@@ -43,6 +43,18 @@ uint64_t UseAndSign(Fixture& f, int calls) {
   return (*f.store->LatestCheckpoint())->seq;
 }
 
+// Key "k" rotated by three officers.
+void RotateByThree(Fixture& f) {
+  Proposal rotate;
+  rotate.operation = policy::Operation::kRotateKey;
+  rotate.key = "k";
+  rotate.justification = "yearly";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
+}
+
 absl::StatusOr<Request> Archive(Fixture& f, uint64_t through) {
   Proposal proposal;
   proposal.operation = policy::Operation::kArchiveAuditLog;
@@ -543,14 +555,7 @@ TEST_CASE("No row is carried forward over a log changed after the archived part"
   f.NewKey("k");
   const uint64_t through = UseAndSign(f, 2);
   // The key changes after the checkpoint: the newest record naming it is after `through`.
-  Proposal rotate;
-  rotate.operation = policy::Operation::kRotateKey;
-  rotate.key = "k";
-  rotate.justification = "yearly";
-  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
-  REQUIRE(request.ok());
-  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
-  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
+  RotateByThree(f);
   UseAndSign(f, 1);  // and the HSM's head covers that record
   f.kms.reset();
   f.store.reset();
@@ -582,14 +587,7 @@ TEST_CASE("No row is carried forward through a row index rebuilt short of a reco
           "[archive][insider]") {
   Fixture f;
   f.NewKey("k");
-  Proposal rotate;
-  rotate.operation = policy::Operation::kRotateKey;
-  rotate.key = "k";
-  rotate.justification = "yearly";
-  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
-  REQUIRE(request.ok());
-  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
-  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).ok());
+  RotateByThree(f);
   const uint64_t through = UseAndSign(f, 2);  // the rotation's record is archived with the rest
   const std::string rotated = SqlQuery(
       Db(f), "SELECT max(seq) FROM audit_log WHERE row_name LIKE 'key:%' AND action = 'RotateKey'");
