@@ -250,7 +250,7 @@ absl::Status Kms::CheckAuditFloor() const {
     return absl::DataLossError(StrCat("the checkpoint at record ", covering[0].seq,
                                       ", after the archival's record, is not signed by this HSM"));
   }
-  options_.store->AnchorAuditLog(covering[0].seq, covering[0].hash);
+  options_.store->AnchorAuditLog(covering[0].seq, covering[0].hash, /*rows_noted=*/false);
   return options_.store->GetSetting(kAuditFloorSetting).status();
 }
 

@@ -167,6 +167,8 @@ inline constexpr char kServerPrincipal[] = "custosd";
 // How far the wall clock may move against observed time between two maintenance turns before
 // the server alerts (log and a ClockJump audit record). Time servers slew by far less.
 inline constexpr int64_t kClockJumpToleranceSeconds = 300;
+// Older audit records each maintenance turn recomputes (about 1 s; KeyStore::AnchorAuditLog).
+inline constexpr uint64_t kOlderRecordsPerTurn = 500'000;
 
 class Kms {
  public:

@@ -13,13 +13,13 @@ constexpr size_t kPage = 1000;
 
 }  // namespace
 
-void AuditTrust::Anchor(uint64_t seq, Bytes hash) {
+void AuditTrust::Anchor(uint64_t seq, Bytes hash, bool rows_noted) {
   std::lock_guard lock(mu_);
   trusted_hash_ = std::move(hash);
   broken_ = absl::OkStatus();
   broken_seq_ = 0;
   trusted_seq_.store(seq);
-  anchored_.store(true);
+  anchored_.store(rows_noted);
 }
 
 void AuditTrust::SetFloor(uint64_t seq, Bytes hash) {

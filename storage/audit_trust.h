@@ -41,7 +41,9 @@ class AuditTrust {
 
   // Every record after `seq` is known intact and `hash` is record `seq`'s authentic hash (0 and
   // 32 zero bytes: everything is known intact). Forgets an earlier anchor and any failure.
-  void Anchor(uint64_t seq, Bytes hash);
+  // `rows_noted`: every record after `seq` was verified (or written) by this process, which
+  // noted the rows they name (anchored()).
+  void Anchor(uint64_t seq, Bytes hash, bool rows_noted = true);
 
   // The log was archived up to `seq` (storage AuditFloor): its first record chains to `hash`,
   // which a signed checkpoint vouches for, and nothing at or before `seq` is read again.
@@ -65,8 +67,8 @@ class AuditTrust {
 
   // The trusted point: every record after it is known intact (0 when all are, or unanchored).
   uint64_t trusted_seq() const { return trusted_seq_.load(); }
-  // True once Anchor was called: the records after the trusted point were then all verified
-  // (or written) by this process, which noted the rows they name (RowIntegrity::Noted).
+  // True once anchored with `rows_noted`: the records after the trusted point were then all
+  // verified (or written) by this process, which noted the rows they name (RowIntegrity::Noted).
   bool anchored() const { return anchored_.load(); }
 
  private:

@@ -38,9 +38,6 @@ constexpr size_t kMaxPageSize = 1000;
 constexpr int kBusyTimeoutMs = 5000;
 // Records recomputed at a time when the whole live log must be known intact (VerifyLiveLog).
 constexpr uint64_t kLiveLogCoverSlice = 100'000;
-// Carried by the UNAVAILABLE of a read that found a row absent before that could be believed
-// (Impl::AbsenceBelieved); its value is the row's name.
-constexpr char kAbsencePayload[] = "custos/unverified-absence";
 // The WAL's size past which a warning says a reader keeps it growing (KeyStore::WarnWalAbove),
 // and the most it is left at once it starts over.
 constexpr uint64_t kDefaultWalWarnBytes = uint64_t{256} << 20;
@@ -258,15 +255,16 @@ class KeyStore::Impl {
     CUSTOS_RETURN_IF_ERROR(CheckIndexed(records));
     return records;
   }
-  // Under db_mu_: checks the records' row index entries, and notes the rows they name
-  // (RowIntegrity::Noted; a walk that then fails believes none of its records all the same).
+  // Under db_mu_: notes the rows the records name (RowIntegrity::Noted), then checks their row
+  // index entries. Noted first: a row whose record's entry is missing, and which is then found
+  // absent, is refused; a walk that fails believes none of its records all the same.
   absl::Status CheckIndexed(const std::vector<audit::Record>& records) {
-    CUSTOS_RETURN_IF_ERROR(CheckRowIndexed(*db_, records));
     for (const audit::Record& record : records) {
-      if (!record.row.empty())
+      if (!record.row.empty()) {
         integrity_.Noted(record.row, RowRecord{record.seq, record.row_digest});
+      }
     }
-    return absl::OkStatus();
+    return CheckRowIndexed(*db_, records);
   }
 
   // Declared first, so released last: after the database is closed.
@@ -400,43 +398,6 @@ class KeyStore::Impl {
                             recorded, RowIntegrity::Chain::kRecorded);
   }
 
-  // The row index finding no record naming row `name` is believed only over records whose
-  // entries were checked (someone could have dropped every entry naming a deleted row): OK once
-  // the whole live log is; else UNAVAILABLE with kAbsencePayload, which BelievingAbsence
-  // answers by verifying it. Under db_mu_.
-  absl::Status AbsenceBelieved(const std::string& name) const {
-    if (trust_.trusted_seq() <= floor_.seq) return absl::OkStatus();
-    absl::Status unverified = absl::UnavailableError(
-        StrCat("row ", name, " is found in no audit record, but the log is not verified yet"));
-    unverified.SetPayload(kAbsencePayload, absl::Cord(name));
-    return unverified;
-  }
-
-  // Runs `read` (which takes db_mu_ itself) and, if it found a row absent before that could be
-  // believed (AbsenceBelieved), verifies the whole live log, once per run, and runs it again.
-  template <typename Read>
-  auto BelievingAbsence(const Read& read) -> decltype(read()) {
-    auto result = read();
-    const auto row = result.status().GetPayload(kAbsencePayload);
-    if (!row.has_value()) return result;
-    if (absl::Status verified = VerifyLiveLog(); !verified.ok()) {
-      if (!absl::IsFailedPrecondition(verified)) return verified;
-      // Not a refusal of the row (remembered and alarmed): the name may be anyone's guess,
-      // and the log's own alarm is raised by maintenance.
-      return absl::DataLossError(StrCat("row ", std::string(*row),
-                                        " is found in no audit record, but the audit log it "
-                                        "was looked for in does not verify: ",
-                                        verified.message()));
-    }
-    result = read();
-    if (result.status().GetPayload(kAbsencePayload)) {  // re-anchored meanwhile
-      return absl::UnavailableError(StrCat("row ", std::string(*row),
-                                           " could not be looked up while the audit log was "
-                                           "re-anchored; try again"));
-    }
-    return result;
-  }
-
   // Recomputes every record of the live log not known intact yet, with its row index entries,
   // a slice at a time (a row check waiting to cover a record of its own waits for one slice).
   // Outside db_mu_. FAILED_PRECONDITION if they do not verify.
@@ -476,12 +437,12 @@ class KeyStore::Impl {
   }
 
   // For a row not in the database: DATA_LOSS (remembered) if the audit log records it, since
-  // Custos never deletes key, request or usage rows; OK otherwise (AbsenceBelieved). Called
-  // with db_mu_ held.
+  // Custos never deletes key, request or usage rows, or if custosd wrote or verified a record
+  // naming it in this run (Recorded); OK otherwise. Called with db_mu_ held.
   absl::Status Missing(const std::string& name) {
     if (!integrity_.enabled()) return absl::OkStatus();
     CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded, Recorded(name));
-    if (!recorded.has_value()) return AbsenceBelieved(name);
+    if (!recorded.has_value()) return absl::OkStatus();
     return integrity_.Refuse(name, StrCat("it is missing from the database although audit record ",
                                           recorded->seq, " wrote it (deleted outside Custos?)"));
   }
@@ -761,23 +722,21 @@ absl::StatusOr<std::vector<std::optional<RowRecord>>> KeyStore::Impl::RecordedRe
 }
 
 absl::StatusOr<RequestRecord> KeyStore::GetRequest(std::string_view id) const {
-  return impl_->BelievingAbsence([&]() -> absl::StatusOr<RequestRecord> {
-    std::optional<RequestRecord> request;
-    std::optional<RowRecord> recorded;
-    {
-      std::lock_guard lock(impl_->db_mu_);
-      CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
-      if (!request.has_value()) {
-        CUSTOS_RETURN_IF_ERROR(impl_->Missing(RequestRowName(id)));
-        return absl::NotFoundError(StrCat("no request with id '", id, "'"));
-      }
-      if (impl_->integrity_.enabled()) {
-        CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
-      }
+  std::optional<RequestRecord> request;
+  std::optional<RowRecord> recorded;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(request, LoadRequest(*impl_->db_, id));
+    if (!request.has_value()) {
+      CUSTOS_RETURN_IF_ERROR(impl_->Missing(RequestRowName(id)));
+      return absl::NotFoundError(StrCat("no request with id '", id, "'"));
     }
-    CUSTOS_RETURN_IF_ERROR(impl_->CheckRequest(*request, recorded));
-    return *std::move(request);
-  });
+    if (impl_->integrity_.enabled()) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded, impl_->Recorded(RequestRowName(request->id)));
+    }
+  }
+  CUSTOS_RETURN_IF_ERROR(impl_->CheckRequest(*request, recorded));
+  return *std::move(request);
 }
 
 absl::StatusOr<RequestPage> KeyStore::ListRequests(const RequestFilter& filter, size_t page_size,
@@ -852,29 +811,27 @@ absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() 
 
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     std::string_view name, RowIntegrity::Chain chain) {
-  return BelievingAbsence([&]() -> absl::StatusOr<std::optional<std::string>> {
-    std::optional<StoredSetting> stored;
-    std::optional<RowRecord> recorded;
-    {
-      std::lock_guard lock(db_mu_);
-      CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
-      if (!stored.has_value()) {
-        // Custos never deletes a setting (it empties it): one the log records was deleted
-        // outside it, and taking it for never set would drop what it guards.
-        if (chain != RowIntegrity::Chain::kMacOnly) {
-          CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
-        }
-        return std::optional<std::string>();
+  std::optional<StoredSetting> stored;
+  std::optional<RowRecord> recorded;
+  {
+    std::lock_guard lock(db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
+    if (!stored.has_value()) {
+      // Custos never deletes a setting (it empties it): one the log records was deleted
+      // outside it, and taking it for never set would drop what it guards.
+      if (chain != RowIntegrity::Chain::kMacOnly) {
+        CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
       }
-      if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
-        CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
-      }
+      return std::optional<std::string>();
     }
-    CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
-                                            CanonicalSettingRow(name, stored->value), stored->mac,
-                                            recorded, chain));
-    return std::optional<std::string>(std::move(stored->value));
-  });
+    if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
+      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
+    }
+  }
+  CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
+                                          CanonicalSettingRow(name, stored->value), stored->mac,
+                                          recorded, chain));
+  return std::optional<std::string>(std::move(stored->value));
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
@@ -901,38 +858,34 @@ absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
-  return impl_->BelievingAbsence([&]() -> absl::StatusOr<std::vector<VersionUsage>> {
-    std::vector<VersionUsage> usage;
-    std::vector<std::optional<RowRecord>> recorded;
-    {
-      std::lock_guard lock(impl_->db_mu_);
-      CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
-      for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
-        const std::string row = UsageRowName(usage[i].key_id, usage[i].version);
-        CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Recorded(row));
-        // (a row no record names counts as never reserved: only if that can be believed)
-        if (!recorded.back().has_value()) CUSTOS_RETURN_IF_ERROR(impl_->AbsenceBelieved(row));
-      }
-      // A reservation deleted would restart its version's count at 0: a version without a row
-      // must never have had one recorded.
-      if (impl_->integrity_.enabled()) {
-        CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
-                                SelectVersionsWithoutUsage(*impl_->db_, key_id));
-        for (uint32_t version : unreserved) {
-          CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
-        }
+  std::vector<VersionUsage> usage;
+  std::vector<std::optional<RowRecord>> recorded;
+  {
+    std::lock_guard lock(impl_->db_mu_);
+    CUSTOS_ASSIGN_OR_RETURN(usage, SelectUsage(*impl_->db_, key_id));
+    for (size_t i = 0; i < usage.size() && impl_->integrity_.enabled(); ++i) {
+      const std::string row = UsageRowName(usage[i].key_id, usage[i].version);
+      CUSTOS_ASSIGN_OR_RETURN(recorded.emplace_back(), impl_->Recorded(row));
+    }
+    // A reservation deleted would restart its version's count at 0: a version without a row
+    // must never have had one recorded.
+    if (impl_->integrity_.enabled()) {
+      CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
+                              SelectVersionsWithoutUsage(*impl_->db_, key_id));
+      for (uint32_t version : unreserved) {
+        CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
       }
     }
-    for (size_t i = 0; i < recorded.size(); ++i) {
-      // A row no record names is one whose reservation was never made: it must say so.
-      const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
-                                                            : RowIntegrity::Chain::kRecorded;
-      CUSTOS_RETURN_IF_ERROR(
-          impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
-                                  CanonicalUsageRow(usage[i]), usage[i].mac, recorded[i], chain));
-    }
-    return usage;
-  });
+  }
+  for (size_t i = 0; i < recorded.size(); ++i) {
+    // A row no record names is one whose reservation was never made: it must say so.
+    const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
+                                                          : RowIntegrity::Chain::kRecorded;
+    CUSTOS_RETURN_IF_ERROR(impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
+                                                   CanonicalUsageRow(usage[i]), usage[i].mac,
+                                                   recorded[i], chain));
+  }
+  return usage;
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsageUnchecked(
@@ -960,36 +913,34 @@ absl::Status KeyStore::PutUsageCounts(const std::vector<VersionUsage>& usage) {
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::Impl::LoadChecked(std::string_view id) {
-  return BelievingAbsence([&]() -> absl::StatusOr<std::shared_ptr<const KeyRecord>> {
-    while (true) {
-      std::shared_ptr<KeyRecord> key;
-      std::optional<RowRecord> recorded;
-      uint64_t writes = 0;
-      {
-        std::lock_guard lock(db_mu_);
-        if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
-        CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
-        if (key == nullptr) {
-          CUSTOS_RETURN_IF_ERROR(Missing(KeyRowName(id)));
-          return std::shared_ptr<const KeyRecord>();
-        }
-        if (!integrity_.enabled()) {
-          cache_.Put(key);
-          return key;
-        }
-        CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(KeyRowName(key->id)));
-        writes = key_writes_;
-      }
-      // Outside the lock: it asks the HSM.
-      CUSTOS_RETURN_IF_ERROR(integrity_.Check(KeyRowName(key->id), CanonicalKeyRow(*key), key->mac,
-                                              recorded, RowIntegrity::Chain::kRecorded));
+  while (true) {
+    std::shared_ptr<KeyRecord> key;
+    std::optional<RowRecord> recorded;
+    uint64_t writes = 0;
+    {
       std::lock_guard lock(db_mu_);
-      if (auto hit = cache_.FindById(id)) return hit;
-      if (key_writes_ != writes) continue;  // a write came in between: ours may be older
-      cache_.Put(key);
-      return key;
+      if (auto hit = cache_.FindById(id)) return hit;  // loaded or written while we waited
+      CUSTOS_ASSIGN_OR_RETURN(key, LoadKey(*db_, id));
+      if (key == nullptr) {
+        CUSTOS_RETURN_IF_ERROR(Missing(KeyRowName(id)));
+        return std::shared_ptr<const KeyRecord>();
+      }
+      if (!integrity_.enabled()) {
+        cache_.Put(key);
+        return key;
+      }
+      CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(KeyRowName(key->id)));
+      writes = key_writes_;
     }
-  });
+    // Outside the lock: it asks the HSM.
+    CUSTOS_RETURN_IF_ERROR(integrity_.Check(KeyRowName(key->id), CanonicalKeyRow(*key), key->mac,
+                                            recorded, RowIntegrity::Chain::kRecorded));
+    std::lock_guard lock(db_mu_);
+    if (auto hit = cache_.FindById(id)) return hit;
+    if (key_writes_ != writes) continue;  // a write came in between: ours may be older
+    cache_.Put(key);
+    return key;
+  }
 }
 
 absl::StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::GetKey(std::string_view id) const {
@@ -1194,11 +1145,13 @@ absl::Status KeyStore::VerifyAuditChainFrom(uint64_t seq, std::span<const uint8_
   return absl::OkStatus();
 }
 
-void KeyStore::AnchorAuditLog(uint64_t seq, Bytes hash) {
-  impl_->trust_.Anchor(seq, std::move(hash));
+void KeyStore::AnchorAuditLog(uint64_t seq, Bytes hash, bool rows_noted) {
+  impl_->trust_.Anchor(seq, std::move(hash), rows_noted);
 }
 
-absl::Status KeyStore::VerifyLiveAuditLog() { return impl_->VerifyLiveLog(); }
+absl::Status KeyStore::VerifyOlderAuditRecords(uint64_t budget) {
+  return impl_->trust_.Extend(budget);
+}
 
 absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,

@@ -264,12 +264,14 @@ class KeyStore {
   // After the start-up check: every record after `seq` is known intact and `hash` is record
   // `seq`'s authentic hash (0: every record is). From then on a row is believed only if the
   // record vouching for it is intact too, recomputed on first need (storage/audit_trust.h).
-  void AnchorAuditLog(uint64_t seq, Bytes hash);
-  // Recomputes every record below the anchored point not recomputed yet, with its row index
-  // entry, a slice at a time (for maintenance, so that no first use of an old row waits for
-  // it, and no row found absent waits for the whole log). FAILED_PRECONDITION if they were
-  // changed.
-  absl::Status VerifyLiveAuditLog();
+  // `rows_noted` false: the records after `seq` were not all verified yet (a provisional anchor
+  // during the start-up check), so a row they name is not refused for being noted by none.
+  void AnchorAuditLog(uint64_t seq, Bytes hash, bool rows_noted = true);
+  // Recomputes up to `budget` more records below the anchored point, with their row index
+  // entries, noting the rows they name (for maintenance, so that no first use of an old row
+  // waits for it, and every row the live log names is soon noted). FAILED_PRECONDITION if
+  // they were changed.
+  absl::Status VerifyOlderAuditRecords(uint64_t budget);
 
   // Seals a catalogue written before rows carried MACs, once: every key, request, reservation
   // and setting is written back sealed, each with the audit record `record_for(row name)`

@@ -94,8 +94,8 @@ class RowIntegrity {
   std::atomic<bool> unsealed_catalog_{false};
   mutable std::mutex mu_;
   std::map<std::string, absl::Status> refused_;  // guarded by mu_
-  // Noted records, by a 64-bit hash of the row's name (names are custosd's own: key and
-  // request ids it made); a collision would refuse a row, never believe one.
+  // Noted records, by a 64-bit hash of the row's name (std::hash: not keyed, and a TDE mount's
+  // name is a caller's; a collision refuses a row, never believes one).
   struct Head {
     uint64_t seq = 0;
     std::array<char, 16> digest{};  // the first 64 bits of the row's digest, in hex

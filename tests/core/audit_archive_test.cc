@@ -184,7 +184,7 @@ TEST_CASE("Archiving moves the records up to a signed checkpoint to a verified f
   // log from the archive floor, in part and in full; maintenance walks down to the floor.
   f.Restart();
   REQUIRE(f.kms->VerifyAuditLog(false).ok());
-  CHECK(f.store->VerifyLiveAuditLog().ok());
+  CHECK(f.store->VerifyOlderAuditRecords(1'000'000).ok());
   CHECK(f.kms->DescribeKey(f.officer, "k").ok());
   absl::StatusOr<Plaintext> plain = f.kms->Decrypt(f.app, before->ciphertext_blob, {{"t", "1"}});
   REQUIRE(plain.ok());
