@@ -1,15 +1,45 @@
 #include "storage/row_integrity.h"
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #include <algorithm>
-#include <functional>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/cord.h"
 #include "common/strings.h"
 #include "storage/row_codec.h"
 
 namespace custos::storage {
+
+RowIntegrity::RowIntegrity(RowAuthenticator* authenticator, AuditTrust* trust)
+    : authenticator_(authenticator), trust_(trust), head_key_(EVP_MD_CTX_new()) {
+  // One SHA-256 block of secret, absorbed once: each name is hashed from a copy of that state.
+  std::array<uint8_t, 64> secret;
+  // A failing CSPRNG is not something to serve through.
+  if (RAND_bytes(secret.data(), static_cast<int>(secret.size())) != 1) std::abort();
+  const bool ok = head_key_ != nullptr &&
+                  EVP_DigestInit_ex(head_key_.get(), EVP_sha256(), nullptr) == 1 &&
+                  EVP_DigestUpdate(head_key_.get(), secret.data(), secret.size()) == 1;
+  OPENSSL_cleanse(secret.data(), secret.size());
+  if (!ok) std::abort();  // out of memory inside OpenSSL
+}
+
+uint64_t RowIntegrity::HeadKey(const std::string& name) const {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  const bool ok = ctx != nullptr && EVP_MD_CTX_copy_ex(ctx, head_key_.get()) == 1 &&
+                  EVP_DigestUpdate(ctx, name.data(), name.size()) == 1 &&
+                  EVP_DigestFinal_ex(ctx, digest, &length) == 1;
+  EVP_MD_CTX_free(ctx);
+  if (!ok) std::abort();  // out of memory inside OpenSSL
+  uint64_t key;
+  std::memcpy(&key, digest, sizeof key);
+  return key;
+}
 
 absl::StatusOr<Bytes> RowIntegrity::Seal(std::span<const uint8_t> canonical) const {
   if (authenticator_ == nullptr) return Bytes();
@@ -77,8 +107,9 @@ RowIntegrity::Head RowIntegrity::HeadOf(const RowRecord& record) {
 void RowIntegrity::Noted(const std::string& name, const RowRecord& record) {
   if (authenticator_ == nullptr) return;
   const Head head = HeadOf(record);
+  const uint64_t key = HeadKey(name);
   std::lock_guard lock(heads_mu_);
-  auto [it, inserted] = heads_.try_emplace(std::hash<std::string>{}(name), head);
+  auto [it, inserted] = heads_.try_emplace(key, head);
   if (!inserted && it->second.seq < head.seq) it->second = head;
 }
 
@@ -86,9 +117,10 @@ absl::Status RowIntegrity::Agrees(const std::string& name,
                                   const std::optional<RowRecord>& recorded) {
   if (authenticator_ == nullptr) return absl::OkStatus();
   Head noted;
+  const uint64_t key = HeadKey(name);
   {
     std::lock_guard lock(heads_mu_);
-    auto it = heads_.find(std::hash<std::string>{}(name));
+    auto it = heads_.find(key);
     if (it != heads_.end()) noted = it->second;
   }
   if (noted.seq == 0) {

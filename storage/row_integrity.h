@@ -11,9 +11,12 @@
 // tools) nothing is sealed or checked. Internal to storage/. Thread-safe.
 #pragma once
 
+#include <openssl/evp.h>
+
 #include <array>
 #include <atomic>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -44,8 +47,7 @@ class RowIntegrity {
   };
 
   // `trust` must outlive this object.
-  RowIntegrity(RowAuthenticator* authenticator, AuditTrust* trust)
-      : authenticator_(authenticator), trust_(trust) {}
+  RowIntegrity(RowAuthenticator* authenticator, AuditTrust* trust);
 
   bool enabled() const { return authenticator_ != nullptr; }
 
@@ -94,13 +96,20 @@ class RowIntegrity {
   std::atomic<bool> unsealed_catalog_{false};
   mutable std::mutex mu_;
   std::map<std::string, absl::Status> refused_;  // guarded by mu_
-  // Noted records, by a 64-bit hash of the row's name (std::hash: not keyed, and a TDE mount's
-  // name is a caller's; a collision refuses a row, never believes one).
+  // Noted records, by a 64-bit hash of the row's name keyed with a secret of this process
+  // (HeadKey): a TDE mount's name is a caller's, and a name crafted to share another row's
+  // hash would have that row refused.
   struct Head {
     uint64_t seq = 0;
     std::array<char, 16> digest{};  // the first 64 bits of the row's digest, in hex
   };
   static Head HeadOf(const RowRecord& record);
+  uint64_t HeadKey(const std::string& name) const;
+  struct FreeDigest {
+    void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
+  };
+  // SHA-256 after a random block; copied, never changed (so read by many threads at once).
+  const std::unique_ptr<EVP_MD_CTX, FreeDigest> head_key_;
   std::mutex heads_mu_;
   std::unordered_map<uint64_t, Head> heads_;  // guarded by heads_mu_
 };
