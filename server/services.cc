@@ -714,8 +714,10 @@ class AuditServiceImpl::Streams {
 namespace {
 
 // Streams what `read` returns, a page at a time, from seq `from` until `limit` items (0 = all)
-// or the end. Pages are read on the CallRunner's workers of the caller's lane (the first one
-// authenticates the caller); between them the stream only waits for its client, holding no thread.
+// or the end. Pages are read on the CallRunner's workers of the caller's lane; between them the
+// stream only waits for its client, holding no thread. Each page authenticates the caller anew,
+// as each unary call does: a certificate revoked or expired while a stream is open ends it
+// before its next page (UNAUTHENTICATED), not when the client closes it.
 template <typename Item, typename Proto>
 class PageStream final : public grpc::ServerWriteReactor<Proto>,
                          public AuditServiceImpl::Streams::Member {
@@ -781,17 +783,14 @@ class PageStream final : public grpc::ServerWriteReactor<Proto>,
         this->Finish(grpc::Status::CANCELLED);
         return;
       }
-      if (!caller_) {
-        absl::StatusOr<core::Caller> caller = CallerOf(*context_);
-        if (!caller.ok()) {
-          this->Finish(RefuseUnauthenticated(runner_->kms(), runner_->refusals(), rpc_, *context_,
-                                             caller.status()));
-          return;
-        }
-        caller_ = *std::move(caller);
+      absl::StatusOr<core::Caller> caller = CallerOf(*context_);
+      if (!caller.ok()) {
+        this->Finish(RefuseUnauthenticated(runner_->kms(), runner_->refusals(), rpc_, *context_,
+                                           caller.status()));
+        return;
       }
       absl::StatusOr<std::vector<Item>> page = read_(
-          runner_->kms(), *caller_, from_, static_cast<size_t>(std::min<uint64_t>(left_, kPage)));
+          runner_->kms(), *caller, from_, static_cast<size_t>(std::min<uint64_t>(left_, kPage)));
       if (!page.ok()) {
         this->Finish(ToGrpcStatus(page.status()));
         return;
@@ -816,7 +815,6 @@ class PageStream final : public grpc::ServerWriteReactor<Proto>,
   const char* const rpc_;
   // Touched by one thread at a time: the worker reading a page, then gRPC's callbacks.
   bool admitted_ = false;
-  std::optional<core::Caller> caller_;
   uint64_t from_;
   uint64_t left_;
   const Read read_;

@@ -254,6 +254,49 @@ TEST_CASE("A revoked certificate is refused at its next call on a connection ope
   CHECK(server.Alive());
 }
 
+TEST_CASE("An audit stream opened before its certificate was revoked ends at its next page",
+          "[e2e][tls][revocation]") {
+  CustosServer server;
+  DevCa ca(server);
+  ca.PublishCrl();
+  EnableCrlDir(server);
+  server.Restart();
+  // A log longer than a page (1,000 records), so the stream has a page to read after the
+  // revocation.
+  const pb::KeyMetadata key = CreateKey(server, "revocation/stream", true, false);
+  pb::BatchGenerateDataKeyRequest batch;
+  batch.set_without_plaintext(true);
+  for (int i = 0; i < 1000; ++i) batch.add_items()->set_key(key.key_id());
+  pb::BatchGenerateDataKeyResponse generated;
+  REQUIRE(server.Keys("app")->BatchGenerateDataKey(Context().get(), batch, &generated).ok());
+
+  // The auditor's stream reads its first record (its first page is read), then the
+  // certificate is revoked. Flow control at its initial 64 KiB window (no bandwidth probe):
+  // the client's transport takes a few hundred records ahead of its reader, not a page.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  const auto audit = pb::AuditService::NewStub(server.Channel("auditor", args));
+  std::unique_ptr<grpc::ClientContext> context = Context();
+  auto reader = audit->ReadRecords(context.get(), pb::ReadRecordsRequest());
+  pb::AuditRecord record;
+  REQUIRE(reader->Read(&record));
+  ca.Revoke("auditor");
+  ca.PublishCrl();
+  server.Signal(SIGHUP);
+  REQUIRE(AwaitLog(server, "client CRLs reloaded: 1 client CA, 1 revoked serial"));
+
+  // The page read before is sent; the next is not read for a revoked caller.
+  uint64_t read = 1;
+  while (reader->Read(&record)) ++read;
+  const grpc::Status ended = reader->Finish();
+  INFO(server.Log());
+  CHECK(read == 1000);
+  CHECK(ended.error_code() == grpc::StatusCode::UNAUTHENTICATED);
+  CHECK(ended.error_message() == "client certificate revoked (serial " + ca.Serial("auditor") +
+                                     ") (certificate sha256 " + ca.Fingerprint("auditor") + ")");
+  CHECK(server.Alive());
+}
+
 TEST_CASE("custosd with a crl_dir but no CRL for the client CA refuses to start",
           "[e2e][tls][revocation]") {
   CustosServer server;
