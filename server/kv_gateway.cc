@@ -19,7 +19,9 @@
 #include <numeric>
 #include <optional>
 #include <regex>
+#include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/strings.h"
@@ -60,6 +62,8 @@ constexpr size_t kMaxRequestBytes = size_t{32} * 1024;
 // bounds cut.
 constexpr auto kWatchdogTick = std::chrono::milliseconds(250);
 constexpr auto kCutLogInterval = std::chrono::seconds(10);
+// Reasons of failed fetches remembered for coalescing their log lines (State::NoteFailure).
+constexpr size_t kMaxFailureReasons = 64;
 
 // A whole decimal number 1..2^32-1 in its one spelling (no leading zero: "01" would name key 1
 // under a second path), or nullopt.
@@ -208,6 +212,58 @@ struct KvGateway::State {
       } else if (!connection.request_read && now - connection.since >= request_deadline) {
         Cut(connection, kSlowRequest);
       }
+    }
+  }
+
+  // Fetches answered 5xx (the HSM or the audit log down, say), by the reason custosd logs:
+  // when it last logged that reason, and how many more it held back since. An outage under
+  // load is then a line per reason per kCutLogInterval, not one per fetch; every fetch is
+  // audited all the same.
+  struct Failures {
+    std::chrono::steady_clock::time_point logged;
+    size_t held = 0;
+  };
+  std::map<std::string, Failures> failures;
+
+  // True if a fetch that failed for `reason` is to be logged now: the first of its reason, or
+  // one past the kMaxFailureReasons remembered; otherwise it is counted (TakeHeldFailures).
+  // With mu held.
+  bool NoteFailure(const std::string& reason) {
+    const auto it = failures.find(reason);
+    if (it != failures.end()) {
+      ++it->second.held;
+      return false;
+    }
+    if (failures.size() < kMaxFailureReasons) {
+      failures.emplace(reason, Failures{std::chrono::steady_clock::now(), 0});
+    }
+    return true;
+  }
+
+  // The failures held back to log now, by reason (and forgets them): those of reasons logged
+  // kCutLogInterval ago or more, or all of them (`now_or_never`). A reason with none held is
+  // forgotten once its interval is over, so that its next failure is logged at once. With mu
+  // held; the lines are written without.
+  std::vector<std::pair<std::string, size_t>> TakeHeldFailures(bool now_or_never) {
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<std::pair<std::string, size_t>> taken;
+    for (auto it = failures.begin(); it != failures.end();) {
+      if (!now_or_never && now - it->second.logged < kCutLogInterval) {
+        ++it;
+      } else if (it->second.held == 0) {
+        it = failures.erase(it);
+      } else {
+        taken.emplace_back(it->first, std::exchange(it->second.held, 0));
+        it->second.logged = now;
+        ++it;
+      }
+    }
+    return taken;
+  }
+  static void LogHeldFailures(const std::vector<std::pair<std::string, size_t>>& taken) {
+    for (const auto& [reason, held] : taken) {
+      spdlog::warn("gateway: {} more {} failed since this was last logged: {}", held,
+                   held == 1 ? "fetch" : "fetches", reason);
     }
   }
 
@@ -440,7 +496,15 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   if (!key.ok()) {
     const int status = HttpStatusOf(key.status());
     // The reason stays in custosd's log and audit record: a client learns only the status.
-    if (status >= 500) spdlog::warn("gateway: {}", key.status().ToString());
+    if (status >= 500) {
+      const std::string reason = key.status().ToString();
+      bool log_now = false;
+      {
+        std::lock_guard lock(state.mu);
+        log_now = state.NoteFailure(reason);
+      }
+      if (log_now) spdlog::warn("gateway: {}", reason);
+    }
     return ReplyError(response, status,
                       status == 403 ? "permission denied"
                       : status == 400 && key.status() == malformed
@@ -579,6 +643,11 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
         state->LogCuts(*cuts);
         lock.lock();
       }
+      if (auto held = state->TakeHeldFailures(/*now_or_never=*/false); !held.empty()) {
+        lock.unlock();
+        State::LogHeldFailures(held);
+        lock.lock();
+      }
     }
   });
   return gateway;
@@ -617,6 +686,11 @@ KvGateway::~KvGateway() {
   if (const std::optional<State::Cuts> cuts = state_->TakeCuts(/*now_or_never=*/true)) {
     lock.unlock();
     state_->LogCuts(*cuts);
+    lock.lock();
+  }
+  if (auto held = state_->TakeHeldFailures(/*now_or_never=*/true); !held.empty()) {
+    lock.unlock();
+    State::LogHeldFailures(held);
     lock.lock();
   }
   if (state_->busy > 0) {

@@ -807,6 +807,49 @@ TEST_CASE("A fetch waiting on a slow HSM is answered, not cut by the connection 
   CHECK(KeyOf(slow).first == expected);
 }
 
+TEST_CASE("Fetches failing on a broken HSM are logged once per reason, then counted",
+          "[e2e][gateway]") {
+  CustosServer server(
+      ServerOptions{.extra_config = "[gateway]\nlisten = \"127.0.0.1:0\"\n", .fault_module = true});
+  pb::CreateKeyRequest seal;
+  seal.set_alias(UniqueAlias("tde-seal"));
+  pb::KeyMetadata sealing;
+  REQUIRE(server.Admin("officer1")->CreateKey(Context().get(), seal, &sealing).ok());
+  Execute(server, TdeKey(pb::CREATE_TDE_KEY, 1, seal.alias()));
+  std::string token;
+  REQUIRE(Claim(server, "mariadb", IssueToken(server), &token).ok());
+  Gateway gateway(server);
+  KeyOf(gateway.Get("/v1/mariadb/data/1", token));
+
+  // Every unwrap of the table-space key fails: each fetch is a 5xx, the first logged with its
+  // reason, the rest held back and counted.
+  server.SetFaults("C_Decrypt CKR_DEVICE_ERROR\n");
+  constexpr int kFetches = 20;
+  for (int i = 0; i < kFetches; ++i) {
+    const httplib::Result failed = gateway.Get("/v1/mariadb/data/1", token);
+    REQUIRE(failed);
+    CHECK(failed->status >= 500);
+  }
+  const std::string line = "[warning] gateway: ";
+  INFO(server.Log());
+  CHECK(Occurrences(server.Log(), line) == 1);
+  const size_t at = server.Log().find(line);
+  REQUIRE(at != std::string::npos);
+  const std::string reason =
+      server.Log().substr(at + line.size(), server.Log().find('\n', at) - at - line.size());
+  CHECK_THAT(reason, Catch::Contains("CKR_DEVICE_ERROR"));
+  // Within the interval (10 s) the count follows, with the same reason.
+  AwaitLine([&] { return server.Log(); }, line + std::to_string(kFetches - 1) +
+                                              " more fetches failed since this was last " +
+                                              "logged: " + reason + "\n");
+  CHECK(Occurrences(server.Log(), line) == 2);
+
+  // Once the HSM works again, fetches are served, and nothing more is logged for them.
+  server.SetFaults("");
+  KeyOf(gateway.Get("/v1/mariadb/data/1", token));
+  CHECK(Occurrences(server.Log(), line) == 2);
+}
+
 TEST_CASE("custosd whose gateway port is taken says so and exits", "[e2e][gateway]") {
   CustosServer server(ServerOptions{.extra_config = "[gateway]\nlisten = \"127.0.0.1:0\"\n"});
   server.Stop();
