@@ -487,24 +487,21 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   absl::StatusOr<core::Kms::TdeKey> key = state.kms->FetchTdeKey(
       peer, token == request.headers.end() ? std::string_view() : std::string_view(token->second),
       mount, key_id.value_or(0), version, malformed);
+  const int status = key.ok() ? 200 : HttpStatusOf(key.status());
+  // The reason stays in custosd's log and audit record: a client learns only the status.
+  const std::string failure = status >= 500 ? key.status().ToString() : std::string();
+  bool log_failure = false;
   {
     std::lock_guard lock(state.mu);
+    // Noted before the call counts as out of Kms: once stopping sees none inside, every
+    // failure is counted, and its final tally includes them all.
+    if (!failure.empty()) log_failure = state.NoteFailure(failure);
     --state.in_kms;
     SetInKms(state, false);
     state.changed.notify_all();
   }
+  if (log_failure) spdlog::warn("gateway: {}", failure);
   if (!key.ok()) {
-    const int status = HttpStatusOf(key.status());
-    // The reason stays in custosd's log and audit record: a client learns only the status.
-    if (status >= 500) {
-      const std::string reason = key.status().ToString();
-      bool log_now = false;
-      {
-        std::lock_guard lock(state.mu);
-        log_now = state.NoteFailure(reason);
-      }
-      if (log_now) spdlog::warn("gateway: {}", reason);
-    }
     return ReplyError(response, status,
                       status == 403 ? "permission denied"
                       : status == 400 && key.status() == malformed
