@@ -4,17 +4,15 @@
 
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <string>
 #include <vector>
 
 #include "common/strings.h"
+#include "tests/support/files.h"
 
 namespace custos::storage {
 namespace {
@@ -24,7 +22,8 @@ class FixedMac final : public RowAuthenticator {
   absl::StatusOr<Bytes> Mac(std::span<const uint8_t>) override { return Bytes(32, 0x5a); }
 };
 
-// libstdc++'s std::hash<std::string> (_Hash_bytes, 64-bit): per 8-byte block b,
+// libstdc++'s std::hash<std::string> (_Hash_bytes, 64-bit; the project builds with GCC, and
+// the test REQUIREs the collision it builds): per 8-byte block b,
 // h = (h ^ Mix(b)) * kMul, where Mix and the multiplication are invertible.
 constexpr uint64_t kMul = (uint64_t{0xc6a4a793} << 32) + 0x5bd1e995;
 
@@ -84,14 +83,6 @@ TEST_CASE("A row name crafted to share another row's std::hash does not get that
              Catch::Contains("custosd wrote or checked audit record 5 as the newest naming it"));
 }
 
-// Resident memory of this process, in bytes.
-size_t ResidentBytes() {
-  std::ifstream statm("/proc/self/statm");
-  size_t pages = 0, resident = 0;
-  statm >> pages >> resident;
-  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
-}
-
 // A measurement, not a test (hidden): the memory and time a noted row takes, which bounds what
 // a walked live log costs custosd (docs/PERFORMANCE.md, "Memory per noted row").
 TEST_CASE("Memory per noted row", "[.row_heads_memory]") {
@@ -100,14 +91,14 @@ TEST_CASE("Memory per noted row", "[.row_heads_memory]") {
   AuditTrust trust([](uint64_t, size_t) { return std::vector<audit::Record>(); });
   RowIntegrity integrity(&mac, &trust);
   const RowRecord record{1, std::string(64, 'a')};
-  const size_t before = ResidentBytes();
+  const size_t before = testing::ResidentBytes();
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < kRows; ++i) {
     // Names as Custos makes them: "key:" and a 36-character id.
     integrity.Noted(StrCat("key:0b0e1c6a-5b7d-4c55-9f1e-", 100'000'000'000 + i), record);
   }
   const auto took = std::chrono::steady_clock::now() - start;
-  const size_t after = ResidentBytes();
+  const size_t after = testing::ResidentBytes();
   CHECK(integrity.Agrees("key:0b0e1c6a-5b7d-4c55-9f1e-100000000000", record).ok());
   WARN("bytes per noted row: " << (after - before) / kRows << "; ns per Noted: "
                                << std::chrono::nanoseconds(took).count() / kRows);
