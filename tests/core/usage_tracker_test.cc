@@ -2,17 +2,15 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
-#include <fstream>
 #include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
 
-#include <unistd.h>
-
 #include "absl/cleanup/cleanup.h"
 #include "common/strings.h"
 #include "tests/core/kms_fixture.h"
+#include "tests/support/files.h"
 
 namespace custos::core {
 namespace {
@@ -388,14 +386,6 @@ TEST_CASE(
 namespace custos::core {
 namespace {
 
-// Resident memory of this process, in bytes.
-size_t ResidentBytes() {
-  std::ifstream statm("/proc/self/statm");
-  size_t pages = 0, resident = 0;
-  statm >> pages >> resident;
-  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
-}
-
 // A measurement, not a test (hidden): the memory a tracked key's counters take, which sizes
 // keys.usage_cache (docs/PERFORMANCE.md, "Memory per cached key").
 TEST_CASE("Memory per tracked key", "[.usage_memory]") {
@@ -403,12 +393,12 @@ TEST_CASE("Memory per tracked key", "[.usage_memory]") {
   UsageLimits limits;
   limits.tracked_keys = kKeys;
   PlainTracker p(limits);
-  const size_t before = ResidentBytes();
+  const size_t before = custos::testing::ResidentBytes();
   for (int i = 0; i < kKeys; ++i) {
     // Ids as Custos makes them: 36 characters.
     p.tracker.CountDecryption(StrCat("0b0e1c6a-5b7d-4c55-9f1e-", 100'000'000'000 + i), 1);
   }
-  const size_t after = ResidentBytes();
+  const size_t after = custos::testing::ResidentBytes();
   REQUIRE(p.tracker.tracked_keys() == kKeys);
   WARN("bytes per tracked key: " << (after - before) / kKeys);
 }

@@ -1,6 +1,7 @@
 // Small file and process helpers shared by the tests and the benchmark.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace custos::testing {
@@ -10,5 +11,8 @@ std::string ReadFile(const std::string& path);
 
 // Runs `command` with /bin/sh; throws std::runtime_error naming it unless it exits 0.
 void RunOrThrow(const std::string& command);
+
+// Resident memory of this process, in bytes.
+size_t ResidentBytes();
 
 }  // namespace custos::testing
