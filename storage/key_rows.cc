@@ -7,7 +7,10 @@
 #include <unordered_map>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace custos::storage {
 namespace {
@@ -19,15 +22,16 @@ constexpr char kSelectIdByAlias[] = "SELECT id FROM keys WHERE alias = ?1";
 constexpr char kUpsertKey[] =
     "INSERT INTO keys (id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed, mac)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    " deletion_due_observed, mac, reserved_versions)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     " ON CONFLICT (id) DO UPDATE SET alias = excluded.alias, description = excluded.description,"
     " state = excluded.state, created_at = excluded.created_at,"
     " created_by = excluded.created_by, primary_version = excluded.primary_version,"
     " min_decrypt_version = excluded.min_decrypt_version,"
     " rotation_period_seconds = excluded.rotation_period_seconds,"
     " deletion_due_at = excluded.deletion_due_at, destroyed_at = excluded.destroyed_at,"
-    " deletion_due_observed = excluded.deletion_due_observed, mac = excluded.mac";
+    " deletion_due_observed = excluded.deletion_due_observed, mac = excluded.mac,"
+    " reserved_versions = excluded.reserved_versions";
 constexpr char kDeleteTags[] = "DELETE FROM key_tags WHERE key_id = ?1";
 constexpr char kInsertTag[] = "INSERT INTO key_tags (key_id, name, value) VALUES (?1, ?2, ?3)";
 constexpr char kSelectStoredVersions[] =
@@ -47,11 +51,11 @@ constexpr char kInsertGrant[] =
 constexpr char kSelectKeyById[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed, mac FROM keys WHERE id = ?1";
+    " deletion_due_observed, mac, reserved_versions FROM keys WHERE id = ?1";
 constexpr char kSelectKeysAfter[] =
     "SELECT id, alias, description, state, created_at, created_by, primary_version,"
     " min_decrypt_version, rotation_period_seconds, deletion_due_at, destroyed_at,"
-    " deletion_due_observed, mac FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
+    " deletion_due_observed, mac, reserved_versions FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2";
 // Child rows of every key whose id lies in [?1, ?2].
 constexpr char kSelectTags[] =
     "SELECT key_id, name, value FROM key_tags WHERE key_id BETWEEN ?1 AND ?2";
@@ -92,6 +96,9 @@ constexpr char kSelectVersionsWithoutUsage[] =
     " ON u.key_id = v.key_id AND u.version = v.version"
     " WHERE v.key_id = ?1 AND u.version IS NULL ORDER BY v.version";
 // A reservation: everything, the (sealed) reservation included.
+constexpr char kSelectReservedVersions[] =
+    "SELECT version FROM version_usage WHERE key_id = ?1 AND encryptions_reserved > 0"
+    " ORDER BY version";
 constexpr char kUpsertUsage[] =
     "INSERT INTO version_usage"
     " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac)"
@@ -121,6 +128,23 @@ absl::Status InsertGrants(sqlite::Database& db, const std::string& key_id,
   return absl::OkStatus();
 }
 
+// The reserved versions as stored: ascending decimal numbers joined by commas, or empty.
+// Anything else reads as {0}, which no row written by Custos holds: its MAC check then refuses
+// that one key (DATA_LOSS, alarmed), as for any other column edited.
+std::vector<uint32_t> ParseVersions(const std::string& text) {
+  std::vector<uint32_t> versions;
+  if (text.empty()) return versions;
+  for (const absl::string_view part : absl::StrSplit(text, ',')) {
+    uint32_t version = 0;
+    if (!absl::SimpleAtoi(part, &version) || version == 0 ||
+        (!versions.empty() && version <= versions.back())) {
+      return {0};
+    }
+    versions.push_back(version);
+  }
+  return versions;
+}
+
 absl::StatusOr<std::shared_ptr<KeyRecord>> ReadKeyRow(const sqlite::Statement& row) {
   auto key = std::make_shared<KeyRecord>();
   key->id = row.ColumnText(0);
@@ -141,6 +165,7 @@ absl::StatusOr<std::shared_ptr<KeyRecord>> ReadKeyRow(const sqlite::Statement& r
   key->destroyed_at = row.ColumnInt64(10);
   key->deletion_due_observed = row.ColumnInt64(11);
   key->mac = row.ColumnBlob(12);  // NULL (never sealed) reads as empty
+  key->reserved_versions = ParseVersions(row.ColumnText(13));
   return key;
 }
 
@@ -226,6 +251,7 @@ absl::Status WriteKeyRows(sqlite::Database& db, const KeyRecord& key, bool is_ne
     } else {
       stmt.BindBlob(13, key.mac);
     }
+    stmt.BindText(14, absl::StrJoin(key.reserved_versions, ","));
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
 
@@ -437,6 +463,18 @@ absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
 absl::StatusOr<std::vector<uint32_t>> SelectVersionsWithoutUsage(sqlite::Database& db,
                                                                  std::string_view key_id) {
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectVersionsWithoutUsage));
+  stmt.BindText(1, key_id);
+  std::vector<uint32_t> versions;
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return versions;
+    versions.push_back(static_cast<uint32_t>(stmt.ColumnInt64(0)));
+  }
+}
+
+absl::StatusOr<std::vector<uint32_t>> SelectReservedVersions(sqlite::Database& db,
+                                                             std::string_view key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectReservedVersions));
   stmt.BindText(1, key_id);
   std::vector<uint32_t> versions;
   while (true) {

@@ -66,6 +66,9 @@ absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
 // Versions of `key_id` that have no usage row, ascending.
 absl::StatusOr<std::vector<uint32_t>> SelectVersionsWithoutUsage(sqlite::Database& db,
                                                                  std::string_view key_id);
+// Versions of `key_id` with a reservation (encryptions_reserved > 0), ascending.
+absl::StatusOr<std::vector<uint32_t>> SelectReservedVersions(sqlite::Database& db,
+                                                             std::string_view key_id);
 // Inserts or replaces one usage row, its reservation and MAC included.
 absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage);
 // Inserts or updates the counts and last use of one usage row, never its reservation or MAC.

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -223,6 +224,30 @@ absl::StatusOr<std::optional<StoredSetting>> ReadSetting(sqlite::Database& db,
   return std::optional<StoredSetting>(StoredSetting{select.ColumnText(0), select.ColumnBlob(1)});
 }
 
+// `versions` with those `batch` reserves for `key` added, ascending, and only versions `key`
+// has (a stamp naming a version not created yet would refuse it once it is).
+std::vector<uint32_t> WithReserved(std::vector<uint32_t> versions, const KeyRecord& key,
+                                   const WriteBatch& batch) {
+  for (const VersionUsage& usage : batch.usage) {
+    if (usage.key_id == key.id && usage.encryptions_reserved > 0) versions.push_back(usage.version);
+  }
+  std::sort(versions.begin(), versions.end());
+  versions.erase(std::unique(versions.begin(), versions.end()), versions.end());
+  std::erase_if(versions, [&](uint32_t version) {
+    return std::none_of(key.versions.begin(), key.versions.end(),
+                        [&](const KeyVersion& v) { return v.version == version; });
+  });
+  return versions;
+}
+
+// What KeyRecord::reserved_versions of `key` is once `batch` is written: the versions reserved
+// in the database, and those `batch` reserves (of the versions `key` has).
+absl::StatusOr<std::vector<uint32_t>> ReservedVersions(sqlite::Database& db, const KeyRecord& key,
+                                                       const WriteBatch& batch) {
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<uint32_t> versions, SelectReservedVersions(db, key.id));
+  return WithReserved(std::move(versions), key, batch);
+}
+
 // Set, with its record, once the catalogue is sealed (see SealCatalog).
 constexpr char kCatalogSealedSetting[] = "catalog_sealed";
 
@@ -291,6 +316,7 @@ class KeyStore::Impl {
     std::map<std::string, Bytes> setting_macs;  // by setting name
     std::vector<audit::Record> audit;
     absl::Status status;
+    bool restamp = false;  // see ApplyOnce
     bool done = false;
     std::condition_variable cv;
     const std::chrono::steady_clock::time_point queued = std::chrono::steady_clock::now();
@@ -340,7 +366,15 @@ class KeyStore::Impl {
   // Checks `batch`, and fills `writer` with it as it will be written: rows sealed, and each
   // audit record that names a row given that row's digest. Outside any lock (it may call the
   // HSM). INVALID_ARGUMENT for a malformed batch or a record naming a row not in it.
-  absl::Status Prepare(const WriteBatch& batch, Writer& writer) const;
+  // Each key row is stamped with its reserved versions (KeyRecord::reserved_versions): those
+  // the row given names and those the batch reserves, and with `read_reserved` those the
+  // database holds too (ReservedVersions, under db_mu_). Without, most often right all the
+  // same, and no wait for db_mu_, which a commit holds through its fsync.
+  absl::Status Prepare(const WriteBatch& batch, Writer& writer, bool read_reserved);
+
+  // Apply's work, once: ABORTED, with `restamp` set, if a key row's stamp misses a version
+  // the database holds reserved when it is written (reserved since the row given was read).
+  absl::Status ApplyOnce(const WriteBatch& batch, bool read_reserved, bool& restamp);
 
   // Appends a record carrying forward each row (up to `limit`) whose newest naming record is
   // at or before `through` (KeyStore::CarryForwardRowRecords), inside the open transaction.
@@ -353,16 +387,49 @@ class KeyStore::Impl {
                                         std::min<size_t>(limit - carried, 1000), floor_.seq));
       if (rows.empty()) break;
       for (const auto& [name, recorded] : rows) {
-        CUSTOS_RETURN_IF_ERROR(integrity_.Agrees(name, recorded));  // edited while running?
-        audit::Record record = carry(name, recorded.seq);
-        record.row = name;
-        record.row_digest = recorded.digest;
-        chain_.Seal(record);
-        CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
-        written_heads_.emplace_back(name, RowRecord{record.seq, record.row_digest});
+        CUSTOS_RETURN_IF_ERROR(CarryOne(name, recorded, carry));
+        if (name.rfind("key:", 0) == 0) {
+          CUSTOS_ASSIGN_OR_RETURN(const size_t newer,
+                                  CarryNewerReservations(name.substr(4), through, carry));
+          carried += newer;
+        }
       }
       carried += rows.size();
       after = rows.back().first;
+    }
+    return carried;
+  }
+
+  // Appends a record carrying row `name` forward, vouching for the content `recorded` does.
+  absl::Status CarryOne(const std::string& name, const RowRecord& recorded,
+                        const CarryRecord& carry) {
+    CUSTOS_RETURN_IF_ERROR(integrity_.Agrees(name, recorded));  // edited while running?
+    audit::Record record = carry(name, recorded.seq);
+    record.row = name;
+    record.row_digest = recorded.digest;
+    chain_.Seal(record);
+    CUSTOS_RETURN_IF_ERROR(InsertAuditRecord(*db_, record));
+    written_heads_.emplace_back(name, RowRecord{record.seq, record.row_digest});
+    return absl::OkStatus();
+  }
+
+  // A key's row carried forward names the reservations of when it was last written, and its
+  // carry record comes after theirs. Those recorded after `through` are not carried with the
+  // rest (the ones at or before it are, after every key's): carried again here, so that every
+  // reservation a key's row does not name is recorded after the key's newest record (see
+  // KeyRecord::reserved_versions). Returns how many.
+  absl::StatusOr<size_t> CarryNewerReservations(const std::string& key_id, uint64_t through,
+                                                const CarryRecord& carry) {
+    CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> versions,
+                            SelectReservedVersions(*db_, key_id));
+    size_t carried = 0;
+    for (uint32_t version : versions) {
+      const std::string name = UsageRowName(key_id, version);
+      CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded,
+                              LatestRowRecord(*db_, name, floor_.seq));
+      if (!recorded.has_value() || recorded->seq <= through) continue;
+      CUSTOS_RETURN_IF_ERROR(CarryOne(name, *recorded, carry));
+      ++carried;
     }
     return carried;
   }
@@ -379,7 +446,7 @@ class KeyStore::Impl {
 
   // Writes one batch inside the open transaction, under a savepoint, so a batch that fails
   // (a taken alias, say) is undone alone and the rest of its group still commits.
-  absl::Status WriteInGroup(const Writer& writer);
+  absl::Status WriteInGroup(Writer& writer);
 
   // The key with `id` from the cache, else loaded from the file and checked (outside db_mu_),
   // then cached; nullptr if there is none.
@@ -448,12 +515,23 @@ class KeyStore::Impl {
   }
 };
 
-absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer) const {
+absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer, bool read_reserved) {
   std::map<std::string, std::string> digests;  // of the rows written, by name
   writer.records.reserve(batch.keys.size());
   for (const KeyRecord& key : batch.keys) {
     CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
     auto record = Normalized(key);
+    // Never fewer than the row given names: a reservation deleted outside Custos stays missed.
+    record->reserved_versions = WithReserved(key.reserved_versions, *record, batch);
+    if (read_reserved) {
+      std::lock_guard lock(db_mu_);
+      CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> stored,
+                              ReservedVersions(*db_, *record, batch));
+      std::vector<uint32_t> both;
+      std::set_union(stored.begin(), stored.end(), record->reserved_versions.begin(),
+                     record->reserved_versions.end(), std::back_inserter(both));
+      record->reserved_versions = std::move(both);
+    }
     const Bytes canonical = CanonicalKeyRow(*record);
     CUSTOS_ASSIGN_OR_RETURN(record->mac, integrity_.Seal(canonical));
     digests[KeyRowName(record->id)] = RowDigest(canonical);
@@ -495,7 +573,7 @@ absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer) co
   return absl::OkStatus();
 }
 
-absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
+absl::Status KeyStore::Impl::WriteInGroup(Writer& writer) {
   audit::Chain chain_before = chain_;
   const size_t heads_before = written_heads_.size();
   CUSTOS_RETURN_IF_ERROR(db_->Exec("SAVEPOINT batch"));
@@ -503,7 +581,20 @@ absl::Status KeyStore::Impl::WriteInGroup(const Writer& writer) {
     // Written in order, each alias checked against what is stored at that point: two keys of
     // the batch claiming one alias conflict like any other pair. (Swapping two keys' aliases
     // therefore takes two batches, which no operation needs.)
-    for (const auto& record : writer.records) CUSTOS_RETURN_IF_ERROR(WriteKey(*db_, *record));
+    for (const auto& record : writer.records) {
+      {
+        CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> reserved,
+                                ReservedVersions(*db_, *record, *writer.batch));
+        if (!std::includes(record->reserved_versions.begin(), record->reserved_versions.end(),
+                           reserved.begin(), reserved.end())) {
+          writer.restamp = true;
+          return absl::AbortedError(StrCat("key '", record->id,
+                                           "' had a version reserved while its change was "
+                                           "prepared; try again"));
+        }
+      }
+      CUSTOS_RETURN_IF_ERROR(WriteKey(*db_, *record));
+    }
     for (const RequestRecord& request : writer.requests) {
       CUSTOS_RETURN_IF_ERROR(WriteRequest(*db_, request));
     }
@@ -590,6 +681,7 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
 absl::Status KeyStore::CreateKey(const KeyRecord& key) {
   CUSTOS_RETURN_IF_ERROR(ValidateKey(key));
   auto record = Normalized(key);
+  record->reserved_versions.clear();  // a new key has no reservations
   CUSTOS_ASSIGN_OR_RETURN(record->mac, impl_->integrity_.Seal(CanonicalKeyRow(*record)));
   const auto since = std::chrono::steady_clock::now();
   std::lock_guard lock(impl_->db_mu_);
@@ -605,88 +697,102 @@ absl::Status KeyStore::CreateKey(const KeyRecord& key) {
 }
 
 absl::Status KeyStore::Apply(const WriteBatch& batch) {
+  // Key rows stamped from the database when the rows given were not up to date (a version
+  // reserved since the row was last written), or a reservation came in between.
+  for (int attempt = 1;; ++attempt) {
+    bool restamp = false;
+    absl::Status status = impl_->ApplyOnce(batch, /*read_reserved=*/attempt > 1, restamp);
+    if (!restamp || attempt == 3) return status;
+  }
+}
+
+absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserved, bool& restamp) {
   Impl::Writer writer;
   writer.batch = &batch;
-  CUSTOS_RETURN_IF_ERROR(impl_->Prepare(batch, writer));
+  CUSTOS_RETURN_IF_ERROR(Prepare(batch, writer, read_reserved));
   if (batch.keys.empty() && batch.requests.empty() && batch.settings.empty() &&
       batch.usage.empty() && batch.audit.empty() && !batch.archival) {
     return absl::OkStatus();
   }
 
-  std::unique_lock queue_lock(impl_->queue_mu_);
-  impl_->writers_.push_back(&writer);
-  writer.cv.wait(queue_lock, [&] { return writer.done || impl_->writers_.front() == &writer; });
-  if (writer.done) return writer.status;  // a leader committed it
+  std::unique_lock queue_lock(queue_mu_);
+  writers_.push_back(&writer);
+  writer.cv.wait(queue_lock, [&] { return writer.done || writers_.front() == &writer; });
+  if (writer.done) {  // a leader committed it
+    restamp = writer.restamp;
+    return writer.status;
+  }
 
   // This writer leads: it commits everything queued so far as one group.
   constexpr size_t kMaxGroup = 512;
   std::vector<Impl::Writer*> group(
-      impl_->writers_.begin(), impl_->writers_.begin() + static_cast<std::ptrdiff_t>(std::min(
-                                                             impl_->writers_.size(), kMaxGroup)));
+      writers_.begin(),
+      writers_.begin() + static_cast<std::ptrdiff_t>(std::min(writers_.size(), kMaxGroup)));
   queue_lock.unlock();
   {
-    std::lock_guard db_lock(impl_->db_mu_);
-    const audit::Chain chain_before = impl_->chain_;
+    std::lock_guard db_lock(db_mu_);
+    const audit::Chain chain_before = chain_;
     const auto began = std::chrono::steady_clock::now();
-    const BusyBudget budget(*impl_->db_, group.front()->queued);  // the oldest writer's
+    const BusyBudget budget(*db_, group.front()->queued);  // the oldest writer's
     absl::Status committed = [&]() -> absl::Status {
-      CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
-      CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+      CUSTOS_RETURN_IF_ERROR(write_fault_);
+      CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*db_));
       for (Impl::Writer* w : group) {
-        w->status = impl_->WriteInGroup(*w);
+        w->status = WriteInGroup(*w);
         // SQLite rolled the group's transaction back by itself: nothing of it is written, and
         // the next batch's SAVEPOINT would begin, and its RELEASE commit, a transaction of its
         // own, durable while its caller is told it failed.
-        if (!w->status.ok() && sqlite3_get_autocommit(impl_->db_->handle()) != 0) {
+        if (!w->status.ok() && sqlite3_get_autocommit(db_->handle()) != 0) {
           return w->status;
         }
       }
       return tx->Commit();
     }();
-    impl_->NoteWrite(committed).IgnoreError();
-    impl_->NoteWrittenHeads(committed.ok());
+    NoteWrite(committed).IgnoreError();
+    NoteWrittenHeads(committed.ok());
     if (committed.ok()) {
       // Still under db_mu_, so before any reader can see the group's records; never on a
       // failure, which would leave the mark past records someone else may then insert.
-      impl_->trust_.NoteCommitted(impl_->chain_.last_seq());
+      trust_.NoteCommitted(chain_.last_seq());
       if (std::any_of(group.begin(), group.end(),
                       [](const Impl::Writer* w) { return !w->records.empty(); })) {
-        ++impl_->key_writes_;
+        ++key_writes_;
       }
       const size_t durable = static_cast<size_t>(std::count_if(
           group.begin(), group.end(), [](const Impl::Writer* w) { return w->status.ok(); }));
-      impl_->commit_stats_.transactions += 1;
-      impl_->commit_stats_.batches += durable;
-      if (impl_->commit_observer_) {
-        impl_->commit_observer_(durable, std::chrono::steady_clock::now() - began);
+      commit_stats_.transactions += 1;
+      commit_stats_.batches += durable;
+      if (commit_observer_) {
+        commit_observer_(durable, std::chrono::steady_clock::now() - began);
       }
       for (const Impl::Writer* w : group) {
         if (w->status.ok() && w->batch->archival) {
-          impl_->floor_ = w->batch->archival->floor;
-          impl_->trust_.SetFloor(impl_->floor_.seq, impl_->floor_.hash);
+          floor_ = w->batch->archival->floor;
+          trust_.SetFloor(floor_.seq, floor_.hash);
         }
       }
     } else {  // nothing of the group is in the log
-      impl_->chain_ = chain_before;
+      chain_ = chain_before;
     }
     for (Impl::Writer* w : group) {
       if (!committed.ok()) w->status = committed;
       // Write-through once durable, still under db_mu_, so no load of an older copy can slip
       // in between the commit and these puts. A key written twice ends as its last.
       if (w->status.ok()) {
-        for (auto& record : w->records) impl_->cache_.Put(std::move(record));
+        for (auto& record : w->records) cache_.Put(std::move(record));
       }
     }
   }
   queue_lock.lock();
   for (Impl::Writer* w : group) {
-    impl_->writers_.pop_front();
+    writers_.pop_front();
     if (w != &writer) {
       w->done = true;
       w->cv.notify_one();
     }
   }
-  if (!impl_->writers_.empty()) impl_->writers_.front()->cv.notify_one();
+  if (!writers_.empty()) writers_.front()->cv.notify_one();
+  restamp = writer.restamp;
   return writer.status;
 }
 
@@ -858,6 +964,16 @@ absl::Status KeyStore::PutReplaySafeSetting(const std::string& name, const std::
 }
 
 absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view key_id) const {
+  // The versions the key's checked row saw reserved: each must still hold its reservation,
+  // and that reservation's newest record is then checked with every record after it.
+  std::vector<uint32_t> reserved;
+  if (impl_->integrity_.enabled()) {
+    CUSTOS_ASSIGN_OR_RETURN(const std::shared_ptr<const KeyRecord> key, impl_->LoadChecked(key_id));
+    if (key != nullptr) reserved = key->reserved_versions;
+  }
+  const auto was_reserved = [&](uint32_t version) {
+    return std::binary_search(reserved.begin(), reserved.end(), version);
+  };
   std::vector<VersionUsage> usage;
   std::vector<std::optional<RowRecord>> recorded;
   {
@@ -873,14 +989,22 @@ absl::StatusOr<std::vector<VersionUsage>> KeyStore::GetUsage(std::string_view ke
       CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> unreserved,
                               SelectVersionsWithoutUsage(*impl_->db_, key_id));
       for (uint32_t version : unreserved) {
-        CUSTOS_RETURN_IF_ERROR(impl_->Missing(UsageRowName(key_id, version)));
+        const std::string row = UsageRowName(key_id, version);
+        if (was_reserved(version)) {
+          return impl_->integrity_.Refuse(
+              row, StrCat("it is missing from the database although the row of key ", key_id,
+                          " names version ", version, " as reserved (deleted outside Custos?)"));
+        }
+        CUSTOS_RETURN_IF_ERROR(impl_->Missing(row));
       }
     }
   }
   for (size_t i = 0; i < recorded.size(); ++i) {
-    // A row no record names is one whose reservation was never made: it must say so.
-    const auto chain = usage[i].encryptions_reserved == 0 ? RowIntegrity::Chain::kRecordedIfUsed
-                                                          : RowIntegrity::Chain::kRecorded;
+    // A row no record names is one whose reservation was never made: it must say so, and its
+    // key's row must not say otherwise.
+    const auto chain = usage[i].encryptions_reserved == 0 && !was_reserved(usage[i].version)
+                           ? RowIntegrity::Chain::kRecordedIfUsed
+                           : RowIntegrity::Chain::kRecorded;
     CUSTOS_RETURN_IF_ERROR(impl_->integrity_.Check(UsageRowName(usage[i].key_id, usage[i].version),
                                                    CanonicalUsageRow(usage[i]), usage[i].mac,
                                                    recorded[i], chain));

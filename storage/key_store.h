@@ -72,6 +72,13 @@ struct KeyRecord {
   // every run; see core/observed_time.h) at which destruction is due. Destruction waits for
   // both this and deletion_due_at, so a clock stepped forward cannot shred a key early.
   int64_t deletion_due_observed = 0;
+  // The versions, ascending, that held an encryption reservation when this row was written;
+  // set by the store. A usage row these name is never absent or unreserved: a reservation
+  // deleted with every row index entry naming it is caught by the key's row, whose own
+  // newest record (and every one after it) is checked. Reservations recorded after that
+  // record are found by that check (an archival carrying the row forward carries them
+  // again after it).
+  std::vector<uint32_t> reserved_versions;
   Bytes mac;  // as stored (see row_codec.h); set by the store, empty if none
   // Set (and the key unusable) when listing found that the row failed its integrity check;
   // empty otherwise. Never stored.

@@ -60,12 +60,17 @@ Bytes CanonicalKeyRow(const KeyRecord& key) {
   for (const std::string& p : key.encrypt_grants) e.Field(p);
   e.Count(key.decrypt_grants.size());
   for (const std::string& p : key.decrypt_grants) e.Field(p);
-  return e.Number(key.min_decrypt_version)
+  e.Number(key.min_decrypt_version)
       .Number(key.rotation_period_seconds)
       .Number(key.deletion_due_at)
       .Number(key.destroyed_at)
-      .Number(key.deletion_due_observed)
-      .Done();
+      .Number(key.deletion_due_observed);
+  // Only when there are any, so a row written before they were kept encodes as it did.
+  if (!key.reserved_versions.empty()) {
+    e.Count(key.reserved_versions.size());
+    for (uint32_t version : key.reserved_versions) e.Number(version);
+  }
+  return e.Done();
 }
 
 Bytes CanonicalRequestRow(const RequestRecord& r) {

@@ -12,6 +12,8 @@
 //
 // The encoding: the magic "custos-row-v1", then each field as a u32 big-endian length and
 // its bytes (integers as decimal text, sets and maps as a count then their elements in order).
+// A field added later is appended only when it holds something (a key's reserved versions),
+// so a row written before it existed encodes, and verifies, as it did.
 // Pure functions; thread-safe.
 #pragma once
 

@@ -201,6 +201,13 @@ constexpr const char* kMigrations[] = {
         BEGIN SELECT RAISE(ABORT, 'audit checkpoints are never removed'); END;
       PRAGMA user_version = 6;
     )sql",
+    // 7: a key's row names the versions that held an encryption reservation when it was last
+    // written (KeyRecord::reserved_versions, comma-separated): one of them found without its
+    // reservation was deleted, however the row index was edited with it.
+    R"sql(
+      ALTER TABLE keys ADD COLUMN reserved_versions TEXT NOT NULL DEFAULT '';
+      PRAGMA user_version = 7;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {

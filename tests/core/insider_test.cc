@@ -127,6 +127,13 @@ TEST_CASE("A key's state and minimum decrypt version edited with SQL are refused
     CheckRefused(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).status(), "key:" + key->id,
                  "its MAC does not match");
   }
+  SECTION("its reserved versions emptied, or made unreadable") {
+    REQUIRE(SqlQuery(Db(f), "SELECT reserved_versions FROM keys") == "1");
+    const std::string stamp = GENERATE(as<std::string>{}, "", "x");
+    EditWhileStopped(f, "UPDATE keys SET reserved_versions = '" + stamp + "'");
+    CheckRefused(f.kms->Decrypt(f.app, dk->ciphertext_blob, {}).status(), "key:" + key->id,
+                 "its MAC does not match");
+  }
 }
 
 TEST_CASE("A key row put back from an older copy is refused: the log recorded a later one",
@@ -406,7 +413,8 @@ TEST_CASE("The encryption count cannot be rewound", "[insider][catalog]") {
 // log's records themselves says it was ever made. The key's own newest record (its rotation)
 // comes after them, so checking the key's row reads none of them. Maintenance's walk down the
 // log reads them, notes the row, and finds the entries missing (the alarm); from then on the
-// row is not taken for never written. (Before the walk gets there, it is: an open gap.)
+// row is not taken for never written. (The rotation also named version 1 as reserved in the
+// key's row, which refuses it at once: see the next case.)
 TEST_CASE("A reservation deleted with every index entry naming it is refused once walked",
           "[insider][catalog]") {
   UsageLimits limits;
@@ -439,6 +447,77 @@ TEST_CASE("A reservation deleted with every index entry naming it is refused onc
   CHECK(absl::IsDataLoss(refused));
   CHECK_THAT(std::string(refused.message()),
              Catch::Contains(", which names row usage:" + key->id + "/1"));
+}
+
+// The key's row, changed after the reservation, names its version as reserved: its own newest
+// record is checked when the key is first used, so nothing waits for a walk of the log.
+TEST_CASE("A reservation taken away with every index entry naming it is refused at once",
+          "[insider][catalog]") {
+  UsageLimits limits;
+  limits.reservation_block = 2;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  REQUIRE(f.kms->SealCatalog().ok());  // as custosd's first start does
+  const KeyRef key = f.NewKey("k");
+  EncryptThrice(f);
+  ExecuteAs3(f, Operation::kDisableKey, "k");
+  ExecuteAs3(f, Operation::kEnableKey, "k");
+  REQUIRE(SqlQuery(Db(f), "SELECT reserved_versions FROM keys") == "1");
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
+  REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is past every record of the reservation
+  const std::string row = "usage:" + key->id + "/1";
+  std::string why;
+  SECTION("the row deleted") {
+    EditWhileStopped(f, "DELETE FROM version_usage;", limits);
+    why = "it is missing from the database although the row of key " + key->id +
+          " names version 1 as reserved";
+  }
+  SECTION("the row made one of a version only decrypted (no reservation, no MAC)") {
+    EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0, mac = NULL;", limits);
+    why = "it carries no MAC";
+  }
+  f.kms.reset();
+  f.store.reset();
+  DropRowIndexEntries(Db(f), "row_name = '" + row + "'");
+  f.Restart(limits);
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // as custosd's start does
+  const absl::Status refused =
+      f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
+  CheckRefused(refused, row, why);
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(), [&](const audit::Event& e) {
+          return e.action == "IntegrityFailure" &&
+                 e.detail.rfind("catalogue row " + row + " failed", 0) == 0;
+        }) == 1);
+}
+
+// Without a change of the key after it, the reservation's records come after the key's newest
+// record, which is checked with every record after it, their index entries included.
+TEST_CASE(
+    "A reservation recorded after its key last changed, taken away with its index "
+    "entries, is refused at the key's first use",
+    "[insider][catalog]") {
+  UsageLimits limits;
+  limits.reservation_block = 2;
+  Fixture f(policy::DualControlConfig::Defaults(), limits);
+  REQUIRE(f.kms->SealCatalog().ok());
+  const KeyRef key = f.NewKey("k");
+  EncryptThrice(f);
+  REQUIRE(SqlQuery(Db(f), "SELECT reserved_versions FROM keys").empty());
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());
+  REQUIRE(f.kms->Checkpoint().ok());
+  const std::string row = "usage:" + key->id + "/1";
+  f.kms.reset();
+  f.store.reset();
+  REQUIRE(SqlExec(Db(f), "DELETE FROM version_usage;").empty());
+  DropRowIndexEntries(Db(f), "row_name = '" + row + "'");
+  f.Restart(limits);
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // as custosd's start does
+  const absl::Status refused =
+      f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
+  INFO(refused.ToString());
+  CHECK(absl::IsDataLoss(refused));
+  CHECK_THAT(std::string(refused.message()), Catch::Contains("it has no entry for audit record ") &&
+                                                 Catch::Contains(", which names row " + row));
 }
 
 TEST_CASE(

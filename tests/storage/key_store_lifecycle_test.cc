@@ -108,8 +108,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   CHECK(QueryFile(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'requests'") == "0");
 
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 6);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "6");
+  CHECK(store->SchemaVersion() == 7);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "7");
   KeyRecord want;
   want.id = "k1";
   want.alias = "old-alias";
@@ -137,8 +137,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   store.reset();
   auto db = sqlite::Database::Open(path);
   REQUIRE(db.ok());
-  CHECK(MigrateSchemaTo(**db, 1).value() == 6);
-  CHECK(MigrateSchemaTo(**db, 7).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(MigrateSchemaTo(**db, 1).value() == 7);
+  CHECK(MigrateSchemaTo(**db, 8).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]") {
@@ -633,6 +633,21 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
   key.state = KeyState::kDisabled;
   REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
   CHECK(store->GetUsage(IdFor(1)).value().size() == 3);
+  // ... and the key's row names the versions reserved, however out of date the record given
+  // (version 3 was only counted); never fewer than the record given names, of the versions
+  // the key has.
+  using Versions = std::vector<uint32_t>;
+  CHECK(store->GetKey(IdFor(1)).value()->reserved_versions == Versions{1, 2});
+  CHECK(QueryFile(path, "SELECT reserved_versions FROM keys WHERE id = '" + IdFor(1) + "'") ==
+        "1,2");
+  key.versions.push_back({3, Bytes{3}, "root-2", 1700000200});
+  key.reserved_versions = {2, 3, 5};
+  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
+  CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->reserved_versions == Versions{1, 2, 3});
+  // A stamp edited into something else is unreadable, and read as one no key's row holds.
+  REQUIRE(QueryFile(path, "UPDATE keys SET reserved_versions = '2,1'").empty());
+  CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->reserved_versions == Versions{0});
+  REQUIRE(QueryFile(path, "UPDATE keys SET reserved_versions = '1,2,3'").empty());
 
   // A malformed entry anywhere in the list: nothing written.
   const std::string before = Snapshot(path);
