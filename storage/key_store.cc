@@ -367,9 +367,10 @@ class KeyStore::Impl {
   // audit record that names a row given that row's digest. Outside any lock (it may call the
   // HSM). INVALID_ARGUMENT for a malformed batch or a record naming a row not in it.
   // Each key row is stamped with its reserved versions (KeyRecord::reserved_versions): those
-  // the row given names and those the batch reserves, and with `read_reserved` those the
-  // database holds too (ReservedVersions, under db_mu_). Without, most often right all the
-  // same, and no wait for db_mu_, which a commit holds through its fsync.
+  // the row given names and those the batch reserves, and with `read_reserved` or several
+  // keys those the database holds too (ReservedVersions, under db_mu_). A single key without
+  // (a new key, an officer's change) is most often right all the same, and waits for no
+  // commit, which holds db_mu_ through its fsync.
   absl::Status Prepare(const WriteBatch& batch, Writer& writer, bool read_reserved);
 
   // Apply's work, once: ABORTED, with `restamp` set, if a key row's stamp misses a version
@@ -523,8 +524,13 @@ absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer, bo
     auto record = Normalized(key);
     // Never fewer than the row given names: a reservation deleted outside Custos stays missed.
     record->reserved_versions = WithReserved(key.reserved_versions, *record, batch);
-    if (read_reserved) {
-      std::lock_guard lock(db_mu_);
+    writer.records.push_back(std::move(record));
+  }
+  // A page of keys (a root migration, sealing) is read once for all; one key, only when it
+  // was found out of date.
+  if (read_reserved || batch.keys.size() > 1) {
+    std::lock_guard lock(db_mu_);
+    for (auto& record : writer.records) {
       CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> stored,
                               ReservedVersions(*db_, *record, batch));
       std::vector<uint32_t> both;
@@ -532,10 +538,11 @@ absl::Status KeyStore::Impl::Prepare(const WriteBatch& batch, Writer& writer, bo
                      record->reserved_versions.end(), std::back_inserter(both));
       record->reserved_versions = std::move(both);
     }
+  }
+  for (auto& record : writer.records) {
     const Bytes canonical = CanonicalKeyRow(*record);
     CUSTOS_ASSIGN_OR_RETURN(record->mac, integrity_.Seal(canonical));
     digests[KeyRowName(record->id)] = RowDigest(canonical);
-    writer.records.push_back(std::move(record));
   }
   for (const RequestRecord& request : batch.requests) {
     CUSTOS_RETURN_IF_ERROR(ValidateRequest(request));
