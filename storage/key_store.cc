@@ -387,15 +387,17 @@ class KeyStore::Impl {
           auto rows, RowsLastRecordedBy(*db_, through, after,
                                         std::min<size_t>(limit - carried, 1000), floor_.seq));
       if (rows.empty()) break;
+      std::set<std::string> with_keys;  // reservations this page carried with their key's row
       for (const auto& [name, recorded] : rows) {
+        if (with_keys.count(name)) continue;  // (read before its key's row was carried)
         CUSTOS_RETURN_IF_ERROR(CarryOne(name, recorded, carry));
+        ++carried;
         if (name.rfind("key:", 0) == 0) {
-          CUSTOS_ASSIGN_OR_RETURN(const size_t newer,
-                                  CarryNewerReservations(name.substr(4), through, carry));
-          carried += newer;
+          const size_t before = with_keys.size();
+          CUSTOS_RETURN_IF_ERROR(CarryReservations(name.substr(4), carry, with_keys));
+          carried += with_keys.size() - before;
         }
       }
-      carried += rows.size();
       after = rows.back().first;
     }
     return carried;
@@ -415,24 +417,23 @@ class KeyStore::Impl {
   }
 
   // A key's row carried forward names the reservations of when it was last written, and its
-  // carry record comes after theirs. Those recorded after `through` are not carried with the
-  // rest (the ones at or before it are, after every key's): carried again here, so that every
-  // reservation a key's row does not name is recorded after the key's newest record (see
-  // KeyRecord::reserved_versions). Returns how many.
-  absl::StatusOr<size_t> CarryNewerReservations(const std::string& key_id, uint64_t through,
-                                                const CarryRecord& carry) {
+  // carry record comes after theirs: every reservation of the key is carried again right
+  // after it, in the same transaction, so that each is still recorded after the key's newest
+  // record (see KeyRecord::reserved_versions), however the archival ends. One so carried is
+  // newer than `through` from then on, and not carried again; its name is added to `carried`.
+  absl::Status CarryReservations(const std::string& key_id, const CarryRecord& carry,
+                                 std::set<std::string>& carried) {
     CUSTOS_ASSIGN_OR_RETURN(const std::vector<uint32_t> versions,
                             SelectReservedVersions(*db_, key_id));
-    size_t carried = 0;
     for (uint32_t version : versions) {
       const std::string name = UsageRowName(key_id, version);
       CUSTOS_ASSIGN_OR_RETURN(const std::optional<RowRecord> recorded,
                               LatestRowRecord(*db_, name, floor_.seq));
-      if (!recorded.has_value() || recorded->seq <= through) continue;
+      if (!recorded.has_value()) continue;
       CUSTOS_RETURN_IF_ERROR(CarryOne(name, *recorded, carry));
-      ++carried;
+      carried.insert(name);
     }
-    return carried;
+    return absl::OkStatus();
   }
 
   // The rows the open transaction's records name, with those records: noted (RowIntegrity::
@@ -782,7 +783,10 @@ absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserv
       chain_ = chain_before;
     }
     for (Impl::Writer* w : group) {
-      if (!committed.ok()) w->status = committed;
+      if (!committed.ok()) {
+        w->status = committed;
+        w->restamp = false;  // nothing of the group is written: not a reason to try again
+      }
       // Write-through once durable, still under db_mu_, so no load of an older copy can slip
       // in between the commit and these puts. A key written twice ends as its last.
       if (w->status.ok()) {

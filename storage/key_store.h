@@ -303,8 +303,9 @@ class KeyStore {
   // and leaves its records to this, so that no commit waits on millions of deletions; readers
   // never see them (ReadAudit, FirstAuditSeq, AuditLogReader start after the floor).
   absl::StatusOr<size_t> RemoveArchivedRecords(size_t limit);
-  // Before an archival up to `through_seq`: for up to `limit` catalogue rows whose newest
-  // naming record is at or before it, appends `carry`'s record naming the row with that same
+  // Before an archival up to `through_seq`: for about `limit` catalogue rows whose newest
+  // naming record is at or before it (a key's row with every reservation of the key, which
+  // may go past it), appends `carry`'s record naming the row with that same
   // recorded digest (never one computed from the row as stored, so a row changed outside
   // Custos stays refused), in one transaction. Rows are taken in name order after `after`
   // (start with ""), which is moved past the last row carried once committed, so that each

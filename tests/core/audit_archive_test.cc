@@ -580,22 +580,22 @@ TEST_CASE("No row is carried forward over a log changed after the archived part"
   CHECK(SqlQuery(Db(f), "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord'") == "0");
 }
 
-// Rows are carried forward by what the row index says is each one's newest record: with the
-// entry of the key's rotation record dropped, the creation's digest would have been carried
-// into the live log, and the key's row as created believed from then on.
 // A key's row names the reservations of when it was last written; one made since is found by
 // checking the key's newest record and every one after it. Carrying the key's row forward puts
-// its newest record after a reservation newer than the archived part, which is then carried
-// again after it: taking that reservation away with its index entries is still refused.
-TEST_CASE("A reservation newer than the archived part is carried again after its key's row",
+// its newest record after its reservations, so every one of them is carried again right after
+// it, in the same transaction (an archival cut short between pages keeps that so): taking one
+// away with its index entries is still refused.
+TEST_CASE("A key's reservations are carried again right after its key's row",
           "[archive][insider]") {
   UsageLimits limits;
   limits.reservation_block = 2;
   Fixture f(policy::DualControlConfig::Defaults(), limits);
   REQUIRE(f.kms->SealCatalog().ok());
   const KeyRef key = f.NewKey("k");
-  const uint64_t through = UseAndSign(f, 3);  // reserves 2, then 4
-  for (int i = 0; i < 2; ++i) {               // the 5th reserves 6: after `through`
+  const KeyRef other = f.NewKey("k2");
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k2", {}, 32, true).ok());  // reserved before `through`
+  const uint64_t through = UseAndSign(f, 3);                        // reserves 2, then 4
+  for (int i = 0; i < 2; ++i) {  // the 5th reserves 6: after `through`
     REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
   }
   const std::string row = "usage:" + key->id + "/1";
@@ -604,15 +604,21 @@ TEST_CASE("A reservation newer than the archived part is carried again after its
         SqlQuery(Db(f), "SELECT max(seq) FROM audit_log WHERE row_name = '" + name + "'"));
   };
   REQUIRE(newest(row) > through);
-  REQUIRE(SqlQuery(Db(f), "SELECT reserved_versions FROM keys").empty());  // never changed
+  REQUIRE(SqlQuery(Db(f), "SELECT reserved_versions FROM keys WHERE id = '" + key->id + "'")
+              .empty());  // never changed
   const absl::StatusOr<Request> done = Archive(f, through);
   INFO(done.status().ToString());
   REQUIRE(done.ok());
   REQUIRE(done->state == storage::RequestState::kExecuted);
   REQUIRE(f.kms->RunMaintenance().ok());  // the archived records removed
-  CHECK(newest(row) > newest("key:" + key->id));
-  CHECK(SqlQuery(Db(f), "SELECT action FROM audit_log WHERE seq = " +
-                            std::to_string(newest(row))) == "CarryRowRecord");
+  // Each key's reservation right after the key's row, whether its newest record was archived
+  // (k2's) or not (k's).
+  CHECK(newest(row) == newest("key:" + key->id) + 1);
+  CHECK(newest("usage:" + other->id + "/1") == newest("key:" + other->id) + 1);
+  CHECK(SqlQuery(Db(f),
+                 "SELECT count(*) FROM audit_log WHERE action = 'CarryRowRecord' AND "
+                 "row_name LIKE 'usage:%' AND seq > " +
+                     std::to_string(through)) == "2");  // each once
 
   REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end
   f.kms.reset();
@@ -628,6 +634,9 @@ TEST_CASE("A reservation newer than the archived part is carried again after its
                                                  Catch::Contains(", which names row " + row));
 }
 
+// Rows are carried forward by what the row index says is each one's newest record: with the
+// entry of the key's rotation record dropped, the creation's digest would have been carried
+// into the live log, and the key's row as created believed from then on.
 TEST_CASE("No row is carried forward through a row index rebuilt short of a record",
           "[archive][insider]") {
   Fixture f;
