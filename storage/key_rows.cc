@@ -128,6 +128,19 @@ absl::Status InsertGrants(sqlite::Database& db, const std::string& key_id,
   return absl::OkStatus();
 }
 
+// The versions `sql`, a query of key ?1, returns, in its order.
+absl::StatusOr<std::vector<uint32_t>> SelectVersions(sqlite::Database& db, const char* sql,
+                                                     std::string_view key_id) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(sql));
+  stmt.BindText(1, key_id);
+  std::vector<uint32_t> versions;
+  while (true) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return versions;
+    versions.push_back(static_cast<uint32_t>(stmt.ColumnInt64(0)));
+  }
+}
+
 // The reserved versions as stored: ascending decimal numbers joined by commas, or empty.
 // Anything else reads as {0}, which no row written by Custos holds: its MAC check then refuses
 // that one key (DATA_LOSS, alarmed), as for any other column edited.
@@ -462,26 +475,12 @@ absl::StatusOr<std::vector<VersionUsage>> SelectUsage(sqlite::Database& db,
 
 absl::StatusOr<std::vector<uint32_t>> SelectVersionsWithoutUsage(sqlite::Database& db,
                                                                  std::string_view key_id) {
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectVersionsWithoutUsage));
-  stmt.BindText(1, key_id);
-  std::vector<uint32_t> versions;
-  while (true) {
-    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
-    if (!row) return versions;
-    versions.push_back(static_cast<uint32_t>(stmt.ColumnInt64(0)));
-  }
+  return SelectVersions(db, kSelectVersionsWithoutUsage, key_id);
 }
 
 absl::StatusOr<std::vector<uint32_t>> SelectReservedVersions(sqlite::Database& db,
                                                              std::string_view key_id) {
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectReservedVersions));
-  stmt.BindText(1, key_id);
-  std::vector<uint32_t> versions;
-  while (true) {
-    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
-    if (!row) return versions;
-    versions.push_back(static_cast<uint32_t>(stmt.ColumnInt64(0)));
-  }
+  return SelectVersions(db, kSelectReservedVersions, key_id);
 }
 
 absl::Status UpsertUsage(sqlite::Database& db, const VersionUsage& usage) {

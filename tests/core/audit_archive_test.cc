@@ -621,12 +621,7 @@ TEST_CASE("A key's reservations are carried again right after its key's row",
                      std::to_string(through)) == "2");  // each once
 
   REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end
-  f.kms.reset();
-  f.store.reset();
-  REQUIRE(SqlExec(Db(f), "DELETE FROM version_usage;").empty());
-  DropRowIndexEntries(Db(f), "row_name = '" + row + "'");
-  f.Restart(limits);
-  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // as custosd's start does
+  f.EditRowAndIndexWhileStopped("DELETE FROM version_usage;", row, limits);
   const absl::Status refused = f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status();
   INFO(refused.ToString());
   CHECK(absl::IsDataLoss(refused));

@@ -426,12 +426,8 @@ TEST_CASE("A reservation deleted with every index entry naming it is refused onc
   EncryptThrice(f);
   ExecuteAs3(f, Operation::kRotateKey, "k");
   REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end
-  f.kms.reset();
-  f.store.reset();
-  REQUIRE(SqlExec(Db(f), "DELETE FROM version_usage WHERE version = 1;").empty());
-  DropRowIndexEntries(Db(f), "row_name = 'usage:" + key->id + "/1'");
-  f.Restart(limits);
-  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  f.EditRowAndIndexWhileStopped("DELETE FROM version_usage WHERE version = 1;",
+                                "usage:" + key->id + "/1", limits);
   REQUIRE(f.kms->RunMaintenance().ok());
   const std::vector<audit::Event> events = f.sink.events();
   CHECK(std::count_if(events.begin(), events.end(), [&](const audit::Event& e) {
@@ -467,19 +463,15 @@ TEST_CASE("A reservation taken away with every index entry naming it is refused 
   const std::string row = "usage:" + key->id + "/1";
   std::string why;
   SECTION("the row deleted") {
-    EditWhileStopped(f, "DELETE FROM version_usage;", limits);
+    f.EditRowAndIndexWhileStopped("DELETE FROM version_usage;", row, limits);
     why = "it is missing from the database although the row of key " + key->id +
           " names version 1 as reserved";
   }
   SECTION("the row made one of a version only decrypted (no reservation, no MAC)") {
-    EditWhileStopped(f, "UPDATE version_usage SET encryptions_reserved = 0, mac = NULL;", limits);
+    f.EditRowAndIndexWhileStopped("UPDATE version_usage SET encryptions_reserved = 0, mac = NULL;",
+                                  row, limits);
     why = "it carries no MAC";
   }
-  f.kms.reset();
-  f.store.reset();
-  DropRowIndexEntries(Db(f), "row_name = '" + row + "'");
-  f.Restart(limits);
-  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // as custosd's start does
   const absl::Status refused =
       f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
   CheckRefused(refused, row, why);
@@ -506,12 +498,7 @@ TEST_CASE(
   for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());
   REQUIRE(f.kms->Checkpoint().ok());
   const std::string row = "usage:" + key->id + "/1";
-  f.kms.reset();
-  f.store.reset();
-  REQUIRE(SqlExec(Db(f), "DELETE FROM version_usage;").empty());
-  DropRowIndexEntries(Db(f), "row_name = '" + row + "'");
-  f.Restart(limits);
-  REQUIRE(f.kms->VerifyAuditLog(false).ok());  // as custosd's start does
+  f.EditRowAndIndexWhileStopped("DELETE FROM version_usage;", row, limits);
   const absl::Status refused =
       f.kms->Encrypt(f.app, "k", SecureBytes::FromString("x").span(), {}).status();
   INFO(refused.ToString());

@@ -14,6 +14,7 @@
 #include "hsm/faulty_hsm.h"
 #include "hsm/pkcs11_hsm.h"
 #include "tests/support/softhsm_token.h"
+#include "tests/support/sqlite_file.h"
 
 namespace custos::core::testing {
 
@@ -131,6 +132,20 @@ struct Fixture {
     REQUIRE(reopened.ok());
     store = *std::move(reopened);
     Start(*policy::Policy::Parse(kPolicy), policy::DualControlConfig::Defaults(), limits);
+  }
+
+  // As someone who can write custos.db while custosd is stopped: runs `sql` on it and drops
+  // every row index entry naming `row`; then starts again, and checks the log against the
+  // HSM's head as custosd's start does.
+  void EditRowAndIndexWhileStopped(const std::string& sql, const std::string& row,
+                                   UsageLimits limits = {}) {
+    kms.reset();
+    store.reset();
+    INFO(sql);
+    REQUIRE(custos::testing::SqlExec(dir.File("custos.db"), sql).empty());
+    custos::testing::DropRowIndexEntries(dir.File("custos.db"), "row_name = '" + row + "'");
+    Restart(limits);
+    REQUIRE(kms->VerifyAuditLog(false).ok());
   }
 
   // A key nobody may use yet: one officer creates it, no approval needed.
