@@ -264,7 +264,8 @@ absl::Status WriteKeyRows(sqlite::Database& db, const KeyRecord& key, bool is_ne
     } else {
       stmt.BindBlob(13, key.mac);
     }
-    stmt.BindText(14, absl::StrJoin(key.reserved_versions, ","));
+    const std::string reserved = absl::StrJoin(key.reserved_versions, ",");
+    stmt.BindText(14, reserved);  // bound, not copied: it must outlive Run
     CUSTOS_RETURN_IF_ERROR(stmt.Run());
   }
 

@@ -560,7 +560,7 @@ std::map<std::string, pb::KeyMetadata> CheckKeys(const CustosServer& server,
     INFO("key " << id << ": " << key.versions_size() << " versions, primary "
                 << key.primary_version() << ", " << rotations[id] << " rotations and "
                 << deletions[id] << " deletions recorded");
-    CHECK(key.integrity_problem().empty());
+    CHECK(key.integrity_problem() == "");
     REQUIRE(static_cast<uint32_t>(key.versions_size()) == 1 + rotations[id]);
     for (int i = 0; i < key.versions_size(); ++i) {
       CHECK(key.versions(i).version() == static_cast<uint32_t>(i + 1));
@@ -910,7 +910,10 @@ void RunServer(const std::array<Kind, kRoundsPerServer>& schedule, int first_rou
     for (const std::string& id : keys) {
       pb::DescribeKeyRequest req;
       req.set_key(id);
-      REQUIRE(server.Admin("officer1")->DescribeKey(Context().get(), req, &described[id]).ok());
+      const grpc::Status status =
+          server.Admin("officer1")->DescribeKey(Context().get(), req, &described[id]);
+      INFO(status.error_message());
+      REQUIRE(status.ok());
     }
     for (const auto& [k, n] : served) {
       INFO("version " << k.second << " of " << k.first << ": " << n << " encryptions acknowledged");

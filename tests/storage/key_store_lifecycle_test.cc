@@ -644,6 +644,18 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
   key.reserved_versions = {2, 3, 5};
   REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
   CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->reserved_versions == Versions{1, 2, 3});
+  // A list longer than a short string's inline buffer is stored as written.
+  KeyRecord many = MakeKey(3);
+  many.versions.clear();
+  for (uint32_t v = 1; v <= 12; ++v) {
+    many.versions.push_back({v, Bytes{static_cast<uint8_t>(v)}, "root-2", 1700000000 + v});
+    many.reserved_versions.push_back(v);
+  }
+  many.primary_version = 12;
+  REQUIRE(store->Apply(WriteBatch{{many}, {}, {}, {}, {}}).ok());
+  CHECK(QueryFile(path, "SELECT reserved_versions FROM keys WHERE id = '" + IdFor(3) + "'") ==
+        "1,2,3,4,5,6,7,8,9,10,11,12");
+  CHECK(Reopen(store, path)->GetKey(IdFor(3)).value()->reserved_versions.size() == 12);
   // A stamp edited into something else is unreadable, and read as one no key's row holds.
   REQUIRE(QueryFile(path, "UPDATE keys SET reserved_versions = '2,1'").empty());
   CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->reserved_versions == Versions{0});
