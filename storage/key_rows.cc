@@ -95,10 +95,11 @@ constexpr char kSelectVersionsWithoutUsage[] =
     "SELECT v.version FROM key_versions AS v LEFT JOIN version_usage AS u"
     " ON u.key_id = v.key_id AND u.version = v.version"
     " WHERE v.key_id = ?1 AND u.version IS NULL ORDER BY v.version";
-// A reservation: everything, the (sealed) reservation included.
+// The versions of a key holding a reservation, which the key's row names.
 constexpr char kSelectReservedVersions[] =
     "SELECT version FROM version_usage WHERE key_id = ?1 AND encryptions_reserved > 0"
     " ORDER BY version";
+// A reservation: everything, the (sealed) reservation included.
 constexpr char kUpsertUsage[] =
     "INSERT INTO version_usage"
     " (key_id, version, encryptions_reserved, encryptions, decryptions, last_used_at, mac)"

@@ -48,7 +48,13 @@ class Statement {
   // Parameters are 1-based, as in SQLite. Bound values must outlive the statement's use
   // (bound without copying). A binding error is reported by the next Step().
   Statement& BindText(int index, std::string_view text);
+  Statement& BindText(int index, const char* text) {
+    return BindText(index, std::string_view(text));
+  }
+  // Refused at compile time: a temporary string is gone before the statement runs.
+  Statement& BindText(int index, std::string&& text) = delete;
   Statement& BindBlob(int index, const Bytes& blob);
+  Statement& BindBlob(int index, Bytes&& blob) = delete;
   Statement& BindInt64(int index, int64_t value);
   Statement& BindNull(int index);
 

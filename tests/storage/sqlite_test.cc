@@ -5,6 +5,24 @@
 namespace custos::storage::sqlite {
 namespace {
 
+// Values are bound without copying, so a temporary would be gone before the statement runs:
+// binding one does not compile. Lvalues, views and literals do.
+template <typename Value>
+constexpr bool kBindsText = requires(Statement& s, Value&& v) {
+  s.BindText(1, std::forward<Value>(v));
+};
+template <typename Value>
+constexpr bool kBindsBlob = requires(Statement& s, Value&& v) {
+  s.BindBlob(1, std::forward<Value>(v));
+};
+static_assert(!kBindsText<std::string>);
+static_assert(kBindsText<std::string&>);
+static_assert(kBindsText<const std::string&>);
+static_assert(kBindsText<std::string_view>);
+static_assert(kBindsText<const char (&)[4]>);
+static_assert(!kBindsBlob<Bytes>);
+static_assert(kBindsBlob<const Bytes&>);
+
 TEST_CASE("SQLite errors map to the status a caller can act on", "[sqlite]") {
   using absl::StatusCode;
   CHECK(Error(SQLITE_BUSY, nullptr, "x").code() == StatusCode::kUnavailable);
