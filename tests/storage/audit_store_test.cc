@@ -42,11 +42,12 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
 
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(1, "taken")}, {}, {}, {Event("CreateKey")}, {}}).ok());
+  REQUIRE(
+      store->Apply(WriteBatch{{MakeKey(1, "taken")}, {}, {}, {Event("CreateKey")}, {}, {}}).ok());
   // A batch that fails takes its records with it: no seq is used up.
-  CHECK(store->Apply(WriteBatch{{MakeKey(2, "taken")}, {}, {}, {Event("CreateKey")}, {}}).code() ==
-        absl::StatusCode::kAlreadyExists);
-  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}}).ok());
+  CHECK(store->Apply(WriteBatch{{MakeKey(2, "taken")}, {}, {}, {Event("CreateKey")}, {}, {}})
+            .code() == absl::StatusCode::kAlreadyExists);
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}, {}}).ok());
 
   const std::vector<audit::Record> rows = store->ReadAudit(1, 100).value();
   REQUIRE(rows.size() == 3);
@@ -70,7 +71,7 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
   Reopen(store, path);
   CHECK(store->AuditHead()->first == 3);
   CHECK(store->AuditHead()->second == rows[2].hash);
-  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("ListKeys")}, {}, {}}).ok());
   const audit::Record next = store->ReadAudit(4, 10)->front();
   CHECK(next.hash == audit::ChainHash(rows[2].hash, next));
 }
@@ -80,7 +81,7 @@ TEST_CASE("Audit records are sealed in order, with their change, without gaps", 
 TEST_CASE("Reading from a seq past any stored one returns nothing, however large", "[audit]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt"), Event("Encrypt")}, {}, {}}).ok());
   REQUIRE(store->PutCheckpoint({2, Bytes(32, 1), 100, Bytes{1}, "audit-signing", 0, Bytes(32, 0)})
               .ok());
   CHECK(store->ReadAudit(1, 10)->size() == 2);
@@ -100,7 +101,7 @@ TEST_CASE("Concurrent audit records get distinct consecutive seqs", "[audit]") {
   for (int t = 0; t < 16; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 20; ++i) {
-        if (!store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt")}, {}}).ok()) ++failed;
+        if (!store->Apply(WriteBatch{{}, {}, {}, {Event("Decrypt")}, {}, {}}).ok()) ++failed;
       }
     });
   }

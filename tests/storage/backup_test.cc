@@ -27,13 +27,13 @@ TEST_CASE("An online backup is one consistent state of a database being written"
   TempDir dir;
   const std::string path = dir.File("custos.db");
   auto store = OpenStore(path);
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(1)}, {}, {}, {Created()}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(1)}, {}, {}, {Created()}, {}, {}}).ok());
   std::atomic<bool> stop{false};
   std::atomic<int> written{1};
   std::atomic<bool> write_failed{false};
   std::thread writer([&] {  // no Catch2 assertions off the test's thread
     for (int n = 2; !stop && !write_failed; ++n) {
-      write_failed = !store->Apply(WriteBatch{{MakeKey(n)}, {}, {}, {Created()}, {}}).ok();
+      write_failed = !store->Apply(WriteBatch{{MakeKey(n)}, {}, {}, {Created()}, {}, {}}).ok();
       written = n;
     }
   });
@@ -66,11 +66,11 @@ TEST_CASE("A backup never writes over a file, and a failed one leaves nothing", 
   TempDir dir;
   const std::string path = dir.File("custos.db");
   auto store = OpenStore(path);
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(1)}, {}, {}, {Created()}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(1)}, {}, {}, {Created()}, {}, {}}).ok());
   const std::string copy = dir.File("backup.db");
   REQUIRE(BackupDatabase(path, copy).ok());
   const std::string before = QueryFile(copy, "SELECT count(*) FROM keys");
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(2)}, {}, {}, {Created()}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(2)}, {}, {}, {Created()}, {}, {}}).ok());
   CHECK(BackupDatabase(path, copy).status().code() == absl::StatusCode::kAlreadyExists);
   CHECK(QueryFile(copy, "SELECT count(*) FROM keys") == before);
 

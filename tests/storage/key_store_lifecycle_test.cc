@@ -203,14 +203,14 @@ TEST_CASE("Apply replaces a stored key entirely, in the cache and on disk", "[ke
 
   SECTION("the freed alias can be taken by another key") {
     KeyRecord neighbour = MakeKey(2, "old-alias");
-    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{neighbour}, {}, {}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("old-alias").value()->id == IdFor(2));
     CHECK(store->FindKeyByAlias("neighbour").status().code() == absl::StatusCode::kNotFound);
     CHECK(Reopen(store, path)->FindKeyByAlias("old-alias").value()->id == IdFor(2));
   }
   SECTION("clearing the alias frees it") {
     changed.alias.clear();
-    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}, {}}).ok());
+    REQUIRE(store->Apply(WriteBatch{{changed}, {}, {}, {}, {}, {}}).ok());
     CHECK(store->FindKeyByAlias("new-alias").status().code() == absl::StatusCode::kNotFound);
     CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->alias.empty());
   }
@@ -335,7 +335,7 @@ TEST_CASE("Writers and readers of one key never see a stale cached record", "[ke
   for (int i = 0; i < kWrites; ++i) {
     KeyRecord key = MakeKey(1, "hot");
     key.description = "write " + std::to_string(i);
-    if (!store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok()) ++failures;
+    if (!store->Apply(WriteBatch{{key}, {}, {}, {}, {}, {}}).ok()) ++failures;
   }
   done = true;
   for (auto& reader : readers) reader.join();
@@ -401,7 +401,7 @@ TEST_CASE("Erased key material cannot be found in the database files after Purge
     REQUIRE(PatternHits(path) > 0);
     for (KeyVersion& version : destroyed.versions) version.wrapped.clear();
   }
-  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{destroyed}, {}, {}, {}, {}, {}}).ok());
   REQUIRE(store->PurgeErased().ok());
 
   CHECK(PatternHits(path) == 0);
@@ -529,7 +529,7 @@ TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due by both the wall clock 
   KeyRecord cancelled = MakeSmallKey(2);
   cancelled.state = KeyState::kDisabled;
   cancelled.deletion_due_at = 0;
-  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{cancelled}, {}, {}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForDeletion(1001, kEver).value() == Ids{IdFor(1)});
 }
 
@@ -561,7 +561,7 @@ TEST_CASE("KeysDueForRotation: ENABLED keys whose primary version is a period ol
   // Rotating (a new primary created at 1100) resets the clock.
   a.versions.push_back({3, Bytes{3}, "root", 1100});
   a.primary_version = 3;
-  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{a}, {}, {}, {}, {}, {}}).ok());
   CHECK(store->KeysDueForRotation(1199).value() == Ids{IdFor(4)});
   CHECK(store->KeysDueForRotation(1200).value() == Ids{IdFor(1), IdFor(4)});
 }
@@ -631,7 +631,7 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
   // Rewriting the key (rotation, destruction) leaves its counters alone.
   KeyRecord key = MakeKey(1);
   key.state = KeyState::kDisabled;
-  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}, {}}).ok());
   CHECK(store->GetUsage(IdFor(1)).value().size() == 3);
   // ... and the key's row names the versions reserved, however out of date the record given
   // (version 3 was only counted); never fewer than the record given names, of the versions
@@ -642,7 +642,7 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
         "1,2");
   key.versions.push_back({3, Bytes{3}, "root-2", 1700000200});
   key.reserved_versions = {2, 3, 5};
-  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{key}, {}, {}, {}, {}, {}}).ok());
   CHECK(Reopen(store, path)->GetKey(IdFor(1)).value()->reserved_versions == Versions{1, 2, 3});
   // A list longer than a short string's inline buffer is stored as written.
   KeyRecord many = MakeKey(3);
@@ -652,7 +652,7 @@ TEST_CASE("Reservations are written by Apply, counts by PutUsageCounts; GetUsage
     many.reserved_versions.push_back(v);
   }
   many.primary_version = 12;
-  REQUIRE(store->Apply(WriteBatch{{many}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{many}, {}, {}, {}, {}, {}}).ok());
   CHECK(QueryFile(path, "SELECT reserved_versions FROM keys WHERE id = '" + IdFor(3) + "'") ==
         "1,2,3,4,5,6,7,8,9,10,11,12");
   CHECK(Reopen(store, path)->GetKey(IdFor(3)).value()->reserved_versions.size() == 12);
@@ -694,7 +694,7 @@ TEST_CASE("Settings are written with a batch and read back after reopening", "[k
 TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[key_store]") {
   TempDir dir;
   auto store = OpenStore(dir.File("keys.db"));
-  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}, {}, {}}).ok());
+  REQUIRE(store->Apply(WriteBatch{{MakeKey(0, "taken")}, {}, {}, {}, {}, {}}).ok());
   constexpr int kThreads = 32;
   std::vector<absl::Status> results(kThreads);
   std::vector<std::thread> threads;
@@ -702,7 +702,7 @@ TEST_CASE("Concurrent batches commit in groups; a failing one fails alone", "[ke
     threads.emplace_back([&, t] {
       // Thread 0 claims an alias that is already taken; every other thread's key is new.
       const std::string alias = t == 0 ? "taken" : "alias-" + std::to_string(t);
-      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}, {}, {}});
+      results[t] = store->Apply(WriteBatch{{MakeKey(1000 + t, alias)}, {}, {}, {}, {}, {}});
     });
   }
   for (auto& thread : threads) thread.join();
