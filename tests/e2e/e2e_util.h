@@ -20,6 +20,14 @@ namespace custos::testing {
 
 namespace pb = custos::v1;
 
+// Whether custosd runs under AddressSanitizer (built as the tests are), two to three times
+// slower: bounds on latency that a Release build keeps are widened there.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
 // Runs `command` with /bin/sh and returns its standard output (append 2>&1 for its errors
 // too); `*exit_code` is its exit status, or -1 if it did not exit.
 inline std::string RunCommand(const std::string& command, int* exit_code) {

@@ -35,12 +35,6 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kSanitized = true;  // custosd is built as this test is
-#else
-constexpr bool kSanitized = false;
-#endif
-
 constexpr char kDatabasePrincipal[] = "spiffe://custos.local/db/mariadb";
 
 pb::ChangeRequest Execute(const CustosServer& server, pb::ProposeRequest proposal) {
