@@ -49,7 +49,7 @@ class Statement {
   // (bound without copying). A binding error is reported by the next Step().
   Statement& BindText(int index, std::string_view text);
   Statement& BindText(int index, const char* text) {
-    return BindText(index, std::string_view(text));
+    return BindText(index, std::string_view(text != nullptr ? text : ""));
   }
   // Refused at compile time: a temporary string is gone before the statement runs.
   Statement& BindText(int index, std::string&& text) = delete;

@@ -338,8 +338,8 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
   // The health probe leases the idle session and asks C_GetSessionInfo of it. Had it met the
   // hung C_GetSessionInfo, it would hold the one session whose C_Encrypt meets the error, and
   // every call after it would open a fresh session and hang before reaching C_Encrypt, so the
-  // recovery under test would never run. Probes run once a minute here, after this test;
-  // "A hang of any PKCS#11 call ..." covers a probe that hangs.
+  // recovery under test would never run. Here a probe runs at start-up, before any fault,
+  // and then once a minute; "A hang of any PKCS#11 call ..." covers a probe that hangs.
   server.Stop();
   server.EditConfig("[server]\n", "[server]\nhealth_interval_ms = 60000\n");
   UseShortHsmDeadline(server);
@@ -370,8 +370,9 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
     INFO(c.hung << " after " << c.error);
     const size_t fired = Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error);
     server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
-    // A re-initialisation waits until no other call is inside the module (the health probe,
-    // say): a later call may be the one that runs it. Each is answered UNAVAILABLE meanwhile.
+    // A re-initialisation waits until no other call is inside the module (the token claim's
+    // renewal, say): a later call may be the one that runs it. Each is answered UNAVAILABLE
+    // meanwhile.
     // Calls go on until one has met the error and something has met the hung function.
     // Calls are answered fast meanwhile, so wait by time, not by count: under the sanitizers
     // a re-initialisation can take longer than twenty quick refusals.
@@ -788,8 +789,11 @@ TEST_CASE(
     }
   }
   // The calls that hung, each its own record: how many entered C_Encrypt before the kind's
-  // calls were taken for stuck depends on how fast custosd ran (17 or so here).
+  // calls were taken for stuck depends on how fast custosd ran (17 or so here), but never
+  // more than the HSM threads and the stuck calls replaced (hsm.threads 16 and
+  // hsm.max_stuck_calls 8 by default): each hung call keeps its thread.
   const size_t hung = Occurrences(server.FaultLog(), "hanging C_Encrypt");
+  CHECK(hung <= 16 + 8);
   const auto refusing = std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - since);
   INFO(own << " records of their own and " << tallies << " tallies of " << tallied << " for "
            << busy << " refusals; " << hung << " calls hung; refusals for " << refusing.count()
