@@ -1,27 +1,13 @@
 #include "storage/sqlite.h"
 
 #include <catch2/catch.hpp>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
 
 namespace custos::storage::sqlite {
 namespace {
-
-// Values are bound without copying, so a temporary would be gone before the statement runs:
-// binding one does not compile. Lvalues, views and literals do.
-template <typename Value>
-constexpr bool kBindsText = requires(Statement& s, Value&& v) {
-  s.BindText(1, std::forward<Value>(v));
-};
-template <typename Value>
-constexpr bool kBindsBlob = requires(Statement& s, Value&& v) {
-  s.BindBlob(1, std::forward<Value>(v));
-};
-static_assert(!kBindsText<std::string>);
-static_assert(kBindsText<std::string&>);
-static_assert(kBindsText<const std::string&>);
-static_assert(kBindsText<std::string_view>);
-static_assert(kBindsText<const char (&)[4]>);
-static_assert(!kBindsBlob<Bytes>);
-static_assert(kBindsBlob<const Bytes&>);
 
 TEST_CASE("SQLite errors map to the status a caller can act on", "[sqlite]") {
   using absl::StatusCode;
@@ -38,6 +24,28 @@ TEST_CASE("SQLite errors map to the status a caller can act on", "[sqlite]") {
         "writing key: the disk is full (database or disk is full); free space on the volume "
         "holding the key database");
 }
+
+// Values are bound without copying, so a temporary would be gone before the statement runs:
+// binding one does not compile. Lvalues, views and literals do.
+template <typename Value, typename = void>
+constexpr bool kBindsText = false;
+template <typename Value>
+constexpr bool kBindsText<
+    Value, std::void_t<decltype(std::declval<Statement&>().BindText(1, std::declval<Value>()))>> =
+    true;
+template <typename Value, typename = void>
+constexpr bool kBindsBlob = false;
+template <typename Value>
+constexpr bool kBindsBlob<
+    Value, std::void_t<decltype(std::declval<Statement&>().BindBlob(1, std::declval<Value>()))>> =
+    true;
+static_assert(!kBindsText<std::string>);
+static_assert(kBindsText<std::string&>);
+static_assert(kBindsText<const std::string&>);
+static_assert(kBindsText<std::string_view>);
+static_assert(kBindsText<const char (&)[4]>);
+static_assert(!kBindsBlob<Bytes>);
+static_assert(kBindsBlob<const Bytes&>);
 
 }  // namespace
 }  // namespace custos::storage::sqlite
