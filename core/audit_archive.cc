@@ -195,9 +195,11 @@ absl::Status Kms::CheckAuditFloor() const {
   // (Removing records after the floor also removes the record vouching for the sealed floor,
   // when it was among them: the sealed floor then fails its own check.) Records up to the
   // floor still stored are an archival's removal not finished yet: not the live log's, and
-  // maintenance removes them.
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> sealed,
-                          options_.store->GetSetting(kAuditFloorSetting));
+  // maintenance removes them. (The setting's absence need not wait for a walk of the log: the
+  // table must then say never archived.)
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::optional<std::string> sealed,
+      options_.store->GetSetting(kAuditFloorSetting, storage::KeyStore::Absence::kHarmless));
   AuditFloor floor{0, Bytes(audit::kHashBytes, 0)};
   if (sealed) {
     CUSTOS_ASSIGN_OR_RETURN(floor, DecodeFloor(*sealed));
@@ -251,7 +253,8 @@ absl::Status Kms::CheckAuditFloor() const {
                                       ", after the archival's record, is not signed by this HSM"));
   }
   options_.store->AnchorAuditLog(covering[0].seq, covering[0].hash, /*rows_noted=*/false);
-  return options_.store->GetSetting(kAuditFloorSetting).status();
+  return options_.store->GetSetting(kAuditFloorSetting, storage::KeyStore::Absence::kHarmless)
+      .status();
 }
 
 }  // namespace custos::core

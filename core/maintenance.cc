@@ -46,8 +46,9 @@ absl::Status Kms::DestroyKey(const std::string& key_id) {
 }
 
 absl::Status Kms::PurgeErased() {
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> pending,
-                          options_.store->GetSetting(kPurgePendingSetting));
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::optional<std::string> pending,
+      options_.store->GetSetting(kPurgePendingSetting, storage::KeyStore::Absence::kHarmless));
   if (pending.value_or(std::string()) != std::string_view("1")) return absl::OkStatus();
   absl::Status purged = options_.store->PurgeErased();
   audit::Event event = ServerEvent("PurgeErasedMaterial", "", "", purged.code(),

@@ -132,8 +132,9 @@ bool Kms::MigrationPause(std::chrono::milliseconds delay) {
 }
 
 absl::Status Kms::NoRootMigrationRunning() const {
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> running,
-                          options_.store->GetSetting(kRootMigrationSetting));
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::optional<std::string> running,
+      options_.store->GetSetting(kRootMigrationSetting, storage::KeyStore::Absence::kHarmless));
   if (running.has_value() && !running->empty()) {
     return absl::FailedPreconditionError(
         "the last root rotation is still re-wrapping key versions off legacy roots (GetRequest "
@@ -254,8 +255,9 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
 }
 
 absl::Status Kms::ResumeRootMigration() {
-  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                          options_.store->GetSetting(kRootMigrationSetting));
+  CUSTOS_ASSIGN_OR_RETURN(
+      const std::optional<std::string> stored,
+      options_.store->GetSetting(kRootMigrationSetting, storage::KeyStore::Absence::kHarmless));
   if (!stored.has_value() || stored->empty()) return absl::OkStatus();
   CUSTOS_ASSIGN_OR_RETURN(const Migration migration, Migration::Decode(*stored));
   std::thread finished;  // the last one's thread, done with its work
@@ -291,7 +293,7 @@ Request Kms::WithProgress(Request request) const {
   }
   // Not running here: stopped with the server, or not yet resumed after a start.
   const absl::StatusOr<std::optional<std::string>> stored =
-      options_.store->GetSetting(kRootMigrationSetting);
+      options_.store->GetSetting(kRootMigrationSetting, storage::KeyStore::Absence::kHarmless);
   if (!stored.ok() || !stored->has_value() || (*stored)->empty()) return request;
   const absl::StatusOr<Migration> migration = Migration::Decode(**stored);
   if (migration.ok() && migration->request == request.id) {
@@ -459,8 +461,9 @@ void Kms::MigrateRoots(const std::string& job) {
 }
 
 absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots() const {
-  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
-                          options_.store->GetSetting(kRetiredRootsSetting));
+  CUSTOS_ASSIGN_OR_RETURN(
+      std::optional<std::string> stored,
+      options_.store->GetSetting(kRetiredRootsSetting, storage::KeyStore::Absence::kHarmless));
   if (!stored || stored->empty()) return std::vector<std::string>();
   const nlohmann::json labels = nlohmann::json::parse(*stored, nullptr, /*allow_exceptions=*/false);
   if (!labels.is_array()) return absl::InternalError("the stored retired roots are not a list");

@@ -296,7 +296,8 @@ absl::Status Kms::CheckGatewayProposal(Operation operation, const OperationParam
         return absl::InvalidArgumentError("a token id is the UUID IssueDatabaseToken reported");
       }
       CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                              options_.store->GetSetting(TokenSetting(params.token_id)));
+                              options_.store->GetSetting(TokenSetting(params.token_id),
+                                                         storage::KeyStore::Absence::kHarmless));
       if (!stored.has_value() || stored->empty()) {
         return absl::NotFoundError(StrCat("no database token ", params.token_id));
       }
@@ -449,8 +450,9 @@ absl::StatusOr<SecureBytes> Kms::ClaimDatabaseToken(const Caller& caller,
     const std::string setting = TokenSetting(token_id);
     call.event().detail = StrCat("token ", token_id);
     ChangeLock lock = LockShared(setting);  // one claim at a time: the first wins
-    CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                            options_.store->GetSetting(setting));
+    CUSTOS_ASSIGN_OR_RETURN(
+        const std::optional<std::string> stored,
+        options_.store->GetSetting(setting, storage::KeyStore::Absence::kHarmless));
     if (!stored.has_value() || stored->empty()) {
       return absl::NotFoundError(StrCat("no database token ", token_id));
     }
@@ -517,8 +519,9 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
       return refused;
     }
     const std::string setting = TokenSetting(rest.substr(0, dot));
-    CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                            options_.store->GetSetting(setting));
+    CUSTOS_ASSIGN_OR_RETURN(
+        const std::optional<std::string> stored,
+        options_.store->GetSetting(setting, storage::KeyStore::Absence::kHarmless));
     if (!stored.has_value() || stored->empty()) return refused;
     CUSTOS_ASSIGN_OR_RETURN(const DatabaseToken held, DecodeToken(*stored));
     const std::string presented = Sha256Hex(rest.substr(dot + 1));
@@ -538,7 +541,8 @@ absl::StatusOr<Kms::TdeKey> Kms::FetchTdeKey(std::string_view peer, std::string_
                version ? StrCat(" version ", *version) : "", " for this token"));
     if (mount != held.mount || held.key_ids.count(key_id) == 0) return missing;
     CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> set_text,
-                            options_.store->GetSetting(TdeSetting(mount, key_id)));
+                            options_.store->GetSetting(TdeSetting(mount, key_id),
+                                                       storage::KeyStore::Absence::kHarmless));
     if (!set_text.has_value() || set_text->empty()) return missing;
     CUSTOS_ASSIGN_OR_RETURN(const TdeKeySet set, DecodeKeySet(*set_text));
     auto found = set.versions.end();

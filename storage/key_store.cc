@@ -455,9 +455,11 @@ class KeyStore::Impl {
   absl::StatusOr<std::shared_ptr<const KeyRecord>> LoadChecked(std::string_view id);
 
   // `request`, as loaded under db_mu_ with the digest recorded for it, checked.
-  // A setting, checked as `chain` says; nullopt if never set.
+  // A setting, checked as `chain` says; nullopt if never set. An absence is believed only over
+  // a walked live log, or with `walked` (the caller just walked it, or need not).
   absl::StatusOr<std::optional<std::string>> ReadCheckedSetting(std::string_view name,
-                                                                RowIntegrity::Chain chain);
+                                                                RowIntegrity::Chain chain,
+                                                                bool walked = false);
 
   absl::StatusOr<std::vector<std::optional<RowRecord>>> RecordedRequests(
       const std::vector<RequestRecord>& requests);
@@ -927,23 +929,40 @@ absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() 
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
-    std::string_view name, RowIntegrity::Chain chain) {
+    std::string_view name, RowIntegrity::Chain chain, bool walked) {
+  const bool checked = integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly;
   std::optional<StoredSetting> stored;
   std::optional<RowRecord> recorded;
   {
     std::lock_guard lock(db_mu_);
     CUSTOS_ASSIGN_OR_RETURN(stored, ReadSetting(*db_, name));
-    if (!stored.has_value()) {
-      // Custos never deletes a setting (it empties it): one the log records was deleted
-      // outside it, and taking it for never set would drop what it guards.
-      if (chain != RowIntegrity::Chain::kMacOnly) {
-        CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
-      }
-      return std::optional<std::string>();
-    }
-    if (integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly) {
+    if (stored.has_value() && checked) {
       CUSTOS_ASSIGN_OR_RETURN(recorded, Recorded(SettingRowName(name)));
     }
+    // Custos never deletes a setting (it empties it): one the log records was deleted outside
+    // it, and taking it for never set would drop what it guards. Deleted with the index
+    // entries of every record naming it, only a walk of the whole live log shows it (no other
+    // row names a setting), so its absence is believed only once the log is walked.
+    if (!stored.has_value() && (!checked || walked || trust_.trusted_seq() <= floor_.seq)) {
+      if (checked) CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
+      return std::optional<std::string>();
+    }
+  }
+  if (!stored.has_value()) {
+    const absl::Status walk = VerifyLiveLog();  // once per run, whichever read comes first
+    if (absl::IsFailedPrecondition(walk)) {
+      absl::Status refused = absl::DataLossError(
+          StrCat("catalogue row ", SettingRowName(name),
+                 " is not in the database, and that is not believed: the audit log, walked to "
+                 "see that no record names it, does not verify (",
+                 walk.message(), ")"));
+      // The alarm is the log's, raised once: the name may be a caller's (a token's), so it is
+      // not remembered.
+      refused.SetPayload(kIntegrityPayload, absl::Cord("audit_log"));
+      return refused;
+    }
+    CUSTOS_RETURN_IF_ERROR(walk);
+    return ReadCheckedSetting(name, chain, /*walked=*/true);
   }
   CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
                                           CanonicalSettingRow(name, stored->value), stored->mac,
@@ -951,8 +970,10 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
   return std::optional<std::string>(std::move(stored->value));
 }
 
-absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name) const {
-  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kRecorded);
+absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name,
+                                                                Absence absence) const {
+  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kRecorded,
+                                   /*walked=*/absence == Absence::kHarmless);
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::GetReplaySafeSetting(

@@ -335,9 +335,25 @@ class KeyStore {
   // Keys by state, for the metrics: every state, with 0 for those no key is in.
   absl::StatusOr<std::map<KeyState, uint64_t>> CountKeysByState() const;
 
+  // What a setting's absence from the database is taken for. Custos never deletes a setting,
+  // but one deleted with the row index entries of every record naming it leaves no trace that
+  // a probe finds: only a walk of the whole live log shows those records unindexed.
+  enum class Absence {
+    // Never set only once the whole live log is known intact: the first such read of a run
+    // walks what is left of it (VerifyOlderAuditRecords; seconds per million records), and
+    // DATA_LOSS (kIntegrityPayload "audit_log") if it does not verify. For a setting whose
+    // absence would let something happen that its presence forbids.
+    kProven,
+    // Never set unless a record the row index or this run's walks know of names it. For a
+    // setting whose absence only refuses a call or holds work back (no such token; nothing to
+    // resume, purge or destroy): no caller waits for a walk, and a log found changed does not
+    // stop that work's every turn.
+    kHarmless,
+  };
   // A server-wide setting written by Apply (with an audit record naming it); nullopt if never
-  // set. DATA_LOSS (kIntegrityPayload) if it fails its check.
-  absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name) const;
+  // set (see Absence). DATA_LOSS (kIntegrityPayload) if it fails its check.
+  absl::StatusOr<std::optional<std::string>> GetSetting(std::string_view name,
+                                                        Absence absence = Absence::kProven) const;
   // A replay-safe setting: one whose older values may be served again without harm (observed
   // time: an older value only delays destruction). Sealed, but written without an audit record.
   absl::StatusOr<std::optional<std::string>> GetReplaySafeSetting(std::string_view name) const;

@@ -783,6 +783,74 @@ TEST_CASE("A setting deleted with SQL is refused, not taken for never set", "[in
   CHECK_THAT(std::string(refused.message()), Catch::Contains("(deleted outside Custos?)"));
 }
 
+// Deleted with the index entries of every record naming it, a setting leaves no trace a probe
+// can find: only a walk of the whole live log shows its records unindexed. Its absence is
+// believed only once the log is walked, so each read below walks it first.
+TEST_CASE("A setting deleted with every index entry naming it is refused, not taken for never set",
+          "[insider][catalog]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  // The key's row changes after the setting's records: its own check walks none of them.
+  ExecuteAs3(f, Operation::kRotateKey, "tde-seal");
+  REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end: nothing walked at start
+  Proposal proposal;
+  std::string setting;
+  SECTION("a table-space sealing entry: the key it protects could be disabled") {
+    proposal.operation = Operation::kDisableKey;
+    proposal.key = "tde-seal";
+    setting = SqlQuery(Db(f), "SELECT name FROM settings WHERE name LIKE 'tde-sealing/%'");
+  }
+  SECTION("a mount's key id: a second key would be made for the same table spaces") {
+    proposal.operation = Operation::kCreateTdeKey;
+    proposal.params = tde;
+    setting = "tde/mariadb/1";
+  }
+  proposal.justification = "insider test";
+  REQUIRE(!setting.empty());
+  REQUIRE(!f.kms->Propose(f.officer, proposal).ok());  // refused while the setting is there
+  f.EditRowAndIndexWhileStopped("DELETE FROM settings WHERE name = '" + setting + "';",
+                                "setting:" + setting);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const absl::Status refused = f.kms->Propose(f.officer, proposal).status();
+    INFO(refused.ToString());
+    CHECK(absl::IsDataLoss(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains(" is not in the database, and that is not believed: the audit "
+                               "log, walked to see that no record names it, does not verify"));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains(", which names row setting:" + setting));
+  }
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "IntegrityFailure";
+        }) == 1);  // the log's alarm, once
+}
+
+// The walk an absence waits for finds an intact log: a setting never written reads as such.
+TEST_CASE("A setting never written is taken for never set once the log is walked",
+          "[insider][catalog]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  REQUIRE(f.kms->Checkpoint().ok());
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  for (const char* name : {"tde/mariadb/2", "tde/other/1"}) {
+    const absl::StatusOr<std::optional<std::string>> read = f.store->GetSetting(name);
+    INFO(read.status().ToString());
+    REQUIRE(read.ok());
+    CHECK(!read->has_value());
+  }
+  tde.tde.key_id = 2;
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  CHECK(f.store->GetSetting("tde/mariadb/2")->has_value());
+}
+
 // Maintenance stopped at the first row its integrity check refused: one key edited into a
 // due deletion held up every other key's destruction, rotation and the usage flush for good.
 TEST_CASE("A row edited outside Custos holds up no other key's maintenance", "[insider][catalog]") {
