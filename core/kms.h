@@ -528,7 +528,10 @@ class Kms {
   // recording each attempt under `request_id` (empty when maintenance runs it). Called with
   // requests_mu_ held.
   absl::Status DestroyRetiredRoots(const std::string& request_id);
-  absl::StatusOr<std::vector<std::string>> RetiredRoots() const;
+  // kRetiredRootsSetting's labels. Its absence only holds back their destruction, unless the
+  // list is to be written back with more (`absence`: kProven).
+  absl::StatusOr<std::vector<std::string>> RetiredRoots(
+      storage::KeyStore::Absence absence = storage::KeyStore::Absence::kHarmless) const;
   // What a key-management change holds while it checks and writes: requests_mu_ exclusively
   // for the changes that concern the whole server (root rotation, re-anchoring the log), else,
   // by name (key_locks_), the key it changes (or what else it changes alone), then

@@ -41,7 +41,9 @@ std::string NextRootLabel(const std::string& label) {
 // root in use after all (a commit whose answer was lost) or cannot say. Left behind, it would
 // only be passed over by the next attempt.
 void DropUncommittedRoot(const storage::KeyStore& store, hsm::Hsm& hsm, const std::string& label) {
-  const absl::StatusOr<std::optional<std::string>> in_use = store.GetSetting(kRootKeySetting);
+  // (Written by this very call, if at all: an absence is as good as the index says.)
+  const absl::StatusOr<std::optional<std::string>> in_use =
+      store.GetSetting(kRootKeySetting, storage::KeyStore::Absence::kHarmless);
   if (!in_use.ok() || in_use->value_or("") == label) return;
   if (absl::Status destroyed = hsm.DestroyRootKey(label); !destroyed.ok()) {
     spdlog::warn("root key '{}', made for a root rotation that failed, is left on the token: {}",
@@ -152,7 +154,9 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   migration.from = CurrentRoot();
   migration.to = NextRootLabel(migration.from);
   CUSTOS_ASSIGN_OR_RETURN(const auto by_root, options_.store->CountVersionsByRoot());
-  CUSTOS_ASSIGN_OR_RETURN(const std::vector<std::string> already_retired, RetiredRoots());
+  // Written back with the new root added: an earlier list taken for absent would be lost.
+  CUSTOS_ASSIGN_OR_RETURN(const std::vector<std::string> already_retired,
+                          RetiredRoots(storage::KeyStore::Absence::kProven));
   // The new root is always one this call generates, under a label the store does not know.
   // A key already under the next label was left by an attempt cut short, made by this server
   // for a newer copy of the database, or made outside Custos. Adopting it could mean wrapping
@@ -460,10 +464,10 @@ void Kms::MigrateRoots(const std::string& job) {
   }
 }
 
-absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots() const {
-  CUSTOS_ASSIGN_OR_RETURN(
-      std::optional<std::string> stored,
-      options_.store->GetSetting(kRetiredRootsSetting, storage::KeyStore::Absence::kHarmless));
+absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots(
+    storage::KeyStore::Absence absence) const {
+  CUSTOS_ASSIGN_OR_RETURN(std::optional<std::string> stored,
+                          options_.store->GetSetting(kRetiredRootsSetting, absence));
   if (!stored || stored->empty()) return std::vector<std::string>();
   const nlohmann::json labels = nlohmann::json::parse(*stored, nullptr, /*allow_exceptions=*/false);
   if (!labels.is_array()) return absl::InternalError("the stored retired roots are not a list");

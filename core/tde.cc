@@ -174,9 +174,10 @@ bool WellFormedSecret(std::string_view secret) {
 // usable (Kms::CheckTdeSealing).
 std::string SealingSetting(std::string_view key_id) { return StrCat("tde-sealing/", key_id); }
 
-absl::StatusOr<Json> SealingEntry(const storage::KeyStore& store, std::string_view key_id) {
+absl::StatusOr<Json> SealingEntry(const storage::KeyStore& store, std::string_view key_id,
+                                  storage::KeyStore::Absence absence) {
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                          store.GetSetting(SealingSetting(key_id)));
+                          store.GetSetting(SealingSetting(key_id), absence));
   if (!stored.has_value() || stored->empty()) return Json::object();
   try {
     return Json::parse(*stored);
@@ -213,7 +214,16 @@ absl::Status Kms::CheckTdeSealing(const storage::KeyRecord& key, Operation opera
       operation != Operation::kSetMinDecryptVersion && !grants) {
     return absl::OkStatus();
   }
-  CUSTOS_ASSIGN_OR_RETURN(const Json entry, SealingEntry(*options_.store, key.id));
+  // Disabling and scheduling a deletion can be undone (re-enabling, cancelling within the
+  // waiting period): an absent entry is believed for them without a walk of the log, so that
+  // a log found changed somewhere never keeps officers from disabling a key. Grants and a
+  // raised minimum decrypt version wait for the walk.
+  const bool undoable =
+      operation == Operation::kDisableKey || operation == Operation::kScheduleKeyDeletion;
+  CUSTOS_ASSIGN_OR_RETURN(const Json entry,
+                          SealingEntry(*options_.store, key.id,
+                                       undoable ? storage::KeyStore::Absence::kHarmless
+                                                : storage::KeyStore::Absence::kProven));
   if (entry.empty()) return absl::OkStatus();
   if (operation == Operation::kSetMinDecryptVersion &&
       params.min_decrypt_version <= entry.at("min_version").get<uint32_t>()) {
@@ -368,7 +378,8 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
         value = Encode(set);
         detail = StrCat("mount=", tde.mount, " key_id=", tde.key_id, " version=", version,
                         " sealed under key ", key->id, " version ", sealed.key_version);
-        CUSTOS_ASSIGN_OR_RETURN(Json entry, SealingEntry(*options_.store, key->id));
+        CUSTOS_ASSIGN_OR_RETURN(Json entry, SealingEntry(*options_.store, key->id,
+                                                         storage::KeyStore::Absence::kProven));
         std::set<std::string> mounts;
         if (entry.contains("mounts")) mounts = entry["mounts"].get<std::set<std::string>>();
         mounts.insert(tde.mount);
@@ -401,8 +412,9 @@ absl::StatusOr<Request> Kms::ExecuteGateway(Call& call, Request request,
       }
       case Operation::kRevokeDatabaseToken: {
         setting = TokenSetting(params.token_id);
-        CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
-                                options_.store->GetSetting(setting));
+        CUSTOS_ASSIGN_OR_RETURN(
+            const std::optional<std::string> stored,
+            options_.store->GetSetting(setting, storage::KeyStore::Absence::kHarmless));
         CUSTOS_ASSIGN_OR_RETURN(DatabaseToken token, DecodeToken(stored.value_or("")));
         token.revoked_at = now;
         value = Encode(token);

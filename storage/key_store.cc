@@ -455,11 +455,11 @@ class KeyStore::Impl {
   absl::StatusOr<std::shared_ptr<const KeyRecord>> LoadChecked(std::string_view id);
 
   // `request`, as loaded under db_mu_ with the digest recorded for it, checked.
-  // A setting, checked as `chain` says; nullopt if never set. An absence is believed only over
-  // a walked live log, or with `walked` (the caller just walked it, or need not).
-  absl::StatusOr<std::optional<std::string>> ReadCheckedSetting(std::string_view name,
-                                                                RowIntegrity::Chain chain,
-                                                                bool walked = false);
+  // A setting, checked as `chain` says; nullopt if never set, believed as `absence` says
+  // (`walked`: this call walked the live log already).
+  absl::StatusOr<std::optional<std::string>> ReadCheckedSetting(
+      std::string_view name, RowIntegrity::Chain chain,
+      KeyStore::Absence absence = KeyStore::Absence::kProven, bool walked = false);
 
   absl::StatusOr<std::vector<std::optional<RowRecord>>> RecordedRequests(
       const std::vector<RequestRecord>& requests);
@@ -929,7 +929,7 @@ absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() 
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
-    std::string_view name, RowIntegrity::Chain chain, bool walked) {
+    std::string_view name, RowIntegrity::Chain chain, KeyStore::Absence absence, bool walked) {
   const bool checked = integrity_.enabled() && chain != RowIntegrity::Chain::kMacOnly;
   std::optional<StoredSetting> stored;
   std::optional<RowRecord> recorded;
@@ -943,13 +943,19 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     // it, and taking it for never set would drop what it guards. Deleted with the index
     // entries of every record naming it, only a walk of the whole live log shows it (no other
     // row names a setting), so its absence is believed only once the log is walked.
-    if (!stored.has_value() && (!checked || walked || trust_.trusted_seq() <= floor_.seq)) {
+    // (Unanchored, every record is believed: tests, offline tools, custosd before its check.)
+    if (!stored.has_value() && (!checked || absence == KeyStore::Absence::kHarmless ||
+                                trust_.trusted_seq() <= floor_.seq)) {
       if (checked) CUSTOS_RETURN_IF_ERROR(Missing(SettingRowName(name)));
       return std::optional<std::string>();
     }
+    if (!stored.has_value() && walked) {  // an archival moved the floor under the walk
+      return absl::UnavailableError(StrCat(
+          "setting ", name, " could not be read while the audit log was archived; try again"));
+    }
   }
   if (!stored.has_value()) {
-    const absl::Status walk = VerifyLiveLog();  // once per run, whichever read comes first
+    const absl::Status walk = VerifyLiveLog();  // once per anchoring, whichever read is first
     if (absl::IsFailedPrecondition(walk)) {
       absl::Status refused = absl::DataLossError(
           StrCat("catalogue row ", SettingRowName(name),
@@ -962,7 +968,7 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
       return refused;
     }
     CUSTOS_RETURN_IF_ERROR(walk);
-    return ReadCheckedSetting(name, chain, /*walked=*/true);
+    return ReadCheckedSetting(name, chain, absence, /*walked=*/true);
   }
   CUSTOS_RETURN_IF_ERROR(integrity_.Check(SettingRowName(name),
                                           CanonicalSettingRow(name, stored->value), stored->mac,
@@ -972,8 +978,7 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
 
 absl::StatusOr<std::optional<std::string>> KeyStore::GetSetting(std::string_view name,
                                                                 Absence absence) const {
-  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kRecorded,
-                                   /*walked=*/absence == Absence::kHarmless);
+  return impl_->ReadCheckedSetting(name, RowIntegrity::Chain::kRecorded, absence);
 }
 
 absl::StatusOr<std::optional<std::string>> KeyStore::GetReplaySafeSetting(

@@ -339,10 +339,11 @@ class KeyStore {
   // but one deleted with the row index entries of every record naming it leaves no trace that
   // a probe finds: only a walk of the whole live log shows those records unindexed.
   enum class Absence {
-    // Never set only once the whole live log is known intact: the first such read of a run
-    // walks what is left of it (VerifyOlderAuditRecords; seconds per million records), and
-    // DATA_LOSS (kIntegrityPayload "audit_log") if it does not verify. For a setting whose
-    // absence would let something happen that its presence forbids.
+    // Never set only once the whole live log is known intact: the first such read after the
+    // log is anchored (AnchorAuditLog) walks what is left of it, seconds per million records,
+    // as maintenance's VerifyOlderAuditRecords would; DATA_LOSS (kIntegrityPayload
+    // "audit_log") if it does not verify, from then on until the log is anchored again. For a
+    // setting whose absence would let something happen that its presence forbids.
     kProven,
     // Never set unless a record the row index or this run's walks know of names it. For a
     // setting whose absence only refuses a call or holds work back (no such token; nothing to

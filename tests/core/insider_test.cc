@@ -798,9 +798,10 @@ TEST_CASE("A setting deleted with every index entry naming it is refused, not ta
   REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end: nothing walked at start
   Proposal proposal;
   std::string setting;
-  SECTION("a table-space sealing entry: the key it protects could be disabled") {
-    proposal.operation = Operation::kDisableKey;
+  SECTION("a table-space sealing entry: the versions that sealed could be retired") {
+    proposal.operation = Operation::kSetMinDecryptVersion;
     proposal.key = "tde-seal";
+    proposal.params.min_decrypt_version = 2;
     setting = SqlQuery(Db(f), "SELECT name FROM settings WHERE name LIKE 'tde-sealing/%'");
   }
   SECTION("a mount's key id: a second key would be made for the same table spaces") {
