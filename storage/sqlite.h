@@ -51,10 +51,11 @@ class Statement {
   Statement& BindText(int index, const char* text) {
     return BindText(index, std::string_view(text != nullptr ? text : ""));
   }
-  // Refused at compile time: a temporary string is gone before the statement runs.
-  Statement& BindText(int index, std::string&& text) = delete;
+  // Refused at compile time: a temporary is gone before the statement runs. (A const rvalue
+  // reference takes const temporaries too, and is preferred for any temporary.)
+  Statement& BindText(int index, const std::string&& text) = delete;
   Statement& BindBlob(int index, const Bytes& blob);
-  Statement& BindBlob(int index, Bytes&& blob) = delete;
+  Statement& BindBlob(int index, const Bytes&& blob) = delete;
   Statement& BindInt64(int index, int64_t value);
   Statement& BindNull(int index);
 

@@ -40,11 +40,14 @@ constexpr bool kBindsBlob<
     Value, std::void_t<decltype(std::declval<Statement&>().BindBlob(1, std::declval<Value>()))>> =
     true;
 static_assert(!kBindsText<std::string>);
+static_assert(!kBindsText<const std::string>);  // a const temporary (a const function's result)
 static_assert(kBindsText<std::string&>);
 static_assert(kBindsText<const std::string&>);
 static_assert(kBindsText<std::string_view>);
 static_assert(kBindsText<const char (&)[4]>);
 static_assert(!kBindsBlob<Bytes>);
+static_assert(!kBindsBlob<const Bytes>);
+static_assert(kBindsBlob<Bytes&>);
 static_assert(kBindsBlob<const Bytes&>);
 
 }  // namespace
