@@ -668,8 +668,11 @@ TEST_CASE(
     "With every C_Encrypt on a key hung under application load, applications hear HSM busy at "
     "once, and officers and auditors are answered",
     "[e2e][hsm_fault]") {
+  // Set here, since they bound how many calls can hang (the defaults).
+  constexpr size_t kHsmThreads = 16, kMaxStuckCalls = 8;
   CustosServer server(ServerOptions{.extra_config = "", .fault_module = true});
-  UseShortHsmDeadline(server);
+  UseShortHsmDeadline(server, "threads = " + std::to_string(kHsmThreads) +
+                                  "\nmax_stuck_calls = " + std::to_string(kMaxStuckCalls) + "\n");
   const pb::KeyMetadata key = CreateKey(server, UniqueAlias("fault/lanes"), true, true);
   pb::GenerateDataKeyResponse sealed;
   REQUIRE(GenerateDataKey(server, key.key_id(), "known", &sealed).ok());  // unwrapped, HMACed
@@ -788,16 +791,15 @@ TEST_CASE(
       }
     }
   }
-  // The calls that hung, each its own record: how many entered C_Encrypt before the kind's
-  // calls were taken for stuck depends on how fast custosd ran (17 or so here), but never
-  // more than the HSM threads and the stuck calls replaced (hsm.threads 16 and
-  // hsm.max_stuck_calls 8 by default): each hung call keeps its thread.
   const size_t hung = Occurrences(server.FaultLog(), "hanging C_Encrypt");
-  CHECK(hung <= 16 + 8);
   const auto refusing = std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - since);
   INFO(own << " records of their own and " << tallies << " tallies of " << tallied << " for "
            << busy << " refusals; " << hung << " calls hung; refusals for " << refusing.count()
            << " s");
+  // The calls that hung, each its own record: how many entered C_Encrypt before the kind's
+  // calls were taken for stuck depends on how fast custosd ran (17 or so here), but never
+  // more than the HSM threads and the stuck calls replaced: each hung call keeps its thread.
+  CHECK(hung <= kHsmThreads + kMaxStuckCalls);
   CHECK(tallied < static_cast<uint64_t>(busy.load()));  // the first of each interval: its own
   CHECK(tallied + own >= static_cast<uint64_t>(busy.load()));
   CHECK(tallies >= 1);
