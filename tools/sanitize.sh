@@ -48,11 +48,33 @@ failed=()
 reasons=()  # what failed, printed last, where a CI log's tail shows it
 start=$SECONDS
 
-# The names of the Catch2 test cases whose blocks in console output FILE report a failure.
+# The Catch2 test cases whose blocks in console output FILE report a failure, each with its
+# first failed assertion: where, what, and its expansion (or message), on one line.
 failed_cases() {  # FILE
-  awk '/^-{79}$/ { if (!open) { open = 1; name = ""; next } open = 0; next }
-       open && name == "" { name = $0 }
-       / FAILED:$/ && name != "" { print name; name = "-" }' "$1" | grep -v '^-$' | sort -u
+  awk '
+    function flush() {
+      if (name != "" && where != "") {
+        line = name " @ " where ": " what (detail != "" ? " => " detail : "")
+        print substr(line, 1, 400)
+      }
+    }
+    /^-{79}$/ {
+      if (!open) { flush(); open = 1; name = ""; where = ""; what = ""; detail = ""; state = ""; next }
+      open = 0; next
+    }
+    open && name == "" { name = $0; next }
+    open { next }
+    / FAILED:$/ && where == "" {
+      where = $0; sub(/: FAILED:$/, "", where); sub(/.*\//, "", where); state = "what"; next
+    }
+    state == "what" && /^  / { what = $0; sub(/^ +/, "", what); state = "after"; next }
+    state == "after" && /^(with|due to|explicitly) .*:$/ { state = "detail"; next }
+    state == "after" { state = "" }
+    state == "detail" && /^  / { d = $0; sub(/^ +/, "", d); detail = detail (detail == "" ? "" : " ") d; next }
+    state == "detail" { state = "" }
+    /^={79}$/ { flush(); name = ""; where = "" }
+    END { flush() }
+  ' "$1" | sort -u
 }
 
 run_asan() {
@@ -91,7 +113,7 @@ check_initialization_order=1:strict_init_order=1:log_path=$logs/asan"
   echo "sanitize: asan test_e2e $e2e_skip"
   if ! (cd "$build/tests/e2e" && ./test_e2e "$e2e_skip") 2>&1 | tee "$build/e2e.out"; then
     ok=0
-    reasons+=("asan test_e2e: $(failed_cases "$build/e2e.out" | paste -sd'|')")
+    reasons+=("asan test_e2e:"$'\n'"$(failed_cases "$build/e2e.out" | sed 's/^/    /')")
   fi
   if ! check_logs "$logs" asan; then
     ok=0
@@ -126,7 +148,7 @@ run_tsan() {
     echo "sanitize: tsan test_$t ${args[*]}"
     if ! (cd "$build/tests/$t" && ./"test_$t" "${args[@]}") 2>&1 | tee "$build/test_$t.out"; then
       ok=0
-      reasons+=("tsan test_$t: $(failed_cases "$build/test_$t.out" | paste -sd'|')")
+      reasons+=("tsan test_$t:"$'\n'"$(failed_cases "$build/test_$t.out" | sed 's/^/    /')")
     fi
   done
   if ! check_logs "$logs" tsan; then
