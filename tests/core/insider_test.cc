@@ -830,6 +830,38 @@ TEST_CASE("A setting deleted with every index entry naming it is refused, not ta
         }) == 1);  // the log's alarm, once
 }
 
+// Over a log found changed, an absence waiting for the walk is refused, one that can be undone
+// is not: officers can still disable a key whose own row holds up.
+TEST_CASE("Over a log found changed, a key can be disabled but not have versions retired",
+          "[insider][catalog]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  REQUIRE(f.kms->Checkpoint().ok());  // below the HSM's head: walked only when asked
+  f.NewKeyWithoutGrants("other");     // after it: checked at every start
+  ExecuteAs3(f, Operation::kRotateKey, "other");
+  f.EditRowAndIndexWhileStopped("SELECT 1;", "setting:tde/mariadb/1");  // entries dropped only
+  Proposal retire;
+  retire.operation = Operation::kSetMinDecryptVersion;
+  retire.key = "other";
+  retire.params.min_decrypt_version = 2;
+  retire.justification = "insider test";
+  const absl::Status refused = f.kms->Propose(f.officer, retire).status();
+  INFO(refused.ToString());
+  CHECK(absl::IsDataLoss(refused));
+  CHECK_THAT(std::string(refused.message()),
+             Catch::Contains(" is not in the database, and that is not believed: "));
+  Proposal disable;
+  disable.operation = Operation::kDisableKey;
+  disable.key = "other";
+  disable.justification = "insider test";
+  const absl::StatusOr<Request> disabling = f.kms->Propose(f.officer, disable);
+  INFO(disabling.status().ToString());
+  CHECK(disabling.ok());
+}
+
 // The walk an absence waits for finds an intact log: a setting never written reads as such.
 TEST_CASE("A setting never written is taken for never set once the log is walked",
           "[insider][catalog]") {
