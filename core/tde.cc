@@ -214,12 +214,11 @@ absl::Status Kms::CheckTdeSealing(const storage::KeyRecord& key, Operation opera
       operation != Operation::kSetMinDecryptVersion && !grants) {
     return absl::OkStatus();
   }
-  // Disabling and scheduling a deletion can be undone (re-enabling, cancelling within the
-  // waiting period): an absent entry is believed for them without a walk of the log, so that
-  // a log found changed somewhere never keeps officers from disabling a key. Grants and a
-  // raised minimum decrypt version wait for the walk.
-  const bool undoable =
-      operation == Operation::kDisableKey || operation == Operation::kScheduleKeyDeletion;
+  // Disabling can be undone (re-enabling): an absent entry is believed for it without a walk
+  // of the log, so that a log found changed somewhere never keeps officers from disabling a
+  // key. A deletion (destroyed once its waiting period ends), grants and a raised minimum
+  // decrypt version wait for the walk.
+  const bool undoable = operation == Operation::kDisableKey;
   CUSTOS_ASSIGN_OR_RETURN(const Json entry,
                           SealingEntry(*options_.store, key.id,
                                        undoable ? storage::KeyStore::Absence::kHarmless

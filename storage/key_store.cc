@@ -951,7 +951,8 @@ absl::StatusOr<std::optional<std::string>> KeyStore::Impl::ReadCheckedSetting(
     }
     if (!stored.has_value() && walked) {  // an archival moved the floor under the walk
       return absl::UnavailableError(StrCat(
-          "setting ", name, " could not be read while the audit log was archived; try again"));
+          "setting ", name,
+          " could not be read while the audit log was archived or anchored again; try again"));
     }
   }
   if (!stored.has_value()) {

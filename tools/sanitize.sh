@@ -49,17 +49,20 @@ reasons=()  # what failed, printed last, where a CI log's tail shows it
 start=$SECONDS
 
 # The Catch2 test cases whose blocks in console output FILE report a failure, each with its
-# first failed assertion: where, what, and its expansion (or message), on one line.
+# first failed assertion: where, what, and its expansion and messages, on one line. (Rules of
+# 79 dashes or equals signs frame Catch2's blocks; spelled without intervals for any awk.)
 failed_cases() {  # FILE
   awk '
+    function rule(c) { return length($0) == 79 && $0 ~ ("^" c "+$") }
     function flush() {
       if (name != "" && where != "") {
         line = name " @ " where ": " what (detail != "" ? " => " detail : "")
-        print substr(line, 1, 400)
+        print substr(line, 1, 500)
       }
+      name = ""; where = ""; what = ""; detail = ""; state = ""
     }
-    /^-{79}$/ {
-      if (!open) { flush(); open = 1; name = ""; where = ""; what = ""; detail = ""; state = ""; next }
+    rule("-") {
+      if (!open) { flush(); open = 1; next }
       open = 0; next
     }
     open && name == "" { name = $0; next }
@@ -67,12 +70,15 @@ failed_cases() {  # FILE
     / FAILED:$/ && where == "" {
       where = $0; sub(/: FAILED:$/, "", where); sub(/.*\//, "", where); state = "what"; next
     }
-    state == "what" && /^  / { what = $0; sub(/^ +/, "", what); state = "after"; next }
-    state == "after" && /^(with|due to|explicitly) .*:$/ { state = "detail"; next }
-    state == "after" { state = "" }
-    state == "detail" && /^  / { d = $0; sub(/^ +/, "", d); detail = detail (detail == "" ? "" : " ") d; next }
-    state == "detail" { state = "" }
-    /^={79}$/ { flush(); name = ""; where = "" }
+    state != "" && /^(with|due to|explicitly) .*:$/ { state = "detail"; next }
+    state != "" && /^  / {
+      text = $0; sub(/^ +/, "", text)
+      if (state == "what") what = what (what == "" ? "" : " ") text
+      else detail = detail (detail == "" ? "" : " ") text
+      next
+    }
+    state != "" { state = "" }
+    rule("=") { flush() }
     END { flush() }
   ' "$1" | sort -u
 }

@@ -853,13 +853,16 @@ TEST_CASE("Over a log found changed, a key can be disabled but not have versions
   CHECK(absl::IsDataLoss(refused));
   CHECK_THAT(std::string(refused.message()),
              Catch::Contains(" is not in the database, and that is not believed: "));
-  Proposal disable;
-  disable.operation = Operation::kDisableKey;
-  disable.key = "other";
-  disable.justification = "insider test";
-  const absl::StatusOr<Request> disabling = f.kms->Propose(f.officer, disable);
-  INFO(disabling.status().ToString());
-  CHECK(disabling.ok());
+  Proposal schedule;
+  schedule.operation = Operation::kScheduleKeyDeletion;
+  schedule.key = "other";
+  schedule.justification = "insider test";
+  CHECK(absl::IsDataLoss(f.kms->Propose(f.officer, schedule).status()));  // destroyed for good
+  ExecuteAs3(f, Operation::kDisableKey, "other");
+  const absl::StatusOr<Kms::KeyDescription> disabled = f.kms->DescribeKey(f.officer, "other");
+  INFO(disabled.status().ToString());
+  REQUIRE(disabled.ok());
+  CHECK(disabled->key->state == KeyState::kDisabled);
 }
 
 // The walk an absence waits for finds an intact log: a setting never written reads as such.
@@ -881,7 +884,9 @@ TEST_CASE("A setting never written is taken for never set once the log is walked
   }
   tde.tde.key_id = 2;
   ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
-  CHECK(f.store->GetSetting("tde/mariadb/2")->has_value());
+  const absl::StatusOr<std::optional<std::string>> made = f.store->GetSetting("tde/mariadb/2");
+  REQUIRE(made.ok());
+  CHECK(made->has_value());
 }
 
 // Maintenance stopped at the first row its integrity check refused: one key edited into a
