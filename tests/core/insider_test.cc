@@ -52,6 +52,16 @@ void ExecuteAs3(Fixture& f, Operation operation, const std::string& key,
   REQUIRE(done->state == RequestState::kExecuted);
 }
 
+// Key "tde-seal", made to seal mount "mariadb"'s table-space key id 1: the parameters that
+// made that key id.
+OperationParams SealTableSpaceKey(Fixture& f) {
+  f.NewKeyWithoutGrants("tde-seal");
+  OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  return tde;
+}
+
 // A key enabled, with a copy of the database made then (the key's genuine ENABLED row and
 // MAC), then disabled by two officers: what a DBA holding the copy starts from. Returns the
 // copy's path.
@@ -764,10 +774,7 @@ TEST_CASE("A record added to the log while custosd runs vouches for nothing",
 // sealing key from being disabled went with its row, unseen.
 TEST_CASE("A setting deleted with SQL is refused, not taken for never set", "[insider][catalog]") {
   Fixture f;
-  f.NewKeyWithoutGrants("tde-seal");
-  OperationParams tde;
-  tde.tde = {"mariadb", 1, "tde-seal"};
-  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  SealTableSpaceKey(f);
   Proposal disable;
   disable.operation = Operation::kDisableKey;
   disable.key = "tde-seal";
@@ -789,10 +796,7 @@ TEST_CASE("A setting deleted with SQL is refused, not taken for never set", "[in
 TEST_CASE("A setting deleted with every index entry naming it is refused, not taken for never set",
           "[insider][catalog]") {
   Fixture f;
-  f.NewKeyWithoutGrants("tde-seal");
-  OperationParams tde;
-  tde.tde = {"mariadb", 1, "tde-seal"};
-  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  const OperationParams tde = SealTableSpaceKey(f);
   // The key's row changes after the setting's records: its own check walks none of them.
   ExecuteAs3(f, Operation::kRotateKey, "tde-seal");
   REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end: nothing walked at start
@@ -835,10 +839,7 @@ TEST_CASE("A setting deleted with every index entry naming it is refused, not ta
 TEST_CASE("Over a log found changed, a key can be disabled but not have versions retired",
           "[insider][catalog]") {
   Fixture f;
-  f.NewKeyWithoutGrants("tde-seal");
-  OperationParams tde;
-  tde.tde = {"mariadb", 1, "tde-seal"};
-  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  SealTableSpaceKey(f);
   REQUIRE(f.kms->Checkpoint().ok());  // below the HSM's head: walked only when asked
   f.NewKeyWithoutGrants("other");     // after it: checked at every start
   ExecuteAs3(f, Operation::kRotateKey, "other");
@@ -869,10 +870,7 @@ TEST_CASE("Over a log found changed, a key can be disabled but not have versions
 TEST_CASE("A setting never written is taken for never set once the log is walked",
           "[insider][catalog]") {
   Fixture f;
-  f.NewKeyWithoutGrants("tde-seal");
-  OperationParams tde;
-  tde.tde = {"mariadb", 1, "tde-seal"};
-  ExecuteAs3(f, Operation::kCreateTdeKey, "", tde);
+  OperationParams tde = SealTableSpaceKey(f);
   REQUIRE(f.kms->Checkpoint().ok());
   f.Restart();
   REQUIRE(f.kms->VerifyAuditLog(false).ok());
