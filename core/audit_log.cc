@@ -250,6 +250,7 @@ absl::Status Kms::VerifyAuditLog(bool full) {
 void Kms::RequireReAnchoring(std::string problem) {
   std::lock_guard lock(policy_mu_);
   anchor_problem_ = std::move(problem);
+  root_proven_ = false;  // proven again over the log as anchored now
 }
 
 std::string Kms::AnchorProblem() const {
@@ -311,10 +312,11 @@ absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
   CUSTOS_RETURN_IF_ERROR(call.CommitWith(
       std::move(batch), absl::StatusCode::kOk,
       {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)}));
-  RequireReAnchoring("");
   // The restored log is believed as far as it chains to its own head; the records after it
-  // are this process's.
+  // are this process's. Anchored before anything is served again, so that no read takes an
+  // absence for proven over the unanchored log (the root in use is proven again after it).
   options_.store->AnchorAuditLog(head.first, head.second);
+  RequireReAnchoring("");
   // Sign the log as it now stands, and keep that head in the HSM: from here on it is the
   // anchor. (If this fails, the timer signs again.)
   if (absl::Status signed_head = Checkpoint(); !signed_head.ok()) {

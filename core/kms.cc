@@ -2,10 +2,12 @@
 
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "common/strings.h"
 #include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
+#include "spdlog/spdlog.h"
 #include "storage/row_codec.h"
 
 namespace custos::core {
@@ -43,6 +45,37 @@ Kms::Kms(Options options)
 
 std::string Kms::CurrentRoot() const {
   std::lock_guard lock(policy_mu_);
+  return root_key_label_;
+}
+
+absl::StatusOr<std::string> Kms::RootForNewVersions() {
+  {
+    std::lock_guard lock(policy_mu_);
+    if (root_proven_) return root_key_label_;
+  }
+  // Outside the lock: the read may walk the log. Absent, the setting must stay absent over the
+  // checked log: deleted while custosd was stopped (with the index entries of every record
+  // naming it), it would put new versions under a root a rotation retired.
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> stored,
+                          options_.store->GetSetting(kRootKeySetting));
+  std::lock_guard lock(policy_mu_);
+  if (root_proven_) return root_key_label_;  // a root rotation wrote it meanwhile
+  if (stored.has_value() && *stored != root_key_label_) {
+    // Checked against the newest record naming it, so written by this server: a root rotation
+    // whose commit reported failure although it was made.
+    spdlog::warn("root key in use: '{}', as the catalogue says, not '{}'", *stored,
+                 root_key_label_);
+    root_key_label_ = *stored;
+  }
+  if (stored.value_or(options_.root_key_label) != root_key_label_) {
+    absl::Status changed = absl::DataLossError(
+        StrCat("the root key in use is '", root_key_label_, "' but the catalogue now names '",
+               stored.value_or(options_.root_key_label), "' (changed outside Custos?)"));
+    changed.SetPayload(storage::kIntegrityPayload,
+                       absl::Cord(storage::SettingRowName(kRootKeySetting)));
+    return changed;
+  }
+  root_proven_ = true;
   return root_key_label_;
 }
 
@@ -332,6 +365,8 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
                           " other officer(s) to approve under this server's dual-control "
                           "config; propose it with Propose(CreateKey)"));
     }
+    // Before the lock: proving the root in use may walk the log (once a run).
+    CUSTOS_RETURN_IF_ERROR(RootForNewVersions().status());
     std::shared_lock lock(requests_mu_);
     CUSTOS_RETURN_IF_ERROR(CheckAliasFree(call, params.alias));
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));

@@ -407,6 +407,13 @@ class Kms {
 
   // The label of the root key new versions are wrapped under now.
   std::string CurrentRoot() const;
+  // CurrentRoot, for a new version: the label custosd read at start, before the log was checked
+  // against the HSM, is used only once the store, read again over the checked log, agrees
+  // (once a run; a root rotation whose commit failed reads it again). The first call may walk
+  // the live log (KeyStore::Absence::kProven): maintenance proves it once its own walk is
+  // done, else the first new version does. DATA_LOSS if the record of the last root rotation
+  // was deleted outside Custos.
+  absl::StatusOr<std::string> RootForNewVersions();
 
   // The context HMAC cache's lookups answered from memory, and the rest (for the metrics).
   std::pair<uint64_t, uint64_t> ContextHmacCacheCounts() const {
@@ -526,7 +533,8 @@ class Kms {
   void RaiseIntegrityAlarm(const absl::Status& status) const;
   // Destroys every retired root (kRetiredRootsSetting) that wraps no stored version any more,
   // recording each attempt under `request_id` (empty when maintenance runs it). Called with
-  // requests_mu_ held.
+  // requests_mu_ held. Nothing is destroyed or dropped from the list until the root in use is
+  // proven (RootForNewVersions), since that root is never destroyed.
   absl::Status DestroyRetiredRoots(const std::string& request_id);
   // kRetiredRootsSetting's labels. Its absence only holds back their destruction, unless the
   // list is to be written back with more (`absence`: kProven).
@@ -566,7 +574,9 @@ class Kms {
   absl::Status AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version,
                           int64_t now);
   // The turn's work, each step under the lock it needs (see ChangeLock).
-  absl::Status RunMaintenanceTurn();
+  // `new_versions`: the root in use is proven, so due rotations are made (else they wait, and
+  // nothing is recorded for them).
+  absl::Status RunMaintenanceTurn(bool new_versions);
   // An audit event of the server's own (principal kServerPrincipal).
   audit::Event ServerEvent(std::string_view action, const std::string& key_id,
                            const std::string& request_id, absl::StatusCode outcome,
@@ -595,6 +605,8 @@ class Kms {
   mutable std::mutex policy_mu_;
   std::shared_ptr<const policy::Policy> policy_;
   std::string root_key_label_;  // guarded by policy_mu_
+  bool root_proven_ = false;    // guarded by policy_mu_; see RootForNewVersions
+  std::atomic<bool> root_refusal_logged_{false};
   std::string anchor_problem_;  // guarded by policy_mu_; empty unless awaiting re-anchoring
   // With key_locks_, serialises request state changes and key changes (see ChangeLock), so
   // every request moves through its states exactly once; the data path never takes it. Changes

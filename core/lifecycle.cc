@@ -113,7 +113,7 @@ absl::StatusOr<KeyRecord> Kms::NewKey(const Caller& caller, const CreateKeyParam
   key.rotation_period_seconds = params.rotation_period_days * policy::kDay;
   // The version is generated in the HSM and only its wrapped form comes out: creating a key
   // adds a row, never a token object.
-  const std::string root = CurrentRoot();
+  CUSTOS_ASSIGN_OR_RETURN(const std::string root, RootForNewVersions());
   CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped, options_.hsm->GenerateWrappedKey(root));
   key.versions.push_back({1, std::move(wrapped), root, key.created_at});
   return key;
@@ -138,7 +138,7 @@ absl::StatusOr<KeyRecord> Kms::Applied(const KeyRecord& current, Operation opera
           StrCat(policy::OperationName(operation), " does not apply to a single key"));
     case Operation::kRotateKey: {
       if (!live) return Refuse(key, operation, "ENABLED or DISABLED");
-      const std::string root = CurrentRoot();
+      CUSTOS_ASSIGN_OR_RETURN(const std::string root, RootForNewVersions());
       CUSTOS_ASSIGN_OR_RETURN(Bytes wrapped, options_.hsm->GenerateWrappedKey(root));
       const uint32_t version = key.versions.back().version + 1;
       key.versions.push_back({version, std::move(wrapped), root, now});

@@ -74,6 +74,22 @@ absl::Status Kms::RunMaintenance() {
   }
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
+  // The root new versions go under is proven here, outside every lock, once the walk above has
+  // reached the floor (sooner, by turns woken one after another), rather than by the first
+  // officer call to need it. Refused, it is alarmed and logged once, every new version is
+  // refused, and the rest of the turn goes on.
+  bool new_versions = false;
+  if (!options_.store->LiveLogWalked()) {
+    if (options_.wake_maintenance) options_.wake_maintenance();
+  } else if (const absl::Status root = RootForNewVersions().status(); !root.ok()) {
+    RaiseIntegrityAlarm(root);
+    if (!root_refusal_logged_.exchange(true)) {
+      spdlog::error("no new key version can be made: the root key in use is not proven: {}",
+                    root.ToString());
+    }
+  } else {
+    new_versions = true;
+  }
   // Records an archival left to remove: a turn's share, and another turn soon if more are left.
   if (absl::StatusOr<bool> more = RemoveArchivedRecords(); !more.ok()) {
     spdlog::warn("removing archived audit records: {}", more.status().ToString());
@@ -81,7 +97,7 @@ absl::Status Kms::RunMaintenance() {
     options_.wake_maintenance();
   }
   std::lock_guard turn(maintenance_mu_);
-  absl::Status done = RunMaintenanceTurn();
+  absl::Status done = RunMaintenanceTurn(new_versions);
   RaiseIntegrityAlarm(done);
   return done;
 }
@@ -96,7 +112,7 @@ bool RefusedRow(const absl::Status& status) {
 
 }  // namespace
 
-absl::Status Kms::RunMaintenanceTurn() {
+absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
   // Requests expire by the later reading, rotations fall due by the earlier (WallBounds).
@@ -165,24 +181,27 @@ absl::Status Kms::RunMaintenanceTurn() {
     purged = PurgeErased();
   }
   // Rotations due by period (whatever the primary version), then those a version's usage asked
-  // for (only while that version is still primary: one crossing, one rotation).
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale,
-                          options_.store->KeysDueForRotation(time.earliest));
-  for (const std::string& key_id : stale) {
-    ChangeLock lock = LockShared(KeyLockName(key_id));
-    absl::Status rotated = AutoRotate(key_id, std::nullopt, time.earliest);
-    if (!rotated.ok() && !RefusedRow(rotated)) return rotated;
-    RaiseIntegrityAlarm(rotated);
-  }
-  for (const auto& [key_id, version] : usage_.RotationWanted()) {
-    ChangeLock lock = LockShared(KeyLockName(key_id));
-    absl::Status rotated = AutoRotate(key_id, version, now);
-    if (RefusedRow(rotated)) {
+  // for (only while that version is still primary: one crossing, one rotation). Both wait for
+  // the root in use to be proven: a key still falls due next turn, and usage's stays wanted.
+  if (new_versions) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> stale,
+                            options_.store->KeysDueForRotation(time.earliest));
+    for (const std::string& key_id : stale) {
+      ChangeLock lock = LockShared(KeyLockName(key_id));
+      absl::Status rotated = AutoRotate(key_id, std::nullopt, time.earliest);
+      if (!rotated.ok() && !RefusedRow(rotated)) return rotated;
       RaiseIntegrityAlarm(rotated);
-      continue;  // still wanted, should the row be restored
     }
-    CUSTOS_RETURN_IF_ERROR(rotated);
-    usage_.RotationDone(key_id, version);
+    for (const auto& [key_id, version] : usage_.RotationWanted()) {
+      ChangeLock lock = LockShared(KeyLockName(key_id));
+      absl::Status rotated = AutoRotate(key_id, version, now);
+      if (RefusedRow(rotated)) {
+        RaiseIntegrityAlarm(rotated);
+        continue;  // still wanted, should the row be restored
+      }
+      CUSTOS_RETURN_IF_ERROR(rotated);
+      usage_.RotationDone(key_id, version);
+    }
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());
   CUSTOS_RETURN_IF_ERROR(usage_.Flush());

@@ -149,12 +149,12 @@ absl::Status Kms::NoRootMigrationRunning() const {
 }
 
 absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
+  Migration migration;
+  migration.request = request.id;
+  CUSTOS_ASSIGN_OR_RETURN(migration.from, RootForNewVersions());
   CUSTOS_RETURN_IF_ERROR(NoRootMigrationRunning());
   // Roots retired earlier that nothing depends on any more go first.
   CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(request.id));
-  Migration migration;
-  migration.request = request.id;
-  migration.from = CurrentRoot();
   migration.to = NextRootLabel(migration.from);
   CUSTOS_ASSIGN_OR_RETURN(const auto by_root, options_.store->CountVersionsByRoot());
   // Written back with the new root added: an earlier list taken for absent would be lost.
@@ -195,7 +195,10 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   // attempt would only pass over it), unless the store names it after all.
   bool committed = false;
   absl::Cleanup drop_new_root = [&] {
-    if (!committed) DropUncommittedRoot(*options_.store, *options_.hsm, migration.to);
+    if (committed) return;
+    DropUncommittedRoot(*options_.store, *options_.hsm, migration.to);
+    std::lock_guard lock(policy_mu_);
+    root_proven_ = false;  // a commit reported failed may have been made: read the store again
   };
   // Versions under a legacy root (one that does not confine what it unwraps) move to the new
   // root, inside the HSM, in the background. Versions under a confining root cannot move, by
@@ -249,6 +252,7 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   {
     std::lock_guard lock(policy_mu_);
     root_key_label_ = migration.to;
+    root_proven_ = true;  // as committed with this call's record
   }
   if (migration.to_move > 0) {
     // Once started it outlives this call; a failure to start now is retried by maintenance.
@@ -483,9 +487,15 @@ absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots(
 }
 
 absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
+  std::string current;
+  {
+    std::lock_guard lock(policy_mu_);
+    // Unproven, it may be a retired root put back in use: nothing goes until it is proven.
+    if (!root_proven_) return absl::OkStatus();
+    current = root_key_label_;
+  }
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> retired, RetiredRoots());
   if (retired.empty()) return absl::OkStatus();
-  const std::string current = CurrentRoot();
   std::vector<std::string> remaining;
   std::vector<audit::Event> events;
   absl::Status first_failure;

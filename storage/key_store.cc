@@ -1315,6 +1315,11 @@ absl::Status KeyStore::VerifyOlderAuditRecords(uint64_t budget) {
   return impl_->trust_.Extend(budget);
 }
 
+bool KeyStore::LiveLogWalked() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return impl_->trust_.trusted_seq() <= impl_->floor_.seq;
+}
+
 absl::StatusOr<uint64_t> KeyStore::SealCatalog(
     const std::function<audit::Record(const std::string& row)>& record_for,
     const std::set<std::string>& replay_safe) {

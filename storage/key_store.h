@@ -279,6 +279,9 @@ class KeyStore {
   // waits for it, and every row the live log names is soon noted). FAILED_PRECONDITION if
   // they were changed.
   absl::Status VerifyOlderAuditRecords(uint64_t budget);
+  // True once every record of the live log below the anchored point has been recomputed (or
+  // the log is not anchored): an absent setting is then read without a walk.
+  bool LiveLogWalked() const;
 
   // Seals a catalogue written before rows carried MACs, once: every key, request, reservation
   // and setting is written back sealed, each with the audit record `record_for(row name)`
@@ -346,9 +349,9 @@ class KeyStore {
     // setting whose absence would let something happen that its presence forbids.
     kProven,
     // Never set unless a record the row index or this run's walks know of names it. For a
-    // setting whose absence only refuses a call or holds work back (no such token; nothing to
-    // resume, purge or destroy): no caller waits for a walk, and a log found changed does not
-    // stop that work's every turn.
+    // setting whose absence only refuses a call, holds work back (no such token; nothing to
+    // resume, purge or destroy) or allows what can be undone (disabling a key): no caller
+    // waits for a walk, and a log found changed does not stop that work's every turn.
     kHarmless,
   };
   // A server-wide setting written by Apply (with an audit record naming it); nullopt if never

@@ -598,9 +598,12 @@ TEST_CASE("A record custosd wrote, renamed while it runs to vouch for another ro
   REQUIRE(f.kms->Checkpoint().ok());
   f.Restart();  // nothing cached, nothing noted of "k"
   REQUIRE(f.kms->VerifyAuditLog(false).ok());
-  const KeyRef other = f.NewKeyWithoutGrants("other");  // records written in this run
-  const std::string renamed =
-      SqlQuery(Db(f), "SELECT max(seq) FROM audit_log WHERE row_name = 'key:" + other->id + "'");
+  // A record written in this run by a call that reads no row (reading one, or making a new
+  // version, which proves the root in use first, checks older records and notes "k").
+  CreateKeyParams params;
+  params.alias = "other";
+  REQUIRE(absl::IsPermissionDenied(f.kms->CreateKey(f.app, params).status()));
+  const std::string renamed = SqlQuery(Db(f), "SELECT max(seq) FROM audit_log");
   REQUIRE(SqlExec(Db(f), PutBackOlderRow(older, key->id) +
                              "DROP TRIGGER audit_log_append_only_update; UPDATE audit_log SET "
                              "row_name = '" +
@@ -885,6 +888,112 @@ TEST_CASE("A setting never written is taken for never set once the log is walked
   const absl::StatusOr<std::optional<std::string>> made = f.store->GetSetting("tde/mariadb/2");
   REQUIRE(made.ok());
   CHECK(made->has_value());
+}
+
+// The root new versions go under is read at start, before the log is checked against the HSM.
+// Its setting deleted with every index entry naming it, new versions went under the root the
+// last root rotation retired (still on the token while versions it wrapped remain).
+TEST_CASE("The root in use deleted with every index entry naming it wraps nothing new",
+          "[insider][catalog][root]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("k");  // its version keeps the retired (confining) root on the token
+  ExecuteAs3(f, Operation::kRotateRootKey, "");
+  REQUIRE(f.kms->CurrentRoot() == "custos-root.2");
+  REQUIRE(f.kms->Checkpoint().ok());  // below the HSM's head: walked only when asked
+  CreateKeyParams daily;              // after it: checked at every start
+  daily.alias = "k2";
+  daily.rotation_period_days = 1;
+  REQUIRE(f.kms->CreateKey(f.officer, daily).ok());
+  f.EditRowAndIndexWhileStopped("DELETE FROM settings WHERE name = 'root_key_label';",
+                                "setting:root_key_label");
+  REQUIRE(f.kms->CurrentRoot() == "custos-root");  // as custosd reads it at start
+  REQUIRE(f.hsm->CheckRootKey("custos-root").ok());
+  const auto check_refused = [](const absl::Status& refused) {
+    INFO(refused.ToString());
+    CHECK(absl::IsDataLoss(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("catalogue row setting:root_key_label is not in the database, and "
+                               "that is not believed"));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains(", which names row setting:root_key_label"));
+  };
+  CreateKeyParams params;
+  params.alias = "new";
+  check_refused(f.kms->CreateKey(f.officer, params).status());
+  Proposal rotate;
+  rotate.operation = Operation::kRotateKey;
+  rotate.key = "k2";
+  rotate.justification = "insider test";
+  absl::StatusOr<Request> request = f.kms->Propose(f.officer, rotate);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  const absl::Status rotated =
+      f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).status();
+  INFO(rotated.ToString());
+  CHECK(absl::IsFailedPrecondition(rotated));  // the request closed as failed, saying why
+  CHECK_THAT(std::string(rotated.message()),
+             Catch::Contains("could not execute: catalogue row setting:root_key_label is not in "
+                             "the database"));
+  Proposal root;
+  root.operation = Operation::kRotateRootKey;
+  root.justification = "insider test";
+  request = f.kms->Propose(f.officer, root);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  check_refused(f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).status());
+  // Maintenance neither rotates the key now due (nor records a refusal for it at each turn)
+  // nor drops the retired root from the list it is destroyed from.
+  f.clock.Advance(2 * policy::kDay);
+  for (int turn = 0; turn < 2; ++turn) {
+    const absl::Status done = f.kms->RunMaintenance();
+    INFO(done.ToString());
+    CHECK(done.ok());
+  }
+  CHECK(f.hsm->CheckRootKey("custos-root").ok());
+  CHECK(SqlQuery(Db(f), "SELECT value FROM settings WHERE name = 'retired_root_key_labels'") ==
+        R"(["custos-root"])");
+  CHECK(SqlQuery(Db(f),
+                 "SELECT group_concat(root_key_label) FROM (SELECT root_key_label FROM "
+                 "key_versions ORDER BY root_key_label)") ==
+        "custos-root,custos-root.2");  // k's and k2's first versions only
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "IntegrityFailure";
+        }) == 1);  // the log's alarm, once
+  CHECK(std::none_of(events.begin(), events.end(),
+                     [](const audit::Event& e) { return e.action == "AutoRotateKey"; }));
+}
+
+// On a server never rotated, the root in use is proven by the walk of the live log its absent
+// setting waits for: made by maintenance's first turn, or else by the first new version. An
+// index entry dropped while custosd runs shows which: after the walk it goes unseen.
+TEST_CASE("The root in use is proven by maintenance's first turn, else by the first new version",
+          "[insider][root]") {
+  Fixture f;
+  const KeyRef k = f.NewKeyWithoutGrants("k");
+  REQUIRE(f.kms->Checkpoint().ok());  // the HSM's head is the log's end: nothing walked at start
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  CreateKeyParams params;
+  params.alias = "after";
+  SECTION("a maintenance turn first: the new version walks nothing") {
+    REQUIRE(f.kms->RunMaintenance().ok());
+    DropRowIndexEntries(Db(f), "row_name = 'key:" + k->id + "'");
+    const absl::StatusOr<KeyRef> made = f.kms->CreateKey(f.officer, params);
+    INFO(made.status().ToString());
+    REQUIRE(made.ok());
+    CHECK((*made)->versions[0].root_key_label == "custos-root");
+  }
+  SECTION("no turn yet: the new version walks the log, and finds the entry gone") {
+    DropRowIndexEntries(Db(f), "row_name = 'key:" + k->id + "'");
+    const absl::Status refused = f.kms->CreateKey(f.officer, params).status();
+    INFO(refused.ToString());
+    CHECK(absl::IsDataLoss(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("catalogue row setting:root_key_label is not in the database, and "
+                               "that is not believed"));
+    CHECK_THAT(std::string(refused.message()), Catch::Contains(", which names row key:" + k->id));
+  }
 }
 
 // Maintenance stopped at the first row its integrity check refused: one key edited into a
