@@ -280,9 +280,12 @@ int Run(const Options& options) {
   if (*sealed > 0)
     std::fprintf(stderr, "custos_seed_keys: sealed %llu older rows\n",
                  static_cast<unsigned long long>(*sealed));
-  // As Kms before it wraps anything: the root is there and usable.
-  if (absl::Status usable = (*hsm)->CheckRootKey(root); !usable.ok()) return Fail(usable);
-  BatchSeeder seeder(options, *config, **policy, kms, **hsm, **store, clock, root);
+  // As Kms before it wraps anything: the root in use proven over the checked log, there and
+  // usable.
+  absl::StatusOr<std::string> proven = kms.RootForNewVersions();
+  if (!proven.ok()) return Fail(proven.status());
+  if (absl::Status usable = (*hsm)->CheckRootKey(*proven); !usable.ok()) return Fail(usable);
+  BatchSeeder seeder(options, *config, **policy, kms, **hsm, **store, clock, *proven);
   if (!options.through_kms) {
     if (absl::Status checked = seeder.Check(); !checked.ok()) return Fail(checked);
   }
