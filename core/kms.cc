@@ -7,7 +7,6 @@
 #include "core/call.h"
 #include "core/ciphertext_blob.h"
 #include "core/key_id.h"
-#include "spdlog/spdlog.h"
 #include "storage/row_codec.h"
 
 namespace custos::core {
@@ -60,17 +59,14 @@ absl::StatusOr<std::string> Kms::RootForNewVersions() {
                           options_.store->GetSetting(kRootKeySetting));
   std::lock_guard lock(policy_mu_);
   if (root_proven_) return root_key_label_;  // a root rotation wrote it meanwhile
-  if (stored.has_value() && *stored != root_key_label_) {
-    // Checked against the newest record naming it, so written by this server: a root rotation
-    // whose commit reported failure although it was made.
-    spdlog::warn("root key in use: '{}', as the catalogue says, not '{}'", *stored,
-                 root_key_label_);
-    root_key_label_ = *stored;
-  }
+  // A present value is checked against the newest record naming it, so a difference is a
+  // root rotation whose commit reported failure although it was made: the next start reads it.
   if (stored.value_or(options_.root_key_label) != root_key_label_) {
     absl::Status changed = absl::DataLossError(
         StrCat("the root key in use is '", root_key_label_, "' but the catalogue now names '",
-               stored.value_or(options_.root_key_label), "' (changed outside Custos?)"));
+               stored.value_or(options_.root_key_label),
+               "' (a root rotation reported failed although it was made, or a change outside "
+               "Custos): restart custosd"));
     changed.SetPayload(storage::kIntegrityPayload,
                        absl::Cord(storage::SettingRowName(kRootKeySetting)));
     return changed;

@@ -409,8 +409,8 @@ class Kms {
   std::string CurrentRoot() const;
   // CurrentRoot, for a new version: the label custosd read at start, before the log was checked
   // against the HSM, is used only once the store, read again over the checked log, agrees
-  // (once a run; a root rotation whose commit failed reads it again). The first call may walk
-  // the live log (KeyStore::Absence::kProven): maintenance proves it once its own walk is
+  // (once a run, and again after a re-anchoring or a root rotation that failed). The first call may
+  // walk the live log (KeyStore::Absence::kProven): maintenance proves it once its own walk is
   // done, else the first new version does. DATA_LOSS if the record of the last root rotation
   // was deleted outside Custos.
   absl::StatusOr<std::string> RootForNewVersions();
@@ -604,9 +604,13 @@ class Kms {
   Options options_;
   mutable std::mutex policy_mu_;
   std::shared_ptr<const policy::Policy> policy_;
-  std::string root_key_label_;  // guarded by policy_mu_
-  bool root_proven_ = false;    // guarded by policy_mu_; see RootForNewVersions
-  std::atomic<bool> root_refusal_logged_{false};
+  std::string root_key_label_;                    // guarded by policy_mu_
+  bool root_proven_ = false;                      // guarded by policy_mu_; see RootForNewVersions
+  std::atomic<bool> root_refusal_logged_{false};  // maintenance logs one refusal a run
+  bool RootProven() const {
+    std::lock_guard lock(policy_mu_);
+    return root_proven_;
+  }
   std::string anchor_problem_;  // guarded by policy_mu_; empty unless awaiting re-anchoring
   // With key_locks_, serialises request state changes and key changes (see ChangeLock), so
   // every request moves through its states exactly once; the data path never takes it. Changes

@@ -65,8 +65,8 @@ absl::Status Kms::PurgeErased() {
 absl::Status Kms::RunMaintenance() {
   // A slice of the log's older records recomputed (outside the request lock), so that no first
   // use of a row last changed long ago waits for it; a change found there is alarmed once.
-  if (const absl::Status older = options_.store->VerifyOlderAuditRecords(kOlderRecordsPerTurn);
-      absl::IsFailedPrecondition(older)) {
+  const absl::Status older = options_.store->VerifyOlderAuditRecords(kOlderRecordsPerTurn);
+  if (absl::IsFailedPrecondition(older)) {
     absl::Status alarm = absl::DataLossError(
         StrCat("the audit log was changed after it was written: ", older.message()));
     alarm.SetPayload(storage::kIntegrityPayload, absl::Cord("audit_log"));
@@ -75,20 +75,21 @@ absl::Status Kms::RunMaintenance() {
   // Nothing acts on a catalogue whose log failed its check until officers re-anchor it.
   CUSTOS_RETURN_IF_ERROR(ServingAllowed(Operation::kRotateKey));
   // The root new versions go under is proven here, outside every lock, once the walk above has
-  // reached the floor (sooner, by turns woken one after another), rather than by the first
-  // officer call to need it. Refused, it is alarmed and logged once, every new version is
-  // refused, and the rest of the turn goes on.
-  bool new_versions = false;
-  if (!options_.store->LiveLogWalked()) {
-    if (options_.wake_maintenance) options_.wake_maintenance();
-  } else if (const absl::Status root = RootForNewVersions().status(); !root.ok()) {
+  // reached the floor (sooner, by turns woken one after another while it goes on), or found
+  // the log changed (the proof then fails at once if it needs the walk), rather than by the
+  // first officer call to need it. Refused, it is alarmed, every new version is refused, and
+  // the rest of the turn goes on. A walk that could not read the log is tried next turn.
+  const bool walking = older.ok() && !options_.store->LiveLogWalked();
+  if (walking && options_.wake_maintenance) options_.wake_maintenance();
+  bool new_versions = RootProven();
+  if (!new_versions && !walking && (older.ok() || absl::IsFailedPrecondition(older))) {
+    const absl::Status root = RootForNewVersions().status();
     RaiseIntegrityAlarm(root);
-    if (!root_refusal_logged_.exchange(true)) {
+    if (absl::IsDataLoss(root) && !root_refusal_logged_.exchange(true)) {
       spdlog::error("no new key version can be made: the root key in use is not proven: {}",
                     root.ToString());
     }
-  } else {
-    new_versions = true;
+    new_versions = root.ok();
   }
   // Records an archival left to remove: a turn's share, and another turn soon if more are left.
   if (absl::StatusOr<bool> more = RemoveArchivedRecords(); !more.ok()) {
