@@ -300,6 +300,7 @@ int Run(const Options& options) {
   size_t reported = 0;
   absl::Status failure;
   std::vector<std::thread> workers;
+  workers.reserve(static_cast<size_t>(options.threads));
   for (int t = 0; t < options.threads; ++t) {
     workers.emplace_back([&] {
       for (size_t n = next.fetch_add(unit); n < options.count; n = next.fetch_add(unit)) {
