@@ -356,10 +356,12 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
     std::string hung;
     std::string error;
   };
+  // C_GetSessionInfo first: the probe after start-up's is a minute away (under the sanitizers
+  // the cases can take that long, and a probe meeting it hung defeats that case, above).
   const std::vector<Case> cases = {
+      {"C_GetSessionInfo", "CKR_SESSION_HANDLE_INVALID"},
       {"C_CloseSession", "CKR_SESSION_HANDLE_INVALID"},
       {"C_OpenSession", "CKR_SESSION_HANDLE_INVALID"},
-      {"C_GetSessionInfo", "CKR_SESSION_HANDLE_INVALID"},
       {"C_Login", "CKR_DEVICE_ERROR"},
       {"C_Finalize", "CKR_DEVICE_ERROR"},
       {"C_Initialize", "CKR_DEVICE_ERROR"},
