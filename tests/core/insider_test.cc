@@ -104,6 +104,19 @@ void CheckRefused(const absl::Status& status, const std::string& row, const std:
              Catch::StartsWith("catalogue row " + row + " failed its integrity check: " + why));
 }
 
+// An absent setting's read refused (`setting`, or "" where more than one may be read first):
+// the walk of the live log found record of row `unindexed` without its index entry.
+void CheckAbsenceRefused(const absl::Status& status, const std::string& setting,
+                         const std::string& unindexed) {
+  INFO(status.ToString());
+  CHECK(absl::IsDataLoss(status));
+  CHECK_THAT(std::string(status.message()),
+             Catch::Contains((setting.empty() ? "" : "catalogue row setting:" + setting) +
+                             " is not in the database, and that is not believed: the audit "
+                             "log, walked to see that no record names it, does not verify"));
+  CHECK_THAT(std::string(status.message()), Catch::Contains(", which names row " + unindexed));
+}
+
 TEST_CASE("A grant inserted with SQL grants nothing, raises the alarm once, and lists as such",
           "[insider][catalog]") {
   Fixture f;
@@ -829,14 +842,7 @@ TEST_CASE("A setting deleted with every index entry naming it is refused, not ta
   f.EditRowAndIndexWhileStopped("DELETE FROM settings WHERE name = '" + setting + "';",
                                 "setting:" + setting);
   for (int attempt = 0; attempt < 2; ++attempt) {
-    const absl::Status refused = f.kms->Propose(f.officer, proposal).status();
-    INFO(refused.ToString());
-    CHECK(absl::IsDataLoss(refused));
-    CHECK_THAT(std::string(refused.message()),
-               Catch::Contains(" is not in the database, and that is not believed: the audit "
-                               "log, walked to see that no record names it, does not verify"));
-    CHECK_THAT(std::string(refused.message()),
-               Catch::Contains(", which names row setting:" + setting));
+    CheckAbsenceRefused(f.kms->Propose(f.officer, proposal).status(), "", "setting:" + setting);
   }
   const std::vector<audit::Event> events = f.sink.events();
   CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
@@ -915,25 +921,18 @@ TEST_CASE("The root in use deleted with every index entry naming it wraps nothin
                                 "setting:root_key_label");
   REQUIRE(f.kms->CurrentRoot() == "custos-root");  // as custosd reads it at start
   REQUIRE(f.hsm->CheckRootKey("custos-root").ok());
-  const auto check_refused = [](const absl::Status& refused) {
-    INFO(refused.ToString());
-    CHECK(absl::IsDataLoss(refused));
-    CHECK_THAT(std::string(refused.message()),
-               Catch::Contains("catalogue row setting:root_key_label is not in the database, and "
-                               "that is not believed"));
-    CHECK_THAT(std::string(refused.message()),
-               Catch::Contains(", which names row setting:root_key_label"));
-  };
   CreateKeyParams params;
   params.alias = "new";
-  check_refused(f.kms->CreateKey(f.officer, params).status());
+  CheckAbsenceRefused(f.kms->CreateKey(f.officer, params).status(), "root_key_label",
+                      "setting:root_key_label");
   const absl::Status rotated = ApprovedAs3(f, Operation::kRotateKey, "k2").status();
   INFO(rotated.ToString());
   CHECK(absl::IsFailedPrecondition(rotated));  // the request closed as failed, saying why
   CHECK_THAT(std::string(rotated.message()),
              Catch::Contains("could not execute: catalogue row setting:root_key_label is not in "
                              "the database"));
-  check_refused(ApprovedAs3(f, Operation::kRotateRootKey, "").status());
+  CheckAbsenceRefused(ApprovedAs3(f, Operation::kRotateRootKey, "").status(), "root_key_label",
+                      "setting:root_key_label");
   // Maintenance neither rotates the key now due (nor records a refusal for it at each turn)
   // nor drops the retired root from the list it is destroyed from.
   f.clock.Advance(2 * policy::kDay);
@@ -981,13 +980,8 @@ TEST_CASE("The root in use is proven by maintenance's first turn, else by the fi
   }
   SECTION("no turn yet: the new version walks the log, and finds the entry gone") {
     DropRowIndexEntries(Db(f), "row_name = 'key:" + k->id + "'");
-    const absl::Status refused = f.kms->CreateKey(f.officer, params).status();
-    INFO(refused.ToString());
-    CHECK(absl::IsDataLoss(refused));
-    CHECK_THAT(std::string(refused.message()),
-               Catch::Contains("catalogue row setting:root_key_label is not in the database, and "
-                               "that is not believed"));
-    CHECK_THAT(std::string(refused.message()), Catch::Contains(", which names row key:" + k->id));
+    CheckAbsenceRefused(f.kms->CreateKey(f.officer, params).status(), "root_key_label",
+                        "key:" + k->id);
   }
 }
 
