@@ -958,6 +958,64 @@ TEST_CASE("The root in use deleted with every index entry naming it wraps nothin
                      [](const audit::Event& e) { return e.action == "AutoRotateKey"; }));
 }
 
+// A root rotation's setting put back from a copy made before it, with the index entry of the
+// rotation's record dropped: custosd starts on the root that rotation retired (still on the
+// token while versions it wrapped remain), and the row agrees with the newest record the index
+// leads to. Proving the root reads the row as any setting is read: its record, below the HSM's
+// head, is checked with the part of the log after it, which holds the rotation's record.
+TEST_CASE("The root in use put back from an older copy wraps nothing new",
+          "[insider][catalog][root]") {
+  Fixture f;
+  f.NewKeyWithoutGrants("k");
+  ExecuteAs3(f, Operation::kRotateRootKey, "");
+  f.NewKeyWithoutGrants("k2");  // its version keeps custos-root.2 on the token once retired
+  f.kms.reset();
+  f.store.reset();
+  const std::string older = f.dir.File("older.db");
+  std::filesystem::copy_file(Db(f), older);
+  f.Restart();
+  ExecuteAs3(f, Operation::kRotateRootKey, "");
+  REQUIRE(f.kms->CurrentRoot() == "custos-root.3");
+  const std::string row = "setting:root_key_label";
+  const std::string newest =
+      SqlQuery(Db(f), "SELECT max(seq) FROM audit_log WHERE row_name = '" + row + "'");
+  REQUIRE(!newest.empty());
+  for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
+  REQUIRE(f.kms->Checkpoint().ok());                                     // the HSM keeps this head
+  f.kms.reset();
+  f.store.reset();
+  REQUIRE(SqlExec(Db(f), "ATTACH '" + older +
+                             "' AS old; UPDATE settings SET (value, mac) = (SELECT value, mac "
+                             "FROM old.settings WHERE name = 'root_key_label') WHERE name = "
+                             "'root_key_label';")
+              .empty());
+  DropRowIndexEntries(Db(f), "seq = " + newest);
+  f.Restart();
+  REQUIRE(f.kms->VerifyAuditLog(false).ok());
+  REQUIRE(f.kms->CurrentRoot() == "custos-root.2");  // as custosd reads it at start
+  REQUIRE(f.hsm->CheckRootKey("custos-root.2").ok());
+  CreateKeyParams params;
+  params.alias = "new";
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const absl::Status refused = f.kms->CreateKey(f.officer, params).status();
+    CheckRefused(refused, row, "");
+    CHECK_THAT(std::string(refused.message()), Catch::Contains("audit record " + newest));
+  }
+  CheckRefused(ApprovedAs3(f, Operation::kRotateRootKey, "").status(), row, "");
+  f.clock.Advance(2 * policy::kDay);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(SqlQuery(Db(f),
+                 "SELECT group_concat(root_key_label) FROM (SELECT root_key_label FROM "
+                 "key_versions ORDER BY root_key_label)") == "custos-root,custos-root.2");
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "IntegrityFailure" &&
+                 e.detail.rfind("the audit log was changed after it was written: ", 0) == 0;
+        }) == 1);  // the log's alarm, once
+  CHECK(std::none_of(events.begin(), events.end(),
+                     [](const audit::Event& e) { return e.action == "AutoRotateKey"; }));
+}
+
 // On a server never rotated, the root in use is proven by the walk of the live log its absent
 // setting waits for: made by maintenance's first turn, or else by the first new version. An
 // index entry dropped while custosd runs shows which: after the walk it goes unseen.
