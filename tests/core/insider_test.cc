@@ -46,6 +46,7 @@ absl::StatusOr<Request> ApprovedAs3(Fixture& f, Operation operation, const std::
   proposal.params = std::move(params);
   proposal.justification = "insider test";
   absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
+  INFO(request.status().ToString());
   REQUIRE(request.ok());
   REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
   return f.kms->Approve(f.officer3, request->id, RequestDigest(*request));
@@ -980,8 +981,15 @@ TEST_CASE("The root in use put back from an older copy wraps nothing new",
   const std::string newest =
       SqlQuery(Db(f), "SELECT max(seq) FROM audit_log WHERE row_name = '" + row + "'");
   REQUIRE(!newest.empty());
+  const std::string retired =
+      SqlQuery(Db(f), "SELECT value FROM settings WHERE name = 'retired_root_key_labels'");
+  REQUIRE(retired == R"(["custos-root","custos-root.2"])");
   for (int i = 0; i < 3; ++i) REQUIRE(f.kms->RecordServerStart().ok());  // later history
   REQUIRE(f.kms->Checkpoint().ok());                                     // the HSM keeps this head
+  CreateKeyParams daily;  // after it: checked at every start
+  daily.alias = "k3";
+  daily.rotation_period_days = 1;
+  REQUIRE(f.kms->CreateKey(f.officer, daily).ok());
   f.kms.reset();
   f.store.reset();
   REQUIRE(SqlExec(Db(f), "ATTACH '" + older +
@@ -996,22 +1004,41 @@ TEST_CASE("The root in use put back from an older copy wraps nothing new",
   REQUIRE(f.hsm->CheckRootKey("custos-root.2").ok());
   CreateKeyParams params;
   params.alias = "new";
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    const absl::Status refused = f.kms->CreateKey(f.officer, params).status();
-    CheckRefused(refused, row, "");
-    CHECK_THAT(std::string(refused.message()), Catch::Contains("audit record " + newest));
-  }
+  const absl::Status refused = f.kms->CreateKey(f.officer, params).status();
+  CheckRefused(refused, row, "the audit record that vouches for it (");
+  CHECK_THAT(std::string(refused.message()),
+             Catch::Contains("has no entry for audit record " + newest + ", which names row " +
+                             row + ". "));
+  const absl::Status again = f.kms->CreateKey(f.officer, params).status();
+  CheckRefused(again, row, "");
+  CHECK_THAT(std::string(again.message()), Catch::Contains("audit record " + newest + " "));
+  const absl::Status rotated = ApprovedAs3(f, Operation::kRotateKey, "k3").status();
+  INFO(rotated.ToString());
+  CHECK(absl::IsFailedPrecondition(rotated));  // the request closed as failed, saying why
+  CHECK_THAT(
+      std::string(rotated.message()),
+      Catch::Contains("could not execute: catalogue row " + row + " failed its integrity check: "));
   CheckRefused(ApprovedAs3(f, Operation::kRotateRootKey, "").status(), row, "");
+  // Maintenance neither rotates k3, now due, nor destroys or drops a retired root.
   f.clock.Advance(2 * policy::kDay);
-  REQUIRE(f.kms->RunMaintenance().ok());
+  for (int turn = 0; turn < 2; ++turn) REQUIRE(f.kms->RunMaintenance().ok());
   CHECK(SqlQuery(Db(f),
                  "SELECT group_concat(root_key_label) FROM (SELECT root_key_label FROM "
-                 "key_versions ORDER BY root_key_label)") == "custos-root,custos-root.2");
+                 "key_versions ORDER BY root_key_label)") ==
+        "custos-root,custos-root.2,custos-root.3");  // k's, k2's and k3's first versions only
+  CHECK(SqlQuery(Db(f), "SELECT value FROM settings WHERE name = 'retired_root_key_labels'") ==
+        retired);
+  for (const char* root : {"custos-root", "custos-root.2", "custos-root.3"}) {
+    CHECK(f.hsm->CheckRootKey(root).ok());
+  }
   const std::vector<audit::Event> events = f.sink.events();
   CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
           return e.action == "IntegrityFailure" &&
                  e.detail.rfind("the audit log was changed after it was written: ", 0) == 0;
         }) == 1);  // the log's alarm, once
+  CHECK(std::count_if(events.begin(), events.end(), [](const audit::Event& e) {
+          return e.action == "IntegrityFailure";
+        }) == 2);  // and the row's
   CHECK(std::none_of(events.begin(), events.end(),
                      [](const audit::Event& e) { return e.action == "AutoRotateKey"; }));
 }
