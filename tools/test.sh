@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tools/install-deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCUSTOS_BENCH=ON >/dev/null  # bench_smoke too
 cmake --build build -j"$(nproc)"
 ctest --test-dir build --output-on-failure --timeout 900
