@@ -3,9 +3,10 @@
 // A module's initialised state is process-wide: a second C_Initialize fails with
 // CKR_CRYPTOKI_ALREADY_INITIALIZED and one C_Finalize ends it for every user in the process.
 // So Load() hands out one shared instance per library, and the last owner to let go runs
-// C_Finalize and dlclose. Several Hsm instances (tests, or custosd reopening after a fault) can
-// therefore come and go independently. If something outside Custos initialised the module
-// first, it is used but never finalised here.
+// C_Finalize and dlclose (the library stays mapped: it is opened RTLD_NODELETE). Several Hsm
+// instances (tests, or custosd reopening after a fault) can therefore come and go
+// independently. If something outside Custos initialised the module first, it is used but
+// never finalised here.
 //
 // Thread-safe: the function list may be called from any thread (CKF_OS_LOCKING_OK).
 #pragma once
