@@ -14,8 +14,8 @@
 #
 # Usage: tools/sanitize.sh [asan|tsan]...   (default: both, in that order)
 #   SANITIZE_JOBS  build jobs (default 2)
-# Suppressions, each explained: tools/sanitizers/lsan.supp (one leak inside c-ares). TSan needs
-# none. Needs what tools/test.sh needs.
+# Suppressions, each explained: tools/sanitizers/lsan.supp (a leak inside c-ares, one inside
+# SoftHSM2). TSan needs none. Needs what tools/test.sh needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
