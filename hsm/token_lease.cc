@@ -53,6 +53,27 @@ std::string StandingHolder(const std::vector<std::string>& values) {
   return standing;
 }
 
+// A starting server's refusal: the claim it watched (now `values`) changed, so its holder lives.
+absl::Status RenewedMeanwhile(const std::vector<std::string>& values) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "another custosd (", HolderOf(values),
+      ") holds this HSM token: it renewed its claim while this one waited. Two servers on one "
+      "token would fork the audit log; stop the other one first, or give this one a token of "
+      "its own"));
+}
+
+// The server behind `others` (claims), for a holder's messages: its own may be gone already.
+std::string OtherOf(const std::vector<std::string>& others) {
+  return others.empty() ? "one that has stopped since" : HolderOf(others);
+}
+
+// A holder's loss: its claim lapsed and was taken.
+absl::Status TookOver(const std::vector<std::string>& others) {
+  return absl::AbortedError(absl::StrCat(
+      "another custosd (", OtherOf(others),
+      ") took this HSM token over while this one did not renew its claim for a lease"));
+}
+
 // Now on CLOCK_BOOTTIME: unlike steady_clock it counts a suspended host's sleep, which a
 // server on another host waiting for the claim did not sleep through.
 std::chrono::nanoseconds BootNow() {
@@ -72,6 +93,18 @@ bool TokenLease::AllMine(const std::vector<std::string>& values) const {
   const std::string mine = Mine();
   return std::all_of(values.begin(), values.end(),
                      [&](const std::string& v) { return v.rfind(mine, 0) == 0; });
+}
+
+TokenLease::Claims TokenLease::Sort(const std::vector<std::string>& values) const {
+  Claims claims;
+  for (const std::string& value : values) {
+    if (AllMine({value})) {
+      claims.mine = true;
+    } else if (!FieldOf({value}, "holder").empty()) {
+      claims.others.push_back(value);
+    }
+  }
+  return claims;
 }
 
 std::string TokenLease::Encode(uint64_t beat) const {
@@ -103,13 +136,7 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
         found = std::move(now);
         break;
       }
-      if (now != found) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "another custosd (", HolderOf(now),
-            ") holds this HSM token: it renewed its claim while this one waited. Two servers "
-            "on one token would fork the audit log; stop the other one first, or give this "
-            "one a token of its own"));
-      }
+      if (now != found) return RenewedMeanwhile(now);
     }
     if (!AllReleased(found)) {
       lease->taken_over_from_ = HolderOf(found);
@@ -121,6 +148,10 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       if (o.may_take_over) {
         CUSTOS_RETURN_IF_ERROR(o.may_take_over(lease->taken_over_from_, lease->taken_over_state_));
       }
+      // The holder may have come back while this one decided (custosd reads its database
+      // above): a last look, just before the write that would destroy its renewed claim.
+      CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> last, hsm->ReadTokenData(o.label));
+      if (last != found && !AllReleased(last)) return RenewedMeanwhile(last);
     }
   }
   const auto writing = BootNow();
@@ -168,12 +199,7 @@ absl::Status TokenLease::RenewLocked() {
   const bool lapsed = began - renewed_at_ >= options_.lease;
   const bool starting = began - acquired_at_ < options_.lease;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
-  std::vector<std::string> others;  // other servers' claims (not a "released")
-  std::copy_if(found.begin(), found.end(), std::back_inserter(others), [&](const std::string& v) {
-    return !AllMine({v}) && !FieldOf({v}, "holder").empty();
-  });
-  const bool mine_found =
-      std::any_of(found.begin(), found.end(), [&](const std::string& v) { return AllMine({v}); });
+  const auto [mine_found, others] = Sort(found);
   if (found.empty()) {
     // Not another server's: one would have written its own. Someone holding the PIN deleted it.
     spdlog::warn(
@@ -181,16 +207,12 @@ absl::Status TokenLease::RenewLocked() {
         "writing it again",
         options_.label);
   } else if (!mine_found || (!others.empty() && lapsed)) {
-    const std::string other = others.empty() ? "one that has stopped since" : HolderOf(others);
     if (!lapsed) {  // not for want of renewals: it claimed the token at the same moment
-      return absl::AbortedError(absl::StrCat("another custosd (", other,
+      return absl::AbortedError(absl::StrCat("another custosd (", OtherOf(others),
                                              ") claimed this HSM token at the same moment, "
                                              "and its claim stands"));
     }
-    return absl::AbortedError(
-        absl::StrCat("another custosd (", other,
-                     ") took this HSM token over while this one did not renew its claim for a "
-                     "lease"));
+    return TookOver(others);
   } else if (!others.empty()) {
     // Claimed side by side with another server, one of the two seeing the other's late.
     if (starting && StandingHolder(found) != holder_) {
@@ -208,11 +230,30 @@ absl::Status TokenLease::RenewLocked() {
   others_seen_ = others;
   // A pause since the read (a stopped process) may have let the claim lapse and be taken: the
   // write would destroy the new claim. The next renewal reads again.
-  if (!lapsed && BootNow() - renewed_at_ >= options_.lease) {
+  const auto read = BootNow();
+  if (!lapsed && read - renewed_at_ >= options_.lease) {
     return absl::UnavailableError("renewing the claim took longer than a lease; reading again");
+  }
+  // A lapsed claim may be being taken over: a server that watched it go unrenewed for a lease
+  // writes its own at any moment, perhaps since the read above. Written within a settle of that
+  // read, this renewal lands before such a server reads its claim back (and finds it destroyed,
+  // or beside this one's: it stops, or this one does, below); written later, it could destroy a
+  // claim already read back and standing.
+  if (lapsed && read - began >= options_.settle) {
+    return absl::UnavailableError(
+        "renewing a lapsed claim took longer than the settle time from its read to its write; "
+        "reading again");
   }
   // Counted before the write: one that timed out may still land, and the next must differ.
   CUSTOS_RETURN_IF_ERROR(hsm_->WriteTokenData(options_.label, Encode(++beat_)));
+  if (lapsed) {
+    // Not trusted until read back: a claim written meanwhile beside this one has taken the
+    // token, and its server, seeing this renewal beside it, stops unless its claim stands.
+    std::this_thread::sleep_for(options_.settle);
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
+    const Claims after = Sort(claimed);
+    if (!after.mine || !after.others.empty()) return TookOver(after.others);
+  }
   renewed_at_ = began;
   return absl::OkStatus();
 }

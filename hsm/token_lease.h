@@ -5,7 +5,8 @@
 // lives there: a private data object naming its holder, renewed every fifth of a lease on a
 // thread of its own. A server starting finds the claim either released (a clean stop),
 // unchanged for a whole lease (its holder died), or renewed while it watched: then it refuses
-// to start. PKCS#11 has no compare-and-swap: a claim is written, left to settle, and read back,
+// to start. PKCS#11 has no compare-and-swap: a claim is written, left to settle, and read back
+// (a new one, and a renewal of one left unrenewed for a lease, which may be being taken over),
 // and a holder confirms its claim before each write another holder's would conflict with.
 #pragma once
 
@@ -86,6 +87,13 @@ class TokenLease {
   std::string Encode(uint64_t beat) const;
   // True if every value is one of this process's claims (a renewal cut short leaves two).
   bool AllMine(const std::vector<std::string>& values) const;
+  // Of the values read: whether one is this process's claim, and the other servers' claims
+  // (not a "released").
+  struct Claims {
+    bool mine = false;
+    std::vector<std::string> others;
+  };
+  Claims Sort(const std::vector<std::string>& values) const;
   absl::Status RenewLocked();  // with mu_ held
   void StopRenewing();
 

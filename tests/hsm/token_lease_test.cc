@@ -200,6 +200,60 @@ TEST_CASE(
   CHECK_THAT(std::string(confirmed.message()), Catch::Contains("took this HSM token over"));
 }
 
+// No compare-and-swap: each side's write could destroy the other's claim. A server taking a
+// lapsed claim over looks once more just before it writes, and a holder renewing a lapsed
+// claim reads its renewal back before it trusts it.
+TEST_CASE("A holder back as its token is taken over keeps it: the taker looks once more",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto stalled = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(stalled.ok());
+  // It comes back while the taker checks its state (custosd reads its database then).
+  TokenLease::Options taker_options = kShort;
+  absl::Status back;
+  taker_options.may_take_over = [&](const std::string&, const std::string&) {
+    back = (*stalled)->Renew();
+    return absl::OkStatus();
+  };
+  auto taker = TokenLease::Acquire(hsm.get(), taker_options);
+  CHECK(back.ok());
+  CHECK(taker.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(taker.status().message()),
+             Catch::Contains("holds this HSM token: it renewed its claim while this one waited"));
+  CHECK((*stalled)->Confirm().ok());
+  CHECK((*stalled)->Renew().ok());
+  CHECK(hsm->ReadTokenData("custos-instance")->size() == 1);
+}
+
+TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto stalled = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(stalled.ok());
+  std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
+  // The taker's claim lands while the holder's renewal settles, destroying the renewal (as a
+  // taker's write destroys every older claim).
+  const std::string taker_claim = "custos-lease-v1\nholder=ff taker:1\nbeat=0\nstate=\n";
+  faulty.BeforeNextCallTo("WriteTokenData", [&] {
+    faulty.BeforeNextCallTo("ReadTokenData", [&] {
+      std::vector<std::string> values = *hsm->ReadTokenData("custos-instance");
+      REQUIRE(values.size() == 1);  // the renewal
+      REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok());
+    });
+  });
+  const absl::Status renewed = (*stalled)->Renew();
+  CHECK(renewed.code() == absl::StatusCode::kAborted);
+  CHECK(renewed.message() ==
+        "another custosd (taker:1) took this HSM token over while this one did not renew its "
+        "claim for a lease");
+  // Its next Confirm (before it would sign or write the head) does not trust the renewal.
+  CHECK((*stalled)->Confirm().code() == absl::StatusCode::kAborted);
+  CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+}
+
 TEST_CASE(
     "Renewals that fail slowly (calls left stuck in the module) back off to half a lease; "
     "fast failures and recovery renew at the usual pace",
