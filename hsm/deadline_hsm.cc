@@ -120,6 +120,12 @@ class DeadlineHsm final : public Hsm {
       return inner_->WriteTokenData(label, in);
     });
   }
+  absl::Status ReplaceTokenData(const std::string& label, const std::vector<std::string>& expected,
+                                std::string_view value) override {
+    return CallStatus("ReplaceTokenData", label, [=, this, in = std::string(value)] {
+      return inner_->ReplaceTokenData(label, expected, in);
+    });
+  }
 
  private:
   // Runs `fn` (which owns its inputs), call `what` on HSM object `object`, on the executor;

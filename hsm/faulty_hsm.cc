@@ -147,4 +147,11 @@ absl::Status FaultyHsm::WriteTokenData(const std::string& label, std::string_vie
   return inner_->WriteTokenData(label, value);
 }
 
+absl::Status FaultyHsm::ReplaceTokenData(const std::string& label,
+                                         const std::vector<std::string>& expected,
+                                         std::string_view value) {
+  CUSTOS_RETURN_IF_ERROR(NextFault("ReplaceTokenData"));
+  return inner_->ReplaceTokenData(label, expected, value);
+}
+
 }  // namespace custos::hsm

@@ -67,6 +67,8 @@ class FaultyHsm final : public Hsm {
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
   absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override;
   absl::Status WriteTokenData(const std::string& label, std::string_view value) override;
+  absl::Status ReplaceTokenData(const std::string& label, const std::vector<std::string>& expected,
+                                std::string_view value) override;
 
  private:
   // The failure to inject into the call being made, or OK to forward it.

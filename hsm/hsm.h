@@ -172,6 +172,13 @@ class Hsm {
   // data object's value cannot be changed in place on every module), so a crash in between
   // leaves both, never neither.
   virtual absl::Status WriteTokenData(const std::string& label, std::string_view value) = 0;
+  // As WriteTokenData, if the objects under `label` hold exactly `expected` (in any order) when
+  // looked at, in the same call, just before the write; FAILED_PRECONDITION, writing nothing,
+  // otherwise. Not a compare-and-swap (PKCS#11 has none): another process may still write
+  // between the look and the write, but no queue or stall of this one comes between them.
+  virtual absl::Status ReplaceTokenData(const std::string& label,
+                                        const std::vector<std::string>& expected,
+                                        std::string_view value) = 0;
 };
 
 // True if `status` is the module's own failure (CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED). Met

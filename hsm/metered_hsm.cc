@@ -21,7 +21,8 @@ constexpr const char* kOperationNames[] = {"CreateRootKey",
                                            "SignSha256",
                                            "PublicKeyPem",
                                            "ReadTokenData",
-                                           "WriteTokenData"};
+                                           "WriteTokenData",
+                                           "ReplaceTokenData"};
 
 const absl::Status& StatusOf(const absl::Status& status) { return status; }
 template <typename T>
@@ -117,6 +118,13 @@ absl::StatusOr<std::vector<std::string>> MeteredHsm::ReadTokenData(const std::st
 }
 absl::Status MeteredHsm::WriteTokenData(const std::string& label, std::string_view value) {
   return Measure(kWriteTokenData, [&] { return inner_->WriteTokenData(label, value); });
+}
+
+absl::Status MeteredHsm::ReplaceTokenData(const std::string& label,
+                                          const std::vector<std::string>& expected,
+                                          std::string_view value) {
+  return Measure(kReplaceTokenData,
+                 [&] { return inner_->ReplaceTokenData(label, expected, value); });
 }
 
 }  // namespace custos::hsm

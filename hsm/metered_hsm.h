@@ -42,6 +42,8 @@ class MeteredHsm final : public Hsm {
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
   absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override;
   absl::Status WriteTokenData(const std::string& label, std::string_view value) override;
+  absl::Status ReplaceTokenData(const std::string& label, const std::vector<std::string>& expected,
+                                std::string_view value) override;
 
  private:
   enum Operation {
@@ -62,6 +64,7 @@ class MeteredHsm final : public Hsm {
     kPublicKeyPem,
     kReadTokenData,
     kWriteTokenData,
+    kReplaceTokenData,
     kOperationCount
   };
   template <typename Call>

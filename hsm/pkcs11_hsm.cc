@@ -10,6 +10,7 @@
 // inside the module (C_Finalize during a call is undefined): it finds the token again by
 // label, logs in, and the handles of the keys and the cache of unwrapped versions are rebuilt
 // as operations need them. Failed attempts are repeated at most every 200 ms.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -176,11 +177,19 @@ class Pkcs11Hsm final : public Hsm {
   absl::StatusOr<std::string> PublicKeyPem(const std::string& label) override;
   absl::StatusOr<std::vector<std::string>> ReadTokenData(const std::string& label) override;
   absl::Status WriteTokenData(const std::string& label, std::string_view value) override;
+  absl::Status ReplaceTokenData(const std::string& label, const std::vector<std::string>& expected,
+                                std::string_view value) override;
 
  private:
   // The private data objects labelled `label`.
   absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> FindData(CK_SESSION_HANDLE session,
                                                          const std::string& label);
+  // The values of data objects `objects`.
+  absl::StatusOr<std::vector<std::string>> ValuesOf(CK_SESSION_HANDLE session,
+                                                    const std::vector<CK_OBJECT_HANDLE>& objects);
+  // Stores `value` under `label` as a new object, then destroys `older`.
+  absl::Status StoreData(CK_SESSION_HANDLE session, const std::string& label,
+                         std::string_view value, const std::vector<CK_OBJECT_HANDLE>& older);
   // Runs `op` on a pooled session, once more after recovering from a lost session, login or
   // handle; logs the HSM failing and recovering (failures_).
   template <typename T>
@@ -692,54 +701,85 @@ absl::StatusOr<std::vector<CK_OBJECT_HANDLE>> Pkcs11Hsm::FindData(CK_SESSION_HAN
   return FindObjects(*pool_->module(), session, match, /*max_count=*/16);
 }
 
+absl::StatusOr<std::vector<std::string>> Pkcs11Hsm::ValuesOf(
+    CK_SESSION_HANDLE session, const std::vector<CK_OBJECT_HANDLE>& objects) {
+  std::vector<std::string> values;
+  for (CK_OBJECT_HANDLE object : objects) {
+    CK_ATTRIBUTE value{CKA_VALUE, nullptr, 0};
+    CK_RV rv = api_->C_GetAttributeValue(session, object, &value, 1);
+    if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+    std::string bytes(value.ulValueLen, '\0');
+    value.pValue = bytes.data();
+    rv = api_->C_GetAttributeValue(session, object, &value, 1);
+    if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
+    bytes.resize(value.ulValueLen);
+    values.push_back(std::move(bytes));
+  }
+  return values;
+}
+
+absl::Status Pkcs11Hsm::StoreData(CK_SESSION_HANDLE session, const std::string& label,
+                                  std::string_view value,
+                                  const std::vector<CK_OBJECT_HANDLE>& older) {
+  AttributeTemplate data;
+  data.Ulong(CKA_CLASS, CKO_DATA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)  // only the PIN holder reads or changes it
+      .String(CKA_LABEL, label)
+      .String(CKA_APPLICATION, "custos")
+      .String(CKA_VALUE, value);
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  CK_RV rv = api_->C_CreateObject(session, data.data(), data.size(), &handle);
+  if (rv != CKR_OK) return CkError("C_CreateObject", rv);
+  for (CK_OBJECT_HANDLE object : older) {
+    rv = api_->C_DestroyObject(session, object);
+    // Another process may have destroyed it first: SoftHSM2 then fails to remove its file
+    // (CKR_FUNCTION_FAILED). One left behind is an older value, which every reader of several
+    // passes over.
+    if (rv == CKR_FUNCTION_FAILED) {
+      spdlog::warn(
+          "HSM: an older '{}' object could not be destroyed (PKCS#11 C_DestroyObject: "
+          "CKR_FUNCTION_FAILED); gone already, or left beside the new one",
+          label);
+    } else if (rv != CKR_OK && !IsHandleStale(rv)) {
+      return CkError("C_DestroyObject", rv);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<std::string>> Pkcs11Hsm::ReadTokenData(const std::string& label) {
   return Run<std::vector<std::string>>(
       [&](CK_SESSION_HANDLE session) -> absl::StatusOr<std::vector<std::string>> {
         CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> found, FindData(session, label));
-        std::vector<std::string> values;
-        for (CK_OBJECT_HANDLE object : found) {
-          CK_ATTRIBUTE value{CKA_VALUE, nullptr, 0};
-          CK_RV rv = api_->C_GetAttributeValue(session, object, &value, 1);
-          if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
-          std::string bytes(value.ulValueLen, '\0');
-          value.pValue = bytes.data();
-          rv = api_->C_GetAttributeValue(session, object, &value, 1);
-          if (rv != CKR_OK) return CkError("C_GetAttributeValue", rv);
-          bytes.resize(value.ulValueLen);
-          values.push_back(std::move(bytes));
-        }
-        return values;
+        return ValuesOf(session, found);
       });
 }
 
 absl::Status Pkcs11Hsm::WriteTokenData(const std::string& label, std::string_view value) {
   return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
            CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> older, FindData(session, label));
-           AttributeTemplate data;
-           data.Ulong(CKA_CLASS, CKO_DATA)
-               .Bool(CKA_TOKEN, true)
-               .Bool(CKA_PRIVATE, true)  // only the PIN holder reads or changes it
-               .String(CKA_LABEL, label)
-               .String(CKA_APPLICATION, "custos")
-               .String(CKA_VALUE, value);
-           CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
-           CK_RV rv = api_->C_CreateObject(session, data.data(), data.size(), &handle);
-           if (rv != CKR_OK) return CkError("C_CreateObject", rv);
-           for (CK_OBJECT_HANDLE object : older) {
-             rv = api_->C_DestroyObject(session, object);
-             // Another process may have destroyed it first: SoftHSM2 then fails to remove its
-             // file (CKR_FUNCTION_FAILED). One left behind is an older value, which every
-             // reader of several passes over.
-             if (rv == CKR_FUNCTION_FAILED) {
-               spdlog::warn(
-                   "HSM: an older '{}' object could not be destroyed (PKCS#11 "
-                   "C_DestroyObject: CKR_FUNCTION_FAILED); gone already, or left beside "
-                   "the new one",
-                   label);
-             } else if (rv != CKR_OK && !IsHandleStale(rv)) {
-               return CkError("C_DestroyObject", rv);
-             }
+           CUSTOS_RETURN_IF_ERROR(StoreData(session, label, value, older));
+           return true;
+         })
+      .status();
+}
+
+absl::Status Pkcs11Hsm::ReplaceTokenData(const std::string& label,
+                                         const std::vector<std::string>& expected,
+                                         std::string_view value) {
+  std::vector<std::string> wanted = expected;
+  std::sort(wanted.begin(), wanted.end());
+  return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
+           CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> older, FindData(session, label));
+           CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> values, ValuesOf(session, older));
+           std::sort(values.begin(), values.end());
+           if (values != wanted) {
+             return absl::FailedPreconditionError(
+                 absl::StrCat("the token's '", label,
+                              "' objects changed since they were read; nothing written"));
            }
+           CUSTOS_RETURN_IF_ERROR(StoreData(session, label, value, older));
            return true;
          })
       .status();

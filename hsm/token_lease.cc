@@ -148,15 +148,22 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       if (o.may_take_over) {
         CUSTOS_RETURN_IF_ERROR(o.may_take_over(lease->taken_over_from_, lease->taken_over_state_));
       }
-      // The holder may have come back while this one decided (custosd reads its database
-      // above): a last look, just before the write that would destroy its renewed claim.
-      CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> last, hsm->ReadTokenData(o.label));
-      if (last != found && !AllReleased(last)) return RenewedMeanwhile(last);
     }
   }
   const auto writing = BootNow();
   const std::string claim = lease->Encode(0);
-  CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
+  if (AllReleased(found)) {
+    CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
+  } else {
+    // The holder may have come back while this one decided (custosd reads its database above):
+    // its claim is replaced only if still the one watched, looked at in the call that writes.
+    const absl::Status replaced = hsm->ReplaceTokenData(o.label, found, claim);
+    if (absl::IsFailedPrecondition(replaced)) {
+      CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> now, hsm->ReadTokenData(o.label));
+      return RenewedMeanwhile(now);
+    }
+    CUSTOS_RETURN_IF_ERROR(replaced);
+  }
   lease->released_ = false;
   // Two servers starting at once may both have found the token free. Each writes, then looks
   // again once the other's write has landed: a claim destroyed by a later one stops its
@@ -230,25 +237,21 @@ absl::Status TokenLease::RenewLocked() {
   others_seen_ = others;
   // A pause since the read (a stopped process) may have let the claim lapse and be taken: the
   // write would destroy the new claim. The next renewal reads again.
-  const auto read = BootNow();
-  if (!lapsed && read - renewed_at_ >= options_.lease) {
+  if (!lapsed && BootNow() - renewed_at_ >= options_.lease) {
     return absl::UnavailableError("renewing the claim took longer than a lease; reading again");
   }
-  // A lapsed claim may be being taken over: a server that watched it go unrenewed for a lease
-  // writes its own at any moment, perhaps since the read above. Written within a settle of that
-  // read, this renewal lands before such a server reads its claim back (and finds it destroyed,
-  // or beside this one's: it stops, or this one does, below); written later, it could destroy a
-  // claim already read back and standing.
-  if (lapsed && read - began >= options_.settle) {
-    return absl::UnavailableError(
-        "renewing a lapsed claim took longer than the settle time from its read to its write; "
-        "reading again");
+  // Only over what was read: a server that took the claim over since (a lapsed one may be
+  // taken at any moment) has written its own, which this write must not destroy. Counted before
+  // the write: one that timed out may still land, and the next must differ.
+  const absl::Status written = hsm_->ReplaceTokenData(options_.label, found, Encode(++beat_));
+  if (absl::IsFailedPrecondition(written)) {
+    return absl::UnavailableError("the claim changed as it was renewed; reading again");
   }
-  // Counted before the write: one that timed out may still land, and the next must differ.
-  CUSTOS_RETURN_IF_ERROR(hsm_->WriteTokenData(options_.label, Encode(++beat_)));
+  CUSTOS_RETURN_IF_ERROR(written);
   if (lapsed) {
-    // Not trusted until read back: a claim written meanwhile beside this one has taken the
-    // token, and its server, seeing this renewal beside it, stops unless its claim stands.
+    // Not trusted until read back: a server taking the claim over may have written its own
+    // between this write's look and the write itself. Its claim beside this one has taken the
+    // token, and that server, seeing this renewal beside it, stops unless its claim stands.
     std::this_thread::sleep_for(options_.settle);
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
     const Claims after = Sort(claimed);
@@ -309,7 +312,9 @@ absl::Status TokenLease::Release() {
   released_ = true;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
   if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
-  return hsm_->WriteTokenData(options_.label, Released());
+  // Only over this process's claim: one a server took over since stands.
+  const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released());
+  return absl::IsFailedPrecondition(released) ? absl::OkStatus() : released;
 }
 
 }  // namespace custos::hsm

@@ -200,8 +200,8 @@ TEST_CASE(
   CHECK_THAT(std::string(confirmed.message()), Catch::Contains("took this HSM token over"));
 }
 
-// No compare-and-swap: each side's write could destroy the other's claim. A server taking a
-// lapsed claim over looks once more just before it writes, and a holder renewing a lapsed
+// No compare-and-swap: each side's write could destroy the other's claim. Both write only over
+// the claim they read (looked at again in the call that writes), and a holder renewing a lapsed
 // claim reads its renewal back before it trusts it.
 TEST_CASE("A holder back as its token is taken over keeps it: the taker looks once more",
           "[token_lease]") {
@@ -235,15 +235,17 @@ TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and 
   REQUIRE(stalled.ok());
   std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
   // The taker's claim lands while the holder's renewal settles, destroying the renewal (as a
-  // taker's write destroys every older claim).
+  // taker's write destroys the claim it took over).
   const std::string taker_claim = "custos-lease-v1\nholder=ff taker:1\nbeat=0\nstate=\n";
-  faulty.BeforeNextCallTo("WriteTokenData", [&] {
+  const auto after_the_write = [&] {
     faulty.BeforeNextCallTo("ReadTokenData", [&] {
       std::vector<std::string> values = *hsm->ReadTokenData("custos-instance");
       REQUIRE(values.size() == 1);  // the renewal
       REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok());
     });
-  });
+  };
+  faulty.BeforeNextCallTo("ReplaceTokenData", after_the_write);  // whichever call writes
+  faulty.BeforeNextCallTo("WriteTokenData", after_the_write);
   const absl::Status renewed = (*stalled)->Renew();
   CHECK(renewed.code() == absl::StatusCode::kAborted);
   CHECK(renewed.message() ==
@@ -252,6 +254,67 @@ TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and 
   // Its next Confirm (before it would sign or write the head) does not trust the renewal.
   CHECK((*stalled)->Confirm().code() == absl::StatusCode::kAborted);
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+}
+
+TEST_CASE("A holder renewing a lapsed claim leaves a claim written since its read alone",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto stalled = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(stalled.ok());
+  std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
+  // The taker's claim lands between the holder's read and its write (whichever call writes).
+  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nbeat=0\nstate=\n";
+  const auto take_over = [&] { REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok()); };
+  faulty.BeforeNextCallTo("ReplaceTokenData", take_over);
+  faulty.BeforeNextCallTo("WriteTokenData", take_over);
+  const absl::Status renewed = (*stalled)->Renew();
+  CHECK(renewed.code() == absl::StatusCode::kUnavailable);
+  CHECK(renewed.message() == "the claim changed as it was renewed; reading again");
+  CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+  const absl::Status next = (*stalled)->Renew();
+  CHECK(next.code() == absl::StatusCode::kAborted);
+  CHECK(next.message() ==
+        "another custosd (taker:1) took this HSM token over while this one did not renew its "
+        "claim for a lease");
+  CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+}
+
+TEST_CASE("A holder stopping as another takes its claim over leaves the new claim standing",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto stopping = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(stopping.ok());
+  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nbeat=0\nstate=\n";
+  // Between its read and its write, whichever call writes.
+  const auto take_over = [&] { REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok()); };
+  faulty.BeforeNextCallTo("ReplaceTokenData", take_over);
+  faulty.BeforeNextCallTo("WriteTokenData", take_over);
+  CHECK((*stopping)->Release().ok());
+  CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+}
+
+// Lapses are likeliest when the HSM is slow: a renewal must not need a fast one to succeed.
+TEST_CASE("A lapsed claim is renewed again however slowly the HSM reads", "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto holder = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(holder.ok());
+  std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
+  std::function<void()> slow_read;
+  slow_read = [&] {
+    std::this_thread::sleep_for(250ms);  // past the 100 ms settle
+    faulty.BeforeNextCallTo("ReadTokenData", slow_read);
+  };
+  faulty.BeforeNextCallTo("ReadTokenData", slow_read);
+  CHECK((*holder)->Renew().ok());
+  CHECK((*holder)->Confirm().ok());
+  faulty.BeforeNextCallTo("ReadTokenData", nullptr);
+  CHECK(hsm->ReadTokenData("custos-instance")->size() == 1);
 }
 
 TEST_CASE(
