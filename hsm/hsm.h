@@ -175,7 +175,9 @@ class Hsm {
   // As WriteTokenData, if the objects under `label` hold exactly `expected` (in any order) when
   // looked at, in the same call, just before the write; FAILED_PRECONDITION, writing nothing,
   // otherwise. Not a compare-and-swap (PKCS#11 has none): another process may still write
-  // between the look and the write, but no queue or stall of this one comes between them.
+  // between the look and the write (more so if this call stalls inside the module), but no
+  // queue of this process comes between them. A retry after a lost session looks again, and
+  // may then find its own first write and refuse.
   virtual absl::Status ReplaceTokenData(const std::string& label,
                                         const std::vector<std::string>& expected,
                                         std::string_view value) = 0;

@@ -157,10 +157,11 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
   } else {
     // The holder may have come back while this one decided (custosd reads its database above):
     // its claim is replaced only if still the one watched, looked at in the call that writes.
-    const absl::Status replaced = hsm->ReplaceTokenData(o.label, found, claim);
+    absl::Status replaced = hsm->ReplaceTokenData(o.label, found, claim);
     if (absl::IsFailedPrecondition(replaced)) {
       CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> now, hsm->ReadTokenData(o.label));
-      return RenewedMeanwhile(now);
+      if (!AllReleased(now)) return RenewedMeanwhile(now);
+      replaced = hsm->WriteTokenData(o.label, claim);  // it came back and stopped cleanly
     }
     CUSTOS_RETURN_IF_ERROR(replaced);
   }
@@ -180,7 +181,11 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
         absl::StrCat("another custosd (", HolderOf(claimed),
                      ") claimed this HSM token at the same moment; start one server only"));
   }
-  if (claimed.size() > 1) CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
+  if (claimed.size() > 1) {
+    // Over the claims read only: one written since is left to the renewals.
+    const absl::Status cleared = hsm->ReplaceTokenData(o.label, claimed, claim);
+    if (!cleared.ok() && !absl::IsFailedPrecondition(cleared)) return cleared;
+  }
   lease->renewed_at_ = lease->acquired_at_ = writing;
   return lease;
 }
@@ -235,11 +240,6 @@ absl::Status TokenLease::RenewLocked() {
     }
   }
   others_seen_ = others;
-  // A pause since the read (a stopped process) may have let the claim lapse and be taken: the
-  // write would destroy the new claim. The next renewal reads again.
-  if (!lapsed && BootNow() - renewed_at_ >= options_.lease) {
-    return absl::UnavailableError("renewing the claim took longer than a lease; reading again");
-  }
   // Only over what was read: a server that took the claim over since (a lapsed one may be
   // taken at any moment) has written its own, which this write must not destroy. Counted before
   // the write: one that timed out may still land, and the next must differ.
@@ -248,10 +248,11 @@ absl::Status TokenLease::RenewLocked() {
     return absl::UnavailableError("the claim changed as it was renewed; reading again");
   }
   CUSTOS_RETURN_IF_ERROR(written);
-  if (lapsed) {
-    // Not trusted until read back: a server taking the claim over may have written its own
-    // between this write's look and the write itself. Its claim beside this one has taken the
-    // token, and that server, seeing this renewal beside it, stops unless its claim stands.
+  if (lapsed || BootNow() - renewed_at_ >= options_.lease) {
+    // Lapsed when it began, or since (a pause, a slow module): not trusted until read back. A
+    // server taking the claim over may have written its own between this write's look and the
+    // write itself. Its claim beside this one has taken the token, and that server, seeing
+    // this renewal beside it, stops unless its claim stands.
     std::this_thread::sleep_for(options_.settle);
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
     const Claims after = Sort(claimed);

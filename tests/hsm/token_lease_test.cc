@@ -203,8 +203,9 @@ TEST_CASE(
 // No compare-and-swap: each side's write could destroy the other's claim. Both write only over
 // the claim they read (looked at again in the call that writes), and a holder renewing a lapsed
 // claim reads its renewal back before it trusts it.
-TEST_CASE("A holder back as its token is taken over keeps it: the taker looks once more",
-          "[token_lease]") {
+TEST_CASE(
+    "A holder back as its token is taken over keeps it: the taker writes only over what it watched",
+    "[token_lease]") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
   auto stalled = TokenLease::Acquire(hsm.get(), kShort);
@@ -254,6 +255,7 @@ TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and 
   // Its next Confirm (before it would sign or write the head) does not trust the renewal.
   CHECK((*stalled)->Confirm().code() == absl::StatusCode::kAborted);
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+  faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed before the release
 }
 
 TEST_CASE("A holder renewing a lapsed claim leaves a claim written since its read alone",
@@ -279,6 +281,7 @@ TEST_CASE("A holder renewing a lapsed claim leaves a claim written since its rea
         "another custosd (taker:1) took this HSM token over while this one did not renew its "
         "claim for a lease");
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+  faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed before the release
 }
 
 TEST_CASE("A holder stopping as another takes its claim over leaves the new claim standing",
@@ -295,6 +298,7 @@ TEST_CASE("A holder stopping as another takes its claim over leaves the new clai
   faulty.BeforeNextCallTo("WriteTokenData", take_over);
   CHECK((*stopping)->Release().ok());
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
+  faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed
 }
 
 // Lapses are likeliest when the HSM is slow: a renewal must not need a fast one to succeed.
