@@ -227,6 +227,28 @@ TEST_CASE(
   CHECK(hsm->ReadTokenData("custos-instance")->size() == 1);
 }
 
+TEST_CASE("A taker whose holder came back and then stopped cleanly takes the freed token",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto stalled = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(stalled.ok());
+  TokenLease::Options taker_options = kShort;
+  absl::Status back, stopped;
+  taker_options.may_take_over = [&](const std::string&, const std::string&) {
+    back = (*stalled)->Renew();
+    stopped = (*stalled)->Release();
+    return absl::OkStatus();
+  };
+  auto taker = TokenLease::Acquire(hsm.get(), taker_options);
+  CHECK(back.ok());
+  CHECK(stopped.ok());
+  INFO(taker.status().ToString());
+  REQUIRE(taker.ok());
+  CHECK(hsm->ReadTokenData("custos-instance")->size() == 1);
+  CHECK((*taker)->Renew().ok());
+}
+
 TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
           "[token_lease]") {
   SoftHsmToken token;
