@@ -58,6 +58,17 @@ CK_BYTE_PTR In(std::span<const uint8_t> bytes) {
   return const_cast<CK_BYTE_PTR>(bytes.empty() ? &kEmpty : bytes.data());
 }
 
+// True if `values` but the one at `skip` are some of `wanted` (sorted), each at most as often.
+bool IsLeftOf(const std::vector<std::string>& values, size_t skip,
+              const std::vector<std::string>& wanted) {
+  std::vector<std::string> rest;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i != skip) rest.push_back(values[i]);
+  }
+  std::sort(rest.begin(), rest.end());
+  return std::includes(wanted.begin(), wanted.end(), rest.begin(), rest.end());
+}
+
 // Wrapped key versions come from the caller's store, not from its clients: one that is
 // malformed or does not unwrap means a damaged database or a root key that is not the one the
 // version was wrapped under. DATA_LOSS says so, never INVALID_ARGUMENT, which callers may
@@ -190,6 +201,9 @@ class Pkcs11Hsm final : public Hsm {
   // Stores `value` under `label` as a new object, then destroys `older`.
   absl::Status StoreData(CK_SESSION_HANDLE session, const std::string& label,
                          std::string_view value, const std::vector<CK_OBJECT_HANDLE>& older);
+  // Destroys `older`, the objects a new one under `label` replaces.
+  absl::Status DestroyData(CK_SESSION_HANDLE session, const std::string& label,
+                           const std::vector<CK_OBJECT_HANDLE>& older);
   // Runs `op` on a pooled session, once more after recovering from a lost session, login or
   // handle; logs the HSM failing and recovering (failures_).
   template <typename T>
@@ -729,10 +743,15 @@ absl::Status Pkcs11Hsm::StoreData(CK_SESSION_HANDLE session, const std::string& 
       .String(CKA_APPLICATION, "custos")
       .String(CKA_VALUE, value);
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
-  CK_RV rv = api_->C_CreateObject(session, data.data(), data.size(), &handle);
+  const CK_RV rv = api_->C_CreateObject(session, data.data(), data.size(), &handle);
   if (rv != CKR_OK) return CkError("C_CreateObject", rv);
+  return DestroyData(session, label, older);
+}
+
+absl::Status Pkcs11Hsm::DestroyData(CK_SESSION_HANDLE session, const std::string& label,
+                                    const std::vector<CK_OBJECT_HANDLE>& older) {
   for (CK_OBJECT_HANDLE object : older) {
-    rv = api_->C_DestroyObject(session, object);
+    const CK_RV rv = api_->C_DestroyObject(session, object);
     // Another process may have destroyed it first: SoftHSM2 then fails to remove its file
     // (CKR_FUNCTION_FAILED). One left behind is an older value, which every reader of several
     // passes over.
@@ -773,13 +792,22 @@ absl::Status Pkcs11Hsm::ReplaceTokenData(const std::string& label,
   return Run<bool>([&](CK_SESSION_HANDLE session) -> absl::StatusOr<bool> {
            CUSTOS_ASSIGN_OR_RETURN(std::vector<CK_OBJECT_HANDLE> older, FindData(session, label));
            CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> values, ValuesOf(session, older));
-           std::sort(values.begin(), values.end());
-           if (values != wanted) {
+           std::vector<std::string> sorted = values;
+           std::sort(sorted.begin(), sorted.end());
+           if (sorted == wanted) {
+             CUSTOS_RETURN_IF_ERROR(StoreData(session, label, value, older));
+             return true;
+           }
+           // A retry (after a lost session) finds its own first write: `value` beside what
+           // is left of the values read. It finishes that write's clean-up.
+           const auto own = std::find(values.begin(), values.end(), value);
+           if (own == values.end() || !IsLeftOf(values, own - values.begin(), wanted)) {
              return absl::FailedPreconditionError(
                  absl::StrCat("the token's '", label,
                               "' objects changed since they were read; nothing written"));
            }
-           CUSTOS_RETURN_IF_ERROR(StoreData(session, label, value, older));
+           older.erase(older.begin() + (own - values.begin()));
+           CUSTOS_RETURN_IF_ERROR(DestroyData(session, label, older));
            return true;
          })
       .status();

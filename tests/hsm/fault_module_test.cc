@@ -16,6 +16,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "hsm/pkcs11_module.h"
 #include "tests/hsm/fault_control.h"
@@ -93,6 +94,28 @@ TEST_CASE("a root refused when read back after its generation is not left on the
   control.Remove();
   CHECK(hsm->CreateRootKey("root-b").ok());  // not ALREADY_EXISTS
   CHECK(hsm->GenerateWrappedKey("root-b").ok());
+}
+
+TEST_CASE("a token data replacement cut short by a lost session is finished by its retry",
+          "[fault_module][token_data]") {
+  SoftHsmToken token;
+  FaultControl control;
+  auto hsm = OpenThroughShim(token);
+  REQUIRE(hsm->WriteTokenData("custos-instance", "first").ok());
+  // The new object is created; destroying the older one then meets a dead session (or a
+  // device error, which re-initialises the module). The retry finds its own first write
+  // beside the older value, and finishes the replacement rather than refuse it.
+  const std::string rv = GENERATE("CKR_SESSION_HANDLE_INVALID", "CKR_DEVICE_ERROR");
+  control.Set("C_DestroyObject " + rv + " times=1\n");
+  const absl::Status replaced = hsm->ReplaceTokenData("custos-instance", {"first"}, "second");
+  INFO(replaced.ToString());
+  CHECK(replaced.ok());
+  CHECK(control.Count("fired C_DestroyObject " + rv) == 1);
+  control.Remove();
+  CHECK(hsm->ReadTokenData("custos-instance").value() == std::vector<std::string>{"second"});
+  // A value other than its own in place of the one read is still a change since the read.
+  CHECK(absl::IsFailedPrecondition(hsm->ReplaceTokenData("custos-instance", {"first"}, "third")));
+  CHECK(hsm->ReadTokenData("custos-instance").value() == std::vector<std::string>{"second"});
 }
 
 TEST_CASE("fault module: an error rule fails the call until it is removed", "[fault_module]") {
