@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "spdlog/spdlog.h"
 
@@ -45,12 +46,24 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
-// Of the claims in `values`, the one that stands when several servers claimed the token side
-// by side: the greatest holder (its random id first). Empty if none is a claim.
+// How many claims led to the one in `value`: one more than the claim its writer found (none
+// after a release). 0 in a claim from before epochs were written, or in none.
+uint64_t EpochOf(const std::string& value) {
+  uint64_t epoch = 0;
+  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) ? epoch : 0;
+}
+
+// Of the claims in `values`, the one that stands when several lie side by side: the latest
+// epoch (a server taking a lapsed claim over writes over a holder renewing it at the same
+// moment, which stops), then, of claims written from the same one (servers starting at the
+// same moment), the greatest holder (its random id first). Empty if none is a claim.
 std::string StandingHolder(const std::vector<std::string>& values) {
-  std::string standing;
-  for (const std::string& value : values) standing = std::max(standing, FieldOf({value}, "holder"));
-  return standing;
+  std::pair<uint64_t, std::string> standing;
+  for (const std::string& value : values) {
+    const std::string holder = FieldOf({value}, "holder");
+    if (!holder.empty()) standing = std::max(standing, {EpochOf(value), holder});
+  }
+  return standing.second;
 }
 
 // A starting server's refusal: the claim it watched (now `values`) changed, so its holder lives.
@@ -110,7 +123,7 @@ TokenLease::Claims TokenLease::Sort(const std::vector<std::string>& values) cons
 std::string TokenLease::Encode(uint64_t beat) const {
   std::string state = options_.state ? options_.state() : "";
   state.erase(std::remove(state.begin(), state.end(), '\n'), state.end());
-  return absl::StrCat(Mine(), "beat=", beat, "\nstate=", state, "\n");
+  return absl::StrCat(Mine(), "epoch=", epoch_, "\nbeat=", beat, "\nstate=", state, "\n");
 }
 
 absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Options options) {
@@ -150,6 +163,8 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       }
     }
   }
+  for (const std::string& value : found) lease->epoch_ = std::max(lease->epoch_, EpochOf(value));
+  ++lease->epoch_;
   const auto writing = BootNow();
   const std::string claim = lease->Encode(0);
   if (AllReleased(found)) {
@@ -226,8 +241,10 @@ absl::Status TokenLease::RenewLocked() {
     }
     return TookOver(others);
   } else if (!others.empty()) {
-    // Claimed side by side with another server, one of the two seeing the other's late.
-    if (starting && StandingHolder(found) != holder_) {
+    // Claimed side by side with another server (one of the two seeing the other's late), or
+    // taken over as it renewed: the standing claim's holder clears the others.
+    if (StandingHolder(found) != holder_) {
+      if (!starting) return TookOver(others);
       return absl::AbortedError(absl::StrCat("another custosd (", HolderOf(others),
                                              ") claimed this HSM token at the same moment, "
                                              "and its claim stands"));

@@ -16,6 +16,7 @@
 
 #include "absl/strings/match.h"
 #include "hsm/faulty_hsm.h"
+#include "tests/hsm/fault_control.h"
 #include "tests/hsm/hsm_test_util.h"
 
 namespace custos::testing {
@@ -321,6 +322,51 @@ TEST_CASE("A holder stopping as another takes its claim over leaves the new clai
   CHECK((*stopping)->Release().ok());
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
   faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed
+}
+
+// PKCS#11 has no compare-and-swap: a lapsed holder renewing and a server taking its claim over
+// may both look at the token before either writes, and both write. The taker's claim stands
+// (it counts one take-over more), and the holder stops. Run four times: the two claims' random
+// ids once decided which stood, and half the runs stopped both servers.
+TEST_CASE("A lapsed holder and its taker writing at once: the taker stands, the holder stops",
+          "[token_lease][fault_module]") {
+  const int run = GENERATE(range(0, 4));
+  INFO("run " << run);
+  SoftHsmToken token;
+  FaultControl control;
+  hsm::Pkcs11Options options = OptionsFor(token);
+  options.module_path = CUSTOS_FAULT_MODULE_PATH;  // to hold both writes back
+  auto hsm = hsm::OpenPkcs11Hsm(std::move(options));
+  REQUIRE(hsm.ok());
+  auto holder = TokenLease::Acquire(hsm->get(), kShort);
+  REQUIRE(holder.ok());
+  control.Set("C_CreateObject hang\n");  // each write waits after its look
+  Finally unhang([&] { control.Remove(); });
+  absl::StatusOr<std::unique_ptr<TokenLease>> taker = absl::UnknownError("not run");
+  std::thread taking([&] { taker = TokenLease::Acquire(hsm->get(), kShort); });
+  std::this_thread::sleep_for(kShort.lease + 100ms);  // lapsed; the taker has waited a lease
+  absl::Status renewed;
+  std::thread renewing([&] { renewed = (*holder)->Renew(); });
+  const auto deadline = std::chrono::steady_clock::now() + 1500ms;
+  while (control.Count("hanging C_CreateObject") < 2 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  const int both_looked = control.Count("hanging C_CreateObject");
+  control.Remove();
+  taking.join();
+  renewing.join();
+  REQUIRE(both_looked == 2);
+  INFO(taker.status().ToString());
+  REQUIRE(taker.ok());
+  CHECK(renewed.code() == absl::StatusCode::kAborted);
+  CHECK_THAT(std::string(renewed.message()), Catch::Contains("took this HSM token over"));
+  CHECK((*taker)->Renew().ok());
+  const auto claims = (*hsm)->ReadTokenData("custos-instance");
+  REQUIRE(claims.ok());
+  CHECK(claims->size() == 1);
+  CHECK((*holder)->Release().ok());  // leaves the taker's claim
+  CHECK((*taker)->Renew().ok());
 }
 
 // Lapses are likeliest when the HSM is slow: a renewal must not need a fast one to succeed.
