@@ -328,11 +328,14 @@ absl::Status TokenLease::Release() {
   StopRenewing();
   std::lock_guard lock(mu_);
   released_ = true;
-  CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
-  if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
-  // Only over this process's claim: one a server took over since stands.
-  const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released());
-  return absl::IsFailedPrecondition(released) ? absl::OkStatus() : released;
+  // A renewal of this process's that timed out may land meanwhile: read again, a few times.
+  for (int attempt = 0;; ++attempt) {
+    CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
+    if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
+    // Only over this process's claim: one a server took over since stands.
+    const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released());
+    if (!absl::IsFailedPrecondition(released) || attempt == 2) return released;
+  }
 }
 
 }  // namespace custos::hsm

@@ -260,7 +260,7 @@ TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and 
   std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
   // The taker's claim lands while the holder's renewal settles, destroying the renewal (as a
   // taker's write destroys the claim it took over).
-  const std::string taker_claim = "custos-lease-v1\nholder=ff taker:1\nbeat=0\nstate=\n";
+  const std::string taker_claim = "custos-lease-v1\nholder=ff taker:1\nepoch=2\nbeat=0\nstate=\n";
   const auto after_the_write = [&] {
     faulty.BeforeNextCallTo("ReadTokenData", [&] {
       std::vector<std::string> values = *hsm->ReadTokenData("custos-instance");
@@ -290,7 +290,7 @@ TEST_CASE("A holder renewing a lapsed claim leaves a claim written since its rea
   REQUIRE(stalled.ok());
   std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
   // The taker's claim lands between the holder's read and its write (whichever call writes).
-  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nbeat=0\nstate=\n";
+  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nepoch=2\nbeat=0\nstate=\n";
   const auto take_over = [&] { REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok()); };
   faulty.BeforeNextCallTo("ReplaceTokenData", take_over);
   faulty.BeforeNextCallTo("WriteTokenData", take_over);
@@ -314,7 +314,7 @@ TEST_CASE("A holder stopping as another takes its claim over leaves the new clai
   hsm::FaultyHsm faulty(hsm.get());
   auto stopping = TokenLease::Acquire(&faulty, kShort);
   REQUIRE(stopping.ok());
-  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nbeat=0\nstate=\n";
+  const std::string taker_claim = "custos-lease-v1\nholder=00 taker:1\nepoch=2\nbeat=0\nstate=\n";
   // Between its read and its write, whichever call writes.
   const auto take_over = [&] { REQUIRE(hsm->WriteTokenData("custos-instance", taker_claim).ok()); };
   faulty.BeforeNextCallTo("ReplaceTokenData", take_over);
@@ -322,6 +322,27 @@ TEST_CASE("A holder stopping as another takes its claim over leaves the new clai
   CHECK((*stopping)->Release().ok());
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
   faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed
+}
+
+// A renewal that timed out (answered at the HSM call timeout) may still land inside the module.
+TEST_CASE("A holder stopping as a renewal of its own lands late still releases the claim",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto stopping = TokenLease::Acquire(&faulty, kShort);
+  REQUIRE(stopping.ok());
+  // Between its read and its write: this process's claim, renewed (same holder, a later beat).
+  faulty.BeforeNextCallTo("ReplaceTokenData", [&] {
+    const std::string claim = hsm->ReadTokenData("custos-instance")->at(0);
+    REQUIRE(hsm->WriteTokenData("custos-instance", claim + "late\n").ok());
+  });
+  CHECK((*stopping)->Release().ok());
+  const auto started = std::chrono::steady_clock::now();
+  auto next = TokenLease::Acquire(hsm.get(), kShort);
+  CHECK(next.ok());
+  CHECK(std::chrono::steady_clock::now() - started < kShort.lease);  // released: no wait
+  CHECK((*next)->taken_over_from().empty());
 }
 
 // PKCS#11 has no compare-and-swap: a lapsed holder renewing and a server taking its claim over
