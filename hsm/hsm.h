@@ -176,9 +176,9 @@ class Hsm {
   // looked at, in the same call, just before the write; FAILED_PRECONDITION, writing nothing,
   // otherwise. Not a compare-and-swap (PKCS#11 has none): another process may still write
   // between the look and the write (more so if this call stalls inside the module), but no
-  // queue of this process comes between them. A retry after a lost session looks again: if it
-  // finds `value` (its own first write) beside nothing but some of `expected`, it destroys
-  // those and succeeds. Values must be unique to their writer for that to mean anything.
+  // queue of this process comes between them. Finding `value` beside nothing but some of
+  // `expected` (its own first write, looked at again by a retry after a lost session), it
+  // destroys those and succeeds: values must be unique to their writer.
   virtual absl::Status ReplaceTokenData(const std::string& label,
                                         const std::vector<std::string>& expected,
                                         std::string_view value) = 0;

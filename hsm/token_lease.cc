@@ -19,11 +19,14 @@ namespace {
 constexpr char kHeader[] = "custos-lease-v1\n";
 constexpr char kHolder[] = "holder=";
 
-std::string Released() { return absl::StrCat(kHeader, "released\n"); }
+constexpr char kReleased[] = "custos-lease-v1\nreleased\n";
+
+// The claim of epoch `epoch` released: the next claim's epoch follows it (EpochOf).
+std::string Released(uint64_t epoch) { return absl::StrCat(kReleased, "epoch=", epoch, "\n"); }
 
 bool AllReleased(const std::vector<std::string>& values) {
   return std::all_of(values.begin(), values.end(),
-                     [](const std::string& v) { return v == Released(); });
+                     [](const std::string& v) { return v.rfind(kReleased, 0) == 0; });
 }
 
 // The text after "<field>=" on its line in the first of `values` that has one.
@@ -46,8 +49,9 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
-// How many claims led to the one in `value`: one more than the claim its writer found (none
-// after a release). 0 in a claim from before epochs were written, or in none.
+// How many claims led to the one in `value`: one more than the claim (or release) its writer
+// found, so a claim written since a write that landed late stands over it. 0 in a claim or
+// release from before epochs were written, or in none.
 uint64_t EpochOf(const std::string& value) {
   uint64_t epoch = 0;
   return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) ? epoch : 0;
@@ -244,7 +248,11 @@ absl::Status TokenLease::RenewLocked() {
     // Claimed side by side with another server (one of the two seeing the other's late), or
     // taken over as it renewed: the standing claim's holder clears the others.
     if (StandingHolder(found) != holder_) {
-      if (!starting) return TookOver(others);
+      if (!starting) {
+        return absl::AbortedError(absl::StrCat("another custosd's claim on this HSM token (",
+                                               HolderOf(others),
+                                               ") lies beside this one's, and stands over it"));
+      }
       return absl::AbortedError(absl::StrCat("another custosd (", HolderOf(others),
                                              ") claimed this HSM token at the same moment, "
                                              "and its claim stands"));
@@ -268,9 +276,10 @@ absl::Status TokenLease::RenewLocked() {
   if (lapsed || BootNow() - renewed_at_ >= options_.lease) {
     // Lapsed when it began, or since (a pause, a slow module): not trusted until read back. A
     // server taking the claim over may have written its own between this write's look and the
-    // write itself. Its claim beside this one has taken the token, and that server, seeing
-    // this renewal beside it, stops unless its claim stands.
-    std::this_thread::sleep_for(options_.settle);
+    // write itself. Its claim beside this one stands (an epoch later), and that server clears
+    // this renewal once its own claim has settled. Read after that: a module may hide the
+    // other's claim from this process until the next change (see Acquire), which is that one.
+    std::this_thread::sleep_for(2 * options_.settle);
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
     const Claims after = Sort(claimed);
     if (!after.mine || !after.others.empty()) return TookOver(after.others);
@@ -333,7 +342,7 @@ absl::Status TokenLease::Release() {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
     if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
     // Only over this process's claim: one a server took over since stands.
-    const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released());
+    const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released(epoch_));
     if (!absl::IsFailedPrecondition(released) || attempt == 2) return released;
   }
 }

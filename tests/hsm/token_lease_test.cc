@@ -2,6 +2,7 @@
 // SoftHSM2 tokens; "servers" are leases taken in this process with short timings.
 #include "hsm/token_lease.h"
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -18,6 +19,7 @@
 #include "hsm/faulty_hsm.h"
 #include "tests/hsm/fault_control.h"
 #include "tests/hsm/hsm_test_util.h"
+#include "tests/support/raw_token.h"
 
 namespace custos::testing {
 namespace {
@@ -322,6 +324,67 @@ TEST_CASE("A holder stopping as another takes its claim over leaves the new clai
   CHECK((*stopping)->Release().ok());
   CHECK(*hsm->ReadTokenData("custos-instance") == std::vector<std::string>{taker_claim});
   faulty.BeforeNextCallTo("WriteTokenData", nullptr);  // unused: disarmed
+}
+
+// Renews `lease` every 100 ms until it is past its first lease (no longer "starting").
+void RenewPastFirstLease(TokenLease& lease) {
+  const auto until = std::chrono::steady_clock::now() + kShort.lease + 100ms;
+  while (std::chrono::steady_clock::now() < until) {
+    REQUIRE(lease.Renew().ok());
+    std::this_thread::sleep_for(100ms);
+  }
+}
+
+std::vector<std::string> Sorted(std::vector<std::string> values) {
+  std::sort(values.begin(), values.end());
+  return values;
+}
+
+TEST_CASE("A holder finding a claim of a later epoch beside its own stops, and writes nothing",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto holder = TokenLease::Acquire(hsm.get(), kShort);  // epoch 1
+  REQUIRE(holder.ok());
+  RenewPastFirstLease(**holder);  // never lapsed, and past the first lease
+  RawToken raw(token);
+  raw.CreateData("custos-instance", "custos-lease-v1\nholder=00 taker:1\nepoch=2\nbeat=0\n");
+  const auto before = Sorted(hsm->ReadTokenData("custos-instance").value());
+  REQUIRE(before.size() == 2);
+  const absl::Status lost = (*holder)->Renew();
+  CHECK(lost.code() == absl::StatusCode::kAborted);
+  CHECK(lost.message() ==
+        "another custosd's claim on this HSM token (taker:1) lies beside this one's, and stands "
+        "over it");
+  CHECK(Sorted(hsm->ReadTokenData("custos-instance").value()) == before);
+  CHECK((*holder)->Release().ok());  // not its claim to release
+  CHECK(Sorted(hsm->ReadTokenData("custos-instance").value()) == before);
+}
+
+// A renewal stuck inside the module (past the HSM call timeout) may land after its holder lost
+// the token, after the next holder released it, and after a third server claimed it.
+TEST_CASE("A claim a late write left beside the holder's, from before a release, is cleared",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  {
+    auto before = TokenLease::Acquire(hsm.get(), kShort);  // epoch 1
+    REQUIRE(before.ok());
+    REQUIRE((*before)->Release().ok());  // released at epoch 1
+  }
+  auto holder = TokenLease::Acquire(hsm.get(), kShort);  // epoch 2
+  REQUIRE(holder.ok());
+  RenewPastFirstLease(**holder);
+  RawToken raw(token);
+  // The greatest holder id: only its epoch puts it below the holder's.
+  raw.CreateData("custos-instance", "custos-lease-v1\nholder=ff stale:1\nepoch=1\nbeat=9\n");
+  REQUIRE(hsm->ReadTokenData("custos-instance")->size() == 2);
+  CHECK((*holder)->Renew().ok());
+  const auto claims = hsm->ReadTokenData("custos-instance");
+  REQUIRE(claims.ok());
+  REQUIRE(claims->size() == 1);
+  CHECK_THAT(claims->at(0), Catch::Contains("\nepoch=2\n"));
+  CHECK((*holder)->Renew().ok());
 }
 
 // A renewal that timed out (answered at the HSM call timeout) may still land inside the module.

@@ -70,6 +70,19 @@ CK_RV RawToken::TryReadValue(CK_OBJECT_HANDLE object) {
   return api()->C_GetAttributeValue(session_, object, &attribute, 1);
 }
 
+CK_OBJECT_HANDLE RawToken::CreateData(const std::string& label, const std::string& value) {
+  CK_OBJECT_CLASS data = CKO_DATA;
+  CK_BBOOL yes = CK_TRUE;
+  CK_ATTRIBUTE object[] = {{CKA_CLASS, &data, sizeof data},
+                           {CKA_TOKEN, &yes, sizeof yes},
+                           {CKA_PRIVATE, &yes, sizeof yes},
+                           {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+                           {CKA_VALUE, const_cast<char*>(value.data()), value.size()}};
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  REQUIRE(api()->C_CreateObject(session_, object, std::size(object), &handle) == CKR_OK);
+  return handle;
+}
+
 CK_OBJECT_HANDLE RawToken::CreateAesKey(const std::string& label, bool extractable) {
   CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
   CK_KEY_TYPE aes = CKK_AES;

@@ -59,6 +59,11 @@ class RawToken {
     return CreateAesKey(label, AesKeyAttributes{});
   }
 
+  // A private data token object labelled `label` holding `value`, added beside any others of
+  // that label (Hsm::WriteTokenData would replace them): a write another process made at the
+  // same moment, or one that landed late.
+  CK_OBJECT_HANDLE CreateData(const std::string& label, const std::string& value);
+
   // Closes every session of this application with the token, as a token removal would; the
   // raw session is reopened (logged out).
   void CloseAllSessions();
