@@ -57,6 +57,13 @@ uint64_t EpochOf(const std::string& value) {
   return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) ? epoch : 0;
 }
 
+// The epoch of a claim written over `values`.
+uint64_t NextEpoch(const std::vector<std::string>& values) {
+  uint64_t epoch = 0;
+  for (const std::string& value : values) epoch = std::max(epoch, EpochOf(value));
+  return epoch + 1;
+}
+
 // Of the claims in `values`, the one that stands when several lie side by side: the latest
 // epoch (a server taking a lapsed claim over writes over a holder renewing it at the same
 // moment, which stops), then, of claims written from the same one (servers starting at the
@@ -89,6 +96,21 @@ absl::Status TookOver(const std::vector<std::string>& others) {
   return absl::AbortedError(absl::StrCat(
       "another custosd (", OtherOf(others),
       ") took this HSM token over while this one did not renew its claim for a lease"));
+}
+
+// A holder's loss to `others`, whose claim replaced its own or stands over it beside it: taken
+// over if it `lapsed`, else claimed at the same moment if it is `starting`.
+absl::Status Lost(const std::vector<std::string>& others, bool lapsed, bool starting,
+                  bool replaced) {
+  if (lapsed) return TookOver(others);
+  if (starting) {
+    return absl::AbortedError(absl::StrCat("another custosd (", OtherOf(others),
+                                           ") claimed this HSM token at the same moment, and its "
+                                           "claim stands"));
+  }
+  return absl::AbortedError(absl::StrCat(
+      "another custosd's claim on this HSM token (", OtherOf(others), ") ",
+      replaced ? "replaced this one's" : "lies beside this one's, and stands over it"));
 }
 
 // Now on CLOCK_BOOTTIME: unlike steady_clock it counts a suspended host's sleep, which a
@@ -167,10 +189,9 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       }
     }
   }
-  for (const std::string& value : found) lease->epoch_ = std::max(lease->epoch_, EpochOf(value));
-  ++lease->epoch_;
+  lease->epoch_ = NextEpoch(found);
   const auto writing = BootNow();
-  const std::string claim = lease->Encode(0);
+  std::string claim = lease->Encode(0);
   if (AllReleased(found)) {
     CUSTOS_RETURN_IF_ERROR(hsm->WriteTokenData(o.label, claim));
   } else {
@@ -180,7 +201,10 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
     if (absl::IsFailedPrecondition(replaced)) {
       CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> now, hsm->ReadTokenData(o.label));
       if (!AllReleased(now)) return RenewedMeanwhile(now);
-      replaced = hsm->WriteTokenData(o.label, claim);  // it came back and stopped cleanly
+      // It came back and stopped cleanly (perhaps more than once): past that release's epoch.
+      lease->epoch_ = std::max(lease->epoch_, NextEpoch(now));
+      claim = lease->Encode(0);
+      replaced = hsm->WriteTokenData(o.label, claim);
     }
     CUSTOS_RETURN_IF_ERROR(replaced);
   }
@@ -237,26 +261,13 @@ absl::Status TokenLease::RenewLocked() {
         "the claim on this HSM token ('{}') was deleted while this server held it; "
         "writing it again",
         options_.label);
-  } else if (!mine_found || (!others.empty() && lapsed)) {
-    if (!lapsed) {  // not for want of renewals: it claimed the token at the same moment
-      return absl::AbortedError(absl::StrCat("another custosd (", OtherOf(others),
-                                             ") claimed this HSM token at the same moment, "
-                                             "and its claim stands"));
-    }
-    return TookOver(others);
+  } else if (!mine_found) {
+    return Lost(others, lapsed, starting, /*replaced=*/true);
   } else if (!others.empty()) {
-    // Claimed side by side with another server (one of the two seeing the other's late), or
-    // taken over as it renewed: the standing claim's holder clears the others.
-    if (StandingHolder(found) != holder_) {
-      if (!starting) {
-        return absl::AbortedError(absl::StrCat("another custosd's claim on this HSM token (",
-                                               HolderOf(others),
-                                               ") lies beside this one's, and stands over it"));
-      }
-      return absl::AbortedError(absl::StrCat("another custosd (", HolderOf(others),
-                                             ") claimed this HSM token at the same moment, "
-                                             "and its claim stands"));
-    }
+    // Claimed side by side with another server (one of the two seeing the other's late), taken
+    // over as it renewed, or a write that landed late: the standing claim's holder clears the
+    // others.
+    if (StandingHolder(found) != holder_) return Lost(others, lapsed, starting, false);
     if (others != others_seen_) {  // once per claim, not per renewal
       spdlog::warn(
           "another custosd's claim ({}) lies beside this one's on the HSM token (written at the "
@@ -282,7 +293,7 @@ absl::Status TokenLease::RenewLocked() {
     std::this_thread::sleep_for(2 * options_.settle);
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
     const Claims after = Sort(claimed);
-    if (!after.mine || !after.others.empty()) return TookOver(after.others);
+    if (!after.mine || StandingHolder(claimed) != holder_) return TookOver(after.others);
   }
   renewed_at_ = began;
   return absl::OkStatus();
