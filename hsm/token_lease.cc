@@ -353,7 +353,7 @@ absl::Status TokenLease::Release() {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
     if (!AllMine(found)) return absl::OkStatus();  // not this process's to release
     // Only over this process's claim: one a server took over since stands.
-    const absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released(epoch_));
+    absl::Status released = hsm_->ReplaceTokenData(options_.label, found, Released(epoch_));
     if (!absl::IsFailedPrecondition(released) || attempt == 2) return released;
   }
 }
