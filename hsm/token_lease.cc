@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -64,15 +65,22 @@ uint64_t NextEpoch(const std::vector<std::string>& values) {
   return epoch + 1;
 }
 
-// Of the claims in `values`, the one that stands when several lie side by side: the latest
-// epoch (a server taking a lapsed claim over writes over a holder renewing it at the same
-// moment, which stops), then, of claims written from the same one (servers starting at the
-// same moment), the greatest holder (its random id first). Empty if none is a claim.
+// A claim's rank (StandingHolder): its epoch. One from before epochs were written outranks all
+// that have one: its server may have taken any of them over.
+uint64_t RankOf(const std::string& value) {
+  if (FieldOf({value}, "epoch").empty()) return std::numeric_limits<uint64_t>::max();
+  return EpochOf(value);
+}
+
+// Of the claims in `values`, the one that stands when several lie side by side: the highest
+// rank, the latest epoch (a server taking a lapsed claim over writes over a holder renewing it
+// at the same moment, which stops), then, of claims written from the same one (servers starting at
+// the same moment), the greatest holder (its random id first). Empty if none is a claim.
 std::string StandingHolder(const std::vector<std::string>& values) {
   std::pair<uint64_t, std::string> standing;
   for (const std::string& value : values) {
     const std::string holder = FieldOf({value}, "holder");
-    if (!holder.empty()) standing = std::max(standing, {EpochOf(value), holder});
+    if (!holder.empty()) standing = std::max(standing, {RankOf(value), holder});
   }
   return standing.second;
 }

@@ -410,6 +410,24 @@ TEST_CASE("A claim a late write left beside the holder's, from before a release,
   CHECK((*holder)->Renew().ok());
 }
 
+TEST_CASE("A claim from before epochs beside a lapsed holder's stands over it", "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  auto holder = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(holder.ok());
+  RawToken raw(token);
+  // An older custosd taking the lapsed claim over as it renews, the two writes crossing; the
+  // least holder id: only its missing epoch puts it above the holder's.
+  raw.CreateData("custos-instance", "custos-lease-v1\nholder=00 older:1\nbeat=0\nstate=\n");
+  const auto before = Sorted(hsm->ReadTokenData("custos-instance").value());
+  REQUIRE(before.size() == 2);
+  std::this_thread::sleep_for(kShort.lease + 50ms);  // lapsed
+  const absl::Status lost = (*holder)->Renew();
+  CHECK(lost.code() == absl::StatusCode::kAborted);
+  CHECK_THAT(std::string(lost.message()), Catch::Contains("(older:1) took this HSM token over"));
+  CHECK(Sorted(hsm->ReadTokenData("custos-instance").value()) == before);
+}
+
 // A renewal that timed out (answered at the HSM call timeout) may still land inside the module.
 TEST_CASE("A holder stopping as a renewal of its own lands late still releases the claim",
           "[token_lease]") {
