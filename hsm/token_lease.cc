@@ -50,12 +50,14 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
-// How many claims led to the one in `value`: one more than the claim (or release) its writer
-// found, so a claim written since a write that landed late stands over it. 0 in a claim or
-// release from before epochs were written, or in none.
+// How many claims led to the one in `value`: one more than the most its writer found (claims
+// and releases), so a claim written since a write that landed late stands over it. 0 in a
+// claim or release from before epochs were written, in none, and in one no count reaches (a
+// forgery, which must not make the next claim's wrap to 0).
 uint64_t EpochOf(const std::string& value) {
+  constexpr uint64_t kMostEpochs = uint64_t{1} << 62;
   uint64_t epoch = 0;
-  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) ? epoch : 0;
+  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch <= kMostEpochs ? epoch : 0;
 }
 
 // The epoch of a claim written over `values`.
@@ -65,10 +67,10 @@ uint64_t NextEpoch(const std::vector<std::string>& values) {
   return epoch + 1;
 }
 
-// A claim's rank (StandingHolder): its epoch. One from before epochs were written outranks all
-// that have one: its server may have taken any of them over.
+// A claim's rank (StandingHolder): its epoch. One from before epochs were written (no epoch
+// line) outranks all that have one: its server may have taken any of them over.
 uint64_t RankOf(const std::string& value) {
-  if (FieldOf({value}, "epoch").empty()) return std::numeric_limits<uint64_t>::max();
+  if (value.find("\nepoch=") == std::string::npos) return std::numeric_limits<uint64_t>::max();
   return EpochOf(value);
 }
 
@@ -108,17 +110,15 @@ absl::Status TookOver(const std::vector<std::string>& others) {
 
 // A holder's loss to `others`, whose claim replaced its own or stands over it beside it: taken
 // over if it `lapsed`, else claimed at the same moment if it is `starting`.
-absl::Status Lost(const std::vector<std::string>& others, bool lapsed, bool starting,
-                  bool replaced) {
+absl::Status Lost(const std::vector<std::string>& others, bool lapsed, bool starting) {
   if (lapsed) return TookOver(others);
   if (starting) {
     return absl::AbortedError(absl::StrCat("another custosd (", OtherOf(others),
                                            ") claimed this HSM token at the same moment, and its "
                                            "claim stands"));
   }
-  return absl::AbortedError(absl::StrCat(
-      "another custosd's claim on this HSM token (", OtherOf(others), ") ",
-      replaced ? "replaced this one's" : "lies beside this one's, and stands over it"));
+  return absl::AbortedError(absl::StrCat("another custosd's claim on this HSM token (",
+                                         OtherOf(others), ") replaced this one's"));
 }
 
 // Now on CLOCK_BOOTTIME: unlike steady_clock it counts a suspended host's sleep, which a
@@ -219,8 +219,8 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
   lease->released_ = false;
   // Two servers starting at once may both have found the token free. Each writes, then looks
   // again once the other's write has landed: a claim destroyed by a later one stops its
-  // writer, and of claims written side by side (neither saw the other) the greatest holder's
-  // stands and clears the others. A module may show one process another's object late
+  // writer, and of claims written side by side (neither saw the other) the standing one's
+  // holder (StandingHolder) clears the others. A module may show one process another's object late
   // (SoftHSM2 can miss a write made while it wrote its own): the renewals settle that.
   std::this_thread::sleep_for(o.settle);
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm->ReadTokenData(o.label));
@@ -257,8 +257,10 @@ absl::Status TokenLease::Renew() {
 
 absl::Status TokenLease::RenewLocked() {
   const auto began = BootNow();
-  // Unrenewed for a lease, the claim may have been taken over: another claim beside it then
-  // stands. Within the first lease, another claim is a server that started at the same moment.
+  // Unrenewed for a lease, the claim may have been taken over: another claim beside it that
+  // outranks it then stands. Within the first lease, another claim is a server that started at
+  // the same moment, and the outranking one stands. Past both, nothing should lie beside it
+  // but a write that landed late (its writer may be gone): this one stands, and clears it.
   const bool lapsed = began - renewed_at_ >= options_.lease;
   const bool starting = began - acquired_at_ < options_.lease;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
@@ -270,12 +272,14 @@ absl::Status TokenLease::RenewLocked() {
         "writing it again",
         options_.label);
   } else if (!mine_found) {
-    return Lost(others, lapsed, starting, /*replaced=*/true);
+    return Lost(others, lapsed, starting);
   } else if (!others.empty()) {
     // Claimed side by side with another server (one of the two seeing the other's late), taken
     // over as it renewed, or a write that landed late: the standing claim's holder clears the
     // others.
-    if (StandingHolder(found) != holder_) return Lost(others, lapsed, starting, false);
+    if ((lapsed || starting) && StandingHolder(found) != holder_) {
+      return Lost(others, lapsed, starting);
+    }
     if (others != others_seen_) {  // once per claim, not per renewal
       spdlog::warn(
           "another custosd's claim ({}) lies beside this one's on the HSM token (written at the "

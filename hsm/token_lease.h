@@ -102,7 +102,7 @@ class TokenLease {
   const std::string holder_;  // "<random id> <host>:<pid>"
   std::string taken_over_state_, taken_over_from_;
   std::mutex mu_;       // one renewal at a time, and what follows
-  uint64_t epoch_ = 0;  // one more than the claim this one replaced (EpochOf)
+  uint64_t epoch_ = 0;  // of this process's claim (EpochOf)
   uint64_t beat_ = 0;
   // When (CLOCK_BOOTTIME) the last renewal that found the claim ours began: another server
   // takes it over no sooner than a lease after that renewal's write landed, later still. And
