@@ -29,6 +29,14 @@ using hsm::TokenLease;
 
 const TokenLease::Options kShort{.label = "custos-instance", .lease = 600ms, .poll = 50ms};
 
+// The one claim on the token (there must be exactly one).
+std::string OnlyClaim(hsm::Hsm& hsm) {
+  const auto claims = hsm.ReadTokenData("custos-instance");
+  REQUIRE(claims.ok());
+  REQUIRE(claims->size() == 1);
+  return claims->at(0);
+}
+
 TEST_CASE("A token claimed and renewed refuses a second server; released, it does not wait",
           "[token_lease]") {
   SoftHsmToken token;
@@ -266,10 +274,7 @@ TEST_CASE("A taker that meets a release written since it watched claims past its
   auto taker = TokenLease::Acquire(hsm.get(), taker_options);
   INFO(taker.status().ToString());
   REQUIRE(taker.ok());
-  const auto claims = hsm->ReadTokenData("custos-instance");
-  REQUIRE(claims.ok());
-  REQUIRE(claims->size() == 1);
-  CHECK_THAT(claims->at(0), Catch::Contains("\nepoch=7\n"));
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=7\n"));
 }
 
 TEST_CASE("An epoch past any count (forged) is read as none, and the next does not wrap",
@@ -281,10 +286,7 @@ TEST_CASE("An epoch past any count (forged) is read as none, and the next does n
               .ok());
   auto lease = TokenLease::Acquire(hsm.get(), kShort);
   REQUIRE(lease.ok());
-  const auto claims = hsm->ReadTokenData("custos-instance");
-  REQUIRE(claims.ok());
-  REQUIRE(claims->size() == 1);
-  CHECK_THAT(claims->at(0), Catch::Contains("\nepoch=1\n"));
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=1\n"));
   CHECK((*lease)->Renew().ok());
 }
 
@@ -391,10 +393,7 @@ TEST_CASE("A holder past its first lease clears a claim of a later epoch that la
   raw.CreateData("custos-instance", "custos-lease-v1\nholder=ff taker:1\nepoch=2\nbeat=0\n");
   REQUIRE(hsm->ReadTokenData("custos-instance")->size() == 2);
   CHECK((*holder)->Renew().ok());
-  const auto claims = hsm->ReadTokenData("custos-instance");
-  REQUIRE(claims.ok());
-  REQUIRE(claims->size() == 1);
-  CHECK_THAT(claims->at(0), Catch::Contains("\nepoch=1\n"));
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=1\n"));
   CHECK((*holder)->Renew().ok());
 }
 
@@ -420,10 +419,7 @@ TEST_CASE("A claim a late write left beside the holder's, from before a release,
   REQUIRE(hsm->ReadTokenData("custos-instance")->size() == 2);
   if (lapsed) std::this_thread::sleep_for(kShort.lease + 50ms);
   CHECK((*holder)->Renew().ok());
-  const auto claims = hsm->ReadTokenData("custos-instance");
-  REQUIRE(claims.ok());
-  REQUIRE(claims->size() == 1);
-  CHECK_THAT(claims->at(0), Catch::Contains("\nepoch=2\n"));
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
   CHECK((*holder)->Renew().ok());
 }
 
