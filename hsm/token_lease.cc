@@ -57,7 +57,7 @@ std::string HolderOf(const std::vector<std::string>& values) {
 uint64_t EpochOf(const std::string& value) {
   constexpr uint64_t kMostEpochs = uint64_t{1} << 62;
   uint64_t epoch = 0;
-  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch <= kMostEpochs ? epoch : 0;
+  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch < kMostEpochs ? epoch : 0;
 }
 
 // The epoch of a claim written over `values`.
@@ -117,8 +117,9 @@ absl::Status Lost(const std::vector<std::string>& others, bool lapsed, bool star
                                            ") claimed this HSM token at the same moment, and its "
                                            "claim stands"));
   }
-  return absl::AbortedError(absl::StrCat("another custosd's claim on this HSM token (",
-                                         OtherOf(others), ") replaced this one's"));
+  return absl::AbortedError(absl::StrCat("another custosd (", OtherOf(others),
+                                         ") holds this HSM token: its claim stands over this "
+                                         "one's"));
 }
 
 // Now on CLOCK_BOOTTIME: unlike steady_clock it counts a suspended host's sleep, which a
@@ -237,7 +238,7 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
     const absl::Status cleared = hsm->ReplaceTokenData(o.label, claimed, claim);
     if (!cleared.ok() && !absl::IsFailedPrecondition(cleared)) return cleared;
   }
-  lease->renewed_at_ = lease->acquired_at_ = writing;
+  lease->renewed_at_ = lease->acquired_at_ = lease->lapsed_at_ = writing;
   return lease;
 }
 
@@ -257,13 +258,16 @@ absl::Status TokenLease::Renew() {
 
 absl::Status TokenLease::RenewLocked() {
   const auto began = BootNow();
-  // Unrenewed for a lease, the claim may have been taken over: another claim beside it that
-  // outranks it then stands. Within the first lease, another claim is a server that started at
-  // the same moment, and the outranking one stands. Past both, nothing should lie beside it
-  // but a write that landed late (its writer may be gone): this one stands, and clears it.
-  const bool lapsed = began - renewed_at_ >= options_.lease;
-  const bool starting = began - acquired_at_ < options_.lease;
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> found, hsm_->ReadTokenData(options_.label));
+  // Unrenewed for a lease by the time the read returned, the claim may have been taken over
+  // before the read was served: another claim beside it that outranks it then stands. Within
+  // the first lease, another claim is a server that started at the same moment, and the
+  // outranking one stands; so within a lease of a lapsed renewal, whose read-back may have
+  // missed a taker's claim. Past all three, nothing should lie beside it but a write that
+  // landed late (its writer may be gone): this one stands, and clears it.
+  const bool lapsed = BootNow() - renewed_at_ >= options_.lease;
+  const bool starting = began - acquired_at_ < options_.lease;
+  const bool unsettled = began - lapsed_at_ < options_.lease;
   const auto [mine_found, others] = Sort(found);
   if (found.empty()) {
     // Not another server's: one would have written its own. Someone holding the PIN deleted it.
@@ -277,7 +281,7 @@ absl::Status TokenLease::RenewLocked() {
     // Claimed side by side with another server (one of the two seeing the other's late), taken
     // over as it renewed, or a write that landed late: the standing claim's holder clears the
     // others.
-    if ((lapsed || starting) && StandingHolder(found) != holder_) {
+    if ((lapsed || starting || unsettled) && StandingHolder(found) != holder_) {
       return Lost(others, lapsed, starting);
     }
     if (others != others_seen_) {  // once per claim, not per renewal
@@ -306,6 +310,7 @@ absl::Status TokenLease::RenewLocked() {
     CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> claimed, hsm_->ReadTokenData(options_.label));
     const Claims after = Sort(claimed);
     if (!after.mine || StandingHolder(claimed) != holder_) return TookOver(after.others);
+    lapsed_at_ = began;
   }
   renewed_at_ = began;
   return absl::OkStatus();

@@ -106,8 +106,8 @@ class TokenLease {
   uint64_t beat_ = 0;
   // When (CLOCK_BOOTTIME) the last renewal that found the claim ours began: another server
   // takes it over no sooner than a lease after that renewal's write landed, later still. And
-  // when the claim was taken.
-  std::chrono::nanoseconds renewed_at_{0}, acquired_at_{0};
+  // when the claim was taken, and when the last renewal that found it lapsed began (or then).
+  std::chrono::nanoseconds renewed_at_{0}, acquired_at_{0}, lapsed_at_{0};
   std::vector<std::string> others_seen_;  // other claims beside this one's at the last renewal
   bool released_ = true;                  // until a claim is written
   std::mutex stop_mu_;

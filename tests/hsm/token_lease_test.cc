@@ -397,6 +397,50 @@ TEST_CASE("A holder past its first lease clears a claim of a later epoch that la
   CHECK((*holder)->Renew().ok());
 }
 
+// A lapsed renewal's read-back may miss a taker's claim that crossed it (a module slower than
+// `settle`): the taker's claim shows at a later renewal, and still stands.
+TEST_CASE("A holder whose lapsed renewal missed a taker's claim yields to it at the next",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  RawToken raw(token);
+  auto holder = TokenLease::Acquire(hsm.get(), kShort);  // epoch 1
+  REQUIRE(holder.ok());
+  RenewPastFirstLease(**holder);
+  std::this_thread::sleep_for(kShort.lease + 50ms);
+  REQUIRE((*holder)->Renew().ok());  // lapsed, read back alone
+  raw.CreateData("custos-instance", "custos-lease-v1\nholder=00 taker:1\nepoch=2\nbeat=0\n");
+  const auto before = Sorted(hsm->ReadTokenData("custos-instance").value());
+  REQUIRE(before.size() == 2);
+  const absl::Status lost = (*holder)->Renew();
+  CHECK(lost.code() == absl::StatusCode::kAborted);
+  CHECK(lost.message() ==
+        "another custosd (taker:1) holds this HSM token: its claim stands over this one's");
+  CHECK(Sorted(hsm->ReadTokenData("custos-instance").value()) == before);
+}
+
+// A renewal that began just inside a lease, its read served late (a slow module) after a taker
+// wrote: lapsed, by the time it knows what it read.
+TEST_CASE("A renewal whose read returns past a lease yields to a taker's claim it shows",
+          "[token_lease]") {
+  SoftHsmToken token;
+  auto hsm = OpenHsm(token);
+  RawToken raw(token);
+  hsm::FaultyHsm faulty(hsm.get());
+  auto holder = TokenLease::Acquire(&faulty, kShort);  // epoch 1
+  REQUIRE(holder.ok());
+  RenewPastFirstLease(**holder);
+  std::this_thread::sleep_for(kShort.lease - 150ms);
+  faulty.BeforeNextCallTo("ReadTokenData", [&] {
+    std::this_thread::sleep_for(250ms);
+    raw.CreateData("custos-instance", "custos-lease-v1\nholder=00 taker:1\nepoch=2\nbeat=0\n");
+  });
+  const absl::Status lost = (*holder)->Renew();
+  CHECK(lost.code() == absl::StatusCode::kAborted);
+  CHECK_THAT(std::string(lost.message()), Catch::Contains("(taker:1) took this HSM token over"));
+  CHECK(hsm->ReadTokenData("custos-instance")->size() == 2);  // nothing written
+}
+
 // A renewal stuck inside the module (past the HSM call timeout) may land after its holder lost
 // the token, after the next holder released it, and after a third server claimed it.
 TEST_CASE("A claim a late write left beside the holder's, from before a release, is cleared",
