@@ -682,7 +682,8 @@ TEST_CASE("An address that fills every gateway thread is trimmed to its limit at
   httplib::Result answered = gateway.Get("/v1/mariadb/data/1", "");
   REQUIRE(answered);
   CHECK(answered->status == 403);
-  CHECK(Clock::now() - start < 500ms);
+  // Not held until a connection waiting for a thread is cut (1 s); ASan's custosd is slower.
+  CHECK(Clock::now() - start < (kSanitized ? 1000ms : 500ms));
 }
 
 // Databases behind one address (NAT, a Kubernetes node, a TCP proxy): a 9th connection at once
