@@ -66,17 +66,28 @@ CallExecutor::~CallExecutor() {
   idle_.wait(lock, [this] { return live_ == 0; });
   watcher_stop_ = true;
   idle_.notify_all();
+  std::vector<std::thread> threads = std::move(threads_);
   lock.unlock();
+  for (std::thread& thread : threads) thread.join();
   if (watcher_.joinable()) watcher_.join();
 }
 
 void CallExecutor::AddThread() {
-  // Detached: a thread that retires after its set-aside call returned leaves nothing to join;
-  // the destructor waits for live_ to reach zero instead. Counted once it exists (it cannot
-  // run Serve() before mu_, held here, is released).
-  std::thread([this] { Serve(); }).detach();
+  JoinRetired();
+  // Counted once it exists (it cannot run Serve() before mu_, held here, is released).
+  threads_.emplace_back([this] { Serve(); });
   ++live_;
   ++serving_;
+}
+
+void CallExecutor::JoinRetired() {
+  for (const std::thread::id id : retired_) {
+    auto retired = std::find_if(threads_.begin(), threads_.end(),
+                                [id](const std::thread& thread) { return thread.get_id() == id; });
+    retired->join();
+    threads_.erase(retired);
+  }
+  retired_.clear();
 }
 
 bool CallExecutor::SetAside() {
@@ -202,7 +213,11 @@ void CallExecutor::Serve() {
       ++serving_;
     }
   }
-  if (serving) --serving_;
+  if (serving) {
+    --serving_;
+  } else {
+    retired_.push_back(std::this_thread::get_id());  // Joined by the next AddThread().
+  }
   --live_;
   idle_.notify_all();
 }

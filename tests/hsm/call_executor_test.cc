@@ -11,6 +11,7 @@
 #include <future>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace custos::testing {
@@ -285,6 +286,42 @@ TEST_CASE("many callers at once are all served, each exactly once", "[call_execu
   for (auto& caller : callers) CHECK(caller.get().ok());
   CHECK(runs == 16 * 200);
   CHECK(recorder.deltas.empty());
+}
+
+// Thread-local state whose destructor, at its thread's exit, takes a while and then counts
+// itself, as the per-thread state of a library the module uses (OpenSSL's) is freed at
+// thread exit under locks that the library's own exit-time cleanup destroys.
+std::atomic<int> thread_states_freed{0};
+struct SlowThreadState {
+  ~SlowThreadState() {
+    std::this_thread::sleep_for(100ms);
+    ++thread_states_freed;
+  }
+};
+void UseSlowThreadState() {
+  thread_local SlowThreadState state;
+  (void)state;
+}
+
+TEST_CASE("once destroyed, every thread it ran has ended, thread-local state freed",
+          "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(1, 1, &recorder, 0ms, 300ms);
+  auto gate = std::make_shared<Gate>();
+  OpenAtEnd release(gate);
+  thread_states_freed = 0;
+  // A call set aside: its thread is replaced, and retires once the call returns.
+  CHECK(absl::IsUnavailable(executor->Run("C_Sign", "", [gate] {
+    UseSlowThreadState();
+    gate->Wait();
+  })));
+  REQUIRE(executor->Run("C_Verify", "", [] { UseSlowThreadState(); }).ok());  // the replacement
+  gate->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(executor->set_aside() == 0);
+  executor.reset();
+  // Both threads are gone, state and all, before the process may go on to its exit.
+  CHECK(thread_states_freed == 2);
 }
 
 }  // namespace
