@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <utility>
 
 #include "absl/memory/memory.h"
@@ -67,27 +68,17 @@ CallExecutor::~CallExecutor() {
   watcher_stop_ = true;
   idle_.notify_all();
   std::vector<std::thread> threads = std::move(threads_);
+  if (retired_.joinable()) threads.push_back(std::move(retired_));
   lock.unlock();
   for (std::thread& thread : threads) thread.join();
   if (watcher_.joinable()) watcher_.join();
 }
 
 void CallExecutor::AddThread() {
-  JoinRetired();
   // Counted once it exists (it cannot run Serve() before mu_, held here, is released).
   threads_.emplace_back([this] { Serve(); });
   ++live_;
   ++serving_;
-}
-
-void CallExecutor::JoinRetired() {
-  for (const std::thread::id id : retired_) {
-    auto retired = std::find_if(threads_.begin(), threads_.end(),
-                                [id](const std::thread& thread) { return thread.get_id() == id; });
-    retired->join();
-    threads_.erase(retired);
-  }
-  retired_.clear();
 }
 
 bool CallExecutor::SetAside() {
@@ -213,13 +204,24 @@ void CallExecutor::Serve() {
       ++serving_;
     }
   }
+  // A thread retiring leaves its handle for the next to retire (or the destructor) to join,
+  // and joins the one the last left: neither a caller nor mu_ waits on a thread's exit, which
+  // runs the module's and its libraries' thread-exit handlers under locks of their own.
+  std::thread previous;
   if (serving) {
     --serving_;
   } else {
-    retired_.push_back(std::this_thread::get_id());  // Joined by the next AddThread().
+    const auto self = std::find_if(threads_.begin(), threads_.end(), [](const std::thread& t) {
+      return t.get_id() == std::this_thread::get_id();
+    });
+    assert(self != threads_.end());  // Added by AddThread() before this thread could run.
+    previous = std::exchange(retired_, std::move(*self));
+    threads_.erase(self);
   }
   --live_;
   idle_.notify_all();
+  lock.unlock();
+  if (previous.joinable()) previous.join();
 }
 
 void CallExecutor::Watch() {

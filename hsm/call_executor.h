@@ -86,8 +86,6 @@ class CallExecutor {
   void Serve();      // An executor thread's loop.
   void Watch();      // The hang-limit watcher's loop.
   void AddThread();  // With mu_ held.
-  // Joins the threads that retired (with mu_ held: they no longer take it).
-  void JoinRetired();
 
   // Why call `what` on `object` cannot be served now, or OK. With mu_ held.
   absl::Status Unservable(const char* what, std::string_view object) const;
@@ -102,14 +100,14 @@ class CallExecutor {
   std::condition_variable idle_;  // A thread exited, or the watcher is to stop.
   std::deque<std::shared_ptr<Task>> queue_;
   std::vector<std::shared_ptr<Task>> running_;  // Started and not finished, set aside or not.
-  // Every thread started and not joined yet. Joined, not detached: a thread's end includes
-  // freeing the per-thread state of the libraries the module uses (OpenSSL's, under a lock
-  // its exit-time cleanup destroys), and the process must not exit while that runs.
-  std::vector<std::thread> threads_;
-  std::vector<std::thread::id> retired_;  // Of threads_, those that left Serve() early.
-  size_t live_ = 0;                       // Threads that have not left Serve().
-  size_t serving_ = 0;                    // Of those, the ones not stuck in a set-aside call.
-  size_t set_aside_ = 0;                  // Calls set aside, not back yet.
+  // The threads, joined rather than detached: a thread's end includes freeing the per-thread
+  // state of the libraries the module uses (OpenSSL's, under a lock its exit-time cleanup
+  // destroys), and the process must not exit while that runs.
+  std::vector<std::thread> threads_;  // Those serving or stuck in a set-aside call.
+  std::thread retired_;   // The last to retire (its set-aside call returned), not joined yet.
+  size_t live_ = 0;       // Threads that have not left Serve().
+  size_t serving_ = 0;    // Of those, the ones not stuck in a set-aside call.
+  size_t set_aside_ = 0;  // Calls set aside, not back yet.
   // set_aside_ by kind (Kind(): `what` and `object`), no zeros.
   std::map<std::string, size_t, std::less<>> stuck_by_kind_;
   bool hang_reported_ = false;
