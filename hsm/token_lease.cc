@@ -50,21 +50,24 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
+// Epochs no count of claims reaches: one written is a forgery.
+constexpr uint64_t kMostEpochs = uint64_t{1} << 62;
+
 // How many claims led to the one in `value`: one more than the most its writer found (claims
 // and releases), so a claim written since a write that landed late stands over it. 0 in a
-// claim or release from before epochs were written, in none, and in one no count reaches (a
-// forgery, which must not make the next claim's wrap to 0).
+// claim or release from before epochs were written, in none, and in one of kMostEpochs or
+// more (a forgery, which must not make the next claim's wrap to 0).
 uint64_t EpochOf(const std::string& value) {
-  constexpr uint64_t kMostEpochs = uint64_t{1} << 62;
   uint64_t epoch = 0;
   return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch < kMostEpochs ? epoch : 0;
 }
 
-// The epoch of a claim written over `values`.
+// The epoch of a claim written over `values`; past a forged count just short of kMostEpochs,
+// the same count (a claim of kMostEpochs would read as 0).
 uint64_t NextEpoch(const std::vector<std::string>& values) {
   uint64_t epoch = 0;
   for (const std::string& value : values) epoch = std::max(epoch, EpochOf(value));
-  return epoch + 1;
+  return std::min(epoch + 1, kMostEpochs - 1);
 }
 
 // A claim's rank (StandingHolder): its epoch. One from before epochs were written (no epoch

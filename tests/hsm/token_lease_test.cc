@@ -288,6 +288,17 @@ TEST_CASE("An epoch past any count (forged) is read as none, and the next does n
   REQUIRE(lease.ok());
   CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=1\n"));
   CHECK((*lease)->Renew().ok());
+  REQUIRE((*lease)->Release().ok());
+
+  // One just short of the bound: the next claim stays at it rather than reach it (and read
+  // as none).
+  REQUIRE(hsm->WriteTokenData("custos-instance",
+                              "custos-lease-v1\nreleased\nepoch=4611686018427387903\n")
+              .ok());
+  lease = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(lease.ok());
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=4611686018427387903\n"));
+  CHECK((*lease)->Renew().ok());
 }
 
 TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
