@@ -62,12 +62,13 @@ uint64_t EpochOf(const std::string& value) {
   return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch < kMostEpochs ? epoch : 0;
 }
 
-// The epoch of a claim written over `values`; past a forged count just short of kMostEpochs,
-// the same count (a claim of kMostEpochs would read as 0).
+// The epoch of a claim written over `values`. Past a forged count just short of kMostEpochs
+// it starts again at 1: a count held there instead would tie every later claim, leaving
+// which stands to the holder ids rather than to who wrote last.
 uint64_t NextEpoch(const std::vector<std::string>& values) {
   uint64_t epoch = 0;
   for (const std::string& value : values) epoch = std::max(epoch, EpochOf(value));
-  return std::min(epoch + 1, kMostEpochs - 1);
+  return epoch + 1 < kMostEpochs ? epoch + 1 : 1;
 }
 
 // A claim's rank (StandingHolder): its epoch. One from before epochs were written (no epoch

@@ -290,15 +290,19 @@ TEST_CASE("An epoch past any count (forged) is read as none, and the next does n
   CHECK((*lease)->Renew().ok());
   REQUIRE((*lease)->Release().ok());
 
-  // One just short of the bound: the next claim stays at it rather than reach it (and read
-  // as none).
+  // One just short of the bound: the next claim counts from 1 again, writing no epoch out of
+  // bounds, and a take-over of it counts on.
   REQUIRE(hsm->WriteTokenData("custos-instance",
                               "custos-lease-v1\nreleased\nepoch=4611686018427387903\n")
               .ok());
-  lease = TokenLease::Acquire(hsm.get(), kShort);
-  REQUIRE(lease.ok());
-  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=4611686018427387903\n"));
-  CHECK((*lease)->Renew().ok());
+  auto stalled = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(stalled.ok());
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=1\n"));
+  auto taker = TokenLease::Acquire(hsm.get(), kShort);
+  REQUIRE(taker.ok());
+  CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
+  CHECK((*stalled)->Renew().code() == absl::StatusCode::kAborted);
+  CHECK((*taker)->Renew().ok());
 }
 
 TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
