@@ -252,15 +252,23 @@ void ReleaseClaim(hsm::TokenLease& lease) {
   }
 }
 
-int Fail(const absl::Status& status, int exit_code = 1) {
-  spdlog::critical("{}", status.ToString());
-  if (claim_to_release != nullptr) ReleaseClaim(*claim_to_release);
+// Ends the process without exit()'s handlers, at the end of a run as on a failed start.
+// Among them is OpenSSL's cleanup (libssl registers it as it loads, before main, so it cannot
+// be declined), which frees OpenSSL's global state while threads left to their work may still
+// use it: the gateway leaves connections that slow clients hold at the stop to their threads.
+[[noreturn]] void EndProcess(int exit_code) {
   spdlog::default_logger()->flush();
   std::fflush(nullptr);
 #if defined(__SANITIZE_ADDRESS__)
-  __lsan_do_leak_check();  // what exit() would have run: failed starts are checked for leaks too
+  __lsan_do_leak_check();  // what exit() would have run: every run is checked for leaks
 #endif
   std::_Exit(exit_code);
+}
+
+int Fail(const absl::Status& status, int exit_code = 1) {
+  spdlog::critical("{}", status.ToString());
+  if (claim_to_release != nullptr) ReleaseClaim(*claim_to_release);
+  EndProcess(exit_code);
 }
 
 // Claims the HSM token (hsm/token_lease.h) before anything is written to it, by a start or by
@@ -867,10 +875,11 @@ static int Run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+  int exit_code = 1;
   try {
-    return Run(argc, argv);
+    exit_code = Run(argc, argv);
   } catch (const std::exception& e) {  // e.g. out of memory: said, never a crash dump
     std::fprintf(stderr, "custosd: %s\n", e.what());
-    return 1;
   }
+  custos::server::EndProcess(exit_code);
 }
