@@ -370,41 +370,65 @@ TEST_CASE("Hangs while sessions are replaced or the login restored are UNAVAILAB
   };
   for (const Case& c : cases) {
     INFO(c.hung << " after " << c.error);
-    const size_t fired = Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error);
-    server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
-    // A re-initialisation waits until no other call is inside the module (the token claim's
-    // renewal, say): a later call may be the one that runs it. Each is answered UNAVAILABLE
-    // meanwhile.
-    // Calls go on until one has met the error and something has met the hung function.
-    // Calls are answered fast meanwhile, so wait by time, not by count: under the sanitizers
-    // a re-initialisation can take longer than twenty quick refusals.
-    const auto give_up = Clock::now() + 10s;
-    const auto both_met = [&] {
-      return Occurrences(server.FaultLog(), "hanging " + c.hung) > 0 &&
-             Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error) > fired;
-    };
-    for (int i = 0; i == 0 || (Clock::now() < give_up && !both_met()); ++i) {
-      if (i > 0) std::this_thread::sleep_for(50ms);
-      const auto start = Clock::now();
-      const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
-      const auto waited = Clock::now() - start;
-      INFO(Describe(status));
-      CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
-      CHECK(waited < 2500ms);
+    // The hang is meant for the recovery after the error, but another call may meet it first
+    // (a session opened beside a background call, a health probe that came late): calls are
+    // then still answered, UNAVAILABLE, but none reaches C_Encrypt. That try is said and
+    // made again, up to three times; one must go as meant.
+    bool as_meant = false;
+    for (int attempt = 0; attempt < 3 && !as_meant; ++attempt) {
+      INFO("attempt " << attempt);
+      const std::string before = server.FaultLog();
+      const size_t fired = Occurrences(before, "fired C_Encrypt " + c.error);
+      const size_t hung = Occurrences(before, "hanging " + c.hung);
+      const size_t released = Occurrences(before, "released " + c.hung);
+      server.SetFaults("C_Encrypt " + c.error + " times=1\n" + c.hung + " hang\n");
+      // A re-initialisation waits until no other call is inside the module (the token
+      // claim's renewal, say): a later call may be the one that runs it. Each is answered
+      // UNAVAILABLE meanwhile.
+      // Calls go on until one has met the error and something has met the hung function.
+      // Calls are answered fast meanwhile, so wait by time, not by count: under the
+      // sanitizers a re-initialisation can take longer than twenty quick refusals.
+      const auto give_up = Clock::now() + 10s;
+      const auto both_met = [&] {
+        const std::string log = server.FaultLog();
+        return Occurrences(log, "hanging " + c.hung) > hung &&
+               Occurrences(log, "fired C_Encrypt " + c.error) > fired;
+      };
+      for (int i = 0; i == 0 || (Clock::now() < give_up && !both_met()); ++i) {
+        if (i > 0) std::this_thread::sleep_for(50ms);
+        const auto start = Clock::now();
+        const grpc::Status status = GenerateDataKey(server, key.key_id(), "known", &reply);
+        const auto waited = Clock::now() - start;
+        INFO(Describe(status));
+        CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
+        CHECK(waited < 2500ms);
+      }
+      const std::string log = server.FaultLog();
+      REQUIRE(Occurrences(log, "hanging " + c.hung) > hung);
+      as_meant = Occurrences(log, "fired C_Encrypt " + c.error) == fired + 1;
+      if (!as_meant) {
+        std::fprintf(stderr,
+                     "%s after %s, attempt %d: the hang was met before the error; "
+                     "the fault log since:\n%s\n",
+                     c.hung.c_str(), c.error.c_str(), attempt, log.substr(before.size()).c_str());
+      }
+      // Served again once the module answers, by the same process.
+      server.SetFaults("");
+      for (int i = 0; i < 300 && Occurrences(server.FaultLog(), "released " + c.hung) <= released;
+           ++i) {
+        std::this_thread::sleep_for(50ms);
+      }
+      REQUIRE(Occurrences(server.FaultLog(), "released " + c.hung) > released);
+      grpc::Status again;
+      for (int i = 0; i < 40; ++i) {  // a recovery may be under way: a few hundred ms
+        again = GenerateDataKey(server, key.key_id(), "known", &reply);
+        if (again.ok()) break;
+        std::this_thread::sleep_for(50ms);
+      }
+      INFO(Describe(again));
+      CHECK(again.ok());
     }
-    CHECK(Occurrences(server.FaultLog(), "hanging " + c.hung) >= 1);
-    CHECK(Occurrences(server.FaultLog(), "fired C_Encrypt " + c.error) == fired + 1);
-    // Served again once the module answers, by the same process.
-    server.SetFaults("");
-    AwaitLine([&] { return server.FaultLog(); }, "released " + c.hung);
-    grpc::Status again;
-    for (int i = 0; i < 40; ++i) {  // a recovery may be under way: a few hundred ms
-      again = GenerateDataKey(server, key.key_id(), "known", &reply);
-      if (again.ok()) break;
-      std::this_thread::sleep_for(50ms);
-    }
-    INFO(Describe(again));
-    CHECK(again.ok());
+    CHECK(as_meant);
   }
   CHECK(server.Alive());
 }
