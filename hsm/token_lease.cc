@@ -6,7 +6,7 @@
 
 #include <algorithm>
 #include <iterator>
-#include <limits>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -50,45 +50,64 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
-// Epochs no count of claims reaches: one written is a forgery.
-constexpr uint64_t kMostEpochs = uint64_t{1} << 62;
+// Epochs count from 1 to kLastEpoch, then from 1 again; none written is 0 or more. No count
+// of claims comes near the wrap, but a forged release may start one just short of it.
+constexpr uint64_t kLastEpoch = (uint64_t{1} << 62) - 1;
 
-// How many claims led to the one in `value`: one more than the most its writer found (claims
+// How many claims led to the one in `value`: one more than the latest its writer found (claims
 // and releases), so a claim written since a write that landed late stands over it. 0 in a
-// claim or release from before epochs were written, in none, and in one of kMostEpochs or
-// more (a forgery, which must not make the next claim's wrap to 0).
+// claim or release from before epochs were written, in none, and in one past kLastEpoch (a
+// forgery).
 uint64_t EpochOf(const std::string& value) {
   uint64_t epoch = 0;
-  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch < kMostEpochs ? epoch : 0;
+  return absl::SimpleAtoi(FieldOf({value}, "epoch"), &epoch) && epoch <= kLastEpoch ? epoch : 0;
 }
 
-// The epoch of a claim written over `values`. Past a forged count just short of kMostEpochs
-// it starts again at 1: a count held there instead would tie every later claim, leaving
-// which stands to the holder ids rather than to who wrote last.
+// Whether epoch `a` comes after `b`: the nearer way round the count (serial number arithmetic,
+// RFC 1982), so a claim counted from 1 again follows one written just short of the wrap. 0
+// comes after none.
+bool Follows(uint64_t a, uint64_t b) {
+  if (a == 0) return false;
+  if (b == 0) return true;
+  const uint64_t ahead = (a + kLastEpoch - b) % kLastEpoch;  // a - b, round the wrap
+  return ahead != 0 && ahead < kLastEpoch / 2;
+}
+
+// The epoch of a claim written over `values`: the one after the latest among them.
 uint64_t NextEpoch(const std::vector<std::string>& values) {
-  uint64_t epoch = 0;
-  for (const std::string& value : values) epoch = std::max(epoch, EpochOf(value));
-  return epoch + 1 < kMostEpochs ? epoch + 1 : 1;
-}
-
-// A claim's rank (StandingHolder): its epoch. One from before epochs were written (no epoch
-// line) outranks all that have one: its server may have taken any of them over.
-uint64_t RankOf(const std::string& value) {
-  if (value.find("\nepoch=") == std::string::npos) return std::numeric_limits<uint64_t>::max();
-  return EpochOf(value);
-}
-
-// Of the claims in `values`, the one that stands when several lie side by side: the highest
-// rank, the latest epoch (a server taking a lapsed claim over writes over a holder renewing it
-// at the same moment, which stops), then, of claims written from the same one (servers starting at
-// the same moment), the greatest holder (its random id first). Empty if none is a claim.
-std::string StandingHolder(const std::vector<std::string>& values) {
-  std::pair<uint64_t, std::string> standing;
+  uint64_t latest = 0;
   for (const std::string& value : values) {
-    const std::string holder = FieldOf({value}, "holder");
-    if (!holder.empty()) standing = std::max(standing, {RankOf(value), holder});
+    if (const uint64_t epoch = EpochOf(value); Follows(epoch, latest)) latest = epoch;
   }
-  return standing.second;
+  return latest == kLastEpoch ? 1 : latest + 1;
+}
+
+// Of the claims in `values`, the one that stands when several lie side by side: the latest
+// epoch (a server taking a lapsed claim over writes over a holder renewing it at the same
+// moment, which stops), then, of claims written from the same one (servers starting at the
+// same moment), the greatest holder (its random id first). A claim from before epochs were
+// written (no epoch line) comes after all that have one: its server may have taken any of them
+// over. Empty if none is a claim.
+std::string StandingHolder(const std::vector<std::string>& values) {
+  struct Claim {
+    bool before_epochs;
+    uint64_t epoch;
+    std::string holder;
+  };
+  std::optional<Claim> standing;
+  for (const std::string& value : values) {
+    Claim claim{value.find("\nepoch=") == std::string::npos, EpochOf(value),
+                FieldOf({value}, "holder")};
+    if (claim.holder.empty()) continue;
+    const auto after = [](const Claim& a, const Claim& b) {
+      return a.before_epochs != b.before_epochs ? a.before_epochs : Follows(a.epoch, b.epoch);
+    };
+    if (!standing || after(claim, *standing) ||
+        (!after(*standing, claim) && claim.holder > standing->holder)) {
+      standing = std::move(claim);
+    }
+  }
+  return standing ? standing->holder : "";
 }
 
 // A starting server's refusal: the claim it watched (now `values`) changed, so its holder lives.
@@ -215,7 +234,7 @@ absl::StatusOr<std::unique_ptr<TokenLease>> TokenLease::Acquire(Hsm* hsm, Option
       CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> now, hsm->ReadTokenData(o.label));
       if (!AllReleased(now)) return RenewedMeanwhile(now);
       // It came back and stopped cleanly (perhaps more than once): past that release's epoch.
-      lease->epoch_ = std::max(lease->epoch_, NextEpoch(now));
+      if (const uint64_t past = NextEpoch(now); Follows(past, lease->epoch_)) lease->epoch_ = past;
       claim = lease->Encode(0);
       replaced = hsm->WriteTokenData(o.label, claim);
     }
