@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cassert>
+#include <system_error>
 #include <utility>
 
 #include "absl/memory/memory.h"
@@ -46,16 +47,27 @@ absl::StatusOr<std::unique_ptr<CallExecutor>> CallExecutor::Create(Options optio
   if (options.call_timeout <= std::chrono::milliseconds(0)) {
     return absl::InvalidArgumentError("hsm.call_timeout_ms must be > 0");
   }
-  return absl::WrapUnique(new CallExecutor(std::move(options)));
+  auto executor = absl::WrapUnique(new CallExecutor(std::move(options)));
+  CUSTOS_RETURN_IF_ERROR(executor->Start());
+  return executor;
 }
 
 CallExecutor::CallExecutor(Options options)
     : options_(std::move(options)),
-      stuck_per_kind_(std::max<size_t>(1, options_.max_set_aside / 2)) {
+      stuck_per_kind_(std::max<size_t>(1, options_.max_set_aside / 2)) {}
+
+absl::Status CallExecutor::Start() {
   std::lock_guard lock(mu_);
-  for (size_t i = 0; i < options_.threads; ++i) AddThread();
-  if (options_.hang_limit > std::chrono::milliseconds(0))
-    watcher_ = std::thread([this] { Watch(); });
+  for (size_t i = 0; i < options_.threads; ++i) CUSTOS_RETURN_IF_ERROR(AddThread());
+  if (options_.hang_limit > std::chrono::milliseconds(0)) {
+    try {
+      watcher_ = std::thread([this] { Watch(); });
+    } catch (const std::system_error& error) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot start the HSM hang watcher thread: ", error.what()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 CallExecutor::~CallExecutor() {
@@ -74,11 +86,16 @@ CallExecutor::~CallExecutor() {
   if (watcher_.joinable()) watcher_.join();
 }
 
-void CallExecutor::AddThread() {
+absl::Status CallExecutor::AddThread() {
   // Counted once it exists (it cannot run Serve() before mu_, held here, is released).
-  threads_.emplace_back([this] { Serve(); });
+  try {
+    threads_.emplace_back([this] { Serve(); });
+  } catch (const std::system_error& error) {  // threads_ is left as it was
+    return absl::ResourceExhaustedError(absl::StrCat("cannot start an HSM thread: ", error.what()));
+  }
   ++live_;
   ++serving_;
+  return absl::OkStatus();
 }
 
 bool CallExecutor::SetAside() {
@@ -144,17 +161,19 @@ absl::Status CallExecutor::Run(const char* what, std::string_view object,
   ++set_aside_;
   ++stuck_by_kind_[Kind(what, object)];
   --serving_;
-  const bool replaced = set_aside_ <= options_.max_set_aside;
-  if (replaced) AddThread();
+  // Past the bound, or if the system refuses a thread, the stuck one is not replaced.
+  absl::Status replaced = set_aside_ <= options_.max_set_aside
+                              ? AddThread()
+                              : absl::ResourceExhaustedError("at hsm.max_stuck_calls");
   if (serving_ == 0) RefuseQueued();
   if (options_.on_set_aside) options_.on_set_aside(+1);
   const size_t stuck = set_aside_;
   lock.unlock();
   spdlog::warn(
       "HSM call {} has not returned within {} ms; answered UNAVAILABLE and set aside "
-      "({} set aside now{})",
+      "({} set aside now{}{})",
       what, options_.call_timeout.count(), stuck,
-      replaced ? "" : "; at hsm.max_stuck_calls, its thread is not replaced");
+      replaced.ok() ? "" : "; its thread is not replaced: ", std::string(replaced.message()));
   return absl::UnavailableError(absl::StrCat("the HSM did not answer ", what, " within ",
                                              options_.call_timeout.count(),
                                              " ms (hsm.call_timeout_ms); retry later"));

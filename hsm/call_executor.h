@@ -61,7 +61,8 @@ class CallExecutor {
     std::function<void(const std::string& message)> on_hang_limit;
   };
 
-  // INVALID_ARGUMENT if threads or call_timeout is 0.
+  // INVALID_ARGUMENT if threads or call_timeout is 0; RESOURCE_EXHAUSTED if the system
+  // refuses a thread (the ones started are stopped and joined first).
   static absl::StatusOr<std::unique_ptr<CallExecutor>> Create(Options options);
   ~CallExecutor();
   CallExecutor(const CallExecutor&) = delete;
@@ -83,9 +84,10 @@ class CallExecutor {
  private:
   struct Task;
   explicit CallExecutor(Options options);
-  void Serve();      // An executor thread's loop.
-  void Watch();      // The hang-limit watcher's loop.
-  void AddThread();  // With mu_ held.
+  absl::Status Start();      // Starts the threads; on failure, the destructor joins them.
+  void Serve();              // An executor thread's loop.
+  void Watch();              // The hang-limit watcher's loop.
+  absl::Status AddThread();  // With mu_ held. RESOURCE_EXHAUSTED if the system refuses it.
 
   // Why call `what` on `object` cannot be served now, or OK. With mu_ held.
   absl::Status Unservable(const char* what, std::string_view object) const;

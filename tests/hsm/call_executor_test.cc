@@ -6,13 +6,21 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "tests/hsm/fault_control.h"
 
 namespace custos::testing {
 namespace {
@@ -292,9 +300,10 @@ TEST_CASE("many callers at once are all served, each exactly once", "[call_execu
 // itself, as the per-thread state of a library the module uses (OpenSSL's) is freed at
 // thread exit under locks that the library's own exit-time cleanup destroys.
 std::atomic<int> thread_states_freed{0};
+std::atomic<int> thread_state_free_ms{100};
 struct SlowThreadState {
   ~SlowThreadState() {
-    std::this_thread::sleep_for(100ms);
+    std::this_thread::sleep_for(std::chrono::milliseconds(thread_state_free_ms.load()));
     ++thread_states_freed;
   }
 };
@@ -327,6 +336,115 @@ TEST_CASE("once destroyed, every thread it ran has ended, thread-local state fre
   executor.reset();
   // All three threads are gone, state and all, before the process may go on to its exit.
   CHECK(thread_states_freed == 3);
+}
+
+TEST_CASE("no call waits on a retiring thread's exit", "[call_executor]") {
+  Recorder recorder;
+  auto executor = Make(1, 2, &recorder);
+  thread_states_freed = 0;
+  thread_state_free_ms = 600;
+  Finally restore([] { thread_state_free_ms = 100; });
+  // Two calls set aside, each on a thread that frees slow thread-local state as it exits.
+  const std::shared_ptr<Gate> gates[] = {std::make_shared<Gate>(), std::make_shared<Gate>()};
+  OpenAtEnd release_first(gates[0]);
+  OpenAtEnd release_second(gates[1]);
+  for (const auto& gate : gates) {
+    // Of two kinds: with max_set_aside 2, a second stuck call of one kind would be refused.
+    CHECK(absl::IsUnavailable(executor->Run(gate == gates[0] ? "C_Sign" : "C_Verify", "", [gate] {
+      UseSlowThreadState();
+      gate->Wait();
+    })));
+  }
+  REQUIRE(executor->set_aside() == 2);
+  // Both return: the first to retire takes 600 ms to end, and the second joins it meanwhile.
+  gates[0]->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 1; ++i) std::this_thread::sleep_for(5ms);
+  gates[1]->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  REQUIRE(executor->set_aside() == 0);
+  CHECK(thread_states_freed == 0);  // neither thread has ended yet
+  const auto start = Clock::now();
+  CHECK(executor->Run("C_Digest", "", [] {}).ok());
+  CHECK(Clock::now() - start < 300ms);
+  executor.reset();
+  CHECK(thread_states_freed == 2);
+}
+
+// A process whose threads the system limits: a start past the limit fails, having joined the
+// threads it started; a stuck call that cannot be replaced leaves the others served. Run by
+// the test below as a process of its own, as another user (root's thread count is not limited).
+TEST_CASE("(an executor short of threads)", "[.][executor_few_threads]") {
+  const char* which = std::getenv("CUSTOS_FEW_THREADS_CASE");
+  REQUIRE(which != nullptr);
+  std::thread([] {}).join();  // a sanitizer's own thread, if any, is started by now
+  const auto tasks = [] {
+    size_t count = 0;
+    for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
+      ++count;
+    return count;
+  };
+  const size_t before = tasks();
+  // Two threads more; the soft limit only, to lift it again before the process exits (a
+  // sanitizer's leak check starts a thread). As a user no process runs as: its thread count
+  // is this process's.
+  rlimit limit{};
+  REQUIRE(::getrlimit(RLIMIT_NPROC, &limit) == 0);
+  const rlimit few{before + 2, limit.rlim_max};
+  REQUIRE(::setrlimit(RLIMIT_NPROC, &few) == 0);
+  REQUIRE(::setgid(54329) == 0);
+  REQUIRE(::setuid(54329) == 0);
+  Finally lift([limit] { ::setrlimit(RLIMIT_NPROC, &limit); });
+  Recorder recorder;
+  if (std::string_view(which) == "start") {
+    CallExecutor::Options options;
+    options.threads = 4;
+    auto executor = CallExecutor::Create(std::move(options));
+    std::printf("few threads: start %s\n", executor.status().ToString().c_str());
+    // The two it started have ended.
+    for (int i = 0; i < 200 && tasks() > before; ++i) std::this_thread::sleep_for(5ms);
+    std::printf("few threads: %zu more thread(s) left\n", tasks() - before);
+    return;
+  }
+  auto executor = Make(2, 4, &recorder);
+  auto gate = std::make_shared<Gate>();
+  OpenAtEnd release(gate);
+  std::printf("few threads: stuck %s\n",
+              executor->Run("C_Sign", "", [gate] { gate->Wait(); }).ToString().c_str());
+  std::printf("few threads: next %s\n", executor->Run("C_Verify", "", [] {}).ToString().c_str());
+  gate->Open();
+  for (int i = 0; i < 200 && executor->set_aside() > 0; ++i) std::this_thread::sleep_for(5ms);
+  std::printf("few threads: after %s\n", executor->Run("C_Digest", "", [] {}).ToString().c_str());
+}
+
+TEST_CASE("a thread the system refuses fails the start cleanly, or leaves a stuck call unreplaced",
+          "[call_executor]") {
+  if (::geteuid() != 0) {
+    WARN("not root: cannot run a process under a thread limit of its own; skipped");
+    return;
+  }
+  const auto run = [](const char* which) {
+    const std::string command = std::string("CUSTOS_FEW_THREADS_CASE=") + which + " /proc/" +
+                                std::to_string(::getpid()) + "/exe '[executor_few_threads]' 2>&1";
+    FILE* child = ::popen(command.c_str(), "r");
+    REQUIRE(child != nullptr);
+    std::string output;
+    char buffer[512];
+    while (std::fgets(buffer, sizeof(buffer), child) != nullptr) output += buffer;
+    const int status = ::pclose(child);
+    INFO(output);
+    CHECK(status == 0);
+    return output;
+  };
+  const std::string start = run("start");
+  CHECK_THAT(start, Catch::Contains("few threads: start RESOURCE_EXHAUSTED: cannot start an HSM "
+                                    "thread: Resource temporarily unavailable"));
+  CHECK_THAT(start, Catch::Contains("few threads: 0 more thread(s) left"));
+  const std::string stuck = run("stuck");
+  CHECK_THAT(stuck, Catch::Contains("few threads: stuck UNAVAILABLE: the HSM did not answer "
+                                    "C_Sign within 1000 ms"));
+  CHECK_THAT(stuck, Catch::Contains("its thread is not replaced: cannot start an HSM thread"));
+  CHECK_THAT(stuck, Catch::Contains("few threads: next OK"));
+  CHECK_THAT(stuck, Catch::Contains("few threads: after OK"));
 }
 
 }  // namespace
