@@ -241,10 +241,7 @@ void MeasureCommits(metrics::Registry& registry, storage::KeyStore& store) {
 // the next start does not wait out a lease.
 hsm::TokenLease* claim_to_release = nullptr;
 
-// Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
-// hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
-// hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already. The claim
-// is released first (each HSM call answered within hsm.call_timeout_ms).
+// Releases the claim on the HSM token, saying so if it could not.
 void ReleaseClaim(hsm::TokenLease& lease) {
   if (absl::Status released = lease.Release(); !released.ok()) {
     spdlog::error("releasing the HSM token (the next start waits hsm.instance_lease_ms): {}",
@@ -265,6 +262,10 @@ void ReleaseClaim(hsm::TokenLease& lease) {
   std::_Exit(exit_code);
 }
 
+// Ends a start that cannot go on. At once: an HSM call still stuck in the module (see
+// hsm.call_timeout_ms) would otherwise hold the exit in the HSM layer's teardown until
+// hsm.hang_limit_ms. Nothing is lost: every commit made so far is durable already. The claim
+// is released first (each HSM call answered within hsm.call_timeout_ms).
 int Fail(const absl::Status& status, int exit_code = 1) {
   spdlog::critical("{}", status.ToString());
   if (claim_to_release != nullptr) ReleaseClaim(*claim_to_release);
