@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <iterator>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -50,8 +49,8 @@ std::string HolderOf(const std::vector<std::string>& values) {
   return space == std::string::npos ? holder : holder.substr(space + 1);
 }
 
-// Epochs count from 1 to kLastEpoch, then from 1 again; none written is 0 or more. No count
-// of claims comes near the wrap, but a forged release may start one just short of it.
+// Epochs count from 1 to kLastEpoch, then from 1 again (0 is none). No count of claims comes
+// near the wrap, but a forged release may start one just short of it.
 constexpr uint64_t kLastEpoch = (uint64_t{1} << 62) - 1;
 
 // How many claims led to the one in `value`: one more than the latest its writer found (claims
@@ -64,19 +63,28 @@ uint64_t EpochOf(const std::string& value) {
 }
 
 // Whether epoch `a` comes after `b`: the nearer way round the count (serial number arithmetic,
-// RFC 1982), so a claim counted from 1 again follows one written just short of the wrap. 0
-// comes after none.
+// RFC 1982), so a claim counted from 1 again follows one written just short of the wrap. Of
+// two different epochs, exactly one follows the other (the count's length is odd). 0 comes
+// after none.
 bool Follows(uint64_t a, uint64_t b) {
   if (a == 0) return false;
   if (b == 0) return true;
   const uint64_t ahead = (a + kLastEpoch - b) % kLastEpoch;  // a - b, round the wrap
-  return ahead != 0 && ahead < kLastEpoch / 2;
+  return ahead != 0 && ahead <= kLastEpoch / 2;
+}
+
+// Round the wrap "follows" is not transitive: among epochs spread far round it (forged), the
+// latest depends on the order they are looked at in. Every reader looks in this order, so
+// servers reading the same claims agree on which stands.
+std::vector<std::string> InOneOrder(std::vector<std::string> values) {
+  std::sort(values.begin(), values.end());
+  return values;
 }
 
 // The epoch of a claim written over `values`: the one after the latest among them.
 uint64_t NextEpoch(const std::vector<std::string>& values) {
   uint64_t latest = 0;
-  for (const std::string& value : values) {
+  for (const std::string& value : InOneOrder(values)) {
     if (const uint64_t epoch = EpochOf(value); Follows(epoch, latest)) latest = epoch;
   }
   return latest == kLastEpoch ? 1 : latest + 1;
@@ -94,14 +102,14 @@ std::string StandingHolder(const std::vector<std::string>& values) {
     uint64_t epoch;
     std::string holder;
   };
+  const auto after = [](const Claim& a, const Claim& b) {
+    return a.before_epochs != b.before_epochs ? a.before_epochs : Follows(a.epoch, b.epoch);
+  };
   std::optional<Claim> standing;
-  for (const std::string& value : values) {
+  for (const std::string& value : InOneOrder(values)) {
     Claim claim{value.find("\nepoch=") == std::string::npos, EpochOf(value),
                 FieldOf({value}, "holder")};
     if (claim.holder.empty()) continue;
-    const auto after = [](const Claim& a, const Claim& b) {
-      return a.before_epochs != b.before_epochs ? a.before_epochs : Follows(a.epoch, b.epoch);
-    };
     if (!standing || after(claim, *standing) ||
         (!after(*standing, claim) && claim.holder > standing->holder)) {
       standing = std::move(claim);

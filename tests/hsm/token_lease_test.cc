@@ -277,7 +277,7 @@ TEST_CASE("A taker that meets a release written since it watched claims past its
   CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=7\n"));
 }
 
-TEST_CASE("An epoch past any count (forged) is read as none, and the next does not wrap",
+TEST_CASE("An epoch past the count (forged) is read as none; past the last, the count wraps to 1",
           "[token_lease]") {
   SoftHsmToken token;
   auto hsm = OpenHsm(token);
@@ -290,8 +290,8 @@ TEST_CASE("An epoch past any count (forged) is read as none, and the next does n
   CHECK((*lease)->Renew().ok());
   REQUIRE((*lease)->Release().ok());
 
-  // One just short of the bound: the next claim counts from 1 again, writing no epoch out of
-  // bounds, and a take-over of it counts on.
+  // The last epoch: the next claim counts from 1 again, writing no epoch out of bounds, and a
+  // take-over of it counts on.
   REQUIRE(hsm->WriteTokenData("custos-instance",
                               "custos-lease-v1\nreleased\nepoch=4611686018427387903\n")
               .ok());
@@ -303,6 +303,20 @@ TEST_CASE("An epoch past any count (forged) is read as none, and the next does n
   CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
   CHECK((*stalled)->Renew().code() == absl::StatusCode::kAborted);
   CHECK((*taker)->Renew().ok());
+  REQUIRE((*taker)->Release().ok());
+
+  // Releases on both sides of the wrap (one landed late), in either order: 1 is the latest.
+  for (const bool last_first : {true, false}) {
+    INFO((last_first ? "the last epoch's release first" : "epoch 1's release first"));
+    const std::string last = "custos-lease-v1\nreleased\nepoch=4611686018427387903\n";
+    const std::string first = "custos-lease-v1\nreleased\nepoch=1\n";
+    REQUIRE(hsm->WriteTokenData("custos-instance", last_first ? last : first).ok());
+    RawToken(token).CreateData("custos-instance", last_first ? first : last);
+    auto after = TokenLease::Acquire(hsm.get(), kShort);
+    REQUIRE(after.ok());
+    CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
+    REQUIRE((*after)->Release().ok());
+  }
 }
 
 TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
