@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cassert>
-#include <system_error>
+#include <exception>
 #include <utility>
 
 #include "absl/memory/memory.h"
@@ -58,11 +58,12 @@ CallExecutor::CallExecutor(Options options)
 
 absl::Status CallExecutor::Start() {
   std::lock_guard lock(mu_);
+  threads_.reserve(options_.threads + options_.max_set_aside);  // as many as ever serve or stick
   for (size_t i = 0; i < options_.threads; ++i) CUSTOS_RETURN_IF_ERROR(AddThread());
   if (options_.hang_limit > std::chrono::milliseconds(0)) {
     try {
       watcher_ = std::thread([this] { Watch(); });
-    } catch (const std::system_error& error) {
+    } catch (const std::exception& error) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot start the HSM hang watcher thread: ", error.what()));
     }
@@ -90,7 +91,7 @@ absl::Status CallExecutor::AddThread() {
   // Counted once it exists (it cannot run Serve() before mu_, held here, is released).
   try {
     threads_.emplace_back([this] { Serve(); });
-  } catch (const std::system_error& error) {  // threads_ is left as it was
+  } catch (const std::exception& error) {  // system_error or bad_alloc; threads_ as it was
     return absl::ResourceExhaustedError(absl::StrCat("cannot start an HSM thread: ", error.what()));
   }
   ++live_;
@@ -111,8 +112,10 @@ absl::Status CallExecutor::Unservable(const char* what, std::string_view object)
   if (serving_ == 0) {
     return BusyError("HSM busy: every HSM thread is stuck in the module",
                      absl::StrCat("HSM busy: every HSM thread is stuck in the module (", set_aside_,
-                                  " call(s), past hsm.max_stuck_calls); ", what,
-                                  " was not started; retry later"));
+                                  set_aside_ > options_.max_set_aside
+                                      ? " call(s), past hsm.max_stuck_calls); "
+                                      : " call(s), no thread could be started in their place); ",
+                                  what, " was not started; retry later"));
   }
   if (stuck_by_kind_.empty()) return absl::OkStatus();
   if (auto stuck = stuck_by_kind_.find(Kind(what, object));

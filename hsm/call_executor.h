@@ -9,9 +9,9 @@
 //  - a call still running at its deadline is *set aside*: its caller gets UNAVAILABLE, its
 //    thread finishes inside the module whenever it can (what it returns is discarded), and a
 //    new thread takes its place, as long as no more than `max_set_aside` calls are set aside
-//    at once. Past that bound nothing replaces a stuck thread, and calls wait for the threads
-//    still free (or time out): a module that hangs every call cannot make custosd spawn threads
-//    without end.
+//    at once. Past that bound (or if the system refuses a thread) nothing replaces a stuck
+//    thread, and calls wait for the threads still free (or time out): a module that hangs every
+//    call cannot make custosd spawn threads without end.
 // Calls that cannot be served are answered at once instead of after call_timeout, so that a
 // caller learns fast and its thread is not held for nothing ("HSM busy"):
 //  - when every thread is stuck (none serves), every call, queued ones included;

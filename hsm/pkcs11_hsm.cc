@@ -827,16 +827,6 @@ absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
   CUSTOS_ASSIGN_OR_RETURN(
       std::unique_ptr<KeyCache> cache,
       KeyCache::Create(pool.get(), options.key_cache_capacity, options.call_timeout / 2));
-  if (options.metrics != nullptr) {
-    const KeyCache* counted = cache.get();
-    options.metrics->AddCounterReader(
-        "custos_hsm_key_cache_lookups_total",
-        "Key versions looked up in the HSM session's cache of unwrapped keys, by result",
-        [counted]() -> std::vector<std::pair<metrics::Labels, double>> {
-          return {{{{"result", "hit"}}, static_cast<double>(counted->hits())},
-                  {{{"result", "miss"}}, static_cast<double>(counted->misses())}};
-        });
-  }
   SessionPool* const sessions = pool.get();  // Owned by the Hsm, which outlives the executor.
   CUSTOS_ASSIGN_OR_RETURN(
       std::unique_ptr<CallExecutor> executor,
@@ -846,6 +836,16 @@ absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
                             .hang_limit = options.hang_limit,
                             .on_set_aside = [sessions](int delta) { sessions->AddSpare(delta); },
                             .on_hang_limit = std::move(options.on_hang_limit)}));
+  if (options.metrics != nullptr) {  // Once nothing can fail: the reader outlives no cache.
+    const KeyCache* counted = cache.get();
+    options.metrics->AddCounterReader(
+        "custos_hsm_key_cache_lookups_total",
+        "Key versions looked up in the HSM session's cache of unwrapped keys, by result",
+        [counted]() -> std::vector<std::pair<metrics::Labels, double>> {
+          return {{{{"result", "hit"}}, static_cast<double>(counted->hits())},
+                  {{{"result", "miss"}}, static_cast<double>(counted->misses())}};
+        });
+  }
   return WithDeadlines(std::make_unique<Pkcs11Hsm>(std::move(pool), std::move(cache)),
                        std::move(executor));
 }

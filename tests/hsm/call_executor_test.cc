@@ -10,16 +10,20 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <future>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "tests/hsm/fault_control.h"
 
 namespace custos::testing {
@@ -342,7 +346,7 @@ TEST_CASE("no call waits on a retiring thread's exit", "[call_executor]") {
   Recorder recorder;
   auto executor = Make(1, 2, &recorder);
   thread_states_freed = 0;
-  thread_state_free_ms = 600;
+  thread_state_free_ms = 1500;
   Finally restore([] { thread_state_free_ms = 100; });
   // Two calls set aside, each on a thread that frees slow thread-local state as it exits.
   const std::shared_ptr<Gate> gates[] = {std::make_shared<Gate>(), std::make_shared<Gate>()};
@@ -356,7 +360,7 @@ TEST_CASE("no call waits on a retiring thread's exit", "[call_executor]") {
     })));
   }
   REQUIRE(executor->set_aside() == 2);
-  // Both return: the first to retire takes 600 ms to end, and the second joins it meanwhile.
+  // Both return: the first to retire takes 1.5 s to end, and the second joins it meanwhile.
   gates[0]->Open();
   for (int i = 0; i < 200 && executor->set_aside() > 1; ++i) std::this_thread::sleep_for(5ms);
   gates[1]->Open();
@@ -373,39 +377,77 @@ TEST_CASE("no call waits on a retiring thread's exit", "[call_executor]") {
 // A process whose threads the system limits: a start past the limit fails, having joined the
 // threads it started; a stuck call that cannot be replaced leaves the others served. Run by
 // the test below as a process of its own, as another user (root's thread count is not limited).
+// This process's threads, once the count has settled (a joined thread leaves it just after).
+long Tasks() {
+  const auto count = [] {
+    long n = 0;
+    for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
+      ++n;
+    return n;
+  };
+  for (long last = -1;;) {
+    const long now = count();
+    if (now == last) return now;
+    last = now;
+    std::this_thread::sleep_for(20ms);
+  }
+}
+
+// How many more threads this process may start now (up to `most`): started until the system
+// refuses one.
+long Headroom(size_t most) {
+  Gate gate;
+  std::vector<std::thread> started;
+  while (started.size() < most) {
+    try {
+      started.emplace_back([&gate] { gate.Wait(); });
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  gate.Open();
+  for (std::thread& thread : started) thread.join();
+  return static_cast<long>(started.size());
+}
+
 TEST_CASE("(an executor short of threads)", "[.][executor_few_threads]") {
   const char* which = std::getenv("CUSTOS_FEW_THREADS_CASE");
   REQUIRE(which != nullptr);
   std::thread([] {}).join();  // a sanitizer's own thread, if any, is started by now
-  const auto tasks = [] {
-    size_t count = 0;
-    for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
-      ++count;
-    return count;
-  };
-  const size_t before = tasks();
-  // Two threads more; the soft limit only, to lift it again before the process exits (a
-  // sanitizer's leak check starts a thread). As a user no process runs as: its thread count
-  // is this process's.
+  const long before = Tasks();
+  // A few threads more: the soft limit only, to lift it again before the process exits (a
+  // sanitizer's leak check starts a thread). Counted for a user no other process runs as.
   rlimit limit{};
-  REQUIRE(::getrlimit(RLIMIT_NPROC, &limit) == 0);
-  const rlimit few{before + 2, limit.rlim_max};
-  REQUIRE(::setrlimit(RLIMIT_NPROC, &few) == 0);
-  REQUIRE(::setgid(54329) == 0);
-  REQUIRE(::setuid(54329) == 0);
-  Finally lift([limit] { ::setrlimit(RLIMIT_NPROC, &limit); });
-  Recorder recorder;
-  if (std::string_view(which) == "start") {
-    CallExecutor::Options options;
-    options.threads = 4;
-    auto executor = CallExecutor::Create(std::move(options));
-    std::printf("few threads: start %s\n", executor.status().ToString().c_str());
-    // The two it started have ended.
-    for (int i = 0; i < 200 && tasks() > before; ++i) std::this_thread::sleep_for(5ms);
-    std::printf("few threads: %zu more thread(s) left\n", tasks() - before);
+  const uid_t user = 1'000'000 + static_cast<uid_t>(::getpid());
+  const auto limited = [&] {
+    if (::getrlimit(RLIMIT_NPROC, &limit) != 0) return false;
+    const rlimit few{static_cast<rlim_t>(before) + 2, limit.rlim_max};
+    return ::setrlimit(RLIMIT_NPROC, &few) == 0 && ::setgid(user) == 0 && ::setuid(user) == 0;
+  };
+  if (!limited()) {
+    std::printf("few threads: skipped, no thread limit of its own: %s\n", std::strerror(errno));
     return;
   }
-  auto executor = Make(2, 4, &recorder);
+  Finally lift([limit] { ::setrlimit(RLIMIT_NPROC, &limit); });
+  // Measured, not assumed: kernels have differed by one in what the limit lets start.
+  constexpr size_t kMost = 16;
+  const long headroom = Headroom(kMost);
+  if (headroom == kMost) {
+    std::printf("few threads: skipped, the thread limit is not enforced\n");
+    return;
+  }
+  REQUIRE(headroom > 0);
+  REQUIRE(Tasks() == before);
+  if (std::string_view(which) == "start") {
+    CallExecutor::Options options;
+    options.threads = static_cast<size_t>(headroom) + 2;
+    auto executor = CallExecutor::Create(std::move(options));
+    std::printf("few threads: start %s\n", executor.status().ToString().c_str());
+    std::printf("few threads: %ld more thread(s) left\n", Tasks() - before);  // those started end
+    return;
+  }
+  Recorder recorder;
+  auto executor = Make(static_cast<size_t>(headroom), 4, &recorder);
   auto gate = std::make_shared<Gate>();
   OpenAtEnd release(gate);
   std::printf("few threads: stuck %s\n",
@@ -436,6 +478,10 @@ TEST_CASE("a thread the system refuses fails the start cleanly, or leaves a stuc
     return output;
   };
   const std::string start = run("start");
+  if (absl::StrContains(start, "few threads: skipped")) {
+    WARN(start);
+    return;
+  }
   CHECK_THAT(start, Catch::Contains("few threads: start RESOURCE_EXHAUSTED: cannot start an HSM "
                                     "thread: Resource temporarily unavailable"));
   CHECK_THAT(start, Catch::Contains("few threads: 0 more thread(s) left"));
