@@ -1,7 +1,14 @@
 #include "hsm/deadline_hsm.h"
 
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <optional>
+#include <set>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "spdlog/spdlog.h"
 
@@ -25,6 +32,16 @@ class DeadlineHsm final : public Hsm {
  public:
   DeadlineHsm(std::unique_ptr<Hsm> inner, std::unique_ptr<CallExecutor> executor)
       : inner_(std::move(inner)), executor_(std::move(executor)) {}
+  ~DeadlineHsm() override {
+    {
+      std::lock_guard lock(forget_mu_);
+      stopping_ = true;
+    }
+    forget_wake_.notify_all();
+    if (forget_retrier_.joinable()) forget_retrier_.join();
+  }
+  DeadlineHsm(const DeadlineHsm&) = delete;
+  DeadlineHsm& operator=(const DeadlineHsm&) = delete;
 
   absl::Status CreateRootKey(const std::string& label) override {
     return CallStatus("CreateRootKey", label, [=, this] { return inner_->CreateRootKey(label); });
@@ -80,12 +97,22 @@ class DeadlineHsm final : public Hsm {
           return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
         });
   }
+  // A drop that cannot run now (the module busy or hung) is retried in the background until it
+  // does: a destroyed version's unwrapped copy must not stay in the module.
   void Forget(const std::string& cache_id) override {
-    absl::Status done = CallStatus("Forget", cache_id, [=, this] {
-      inner_->Forget(cache_id);
-      return absl::OkStatus();
-    });
-    if (!done.ok()) spdlog::warn("dropping a cached key version: {}", done.ToString());
+    const absl::Status done = RunForget({cache_id});
+    if (done.ok()) return;
+    spdlog::warn("dropping a cached key version (retried every second until it runs): {}",
+                 done.ToString());
+    std::lock_guard lock(forget_mu_);
+    to_forget_.insert(cache_id);
+    if (forget_retrier_.joinable()) return;
+    try {
+      forget_retrier_ = std::thread([this] { RetryForgets(); });
+    } catch (const std::exception& error) {  // the next drop that cannot run tries again
+      spdlog::error("cannot start the thread that retries dropping cached key versions: {}",
+                    error.what());
+    }
   }
   absl::Status CreateHmacKey(const std::string& label) override {
     return CallStatus("CreateHmacKey", label, [=, this] { return inner_->CreateHmacKey(label); });
@@ -147,8 +174,39 @@ class DeadlineHsm final : public Hsm {
     return *result;
   }
 
+  absl::Status RunForget(std::vector<std::string> cache_ids) {
+    return CallStatus("Forget", cache_ids.size() == 1 ? cache_ids.front() : "",
+                      [this, ids = std::move(cache_ids)] {
+                        for (const std::string& id : ids) inner_->Forget(id);
+                        return absl::OkStatus();
+                      });
+  }
+
+  // Until the Hsm goes: every second, the drops that could not run yet, in one call.
+  void RetryForgets() {
+    std::unique_lock lock(forget_mu_);
+    while (!forget_wake_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; })) {
+      if (to_forget_.empty()) continue;
+      std::vector<std::string> ids(to_forget_.begin(), to_forget_.end());
+      to_forget_.clear();
+      lock.unlock();
+      const absl::Status done = RunForget(ids);
+      lock.lock();
+      if (done.ok()) {
+        spdlog::info("{} cached key version(s) dropped, as retried", ids.size());
+      } else {
+        to_forget_.insert(ids.begin(), ids.end());
+      }
+    }
+  }
+
   const std::unique_ptr<Hsm> inner_;
   const std::unique_ptr<CallExecutor> executor_;  // after inner_: stopped first
+  std::mutex forget_mu_;                          // guards the three below
+  std::set<std::string> to_forget_;               // drops that could not run yet
+  bool stopping_ = false;
+  std::thread forget_retrier_;           // started at the first drop that could not run
+  std::condition_variable forget_wake_;  // stopping_
 };
 
 }  // namespace

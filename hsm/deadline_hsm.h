@@ -5,8 +5,10 @@
 // module does not answer in time is answered UNAVAILABLE ("the HSM did not answer ... within
 // N ms") and set aside; so the call can run on after its caller has gone, its inputs are
 // copied first (plaintexts into SecureBytes, wiped when the call ends) and its result is
-// dropped (and wiped) if nobody waits for it any more. Forget() has no result: one that times
-// out is logged and otherwise ignored (the cached copy goes with the next cache reset).
+// dropped (and wiped) if nobody waits for it any more. Forget() has no result: one the executor
+// could not run in time (the module busy or hung) is logged, and retried every second on a
+// thread of its own until it runs: a destroyed version's unwrapped copy must not stay in the
+// module.
 //
 // Thread-safe. The executor is stopped (its threads waited for) before the wrapped Hsm goes.
 #pragma once

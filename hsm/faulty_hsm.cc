@@ -16,6 +16,19 @@ void FaultyHsm::SetDown(bool down) {
   down_ = down;
 }
 
+std::vector<std::string> FaultyHsm::forgotten() const {
+  std::lock_guard lock(mu_);
+  return forgotten_;
+}
+
+void FaultyHsm::Forget(const std::string& cache_id) {
+  {
+    std::lock_guard lock(mu_);
+    forgotten_.push_back(cache_id);
+  }
+  inner_->Forget(cache_id);
+}
+
 int64_t FaultyHsm::calls() const {
   std::lock_guard lock(mu_);
   return calls_;

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "hsm/hsm.h"
 
@@ -39,6 +40,8 @@ class FaultyHsm final : public Hsm {
   void BeforeNextCallTo(std::string method, std::function<void()> hook);
   // Calls made so far (but Forget), failed or not.
   int64_t calls() const;
+  // The cache ids Forget was called with so far, in order.
+  std::vector<std::string> forgotten() const;
 
   absl::Status CreateRootKey(const std::string& label) override;
   absl::Status CheckRootKey(const std::string& label) override;
@@ -57,7 +60,7 @@ class FaultyHsm final : public Hsm {
   // Pkcs11Hsm), not the base class's GenerateRandom then Encrypt.
   absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
                                                 std::span<const uint8_t> aad) override;
-  void Forget(const std::string& cache_id) override { inner_->Forget(cache_id); }
+  void Forget(const std::string& cache_id) override;
   absl::Status CreateHmacKey(const std::string& label) override;
   absl::StatusOr<Bytes> HmacSha256(const std::string& label,
                                    std::span<const uint8_t> data) override;
@@ -82,6 +85,7 @@ class FaultyHsm final : public Hsm {
   int fail_next_ = 0;
   absl::Status fail_status_;
   int64_t calls_ = 0;
+  std::vector<std::string> forgotten_;
   std::function<void()> before_next_;
   std::map<std::string, std::function<void()>, std::less<>> before_method_;
 };

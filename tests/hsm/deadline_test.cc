@@ -4,12 +4,17 @@
 // module, find the token again and carry on, without being reopened.
 #include <catch2/catch.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <future>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "hsm/call_executor.h"
+#include "hsm/deadline_hsm.h"
+#include "hsm/faulty_hsm.h"
 #include "tests/hsm/fault_control.h"
 #include "tests/hsm/hsm_test_util.h"
 
@@ -36,6 +41,45 @@ std::unique_ptr<hsm::Hsm> Open(hsm::Pkcs11Options options) {
   absl::Status root = hsm->CreateRootKey(kRoot);
   REQUIRE((root.ok() || absl::IsAlreadyExists(root)));
   return hsm;
+}
+
+TEST_CASE("a cached version's drop that could not run is retried until it runs", "[deadline]") {
+  SoftHsmToken token;
+  auto real = Open(OptionsFor(token));
+  auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
+  hsm::FaultyHsm& faulty = *faulty_owned;
+  hsm::CallExecutor::Options options;
+  options.threads = 1;
+  options.call_timeout = 300ms;
+  options.max_set_aside = 0;  // a stuck thread is not replaced
+  options.hang_limit = 0ms;
+  auto executor = hsm::CallExecutor::Create(std::move(options));
+  REQUIRE(executor.ok());
+  auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
+
+  // The one thread is stuck in a call: a version destroyed meanwhile cannot be dropped.
+  std::atomic<bool> let_go{false};
+  Finally release([&] { let_go = true; });
+  faulty.BeforeNextCallTo("GenerateRandom", [&] {
+    while (!let_go) std::this_thread::sleep_for(5ms);
+  });
+  CHECK(absl::IsUnavailable(hsm->GenerateRandom(16).status()));
+  hsm->Forget("k/1");
+  hsm->Forget("k/2");
+  std::this_thread::sleep_for(1500ms);  // a retry or more, refused while the thread is stuck
+  CHECK(faulty.forgotten().empty());
+  let_go = true;
+
+  // The module answers again: within a retry both are dropped, once, with no call to prompt it.
+  const auto deadline = Clock::now() + 3s;
+  while (faulty.forgotten().size() < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK_THAT(faulty.forgotten(), Catch::UnorderedEquals(std::vector<std::string>{"k/1", "k/2"}));
+  std::this_thread::sleep_for(1200ms);
+  hsm->Forget("k/3");
+  CHECK(faulty.forgotten().size() == 3);
+  CHECK(faulty.forgotten().back() == "k/3");
 }
 
 TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls go on",
