@@ -97,22 +97,21 @@ class DeadlineHsm final : public Hsm {
           return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
         });
   }
-  // A drop that cannot run now (the module busy or hung) is retried in the background until it
-  // does: a destroyed version's unwrapped copy must not stay in the module.
+  // A drop the executor could not start (the module busy or hung) is retried in the background
+  // until it starts: a destroyed version's unwrapped copy must not stay in the module. One that
+  // started and was set aside finishes when the module lets it go.
   void Forget(const std::string& cache_id) override {
-    const absl::Status done = RunForget({cache_id});
-    if (done.ok()) return;
-    spdlog::warn("dropping a cached key version (retried every second until it runs): {}",
-                 done.ToString());
-    std::lock_guard lock(forget_mu_);
-    to_forget_.insert(cache_id);
-    if (forget_retrier_.joinable()) return;
-    try {
-      forget_retrier_ = std::thread([this] { RetryForgets(); });
-    } catch (const std::exception& error) {  // the next drop that cannot run tries again
-      spdlog::error("cannot start the thread that retries dropping cached key versions: {}",
-                    error.what());
+    {
+      std::lock_guard lock(forget_mu_);
+      if (stopping_) return;
+      if (!to_forget_.empty()) return Pend({cache_id});  // the module is behind: not tried now
     }
+    const absl::Status done = RunForget({cache_id});
+    if (!NotStarted(done)) return;
+    spdlog::warn("dropping cached key version {} (retried in the background until it runs): {}",
+                 cache_id, done.ToString());
+    std::lock_guard lock(forget_mu_);
+    if (!stopping_) Pend({cache_id});
   }
   absl::Status CreateHmacKey(const std::string& label) override {
     return CallStatus("CreateHmacKey", label, [=, this] { return inner_->CreateHmacKey(label); });
@@ -181,32 +180,54 @@ class DeadlineHsm final : public Hsm {
                         return absl::OkStatus();
                       });
   }
+  // Refused before it started (busy), rather than done or set aside while running.
+  static bool NotStarted(const absl::Status& status) {
+    return status.GetPayload(kBusyPayload).has_value();
+  }
 
-  // Until the Hsm goes: every second, the drops that could not run yet, in one call.
+  // Leaves `cache_ids` to the retrier, started if need be. With forget_mu_ held.
+  void Pend(const std::vector<std::string>& cache_ids) {
+    to_forget_.insert(cache_ids.begin(), cache_ids.end());
+    forget_wake_.notify_all();
+    if (forget_retrier_.joinable()) return;
+    try {
+      forget_retrier_ = std::thread([this] { RetryForgets(); });
+    } catch (const std::exception& error) {  // tried again at the next drop
+      spdlog::error("cannot start the thread that retries dropping cached key versions: {}",
+                    error.what());
+    }
+  }
+
+  // Until the Hsm goes: a second after drops are left to it (the module was busy a moment ago),
+  // all of them in one call, again and again until it starts.
   void RetryForgets() {
     std::unique_lock lock(forget_mu_);
-    while (!forget_wake_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; })) {
-      if (to_forget_.empty()) continue;
+    for (;;) {
+      forget_wake_.wait(lock, [this] { return stopping_ || !to_forget_.empty(); });
+      if (forget_wake_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; })) {
+        return;
+      }
       std::vector<std::string> ids(to_forget_.begin(), to_forget_.end());
       to_forget_.clear();
       lock.unlock();
       const absl::Status done = RunForget(ids);
       lock.lock();
-      if (done.ok()) {
-        spdlog::info("{} cached key version(s) dropped, as retried", ids.size());
-      } else {
+      if (NotStarted(done)) {
         to_forget_.insert(ids.begin(), ids.end());
+      } else if (done.ok()) {
+        spdlog::info("{} cached key version(s) dropped, as retried", ids.size());
       }
     }
   }
 
   const std::unique_ptr<Hsm> inner_;
   const std::unique_ptr<CallExecutor> executor_;  // after inner_: stopped first
-  std::mutex forget_mu_;                          // guards the three below
-  std::set<std::string> to_forget_;               // drops that could not run yet
+  // Drops left to the retrier. A stop waits for a retry under way (at most hsm.call_timeout_ms).
+  std::mutex forget_mu_;                 // guards to_forget_, stopping_ and forget_retrier_
+  std::condition_variable forget_wake_;  // notified when to_forget_ grows or stopping_ is set
+  std::set<std::string> to_forget_;      // drops not started yet
   bool stopping_ = false;
-  std::thread forget_retrier_;           // started at the first drop that could not run
-  std::condition_variable forget_wake_;  // stopping_
+  std::thread forget_retrier_;  // started at the first drop left to it
 };
 
 }  // namespace

@@ -6,8 +6,8 @@
 // N ms") and set aside; so the call can run on after its caller has gone, its inputs are
 // copied first (plaintexts into SecureBytes, wiped when the call ends) and its result is
 // dropped (and wiped) if nobody waits for it any more. Forget() has no result: one the executor
-// could not run in time (the module busy or hung) is logged, and retried every second on a
-// thread of its own until it runs: a destroyed version's unwrapped copy must not stay in the
+// could not start (the module busy or hung) is logged and retried on a thread of its own, about
+// every second, until it starts: a destroyed version's unwrapped copy must not stay in the
 // module.
 //
 // Thread-safe. The executor is stopped (its threads waited for) before the wrapped Hsm goes.

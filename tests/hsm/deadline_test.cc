@@ -76,7 +76,7 @@ TEST_CASE("a cached version's drop that could not run is retried until it runs",
     std::this_thread::sleep_for(10ms);
   }
   CHECK_THAT(faulty.forgotten(), Catch::UnorderedEquals(std::vector<std::string>{"k/1", "k/2"}));
-  std::this_thread::sleep_for(1200ms);
+  std::this_thread::sleep_for(1200ms);  // a retry dropping them again would show by now
   hsm->Forget("k/3");
   CHECK(faulty.forgotten().size() == 3);
   CHECK(faulty.forgotten().back() == "k/3");
