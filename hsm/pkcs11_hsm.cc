@@ -836,7 +836,8 @@ absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options) {
                             .hang_limit = options.hang_limit,
                             .on_set_aside = [sessions](int delta) { sessions->AddSpare(delta); },
                             .on_hang_limit = std::move(options.on_hang_limit)}));
-  if (options.metrics != nullptr) {  // Once nothing can fail: the reader outlives no cache.
+  // Registered last: no failure below can leave the reader pointing at a freed cache.
+  if (options.metrics != nullptr) {
     const KeyCache* counted = cache.get();
     options.metrics->AddCounterReader(
         "custos_hsm_key_cache_lookups_total",

@@ -317,6 +317,19 @@ TEST_CASE("An epoch past the count (forged) is read as none; past the last, the 
     CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
     REQUIRE((*after)->Release().ok());
   }
+  // Epochs half the count apart, the nearest two can be: one still follows the other, in
+  // either order.
+  for (const bool far_first : {true, false}) {
+    INFO((far_first ? "epoch 2^61's release first" : "epoch 1's release first"));
+    const std::string far = "custos-lease-v1\nreleased\nepoch=2305843009213693952\n";
+    const std::string first = "custos-lease-v1\nreleased\nepoch=1\n";
+    REQUIRE(hsm->WriteTokenData("custos-instance", far_first ? far : first).ok());
+    RawToken(token).CreateData("custos-instance", far_first ? first : far);
+    auto after = TokenLease::Acquire(hsm.get(), kShort);
+    REQUIRE(after.ok());
+    CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2305843009213693953\n"));
+    REQUIRE((*after)->Release().ok());
+  }
 }
 
 TEST_CASE("A holder renewing a lapsed claim as another takes it over stops, and writes no more",
