@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "hsm/faulty_hsm.h"
 #include "tests/hsm/fault_control.h"
 #include "tests/hsm/hsm_test_util.h"
@@ -305,30 +306,26 @@ TEST_CASE("An epoch past the count (forged) is read as none; past the last, the 
   CHECK((*taker)->Renew().ok());
   REQUIRE((*taker)->Release().ok());
 
-  // Releases on both sides of the wrap (one landed late), in either order: 1 is the latest.
-  for (const bool last_first : {true, false}) {
-    INFO((last_first ? "the last epoch's release first" : "epoch 1's release first"));
-    const std::string last = "custos-lease-v1\nreleased\nepoch=4611686018427387903\n";
-    const std::string first = "custos-lease-v1\nreleased\nepoch=1\n";
-    REQUIRE(hsm->WriteTokenData("custos-instance", last_first ? last : first).ok());
-    RawToken(token).CreateData("custos-instance", last_first ? first : last);
-    auto after = TokenLease::Acquire(hsm.get(), kShort);
-    REQUIRE(after.ok());
-    CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2\n"));
-    REQUIRE((*after)->Release().ok());
-  }
-  // Epochs half the count apart, the nearest two can be: one still follows the other, in
-  // either order.
-  for (const bool far_first : {true, false}) {
-    INFO((far_first ? "epoch 2^61's release first" : "epoch 1's release first"));
-    const std::string far = "custos-lease-v1\nreleased\nepoch=2305843009213693952\n";
-    const std::string first = "custos-lease-v1\nreleased\nepoch=1\n";
-    REQUIRE(hsm->WriteTokenData("custos-instance", far_first ? far : first).ok());
-    RawToken(token).CreateData("custos-instance", far_first ? first : far);
-    auto after = TokenLease::Acquire(hsm.get(), kShort);
-    REQUIRE(after.ok());
-    CHECK_THAT(OnlyClaim(*hsm), Catch::Contains("\nepoch=2305843009213693953\n"));
-    REQUIRE((*after)->Release().ok());
+  // Two releases (one landed late) beside epoch 1's, each in either order: across the wrap, 1
+  // is the latest; half the count apart, the nearest two can be, one still follows the other.
+  struct Beside {
+    const char* epoch;
+    const char* next;
+  };
+  for (const Beside beside :
+       {Beside{"4611686018427387903", "2"}, Beside{"2305843009213693952", "2305843009213693953"}}) {
+    for (const bool first_written : {true, false}) {
+      INFO("epoch " << beside.epoch << "'s release " << (first_written ? "first" : "second"));
+      const std::string other =
+          absl::StrCat("custos-lease-v1\nreleased\nepoch=", beside.epoch, "\n");
+      const std::string one = "custos-lease-v1\nreleased\nepoch=1\n";
+      REQUIRE(hsm->WriteTokenData("custos-instance", first_written ? other : one).ok());
+      RawToken(token).CreateData("custos-instance", first_written ? one : other);
+      auto after = TokenLease::Acquire(hsm.get(), kShort);
+      REQUIRE(after.ok());
+      CHECK_THAT(OnlyClaim(*hsm), Catch::Contains(absl::StrCat("\nepoch=", beside.next, "\n")));
+      REQUIRE((*after)->Release().ok());
+    }
   }
 }
 
