@@ -101,17 +101,24 @@ class DeadlineHsm final : public Hsm {
   // until it starts: a destroyed version's unwrapped copy must not stay in the module. One that
   // started and was set aside finishes when the module lets it go.
   void Forget(const std::string& cache_id) override {
+    std::vector<std::string> ids = {cache_id};
     {
       std::lock_guard lock(forget_mu_);
       if (stopping_) return;
-      if (!to_forget_.empty()) return Pend({cache_id});  // the module is behind: not tried now
+      if (forget_retrier_.joinable() && (retrying_ || !to_forget_.empty())) {
+        Pend(ids);  // the module is behind: not tried now
+        return;
+      }
+      // With any the retrier never took (its thread could not start).
+      ids.insert(ids.end(), to_forget_.begin(), to_forget_.end());
+      to_forget_.clear();
     }
-    const absl::Status done = RunForget({cache_id});
+    const absl::Status done = RunForget(ids);
     if (!NotStarted(done)) return;
-    spdlog::warn("dropping cached key version {} (retried in the background until it runs): {}",
+    spdlog::warn("dropping cached key version {} (retried in the background until it starts): {}",
                  cache_id, done.ToString());
     std::lock_guard lock(forget_mu_);
-    if (!stopping_) Pend({cache_id});
+    if (!stopping_) Pend(ids);
   }
   absl::Status CreateHmacKey(const std::string& label) override {
     return CallStatus("CreateHmacKey", label, [=, this] { return inner_->CreateHmacKey(label); });
@@ -173,12 +180,14 @@ class DeadlineHsm final : public Hsm {
     return *result;
   }
 
+  // One kind of call for every drop: once some are stuck in the module (C_DestroyObject hung;
+  // half of hsm.max_stuck_calls), the executor refuses the next at once, left to the retrier,
+  // rather than set aside a thread for each.
   absl::Status RunForget(std::vector<std::string> cache_ids) {
-    return CallStatus("Forget", cache_ids.size() == 1 ? cache_ids.front() : "",
-                      [this, ids = std::move(cache_ids)] {
-                        for (const std::string& id : ids) inner_->Forget(id);
-                        return absl::OkStatus();
-                      });
+    return CallStatus("Forget", "", [this, ids = std::move(cache_ids)] {
+      for (const std::string& id : ids) inner_->Forget(id);
+      return absl::OkStatus();
+    });
   }
   // Refused before it started (busy), rather than done or set aside while running.
   static bool NotStarted(const absl::Status& status) {
@@ -192,7 +201,7 @@ class DeadlineHsm final : public Hsm {
     if (forget_retrier_.joinable()) return;
     try {
       forget_retrier_ = std::thread([this] { RetryForgets(); });
-    } catch (const std::exception& error) {  // tried again at the next drop
+    } catch (const std::exception& error) {  // the next drop is tried at once, with these
       spdlog::error("cannot start the thread that retries dropping cached key versions: {}",
                     error.what());
     }
@@ -209,9 +218,11 @@ class DeadlineHsm final : public Hsm {
       }
       std::vector<std::string> ids(to_forget_.begin(), to_forget_.end());
       to_forget_.clear();
+      retrying_ = true;
       lock.unlock();
       const absl::Status done = RunForget(ids);
       lock.lock();
+      retrying_ = false;
       if (NotStarted(done)) {
         to_forget_.insert(ids.begin(), ids.end());
       } else if (done.ok()) {
@@ -223,9 +234,10 @@ class DeadlineHsm final : public Hsm {
   const std::unique_ptr<Hsm> inner_;
   const std::unique_ptr<CallExecutor> executor_;  // after inner_: stopped first
   // Drops left to the retrier. A stop waits for a retry under way (at most hsm.call_timeout_ms).
-  std::mutex forget_mu_;                 // guards to_forget_, stopping_ and forget_retrier_
+  std::mutex forget_mu_;                 // guards the four below the condition variable
   std::condition_variable forget_wake_;  // notified when to_forget_ grows or stopping_ is set
-  std::set<std::string> to_forget_;      // drops not started yet
+  std::set<std::string> to_forget_;      // drops left to the retrier, not started yet
+  bool retrying_ = false;                // the retrier is running some
   bool stopping_ = false;
   std::thread forget_retrier_;  // started at the first drop left to it
 };

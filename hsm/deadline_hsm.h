@@ -6,9 +6,10 @@
 // N ms") and set aside; so the call can run on after its caller has gone, its inputs are
 // copied first (plaintexts into SecureBytes, wiped when the call ends) and its result is
 // dropped (and wiped) if nobody waits for it any more. Forget() has no result: one the executor
-// could not start (the module busy or hung) is logged and retried on a thread of its own, about
-// every second, until it starts: a destroyed version's unwrapped copy must not stay in the
-// module.
+// refuses before it starts (its threads busy or stuck in the module) is logged and left, with
+// those that follow while it waits, to a thread of its own, which tries them together a second
+// later and again until they start (each try waiting up to call_timeout for a thread): a
+// destroyed version's unwrapped copy must not stay in the module.
 //
 // Thread-safe. The executor is stopped (its threads waited for) before the wrapped Hsm goes.
 #pragma once

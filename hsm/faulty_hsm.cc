@@ -22,6 +22,15 @@ std::vector<std::string> FaultyHsm::forgotten() const {
 }
 
 void FaultyHsm::Forget(const std::string& cache_id) {
+  std::function<void()> hook;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = before_method_.find("Forget"); it != before_method_.end()) {
+      hook = std::move(it->second);
+      before_method_.erase(it);
+    }
+  }
+  if (hook) hook();
   {
     std::lock_guard lock(mu_);
     forgotten_.push_back(cache_id);

@@ -36,11 +36,12 @@ class FaultyHsm final : public Hsm {
   // Runs `hook` once, at the start of the next call (any method but Forget), before that call
   // is forwarded; calls the hook makes itself are forwarded as usual.
   void BeforeNextCall(std::function<void()> hook);
-  // The same for the next call to `method` (e.g. "RewrapKey") only, whichever thread makes it.
+  // The same for the next call to `method` (e.g. "RewrapKey", or "Forget") only, whichever
+  // thread makes it.
   void BeforeNextCallTo(std::string method, std::function<void()> hook);
   // Calls made so far (but Forget), failed or not.
   int64_t calls() const;
-  // The cache ids Forget was called with so far, in order.
+  // The cache ids Forget was called with so far, in order (once its hook, if any, returned).
   std::vector<std::string> forgotten() const;
 
   absl::Status CreateRootKey(const std::string& label) override;

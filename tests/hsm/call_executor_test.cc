@@ -416,7 +416,7 @@ TEST_CASE("(an executor short of threads)", "[.][executor_few_threads]") {
   REQUIRE(which != nullptr);
   std::thread([] {}).join();  // a sanitizer's own thread, if any, is started by now
   const long before = Tasks();
-  // Two threads more (three on kernels that let one more start): the soft limit only, to lift it
+  // A few threads more (measured below): the soft limit only, to lift it
   // again before the process exits (a sanitizer's leak check starts a thread). Counted for a user
   // no other process runs as.
   rlimit limit{};

@@ -76,10 +76,42 @@ TEST_CASE("a cached version's drop that could not run is retried until it runs",
     std::this_thread::sleep_for(10ms);
   }
   CHECK_THAT(faulty.forgotten(), Catch::UnorderedEquals(std::vector<std::string>{"k/1", "k/2"}));
-  std::this_thread::sleep_for(1200ms);  // a retry dropping them again would show by now
+  std::this_thread::sleep_for(2s);  // a retry dropping them again would show by now
   hsm->Forget("k/3");
   CHECK(faulty.forgotten().size() == 3);
   CHECK(faulty.forgotten().back() == "k/3");
+}
+
+TEST_CASE("a drop stuck in the module is not tried again; one refused meanwhile is", "[deadline]") {
+  SoftHsmToken token;
+  auto real = Open(OptionsFor(token));
+  auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
+  hsm::FaultyHsm& faulty = *faulty_owned;
+  hsm::CallExecutor::Options options;
+  options.threads = 1;
+  options.call_timeout = 300ms;
+  options.max_set_aside = 2;  // one stuck call of a kind refuses the next of that kind
+  options.hang_limit = 0ms;
+  auto executor = hsm::CallExecutor::Create(std::move(options));
+  REQUIRE(executor.ok());
+  auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
+
+  std::atomic<bool> let_go{false};
+  Finally release([&] { let_go = true; });
+  faulty.BeforeNextCallTo("Forget", [&] {
+    while (!let_go) std::this_thread::sleep_for(5ms);
+  });
+  hsm->Forget("k/1");  // started, stuck in the module, set aside: it finishes by itself
+  hsm->Forget("k/2");  // refused before it started: drops are stuck
+  std::this_thread::sleep_for(1500ms);  // a retry or more, refused while k/1 is stuck
+  CHECK(faulty.forgotten().empty());
+  let_go = true;
+  const auto deadline = Clock::now() + 3s;
+  while (faulty.forgotten().size() < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  std::this_thread::sleep_for(2s);  // a retry of k/1 would show by now
+  CHECK(faulty.forgotten() == std::vector<std::string>{"k/1", "k/2"});
 }
 
 TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls go on",

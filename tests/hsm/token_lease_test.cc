@@ -306,14 +306,16 @@ TEST_CASE("An epoch past the count (forged) is read as none; past the last, the 
   CHECK((*taker)->Renew().ok());
   REQUIRE((*taker)->Release().ok());
 
-  // Two releases (one landed late) beside epoch 1's, each in either order: across the wrap, 1
-  // is the latest; half the count apart, the nearest two can be, one still follows the other.
+  // Two releases (one landed late) beside epoch 1's, each in either order. Across the wrap, 1 is
+  // the latest. 2^61 is as far ahead of 1 as an epoch can be and still follow it: it is the
+  // latest; 2^61 + 1 is one further, so 1 follows it.
   struct Beside {
     const char* epoch;
     const char* next;
   };
   for (const Beside beside :
-       {Beside{"4611686018427387903", "2"}, Beside{"2305843009213693952", "2305843009213693953"}}) {
+       {Beside{"4611686018427387903", "2"}, Beside{"2305843009213693952", "2305843009213693953"},
+        Beside{"2305843009213693953", "2"}}) {
     for (const bool first_written : {true, false}) {
       INFO("epoch " << beside.epoch << "'s release " << (first_written ? "first" : "second"));
       const std::string other =
