@@ -165,18 +165,20 @@ absl::Status CallExecutor::Run(const char* what, std::string_view object,
   ++stuck_by_kind_[Kind(what, object)];
   --serving_;
   // Past the bound, or if the system refuses a thread, the stuck one is not replaced.
-  absl::Status replaced = set_aside_ <= options_.max_set_aside
-                              ? AddThread()
-                              : absl::ResourceExhaustedError("at hsm.max_stuck_calls");
+  std::string not_replaced;
+  if (set_aside_ > options_.max_set_aside) {
+    not_replaced = "; at hsm.max_stuck_calls, its thread is not replaced";
+  } else if (absl::Status added = AddThread(); !added.ok()) {
+    not_replaced = absl::StrCat("; its thread is not replaced: ", added.message());
+  }
   if (serving_ == 0) RefuseQueued();
   if (options_.on_set_aside) options_.on_set_aside(+1);
   const size_t stuck = set_aside_;
   lock.unlock();
   spdlog::warn(
       "HSM call {} has not returned within {} ms; answered UNAVAILABLE and set aside "
-      "({} set aside now{}{})",
-      what, options_.call_timeout.count(), stuck,
-      replaced.ok() ? "" : "; its thread is not replaced: ", std::string(replaced.message()));
+      "({} set aside now{})",
+      what, options_.call_timeout.count(), stuck, not_replaced);
   return absl::UnavailableError(absl::StrCat("the HSM did not answer ", what, " within ",
                                              options_.call_timeout.count(),
                                              " ms (hsm.call_timeout_ms); retry later"));

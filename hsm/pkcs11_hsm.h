@@ -35,7 +35,7 @@ struct Pkcs11Options {
 // Loads the module (dlopen), finds the token, logs in once for the process lifetime and
 // opens the session pool; every call of the Hsm returned runs under a deadline (see
 // hsm/deadline_hsm.h). Errors: NOT_FOUND (module or token missing), PERMISSION_DENIED
-// (wrong PIN), UNAVAILABLE (token not reachable).
+// (wrong PIN), UNAVAILABLE (token not reachable), RESOURCE_EXHAUSTED (a thread refused).
 absl::StatusOr<std::unique_ptr<Hsm>> OpenPkcs11Hsm(Pkcs11Options options);
 
 }  // namespace custos::hsm

@@ -46,19 +46,19 @@ std::unique_ptr<hsm::Hsm> Open(hsm::Pkcs11Options options) {
 TEST_CASE("a cached version's drop that could not run is retried until it runs", "[deadline]") {
   SoftHsmToken token;
   auto real = Open(OptionsFor(token));
+  std::atomic<bool> let_go{false};  // before the Hsm, whose teardown may wait for a call on it
   auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
   hsm::FaultyHsm& faulty = *faulty_owned;
   hsm::CallExecutor::Options options;
   options.threads = 1;
-  options.call_timeout = 300ms;
-  options.max_set_aside = 0;  // a stuck thread is not replaced
+  options.call_timeout = 1000ms;  // the thread has picked the call up by then, however loaded
+  options.max_set_aside = 0;      // a stuck thread is not replaced
   options.hang_limit = 0ms;
   auto executor = hsm::CallExecutor::Create(std::move(options));
   REQUIRE(executor.ok());
   auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
 
   // The one thread is stuck in a call: a version destroyed meanwhile cannot be dropped.
-  std::atomic<bool> let_go{false};
   Finally release([&] { let_go = true; });
   faulty.BeforeNextCallTo("GenerateRandom", [&] {
     while (!let_go) std::this_thread::sleep_for(5ms);
@@ -85,6 +85,7 @@ TEST_CASE("a cached version's drop that could not run is retried until it runs",
 TEST_CASE("a drop stuck in the module is not tried again; one refused meanwhile is", "[deadline]") {
   SoftHsmToken token;
   auto real = Open(OptionsFor(token));
+  std::atomic<bool> let_go{false};  // before the Hsm, whose teardown may wait for a call on it
   auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
   hsm::FaultyHsm& faulty = *faulty_owned;
   hsm::CallExecutor::Options options;
@@ -96,7 +97,6 @@ TEST_CASE("a drop stuck in the module is not tried again; one refused meanwhile 
   REQUIRE(executor.ok());
   auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
 
-  std::atomic<bool> let_go{false};
   Finally release([&] { let_go = true; });
   faulty.BeforeNextCallTo("Forget", [&] {
     while (!let_go) std::this_thread::sleep_for(5ms);
