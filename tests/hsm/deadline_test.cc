@@ -43,20 +43,35 @@ std::unique_ptr<hsm::Hsm> Open(hsm::Pkcs11Options options) {
   return hsm;
 }
 
-TEST_CASE("a cached version's drop that could not run is retried until it runs", "[deadline]") {
+// A real token's Hsm under a FaultyHsm (for hooks and the drops it saw), on an executor of one
+// thread: a call a hook holds is the only one running.
+struct OneThreadOverFaults {
+  OneThreadOverFaults(std::chrono::milliseconds call_timeout, size_t max_set_aside) {
+    auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
+    faulty = faulty_owned.get();
+    hsm::CallExecutor::Options options;
+    options.threads = 1;
+    options.call_timeout = call_timeout;
+    options.max_set_aside = max_set_aside;
+    options.hang_limit = 0ms;
+    auto executor = hsm::CallExecutor::Create(std::move(options));
+    REQUIRE(executor.ok());
+    hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
+  }
+
   SoftHsmToken token;
-  auto real = Open(OptionsFor(token));
-  std::atomic<bool> let_go{false};  // before the Hsm, whose teardown may wait for a call on it
-  auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
-  hsm::FaultyHsm& faulty = *faulty_owned;
-  hsm::CallExecutor::Options options;
-  options.threads = 1;
-  options.call_timeout = 1000ms;  // the thread has picked the call up by then, however loaded
-  options.max_set_aside = 0;      // a stuck thread is not replaced
-  options.hang_limit = 0ms;
-  auto executor = hsm::CallExecutor::Create(std::move(options));
-  REQUIRE(executor.ok());
-  auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
+  std::unique_ptr<hsm::Hsm> real = Open(OptionsFor(token));
+  std::atomic<bool> let_go{false};  // for hooks; before the Hsm, whose teardown waits for them
+  hsm::FaultyHsm* faulty = nullptr;
+  std::unique_ptr<hsm::Hsm> hsm;
+};
+
+TEST_CASE("a cached version's drop that could not run is retried until it runs", "[deadline]") {
+  // Within 1 s the thread has picked a call up, however loaded; a stuck one is not replaced.
+  OneThreadOverFaults f(1000ms, 0);
+  hsm::FaultyHsm& faulty = *f.faulty;
+  std::atomic<bool>& let_go = f.let_go;
+  hsm::Hsm* hsm = f.hsm.get();
 
   // The one thread is stuck in a call: a version destroyed meanwhile cannot be dropped.
   Finally release([&] { let_go = true; });
@@ -83,19 +98,10 @@ TEST_CASE("a cached version's drop that could not run is retried until it runs",
 }
 
 TEST_CASE("a drop stuck in the module is not tried again; one refused meanwhile is", "[deadline]") {
-  SoftHsmToken token;
-  auto real = Open(OptionsFor(token));
-  std::atomic<bool> let_go{false};  // before the Hsm, whose teardown may wait for a call on it
-  auto faulty_owned = std::make_unique<hsm::FaultyHsm>(real.get());
-  hsm::FaultyHsm& faulty = *faulty_owned;
-  hsm::CallExecutor::Options options;
-  options.threads = 1;
-  options.call_timeout = 300ms;
-  options.max_set_aside = 2;  // one stuck call of a kind refuses the next of that kind
-  options.hang_limit = 0ms;
-  auto executor = hsm::CallExecutor::Create(std::move(options));
-  REQUIRE(executor.ok());
-  auto hsm = hsm::WithDeadlines(std::move(faulty_owned), *std::move(executor));
+  OneThreadOverFaults f(300ms, 2);  // one stuck call of a kind refuses the next of that kind
+  hsm::FaultyHsm& faulty = *f.faulty;
+  std::atomic<bool>& let_go = f.let_go;
+  hsm::Hsm* hsm = f.hsm.get();
 
   Finally release([&] { let_go = true; });
   faulty.BeforeNextCallTo("Forget", [&] {
