@@ -182,10 +182,23 @@ class DeadlineHsm final : public Hsm {
 
   // One kind of call for every drop: once some are stuck in the module (C_DestroyObject hung;
   // half of hsm.max_stuck_calls), the executor refuses the next at once, left to the retrier,
-  // rather than set aside a thread for each.
+  // rather than set aside a thread for each. A call set aside midway leaves the rest of its
+  // drops to the retrier: made on a set-aside thread, each would retire the (healthy) cache
+  // session it touched.
   absl::Status RunForget(std::vector<std::string> cache_ids) {
     return CallStatus("Forget", "", [this, ids = std::move(cache_ids)] {
-      for (const std::string& id : ids) inner_->Forget(id);
+      for (auto id = ids.begin(); id != ids.end(); ++id) {
+        if (CallExecutor::SetAside()) {
+          std::lock_guard lock(forget_mu_);
+          if (stopping_) break;  // the module's sessions close with it, and their objects
+          spdlog::warn(
+              "{} cached key version drop(s) left to the retrier: their call was set aside",
+              ids.end() - id);
+          Pend(std::vector<std::string>(id, ids.end()));
+          break;
+        }
+        inner_->Forget(*id);
+      }
       return absl::OkStatus();
     });
   }
@@ -232,7 +245,6 @@ class DeadlineHsm final : public Hsm {
   }
 
   const std::unique_ptr<Hsm> inner_;
-  const std::unique_ptr<CallExecutor> executor_;  // after inner_: stopped first
   // Drops left to the retrier. A stop waits for a retry under way (at most hsm.call_timeout_ms).
   std::mutex forget_mu_;                 // guards the four below the condition variable
   std::condition_variable forget_wake_;  // notified when to_forget_ grows or stopping_ is set
@@ -240,6 +252,8 @@ class DeadlineHsm final : public Hsm {
   bool retrying_ = false;                // the retrier is running some
   bool stopping_ = false;
   std::thread forget_retrier_;  // started at the first drop left to it
+  // Last: stopped first, waiting for set-aside calls, which may still use the members above.
+  const std::unique_ptr<CallExecutor> executor_;
 };
 
 }  // namespace

@@ -120,6 +120,47 @@ TEST_CASE("a drop stuck in the module is not tried again; one refused meanwhile 
   CHECK(faulty.forgotten() == std::vector<std::string>{"k/1", "k/2"});
 }
 
+TEST_CASE("a retried batch of drops set aside midway leaves the rest to the retrier",
+          "[deadline]") {
+  std::atomic<bool> let_go_random{false};
+  std::atomic<int> k1_set_aside{-1};  // 1 if k/1's drop was set aside while in the module
+  std::atomic<int> k2_set_aside{-1};  // 1 if k/2 was dropped on a set-aside thread
+  OneThreadOverFaults f(1000ms, 0);   // after the flags: its teardown waits for the hooks
+  hsm::FaultyHsm& faulty = *f.faulty;
+  hsm::Hsm* hsm = f.hsm.get();
+
+  // Two drops refused while the one thread is stuck: the retrier tries them in one call.
+  Finally release([&] { let_go_random = true; });
+  faulty.BeforeNextCallTo("GenerateRandom", [&] {
+    while (!let_go_random) std::this_thread::sleep_for(5ms);
+  });
+  CHECK(absl::IsUnavailable(hsm->GenerateRandom(16).status()));
+  hsm->Forget("k/1");
+  hsm->Forget("k/2");
+  CHECK(faulty.forgotten().empty());
+
+  // That call hangs in k/1's drop until it is set aside. A drop made on a set-aside thread
+  // would retire the cache session it touched: k/2 must be left to a later retry.
+  faulty.BeforeNextCallTo("Forget", [&] {
+    faulty.BeforeNextCallTo("Forget", [&] { k2_set_aside = hsm::CallExecutor::SetAside(); });
+    const auto until = Clock::now() + 10s;
+    while (!hsm::CallExecutor::SetAside() && Clock::now() < until) {
+      std::this_thread::sleep_for(5ms);
+    }
+    k1_set_aside = hsm::CallExecutor::SetAside();
+  });
+  let_go_random = true;
+
+  const auto deadline = Clock::now() + 15s;
+  while (faulty.forgotten().size() < 2 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  std::this_thread::sleep_for(1500ms);  // a second drop of either would show by now
+  CHECK(faulty.forgotten() == std::vector<std::string>{"k/1", "k/2"});
+  CHECK(k1_set_aside == 1);
+  CHECK(k2_set_aside == 0);
+}
+
 TEST_CASE("a hung call is answered UNAVAILABLE at call_timeout while other calls go on",
           "[deadline]") {
   SoftHsmToken token;
