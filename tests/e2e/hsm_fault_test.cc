@@ -87,7 +87,8 @@ TEST_CASE("Each PKCS#11 error is UNAVAILABLE while it lasts, absorbed when brief
     INFO(Describe(status));
     CHECK(status.error_code() == grpc::StatusCode::UNAVAILABLE);
     CHECK(status.error_message() == "PKCS#11 C_Encrypt failed: " + code);
-    CHECK(Clock::now() - start < 1s);
+    // Not the 500 ms deadline's answer (that names the deadline); ASan's recovery is slower.
+    CHECK(Clock::now() - start < (kSanitized ? 2s : 1s));
     CHECK(Decrypt(server, sealed, "r-0").ok());
 
     // Cleared: the next call is served.

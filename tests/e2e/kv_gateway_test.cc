@@ -468,7 +468,7 @@ TEST_CASE("Clients that trickle bytes are cut, and hold up neither fetches nor t
   httplib::Result answered = gateway.Get("/v1/mariadb/data/1", "");
   REQUIRE(answered);
   CHECK(answered->status == 403);
-  CHECK(Clock::now() - start < 1s);
+  CHECK(Clock::now() - start < (kSanitized ? 2s : 1s));  // ASan's custosd and handshake are slower
   for (int i = 0; i < 50; ++i) {
     if (std::all_of(tricklers.begin(), tricklers.end(), [](const auto& t) { return t->cut(); })) {
       break;
@@ -642,8 +642,9 @@ TEST_CASE("Slow clients hold neither every thread nor a database's fetches", "[e
        << std::chrono::duration_cast<std::chrono::milliseconds>(fetches[fetches.size() / 2]).count()
        << ", slowest ms "
        << std::chrono::duration_cast<std::chrono::milliseconds>(fetches.back()).count());
-  CHECK(fetches[fetches.size() / 2] < 1s);  // (the old gateway: ~2.8 s from 24 addresses)
-  CHECK(fetches.back() < (limited ? 1s : kSanitized ? 4s : 2500ms));
+  // (The old gateway: ~2.8 s from 24 addresses.) ASan's custosd and handshakes are slower.
+  CHECK(fetches[fetches.size() / 2] < (kSanitized ? 1500ms : 1s));
+  CHECK(fetches.back() < (limited ? (kSanitized ? 2s : 1s) : kSanitized ? 4s : 2500ms));
   // Each slow connection was cut within the 3 s request deadline (on a 250 ms tick), not the
   // 10 s: displaced by a newer one from its address, or by the deadline.
   for (const Clock::duration lasted : longest) CHECK(lasted < 4500ms);
