@@ -9,7 +9,9 @@
 // refuses before it starts (its threads busy or stuck in the module) is logged and left, with
 // those that follow while it waits, to a thread of its own, which tries them together a second
 // later and again until they start (each try waiting up to call_timeout for a thread): a
-// destroyed version's unwrapped copy must not stay in the module.
+// destroyed version's unwrapped copy must not stay in the module. A try set aside midway
+// leaves the drops it has not made to the next: made on a set-aside thread, each would retire
+// a healthy cache session.
 //
 // Thread-safe. The executor is stopped (its threads waited for) before the wrapped Hsm goes.
 #pragma once
