@@ -83,6 +83,34 @@ TEST_CASE("A row name crafted to share another row's std::hash does not get that
              Catch::Contains("custosd wrote or checked audit record 5 as the newest naming it"));
 }
 
+// An anchor whose later records this process has not verified (the archival's checkpoint,
+// set at start before the walk) proves nothing about rows it never noted: one named after the
+// anchor is believed. Anchored over records it verified or wrote, such a row was renamed since.
+TEST_CASE("A row never noted is refused only past an anchor whose later rows were noted",
+          "[row_integrity]") {
+  FixedMac mac;
+  AuditTrust trust([](uint64_t, size_t) { return std::vector<audit::Record>(); });
+  RowIntegrity integrity(&mac, &trust);
+  trust.NoteCommitted(20);
+  const std::string row = "key:3d0c1e5a-8f2b-4a71-b6d9-0e4c7a215f83";
+  const RowRecord named{15, std::string(64, 'd')};
+
+  trust.Anchor(10, Bytes(32, 0x11), /*rows_noted=*/false);
+  CHECK_FALSE(trust.anchored());
+  CHECK(integrity.Agrees(row, named).ok());
+
+  trust.Anchor(10, Bytes(32, 0x11));
+  REQUIRE(trust.anchored());
+  const absl::Status renamed = integrity.Agrees(row, named);
+  CHECK(absl::IsDataLoss(renamed));
+  CHECK_THAT(std::string(renamed.message()),
+             Catch::Contains("audit record 15 names it now, but did not when custosd verified or "
+                             "wrote it"));
+  // At or before the anchor, or past the last commit (which Cover refuses), it says nothing.
+  CHECK(integrity.Agrees("key:other-a", RowRecord{10, std::string(64, 'e')}).ok());
+  CHECK(integrity.Agrees("key:other-b", RowRecord{21, std::string(64, 'f')}).ok());
+}
+
 // A measurement, not a test (hidden): the memory and time a noted row takes, which bounds what
 // a walked live log costs custosd (docs/PERFORMANCE.md, "Memory per noted row").
 TEST_CASE("Memory per noted row", "[.row_heads_memory]") {
