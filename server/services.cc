@@ -30,8 +30,8 @@ std::span<const uint8_t> AsBytes(const std::string& s) {
 
 std::string ToString(const Bytes& b) { return std::string(b.begin(), b.end()); }
 
-// The reply needs its own copy of a plaintext. Custos wipes every copy it owns; the reply
-// message and gRPC's serialised and TLS buffers belong to gRPC, which frees them unwiped (see
+// The reply needs its own copy of a plaintext, wiped when gRPC releases the reply
+// (WipingAllocator); gRPC's serialised and TLS buffers are freed unwiped (see
 // docs/ARCHITECTURE.md, "Plaintext in memory").
 void SetPlaintext(const SecureBytes& plaintext, std::string* field) {
   field->assign(plaintext.view());
@@ -324,6 +324,17 @@ grpc::Status CallRunner::Execute(const grpc::CallbackServerContext& context, con
   absl::StatusOr<core::Caller> caller = CallerOf(context);
   if (!caller.ok()) return RefuseUnauthenticated(*kms_, *refusals_, rpc, context, caller.status());
   return work(*kms_, *caller);
+}
+
+KeyServiceImpl::KeyServiceImpl(CallRunner* runner) : runner_(runner) {
+  SetMessageAllocatorFor_GenerateDataKey(&generate_);
+  SetMessageAllocatorFor_GenerateDataKeyWithoutPlaintext(&generate_without_plaintext_);
+  SetMessageAllocatorFor_Encrypt(&encrypt_);
+  SetMessageAllocatorFor_Decrypt(&decrypt_);
+  SetMessageAllocatorFor_ReEncrypt(&re_encrypt_);
+  SetMessageAllocatorFor_BatchGenerateDataKey(&batch_generate_);
+  SetMessageAllocatorFor_BatchDecrypt(&batch_decrypt_);
+  SetMessageAllocatorFor_BatchReEncrypt(&batch_re_encrypt_);
 }
 
 grpc::ServerUnaryReactor* KeyServiceImpl::GenerateDataKey(grpc::CallbackServerContext* context,

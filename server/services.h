@@ -30,6 +30,7 @@
 #include "custos/v1/key_service.grpc.pb.h"
 #include "server/rate_limiter.h"
 #include "server/refusals.h"
+#include "server/wiped_messages.h"
 
 namespace custos::server {
 
@@ -113,9 +114,10 @@ class CallRunner {
   WorkQueue auditor_queue_;
 };
 
+// Its messages that carry plaintexts or context values are wiped before gRPC frees them.
 class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {
  public:
-  explicit KeyServiceImpl(CallRunner* runner) : runner_(runner) {}
+  explicit KeyServiceImpl(CallRunner* runner);
 
   grpc::ServerUnaryReactor* GenerateDataKey(grpc::CallbackServerContext* context,
                                             const custos::v1::GenerateDataKeyRequest* request,
@@ -143,7 +145,20 @@ class KeyServiceImpl final : public custos::v1::KeyService::CallbackService {
                                            custos::v1::BatchReEncryptResponse* response) override;
 
  private:
+  template <typename Request, typename Response>
+  using Wiping = WipingAllocator<Request, Response>;
+
   CallRunner* runner_;
+  Wiping<custos::v1::GenerateDataKeyRequest, custos::v1::GenerateDataKeyResponse> generate_;
+  Wiping<custos::v1::GenerateDataKeyRequest, custos::v1::GenerateDataKeyWithoutPlaintextResponse>
+      generate_without_plaintext_;
+  Wiping<custos::v1::EncryptRequest, custos::v1::EncryptResponse> encrypt_;
+  Wiping<custos::v1::DecryptRequest, custos::v1::DecryptResponse> decrypt_;
+  Wiping<custos::v1::ReEncryptRequest, custos::v1::ReEncryptResponse> re_encrypt_;
+  Wiping<custos::v1::BatchGenerateDataKeyRequest, custos::v1::BatchGenerateDataKeyResponse>
+      batch_generate_;
+  Wiping<custos::v1::BatchDecryptRequest, custos::v1::BatchDecryptResponse> batch_decrypt_;
+  Wiping<custos::v1::BatchReEncryptRequest, custos::v1::BatchReEncryptResponse> batch_re_encrypt_;
 };
 
 class AdminServiceImpl final : public custos::v1::AdminService::CallbackService {
@@ -180,9 +195,12 @@ class AdminServiceImpl final : public custos::v1::AdminService::CallbackService 
 };
 
 // The databases' service: claiming the gateway token issued to the caller (docs/TDE.md).
+// Its reply, a database's token, is wiped before gRPC frees it.
 class DatabaseServiceImpl final : public custos::v1::DatabaseService::CallbackService {
  public:
-  explicit DatabaseServiceImpl(CallRunner* runner) : runner_(runner) {}
+  explicit DatabaseServiceImpl(CallRunner* runner) : runner_(runner) {
+    SetMessageAllocatorFor_ClaimDatabaseToken(&claim_);
+  }
 
   grpc::ServerUnaryReactor* ClaimDatabaseToken(
       grpc::CallbackServerContext* context, const custos::v1::ClaimDatabaseTokenRequest* request,
@@ -190,6 +208,8 @@ class DatabaseServiceImpl final : public custos::v1::DatabaseService::CallbackSe
 
  private:
   CallRunner* runner_;
+  WipingAllocator<custos::v1::ClaimDatabaseTokenRequest, custos::v1::ClaimDatabaseTokenResponse>
+      claim_;
 };
 
 // The auditors' service, on gRPC's callback API like the others: its streams hold no thread
