@@ -295,12 +295,16 @@ absl::StatusOr<uint64_t> Kms::SealCatalog() {
       {kObservedSecondsSetting});
 }
 
+absl::Status Kms::NothingToReAnchor() {
+  return absl::FailedPreconditionError(
+      "the audit log extends the HSM's last signed checkpoint: there is nothing to re-anchor");
+}
+
 absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
   const std::string problem = AnchorProblem();
-  if (problem.empty()) {
-    return absl::FailedPreconditionError(
-        "the audit log extends the HSM's last signed checkpoint: there is nothing to re-anchor");
-  }
+  // Proposed for a problem this start does not have (a restart found the log sound): closed,
+  // so that its approvals cannot count toward a later one.
+  if (problem.empty()) return CloseFailed(call, std::move(request), NothingToReAnchor());
   CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
   request.state = RequestState::kExecuted;
   request.closed_at = options_.clock->NowSeconds();

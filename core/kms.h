@@ -511,6 +511,8 @@ class Kms {
   Request WithProgress(Request request) const;
   // Executes a ReAnchorAuditLog request.
   absl::StatusOr<Request> ReAnchor(Call& call, Request request);
+  // FAILED_PRECONDITION: the log passed its start-up check, so a re-anchoring has no place.
+  static absl::Status NothingToReAnchor();
   // Refuses now an ArchiveAuditLog proposal that could not execute: `through` must be a
   // stored checkpoint past the live log's start.
   absl::Status CheckArchiveProposal(uint64_t through) const;

@@ -57,6 +57,10 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
     if (proposal.operation != Operation::kReAnchorAuditLog) {
       CUSTOS_RETURN_IF_ERROR(ServingAllowed(proposal.operation));
+    } else if (AnchorProblem().empty()) {
+      // Not stored: approvals given while the log is sound must not count toward re-anchoring
+      // it after a later restore or edit.
+      return NothingToReAnchor();
     }
     if (proposal.justification.empty()) {
       return absl::InvalidArgumentError("a proposal needs a justification for the approvers");
@@ -231,6 +235,9 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
     request.approvals.push_back({caller.principal, options_.clock->NowSeconds()});
     const std::optional<Operation> operation = policy::ParseOperation(request.operation);
     if (!operation) return absl::InternalError("stored request has an unknown operation");
+    if (*operation == Operation::kReAnchorAuditLog && AnchorProblem().empty()) {
+      return CloseFailed(call, std::move(request), NothingToReAnchor());  // as ReAnchor says
+    }
     // Approvals count only from principals who are officers now (a policy reload may have
     // taken the role away since they approved).
     const std::shared_ptr<const policy::Policy> policy = CurrentPolicy();

@@ -235,5 +235,51 @@ TEST_CASE("An older copy of the database is refused, and accepted only by re-anc
   CHECK(f.kms->VerifyAuditLog(false).ok());
 }
 
+// Approvals given while the log is sound must not count toward re-anchoring it after a later
+// restore or edit: such a proposal is not stored, and a request proposed for a problem a later
+// start no longer has is closed at its next approval.
+TEST_CASE("A re-anchoring is refused while the log is sound, and closed once it is found sound",
+          "[insider][anchor]") {
+  Fixture f;
+  MakeHistory(f);
+  Proposal reanchor;
+  reanchor.operation = policy::Operation::kReAnchorAuditLog;
+  reanchor.justification = "in case a restore is ever needed";
+  const absl::StatusOr<Request> early = f.kms->Propose(f.officer, reanchor);
+  CHECK(absl::IsFailedPrecondition(early.status()));
+  CHECK(early.status().message() ==
+        "the audit log extends the HSM's last signed checkpoint: there is nothing to re-anchor");
+  absl::StatusOr<std::vector<Request>> pending = f.store->PendingRequests();
+  REQUIRE(pending.ok());
+  CHECK(pending->empty());
+
+  // Proposed for a real problem, which a restart then no longer finds (the right file is back).
+  f.kms->RequireReAnchoring("an older copy of the database was restored");
+  const absl::StatusOr<Request> request = f.kms->Propose(f.officer, reanchor);
+  REQUIRE(request.ok());
+  f.kms->RequireReAnchoring("");
+  const absl::StatusOr<Request> closed =
+      f.kms->Approve(f.officer2, request->id, RequestDigest(*request));
+  CHECK(absl::IsFailedPrecondition(closed.status()));
+  CHECK_THAT(std::string(closed.status().message()),
+             Catch::EndsWith("could not execute: the audit log extends the HSM's last signed "
+                             "checkpoint: there is nothing to re-anchor"));
+  const absl::StatusOr<Request> stored = f.kms->GetRequest(f.officer, request->id);
+  REQUIRE(stored.ok());
+  CHECK(stored->state == storage::RequestState::kFailed);
+  pending = f.store->PendingRequests();
+  REQUIRE(pending.ok());
+  CHECK(pending->empty());
+
+  // A later problem needs a proposal of its own: the closed request takes no more approvals.
+  f.kms->RequireReAnchoring("an older copy of the database was restored");
+  CHECK(absl::IsFailedPrecondition(
+      f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).status()));
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::none_of(events.begin(), events.end(), [](const audit::Event& e) {
+    return e.action == "ReAnchorAuditLog" && e.outcome == absl::StatusCode::kOk;
+  }));
+}
+
 }  // namespace
 }  // namespace custos::core
