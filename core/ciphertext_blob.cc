@@ -45,6 +45,10 @@ absl::StatusOr<ParsedBlob> ParseBlob(std::span<const uint8_t> blob) {
     return absl::InvalidArgumentError(StrCat("ciphertext blob is truncated: ", blob.size(),
                                              " bytes, at least ", kBlobMinBytes, " expected"));
   }
+  if (blob.size() > kBlobMaxBytes) {
+    return absl::InvalidArgumentError(StrCat("ciphertext blob is too long: ", blob.size(),
+                                             " bytes, at most ", kBlobMaxBytes, " expected"));
+  }
   ParsedBlob parsed;
   std::copy_n(blob.begin() + 1, parsed.header.key_id.size(), parsed.header.key_id.begin());
   for (size_t i = 17; i < kBlobHeaderBytes; ++i) {

@@ -33,6 +33,10 @@ inline constexpr size_t kBlobHeaderBytes = 1 + 16 + 4;
 inline constexpr size_t kBlobIvBytes = 12;
 inline constexpr size_t kBlobTagBytes = 16;
 inline constexpr size_t kBlobMinBytes = kBlobHeaderBytes + kBlobIvBytes + kBlobTagBytes;
+// The most a blob seals (Encrypt's limit; data keys are 32 bytes), so no blob is longer than
+// kBlobMaxBytes: a longer one is refused before it costs a context HMAC or an HSM buffer.
+inline constexpr size_t kBlobMaxPlaintextBytes = 4096;
+inline constexpr size_t kBlobMaxBytes = kBlobMinBytes + kBlobMaxPlaintextBytes;
 
 struct BlobHeader {
   KeyIdBytes key_id{};

@@ -54,7 +54,7 @@ struct Caller {
   std::string peer;  // transport address, for the audit log
 };
 
-inline constexpr size_t kMaxEncryptPlaintextBytes = 4096;
+inline constexpr size_t kMaxEncryptPlaintextBytes = kBlobMaxPlaintextBytes;
 
 struct DataKey {
   std::string key_id;

@@ -76,6 +76,13 @@ TEST_CASE("Malformed blobs are refused with a reason", "[blob]") {
         "ciphertext blob is truncated: 48 bytes, at least 49 expected");
   short_blob.push_back(0);
   CHECK(ParseBlob(short_blob).ok());
+  // The longest is Encrypt's largest plaintext (4 KiB) sealed.
+  Bytes long_blob(kBlobMinBytes + kBlobMaxPlaintextBytes, 0);
+  long_blob[0] = 0x01;
+  CHECK(ParseBlob(long_blob).ok());
+  long_blob.push_back(0);
+  CHECK(ParseBlob(long_blob).status().message() ==
+        "ciphertext blob is too long: 4146 bytes, at most 4145 expected");
 }
 
 TEST_CASE("Key ids are version 4 UUIDs that parse back", "[key_id]") {

@@ -244,6 +244,10 @@ TEST_CASE("Decrypt refuses every single-byte change, truncation and empty blob",
   }
   ExpectDecryptError(*keys, "", PatientContext(), StatusCode::INVALID_ARGUMENT,
                      "ciphertext blob is empty");
+  // Longer than any blob (4 KiB sealed): refused before the HSM sees it.
+  ExpectDecryptError(*keys, blob + std::string(4146 - blob.size(), 'x'), PatientContext(),
+                     StatusCode::INVALID_ARGUMENT,
+                     "ciphertext blob is too long: 4146 bytes, at most 4145 expected");
 
   pb::DecryptResponse opened;
   CHECK(Decrypt(*keys, blob, PatientContext(), &opened).ok());
