@@ -300,10 +300,29 @@ absl::Status Kms::NothingToReAnchor() {
       "the audit log extends the HSM's last signed checkpoint: there is nothing to re-anchor");
 }
 
+absl::Status Kms::ExpireEarlierReAnchorings() {
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+  for (Request& request : pending) {
+    if (request.operation != policy::OperationName(policy::Operation::kReAnchorAuditLog)) continue;
+    request.state = RequestState::kExpired;
+    request.closed_at = options_.clock->NowSeconds();
+    request.reason =
+        "expired at a restart: a re-anchoring is approved in the run whose start-up check it "
+        "answers";
+    storage::WriteBatch batch;
+    batch.requests.push_back(request);
+    audit::Event expired =
+        ServerEvent("ExpireRequest", "", request.id, absl::StatusCode::kOk, request.reason);
+    expired.row = storage::RequestRowName(request.id);
+    CUSTOS_RETURN_IF_ERROR(Commit(std::move(batch), {std::move(expired)}));
+    spdlog::warn("ReAnchorAuditLog request {} proposed before this start {}", request.id,
+                 request.reason);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
   const std::string problem = AnchorProblem();
-  // Proposed for a problem this start does not have (a restart found the log sound): closed,
-  // so that its approvals cannot count toward a later one.
   if (problem.empty()) return CloseFailed(call, std::move(request), NothingToReAnchor());
   CUSTOS_ASSIGN_OR_RETURN(auto head, options_.store->AuditHead());
   request.state = RequestState::kExecuted;

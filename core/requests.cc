@@ -235,9 +235,6 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
     request.approvals.push_back({caller.principal, options_.clock->NowSeconds()});
     const std::optional<Operation> operation = policy::ParseOperation(request.operation);
     if (!operation) return absl::InternalError("stored request has an unknown operation");
-    if (*operation == Operation::kReAnchorAuditLog && AnchorProblem().empty()) {
-      return CloseFailed(call, std::move(request), NothingToReAnchor());  // as ReAnchor says
-    }
     // Approvals count only from principals who are officers now (a policy reload may have
     // taken the role away since they approved).
     const std::shared_ptr<const policy::Policy> policy = CurrentPolicy();

@@ -18,7 +18,8 @@ namespace {
 
 void CheckBlob(std::span<const uint8_t> input) {
   const absl::StatusOr<ParsedBlob> parsed = ParseBlob(input);
-  const bool valid = input.size() >= kBlobMinBytes && input[0] == kBlobFormatV1;
+  const bool valid =
+      input.size() >= kBlobMinBytes && input.size() <= kBlobMaxBytes && input[0] == kBlobFormatV1;
   FUZZ_CHECK(parsed.ok() == valid);
   if (!parsed.ok()) {
     FUZZ_CHECK(parsed.status().code() == absl::StatusCode::kInvalidArgument);

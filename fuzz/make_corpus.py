@@ -46,6 +46,8 @@ write("ciphertext_blob", "max_version", blob(0xFFFFFFFF, b"secret"))
 write("ciphertext_blob", "unknown_format", blob(1, b"", fmt=2))
 write("ciphertext_blob", "truncated", blob(1, b"")[:-1])
 write("ciphertext_blob", "header_only", blob(1, b"")[:21])
+write("ciphertext_blob", "longest", blob(1, bytes(4096)))  # kBlobMaxBytes; also raises max_len
+write("ciphertext_blob", "too_long", blob(1, bytes(4097)))
 write("ciphertext_blob", "key_id_text", "10111213-1415-4617-9819-1a1b1c1d1e1f")
 write("ciphertext_blob", "key_id_upper", "10111213-1415-4617-9819-1A1B1C1D1E1F")
 write("ciphertext_blob", "key_id_bad_dash", "10111213_1415-4617-9819-1a1b1c1d1e1f")

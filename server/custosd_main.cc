@@ -638,6 +638,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         "SealCatalogRow); from now on a row changed outside Custos is refused",
         *sealed);
   }
+  if (absl::Status expired = kms.ExpireEarlierReAnchorings(); !expired.ok()) return Fail(expired);
   RefusalRecorder refusals(&kms, &clock);
   kms.SetRefusalCounter([&refusals](const audit::Event& record, std::string_view reason) {
     return refusals.CountRepeat(record.action, record.principal, record.peer, record.outcome,

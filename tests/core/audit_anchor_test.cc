@@ -235,10 +235,10 @@ TEST_CASE("An older copy of the database is refused, and accepted only by re-anc
   CHECK(f.kms->VerifyAuditLog(false).ok());
 }
 
-// Approvals given while the log is sound must not count toward re-anchoring it after a later
-// restore or edit: such a proposal is not stored, and a request proposed for a problem a later
-// start no longer has is closed at its next approval.
-TEST_CASE("A re-anchoring is refused while the log is sound, and closed once it is found sound",
+// Approvals given while the log is sound, or for an earlier start's problem, must not count
+// toward re-anchoring it after a later restore or edit: such a proposal is not stored, a
+// request still pending at a start expires, and one whose log is found sound fails.
+TEST_CASE("A re-anchoring is proposed only while the log awaits it, and lasts one run",
           "[insider][anchor]") {
   Fixture f;
   MakeHistory(f);
@@ -253,30 +253,44 @@ TEST_CASE("A re-anchoring is refused while the log is sound, and closed once it 
   REQUIRE(pending.ok());
   CHECK(pending->empty());
 
-  // Proposed for a real problem, which a restart then no longer finds (the right file is back).
+  // Proposed and approved once for one start's problem; the next start finds another.
   f.kms->RequireReAnchoring("an older copy of the database was restored");
   const absl::StatusOr<Request> request = f.kms->Propose(f.officer, reanchor);
   REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  f.Restart();
+  f.kms->RequireReAnchoring("a record was edited");
+  REQUIRE(f.kms->ExpireEarlierReAnchorings().ok());
+  const absl::StatusOr<Request> expired = f.kms->GetRequest(f.officer, request->id);
+  REQUIRE(expired.ok());
+  CHECK(expired->state == storage::RequestState::kExpired);
+  CHECK(expired->reason ==
+        "expired at a restart: a re-anchoring is approved in the run whose start-up check it "
+        "answers");
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::any_of(events.begin(), events.end(), [&](const audit::Event& e) {
+    return e.action == "ExpireRequest" && e.request_id == request->id;
+  }));
+  // Its last approval cannot re-anchor the new problem; a proposal of this run can.
+  CHECK(absl::IsFailedPrecondition(
+      f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).status()));
+  const absl::StatusOr<Request> again = f.kms->Propose(f.officer, reanchor);
+  REQUIRE(again.ok());
+
+  // Found sound before its quorum (the right file put back): it fails rather than re-anchor.
   f.kms->RequireReAnchoring("");
+  REQUIRE(f.kms->Approve(f.officer2, again->id, RequestDigest(*again)).ok());
   const absl::StatusOr<Request> closed =
-      f.kms->Approve(f.officer2, request->id, RequestDigest(*request));
+      f.kms->Approve(f.officer3, again->id, RequestDigest(*again));
   CHECK(absl::IsFailedPrecondition(closed.status()));
   CHECK_THAT(std::string(closed.status().message()),
              Catch::EndsWith("could not execute: the audit log extends the HSM's last signed "
                              "checkpoint: there is nothing to re-anchor"));
-  const absl::StatusOr<Request> stored = f.kms->GetRequest(f.officer, request->id);
-  REQUIRE(stored.ok());
-  CHECK(stored->state == storage::RequestState::kFailed);
-  pending = f.store->PendingRequests();
-  REQUIRE(pending.ok());
-  CHECK(pending->empty());
-
-  // A later problem needs a proposal of its own: the closed request takes no more approvals.
-  f.kms->RequireReAnchoring("an older copy of the database was restored");
-  CHECK(absl::IsFailedPrecondition(
-      f.kms->Approve(f.officer3, request->id, RequestDigest(*request)).status()));
-  const std::vector<audit::Event> events = f.sink.events();
-  CHECK(std::none_of(events.begin(), events.end(), [](const audit::Event& e) {
+  const absl::StatusOr<Request> failed = f.kms->GetRequest(f.officer, again->id);
+  REQUIRE(failed.ok());
+  CHECK(failed->state == storage::RequestState::kFailed);
+  const std::vector<audit::Event> all = f.sink.events();
+  CHECK(std::none_of(all.begin(), all.end(), [](const audit::Event& e) {
     return e.action == "ReAnchorAuditLog" && e.outcome == absl::StatusCode::kOk;
   }));
 }

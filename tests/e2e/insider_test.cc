@@ -124,6 +124,15 @@ TEST_CASE("An older copy of the database stops custosd until officers re-anchor 
   REQUIRE(proposed.exit_code == 0);
   CHECK(Field(proposed.text, "state") == "PENDING");
   CHECK(Field(proposed.text, "operation") == "RE_ANCHOR_AUDIT_LOG");
+  // A restart ends it: approvals count only in the run whose start-up check they answer.
+  server.Stop();
+  server.Start({"--allow-re-anchor"});
+  const Output stale = Ctl(server, "officer2", "get-request " + Field(proposed.text, "request_id"));
+  INFO(stale.text);
+  CHECK(Field(stale.text, "state") == "EXPIRED");
+  proposed =
+      Ctl(server, "officer1", "propose re-anchor-audit-log --justification 'restored from backup'");
+  REQUIRE(proposed.exit_code == 0);
   Output approved = Ctl(server, "officer2",
                         "approve " + Field(proposed.text, "request_id") + " --digest " +
                             Field(proposed.text, "digest"));
