@@ -17,7 +17,6 @@ namespace custos::core {
 namespace {
 
 using custos::testing::SqlExec;
-using custos::testing::SqlQuery;
 using testing::Fixture;
 
 std::string Db(Fixture& f) { return f.dir.File("custos.db"); }
