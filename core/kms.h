@@ -375,9 +375,9 @@ class Kms {
   // call, maintenance and checkpoints wait. Executing the request records `problem`, signs
   // the log as it stands and keeps that head in the HSM.
   void RequireReAnchoring(std::string problem);
-  // At start, after VerifyAuditLog: expires every ReAnchorAuditLog request still pending from
-  // an earlier run, so that approvals given for one start's problem (or before a restore)
-  // never count toward accepting another's.
+  // At a start whose log awaits re-anchoring: expires every ReAnchorAuditLog request still
+  // pending from an earlier run, so that approvals given for one start's problem (or before a
+  // restore) never count toward accepting another's.
   absl::Status ExpireEarlierReAnchorings();
   // Why the log awaits re-anchoring; empty if it does not (health checks ask).
   std::string AnchorProblem() const;

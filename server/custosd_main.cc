@@ -630,6 +630,12 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         "ReAnchorAuditLog request (started with --allow-re-anchor)",
         std::string(anchored.message()));
     kms.RequireReAnchoring(std::string(anchored.message()));
+    // Only here: a request left pending through a sound run cannot execute there (its quorum
+    // finds no problem), and reading every pending request would walk the log back to the
+    // oldest at each start.
+    if (absl::Status expired = kms.ExpireEarlierReAnchorings(); !expired.ok()) {
+      return Fail(expired);
+    }
   } else if (absl::StatusOr<uint64_t> sealed = kms.SealCatalog(); !sealed.ok()) {
     return Fail(sealed.status());
   } else if (*sealed > 0) {
@@ -638,7 +644,6 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
         "SealCatalogRow); from now on a row changed outside Custos is refused",
         *sealed);
   }
-  if (absl::Status expired = kms.ExpireEarlierReAnchorings(); !expired.ok()) return Fail(expired);
   RefusalRecorder refusals(&kms, &clock);
   kms.SetRefusalCounter([&refusals](const audit::Event& record, std::string_view reason) {
     return refusals.CountRepeat(record.action, record.principal, record.peer, record.outcome,
