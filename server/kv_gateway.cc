@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "common/strings.h"
 #include "server/config.h"
 #include "spdlog/spdlog.h"
@@ -478,6 +479,15 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
                                ? StrCat("ipv4:", remote)
                                : StrCat("ipv6:[", remote, "]");
   const auto token = request.headers.find("X-Vault-Token");  // (no copy of the token)
+  // The header values are the token's only copies in custosd: wiped once the call is answered.
+  // (cpp-httplib hands handlers a const Request, but the object is its own, not const.)
+  const absl::Cleanup wipe_token = [&request] {
+    const auto [begin, end] = request.headers.equal_range("X-Vault-Token");
+    for (auto header = begin; header != end; ++header) {
+      auto& value = const_cast<std::string&>(header->second);
+      OPENSSL_cleanse(value.data(), value.size());
+    }
+  };
   {
     std::lock_guard lock(state.mu);
     if (state.closing) return ReplyError(response, 503, "");
@@ -508,22 +518,34 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
                           ? std::string(malformed.message())
                           : "");  // its own words only
   }
-  // The key's hex is in the response body, a buffer cpp-httplib owns and frees unwiped (as
-  // gRPC's reply buffers); the copies made here are wiped.
+  // The key's hex is written once, into a body sized beforehand (a reallocation would free a
+  // copy unwiped), which is wiped when the response is destroyed.
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex(2 * key->key.size(), '\0');
+  static constexpr std::string_view kHead = R"({"data":{"data":{"data":")";
+  const std::string tail = StrCat(R"("},"metadata":{"version":)", key->version, "}}}");
+  std::string body;
+  body.reserve(kHead.size() + 2 * key->key.size() + tail.size());
+  body.append(kHead);
   for (size_t i = 0; i < key->key.size(); ++i) {
-    hex[2 * i] = kHex[key->key.data()[i] >> 4];
-    hex[2 * i + 1] = kHex[key->key.data()[i] & 0x0f];
+    body.push_back(kHex[key->key.data()[i] >> 4]);
+    body.push_back(kHex[key->key.data()[i] & 0x0f]);
   }
-  std::string body = StrCat("{\"data\":{\"data\":{\"data\":\"", hex,
-                            "\"},\"metadata\":{\"version\":", key->version, "}}}");
-  Reply(response, 200, body);
-  OPENSSL_cleanse(hex.data(), hex.size());
-  OPENSSL_cleanse(body.data(), body.size());
+  body.append(tail);
+  ReplySecret(response, std::move(body));
 }
 
 }  // namespace
+
+void ReplySecret(httplib::Response& response, std::string body) {
+  auto secret = std::make_shared<std::string>(std::move(body));
+  response.status = 200;
+  response.set_content_provider(
+      secret->size(), "application/json",
+      [secret](size_t offset, size_t length, httplib::DataSink& sink) {
+        return sink.write(secret->data() + offset, length);
+      },
+      [secret](bool) { OPENSSL_cleanse(secret->data(), secret->size()); });
+}
 
 absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, const Options& options,
                                                             metrics::Registry* registry) {
@@ -543,7 +565,9 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
                     SSL_CTX_check_private_key(&ctx) == 1;
     if (!ok) tls_error = StrCat("cannot set up TLS with ", options.cert, " and ", options.key);
     SSL_CTX_set_options(
-        &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION);
+        &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION |
+                  // OpenSSL wipes its record buffers, which hold tokens and keys in clear.
+                  SSL_OP_CLEANSE_PLAINTEXT);
     SSL_CTX_set_info_callback(&ctx, NoteConnection);
     SSL_CTX_set_msg_callback(&ctx, CountRequestBytes);
     return ok;

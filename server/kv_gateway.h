@@ -49,7 +49,8 @@
 
 namespace httplib {
 class SSLServer;
-}
+struct Response;
+}  // namespace httplib
 
 namespace custos::server {
 
@@ -57,6 +58,11 @@ namespace custos::server {
 // mapped into IPv6 by a dual-stack listener, "::ffff:a.b.c.d"), or an IPv6 /64 ("2001:db8::/64":
 // one host or one site's network may hold all of one); "" for any other family.
 std::string AddressGroup(const sockaddr_storage& peer);
+
+// Answers 200 with `body`, a JSON text that holds a key. cpp-httplib writes it to TLS straight
+// from one buffer, wiped when `response` is destroyed. (A body given by set_content would be
+// copied for a Range request, compressed for an Accept-Encoding one, and freed unwiped.)
+void ReplySecret(httplib::Response& response, std::string body);
 
 class KvGateway {
  public:

@@ -165,6 +165,13 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
 
   const auto [key1, version1] = KeyOf(gateway.Get("/v1/mariadb/data/1", token));
   CHECK(version1 == 1);
+  // Sent as it is to a client that accepts compression: a compressor's copies of the key
+  // would be freed unwiped.
+  const httplib::Result plain = gateway.client.Get(
+      "/v1/mariadb/data/1",
+      httplib::Headers{{"X-Vault-Token", token}, {"Accept-Encoding", "gzip, br"}});
+  CHECK(KeyOf(plain).first == key1);
+  CHECK(plain->get_header_value("Content-Encoding").empty());
   const auto [key2, version2] = KeyOf(gateway.Get("/v1/mariadb/data/2?version=1", token));
   CHECK(version2 == 1);
   CHECK(key1 != key2);
@@ -264,7 +271,7 @@ TEST_CASE("A database fetches its table-space keys through the gateway with its 
     CHECK(r.key_id() == sealing.key_id());
     CHECK(std::regex_match(r.detail(), std::regex("mount=mariadb key_id=[12] version=[12]")));
   }
-  CHECK(fetched == 6);
+  CHECK(fetched == 7);
 
   // Revoked: refused from the next call on.
   pb::ProposeRequest revoke;

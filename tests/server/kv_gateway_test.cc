@@ -6,6 +6,8 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 
+#include <httplib.h>
+
 #include <catch2/catch.hpp>
 #include <string>
 
@@ -47,6 +49,37 @@ TEST_CASE("The gateway counts an IPv4 client by its address and an IPv6 one by i
   sockaddr_storage unix_peer{};
   unix_peer.ss_family = AF_UNIX;
   CHECK(AddressGroup(unix_peer).empty());
+}
+
+// The e2e tests show a key's reply is neither compressed nor partial copies; this shows its one
+// buffer is wiped when the response goes, through the hooks cpp-httplib's server calls.
+TEST_CASE("A key's reply is written from one buffer, wiped when the response is destroyed",
+          "[gateway]") {
+  const std::string key_json = R"({"data":{"data":{"data":")" + std::string(64, 'a') + R"("}}})";
+  httplib::Response response;
+  ReplySecret(response, key_json);
+  CHECK(response.status == 200);
+  CHECK(response.body.empty());  // no copy in the body, which a Range or gzip would copy again
+  CHECK(response.get_header_value("Content-Type") == "application/json");
+  REQUIRE(response.content_length_ == key_json.size());
+  std::string written;
+  httplib::DataSink sink;
+  sink.write = [&](const char* data, size_t length) {
+    written.append(data, length);
+    return true;
+  };
+  // As the server writes it: whole, or a range from an offset.
+  REQUIRE(response.content_provider_(0, key_json.size(), sink));
+  CHECK(written == key_json);
+  written.clear();
+  REQUIRE(response.content_provider_(25, 64, sink));
+  CHECK(written == std::string(64, 'a'));
+  // The destructor calls the releaser; called here, the buffer it wiped can still be read.
+  REQUIRE(response.content_provider_resource_releaser_);
+  response.content_provider_resource_releaser_(true);
+  written.clear();
+  REQUIRE(response.content_provider_(0, key_json.size(), sink));
+  CHECK(written == std::string(key_json.size(), '\0'));
 }
 
 }  // namespace
