@@ -277,7 +277,9 @@ class Kms {
   // transaction that records the approval. `expected_digest` must equal RequestDigest() of
   // the request as stored (INVALID_ARGUMENT if empty): the approver approves what they
   // reviewed. Only approvers who are officers under the current policy count.
-  // Errors: NOT_FOUND unknown request; PERMISSION_DENIED the proposer approving;
+  // Errors: INVALID_ARGUMENT a request_id not as Propose returns them (a lower-case UUID; so
+  // for Reject and GetRequest too), or no digest; NOT_FOUND unknown request;
+  // PERMISSION_DENIED the proposer approving;
   // FAILED_PRECONDITION request not pending (executed, rejected, expired, failed), digest
   // mismatch, or the operation no longer applies. Approving twice is OK and counts once.
   absl::StatusOr<Request> Approve(const Caller& caller, std::string_view request_id,
@@ -566,9 +568,12 @@ class Kms {
   // The lock a change to the request `request_id` takes (NOT_FOUND if there is none).
   absl::StatusOr<ChangeLock> LockRequest(std::string_view request_id);
   static std::string KeyLockName(const std::string& key_id) { return "key/" + key_id; }
-  // The name a change to `request` locks: its key's, a gateway key's or token's, or its own
-  // for a key to be created.
+  // The name a change to `request` locks: its key's, a gateway key's or token's, a new key's
+  // alias, or else its own.
   static std::string LockNameOf(const Request& request);
+  // What a change naming no key locks: a gateway key or token, or the alias of a key to be
+  // created; "" when nothing else can name it yet (a new token, a key without an alias).
+  static std::string TargetLockName(policy::Operation operation, const OperationParams& params);
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);

@@ -44,6 +44,27 @@ std::string NamedRequest(std::string_view request_id) {
   return std::string(request_id);
 }
 
+// A request id as Propose returns them; anything else is the caller's mistake, not a lookup.
+absl::Status CheckRequestId(std::string_view request_id) {
+  if (!NamedRequest(request_id).empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      "request_id is not a request id: Propose returns them as lower-case UUIDs");
+}
+
+// What a change's lock name (Kms::LockNameOf) names, in an officer's words.
+std::string TargetWords(std::string_view lock_name) {
+  const size_t slash = lock_name.find('/');
+  const std::string_view kind = lock_name.substr(0, slash);
+  const std::string_view rest = lock_name.substr(slash + 1);
+  if (kind == "key") return StrCat("key ", rest);
+  if (kind == "alias") return StrCat("alias '", rest, "'");
+  if (kind == "db-token") return StrCat("database token ", rest);
+  if (const size_t last = rest.rfind('/'); kind == "tde" && last != std::string_view::npos) {
+    return StrCat("key id ", rest.substr(last + 1), " of mount '", rest.substr(0, last), "'");
+  }
+  return std::string(lock_name);
+}
+
 bool HasApproved(const Request& request, std::string_view principal) {
   return std::any_of(request.approvals.begin(), request.approvals.end(),
                      [&](const storage::Approval& a) { return a.principal == principal; });
@@ -84,7 +105,7 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
       if (server_wide) return LockServer();
       if (proposal.operation == Operation::kCreateKey ||
           policy::IsGatewayOperation(proposal.operation)) {
-        return LockShared(GatewayLockName(proposal.operation, proposal.params));
+        return LockShared(TargetLockName(proposal.operation, proposal.params));
       }
       CUSTOS_ASSIGN_OR_RETURN(KeyRef found, FindKey(proposal.key));
       return LockShared(KeyLockName(found->id));
@@ -100,7 +121,6 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     request.created_at = options_.clock->NowSeconds();
     request.expires_at = now + options_.dual_control.request_ttl_seconds;
     request.parameters = EncodeParams(proposal.operation, proposal.params);
-    call.event().request_id = request.id;
 
     if (server_wide) {
       if (proposal.operation == Operation::kRotateRootKey) {
@@ -133,19 +153,27 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
                                                     " to be ENABLED or DISABLED; it is ",
                                                     storage::KeyStateName(key->state)));
       }
-      // One change at a time per key: two requests never both act on the state they saw.
+    }
+    // One change at a time per key, table-space key, token or new key's alias: two requests
+    // never both act on the state they saw (nor does the second fail at its quorum).
+    if (const std::string target = request.key_id.empty()
+                                       ? TargetLockName(proposal.operation, proposal.params)
+                                       : KeyLockName(request.key_id);
+        !server_wide && !target.empty()) {
       CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
       for (Request& other : pending) {
-        if (other.key_id != key->id) continue;
+        if (LockNameOf(other) != target) continue;
         if (other.expires_at <= now) {
           CUSTOS_RETURN_IF_ERROR(Expire(std::move(other)));
           continue;
         }
         return absl::FailedPreconditionError(
-            StrCat("key ", key->id, " already has pending request ", other.id, " (",
+            StrCat(TargetWords(target), " already has pending request ", other.id, " (",
                    other.operation, "); approve, reject or let it expire first"));
       }
     }
+    // Named in the record only now: a refused proposal stores no request.
+    call.event().request_id = request.id;
     if (ApprovalsFor(proposal.operation, proposal.params) == 0) {
       return Execute(call, request, proposal.params);
     }
@@ -155,6 +183,13 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
     return request;
   }());
+}
+
+std::string Kms::TargetLockName(Operation operation, const OperationParams& params) {
+  if (operation == Operation::kCreateKey) {
+    return params.create.alias.empty() ? "" : "alias/" + params.create.alias;
+  }
+  return GatewayLockName(operation, params);
 }
 
 Kms::ChangeLock Kms::LockServer() {
@@ -175,7 +210,7 @@ std::string Kms::LockNameOf(const Request& request) {
   if (const std::optional<Operation> operation = policy::ParseOperation(request.operation)) {
     const absl::StatusOr<OperationParams> params = DecodeParams(*operation, request.parameters);
     if (params.ok()) {
-      if (std::string name = GatewayLockName(*operation, *params); !name.empty()) return name;
+      if (std::string name = TargetLockName(*operation, *params); !name.empty()) return name;
     }
   }
   return "request/" + request.id;
@@ -214,12 +249,13 @@ absl::StatusOr<Request> Kms::Approve(const Caller& caller, std::string_view requ
   call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
-    CUSTOS_ASSIGN_OR_RETURN(ChangeLock lock, LockRequest(request_id));
-    CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
+    CUSTOS_RETURN_IF_ERROR(CheckRequestId(request_id));
     if (expected_digest.empty()) {
       return absl::InvalidArgumentError(
           "an approval must name the digest of the request as reviewed (GetRequest shows it)");
     }
+    CUSTOS_ASSIGN_OR_RETURN(ChangeLock lock, LockRequest(request_id));
+    CUSTOS_ASSIGN_OR_RETURN(Request request, LoadPending(call, request_id));
     if (expected_digest != RequestDigest(request)) {
       return absl::FailedPreconditionError(
           StrCat("request ", request.id,
@@ -351,6 +387,7 @@ absl::StatusOr<Request> Kms::Reject(const Caller& caller, std::string_view reque
   call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    CUSTOS_RETURN_IF_ERROR(CheckRequestId(request_id));
     if (reason.empty()) return absl::InvalidArgumentError("a rejection needs a reason");
     if (reason.size() > kMaxReasonBytes) {
       return absl::InvalidArgumentError(
@@ -375,6 +412,7 @@ absl::StatusOr<Request> Kms::GetRequest(const Caller& caller, std::string_view r
   call.event().request_id = NamedRequest(request_id);
   return call.Finish([&]() -> absl::StatusOr<Request> {
     CUSTOS_RETURN_IF_ERROR(call.Authorize());
+    CUSTOS_RETURN_IF_ERROR(CheckRequestId(request_id));
     CUSTOS_ASSIGN_OR_RETURN(Request request, options_.store->GetRequest(request_id));
     return WithProgress(std::move(request));
   }());

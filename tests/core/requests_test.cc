@@ -330,11 +330,44 @@ TEST_CASE("Conflicting requests for one key are refused at proposal", "[requests
     CHECK(second.status().message() == "key " + rotate.key_id + " already has pending request " +
                                            rotate.id +
                                            " (RotateKey); approve, reject or let it expire first");
+    CHECK(f.sink.events().back().request_id.empty());  // none was stored
   }
   // Once the first has expired, the key takes a new request.
   f.clock.Advance(24 * 3600);
   CHECK(f.kms->Propose(f.officer2, Propose(Operation::kScheduleKeyDeletion, "k")).ok());
   CHECK(f.store->GetRequest(rotate.id)->state == RequestState::kExpired);
+}
+
+TEST_CASE("A second request for a new key's alias is refused at proposal, and stores nothing",
+          "[requests]") {
+  Fixture f;
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = "granted";
+  create.params.create.encrypt_principals = {testing::kApp};  // two approvals: it waits
+  const Request first = *f.kms->Propose(f.officer, create);
+  REQUIRE(first.state == RequestState::kPending);
+  absl::StatusOr<Request> second = f.kms->Propose(f.officer2, create);
+  CHECK(absl::IsFailedPrecondition(second.status()));
+  CHECK(second.status().message() == "alias 'granted' already has pending request " + first.id +
+                                         " (CreateKey); approve, reject or let it expire first");
+  CHECK(f.store->PendingRequests()->size() == 1);
+  // Its record names no request: none was stored.
+  const audit::Event refused = f.sink.events().back();
+  CHECK(refused.action == "Propose");
+  CHECK(refused.outcome == absl::StatusCode::kFailedPrecondition);
+  CHECK(refused.request_id.empty());
+  // Another alias, or none, is another key.
+  create.params.create.alias = "other";
+  CHECK(f.kms->Propose(f.officer2, create).ok());
+  create.params.create.alias = "";
+  CHECK(f.kms->Propose(f.officer2, create).ok());
+  CHECK(f.kms->Propose(f.officer2, create).ok());
+  // Once the first is rejected, the alias takes a new request.
+  REQUIRE(f.kms->Reject(f.officer2, first.id, "wrong grants").ok());
+  create.params.create.alias = "granted";
+  const absl::StatusOr<Request> again = f.kms->Propose(f.officer2, create);
+  REQUIRE(again.ok());
+  CHECK(f.sink.events().back().request_id == again->id);
 }
 
 TEST_CASE("Apps and auditors cannot propose, approve or reject", "[requests][authz]") {
@@ -370,17 +403,27 @@ TEST_CASE("A refused approval, rejection or read names its request in the audit 
         "a rejection needs a reason");
   CHECK((last().action == "Reject" && last().request_id == request.id &&
          last().outcome == absl::StatusCode::kInvalidArgument));
-  // What is not a request id is not written to the log, whatever its size.
+  // What is not a request id is refused as such, and not written to the log, whatever its
+  // size.
+  const std::string not_an_id =
+      "request_id is not a request id: Propose returns them as lower-case UUIDs";
   const std::string junk(4096, 'x');
-  CHECK(absl::IsNotFound(f.kms->Reject(f.officer2, junk, "no").status()));
+  const absl::Status rejected = f.kms->Reject(f.officer2, junk, "no").status();
+  CHECK((absl::IsInvalidArgument(rejected) && rejected.message() == not_an_id));
   CHECK((last().action == "Reject" && last().request_id.empty()));
-  CHECK(absl::IsNotFound(f.kms->GetRequest(f.officer2, junk).status()));
+  const absl::Status approved = f.kms->Approve(f.officer2, junk, "00").status();
+  CHECK((absl::IsInvalidArgument(approved) && approved.message() == not_an_id));
+  CHECK((last().action == "Approve" && last().request_id.empty()));
+  const absl::Status got = f.kms->GetRequest(f.officer2, junk).status();
+  CHECK((absl::IsInvalidArgument(got) && got.message() == not_an_id));
   CHECK((last().action == "GetRequest" && last().request_id.empty()));
-  // Nor is an id in another case: it finds no request, so its record names none.
+  CHECK(absl::IsInvalidArgument(f.kms->GetRequest(f.officer2, "").status()));
+  // Nor is an id in another case: lookups match only the canonical form.
   std::string upper = request.id;
   for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   REQUIRE(upper != request.id);
-  CHECK(absl::IsNotFound(f.kms->GetRequest(f.officer2, upper).status()));
+  const absl::Status got_upper = f.kms->GetRequest(f.officer2, upper).status();
+  CHECK((absl::IsInvalidArgument(got_upper) && got_upper.message() == not_an_id));
   CHECK((last().action == "GetRequest" && last().request_id.empty()));
   CHECK(f.store->GetRequest(request.id)->state == RequestState::kPending);
 }
@@ -390,6 +433,9 @@ TEST_CASE("Unknown requests are NOT_FOUND; bad proposals are refused", "[request
   f.NewKey("k");
   CHECK(absl::IsNotFound(
       f.kms->Approve(f.officer2, "0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00", "00").status()));
+  // An approval without a digest is refused as such, before any lookup.
+  CHECK(absl::IsInvalidArgument(
+      f.kms->Approve(f.officer2, "0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00", "").status()));
   CHECK(
       absl::IsNotFound(f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "nope")).status()));
   Proposal unjustified = Propose(Operation::kRotateKey, "k");

@@ -130,6 +130,53 @@ TEST_CASE("Key ids are made and rotated by dual control and served to their data
   CHECK(absl::IsFailedPrecondition(f.kms->Propose(f.officer, missing).status()));
 }
 
+TEST_CASE("A second request for one key id or token waits for the first", "[tde][requests]") {
+  Fixture f;
+  const std::string token_id = [&] {
+    MountWithToken(f);
+    return IssueToken(f, {1});
+  }();
+  auto propose = [&](Operation operation, const OperationParams& params) {
+    Proposal proposal;
+    proposal.operation = operation;
+    proposal.params = params;
+    proposal.justification = "ticket DBA-8";
+    return f.kms->Propose(f.officer, proposal);
+  };
+  OperationParams revoke;
+  revoke.token_id = token_id;
+  const struct {
+    Operation operation;
+    OperationParams params;
+    std::string target;
+  } cases[] = {
+      {Operation::kRotateTdeKey, TdeKey(1, ""), "key id 1 of mount 'mariadb'"},
+      {Operation::kCreateTdeKey, TdeKey(3), "key id 3 of mount 'mariadb'"},
+      {Operation::kRevokeDatabaseToken, revoke, "database token " + token_id},
+  };
+  std::vector<Request> firsts;
+  for (const auto& c : cases) {
+    INFO(c.target);
+    const absl::StatusOr<Request> first = propose(c.operation, c.params);
+    REQUIRE(first.ok());
+    firsts.push_back(*first);
+    const absl::StatusOr<Request> second = propose(c.operation, c.params);
+    CHECK(absl::IsFailedPrecondition(second.status()));
+    CHECK(second.status().message() == c.target + " already has pending request " + first->id +
+                                           " (" + std::string(policy::OperationName(c.operation)) +
+                                           "); approve, reject or let it expire first");
+    CHECK(f.sink.events().back().request_id.empty());
+  }
+  CHECK(f.store->PendingRequests()->size() == 3);
+  // Another key id is another target; one rotation executed leaves room for the next.
+  CHECK(propose(Operation::kRotateTdeKey, TdeKey(2, "")).ok());
+  const Request& rotation = firsts.front();
+  REQUIRE(f.kms->Approve(f.officer2, rotation.id, RequestDigest(rotation)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, rotation.id, RequestDigest(rotation))->state ==
+          RequestState::kExecuted);
+  CHECK(propose(Operation::kRotateTdeKey, TdeKey(1, "")).ok());
+}
+
 TEST_CASE("A mount no URL could reach, or the Vault API's own, is refused", "[tde]") {
   Fixture f;
   f.NewKeyWithoutGrants("tde-seal");
