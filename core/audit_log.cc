@@ -301,6 +301,7 @@ absl::Status Kms::NothingToReAnchor() {
 }
 
 absl::Status Kms::ExpireEarlierReAnchorings() {
+  const ChangeLock lock = LockServer();  // as any change to a server-wide request
   CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
   for (Request& request : pending) {
     if (request.operation != policy::OperationName(policy::Operation::kReAnchorAuditLog)) continue;
