@@ -479,8 +479,9 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
                                ? StrCat("ipv4:", remote)
                                : StrCat("ipv6:[", remote, "]");
   const auto token = request.headers.find("X-Vault-Token");  // (no copy of the token)
-  // The header values are the token's only copies in custosd: wiped once the call is answered.
-  // (cpp-httplib hands handlers a const Request, but the object is its own, not const.)
+  // The header values are wiped once the call is answered. (cpp-httplib hands handlers a const
+  // Request, but the object is its own, not const. The temporaries it parsed them through are
+  // freed unwiped.)
   const absl::Cleanup wipe_token = [&request] {
     const auto [begin, end] = request.headers.equal_range("X-Vault-Token");
     for (auto header = begin; header != end; ++header) {
@@ -542,6 +543,8 @@ void ReplySecret(httplib::Response& response, std::string body) {
   response.set_content_provider(
       secret->size(), "application/json",
       [secret](size_t offset, size_t length, httplib::DataSink& sink) {
+        // cpp-httplib does not hold a requested range to the body (the gateway clears them).
+        if (offset > secret->size() || length > secret->size() - offset) return false;
         return sink.write(secret->data() + offset, length);
       },
       [secret](bool) { OPENSSL_cleanse(secret->data(), secret->size()); });
@@ -566,7 +569,7 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
     if (!ok) tls_error = StrCat("cannot set up TLS with ", options.cert, " and ", options.key);
     SSL_CTX_set_options(
         &ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_COMPRESSION |
-                  // OpenSSL wipes its record buffers, which hold tokens and keys in clear.
+                  // OpenSSL wipes the records it received (a token, in clear) once read.
                   SSL_OP_CLEANSE_PLAINTEXT);
     SSL_CTX_set_info_callback(&ctx, NoteConnection);
     SSL_CTX_set_msg_callback(&ctx, CountRequestBytes);
@@ -609,6 +612,10 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
   server.set_pre_routing_handler(
       [state = gateway->state_, tune = std::regex(tune), fetch = std::regex(fetch)](
           const httplib::Request& request, httplib::Response& response) {
+        // Every answer is sent whole, whatever Range asks: a part of a key's body would be
+        // copied, and cpp-httplib does not hold a range to the body's length. (The request is
+        // cpp-httplib's own object, not const.)
+        const_cast<httplib::Request&>(request).ranges.clear();
         {
           // Its request has all arrived: the request deadline no longer applies.
           std::lock_guard lock(state->mu);

@@ -61,7 +61,8 @@ std::string AddressGroup(const sockaddr_storage& peer);
 
 // Answers 200 with `body`, a JSON text that holds a key. cpp-httplib writes it to TLS straight
 // from one buffer, wiped when `response` is destroyed. (A body given by set_content would be
-// copied for a Range request, compressed for an Accept-Encoding one, and freed unwiped.)
+// copied for a Range request, compressed for an Accept-Encoding one, and freed unwiped.) A range
+// past the body is written as nothing, and fails the write.
 void ReplySecret(httplib::Response& response, std::string body);
 
 class KvGateway {

@@ -9,6 +9,7 @@
 #include <httplib.h>
 
 #include <catch2/catch.hpp>
+#include <cstdint>
 #include <string>
 
 namespace custos::server {
@@ -74,6 +75,12 @@ TEST_CASE("A key's reply is written from one buffer, wiped when the response is 
   written.clear();
   REQUIRE(response.content_provider_(25, 64, sink));
   CHECK(written == std::string(64, 'a'));
+  // Nothing past the body, however the range is asked.
+  written.clear();
+  CHECK_FALSE(response.content_provider_(0, key_json.size() + 1, sink));
+  CHECK_FALSE(response.content_provider_(key_json.size() + 1, 0, sink));
+  CHECK_FALSE(response.content_provider_(1, SIZE_MAX, sink));
+  CHECK(written.empty());
   // The destructor calls the releaser; called here, the buffer it wiped can still be read.
   REQUIRE(response.content_provider_resource_releaser_);
   response.content_provider_resource_releaser_(true);
