@@ -131,8 +131,21 @@ TEST_CASE("Rejected and unknown requests change nothing", "[e2e][dual]") {
 
   pb::ChangeRequest unknown;
   unknown.set_request_id("0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00");
+  unknown.set_digest(proposed.digest());
   status = Approve(server, "officer2", unknown, &reply);
   CHECK(status.error_code() == StatusCode::NOT_FOUND);
+  // What is no request id, or an approval without a digest, is refused before any lookup.
+  unknown.set_digest("");
+  status = Approve(server, "officer2", unknown, &reply);
+  CHECK(status.error_code() == StatusCode::INVALID_ARGUMENT);
+  CHECK(status.error_message() ==
+        "an approval must name the digest of the request as reviewed (GetRequest shows it)");
+  unknown.set_request_id("0B5E7D0C-1C7A-4B8E-9D7E-2F8A5C3B1D00");
+  unknown.set_digest(proposed.digest());
+  status = Approve(server, "officer2", unknown, &reply);
+  CHECK(status.error_code() == StatusCode::INVALID_ARGUMENT);
+  CHECK(status.error_message() ==
+        "request_id is not a request id: Propose returns them as lower-case UUIDs");
 
   pb::ListRequestsRequest list;
   list.set_key(alias);
