@@ -218,8 +218,8 @@ class RawHsm {
   testing::SoftHsmToken token_;  // sets this process's SOFTHSM2_CONF to its own folder
   std::unique_ptr<hsm::Hsm> hsm_;
   Bytes wrapped_;
-  Bytes canonical_context_;
-  Bytes aad_;
+  WipedBytes canonical_context_;
+  WipedBytes aad_;
   SecureBytes data_key_;
   hsm::GcmCiphertext sealed_;  // data_key_ under the version, for Decrypt and ReEncrypt
   std::atomic<uint64_t> cold_{0};

@@ -10,7 +10,10 @@
 // SecureBytes may be created and destroyed on any threads concurrently.
 #pragma once
 
+#include <openssl/crypto.h>
+
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -19,6 +22,31 @@
 namespace custos {
 
 using Bytes = std::vector<uint8_t>;
+
+// An allocator that wipes memory before `Upstream` frees it. A vector of it leaves no copy of
+// its bytes behind, neither when it grows nor when it goes. For what must not outlive its use
+// but need not be locked (encryption-context values in a GCM AAD); keys are SecureBytes.
+template <typename T, typename Upstream = std::allocator<T>>
+struct CleansingAllocator {
+  using value_type = T;
+  template <typename U>
+  struct rebind {
+    using other =
+        CleansingAllocator<U, typename std::allocator_traits<Upstream>::template rebind_alloc<U>>;
+  };
+  CleansingAllocator() = default;
+  template <typename U, typename V>
+  CleansingAllocator(const CleansingAllocator<U, V>& /*other*/) noexcept {}  // NOLINT: rebinding
+
+  T* allocate(size_t n) { return Upstream().allocate(n); }
+  void deallocate(T* p, size_t n) noexcept {
+    OPENSSL_cleanse(p, n * sizeof(T));
+    Upstream().deallocate(p, n);
+  }
+  bool operator==(const CleansingAllocator& /*other*/) const { return true; }
+};
+
+using WipedBytes = std::vector<uint8_t, CleansingAllocator<uint8_t>>;
 
 class SecureBytes {
  public:

@@ -415,16 +415,12 @@ absl::Status Kms::Reserve(const storage::VersionUsage& reservation) const {
 absl::StatusOr<std::string> Kms::ContextHmac(std::string_view principal,
                                              const EncryptionContext& context) const {
   if (context.empty()) return std::string();
-  // The canonical form holds the context's values: wiped once the HMAC is known.
-  struct Wiped {
-    Bytes bytes;
-    ~Wiped() { OPENSSL_cleanse(bytes.data(), bytes.size()); }
-  } canonical;
-  AppendCanonicalContext(context, canonical.bytes);
-  const std::string cache_key = context_macs_.KeyOf(principal, canonical.bytes);
+  WipedBytes canonical;  // holds the context's values
+  AppendCanonicalContext(context, canonical);
+  const std::string cache_key = context_macs_.KeyOf(principal, canonical);
   if (std::optional<std::string> cached = context_macs_.Find(cache_key)) return *cached;
   CUSTOS_ASSIGN_OR_RETURN(Bytes mac,
-                          options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical.bytes));
+                          options_.hsm->HmacSha256(options_.audit_hmac_key_label, canonical));
   std::string hex = audit::ToHex(mac);
   context_macs_.Insert(cache_key, hex);
   return hex;

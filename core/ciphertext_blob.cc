@@ -6,7 +6,8 @@
 namespace custos::core {
 namespace {
 
-void AppendHeader(const BlobHeader& header, Bytes& out) {
+template <typename ByteVector>
+void AppendHeader(const BlobHeader& header, ByteVector& out) {
   out.push_back(kBlobFormatV1);
   out.insert(out.end(), header.key_id.begin(), header.key_id.end());
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -16,8 +17,8 @@ void AppendHeader(const BlobHeader& header, Bytes& out) {
 
 }  // namespace
 
-Bytes BlobAad(const BlobHeader& header, const EncryptionContext& context) {
-  Bytes aad;
+WipedBytes BlobAad(const BlobHeader& header, const EncryptionContext& context) {
+  WipedBytes aad;
   AppendHeader(header, aad);
   AppendCanonicalContext(context, aad);
   return aad;

@@ -50,8 +50,9 @@ struct ParsedBlob {
   std::span<const uint8_t> ciphertext_and_tag;
 };
 
-// The associated data for a blob with `header` and `context`.
-Bytes BlobAad(const BlobHeader& header, const EncryptionContext& context);
+// The associated data for a blob with `header` and `context` (whose values it holds: wiped
+// when freed).
+WipedBytes BlobAad(const BlobHeader& header, const EncryptionContext& context);
 
 // Concatenates header, IV and ciphertext||tag into a blob.
 Bytes BuildBlob(const BlobHeader& header, std::span<const uint8_t> iv,

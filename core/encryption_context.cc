@@ -5,14 +5,14 @@
 namespace custos::core {
 namespace {
 
-void AppendU32(uint32_t v, Bytes& out) {
+void AppendU32(uint32_t v, WipedBytes& out) {
   out.push_back(static_cast<uint8_t>(v >> 24));
   out.push_back(static_cast<uint8_t>(v >> 16));
   out.push_back(static_cast<uint8_t>(v >> 8));
   out.push_back(static_cast<uint8_t>(v));
 }
 
-void AppendString(const std::string& s, Bytes& out) {
+void AppendString(const std::string& s, WipedBytes& out) {
   AppendU32(static_cast<uint32_t>(s.size()), out);
   out.insert(out.end(), s.begin(), s.end());
 }
@@ -42,7 +42,7 @@ absl::Status ValidateContext(const EncryptionContext& context) {
   return absl::OkStatus();
 }
 
-void AppendCanonicalContext(const EncryptionContext& context, Bytes& out) {
+void AppendCanonicalContext(const EncryptionContext& context, WipedBytes& out) {
   AppendU32(static_cast<uint32_t>(context.size()), out);
   for (const auto& [key, value] : context) {  // std::map iterates in byte-wise key order.
     AppendString(key, out);

@@ -24,7 +24,8 @@ inline constexpr size_t kMaxContextBytes = 8192;  // keys and values together
 // too many bytes in all). The message names no value.
 absl::Status ValidateContext(const EncryptionContext& context);
 
-// Appends the canonical encoding of `context` to `out`.
-void AppendCanonicalContext(const EncryptionContext& context, Bytes& out);
+// Appends the canonical encoding of `context` to `out`, a buffer that wipes what it frees: the
+// encoding holds the context's values.
+void AppendCanonicalContext(const EncryptionContext& context, WipedBytes& out);
 
 }  // namespace custos::core

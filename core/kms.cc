@@ -171,7 +171,7 @@ absl::StatusOr<Plaintext> Kms::OpenBlob(const KeyRecord& key, const ParsedBlob& 
                "); re-encrypt data with ReEncrypt before retiring, or have officers lower the "
                "minimum with a SetMinDecryptVersion request"));
   }
-  const Bytes aad = BlobAad(parsed.header, context);
+  const WipedBytes aad = BlobAad(parsed.header, context);
   absl::StatusOr<SecureBytes> plaintext = options_.hsm->Decrypt(
       {CacheId(key, version->version), version->wrapped, version->root_key_label}, parsed.iv,
       parsed.ciphertext_and_tag, aad);

@@ -441,7 +441,7 @@ class Kms {
   // wrapped version (a view into the key record).
   struct Sealing {
     BlobHeader header;
-    Bytes aad;
+    WipedBytes aad;
     hsm::WrappedKey version;
   };
   // Counts the encryption first: none happens past the version's limit. A reservation due

@@ -31,7 +31,7 @@ void CheckBlob(std::span<const uint8_t> input) {
   const Bytes rebuilt = BuildBlob(parsed->header, parsed->iv, parsed->ciphertext_and_tag);
   FUZZ_CHECK(std::equal(rebuilt.begin(), rebuilt.end(), input.begin(), input.end()));
   // The AAD starts with the blob's header, then the (here empty) canonical context.
-  const Bytes aad = BlobAad(parsed->header, {});
+  const WipedBytes aad = BlobAad(parsed->header, {});
   FUZZ_CHECK(aad.size() == kBlobHeaderBytes + 4);
   FUZZ_CHECK(std::equal(aad.begin(), aad.begin() + kBlobHeaderBytes, input.begin()));
   // The key id the blob names has one text form, which parses back to the same bytes.

@@ -95,7 +95,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(valid.ok() == WithinLimits(context));
   FUZZ_CHECK(valid.ok() || valid.code() == absl::StatusCode::kInvalidArgument);
 
-  custos::Bytes encoded;
+  custos::WipedBytes encoded;
   AppendCanonicalContext(context, encoded);
   size_t expected = 4;
   for (const auto& [key, value] : context) expected += 8 + key.size() + value.size();
@@ -107,13 +107,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
 
   // Appending keeps what was there; the blob AAD is header || encoding.
-  custos::Bytes prefixed = {0xAA};
+  custos::WipedBytes prefixed = {0xAA};
   AppendCanonicalContext(context, prefixed);
   FUZZ_CHECK(prefixed.size() == encoded.size() + 1 && prefixed[0] == 0xAA &&
              std::equal(encoded.begin(), encoded.end(), prefixed.begin() + 1));
   BlobHeader header;
   header.key_version = static_cast<uint32_t>(size);
-  const custos::Bytes aad = BlobAad(header, context);
+  const custos::WipedBytes aad = BlobAad(header, context);
   FUZZ_CHECK(aad.size() == kBlobHeaderBytes + encoded.size());
   FUZZ_CHECK(std::equal(encoded.begin(), encoded.end(), aad.begin() + kBlobHeaderBytes));
   return 0;

@@ -28,6 +28,12 @@ struct OwnedKey {
   std::string root_key_label;
 };
 
+// A call's GCM associated data, which holds its encryption context's values: kept as a secret
+// (HmacSha256's inputs too), as long as the call and its set-aside thread need it.
+std::shared_ptr<const SecureBytes> Context(std::span<const uint8_t> aad) {
+  return std::make_shared<const SecureBytes>(aad);
+}
+
 class DeadlineHsm final : public Hsm {
  public:
   DeadlineHsm(std::unique_ptr<Hsm> inner, std::unique_ptr<CallExecutor> executor)
@@ -69,21 +75,20 @@ class DeadlineHsm final : public Hsm {
   absl::StatusOr<GcmCiphertext> Encrypt(const WrappedKey& key, std::span<const uint8_t> plaintext,
                                         std::span<const uint8_t> aad) override {
     auto in = std::make_shared<const SecureBytes>(plaintext);
-    return Call<GcmCiphertext>(
-        "Encrypt", key.cache_id,
-        [this, owned = OwnedKey(key), in, aad = Bytes(aad.begin(), aad.end())] {
-          return inner_->Encrypt(owned.view(), in->span(), aad);
-        });
+    return Call<GcmCiphertext>("Encrypt", key.cache_id,
+                               [this, owned = OwnedKey(key), in, context = Context(aad)] {
+                                 return inner_->Encrypt(owned.view(), in->span(), context->span());
+                               });
   }
   absl::StatusOr<SecureBytes> Decrypt(const WrappedKey& key, std::span<const uint8_t> iv,
                                       std::span<const uint8_t> ciphertext_and_tag,
                                       std::span<const uint8_t> aad) override {
-    return Call<SecureBytes>("Decrypt", key.cache_id,
-                             [this, owned = OwnedKey(key), iv = Bytes(iv.begin(), iv.end()),
-                              in = Bytes(ciphertext_and_tag.begin(), ciphertext_and_tag.end()),
-                              aad = Bytes(aad.begin(), aad.end())] {
-                               return inner_->Decrypt(owned.view(), iv, in, aad);
-                             });
+    return Call<SecureBytes>(
+        "Decrypt", key.cache_id,
+        [this, owned = OwnedKey(key), iv = Bytes(iv.begin(), iv.end()),
+         in = Bytes(ciphertext_and_tag.begin(), ciphertext_and_tag.end()), context = Context(aad)] {
+          return inner_->Decrypt(owned.view(), iv, in, context->span());
+        });
   }
   absl::StatusOr<SecureBytes> GenerateRandom(size_t count) override {
     return Call<SecureBytes>("GenerateRandom", "",
@@ -91,11 +96,11 @@ class DeadlineHsm final : public Hsm {
   }
   absl::StatusOr<SealedDataKey> GenerateDataKey(const WrappedKey& key, size_t key_bytes,
                                                 std::span<const uint8_t> aad) override {
-    return Call<SealedDataKey>(
-        "GenerateDataKey", key.cache_id,
-        [this, owned = OwnedKey(key), key_bytes, aad = Bytes(aad.begin(), aad.end())] {
-          return inner_->GenerateDataKey(owned.view(), key_bytes, aad);
-        });
+    return Call<SealedDataKey>("GenerateDataKey", key.cache_id,
+                               [this, owned = OwnedKey(key), key_bytes, context = Context(aad)] {
+                                 return inner_->GenerateDataKey(owned.view(), key_bytes,
+                                                                context->span());
+                               });
   }
   // A drop the executor could not start (the module busy or hung) is retried in the background
   // until it starts: a destroyed version's unwrapped copy must not stay in the module. One that

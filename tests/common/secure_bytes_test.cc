@@ -1,7 +1,10 @@
 #include "common/secure_bytes.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "common/secure_memory.h"
 #include "tests/common/smaps.h"
@@ -74,6 +77,35 @@ TEST_CASE("SecureBytes memory is wiped when it returns to the pool", "[secure_by
   wiped.Wipe();
   CHECK(wiped.empty());
   CHECK(memory.IsPoolMemoryZeroForTesting(p, key.size()));
+}
+
+// Stands in for std::allocator and notes, for each block it frees, whether it was all zero.
+struct NotingAllocator {
+  using value_type = uint8_t;
+  template <typename U>
+  struct rebind {
+    using other = NotingAllocator;
+  };
+  static inline std::vector<bool> freed_wiped;
+  uint8_t* allocate(size_t n) { return std::allocator<uint8_t>().allocate(n); }
+  void deallocate(uint8_t* p, size_t n) {
+    freed_wiped.push_back(std::all_of(p, p + n, [](uint8_t b) { return b == 0; }));
+    std::allocator<uint8_t>().deallocate(p, n);
+  }
+};
+
+TEST_CASE("A cleansing vector wipes each block before it is freed, as it grows and as it goes",
+          "[secure_bytes]") {
+  NotingAllocator::freed_wiped.clear();
+  {
+    std::vector<uint8_t, CleansingAllocator<uint8_t, NotingAllocator>> bytes;
+    for (int i = 0; i < 1000; ++i) bytes.push_back(0xa5);
+    CHECK(NotingAllocator::freed_wiped.size() >= 5);  // it grew, freeing smaller blocks
+  }
+  CHECK(NotingAllocator::freed_wiped.size() >= 6);
+  CHECK(std::count(NotingAllocator::freed_wiped.begin(), NotingAllocator::freed_wiped.end(),
+                   false) == 0);
+  static_assert(std::is_same_v<WipedBytes::allocator_type, CleansingAllocator<uint8_t>>);
 }
 
 TEST_CASE("SecureBytes memory is locked and left out of core dumps", "[secure_bytes]") {

@@ -9,19 +9,19 @@ namespace custos::core {
 namespace {
 
 TEST_CASE("The canonical context encoding is frozen", "[context]") {
-  Bytes out;
+  WipedBytes out;
   AppendCanonicalContext({{"b", "2"}, {"a", "xy"}}, out);
   // count=2, then "a"->"xy", then "b"->"2", each length a big-endian u32.
-  const Bytes expected = {0,   0,   0, 2, 0, 0, 0,   1, 'a', 0, 0, 0,  2,
-                          'x', 'y', 0, 0, 0, 1, 'b', 0, 0,   0, 1, '2'};
+  const WipedBytes expected = {0,   0,   0, 2, 0, 0, 0,   1, 'a', 0, 0, 0,  2,
+                               'x', 'y', 0, 0, 0, 1, 'b', 0, 0,   0, 1, '2'};
   CHECK(out == expected);
-  Bytes empty;
+  WipedBytes empty;
   AppendCanonicalContext({}, empty);
-  CHECK(empty == Bytes{0, 0, 0, 0});
+  CHECK(empty == WipedBytes{0, 0, 0, 0});
 }
 
 TEST_CASE("Entries cannot be shifted between key and value", "[context]") {
-  Bytes a, b;
+  WipedBytes a, b;
   AppendCanonicalContext({{"ab", "c"}}, a);
   AppendCanonicalContext({{"a", "bc"}}, b);
   CHECK(a != b);
@@ -58,7 +58,7 @@ TEST_CASE("Blobs build and parse back field for field", "[blob]") {
   CHECK(Bytes(parsed->iv.begin(), parsed->iv.end()) == iv);
   CHECK(Bytes(parsed->ciphertext_and_tag.begin(), parsed->ciphertext_and_tag.end()) == sealed);
   // The AAD is the header followed by the canonical context.
-  const Bytes aad = BlobAad(header, {});
+  const WipedBytes aad = BlobAad(header, {});
   CHECK(Bytes(aad.begin(), aad.begin() + 21) == Bytes(blob.begin(), blob.begin() + 21));
   CHECK(aad.size() == 25);
 }
