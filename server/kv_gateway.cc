@@ -614,7 +614,8 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
           const httplib::Request& request, httplib::Response& response) {
         // Every answer is sent whole, whatever Range asks: a part of a key's body would be
         // copied, and cpp-httplib does not hold a range to the body's length. (The request is
-        // cpp-httplib's own object, not const.)
+        // cpp-httplib's own object, not const. A Range it cannot parse is answered 416 before
+        // any handler runs. An error handler, if one is ever set, would apply ranges again.)
         const_cast<httplib::Request&>(request).ranges.clear();
         {
           // Its request has all arrived: the request deadline no longer applies.
