@@ -6,6 +6,8 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <openssl/evp.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <toml++/toml.h>
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -300,6 +302,19 @@ int BackupDatabase(const std::string& db_file, const std::string& out_file) {
   return 0;
 }
 
+// The bytes of `path`, or of standard input for "-".
+std::string ReadPlaintext(const std::string& path) {
+  std::ifstream file;
+  if (path != "-") {
+    file.open(path, std::ios::binary);
+    if (!file) throw std::runtime_error("cannot read " + path);
+  }
+  std::istream& in = path == "-" ? std::cin : file;
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  return bytes.str();
+}
+
 std::unique_ptr<grpc::ClientContext> NewContext() {
   auto context = std::make_unique<grpc::ClientContext>();
   context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
@@ -348,7 +363,13 @@ static int Run(int argc, char** argv) {
   }
   CLI::App* encrypt = app.add_subcommand("encrypt", "encrypt up to 4 KiB (app)");
   encrypt->add_option("--key", key, "key id or alias")->required();
-  encrypt->add_option("--plaintext", plaintext, "text to encrypt")->required();
+  std::string plaintext_file;
+  CLI::Option* plaintext_text = encrypt->add_option(
+      "--plaintext", plaintext, "text to encrypt (other users see it in the process list)");
+  encrypt
+      ->add_option("--plaintext-file", plaintext_file,
+                   "file holding the bytes to encrypt, or - for standard input")
+      ->excludes(plaintext_text);
   encrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
   CLI::App* decrypt = app.add_subcommand("decrypt", "decrypt a blob (app)");
   decrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
@@ -643,6 +664,10 @@ static int Run(int argc, char** argv) {
     if (encrypt->parsed()) {
       pb::EncryptRequest req;
       req.set_key(key);
+      if (plaintext_text->count() == 0 && plaintext_file.empty()) {
+        throw CLI::RequiredError("--plaintext or --plaintext-file");
+      }
+      if (!plaintext_file.empty()) plaintext = ReadPlaintext(plaintext_file);
       req.set_plaintext(plaintext);
       req.mutable_encryption_context()->insert(context.begin(), context.end());
       pb::EncryptResponse reply;
@@ -684,6 +709,10 @@ static int Run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+  // What it prints or sends (data keys, plaintexts) never goes to a core dump.
+  rlimit none{0, 0};
+  setrlimit(RLIMIT_CORE, &none);
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   try {
     return Run(argc, argv);
   } catch (const std::exception& e) {  // e.g. out of memory: said, never a crash dump

@@ -2,6 +2,8 @@
 #include <sys/wait.h>
 #include <catch2/catch.hpp>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <regex>
 
 #include "tests/e2e/e2e_util.h"
@@ -46,6 +48,34 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   INFO(opened.text);
   REQUIRE(opened.exit_code == 0);
   CHECK(Field(opened.text, "plaintext") == plaintext);
+
+  // A plaintext read from a file or standard input stays out of the process list.
+  const std::string secret_file = server.state_dir() + "/ctl-plaintext.txt";
+  std::ofstream(secret_file) << "lab result 42";
+  for (const std::string& source :
+       {"--plaintext-file " + secret_file, "--plaintext-file - < " + secret_file}) {
+    INFO(source);
+    Output sealed =
+        Ctl(server, "app", "encrypt --key " + alias + " --context table=patients " + source);
+    INFO(sealed.text);
+    REQUIRE(sealed.exit_code == 0);
+    Output read = Ctl(
+        server, "app",
+        "decrypt --blob " + Field(sealed.text, "ciphertext_blob") + " --context table=patients");
+    CHECK(Field(read.text, "plaintext") == "bGFiIHJlc3VsdCA0Mg==");  // "lab result 42"
+  }
+  std::filesystem::remove(secret_file);
+  Output both = Ctl(server, "app",
+                    "encrypt --key " + alias + " --plaintext x --plaintext-file " + secret_file);
+  CHECK(both.exit_code != 0);
+  CHECK_THAT(both.text, Catch::Contains("excludes"));
+  Output neither = Ctl(server, "app", "encrypt --key " + alias);
+  CHECK(neither.exit_code != 0);
+  CHECK_THAT(neither.text, Catch::Contains("--plaintext or --plaintext-file"));
+  Output missing =
+      Ctl(server, "app", "encrypt --key " + alias + " --plaintext-file " + secret_file);
+  CHECK(missing.exit_code == 2);
+  CHECK(missing.text == "error: cannot read " + secret_file + "\n");
 
   Output wrong = Ctl(server, "app", "decrypt --blob " + blob + " --context table=visits");
   CHECK(wrong.exit_code == 2);
