@@ -17,6 +17,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace custos {
@@ -28,6 +29,7 @@ using Bytes = std::vector<uint8_t>;
 // but need not be locked (encryption-context values in a GCM AAD); keys are SecureBytes.
 template <typename T, typename Upstream = std::allocator<T>>
 struct CleansingAllocator {
+  static_assert(std::is_empty_v<Upstream>, "each call makes its own Upstream");
   using value_type = T;
   template <typename U>
   struct rebind {

@@ -14,7 +14,36 @@
 
 namespace custos::core {
 
-using EncryptionContext = std::map<std::string, std::string>;
+// A string map whose values are wiped when it goes or is assigned over: each copy of a
+// context (from the request, into a batch item, a DeadlineHsm task) wipes its own.
+class EncryptionContext : public std::map<std::string, std::string> {
+ public:
+  using Base = std::map<std::string, std::string>;
+  using Base::Base;
+  EncryptionContext() = default;
+  EncryptionContext(const EncryptionContext&) = default;
+  EncryptionContext(EncryptionContext&&) noexcept = default;
+  EncryptionContext& operator=(const EncryptionContext& other) {
+    if (this != &other) {
+      Wipe();
+      Base::operator=(other);
+    }
+    return *this;
+  }
+  EncryptionContext& operator=(EncryptionContext&& other) noexcept {
+    if (this != &other) {
+      Wipe();
+      Base::operator=(std::move(other));
+    }
+    return *this;
+  }
+  ~EncryptionContext() { Wipe(); }
+
+ private:
+  void Wipe() {
+    for (auto& entry : *this) OPENSSL_cleanse(entry.second.data(), entry.second.size());
+  }
+};
 
 inline constexpr size_t kMaxContextEntries = 64;
 inline constexpr size_t kMaxContextKeyBytes = 256;
