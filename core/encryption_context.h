@@ -15,7 +15,8 @@
 namespace custos::core {
 
 // A string map whose values are wiped when it goes or is assigned over: each copy of a
-// context (from the request, into a batch item, a DeadlineHsm task) wipes its own.
+// context (the one services.cc makes of a request's, any later one) wipes its own. Only that:
+// erase, clear, swap or overwriting one value free the old bytes unwiped (nothing does so).
 class EncryptionContext : public std::map<std::string, std::string> {
  public:
   using Base = std::map<std::string, std::string>;
