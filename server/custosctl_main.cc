@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 #include <toml++/toml.h>
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -302,17 +303,27 @@ int BackupDatabase(const std::string& db_file, const std::string& out_file) {
   return 0;
 }
 
-// The bytes of `path`, or of standard input for "-".
+// The bytes of `path`, or of standard input for "-"; never more than Encrypt takes.
 std::string ReadPlaintext(const std::string& path) {
+  constexpr size_t kMaxBytes = 4096;  // core::kMaxEncryptPlaintextBytes
   std::ifstream file;
   if (path != "-") {
+    if (std::filesystem::is_directory(path)) {
+      throw std::runtime_error("cannot read " + path + ": it is a directory");
+    }
     file.open(path, std::ios::binary);
-    if (!file) throw std::runtime_error("cannot read " + path);
+    if (!file) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
   }
   std::istream& in = path == "-" ? std::cin : file;
-  std::ostringstream bytes;
-  bytes << in.rdbuf();
-  return bytes.str();
+  std::string bytes(kMaxBytes + 1, '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (in.bad()) throw std::runtime_error("cannot read " + path);
+  if (static_cast<size_t>(in.gcount()) > kMaxBytes) {
+    throw std::runtime_error(path + " holds more than " + std::to_string(kMaxBytes) +
+                             " bytes, the most encrypt takes");
+  }
+  bytes.resize(static_cast<size_t>(in.gcount()));
+  return bytes;
 }
 
 std::unique_ptr<grpc::ClientContext> NewContext() {
@@ -366,10 +377,11 @@ static int Run(int argc, char** argv) {
   std::string plaintext_file;
   CLI::Option* plaintext_text = encrypt->add_option(
       "--plaintext", plaintext, "text to encrypt (other users see it in the process list)");
-  encrypt
-      ->add_option("--plaintext-file", plaintext_file,
-                   "file holding the bytes to encrypt, or - for standard input")
-      ->excludes(plaintext_text);
+  CLI::Option* plaintext_from = encrypt
+                                    ->add_option("--plaintext-file", plaintext_file,
+                                                 "file holding up to 4 KiB to encrypt, or - "
+                                                 "for standard input")
+                                    ->excludes(plaintext_text);
   encrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
   CLI::App* decrypt = app.add_subcommand("decrypt", "decrypt a blob (app)");
   decrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
@@ -490,6 +502,13 @@ static int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    // Read before connecting: the call's deadline does not wait for a slow standard input.
+    if (encrypt->parsed()) {
+      if (plaintext_text->count() == 0 && plaintext_from->count() == 0) {
+        throw CLI::RequiredError("--plaintext or --plaintext-file");
+      }
+      if (plaintext_from->count() > 0) plaintext = ReadPlaintext(plaintext_file);
+    }
     if (backup->parsed()) return BackupDatabase(backup_db, backup_out);
     if (verify->parsed()) {
       if (export_files.empty() && db_file.empty()) {
@@ -664,10 +683,6 @@ static int Run(int argc, char** argv) {
     if (encrypt->parsed()) {
       pb::EncryptRequest req;
       req.set_key(key);
-      if (plaintext_text->count() == 0 && plaintext_file.empty()) {
-        throw CLI::RequiredError("--plaintext or --plaintext-file");
-      }
-      if (!plaintext_file.empty()) plaintext = ReadPlaintext(plaintext_file);
       req.set_plaintext(plaintext);
       req.mutable_encryption_context()->insert(context.begin(), context.end());
       pb::EncryptResponse reply;

@@ -51,7 +51,7 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
 
   // A plaintext read from a file or standard input stays out of the process list.
   const std::string secret_file = server.state_dir() + "/ctl-plaintext.txt";
-  std::ofstream(secret_file) << "lab result 42";
+  REQUIRE((std::ofstream(secret_file) << "lab result 42"));
   for (const std::string& source :
        {"--plaintext-file " + secret_file, "--plaintext-file - < " + secret_file}) {
     INFO(source);
@@ -75,7 +75,11 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   Output missing =
       Ctl(server, "app", "encrypt --key " + alias + " --plaintext-file " + secret_file);
   CHECK(missing.exit_code == 2);
-  CHECK(missing.text == "error: cannot read " + secret_file + "\n");
+  CHECK_THAT(missing.text, Catch::StartsWith("error: cannot read " + secret_file +
+                                             ": No such file or directory"));
+  Output large = Ctl(server, "app", "encrypt --key " + alias + " --plaintext-file - < /dev/zero");
+  CHECK(large.exit_code == 2);
+  CHECK_THAT(large.text, Catch::StartsWith("error: - holds more than 4096 bytes"));
 
   Output wrong = Ctl(server, "app", "decrypt --blob " + blob + " --context table=visits");
   CHECK(wrong.exit_code == 2);
