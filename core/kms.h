@@ -269,9 +269,10 @@ class Kms {
   // --- Dual control (officers) ---------------------------------------------------------------
   // Every key-management change is a request that executes once enough other officers approve
   // it. Propose validates the operation against the key as it is now; FAILED_PRECONDITION if
-  // the key's state does not allow it or the key already has a pending request (one change at
-  // a time per key, so two requests can never both act on stale state). An operation needing
-  // no approval (CreateKey without grants, by default) executes at once.
+  // the key's state does not allow it or the key (table-space key, token, new key's alias)
+  // already has a pending request (one change at a time per target, so two requests can never
+  // both act on stale state). An operation needing no approval (CreateKey without grants, by
+  // default) executes at once.
   absl::StatusOr<Request> Propose(const Caller& caller, const Proposal& proposal);
   // Records the caller's approval; at quorum the request executes exactly once, in the same
   // transaction that records the approval. `expected_digest` must equal RequestDigest() of
