@@ -363,8 +363,12 @@ absl::StatusOr<KeyRef> Kms::CreateKey(const Caller& caller, const CreateKeyParam
     }
     // Before the lock: proving the root in use may walk the log (once a run).
     CUSTOS_RETURN_IF_ERROR(RootForNewVersions().status());
-    std::shared_lock lock(requests_mu_);
+    // An alias is locked as Propose(CreateKey) locks it, and is not taken from under a
+    // pending request for it (which would then fail at its quorum).
+    const std::string target = TargetLockName(policy::Operation::kCreateKey, proposal);
+    const ChangeLock lock = LockShared(target);
     CUSTOS_RETURN_IF_ERROR(CheckAliasFree(call, params.alias));
+    CUSTOS_RETURN_IF_ERROR(RefusePending(target, observed_.WallBounds().latest));
     CUSTOS_ASSIGN_OR_RETURN(storage::KeyRecord key, NewKey(caller, params));
     call.SetKey(key, key.primary_version);
     auto created = std::make_shared<const storage::KeyRecord>(key);

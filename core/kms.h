@@ -575,6 +575,9 @@ class Kms {
   // What a change naming no key locks: a gateway key or token, or the alias of a key to be
   // created; "" when nothing else can name it yet (a new token, a key without an alias).
   static std::string TargetLockName(policy::Operation operation, const OperationParams& params);
+  // FAILED_PRECONDITION if a pending request locks `target` (a LockNameOf name; "" names
+  // nothing), expiring those past `now` first. Called with `target`'s lock held.
+  absl::Status RefusePending(const std::string& target, int64_t now);
   absl::StatusOr<Request> LoadPending(Call& call, std::string_view request_id);
   absl::Status Expire(Request request);
   absl::Status DestroyKey(const std::string& key_id);

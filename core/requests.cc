@@ -156,21 +156,11 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     }
     // One change at a time per key, table-space key, token or new key's alias: two requests
     // never both act on the state they saw (nor does the second fail at its quorum).
-    if (const std::string target = request.key_id.empty()
-                                       ? TargetLockName(proposal.operation, proposal.params)
-                                       : KeyLockName(request.key_id);
-        !server_wide && !target.empty()) {
-      CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
-      for (Request& other : pending) {
-        if (LockNameOf(other) != target) continue;
-        if (other.expires_at <= now) {
-          CUSTOS_RETURN_IF_ERROR(Expire(std::move(other)));
-          continue;
-        }
-        return absl::FailedPreconditionError(
-            StrCat(TargetWords(target), " already has pending request ", other.id, " (",
-                   other.operation, "); approve, reject or let it expire first"));
-      }
+    if (!server_wide) {
+      CUSTOS_RETURN_IF_ERROR(RefusePending(request.key_id.empty()
+                                               ? TargetLockName(proposal.operation, proposal.params)
+                                               : KeyLockName(request.key_id),
+                                           now));
     }
     // Named in the record only now: a refused proposal stores no request.
     call.event().request_id = request.id;
@@ -183,6 +173,22 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     CUSTOS_RETURN_IF_ERROR(call.CommitWith(std::move(batch)));
     return request;
   }());
+}
+
+absl::Status Kms::RefusePending(const std::string& target, int64_t now) {
+  if (target.empty()) return absl::OkStatus();
+  CUSTOS_ASSIGN_OR_RETURN(std::vector<Request> pending, options_.store->PendingRequests());
+  for (Request& other : pending) {
+    if (LockNameOf(other) != target) continue;
+    if (other.expires_at <= now) {
+      CUSTOS_RETURN_IF_ERROR(Expire(std::move(other)));
+      continue;
+    }
+    return absl::FailedPreconditionError(
+        StrCat(TargetWords(target), " already has pending request ", other.id, " (",
+               other.operation, "); approve, reject or let it expire first"));
+  }
+  return absl::OkStatus();
 }
 
 std::string Kms::TargetLockName(Operation operation, const OperationParams& params) {

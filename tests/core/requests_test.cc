@@ -338,7 +338,7 @@ TEST_CASE("Conflicting requests for one key are refused at proposal", "[requests
   CHECK(f.store->GetRequest(rotate.id)->state == RequestState::kExpired);
 }
 
-TEST_CASE("A second request for a new key's alias is refused at proposal, and stores nothing",
+TEST_CASE("A pending new key's alias takes no second request and no direct creation",
           "[requests]") {
   Fixture f;
   Proposal create = Propose(Operation::kCreateKey, "");
@@ -362,12 +362,36 @@ TEST_CASE("A second request for a new key's alias is refused at proposal, and st
   create.params.create.alias = "";
   CHECK(f.kms->Propose(f.officer2, create).ok());
   CHECK(f.kms->Propose(f.officer2, create).ok());
+  // Nor does a key created directly, without grants, take the alias from under the request
+  // (which would then fail at its quorum).
+  CreateKeyParams direct;
+  direct.alias = "granted";
+  const size_t events = f.sink.events().size();
+  const absl::StatusOr<KeyRef> taken = f.kms->CreateKey(f.officer2, direct);
+  CHECK(absl::IsFailedPrecondition(taken.status()));
+  CHECK(taken.status().message() == "alias 'granted' already has pending request " + first.id +
+                                        " (CreateKey); approve, reject or let it expire first");
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("granted").status()));
+  REQUIRE(f.sink.events().size() == events + 1);
+  CHECK(f.sink.events().back().action == "CreateKey");
+  CHECK(f.sink.events().back().outcome == absl::StatusCode::kFailedPrecondition);
+  CHECK(f.sink.events().back().key_id.empty());
   // Once the first is rejected, the alias takes a new request.
   REQUIRE(f.kms->Reject(f.officer2, first.id, "wrong grants").ok());
   create.params.create.alias = "granted";
   const absl::StatusOr<Request> again = f.kms->Propose(f.officer2, create);
   REQUIRE(again.ok());
   CHECK(f.sink.events().back().request_id == again->id);
+  // Once that one has expired, a direct creation takes the alias, and expires it on the way.
+  f.clock.Advance(24 * 3600);
+  const absl::StatusOr<KeyRef> created = f.kms->CreateKey(f.officer2, direct);
+  INFO(created.status().ToString());
+  REQUIRE(created.ok());
+  CHECK((*created)->alias == "granted");
+  CHECK(f.store->GetRequest(again->id)->state == RequestState::kExpired);
+  // The expired request stays expired: it cannot execute onto the alias now taken.
+  CHECK(absl::IsFailedPrecondition(
+      f.kms->Approve(f.officer3, again->id, DigestOf(f, again->id)).status()));
 }
 
 TEST_CASE("Apps and auditors cannot propose, approve or reject", "[requests][authz]") {
@@ -844,15 +868,29 @@ TEST_CASE("A request whose proposer is no longer an officer fails at quorum", "[
   CHECK((*f.store->FindKeyByAlias("k"))->state == KeyState::kEnabled);
 }
 
-// Officers may create a key without grants directly: its alias may be taken while a request for
-// a key with grants under that alias waits for its quorum. The last approval then answered
-// ALREADY_EXISTS (after generating a key version for nothing) and the request stayed pending.
-TEST_CASE("A key request whose alias was taken meanwhile fails at quorum", "[requests]") {
+// Officers may create a key without grants directly. Doing so under the alias of a key with
+// grants whose request waited for its quorum made the last approval answer ALREADY_EXISTS (after
+// generating a key version for nothing) and leave the request pending; then it failed at
+// quorum. Now the direct creation is refused; the quorum still checks the alias, against a
+// store changed behind Kms's back.
+TEST_CASE("A key request's alias cannot be taken while it waits, and is checked at quorum",
+          "[requests]") {
   Fixture f;
   const Request request = HalfApprovedKeyWithGrant(f, "emr");
-  const KeyRef taken = f.NewKeyWithoutGrants("emr");
+  CreateKeyParams direct;
+  direct.alias = "emr";
+  const absl::StatusOr<KeyRef> refused = f.kms->CreateKey(f.officer, direct);
+  CHECK(absl::IsFailedPrecondition(refused.status()));
+  CHECK(refused.status().message() == "alias 'emr' already has pending request " + request.id +
+                                          " (CreateKey); approve, reject or let it expire first");
+  // Written behind Kms's back, as by someone holding the catalogue key.
+  storage::KeyRecord renamed = *f.NewKeyWithoutGrants("other");
+  renamed.alias = "emr";
+  storage::WriteBatch batch;
+  batch.keys.push_back(renamed);
+  REQUIRE(f.store->Apply(batch).ok());
   CheckFailsAtQuorum(f, request, "alias 'emr' was taken after it was proposed");
-  CHECK((*f.store->FindKeyByAlias("emr"))->id == taken->id);
+  CHECK((*f.store->FindKeyByAlias("emr"))->id == renamed.id);
   CHECK((*f.store->FindKeyByAlias("emr"))->encrypt_grants.empty());
 }
 
