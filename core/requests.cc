@@ -165,7 +165,13 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     // Named in the record only now: a refused proposal stores no request.
     call.event().request_id = request.id;
     if (ApprovalsFor(proposal.operation, proposal.params) == 0) {
-      return Execute(call, request, proposal.params);
+      absl::StatusOr<Request> executed = Execute(call, request, proposal.params);
+      // Nor one it did not store after all (the HSM unreachable, the commit failed; a request
+      // that failed is stored, closed).
+      if (!executed.ok() && absl::IsNotFound(options_.store->GetRequest(request.id).status())) {
+        call.event().request_id.clear();
+      }
+      return executed;
     }
     storage::WriteBatch batch;
     batch.requests.push_back(request);

@@ -394,6 +394,38 @@ TEST_CASE("A pending new key's alias takes no second request and no direct creat
       f.kms->Approve(f.officer3, again->id, DigestOf(f, again->id)).status()));
 }
 
+TEST_CASE("A proposal executed at once that cannot execute names no request in its record",
+          "[requests]") {
+  Fixture f;
+  Proposal create = Propose(Operation::kCreateKey, "");  // without grants: no approval needed
+  create.params.create.alias = "unreached";
+  const auto last_proposal = [&f] {
+    const std::vector<audit::Event> events = f.sink.events();
+    const auto found = std::find_if(events.rbegin(), events.rend(),
+                                    [](const audit::Event& e) { return e.action == "Propose"; });
+    REQUIRE(found != events.rend());
+    return *found;
+  };
+  // Inside its execution: the new key's version cannot be made.
+  f.hsm->FailNext(1, absl::UnavailableError("the HSM is unplugged"));
+  const absl::StatusOr<Request> failed = f.kms->Propose(f.officer, create);
+  CHECK(absl::IsUnavailable(failed.status()));
+  CHECK(f.hsm->calls() >= 1);
+  const audit::Event refused = last_proposal();
+  CHECK(refused.outcome == absl::StatusCode::kUnavailable);
+  CHECK(refused.request_id.empty());
+  CHECK(refused.key_id.empty());
+  CHECK(f.store->PendingRequests()->empty());
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("unreached").status()));
+  // Once the HSM answers, it executes, and its record names the request it stored.
+  const absl::StatusOr<Request> done = f.kms->Propose(f.officer, create);
+  INFO(done.status().ToString());
+  REQUIRE(done.ok());
+  CHECK(done->state == RequestState::kExecuted);
+  CHECK(last_proposal().request_id == done->id);
+  CHECK(f.store->GetRequest(done->id)->state == RequestState::kExecuted);
+}
+
 TEST_CASE("Apps and auditors cannot propose, approve or reject", "[requests][authz]") {
   Fixture f;
   f.NewKey("k");
