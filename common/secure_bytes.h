@@ -50,6 +50,10 @@ struct CleansingAllocator {
 
 using WipedBytes = std::vector<uint8_t, CleansingAllocator<uint8_t>>;
 
+// Zeroes `s` in place, over its whole capacity (an earlier, longer value may linger past its
+// size); its size is unchanged. For a secret held in a std::string of someone else's making.
+inline void WipeString(std::string& s) { OPENSSL_cleanse(s.data(), s.capacity()); }
+
 class SecureBytes {
  public:
   SecureBytes() = default;

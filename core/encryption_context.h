@@ -42,7 +42,7 @@ class EncryptionContext : public std::map<std::string, std::string> {
 
  private:
   void Wipe() {
-    for (auto& entry : *this) OPENSSL_cleanse(entry.second.data(), entry.second.size());
+    for (auto& entry : *this) WipeString(entry.second);
   }
 };
 
