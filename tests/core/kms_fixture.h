@@ -7,6 +7,8 @@
 #include <catch2/catch.hpp>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <string>
 
 #include "core/hsm_row_authenticator.h"
 #include "core/kms.h"
@@ -160,23 +162,56 @@ struct Fixture {
   // A key the app may use, created as a key with grants must be: proposed by one officer and
   // approved by as many others as the quorum needs.
   KeyRef NewKey(const std::string& alias) {
+    OperationParams params;
+    params.create.alias = alias;
+    params.create.encrypt_principals = {kApp};
+    params.create.decrypt_principals = {kApp};
+    const Request request = Executed(policy::Operation::kCreateKey, params);
+    absl::StatusOr<KeyRef> key = store->GetKey(request.key_id);
+    REQUIRE(key.ok());
+    return *key;
+  }
+
+  // `operation` (on no key) proposed by officer and approved by officer2 and officer3 as its
+  // quorum needs; REQUIREs its execution.
+  Request Executed(policy::Operation operation, const OperationParams& params) {
     Proposal proposal;
-    proposal.operation = policy::Operation::kCreateKey;
-    proposal.params.create.alias = alias;
-    proposal.params.create.encrypt_principals = {kApp};
-    proposal.params.create.decrypt_principals = {kApp};
-    proposal.justification = "a key for the app";
+    proposal.operation = operation;
+    proposal.params = params;
+    proposal.justification = "ticket SEC-7";
     absl::StatusOr<Request> request = kms->Propose(officer, proposal);
+    INFO(request.status().ToString());
     REQUIRE(request.ok());
     for (const Caller* approver : {&officer2, &officer3}) {
       if (request->state != storage::RequestState::kPending) break;
       request = kms->Approve(*approver, request->id, RequestDigest(*request));
+      INFO(request.status().ToString());
       REQUIRE(request.ok());
     }
     REQUIRE(request->state == storage::RequestState::kExecuted);
-    absl::StatusOr<KeyRef> key = store->GetKey(request->key_id);
-    REQUIRE(key.ok());
-    return *key;
+    return *request;
+  }
+
+  // Issues a token for kDatabase on `key_ids` of `mount`; returns its id, which the database
+  // claims (ClaimTdeToken).
+  std::string IssueTdeToken(const std::string& mount, std::set<uint32_t> key_ids,
+                            int64_t ttl_days = 30) {
+    OperationParams params;
+    params.token = {kDatabase, mount, std::move(key_ids), ttl_days};
+    const Request done = Executed(policy::Operation::kIssueDatabaseToken, params);
+    // "IssueDatabaseToken executed; token <uuid> for ..."
+    const std::string marker = "executed; token ";
+    const size_t at = done.reason.find(marker);
+    REQUIRE(at != std::string::npos);
+    return done.reason.substr(at + marker.size(), 36);
+  }
+
+  // The token the database sends, claimed by kDatabase.
+  std::string ClaimTdeToken(const std::string& id) {
+    absl::StatusOr<SecureBytes> token = kms->ClaimDatabaseToken(database, id);
+    INFO(token.status().ToString());
+    REQUIRE(token.ok());
+    return std::string(token->view());
   }
 };
 

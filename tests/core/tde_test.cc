@@ -23,20 +23,7 @@ constexpr char kPeer[] = "ipv4:10.0.0.7:40000";
 
 // Proposes as officer and approves as officer2 and officer3; REQUIREs execution.
 Request Execute(Fixture& f, Operation operation, const OperationParams& params) {
-  Proposal proposal;
-  proposal.operation = operation;
-  proposal.params = params;
-  proposal.justification = "TDE for the clinical database, ticket DBA-7";
-  absl::StatusOr<Request> request = f.kms->Propose(f.officer, proposal);
-  INFO(request.status().ToString());
-  REQUIRE(request.ok());
-  REQUIRE(request->state == RequestState::kPending);
-  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
-  absl::StatusOr<Request> done = f.kms->Approve(f.officer3, request->id, RequestDigest(*request));
-  INFO(done.status().ToString());
-  REQUIRE(done.ok());
-  REQUIRE(done->state == RequestState::kExecuted);
-  return *done;
+  return f.Executed(operation, params);
 }
 
 OperationParams TdeKey(uint32_t key_id, const std::string& key = "tde-seal") {
@@ -47,22 +34,10 @@ OperationParams TdeKey(uint32_t key_id, const std::string& key = "tde-seal") {
 
 // Issues a token for the fixture's database on `key_ids` of kMount; returns its id.
 std::string IssueToken(Fixture& f, std::set<uint32_t> key_ids, int64_t ttl_days = 30) {
-  OperationParams params;
-  params.token = {testing::kDatabase, kMount, std::move(key_ids), ttl_days};
-  const Request done = Execute(f, Operation::kIssueDatabaseToken, params);
-  // "IssueDatabaseToken executed; token <uuid> for ..."
-  const std::string marker = "executed; token ";
-  const size_t at = done.reason.find(marker);
-  REQUIRE(at != std::string::npos);
-  return done.reason.substr(at + marker.size(), 36);
+  return f.IssueTdeToken(kMount, std::move(key_ids), ttl_days);
 }
 
-std::string Claim(Fixture& f, const std::string& id) {
-  absl::StatusOr<SecureBytes> token = f.kms->ClaimDatabaseToken(f.database, id);
-  INFO(token.status().ToString());
-  REQUIRE(token.ok());
-  return std::string(token->view());
-}
+std::string Claim(Fixture& f, const std::string& id) { return f.ClaimTdeToken(id); }
 
 absl::StatusOr<Kms::TdeKey> Fetch(Fixture& f, const std::string& token, uint32_t key_id,
                                   std::optional<uint32_t> version = std::nullopt,
