@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <httplib.h>
 #include <netinet/in.h>
-#include <openssl/crypto.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -24,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "absl/cleanup/cleanup.h"
+#include "common/secure_bytes.h"
 #include "common/strings.h"
 #include "server/config.h"
 #include "spdlog/spdlog.h"
@@ -114,7 +113,10 @@ struct KvGateway::State {
   // pool's grace for its threads starts then, not while the HSM is waited for.
   bool connections_shut = false;
   size_t in_kms = 0;  // handlers inside kms now
-  size_t busy = 0;    // pool threads serving a connection now
+  // Keys fetched and not yet sent (their responses not yet destroyed): stopping the listener
+  // would cut them, as cpp-httplib writes no more of a provided body once it stops.
+  size_t replying = 0;
+  size_t busy = 0;  // pool threads serving a connection now
   // The pool's queue and stop flag (the pool object itself is cpp-httplib's to delete).
   std::deque<std::function<void()>> jobs;
   bool pool_stopping = false;
@@ -478,17 +480,8 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
   const std::string peer = remote.find(':') == std::string_view::npos
                                ? StrCat("ipv4:", remote)
                                : StrCat("ipv6:[", remote, "]");
-  const auto token = request.headers.find("X-Vault-Token");  // (no copy of the token)
-  // The header values are wiped once the call is answered. (cpp-httplib hands handlers a const
-  // Request, but the object is its own, not const. The temporaries it parsed them through are
-  // freed unwiped.)
-  const absl::Cleanup wipe_token = [&request] {
-    const auto [begin, end] = request.headers.equal_range("X-Vault-Token");
-    for (auto header = begin; header != end; ++header) {
-      auto& value = const_cast<std::string&>(header->second);
-      OPENSSL_cleanse(value.data(), value.size());
-    }
-  };
+  // (No copy of the token: the post-routing handler wipes the header's values.)
+  const auto token = request.headers.find("X-Vault-Token");
   {
     std::lock_guard lock(state.mu);
     if (state.closing) return ReplyError(response, 503, "");
@@ -507,6 +500,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
     // Noted before the call counts as out of Kms: once stopping sees none inside, every
     // failure is counted, and its final tally includes them all.
     if (!failure.empty()) log_failure = state.NoteFailure(failure);
+    if (key.ok()) ++state.replying;  // (before it leaves Kms: stopping waits for either)
     --state.in_kms;
     SetInKms(state, false);
     state.changed.notify_all();
@@ -532,12 +526,23 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
     body.push_back(kHex[key->key.data()[i] & 0x0f]);
   }
   body.append(tail);
-  ReplySecret(response, std::move(body));
+  ReplySecret(response, std::move(body), [&state] {
+    std::lock_guard lock(state.mu);
+    --state.replying;
+    state.changed.notify_all();
+  });
 }
 
 }  // namespace
 
-void ReplySecret(httplib::Response& response, std::string body) {
+void WipeTokens(const httplib::Request& request) {
+  const auto [begin, end] = request.headers.equal_range("X-Vault-Token");
+  for (auto header = begin; header != end; ++header) {
+    WipeString(const_cast<std::string&>(header->second));  // cpp-httplib's own object
+  }
+}
+
+void ReplySecret(httplib::Response& response, std::string body, std::function<void()> released) {
   auto secret = std::make_shared<std::string>(std::move(body));
   response.status = 200;
   response.set_content_provider(
@@ -547,7 +552,10 @@ void ReplySecret(httplib::Response& response, std::string body) {
         if (offset > secret->size() || length > secret->size() - offset) return false;
         return sink.write(secret->data() + offset, length);
       },
-      [secret](bool) { OPENSSL_cleanse(secret->data(), secret->size()); });
+      [secret, released = std::move(released)](bool) {
+        WipeString(*secret);
+        if (released) released();
+      });
 }
 
 absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, const Options& options,
@@ -629,6 +637,12 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
         FetchKey(*state, request, response, /*key_fetch=*/false);
         return httplib::Server::HandlerResponse::Handled;
       });
+  // Every answer passes here before it is written (a fetch's, the mount check's, and those
+  // cpp-httplib makes itself: 400, 414, 416): the token has served its purpose. (A request
+  // cut before its headers all arrived is never answered, and what it sent is freed unwiped,
+  // as are the temporaries cpp-httplib parsed the headers through.)
+  server.set_post_routing_handler(
+      [](const httplib::Request& request, httplib::Response&) { WipeTokens(request); });
   server.Get(tune, [](const httplib::Request& request, httplib::Response& response) {
     if (CarriesBody(request)) return ReplyError(response, 400, "a mount check carries no body");
     Reply(response, 200, R"({"data":{"options":{"version":"2"}},"options":{"version":"2"}})");
@@ -685,16 +699,20 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
 KvGateway::~KvGateway() {
   if (!server_) return;
   {
-    // Before the accept loop ends, so that the pool waits for the shutting below.
-    std::lock_guard lock(state_->mu);
+    // Before the accept loop ends, so that the pool waits for the shutting below. No call
+    // enters Kms now, and a new connection is shut at its handshake.
+    std::unique_lock lock(state_->mu);
     state_->closing = true;
     state_->changed.notify_all();
+    // Calls inside Kms end by themselves (the HSM deadline bounds each call). The keys they
+    // fetched are sent whole before the listener stops, to a client that reads them within
+    // kStopGrace (one that does not is cut).
+    state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
+    state_->changed.wait_for(lock, kStopGrace, [&] { return state_->replying == 0; });
   }
   server_->stop();  // no new connection
   {
-    // Calls inside Kms end by themselves (the HSM deadline bounds each call); none starts now.
     std::unique_lock lock(state_->mu);
-    state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
     // (Those still waiting for a thread are shut as their handshake starts: NoteConnection.)
     for (auto& [thread, connection] : state_->connections) State::Shut(connection);
     state_->connections_shut = true;

@@ -28,10 +28,11 @@
 //     Options::connections_per_address connections served at once: the oldest of them still
 //     waiting for its request goes, so a client displaces its own stalled connections.
 // Cuts are counted and logged, one line per 10 s at most (and at stop), never under the lock
-// connections wait on. Stopping never waits on a client: calls inside Kms are waited for (each
-// bounded by the HSM deadline), every open connection is cut and every one still waiting for a
-// thread as it gets one, and a thread still not done after a grace period is abandoned with the
-// server object (it no longer touches Kms). Keep the listener reachable from database hosts
+// connections wait on. Stopping never waits long on a client: calls inside Kms are waited for
+// (each bounded by the HSM deadline), and the keys they fetched for up to 2 s to be sent; then
+// every open connection is cut and every one still waiting for a thread as it gets one, and a
+// thread still not done after a grace period is abandoned with the server object (it no longer
+// touches Kms). Keep the listener reachable from database hosts
 // only (docs/TDE.md).
 //
 // Thread-safe; the Kms must outlive it.
@@ -39,6 +40,7 @@
 
 #include <sys/socket.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -49,6 +51,7 @@
 
 namespace httplib {
 class SSLServer;
+struct Request;
 struct Response;
 }  // namespace httplib
 
@@ -59,11 +62,17 @@ namespace custos::server {
 // one host or one site's network may hold all of one); "" for any other family.
 std::string AddressGroup(const sockaddr_storage& peer);
 
+// Zeroes the values of `request`'s X-Vault-Token headers, in place. cpp-httplib hands its
+// handlers a const Request, but the object is its own, not const.
+void WipeTokens(const httplib::Request& request);
+
 // Answers 200 with `body`, a JSON text that holds a key. cpp-httplib writes it to TLS straight
 // from one buffer, wiped when `response` is destroyed. (A body given by set_content would be
 // copied for a Range request, compressed for an Accept-Encoding one, and freed unwiped.) A range
-// past the body is written as nothing, and fails the write.
-void ReplySecret(httplib::Response& response, std::string body);
+// past the body is written as nothing, and fails the write. `released`, if given, runs once the
+// buffer is wiped.
+void ReplySecret(httplib::Response& response, std::string body,
+                 std::function<void()> released = nullptr);
 
 class KvGateway {
  public:

@@ -1,6 +1,7 @@
-// How the key/value gateway names a client when it counts connections per address: the e2e
-// tests reach it over IPv4 loopback and a dual-stack listener only, so the IPv6 /64 grouping is
-// shown here on addresses no test host has.
+// The key/value gateway in process, where a test must act at an exact moment: how it names a
+// client when it counts connections per address (the e2e tests reach it over IPv4 loopback and
+// a dual-stack listener only, so the IPv6 /64 grouping is shown here on addresses no test host
+// has), how a key's reply is wiped, and a stop that begins while a key is being fetched.
 #include "server/kv_gateway.h"
 
 #include <arpa/inet.h>
@@ -9,8 +10,15 @@
 #include <httplib.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstdint>
+#include <ctime>
+#include <regex>
 #include <string>
+#include <thread>
+
+#include "tests/core/kms_fixture.h"
+#include "tests/server/test_pki.h"
 
 namespace custos::server {
 namespace {
@@ -87,6 +95,94 @@ TEST_CASE("A key's reply is written from one buffer, wiped when the response is 
   written.clear();
   REQUIRE(response.content_provider_(0, key_json.size(), sink));
   CHECK(written == std::string(key_json.size(), '\0'));
+
+  // What the gateway counts replies in flight by runs once, when the response goes, and after
+  // the wipe.
+  int released = 0;
+  httplib::ContentProvider provider;  // (a copy holds the buffer as the response's does)
+  {
+    httplib::Response counted;
+    ReplySecret(counted, key_json, [&] {
+      ++released;
+      written.clear();
+      CHECK(provider(0, key_json.size(), sink));
+      CHECK(written == std::string(key_json.size(), '\0'));
+    });
+    provider = counted.content_provider_;
+    CHECK(released == 0);
+  }
+  CHECK(released == 1);
+}
+
+TEST_CASE("Every token a request carries is wiped in place, and nothing else", "[gateway]") {
+  const std::string token = "cdt." + std::string(101, 'x');  // past any short-string buffer
+  httplib::Request request;
+  request.headers.emplace("X-Vault-Token", token);
+  request.headers.emplace("x-vault-token", "cdt.short");  // (header names match in any case)
+  request.headers.emplace("Host", "db-1");
+  const std::string* const long_value = &request.headers.find("X-Vault-Token")->second;
+  const char* const where = long_value->data();
+  WipeTokens(request);
+  const auto [begin, end] = request.headers.equal_range("X-Vault-Token");
+  REQUIRE(std::distance(begin, end) == 2);
+  for (auto header = begin; header != end; ++header) {
+    CHECK(header->second.find_first_not_of('\0') == std::string::npos);
+  }
+  // In place: the buffer that held it holds zeros, not a copy elsewhere.
+  CHECK(long_value->data() == where);
+  CHECK(long_value->size() == token.size());
+  CHECK(request.get_header_value("Host") == "db-1");
+}
+
+// cpp-httplib writes no more of a provided body once its listener stops: a key fetched from
+// Kms as the gateway began to stop went out as headers without a body, its fetch recorded as
+// served. Stopping waits for such replies to be sent.
+TEST_CASE("A key fetched as the gateway begins to stop is sent whole", "[gateway]") {
+  core::testing::Fixture f;
+  f.NewKeyWithoutGrants("tde-seal");
+  core::OperationParams tde;
+  tde.tde = {"mariadb", 1, "tde-seal"};
+  f.Executed(policy::Operation::kCreateTdeKey, tde);
+  const std::string token = f.ClaimTdeToken(f.IssueTdeToken("mariadb", {1}));
+
+  const int64_t now = std::time(nullptr);
+  const testing::TestCa ca("Custos Test CA", now - 3600, now + 3600);
+  testing::LeafSpec leaf;
+  leaf.cn = "localhost";
+  leaf.eku = "serverAuth";
+  leaf.not_before = now - 3600;
+  leaf.not_after = now + 3600;
+  std::string key_pem;
+  testing::WriteFile(f.dir.File("gateway.crt"), ca.Issue(leaf, &key_pem));
+  testing::WriteFile(f.dir.File("gateway.key"), key_pem, 0600);
+  absl::StatusOr<std::unique_ptr<KvGateway>> gateway =
+      KvGateway::Start(f.kms.get(), {.listen = "127.0.0.1:0",
+                                     .cert = f.dir.File("gateway.crt"),
+                                     .key = f.dir.File("gateway.key")});
+  INFO(gateway.status().ToString());
+  REQUIRE(gateway.ok());
+  httplib::SSLClient client("127.0.0.1", (*gateway)->port());
+  client.enable_server_certificate_verification(false);
+  client.set_read_timeout(10);
+
+  // Inside Kms, the fetch starts the stop on another thread, and goes on once stopping has
+  // had time to reach its wait.
+  std::thread stopping;
+  f.hsm->BeforeNextCall([&] {
+    stopping = std::thread([&] { gateway->reset(); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  });
+  const httplib::Result fetched = client.Get("/v1/mariadb/data/1", {{"X-Vault-Token", token}});
+  REQUIRE(stopping.joinable());
+  stopping.join();
+  REQUIRE(fetched);
+  CHECK(fetched->status == 200);
+  CHECK(std::regex_match(fetched->body, std::regex(R"(\{"data":\{"data":\{"data":"[0-9a-f]{64}"\},)"
+                                                   R"("metadata":\{"version":1\}\}\})")));
+  // Recorded as served, as it was.
+  const audit::Event served = f.sink.events().back();
+  CHECK(served.action == "FetchTdeKey");
+  CHECK(served.outcome == absl::StatusCode::kOk);
 }
 
 }  // namespace
