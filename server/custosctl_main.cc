@@ -123,12 +123,16 @@ void WriteCheckpointFiles(const std::string& dir, const pb::Checkpoint& reply) {
                    audit::CheckpointToJson(custos::server::FromProto(reply)));
 }
 
+// NAME=VALUE pairs as a map; a name given twice is refused (which value was meant?). The
+// error names the pair's name only: a context's value may be what the caller keeps out of view.
 std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pairs) {
   std::map<std::string, std::string> out;
   for (const std::string& p : pairs) {
     const size_t eq = p.find('=');
-    if (eq == std::string::npos) throw CLI::ValidationError("expected NAME=VALUE, got " + p);
-    out[p.substr(0, eq)] = p.substr(eq + 1);
+    if (eq == std::string::npos) throw CLI::ValidationError("expected NAME=VALUE, got no '='");
+    if (!out.emplace(p.substr(0, eq), p.substr(eq + 1)).second) {
+      throw CLI::ValidationError("'" + p.substr(0, eq) + "' is given twice");
+    }
   }
   return out;
 }
@@ -303,9 +307,9 @@ int BackupDatabase(const std::string& db_file, const std::string& out_file) {
   return 0;
 }
 
-// The bytes of `path`, or of standard input for "-"; never more than Encrypt takes.
-std::string ReadPlaintext(const std::string& path) {
-  constexpr size_t kMaxBytes = 4096;  // core::kMaxEncryptPlaintextBytes
+// The bytes of `path`, or of standard input for "-"; at most `max_bytes` of them, or the
+// error says what `use` takes.
+std::string ReadBounded(const std::string& path, size_t max_bytes, const std::string& use) {
   std::ifstream file;
   if (path != "-") {
     if (std::filesystem::is_directory(path)) {
@@ -315,15 +319,29 @@ std::string ReadPlaintext(const std::string& path) {
     if (!file) throw std::runtime_error("cannot read " + path + ": " + std::strerror(errno));
   }
   std::istream& in = path == "-" ? std::cin : file;
-  std::string bytes(kMaxBytes + 1, '\0');
+  std::string bytes(max_bytes + 1, '\0');
   in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   if (in.bad()) throw std::runtime_error("cannot read " + path);
-  if (static_cast<size_t>(in.gcount()) > kMaxBytes) {
-    throw std::runtime_error(path + " holds more than " + std::to_string(kMaxBytes) +
-                             " bytes, the most encrypt takes");
+  if (static_cast<size_t>(in.gcount()) > max_bytes) {
+    throw std::runtime_error(path + " holds more than " + std::to_string(max_bytes) +
+                             " bytes, the most " + use + " takes");
   }
   bytes.resize(static_cast<size_t>(in.gcount()));
   return bytes;
+}
+
+// The NAME=VALUE lines of `path` ("-": standard input), one pair each, blank lines skipped:
+// an encryption context kept out of the process list, where every user of the host sees it.
+std::vector<std::string> ReadPairs(const std::string& path) {
+  // 64 pairs (core::kMaxContextEntries) of a 256-byte name and a value of up to 1 KiB.
+  const std::string text = ReadBounded(path, 64 * 1300, "a context file");
+  std::vector<std::string> pairs;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) pairs.push_back(std::move(line));
+  }
+  return pairs;
 }
 
 std::unique_ptr<grpc::ClientContext> NewContext() {
@@ -348,6 +366,11 @@ static int Run(int argc, char** argv) {
 
   std::string key, alias, description, blob, plaintext, destination;
   std::vector<std::string> tags, context_pairs, dest_context_pairs, encrypters, decrypters;
+  // Contexts in files: added to --context's pairs (--to-context's).
+  std::string context_file, dest_context_file;
+  static constexpr char kContextFileHelp[] =
+      "file of encryption context NAME=VALUE lines, or - for standard input (kept out of the "
+      "process list, unlike --context)";
   uint32_t page_size = 0;
   std::string page_token;
   bool aes128 = false;
@@ -370,6 +393,7 @@ static int Run(int argc, char** argv) {
                                            "new data key, blob only (app)")}) {
     sub->add_option("--key", key, "key id or alias")->required();
     sub->add_option("--context", context_pairs, "encryption context NAME=VALUE, repeatable");
+    sub->add_option("--context-file", context_file, kContextFileHelp);
     sub->add_flag("--aes128", aes128, "a 16-byte data key instead of 32");
   }
   CLI::App* encrypt = app.add_subcommand("encrypt", "encrypt up to 4 KiB (app)");
@@ -383,14 +407,19 @@ static int Run(int argc, char** argv) {
                                                  "for standard input")
                                     ->excludes(plaintext_text);
   encrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
+  encrypt->add_option("--context-file", context_file, kContextFileHelp);
   CLI::App* decrypt = app.add_subcommand("decrypt", "decrypt a blob (app)");
   decrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
   decrypt->add_option("--context", context_pairs, "encryption context NAME=VALUE");
+  decrypt->add_option("--context-file", context_file, kContextFileHelp);
   CLI::App* reencrypt = app.add_subcommand("re-encrypt", "re-encrypt a blob (app)");
   reencrypt->add_option("--blob", blob, "ciphertext blob, base64")->required();
   reencrypt->add_option("--context", context_pairs, "source encryption context NAME=VALUE");
+  reencrypt->add_option("--context-file", context_file, kContextFileHelp);
   reencrypt->add_option("--to-key", destination, "destination key (default: the same key)");
   reencrypt->add_option("--to-context", dest_context_pairs, "destination context NAME=VALUE");
+  reencrypt->add_option("--to-context-file", dest_context_file,
+                        "destination context as --context-file reads one");
 
   std::string operation, justification, request_id, digest, reason, state;
   uint32_t min_decrypt_version = 0, waiting_days = 0;
@@ -507,7 +536,30 @@ static int Run(int argc, char** argv) {
       if (plaintext_text->count() == 0 && plaintext_from->count() == 0) {
         throw CLI::RequiredError("--plaintext or --plaintext-file");
       }
-      if (plaintext_from->count() > 0) plaintext = ReadPlaintext(plaintext_file);
+      if (plaintext_from->count() > 0) {
+        plaintext = ReadBounded(plaintext_file, 4096, "encrypt");  // kMaxEncryptPlaintextBytes
+      }
+    }
+    const std::vector<std::string> from_stdin = [&] {
+      std::vector<std::string> flags;
+      if (encrypt->parsed() && plaintext_from->count() > 0 && plaintext_file == "-") {
+        flags.push_back("--plaintext-file");
+      }
+      if (context_file == "-") flags.push_back("--context-file");
+      if (dest_context_file == "-") flags.push_back("--to-context-file");
+      return flags;
+    }();
+    if (from_stdin.size() > 1) {
+      throw CLI::ValidationError(from_stdin[0] + " and " + from_stdin[1] +
+                                 " cannot both read standard input");
+    }
+    if (!context_file.empty()) {
+      for (std::string& pair : ReadPairs(context_file)) context_pairs.push_back(std::move(pair));
+    }
+    if (!dest_context_file.empty()) {
+      for (std::string& pair : ReadPairs(dest_context_file)) {
+        dest_context_pairs.push_back(std::move(pair));
+      }
     }
     if (backup->parsed()) return BackupDatabase(backup_db, backup_out);
     if (verify->parsed()) {

@@ -85,6 +85,55 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   CHECK(wrong.exit_code == 2);
   CHECK_THAT(wrong.text, Catch::StartsWith("error: INVALID_ARGUMENT: ciphertext failed"));
 
+  // A context read from a file or standard input stays out of the process list too, and adds
+  // to --context's pairs; a name given twice is refused, naming no value.
+  const std::string context_file = server.state_dir() + "/ctl-context.txt";
+  REQUIRE((std::ofstream(context_file) << "table=patients\r\n\nmrn=0042\n"));
+  Output sealed_in =
+      Ctl(server, "app", "generate-data-key --key " + alias + " --context-file " + context_file);
+  INFO(sealed_in.text);
+  REQUIRE(sealed_in.exit_code == 0);
+  const std::string in_context = Field(sealed_in.text, "ciphertext_blob");
+  Output partial = Ctl(server, "app", "decrypt --blob " + in_context + " --context table=patients");
+  CHECK_THAT(partial.text, Catch::StartsWith("error: INVALID_ARGUMENT: ciphertext failed"));
+  Output whole =
+      Ctl(server, "app",
+          "decrypt --blob " + in_context + " --context mrn=0042 --context-file - < /dev/null");
+  CHECK_THAT(whole.text, Catch::StartsWith("error: INVALID_ARGUMENT: ciphertext failed"));
+  REQUIRE((std::ofstream(server.state_dir() + "/ctl-mrn.txt") << "mrn=0042\n"));
+  for (const std::string& source :
+       {std::string("--context table=patients --context mrn=0042"),
+        "--context-file " + context_file,
+        "--context table=patients --context-file - < " + server.state_dir() + "/ctl-mrn.txt"}) {
+    INFO(source);
+    Output opened_in = Ctl(server, "app", "decrypt --blob " + in_context + " " + source);
+    INFO(opened_in.text);
+    CHECK(Field(opened_in.text, "plaintext") == Field(sealed_in.text, "plaintext"));
+  }
+  Output twice =
+      Ctl(server, "app",
+          "decrypt --blob " + in_context + " --context mrn=0043 --context-file " + context_file);
+  CHECK(twice.exit_code != 0);
+  CHECK_THAT(twice.text, Catch::Contains("'mrn' is given twice"));
+  CHECK_THAT(twice.text, !Catch::Contains("0042") && !Catch::Contains("0043"));
+  Output both_stdin = Ctl(server, "app",
+                          "re-encrypt --blob " + in_context +
+                              " --context-file - --to-context-file - < " + context_file);
+  CHECK(both_stdin.exit_code != 0);
+  CHECK_THAT(both_stdin.text,
+             Catch::Contains("--context-file and --to-context-file cannot both read standard"));
+  Output moved = Ctl(server, "app",
+                     "re-encrypt --blob " + in_context + " --context-file " + context_file +
+                         " --to-context-file - < " + server.state_dir() + "/ctl-mrn.txt");
+  INFO(moved.text);
+  REQUIRE(moved.exit_code == 0);
+  Output reopened =
+      Ctl(server, "app",
+          "decrypt --blob " + Field(moved.text, "ciphertext_blob") + " --context mrn=0042");
+  CHECK(Field(reopened.text, "plaintext") == Field(sealed_in.text, "plaintext"));
+  std::filesystem::remove(context_file);
+  std::filesystem::remove(server.state_dir() + "/ctl-mrn.txt");
+
   Output described = Ctl(server, "officer2", "describe-key " + alias);
   INFO(described.text);
   REQUIRE(described.exit_code == 0);
