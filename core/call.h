@@ -97,6 +97,9 @@ class Kms::Call {
     return absl::OkStatus();
   }
 
+  // Whether CommitWith wrote the call's record, and with it its batch.
+  bool recorded() const { return recorded_; }
+
   // Records the outcome unless CommitWith already did; a result nobody could record is not
   // returned (fail closed).
   template <typename T>

@@ -631,8 +631,8 @@ class Kms {
   // every request moves through its states exactly once; the data path never takes it. Changes
   // to one key take it shared and lock that key: changes to other keys run side by side, and
   // all wait out what holds it exclusively, a root rotation above all, which must not miss a
-  // key being wrapped under the root it retires. A direct CreateKey takes it shared (the store
-  // refuses a taken alias).
+  // key being wrapped under the root it retires. A direct CreateKey takes it shared, after its
+  // alias's lock if it names one (the store refuses a taken alias).
   std::shared_mutex requests_mu_;
   KeyLocks key_locks_;
   UsageTracker usage_;

@@ -166,11 +166,9 @@ absl::StatusOr<Request> Kms::Propose(const Caller& caller, const Proposal& propo
     call.event().request_id = request.id;
     if (ApprovalsFor(proposal.operation, proposal.params) == 0) {
       absl::StatusOr<Request> executed = Execute(call, request, proposal.params);
-      // Nor one it did not store after all (the HSM unreachable, the commit failed; a request
-      // that failed is stored, closed).
-      if (!executed.ok() && absl::IsNotFound(options_.store->GetRequest(request.id).status())) {
-        call.event().request_id.clear();
-      }
+      // Nor one it did not store after all (the HSM unreachable, the commit failed); a request
+      // that failed is stored, closed, with the call's record.
+      if (!executed.ok() && !call.recorded()) call.event().request_id.clear();
       return executed;
     }
     storage::WriteBatch batch;

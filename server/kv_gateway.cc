@@ -109,6 +109,8 @@ struct KvGateway::State {
   std::mutex mu;
   std::condition_variable changed;
   bool closing = false;  // once set, no handler calls kms
+  // Set as the listener stops: the accept loop must not wait for room in the queue then.
+  bool listener_stopping = false;
   // Set once stopping has waited for the calls inside Kms and shut every connection: the
   // pool's grace for its threads starts then, not while the HSM is waited for.
   bool connections_shut = false;
@@ -133,6 +135,9 @@ struct KvGateway::State {
     bool request_read = false;  // its request line and headers have all arrived
     bool in_kms = false;
     bool cut = false;
+    // Its key was written to the socket: stopping leaves it to cpp-httplib to close, rather
+    // than reset it and drop what the client has not acknowledged yet.
+    bool replied = false;
   };
   std::map<std::thread::id, Connection> connections;
   bool watchdog_stopping = false;
@@ -389,7 +394,8 @@ class BoundedPool final : public httplib::TaskQueue {
   void enqueue(std::function<void()> fn) override {
     std::unique_lock lock(state_->mu);
     // (At stop, room or not: the accept loop must get back to see that it stops.)
-    state_->changed.wait(lock, [&] { return state_->jobs.size() < kQueued || state_->closing; });
+    state_->changed.wait(
+        lock, [&] { return state_->jobs.size() < kQueued || state_->listener_stopping; });
     state_->jobs.push_back(std::move(fn));
     state_->changed.notify_all();
   }
@@ -513,24 +519,31 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
                           ? std::string(malformed.message())
                           : "");  // its own words only
   }
-  // The key's hex is written once, into a body sized beforehand (a reallocation would free a
-  // copy unwiped), which is wiped when the response is destroyed.
-  static constexpr char kHex[] = "0123456789abcdef";
-  static constexpr std::string_view kHead = R"({"data":{"data":{"data":")";
-  const std::string tail = StrCat(R"("},"metadata":{"version":)", key->version, "}}}");
-  std::string body;
-  body.reserve(kHead.size() + 2 * key->key.size() + tail.size());
-  body.append(kHead);
-  for (size_t i = 0; i < key->key.size(); ++i) {
-    body.push_back(kHex[key->key.data()[i] >> 4]);
-    body.push_back(kHex[key->key.data()[i] & 0x0f]);
-  }
-  body.append(tail);
-  ReplySecret(response, std::move(body), [&state] {
+  const auto sent = [&state] {
     std::lock_guard lock(state.mu);
+    if (KvGateway::State::Connection* connection = state.Served()) connection->replied = true;
     --state.replying;
     state.changed.notify_all();
-  });
+  };
+  try {
+    // The key's hex is written once, into a body sized beforehand (a reallocation would free a
+    // copy unwiped), which is wiped when the response is destroyed.
+    static constexpr char kHex[] = "0123456789abcdef";
+    static constexpr std::string_view kHead = R"({"data":{"data":{"data":")";
+    const std::string tail = StrCat(R"("},"metadata":{"version":)", key->version, "}}}");
+    std::string body;
+    body.reserve(kHead.size() + 2 * key->key.size() + tail.size());
+    body.append(kHead);
+    for (size_t i = 0; i < key->key.size(); ++i) {
+      body.push_back(kHex[key->key.data()[i] >> 4]);
+      body.push_back(kHex[key->key.data()[i] & 0x0f]);
+    }
+    body.append(tail);
+    ReplySecret(response, std::move(body), sent);
+  } catch (...) {
+    sent();  // nothing was handed to cpp-httplib (its exception handler answers 500)
+    throw;
+  }
 }
 
 }  // namespace
@@ -637,10 +650,10 @@ absl::StatusOr<std::unique_ptr<KvGateway>> KvGateway::Start(core::Kms* kms, cons
         FetchKey(*state, request, response, /*key_fetch=*/false);
         return httplib::Server::HandlerResponse::Handled;
       });
-  // Every answer passes here before it is written (a fetch's, the mount check's, and those
-  // cpp-httplib makes itself: 400, 414, 416): the token has served its purpose. (A request
-  // cut before its headers all arrived is never answered, and what it sent is freed unwiped,
-  // as are the temporaries cpp-httplib parsed the headers through.)
+  // Every answer passes here before it is written (a fetch's, the mount check's, and cpp-httplib's
+  // own 400 and 416, a cut request's included): the token has served its purpose. (cpp-httplib
+  // reads the headers of a request it answers 414, or 500 on a descriptor past FD_SETSIZE, into
+  // a map of its own, freed unwiped, as are the buffers and temporaries it parses through.)
   server.set_post_routing_handler(
       [](const httplib::Request& request, httplib::Response&) { WipeTokens(request); });
   server.Get(tune, [](const httplib::Request& request, httplib::Response& response) {
@@ -709,12 +722,16 @@ KvGateway::~KvGateway() {
     // kStopGrace (one that does not is cut).
     state_->changed.wait(lock, [&] { return state_->in_kms == 0; });
     state_->changed.wait_for(lock, kStopGrace, [&] { return state_->replying == 0; });
+    state_->listener_stopping = true;
+    state_->changed.notify_all();
   }
   server_->stop();  // no new connection
   {
     std::unique_lock lock(state_->mu);
     // (Those still waiting for a thread are shut as their handshake starts: NoteConnection.)
-    for (auto& [thread, connection] : state_->connections) State::Shut(connection);
+    for (auto& [thread, connection] : state_->connections) {
+      if (!connection.replied) State::Shut(connection);
+    }
     state_->connections_shut = true;
     state_->changed.notify_all();
     // Threads left to a client must not count into a registry that may be gone.

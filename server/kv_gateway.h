@@ -29,11 +29,10 @@
 //     waiting for its request goes, so a client displaces its own stalled connections.
 // Cuts are counted and logged, one line per 10 s at most (and at stop), never under the lock
 // connections wait on. Stopping never waits long on a client: calls inside Kms are waited for
-// (each bounded by the HSM deadline), and the keys they fetched for up to 2 s to be sent; then
-// every open connection is cut and every one still waiting for a thread as it gets one, and a
-// thread still not done after a grace period is abandoned with the server object (it no longer
-// touches Kms). Keep the listener reachable from database hosts
-// only (docs/TDE.md).
+// (each bounded by the HSM deadline), and the keys they fetched for up to 2 s to be written;
+// then every other open connection is cut and every one still waiting for a thread as it gets
+// one, and a thread still not done after a grace period is abandoned with the server object (it
+// no longer touches Kms). Keep the listener reachable from database hosts only (docs/TDE.md).
 //
 // Thread-safe; the Kms must outlive it.
 #pragma once
