@@ -123,15 +123,19 @@ void WriteCheckpointFiles(const std::string& dir, const pb::Checkpoint& reply) {
                    audit::CheckpointToJson(custos::server::FromProto(reply)));
 }
 
-// NAME=VALUE pairs as a map; a name given twice is refused (which value was meant?). The
-// error names the pair's name only: a context's value may be what the caller keeps out of view.
-std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pairs) {
+// NAME=VALUE pairs as a map; a name given twice is refused (which value was meant?). Errors
+// name `flags` and the pair's name only: a context's value may be what the caller keeps out of
+// view.
+std::map<std::string, std::string> ParsePairs(const std::vector<std::string>& pairs,
+                                              const std::string& flags) {
   std::map<std::string, std::string> out;
   for (const std::string& p : pairs) {
     const size_t eq = p.find('=');
-    if (eq == std::string::npos) throw CLI::ValidationError("expected NAME=VALUE, got no '='");
+    if (eq == std::string::npos) {
+      throw CLI::ValidationError(flags + ": expected NAME=VALUE, got a pair with no '='");
+    }
     if (!out.emplace(p.substr(0, eq), p.substr(eq + 1)).second) {
-      throw CLI::ValidationError("'" + p.substr(0, eq) + "' is given twice");
+      throw CLI::ValidationError(flags + ": '" + p.substr(0, eq) + "' is given twice");
     }
   }
   return out;
@@ -330,11 +334,14 @@ std::string ReadBounded(const std::string& path, size_t max_bytes, const std::st
   return bytes;
 }
 
-// The NAME=VALUE lines of `path` ("-": standard input), one pair each, blank lines skipped:
-// an encryption context kept out of the process list, where every user of the host sees it.
+// The NAME=VALUE lines of `path` ("-": standard input), one pair each, exactly as written
+// (a line end of CR LF, a leading UTF-8 byte-order mark and blank lines aside): an encryption
+// context kept out of the process list, where every user of the host sees it.
 std::vector<std::string> ReadPairs(const std::string& path) {
-  // 64 pairs (core::kMaxContextEntries) of a 256-byte name and a value of up to 1 KiB.
-  const std::string text = ReadBounded(path, 64 * 1300, "a context file");
+  // What custosd takes (core::kMaxContextBytes of names and values, kMaxContextEntries pairs),
+  // with an '=' and a line end per pair.
+  std::string text = ReadBounded(path, 8192 + 64 * 3, "a context file");
+  if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);
   std::vector<std::string> pairs;
   std::istringstream lines(text);
   for (std::string line; std::getline(lines, line);) {
@@ -531,15 +538,6 @@ static int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
-    // Read before connecting: the call's deadline does not wait for a slow standard input.
-    if (encrypt->parsed()) {
-      if (plaintext_text->count() == 0 && plaintext_from->count() == 0) {
-        throw CLI::RequiredError("--plaintext or --plaintext-file");
-      }
-      if (plaintext_from->count() > 0) {
-        plaintext = ReadBounded(plaintext_file, 4096, "encrypt");  // kMaxEncryptPlaintextBytes
-      }
-    }
     const std::vector<std::string> from_stdin = [&] {
       std::vector<std::string> flags;
       if (encrypt->parsed() && plaintext_from->count() > 0 && plaintext_file == "-") {
@@ -552,6 +550,15 @@ static int Run(int argc, char** argv) {
     if (from_stdin.size() > 1) {
       throw CLI::ValidationError(from_stdin[0] + " and " + from_stdin[1] +
                                  " cannot both read standard input");
+    }
+    // Read before connecting: the call's deadline does not wait for a slow standard input.
+    if (encrypt->parsed()) {
+      if (plaintext_text->count() == 0 && plaintext_from->count() == 0) {
+        throw CLI::RequiredError("--plaintext or --plaintext-file");
+      }
+      if (plaintext_from->count() > 0) {
+        plaintext = ReadBounded(plaintext_file, 4096, "encrypt");  // kMaxEncryptPlaintextBytes
+      }
     }
     if (!context_file.empty()) {
       for (std::string& pair : ReadPairs(context_file)) context_pairs.push_back(std::move(pair));
@@ -572,12 +579,12 @@ static int Run(int argc, char** argv) {
     if (health->parsed()) return CheckHealth(channel, health_service, health_timeout);
     auto keys = pb::KeyService::NewStub(channel);
     auto admin = pb::AdminService::NewStub(channel);
-    const auto context = ParsePairs(context_pairs);
+    const auto context = ParsePairs(context_pairs, "--context/--context-file");
     const auto ctx = NewContext();
     pb::CreateKeyRequest create_req;
     create_req.set_alias(alias);
     create_req.set_description(description);
-    for (const auto& [k, v] : ParsePairs(tags)) (*create_req.mutable_tags())[k] = v;
+    for (const auto& [k, v] : ParsePairs(tags, "--tag")) (*create_req.mutable_tags())[k] = v;
     for (const auto& p : encrypters) create_req.add_encrypt_principals(p);
     for (const auto& p : decrypters) create_req.add_decrypt_principals(p);
     create_req.set_rotation_period_days(rotation_days);
@@ -752,7 +759,7 @@ static int Run(int argc, char** argv) {
       req.set_ciphertext_blob(Base64Decode(blob));
       req.mutable_source_encryption_context()->insert(context.begin(), context.end());
       req.set_destination_key(destination);
-      const auto dest = ParsePairs(dest_context_pairs);
+      const auto dest = ParsePairs(dest_context_pairs, "--to-context/--to-context-file");
       req.mutable_destination_encryption_context()->insert(dest.begin(), dest.end());
       pb::ReEncryptResponse reply;
       return Print(keys->ReEncrypt(ctx.get(), req, &reply), reply);

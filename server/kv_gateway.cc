@@ -519,9 +519,10 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
                           ? std::string(malformed.message())
                           : "");  // its own words only
   }
-  const auto sent = [&state] {
+  const auto sent = [&state](bool written) {
     std::lock_guard lock(state.mu);
-    if (KvGateway::State::Connection* connection = state.Served()) connection->replied = true;
+    KvGateway::State::Connection* connection = state.Served();
+    if (written && connection != nullptr) connection->replied = true;
     --state.replying;
     state.changed.notify_all();
   };
@@ -541,7 +542,7 @@ void FetchKey(KvGateway::State& state, const httplib::Request& request, httplib:
     body.append(tail);
     ReplySecret(response, std::move(body), sent);
   } catch (...) {
-    sent();  // nothing was handed to cpp-httplib (its exception handler answers 500)
+    sent(false);  // nothing was handed to cpp-httplib (its exception handler answers 500)
     throw;
   }
 }
@@ -555,7 +556,8 @@ void WipeTokens(const httplib::Request& request) {
   }
 }
 
-void ReplySecret(httplib::Response& response, std::string body, std::function<void()> released) {
+void ReplySecret(httplib::Response& response, std::string body,
+                 std::function<void(bool written)> released) {
   auto secret = std::make_shared<std::string>(std::move(body));
   response.status = 200;
   response.set_content_provider(
@@ -565,9 +567,9 @@ void ReplySecret(httplib::Response& response, std::string body, std::function<vo
         if (offset > secret->size() || length > secret->size() - offset) return false;
         return sink.write(secret->data() + offset, length);
       },
-      [secret, released = std::move(released)](bool) {
+      [secret, released = std::move(released)](bool written) {
         WipeString(*secret);
-        if (released) released();
+        if (released) released(written);
       });
 }
 

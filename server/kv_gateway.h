@@ -69,9 +69,9 @@ void WipeTokens(const httplib::Request& request);
 // from one buffer, wiped when `response` is destroyed. (A body given by set_content would be
 // copied for a Range request, compressed for an Accept-Encoding one, and freed unwiped.) A range
 // past the body is written as nothing, and fails the write. `released`, if given, runs once the
-// buffer is wiped.
+// buffer is wiped, told whether cpp-httplib wrote the body whole.
 void ReplySecret(httplib::Response& response, std::string body,
-                 std::function<void()> released = nullptr);
+                 std::function<void(bool written)> released = nullptr);
 
 class KvGateway {
  public:

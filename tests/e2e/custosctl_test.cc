@@ -86,9 +86,10 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   CHECK_THAT(wrong.text, Catch::StartsWith("error: INVALID_ARGUMENT: ciphertext failed"));
 
   // A context read from a file or standard input stays out of the process list too, and adds
-  // to --context's pairs; a name given twice is refused, naming no value.
+  // to --context's pairs; a name given twice is refused, naming no value. (Written as an
+  // editor may: a byte-order mark, CR LF, a blank line.)
   const std::string context_file = server.state_dir() + "/ctl-context.txt";
-  REQUIRE((std::ofstream(context_file) << "table=patients\r\n\nmrn=0042\n"));
+  REQUIRE((std::ofstream(context_file) << "\xEF\xBB\xBFtable=patients\r\n\nmrn=0042\n"));
   Output sealed_in =
       Ctl(server, "app", "generate-data-key --key " + alias + " --context-file " + context_file);
   INFO(sealed_in.text);
@@ -114,8 +115,21 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
       Ctl(server, "app",
           "decrypt --blob " + in_context + " --context mrn=0043 --context-file " + context_file);
   CHECK(twice.exit_code != 0);
-  CHECK_THAT(twice.text, Catch::Contains("'mrn' is given twice"));
+  CHECK_THAT(twice.text, Catch::Contains("--context/--context-file: 'mrn' is given twice"));
   CHECK_THAT(twice.text, !Catch::Contains("0042") && !Catch::Contains("0043"));
+  REQUIRE((std::ofstream(server.state_dir() + "/ctl-bad.txt") << "mrn 0042\n"));
+  Output no_equals = Ctl(
+      server, "app",
+      "decrypt --blob " + in_context + " --context-file " + server.state_dir() + "/ctl-bad.txt");
+  CHECK(no_equals.exit_code != 0);
+  CHECK_THAT(no_equals.text, Catch::Contains("--context/--context-file: expected NAME=VALUE"));
+  CHECK_THAT(no_equals.text, !Catch::Contains("0042"));
+  // Checked before anything is read: a plaintext on standard input is not taken for a context.
+  Output plaintext_too = Ctl(
+      server, "app", "encrypt --key " + alias + " --plaintext-file - --context-file - < /dev/zero");
+  CHECK(plaintext_too.exit_code != 0);
+  CHECK_THAT(plaintext_too.text,
+             Catch::Contains("--plaintext-file and --context-file cannot both read standard"));
   Output both_stdin = Ctl(server, "app",
                           "re-encrypt --blob " + in_context +
                               " --context-file - --to-context-file - < " + context_file);
@@ -133,6 +147,7 @@ TEST_CASE("custosctl creates a key, generates a data key and decrypts it", "[e2e
   CHECK(Field(reopened.text, "plaintext") == Field(sealed_in.text, "plaintext"));
   std::filesystem::remove(context_file);
   std::filesystem::remove(server.state_dir() + "/ctl-mrn.txt");
+  std::filesystem::remove(server.state_dir() + "/ctl-bad.txt");
 
   Output described = Ctl(server, "officer2", "describe-key " + alias);
   INFO(described.text);

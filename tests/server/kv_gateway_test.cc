@@ -103,7 +103,8 @@ TEST_CASE("A key's reply is written from one buffer, wiped when the response is 
   httplib::ContentProvider provider;  // (a copy holds the buffer as the response's does)
   {
     httplib::Response counted;
-    ReplySecret(counted, key_json, [&] {
+    ReplySecret(counted, key_json, [&](bool whole) {
+      CHECK_FALSE(whole);  // (no server wrote it)
       ++released;
       written.clear();
       CHECK(provider(0, key_json.size(), sink));
