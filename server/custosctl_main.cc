@@ -340,7 +340,7 @@ std::string ReadBounded(const std::string& path, size_t max_bytes, const std::st
 std::vector<std::string> ReadPairs(const std::string& path) {
   // What custosd takes (core::kMaxContextBytes of names and values, kMaxContextEntries pairs),
   // with an '=' and a line end per pair.
-  std::string text = ReadBounded(path, 8192 + 64 * 3, "a context file");
+  std::string text = ReadBounded(path, 8192 + size_t{64} * 3, "a context file");
   if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);
   std::vector<std::string> pairs;
   std::istringstream lines(text);

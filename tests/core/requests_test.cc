@@ -383,7 +383,7 @@ TEST_CASE("A pending new key's alias takes no second request and no direct creat
   REQUIRE(again.ok());
   CHECK(f.sink.events().back().request_id == again->id);
   // Once that one has expired, a direct creation takes the alias, and expires it on the way.
-  f.clock.Advance(24 * 3600);
+  f.clock.Advance(int64_t{24} * 3600);
   const absl::StatusOr<KeyRef> created = f.kms->CreateKey(f.officer2, direct);
   INFO(created.status().ToString());
   REQUIRE(created.ok());
