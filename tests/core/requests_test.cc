@@ -394,6 +394,33 @@ TEST_CASE("A pending new key's alias takes no second request and no direct creat
       f.kms->Approve(f.officer3, again->id, DigestOf(f, again->id)).status()));
 }
 
+TEST_CASE("A direct creation that cannot read the pending requests creates nothing", "[requests]") {
+  Fixture f;
+  Proposal create = Propose(Operation::kCreateKey, "");
+  create.params.create.alias = "granted";
+  create.params.create.encrypt_principals = {testing::kApp};  // two approvals: it waits
+  const Request pending = *f.kms->Propose(f.officer, create);
+  REQUIRE(pending.state == RequestState::kPending);
+  CreateKeyParams direct;
+  direct.alias = "granted";
+  // The pending request's row cannot be checked: the catalogue key is out of reach.
+  const int64_t hsm_calls = f.hsm->calls();
+  f.catalog_hsm->SetDown(true);
+  const absl::StatusOr<KeyRef> refused = f.kms->CreateKey(f.officer2, direct);
+  f.catalog_hsm->SetDown(false);
+  INFO(refused.status().ToString());
+  CHECK(absl::IsUnavailable(refused.status()));
+  CHECK(f.hsm->calls() == hsm_calls);  // no key version was made
+  CHECK(absl::IsNotFound(f.store->FindKeyByAlias("granted").status()));
+  const audit::Event record = f.sink.events().back();
+  CHECK(record.action == "CreateKey");
+  CHECK(record.outcome == absl::StatusCode::kUnavailable);
+  CHECK(record.key_id.empty());
+  // Once the key is back, the pending request is found again.
+  CHECK(absl::IsFailedPrecondition(f.kms->CreateKey(f.officer2, direct).status()));
+  CHECK(f.store->GetRequest(pending.id)->state == RequestState::kPending);
+}
+
 TEST_CASE("A proposal executed at once that cannot execute names no request in its record",
           "[requests]") {
   Fixture f;
