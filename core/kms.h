@@ -545,6 +545,13 @@ class Kms {
   // requests_mu_ held. Nothing is destroyed or dropped from the list until the root in use is
   // proven (RootForNewVersions), since that root is never destroyed.
   absl::Status DestroyRetiredRoots(const std::string& request_id);
+  // The stored versions under each of `labels`, counted from every key's checked row
+  // (storage::KeyStore::CountVersionsChecked), for deciding which roots to retire or destroy.
+  // nullopt while that cannot be known: a key's row failed its check (its alarm raised), and
+  // for an hour after, so that an edited row does not have every maintenance turn read the
+  // whole catalogue again. Called with requests_mu_ held.
+  absl::StatusOr<std::optional<std::map<std::string, uint64_t>>> CheckedRootUse(
+      const std::set<std::string>& labels);
   // kRetiredRootsSetting's labels. Its absence only holds back their destruction, unless the
   // list is to be written back with more (`absence`: kProven).
   absl::StatusOr<std::vector<std::string>> RetiredRoots(
@@ -634,6 +641,8 @@ class Kms {
   // key being wrapped under the root it retires. A direct CreateKey takes it shared, after its
   // alias's lock if it names one (the store refuses a taken alias).
   std::shared_mutex requests_mu_;
+  // Until when CheckedRootUse reads nothing, after a key's row failed its check there.
+  std::chrono::steady_clock::time_point root_use_unknown_until_;  // guarded by requests_mu_
   KeyLocks key_locks_;
   UsageTracker usage_;
   ObservedTime observed_;

@@ -103,16 +103,6 @@ absl::Status Kms::RunMaintenance() {
   return done;
 }
 
-namespace {
-
-// A catalogue row its integrity check refused (storage/row_integrity.h), as opposed to any other
-// DATA_LOSS (an HSM's, say), which stops the turn.
-bool RefusedRow(const absl::Status& status) {
-  return absl::IsDataLoss(status) && status.GetPayload(storage::kIntegrityPayload).has_value();
-}
-
-}  // namespace
-
 absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
   const int64_t now = options_.clock->NowSeconds();
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
@@ -150,7 +140,7 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
     if (listed.expires_at > time.latest) continue;
     ChangeLock lock = LockShared(LockNameOf(listed));
     absl::StatusOr<Request> request = options_.store->GetRequest(listed.id);
-    if (RefusedRow(request.status())) {
+    if (storage::RefusedRow(request.status())) {
       RaiseIntegrityAlarm(request.status());
       continue;
     }
@@ -164,7 +154,7 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
   for (const std::string& key_id : due) {
     ChangeLock lock = LockShared(KeyLockName(key_id));
     absl::StatusOr<KeyRef> key = options_.store->GetKey(key_id);
-    if (RefusedRow(key.status())) {
+    if (storage::RefusedRow(key.status())) {
       RaiseIntegrityAlarm(key.status());
       continue;
     }
@@ -190,13 +180,13 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
     for (const std::string& key_id : stale) {
       ChangeLock lock = LockShared(KeyLockName(key_id));
       absl::Status rotated = AutoRotate(key_id, std::nullopt, time.earliest);
-      if (!rotated.ok() && !RefusedRow(rotated)) return rotated;
+      if (!rotated.ok() && !storage::RefusedRow(rotated)) return rotated;
       RaiseIntegrityAlarm(rotated);
     }
     for (const auto& [key_id, version] : usage_.RotationWanted()) {
       ChangeLock lock = LockShared(KeyLockName(key_id));
       absl::Status rotated = AutoRotate(key_id, version, now);
-      if (RefusedRow(rotated)) {
+      if (storage::RefusedRow(rotated)) {
         RaiseIntegrityAlarm(rotated);
         continue;  // still wanted, should the row be restored
       }

@@ -205,12 +205,29 @@ absl::StatusOr<Request> Kms::RotateRoot(Call& call, Request request) {
   // design: they stay under it, and it is destroyed once the last of them is
   // (DestroyRetiredRoots).
   std::set<std::string> retired = {migration.from};
+  retired.insert(already_retired.begin(), already_retired.end());
+  std::set<std::string> unknown;  // roots this server did not put in use that rows name
   for (const auto& [label, count] : by_root) {
-    retired.insert(label);
+    if (retired.count(label) == 0) unknown.insert(label);
     CUSTOS_ASSIGN_OR_RETURN(const bool confining, options_.hsm->RootKeyConfinesVersions(label));
     (confining ? migration.kept : migration.to_move) += count;
   }
-  retired.insert(already_retired.begin(), already_retired.end());
+  // Such a root (a configured label changed, or a version row edited with SQL to name another
+  // key on the token) is retired, to be destroyed once nothing is wrapped under it, only if
+  // checked key rows have versions under it.
+  if (!unknown.empty()) {
+    CUSTOS_ASSIGN_OR_RETURN(const auto checked, CheckedRootUse(unknown));
+    for (const std::string& label : unknown) {
+      if (checked.has_value() && checked->at(label) > 0) {
+        retired.insert(label);
+      } else {
+        spdlog::error(
+            "root rotation {}: key '{}' is not retired: no checked key row has a version under "
+            "it{}",
+            request.id, label, checked.has_value() ? "" : " (a key's row failed its check)");
+      }
+    }
+  }
 
   request.state = RequestState::kExecuted;
   request.closed_at = options_.clock->NowSeconds();
@@ -486,6 +503,18 @@ absl::StatusOr<std::vector<std::string>> Kms::RetiredRoots(
   return out;
 }
 
+absl::StatusOr<std::optional<std::map<std::string, uint64_t>>> Kms::CheckedRootUse(
+    const std::set<std::string>& labels) {
+  const auto now = std::chrono::steady_clock::now();
+  if (now < root_use_unknown_until_) return std::nullopt;
+  absl::StatusOr<std::map<std::string, uint64_t>> counted =
+      options_.store->CountVersionsChecked(labels);
+  if (!storage::RefusedRow(counted.status())) return counted;
+  RaiseIntegrityAlarm(counted.status());
+  root_use_unknown_until_ = now + std::chrono::hours(1);
+  return std::nullopt;
+}
+
 absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
   std::string current;
   {
@@ -497,12 +526,31 @@ absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
   CUSTOS_ASSIGN_OR_RETURN(std::vector<std::string> retired, RetiredRoots());
   if (retired.empty()) return absl::OkStatus();
   std::vector<std::string> remaining;
-  std::vector<audit::Event> events;
-  absl::Status first_failure;
+  std::set<std::string> unused;  // by the version index's count
   for (const std::string& label : retired) {
     if (label == current) continue;  // never destroyed while new versions use it
     CUSTOS_ASSIGN_OR_RETURN(const uint64_t wrapped, options_.store->CountVersionsUnderRoot(label));
     if (wrapped > 0) {
+      remaining.push_back(label);
+    } else {
+      unused.insert(label);
+    }
+  }
+  // The index is not checked: a version row moved to another root, emptied or deleted with
+  // SQL would have the HSM shred every live key wrapped under this one. Every key's checked
+  // row must agree first.
+  std::optional<std::map<std::string, uint64_t>> checked;
+  if (!unused.empty()) {
+    CUSTOS_ASSIGN_OR_RETURN(checked, CheckedRootUse(unused));
+  }
+  std::vector<audit::Event> events;
+  absl::Status first_failure;
+  for (const std::string& label : retired) {
+    if (unused.count(label) == 0) continue;
+    if (!checked.has_value() || checked->at(label) > 0) {
+      spdlog::error("root rotation: retired root '{}' is kept: {}", label,
+                    checked.has_value() ? "the version index misses versions stored under it"
+                                        : "a key's row failed its integrity check");
       remaining.push_back(label);
       continue;
     }

@@ -82,6 +82,11 @@ constexpr char kSelectDueForRotation[] =
 constexpr char kCountVersionsUnderRoot[] =
     "SELECT count(*) FROM key_versions WHERE root_key_label = ?1 AND length(wrapped) > 0";
 
+// Over the index of records by row; a key's row, once written, is never deleted by Custos.
+constexpr char kSelectRecordedKeyWithoutRow[] =
+    "SELECT row_name FROM audit_log WHERE row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
+    " AND substr(row_name, 5) NOT IN (SELECT id FROM keys) LIMIT 1";
+
 constexpr char kCountKeysByState[] = "SELECT state, count(*) FROM keys GROUP BY state";
 
 constexpr char kCountVersionsByRoot[] =
@@ -442,6 +447,15 @@ absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Data
     if (!row) return counts;
     counts.emplace(stmt.ColumnText(0), static_cast<uint64_t>(stmt.ColumnInt64(1)));
   }
+}
+
+absl::StatusOr<std::optional<std::string>> FirstRecordedKeyWithoutRow(sqlite::Database& db,
+                                                                      uint64_t floor_seq) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectRecordedKeyWithoutRow));
+  stmt.BindInt64(1, static_cast<int64_t>(floor_seq));
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return std::nullopt;
+  return stmt.ColumnText(0);
 }
 
 absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db) {

@@ -48,6 +48,10 @@ absl::StatusOr<std::vector<std::shared_ptr<KeyRecord>>> LoadKeysAfter(sqlite::Da
 absl::StatusOr<uint64_t> CountVersionsUnderRoot(sqlite::Database& db, std::string_view label);
 // The same for every root that wraps any version: label -> count.
 absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Database& db);
+// The row name ("key:<id>") of a key that an audit record after `floor_seq` names but whose
+// row is not in the database, if there is one.
+absl::StatusOr<std::optional<std::string>> FirstRecordedKeyWithoutRow(sqlite::Database& db,
+                                                                      uint64_t floor_seq);
 // Keys by their state column (KeyState's values): state -> count.
 absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db);
 

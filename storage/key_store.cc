@@ -923,6 +923,35 @@ absl::StatusOr<uint64_t> KeyStore::CountVersionsUnderRoot(std::string_view label
   return storage::CountVersionsUnderRoot(*impl_->db_, label);
 }
 
+absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsChecked(
+    const std::set<std::string>& labels) const {
+  std::map<std::string, uint64_t> counts;
+  for (const std::string& label : labels) counts[label] = 0;
+  std::string token;
+  do {
+    CUSTOS_ASSIGN_OR_RETURN(const KeyPage page, ListKeys(kMaxPageSize, token));
+    for (const std::shared_ptr<const KeyRecord>& key : page.keys) {
+      if (!key->integrity_problem.empty()) {  // the listing's refusal, as a read returns it
+        absl::Status refused = absl::DataLossError(key->integrity_problem);
+        refused.SetPayload(kIntegrityPayload, absl::Cord(KeyRowName(key->id)));
+        return refused;
+      }
+      for (const KeyVersion& version : key->versions) {
+        const auto counted = counts.find(version.root_key_label);
+        if (!version.wrapped.empty() && counted != counts.end()) ++counted->second;
+      }
+    }
+    token = page.next_page_token;
+  } while (!token.empty());
+  if (!impl_->integrity_.enabled()) return counts;
+  // A key deleted whole (its row and versions) is not listed above.
+  std::lock_guard lock(impl_->db_mu_);
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> missing,
+                          FirstRecordedKeyWithoutRow(*impl_->db_, impl_->floor_.seq));
+  if (missing.has_value()) CUSTOS_RETURN_IF_ERROR(impl_->Missing(*missing));
+  return counts;
+}
+
 absl::StatusOr<std::map<std::string, uint64_t>> KeyStore::CountVersionsByRoot() const {
   std::lock_guard lock(impl_->db_mu_);
   return storage::CountVersionsByRoot(*impl_->db_);

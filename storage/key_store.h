@@ -189,6 +189,11 @@ class RowAuthenticator {
 // The payload (its value: the row's name) of a DATA_LOSS status for a catalogue row that
 // failed its integrity check.
 inline constexpr char kIntegrityPayload[] = "custos/row-integrity";
+// A catalogue row its integrity check refused, as opposed to any other DATA_LOSS (an HSM's,
+// say).
+inline bool RefusedRow(const absl::Status& status) {
+  return absl::IsDataLoss(status) && status.GetPayload(kIntegrityPayload).has_value();
+}
 // The payload of a status for a row that could not be sealed (the authenticator failed): the
 // batch was not written, though the database may be well.
 inline constexpr char kSealPayload[] = "custos/row-seal";
@@ -335,6 +340,13 @@ class KeyStore {
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
   // The same for every root that wraps a stored version: label -> count (one scan).
   absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot() const;
+  // The stored versions under each of `labels` (0 for none), counted over every key's row
+  // checked as a read checks it: for deciding to destroy a root, which the unchecked counts
+  // above must not decide alone (an edited or deleted version row would lower them). DATA_LOSS
+  // (kIntegrityPayload naming the row) if a key's row fails its check or the audit log names a
+  // key whose row is missing: then no count holds. Reads every key, a page at a time.
+  absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsChecked(
+      const std::set<std::string>& labels) const;
   // Keys by state, for the metrics: every state, with 0 for those no key is in.
   absl::StatusOr<std::map<KeyState, uint64_t>> CountKeysByState() const;
 

@@ -1117,5 +1117,67 @@ TEST_CASE("A catalogue from before row MACs is sealed once; then an unsealed row
                "it carries no MAC");  // ...so the unsealed row is refused
 }
 
+// The alarms raised so far, whichever row.
+size_t AllAlarms(Fixture& f) {
+  const std::vector<audit::Event> events = f.sink.events();
+  return static_cast<size_t>(std::count_if(events.begin(), events.end(), [](const auto& e) {
+    return e.action == "IntegrityFailure" && e.outcome == absl::StatusCode::kDataLoss;
+  }));
+}
+
+TEST_CASE("Version rows edited with SQL do not get a retired root destroyed under live keys",
+          "[insider][catalog][root]") {
+  Fixture f;
+  const KeyRef a = f.NewKey("a");
+  const KeyRef b = f.NewKey("b");
+  ExecuteAs3(f, Operation::kRotateRootKey, "");
+  // The confining root still wraps a's and b's versions: kept, listed as retired.
+  REQUIRE(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root"])");
+  const std::string under_old_root = " WHERE root_key_label = 'custos-root'";
+  const std::string both = "('" + a->id + "', '" + b->id + "')";
+  std::string sql;
+  SECTION("moved to the new root") {
+    sql = "UPDATE key_versions SET root_key_label = 'custos-root.2'" + under_old_root;
+  }
+  SECTION("emptied, as a destroyed key's are") {
+    sql = "UPDATE key_versions SET wrapped = x''" + under_old_root;
+  }
+  SECTION("deleted") { sql = "DELETE FROM key_versions" + under_old_root; }
+  SECTION("deleted with their keys") {
+    sql = "DELETE FROM key_versions WHERE key_id IN " + both + "; DELETE FROM key_grants WHERE " +
+          "key_id IN " + both + "; DELETE FROM keys WHERE id IN " + both;
+  }
+  EditWhileStopped(f, sql);
+  // The version index now finds nothing under the old root; the checked rows disagree.
+  REQUIRE(*f.store->CountVersionsUnderRoot("custos-root") == 0);
+  for (int turn = 0; turn < 2; ++turn) {
+    REQUIRE(f.kms->RunMaintenance().ok());
+    CHECK(f.hsm->CheckRootKey("custos-root").ok());
+  }
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root"])");
+  CHECK(AllAlarms(f) == 1);  // the first key found refused, once
+  const std::vector<audit::Event> events = f.sink.events();
+  CHECK(std::none_of(events.begin(), events.end(),
+                     [](const audit::Event& e) { return e.action == "DestroyRootKey"; }));
+}
+
+TEST_CASE("A version row naming another key on the token gets it neither retired nor destroyed",
+          "[insider][catalog][root]") {
+  Fixture f;
+  // Another root on the same token, say another copy's: no key of this catalogue uses it.
+  REQUIRE(f.real_hsm->CreateRootKey("other-root").ok());
+  const KeyRef a = f.NewKey("a");
+  const std::string orphan = "'0b5e7d0c-1c7a-4b8e-9d7e-2f8a5c3b1d00'";
+  EditWhileStopped(
+      f, "INSERT INTO key_versions VALUES (" + orphan + ", 1, x'00112233', 'other-root', 0)");
+  ExecuteAs3(f, Operation::kRotateRootKey, "");
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root"])");
+  // Once the row is gone again, nothing counts versions under it, but it was never retired.
+  EditWhileStopped(f, "DELETE FROM key_versions WHERE key_id = " + orphan);
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.hsm->CheckRootKey("other-root").ok());
+  CHECK(f.hsm->CheckRootKey("custos-root").ok());  // a's version is under it
+}
+
 }  // namespace
 }  // namespace custos::core
