@@ -108,6 +108,7 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
   CUSTOS_ASSIGN_OR_RETURN(const int64_t observed, observed_.Now());
   // Requests expire by the later reading, rotations fall due by the earlier (WallBounds).
   const ObservedTime::Bounds time = observed_.WallBounds();
+  absl::Status roots;
   {
     // What concerns the whole server: the roots. (Destroying a retired root is the only HSM
     // call made holding the server, and only after a root rotation.)
@@ -129,7 +130,9 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
     if (absl::Status resumed = ResumeRootMigration(); !resumed.ok()) {
       spdlog::error("root rotation: cannot resume re-wrapping: {}", resumed.ToString());
     }
-    CUSTOS_RETURN_IF_ERROR(DestroyRetiredRoots(""));
+    // Nor does a retired root that cannot be destroyed now (the attempt recorded; a token
+    // that refuses it may refuse for good): the turn reports it, and the next one retries.
+    roots = DestroyRetiredRoots("");
   }
   // The rest, one key (or request) at a time, each checked again under its lock: an officer
   // may have changed it since it was listed.
@@ -196,7 +199,7 @@ absl::Status Kms::RunMaintenanceTurn(bool new_versions) {
   }
   CUSTOS_RETURN_IF_ERROR(observed_.Persist());
   CUSTOS_RETURN_IF_ERROR(usage_.Flush());
-  return purged;
+  return roots.ok() ? purged : roots;
 }
 
 absl::Status Kms::AutoRotate(const std::string& key_id, std::optional<uint32_t> worn_version,

@@ -401,5 +401,54 @@ TEST_CASE("A retired root that cannot be destroyed now is retried by maintenance
   CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == "[]");
 }
 
+TEST_CASE("A retired root the HSM will not destroy holds up no other maintenance or rotation",
+          "[rotation][root]") {
+  Fixture f;
+  f.NewKey("a");
+  REQUIRE(RotateRoot(f).ok());
+  f.NewKey("c");  // under custos-root.2
+  Proposal schedule;
+  schedule.operation = Operation::kScheduleKeyDeletion;
+  schedule.key = "a";
+  schedule.justification = "leave the old root nothing to wrap";
+  absl::StatusOr<Request> scheduled = f.kms->Propose(f.officer, schedule);
+  REQUIRE(scheduled.ok());
+  REQUIRE(f.kms->Approve(f.officer2, scheduled->id, RequestDigest(*scheduled)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, scheduled->id, RequestDigest(*scheduled)).ok());
+  f.clock.Advance(30 * policy::kDay);
+  REQUIRE(f.kms->RunMaintenance().ok());  // destroys a: custos-root now wraps nothing
+  // A request that falls due in the same turn as the root's destruction fails.
+  Proposal rotate;
+  rotate.operation = Operation::kRotateKey;
+  rotate.key = "c";
+  rotate.justification = "left to expire";
+  const absl::StatusOr<Request> waiting = f.kms->Propose(f.officer, rotate);
+  REQUIRE(waiting.ok());
+  f.clock.Advance(2 * policy::kDay);
+  const auto refuse_destruction = [&f] {
+    f.hsm->BeforeNextCallTo("DestroyRootKey", [&f] {
+      f.hsm->FailNext(1, absl::InternalError("CKR_ACTION_PROHIBITED"));
+    });
+  };
+  refuse_destruction();
+  const absl::Status turn = f.kms->RunMaintenance();
+  CHECK(absl::IsInternal(turn));                                             // reported...
+  CHECK(f.store->GetRequest(waiting->id)->state == RequestState::kExpired);  // ...after the rest
+  CHECK(f.hsm->CheckRootKey("custos-root").ok());
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root"])");
+  // Nor is the next root rotation refused for it; once committed, the rotation tries again.
+  refuse_destruction();
+  absl::StatusOr<Request> rotated = RotateRoot(f);
+  INFO(rotated.status().ToString());
+  REQUIRE(rotated.ok());
+  CHECK(rotated->state == RequestState::kExecuted);
+  CHECK(absl::IsFailedPrecondition(f.hsm->CheckRootKey("custos-root")));
+  CHECK(Count(f, "DestroyRootKey", "root custos-root") == 1);
+  // The root c's version needs stays.
+  REQUIRE(f.kms->RunMaintenance().ok());
+  CHECK(f.hsm->CheckRootKey("custos-root.2").ok());
+  CHECK(f.store->GetSetting(kRetiredRootsSetting)->value_or("") == R"(["custos-root.2"])");
+}
+
 }  // namespace
 }  // namespace custos::core
