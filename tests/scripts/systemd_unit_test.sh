@@ -30,7 +30,7 @@ fi
 # The settings the deployment relies on, each present.
 for setting in User=custos NoNewPrivileges=yes ProtectSystem=strict PrivateTmp=yes \
   MemoryDenyWriteExecute=yes LimitCORE=0 LimitMEMLOCK= StateDirectory=custos \
-  Restart=on-failure TimeoutStopSec=; do
+  Restart=on-failure StartLimitIntervalSec=0 TimeoutStopSec=; do
   grep -q "^$setting" "$unit" || {
     echo "systemd_unit_test: FAILED: $setting missing" >&2
     exit 1
