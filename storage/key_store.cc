@@ -54,6 +54,9 @@ absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
 // `total` since its caller began to wait (for db_mu_ or the group commit's queue included).
 // The timeout is each caller's, not each transaction's: writers queued behind one that waited
 // out a DBA's lock would otherwise each wait the whole timeout anew, in turn.
+// How long PurgeErased waits for another connection's readers to let go.
+constexpr std::chrono::milliseconds kPurgeBusyTimeout(100);
+
 class BusyBudget {
  public:
   BusyBudget(sqlite::Database& db, std::chrono::steady_clock::time_point since,
@@ -811,6 +814,10 @@ absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserv
 
 absl::Status KeyStore::PurgeErased() {
   std::lock_guard lock(impl_->db_mu_);
+  // A reader on another connection (an auditor's sqlite3, a backup) holds the checkpoint up
+  // as long as it reads, and every commit waits meanwhile (the checkpoint holds db_mu_ and
+  // SQLite's write lock): a short wait, then UNAVAILABLE, and the next maintenance turn retries.
+  const BusyBudget budget(*impl_->db_, std::chrono::steady_clock::now(), kPurgeBusyTimeout);
   // Copies every page into the database file (where secure_delete has zeroed what was
   // erased) and truncates the WAL to nothing, so no frame with the old material survives.
   CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,

@@ -497,6 +497,28 @@ TEST_CASE("PurgeErased is UNAVAILABLE while another process is checkpointing",
   CHECK(store->PurgeErased().ok());
 }
 
+TEST_CASE("PurgeErased gives up at once while another process reads", "[key_store][shred]") {
+  TempDir dir;
+  const std::string path = dir.File("keys.db");
+  auto store = OpenStore(path);
+  REQUIRE(store->CreateKey(MakeKey(1)).ok());
+  // An auditor's sqlite3 session (or a backup) inside its read transaction.
+  sqlite3* reader = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &reader, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM keys;", nullptr, nullptr, nullptr) ==
+          SQLITE_OK);
+  REQUIRE(store->CreateKey(MakeKey(2)).ok());  // a frame past the reader's snapshot
+  // Every commit waits for the purge (it holds the store): not the 5 s a commit would wait.
+  const auto started = std::chrono::steady_clock::now();
+  const absl::Status status = store->PurgeErased();
+  CHECK(std::chrono::steady_clock::now() - started < 1s);
+  CHECK(status.code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(status.message()), Catch::Contains("could not checkpoint"));
+  REQUIRE(sqlite3_exec(reader, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(reader);
+  CHECK(store->PurgeErased().ok());
+}
+
 TEST_CASE("KeysDueForDeletion: PENDING_DELETION keys due by both the wall clock and observed time",
           "[key_store][sweeps]") {
   TempDir dir;
