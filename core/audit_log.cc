@@ -235,6 +235,17 @@ absl::Status Kms::VerifyAuditLog(bool full) {
                signed_head.seq, ": ", extends.message(),
                " (history was rewritten, or an older copy of the database was restored)"));
   }
+  // A run that did not sign its end (a crash, or a stop whose last writes failed) leaves
+  // records after the head: the last write of that run marked them, and records someone
+  // appended meanwhile, vouching for rows put back from an older copy, are not so marked.
+  if (!signed_head.stopped) {
+    if (absl::Status tail = options_.store->CheckAuditTail(signed_head.seq); !tail.ok()) {
+      if (!absl::IsFailedPrecondition(tail)) return tail;
+      return absl::FailedPreconditionError(
+          StrCat("the audit log after the checkpoint this HSM signed at record ", signed_head.seq,
+                 " was not written by custosd: ", tail.message()));
+    }
+  }
   if (signed_head.stopped) {  // from now on records follow it again, and a crash may cut them
     CUSTOS_RETURN_IF_ERROR(ConfirmTokenClaim());
     CUSTOS_RETURN_IF_ERROR(options_.hsm->WriteTokenData(

@@ -225,6 +225,23 @@ absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedB
   return rows;
 }
 
+absl::Status WriteTailMark(sqlite::Database& db, const TailMark& mark) {
+  CUSTOS_ASSIGN_OR_RETURN(
+      sqlite::Statement stmt,
+      db.Prepare("INSERT OR REPLACE INTO audit_tail (id, seq, nonce, mac) VALUES (1, ?1, ?2, ?3)"));
+  stmt.BindInt64(1, static_cast<int64_t>(mark.seq)).BindBlob(2, mark.nonce).BindBlob(3, mark.mac);
+  return stmt.Run();
+}
+
+absl::StatusOr<std::optional<TailMark>> LoadTailMark(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt,
+                          db.Prepare("SELECT seq, nonce, mac FROM audit_tail WHERE id = 1"));
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row) return std::optional<TailMark>();
+  return std::optional<TailMark>(
+      TailMark{static_cast<uint64_t>(stmt.ColumnInt64(0)), stmt.ColumnBlob(1), stmt.ColumnBlob(2)});
+}
+
 absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db) {
   CUSTOS_ASSIGN_OR_RETURN(
       sqlite::Statement stmt,

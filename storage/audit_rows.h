@@ -52,6 +52,18 @@ absl::StatusOr<std::vector<std::pair<std::string, RowRecord>>> RowsLastRecordedB
     sqlite::Database& db, uint64_t through_seq, std::string_view after_name, size_t limit,
     uint64_t floor_seq);
 
+// The mark of the log's newest record (audit_tail): its seq, the nonce its MAC key was made
+// from, and the MAC of its chain hash (KeyStore::CheckAuditTail).
+struct TailMark {
+  uint64_t seq = 0;
+  Bytes nonce;
+  Bytes mac;
+};
+// Replaces the mark. Run it inside the write transaction whose records it marks.
+absl::Status WriteTailMark(sqlite::Database& db, const TailMark& mark);
+// The mark, or nullopt if none was ever written.
+absl::StatusOr<std::optional<TailMark>> LoadTailMark(sqlite::Database& db);
+
 // The newest archival (audit_archived), or nullopt if the log was never archived.
 absl::StatusOr<std::optional<AuditFloor>> LoadAuditFloor(sqlite::Database& db);
 // Records the archival `floor` and removes the checkpoints before it, through the triggers'

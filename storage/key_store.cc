@@ -1,5 +1,9 @@
 #include "storage/key_store.h"
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
 
@@ -13,6 +17,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -54,6 +59,22 @@ absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
 // `total` since its caller began to wait (for db_mu_ or the group commit's queue included).
 // The timeout is each caller's, not each transaction's: writers queued behind one that waited
 // out a DBA's lock would otherwise each wait the whole timeout anew, in turn.
+// The tail mark's key derivation (Impl::TailKey) and its nonce's size.
+constexpr std::string_view kTailKeyMagic = "custos-audit-tail-v1";
+constexpr size_t kTailNonceBytes = 16;
+// The first schema version with tail marks (audit_tail).
+constexpr int kTailMarkSchema = 8;
+
+// The tail mark's MAC: HMAC-SHA256 under `key` of the chain's newest hash.
+Bytes TailMac(const SecureBytes& key, const audit::Chain& chain) {
+  Bytes mac(EVP_MAX_MD_SIZE);
+  unsigned int size = 0;
+  HMAC(EVP_sha256(), key.span().data(), static_cast<int>(key.size()), chain.last_hash().data(),
+       chain.last_hash().size(), mac.data(), &size);
+  mac.resize(size);
+  return mac;
+}
+
 // How long PurgeErased waits for another connection's readers to let go.
 constexpr std::chrono::milliseconds kPurgeBusyTimeout(100);
 
@@ -271,7 +292,36 @@ class KeyStore::Impl {
         db_(std::move(db)),
         schema_version_(schema_version),
         trust_([this](uint64_t from_seq, size_t limit) { return ReadVerifiable(from_seq, limit); }),
-        integrity_(authenticator, &trust_) {}
+        integrity_(authenticator, &trust_),
+        authenticator_(authenticator) {}
+
+  // The key that marks the log's newest record (CheckAuditTail), made from `nonce`: the
+  // authenticator's MAC (in the HSM) of kTailKeyMagic and the nonce. A row's canonical
+  // encoding begins "custos-row-v1", so no row's MAC is ever such a key, nor the reverse.
+  absl::StatusOr<SecureBytes> TailKey(std::span<const uint8_t> nonce) {
+    Bytes input(kTailKeyMagic.begin(), kTailKeyMagic.end());
+    input.insert(input.end(), nonce.begin(), nonce.end());
+    CUSTOS_ASSIGN_OR_RETURN(Bytes mac, authenticator_->Mac(input));
+    SecureBytes key(mac);
+    OPENSSL_cleanse(mac.data(), mac.size());
+    return key;
+  }
+
+  // Under db_mu_, in a write transaction about to commit: marks the log's newest record if
+  // the transaction wrote records (the chain moved past `seq_before`). The key is made at
+  // the first such write of the run (one HSM call), under a nonce of its own.
+  absl::Status MarkTail(uint64_t seq_before) {
+    if (authenticator_ == nullptr || chain_.last_seq() == seq_before) return absl::OkStatus();
+    if (tail_key_.empty()) {
+      Bytes nonce(kTailNonceBytes);
+      if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1) {
+        return absl::InternalError("no random bytes for the audit log's tail mark");
+      }
+      CUSTOS_ASSIGN_OR_RETURN(tail_key_, TailKey(nonce));
+      tail_nonce_ = std::move(nonce);
+    }
+    return WriteTailMark(*db_, {chain_.last_seq(), tail_nonce_, TailMac(tail_key_, chain_)});
+  }
 
   // Records with seq >= `from_seq`, at most `limit`, read to have their chain verified: their
   // row index entries are checked with them (CheckRowIndexed), so that the index holds every
@@ -303,6 +353,12 @@ class KeyStore::Impl {
   KeyCache cache_;
   AuditTrust trust_;
   RowIntegrity integrity_;
+  RowAuthenticator* const authenticator_;  // null: no rows checked, no tail marked
+  // The tail mark's key and nonce for this run, made at its first write of records.
+  SecureBytes tail_key_;  // guarded by db_mu_
+  Bytes tail_nonce_;      // guarded by db_mu_
+  // The state was opened from a schema without tail marks: no mark is no evidence, once.
+  bool tail_marks_new_ = false;
   // Bumped (under db_mu_) by every committed write of a key: a load checked outside the lock
   // is cached only if no write came in between (else it may be older than what was written).
   uint64_t key_writes_ = 0;
@@ -669,10 +725,13 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
   CUSTOS_ASSIGN_OR_RETURN(auto db, sqlite::Database::Open(path));
   CUSTOS_RETURN_IF_ERROR(Configure(*db));
+  CUSTOS_ASSIGN_OR_RETURN(const std::string version_before, db->QueryText("PRAGMA user_version"));
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
   CUSTOS_RETURN_IF_ERROR(CheckRowIndexDefinition(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
+  int before = 0;
+  impl->tail_marks_new_ = absl::SimpleAtoi(version_before, &before) && before < kTailMarkSchema;
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*impl->db_));
   if (floor) {
     impl->floor_ = *floor;
@@ -759,6 +818,7 @@ absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserv
           return w->status;
         }
       }
+      CUSTOS_RETURN_IF_ERROR(MarkTail(chain_before.last_seq()));
       return tx->Commit();
     }();
     NoteWrite(committed).IgnoreError();
@@ -810,6 +870,37 @@ absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserv
   if (!writers_.empty()) writers_.front()->cv.notify_one();
   restamp = writer.restamp;
   return writer.status;
+}
+
+absl::Status KeyStore::CheckAuditTail(uint64_t head_seq) {
+  std::lock_guard lock(impl_->db_mu_);
+  const uint64_t last = impl_->chain_.last_seq();
+  if (impl_->authenticator_ == nullptr || last <= head_seq) return absl::OkStatus();
+  const std::string span =
+      StrCat("the audit log goes on from record ", head_seq, " (the HSM's head) to record ", last);
+  CUSTOS_ASSIGN_OR_RETURN(const std::optional<TailMark> mark, LoadTailMark(*impl_->db_));
+  if (!mark.has_value()) {
+    if (impl_->tail_marks_new_) return absl::OkStatus();  // written before marks were
+    return absl::FailedPreconditionError(
+        StrCat(span,
+               ", but no record carries the mark of the server that wrote it: records "
+               "were added while custosd was stopped"));
+  }
+  if (mark->seq != last) {
+    return absl::FailedPreconditionError(
+        StrCat(span, ", but the server that wrote it marked record ", mark->seq,
+               " as its newest: records were added or removed while custosd was stopped"));
+  }
+  CUSTOS_ASSIGN_OR_RETURN(const SecureBytes key, impl_->TailKey(mark->nonce));
+  const Bytes expected = TailMac(key, impl_->chain_);
+  if (mark->mac.size() != expected.size() ||
+      CRYPTO_memcmp(mark->mac.data(), expected.data(), expected.size()) != 0) {
+    return absl::FailedPreconditionError(
+        StrCat(span,
+               ", but its newest record does not carry the mark of this HSM: records were "
+               "added or changed while custosd was stopped"));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status KeyStore::PurgeErased() {
@@ -1534,6 +1625,7 @@ absl::StatusOr<size_t> KeyStore::CarryForwardRowRecords(uint64_t through_seq,
     std::string next = after;  // moved on only once the page is committed
     CUSTOS_ASSIGN_OR_RETURN(const size_t count,
                             impl_->CarryForward(through_seq, carry, limit, next));
+    CUSTOS_RETURN_IF_ERROR(impl_->MarkTail(chain_before.last_seq()));
     CUSTOS_RETURN_IF_ERROR(tx->Commit());
     after = std::move(next);
     return count;

@@ -336,6 +336,16 @@ class KeyStore {
   absl::StatusOr<std::vector<audit::Checkpoint>> ReadCheckpoints(uint64_t from_seq,
                                                                  size_t limit) const;
 
+  // That the records after `head_seq` (the last the HSM's head covers, after a run that did
+  // not sign its end) were written by Custos: each write transaction marks the log's newest
+  // record with an HMAC of its chain hash, under a key made per run from the authenticator's
+  // (the HSM's catalogue key) and a nonce stored with the mark. FAILED_PRECONDITION if the
+  // newest record is not the one marked or the mark does not verify (records appended, cut
+  // or changed with SQL meanwhile); UNAVAILABLE if the authenticator cannot be reached. OK
+  // without an authenticator, and, with no mark at all, at the first open of a state from
+  // before marks.
+  absl::Status CheckAuditTail(uint64_t head_seq);
+
   // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
   // The same for every root that wraps a stored version: label -> count (one scan).

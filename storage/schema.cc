@@ -208,6 +208,19 @@ constexpr const char* kMigrations[] = {
       ALTER TABLE keys ADD COLUMN reserved_versions TEXT NOT NULL DEFAULT '';
       PRAGMA user_version = 7;
     )sql",
+    // 8: the log's newest record is marked, in the transaction that writes it, with a MAC of
+    // its chain hash under a key made from the HSM's catalogue key (KeyStore::CheckAuditTail):
+    // records appended by someone else after custosd stopped without signing its end carry no
+    // such mark. One row, replaced at each write.
+    R"sql(
+      CREATE TABLE audit_tail (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        nonce BLOB NOT NULL,
+        mac BLOB NOT NULL
+      );
+      PRAGMA user_version = 8;
+    )sql",
 };
 
 absl::StatusOr<int> ReadVersion(sqlite::Database& db) {

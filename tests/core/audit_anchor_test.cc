@@ -10,6 +10,7 @@
 #include "audit/record.h"
 #include "core/operation_params.h"
 #include "storage/audit_log_reader.h"
+#include "storage/row_codec.h"
 #include "tests/core/kms_fixture.h"
 #include "tests/support/sqlite_file.h"
 
@@ -159,6 +160,109 @@ TEST_CASE("Records added to the file while custosd was stopped cleanly are refus
                                    " (the head this HSM signed) but the log goes on to record " +
                                    std::to_string(stopped_at + 1) +
                                    ": records were added while it was stopped");
+  }
+}
+
+// A record as custosd writes one of its own.
+audit::Record Plain(const std::string& action) {
+  audit::Record record;
+  record.time = 1'800'000'100;
+  record.principal = "custosd";
+  record.role = "server";
+  record.action = action;
+  record.outcome = "OK";
+  record.format = 2;
+  return record;
+}
+
+// After a run that did not sign its end (a crash; or a stop whose last writes a DBA's lock
+// held off), records past the HSM's head are the crashed run's own only if its last write
+// marked them: a record appended with the store's own chaining, vouching for a key's row put
+// back from before officers disabled it, would otherwise re-enable the key.
+TEST_CASE("Records appended after a run that did not sign its end are refused",
+          "[insider][anchor]") {
+  Fixture f;
+  const KeyRef enabled = f.NewKey("k");
+  Proposal disable;
+  disable.operation = policy::Operation::kDisableKey;
+  disable.key = "k";
+  disable.justification = "compromised application";
+  const Request proposed = *f.kms->Propose(f.officer, disable);
+  REQUIRE(f.kms->Approve(f.officer2, proposed.id, RequestDigest(proposed)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, proposed.id, RequestDigest(proposed))->state ==
+          storage::RequestState::kExecuted);
+  REQUIRE(f.kms->Checkpoint().ok());
+  for (int i = 0; i < 2; ++i) {  // refused, disabled; recorded after the head
+    REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status().code() ==
+            absl::StatusCode::kFailedPrecondition);
+  }
+  Stop(f);  // no stop record, no signed end
+  SECTION("the crashed run's own records start") {
+    f.Restart();
+    CHECK(f.kms->VerifyAuditLog(false).ok());
+  }
+  SECTION("a key's row put back, with a record chained after the log's end") {
+    {
+      // As a DBA's script: the ENABLED row written back through a store of its own (no HSM,
+      // so no MAC, no mark), then its genuine MAC put back.
+      auto dba = storage::KeyStore::Open(Db(f), nullptr);
+      REQUIRE(dba.ok());
+      storage::WriteBatch batch;
+      batch.keys.push_back(*enabled);
+      audit::Record vouch = Plain("EnableKey");
+      vouch.row = storage::KeyRowName(enabled->id);
+      batch.audit.push_back(vouch);
+      REQUIRE((*dba)->Apply(batch).ok());
+    }
+    REQUIRE(SqlExec(Db(f), "UPDATE keys SET mac = X'" + audit::ToHex(enabled->mac) +
+                               "' WHERE id = '" + enabled->id + "'")
+                .empty());
+    f.Restart();
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    INFO(refused.ToString());
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("was not written by custosd: the audit log goes on from record ") &&
+                   Catch::Contains("as its newest: records were added or removed"));
+  }
+  SECTION("the mark moved onto a record appended") {
+    {
+      auto dba = storage::KeyStore::Open(Db(f), nullptr);
+      REQUIRE(dba.ok());
+      storage::WriteBatch batch;
+      batch.audit.push_back(Plain("ReAnchorAuditLog"));
+      REQUIRE((*dba)->Apply(batch).ok());
+    }
+    REQUIRE(SqlExec(Db(f), "UPDATE audit_tail SET seq = seq + 1").empty());
+    f.Restart();
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("but its newest record does not carry the mark of this HSM"));
+  }
+  SECTION("the mark deleted") {
+    REQUIRE(SqlExec(Db(f), "DELETE FROM audit_tail").empty());
+    f.Restart();
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("but no record carries the mark of the server that wrote it"));
+  }
+  SECTION("the newest record cut off") {
+    REQUIRE(SqlExec(Db(f),
+                    "DROP TRIGGER audit_log_append_only_delete; DELETE FROM audit_log WHERE seq = "
+                    "(SELECT max(seq) FROM audit_log)")
+                .empty());
+    f.Restart();
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("as its newest: records were added or removed"));
+  }
+  SECTION("a state from before marks starts once without one") {
+    REQUIRE(SqlExec(Db(f), "DROP TABLE audit_tail; PRAGMA user_version = 7;").empty());
+    f.Restart();
+    CHECK(f.kms->VerifyAuditLog(false).ok());
   }
 }
 

@@ -108,8 +108,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   CHECK(QueryFile(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'requests'") == "0");
 
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 7);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "7");
+  CHECK(store->SchemaVersion() == 8);
+  CHECK(QueryFile(path, "PRAGMA user_version") == "8");
   KeyRecord want;
   want.id = "k1";
   want.alias = "old-alias";
@@ -137,8 +137,8 @@ TEST_CASE("A version 1 database with keys migrates to version 2 with the default
   store.reset();
   auto db = sqlite::Database::Open(path);
   REQUIRE(db.ok());
-  CHECK(MigrateSchemaTo(**db, 1).value() == 7);
-  CHECK(MigrateSchemaTo(**db, 8).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(MigrateSchemaTo(**db, 1).value() == 8);
+  CHECK(MigrateSchemaTo(**db, 9).status().code() == absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("Apply inserts new keys and requests in one go", "[key_store][apply]") {

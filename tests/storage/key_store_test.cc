@@ -250,11 +250,11 @@ TEST_CASE("The database is in WAL mode at the current schema version", "[key_sto
   TempDir dir;
   const std::string path = dir.File("keys.db");
   auto store = OpenStore(path);
-  CHECK(store->SchemaVersion() == 7);
+  CHECK(store->SchemaVersion() == 8);
   CHECK(QueryFile(path, "PRAGMA journal_mode") == "wal");
-  CHECK(QueryFile(path, "PRAGMA user_version") == "7");
+  CHECK(QueryFile(path, "PRAGMA user_version") == "8");
   store.reset();
-  CHECK(Reopen(store, path)->SchemaVersion() == 7);  // Reopening migrates nothing.
+  CHECK(Reopen(store, path)->SchemaVersion() == 8);  // Reopening migrates nothing.
 }
 
 TEST_CASE("A database from a newer Custos is FAILED_PRECONDITION and left alone", "[key_store]") {
@@ -277,7 +277,7 @@ TEST_CASE("ProbeCommit commits nothing of meaning, and fails while another holds
   const std::string before = Snapshot(path);
   REQUIRE(store->ProbeCommit(std::chrono::milliseconds(100)).ok());
   CHECK(Snapshot(path) == before);
-  CHECK(QueryFile(path, "PRAGMA user_version") == "7");
+  CHECK(QueryFile(path, "PRAGMA user_version") == "8");
   CHECK(store->GetCommitStats().transactions == 0);  // not counted as a group commit
 
   // A DBA's session holds the write lock: the probe gives up after its own busy timeout.
