@@ -401,27 +401,24 @@ absl::StatusOr<storage::KeyPage> Kms::ListKeys(const Caller& caller, size_t page
   }());
 }
 
+absl::Status Kms::GrantsFit(const policy::Policy& policy) const {
+  CUSTOS_ASSIGN_OR_RETURN(const auto granted, options_.store->GrantedPrincipals());
+  for (const auto& [principal, key_id] : granted) {
+    const std::optional<policy::Role> role = policy.RoleOf(principal);
+    if (role && *role != policy::Role::kApp) {
+      return absl::FailedPreconditionError(
+          StrCat("principal '", principal, "' would hold role '", policy::RoleName(*role),
+                 "' but key ", key_id, " grants it use of key material; revoke the grant first"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Kms::ReplacePolicy(std::shared_ptr<const policy::Policy> policy) {
   CUSTOS_RETURN_IF_ERROR(policy::CheckQuorumsReachable(options_.dual_control, *policy));
   // Held throughout, so no key change validated against the old policy slips in meanwhile.
   std::lock_guard requests_lock(requests_mu_);
-  std::string page_token;
-  do {
-    CUSTOS_ASSIGN_OR_RETURN(storage::KeyPage page, options_.store->ListKeys(1000, page_token));
-    for (const KeyRef& key : page.keys) {
-      for (const auto* grants : {&key->encrypt_grants, &key->decrypt_grants}) {
-        for (const std::string& principal : *grants) {
-          const std::optional<policy::Role> role = policy->RoleOf(principal);
-          if (role && *role != policy::Role::kApp) {
-            return absl::FailedPreconditionError(StrCat(
-                "principal '", principal, "' would hold role '", policy::RoleName(*role),
-                "' but key ", key->id, " grants it use of key material; revoke the grant first"));
-          }
-        }
-      }
-    }
-    page_token = page.next_page_token;
-  } while (!page_token.empty());
+  CUSTOS_RETURN_IF_ERROR(GrantsFit(*policy));
   // Recorded first: a policy nobody could record never takes effect (the old one stays).
   const std::string detail = StrCat("policy sha256=", policy->sha256_hex());
   CUSTOS_RETURN_IF_ERROR(

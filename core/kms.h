@@ -222,6 +222,9 @@ class Kms {
   // some key's grants would hold a role other than app, or too few officers remain for a
   // quorum. The current policy stays in force then.
   absl::Status ReplacePolicy(std::shared_ptr<const policy::Policy> policy);
+  // FAILED_PRECONDITION if a principal some key grants use to holds a role other than app
+  // in `policy`: custosd starts with no such policy, as a reload refuses one.
+  absl::Status GrantsFit(const policy::Policy& policy) const;
 
   // --- Applications -------------------------------------------------------------------------
   // A fresh data key of `key_bytes` (16 or 32; 0 for a key spec the front door did not

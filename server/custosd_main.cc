@@ -613,6 +613,9 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
                  .confirm_token_claim = [&lease] { return ConfirmClaim(**lease); }});
   spdlog::info("policy loaded: {} principals, sha256 {}", (*policy)->principal_count(),
                (*policy)->sha256_hex());
+  // As a reload would refuse it: a policy edited while custosd was stopped that makes an
+  // officer or auditor of a principal some key grants use to.
+  if (absl::Status fits = kms.GrantsFit(**policy); !fits.ok()) return Fail(fits);
   // Nothing is served from a log somebody rewrote while custosd was stopped.
   if (absl::Status anchored = kms.VerifyAuditLog(config.verify_full_chain_at_start);
       !anchored.ok()) {

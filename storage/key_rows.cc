@@ -87,6 +87,9 @@ constexpr char kSelectRecordedKeyWithoutRow[] =
     "SELECT row_name FROM audit_log WHERE row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
     " AND substr(row_name, 5) NOT IN (SELECT id FROM keys) LIMIT 1";
 
+constexpr char kSelectGrantedPrincipals[] =
+    "SELECT principal, min(key_id) FROM key_grants GROUP BY principal";
+
 constexpr char kCountKeysByState[] = "SELECT state, count(*) FROM keys GROUP BY state";
 
 constexpr char kCountVersionsByRoot[] =
@@ -456,6 +459,16 @@ absl::StatusOr<std::optional<std::string>> FirstRecordedKeyWithoutRow(sqlite::Da
   CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
   if (!row) return std::nullopt;
   return stmt.ColumnText(0);
+}
+
+absl::StatusOr<std::map<std::string, std::string>> SelectGrantedPrincipals(sqlite::Database& db) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectGrantedPrincipals));
+  std::map<std::string, std::string> granted;
+  for (;;) {
+    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+    if (!row) return granted;
+    granted.emplace(stmt.ColumnText(0), stmt.ColumnText(1));
+  }
 }
 
 absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db) {

@@ -1547,6 +1547,11 @@ void KeyStore::ObserveCommits(CommitObserver observer) {
   impl_->commit_observer_ = std::move(observer);
 }
 
+absl::StatusOr<std::map<std::string, std::string>> KeyStore::GrantedPrincipals() const {
+  std::lock_guard lock(impl_->db_mu_);
+  return SelectGrantedPrincipals(*impl_->db_);
+}
+
 absl::StatusOr<std::map<KeyState, uint64_t>> KeyStore::CountKeysByState() const {
   std::map<KeyState, uint64_t> counts = {{KeyState::kEnabled, 0},
                                          {KeyState::kDisabled, 0},

@@ -68,5 +68,21 @@ TEST_CASE("A policy reload that breaks separation of duties is refused", "[e2e][
   CHECK(server.Alive());
 }
 
+TEST_CASE("A policy edited while custosd was stopped that breaks separation of duties stops it",
+          "[e2e][policy]") {
+  CustosServer server;
+  CreateKey(server, "start/key", true, true);
+  server.Stop();
+  // The app, which holds grants on a key, made an officer while nobody could refuse it.
+  WritePolicy(server,
+              "officer = [\"spiffe://custos.local/app/demo\", "
+              "\"spiffe://custos.local/officer/officer1\", "
+              "\"spiffe://custos.local/officer/officer2\"]\n");
+  std::string output;
+  CHECK(RunCustosd("--config " + server.state_dir() + "/custosd.toml", &output) == 1);
+  CHECK_THAT(output, Catch::Contains("principal 'spiffe://custos.local/app/demo' would hold role "
+                                     "'officer' but key ") &&
+                         Catch::Contains(" grants it use of key material; revoke the grant first"));
+}
 }  // namespace
 }  // namespace custos::testing
