@@ -443,6 +443,7 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::FindHmacKey(CK_SESSION_HANDLE sessio
         " is not a private, sensitive, non-extractable 32-byte generic secret signing key; "
         "refusing to use it");
   }
+  CUSTOS_RETURN_IF_ERROR(CheckGeneratedInside(module, session, key, "HMAC key " + Quoted(label)));
   return key;
 }
 
@@ -475,6 +476,8 @@ absl::StatusOr<CK_OBJECT_HANDLE> AuditKeys::FindPrivateKey(CK_SESSION_HANDLE ses
         " is not a private, sensitive, non-extractable ECDSA P-256 signing key; refusing to use "
         "it");
   }
+  CUSTOS_RETURN_IF_ERROR(
+      CheckGeneratedInside(module, session, key, "signing key " + Quoted(label)));
   return key;
 }
 

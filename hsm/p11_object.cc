@@ -1,5 +1,6 @@
 #include "hsm/p11_object.h"
 
+#include "absl/strings/str_cat.h"
 #include "hsm/ck_error.h"
 
 #include <utility>
@@ -80,6 +81,23 @@ absl::StatusOr<bool> GetBool(const Pkcs11Module& module, CK_SESSION_HANDLE sessi
 absl::StatusOr<CK_ULONG> GetUlong(const Pkcs11Module& module, CK_SESSION_HANDLE session,
                                   CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type) {
   return GetScalar<CK_ULONG>(module, session, object, type);
+}
+
+absl::Status CheckGeneratedInside(const Pkcs11Module& module, CK_SESSION_HANDLE session,
+                                  CK_OBJECT_HANDLE key, const std::string& what) {
+  CUSTOS_ASSIGN_OR_RETURN(const bool local, GetBool(module, session, key, CKA_LOCAL));
+  CUSTOS_ASSIGN_OR_RETURN(const bool always_sensitive,
+                          GetBool(module, session, key, CKA_ALWAYS_SENSITIVE));
+  CUSTOS_ASSIGN_OR_RETURN(const bool never_extractable,
+                          GetBool(module, session, key, CKA_NEVER_EXTRACTABLE));
+  if (local && always_sensitive && never_extractable) return absl::OkStatus();
+  const auto flag = [](bool value) { return value ? "true" : "false"; };
+  return absl::FailedPreconditionError(absl::StrCat(
+      what, " was not generated inside the HSM and kept there (CKA_LOCAL=", flag(local),
+      ", CKA_ALWAYS_SENSITIVE=", flag(always_sensitive),
+      ", CKA_NEVER_EXTRACTABLE=", flag(never_extractable),
+      "): its value was known outside the token; refusing to use it (custosd init generates it "
+      "on the token)"));
 }
 
 absl::StatusOr<std::map<CK_ATTRIBUTE_TYPE, std::string>> GetTemplate(const Pkcs11Module& module,

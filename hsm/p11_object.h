@@ -66,6 +66,13 @@ absl::StatusOr<bool> GetBool(const Pkcs11Module& module, CK_SESSION_HANDLE sessi
 absl::StatusOr<CK_ULONG> GetUlong(const Pkcs11Module& module, CK_SESSION_HANDLE session,
                                   CK_OBJECT_HANDLE object, CK_ATTRIBUTE_TYPE type);
 
+// OK if `key` was generated on the token (CKA_LOCAL) and its value never left it in the clear
+// (CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE). A key made with C_CreateObject or
+// C_UnwrapKey has a value someone outside the token held, who could then unwrap or forge
+// whatever it protects offline, PIN or no PIN: FAILED_PRECONDITION, naming `what`.
+absl::Status CheckGeneratedInside(const Pkcs11Module& module, CK_SESSION_HANDLE session,
+                                  CK_OBJECT_HANDLE key, const std::string& what);
+
 // An attribute array attribute of an object (CKA_UNWRAP_TEMPLATE) as type -> value bytes;
 // empty if the object has none (or the module does not know the attribute).
 absl::StatusOr<std::map<CK_ATTRIBUTE_TYPE, std::string>> GetTemplate(const Pkcs11Module& module,

@@ -229,6 +229,7 @@ absl::StatusOr<bool> RootKeys::CheckAttributes(CK_SESSION_HANDLE session, const 
   // Find() asked for a private key; checked again in case a module ignores that in a search.
   CUSTOS_ASSIGN_OR_RETURN(bool is_private, GetBool(module, session, root, CKA_PRIVATE));
   if (!is_private) return Public(label);
+  CUSTOS_RETURN_IF_ERROR(CheckGeneratedInside(module, session, root, "root key '" + label + "'"));
   CUSTOS_ASSIGN_OR_RETURN(bool decrypt, GetBool(module, session, root, CKA_DECRYPT));
   if (decrypt) {
     return Unsafe(label, "CKA_DECRYPT=true",

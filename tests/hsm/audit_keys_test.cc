@@ -409,6 +409,31 @@ TEST_CASE("audit keys that are missing, misused or could leak are refused") {
                 "key; refusing to use it");
     }
   }
+  SECTION("an HMAC key imported with a known value") {
+    CK_OBJECT_CLASS secret = CKO_SECRET_KEY;
+    CK_KEY_TYPE generic = CKK_GENERIC_SECRET;
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    std::vector<CK_BYTE> value(32, 0x42);
+    const std::string label = "imported";
+    CK_ATTRIBUTE key[] = {{CKA_CLASS, &secret, sizeof secret},
+                          {CKA_KEY_TYPE, &generic, sizeof generic},
+                          {CKA_VALUE, value.data(), value.size()},
+                          {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+                          {CKA_TOKEN, &yes, sizeof yes},
+                          {CKA_PRIVATE, &yes, sizeof yes},
+                          {CKA_SENSITIVE, &yes, sizeof yes},
+                          {CKA_EXTRACTABLE, &no, sizeof no},
+                          {CKA_SIGN, &yes, sizeof yes}};
+    CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+    REQUIRE(raw.api()->C_CreateObject(raw.session(), key, std::size(key), &handle) == CKR_OK);
+    auto refused = hsm->HmacSha256(label, AsBytes("x"));
+    CHECK(absl::IsFailedPrecondition(refused.status()));
+    CHECK(refused.status().message() ==
+          "HMAC key 'imported' was not generated inside the HSM and kept there (CKA_LOCAL=false, "
+          "CKA_ALWAYS_SENSITIVE=false, CKA_NEVER_EXTRACTABLE=false): its value was known outside "
+          "the token; refusing to use it (custosd init generates it on the token)");
+  }
   SECTION("several HMAC keys under one label") {
     CreateRawSecret(raw, kHmac, true, false);
     CreateRawSecret(raw, kHmac, true, false);

@@ -342,6 +342,12 @@ TEST_CASE("a root made by another tool is used only if private and able only to 
                  {.modifiable = true},
                  "root key 'modifiable' has CKA_MODIFIABLE=true (its use could later be widened "
                  "to decryption); refusing to use it"});
+  bad.push_back({"imported",
+                 {.imported = true},
+                 "root key 'imported' was not generated inside the HSM and kept there "
+                 "(CKA_LOCAL=false, CKA_ALWAYS_SENSITIVE=false, CKA_NEVER_EXTRACTABLE=false): its "
+                 "value was known outside the token; refusing to use it (custosd init generates "
+                 "it on the token)"});
   for (const Bad& root : bad) {
     INFO("root " << root.label);
     raw.CreateAesKey(root.label, root.attributes);
@@ -368,7 +374,7 @@ TEST_CASE("a root made by another tool is used only if private and able only to 
 
   // A private key blocks the label; a public one is not a root key at all, so the Hsm makes
   // its own, private root beside it, and uses only that.
-  for (const std::string label : {"decrypts", "encrypts", "modifiable"}) {
+  for (const std::string label : {"decrypts", "encrypts", "modifiable", "imported"}) {
     CHECK(absl::IsAlreadyExists(hsm.CreateRootKey(label)));
   }
   const size_t token_objects = raw.CountSecretKeys(/*token_objects=*/true);

@@ -130,8 +130,18 @@ CK_OBJECT_HANDLE RawToken::CreateAesKey(const std::string& label,
                         {CKA_ENCRYPT, &encrypt, sizeof encrypt},
                         {CKA_DECRYPT, &decrypt, sizeof decrypt},
                         {CKA_MODIFIABLE, &modifiable, sizeof modifiable}};
-  CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
   CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  if (attributes.imported) {
+    std::vector<CK_ATTRIBUTE> with_value(std::begin(key), std::end(key));
+    std::erase_if(with_value, [](const CK_ATTRIBUTE& a) { return a.type == CKA_VALUE_LEN; });
+    std::vector<CK_BYTE> value(length, 0x42);  // known to whoever imported it
+    with_value.push_back({CKA_VALUE, value.data(), value.size()});
+    CK_RV rv = api()->C_CreateObject(session_, with_value.data(), with_value.size(), &handle);
+    INFO("C_CreateObject of '" << label << "': 0x" << std::hex << rv);
+    REQUIRE(rv == CKR_OK);
+    return handle;
+  }
+  CK_MECHANISM generate{CKM_AES_KEY_GEN, nullptr, 0};
   CK_RV rv = api()->C_GenerateKey(session_, &generate, key, std::size(key), &handle);
   INFO("C_GenerateKey of '" << label << "': 0x" << std::hex << rv);
   REQUIRE(rv == CKR_OK);

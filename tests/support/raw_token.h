@@ -51,6 +51,8 @@ class RawToken {
     bool encrypt = false;
     bool decrypt = false;
     bool modifiable = false;
+    // Made with C_CreateObject from a value known outside the token, not generated on it.
+    bool imported = false;
   };
   CK_OBJECT_HANDLE CreateAesKey(const std::string& label, const AesKeyAttributes& attributes);
   // A legacy root: every attribute of a safe root but no unwrap template, as Custos made roots
