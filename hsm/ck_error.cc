@@ -133,6 +133,10 @@ absl::StatusCode CodeFor(CK_RV rv) {
     case CKR_USER_NOT_LOGGED_IN:
     case CKR_HOST_MEMORY:
     case CKR_GENERAL_ERROR:
+    // The module's own failure, "not necessarily totally hopeless" (PKCS#11): worth a retry,
+    // as CKR_GENERAL_ERROR is. Where the data may be to blame (a GCM tag, a wrapped key), the
+    // caller asks the HSM again and says so instead (Pkcs11Hsm::BlameData).
+    case CKR_FUNCTION_FAILED:
       return absl::StatusCode::kUnavailable;
     case CKR_PIN_INCORRECT:
     case CKR_PIN_INVALID:

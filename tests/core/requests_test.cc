@@ -8,6 +8,7 @@
 #include <future>
 
 #include "core/operation_params.h"
+#include "hsm/ck_error.h"
 #include "tests/core/kms_fixture.h"
 #include "tests/support/sqlite_file.h"
 
@@ -802,12 +803,18 @@ TEST_CASE("Retired versions no longer decrypt until un-retired", "[lifecycle]") 
   CHECK(f.kms->Decrypt(f.app, v1_blob, {}).ok());
 }
 
-TEST_CASE("An HSM outage at quorum leaves the request pending", "[requests][hsm]") {
+TEST_CASE("An HSM outage or the module's failure at quorum leaves the request pending",
+          "[requests][hsm]") {
   Fixture f;
   f.NewKey("k");
   const Request request = *f.kms->Propose(f.officer, Propose(Operation::kRotateKey, "k"));
   REQUIRE(f.kms->Approve(f.officer2, request.id, DigestOf(f, request.id)).ok());
-  f.hsm->SetDown(true);
+  if (GENERATE(false, true)) {
+    // The new version's key cannot be made this once ("not necessarily totally hopeless").
+    f.hsm->FailNext(1, hsm::CkError("C_GenerateKey", CKR_FUNCTION_FAILED));
+  } else {
+    f.hsm->SetDown(true);
+  }
   CHECK(absl::IsUnavailable(
       f.kms->Approve(f.officer3, request.id, DigestOf(f, request.id)).status()));
   const Request stored = *f.store->GetRequest(request.id);
