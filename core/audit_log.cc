@@ -251,6 +251,8 @@ absl::Status Kms::VerifyAuditLog(bool full) {
     CUSTOS_RETURN_IF_ERROR(options_.hsm->WriteTokenData(
         options_.audit_head_label, EncodeHead(signed_head.seq, signed_head.hash)));
   }
+  // The run's tail mark key, made now rather than by the first write, under the database.
+  CUSTOS_RETURN_IF_ERROR(options_.store->PrepareTailMarks());
   if (full) return verify_all();
   // The records before the head are recomputed when a row first relies on one of them, and by
   // maintenance (KeyStore::AnchorAuditLog).
@@ -259,6 +261,7 @@ absl::Status Kms::VerifyAuditLog(bool full) {
 }
 
 void Kms::RequireReAnchoring(std::string problem) {
+  options_.store->SetTailMarking(problem.empty());
   std::lock_guard lock(policy_mu_);
   anchor_problem_ = std::move(problem);
   root_proven_ = false;  // proven again over the log as anchored now
@@ -344,9 +347,15 @@ absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   call.event().row = storage::RequestRowName(request.id);
-  CUSTOS_RETURN_IF_ERROR(call.CommitWith(
-      std::move(batch), absl::StatusCode::kOk,
-      {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)}));
+  // Marked, unlike this run's records before it: the log as it now stands is the anchor.
+  options_.store->SetTailMarking(true);
+  if (absl::Status committed = call.CommitWith(
+          std::move(batch), absl::StatusCode::kOk,
+          {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)});
+      !committed.ok()) {
+    options_.store->SetTailMarking(false);
+    return committed;
+  }
   // The restored log is believed as far as it chains to its own head; the records after it
   // are this process's. Anchored before anything is served again, so that no read takes an
   // absence for proven over the unanchored log (the root in use is proven again after it).

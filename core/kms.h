@@ -646,6 +646,10 @@ class Kms {
   std::shared_mutex requests_mu_;
   // Until when CheckedRootUse reads nothing, after a key's row failed its check there.
   std::chrono::steady_clock::time_point root_use_unknown_until_;  // guarded by requests_mu_
+  // Retired roots a checked walk found no version under, this run: one walk a root, however
+  // often its destruction is retried. None gains a version again (new versions go under the
+  // root in use; re-wrapping moves them off legacy roots).
+  std::set<std::string> roots_checked_empty_;  // guarded by requests_mu_
   KeyLocks key_locks_;
   UsageTracker usage_;
   ObservedTime observed_;

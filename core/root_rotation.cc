@@ -543,15 +543,22 @@ absl::Status Kms::DestroyRetiredRoots(const std::string& request_id) {
   // The index is not checked: a version row moved to another root, emptied or deleted with
   // SQL would have the HSM shred every live key wrapped under this one. Every key's checked
   // row must agree first.
+  std::set<std::string> to_check;
+  for (const std::string& label : unused) {
+    if (roots_checked_empty_.count(label) == 0) to_check.insert(label);
+  }
   std::optional<std::map<std::string, uint64_t>> checked;
-  if (!unused.empty()) {
-    CUSTOS_ASSIGN_OR_RETURN(checked, CheckedRootUse(unused));
+  if (!to_check.empty()) {
+    CUSTOS_ASSIGN_OR_RETURN(checked, CheckedRootUse(to_check));
+    for (const auto& [label, count] : checked.value_or(std::map<std::string, uint64_t>())) {
+      if (count == 0) roots_checked_empty_.insert(label);
+    }
   }
   std::vector<audit::Event> events;
   absl::Status first_failure;
   for (const std::string& label : retired) {
     if (unused.count(label) == 0) continue;
-    if (!checked.has_value() || checked->at(label) > 0) {
+    if (roots_checked_empty_.count(label) == 0) {
       spdlog::error("root rotation: retired root '{}' is kept: {}", label,
                     checked.has_value() ? "the version index misses versions stored under it"
                                         : "a key's row failed its integrity check");

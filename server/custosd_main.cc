@@ -67,6 +67,10 @@ constexpr int kExitTokenTaken = 71;
 // Not started: another server holds the HSM token, or the one that held it last had written
 // more of the audit log than this state holds. A supervisor restarting it changes neither.
 constexpr int kExitTokenRefused = 72;
+// Not started: the HSM refused the PIN. Tried again and again, a wrong PIN would lock the
+// token's user PIN (many HSMs do after a few failed logins), which only its security officer
+// can unlock.
+constexpr int kExitPinRefused = 73;
 
 // The audit log's head as each renewal of the claim states it: "<seq> <hash hex>". A renewal
 // must not wait for a commit (one held up by another connection's lock would let the claim
@@ -295,6 +299,11 @@ int FailToClaim(const absl::Status& status) {
   return Fail(status, absl::IsFailedPrecondition(status) ? kExitTokenRefused : 1);
 }
 
+// The HSM could not be opened: kExitPinRefused if it refused the PIN (a login error).
+int FailToOpenHsm(const absl::Status& status) {
+  return Fail(status, absl::IsPermissionDenied(status) ? kExitPinRefused : 1);
+}
+
 // A key custosd needs could not be used: the advice to run init fits a key that is missing,
 // not an HSM that did not answer (UNAVAILABLE: start again once it does) nor anything else.
 absl::Status KeyMissing(const absl::Status& status, std::string_view advice) {
@@ -436,7 +445,7 @@ int Init(const Config& config) {
       storage::KeyStore::Open(config.storage_path, &rows);
   if (!store.ok()) return Fail(store.status());
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config);
-  if (!hsm.ok()) return Fail(hsm.status());
+  if (!hsm.ok()) return FailToOpenHsm(hsm.status());
   // As at a start: a server using the token is not written under.
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
   if (!lease.ok()) return FailToClaim(lease.status());
@@ -535,7 +544,7 @@ int Serve(const Config& config, const std::string& port_file, bool allow_re_anch
     return Fail(wal);
   }
   absl::StatusOr<std::unique_ptr<hsm::Hsm>> hsm = OpenHsm(config, &registry);
-  if (!hsm.ok()) return Fail(hsm.status());
+  if (!hsm.ok()) return FailToOpenHsm(hsm.status());
   // Before anything is written to the token: no other server uses it.
   absl::StatusOr<std::unique_ptr<hsm::TokenLease>> lease = ClaimToken(config, **hsm, **store);
   if (!lease.ok()) return FailToClaim(lease.status());

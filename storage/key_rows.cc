@@ -84,7 +84,8 @@ constexpr char kCountVersionsUnderRoot[] =
 
 // Over the index of records by row; a key's row, once written, is never deleted by Custos.
 constexpr char kSelectRecordedKeyWithoutRow[] =
-    "SELECT row_name FROM audit_log WHERE row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
+    "SELECT row_name FROM audit_log INDEXED BY audit_log_by_row WHERE row_name <> ''"
+    " AND row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
     " AND substr(row_name, 5) NOT IN (SELECT id FROM keys) LIMIT 1";
 
 constexpr char kSelectGrantedPrincipals[] =

@@ -62,8 +62,6 @@ absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
 // The tail mark's key derivation (Impl::TailKey) and its nonce's size.
 constexpr std::string_view kTailKeyMagic = "custos-audit-tail-v1";
 constexpr size_t kTailNonceBytes = 16;
-// The first schema version with tail marks (audit_tail).
-constexpr int kTailMarkSchema = 8;
 
 // The tail mark's MAC: HMAC-SHA256 under `key` of the chain's newest hash.
 Bytes TailMac(const SecureBytes& key, const audit::Chain& chain) {
@@ -307,19 +305,25 @@ class KeyStore::Impl {
     return key;
   }
 
+  // Makes this run's tail mark key under a fresh nonce (one HSM call). Under db_mu_.
+  absl::Status MakeTailKey() {
+    Bytes nonce(kTailNonceBytes);
+    if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1) {
+      return absl::InternalError("no random bytes for the audit log's tail mark");
+    }
+    CUSTOS_ASSIGN_OR_RETURN(tail_key_, TailKey(nonce));
+    tail_nonce_ = std::move(nonce);
+    return absl::OkStatus();
+  }
+
   // Under db_mu_, in a write transaction about to commit: marks the log's newest record if
   // the transaction wrote records (the chain moved past `seq_before`). The key is made at
   // the first such write of the run (one HSM call), under a nonce of its own.
   absl::Status MarkTail(uint64_t seq_before) {
-    if (authenticator_ == nullptr || chain_.last_seq() == seq_before) return absl::OkStatus();
-    if (tail_key_.empty()) {
-      Bytes nonce(kTailNonceBytes);
-      if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1) {
-        return absl::InternalError("no random bytes for the audit log's tail mark");
-      }
-      CUSTOS_ASSIGN_OR_RETURN(tail_key_, TailKey(nonce));
-      tail_nonce_ = std::move(nonce);
+    if (authenticator_ == nullptr || !tail_marking_ || chain_.last_seq() == seq_before) {
+      return absl::OkStatus();
     }
+    if (tail_key_.empty()) CUSTOS_RETURN_IF_ERROR(MakeTailKey());
     return WriteTailMark(*db_, {chain_.last_seq(), tail_nonce_, TailMac(tail_key_, chain_)});
   }
 
@@ -357,8 +361,9 @@ class KeyStore::Impl {
   // The tail mark's key and nonce for this run, made at its first write of records.
   SecureBytes tail_key_;  // guarded by db_mu_
   Bytes tail_nonce_;      // guarded by db_mu_
-  // The state was opened from a schema without tail marks: no mark is no evidence, once.
-  bool tail_marks_new_ = false;
+  // Off while the log awaits re-anchoring (SetTailMarking): the run's records do not vouch
+  // for what it found after the head.
+  bool tail_marking_ = true;  // guarded by db_mu_
   // Bumped (under db_mu_) by every committed write of a key: a load checked outside the lock
   // is cached only if no write came in between (else it may be older than what was written).
   uint64_t key_writes_ = 0;
@@ -725,13 +730,10 @@ absl::StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(const std::string& path
   CUSTOS_RETURN_IF_ERROR(sqlite::RestrictToOwner(path + "-shm", /*create=*/false));
   CUSTOS_ASSIGN_OR_RETURN(auto db, sqlite::Database::Open(path));
   CUSTOS_RETURN_IF_ERROR(Configure(*db));
-  CUSTOS_ASSIGN_OR_RETURN(const std::string version_before, db->QueryText("PRAGMA user_version"));
   CUSTOS_ASSIGN_OR_RETURN(const int version, MigrateSchema(*db));
   CUSTOS_RETURN_IF_ERROR(CheckRowIndexDefinition(*db));
   CUSTOS_ASSIGN_OR_RETURN(std::optional<audit::Record> last, LoadLastAuditRecord(*db));
   auto impl = std::make_unique<Impl>(std::move(lock), std::move(db), version, authenticator);
-  int before = 0;
-  impl->tail_marks_new_ = absl::SimpleAtoi(version_before, &before) && before < kTailMarkSchema;
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<AuditFloor> floor, LoadAuditFloor(*impl->db_));
   if (floor) {
     impl->floor_ = *floor;
@@ -872,6 +874,17 @@ absl::Status KeyStore::Impl::ApplyOnce(const WriteBatch& batch, bool read_reserv
   return writer.status;
 }
 
+absl::Status KeyStore::PrepareTailMarks() {
+  std::lock_guard lock(impl_->db_mu_);
+  if (impl_->authenticator_ == nullptr || !impl_->tail_key_.empty()) return absl::OkStatus();
+  return impl_->MakeTailKey();
+}
+
+void KeyStore::SetTailMarking(bool on) {
+  std::lock_guard lock(impl_->db_mu_);
+  impl_->tail_marking_ = on;
+}
+
 absl::Status KeyStore::CheckAuditTail(uint64_t head_seq) {
   std::lock_guard lock(impl_->db_mu_);
   const uint64_t last = impl_->chain_.last_seq();
@@ -880,7 +893,6 @@ absl::Status KeyStore::CheckAuditTail(uint64_t head_seq) {
       StrCat("the audit log goes on from record ", head_seq, " (the HSM's head) to record ", last);
   CUSTOS_ASSIGN_OR_RETURN(const std::optional<TailMark> mark, LoadTailMark(*impl_->db_));
   if (!mark.has_value()) {
-    if (impl_->tail_marks_new_) return absl::OkStatus();  // written before marks were
     return absl::FailedPreconditionError(
         StrCat(span,
                ", but no record carries the mark of the server that wrote it: records "

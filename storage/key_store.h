@@ -340,11 +340,18 @@ class KeyStore {
   // not sign its end) were written by Custos: each write transaction marks the log's newest
   // record with an HMAC of its chain hash, under a key made per run from the authenticator's
   // (the HSM's catalogue key) and a nonce stored with the mark. FAILED_PRECONDITION if the
-  // newest record is not the one marked or the mark does not verify (records appended, cut
-  // or changed with SQL meanwhile); UNAVAILABLE if the authenticator cannot be reached. OK
-  // without an authenticator, and, with no mark at all, at the first open of a state from
-  // before marks.
+  // newest record is not the one marked, there is no mark, or it does not verify (records
+  // appended, cut or changed with SQL meanwhile; or a state from before marks, Custos 0.x,
+  // left by a crash: re-anchoring accepts it); UNAVAILABLE if the authenticator cannot be
+  // reached. OK without an authenticator.
   absl::Status CheckAuditTail(uint64_t head_seq);
+  // Makes the run's tail mark key now (one authenticator call), so that the first write does
+  // not wait for the HSM holding the database; else that write makes it.
+  absl::Status PrepareTailMarks();
+  // Whether writes mark the log's newest record (on by default). Off while the log awaits
+  // re-anchoring: the records that run writes after an unexplained tail must not make it
+  // pass the next start's check.
+  void SetTailMarking(bool on);
 
   // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;

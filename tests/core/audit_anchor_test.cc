@@ -259,11 +259,55 @@ TEST_CASE("Records appended after a run that did not sign its end are refused",
     CHECK_THAT(std::string(refused.message()),
                Catch::Contains("as its newest: records were added or removed"));
   }
-  SECTION("a state from before marks starts once without one") {
+  SECTION("a state from before marks, left by a crash, waits for a re-anchoring") {
     REQUIRE(SqlExec(Db(f), "DROP TABLE audit_tail; PRAGMA user_version = 7;").empty());
     f.Restart();
-    CHECK(f.kms->VerifyAuditLog(false).ok());
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    CHECK(absl::IsFailedPrecondition(refused));
+    CHECK_THAT(std::string(refused.message()),
+               Catch::Contains("but no record carries the mark of the server that wrote it"));
   }
+}
+
+// A run awaiting re-anchoring writes records (its start, refusals) after a tail that failed
+// the check: they must not carry the mark that would pass the next start's check, until
+// officers approve the re-anchoring.
+TEST_CASE("Only an approved re-anchoring marks a tail that failed the check", "[insider][anchor]") {
+  Fixture f;
+  f.NewKey("k");
+  REQUIRE(f.kms->Checkpoint().ok());
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  Stop(f);  // no signed end
+  {
+    auto dba = storage::KeyStore::Open(Db(f), nullptr);
+    REQUIRE(dba.ok());
+    storage::WriteBatch batch;
+    batch.audit.push_back(Plain("EnableKey"));
+    REQUIRE((*dba)->Apply(batch).ok());
+  }
+  const auto start_awaiting = [&f] {
+    f.Restart();
+    const absl::Status refused = f.kms->VerifyAuditLog(false);
+    REQUIRE(absl::IsFailedPrecondition(refused));
+    f.kms->RequireReAnchoring(std::string(refused.message()));
+    REQUIRE(f.kms->RecordServerStart().ok());  // written, unmarked
+    CHECK(absl::IsUnavailable(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).status()));
+  };
+  start_awaiting();
+  Stop(f);  // the checkpoint a clean stop signs waits for the re-anchoring: never clean
+  start_awaiting();
+  Proposal reanchor;
+  reanchor.operation = policy::Operation::kReAnchorAuditLog;
+  reanchor.justification = "the records after the crash were reviewed";
+  const absl::StatusOr<Request> request = f.kms->Propose(f.officer, reanchor);
+  REQUIRE(request.ok());
+  REQUIRE(f.kms->Approve(f.officer2, request->id, RequestDigest(*request)).ok());
+  REQUIRE(f.kms->Approve(f.officer3, request->id, RequestDigest(*request))->state ==
+          storage::RequestState::kExecuted);
+  REQUIRE(f.kms->GenerateDataKey(f.app, "k", {}, 32, true).ok());
+  Stop(f);
+  f.Restart();
+  CHECK(f.kms->VerifyAuditLog(false).ok());
 }
 
 TEST_CASE("A record edited before the last checkpoint is caught by the full check",

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -936,5 +937,20 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("A PIN the HSM refuses stops custosd with the status its unit does not restart",
+          "[e2e][hsm]") {
+  CustosServer server;
+  server.Stop();
+  const std::string pin_file = server.state_dir() + "/hsm/pin";
+  const std::string pin = ReadFile(pin_file);
+  std::ofstream(pin_file, std::ios::trunc) << "0123456789abcdee\n";
+  std::string output;
+  CHECK(RunCustosd("--config " + server.state_dir() + "/custosd.toml", &output) == 73);
+  CHECK_THAT(output, Catch::Contains("CKR_PIN_INCORRECT"));
+  CHECK(output.find("0123456789abcdee") == std::string::npos);  // no PIN in the log
+  std::ofstream(pin_file, std::ios::trunc) << pin;
+  server.Start();  // the right PIN again
+  CHECK(server.Alive());
+}
 }  // namespace
 }  // namespace custos::testing
