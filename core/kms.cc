@@ -402,13 +402,14 @@ absl::StatusOr<storage::KeyPage> Kms::ListKeys(const Caller& caller, size_t page
 }
 
 absl::Status Kms::GrantsFit(const policy::Policy& policy) const {
-  CUSTOS_ASSIGN_OR_RETURN(const auto granted, options_.store->GrantedPrincipals());
-  for (const auto& [principal, key_id] : granted) {
-    const std::optional<policy::Role> role = policy.RoleOf(principal);
-    if (role && *role != policy::Role::kApp) {
+  for (const std::string& principal : policy.PrincipalsNotIn(policy::Role::kApp)) {
+    CUSTOS_ASSIGN_OR_RETURN(const std::optional<std::string> key_id,
+                            options_.store->KeyGranting(principal));
+    if (key_id.has_value()) {
       return absl::FailedPreconditionError(
-          StrCat("principal '", principal, "' would hold role '", policy::RoleName(*role),
-                 "' but key ", key_id, " grants it use of key material; revoke the grant first"));
+          StrCat("principal '", principal, "' would hold role '",
+                 policy::RoleName(*policy.RoleOf(principal)), "' but key ", *key_id,
+                 " grants it use of key material; revoke the grant first"));
     }
   }
   return absl::OkStatus();

@@ -228,6 +228,14 @@ std::optional<Role> Policy::RoleOf(std::string_view principal) const {
   return it->second;
 }
 
+std::vector<std::string> Policy::PrincipalsNotIn(Role role) const {
+  std::vector<std::string> out;
+  for (const auto& [principal, held] : roles_) {
+    if (held != role) out.push_back(principal);
+  }
+  return out;
+}
+
 size_t Policy::CountOf(Role role) const {
   size_t count = 0;
   for (const auto& [principal, held] : roles_) count += held == role;

@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -35,6 +36,8 @@ class Policy {
   size_t principal_count() const { return roles_.size(); }
   // How many principals hold `role`.
   size_t CountOf(Role role) const;
+  // The principals holding a role other than `role`, in order.
+  std::vector<std::string> PrincipalsNotIn(Role role) const;
 
  private:
   Policy() = default;

@@ -88,8 +88,8 @@ constexpr char kSelectRecordedKeyWithoutRow[] =
     " AND row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
     " AND substr(row_name, 5) NOT IN (SELECT id FROM keys) LIMIT 1";
 
-constexpr char kSelectGrantedPrincipals[] =
-    "SELECT principal, min(key_id) FROM key_grants GROUP BY principal";
+constexpr char kSelectKeyGranting[] =
+    "SELECT min(key_id) FROM key_grants INDEXED BY key_grants_by_principal WHERE principal = ?1";
 
 constexpr char kCountKeysByState[] = "SELECT state, count(*) FROM keys GROUP BY state";
 
@@ -462,14 +462,13 @@ absl::StatusOr<std::optional<std::string>> FirstRecordedKeyWithoutRow(sqlite::Da
   return stmt.ColumnText(0);
 }
 
-absl::StatusOr<std::map<std::string, std::string>> SelectGrantedPrincipals(sqlite::Database& db) {
-  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectGrantedPrincipals));
-  std::map<std::string, std::string> granted;
-  for (;;) {
-    CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
-    if (!row) return granted;
-    granted.emplace(stmt.ColumnText(0), stmt.ColumnText(1));
-  }
+absl::StatusOr<std::optional<std::string>> SelectKeyGranting(sqlite::Database& db,
+                                                             std::string_view principal) {
+  CUSTOS_ASSIGN_OR_RETURN(sqlite::Statement stmt, db.Prepare(kSelectKeyGranting));
+  stmt.BindText(1, principal);
+  CUSTOS_ASSIGN_OR_RETURN(const bool row, stmt.Step());
+  if (!row || stmt.ColumnIsNull(0)) return std::nullopt;
+  return stmt.ColumnText(0);
 }
 
 absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db) {

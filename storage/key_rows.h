@@ -52,8 +52,9 @@ absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsByRoot(sqlite::Data
 // row is not in the database, if there is one.
 absl::StatusOr<std::optional<std::string>> FirstRecordedKeyWithoutRow(sqlite::Database& db,
                                                                       uint64_t floor_seq);
-// Every principal some key grants use to, with one such key's id: principal -> key id.
-absl::StatusOr<std::map<std::string, std::string>> SelectGrantedPrincipals(sqlite::Database& db);
+// The id of a key that grants `principal` use, if any (the first by id).
+absl::StatusOr<std::optional<std::string>> SelectKeyGranting(sqlite::Database& db,
+                                                             std::string_view principal);
 // Keys by their state column (KeyState's values): state -> count.
 absl::StatusOr<std::map<int64_t, uint64_t>> CountKeysByState(sqlite::Database& db);
 

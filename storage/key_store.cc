@@ -1559,9 +1559,9 @@ void KeyStore::ObserveCommits(CommitObserver observer) {
   impl_->commit_observer_ = std::move(observer);
 }
 
-absl::StatusOr<std::map<std::string, std::string>> KeyStore::GrantedPrincipals() const {
+absl::StatusOr<std::optional<std::string>> KeyStore::KeyGranting(std::string_view principal) const {
   std::lock_guard lock(impl_->db_mu_);
-  return SelectGrantedPrincipals(*impl_->db_);
+  return SelectKeyGranting(*impl_->db_, principal);
 }
 
 absl::StatusOr<std::map<KeyState, uint64_t>> KeyStore::CountKeysByState() const {

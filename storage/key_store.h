@@ -364,9 +364,9 @@ class KeyStore {
   // key whose row is missing: then no count holds. Reads every key, a page at a time.
   absl::StatusOr<std::map<std::string, uint64_t>> CountVersionsChecked(
       const std::set<std::string>& labels) const;
-  // Every principal some key's grants name, with the id of one such key (one scan of the
-  // grants, unchecked: a grant row deleted outside Custos fails its key's row check anyway).
-  absl::StatusOr<std::map<std::string, std::string>> GrantedPrincipals() const;
+  // The id of a key whose grants name `principal`, if any (from the grants table, by its
+  // index, unchecked: a grant row deleted outside Custos fails its key's row check anyway).
+  absl::StatusOr<std::optional<std::string>> KeyGranting(std::string_view principal) const;
   // Keys by state, for the metrics: every state, with 0 for those no key is in.
   absl::StatusOr<std::map<KeyState, uint64_t>> CountKeysByState() const;
 

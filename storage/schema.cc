@@ -211,7 +211,8 @@ constexpr const char* kMigrations[] = {
     // 8: the log's newest record is marked, in the transaction that writes it, with a MAC of
     // its chain hash under a key made from the HSM's catalogue key (KeyStore::CheckAuditTail):
     // records appended by someone else after custosd stopped without signing its end carry no
-    // such mark. One row, replaced at each write.
+    // such mark. One row, replaced at each write. And grants found by principal, so that a
+    // policy is checked against them without reading them all (Kms::GrantsFit).
     R"sql(
       CREATE TABLE audit_tail (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -219,6 +220,7 @@ constexpr const char* kMigrations[] = {
         nonce BLOB NOT NULL,
         mac BLOB NOT NULL
       );
+      CREATE INDEX key_grants_by_principal ON key_grants (principal);
       PRAGMA user_version = 8;
     )sql",
 };
