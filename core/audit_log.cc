@@ -347,14 +347,16 @@ absl::StatusOr<Request> Kms::ReAnchor(Call& call, Request request) {
   storage::WriteBatch batch;
   batch.requests.push_back(request);
   call.event().row = storage::RequestRowName(request.id);
-  // Marked, unlike this run's records before it: the log as it now stands is the anchor.
-  options_.store->SetTailMarking(true);
-  if (absl::Status committed = call.CommitWith(
-          std::move(batch), absl::StatusCode::kOk,
-          {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)});
-      !committed.ok()) {
-    options_.store->SetTailMarking(false);
-    return committed;
+  // The key that marks the log once re-anchored, made before anything is committed.
+  CUSTOS_RETURN_IF_ERROR(options_.store->PrepareTailMarks());
+  CUSTOS_RETURN_IF_ERROR(call.CommitWith(
+      std::move(batch), absl::StatusCode::kOk,
+      {ServerEvent("ReAnchorAuditLog", "", request.id, absl::StatusCode::kOk, problem)}));
+  // Only once its record is committed is the log as it now stands marked, the re-anchoring
+  // included (a crash in between leaves the log awaiting a re-anchoring again).
+  if (absl::Status marked = options_.store->ResumeTailMarks(); !marked.ok()) {
+    spdlog::error("marking the re-anchored audit log: {} (the next write marks it)",
+                  marked.ToString());
   }
   // The restored log is believed as far as it chains to its own head; the records after it
   // are this process's. Anchored before anything is served again, so that no read takes an

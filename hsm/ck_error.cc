@@ -142,6 +142,7 @@ absl::StatusCode CodeFor(CK_RV rv) {
     case CKR_PIN_INVALID:
     case CKR_PIN_LOCKED:
     case CKR_PIN_EXPIRED:
+    case CKR_PIN_LEN_RANGE:
       return absl::StatusCode::kPermissionDenied;
     case CKR_ENCRYPTED_DATA_INVALID:
     case CKR_ENCRYPTED_DATA_LEN_RANGE:
@@ -184,6 +185,13 @@ std::optional<CK_RV> CkrOf(const absl::Status& status) {
 bool IsModuleFailure(const absl::Status& status) {
   const std::optional<CK_RV> rv = CkrOf(status);
   return rv.has_value() && (*rv == CKR_GENERAL_ERROR || *rv == CKR_FUNCTION_FAILED);
+}
+
+bool IsPinRefused(const absl::Status& status) {
+  const std::optional<CK_RV> rv = CkrOf(status);
+  return rv.has_value() &&
+         (*rv == CKR_PIN_INCORRECT || *rv == CKR_PIN_INVALID || *rv == CKR_PIN_LOCKED ||
+          *rv == CKR_PIN_EXPIRED || *rv == CKR_PIN_LEN_RANGE);
 }
 
 bool IsSessionDead(CK_RV rv) {

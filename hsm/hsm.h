@@ -188,5 +188,8 @@ class Hsm {
 // using a key, it can mean the key's stored value is unusable: SoftHSM2 says so of a key
 // whose generation was cut short before its value was stored.
 bool IsModuleFailure(const absl::Status& status);
+// True if `status` is the HSM refusing the PIN at login (CKR_PIN_INCORRECT, _INVALID, _LOCKED,
+// _EXPIRED or _LEN_RANGE): trying again with the same PIN would only count more failed logins.
+bool IsPinRefused(const absl::Status& status);
 
 }  // namespace custos::hsm

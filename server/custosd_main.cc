@@ -299,9 +299,9 @@ int FailToClaim(const absl::Status& status) {
   return Fail(status, absl::IsFailedPrecondition(status) ? kExitTokenRefused : 1);
 }
 
-// The HSM could not be opened: kExitPinRefused if it refused the PIN (a login error).
+// The HSM could not be opened: kExitPinRefused if it refused the PIN.
 int FailToOpenHsm(const absl::Status& status) {
-  return Fail(status, absl::IsPermissionDenied(status) ? kExitPinRefused : 1);
+  return Fail(status, hsm::IsPinRefused(status) ? kExitPinRefused : 1);
 }
 
 // A key custosd needs could not be used: the advice to run init fits a key that is missing,

@@ -88,8 +88,7 @@ constexpr char kSelectRecordedKeyWithoutRow[] =
     " AND row_name >= 'key:' AND row_name < 'key;' AND seq > ?1"
     " AND substr(row_name, 5) NOT IN (SELECT id FROM keys) LIMIT 1";
 
-constexpr char kSelectKeyGranting[] =
-    "SELECT min(key_id) FROM key_grants INDEXED BY key_grants_by_principal WHERE principal = ?1";
+constexpr char kSelectKeyGranting[] = "SELECT min(key_id) FROM key_grants WHERE principal = ?1";
 
 constexpr char kCountKeysByState[] = "SELECT state, count(*) FROM keys GROUP BY state";
 

@@ -885,6 +885,20 @@ void KeyStore::SetTailMarking(bool on) {
   impl_->tail_marking_ = on;
 }
 
+absl::Status KeyStore::ResumeTailMarks() {
+  std::lock_guard lock(impl_->db_mu_);
+  impl_->tail_marking_ = true;
+  if (impl_->authenticator_ == nullptr || impl_->chain_.last_seq() == 0) return absl::OkStatus();
+  if (impl_->tail_key_.empty()) CUSTOS_RETURN_IF_ERROR(impl_->MakeTailKey());
+  return impl_->NoteWrite([&]() -> absl::Status {
+    CUSTOS_RETURN_IF_ERROR(impl_->write_fault_);
+    CUSTOS_ASSIGN_OR_RETURN(auto tx, sqlite::Transaction::Begin(*impl_->db_));
+    CUSTOS_RETURN_IF_ERROR(WriteTailMark(*impl_->db_, {impl_->chain_.last_seq(), impl_->tail_nonce_,
+                                                       TailMac(impl_->tail_key_, impl_->chain_)}));
+    return tx->Commit();
+  }());
+}
+
 absl::Status KeyStore::CheckAuditTail(uint64_t head_seq) {
   std::lock_guard lock(impl_->db_mu_);
   const uint64_t last = impl_->chain_.last_seq();
@@ -896,7 +910,8 @@ absl::Status KeyStore::CheckAuditTail(uint64_t head_seq) {
     return absl::FailedPreconditionError(
         StrCat(span,
                ", but no record carries the mark of the server that wrote it: records "
-               "were added while custosd was stopped"));
+               "were added while custosd was stopped (or this state, from before tail marks, was "
+               "not stopped cleanly before the upgrade)"));
   }
   if (mark->seq != last) {
     return absl::FailedPreconditionError(

@@ -352,6 +352,9 @@ class KeyStore {
   // re-anchoring: the records that run writes after an unexplained tail must not make it
   // pass the next start's check.
   void SetTailMarking(bool on);
+  // Turns marking on and marks the log's newest record now, in a transaction of its own
+  // (after an approved re-anchoring is committed).
+  absl::Status ResumeTailMarks();
 
   // How many stored versions (crypto-shredded ones excepted) are wrapped under root `label`.
   absl::StatusOr<uint64_t> CountVersionsUnderRoot(std::string_view label) const;
