@@ -55,10 +55,6 @@ absl::Status LimitKeptWal(sqlite::Database& db, uint64_t warn_bytes) {
   return db.Exec(absl::StrCat("PRAGMA journal_size_limit = ", kept).c_str());
 }
 
-// While alive, the connection waits for another connection's lock only for what is left of
-// `total` since its caller began to wait (for db_mu_ or the group commit's queue included).
-// The timeout is each caller's, not each transaction's: writers queued behind one that waited
-// out a DBA's lock would otherwise each wait the whole timeout anew, in turn.
 // The tail mark's key derivation (Impl::TailKey) and its nonce's size.
 constexpr std::string_view kTailKeyMagic = "custos-audit-tail-v1";
 constexpr size_t kTailNonceBytes = 16;
@@ -76,6 +72,10 @@ Bytes TailMac(const SecureBytes& key, const audit::Chain& chain) {
 // How long PurgeErased waits for another connection's readers to let go.
 constexpr std::chrono::milliseconds kPurgeBusyTimeout(100);
 
+// While alive, the connection waits for another connection's lock only for what is left of
+// `total` since its caller began to wait (for db_mu_ or the group commit's queue included).
+// The timeout is each caller's, not each transaction's: writers queued behind one that waited
+// out a DBA's lock would otherwise each wait the whole timeout anew, in turn.
 class BusyBudget {
  public:
   BusyBudget(sqlite::Database& db, std::chrono::steady_clock::time_point since,
